@@ -1,0 +1,96 @@
+"""Serving a Keel gRPC service: health, reflection, a bound address, and a SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Large artifacts stream in chunks, but a single event batch or inline artifact may be several MiB.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass
+class ServingHandle:
+    """A started server: its bound port and the pieces a drain needs."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: Sequence[str]
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish within `grace`, then run the stop hooks."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for hook in self.on_stop:
+            await hook()
+
+
+async def start_server(
+    listen: str,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> ServingHandle:
+    """Start a grpc.aio server on `listen` (HOST:PORT; port 0 picks one) with health and reflection.
+
+    `register` adds the service's servicers and returns their full names (from the descriptors),
+    which are then published through reflection and marked SERVING.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    names = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return ServingHandle(server=server, health=health_servicer, port=port, service_names=names)
+
+
+async def serve_until_signalled(handle: ServingHandle, grace: float = 10.0) -> None:
+    """Serve until SIGTERM or SIGINT, then drain. Returns when the server has stopped."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    waiter = asyncio.ensure_future(handle.server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("signal received: draining")
+        await handle.drain(grace)
+    stopper.cancel()
+    await waiter
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 hosts in brackets) into its parts."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
