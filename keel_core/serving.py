@@ -8,9 +8,11 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # untyped re-export
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ class ServingHandle:
     """A started server: its bound port and the pieces a drain needs."""
 
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     port: int
     service_names: Sequence[str]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -47,7 +49,7 @@ async def start_server(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     *,
     credentials: grpc.ServerCredentials | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
 ) -> ServingHandle:
     """Start a grpc.aio server on `listen` (HOST:PORT; port 0 picks one) with health and reflection.
 
@@ -56,7 +58,7 @@ async def start_server(
     """
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
     names = list(register(server))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if credentials is None:

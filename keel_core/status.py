@@ -53,7 +53,8 @@ def to_rpc_status(error: KeelError) -> status_pb2.Status:
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: KeelError) -> None:
     """Fail the current RPC with the error's status and ErrorInfo (never returns)."""
-    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+    status = rpc_status.to_status(to_rpc_status(error))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> KeelError:

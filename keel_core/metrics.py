@@ -1,0 +1,132 @@
+"""Prometheus metrics shared by both services: RPC counts and latency by method and status code.
+
+Each service adds its own domain metrics (appends, artifact bytes, runs by status, ...) to the
+same registry; `serve_metrics` exposes it over HTTP for Prometheus to scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from keel_core.serving import host_port
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RPC_STARTED = Counter(
+    "keel_rpc_started", "RPCs received, by service and method.", ["service", "method"], registry=REGISTRY
+)
+RPC_HANDLED = Counter(
+    "keel_rpc_handled",
+    "RPCs completed, by service, method and gRPC status code.",
+    ["service", "method", "code"],
+    registry=REGISTRY,
+)
+RPC_SECONDS = Histogram(
+    "keel_rpc_duration_seconds",
+    "Time to handle an RPC, by service and method.",
+    ["service", "method"],
+    registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+)
+
+
+def serve_metrics(listen: str) -> int:
+    """Serve REGISTRY at http://LISTEN/metrics in a background thread; returns the bound port."""
+    host, port = host_port(listen)
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    bound: int = server.server_address[1]
+    return bound
+
+
+def _split(full_method: str) -> tuple[str, str]:
+    _, service, method = full_method.split("/", 2) if full_method.count("/") >= 2 else ("", "", full_method)
+    return service, method
+
+
+def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is None:
+        return "OK"
+    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+    """Counts every RPC and times it, labelled with the gRPC status code it ended with."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, method = _split(handler_call_details.method)
+        if service.startswith("grpc."):  # health and reflection are not the service's work
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _timed_unary(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _timed_stream(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _timed_unary(handler.stream_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _timed_stream(handler.stream_stream, service, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _timed_unary(behavior: Any, service: str, method: str) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        RPC_STARTED.labels(service, method).inc()
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await behavior(request, context)
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
+
+    return wrapper
+
+
+def _timed_stream(behavior: Any, service: str, method: str) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        RPC_STARTED.labels(service, method).inc()
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
+
+    return wrapper

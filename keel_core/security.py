@@ -1,0 +1,105 @@
+"""Transport security for both services: TLS and mutual TLS from files, and an optional bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from keel_core.errors import ErrorCategory, KeelError
+from keel_core.status import to_rpc_status
+
+# Probes from a service mesh must work without credentials.
+UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server's PEM certificate and key, and optionally the CA client certificates must chain to."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """TLS credentials; with `client_ca`, clients must present a certificate signed by it (mTLS)."""
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM files for a client: the CA that signed the server, and optionally its own certificate and key."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials for a secure channel (with a client certificate when one is given)."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+    """Refuses, with UNAUTHENTICATED, every call without `authorization: Bearer <token>` (health excepted)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the bearer token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if handler_call_details.method in UNAUTHENTICATED_METHODS:
+            return await continuation(handler_call_details)
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                presented = value.encode() if isinstance(value, str) else value
+        if hmac.compare_digest(presented, self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return _refusal(handler, "missing bearer token" if not presented else "invalid bearer token")
+
+
+def _refusal(handler: grpc.RpcMethodHandler[Any, Any] | None, why: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same shape as `handler` that fails the call before any servicer code runs."""
+    from grpc_status import rpc_status
+
+    error = KeelError(
+        "unauthenticated",
+        f"{why}: send the header `authorization: Bearer <token>` configured on the server",
+        category=ErrorCategory.UNAUTHENTICATED,
+    )
+    status = rpc_status.to_status(to_rpc_status(error))
+
+    async def refuse_unary(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        yield  # pragma: no cover - makes this an async generator
+
+    deserializer = handler.request_deserializer if handler else None
+    serializer = handler.response_serializer if handler else None
+    if handler is None or handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse_unary, deserializer, serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse_unary, deserializer, serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
