@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import os
 
 import pytest
@@ -23,17 +25,28 @@ def _postgres_reachable() -> str | None:
         connection = await asyncpg.connect(PG_DSN, timeout=3)
         await connection.close()
 
-    try:
-        asyncio.run(probe())
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return None
+    def run_probe() -> str | None:
+        try:
+            asyncio.run(probe())
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    # The fixture may first be requested from inside a running event loop (an async fixture), where
+    # asyncio.run is refused; a thread has no loop of its own.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run_probe).result()
+
+
+@functools.cache
+def _postgres_problem() -> str | None:
+    return _postgres_reachable()
 
 
 @pytest.fixture(scope="session")
 def postgres_dsn() -> str:
     """The DSN of a reachable PostgreSQL; skips loudly without one, and fails in CI instead."""
-    problem = _postgres_reachable()
+    problem = _postgres_problem()
     if problem is None:
         return PG_DSN
     message = f"PostgreSQL at {PG_DSN} is unreachable ({problem}); set KEEL_TEST_PG_DSN"

@@ -1,0 +1,96 @@
+'use strict';
+// Runs against a real engine (and store) whose address is in KEEL_ENGINE; tests/client/test_node_client.py
+// starts both and runs `node --test` here. Without KEEL_ENGINE the tests are skipped, saying why.
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const { randomUUID } = require('node:crypto');
+const { KeelClient, KeelError, fromValue, toValue } = require('../keel');
+
+const ENGINE = process.env.KEEL_ENGINE;
+const skip = ENGINE ? false : 'KEEL_ENGINE is not set: start `keel up` and export KEEL_ENGINE=HOST:PORT';
+
+const PIPELINE = {
+  pipeline_id: 'node-client-test',
+  steps: [
+    { step_id: 'first', op_id: 'keel.echo', op_config: { n: 1, nested: { list: [1, 'two', null, true] } } },
+    { step_id: 'second', op_id: 'keel.transform', op_config: { fields: { from_first: '$context.first.config.n' } }, depends_on: ['first'] },
+  ],
+};
+
+test('JSON values survive the round trip through google.protobuf.Value', () => {
+  const value = { a: 1, b: [true, null, 'x', 2.5], c: { d: {} } };
+  assert.deepEqual(fromValue(toValue(value)), value);
+});
+
+test('the engine lists its built-in ops with versions', { skip }, async () => {
+  const keel = new KeelClient(ENGINE);
+  try {
+    const ops = await keel.listOps();
+    const echo = ops.find((op) => op.opId === 'keel.echo');
+    assert.ok(echo, `keel.echo missing from ${JSON.stringify(ops)}`);
+    assert.equal(echo.opVersion, '1');
+  } finally {
+    keel.close();
+  }
+});
+
+test('starts a run, watches its events to the end, and awaits its result', { skip }, async () => {
+  const keel = new KeelClient(ENGINE);
+  try {
+    const runId = randomUUID();
+    const started = await keel.startRun({ pipeline: PIPELINE, input: { who: 'node' }, context: { lang: 'js' }, runId });
+    assert.equal(started.runId, runId);
+    assert.equal(started.created, true);
+
+    const events = [];
+    for await (const event of keel.watchRun(runId)) events.push(event);
+    assert.equal(events[0].type, 'RunStarted');
+    assert.equal(events[0].seq, 1);
+    assert.equal(events.at(-1).type, 'RunCompleted');
+    assert.deepEqual(events.map((event) => event.seq), events.map((_, index) => index + 1));
+    const completedSteps = events.filter((event) => event.type === 'StepCompleted').map((event) => event.data.step_id);
+    assert.deepEqual(completedSteps, ['first', 'second']);
+
+    const { run, done } = await keel.awaitRun(runId);
+    assert.equal(done, true);
+    assert.equal(run.status, 'completed');
+    assert.deepEqual(run.finalSnapshot.first, { input: { who: 'node' }, config: PIPELINE.steps[0].op_config });
+    assert.deepEqual(run.finalSnapshot.second, { from_first: 1 });
+    assert.equal(run.finalSnapshot.lang, 'js');
+    assert.deepEqual(run.steps.map((step) => [step.stepId, step.status]), [['first', 'completed'], ['second', 'completed']]);
+
+    const again = await keel.startRun({ pipeline: PIPELINE, input: { who: 'node' }, context: { lang: 'js' }, runId });
+    assert.equal(again.created, false, 'the same run id and manifest must return the existing run');
+
+    const page = await keel.listRuns({ statuses: ['completed'] });
+    assert.ok(page.runs.some((summary) => summary.runId === runId));
+  } finally {
+    keel.close();
+  }
+});
+
+test('errors carry the ErrorInfo reason', { skip }, async () => {
+  const keel = new KeelClient(ENGINE);
+  try {
+    await assert.rejects(keel.getRun(randomUUID()), (error) => {
+      assert.ok(error instanceof KeelError);
+      assert.equal(error.code, 'run_not_found');
+      return true;
+    });
+    const cyclic = {
+      pipeline_id: 'cyclic',
+      steps: [
+        { step_id: 'a', op_id: 'keel.echo', depends_on: ['b'] },
+        { step_id: 'b', op_id: 'keel.echo', depends_on: ['a'] },
+      ],
+    };
+    await assert.rejects(keel.startRun({ pipeline: cyclic }), (error) => {
+      assert.equal(error.code, 'invalid_plan');
+      assert.equal(error.category, 'invalid_argument');
+      return true;
+    });
+  } finally {
+    keel.close();
+  }
+});

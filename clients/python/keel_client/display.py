@@ -1,0 +1,164 @@
+"""How the CLI shows runs, steps, events and ops to a person: aligned tables and short lines, no colour."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from keel_client.models import ErrorDetail, OpInfo, Run, RunEvent, RunSummary, StepState
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    """Rows under headers, each column as wide as its widest cell (the last column is not padded)."""
+    widths = [len(header) for header in headers]
+    for row in rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [cell.ljust(widths[index]) for index, cell in enumerate(row[:-1])]
+        lines.append((indent + "  ".join([*cells, row[-1]])).rstrip())
+    return lines
+
+
+def when(moment: datetime | None) -> str:
+    """A timestamp as `YYYY-MM-DD HH:MM:SS.mmmZ` (UTC), or `-`."""
+    if moment is None:
+        return "-"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def seconds(value: float | None) -> str:
+    """A duration for people: `85ms`, `1.24s`, `3m05s`."""
+    if value is None:
+        return "-"
+    value = max(0.0, value)
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    if value < 60:
+        return f"{value:.2f}s"
+    minutes, rest = divmod(int(value), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+def span(start: datetime | None, end: datetime | None, now: datetime | None = None) -> float | None:
+    """Seconds from `start` to `end` (or to `now` while unfinished); None without a start."""
+    if start is None:
+        return None
+    finish = end or now
+    if finish is None:
+        return None
+    return (finish - start).total_seconds()
+
+
+def step_elapsed(step: StepState, now: datetime | None = None) -> float | None:
+    """Seconds from the step's first attempt to the end of its last (or to `now` while one runs)."""
+    if not step.attempts:
+        return None
+    return span(step.attempts[0].started_at, step.attempts[-1].finished_at, now)
+
+
+def error_line(error: ErrorDetail | None) -> str:
+    """An error as `code: message`, or empty."""
+    if error is None:
+        return ""
+    return f"{error.code}: {error.message}"
+
+
+def compact_json(value: Any) -> str:
+    """JSON on one line, keys sorted."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def pretty_json(value: Any) -> str:
+    """JSON indented by two, keys sorted."""
+    return json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False)
+
+
+def step_rows(run: Run, now: datetime | None = None) -> list[list[str]]:
+    """One row per step: id, op, status, attempt, elapsed, last error."""
+    rows = []
+    for step in run.steps:
+        last = step.last_attempt
+        rows.append(
+            [
+                step.step_id,
+                f"{step.op_id}@{step.op_version}" if step.op_version else step.op_id,
+                step.status.value,
+                str(last.attempt) if last is not None else "-",
+                seconds(step_elapsed(step, now)),
+                error_line(step.last_error),
+            ]
+        )
+    return rows
+
+
+STEP_HEADERS = ("STEP", "OP", "STATUS", "ATTEMPT", "ELAPSED", "LAST ERROR")
+
+
+def run_lines(run: Run, now: datetime | None = None) -> list[str]:
+    """The whole run for `keel get`: header fields, steps, children, failure ledger, final snapshot."""
+    lines = [
+        f"run        {run.run_id}",
+        f"op         {run.op_id}",
+        f"status     {run.status.value}",
+        f"manifest   {run.manifest_id}",
+        f"created    {when(run.created_at)}",
+        f"updated    {when(run.updated_at)}",
+    ]
+    if run.completed_at is not None:
+        lines.append(
+            f"completed  {when(run.completed_at)} ({seconds(span(run.created_at, run.completed_at))})"
+        )
+    if run.parent_run_id:
+        lines.append(f"parent     {run.parent_run_id} (fact key {run.parent_fact_key})")
+    if run.reason:
+        lines.append(f"reason     {run.reason}")
+    if run.error is not None:
+        lines.append(f"error      {error_line(run.error)}")
+    lines.append(f"events     {run.head_seq}")
+    if run.steps:
+        lines += ["", "steps:", *table(STEP_HEADERS, step_rows(run, now), indent="  ")]
+    if run.children:
+        rows = [
+            [child.fact_key, child.op_id, child.status.value, child.child_run_id] for child in run.children
+        ]
+        lines += ["", "children:", *table(("FACT KEY", "OP", "STATUS", "RUN ID"), rows, indent="  ")]
+    if run.failure_ledger:
+        rows = [[entry.step_id, when(entry.recorded_at), entry.reason] for entry in run.failure_ledger]
+        lines += ["", "failure ledger:", *table(("STEP", "RECORDED", "REASON"), rows, indent="  ")]
+    if run.final_snapshot is not None:
+        lines += [
+            "",
+            "final snapshot:",
+            *("  " + line for line in pretty_json(run.final_snapshot).splitlines()),
+        ]
+    return lines
+
+
+def summary_lines(runs: Sequence[RunSummary]) -> list[str]:
+    """`keel ls`: a table of runs, newest first."""
+    rows = [
+        [run.run_id, run.status.value, when(run.created_at), when(run.updated_at), str(run.head_seq)]
+        for run in runs
+    ]
+    return table(("RUN ID", "STATUS", "CREATED", "UPDATED", "EVENTS"), rows)
+
+
+def event_line(event: RunEvent) -> str:
+    """`keel history`: one event as `seq  time  Type  field=value ...`."""
+    # Which step and attempt first, the format version last: the order a reader scans in.
+    order = {"step_id": 0, "attempt": 1, "v": 3}
+    keys = sorted(event.data, key=lambda key: (order.get(key, 2), key))
+    fields = " ".join(
+        f"{key}={event.data[key] if isinstance(event.data[key], str) else compact_json(event.data[key])}"
+        for key in keys
+    )
+    return f"{event.seq:>5}  {when(event.recorded_at)}  {event.type:<20}  {fields}".rstrip()
+
+
+def op_lines(ops: Sequence[OpInfo]) -> list[str]:
+    """`keel ops`: a table of ops and versions."""
+    return table(("OP", "VERSION", "DESCRIPTION"), [[op.op_id, op.op_version, op.description] for op in ops])

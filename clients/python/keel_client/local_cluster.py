@@ -1,0 +1,253 @@
+"""`keel up`'s machinery: a store and an engine as child processes on this machine, healthy or explained.
+
+The store keeps its SQLite file under `DATA_DIR/store`; each service's stdout and stderr (JSON log
+lines) go to `DATA_DIR/logs/<name>.log`, whose last error is quoted when a service fails to start.
+Stopping sends SIGTERM to the engine first (so it parks its runs while the store is still there),
+then to the store, and waits for each to drain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STARTUP_SECONDS = 30.0
+STOP_SECONDS = 20.0
+_READY = re.compile(r"^(store-service|engine-service) listening on (\S+)\s*$")
+
+
+class ClusterError(Exception):
+    """A local service could not be started or stopped; the message says why and where its log is."""
+
+
+def service_executable(name: str) -> str:
+    """The console script `name` beside this Python (the virtualenv's bin), else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ClusterError(
+            f"cannot find the `{name}` program beside {sys.executable} or on PATH; is keel installed?"
+        )
+    return found
+
+
+def _load_prctl() -> Any:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once here: the child must not load libraries between fork and exec.
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if `keel up` itself is killed, its services get SIGTERM
+    # instead of living on as orphans holding the ports and the database.
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ServiceProcess:
+    """One running service: its process, the address it announced, and its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    address: str = ""
+    _ready: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def last_error(self) -> str:
+        """The most telling line of the service's log: its last error entry, else its last line."""
+        try:
+            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+                return str(entry.get("msg", ""))
+        # No structured error: an uncaught exception's last line ("RuntimeError: ...") says the most.
+        unindented = [line for line in lines if not line[0].isspace()]
+        return unindented[-1].strip() if unindented else ""
+
+
+def _pump(service: ServiceProcess, stream: IO[bytes], log: IO[bytes]) -> None:
+    # Drains the child's stdout so it never blocks on a full pipe; the first "listening on" line
+    # tells where it serves, everything goes to the log.
+    announced = False
+    for raw in iter(stream.readline, b""):
+        log.write(raw)
+        log.flush()
+        if not announced:
+            match = _READY.match(raw.decode(errors="replace"))
+            if match:
+                announced = True
+                service._ready.put(match.group(2))
+    if not announced:
+        service._ready.put(None)
+    log.close()
+
+
+@dataclass
+class LocalCluster:
+    """A store-service and an engine-service started together; use as a context manager or start()/stop()."""
+
+    data_dir: Path
+    store_listen: str = "127.0.0.1:7071"
+    engine_listen: str = "127.0.0.1:7070"
+    ops: Sequence[str] = ()
+    extra_env: dict[str, str] = field(default_factory=dict)
+    store: ServiceProcess | None = None
+    engine: ServiceProcess | None = None
+
+    @property
+    def store_address(self) -> str:
+        """HOST:PORT the store serves on."""
+        return self.store.address if self.store else ""
+
+    @property
+    def engine_address(self) -> str:
+        """HOST:PORT the engine serves on (what clients use)."""
+        return self.engine.address if self.engine else ""
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the store, then the engine pointed at it, and wait until both answer health checks."""
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            self.store = self._spawn(
+                "store-service",
+                ["--listen", self.store_listen, "--data-dir", str(self.data_dir / "store")],
+            )
+            self._await_ready(self.store)
+            engine_args = ["--listen", self.engine_listen, "--store", self.store.address]
+            if self.ops:
+                engine_args += ["--ops", *self.ops]
+            self.engine = self._spawn("engine-service", engine_args)
+            self._await_ready(self.engine)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, args: list[str]) -> ServiceProcess:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        log = log_path.open("ab")
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        try:
+            process = subprocess.Popen(
+                [service_executable(name), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                # Its own process group: Ctrl-C reaches `keel up`, which then stops the services in order.
+                process_group=0,
+                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+            )
+        except OSError as error:
+            log.close()
+            raise ClusterError(f"cannot start {name}: {error}") from None
+        service = ServiceProcess(name=name, process=process, log_path=log_path)
+        assert process.stdout is not None
+        threading.Thread(
+            target=_pump, args=(service, process.stdout, log), name=f"{name}-stdout", daemon=True
+        ).start()
+        return service
+
+    def _await_ready(self, service: ServiceProcess) -> None:
+        try:
+            address = service._ready.get(timeout=STARTUP_SECONDS)
+        except queue.Empty:
+            address = None
+        if address is None:
+            code = service.process.poll()
+            state = (
+                f"exited with code {code}"
+                if code is not None
+                else f"did not start within {STARTUP_SECONDS:.0f}s"
+            )
+            why = service.last_error()
+            raise ClusterError(
+                f"{service.name} {state}" + (f": {why}" if why else "") + f" (log {service.log_path})"
+            )
+        service.address = address
+        wait_healthy(address, service.name, STARTUP_SECONDS)
+
+    def poll(self) -> ServiceProcess | None:
+        """A service that has exited on its own, if any."""
+        for service in (self.store, self.engine):
+            if service is not None and service.process.poll() is not None:
+                return service
+        return None
+
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """SIGTERM the engine, wait, then the store; a service that will not drain in `timeout` is killed."""
+        for service in (self.engine, self.store):
+            if service is None or service.process.poll() is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                service.process.send_signal(signal.SIGTERM)
+            try:
+                service.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+        for service in (self.engine, self.store):
+            if service is not None and service.process.stdout is not None:
+                service.process.stdout.close()
+
+
+def wait_healthy(address: str, name: str, timeout: float) -> None:
+    """Wait until grpc.health.v1 at `address` reports SERVING for the whole server."""
+    deadline = time.monotonic() + timeout
+    last_problem = "no answer"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                answer = stub.Check(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=max(0.1, min(2.0, deadline - time.monotonic())),
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError as error:
+                last_problem = f"{error.code().name}: {error.details()}"
+            else:
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last_problem = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            time.sleep(0.1)
+    raise ClusterError(f"{name} at {address} is not healthy after {timeout:.0f}s ({last_problem})")

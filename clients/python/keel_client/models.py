@@ -1,0 +1,321 @@
+"""What the client returns: frozen dataclasses and enums mirroring EngineService's messages, protobuf-free."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class RunStatus(enum.StrEnum):
+    """A run's status."""
+
+    UNSPECIFIED = "unspecified"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for completed, failed and canceled: the run never changes again."""
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
+
+
+class StepStatus(enum.StrEnum):
+    """A step's (or a step attempt's) status."""
+
+    UNSPECIFIED = "unspecified"
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ExecutionMode(enum.StrEnum):
+    """How a run performs I/O: live calls recorded as facts, or replay of recorded facts only."""
+
+    LIVE = "live"
+    REPLAY = "replay"
+
+
+class ParentClosePolicy(enum.StrEnum):
+    """What happens to a child run when its parent is canceled."""
+
+    CANCEL = "cancel"
+    ABANDON = "abandon"
+
+
+class TerminalTarget(enum.StrEnum):
+    """The terminal status Terminalize moves a run to."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class TerminalizeOutcome(enum.StrEnum):
+    """What Terminalize did: moved the run now, or found it already terminal."""
+
+    UNSPECIFIED = "unspecified"
+    TRANSITIONED = "transitioned"
+    NOOP = "noop"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How failed step attempts are retried; zero/None fields take the engine's defaults."""
+
+    max_attempts: int = 0
+    initial_backoff: float | None = None  # seconds
+    max_backoff: float | None = None  # seconds
+    multiplier: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run executes (part of its manifest)."""
+
+    execution_mode: ExecutionMode = ExecutionMode.LIVE
+    retry_policy: RetryPolicy | None = None
+    replay_of_run_id: str = ""
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """A structured error recorded by the engine (a failed attempt, a failed run)."""
+
+    code: str
+    category: str
+    retryable: bool
+    message: str
+    details: Any = None
+
+
+@dataclass(frozen=True)
+class StepAttempt:
+    """One attempt of one step."""
+
+    attempt: int
+    status: StepStatus
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: ErrorDetail | None
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A step of a run and what happened to it."""
+
+    step_id: str
+    op_id: str
+    op_version: str
+    status: StepStatus
+    attempts: tuple[StepAttempt, ...]
+    last_error: ErrorDetail | None
+
+    @property
+    def last_attempt(self) -> StepAttempt | None:
+        """The most recent attempt, or None before the first one."""
+        return self.attempts[-1] if self.attempts else None
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """A child run of a run."""
+
+    child_run_id: str
+    fact_key: str
+    op_id: str
+    status: RunStatus
+
+
+@dataclass(frozen=True)
+class FailureLedgerEntry:
+    """A divergence the engine recorded for a person to repair."""
+
+    step_id: str
+    reason: str
+    recorded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run: status, steps with attempts, children, failure ledger, timestamps and final snapshot."""
+
+    run_id: str
+    op_id: str
+    manifest_id: str
+    status: RunStatus
+    parent_run_id: str | None
+    parent_fact_key: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    completed_at: datetime | None
+    steps: tuple[StepState, ...]
+    children: tuple[ChildRun, ...]
+    failure_ledger: tuple[FailureLedgerEntry, ...]
+    final_snapshot_id: str | None
+    final_snapshot: Any
+    reason: str | None
+    error: ErrorDetail | None
+    head_seq: int
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run is completed, failed or canceled."""
+        return self.status.is_terminal
+
+    def step(self, step_id: str) -> StepState:
+        """The step with this id (KeyError if the run has none)."""
+        for state in self.steps:
+            if state.step_id == step_id:
+                return state
+        raise KeyError(step_id)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run as ListRuns shows it."""
+
+    run_id: str
+    status: RunStatus
+    created_at: datetime | None
+    updated_at: datetime | None
+    head_seq: int
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """One page of ListRuns; pass `next_page_token` to get the next (None on the last page)."""
+
+    runs: tuple[RunSummary, ...]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One event of a run's stream (`type` such as `StepCompleted`, `data` its fields)."""
+
+    seq: int
+    type: str
+    data: dict[str, Any]
+    recorded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """An op the engine can run."""
+
+    op_id: str
+    op_version: str
+    description: str
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """What StartRun answered: the run id, its manifest, whether it was new, and the run as it stands."""
+
+    run_id: str
+    manifest_id: str
+    created: bool
+    run: Run | None
+
+
+@dataclass(frozen=True)
+class ResumedRun:
+    """What ResumeRun answered: the run, and whether this engine now drives it."""
+
+    run: Run | None
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class AwaitedRun:
+    """What AwaitRun answered: the run, and whether it became terminal before the timeout."""
+
+    run: Run | None
+    done: bool
+
+
+@dataclass(frozen=True)
+class SpawnedChild:
+    """What SpawnChild answered: the parent, the child's id and its manifest id."""
+
+    parent_run_id: str
+    child_run_id: str
+    child_manifest_id: str
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """What AwaitChild answered: the child's terminal status and final snapshot."""
+
+    child_run_id: str
+    status: RunStatus
+    final_snapshot_id: str | None
+    final_snapshot: Any
+
+
+@dataclass(frozen=True)
+class TerminalizeResult:
+    """What Terminalize answered: TRANSITIONED or NOOP, and the run's terminal status."""
+
+    outcome: TerminalizeOutcome
+    status: RunStatus
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of a pipeline, for callers who prefer a typed pipeline to a dict."""
+
+    step_id: str
+    op_id: str
+    op_version: str = ""
+    op_config: Any = None
+    depends_on: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline of steps, for callers who prefer a typed pipeline to a dict."""
+
+    pipeline_id: str
+    steps: Sequence[StepSpec]
+    pipeline_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pipeline as the dict StartRun takes (the shape of the proto Pipeline)."""
+        return {
+            "pipeline_id": self.pipeline_id,
+            "pipeline_version": self.pipeline_version,
+            "steps": [
+                {
+                    "step_id": step.step_id,
+                    "op_id": step.op_id,
+                    "op_version": step.op_version,
+                    "op_config": step.op_config,
+                    "depends_on": list(step.depends_on),
+                }
+                for step in self.steps
+            ],
+        }
+
+
+def to_json_data(value: Any) -> Any:
+    """A result of this client as JSON data: dataclasses as dicts, enums as strings, times in ISO 8601."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {item.name: to_json_data(getattr(value, item.name)) for item in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, Mapping):
+        return {str(key): to_json_data(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_data(item) for item in value]
+    return value

@@ -1,0 +1,238 @@
+"""The PostgreSQL store's schema as versioned migrations, and the start-up step that applies them.
+
+Every migration runs once per schema, in version order, recorded in `schema_migrations`. All of
+them are applied in ONE transaction that first takes a transaction-scoped advisory lock keyed by
+the schema name: store replicas starting at the same moment queue on that lock, and each one
+after the first finds the versions already recorded and applies nothing. PostgreSQL's DDL is
+transactional, so a replica that dies mid-migration leaves nothing half-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+from keel_core.errors import ErrorCategory, KeelError
+
+# At most 40 characters: the schema also names the NOTIFY channel ("keel_store_events.<schema>"),
+# and PostgreSQL refuses channel names longer than 63 bytes.
+SCHEMA_NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema change: applied once, in `version` order, and recorded with its name."""
+
+    version: int
+    name: str
+    sql: str
+
+
+_TABLES = """
+-- sid orders streams by creation (ListStreams is newest first, and page tokens carry a sid).
+CREATE TABLE streams (
+    stream_id text PRIMARY KEY,
+    sid bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+    head_seq bigint NOT NULL,
+    status smallint NOT NULL DEFAULT 0,
+    created_at_us bigint NOT NULL,
+    updated_at_us bigint NOT NULL
+);
+CREATE INDEX streams_by_status ON streams (status, sid);
+
+-- The primary key is the compare-and-swap: two appends, through any replicas, can never both
+-- own a sequence number; the loser gets a unique violation and reports a sequence_conflict.
+CREATE TABLE events (
+    stream_id text NOT NULL,
+    seq bigint NOT NULL,
+    type text NOT NULL,
+    payload bytea NOT NULL,
+    recorded_at_us bigint NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+);
+
+-- An artifact points at a blob of 1 MiB chunks. Uploads write the chunks and the artifact row
+-- in one transaction, so an interrupted upload leaves nothing behind.
+CREATE TABLE artifacts (
+    artifact_id text PRIMARY KEY,
+    kind text NOT NULL,
+    size bigint NOT NULL,
+    blob_id uuid NOT NULL,
+    created_at_us bigint NOT NULL
+);
+CREATE TABLE artifact_chunks (
+    blob_id uuid NOT NULL,
+    idx integer NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (blob_id, idx)
+);
+-- Out of line and uncompressed: artifacts are mostly already compressed or hashed blobs, and
+-- compressing 1 MiB chunks on the write path costs more CPU than it saves.
+ALTER TABLE artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+"""
+
+# One call appends a whole group of independent appends (group commit): the store sends the
+# group as parallel arrays and gets one row per append back, in order, in ONE round trip and one
+# transaction. Each append is checked against its own stream's head as left by earlier appends in
+# the group, so a conflict fails only its own caller. Heads are read without locks: a concurrent
+# writer on another replica that takes the same sequence makes one of the two event inserts fail
+# with a unique violation (the primary key is the arbiter), and the store retries that group one
+# append at a time to give the conflict to the right caller. pg_notify is transactional: the
+# listeners of every replica hear of the append exactly when it commits, never before.
+_APPEND_GROUP = """
+CREATE FUNCTION append_group(
+    p_stream_ids text[],
+    p_kinds smallint[],        -- 0 exact, 1 no stream, 2 any
+    p_expected bigint[],
+    p_counts integer[],        -- events per append
+    p_statuses smallint[],     -- NULL keeps the stream's label
+    p_event_owners integer[],  -- per event: the (1-based) append it belongs to
+    p_types text[],            -- every append's events, flattened in order
+    p_payloads bytea[],
+    p_art_owners integer[],    -- per inline artifact: the append it belongs to
+    p_art_ids text[],
+    p_art_kinds text[],
+    p_art_sizes bigint[],
+    p_art_chunks integer[],    -- per inline artifact: how many chunks it has
+    p_chunk_data bytea[],      -- every artifact's chunks, flattened in order
+    p_channel text
+) RETURNS TABLE (out_first bigint, out_head bigint, out_conflict boolean)
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    now_us bigint := (extract(epoch FROM statement_timestamp()) * 1000000)::bigint;
+    n_appends integer := coalesce(cardinality(p_stream_ids), 0);
+    n_arts integer := coalesce(cardinality(p_art_owners), 0);
+    -- Per append: its first sequence (0 if it conflicted) and how many events precede it.
+    firsts bigint[] := array_fill(0::bigint, ARRAY[n_appends]);
+    offsets integer[] := array_fill(0, ARRAY[n_appends]);
+    ev integer := 0;
+    art integer := 1;
+    chunk integer := 0;
+    i integer;
+    c integer;
+    head bigint;
+    known boolean;
+    blob uuid;
+BEGIN
+    -- Decide each append in order against its stream's head (as left by the earlier ones).
+    FOR i IN 1 .. n_appends LOOP
+        c := p_counts[i];
+        offsets[i] := ev;
+        ev := ev + c;
+        SELECT s.head_seq INTO head FROM streams s WHERE s.stream_id = p_stream_ids[i];
+        known := FOUND;
+        IF NOT known THEN
+            head := 0;
+        END IF;
+        out_head := head;
+        out_conflict := (p_kinds[i] = 0 AND head <> p_expected[i]) OR (p_kinds[i] = 1 AND head <> 0);
+        IF out_conflict THEN
+            out_first := 0;
+        ELSE
+            out_first := head + 1;
+            out_head := head + c;
+            firsts[i] := out_first;
+            IF known THEN
+                UPDATE streams
+                   SET head_seq = out_head, status = coalesce(p_statuses[i], status), updated_at_us = now_us
+                 WHERE stream_id = p_stream_ids[i];
+            ELSE
+                INSERT INTO streams (stream_id, head_seq, status, created_at_us, updated_at_us)
+                    VALUES (p_stream_ids[i], out_head, coalesce(p_statuses[i], 0), now_us, now_us);
+            END IF;
+            PERFORM pg_notify(p_channel, p_stream_ids[i]);
+        END IF;
+        WHILE art <= n_arts AND p_art_owners[art] = i LOOP
+            IF NOT out_conflict THEN
+                INSERT INTO artifacts (artifact_id, kind, size, blob_id, created_at_us)
+                    VALUES (p_art_ids[art], p_art_kinds[art], p_art_sizes[art], gen_random_uuid(), now_us)
+                    ON CONFLICT (artifact_id) DO NOTHING
+                    RETURNING blob_id INTO blob;
+                IF FOUND THEN
+                    INSERT INTO artifact_chunks (blob_id, idx, data)
+                        SELECT blob, g - 1, p_chunk_data[chunk + g]
+                        FROM generate_series(1, p_art_chunks[art]) AS g;
+                END IF;
+            END IF;
+            chunk := chunk + p_art_chunks[art];
+            art := art + 1;
+        END LOOP;
+        RETURN NEXT;
+    END LOOP;
+    -- Then every accepted event in one set-based insert: unnest walks the arrays once, where
+    -- subscripting variable-length arrays event by event would walk them again for each one.
+    INSERT INTO events (stream_id, seq, type, payload, recorded_at_us)
+        SELECT p_stream_ids[e.owner], firsts[e.owner] + (e.n - 1 - offsets[e.owner]),
+               e.type, e.payload, now_us
+        FROM unnest(p_event_owners, p_types, p_payloads) WITH ORDINALITY AS e(owner, type, payload, n)
+        WHERE firsts[e.owner] > 0;
+END
+$fn$;
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "streams, events and artifacts", _TABLES),
+    Migration(2, "append_group: one round trip per group commit", _APPEND_GROUP),
+)
+
+
+def check_schema_name(schema: str) -> str:
+    """`schema` if it is a plain lower-case identifier (it is spliced into SQL), else ValueError."""
+    if not SCHEMA_NAME_PATTERN.fullmatch(schema):
+        raise ValueError(
+            f"schema must be 1 to 40 characters of a-z, 0-9 and _, not starting with a digit; got {schema!r}"
+        )
+    return schema
+
+
+def migration_lock_key(schema: str) -> int:
+    """The advisory-lock key that serialises migrations of `schema` across all processes."""
+    digest = hashlib.sha256(f"keel-store-migrate:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def migrate(
+    conn: asyncpg.Connection[asyncpg.Record], schema: str, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> list[int]:
+    """Bring `schema` up to the latest migration; returns the versions this call applied."""
+    check_schema_name(schema)
+    async with conn.transaction():
+        # Held until commit: a replica starting at the same time waits here, then sees our rows.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(schema))
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(f"SET LOCAL search_path TO {schema}")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {int(row[0]) for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        known = {migration.version for migration in migrations}
+        if done - known:
+            raise KeelError(
+                "schema_too_new",
+                f"schema {schema!r} has migrations {sorted(done - known)} that this store does not know; "
+                "run a store at least as new as the one that migrated it",
+                category=ErrorCategory.FAILED_PRECONDITION,
+                details={"schema": schema, "unknown_versions": sorted(done - known)},
+            )
+        applied = []
+        for migration in sorted(migrations, key=lambda m: m.version):
+            if migration.version in done:
+                continue
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+            applied.append(migration.version)
+    return applied
+
+
+__all__ = ["MIGRATIONS", "Migration", "check_schema_name", "migrate", "migration_lock_key"]

@@ -1,0 +1,48 @@
+"""The StoreBackend suite bound, unchanged, to PostgreSQL: one fresh schema per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from store_service.backend import StoreBackend
+from store_service.postgres import PostgresStoreBackend
+from tests.store.backend_suite import StoreBackendSuite
+from tests.store.postgres_schemas import fresh_schema
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(autouse=True)
+def _postgres_reachable(postgres_dsn: str) -> str:
+    """Resolve the DSN fixture up front: its probe cannot run inside the test's event loop."""
+    return postgres_dsn
+
+
+@pytest.fixture(autouse=True)
+async def pg_schema(postgres_dsn: str) -> AsyncIterator[str]:
+    """A schema of this test's own, dropped after it (autouse: the suite asks for it by name from
+    inside its async `backend` fixture, where an async fixture can no longer be set up)."""
+    async with fresh_schema(postgres_dsn) as schema:
+        yield schema
+
+
+class TestPostgresBackend(StoreBackendSuite):
+    """Every contract test on PostgreSQL with full durability (synchronous_commit=on)."""
+
+    def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
+        """A backend on this test's schema; a second call reaches the same schema."""
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        schema: str = request.getfixturevalue("pg_schema")
+        return PostgresStoreBackend(dsn, schema=schema, durability="full")
+
+
+class TestPostgresNormalDurability(StoreBackendSuite):
+    """The same contract with synchronous_commit=off and one writer: semantics must not change."""
+
+    def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
+        """A backend on this test's schema with durability 'normal' and a single writer."""
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        schema: str = request.getfixturevalue("pg_schema")
+        return PostgresStoreBackend(dsn, schema=schema, durability="normal", writers=1)
