@@ -1,0 +1,137 @@
+"""Ops and transports that ship with the engine (registered on import).
+
+Ops (all version "1"):
+
+- `keel.echo`: returns `{"input": <run input>, "config": <op_config>}`.
+- `keel.transform`: builds an object from `op_config {"fields": {name: spec}}` where a spec string
+  `"$input"`, `"$input.a.b"` or `"$context.step.x"` is looked up (missing -> null) and anything else is
+  taken literally. `{"fields": {"total": "$context.sum.value", "tag": "v1"}}`.
+- `keel.sleep`: `op_config {"seconds": s}` sleeps (cancellable) and returns `{"slept": s}`.
+- `keel.fail_n_times`: `op_config {"n": n, "retryable": true, "code": "flaky"}` fails attempts
+  0..n-1 (counted from the step's attempt number, so it survives restarts) and then returns
+  `{"attempt": attempt}`. With `"retryable": false` the first failure is final.
+- `keel.io_call`: `op_config {"namespace", "request", "fact_key"}` (or `{"calls": [...]}` of those)
+  calls the transport through the step's `io` handle and returns `{"response": ...}` (or
+  `{"responses": [...]}`).
+
+Transports:
+
+- `keel.echo`: answers `{"echo": request}`.
+- `keel.clock`: answers `{"unix_ms": <now>}` (not deterministic: shows that recorded facts replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from engine_service.domain.ops import OpError, StepContext, op
+from engine_service.domain.transports import register_transport
+
+
+def _lookup(root: Any, path: list[str]) -> Any:
+    for part in path:
+        if isinstance(root, dict):
+            root = root.get(part)
+        elif isinstance(root, list) and part.isdigit() and int(part) < len(root):
+            root = root[int(part)]
+        else:
+            return None
+    return root
+
+
+def _config(op_config: Any) -> dict[str, Any]:
+    if op_config is None:
+        return {}
+    if not isinstance(op_config, dict):
+        raise OpError("op_config_invalid", "op_config must be a JSON object")
+    return op_config
+
+
+@op("keel.echo", description="Returns the run input and the op config")
+async def echo(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Returns the run input and the op config."""
+    return {"input": input, "config": op_config}
+
+
+@op("keel.transform", description="Builds an object from the input and the context ($input, $context.x)")
+async def transform(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Builds an object from the input and the context."""
+    fields = _config(op_config).get("fields", {})
+    if not isinstance(fields, dict):
+        raise OpError("op_config_invalid", "keel.transform: op_config.fields must be an object")
+    out: dict[str, Any] = {}
+    for name, spec in fields.items():
+        if isinstance(spec, str) and (spec == "$input" or spec.startswith("$input.")):
+            out[name] = _lookup(input, spec.split(".")[1:])
+        elif isinstance(spec, str) and spec.startswith("$context."):
+            out[name] = _lookup(dict(ctx.context), spec.split(".")[1:])
+        else:
+            out[name] = spec
+    return out
+
+
+@op("keel.sleep", description="Sleeps op_config.seconds")
+async def sleep(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Sleeps op_config.seconds."""
+    seconds = _config(op_config).get("seconds", 0)
+    if not isinstance(seconds, int | float) or seconds < 0:
+        raise OpError("op_config_invalid", "keel.sleep: op_config.seconds must be a number >= 0")
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}
+
+
+@op("keel.fail_n_times", description="Fails the first n attempts, then succeeds")
+async def fail_n_times(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Fails the first n attempts, then succeeds."""
+    config = _config(op_config)
+    n = config.get("n", 1)
+    if not isinstance(n, int) or n < 0:
+        raise OpError("op_config_invalid", "keel.fail_n_times: op_config.n must be an integer >= 0")
+    if ctx.attempt < n:
+        raise OpError(
+            str(config.get("code", "flaky")),
+            f"attempt {ctx.attempt} of step {ctx.step_id!r} fails on purpose ({n} failures configured)",
+            retryable=bool(config.get("retryable", True)),
+        )
+    return {"attempt": ctx.attempt}
+
+
+@op("keel.io_call", description="Calls a transport through recorded facts")
+async def io_call(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Calls a transport through recorded facts."""
+    config = _config(op_config)
+    calls = config.get("calls")
+    if calls is None:
+        return {"response": await _one_call(ctx, config)}
+    if not isinstance(calls, list):
+        raise OpError("op_config_invalid", "keel.io_call: op_config.calls must be a list")
+    return {"responses": [await _one_call(ctx, _config(call)) for call in calls]}
+
+
+async def _one_call(ctx: StepContext, call: dict[str, Any]) -> Any:
+    namespace = call.get("namespace")
+    if not isinstance(namespace, str) or not namespace:
+        raise OpError("op_config_invalid", "keel.io_call: a call needs a namespace")
+    return await ctx.io.call(namespace, call.get("request"), str(call.get("fact_key") or ""))
+
+
+class EchoTransport:
+    """Answers every request with `{"echo": request}`."""
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        """Echo the request."""
+        return {"echo": request}
+
+
+class ClockTransport:
+    """Answers with the current time in milliseconds."""
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        """The time now."""
+        return {"unix_ms": int(time.time() * 1000)}
+
+
+register_transport("keel.echo", EchoTransport())
+register_transport("keel.clock", ClockTransport())

@@ -1,0 +1,258 @@
+"""The run's event stream: kernel events as versioned JSON payloads.
+
+Every payload is a JSON object with `"v": 1`. Readers accept any version they know and ignore
+fields they do not, so older streams stay readable; an event type this engine does not know is
+decoded as `UnknownEvent` and skipped by the fold (issue 4 adds child/ledger events).
+
+    RunStarted          {v, op_id, manifest_id, initial_snapshot_id, parent_run_id?, parent_fact_key?}
+    StepAttemptStarted  {v, step_id, attempt, base_snapshot_id}
+    FactRecorded        {v, step_id, attempt, fact_key, namespace, response}
+    StepAttemptFailed   {v, step_id, attempt, error: {code, category, retryable, message, details?}}
+    StepCompleted       {v, step_id, attempt, snapshot_id}
+    RunCompleted        {v, status: completed|failed|canceled, final_snapshot_id, reason?, error?}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from engine_service.domain.canonical import canonical_json_bytes
+
+EVENT_FORMAT_VERSION = 1
+
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELED = "canceled"
+TERMINAL_STATUSES = (COMPLETED, FAILED, CANCELED)
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """A recorded failure: stable code, category, whether a retry may help, and a message."""
+
+    code: str
+    category: str
+    retryable: bool
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The error as event JSON."""
+        out: dict[str, Any] = {
+            "code": self.code,
+            "category": self.category,
+            "retryable": self.retryable,
+            "message": self.message,
+        }
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ErrorRecord:
+        """An error read back from event JSON."""
+        return ErrorRecord(
+            code=str(data.get("code", "unknown")),
+            category=str(data.get("category", "unknown")),
+            retryable=bool(data.get("retryable", False)),
+            message=str(data.get("message", "")),
+            details=dict(data.get("details") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """Event 1 of every run."""
+
+    op_id: str
+    manifest_id: str
+    initial_snapshot_id: str
+    parent_run_id: str = ""
+    parent_fact_key: str = ""
+
+
+@dataclass(frozen=True)
+class StepAttemptStarted:
+    """An attempt of a step began from a base snapshot."""
+
+    step_id: str
+    attempt: int
+    base_snapshot_id: str
+
+
+@dataclass(frozen=True)
+class FactRecorded:
+    """The answer of an I/O call, recorded before the op saw it."""
+
+    step_id: str
+    attempt: int
+    fact_key: str
+    namespace: str
+    response: Any
+
+
+@dataclass(frozen=True)
+class StepAttemptFailed:
+    """An attempt of a step failed; `error.retryable` decides whether it is tried again."""
+
+    step_id: str
+    attempt: int
+    error: ErrorRecord
+
+
+@dataclass(frozen=True)
+class StepCompleted:
+    """An attempt of a step completed; `snapshot_id` is the new checkpoint."""
+
+    step_id: str
+    attempt: int
+    snapshot_id: str
+
+
+@dataclass(frozen=True)
+class RunCompleted:
+    """The run reached a terminal status; always the last event."""
+
+    status: str
+    final_snapshot_id: str
+    reason: str = ""
+    error: ErrorRecord | None = None
+
+
+@dataclass(frozen=True)
+class UnknownEvent:
+    """An event type this engine does not know (kept so that sequence numbers stay aligned)."""
+
+    type: str
+    payload: dict[str, Any]
+
+
+KernelEvent = (
+    RunStarted
+    | StepAttemptStarted
+    | FactRecorded
+    | StepAttemptFailed
+    | StepCompleted
+    | RunCompleted
+    | UnknownEvent
+)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as read from the store: its sequence number and commit time."""
+
+    seq: int
+    event: KernelEvent
+    recorded_at: datetime | None = None
+
+
+def encode_event(event: KernelEvent) -> tuple[str, bytes]:
+    """The event's type name and JSON payload bytes."""
+    name, data = event_type_and_json(event)
+    return name, canonical_json_bytes(data)
+
+
+def event_type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
+    """The event's type name and payload as JSON data."""
+    v = {"v": EVENT_FORMAT_VERSION}
+    match event:
+        case RunStarted():
+            data: dict[str, Any] = {
+                **v,
+                "op_id": event.op_id,
+                "manifest_id": event.manifest_id,
+                "initial_snapshot_id": event.initial_snapshot_id,
+            }
+            if event.parent_run_id:
+                data["parent_run_id"] = event.parent_run_id
+                data["parent_fact_key"] = event.parent_fact_key
+            return "RunStarted", data
+        case StepAttemptStarted():
+            return "StepAttemptStarted", {
+                **v,
+                "step_id": event.step_id,
+                "attempt": event.attempt,
+                "base_snapshot_id": event.base_snapshot_id,
+            }
+        case FactRecorded():
+            return "FactRecorded", {
+                **v,
+                "step_id": event.step_id,
+                "attempt": event.attempt,
+                "fact_key": event.fact_key,
+                "namespace": event.namespace,
+                "response": event.response,
+            }
+        case StepAttemptFailed():
+            return "StepAttemptFailed", {
+                **v,
+                "step_id": event.step_id,
+                "attempt": event.attempt,
+                "error": event.error.to_json(),
+            }
+        case StepCompleted():
+            return "StepCompleted", {
+                **v,
+                "step_id": event.step_id,
+                "attempt": event.attempt,
+                "snapshot_id": event.snapshot_id,
+            }
+        case RunCompleted():
+            data = {**v, "status": event.status, "final_snapshot_id": event.final_snapshot_id}
+            if event.reason:
+                data["reason"] = event.reason
+            if event.error is not None:
+                data["error"] = event.error.to_json()
+            return "RunCompleted", data
+        case UnknownEvent():
+            return event.type, event.payload
+
+
+def decode_event(type_name: str, payload: bytes) -> KernelEvent:
+    """An event read back from its type name and payload bytes."""
+    data = json.loads(payload.decode("utf-8")) if payload else {}
+    return event_from_json(type_name, data)
+
+
+def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
+    """An event from its type name and payload JSON."""
+    match type_name:
+        case "RunStarted":
+            return RunStarted(
+                op_id=str(data["op_id"]),
+                manifest_id=str(data["manifest_id"]),
+                initial_snapshot_id=str(data["initial_snapshot_id"]),
+                parent_run_id=str(data.get("parent_run_id", "")),
+                parent_fact_key=str(data.get("parent_fact_key", "")),
+            )
+        case "StepAttemptStarted":
+            return StepAttemptStarted(
+                str(data["step_id"]), int(data["attempt"]), str(data["base_snapshot_id"])
+            )
+        case "FactRecorded":
+            return FactRecorded(
+                step_id=str(data["step_id"]),
+                attempt=int(data["attempt"]),
+                fact_key=str(data["fact_key"]),
+                namespace=str(data["namespace"]),
+                response=data.get("response"),
+            )
+        case "StepAttemptFailed":
+            return StepAttemptFailed(
+                str(data["step_id"]), int(data["attempt"]), ErrorRecord.from_json(dict(data["error"]))
+            )
+        case "StepCompleted":
+            return StepCompleted(str(data["step_id"]), int(data["attempt"]), str(data["snapshot_id"]))
+        case "RunCompleted":
+            error = data.get("error")
+            return RunCompleted(
+                status=str(data["status"]),
+                final_snapshot_id=str(data.get("final_snapshot_id", "")),
+                reason=str(data.get("reason", "")),
+                error=ErrorRecord.from_json(dict(error)) if error else None,
+            )
+    return UnknownEvent(type_name, dict(data))

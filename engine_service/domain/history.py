@@ -1,0 +1,143 @@
+"""`fold(events) -> RunHistory`: everything the engine decides about a run comes from this.
+
+The fold is pure and total over any prefix of a stream the engine writes: it never raises on a
+legal prefix, and `fold(a + b) == fold(a).extend(b)`, so a driver can keep folding the events
+it appends instead of re-reading the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from engine_service.domain.events import (
+    ErrorRecord,
+    FactRecorded,
+    KernelEvent,
+    RunCompleted,
+    RunStarted,
+    StepAttemptFailed,
+    StepAttemptStarted,
+    StepCompleted,
+)
+
+
+@dataclass(frozen=True)
+class OpenAttempt:
+    """An attempt that started and has neither completed nor failed (an orphan, after a crash)."""
+
+    step_id: str
+    attempt: int
+    base_snapshot_id: str
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """The last failed attempt of a step."""
+
+    attempt: int
+    base_snapshot_id: str
+    error: ErrorRecord
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """The state of a run as its events tell it."""
+
+    head_seq: int = 0
+    started: RunStarted | None = None
+    completed_steps: Mapping[str, str] = field(default_factory=dict)  # step id -> its checkpoint id
+    last_checkpoint: str = ""
+    last_attempt: Mapping[str, int] = field(default_factory=dict)
+    last_failure: Mapping[str, StepFailure] = field(default_factory=dict)
+    open_attempt: OpenAttempt | None = None
+    facts: Mapping[str, FactRecorded] = field(default_factory=dict)
+    terminal: RunCompleted | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once RunCompleted is in the stream."""
+        return self.terminal is not None
+
+    def extend(self, events: Iterable[KernelEvent]) -> RunHistory:
+        """This history with more events folded in (the events follow head_seq, in order)."""
+        return _Folder(self).fold(events)
+
+
+def fold(events: Iterable[KernelEvent]) -> RunHistory:
+    """The history told by a run's events, from event 1."""
+    return RunHistory().extend(events)
+
+
+class _Folder:
+    """Mutable accumulator behind `extend`; it copies the history's maps once per call."""
+
+    def __init__(self, base: RunHistory) -> None:
+        self.base = base
+        self.head = base.head_seq
+        self.started = base.started
+        self.completed = dict(base.completed_steps)
+        self.checkpoint = base.last_checkpoint
+        self.last_attempt = dict(base.last_attempt)
+        self.last_failure = dict(base.last_failure)
+        self.open = base.open_attempt
+        self.facts = dict(base.facts)
+        self.terminal = base.terminal
+
+    def fold(self, events: Iterable[KernelEvent]) -> RunHistory:
+        for event in events:
+            self.head += 1
+            if self.terminal is None:
+                self.apply(event)
+        return replace(
+            self.base,
+            head_seq=self.head,
+            started=self.started,
+            completed_steps=self.completed,
+            last_checkpoint=self.checkpoint,
+            last_attempt=self.last_attempt,
+            last_failure=self.last_failure,
+            open_attempt=self.open,
+            facts=self.facts,
+            terminal=self.terminal,
+        )
+
+    def apply(self, event: KernelEvent) -> None:
+        match event:
+            case RunStarted():
+                if self.started is None:
+                    self.started = event
+                    self.checkpoint = event.initial_snapshot_id
+            case StepAttemptStarted():
+                self.open = OpenAttempt(event.step_id, event.attempt, event.base_snapshot_id)
+                self.last_attempt[event.step_id] = max(
+                    event.attempt, self.last_attempt.get(event.step_id, -1)
+                )
+            case FactRecorded():
+                self.facts.setdefault(event.fact_key, event)
+            case StepAttemptFailed():
+                base = self._base_of(event.step_id, event.attempt)
+                self.last_failure[event.step_id] = StepFailure(event.attempt, base, event.error)
+                self.last_attempt[event.step_id] = max(
+                    event.attempt, self.last_attempt.get(event.step_id, -1)
+                )
+                self._close(event.step_id)
+            case StepCompleted():
+                self.completed[event.step_id] = event.snapshot_id
+                self.checkpoint = event.snapshot_id
+                self.last_attempt[event.step_id] = max(
+                    event.attempt, self.last_attempt.get(event.step_id, -1)
+                )
+                self._close(event.step_id)
+            case RunCompleted():
+                self.terminal = event
+                self.open = None
+
+    def _base_of(self, step_id: str, attempt: int) -> str:
+        if self.open is not None and self.open.step_id == step_id and self.open.attempt == attempt:
+            return self.open.base_snapshot_id
+        return self.checkpoint
+
+    def _close(self, step_id: str) -> None:
+        if self.open is not None and self.open.step_id == step_id:
+            self.open = None

@@ -1,0 +1,99 @@
+"""Run manifests: the immutable, content-addressed description of a run.
+
+A manifest is canonical JSON (see `canonical`); its artifact id `sha256:<hex>` is its identity.
+Layout::
+
+    {"op_id", "op_version",
+     "input_params": {"pipeline": {...}, "input": <json>, "initial_context": {...}},
+     "run_config": {"execution_mode", "retry_policy": {...}, "replay_of_run_id"?},
+     "build": {"keel_version", "python_version", "dependency_set_hash"}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes, parse_json_bytes
+from engine_service.domain.plan import PipelineSpec
+from engine_service.domain.run_config import RunConfig
+
+MANIFEST_ARTIFACT_KIND = "manifest"
+
+
+@dataclass(frozen=True)
+class BuildProvenance:
+    """Which engine build made the manifest."""
+
+    keel_version: str
+    python_version: str
+    dependency_set_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Provenance as manifest JSON."""
+        return {
+            "keel_version": self.keel_version,
+            "python_version": self.python_version,
+            "dependency_set_hash": self.dependency_set_hash,
+        }
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """What a run executes: pipeline, input, initial context, run config, provenance."""
+
+    pipeline: PipelineSpec
+    input: Any
+    initial_context: dict[str, Any]
+    run_config: RunConfig
+    build: BuildProvenance
+
+    @property
+    def op_id(self) -> str:
+        """The run's op id: the pipeline id."""
+        return self.pipeline.pipeline_id
+
+    @property
+    def op_version(self) -> str:
+        """The run's op version: the pipeline version."""
+        return self.pipeline.pipeline_version
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON (the canonical bytes are made from this)."""
+        return {
+            "op_id": self.op_id,
+            "op_version": self.op_version,
+            "input_params": {
+                "pipeline": self.pipeline.to_json(),
+                "input": self.input,
+                "initial_context": self.initial_context,
+            },
+            "run_config": self.run_config.to_json(),
+            "build": self.build.to_json(),
+        }
+
+    def canonical_bytes(self) -> bytes:
+        """The manifest's canonical JSON bytes."""
+        return canonical_json_bytes(self.to_json())
+
+    def manifest_id(self) -> str:
+        """The manifest's artifact id, computed locally."""
+        return artifact_id_for_bytes(self.canonical_bytes())
+
+    @staticmethod
+    def from_bytes(data: bytes) -> RunManifest:
+        """A manifest read back from its artifact bytes."""
+        raw = parse_json_bytes(data)
+        params = raw["input_params"]
+        build = raw["build"]
+        return RunManifest(
+            pipeline=PipelineSpec.from_json(params["pipeline"]),
+            input=params.get("input"),
+            initial_context=dict(params.get("initial_context") or {}),
+            run_config=RunConfig.from_json(raw["run_config"]),
+            build=BuildProvenance(
+                keel_version=str(build["keel_version"]),
+                python_version=str(build["python_version"]),
+                dependency_set_hash=str(build["dependency_set_hash"]),
+            ),
+        )

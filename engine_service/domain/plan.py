@@ -1,0 +1,166 @@
+"""Pipelines and plans: steps with dependencies, resolved against the ops, in a deterministic order.
+
+A plan's order is topological with ties broken by declaration order (Kahn's algorithm that always
+takes the earliest-declared ready step), so the same pipeline always runs its steps in the same
+order. Everything wrong with a pipeline is `invalid_plan`, naming the step concerned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from keel_core.errors import KeelError, invalid_argument
+
+MAX_ID_CHARS = 128
+MAX_STEPS = 1000
+DEFAULT_VERSION = "1"
+
+
+class OpCatalog(Protocol):
+    """What plan resolution needs from the op registry."""
+
+    def has_op(self, op_id: str, op_version: str) -> bool:
+        """True when (op_id, op_version) is registered."""
+        ...
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One declared step of a pipeline."""
+
+    step_id: str
+    op_id: str
+    op_version: str = DEFAULT_VERSION
+    op_config: Any = None
+    depends_on: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The step as manifest JSON."""
+        return {
+            "step_id": self.step_id,
+            "op_id": self.op_id,
+            "op_version": self.op_version,
+            "op_config": self.op_config,
+            "depends_on": list(self.depends_on),
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> StepSpec:
+        """A step read back from manifest JSON."""
+        return StepSpec(
+            step_id=str(data["step_id"]),
+            op_id=str(data["op_id"]),
+            op_version=str(data.get("op_version") or DEFAULT_VERSION),
+            op_config=data.get("op_config"),
+            depends_on=tuple(str(dep) for dep in data.get("depends_on", ())),
+        )
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline as declared: its id (the run's op id), version and steps."""
+
+    pipeline_id: str
+    pipeline_version: str
+    steps: tuple[StepSpec, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The pipeline as manifest JSON."""
+        return {
+            "pipeline_id": self.pipeline_id,
+            "pipeline_version": self.pipeline_version,
+            "steps": [step.to_json() for step in self.steps],
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> PipelineSpec:
+        """A pipeline read back from manifest JSON."""
+        return PipelineSpec(
+            pipeline_id=str(data["pipeline_id"]),
+            pipeline_version=str(data.get("pipeline_version") or DEFAULT_VERSION),
+            steps=tuple(StepSpec.from_json(step) for step in data["steps"]),
+        )
+
+
+def single_op_pipeline(op_id: str, op_version: str, op_config: Any) -> PipelineSpec:
+    """The one-step pipeline (step id `main`) that runs a single op."""
+    version = op_version or DEFAULT_VERSION
+    return PipelineSpec(op_id, version, (StepSpec("main", op_id, version, op_config),))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A pipeline resolved against the ops: its steps in execution order."""
+
+    op_id: str
+    steps: tuple[StepSpec, ...]
+
+    def step(self, step_id: str) -> StepSpec:
+        """The step with this id."""
+        for step in self.steps:
+            if step.step_id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    @property
+    def step_ids(self) -> tuple[str, ...]:
+        """The step ids in execution order."""
+        return tuple(step.step_id for step in self.steps)
+
+
+def invalid_plan(message: str, step_id: str | None = None) -> KeelError:
+    """An `invalid_plan` error, naming the offending step when there is one."""
+    details = {"step_id": step_id} if step_id is not None else {}
+    return invalid_argument("invalid_plan", message, **details)
+
+
+def _check_id(kind: str, value: str, step_id: str | None) -> None:
+    if not value or len(value) > MAX_ID_CHARS:
+        raise invalid_plan(f"{kind} must be 1 to {MAX_ID_CHARS} characters, got {value!r}", step_id)
+
+
+def resolve_plan(pipeline: PipelineSpec, catalog: OpCatalog) -> Plan:
+    """Check a pipeline against the ops and order its steps; anything wrong is `invalid_plan`."""
+    _check_id("pipeline_id", pipeline.pipeline_id, None)
+    if not pipeline.steps:
+        raise invalid_plan("a pipeline needs at least one step")
+    if len(pipeline.steps) > MAX_STEPS:
+        raise invalid_plan(f"a pipeline has at most {MAX_STEPS} steps, got {len(pipeline.steps)}")
+    seen: set[str] = set()
+    for step in pipeline.steps:
+        _check_id("step_id", step.step_id, step.step_id or None)
+        if step.step_id in seen:
+            raise invalid_plan(f"step id {step.step_id!r} is declared twice", step.step_id)
+        seen.add(step.step_id)
+    for step in pipeline.steps:
+        _check_id("op_id", step.op_id, step.step_id)
+        for dep in step.depends_on:
+            if dep not in seen:
+                raise invalid_plan(f"step {step.step_id!r} depends on unknown step {dep!r}", step.step_id)
+            if dep == step.step_id:
+                raise invalid_plan(f"step {step.step_id!r} depends on itself", step.step_id)
+        if not catalog.has_op(step.op_id, step.op_version):
+            raise invalid_plan(
+                f"step {step.step_id!r} uses op {step.op_id!r} version {step.op_version!r}, "
+                "which this engine does not have (see ListOps)",
+                step.step_id,
+            )
+    return Plan(pipeline.pipeline_id, topological_order(pipeline.steps))
+
+
+def topological_order(steps: Sequence[StepSpec]) -> tuple[StepSpec, ...]:
+    """Steps ordered so dependencies come first, ties by declaration order; a cycle is `invalid_plan`."""
+    remaining = list(steps)
+    done: set[str] = set()
+    ordered: list[StepSpec] = []
+    while remaining:
+        ready = next((step for step in remaining if all(dep in done for dep in step.depends_on)), None)
+        if ready is None:
+            culprit = remaining[0].step_id
+            raise invalid_plan(f"steps form a dependency cycle through step {culprit!r}", culprit)
+        ordered.append(ready)
+        done.add(ready.step_id)
+        remaining.remove(ready)
+    return tuple(ordered)

@@ -1,0 +1,344 @@
+"""The engine: starts, resumes, watches and lists runs; one driver task per run it drives.
+
+The engine holds no state of its own beyond the driver tasks it is running: every decision comes
+from the run's stream in the store. `Engine.drivers` is the per-run task registry that
+cancellation and child supervision (issue 4) hook into: cancelling a run's task cancels its
+running op and parks the run (nothing is appended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib.metadata
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from engine_service.domain import (
+    BuildProvenance,
+    Plan,
+    RunCompleted,
+    RunHistory,
+    RunManifest,
+    RunStarted,
+    StoredEvent,
+    decode_event,
+    encode_event,
+    fold,
+    next_action,
+    resolve_plan,
+)
+from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes, parse_json_bytes
+from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
+from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
+from engine_service.run_driver import RunDriver, RunEnvironment, run_stream_id
+from engine_service.run_view import RunView, build_run_view
+from engine_service.store_client import StreamEvent, StreamSummary
+from keel_core.errors import ErrorCategory, KeelError, not_found
+
+log = logging.getLogger(__name__)
+V = TypeVar("V")
+
+RUN_STREAM_PREFIX = "run:"
+
+
+def build_provenance() -> BuildProvenance:
+    """This engine build: Keel's version, Python's, and a hash of the installed distributions."""
+    try:
+        keel_version = importlib.metadata.version("keel")
+    except importlib.metadata.PackageNotFoundError:
+        keel_version = "unknown"
+    names = sorted(
+        f"{dist.metadata['Name']}=={dist.version}".lower()
+        for dist in importlib.metadata.distributions()
+        if dist.metadata["Name"]
+    )
+    dependency_hash = artifact_id_for_bytes("\n".join(sorted(set(names))).encode())
+    python = ".".join(str(part) for part in sys.version_info[:3])
+    return BuildProvenance(keel_version, python, dependency_hash)
+
+
+class RecentArtifacts(Generic[V]):
+    """A small LRU of decoded content-addressed artifacts (an id always names the same content)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.OrderedDict[str, V] = collections.OrderedDict()
+        self._capacity = capacity
+
+    def get(self, artifact_id: str) -> V | None:
+        """The item, if held."""
+        item = self._items.get(artifact_id)
+        if item is not None:
+            self._items.move_to_end(artifact_id)
+        return item
+
+    def put(self, artifact_id: str, item: V) -> None:
+        """Hold the item, dropping the least recently used beyond capacity."""
+        self._items[artifact_id] = item
+        self._items.move_to_end(artifact_id)
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    """What StartRun did."""
+
+    run_id: str
+    manifest_id: str
+    created: bool
+
+
+def stored_events(raw: Sequence[StreamEvent]) -> list[StoredEvent]:
+    """Store events decoded into kernel events."""
+    return [StoredEvent(e.seq, decode_event(e.type, e.payload), e.recorded_at) for e in raw]
+
+
+class Engine:
+    """Runs on top of a store, through RunDrivers."""
+
+    def __init__(
+        self, env: RunEnvironment, build: BuildProvenance, *, checkpoint_linger: float = 0.2
+    ) -> None:
+        self.env = env
+        self.build = build
+        self.checkpoint_linger = checkpoint_linger
+        self.drivers: dict[str, asyncio.Task[RunCompleted]] = {}
+        self._closing = False
+        # Content-addressed, so never stale: final snapshots of runs it finished, manifests it used.
+        self._final_snapshots: RecentArtifacts[Any] = RecentArtifacts(1000)
+        self._manifests: RecentArtifacts[RunManifest] = RecentArtifacts(1000)
+
+    def _driver(self, run_id: str, manifest: RunManifest, plan: Plan, history: RunHistory) -> RunDriver:
+        return RunDriver(
+            self.env,
+            run_id,
+            manifest,
+            plan,
+            history,
+            checkpoint_linger=self.checkpoint_linger,
+            first_append_patience=self.env.store.patience,
+        )
+
+    def plan_for(self, manifest: RunManifest) -> Plan:
+        """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
+        return resolve_plan(manifest.pipeline, self.env.ops)
+
+    async def start_run(
+        self,
+        manifest: RunManifest,
+        run_id: str | None,
+        *,
+        wait: bool = False,
+        wait_seconds: float | None = None,
+    ) -> StartOutcome:
+        """Record RunStarted (manifest and initial snapshot inline) and drive the run.
+
+        Without `wait` (or with a client-chosen run id, whose start must be checked against the
+        store first) RunStarted is durable before this returns. With `wait` and a fresh id, the
+        run executes at once and RunStarted travels in the driver's first batch: nothing was
+        acknowledged before it, so nothing is lost if the engine dies first.
+        """
+        plan = self.plan_for(manifest)
+        if manifest.run_config.replay_of_run_id:
+            head, _ = await self.env.store.head(run_stream_id(manifest.run_config.replay_of_run_id))
+            if head == 0:
+                raise not_found(
+                    "run_not_found",
+                    f"run_config.replay_of_run_id {manifest.run_config.replay_of_run_id} does not exist",
+                )
+        chosen = run_id or str(uuid.uuid4())
+        manifest_bytes = manifest.canonical_bytes()
+        manifest_id = artifact_id_for_bytes(manifest_bytes)
+        snapshot_bytes = canonical_json_bytes(manifest.initial_context)
+        snapshot_id = artifact_id_for_bytes(snapshot_bytes)
+        started = RunStarted(manifest.op_id, manifest_id, snapshot_id)
+        inline = [(MANIFEST_ARTIFACT_KIND, manifest_bytes), (SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)]
+        if wait and run_id is None and self.checkpoint_linger > 0:
+            driver = self._driver(chosen, manifest, plan, RunHistory())
+            driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
+            driver.record([started], status="active", artifacts=inline)
+            self._manifests.put(manifest_id, manifest)
+            task = self._spawn(driver)
+            await asyncio.wait({task}, timeout=wait_seconds)
+            if task.done() and not task.cancelled() and driver.durable_seq == 0:
+                error = task.exception()
+                if error is not None:
+                    raise error  # never recorded: the caller learns why (store_unavailable, ...)
+            if not task.done():
+                await driver.flush()  # out of time: the run must exist before it is named
+            return StartOutcome(chosen, manifest_id, True)
+        try:
+            await self.env.store.append(
+                run_stream_id(chosen),
+                [encode_event(started)],
+                expected_seq=None,
+                status="active",
+                artifacts=inline,
+            )
+        except KeelError as error:
+            if error.code != "sequence_conflict" or run_id is None:
+                raise
+            existing = await self._existing_start(chosen, manifest_id)
+            # A client retrying its start after a crash expects the run to go on: drive it if
+            # nobody here does (another engine driving it too is fenced off by the sequence).
+            await self.resume_run(chosen)
+            if wait:
+                await self.await_run(chosen, wait_seconds)
+            return existing
+        self._manifests.put(manifest_id, manifest)
+        driver = self._driver(chosen, manifest, plan, fold([started]))
+        driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
+        task = self._spawn(driver)
+        if wait:
+            await asyncio.wait({task}, timeout=wait_seconds)
+        return StartOutcome(chosen, manifest_id, True)
+
+    async def _existing_start(self, run_id: str, manifest_id: str) -> StartOutcome:
+        first = await self.env.store.read(run_stream_id(run_id), limit=1)
+        event = decode_event(first[0].type, first[0].payload) if first else None
+        if not isinstance(event, RunStarted) or event.manifest_id != manifest_id:
+            existing = event.manifest_id if isinstance(event, RunStarted) else "?"
+            raise KeelError(
+                "run_already_exists",
+                f"run {run_id} already exists with a different manifest ({existing}, not {manifest_id}); "
+                "use a new run id",
+                category=ErrorCategory.ALREADY_EXISTS,
+                details={"run_id": run_id, "manifest_id": existing},
+            )
+        return StartOutcome(run_id, manifest_id, False)
+
+    def _spawn(self, driver: RunDriver) -> asyncio.Task[RunCompleted]:
+        task = asyncio.create_task(driver.drive(), name=f"run {driver.run_id}")
+        self.drivers[driver.run_id] = task
+        task.add_done_callback(lambda done: self._driver_done(driver, done))
+        return task
+
+    def _driver_done(self, driver: RunDriver, task: asyncio.Task[RunCompleted]) -> None:
+        run_id = driver.run_id
+        if self.drivers.get(run_id) is task:
+            del self.drivers[run_id]
+        if not task.cancelled() and task.exception() is None:
+            final_id = task.result().final_snapshot_id
+            final = driver.known_snapshot(final_id)
+            if final is not None:
+                self._final_snapshots.put(final_id, final)
+        if task.cancelled():
+            log.info("run %s parked", run_id)
+        elif task.exception() is not None:
+            error = task.exception()
+            log.error("run %s stopped: %r", run_id, error)
+
+    async def read_history(self, run_id: str) -> tuple[list[StoredEvent], RunHistory]:
+        """A run's events and their fold (`run_not_found` if it has none)."""
+        events = stored_events(await self.env.store.read(run_stream_id(run_id)))
+        if not events:
+            raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
+        return events, fold(e.event for e in events)
+
+    async def manifest(self, manifest_id: str) -> RunManifest:
+        """A manifest artifact, read back and checked against its id."""
+        known = self._manifests.get(manifest_id)
+        if known is None:
+            known = RunManifest.from_bytes(await self.env.store.get_artifact(manifest_id))
+            self._manifests.put(manifest_id, known)
+        return known
+
+    async def resume_run(self, run_id: str) -> bool:
+        """Drive a run nobody here drives; False when it is terminal or already driven here."""
+        if run_id in self.drivers:
+            return False
+        _, history = await self.read_history(run_id)
+        if history.is_terminal or history.started is None:
+            return False
+        manifest = await self.manifest(history.started.manifest_id)
+        plan = self.plan_for(manifest)
+        next_action(history, plan, manifest.run_config)  # rule 3: refuse a run whose op id changed
+        if run_id in self.drivers or self._closing:
+            return False
+        self._spawn(self._driver(run_id, manifest, plan, history))
+        return True
+
+    async def recover(self) -> int:
+        """Resume every run the store lists as active; returns how many this engine now drives."""
+        resumed = 0
+        token = ""
+        while True:
+            page, token = await self.env.store.list_streams(
+                prefix=RUN_STREAM_PREFIX,
+                statuses=["active"],
+                page_size=500,
+                page_token=token,
+                patience=float("inf"),
+            )
+            for stream in page:
+                run_id = stream.stream_id.removeprefix(RUN_STREAM_PREFIX)
+                try:
+                    resumed += await self.resume_run(run_id)
+                except KeelError as error:
+                    log.error("could not resume run %s: %s", run_id, error.message)
+            if not token:
+                return resumed
+
+    async def await_run(self, run_id: str, wait_seconds: float | None) -> bool:
+        """Wait until the run is terminal (True) or `wait_seconds` pass (False), without polling."""
+        task = self.drivers.get(run_id)
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=wait_seconds)
+            if not done:
+                return False
+            if not task.cancelled() and task.exception() is None:
+                return True
+            # The driver stopped without finishing (parked, or lost the run to another engine):
+            # fall back to the store, which tells the truth either way.
+        events, history = await self.read_history(run_id)
+        if history.is_terminal:
+            return True
+
+        async def until_terminal() -> None:
+            subscription = self.env.store.subscribe(run_stream_id(run_id), after_seq=events[-1].seq)
+            async with contextlib.aclosing(subscription):
+                async for event in subscription:
+                    if event.type == "RunCompleted":
+                        return
+
+        try:
+            await asyncio.wait_for(until_terminal(), wait_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run_view(self, run_id: str) -> tuple[RunView, Any]:
+        """The run as GetRun shows it, with its final snapshot when it is terminal."""
+        events, history = await self.read_history(run_id)
+        manifest = await self.manifest(history.started.manifest_id) if history.started else None
+        view = build_run_view(run_id, events, manifest)
+        if view.final_snapshot_id:
+            known = self._final_snapshots.get(view.final_snapshot_id)
+            if known is None:
+                known = parse_json_bytes(await self.env.store.get_artifact(view.final_snapshot_id))
+            view.final_snapshot = known
+        return view, history
+
+    async def list_runs(
+        self, statuses: Sequence[str], page_size: int, page_token: str
+    ) -> tuple[list[StreamSummary], str]:
+        """A page of runs, newest first."""
+        return await self.env.store.list_streams(
+            prefix=RUN_STREAM_PREFIX, statuses=statuses, page_size=page_size, page_token=page_token
+        )
+
+    async def stop(self) -> None:
+        """Park every run this engine drives: cancel the drivers; the runs resume on the next start."""
+        self._closing = True
+        tasks = list(self.drivers.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task

@@ -1,0 +1,64 @@
+"""Failpoints: named places where the engine kills itself (SIGKILL), for crash tests.
+
+Set `KEEL_FAILPOINTS` to a comma-separated list of `NAME` or `NAME:STEP_ID` (the latter fires only
+for that step). Each failpoint fires at most once per process, which is enough: the process dies.
+
+- `after_step_attempt_started`: StepAttemptStarted is durable (arming it makes the driver append
+  StepAttemptStarted on its own, before the op runs, instead of deferring it);
+- `after_fact_recorded`: a FactRecorded is durable, before the op sees the answer;
+- `after_op_returned`: the op returned its output, before StepCompleted is appended;
+- `before_run_completed`: every step is settled, before RunCompleted is appended (arming it makes
+  RunCompleted its own append instead of travelling with the last StepCompleted).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "KEEL_FAILPOINTS"
+AFTER_STEP_ATTEMPT_STARTED = "after_step_attempt_started"
+AFTER_FACT_RECORDED = "after_fact_recorded"
+AFTER_OP_RETURNED = "after_op_returned"
+BEFORE_RUN_COMPLETED = "before_run_completed"
+NAMES = (AFTER_STEP_ATTEMPT_STARTED, AFTER_FACT_RECORDED, AFTER_OP_RETURNED, BEFORE_RUN_COMPLETED)
+
+
+@dataclass(frozen=True)
+class Failpoints:
+    """The armed failpoints: name -> step filter ("" = any step)."""
+
+    armed: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def parse(text: str) -> Failpoints:
+        """Failpoints from `NAME[:STEP],...`; an unknown name is an error (a typo would test nothing)."""
+        armed = []
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            name, _, step = item.partition(":")
+            if name not in NAMES:
+                raise ValueError(f"unknown failpoint {name!r}; known: {', '.join(NAMES)}")
+            armed.append((name, step))
+        return Failpoints(tuple(armed))
+
+    @staticmethod
+    def from_env() -> Failpoints:
+        """Failpoints from KEEL_FAILPOINTS."""
+        return Failpoints.parse(os.environ.get(ENV_VAR, ""))
+
+    def is_armed(self, name: str, step_id: str = "") -> bool:
+        """True when `name` would fire for `step_id`."""
+        return any(armed == name and (not step or step == step_id) for armed, step in self.armed)
+
+    def hit(self, name: str, step_id: str = "") -> None:
+        """Kill this process now if `name` is armed for `step_id`."""
+        if self.is_armed(name, step_id):
+            log.error("failpoint %s hit (step %r): killing the process", name, step_id)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)

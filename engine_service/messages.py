@@ -1,0 +1,229 @@
+"""Protobuf messages <-> engine domain values (the only module of the engine that knows both)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from keel.engine.v1 import engine_pb2
+
+from engine_service.domain import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    BuildProvenance,
+    ErrorRecord,
+    PipelineSpec,
+    RunConfig,
+    RunManifest,
+    StepSpec,
+    StoredEvent,
+    canonical_json_bytes,
+    make_run_config,
+    single_op_pipeline,
+)
+from engine_service.domain.events import event_type_and_json
+from engine_service.domain.run_config import LIVE, REPLAY
+from engine_service.run_view import PENDING, RETRYING, RUNNING, AttemptView, RunView, StepView
+from engine_service.store_client import StreamSummary
+from keel_core.errors import KeelError, invalid_argument
+from keel_core.json_values import from_value, to_struct, to_value
+
+MAX_INPUT_BYTES = 1024 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+RUN_STATUS = {
+    RUNNING: engine_pb2.RUN_STATUS_RUNNING,
+    COMPLETED: engine_pb2.RUN_STATUS_COMPLETED,
+    FAILED: engine_pb2.RUN_STATUS_FAILED,
+    CANCELED: engine_pb2.RUN_STATUS_CANCELED,
+}
+STORE_LABEL_FOR_STATUS = {
+    engine_pb2.RUN_STATUS_RUNNING: "active",
+    engine_pb2.RUN_STATUS_COMPLETED: "completed",
+    engine_pb2.RUN_STATUS_FAILED: "failed",
+    engine_pb2.RUN_STATUS_CANCELED: "canceled",
+}
+_STATUS_FOR_LABEL = {"active": RUNNING, "completed": COMPLETED, "failed": FAILED, "canceled": CANCELED}
+STEP_STATUS = {
+    PENDING: engine_pb2.STEP_STATUS_PENDING,
+    RUNNING: engine_pb2.STEP_STATUS_RUNNING,
+    RETRYING: engine_pb2.STEP_STATUS_RETRYING,
+    COMPLETED: engine_pb2.STEP_STATUS_COMPLETED,
+    FAILED: engine_pb2.STEP_STATUS_FAILED,
+}
+
+
+def _json(value: Any, field: str, *, default: Any = None) -> Any:
+    try:
+        return from_value(value, default=default)
+    except KeelError as error:
+        raise invalid_argument("invalid_argument", f"{field}: {error.message}") from None
+
+
+def _size_checked(data: Any, field: str, limit: int = MAX_INPUT_BYTES) -> Any:
+    size = len(canonical_json_bytes(data))
+    if size > limit:
+        raise invalid_argument(
+            "input_too_large",
+            f"{field} is {size} bytes of JSON; the limit is {limit}",
+            size=size,
+            limit=limit,
+        )
+    return data
+
+
+def _ms(duration: duration_pb2.Duration, field: str) -> int:
+    if duration.seconds < 0 or duration.nanos < 0:
+        raise invalid_argument("invalid_argument", f"{field} must not be negative")
+    return duration.seconds * 1000 + duration.nanos // 1_000_000
+
+
+def run_config_from(message: engine_pb2.RunConfig) -> RunConfig:
+    """A validated RunConfig from its message, with defaults for unset fields."""
+    mode = {
+        engine_pb2.EXECUTION_MODE_UNSPECIFIED: LIVE,
+        engine_pb2.EXECUTION_MODE_LIVE: LIVE,
+        engine_pb2.EXECUTION_MODE_REPLAY: REPLAY,
+    }.get(message.execution_mode)
+    if mode is None:
+        raise invalid_argument("invalid_argument", f"unknown execution_mode {message.execution_mode}")
+    policy = message.retry_policy
+    return make_run_config(
+        execution_mode=mode,
+        max_attempts=policy.max_attempts,
+        initial_backoff_ms=_ms(policy.initial_backoff, "initial_backoff")
+        if policy.HasField("initial_backoff")
+        else None,
+        max_backoff_ms=_ms(policy.max_backoff, "max_backoff") if policy.HasField("max_backoff") else None,
+        multiplier=policy.multiplier,
+        replay_of_run_id=message.replay_of_run_id,
+    )
+
+
+def pipeline_from(request: engine_pb2.StartRunRequest) -> PipelineSpec:
+    """The pipeline a StartRun asks for (a single op becomes a one-step pipeline)."""
+    target = request.WhichOneof("target")
+    if target == "pipeline":
+        pipeline = request.pipeline
+        steps = tuple(
+            StepSpec(
+                step_id=step.step_id,
+                op_id=step.op_id,
+                op_version=step.op_version or "1",
+                op_config=_json(step.op_config, f"steps[{index}].op_config"),
+                depends_on=tuple(step.depends_on),
+            )
+            for index, step in enumerate(pipeline.steps)
+        )
+        return PipelineSpec(pipeline.pipeline_id, pipeline.pipeline_version or "1", steps)
+    if target == "op":
+        if not request.op.op_id:
+            raise invalid_argument("invalid_plan", "op.op_id is required")
+        return single_op_pipeline(
+            request.op.op_id, request.op.op_version, _json(request.op.op_config, "op.op_config")
+        )
+    raise invalid_argument("invalid_argument", "StartRun needs a target: `pipeline` or `op`")
+
+
+def manifest_from(request: engine_pb2.StartRunRequest, build: BuildProvenance) -> RunManifest:
+    """The manifest of a StartRun, fully validated (nothing is written before this succeeds)."""
+    pipeline = pipeline_from(request)
+    data = _size_checked(_json(request.input, "input"), "input")
+    context = _json(request.initial_context, "initial_context", default={})
+    if not isinstance(context, dict):
+        raise invalid_argument(
+            "invalid_argument", f"initial_context must be a JSON object, got {type(context).__name__}"
+        )
+    _size_checked(context, "initial_context")
+    manifest = RunManifest(pipeline, data, context, run_config_from(request.run_config), build)
+    _size_checked(
+        manifest.to_json(), "the run's manifest (pipeline, op configs, input and context)", MAX_MANIFEST_BYTES
+    )
+    return manifest
+
+
+def timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A protobuf Timestamp, or None."""
+    if when is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def error_detail(error: ErrorRecord | None) -> engine_pb2.ErrorDetail | None:
+    """An ErrorDetail message, or None."""
+    if error is None:
+        return None
+    out = engine_pb2.ErrorDetail(
+        code=error.code, category=error.category, retryable=error.retryable, message=error.message
+    )
+    if error.details:
+        out.details.CopyFrom(to_value(error.details))
+    return out
+
+
+def _attempt(attempt: AttemptView) -> engine_pb2.StepAttempt:
+    return engine_pb2.StepAttempt(
+        attempt=attempt.attempt,
+        status=STEP_STATUS[attempt.status],
+        started_at=timestamp(attempt.started_at),
+        finished_at=timestamp(attempt.finished_at),
+        error=error_detail(attempt.error),
+    )
+
+
+def _step(step: StepView) -> engine_pb2.StepState:
+    return engine_pb2.StepState(
+        step_id=step.step_id,
+        op_id=step.op_id,
+        op_version=step.op_version,
+        status=STEP_STATUS[step.status],
+        attempts=[_attempt(a) for a in step.attempts],
+        last_error=error_detail(step.last_error),
+    )
+
+
+def run_message(view: RunView) -> engine_pb2.Run:
+    """A Run message from a RunView."""
+    run = engine_pb2.Run(
+        run_id=view.run_id,
+        op_id=view.op_id,
+        manifest_id=view.manifest_id,
+        status=RUN_STATUS[view.status],
+        parent_run_id=view.parent_run_id,
+        parent_fact_key=view.parent_fact_key,
+        created_at=timestamp(view.created_at),
+        updated_at=timestamp(view.updated_at),
+        completed_at=timestamp(view.completed_at),
+        steps=[_step(s) for s in view.steps],
+        final_snapshot_id=view.final_snapshot_id,
+        reason=view.reason,
+        error=error_detail(view.error),
+        head_seq=view.head_seq,
+    )
+    if view.final_snapshot_id:
+        run.final_snapshot.CopyFrom(to_value(view.final_snapshot))
+    return run
+
+
+def run_summary(stream: StreamSummary, run_id: str) -> engine_pb2.RunSummary:
+    """A RunSummary from a store stream listing."""
+    status = _STATUS_FOR_LABEL.get(stream.status, RUNNING)
+    return engine_pb2.RunSummary(
+        run_id=run_id,
+        status=RUN_STATUS[status],
+        created_at=timestamp(stream.created_at),
+        updated_at=timestamp(stream.updated_at),
+        head_seq=stream.head_seq,
+    )
+
+
+def run_event(stored_seq: int, type_name: str, event: StoredEvent) -> engine_pb2.RunEvent:
+    """A RunEvent message for WatchRun."""
+    _, data = event_type_and_json(event.event)
+    return engine_pb2.RunEvent(
+        seq=stored_seq, type=type_name, data=to_struct(data), recorded_at=timestamp(event.recorded_at)
+    )

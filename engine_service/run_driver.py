@@ -1,0 +1,395 @@
+"""The run driver: executes `next_action` until the run is terminal, appending what happened.
+
+Round trips (write-behind). The driver *decides* events at once (folding them into `history`) and
+appends them in batches: a batch goes to the store when durability is needed, or at the latest
+`checkpoint_linger` seconds after its first event (default 200 ms). Checkpoint snapshots travel
+inline with their StepCompleted. Durability is needed
+
+- before a *live* transport call (so a side effect can only be in flight while the stream shows
+  its attempt running), and for FactRecorded, which is durable before the op sees the answer;
+- at the end: RunCompleted is durable before anyone is told the run finished;
+- for RunStarted when the client does not wait (StartRun returns once RunStarted is durable).
+- before sleeping a retry's backoff (so the failed attempt is visible while the step waits).
+
+So a run of ops that do no I/O, started with `wait`, is one append: RunStarted, every step's
+StepAttemptStarted/StepCompleted (+ snapshots), and RunCompleted. This is correct because nothing
+outside the engine has seen any of it: if the engine dies before the batch is durable, the stream
+ends at its last durable event and resume (DESIGN.md rules 4-6) runs the missing steps again from
+the last durable checkpoint; ops are deterministic apart from their I/O, and I/O goes through
+facts, which are always durable before use, so no recorded side effect is repeated. The cost is
+re-running at most `checkpoint_linger` worth of completed steps after a crash. A failed append
+stops the driver (a later batch must never land after a gap). Failpoints keep their meaning:
+arming `after_step_attempt_started` or `before_run_completed` flushes before they fire. Timestamps
+of events in one batch are the store's commit time of that batch.
+
+Facts. `io.call` answers from the facts already in the stream when the key is there (no transport
+call); otherwise it calls the transport (in replay mode: takes the fact of the replayed run) and
+appends FactRecorded *before* returning the answer to the op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine_service.domain import (
+    AlreadyTerminal,
+    CompleteRun,
+    ErrorRecord,
+    FactRecorded,
+    KernelEvent,
+    Plan,
+    RunCompleted,
+    RunHistory,
+    RunManifest,
+    RunStep,
+    StepAttemptFailed,
+    StepAttemptStarted,
+    StepCompleted,
+    StepContext,
+    canonical_json_bytes,
+    encode_event,
+    fold,
+    looks_like_secret,
+    next_action,
+    with_step_output,
+)
+from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
+from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
+from engine_service.domain.events import decode_event
+from engine_service.domain.ops import OpRegistry
+from engine_service.domain.run_config import REPLAY
+from engine_service.domain.transports import TransportRegistry
+from engine_service.failpoints import (
+    AFTER_FACT_RECORDED,
+    AFTER_OP_RETURNED,
+    AFTER_STEP_ATTEMPT_STARTED,
+    BEFORE_RUN_COMPLETED,
+    Failpoints,
+)
+from engine_service.store_client import FOREVER, StoreClient
+from keel_core.errors import ErrorCategory, KeelError
+
+log = logging.getLogger(__name__)
+PARK_FLUSH_SECONDS = 1.0
+# A checkpoint travels inline in one append (gRPC messages are capped at 16 MiB).
+MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
+MAX_BATCH_ARTIFACT_BYTES = 12 * 1024 * 1024
+MAX_FACT_BYTES = 2 * 1024 * 1024
+
+
+def run_stream_id(run_id: str) -> str:
+    """The store stream holding a run's events."""
+    return f"run:{run_id}"
+
+
+@dataclass
+class RunEnvironment:
+    """What drivers share: the store, ops, transports and failpoints of one engine."""
+
+    store: StoreClient
+    ops: OpRegistry
+    transports: TransportRegistry
+    failpoints: Failpoints
+
+
+def op_error_record(error: BaseException) -> ErrorRecord:
+    """How an op's exception is recorded in StepAttemptFailed."""
+    if isinstance(error, KeelError):
+        details = dict(error.details)
+        try:
+            canonical_json_bytes(details)
+        except KeelError:
+            details = {key: repr(value) for key, value in details.items()}
+        return ErrorRecord(error.code, error.category.value, error.retryable, error.message, details)
+    return ErrorRecord("op_failed", "op", True, f"{type(error).__name__}: {error}")
+
+
+def _io_error(code: str, message: str) -> KeelError:
+    return KeelError(code, message, category=ErrorCategory.FAILED_PRECONDITION, retryable=False)
+
+
+class RunDriver:
+    """Drives one run from its history to a terminal event. One per run per engine.
+
+    `history` is what the driver has decided, durable or not; `durable_seq` is how much of it the
+    store holds. Events past `durable_seq` are pending and are appended by `flush` (on demand, or
+    by the linger timer `checkpoint_linger` seconds after the first pending event).
+    """
+
+    def __init__(
+        self,
+        env: RunEnvironment,
+        run_id: str,
+        manifest: RunManifest,
+        plan: Plan,
+        history: RunHistory,
+        *,
+        durable_seq: int | None = None,
+        checkpoint_linger: float = 0.2,
+        first_append_patience: float | None = None,
+    ) -> None:
+        self.env = env
+        self.run_id = run_id
+        self.stream_id = run_stream_id(run_id)
+        self.manifest = manifest
+        self.plan = plan
+        self.history = history
+        self.durable_seq = history.head_seq if durable_seq is None else durable_seq
+        self.checkpoint_linger = checkpoint_linger
+        self._first_append_patience = first_append_patience
+        self._snapshots: dict[str, dict[str, Any]] = {}
+        self._pending: list[KernelEvent] = []
+        self._pending_artifacts: list[tuple[str, bytes]] = []
+        self._pending_status: str | None = None
+        self._lock = asyncio.Lock()
+        self._lingering: asyncio.Task[None] | None = None
+        self._replay_facts: dict[str, FactRecorded] | None = None
+        self._flush_error: BaseException | None = None
+        self._inflight_facts: dict[str, asyncio.Future[Any]] = {}
+
+    def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
+        """Cache a snapshot this engine wrote, so it need not be read back."""
+        self._snapshots[snapshot_id] = context
+
+    def known_snapshot(self, snapshot_id: str) -> dict[str, Any] | None:
+        """A snapshot this driver holds in memory, if it does."""
+        return self._snapshots.get(snapshot_id)
+
+    async def snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        """A context snapshot, from the cache or the store."""
+        if snapshot_id not in self._snapshots:
+            data = await self.env.store.get_artifact(snapshot_id, patience=FOREVER)
+            self._snapshots[snapshot_id] = dict(parse_json_bytes(data))
+        return self._snapshots[snapshot_id]
+
+    async def drive(self) -> RunCompleted:
+        """Run to a terminal event, make it durable, and return it."""
+        try:
+            while True:
+                if self._flush_error is not None:
+                    raise self._flush_error
+                action = next_action(self.history, self.plan, self.manifest.run_config)
+                match action:
+                    case AlreadyTerminal():
+                        await self.flush()
+                        return action.terminal
+                    case CompleteRun():
+                        await self._complete(action)
+                    case RunStep():
+                        await self.run_step(action)
+        except asyncio.CancelledError:
+            await self._flush_when_parked()
+            raise
+        finally:
+            if self._lingering is not None:
+                self._lingering.cancel()
+
+    async def _flush_when_parked(self) -> None:
+        """Keep what was decided before a park (drain or cancel): a short, bounded last flush."""
+        if not self._pending or self._flush_error is not None or self._lock.locked():
+            return
+        try:
+            await asyncio.wait_for(self.flush(), PARK_FLUSH_SECONDS)
+        except (Exception, asyncio.CancelledError):  # best effort: resume reruns whatever is lost
+            log.warning("run %s parked with %d decided event(s) not flushed", self.run_id, len(self._pending))
+
+    def record(
+        self,
+        events: Sequence[KernelEvent],
+        *,
+        status: str | None = None,
+        artifacts: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Decide `events`: fold them in now, append them with the next flush."""
+        self._pending.extend(events)
+        self._pending_artifacts.extend(artifacts)
+        self._pending_status = status or self._pending_status
+        self.history = self.history.extend(events)
+        if self._lingering is None and self.checkpoint_linger > 0:
+            self._lingering = asyncio.create_task(self._flush_after_linger())
+
+    async def _complete(self, action: CompleteRun) -> None:
+        """Decide RunCompleted (flushing first when `before_run_completed` is armed)."""
+        if self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED):
+            await self.flush()
+            self.env.failpoints.hit(BEFORE_RUN_COMPLETED)
+        terminal = RunCompleted(action.status, action.final_snapshot_id, action.reason, action.error)
+        self.record([terminal], status=action.status)
+
+    async def _settled(self) -> None:
+        """An attempt settled: without write-behind, append it now (with RunCompleted if that is next)."""
+        if self.checkpoint_linger > 0:
+            return
+        follow = next_action(self.history, self.plan, self.manifest.run_config)
+        if isinstance(follow, CompleteRun) and not self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED):
+            await self._complete(follow)
+        await self.flush()
+
+    def _pending_artifact_bytes(self) -> int:
+        return sum(len(data) for _, data in self._pending_artifacts)
+
+    async def _flush_after_linger(self) -> None:
+        await asyncio.sleep(self.checkpoint_linger)
+        self._lingering = None
+        try:
+            await self.flush()
+        except Exception as error:  # the driver raises it at its next decision
+            self._flush_error = error
+
+    async def flush(self) -> None:
+        """Make every pending event durable (one append), retrying until the store takes it."""
+        async with self._lock:
+            if self._flush_error is not None:
+                raise self._flush_error
+            if not self._pending:
+                return
+            batch, artifacts, status = self._pending, self._pending_artifacts, self._pending_status
+            self._pending, self._pending_artifacts, self._pending_status = [], [], None
+            patience = FOREVER
+            if self.durable_seq == 0 and self._first_append_patience is not None:
+                patience = self._first_append_patience  # nothing acknowledged yet: fail rather than hang
+            try:
+                await self.env.store.append(
+                    self.stream_id,
+                    [encode_event(event) for event in batch],
+                    expected_seq=self.durable_seq if self.durable_seq else None,
+                    status=status,
+                    artifacts=artifacts,
+                    patience=patience,
+                )
+            except BaseException as error:
+                # Nothing after a failed append may be appended: it would leave a gap in the run.
+                self._flush_error = (
+                    error if isinstance(error, Exception) else KeelError("driver_stopped", "parked")
+                )
+                raise
+            self.durable_seq += len(batch)
+
+    async def run_step(self, action: RunStep) -> None:
+        """One attempt of one step, recorded as completed or failed."""
+        if action.delay_ms:
+            # A failure is news worth an append: watchers see the step retrying during the backoff.
+            await self.flush()
+            await asyncio.sleep(action.delay_ms / 1000)
+        step = self.plan.step(action.step_id)
+        base = await self.snapshot(action.base_snapshot_id)
+        self.record([StepAttemptStarted(action.step_id, action.attempt, action.base_snapshot_id)])
+        if self.env.failpoints.is_armed(AFTER_STEP_ATTEMPT_STARTED, action.step_id):
+            await self.flush()
+            self.env.failpoints.hit(AFTER_STEP_ATTEMPT_STARTED, action.step_id)
+        io = RunIo(self, action.step_id, action.attempt)
+        ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, base, io)
+        definition = self.env.ops.get(step.op_id, step.op_version)
+        try:
+            output = await definition.function(
+                ctx, copy.deepcopy(step.op_config), copy.deepcopy(self.manifest.input)
+            )
+            snapshot = with_step_output(base, action.step_id, output)
+            snapshot_bytes = canonical_json_bytes(snapshot)
+            if len(snapshot_bytes) > MAX_SNAPSHOT_BYTES:
+                raise _io_error(
+                    "snapshot_too_large",
+                    f"the context after step {action.step_id!r} is {len(snapshot_bytes)} bytes of JSON; "
+                    f"the limit is {MAX_SNAPSHOT_BYTES} (store large data elsewhere and keep a reference)",
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if isinstance(error, KeelError) and error.code == "invalid_json":
+                error = _io_error("op_output_invalid", f"op {step.op_id!r} returned a value that is not JSON")
+            self.record([StepAttemptFailed(action.step_id, action.attempt, op_error_record(error))])
+            await self._settled()
+            return
+        self.env.failpoints.hit(AFTER_OP_RETURNED, action.step_id)
+        snapshot_id = artifact_id_for_bytes(snapshot_bytes)
+        self._snapshots[snapshot_id] = snapshot
+        if self._pending_artifact_bytes() + len(snapshot_bytes) > MAX_BATCH_ARTIFACT_BYTES:
+            await self.flush()  # keep one batch well under the 16 MiB message cap
+        self.record(
+            [StepCompleted(action.step_id, action.attempt, snapshot_id)],
+            artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)],
+        )
+        await self._settled()
+
+    async def fact(self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str) -> Any:
+        """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
+        if not fact_key:
+            raise _io_error(
+                "missing_fact_key", f"io.call({namespace!r}) needs a fact key (a name for this call)"
+            )
+        if looks_like_secret(fact_key):
+            # The key is not repeated in the message: it must not reach the event stream.
+            raise _io_error(
+                "secrets_detected", "the fact key looks like it contains a secret; nothing was recorded"
+            )
+        recorded = self.history.facts.get(fact_key)
+        if recorded is not None:
+            return copy.deepcopy(recorded.response)
+        # Two concurrent calls with one key in one run make one transport call and share its fact.
+        inflight = self._inflight_facts.get(fact_key)
+        if inflight is None:
+            inflight = asyncio.ensure_future(self._fetch_fact(step_id, attempt, namespace, request, fact_key))
+            self._inflight_facts[fact_key] = inflight
+            inflight.add_done_callback(lambda _: self._inflight_facts.pop(fact_key, None))
+        return copy.deepcopy(await inflight)  # cancelling the op cancels the call
+
+    async def _fetch_fact(
+        self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str
+    ) -> Any:
+        if self.manifest.run_config.execution_mode == REPLAY:
+            source = (await self._replayed_facts()).get(fact_key)
+            if source is None:
+                raise _io_error(
+                    "replay_fact_missing",
+                    f"replay: run {self.manifest.run_config.replay_of_run_id} recorded no fact {fact_key!r}",
+                )
+            response = source.response
+        else:
+            transport = self.env.transports.get(namespace)
+            if transport is None:
+                raise _io_error(
+                    "unknown_namespace", f"no transport is registered for namespace {namespace!r}"
+                )
+            await self.flush()
+            response = await transport.call(namespace, copy.deepcopy(request), fact_key, self.run_id)
+            try:
+                size = len(canonical_json_bytes(response))
+            except KeelError:
+                raise _io_error(
+                    "transport_response_invalid",
+                    f"the {namespace!r} transport answered with a value that is not JSON",
+                ) from None
+            if size > MAX_FACT_BYTES:
+                raise _io_error(
+                    "transport_response_too_large",
+                    f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
+                )
+        self.record([FactRecorded(step_id, attempt, fact_key, namespace, response)])
+        await self.flush()  # the fact is durable before the op sees the answer
+        self.env.failpoints.hit(AFTER_FACT_RECORDED, step_id)
+        return response
+
+    async def _replayed_facts(self) -> dict[str, FactRecorded]:
+        if self._replay_facts is None:
+            source = run_stream_id(self.manifest.run_config.replay_of_run_id)
+            events = await self.env.store.read(source, patience=FOREVER)
+            self._replay_facts = dict(fold(decode_event(e.type, e.payload) for e in events).facts)
+        return self._replay_facts
+
+
+class RunIo:
+    """The `io` handle an op gets: calls become facts of its run."""
+
+    def __init__(self, driver: RunDriver, step_id: str, attempt: int) -> None:
+        self._driver = driver
+        self._step_id = step_id
+        self._attempt = attempt
+
+    async def call(self, namespace: str, request: Any, fact_key: str) -> Any:
+        """Call the transport for `namespace`, or return the fact recorded under `fact_key`."""
+        return await self._driver.fact(self._step_id, self._attempt, namespace, request, fact_key)

@@ -1,0 +1,127 @@
+"""A run as people and clients see it (GetRun): built purely from its stored events and manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from engine_service.domain import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    ErrorRecord,
+    RunCompleted,
+    RunManifest,
+    RunStarted,
+    StepAttemptFailed,
+    StepAttemptStarted,
+    StepCompleted,
+    StoredEvent,
+)
+from engine_service.domain.plan import topological_order
+
+RUNNING = "running"
+PENDING = "pending"
+RETRYING = "retrying"
+_ABANDONED = ErrorRecord("attempt_abandoned", "engine", True, "the engine stopped during this attempt")
+
+
+@dataclass
+class AttemptView:
+    """One attempt of one step. With deferred StepAttemptStarted, started_at may equal finished_at."""
+
+    attempt: int
+    status: str = RUNNING
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ErrorRecord | None = None
+
+
+@dataclass
+class StepView:
+    """A step and its attempts."""
+
+    step_id: str
+    op_id: str
+    op_version: str
+    status: str = PENDING
+    attempts: list[AttemptView] = field(default_factory=list)
+    last_error: ErrorRecord | None = None
+
+
+@dataclass
+class RunView:
+    """A run's status, steps, timestamps and result."""
+
+    run_id: str
+    op_id: str = ""
+    manifest_id: str = ""
+    status: str = RUNNING
+    parent_run_id: str = ""
+    parent_fact_key: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    completed_at: datetime | None = None
+    steps: list[StepView] = field(default_factory=list)
+    final_snapshot_id: str = ""
+    final_snapshot: Any = None
+    reason: str = ""
+    error: ErrorRecord | None = None
+    head_seq: int = 0
+
+
+def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunManifest | None) -> RunView:
+    """The view of a run from its events (and its manifest, for the step list)."""
+    view = RunView(run_id=run_id)
+    steps: dict[str, StepView] = {}
+    if manifest is not None:
+        for spec in topological_order(manifest.pipeline.steps):
+            steps[spec.step_id] = StepView(spec.step_id, spec.op_id, spec.op_version)
+    for stored in events:
+        view.head_seq = stored.seq
+        view.updated_at = stored.recorded_at or view.updated_at
+        event = stored.event
+        match event:
+            case RunStarted():
+                view.op_id, view.manifest_id = event.op_id, event.manifest_id
+                view.parent_run_id, view.parent_fact_key = event.parent_run_id, event.parent_fact_key
+                view.created_at = stored.recorded_at
+            case StepAttemptStarted():
+                step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                for earlier in step.attempts:
+                    if earlier.status == RUNNING:  # an orphan: its engine stopped inside it
+                        earlier.status, earlier.error = FAILED, _ABANDONED
+                step.attempts.append(AttemptView(event.attempt, RUNNING, stored.recorded_at))
+                step.status = RUNNING
+            case StepAttemptFailed():
+                step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                attempt = _attempt(step, event.attempt, stored.recorded_at)
+                attempt.status, attempt.finished_at, attempt.error = FAILED, stored.recorded_at, event.error
+                step.status, step.last_error = RETRYING, event.error
+            case StepCompleted():
+                step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                attempt = _attempt(step, event.attempt, stored.recorded_at)
+                attempt.status, attempt.finished_at = COMPLETED, stored.recorded_at
+                step.status = COMPLETED
+            case RunCompleted():
+                view.status = event.status
+                view.completed_at = stored.recorded_at
+                view.final_snapshot_id = event.final_snapshot_id
+                view.reason, view.error = event.reason, event.error
+                if event.status in (FAILED, CANCELED):
+                    for step in steps.values():
+                        if step.status in (RETRYING, RUNNING):
+                            step.status = FAILED
+    view.steps = list(steps.values())
+    return view
+
+
+def _attempt(step: StepView, number: int, when: datetime | None) -> AttemptView:
+    for attempt in step.attempts:
+        if attempt.attempt == number:
+            return attempt
+    attempt = AttemptView(number, RUNNING, when)
+    step.attempts.append(attempt)
+    return attempt

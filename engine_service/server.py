@@ -1,0 +1,234 @@
+"""Running EngineService: `engine-service` on the command line, `start_engine` in-process.
+
+The one stdout line `engine-service listening on HOST:PORT` is a contract (port resolved when 0
+was asked). Logs are JSON lines on stderr. On start the engine resumes every run the store lists
+as active; SIGTERM drains: health NOT_SERVING, in-flight RPCs finish within the grace period, then
+the run drivers are cancelled (parked) and resume on the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine_service import builtin_ops
+from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
+from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegistry
+from engine_service.engine import Engine, build_provenance
+from engine_service.failpoints import Failpoints
+from engine_service.run_driver import RunEnvironment
+from engine_service.servicer import EngineServicer, register
+from engine_service.store_client import StoreClient
+from keel_core.serving import ServingHandle, host_port, serve_until_signalled, start_server
+
+log = logging.getLogger("engine_service")
+
+DEFAULT_LISTEN = "127.0.0.1:7070"
+DEFAULT_STORE = "127.0.0.1:7071"
+_ = builtin_ops  # imported for its registrations
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run an engine: where it listens, which store(s), which op modules, which failpoints."""
+
+    listen: str = DEFAULT_LISTEN
+    store: str = DEFAULT_STORE
+    ops_modules: tuple[str, ...] = ()
+    # None: read KEEL_FAILPOINTS; "" or a spec string: use that.
+    failpoints: str | None = None
+    # Extra registries (in-process tests); merged over the default ones.
+    ops: OpRegistry | None = None
+    transports: TransportRegistry | None = None
+    grace: float = 10.0
+    # How long a client-facing RPC waits for an unreachable store before answering UNAVAILABLE.
+    store_patience: float = 10.0
+    recover_on_start: bool = True
+    # Write-behind window for decided events (see engine_service.run_driver); 0 appends each at once.
+    checkpoint_linger: float = 0.2
+
+
+@dataclass
+class EngineServingHandle(ServingHandle):
+    """A running engine: the served handle plus the engine (drivers, store client)."""
+
+    engine: Engine | None = None
+
+
+def load_op_module(name: str) -> None:
+    """Import an op module by dotted name or by path to a .py file (its @op decorators register)."""
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name).resolve()
+        spec = importlib.util.spec_from_file_location(f"keel_ops_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load op module from {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(name)
+
+
+async def start_engine(config: EngineConfig) -> EngineServingHandle:
+    """Start serving; `await handle.drain()` stops, parks the runs and closes the store channel."""
+    for module in config.ops_modules:
+        load_op_module(module)
+    ops = DEFAULT_REGISTRY.merged(config.ops) if config.ops else DEFAULT_REGISTRY
+    transports = DEFAULT_TRANSPORTS.merged(config.transports) if config.transports else DEFAULT_TRANSPORTS
+    failpoints = Failpoints.from_env() if config.failpoints is None else Failpoints.parse(config.failpoints)
+    store = StoreClient(config.store, patience=config.store_patience)
+    engine = Engine(
+        RunEnvironment(store, ops, transports, failpoints),
+        build_provenance(),
+        checkpoint_linger=config.checkpoint_linger,
+    )
+    servicer = EngineServicer(engine)
+    try:
+        served = await start_server(config.listen, lambda server: register(server, servicer))
+    except BaseException:
+        await store.close()
+        raise
+    recovery: asyncio.Task[int] | None = None
+    if config.recover_on_start:
+        recovery = asyncio.create_task(engine.recover(), name="recover runs")
+        recovery.add_done_callback(_log_recovery)
+
+    async def stop_engine() -> None:
+        if recovery is not None:
+            recovery.cancel()
+        await engine.stop()
+        await store.close()
+
+    return EngineServingHandle(
+        server=served.server,
+        health=served.health,
+        port=served.port,
+        service_names=served.service_names,
+        on_stop=[*served.on_stop, stop_engine],
+        engine=engine,
+    )
+
+
+def _log_recovery(task: asyncio.Task[int]) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.error("recovery failed: %r", task.exception())
+    else:
+        log.info("recovery: resumed %d run(s)", task.result())
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a JSON line."""
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; each defaults to its KEEL_ENGINE_* environment variable."""
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="engine-service",
+        description="Keel's EngineService: durable pipeline runs over gRPC, state kept in a StoreService. "
+        "Every flag can also be set with the environment variable in brackets; a flag wins.",
+        epilog="On start it prints one line to stdout: 'engine-service listening on HOST:PORT'. "
+        "Failpoints for crash tests: KEEL_FAILPOINTS=name[:step],... (see engine_service.failpoints).",
+    )
+    parser.add_argument(
+        "--listen",
+        default=env("KEEL_ENGINE_LISTEN", DEFAULT_LISTEN),
+        help=f"HOST:PORT to serve on; port 0 picks one [KEEL_ENGINE_LISTEN] (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--store",
+        default=env("KEEL_ENGINE_STORE", DEFAULT_STORE),
+        help="store address(es) HOST:PORT[,HOST:PORT...], balanced round-robin "
+        f"[KEEL_ENGINE_STORE] (default {DEFAULT_STORE})",
+    )
+    parser.add_argument(
+        "--ops",
+        nargs="*",
+        default=[m for m in env("KEEL_ENGINE_OPS", "").replace(",", " ").split() if m],
+        metavar="MODULE",
+        help="op modules to load: dotted names or paths to .py files [KEEL_ENGINE_OPS, comma-separated]",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=float(env("KEEL_ENGINE_GRACE", "10")),
+        help="seconds a drain lets in-flight calls finish [KEEL_ENGINE_GRACE] (default 10)",
+    )
+    parser.add_argument(
+        "--checkpoint-linger",
+        type=float,
+        default=float(env("KEEL_ENGINE_CHECKPOINT_LINGER", "0.2")),
+        help="seconds decided events may wait to travel in one append with later ones (write-behind; "
+        "0 appends each step on its own); a crash re-runs at most this much completed work "
+        "[KEEL_ENGINE_CHECKPOINT_LINGER] (default 0.2)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=env("KEEL_ENGINE_LOG_LEVEL", "info"),
+        help="log level; JSON lines on stderr [KEEL_ENGINE_LOG_LEVEL] (default info)",
+    )
+    return parser.parse_args(argv)
+
+
+async def serve(config: EngineConfig) -> None:
+    """Start, announce the address on stdout, serve until a signal, drain."""
+    handle = await start_engine(config)
+    host, _ = host_port(config.listen)
+    address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
+    print(f"engine-service listening on {address}", flush=True)
+    log.info("serving on %s (store %s)", address, config.store)
+    await serve_until_signalled(handle, config.grace)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `engine-service` console script."""
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    config = EngineConfig(
+        listen=args.listen,
+        store=args.store,
+        ops_modules=tuple(args.ops),
+        grace=args.grace,
+        checkpoint_linger=args.checkpoint_linger,
+    )
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    except (ImportError, ValueError, OSError) as error:
+        print(f"engine-service: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""EngineService over gRPC: a thin translator between messages and the Engine.
+
+Every handler validates its whole request before the first write, and turns KeelError into a gRPC
+status with google.rpc.ErrorInfo (reason = error code). SpawnChild, AwaitChild and Terminalize are
+issue 4 and answer UNIMPLEMENTED until then.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from keel.engine.v1 import engine_pb2, engine_pb2_grpc
+
+from engine_service import messages
+from engine_service.domain import parse_run_id
+from engine_service.domain.events import RunCompleted
+from engine_service.engine import RUN_STREAM_PREFIX, Engine, stored_events
+from engine_service.run_driver import run_stream_id
+from keel_core.errors import KeelError, invalid_argument
+from keel_core.status import abort_with
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+async def _fail(context: Context, error: KeelError) -> NoReturn:
+    await abort_with(context, error)
+    raise AssertionError("abort_with returned")  # pragma: no cover - abort always raises
+
+
+def _translated(
+    handler: Callable[[EngineServicer, Any, Context], Awaitable[R]],
+) -> Callable[[EngineServicer, Any, Context], Awaitable[R]]:
+    """KeelError -> its status; anything unexpected -> INTERNAL with the exception named."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: EngineServicer, request: Any, context: Context) -> R:
+        try:
+            return await handler(self, request, context)
+        except KeelError as error:
+            await _fail(context, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            log.exception("%s failed", handler.__name__)
+            await _fail(
+                context, KeelError("internal", f"{handler.__name__} failed: {type(error).__name__}: {error}")
+            )
+
+    return wrapper
+
+
+def _remaining(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(0.0, remaining - 0.05)
+
+
+class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
+    """The EngineService RPCs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def _run(self, run_id: str) -> engine_pb2.Run:
+        view, _ = await self.engine.run_view(run_id)
+        return messages.run_message(view)
+
+    @_translated
+    async def StartRun(
+        self, request: engine_pb2.StartRunRequest, context: Context
+    ) -> engine_pb2.StartRunResponse:
+        """Validate everything, append RunStarted, drive the run (and wait for it if asked)."""
+        run_id = parse_run_id(request.run_id) if request.run_id else None
+        manifest = messages.manifest_from(request, self.engine.build)
+        outcome = await self.engine.start_run(
+            manifest, run_id, wait=request.wait, wait_seconds=_remaining(context)
+        )
+        return engine_pb2.StartRunResponse(
+            run_id=outcome.run_id,
+            manifest_id=outcome.manifest_id,
+            created=outcome.created,
+            run=await self._run(outcome.run_id),
+        )
+
+    @_translated
+    async def ResumeRun(
+        self, request: engine_pb2.ResumeRunRequest, context: Context
+    ) -> engine_pb2.ResumeRunResponse:
+        """Drive a run nobody here drives."""
+        run_id = parse_run_id(request.run_id)
+        resumed = await self.engine.resume_run(run_id)
+        return engine_pb2.ResumeRunResponse(run=await self._run(run_id), resumed=resumed)
+
+    @_translated
+    async def GetRun(self, request: engine_pb2.GetRunRequest, context: Context) -> engine_pb2.GetRunResponse:
+        """The run as it stands."""
+        return engine_pb2.GetRunResponse(run=await self._run(parse_run_id(request.run_id)))
+
+    @_translated
+    async def ListRuns(
+        self, request: engine_pb2.ListRunsRequest, context: Context
+    ) -> engine_pb2.ListRunsResponse:
+        """A page of runs, newest first, optionally by status."""
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise invalid_argument("invalid_argument", f"page_size must be 0..{MAX_PAGE_SIZE}")
+        labels = []
+        for status in request.statuses:
+            label = messages.STORE_LABEL_FOR_STATUS.get(status)
+            if label is None:
+                raise invalid_argument("invalid_argument", f"unknown run status {status} in statuses")
+            labels.append(label)
+        streams, token = await self.engine.list_runs(
+            labels, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
+        )
+        runs = [messages.run_summary(s, s.stream_id.removeprefix(RUN_STREAM_PREFIX)) for s in streams]
+        return engine_pb2.ListRunsResponse(runs=runs, next_page_token=token)
+
+    @_translated
+    async def AwaitRun(
+        self, request: engine_pb2.AwaitRunRequest, context: Context
+    ) -> engine_pb2.AwaitRunResponse:
+        """Wait (without polling) until the run is terminal or the timeout passes."""
+        run_id = parse_run_id(request.run_id)
+        timeout = _remaining(context)
+        if request.HasField("timeout"):
+            if request.timeout.seconds < 0 or request.timeout.nanos < 0:
+                raise invalid_argument("invalid_argument", "timeout must not be negative")
+            asked = request.timeout.ToTimedelta().total_seconds()
+            timeout = asked if timeout is None else min(asked, timeout)
+        done = await self.engine.await_run(run_id, timeout)
+        return engine_pb2.AwaitRunResponse(run=await self._run(run_id), done=done)
+
+    async def WatchRun(
+        self, request: engine_pb2.WatchRunRequest, context: Context
+    ) -> AsyncIterator[engine_pb2.WatchRunResponse]:
+        """The run's events after `after_seq` as they are appended; ends after RunCompleted."""
+        try:
+            run_id = parse_run_id(request.run_id)
+            if request.after_seq < 0:
+                raise invalid_argument("invalid_argument", "after_seq must not be negative")
+            events, history = await self.engine.read_history(run_id)
+        except KeelError as error:
+            await _fail(context, error)
+        if history.is_terminal and request.after_seq >= events[-1].seq:
+            return
+        subscription = self.engine.env.store.subscribe(run_stream_id(run_id), after_seq=request.after_seq)
+        try:
+            async for raw in subscription:
+                stored = stored_events([raw])[0]
+                yield engine_pb2.WatchRunResponse(event=messages.run_event(raw.seq, raw.type, stored))
+                if isinstance(stored.event, RunCompleted):
+                    return
+        except KeelError as error:
+            await _fail(context, error)
+        finally:
+            await subscription.aclose()
+
+    @_translated
+    async def ListOps(
+        self, request: engine_pb2.ListOpsRequest, context: Context
+    ) -> engine_pb2.ListOpsResponse:
+        """The ops this engine can run."""
+        return engine_pb2.ListOpsResponse(
+            ops=[
+                engine_pb2.OpInfo(op_id=d.op_id, op_version=d.op_version, description=d.description)
+                for d in self.engine.env.ops.all()
+            ]
+        )
+
+    async def SpawnChild(
+        self, request: engine_pb2.SpawnChildRequest, context: Context
+    ) -> engine_pb2.SpawnChildResponse:
+        """Not built yet (issue 4)."""
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "SpawnChild is not implemented yet (issue 4: child runs)"
+        )
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def AwaitChild(
+        self, request: engine_pb2.AwaitChildRequest, context: Context
+    ) -> engine_pb2.AwaitChildResponse:
+        """Not built yet (issue 4)."""
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "AwaitChild is not implemented yet (issue 4: child runs)"
+        )
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def Terminalize(
+        self, request: engine_pb2.TerminalizeRequest, context: Context
+    ) -> engine_pb2.TerminalizeResponse:
+        """Not built yet (issue 4)."""
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "Terminalize is not implemented yet (issue 4: terminalization)"
+        )
+        raise AssertionError("abort returned")  # pragma: no cover
+
+
+def register(server: grpc.aio.Server, servicer: EngineServicer) -> list[str]:
+    """Add the EngineService to `server`; returns its full name for health and reflection."""
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    return [engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name]

@@ -1,0 +1,327 @@
+"""The engine's way to the StoreService: one balanced gRPC channel, retries, deadlines.
+
+Several store addresses are balanced round-robin over one channel (`ipv4:h:p,h:p`). Calls that fail
+UNAVAILABLE or DEADLINE_EXCEEDED are retried with capped exponential backoff for as long as the
+caller's `patience` allows (run drivers wait for the store forever; client-facing RPCs give up and
+answer `store_unavailable`).
+
+An append whose answer was lost may have committed. Its retry then meets `sequence_conflict`; the
+client re-reads the stream after `expected_seq` and, when it finds exactly the events it sent,
+treats the append as done instead of failing or appending twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import grpc
+from keel.store.v1 import store_pb2, store_pb2_grpc
+
+from engine_service.domain.canonical import artifact_id_for_bytes
+from keel_core.errors import KeelError, unavailable
+from keel_core.serving import MAX_MESSAGE_BYTES, host_port
+from keel_core.status import from_rpc_error
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FOREVER = math.inf
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+STATUS_LABELS: dict[str, int] = {
+    "active": store_pb2.STREAM_STATUS_ACTIVE,
+    "completed": store_pb2.STREAM_STATUS_COMPLETED,
+    "failed": store_pb2.STREAM_STATUS_FAILED,
+    "canceled": store_pb2.STREAM_STATUS_CANCELED,
+}
+_LABEL_NAMES = {value: name for name, value in STATUS_LABELS.items()}
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """An event as the store holds it."""
+
+    seq: int
+    type: str
+    payload: bytes
+    recorded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """Where an append landed."""
+
+    first_seq: int
+    head_seq: int
+    artifact_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """A stream in a ListStreams page."""
+
+    stream_id: str
+    head_seq: int
+    status: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+def channel_target(addresses: str) -> str:
+    """A gRPC target for `HOST:PORT[,HOST:PORT...]`: `ipv4:`/`ipv6:` lists, resolving names once."""
+    parts = [part.strip() for part in addresses.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("no store address given")
+    if len(parts) == 1 and not _is_ip(host_port(parts[0])[0]):
+        return f"dns:///{parts[0]}"
+    v4: list[str] = []
+    v6: list[str] = []
+    for part in parts:
+        host, port = host_port(part)
+        ip = host if _is_ip(host) else socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+        if ipaddress.ip_address(ip).version == 4:
+            v4.append(f"{ip}:{port}")
+        else:
+            v6.append(f"[{ip}]:{port}")
+    if v4 and v6:
+        raise ValueError("mix of IPv4 and IPv6 store addresses is not supported")
+    return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _when(ts: object) -> datetime | None:
+    seconds = getattr(ts, "seconds", 0)
+    nanos = getattr(ts, "nanos", 0)
+    if not seconds and not nanos:
+        return None
+    return datetime.fromtimestamp(seconds + nanos / 1e9, tz=UTC)
+
+
+def _stream_event(event: store_pb2.RecordedEvent) -> StreamEvent:
+    recorded = _when(event.recorded_at) if event.HasField("recorded_at") else None
+    return StreamEvent(event.seq, event.type, bytes(event.payload), recorded)
+
+
+class StoreClient:
+    """Typed, retrying calls to the StoreService."""
+
+    def __init__(self, addresses: str, *, rpc_timeout: float = 10.0, patience: float = 10.0) -> None:
+        self.addresses = addresses
+        self.rpc_timeout = rpc_timeout
+        self.patience = patience
+        # Store RPCs attempted, by method: how tests and operators count round trips per run.
+        self.calls: collections.Counter[str] = collections.Counter()
+        options = [
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._channel = grpc.aio.insecure_channel(channel_target(addresses), options=options)
+        self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close(grace=None)
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], patience: float | None) -> T:
+        limit = self.patience if patience is None else patience
+        deadline = time.monotonic() + limit
+        delay = 0.05
+        method = what.split("(", 1)[0]
+        while True:
+            self.calls[method] += 1
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRY_CODES:
+                    raise from_rpc_error(error) from None
+                if time.monotonic() + delay > deadline:
+                    raise unavailable(
+                        "store_unavailable",
+                        f"the store at {self.addresses} did not answer {what} "
+                        f"({error.code().name}: {error.details()}); is store-service running?",
+                    ) from None
+                log.warning("store %s failed (%s); retrying in %.2fs", what, error.code().name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[tuple[str, bytes]],
+        *,
+        expected_seq: int | None,
+        status: str | None = None,
+        artifacts: Sequence[tuple[str, bytes]] = (),
+        patience: float | None = None,
+    ) -> AppendResult:
+        """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts."""
+        request = store_pb2.AppendEventsRequest(
+            stream_id=stream_id,
+            expected_kind=store_pb2.EXPECTED_KIND_NO_STREAM
+            if expected_seq is None
+            else store_pb2.EXPECTED_KIND_EXACT,
+            expected_seq=expected_seq or 0,
+            events=[store_pb2.EventData(type=name, payload=payload) for name, payload in events],
+            status=STATUS_LABELS[status] if status else store_pb2.STREAM_STATUS_UNSPECIFIED,  # type: ignore[arg-type]
+            artifacts=[store_pb2.InlineArtifact(kind=kind, data=data) for kind, data in artifacts],
+        )
+        attempts = 0
+
+        async def once() -> store_pb2.AppendEventsResponse:
+            nonlocal attempts
+            attempts += 1
+            response: store_pb2.AppendEventsResponse = await self._stub.AppendEvents(
+                request, timeout=self.rpc_timeout
+            )
+            return response
+
+        try:
+            response = await self._retrying(f"AppendEvents({stream_id})", once, patience)
+        except KeelError as error:
+            if error.code != "sequence_conflict" or attempts < 2:
+                raise
+            # An earlier try may have committed with its answer lost: recognise our own events.
+            base = expected_seq or 0
+            found = await self.read(stream_id, from_seq=base + 1, limit=len(events), patience=patience)
+            if [(e.type, e.payload) for e in found] != [(name, bytes(p)) for name, p in events]:
+                raise
+            log.info("append to %s had committed before its answer was lost", stream_id)
+            ids = tuple(artifact_id_for_bytes(data) for _, data in artifacts)
+            return AppendResult(base + 1, base + len(events), ids)
+        ids = tuple(response.artifact_ids)
+        for (_, data), stored in zip(artifacts, ids, strict=True):
+            if artifact_id_for_bytes(data) != stored:
+                raise KeelError(
+                    "artifact_id_mismatch", f"the store named an artifact {stored}, expected otherwise"
+                )
+        return AppendResult(response.first_seq, response.head_seq, ids)
+
+    async def read(
+        self, stream_id: str, *, from_seq: int = 1, limit: int | None = None, patience: float | None = None
+    ) -> list[StreamEvent]:
+        """Events of a stream from `from_seq` (all of them, paging, or at most `limit`)."""
+        out: list[StreamEvent] = []
+        seq = from_seq
+        while True:
+            page_limit = 10_000 if limit is None else min(10_000, limit - len(out))
+            request = store_pb2.ReadEventsRequest(stream_id=stream_id, from_seq=seq, limit=page_limit)
+
+            async def once(request: store_pb2.ReadEventsRequest = request) -> store_pb2.ReadEventsResponse:
+                response: store_pb2.ReadEventsResponse = await self._stub.ReadEvents(
+                    request, timeout=self.rpc_timeout
+                )
+                return response
+
+            page = await self._retrying(f"ReadEvents({stream_id})", once, patience)
+            out.extend(_stream_event(event) for event in page.events)
+            if page.next_seq == 0 or not page.events or (limit is not None and len(out) >= limit):
+                return out
+            seq = page.next_seq
+
+    async def head(self, stream_id: str, *, patience: float | None = None) -> tuple[int, str]:
+        """The stream's head sequence and status label ("" when unlabelled)."""
+
+        async def once() -> store_pb2.HeadSeqResponse:
+            response: store_pb2.HeadSeqResponse = await self._stub.HeadSeq(
+                store_pb2.HeadSeqRequest(stream_id=stream_id), timeout=self.rpc_timeout
+            )
+            return response
+
+        response = await self._retrying(f"HeadSeq({stream_id})", once, patience)
+        return response.head_seq, _LABEL_NAMES.get(response.status, "")
+
+    async def list_streams(
+        self,
+        *,
+        prefix: str,
+        statuses: Sequence[str] = (),
+        page_size: int = 100,
+        page_token: str = "",
+        patience: float | None = None,
+    ) -> tuple[list[StreamSummary], str]:
+        """A page of streams, newest first, and the next page token."""
+        request = store_pb2.ListStreamsRequest(
+            statuses=[STATUS_LABELS[s] for s in statuses],  # type: ignore[misc]
+            prefix=prefix,
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+        async def once() -> store_pb2.ListStreamsResponse:
+            response: store_pb2.ListStreamsResponse = await self._stub.ListStreams(
+                request, timeout=self.rpc_timeout
+            )
+            return response
+
+        page = await self._retrying("ListStreams", once, patience)
+        streams = [
+            StreamSummary(
+                s.stream_id,
+                s.head_seq,
+                _LABEL_NAMES.get(s.status, ""),
+                _when(s.created_at),
+                _when(s.updated_at),
+            )
+            for s in page.streams
+        ]
+        return streams, page.next_page_token
+
+    async def get_artifact(self, artifact_id: str, *, patience: float | None = None) -> bytes:
+        """An artifact's bytes (NOT_FOUND `artifact_not_found` when missing)."""
+
+        async def once() -> bytes:
+            chunks = []
+            call = self._stub.GetArtifact(
+                store_pb2.GetArtifactRequest(artifact_id=artifact_id), timeout=self.rpc_timeout
+            )
+            async for chunk in call:
+                chunks.append(chunk.data)
+            return b"".join(chunks)
+
+        data = await self._retrying(f"GetArtifact({artifact_id})", once, patience)
+        if artifact_id_for_bytes(data) != artifact_id:
+            raise KeelError("artifact_corrupt", f"artifact {artifact_id} came back with different bytes")
+        return data
+
+    async def subscribe(self, stream_id: str, *, after_seq: int = 0) -> AsyncGenerator[StreamEvent, None]:
+        """Events after `after_seq`, then live ones; resubscribes after the last seen if the store drops."""
+        seq = after_seq
+        delay = 0.05
+        while True:
+            call = self._stub.SubscribeEvents(
+                store_pb2.SubscribeEventsRequest(stream_id=stream_id, after_seq=seq)
+            )
+            try:
+                async for message in call:
+                    delay = 0.05
+                    seq = message.event.seq
+                    yield _stream_event(message.event)
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRY_CODES:
+                    raise from_rpc_error(error) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            finally:
+                call.cancel()

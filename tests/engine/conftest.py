@@ -1,0 +1,114 @@
+"""In-process store + engine fixtures (real grpc.aio servers on 127.0.0.1:0, real SQLite in tmp_path)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from keel.engine.v1 import engine_pb2_grpc
+from keel.store.v1 import store_pb2_grpc
+
+from engine_service import (
+    EngineConfig,
+    EngineServingHandle,
+    OpError,
+    OpRegistry,
+    StepContext,
+    TransportRegistry,
+    op,
+    start_engine,
+)
+from store_service.server import StoreConfig, start_store
+
+if TYPE_CHECKING:
+    from keel.engine.v1.engine_pb2_grpc import EngineServiceAsyncStub
+    from keel.store.v1.store_pb2_grpc import StoreServiceAsyncStub
+
+
+class MemoryClock:
+    """A transport that counts its calls and answers with a new number each time."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        """A fresh answer per call."""
+        self.calls.append((run_id, fact_key))
+        return {"tick": len(self.calls)}
+
+
+TEST_OPS = OpRegistry()
+TEST_TRANSPORTS = TransportRegistry()
+CLOCK = MemoryClock()
+TEST_TRANSPORTS.register("test.clock", CLOCK)
+_seen: dict[tuple[str, str], list[Any]] = {}
+
+
+@op("test.clock_then_fail", registry=TEST_OPS, description="Reads the clock fact, fails twice, then returns")
+async def clock_then_fail(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Reads the clock fact on every attempt, fails the first two, returns all it saw."""
+    seen = _seen.setdefault((ctx.run_id, ctx.step_id), [])
+    seen.append(await ctx.io.call("test.clock", {}, "clock"))
+    if ctx.attempt < 2:
+        raise OpError("flaky", "not yet", retryable=True)
+    return {"attempt": ctx.attempt, "seen": seen}
+
+
+ATTEMPT_TIMES: dict[str, list[float]] = {}
+
+
+@op("test.timed_flaky", registry=TEST_OPS, description="Notes when each attempt starts; fails the first two")
+async def timed_flaky(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Notes the monotonic time of each attempt, fails attempts 0 and 1."""
+    ATTEMPT_TIMES.setdefault(ctx.run_id, []).append(time.monotonic())
+    if ctx.attempt < 2:
+        raise OpError("flaky", "not yet", retryable=True)
+    return {"attempt": ctx.attempt}
+
+
+@dataclass
+class Cluster:
+    """A running store and engine, with stubs for both."""
+
+    store_address: str
+    engine: EngineServingHandle
+    checkpoint_linger: float
+    stub: EngineServiceAsyncStub
+    store_stub: StoreServiceAsyncStub
+
+
+@pytest.fixture(params=[0.2, 0.0], ids=["write-behind", "append-per-step"])
+async def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    """A store and an engine in this process (with and without write-behind), torn down after the test."""
+    store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    address = f"127.0.0.1:{store.port}"
+    engine = await start_engine(
+        EngineConfig(
+            listen="127.0.0.1:0",
+            store=address,
+            failpoints="",
+            ops=TEST_OPS,
+            transports=TEST_TRANSPORTS,
+            checkpoint_linger=request.param,
+        )
+    )
+    engine_channel = grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}")
+    store_channel = grpc.aio.insecure_channel(address)
+    try:
+        yield Cluster(
+            address,
+            engine,
+            request.param,
+            engine_pb2_grpc.EngineServiceStub(engine_channel),
+            store_pb2_grpc.StoreServiceStub(store_channel),
+        )
+    finally:
+        await engine_channel.close(grace=None)
+        await store_channel.close(grace=None)
+        await engine.drain(0.5)
+        await store.drain(0.5)

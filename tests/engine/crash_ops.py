@@ -1,0 +1,48 @@
+"""Test-only ops and a counting transport, loaded into engine subprocesses with `--ops <this file>`.
+
+The counting transport appends `<run_id> <fact_key>` to the file named by KEEL_TEST_IO_LOG and
+fsyncs before answering, so the count survives the SIGKILLs the crash tests cause.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from engine_service import StepContext, op, register_transport
+
+IO_LOG_ENV = "KEEL_TEST_IO_LOG"
+
+
+class CountingTransport:
+    """Records every call durably, then answers deterministically."""
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        """Append the call to the log (fsynced) and echo the request."""
+        path = os.environ.get(IO_LOG_ENV)
+        if path:
+            # Blocking on purpose: the line must be on disk before the answer exists.
+            with open(path, "a", encoding="utf-8") as log:  # noqa: ASYNC230
+                log.write(f"{run_id} {fact_key}\n")
+                log.flush()
+                os.fsync(log.fileno())
+        return {"key": fact_key, "request": request}
+
+
+register_transport("test.counting", CountingTransport())
+
+
+@op("test.two_calls", description="Makes two recorded calls through the counting transport")
+async def two_calls(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Makes two recorded calls through the counting transport."""
+    first = await ctx.io.call("test.counting", {"step": ctx.step_id, "input": input}, f"{ctx.step_id}-first")
+    second = await ctx.io.call("test.counting", {"after": first}, f"{ctx.step_id}-second")
+    return {"first": first, "second": second}
+
+
+def read_io_log(path: str) -> list[tuple[str, str]]:
+    """The (run_id, fact_key) calls recorded in a counting-transport log."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as log:
+        return [tuple(line.split(" ", 1)) for line in log.read().splitlines() if line]  # type: ignore[misc]

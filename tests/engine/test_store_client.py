@@ -1,0 +1,160 @@
+"""The engine's store client: addresses, and appends whose answer was lost on the way back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from engine_service.store_client import StoreClient, channel_target
+from keel_core.errors import KeelError
+from store_service.server import StoreConfig, StoreServingHandle, start_store
+
+# Long enough for the store to commit and answer even on a loaded machine.
+EAT_SECONDS = 1.5
+
+
+class ResponseEatingProxy:
+    """Forwards TCP to a target; when armed, eats server->client bytes for a while, then resets the link.
+
+    That is an answer lost after the server committed: the client sees its connection drop and
+    cannot know whether the call took effect.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.eaten = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Listen on a fresh port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop forwarding."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, eat: bool) -> None:
+            eating = False
+            while data := await src.read(65536):
+                if eat and self.armed:
+                    # Eat everything the server says for a while (flow control frames come first,
+                    # then the answer), then reset both sides.
+                    self.armed, eating = False, True
+                    self.eaten += 1
+                    asyncio.get_running_loop().call_later(EAT_SECONDS, _reset)
+                if eating:
+                    continue
+                dst.write(data)
+                await dst.drain()
+
+        def _reset() -> None:
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        tasks = [
+            asyncio.ensure_future(pump(reader, up_writer, False)),
+            asyncio.ensure_future(pump(up_reader, writer, True)),
+        ]
+        for task in tasks:
+            self._tasks.add(task)
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks)
+        writer.transport.abort()
+        up_writer.transport.abort()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[StoreServingHandle]:
+    """An in-process store."""
+    handle = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    yield handle
+    await handle.drain(0.5)
+
+
+def test_channel_target_balances_ip_addresses_and_resolves_names() -> None:
+    assert channel_target("127.0.0.1:7071") == "ipv4:127.0.0.1:7071"
+    assert channel_target("127.0.0.1:1,127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert channel_target("localhost:7071") == "dns:///localhost:7071"
+    assert channel_target("[::1]:5") == "ipv6:[::1]:5"
+    with pytest.raises(ValueError):
+        channel_target("")
+
+
+async def test_append_whose_answer_was_lost_is_recognised_not_repeated(
+    store: StoreServingHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine_service.store_client")
+    proxy = ResponseEatingProxy(store.port)
+    await proxy.start()
+    client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)
+    direct = StoreClient(f"127.0.0.1:{store.port}")
+    try:
+        await client.append("run:x", [("A", b"1")], expected_seq=None)
+        proxy.armed = True
+        result = await client.append(
+            "run:x", [("B", b"2"), ("C", b"3")], expected_seq=1, artifacts=[("k", b"d")]
+        )
+        assert proxy.eaten == 1
+        assert (result.first_seq, result.head_seq) == (2, 3)
+        assert client.calls["AppendEvents"] == 3  # the first append, the lost one, its retry
+        assert "had committed before its answer was lost" in caplog.text  # the retry met its own events
+        events = await direct.read("run:x")
+        assert [(e.seq, e.type, e.payload) for e in events] == [
+            (1, "A", b"1"),
+            (2, "B", b"2"),
+            (3, "C", b"3"),
+        ]
+    finally:
+        await client.close()
+        await direct.close()
+        await proxy.close()
+
+
+async def test_conflict_with_someone_elses_events_is_still_a_conflict(store: StoreServingHandle) -> None:
+    proxy = ResponseEatingProxy(store.port)
+    await proxy.start()
+    client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)
+    direct = StoreClient(f"127.0.0.1:{store.port}")
+    try:
+        await direct.append("run:y", [("A", b"1")], expected_seq=None)
+        with pytest.raises(KeelError) as caught:
+            await client.append("run:y", [("B", b"2")], expected_seq=None)
+        assert caught.value.code == "sequence_conflict"
+        await direct.append("run:y", [("X", b"other")], expected_seq=1)
+        with pytest.raises(KeelError) as caught:
+            await client.append("run:y", [("B", b"2")], expected_seq=1)
+        assert caught.value.code == "sequence_conflict"
+    finally:
+        await client.close()
+        await direct.close()
+        await proxy.close()
+
+
+async def test_several_store_addresses_are_balanced_and_a_dead_one_is_skipped(
+    store: StoreServingHandle,
+) -> None:
+    # Port 1 refuses connections: round-robin sends every call to the live replica instead.
+    client = StoreClient(f"127.0.0.1:1,127.0.0.1:{store.port}", patience=10.0)
+    try:
+        for seq in range(5):
+            await client.append("run:z", [("E", str(seq).encode())], expected_seq=seq or None)
+        assert [e.seq for e in await client.read("run:z")] == [1, 2, 3, 4, 5]
+    finally:
+        await client.close()
