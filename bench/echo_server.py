@@ -1,0 +1,50 @@
+"""A bare grpc.aio unary echo server: the ceiling the store benchmark is compared against.
+
+Run: `python bench/echo_server.py [--listen 127.0.0.1:0]`; prints `echo listening on HOST:PORT`.
+The method `/keel.bench.Echo/Echo` returns the request bytes untouched (no protobuf parsing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+import grpc
+
+METHOD = "/keel.bench.Echo/Echo"
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    return request
+
+
+async def serve(listen: str) -> None:
+    """Serve the echo method until SIGTERM/SIGINT."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.unary_unary_rpc_method_handler(_echo)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("keel.bench.Echo", {"Echo": handler})]
+    )
+    port = server.add_insecure_port(listen)
+    await server.start()
+    host = listen.rpartition(":")[0]
+    print(f"echo listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def main() -> None:
+    """Parse --listen and serve."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    asyncio.run(serve(parser.parse_args().listen))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""StoreService throughput against a bare grpc.aio echo server, measured in the same run.
+
+Run: `.venv/bin/python bench/store_append.py [--quick] [--durability full|normal] [--seconds N]`
+
+Both servers run as separate processes (the store is the real `store-service` with full durability
+by default); this process is the client, with one channel per server and N concurrent tasks. It
+prints calls/s for each pattern and the store/echo ratios, next to the targets of issue 2:
+64-client single-event appends >= 0.8x echo, and 100-event batches >= 100,000 events/s.
+The machine may be shared: compare the ratios within one run, not absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from keel.store.v1 import store_pb2, store_pb2_grpc
+
+from keel_core.status import from_rpc_error
+
+pb = store_pb2
+ECHO_METHOD = "/keel.bench.Echo/Echo"
+MiB = 1024 * 1024
+PAYLOAD = b'{"step": "fetch", "attempt": 1, "result": {"ok": true, "rows": 42}}'
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured pattern: operations (calls or events) per second, and what they were."""
+
+    name: str
+    per_second: float
+    unit: str
+
+
+@contextmanager
+def server_process(command: list[str], pattern: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start a server process, wait for its `... listening on HOST:PORT` line, stop it afterwards."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        selector = selectors.DefaultSelector()
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 30
+        address = ""
+        while not address and time.monotonic() < deadline:
+            if selector.select(timeout=0.5):
+                match = re.match(pattern, proc.stdout.readline().decode().strip())
+                if match:
+                    address = match.group(1)
+            if proc.poll() is not None:
+                break
+        selector.close()
+        if not address:
+            raise RuntimeError(f"{command[0]} did not start")
+        yield proc, address
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def run_for(seconds: float, tasks: int, one_call: Callable[[int], Awaitable[int]]) -> float:
+    """Run `tasks` loops of `one_call(task_index)` for `seconds`; returns counted units per second."""
+    stop_at = 0.0
+    counts = [0] * tasks
+
+    async def loop(index: int) -> None:
+        while time.perf_counter() < stop_at:
+            counts[index] += await one_call(index)
+
+    # Warm-up: connections, caches, and (for the store) the first writes to each stream.
+    stop_at = time.perf_counter() + min(0.3, seconds / 3)
+    await asyncio.gather(*(loop(i) for i in range(tasks)))
+    counts = [0] * tasks
+    started = time.perf_counter()
+    stop_at = started + seconds
+    await asyncio.gather(*(loop(i) for i in range(tasks)))
+    return sum(counts) / (time.perf_counter() - started)
+
+
+async def echo_rate(channel: grpc.aio.Channel, tasks: int, seconds: float) -> float:
+    """Unary echo calls/s with `tasks` concurrent callers.
+
+    The client side does what the append client does (build an AppendEventsRequest, serialize it,
+    parse the reply) so the two differ only on the server side; the echo server itself parses
+    nothing and returns the bytes it got.
+    """
+    call = channel.unary_unary(
+        ECHO_METHOD,
+        request_serializer=pb.AppendEventsRequest.SerializeToString,
+        response_deserializer=pb.AppendEventsRequest.FromString,
+    )
+    heads = [0] * tasks
+    events = [pb.EventData(type="StepCompleted", payload=PAYLOAD)]
+
+    async def one(index: int) -> int:
+        echoed = await call(
+            pb.AppendEventsRequest(
+                stream_id=f"echo-{index}",
+                expected_kind=pb.EXPECTED_KIND_EXACT,
+                expected_seq=heads[index],
+                events=events,
+            )
+        )
+        heads[index] = echoed.expected_seq + 1
+        return 1
+
+    return await run_for(seconds, tasks, one)
+
+
+async def append_rate(
+    stub: store_pb2_grpc.StoreServiceAsyncStub, tasks: int, seconds: float, batch: int, tag: str
+) -> float:
+    """Events/s appended by `tasks` concurrent clients, each on its own stream with exact CAS."""
+    heads = [0] * tasks
+    events = [pb.EventData(type="StepCompleted", payload=PAYLOAD)] * batch
+
+    async def one(index: int) -> int:
+        result = await stub.AppendEvents(
+            pb.AppendEventsRequest(
+                stream_id=f"{tag}-{index}",
+                expected_kind=pb.EXPECTED_KIND_EXACT,
+                expected_seq=heads[index],
+                events=events,
+            )
+        )
+        heads[index] = result.head_seq
+        return batch
+
+    return await run_for(seconds, tasks, one)
+
+
+async def racing_rate(
+    stub: store_pb2_grpc.StoreServiceAsyncStub, tasks: int, seconds: float, stream_id: str
+) -> tuple[float, float]:
+    """64 clients racing on one stream with exact CAS: (won appends/s, attempts/s)."""
+    known = [0] * tasks
+    attempts = [0]
+    event = [pb.EventData(type="Raced", payload=PAYLOAD)]
+
+    async def one(index: int) -> int:
+        attempts[0] += 1
+        try:
+            result = await stub.AppendEvents(
+                pb.AppendEventsRequest(
+                    stream_id=stream_id,
+                    expected_kind=pb.EXPECTED_KIND_EXACT,
+                    expected_seq=known[index],
+                    events=event,
+                )
+            )
+        except grpc.aio.AioRpcError as error:
+            known[index] = int(from_rpc_error(error).details["actual_seq"])
+            return 0
+        known[index] = result.head_seq
+        return 1
+
+    started = time.perf_counter()
+    won = await run_for(seconds, tasks, one)
+    return won, attempts[0] / (time.perf_counter() - started)
+
+
+async def artifact_rates(stub: store_pb2_grpc.StoreServiceAsyncStub, size_mib: int) -> tuple[float, float]:
+    """(put MB/s, get MB/s) for one artifact of `size_mib` MiB sent in 1 MiB chunks."""
+    block = os.urandom(MiB)
+
+    async def requests() -> AsyncIterator[store_pb2.PutArtifactRequest]:
+        for i in range(size_mib):
+            yield pb.PutArtifactRequest(kind="bench" if i == 0 else "", data=i.to_bytes(4, "big") + block[4:])
+
+    started = time.perf_counter()
+    put = await stub.PutArtifact(requests())
+    put_rate = size_mib * MiB / 1e6 / (time.perf_counter() - started)
+    started = time.perf_counter()
+    received = 0
+    async for part in stub.GetArtifact(pb.GetArtifactRequest(artifact_id=put.artifact_id)):
+        received += len(part.data)
+    get_rate = received / 1e6 / (time.perf_counter() - started)
+    assert received == size_mib * MiB
+    return put_rate, get_rate
+
+
+async def measure(
+    store_address: str, echo_address: str, seconds: float, rounds: int, artifact_mib: int
+) -> tuple[list[Figure], list[float]]:
+    """Every pattern; echo and store alternate within each round so both see the same machine.
+
+    Returns the figures (medians over rounds) and the per-round 64-client store/echo ratios.
+    """
+    options = [("grpc.max_receive_message_length", 16 * MiB)]
+    samples: dict[tuple[str, str], list[float]] = {}
+
+    def record(name: str, unit: str, value: float) -> None:
+        samples.setdefault((name, unit), []).append(value)
+
+    ratios: list[float] = []
+    async with (
+        grpc.aio.insecure_channel(echo_address, options=options) as echo,
+        grpc.aio.insecure_channel(store_address, options=options) as store,
+    ):
+        stub = store_pb2_grpc.StoreServiceStub(store)
+        for round_no in range(rounds):
+            for tasks in (1, 64):
+                echoed = await echo_rate(echo, tasks, seconds)
+                record(f"echo, {tasks} client(s)", "calls/s", echoed)
+                appended = await append_rate(stub, tasks, seconds, 1, f"single{tasks}-r{round_no}")
+                record(f"append 1 event, {tasks} client(s), distinct streams", "appends/s", appended)
+                if tasks == 64:
+                    ratios.append(appended / echoed)
+            won, tried = await racing_rate(stub, 64, seconds, f"race-r{round_no}")
+            record("append 1 event, 64 clients racing on one stream (won)", "appends/s", won)
+            record("append 1 event, 64 clients racing on one stream (attempts)", "calls/s", tried)
+            for tasks in (1, 16):
+                rate = await append_rate(stub, tasks, seconds, 100, f"batch{tasks}-r{round_no}")
+                record(f"append 100-event batches, {tasks} client(s)", "events/s", rate)
+        put_rate, get_rate = await artifact_rates(stub, artifact_mib)
+    figures = [Figure(name, statistics.median(values), unit) for (name, unit), values in samples.items()]
+    figures.append(Figure(f"artifact put ({artifact_mib} MiB)", put_rate, "MB/s"))
+    figures.append(Figure(f"artifact get ({artifact_mib} MiB)", get_rate, "MB/s"))
+    return figures, ratios
+
+
+def report(figures: list[Figure], ratios: list[float], durability: str, rounds: int) -> None:
+    """Print the figures, the store/echo ratios and the targets."""
+    by_name = {f.name: f.per_second for f in figures}
+    print(
+        f"\nStoreService benchmark (durability={durability}, {os.cpu_count()} CPUs, "
+        f"median of {rounds} rounds)"
+    )
+    for figure in figures:
+        print(f"  {figure.name:<62} {figure.per_second:>12,.0f} {figure.unit}")
+    print("\nRatios store/echo (same run, medians):")
+    for tasks in (1, 64):
+        store = by_name[f"append 1 event, {tasks} client(s), distinct streams"]
+        echo = by_name[f"echo, {tasks} client(s)"]
+        print(f"  {tasks:>2} client(s): {store / echo:.2f}x")
+    print(f"  64 clients, each round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+    ratio = by_name["append 1 event, 64 client(s), distinct streams"] / by_name["echo, 64 client(s)"]
+    batch = max(
+        by_name["append 100-event batches, 1 client(s)"], by_name["append 100-event batches, 16 client(s)"]
+    )
+    print("\nTargets (issue 2):")
+    print(f"  64-client appends >= 0.8x echo: {ratio:.2f}x  {'MET' if ratio >= 0.8 else 'NOT MET'}")
+    verdict = "MET" if batch >= 100_000 else "NOT MET"
+    print(f"  100-event batches >= 100,000 events/s: {batch:,.0f}  {verdict}")
+
+
+def main() -> None:
+    """Start the two servers, measure, report."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 second per pattern, 2 rounds, and a 16 MiB artifact"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating echo/store (default 3)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per pattern (default 3)")
+    parser.add_argument("--durability", choices=["full", "normal"], default="full")
+    parser.add_argument("--artifact-mib", type=int, default=64)
+    args = parser.parse_args()
+    seconds = 1.0 if args.quick else args.seconds
+    artifact_mib = 16 if args.quick else args.artifact_mib
+    rounds = 2 if args.quick else args.rounds
+    bin_dir = Path(sys.executable).parent
+    store_cmd = (
+        [str(bin_dir / "store-service")]
+        if (bin_dir / "store-service").exists()
+        else [
+            sys.executable,
+            "-m",
+            "store_service",
+        ]
+    )
+    with tempfile.TemporaryDirectory(prefix="keel-bench-") as data_dir:
+        store_cmd += ["--listen", "127.0.0.1:0", "--data-dir", data_dir, "--durability", args.durability]
+        store_cmd += ["--log-level", "warning"]
+        echo_script = str(Path(__file__).with_name("echo_server.py"))
+        echo_cmd = [sys.executable, echo_script, "--listen", "127.0.0.1:0"]
+        with (
+            server_process(store_cmd, r"^store-service listening on (\S+)$") as (_, store_address),
+            server_process(echo_cmd, r"^echo listening on (\S+)$") as (_, echo_address),
+        ):
+            figures, ratios = asyncio.run(measure(store_address, echo_address, seconds, rounds, artifact_mib))
+    report(figures, ratios, args.durability, rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Keel's StoreService: durable event streams and content-addressed artifacts over gRPC.
+
+The public surface: the backend contract and its records (`store_service.backend`), the SQLite
+backend, and the server API (`StoreConfig`, `start_store`, `StoreServicer`). The server names are
+loaded on first use so that importing the contract does not import grpc.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from store_service.backend import (
+    AppendResult,
+    ArtifactDownload,
+    ArtifactInfo,
+    ArtifactPut,
+    EventPage,
+    Expected,
+    ExpectedKind,
+    NewArtifact,
+    NewEvent,
+    StoreBackend,
+    StoredEvent,
+    StreamHead,
+    StreamInfo,
+    StreamPage,
+    StreamStatus,
+)
+from store_service.sqlite import SqliteStoreBackend
+
+if TYPE_CHECKING:
+    from store_service.server import StoreConfig, StoreServingHandle, start_store
+    from store_service.servicer import StoreServicer
+
+_LAZY = {
+    "StoreConfig": "store_service.server",
+    "StoreServingHandle": "store_service.server",
+    "start_store": "store_service.server",
+    "StoreServicer": "store_service.servicer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the grpc-side names on first access."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'store_service' has no attribute {name!r}")
+
+
+__all__ = [
+    "AppendResult",
+    "ArtifactDownload",
+    "ArtifactInfo",
+    "ArtifactPut",
+    "EventPage",
+    "Expected",
+    "ExpectedKind",
+    "NewArtifact",
+    "NewEvent",
+    "SqliteStoreBackend",
+    "StoreBackend",
+    "StoreConfig",
+    "StoreServicer",
+    "StoreServingHandle",
+    "StoredEvent",
+    "StreamHead",
+    "StreamInfo",
+    "StreamPage",
+    "StreamStatus",
+    "start_store",
+]

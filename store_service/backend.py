@@ -1,0 +1,297 @@
+"""The storage contract every StoreService backend implements, its records, and its errors.
+
+This module is backend-neutral and wire-neutral: it imports neither grpc, protobuf, nor a database
+driver. SQLite (`store_service.sqlite`) implements it today; PostgreSQL implements it later, and both
+must pass the one abstract suite in `tests/store/backend_suite.py`.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+
+from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found
+
+ARTIFACT_ID_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
+# Artifacts are stored and served in chunks of this size (one gRPC message each on the way out).
+ARTIFACT_CHUNK_BYTES = 1024 * 1024
+
+
+class StreamStatus(enum.IntEnum):
+    """A stream's lifecycle label; values mirror keel.store.v1.StreamStatus."""
+
+    UNSPECIFIED = 0
+    ACTIVE = 1
+    COMPLETED = 2
+    FAILED = 3
+    CANCELED = 4
+
+
+class ExpectedKind(enum.Enum):
+    """How an append checks the stream's head."""
+
+    EXACT = "exact"
+    NO_STREAM = "no_stream"
+    ANY = "any"
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """The head an append requires: an exact sequence, an empty stream, or anything."""
+
+    kind: ExpectedKind
+    seq: int = 0
+
+    @classmethod
+    def exact(cls, seq: int) -> Expected:
+        """The head must be exactly `seq` (0 means the stream is empty)."""
+        return cls(ExpectedKind.EXACT, seq)
+
+    @classmethod
+    def no_stream(cls) -> Expected:
+        """The stream must have no events."""
+        return cls(ExpectedKind.NO_STREAM)
+
+    @classmethod
+    def any(cls) -> Expected:
+        """No check: append after whatever the head is."""
+        return cls(ExpectedKind.ANY)
+
+    def admits(self, head: int) -> bool:
+        """Whether a stream whose head is `head` satisfies this expectation."""
+        if self.kind is ExpectedKind.ANY:
+            return True
+        if self.kind is ExpectedKind.NO_STREAM:
+            return head == 0
+        return head == self.seq
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: a type name and an opaque payload."""
+
+    type: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NewArtifact:
+    """A small artifact stored in the same transaction as an append."""
+
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as committed; `recorded_at_us` is microseconds since the Unix epoch."""
+
+    stream_id: str
+    seq: int
+    type: str
+    payload: bytes
+    recorded_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append committed: its first sequence, the new head, and inline artifact ids."""
+
+    first_seq: int
+    head_seq: int
+    artifact_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """A forward page of a stream: the events, where to read next (0 at the head), the head."""
+
+    events: tuple[StoredEvent, ...]
+    next_seq: int
+    head_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHead:
+    """A stream's head sequence (0 when it has no events) and its status label."""
+
+    head_seq: int
+    status: StreamStatus
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """One stream in a listing; times are microseconds since the Unix epoch."""
+
+    stream_id: str
+    head_seq: int
+    status: StreamStatus
+    created_at_us: int
+    updated_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPage:
+    """A page of streams, newest first, and the opaque token for the next page ("" at the end)."""
+
+    streams: tuple[StreamInfo, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactInfo:
+    """A stored artifact's id (`sha256:<hex>`), kind and size in bytes."""
+
+    artifact_id: str
+    kind: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactPut:
+    """The outcome of a put: the artifact's id and size, and False if it already existed."""
+
+    artifact_id: str
+    size: int
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactDownload:
+    """An artifact's info and an async iterator over its bytes, in order."""
+
+    info: ArtifactInfo
+    chunks: AsyncIterator[bytes]
+
+
+class StoreBackend(abc.ABC):
+    """The durable store behind StoreService: per-stream event logs and content-addressed artifacts.
+
+    Every method is safe to call concurrently. An append or put returns only once durable (as
+    durable as the backend's configured durability promises).
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema and start background work; call once before use."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish queued writes, end subscriptions, and release connections."""
+
+    @abc.abstractmethod
+    async def append(
+        self,
+        stream_id: str,
+        expected: Expected,
+        events: Sequence[NewEvent],
+        *,
+        status: StreamStatus | None = None,
+        artifacts: Sequence[NewArtifact] = (),
+    ) -> AppendResult:
+        """Append `events` atomically if the head admits `expected`; set `status`; store `artifacts`.
+
+        Raises `sequence_conflict` (CONFLICT, details {"actual_seq": head}) on a head mismatch,
+        and writes nothing in that case.
+        """
+
+    @abc.abstractmethod
+    async def read(self, stream_id: str, from_seq: int, limit: int) -> EventPage:
+        """Read up to `limit` events with seq >= `from_seq`, in order."""
+
+    @abc.abstractmethod
+    async def head(self, stream_id: str) -> StreamHead:
+        """The stream's head sequence and status label (0 and UNSPECIFIED if it has no events)."""
+
+    @abc.abstractmethod
+    async def list_streams(
+        self,
+        *,
+        statuses: Collection[StreamStatus] = (),
+        prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> StreamPage:
+        """Streams whose label is in `statuses` (all when empty) and id starts with `prefix`.
+
+        Newest (most recently created) first. Raises `invalid_page_token` for a token this backend
+        did not issue.
+        """
+
+    @abc.abstractmethod
+    def subscribe(self, stream_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
+        """Yield the events after `after_seq`, then each new one as its append commits.
+
+        Never polls the database for new events. Ends when the consumer stops iterating (or is
+        cancelled) or the backend closes.
+        """
+
+    @abc.abstractmethod
+    async def put_artifact(self, kind: str, chunks: AsyncIterable[bytes]) -> ArtifactPut:
+        """Store the concatenated `chunks` under `sha256:<hex>` of them; a repeat is a no-op."""
+
+    @abc.abstractmethod
+    async def get_artifact(self, artifact_id: str) -> ArtifactDownload:
+        """The artifact's info and its bytes as chunks; raises `artifact_not_found`."""
+
+    @abc.abstractmethod
+    async def has_artifact(self, artifact_id: str) -> ArtifactInfo | None:
+        """The artifact's info, or None when it is not stored."""
+
+
+def sequence_conflict(stream_id: str, expected: Expected, actual_seq: int) -> KeelError:
+    """The error of an append whose expected head did not match the actual one."""
+    wanted = "no stream" if expected.kind is ExpectedKind.NO_STREAM else f"head {expected.seq}"
+    return KeelError(
+        "sequence_conflict",
+        f"stream {stream_id!r}: expected {wanted} but the head is {actual_seq}; "
+        "read the stream and retry against its head",
+        category=ErrorCategory.CONFLICT,
+        details={"actual_seq": actual_seq},
+    )
+
+
+def artifact_not_found(artifact_id: str) -> KeelError:
+    """The error of a get for an artifact that is not stored."""
+    return not_found("artifact_not_found", f"no artifact {artifact_id!r} is stored", artifact_id=artifact_id)
+
+
+def invalid_page_token(token: str) -> KeelError:
+    """The error of a page token this backend did not issue."""
+    return invalid_argument(
+        "invalid_page_token",
+        f"page_token {token[:40]!r} was not issued by this store; pass the previous next_page_token",
+    )
+
+
+def empty_batch() -> KeelError:
+    """The error of an append without events."""
+    return invalid_argument("invalid_batch", "an append needs at least one event")
+
+
+__all__ = [
+    "ARTIFACT_CHUNK_BYTES",
+    "ARTIFACT_ID_PATTERN",
+    "AppendResult",
+    "ArtifactDownload",
+    "ArtifactInfo",
+    "ArtifactPut",
+    "EventPage",
+    "Expected",
+    "ExpectedKind",
+    "NewArtifact",
+    "NewEvent",
+    "StoreBackend",
+    "StoredEvent",
+    "StreamHead",
+    "StreamInfo",
+    "StreamPage",
+    "StreamStatus",
+    "artifact_not_found",
+    "empty_batch",
+    "invalid_page_token",
+    "sequence_conflict",
+]

@@ -1,0 +1,161 @@
+"""StoreService's input limits and the checks that enforce them, on plain values (no protobuf).
+
+Every check raises an INVALID_ARGUMENT KeelError whose code is the ErrorInfo reason and whose
+message says what to change. They run before anything touches the backend, so bad input never
+writes anything.
+"""
+
+from __future__ import annotations
+
+from keel_core.errors import KeelError, invalid_argument
+from store_service.backend import ARTIFACT_ID_PATTERN, StreamStatus
+
+MAX_STREAM_ID_CHARS = 200
+MAX_BATCH_EVENTS = 1000
+MAX_EVENT_TYPE_CHARS = 128
+MAX_EVENT_PAYLOAD_BYTES = 1024 * 1024
+MAX_ARTIFACT_KIND_CHARS = 64
+MAX_INLINE_ARTIFACT_BYTES = 8 * 1024 * 1024
+MAX_INLINE_ARTIFACTS = 16
+DEFAULT_READ_LIMIT = 1000
+MAX_READ_LIMIT = 10_000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+_LABELS = frozenset(s.value for s in StreamStatus if s is not StreamStatus.UNSPECIFIED)
+
+
+def _has_control_chars(text: str) -> bool:
+    # isprintable() runs in C and printable text has no control characters; only the rare
+    # non-printable-but-allowed text (e.g. with a non-ASCII space) takes the per-character scan.
+    if text.isprintable():
+        return False
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
+
+
+def check_stream_id(stream_id: str) -> str:
+    """A stream id is 1 to 200 characters without control characters."""
+    if not stream_id or len(stream_id) > MAX_STREAM_ID_CHARS or _has_control_chars(stream_id):
+        raise invalid_argument(
+            "invalid_stream_id",
+            f"stream_id must be 1 to {MAX_STREAM_ID_CHARS} characters without control characters "
+            f"(got {len(stream_id)} characters)",
+        )
+    return stream_id
+
+
+def check_prefix(prefix: str) -> str:
+    """A stream id prefix follows the stream id rules, except that it may be empty."""
+    if len(prefix) > MAX_STREAM_ID_CHARS or _has_control_chars(prefix):
+        raise invalid_argument(
+            "invalid_stream_id",
+            f"prefix must be at most {MAX_STREAM_ID_CHARS} characters without control characters",
+        )
+    return prefix
+
+
+def check_sequence(name: str, value: int) -> int:
+    """Sequence numbers are 0 or more."""
+    if value < 0:
+        raise invalid_argument("invalid_sequence", f"{name} must be 0 or more (got {value})")
+    return value
+
+
+def check_batch_size(count: int) -> None:
+    """An append carries 1 to 1000 events."""
+    if not 1 <= count <= MAX_BATCH_EVENTS:
+        raise invalid_argument(
+            "invalid_batch", f"an append needs 1 to {MAX_BATCH_EVENTS} events (got {count})"
+        )
+
+
+def bad_event(index: int, type_name: str, payload_size: int) -> KeelError:
+    """The error for the event at `index` whose type or payload is out of limits."""
+    if not type_name or len(type_name) > MAX_EVENT_TYPE_CHARS or _has_control_chars(type_name):
+        return invalid_argument(
+            "invalid_event_type",
+            f"events[{index}].type must be 1 to {MAX_EVENT_TYPE_CHARS} characters without control "
+            f"characters (got {len(type_name)} characters)",
+        )
+    return invalid_argument(
+        "event_too_large",
+        f"events[{index}].payload is {payload_size} bytes; the limit is {MAX_EVENT_PAYLOAD_BYTES} "
+        "(store large data as an artifact and put its id in the event)",
+    )
+
+
+def event_is_valid(type_name: str, payload_size: int) -> bool:
+    """Whether an event's type and payload size are within limits (the per-event fast path)."""
+    if not 0 < len(type_name) <= MAX_EVENT_TYPE_CHARS or payload_size > MAX_EVENT_PAYLOAD_BYTES:
+        return False
+    return not _has_control_chars(type_name)
+
+
+def check_status_label(value: int) -> StreamStatus | None:
+    """An append's status: 0 means "leave the label", 1..4 set it, anything else is rejected."""
+    if value == StreamStatus.UNSPECIFIED:
+        return None
+    if value not in _LABELS:
+        raise invalid_argument("invalid_status", f"status {value} is not a known StreamStatus value")
+    return StreamStatus(value)
+
+
+def check_status_filter(values: list[int]) -> list[StreamStatus]:
+    """A ListStreams filter names labels 1..4; UNSPECIFIED and unknown values are rejected."""
+    for value in values:
+        if value not in _LABELS:
+            raise invalid_argument(
+                "invalid_status",
+                f"statuses may only hold ACTIVE, COMPLETED, FAILED or CANCELED (got {value}); "
+                "leave it empty to list every stream",
+            )
+    return [StreamStatus(v) for v in dict.fromkeys(values)]
+
+
+def check_artifact_kind(kind: str) -> str:
+    """An artifact kind is 1 to 64 characters without control characters."""
+    if not kind or len(kind) > MAX_ARTIFACT_KIND_CHARS or _has_control_chars(kind):
+        raise invalid_argument(
+            "invalid_artifact_kind",
+            f"artifact kind must be 1 to {MAX_ARTIFACT_KIND_CHARS} characters without control characters",
+        )
+    return kind
+
+
+def check_inline_artifacts(sizes: list[int]) -> None:
+    """An append carries at most 16 inline artifacts of at most 8 MiB each."""
+    if len(sizes) > MAX_INLINE_ARTIFACTS:
+        raise invalid_argument(
+            "invalid_batch", f"an append carries at most {MAX_INLINE_ARTIFACTS} artifacts (got {len(sizes)})"
+        )
+    for index, size in enumerate(sizes):
+        if size > MAX_INLINE_ARTIFACT_BYTES:
+            raise invalid_argument(
+                "artifact_too_large",
+                f"artifacts[{index}] is {size} bytes; inline artifacts are limited to "
+                f"{MAX_INLINE_ARTIFACT_BYTES} bytes (use PutArtifact for larger ones)",
+            )
+
+
+def check_artifact_id(artifact_id: str) -> str:
+    """An artifact id is `sha256:` and 64 lowercase hex digits."""
+    if ARTIFACT_ID_PATTERN.fullmatch(artifact_id) is None:
+        raise invalid_argument(
+            "invalid_artifact_id",
+            f"artifact_id must be 'sha256:' followed by 64 lowercase hex digits (got {artifact_id[:80]!r})",
+        )
+    return artifact_id
+
+
+def read_limit(limit: int) -> int:
+    """ReadEvents' limit: 0 means the default of 1000; 1..10000 as given."""
+    if not 0 <= limit <= MAX_READ_LIMIT:
+        raise invalid_argument("invalid_limit", f"limit must be 0 to {MAX_READ_LIMIT} (got {limit})")
+    return limit or DEFAULT_READ_LIMIT
+
+
+def page_size(size: int) -> int:
+    """ListStreams' page size: 0 means the default of 100; 1..1000 as given."""
+    if not 0 <= size <= MAX_PAGE_SIZE:
+        raise invalid_argument("invalid_page_size", f"page_size must be 0 to {MAX_PAGE_SIZE} (got {size})")
+    return size or DEFAULT_PAGE_SIZE

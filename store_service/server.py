@@ -1,0 +1,219 @@
+"""Running StoreService: `store-service` on the command line, `start_store` in-process.
+
+The one line `store-service listening on HOST:PORT` on stdout (port resolved when 0 was asked)
+is a contract: the engine's launcher and `keel up` parse it. Logs go to stderr as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel_core.serving import ServingHandle, host_port, serve_until_signalled, start_server
+from store_service.backend import StoreBackend
+from store_service.servicer import StoreServicer, register
+from store_service.sqlite import Durability, SqliteStoreBackend
+
+log = logging.getLogger("store_service")
+
+DEFAULT_LISTEN = "127.0.0.1:7071"
+DEFAULT_DATA_DIR = "keel-data"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How to run a store: where it listens, where its data lives, and how durable commits are."""
+
+    listen: str = DEFAULT_LISTEN
+    data_dir: str | Path = DEFAULT_DATA_DIR
+    durability: Durability = "full"
+    backend: str = "sqlite"
+    # Connection string for network backends (PostgreSQL, later); unused by sqlite.
+    dsn: str | None = None
+    # Seconds SIGTERM/drain lets in-flight RPCs finish before cancelling them.
+    grace: float = 10.0
+
+
+def _sqlite_backend(config: StoreConfig) -> StoreBackend:
+    return SqliteStoreBackend.in_directory(config.data_dir, durability=config.durability)
+
+
+# The seam for more backends: `--backend postgres --dsn ...` adds an entry here.
+BACKENDS: dict[str, Callable[[StoreConfig], StoreBackend]] = {"sqlite": _sqlite_backend}
+
+
+def make_backend(config: StoreConfig) -> StoreBackend:
+    """The (unopened) backend that `config.backend` names."""
+    factory = BACKENDS.get(config.backend)
+    if factory is None:
+        raise ValueError(f"unknown backend {config.backend!r}; available: {', '.join(sorted(BACKENDS))}")
+    return factory(config)
+
+
+@dataclass
+class StoreServingHandle(ServingHandle):
+    """A running store: the served handle plus its backend; drain() also ends subscriptions."""
+
+    backend: StoreBackend | None = None
+    servicer: StoreServicer | None = None
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """NOT_SERVING, end subscriptions (UNAVAILABLE), finish in-flight RPCs, close the backend."""
+        await self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            # Subscriptions never finish on their own; without this the drain would wait `grace`.
+            self.servicer.end_subscriptions()
+        await self.server.stop(grace)
+        for hook in self.on_stop:
+            await hook()
+
+
+async def start_store(config: StoreConfig) -> StoreServingHandle:
+    """Open the backend and start serving; `await handle.drain()` stops and closes both."""
+    backend = make_backend(config)
+    await backend.open()
+    servicer = StoreServicer(backend)
+    try:
+        served = await start_server(config.listen, lambda server: register(server, servicer))
+    except BaseException:
+        await backend.close()
+        raise
+    return StoreServingHandle(
+        server=served.server,
+        health=served.health,
+        port=served.port,
+        service_names=served.service_names,
+        on_stop=[*served.on_stop, backend.close],
+        backend=backend,
+        servicer=servicer,
+    )
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a JSON line."""
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; each defaults to its KEEL_STORE_* environment variable."""
+    parser = argparse.ArgumentParser(
+        prog="store-service",
+        description="Keel's StoreService: durable event streams and content-addressed artifacts over gRPC.\n"
+        "Every flag can also be set with the environment variable shown in brackets; a flag wins.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="On start it prints one line to stdout: 'store-service listening on HOST:PORT'.\n"
+        "SIGTERM or SIGINT drains: health turns NOT_SERVING, in-flight calls finish, the database closes.",
+    )
+    parser.add_argument(
+        "--listen",
+        default=_env("KEEL_STORE_LISTEN", DEFAULT_LISTEN),
+        help=f"HOST:PORT to serve on; port 0 picks a free one [KEEL_STORE_LISTEN] (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=_env("KEEL_STORE_DATA_DIR", DEFAULT_DATA_DIR),
+        help="directory holding the SQLite file keel-store.sqlite3, created if missing "
+        f"[KEEL_STORE_DATA_DIR] (default ./{DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--durability",
+        choices=["full", "normal"],
+        default=_env("KEEL_STORE_DURABILITY", "full"),
+        help="full: every commit is fsynced, so an acknowledged write survives kill -9, an OS crash "
+        "and power loss. normal: commits are not fsynced; acknowledged writes survive kill -9 of "
+        "the store but the last ones may be lost on power loss or an OS crash; faster where fsync "
+        "is slow [KEEL_STORE_DURABILITY] (default full)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default=_env("KEEL_STORE_BACKEND", "sqlite"),
+        help="storage backend [KEEL_STORE_BACKEND] (default sqlite)",
+    )
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("KEEL_STORE_DSN"),
+        help="connection string for network backends; unused by sqlite [KEEL_STORE_DSN]",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=_env("KEEL_STORE_GRACE", "10"),
+        help="seconds a drain lets in-flight calls finish [KEEL_STORE_GRACE] (default 10)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=_env("KEEL_STORE_LOG_LEVEL", "info"),
+        help="log level; logs are JSON lines on stderr [KEEL_STORE_LOG_LEVEL] (default info)",
+    )
+    args = parser.parse_args(argv)
+    # argparse checks `choices` on the command line only; values from the environment get the
+    # same check here, so a typo in KEEL_STORE_* fails loudly instead of picking something else.
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value not in action.choices:
+            parser.error(
+                f"argument {action.option_strings[0]}: invalid choice {value!r} (from the environment)"
+            )
+    return args
+
+
+async def serve(config: StoreConfig) -> None:
+    """Start the store, announce the address on stdout, serve until a signal, drain."""
+    handle = await start_store(config)
+    host, _ = host_port(config.listen)
+    address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
+    print(f"store-service listening on {address}", flush=True)
+    log.info("serving on %s (backend %s, durability %s)", address, config.backend, config.durability)
+    await serve_until_signalled(handle, config.grace)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `store-service` console script."""
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    config = StoreConfig(
+        listen=args.listen,
+        data_dir=Path(args.data_dir),
+        durability=args.durability,
+        backend=args.backend,
+        dsn=args.dsn,
+        grace=args.grace,
+    )
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as exc:
+        log.error("store-service could not start: %s", exc)
+        return 1
+    return 0
+
+
+__all__ = ["BACKENDS", "StoreConfig", "StoreServingHandle", "main", "make_backend", "start_store"]

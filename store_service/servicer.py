@@ -1,0 +1,272 @@
+"""StoreServicer: keel.store.v1.StoreService on top of a StoreBackend, translating and validating.
+
+The servicer owns no semantics: it checks inputs against `store_service.limits`, turns protobuf
+messages into backend records and back, and turns KeelErrors into gRPC statuses with ErrorInfo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from keel.store.v1 import store_pb2, store_pb2_grpc
+
+from keel_core.errors import KeelError, invalid_argument, unavailable
+from keel_core.status import abort_with
+from store_service import limits
+from store_service.backend import (
+    Expected,
+    NewArtifact,
+    NewEvent,
+    StoreBackend,
+    StoredEvent,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE_NAME: str = store_pb2.DESCRIPTOR.services_by_name["StoreService"].full_name
+_EXACT = store_pb2.EXPECTED_KIND_EXACT
+_NO_STREAM = store_pb2.EXPECTED_KIND_NO_STREAM
+_ANY = store_pb2.EXPECTED_KIND_ANY
+
+
+def _timestamp(micros: int) -> Timestamp:
+    seconds, rest = divmod(micros, 1_000_000)
+    return Timestamp(seconds=seconds, nanos=rest * 1000)
+
+
+def recorded_event(event: StoredEvent) -> store_pb2.RecordedEvent:
+    """The wire form of a stored event."""
+    return store_pb2.RecordedEvent(
+        stream_id=event.stream_id,
+        seq=event.seq,
+        type=event.type,
+        payload=event.payload,
+        recorded_at=_timestamp(event.recorded_at_us),
+    )
+
+
+async def _fail(context: Context, error: KeelError) -> NoReturn:
+    await abort_with(context, error)
+    raise AssertionError("abort_with returned")  # pragma: no cover - abort always raises
+
+
+def _expected(request: store_pb2.AppendEventsRequest) -> Expected:
+    kind = request.expected_kind
+    if kind == _EXACT:
+        return Expected.exact(limits.check_sequence("expected_seq", request.expected_seq))
+    if kind == _NO_STREAM:
+        return Expected.no_stream()
+    if kind == _ANY:
+        return Expected.any()
+    raise invalid_argument(
+        "invalid_expected",
+        f"expected_kind must be EXACT, NO_STREAM or ANY (got {kind}); "
+        "use EXACT with expected_seq = the head you read, or NO_STREAM for a new stream",
+    )
+
+
+def _new_events(request: store_pb2.AppendEventsRequest) -> list[NewEvent]:
+    limits.check_batch_size(len(request.events))
+    events = [NewEvent(e.type, e.payload) for e in request.events]
+    valid = limits.event_is_valid
+    for index, event in enumerate(events):
+        if not valid(event.type, len(event.payload)):
+            raise limits.bad_event(index, event.type, len(event.payload))
+    return events
+
+
+def _new_artifacts(request: store_pb2.AppendEventsRequest) -> list[NewArtifact]:
+    if not request.artifacts:
+        return []
+    artifacts = [NewArtifact(a.kind, a.data) for a in request.artifacts]
+    limits.check_inline_artifacts([len(a.data) for a in artifacts])
+    for artifact in artifacts:
+        limits.check_artifact_kind(artifact.kind)
+    return artifacts
+
+
+class StoreServicer(store_pb2_grpc.StoreServiceServicer):
+    """The StoreService RPCs over one backend."""
+
+    def __init__(self, backend: StoreBackend) -> None:
+        self._backend = backend
+        self._shutting_down = asyncio.Event()
+
+    def end_subscriptions(self) -> None:
+        """Make every open SubscribeEvents end with UNAVAILABLE (the server is draining)."""
+        self._shutting_down.set()
+
+    async def AppendEvents(
+        self, request: store_pb2.AppendEventsRequest, context: Context
+    ) -> store_pb2.AppendEventsResponse:
+        """Validate, append through the backend (group-committed there), report the new head."""
+        try:
+            stream_id = limits.check_stream_id(request.stream_id)
+            expected = _expected(request)
+            events = _new_events(request)
+            status = limits.check_status_label(request.status)
+            artifacts = _new_artifacts(request)
+            result = await self._backend.append(
+                stream_id, expected, events, status=status, artifacts=artifacts
+            )
+        except KeelError as error:
+            await _fail(context, error)
+        if result.artifact_ids:
+            return store_pb2.AppendEventsResponse(
+                first_seq=result.first_seq, head_seq=result.head_seq, artifact_ids=result.artifact_ids
+            )
+        return store_pb2.AppendEventsResponse(first_seq=result.first_seq, head_seq=result.head_seq)
+
+    async def ReadEvents(
+        self, request: store_pb2.ReadEventsRequest, context: Context
+    ) -> store_pb2.ReadEventsResponse:
+        """One forward page of a stream."""
+        try:
+            stream_id = limits.check_stream_id(request.stream_id)
+            from_seq = limits.check_sequence("from_seq", request.from_seq)
+            page = await self._backend.read(stream_id, from_seq, limits.read_limit(request.limit))
+        except KeelError as error:
+            await _fail(context, error)
+        return store_pb2.ReadEventsResponse(
+            events=[recorded_event(e) for e in page.events], next_seq=page.next_seq, head_seq=page.head_seq
+        )
+
+    async def HeadSeq(self, request: store_pb2.HeadSeqRequest, context: Context) -> store_pb2.HeadSeqResponse:
+        """The stream's head and status label."""
+        try:
+            head = await self._backend.head(limits.check_stream_id(request.stream_id))
+        except KeelError as error:
+            await _fail(context, error)
+        return store_pb2.HeadSeqResponse(head_seq=head.head_seq, status=int(head.status))  # type: ignore[arg-type]
+
+    async def ListStreams(
+        self, request: store_pb2.ListStreamsRequest, context: Context
+    ) -> store_pb2.ListStreamsResponse:
+        """A page of streams, newest first, filtered by label and prefix."""
+        try:
+            page = await self._backend.list_streams(
+                statuses=limits.check_status_filter(list(request.statuses)),
+                prefix=limits.check_prefix(request.prefix),
+                page_size=limits.page_size(request.page_size),
+                page_token=request.page_token,
+            )
+        except KeelError as error:
+            await _fail(context, error)
+        return store_pb2.ListStreamsResponse(
+            streams=[
+                store_pb2.StreamInfo(
+                    stream_id=s.stream_id,
+                    head_seq=s.head_seq,
+                    status=int(s.status),  # type: ignore[arg-type]
+                    created_at=_timestamp(s.created_at_us),
+                    updated_at=_timestamp(s.updated_at_us),
+                )
+                for s in page.streams
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    async def SubscribeEvents(
+        self, request: store_pb2.SubscribeEventsRequest, context: Context
+    ) -> AsyncIterator[store_pb2.SubscribeEventsResponse]:
+        """Existing events after `after_seq`, then live ones, until the client cancels."""
+        try:
+            stream_id = limits.check_stream_id(request.stream_id)
+            after_seq = limits.check_sequence("after_seq", request.after_seq)
+        except KeelError as error:
+            await _fail(context, error)
+        stopping = asyncio.ensure_future(self._shutting_down.wait())
+        events = self._backend.subscribe(stream_id, after_seq)
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(events))
+                await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await step
+                    break
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    break
+                yield store_pb2.SubscribeEventsResponse(event=recorded_event(event))
+        finally:
+            stopping.cancel()
+            # Close the backend's generator now (not at garbage collection): it holds a wake-up.
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        # The backend or the server is going away: tell the client to resubscribe elsewhere/later.
+        await _fail(
+            context,
+            unavailable(
+                "store_shutting_down", "the store is shutting down; subscribe again after your last seq"
+            ),
+        )
+
+    async def PutArtifact(
+        self, request_iterator: AsyncIterator[store_pb2.PutArtifactRequest], context: Context
+    ) -> store_pb2.PutArtifactResponse:
+        """Hash and store the streamed chunks; the first message names the kind."""
+        try:
+            first = await anext(request_iterator, None)
+            if first is None:
+                raise invalid_argument(
+                    "invalid_artifact_kind", "PutArtifact needs at least one message carrying the kind"
+                )
+            kind = limits.check_artifact_kind(first.kind)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                if first.data:
+                    yield first.data
+                async for message in request_iterator:
+                    if message.data:
+                        yield message.data
+
+            put = await self._backend.put_artifact(kind, chunks())
+        except KeelError as error:
+            await _fail(context, error)
+        return store_pb2.PutArtifactResponse(artifact_id=put.artifact_id, size=put.size, created=put.created)
+
+    async def GetArtifact(
+        self, request: store_pb2.GetArtifactRequest, context: Context
+    ) -> AsyncIterator[store_pb2.GetArtifactResponse]:
+        """The artifact in chunks; the first carries kind and size (an empty one sends just that)."""
+        try:
+            download = await self._backend.get_artifact(limits.check_artifact_id(request.artifact_id))
+        except KeelError as error:
+            await _fail(context, error)
+        info = download.info
+        first = True
+        async for data in download.chunks:
+            if first:
+                yield store_pb2.GetArtifactResponse(kind=info.kind, size=info.size, data=data)
+                first = False
+            else:
+                yield store_pb2.GetArtifactResponse(data=data)
+        if first:
+            yield store_pb2.GetArtifactResponse(kind=info.kind, size=info.size)
+
+    async def HasArtifact(
+        self, request: store_pb2.HasArtifactRequest, context: Context
+    ) -> store_pb2.HasArtifactResponse:
+        """Whether the artifact is stored, and its size."""
+        try:
+            info = await self._backend.has_artifact(limits.check_artifact_id(request.artifact_id))
+        except KeelError as error:
+            await _fail(context, error)
+        if info is None:
+            return store_pb2.HasArtifactResponse(exists=False)
+        return store_pb2.HasArtifactResponse(exists=True, size=info.size)
+
+
+def register(server: grpc.aio.Server, servicer: StoreServicer) -> list[str]:
+    """Add the servicer to a server; returns the service names for health and reflection."""
+    store_pb2_grpc.add_StoreServiceServicer_to_server(servicer, server)
+    return [SERVICE_NAME]

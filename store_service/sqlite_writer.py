@@ -1,0 +1,303 @@
+"""The SQLite store's one writer: a plain sqlite3 connection that lives on one dedicated thread.
+
+`SqliteStoreBackend` hands it whole groups of appends; each group is one call on the writer
+thread (one event-loop round trip), one transaction and one fsync, however many appends it
+holds. Every method here is blocking and must only run on the writer thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from keel_core.errors import KeelError
+from store_service.backend import (
+    ARTIFACT_CHUNK_BYTES,
+    AppendResult,
+    Expected,
+    NewArtifact,
+    NewEvent,
+    StreamStatus,
+    sequence_conflict,
+)
+
+log = logging.getLogger(__name__)
+
+Durability = Literal["full", "normal"]
+ChunkRow = tuple[str, int, bytes]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    sid INTEGER PRIMARY KEY,            -- creation order: newest first, and page tokens carry it
+    stream_id TEXT NOT NULL UNIQUE,
+    head_seq INTEGER NOT NULL,
+    status INTEGER NOT NULL DEFAULT 0,
+    created_at_us INTEGER NOT NULL,
+    updated_at_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS streams_by_status ON streams (status, sid);
+-- The primary key is the compare-and-swap backstop: two appends can never both own a seq.
+CREATE TABLE IF NOT EXISTS events (
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    recorded_at_us INTEGER NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+);
+-- An artifact points at a blob of chunks; uploads stage chunks under a fresh blob id and the
+-- artifact row is inserted (or the staged blob dropped, for a repeat) in the final transaction.
+CREATE TABLE IF NOT EXISTS artifacts (
+    artifact_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    blob_id TEXT NOT NULL,
+    created_at_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS artifact_chunks (
+    blob_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (blob_id, idx)
+);
+"""
+
+_INSERT_EVENTS = "INSERT INTO events (stream_id, seq, type, payload, recorded_at_us) VALUES "
+_EVENT_ROW = "(?, ?, ?, ?, ?)"
+# created_at_us is only written for a new stream: DO UPDATE leaves it alone.
+_UPSERT_STREAMS = "INSERT INTO streams (stream_id, head_seq, status, created_at_us, updated_at_us) VALUES "
+_STREAM_ROW = "(?, ?, ?, ?, ?)"
+_ON_STREAM_CONFLICT = (
+    " ON CONFLICT (stream_id) DO UPDATE SET head_seq = excluded.head_seq, status = excluded.status, "
+    "updated_at_us = excluded.updated_at_us"
+)
+# Rows per multi-row INSERT: 200 rows x 5 values stays far below SQLite's variable limit, and
+# at most 200 distinct statement texts keeps them all in the connection's statement cache.
+ROWS_PER_STATEMENT = 200
+_INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES (?, ?, ?)"
+_INSERT_ARTIFACT = (
+    "INSERT INTO artifacts (artifact_id, kind, size, blob_id, created_at_us) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def now_us() -> int:
+    """Wall-clock microseconds since the Unix epoch."""
+    return time.time_ns() // 1000
+
+
+def artifact_id_of(data: bytes) -> str:
+    """The content address of `data`: `sha256:<hex>`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def chunk_rows(blob_id: str, data: bytes, first_index: int = 0) -> list[ChunkRow]:
+    """`data` cut into artifact_chunks rows of at most ARTIFACT_CHUNK_BYTES."""
+    return [
+        (blob_id, first_index + n, data[i : i + ARTIFACT_CHUNK_BYTES])
+        for n, i in enumerate(range(0, len(data), ARTIFACT_CHUNK_BYTES))
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One caller's append, as handed to the writer thread."""
+
+    stream_id: str
+    expected: Expected
+    events: Sequence[NewEvent]
+    status: StreamStatus | None
+    artifacts: Sequence[NewArtifact]
+
+
+@functools.cache
+def _multi_row_sql(head: str, row: str, count: int, tail: str = "") -> str:
+    return head + ", ".join([row] * count) + tail
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, head: str, row: str, rows: Sequence[tuple[Any, ...]], tail: str = ""
+) -> None:
+    """Insert with multi-row VALUES statements rather than executemany.
+
+    executemany steps once per row and the sqlite3 module releases and retakes the GIL around
+    every step; while the event loop thread is busy each retake can wait a whole switch
+    interval. One statement per ROWS_PER_STATEMENT rows keeps a group's GIL hand-offs constant.
+    """
+    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+        part = rows[start : start + ROWS_PER_STATEMENT]
+        conn.execute(_multi_row_sql(head, row, len(part), tail), [value for r in part for value in r])
+
+
+class SqliteWriter:
+    """The write side of the SQLite store; construct and use it on the writer thread only."""
+
+    def __init__(self, path: Path, durability: Durability) -> None:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (the sqlite3 module's implicit
+        # transactions start lazily and DEFERRED, which is wrong for a read-then-write).
+        self.conn = sqlite3.connect(path, isolation_level=None, cached_statements=512)
+        # WAL: readers see the last commit without blocking the writer, and a commit is one
+        # sequential append to the log (plus one fsync under synchronous=FULL).
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        # We are the only writer in this process; the timeout covers another process (a backup,
+        # the sqlite3 shell) holding the write lock briefly instead of failing at once.
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        # Big artifact uploads grow the WAL; cut it back after checkpoints instead of keeping it.
+        self.conn.execute("PRAGMA journal_size_limit=67108864")
+        self.conn.executescript(SCHEMA)
+        # Uploads interrupted by a crash left chunks that no artifact points at.
+        self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id NOT IN (SELECT blob_id FROM artifacts)")
+
+    def close(self) -> None:
+        """Close the connection (the WAL is checkpointed by SQLite on the last close)."""
+        self.conn.close()
+
+    def synchronous(self) -> int:
+        """The connection's PRAGMA synchronous (2 = FULL, 1 = NORMAL)."""
+        return int(self.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    # -- appends -----------------------------------------------------------------------------
+
+    def commit_appends(self, group: Sequence[AppendRequest]) -> list[AppendResult | KeelError]:
+        """Commit a group in one transaction; each request gets its own result or conflict.
+
+        If the unique key rejects the group (only possible if another process wrote the file
+        behind our back), the group is retried one request per transaction so that the conflict
+        lands on the request(s) that caused it.
+        """
+        try:
+            return self._transact(group)
+        except sqlite3.IntegrityError:
+            if len(group) == 1:
+                request = group[0]
+                log.warning("unique key caught a concurrent writer on %r", request.stream_id)
+                return [sequence_conflict(request.stream_id, request.expected, self._head(request.stream_id))]
+            return [self.commit_appends([request])[0] for request in group]
+
+    def _head(self, stream_id: str) -> int:
+        row = self.conn.execute("SELECT head_seq FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _transact(self, group: Sequence[AppendRequest]) -> list[AppendResult | KeelError]:
+        conn = self.conn
+        now = now_us()
+        # IMMEDIATE takes the write lock now, so the head lookup below and the inserts see one
+        # state; a DEFERRED read-then-write transaction could fail with SQLITE_BUSY on upgrade.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            known = self._heads({request.stream_id for request in group})
+            heads = {sid: head for sid, (head, _) in known.items()}
+            stored = self._stored_artifacts(group)
+            event_rows: list[tuple[str, int, str, bytes, int]] = []
+            stream_rows: dict[str, tuple[str, int, int, int, int]] = {}
+            blob_rows: list[ChunkRow] = []
+            artifact_rows: list[tuple[str, str, int, str, int]] = []
+            outcomes: list[AppendResult | KeelError] = []
+            for request in group:
+                sid = request.stream_id
+                head = heads.get(sid, 0)
+                # Checked against the head *as updated by earlier requests of this group*, so
+                # each caller wins or loses exactly as if the appends had been serialized.
+                if not request.expected.admits(head):
+                    outcomes.append(sequence_conflict(sid, request.expected, head))
+                    continue
+                first = head + 1
+                event_rows.extend(
+                    (sid, first + i, e.type, e.payload, now) for i, e in enumerate(request.events)
+                )
+                heads[sid] = new_head = head + len(request.events)
+                if request.status is not None:
+                    status = int(request.status)
+                elif sid in stream_rows:
+                    status = stream_rows[sid][2]
+                else:
+                    status = known[sid][1] if sid in known else 0
+                stream_rows[sid] = (sid, new_head, status, now, now)
+                ids: list[str] = []
+                for artifact in request.artifacts:
+                    artifact_id = artifact_id_of(artifact.data)
+                    ids.append(artifact_id)
+                    if artifact_id not in stored:
+                        stored.add(artifact_id)
+                        blob_id = uuid.uuid4().hex
+                        blob_rows.extend(chunk_rows(blob_id, artifact.data))
+                        artifact_rows.append((artifact_id, artifact.kind, len(artifact.data), blob_id, now))
+                outcomes.append(AppendResult(first, new_head, tuple(ids)))
+            # A few statements for the whole group, whatever its size.
+            _insert_rows(conn, _INSERT_EVENTS, _EVENT_ROW, event_rows)
+            _insert_rows(conn, _UPSERT_STREAMS, _STREAM_ROW, list(stream_rows.values()), _ON_STREAM_CONFLICT)
+            if artifact_rows:
+                conn.executemany(_INSERT_CHUNK, blob_rows)
+                conn.executemany(_INSERT_ARTIFACT, artifact_rows)
+            conn.execute("COMMIT")  # the one fsync of the group (synchronous=FULL)
+        except BaseException:
+            self._rollback()
+            raise
+        return outcomes
+
+    def _heads(self, stream_ids: set[str]) -> dict[str, tuple[int, int]]:
+        """(head_seq, status) of those of `stream_ids` that exist."""
+        ids = list(stream_ids)
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(
+            f"SELECT stream_id, head_seq, status FROM streams WHERE stream_id IN ({marks})", ids
+        )
+        return {str(row[0]): (int(row[1]), int(row[2])) for row in rows}
+
+    def _stored_artifacts(self, group: Sequence[AppendRequest]) -> set[str]:
+        ids = list({artifact_id_of(a.data) for request in group for a in request.artifacts})
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(f"SELECT artifact_id FROM artifacts WHERE artifact_id IN ({marks})", ids)
+        return {str(row[0]) for row in rows}
+
+    def _rollback(self) -> None:
+        # Only if BEGIN succeeded: a ROLLBACK outside a transaction would mask the real error.
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    # -- artifact uploads --------------------------------------------------------------------
+
+    def stage(self, rows: list[ChunkRow]) -> None:
+        """Write some chunks of an upload under its blob id (invisible until published)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.executemany(_INSERT_CHUNK, rows)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def publish(self, rows: list[ChunkRow], artifact_id: str, kind: str, size: int, blob_id: str) -> bool:
+        """Write the last chunks and the artifact row; for a repeat, drop the staged blob instead.
+
+        Returns True when the artifact was created, False when it already existed.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            exists = self.conn.execute(
+                "SELECT 1 FROM artifacts WHERE artifact_id = ?", (artifact_id,)
+            ).fetchone()
+            if exists:
+                self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id = ?", (blob_id,))
+            else:
+                self.conn.executemany(_INSERT_CHUNK, rows)
+                self.conn.execute(_INSERT_ARTIFACT, (artifact_id, kind, size, blob_id, now_us()))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return exists is None
+
+    def drop_blob(self, blob_id: str) -> None:
+        """Delete the staged chunks of an upload that will not be published."""
+        self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id = ?", (blob_id,))

@@ -1,0 +1,472 @@
+"""The one abstract test suite of the StoreBackend contract; every backend's test module binds it.
+
+Subclass `StoreBackendSuite` in a module whose name starts with `test_` and implement
+`create_backend`; every test below then runs against that backend. Nothing here may depend on a
+particular backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from keel_core.errors import ErrorCategory, KeelError
+from store_service.backend import (
+    Expected,
+    NewArtifact,
+    NewEvent,
+    StoreBackend,
+    StoredEvent,
+    StreamStatus,
+)
+
+
+def events(*names: str) -> list[NewEvent]:
+    """Events whose type and payload are the given names."""
+    return [NewEvent(name, name.encode()) for name in names]
+
+
+async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
+    """`data` cut into pieces of `size` bytes, as an async iterable."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def read_all(backend: StoreBackend, stream_id: str) -> list[StoredEvent]:
+    """Every event of a stream, following next_seq."""
+    out: list[StoredEvent] = []
+    seq = 1
+    while True:
+        page = await backend.read(stream_id, seq, 100)
+        out.extend(page.events)
+        if page.next_seq == 0:
+            return out
+        seq = page.next_seq
+
+
+async def download(backend: StoreBackend, artifact_id: str) -> bytes:
+    """An artifact's bytes, joined."""
+    got = await backend.get_artifact(artifact_id)
+    return b"".join([chunk async for chunk in got.chunks])
+
+
+def sha(data: bytes) -> str:
+    """The content address of `data`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class StoreBackendSuite(abc.ABC):
+    """Behaviour every StoreBackend must show. Bind it with `create_backend`."""
+
+    @abc.abstractmethod
+    def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
+        """An unopened backend over this test's storage; a second call reaches the same storage."""
+
+    @pytest.fixture
+    async def backend(self, request: pytest.FixtureRequest) -> AsyncIterator[StoreBackend]:
+        """An opened backend, closed after the test."""
+        backend = self.create_backend(request)
+        await backend.open()
+        yield backend
+        await backend.close()
+
+    # -- compare-and-swap ------------------------------------------------------------------
+
+    async def test_append_to_new_stream_numbers_events_from_one(self, backend: StoreBackend) -> None:
+        result = await backend.append("s", Expected.no_stream(), events("a", "b", "c"))
+        assert (result.first_seq, result.head_seq) == (1, 3)
+        stored = await read_all(backend, "s")
+        assert [(e.stream_id, e.seq, e.type, e.payload) for e in stored] == [
+            ("s", 1, "a", b"a"),
+            ("s", 2, "b", b"b"),
+            ("s", 3, "c", b"c"),
+        ]
+        assert all(e.recorded_at_us > 0 for e in stored)
+
+    async def test_exact_expected_appends_after_matching_head(self, backend: StoreBackend) -> None:
+        await backend.append("s", Expected.exact(0), events("a"))
+        result = await backend.append("s", Expected.exact(1), events("b", "c"))
+        assert (result.first_seq, result.head_seq) == (2, 3)
+
+    async def test_exact_mismatch_is_conflict_with_actual_head_and_writes_nothing(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("s", Expected.no_stream(), events("a", "b"))
+        with pytest.raises(KeelError) as caught:
+            await backend.append("s", Expected.exact(1), events("x", "y"))
+        assert caught.value.code == "sequence_conflict"
+        assert caught.value.category is ErrorCategory.CONFLICT
+        assert caught.value.details["actual_seq"] == 2
+        assert [e.type for e in await read_all(backend, "s")] == ["a", "b"]
+
+    async def test_no_stream_on_existing_stream_is_conflict(self, backend: StoreBackend) -> None:
+        await backend.append("s", Expected.any(), events("a"))
+        with pytest.raises(KeelError) as caught:
+            await backend.append("s", Expected.no_stream(), events("b"))
+        assert caught.value.code == "sequence_conflict"
+        assert caught.value.details["actual_seq"] == 1
+
+    async def test_exact_on_missing_stream_reports_head_zero(self, backend: StoreBackend) -> None:
+        with pytest.raises(KeelError) as caught:
+            await backend.append("nope", Expected.exact(4), events("a"))
+        assert caught.value.details["actual_seq"] == 0
+        assert (await backend.head("nope")).head_seq == 0
+
+    async def test_any_appends_after_whatever_the_head_is(self, backend: StoreBackend) -> None:
+        first = await backend.append("s", Expected.any(), events("a", "b"))
+        second = await backend.append("s", Expected.any(), events("c"))
+        assert (first.first_seq, second.first_seq, second.head_seq) == (1, 3, 3)
+
+    async def test_empty_batch_is_rejected(self, backend: StoreBackend) -> None:
+        with pytest.raises(KeelError) as caught:
+            await backend.append("s", Expected.any(), [])
+        assert caught.value.code == "invalid_batch"
+
+    async def test_conflict_in_one_append_does_not_fail_concurrent_others(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("taken", Expected.no_stream(), events("a"))
+        outcomes = await asyncio.gather(
+            *(backend.append(f"free-{i}", Expected.no_stream(), events("x")) for i in range(20)),
+            backend.append("taken", Expected.no_stream(), events("b")),
+            *(backend.append(f"more-{i}", Expected.exact(0), events("y")) for i in range(20)),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(failures) == 1
+        assert isinstance(failures[0], KeelError) and failures[0].code == "sequence_conflict"
+        assert (await backend.head("free-7")).head_seq == 1
+        assert (await backend.head("more-19")).head_seq == 1
+        assert [e.type for e in await read_all(backend, "taken")] == ["a"]
+
+    async def test_appends_to_one_stream_in_flight_together_chain_in_order(
+        self, backend: StoreBackend
+    ) -> None:
+        results = await asyncio.gather(
+            *(backend.append("chain", Expected.any(), events(f"e{i}")) for i in range(30))
+        )
+        seqs = sorted(r.first_seq for r in results)
+        assert seqs == list(range(1, 31))
+        stored = await read_all(backend, "chain")
+        by_seq = {r.first_seq: f"e{i}" for i, r in enumerate(results)}
+        assert [e.type for e in stored] == [by_seq[e.seq] for e in stored]
+
+    # -- concurrency -----------------------------------------------------------------------
+
+    async def test_many_writers_on_many_streams_lose_nothing(self, backend: StoreBackend) -> None:
+        async def writer(stream: str) -> None:
+            for n in range(15):
+                await backend.append(stream, Expected.exact(n), events(f"{stream}:{n}"))
+
+        streams = [f"stream-{i}" for i in range(40)]
+        await asyncio.gather(*(writer(s) for s in streams))
+        for stream in streams:
+            stored = await read_all(backend, stream)
+            assert [e.type for e in stored] == [f"{stream}:{n}" for n in range(15)]
+            assert [e.seq for e in stored] == list(range(1, 16))
+
+    async def test_racers_on_one_expected_seq_have_exactly_one_winner(self, backend: StoreBackend) -> None:
+        await backend.append("race", Expected.no_stream(), events("start"))
+        outcomes = await asyncio.gather(
+            *(backend.append("race", Expected.exact(1), events(f"racer-{i}")) for i in range(64)),
+            return_exceptions=True,
+        )
+        winners = [o for o in outcomes if not isinstance(o, BaseException)]
+        losers = [o for o in outcomes if isinstance(o, KeelError)]
+        assert len(winners) == 1 and len(losers) == 63
+        assert all(e.code == "sequence_conflict" and e.details["actual_seq"] == 2 for e in losers)
+        assert len(await read_all(backend, "race")) == 2
+
+    async def test_racers_retrying_on_head_neither_lose_duplicate_nor_reorder(
+        self, backend: StoreBackend
+    ) -> None:
+        racers, each = 50, 4
+
+        async def racer(name: str) -> int:
+            conflicts = 0
+            for n in range(each):
+                while True:
+                    head = (await backend.head("contended")).head_seq
+                    try:
+                        await backend.append("contended", Expected.exact(head), events(f"{name}/{n}"))
+                        break
+                    except KeelError as error:
+                        assert error.code == "sequence_conflict"
+                        assert error.details["actual_seq"] >= head
+                        conflicts += 1
+            return conflicts
+
+        conflicts = await asyncio.gather(*(racer(f"r{i}") for i in range(racers)))
+        stored = await read_all(backend, "contended")
+        assert [e.seq for e in stored] == list(range(1, racers * each + 1))
+        types = [e.type for e in stored]
+        assert len(set(types)) == racers * each
+        for i in range(racers):
+            mine = [t for t in types if t.startswith(f"r{i}/")]
+            assert mine == [f"r{i}/{n}" for n in range(each)]
+        assert sum(conflicts) > 0  # the race really happened
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def test_read_pages_forward_with_next_seq_and_head(self, backend: StoreBackend) -> None:
+        await backend.append("s", Expected.any(), events(*(f"e{i}" for i in range(1, 11))))
+        page = await backend.read("s", 0, 4)
+        assert [e.seq for e in page.events] == [1, 2, 3, 4]
+        assert (page.next_seq, page.head_seq) == (5, 10)
+        page = await backend.read("s", 9, 4)
+        assert [e.seq for e in page.events] == [9, 10]
+        assert (page.next_seq, page.head_seq) == (0, 10)
+        page = await backend.read("s", 11, 4)
+        assert (page.events, page.next_seq, page.head_seq) == ((), 0, 10)
+
+    async def test_unknown_stream_reads_empty_with_head_zero(self, backend: StoreBackend) -> None:
+        page = await backend.read("ghost", 1, 10)
+        assert (page.events, page.next_seq, page.head_seq) == ((), 0, 0)
+        head = await backend.head("ghost")
+        assert (head.head_seq, head.status) == (0, StreamStatus.UNSPECIFIED)
+
+    async def test_payload_bytes_round_trip_exactly(self, backend: StoreBackend) -> None:
+        payload = bytes(range(256)) * 40 + b"\x00"
+        await backend.append("bin", Expected.any(), [NewEvent("Blob", payload), NewEvent("Empty", b"")])
+        stored = await read_all(backend, "bin")
+        assert [e.payload for e in stored] == [payload, b""]
+
+    async def test_data_survives_reopening_the_storage(self, request: pytest.FixtureRequest) -> None:
+        first = self.create_backend(request)
+        await first.open()
+        await first.append("kept", Expected.no_stream(), events("a", "b"), status=StreamStatus.ACTIVE)
+        put = await first.put_artifact("blob", chunks_of(b"kept bytes", 3))
+        await first.close()
+        second = self.create_backend(request)
+        await second.open()
+        try:
+            assert [e.type for e in await read_all(second, "kept")] == ["a", "b"]
+            assert (await second.head("kept")).status is StreamStatus.ACTIVE
+            assert await download(second, put.artifact_id) == b"kept bytes"
+        finally:
+            await second.close()
+
+    # -- status labels and listing ---------------------------------------------------------
+
+    async def test_status_label_is_set_with_append_and_kept_until_changed(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("run", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        assert (await backend.head("run")).status is StreamStatus.ACTIVE
+        await backend.append("run", Expected.exact(1), events("b"))
+        assert (await backend.head("run")).status is StreamStatus.ACTIVE
+        await backend.append("run", Expected.exact(2), events("c"), status=StreamStatus.COMPLETED)
+        head = await backend.head("run")
+        assert (head.head_seq, head.status) == (3, StreamStatus.COMPLETED)
+
+    async def test_conflicting_append_does_not_change_the_label(self, backend: StoreBackend) -> None:
+        await backend.append("run", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        with pytest.raises(KeelError):
+            await backend.append("run", Expected.exact(0), events("b"), status=StreamStatus.FAILED)
+        assert (await backend.head("run")).status is StreamStatus.ACTIVE
+
+    async def test_list_streams_newest_first_filtered_by_status_and_prefix(
+        self, backend: StoreBackend
+    ) -> None:
+        labels = [StreamStatus.ACTIVE, StreamStatus.COMPLETED, StreamStatus.FAILED, None, StreamStatus.ACTIVE]
+        for i, label in enumerate(labels):
+            await backend.append(f"run-{i}", Expected.no_stream(), events("x"), status=label)
+        await backend.append("other-0", Expected.no_stream(), events("x"), status=StreamStatus.ACTIVE)
+        everything = await backend.list_streams()
+        assert [s.stream_id for s in everything.streams] == [
+            "other-0",
+            "run-4",
+            "run-3",
+            "run-2",
+            "run-1",
+            "run-0",
+        ]
+        assert everything.next_page_token == ""
+        active = await backend.list_streams(statuses=[StreamStatus.ACTIVE])
+        assert [s.stream_id for s in active.streams] == ["other-0", "run-4", "run-0"]
+        done = await backend.list_streams(statuses=[StreamStatus.COMPLETED, StreamStatus.FAILED])
+        assert [s.stream_id for s in done.streams] == ["run-2", "run-1"]
+        prefixed = await backend.list_streams(statuses=[StreamStatus.ACTIVE], prefix="run-")
+        assert [s.stream_id for s in prefixed.streams] == ["run-4", "run-0"]
+        info = prefixed.streams[0]
+        assert (info.head_seq, info.status) == (1, StreamStatus.ACTIVE)
+        assert 0 < info.created_at_us <= info.updated_at_us
+
+    async def test_list_streams_pages_cover_every_stream_once(self, backend: StoreBackend) -> None:
+        await asyncio.gather(
+            *(backend.append(f"p{i:02d}", Expected.no_stream(), events("x")) for i in range(23))
+        )
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            page = await backend.list_streams(page_size=5, page_token=token)
+            pages += 1
+            seen.extend(s.stream_id for s in page.streams)
+            token = page.next_page_token
+            if not token:
+                break
+        assert pages == 5
+        assert sorted(seen) == [f"p{i:02d}" for i in range(23)]
+        assert len(seen) == len(set(seen))
+
+    async def test_updated_stream_keeps_its_place_in_the_listing(self, backend: StoreBackend) -> None:
+        await backend.append("old", Expected.no_stream(), events("x"))
+        await backend.append("new", Expected.no_stream(), events("x"))
+        await backend.append("old", Expected.exact(1), events("y"), status=StreamStatus.COMPLETED)
+        listed = await backend.list_streams()
+        assert [s.stream_id for s in listed.streams] == ["new", "old"]
+        assert listed.streams[1].head_seq == 2
+
+    async def test_foreign_page_token_is_invalid_argument(self, backend: StoreBackend) -> None:
+        for token in ["garbage", "bm9wZQ==", "!!"]:
+            with pytest.raises(KeelError) as caught:
+                await backend.list_streams(page_token=token)
+            assert caught.value.code == "invalid_page_token"
+            assert caught.value.category is ErrorCategory.INVALID_ARGUMENT
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    async def test_subscribe_yields_existing_then_live_events(self, backend: StoreBackend) -> None:
+        await backend.append("feed", Expected.no_stream(), events("a", "b", "c"))
+        received: list[StoredEvent] = []
+        got_three = asyncio.Event()
+        got_five = asyncio.Event()
+
+        async def consume() -> None:
+            async for event in backend.subscribe("feed", 1):
+                received.append(event)
+                if len(received) == 2:
+                    got_three.set()
+                if len(received) == 4:
+                    got_five.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(got_three.wait(), 10)
+        await backend.append("feed", Expected.exact(3), events("d"))
+        await backend.append("other", Expected.any(), events("noise"))
+        await backend.append("feed", Expected.exact(4), events("e"))
+        await asyncio.wait_for(got_five.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [(e.seq, e.type) for e in received] == [(2, "b"), (3, "c"), (4, "d"), (5, "e")]
+
+    async def test_subscribe_to_empty_stream_wakes_on_first_append(self, backend: StoreBackend) -> None:
+        subscription = backend.subscribe("later", 0)
+        first = asyncio.ensure_future(anext(subscription))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        await backend.append("later", Expected.no_stream(), events("hello"))
+        event = await asyncio.wait_for(first, 10)
+        assert (event.seq, event.type) == (1, "hello")
+        aclose = getattr(subscription, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def test_many_subscribers_each_see_every_event_in_order(self, backend: StoreBackend) -> None:
+        async def collect(count: int) -> list[int]:
+            out: list[int] = []
+            async for event in backend.subscribe("fan", 0):
+                out.append(event.seq)
+                if len(out) == count:
+                    break
+            return out
+
+        tasks = [asyncio.create_task(collect(25)) for _ in range(10)]
+        for n in range(25):
+            await backend.append("fan", Expected.exact(n), events(f"e{n}"))
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        assert all(r == list(range(1, 26)) for r in results)
+
+    async def test_subscription_ends_when_the_backend_closes(self, request: pytest.FixtureRequest) -> None:
+        backend = self.create_backend(request)
+        await backend.open()
+        await backend.append("s", Expected.any(), events("a"))
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for event in backend.subscribe("s", 0):
+                seen.append(event.seq)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        await backend.close()
+        await asyncio.wait_for(task, 10)
+        assert seen == [1]
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    async def test_put_artifact_addresses_by_sha256_and_repeat_is_noop(self, backend: StoreBackend) -> None:
+        data = os.urandom(300_000)
+        first = await backend.put_artifact("blob", chunks_of(data, 65_536))
+        assert (first.artifact_id, first.size, first.created) == (sha(data), len(data), True)
+        again = await backend.put_artifact("blob", chunks_of(data, 7_000))
+        assert (again.artifact_id, again.size, again.created) == (sha(data), len(data), False)
+        info = await backend.has_artifact(first.artifact_id)
+        assert info is not None and (info.kind, info.size) == ("blob", len(data))
+        assert await download(backend, first.artifact_id) == data
+
+    async def test_multi_chunk_artifact_round_trips_in_chunks(self, backend: StoreBackend) -> None:
+        data = os.urandom(5 * 1024 * 1024 + 12_345)
+        put = await backend.put_artifact("big", chunks_of(data, 300_001))
+        got = await backend.get_artifact(put.artifact_id)
+        assert (got.info.kind, got.info.size) == ("big", len(data))
+        parts = [chunk async for chunk in got.chunks]
+        assert len(parts) > 1
+        assert all(len(p) <= 4 * 1024 * 1024 for p in parts)
+        assert b"".join(parts) == data
+
+    async def test_empty_artifact_is_stored(self, backend: StoreBackend) -> None:
+        put = await backend.put_artifact("nothing", chunks_of(b"", 10))
+        assert (put.artifact_id, put.size, put.created) == (sha(b""), 0, True)
+        assert await download(backend, put.artifact_id) == b""
+
+    async def test_missing_artifact_is_not_found(self, backend: StoreBackend) -> None:
+        missing = sha(b"never stored")
+        assert await backend.has_artifact(missing) is None
+        with pytest.raises(KeelError) as caught:
+            await backend.get_artifact(missing)
+        assert caught.value.code == "artifact_not_found"
+        assert caught.value.category is ErrorCategory.NOT_FOUND
+
+    async def test_concurrent_puts_of_same_bytes_create_once(self, backend: StoreBackend) -> None:
+        data = os.urandom(2 * 1024 * 1024)
+        puts = await asyncio.gather(
+            *(backend.put_artifact("dup", chunks_of(data, 500_000)) for _ in range(5))
+        )
+        assert [p.created for p in puts].count(True) == 1
+        assert {p.artifact_id for p in puts} == {sha(data)}
+        assert await download(backend, sha(data)) == data
+
+    async def test_inline_artifacts_are_stored_with_the_append(self, backend: StoreBackend) -> None:
+        snapshot = os.urandom(2 * 1024 * 1024 + 1)
+        result = await backend.append(
+            "run",
+            Expected.no_stream(),
+            events("Checkpoint"),
+            artifacts=[NewArtifact("snapshot", snapshot), NewArtifact("note", b"hi")],
+        )
+        assert result.artifact_ids == (sha(snapshot), sha(b"hi"))
+        assert await download(backend, sha(snapshot)) == snapshot
+        info = await backend.has_artifact(sha(b"hi"))
+        assert info is not None and info.kind == "note"
+        again = await backend.append(
+            "run", Expected.exact(1), events("Again"), artifacts=[NewArtifact("note", b"hi")]
+        )
+        assert again.artifact_ids == (sha(b"hi"),)
+
+    async def test_inline_artifacts_of_a_conflicting_append_are_not_stored(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("run", Expected.no_stream(), events("a"))
+        with pytest.raises(KeelError):
+            await backend.append(
+                "run", Expected.no_stream(), events("b"), artifacts=[NewArtifact("snapshot", b"lost")]
+            )
+        assert await backend.has_artifact(sha(b"lost")) is None

@@ -1,0 +1,123 @@
+"""The StoreBackend suite bound to SQLite, plus the few behaviours only SQLite has."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import tracemalloc
+from collections.abc import AsyncIterator
+
+import pytest
+
+from keel_core.errors import ErrorCategory
+from store_service.backend import Expected, StoreBackend
+from store_service.sqlite import DATABASE_FILE, SqliteStoreBackend, translate
+from tests.store.backend_suite import StoreBackendSuite, chunks_of, events
+
+
+class TestSqliteBackend(StoreBackendSuite):
+    """Every contract test, on a SQLite file in the test's tmp_path."""
+
+    def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
+        """A backend on tmp_path/keel-store.sqlite3 with full durability."""
+        return SqliteStoreBackend.in_directory(request.getfixturevalue("tmp_path"), durability="full")
+
+
+class TestSqliteNormalDurability(StoreBackendSuite):
+    """The same contract with synchronous=NORMAL: only crash durability differs, not semantics."""
+
+    def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
+        """A backend on tmp_path with durability 'normal'."""
+        return SqliteStoreBackend.in_directory(request.getfixturevalue("tmp_path"), durability="normal")
+
+
+async def test_database_is_in_wal_mode_with_full_sync(tmp_path: object) -> None:
+    """SQLite-specific: the file is WAL, the writer commits with synchronous=FULL (2)."""
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+    try:
+        await backend.append("s", Expected.any(), events("a"))
+        assert await backend.synchronous() == 2
+    finally:
+        await backend.close()
+    with sqlite3.connect(backend.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert backend.path.name == DATABASE_FILE
+
+
+async def test_interrupted_upload_leaves_no_chunks_after_reopen(tmp_path: object) -> None:
+    """SQLite-specific: staged chunks of an upload that never finished are swept on open."""
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+
+    async def broken() -> AsyncIterator[bytes]:
+        async for chunk in chunks_of(b"x" * (9 * 1024 * 1024), 1024 * 1024):
+            yield chunk
+        raise RuntimeError("client went away")
+
+    with pytest.raises(RuntimeError):
+        await backend.put_artifact("partial", broken())
+    await backend.close()
+    reopened = SqliteStoreBackend.in_directory(str(tmp_path))
+    await reopened.open()
+    await reopened.close()
+    with sqlite3.connect(reopened.path) as conn:
+        assert conn.execute("SELECT count(*) FROM artifact_chunks").fetchone()[0] == 0
+
+
+def test_unknown_durability_is_refused(tmp_path: object) -> None:
+    """A typo in the durability setting fails loudly instead of silently picking one."""
+    with pytest.raises(ValueError, match="durability"):
+        SqliteStoreBackend.in_directory(str(tmp_path), durability="fast")  # type: ignore[arg-type]
+
+
+async def test_normal_durability_runs_with_synchronous_normal(tmp_path: object) -> None:
+    """SQLite-specific: the 'normal' setting really is synchronous=NORMAL (1)."""
+    backend = SqliteStoreBackend.in_directory(str(tmp_path), durability="normal")
+    await backend.open()
+    try:
+        assert await backend.synchronous() == 1
+    finally:
+        await backend.close()
+
+
+def test_driver_errors_become_keel_errors() -> None:
+    """SQLite-specific: a busy or broken database is UNAVAILABLE (retryable), other faults INTERNAL."""
+    busy = translate(sqlite3.OperationalError("database is locked"))
+    assert (busy.code, busy.category, busy.retryable) == (
+        "store_unavailable",
+        ErrorCategory.UNAVAILABLE,
+        True,
+    )
+    broken = translate(sqlite3.DatabaseError("file is not a database"))
+    assert (broken.code, broken.category) == ("store_failed", ErrorCategory.INTERNAL)
+
+
+async def test_hundred_mib_artifact_round_trips_in_bounded_memory(tmp_path: object) -> None:
+    """SQLite-specific: put and get stream through chunk rows; Python never holds the whole artifact."""
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+    block = os.urandom(1024 * 1024)
+    sent = hashlib.sha256()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(100):
+            chunk = i.to_bytes(4, "big") + block[4:]
+            sent.update(chunk)
+            yield chunk
+
+    tracemalloc.start()
+    try:
+        put = await backend.put_artifact("model", chunks())
+        got = await backend.get_artifact(put.artifact_id)
+        received = hashlib.sha256()
+        async for chunk in got.chunks:
+            received.update(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await backend.close()
+    assert put.size == got.info.size == 100 * 1024 * 1024
+    assert put.artifact_id == "sha256:" + sent.hexdigest() == "sha256:" + received.hexdigest()
+    assert peak < 16 * 1024 * 1024, f"peak Python memory {peak / 2**20:.1f} MiB"

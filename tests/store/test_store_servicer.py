@@ -1,0 +1,383 @@
+"""StoreService over a real in-process grpc.aio server: every RPC, the bad-input table, big artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from keel.store.v1 import store_pb2, store_pb2_grpc
+
+from keel_core.status import from_rpc_error
+from store_service.server import StoreServingHandle
+from tests.store.conftest import error_info
+
+if TYPE_CHECKING:
+    from keel.store.v1.store_pb2_grpc import StoreServiceAsyncStub
+
+pb = store_pb2
+MiB = 1024 * 1024
+
+
+def ev(type_name: str, payload: bytes = b"{}") -> store_pb2.EventData:
+    """One EventData."""
+    return pb.EventData(type=type_name, payload=payload)
+
+
+def append_request(
+    stream_id: str = "s", kind: int = pb.EXPECTED_KIND_NO_STREAM, seq: int = 0, **fields: Any
+) -> store_pb2.AppendEventsRequest:
+    """An AppendEventsRequest with one event unless `events` is given."""
+    fields.setdefault("events", [ev("Happened")])
+    return pb.AppendEventsRequest(stream_id=stream_id, expected_kind=kind, expected_seq=seq, **fields)  # type: ignore[arg-type]
+
+
+async def put_requests(kind: str, chunks: list[bytes]) -> AsyncIterator[store_pb2.PutArtifactRequest]:
+    """A PutArtifact request stream: kind on the first message."""
+    yield pb.PutArtifactRequest(kind=kind, data=chunks[0] if chunks else b"")
+    for chunk in chunks[1:]:
+        yield pb.PutArtifactRequest(data=chunk)
+
+
+def sha(data: bytes) -> str:
+    """The content address of `data`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_append_read_head_round_trip(stub: StoreServiceAsyncStub) -> None:
+    first = await stub.AppendEvents(
+        append_request("run-1", events=[ev("A", b"1"), ev("B", b"2")], status=pb.STREAM_STATUS_ACTIVE)
+    )
+    assert (first.first_seq, first.head_seq) == (1, 2)
+    second = await stub.AppendEvents(append_request("run-1", pb.EXPECTED_KIND_EXACT, 2, events=[ev("C")]))
+    assert (second.first_seq, second.head_seq) == (3, 3)
+    page = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="run-1", from_seq=2, limit=1))
+    assert [(e.seq, e.type, e.payload) for e in page.events] == [(2, "B", b"2")]
+    assert (page.next_seq, page.head_seq) == (3, 3)
+    assert page.events[0].stream_id == "run-1"
+    assert page.events[0].recorded_at.seconds > 1_700_000_000
+    everything = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="run-1"))
+    assert [e.type for e in everything.events] == ["A", "B", "C"] and everything.next_seq == 0
+    head = await stub.HeadSeq(pb.HeadSeqRequest(stream_id="run-1"))
+    assert (head.head_seq, head.status) == (3, pb.STREAM_STATUS_ACTIVE)
+    missing = await stub.HeadSeq(pb.HeadSeqRequest(stream_id="nobody"))
+    assert (missing.head_seq, missing.status) == (0, pb.STREAM_STATUS_UNSPECIFIED)
+
+
+async def test_any_expectation_appends_at_head(stub: StoreServiceAsyncStub) -> None:
+    await stub.AppendEvents(append_request("s", pb.EXPECTED_KIND_ANY))
+    again = await stub.AppendEvents(append_request("s", pb.EXPECTED_KIND_ANY))
+    assert again.first_seq == 2
+
+
+async def test_conflict_is_aborted_with_actual_seq_in_error_info(stub: StoreServiceAsyncStub) -> None:
+    await stub.AppendEvents(append_request("s", events=[ev("A"), ev("B")]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AppendEvents(append_request("s", pb.EXPECTED_KIND_EXACT, 1))
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    info = error_info(caught.value)
+    assert info.reason == "sequence_conflict"
+    assert info.metadata["actual_seq"] == "2"
+    assert info.metadata["category"] == "conflict"
+    assert "head is 2" in (caught.value.details() or "")
+    assert from_rpc_error(caught.value).details["actual_seq"] == "2"
+    head = await stub.HeadSeq(pb.HeadSeqRequest(stream_id="s"))
+    assert head.head_seq == 2
+
+
+async def test_list_streams_filters_and_pages(stub: StoreServiceAsyncStub) -> None:
+    statuses = [pb.STREAM_STATUS_ACTIVE, pb.STREAM_STATUS_COMPLETED, pb.STREAM_STATUS_ACTIVE]
+    for i, status in enumerate(statuses):
+        await stub.AppendEvents(append_request(f"run-{i}", status=status))
+    await stub.AppendEvents(append_request("misc"))
+    active = await stub.ListStreams(pb.ListStreamsRequest(statuses=[pb.STREAM_STATUS_ACTIVE]))
+    assert [s.stream_id for s in active.streams] == ["run-2", "run-0"]
+    assert active.streams[0].status == pb.STREAM_STATUS_ACTIVE
+    assert active.streams[0].created_at.seconds > 0 and active.streams[0].updated_at.seconds > 0
+    first = await stub.ListStreams(pb.ListStreamsRequest(prefix="run-", page_size=2))
+    assert [s.stream_id for s in first.streams] == ["run-2", "run-1"] and first.next_page_token
+    rest = await stub.ListStreams(
+        pb.ListStreamsRequest(prefix="run-", page_size=2, page_token=first.next_page_token)
+    )
+    assert [s.stream_id for s in rest.streams] == ["run-0"] and rest.next_page_token == ""
+
+
+async def test_subscribe_streams_existing_then_live_until_cancelled(stub: StoreServiceAsyncStub) -> None:
+    await stub.AppendEvents(append_request("feed", events=[ev("A"), ev("B")]))
+    call = stub.SubscribeEvents(pb.SubscribeEventsRequest(stream_id="feed", after_seq=1))
+    first = await asyncio.wait_for(call.read(), 10)
+    assert isinstance(first, pb.SubscribeEventsResponse) and first.event.type == "B"
+    await stub.AppendEvents(append_request("feed", pb.EXPECTED_KIND_EXACT, 2, events=[ev("C")]))
+    live = await asyncio.wait_for(call.read(), 10)
+    assert isinstance(live, pb.SubscribeEventsResponse) and (live.event.seq, live.event.type) == (3, "C")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call.read()
+    assert call.cancelled()
+
+
+async def test_drain_ends_subscriptions_with_unavailable(tmp_path: Any) -> None:
+    from store_service.server import StoreConfig, start_store
+
+    handle = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=tmp_path))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        stub = store_pb2_grpc.StoreServiceStub(channel)
+        call = stub.SubscribeEvents(pb.SubscribeEventsRequest(stream_id="quiet"))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(handle.drain(grace=5.0), 4.0)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "store_shutting_down"
+
+
+async def test_artifact_put_has_get_and_repeat(stub: StoreServiceAsyncStub) -> None:
+    data = os.urandom(3 * MiB + 17)
+    chunks = [data[i : i + 700_000] for i in range(0, len(data), 700_000)]
+    put = await stub.PutArtifact(put_requests("snapshot", chunks))
+    assert (put.artifact_id, put.size, put.created) == (sha(data), len(data), True)
+    again = await stub.PutArtifact(put_requests("snapshot", [data]))
+    assert (again.artifact_id, again.created) == (sha(data), False)
+    has = await stub.HasArtifact(pb.HasArtifactRequest(artifact_id=put.artifact_id))
+    assert (has.exists, has.size) == (True, len(data))
+    parts = [r async for r in stub.GetArtifact(pb.GetArtifactRequest(artifact_id=put.artifact_id))]
+    assert isinstance(parts[0], pb.GetArtifactResponse)
+    assert (parts[0].kind, parts[0].size) == ("snapshot", len(data))
+    assert len(parts) == 4 and all(len(p.data) <= MiB for p in parts)
+    assert b"".join(p.data for p in parts) == data
+    absent = await stub.HasArtifact(pb.HasArtifactRequest(artifact_id=sha(b"absent")))
+    assert (absent.exists, absent.size) == (False, 0)
+
+
+async def test_empty_artifact_round_trips_as_one_message(stub: StoreServiceAsyncStub) -> None:
+    put = await stub.PutArtifact(put_requests("empty", []))
+    assert (put.artifact_id, put.size) == (sha(b""), 0)
+    parts = [r async for r in stub.GetArtifact(pb.GetArtifactRequest(artifact_id=put.artifact_id))]
+    assert [(p.kind, p.size, p.data) for p in parts] == [("empty", 0, b"")]
+
+
+async def test_inline_artifacts_come_back_by_id(stub: StoreServiceAsyncStub) -> None:
+    result = await stub.AppendEvents(
+        append_request("run", artifacts=[pb.InlineArtifact(kind="snapshot", data=b"state")])
+    )
+    assert list(result.artifact_ids) == [sha(b"state")]
+    parts = [r async for r in stub.GetArtifact(pb.GetArtifactRequest(artifact_id=sha(b"state")))]
+    assert b"".join(p.data for p in parts) == b"state"
+
+
+async def test_missing_artifact_is_not_found(stub: StoreServiceAsyncStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.GetArtifact(pb.GetArtifactRequest(artifact_id=sha(b"nope"))):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "artifact_not_found"
+
+
+async def test_hundred_mib_artifact_round_trips_over_grpc(stub: StoreServiceAsyncStub) -> None:
+    block = os.urandom(MiB)
+    sent = hashlib.sha256()
+
+    async def requests() -> AsyncIterator[store_pb2.PutArtifactRequest]:
+        for i in range(100):
+            chunk = i.to_bytes(4, "big") + block[4:]
+            sent.update(chunk)
+            yield pb.PutArtifactRequest(kind="model" if i == 0 else "", data=chunk)
+
+    put = await stub.PutArtifact(requests())
+    assert (put.artifact_id, put.size, put.created) == ("sha256:" + sent.hexdigest(), 100 * MiB, True)
+    received = hashlib.sha256()
+    size = 0
+    messages = 0
+    async for part in stub.GetArtifact(pb.GetArtifactRequest(artifact_id=put.artifact_id)):
+        assert isinstance(part, pb.GetArtifactResponse)
+        received.update(part.data)
+        size += len(part.data)
+        messages += 1
+    assert (size, "sha256:" + received.hexdigest()) == (100 * MiB, put.artifact_id)
+    assert messages == 100
+
+
+# -- bad input: status code, ErrorInfo reason, and nothing written ------------------------------
+
+Call = Callable[["StoreServiceAsyncStub"], Awaitable[Any]]
+
+
+def _append(**kwargs: Any) -> Call:
+    return lambda stub: stub.AppendEvents(append_request(**kwargs))
+
+
+async def _drain_stream(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
+    ("empty stream id", _append(stream_id=""), grpc.StatusCode.INVALID_ARGUMENT, "invalid_stream_id"),
+    (
+        "oversized stream id",
+        _append(stream_id="x" * 201),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_stream_id",
+    ),
+    (
+        "control char in stream id",
+        _append(stream_id="a\nb"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_stream_id",
+    ),
+    (
+        "negative expected seq",
+        _append(kind=pb.EXPECTED_KIND_EXACT, seq=-1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_sequence",
+    ),
+    (
+        "expected kind unset",
+        _append(kind=pb.EXPECTED_KIND_UNSPECIFIED),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_expected",
+    ),
+    ("unknown expected kind", _append(kind=99), grpc.StatusCode.INVALID_ARGUMENT, "invalid_expected"),
+    ("empty batch", _append(events=[]), grpc.StatusCode.INVALID_ARGUMENT, "invalid_batch"),
+    (
+        "oversized batch",
+        _append(events=[ev("E")] * 1001),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_batch",
+    ),
+    (
+        "oversized event",
+        _append(events=[ev("Ok"), ev("Big", b"x" * (MiB + 1))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "event_too_large",
+    ),
+    ("empty event type", _append(events=[ev("")]), grpc.StatusCode.INVALID_ARGUMENT, "invalid_event_type"),
+    (
+        "oversized event type",
+        _append(events=[ev("T" * 129)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_event_type",
+    ),
+    ("unknown status", _append(status=42), grpc.StatusCode.INVALID_ARGUMENT, "invalid_status"),
+    (
+        "inline artifact without kind",
+        _append(artifacts=[pb.InlineArtifact(kind="", data=b"x")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_artifact_kind",
+    ),
+    (
+        "oversized inline artifact",
+        _append(artifacts=[pb.InlineArtifact(kind="k", data=b"x" * (8 * MiB + 1))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "artifact_too_large",
+    ),
+    (
+        "negative from_seq",
+        lambda stub: stub.ReadEvents(pb.ReadEventsRequest(stream_id="s", from_seq=-5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_sequence",
+    ),
+    (
+        "read limit too big",
+        lambda stub: stub.ReadEvents(pb.ReadEventsRequest(stream_id="s", limit=10_001)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_limit",
+    ),
+    (
+        "head of empty stream id",
+        lambda stub: stub.HeadSeq(pb.HeadSeqRequest(stream_id="")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_stream_id",
+    ),
+    (
+        "status filter unspecified",
+        lambda stub: stub.ListStreams(pb.ListStreamsRequest(statuses=[pb.STREAM_STATUS_UNSPECIFIED])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_status",
+    ),
+    (
+        "unknown status filter",
+        lambda stub: stub.ListStreams(pb.ListStreamsRequest(statuses=[pb.STREAM_STATUS_ACTIVE, 9])),  # type: ignore[list-item]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_status",
+    ),
+    (
+        "page size too big",
+        lambda stub: stub.ListStreams(pb.ListStreamsRequest(page_size=1001)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_page_size",
+    ),
+    (
+        "foreign page token",
+        lambda stub: stub.ListStreams(pb.ListStreamsRequest(page_token="not-ours")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_page_token",
+    ),
+    (
+        "negative after_seq",
+        lambda stub: _drain_stream(
+            stub.SubscribeEvents(pb.SubscribeEventsRequest(stream_id="s", after_seq=-1))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_sequence",
+    ),
+    (
+        "malformed artifact id on get",
+        lambda stub: _drain_stream(stub.GetArtifact(pb.GetArtifactRequest(artifact_id="sha256:XYZ"))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_artifact_id",
+    ),
+    (
+        "malformed artifact id on has",
+        lambda stub: stub.HasArtifact(pb.HasArtifactRequest(artifact_id="md5:" + "0" * 32)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_artifact_id",
+    ),
+    (
+        "uppercase artifact id",
+        lambda stub: stub.HasArtifact(pb.HasArtifactRequest(artifact_id="sha256:" + "A" * 64)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_artifact_id",
+    ),
+    (
+        "put without kind",
+        lambda stub: stub.PutArtifact(put_requests("", [b"orphan bytes"])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_artifact_kind",
+    ),
+    (
+        "put with no message at all",
+        lambda stub: stub.PutArtifact(_no_requests()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_artifact_kind",
+    ),
+]
+
+
+async def _no_requests() -> AsyncIterator[store_pb2.PutArtifactRequest]:
+    return
+    yield  # an async generator that sends nothing
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "reason"), [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT]
+)
+async def test_bad_input_is_rejected_with_reason_and_writes_nothing(
+    stub: StoreServiceAsyncStub, store: StoreServingHandle, call: Call, code: grpc.StatusCode, reason: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(stub)
+    assert caught.value.code() == code
+    info = error_info(caught.value)
+    assert info.reason == reason
+    assert info.metadata["category"] == "invalid_argument"
+    assert caught.value.details()  # a message a person can act on
+    listed = await stub.ListStreams(pb.ListStreamsRequest())
+    assert list(listed.streams) == []
+    for artifact in (b"x", b"orphan bytes", b"x" * (8 * MiB + 1)):
+        has = await stub.HasArtifact(pb.HasArtifactRequest(artifact_id=sha(artifact)))
+        assert not has.exists
