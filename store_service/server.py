@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel_core.errors import KeelError
 from keel_core.serving import ServingHandle, host_port, serve_until_signalled, start_server
 from store_service.backend import StoreBackend
 from store_service.servicer import StoreServicer, register
@@ -36,8 +37,10 @@ class StoreConfig:
     data_dir: str | Path = DEFAULT_DATA_DIR
     durability: Durability = "full"
     backend: str = "sqlite"
-    # Connection string for network backends (PostgreSQL, later); unused by sqlite.
+    # Connection string for network backends (PostgreSQL); unused by sqlite.
     dsn: str | None = None
+    # PostgreSQL schema holding Keel's tables; replicas sharing a schema share the data.
+    pg_schema: str = "keel"
     # Seconds SIGTERM/drain lets in-flight RPCs finish before cancelling them.
     grace: float = 10.0
 
@@ -46,8 +49,18 @@ def _sqlite_backend(config: StoreConfig) -> StoreBackend:
     return SqliteStoreBackend.in_directory(config.data_dir, durability=config.durability)
 
 
-# The seam for more backends: `--backend postgres --dsn ...` adds an entry here.
-BACKENDS: dict[str, Callable[[StoreConfig], StoreBackend]] = {"sqlite": _sqlite_backend}
+def _postgres_backend(config: StoreConfig) -> StoreBackend:
+    from store_service.postgres import PostgresStoreBackend
+
+    if not config.dsn:
+        raise ValueError("--backend postgres needs --dsn postgresql://USER@HOST:PORT/DB (or KEEL_STORE_DSN)")
+    return PostgresStoreBackend(config.dsn, schema=config.pg_schema, durability=config.durability)
+
+
+BACKENDS: dict[str, Callable[[StoreConfig], StoreBackend]] = {
+    "sqlite": _sqlite_backend,
+    "postgres": _postgres_backend,
+}
 
 
 def make_backend(config: StoreConfig) -> StoreBackend:
@@ -144,9 +157,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["full", "normal"],
         default=_env("KEEL_STORE_DURABILITY", "full"),
         help="full: every commit is fsynced, so an acknowledged write survives kill -9, an OS crash "
-        "and power loss. normal: commits are not fsynced; acknowledged writes survive kill -9 of "
-        "the store but the last ones may be lost on power loss or an OS crash; faster where fsync "
-        "is slow [KEEL_STORE_DURABILITY] (default full)",
+        "and power loss. normal: commits are not fsynced (SQLite synchronous=NORMAL; PostgreSQL "
+        "synchronous_commit=off); acknowledged writes survive kill -9 of the store but the last ones "
+        "may be lost on power loss or an OS crash; faster where fsync is slow "
+        "[KEEL_STORE_DURABILITY] (default full)",
     )
     parser.add_argument(
         "--backend",
@@ -157,7 +171,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dsn",
         default=os.environ.get("KEEL_STORE_DSN"),
-        help="connection string for network backends; unused by sqlite [KEEL_STORE_DSN]",
+        help="connection string for --backend postgres, e.g. postgresql://postgres@127.0.0.1:5432/keel; "
+        "the schema is created and migrated on start-up, safely with several replicas [KEEL_STORE_DSN]",
+    )
+    parser.add_argument(
+        "--pg-schema",
+        default=_env("KEEL_STORE_PG_SCHEMA", "keel"),
+        help="PostgreSQL schema for Keel's tables [KEEL_STORE_PG_SCHEMA] (default keel)",
     )
     parser.add_argument(
         "--grace",
@@ -206,11 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         durability=args.durability,
         backend=args.backend,
         dsn=args.dsn,
+        pg_schema=args.pg_schema,
         grace=args.grace,
     )
     try:
         asyncio.run(serve(config))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, KeelError) as exc:
+        # RuntimeError: grpc's "Failed to bind"; KeelError: e.g. store_unavailable from the database.
         log.error("store-service could not start: %s", exc)
         return 1
     return 0
