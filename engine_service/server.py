@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine_service import builtin_ops
+from engine_service import metrics as engine_metrics
 from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
 from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegistry
 from engine_service.engine import Engine, build_provenance
@@ -29,7 +29,10 @@ from engine_service.failpoints import Failpoints
 from engine_service.run_driver import RunEnvironment
 from engine_service.servicer import EngineServicer, register
 from engine_service.store_client import StoreClient
-from keel_core.serving import ServingHandle, host_port, serve_until_signalled, start_server
+from keel_core.logs import configure_logging
+from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
+from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles
+from keel_core.serving import ServerInterceptor, ServingHandle, host_port, serve_until_signalled, start_server
 
 log = logging.getLogger("engine_service")
 
@@ -56,6 +59,14 @@ class EngineConfig:
     recover_on_start: bool = True
     # Write-behind window for decided events (see engine_service.run_driver); 0 appends each at once.
     checkpoint_linger: float = 0.2
+    # TLS for EngineService (with client_ca: mutual TLS); None: plaintext.
+    tls: TlsFiles | None = None
+    # TLS to the store: its CA, and the client certificate a mutual-TLS store requires; None: plaintext.
+    store_tls: ClientTls | None = None
+    # When set, every EngineService call must carry `authorization: Bearer <token>` (health excepted).
+    auth_token: str | None = None
+    # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
+    metrics_listen: str | None = None
 
 
 @dataclass
@@ -63,6 +74,7 @@ class EngineServingHandle(ServingHandle):
     """A running engine: the served handle plus the engine (drivers, store client)."""
 
     engine: Engine | None = None
+    metrics: MetricsEndpoint | None = None
 
 
 def load_op_module(name: str) -> None:
@@ -86,18 +98,35 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     ops = DEFAULT_REGISTRY.merged(config.ops) if config.ops else DEFAULT_REGISTRY
     transports = DEFAULT_TRANSPORTS.merged(config.transports) if config.transports else DEFAULT_TRANSPORTS
     failpoints = Failpoints.from_env() if config.failpoints is None else Failpoints.parse(config.failpoints)
-    store = StoreClient(config.store, patience=config.store_patience)
-    engine = Engine(
-        RunEnvironment(store, ops, transports, failpoints),
-        build_provenance(),
-        checkpoint_linger=config.checkpoint_linger,
-    )
-    servicer = EngineServicer(engine)
-    try:
-        served = await start_server(config.listen, lambda server: register(server, servicer))
-    except BaseException:
-        await store.close()
-        raise
+    interceptors: list[ServerInterceptor] = [MetricsInterceptor()]
+    if config.auth_token:
+        # After the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED).
+        interceptors.append(BearerTokenInterceptor(config.auth_token))
+    async with contextlib.AsyncExitStack() as undo:  # what to undo if a later part fails to start
+        metrics = serve_metrics(config.metrics_listen) if config.metrics_listen is not None else None
+        if metrics is not None:
+            undo.push_async_callback(metrics.close)
+        store = StoreClient(
+            config.store,
+            patience=config.store_patience,
+            tls=config.store_tls,
+            on_appended=engine_metrics.count_appended,
+        )
+        undo.push_async_callback(store.close)
+        engine = Engine(
+            RunEnvironment(store, engine_metrics.metered_ops(ops), transports, failpoints),
+            build_provenance(),
+            checkpoint_linger=config.checkpoint_linger,
+        )
+        servicer = EngineServicer(engine)
+        served = await start_server(
+            config.listen,
+            lambda server: register(server, servicer),
+            credentials=config.tls.server_credentials() if config.tls else None,
+            interceptors=interceptors,
+        )
+        undo.pop_all()
+    engine_metrics.track_engine(engine)
     recovery: asyncio.Task[int] | None = None
     if config.recover_on_start:
         recovery = asyncio.create_task(engine.recover(), name="recover runs")
@@ -108,6 +137,8 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
             recovery.cancel()
         await engine.stop()
         await store.close()
+        if metrics is not None:
+            await metrics.close()
 
     return EngineServingHandle(
         server=served.server,
@@ -116,6 +147,7 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         service_names=served.service_names,
         on_stop=[*served.on_stop, stop_engine],
         engine=engine,
+        metrics=metrics,
     )
 
 
@@ -128,23 +160,6 @@ def _log_recovery(task: asyncio.Task[int]) -> None:
         log.info("recovery: resumed %d run(s)", task.result())
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (and exc)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """The record as a JSON line."""
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; each defaults to its KEEL_ENGINE_* environment variable."""
     env = os.environ.get
@@ -152,7 +167,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="engine-service",
         description="Keel's EngineService: durable pipeline runs over gRPC, state kept in a StoreService. "
         "Every flag can also be set with the environment variable in brackets; a flag wins.",
-        epilog="On start it prints one line to stdout: 'engine-service listening on HOST:PORT'. "
+        epilog="On start it prints one line to stdout: 'engine-service listening on HOST:PORT' (then, "
+        "with --metrics-listen, 'engine-service metrics on http://HOST:PORT/metrics'). "
         "Failpoints for crash tests: KEEL_FAILPOINTS=name[:step],... (see engine_service.failpoints).",
     )
     parser.add_argument(
@@ -188,12 +204,70 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "[KEEL_ENGINE_CHECKPOINT_LINGER] (default 0.2)",
     )
     parser.add_argument(
+        "--tls-cert",
+        default=env("KEEL_ENGINE_TLS_CERT"),
+        metavar="PEM",
+        help="serve TLS with this certificate chain (needs --tls-key) [KEEL_ENGINE_TLS_CERT] "
+        "(default: plaintext)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=env("KEEL_ENGINE_TLS_KEY"),
+        metavar="PEM",
+        help="key of --tls-cert [KEEL_ENGINE_TLS_KEY]",
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        default=env("KEEL_ENGINE_TLS_CLIENT_CA"),
+        metavar="PEM",
+        help="mutual TLS: clients must present a certificate signed by this CA [KEEL_ENGINE_TLS_CLIENT_CA]",
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=env("KEEL_ENGINE_AUTH_TOKEN") or None,
+        metavar="TOKEN",
+        help="require 'authorization: Bearer TOKEN' on every EngineService call (health checks "
+        "excepted); prefer the environment variable, command lines are visible to other users "
+        "[KEEL_ENGINE_AUTH_TOKEN] (default: no token)",
+    )
+    parser.add_argument(
+        "--store-tls-ca",
+        default=env("KEEL_ENGINE_STORE_TLS_CA"),
+        metavar="PEM",
+        help="connect to the store over TLS, verifying it with this CA (any --store-tls-* flag turns "
+        "TLS on; without this one the system's roots verify it) [KEEL_ENGINE_STORE_TLS_CA]",
+    )
+    parser.add_argument(
+        "--store-tls-cert",
+        default=env("KEEL_ENGINE_STORE_TLS_CERT"),
+        metavar="PEM",
+        help="client certificate to present to a mutual-TLS store (needs --store-tls-key) "
+        "[KEEL_ENGINE_STORE_TLS_CERT]",
+    )
+    parser.add_argument(
+        "--store-tls-key",
+        default=env("KEEL_ENGINE_STORE_TLS_KEY"),
+        metavar="PEM",
+        help="key of --store-tls-cert [KEEL_ENGINE_STORE_TLS_KEY]",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=env("KEEL_ENGINE_METRICS_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks one "
+        "[KEEL_ENGINE_METRICS_LISTEN] (default: off)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default=env("KEEL_ENGINE_LOG_LEVEL", "info"),
-        help="log level; JSON lines on stderr [KEEL_ENGINE_LOG_LEVEL] (default info)",
+        help="log level; JSON lines on stderr carrying run_id, step_id and attempt "
+        "[KEEL_ENGINE_LOG_LEVEL] (default info)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.log_level not in ("debug", "info", "warning", "error"):
+        parser.error(f"argument --log-level: invalid choice {args.log_level!r} (from the environment)")
+    return args
 
 
 async def serve(config: EngineConfig) -> None:
@@ -202,7 +276,16 @@ async def serve(config: EngineConfig) -> None:
     host, _ = host_port(config.listen)
     address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
     print(f"engine-service listening on {address}", flush=True)
-    log.info("serving on %s (store %s)", address, config.store)
+    if handle.metrics is not None:
+        print(f"engine-service metrics on {handle.metrics.url}", flush=True)
+    log.info(
+        "serving on %s (%s%s; store %s over %s)",
+        address,
+        "mutual TLS" if config.tls and config.tls.client_ca else "TLS" if config.tls else "plaintext",
+        ", bearer token required" if config.auth_token else "",
+        config.store,
+        "TLS" if config.store_tls else "plaintext",
+    )
     await serve_until_signalled(handle, config.grace)
     log.info("stopped")
 
@@ -210,17 +293,21 @@ async def serve(config: EngineConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `engine-service` console script."""
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
-    config = EngineConfig(
-        listen=args.listen,
-        store=args.store,
-        ops_modules=tuple(args.ops),
-        grace=args.grace,
-        checkpoint_linger=args.checkpoint_linger,
-    )
+    configure_logging(args.log_level)
     try:
+        config = EngineConfig(
+            listen=args.listen,
+            store=args.store,
+            ops_modules=tuple(args.ops),
+            grace=args.grace,
+            checkpoint_linger=args.checkpoint_linger,
+            tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
+            store_tls=ClientTls.from_flags(
+                args.store_tls_ca, args.store_tls_cert, args.store_tls_key, prefix="--store-"
+            ),
+            auth_token=args.auth_token,
+            metrics_listen=args.metrics_listen,
+        )
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         pass

@@ -29,6 +29,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.domain.canonical import artifact_id_for_bytes
 from keel_core.errors import KeelError, unavailable
+from keel_core.security import ClientTls
 from keel_core.serving import MAX_MESSAGE_BYTES, host_port
 from keel_core.status import from_rpc_error
 
@@ -119,13 +120,26 @@ def _stream_event(event: store_pb2.RecordedEvent) -> StreamEvent:
     return StreamEvent(event.seq, event.type, bytes(event.payload), recorded)
 
 
-class StoreClient:
-    """Typed, retrying calls to the StoreService."""
+AppendObserver = Callable[[str, Sequence[tuple[str, bytes]]], None]
 
-    def __init__(self, addresses: str, *, rpc_timeout: float = 10.0, patience: float = 10.0) -> None:
+
+class StoreClient:
+    """Typed, retrying calls to the StoreService (over TLS, with a client certificate, when given)."""
+
+    def __init__(
+        self,
+        addresses: str,
+        *,
+        rpc_timeout: float = 10.0,
+        patience: float = 10.0,
+        tls: ClientTls | None = None,
+        on_appended: AppendObserver | None = None,
+    ) -> None:
         self.addresses = addresses
         self.rpc_timeout = rpc_timeout
         self.patience = patience
+        # Told (stream id, events) after each append is known to have committed: metrics.
+        self._on_appended = on_appended
         # Store RPCs attempted, by method: how tests and operators count round trips per run.
         self.calls: collections.Counter[str] = collections.Counter()
         options = [
@@ -136,7 +150,11 @@ class StoreClient:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        self._channel = grpc.aio.insecure_channel(channel_target(addresses), options=options)
+        target = channel_target(addresses)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
         self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -208,6 +226,7 @@ class StoreClient:
                 raise
             log.info("append to %s had committed before its answer was lost", stream_id)
             ids = tuple(artifact_id_for_bytes(data) for _, data in artifacts)
+            self._appended(stream_id, events)
             return AppendResult(base + 1, base + len(events), ids)
         ids = tuple(response.artifact_ids)
         for (_, data), stored in zip(artifacts, ids, strict=True):
@@ -215,7 +234,16 @@ class StoreClient:
                 raise KeelError(
                     "artifact_id_mismatch", f"the store named an artifact {stored}, expected otherwise"
                 )
+        self._appended(stream_id, events)
         return AppendResult(response.first_seq, response.head_seq, ids)
+
+    def _appended(self, stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
+        if self._on_appended is None:
+            return
+        try:
+            self._on_appended(stream_id, events)
+        except Exception:  # an observer's bug must not turn a committed append into a failure
+            log.exception("append observer failed for %s", stream_id)
 
     async def read(
         self, stream_id: str, *, from_seq: int = 1, limit: int | None = None, patience: float | None = None

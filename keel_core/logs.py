@@ -2,6 +2,8 @@
 
 Code that works on a run binds it once (`with log_context(run_id=..., step_id=..., attempt=...)`);
 every record logged inside, in that task, carries those fields without passing them around.
+Both services log through `configure_logging`, so their lines have one shape:
+`{"ts": ..., "level": ..., "logger": ..., "msg": ..., "run_id": ..., "step_id": ..., "attempt": ...}`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def bind_log_fields(**fields: Any) -> None:
+    """Add fields to every record logged from here on in the current task (for a task's first line).
+
+    A task runs in its own copy of the context, so this binds for the rest of that task only;
+    use `log_context` for a block.
+    """
+    _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in fields.items() if v is not None}})
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,7 +1,9 @@
 """Prometheus metrics shared by both services: RPC counts and latency by method and status code.
 
 Each service adds its own domain metrics (appends, artifact bytes, runs by status, ...) to the
-same registry; `serve_metrics` exposes it over HTTP for Prometheus to scrape.
+same registry; `serve_metrics` exposes it over HTTP for Prometheus to scrape. The registry is per
+process: a store and an engine started in one process (tests) share it, and their RPC metrics are
+told apart by the `service` label.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from keel_core.serving import host_port
+from keel_core.serving import ServerInterceptor, host_port
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -36,12 +39,32 @@ RPC_SECONDS = Histogram(
 )
 
 
-def serve_metrics(listen: str) -> int:
-    """Serve REGISTRY at http://LISTEN/metrics in a background thread; returns the bound port."""
+@dataclass
+class MetricsEndpoint:
+    """A running /metrics HTTP server: the port it bound, and how to stop it."""
+
+    host: str
+    port: int
+    _server: Any
+
+    @property
+    def url(self) -> str:
+        """Where Prometheus scrapes it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    async def close(self) -> None:
+        """Stop serving (the HTTP server runs in a thread; shutting it down blocks briefly)."""
+        await asyncio.to_thread(self._server.shutdown)
+        self._server.server_close()
+
+
+def serve_metrics(listen: str) -> MetricsEndpoint:
+    """Serve REGISTRY at http://LISTEN/metrics (port 0 picks one) in a background thread."""
     host, port = host_port(listen)
     server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
     bound: int = server.server_address[1]
-    return bound
+    return MetricsEndpoint(host, bound, server)
 
 
 def _split(full_method: str) -> tuple[str, str]:
@@ -58,7 +81,7 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException |
     return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+class MetricsInterceptor(ServerInterceptor):
     """Counts every RPC and times it, labelled with the gRPC status code it ended with."""
 
     async def intercept_service(

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from keel_core.errors import ErrorCategory, KeelError
+from keel_core.serving import ServerInterceptor
 from keel_core.status import to_rpc_status
 
 # Probes from a service mesh must work without credentials.
@@ -33,25 +34,63 @@ class TlsFiles:
             require_client_auth=self.client_ca is not None,
         )
 
+    @classmethod
+    def from_flags(cls, cert: str | None, key: str | None, client_ca: str | None) -> TlsFiles | None:
+        """TLS settings from `--tls-cert/--tls-key/--tls-client-ca` values; None when none is set.
+
+        Files are read now, so a wrong path fails at start-up with the flag named, not at the
+        first connection.
+        """
+        if not (cert or key or client_ca):
+            return None
+        if not (cert and key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key (a PEM certificate chain and its key)")
+        files = cls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+        _readable(files.cert, "--tls-cert")
+        _readable(files.key, "--tls-key")
+        if files.client_ca is not None:
+            _readable(files.client_ca, "--tls-client-ca")
+        return files
+
 
 @dataclass(frozen=True)
 class ClientTls:
-    """PEM files for a client: the CA that signed the server, and optionally its own certificate and key."""
+    """PEM files for a client: the CA that signed the server (None: system roots), and a client cert."""
 
-    ca: Path
+    ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+
+    @classmethod
+    def from_flags(
+        cls, ca: str | None, cert: str | None, key: str | None, *, prefix: str = "--"
+    ) -> ClientTls | None:
+        """Client TLS settings from `{prefix}tls-ca/-cert/-key` values; None when none is set."""
+        if not (ca or cert or key):
+            return None
+        if bool(cert) != bool(key):
+            raise ValueError(f"a client certificate needs both {prefix}tls-cert and {prefix}tls-key")
+        files = cls(Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None)
+        for path, flag in ((files.ca, "tls-ca"), (files.cert, "tls-cert"), (files.key, "tls-key")):
+            if path is not None:
+                _readable(path, prefix + flag)
+        return files
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Credentials for a secure channel (with a client certificate when one is given)."""
         return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes(),
+            root_certificates=self.ca.read_bytes() if self.ca else None,
             private_key=self.key.read_bytes() if self.key else None,
             certificate_chain=self.cert.read_bytes() if self.cert else None,
         )
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+def _readable(path: Path, flag: str) -> None:
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+
+
+class BearerTokenInterceptor(ServerInterceptor):
     """Refuses, with UNAUTHENTICATED, every call without `authorization: Bearer <token>` (health excepted)."""
 
     def __init__(self, token: str) -> None:

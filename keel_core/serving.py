@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +16,11 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # grpc-stubs make it generic; the runtime class is not subscriptable
+    ServerInterceptor = grpc.aio.ServerInterceptor
 
 # Large artifacts stream in chunks, but a single event batch or inline artifact may be several MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -49,7 +54,7 @@ async def start_server(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     *,
     credentials: grpc.ServerCredentials | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    interceptors: Sequence[ServerInterceptor] = (),
 ) -> ServingHandle:
     """Start a grpc.aio server on `listen` (HOST:PORT; port 0 picks one) with health and reflection.
 

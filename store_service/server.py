@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import logging
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from keel_core.errors import KeelError
+from keel_core.logs import configure_logging
+from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
+from keel_core.security import TlsFiles
 from keel_core.serving import ServingHandle, host_port, serve_until_signalled, start_server
 from store_service.backend import StoreBackend
 from store_service.servicer import StoreServicer, register
@@ -43,6 +44,10 @@ class StoreConfig:
     pg_schema: str = "keel"
     # Seconds SIGTERM/drain lets in-flight RPCs finish before cancelling them.
     grace: float = 10.0
+    # TLS (with client_ca: mutual TLS, only clients holding a certificate it signed get in); None: plaintext.
+    tls: TlsFiles | None = None
+    # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
+    metrics_listen: str | None = None
 
 
 def _sqlite_backend(config: StoreConfig) -> StoreBackend:
@@ -77,6 +82,7 @@ class StoreServingHandle(ServingHandle):
 
     backend: StoreBackend | None = None
     servicer: StoreServicer | None = None
+    metrics: MetricsEndpoint | None = None
 
     async def drain(self, grace: float = 10.0) -> None:
         """NOT_SERVING, end subscriptions (UNAVAILABLE), finish in-flight RPCs, close the backend."""
@@ -91,40 +97,34 @@ class StoreServingHandle(ServingHandle):
 
 async def start_store(config: StoreConfig) -> StoreServingHandle:
     """Open the backend and start serving; `await handle.drain()` stops and closes both."""
-    backend = make_backend(config)
-    await backend.open()
-    servicer = StoreServicer(backend)
-    try:
-        served = await start_server(config.listen, lambda server: register(server, servicer))
-    except BaseException:
-        await backend.close()
-        raise
+    async with contextlib.AsyncExitStack() as undo:  # what to undo if a later part fails to start
+        metrics = serve_metrics(config.metrics_listen) if config.metrics_listen is not None else None
+        if metrics is not None:
+            undo.push_async_callback(metrics.close)
+        backend = make_backend(config)
+        await backend.open()
+        undo.push_async_callback(backend.close)
+        servicer = StoreServicer(backend)
+        served = await start_server(
+            config.listen,
+            lambda server: register(server, servicer),
+            credentials=config.tls.server_credentials() if config.tls else None,
+            interceptors=[MetricsInterceptor()],
+        )
+        undo.pop_all()
+    on_stop = [*served.on_stop, backend.close]
+    if metrics is not None:
+        on_stop.append(metrics.close)
     return StoreServingHandle(
         server=served.server,
         health=served.health,
         port=served.port,
         service_names=served.service_names,
-        on_stop=[*served.on_stop, backend.close],
+        on_stop=on_stop,
         backend=backend,
         servicer=servicer,
+        metrics=metrics,
     )
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """The record as a JSON line."""
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
 
 
 def _env(name: str, default: str) -> str:
@@ -138,7 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Keel's StoreService: durable event streams and content-addressed artifacts over gRPC.\n"
         "Every flag can also be set with the environment variable shown in brackets; a flag wins.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="On start it prints one line to stdout: 'store-service listening on HOST:PORT'.\n"
+        epilog="On start it prints one line to stdout: 'store-service listening on HOST:PORT', then,\n"
+        "with --metrics-listen, 'store-service metrics on http://HOST:PORT/metrics'.\n"
         "SIGTERM or SIGINT drains: health turns NOT_SERVING, in-flight calls finish, the database closes.",
     )
     parser.add_argument(
@@ -186,6 +187,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds a drain lets in-flight calls finish [KEEL_STORE_GRACE] (default 10)",
     )
     parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("KEEL_STORE_TLS_CERT"),
+        metavar="PEM",
+        help="serve TLS with this certificate chain (needs --tls-key) [KEEL_STORE_TLS_CERT] "
+        "(default: plaintext)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=os.environ.get("KEEL_STORE_TLS_KEY"),
+        metavar="PEM",
+        help="private key of --tls-cert [KEEL_STORE_TLS_KEY]",
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        default=os.environ.get("KEEL_STORE_TLS_CLIENT_CA"),
+        metavar="PEM",
+        help="mutual TLS: refuse every client that does not present a certificate signed by this CA, "
+        "so only engines holding one reach the store [KEEL_STORE_TLS_CLIENT_CA]",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("KEEL_STORE_METRICS_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks one "
+        "[KEEL_STORE_METRICS_LISTEN] (default: off)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default=_env("KEEL_STORE_LOG_LEVEL", "info"),
@@ -209,27 +237,41 @@ async def serve(config: StoreConfig) -> None:
     host, _ = host_port(config.listen)
     address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
     print(f"store-service listening on {address}", flush=True)
-    log.info("serving on %s (backend %s, durability %s)", address, config.backend, config.durability)
+    if handle.metrics is not None:
+        print(f"store-service metrics on {handle.metrics.url}", flush=True)
+    log.info(
+        "serving on %s (backend %s, durability %s, %s)",
+        address,
+        config.backend,
+        config.durability,
+        _transport(config.tls),
+    )
     await serve_until_signalled(handle, config.grace)
     log.info("stopped")
+
+
+def _transport(tls: TlsFiles | None) -> str:
+    if tls is None:
+        return "plaintext"
+    return "mutual TLS" if tls.client_ca else "TLS"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `store-service` console script."""
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
-    config = StoreConfig(
-        listen=args.listen,
-        data_dir=Path(args.data_dir),
-        durability=args.durability,
-        backend=args.backend,
-        dsn=args.dsn,
-        pg_schema=args.pg_schema,
-        grace=args.grace,
-    )
+    configure_logging(args.log_level)
     try:
+        config = StoreConfig(
+            listen=args.listen,
+            data_dir=Path(args.data_dir),
+            durability=args.durability,
+            backend=args.backend,
+            dsn=args.dsn,
+            pg_schema=args.pg_schema,
+            grace=args.grace,
+            tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
+            metrics_listen=args.metrics_listen,
+        )
         asyncio.run(serve(config))
     except (OSError, ValueError, RuntimeError, KeelError) as exc:
         # RuntimeError: grpc's "Failed to bind"; KeelError: e.g. store_unavailable from the database.

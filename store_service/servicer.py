@@ -17,7 +17,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.errors import KeelError, invalid_argument, unavailable
 from keel_core.status import abort_with
-from store_service import limits
+from store_service import limits, metrics
 from store_service.backend import (
     Expected,
     NewArtifact,
@@ -116,6 +116,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             )
         except KeelError as error:
             await _fail(context, error)
+        metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
         if result.artifact_ids:
             return store_pb2.AppendEventsResponse(
                 first_seq=result.first_seq, head_seq=result.head_seq, artifact_ids=result.artifact_ids
@@ -232,6 +233,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             put = await self._backend.put_artifact(kind, chunks())
         except KeelError as error:
             await _fail(context, error)
+        metrics.ARTIFACT_BYTES_IN.labels("put").inc(put.size)
         return store_pb2.PutArtifactResponse(artifact_id=put.artifact_id, size=put.size, created=put.created)
 
     async def GetArtifact(
@@ -245,6 +247,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         info = download.info
         first = True
         async for data in download.chunks:
+            metrics.ARTIFACT_BYTES_OUT.inc(len(data))
             if first:
                 yield store_pb2.GetArtifactResponse(kind=info.kind, size=info.size, data=data)
                 first = False

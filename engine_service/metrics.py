@@ -1,0 +1,166 @@
+"""The engine's Prometheus metrics and the step log context (RPC metrics come from keel_core.metrics).
+
+Runs started and finished are counted from what this engine made durable (RunStarted and
+RunCompleted events its appends committed), so a run is counted once however it got there
+(StartRun, resume, terminalize, a child run). Step durations and retries are measured around the
+op call itself, which also binds run_id, step_id and attempt for every log line the op's attempt
+produces (its I/O included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine_service.domain import RunCompleted, StepContext, decode_event
+from engine_service.domain.ops import OpDefinition, OpFunction, OpRegistry
+from keel_core.logs import log_context
+from keel_core.metrics import REGISTRY
+
+log = logging.getLogger("engine_service.runs")
+
+RUN_STREAM_PREFIX = "run:"
+
+RUNS_STARTED = Counter(
+    "keel_engine_runs_started",
+    "Runs started: RunStarted events this engine made durable.",
+    registry=REGISTRY,
+)
+RUNS_FINISHED = Counter(
+    "keel_engine_runs_finished",
+    "Runs finished, by terminal status (completed, failed, canceled): RunCompleted events this "
+    "engine made durable.",
+    ["status"],
+    registry=REGISTRY,
+)
+STEP_SECONDS = Histogram(
+    "keel_engine_step_duration_seconds",
+    "Time one step attempt's op took, by op id and outcome (completed, failed, cancelled).",
+    ["op", "outcome"],
+    registry=REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+STEP_RETRIES = Counter(
+    "keel_engine_step_retries",
+    "Step attempts after a step's first (attempt > 0), by op id.",
+    ["op"],
+    registry=REGISTRY,
+)
+LEASE_TAKEOVERS = Counter(
+    "keel_engine_lease_takeovers",
+    "Runs this engine took over from another engine whose lease expired. Always 0 for now: "
+    "engines do not hold run leases yet (a run is fenced by its stream's sequence instead).",
+    registry=REGISTRY,
+)
+for _status in ("completed", "failed", "canceled"):
+    RUNS_FINISHED.labels(_status)  # present at 0 from the start, so rates work from the first scrape
+
+
+class DrivesRuns(Protocol):
+    """Something driving runs: one task per run in `drivers` (the Engine)."""
+
+    @property
+    def drivers(self) -> Mapping[str, Any]:
+        """Run id -> the task driving it."""
+        ...
+
+
+_ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _RunsInFlight(Collector):
+    """`keel_engine_runs_in_flight`, read from the engines at scrape time (never drifts)."""
+
+    def collect(self) -> Iterator[Metric]:
+        """One gauge: runs with a driver in this process."""
+        driven = sum(len(engine.drivers) for engine in list(_ENGINES))
+        yield GaugeMetricFamily(
+            "keel_engine_runs_in_flight",
+            "Runs this engine process is driving now (started or resumed, not yet finished or parked).",
+            value=driven,
+        )
+
+
+REGISTRY.register(_RunsInFlight())
+
+
+def track_engine(engine: DrivesRuns) -> None:
+    """Count `engine`'s runs in `keel_engine_runs_in_flight` for as long as it exists."""
+    _ENGINES.add(engine)
+
+
+def count_appended(stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
+    """Count the runs an append (now durable) started or finished, and log them."""
+    if not stream_id.startswith(RUN_STREAM_PREFIX):
+        return
+    run_id = stream_id.removeprefix(RUN_STREAM_PREFIX)
+    for type_name, payload in events:
+        if type_name == "RunStarted":
+            RUNS_STARTED.inc()
+            log.info("run started", extra={"run_id": run_id})
+        elif type_name == "RunCompleted":
+            event = decode_event(type_name, payload)
+            status = event.status if isinstance(event, RunCompleted) else "unknown"
+            RUNS_FINISHED.labels(status).inc()
+            log.info("run finished: %s", status, extra={"run_id": run_id, "status": status})
+
+
+def metered_ops(registry: OpRegistry) -> OpRegistry:
+    """The same ops, each call timed, its retries counted, and its log lines given the step context."""
+    out = OpRegistry()
+    for definition in registry.all():
+        out.register(replace(definition, function=_metered(definition)))
+    return out
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def _metered(definition: OpDefinition) -> OpFunction:
+    op_id = definition.op_id
+    function = definition.function
+
+    async def metered(ctx: StepContext, op_config: Any, input: Any) -> Any:
+        with log_context(run_id=ctx.run_id, step_id=ctx.step_id, attempt=ctx.attempt, op_id=op_id):
+            if ctx.attempt > 0:
+                STEP_RETRIES.labels(op_id).inc()
+            log.debug("step attempt started (op %s)", op_id)
+            started = time.perf_counter()
+            outcome = "failed"
+            try:
+                output = await function(ctx, op_config, input)
+                outcome = "completed"
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            except Exception as error:
+                log.warning("step attempt failed after %.3fs (op %s): %s", _since(started), op_id, error)
+                raise
+            finally:
+                STEP_SECONDS.labels(op_id, outcome).observe(_since(started))
+            log.info("step attempt completed in %.3fs (op %s)", _since(started), op_id)
+            return output
+
+    return metered
+
+
+__all__ = [
+    "LEASE_TAKEOVERS",
+    "RUNS_FINISHED",
+    "RUNS_STARTED",
+    "STEP_RETRIES",
+    "STEP_SECONDS",
+    "count_appended",
+    "metered_ops",
+    "track_engine",
+]

@@ -1,0 +1,48 @@
+"""The store's own Prometheus metrics (RPC counts and latency come from keel_core.metrics).
+
+They count what the store acknowledged: an append is counted once it committed, artifact bytes
+once they were stored or sent.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+from keel_core.metrics import REGISTRY
+
+APPENDS = Counter(
+    "keel_store_appends",
+    "AppendEvents calls that committed (one atomic batch each).",
+    registry=REGISTRY,
+)
+EVENTS_APPENDED = Counter(
+    "keel_store_events_appended",
+    "Events committed by AppendEvents.",
+    registry=REGISTRY,
+)
+ARTIFACT_BYTES_IN = Counter(
+    "keel_store_artifact_bytes_in",
+    "Artifact bytes received and stored, by how they came: inline (with an append) or put (PutArtifact). "
+    "Bytes of an artifact the store already held count too: they crossed the wire.",
+    ["via"],
+    registry=REGISTRY,
+)
+ARTIFACT_BYTES_OUT = Counter(
+    "keel_store_artifact_bytes_out",
+    "Artifact bytes sent by GetArtifact.",
+    registry=REGISTRY,
+)
+
+for _via in ("inline", "put"):
+    ARTIFACT_BYTES_IN.labels(_via)  # present at 0 from the start, so rates work from the first scrape
+
+
+def appended(events: int, inline_artifact_bytes: int) -> None:
+    """Count one committed append of `events` events carrying `inline_artifact_bytes` of artifacts."""
+    APPENDS.inc()
+    EVENTS_APPENDED.inc(events)
+    if inline_artifact_bytes:
+        ARTIFACT_BYTES_IN.labels("inline").inc(inline_artifact_bytes)
+
+
+__all__ = ["APPENDS", "ARTIFACT_BYTES_IN", "ARTIFACT_BYTES_OUT", "EVENTS_APPENDED", "appended"]
