@@ -13,6 +13,13 @@ Ops (all version "1"):
 - `keel.io_call`: `op_config {"namespace", "request", "fact_key"}` (or `{"calls": [...]}` of those)
   calls the transport through the step's `io` handle and returns `{"response": ...}` (or
   `{"responses": [...]}`).
+- `keel.fan_out`: `op_config {"op_id", "op_version"?, "op_config"?, "inputs": [...] | "count": n,
+  "run_config"?, "parent_close_policy"?: "cancel"|"abandon"}` spawns one child run per input (with
+  `count`, child i gets input i), awaits them all concurrently and returns
+  `{"results": [<each child's output>], "children": [{"child_run_id", "status"}]}`. Spawns and
+  awaits are recorded facts (`<step>.child.<i>`, `<step>.await.<i>`), so a resumed parent finds
+  the same children and does not wait again for results it has. A child that does not complete
+  fails the step (`child_run_failed`, not retryable).
 
 Transports:
 
@@ -26,6 +33,7 @@ import asyncio
 import time
 from typing import Any
 
+from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
 from engine_service.domain.ops import OpError, StepContext, op
 from engine_service.domain.transports import register_transport
 
@@ -115,6 +123,65 @@ async def _one_call(ctx: StepContext, call: dict[str, Any]) -> Any:
     if not isinstance(namespace, str) or not namespace:
         raise OpError("op_config_invalid", "keel.io_call: a call needs a namespace")
     return await ctx.io.call(namespace, call.get("request"), str(call.get("fact_key") or ""))
+
+
+MAX_FAN_OUT = 1000
+
+
+@op("keel.fan_out", description="Spawns one child run per input and awaits them all")
+async def fan_out(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Spawns one child run per input, awaits them all concurrently, returns their outputs."""
+    config = _config(op_config)
+    op_id = config.get("op_id")
+    if not isinstance(op_id, str) or not op_id:
+        raise OpError("op_config_invalid", "keel.fan_out: op_config.op_id (the children's op) is required")
+    inputs = config.get("inputs")
+    if inputs is None:
+        count = config.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise OpError("op_config_invalid", "keel.fan_out: give op_config.inputs (a list) or count (>= 0)")
+        inputs = list(range(count))
+    if not isinstance(inputs, list) or len(inputs) > MAX_FAN_OUT:
+        raise OpError("op_config_invalid", f"keel.fan_out: inputs must be a list of at most {MAX_FAN_OUT}")
+    spawn = {
+        "kind": SPAWN_KIND,
+        "op_id": op_id,
+        "op_version": str(config.get("op_version") or "1"),
+        "op_config": config.get("op_config"),
+        "run_config": config.get("run_config"),
+        "parent_close_policy": config.get("parent_close_policy") or "",
+    }
+
+    async def one(index: int, child_input: Any) -> dict[str, Any]:
+        spawned = await ctx.io.call(
+            SPAWN_NAMESPACE, {**spawn, "input": child_input}, f"{ctx.step_id}.child.{index}"
+        )
+        request = {
+            "kind": AWAIT_KIND,
+            "child_run_id": spawned["child_run_id"],
+            "child_manifest_id": spawned["child_manifest_id"],
+        }
+        outcome: dict[str, Any] = await ctx.io.call(AWAIT_NAMESPACE, request, f"{ctx.step_id}.await.{index}")
+        return outcome
+
+    try:
+        # A task group, not gather: one failed spawn or await cancels the others with the step.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i, value)) for i, value in enumerate(inputs)]
+    except* Exception as failures:
+        raise failures.exceptions[0] from None
+    outcomes = [task.result() for task in tasks]
+    children = [{"child_run_id": o["child_run_id"], "status": o["status"]} for o in outcomes]
+    unfinished = [c for c in children if c["status"] != "completed"]
+    if unfinished:
+        raise OpError(
+            "child_run_failed",
+            f"keel.fan_out: {len(unfinished)} of {len(children)} child runs did not complete "
+            f"(first: {unfinished[0]['child_run_id']} {unfinished[0]['status']})",
+            children=children,
+        )
+    results = [(o.get("final_snapshot") or {}).get("main") for o in outcomes]
+    return {"results": results, "children": children}
 
 
 class EchoTransport:

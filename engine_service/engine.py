@@ -1,9 +1,9 @@
 """The engine: starts, resumes, watches and lists runs; one driver task per run it drives.
 
 The engine holds no state of its own beyond the driver tasks it is running: every decision comes
-from the run's stream in the store. `Engine.drivers` is the per-run task registry that
-cancellation and child supervision (issue 4) hook into: cancelling a run's task cancels its
-running op and parks the run (nothing is appended).
+from the run's stream in the store. `Engine.drivers` is the per-run task registry (at most one
+task per run, children included) that Terminalize and child runs use: cancelling a run's task
+cancels its running op and parks the run (nothing is appended); Terminalize then appends.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ import contextlib
 import importlib.metadata
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from engine_service.child_runs import ChildRuns, ChildRunTransport
 from engine_service.domain import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
     BuildProvenance,
     Plan,
     RunCompleted,
@@ -34,17 +39,21 @@ from engine_service.domain import (
     resolve_plan,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes, parse_json_bytes
+from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE, children_of
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
-from engine_service.run_driver import RunDriver, RunEnvironment, run_stream_id
-from engine_service.run_view import RunView, build_run_view
+from engine_service.domain.transports import TransportRegistry
+from engine_service.run_driver import RunDriver, RunEnvironment, now_us, run_stream_id
+from engine_service.run_view import RUNNING, ChildView, LedgerView, RunView, build_run_view
 from engine_service.store_client import StreamEvent, StreamSummary
+from engine_service.terminalization import TerminalizeResult, ledger_stream_id, read_ledger, terminalize
 from keel_core.errors import ErrorCategory, KeelError, not_found
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 RUN_STREAM_PREFIX = "run:"
+_STATUS_OF_LABEL = {"completed": COMPLETED, "failed": FAILED, "canceled": CANCELED}
 
 
 def build_provenance() -> BuildProvenance:
@@ -61,6 +70,10 @@ def build_provenance() -> BuildProvenance:
     dependency_hash = artifact_id_for_bytes("\n".join(sorted(set(names))).encode())
     python = ".".join(str(part) for part in sys.version_info[:3])
     return BuildProvenance(keel_version, python, dependency_hash)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class RecentArtifacts(Generic[V]):
@@ -105,16 +118,34 @@ class Engine:
     def __init__(
         self, env: RunEnvironment, build: BuildProvenance, *, checkpoint_linger: float = 0.2
     ) -> None:
+        self.children = ChildRuns(self)
+        own = TransportRegistry()
+        transport = ChildRunTransport(self.children)
+        own.register(SPAWN_NAMESPACE, transport)
+        own.register(AWAIT_NAMESPACE, transport)
+        # The child namespaces are this engine's: the registry is copied, never the shared default.
+        env.transports = env.transports.merged(own)
         self.env = env
         self.build = build
         self.checkpoint_linger = checkpoint_linger
         self.drivers: dict[str, asyncio.Task[RunCompleted]] = {}
+        # Runs a Terminalize is stopping here: nothing may start driving them meanwhile.
+        self.terminalizing: collections.Counter[str] = collections.Counter()
         self._closing = False
         # Content-addressed, so never stale: final snapshots of runs it finished, manifests it used.
         self._final_snapshots: RecentArtifacts[Any] = RecentArtifacts(1000)
         self._manifests: RecentArtifacts[RunManifest] = RecentArtifacts(1000)
 
-    def _driver(self, run_id: str, manifest: RunManifest, plan: Plan, history: RunHistory) -> RunDriver:
+    def _driver(
+        self,
+        run_id: str,
+        manifest: RunManifest,
+        plan: Plan,
+        history: RunHistory,
+        *,
+        claim: bool = False,
+        has_ledger: bool = False,
+    ) -> RunDriver:
         return RunDriver(
             self.env,
             run_id,
@@ -123,6 +154,8 @@ class Engine:
             history,
             checkpoint_linger=self.checkpoint_linger,
             first_append_patience=self.env.store.patience,
+            claim_first=claim,
+            has_ledger=has_ledger,
         )
 
     def plan_for(self, manifest: RunManifest) -> Plan:
@@ -136,6 +169,7 @@ class Engine:
         *,
         wait: bool = False,
         wait_seconds: float | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> StartOutcome:
         """Record RunStarted (manifest and initial snapshot inline) and drive the run.
 
@@ -157,7 +191,10 @@ class Engine:
         manifest_id = artifact_id_for_bytes(manifest_bytes)
         snapshot_bytes = canonical_json_bytes(manifest.initial_context)
         snapshot_id = artifact_id_for_bytes(snapshot_bytes)
-        started = RunStarted(manifest.op_id, manifest_id, snapshot_id)
+        parent_run_id, parent_fact_key = parent or ("", "")
+        started = RunStarted(
+            manifest.op_id, manifest_id, snapshot_id, parent_run_id, parent_fact_key, at_us=now_us()
+        )
         inline = [(MANIFEST_ARTIFACT_KIND, manifest_bytes), (SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)]
         if wait and run_id is None and self.checkpoint_linger > 0:
             driver = self._driver(chosen, manifest, plan, RunHistory())
@@ -223,6 +260,8 @@ class Engine:
         run_id = driver.run_id
         if self.drivers.get(run_id) is task:
             del self.drivers[run_id]
+        if not task.cancelled():
+            self.children.forget(run_id)  # a cancelled parent's spawns are still needed to close its children
         if not task.cancelled() and task.exception() is None:
             final_id = task.result().final_snapshot_id
             final = driver.known_snapshot(final_id)
@@ -251,17 +290,23 @@ class Engine:
 
     async def resume_run(self, run_id: str) -> bool:
         """Drive a run nobody here drives; False when it is terminal or already driven here."""
-        if run_id in self.drivers:
+        if run_id in self.drivers or run_id in self.terminalizing:
             return False
         _, history = await self.read_history(run_id)
+        return await self._resume_from(run_id, history)
+
+    async def _resume_from(self, run_id: str, history: RunHistory) -> bool:
         if history.is_terminal or history.started is None:
             return False
         manifest = await self.manifest(history.started.manifest_id)
         plan = self.plan_for(manifest)
         next_action(history, plan, manifest.run_config)  # rule 3: refuse a run whose op id changed
-        if run_id in self.drivers or self._closing:
+        # Only a resumed run can have a failure ledger (a diverged Terminalize leaves it undriven).
+        ledger_head, _ = await self.env.store.head(ledger_stream_id(run_id))
+        if run_id in self.drivers or run_id in self.terminalizing or self._closing:
             return False
-        self._spawn(self._driver(run_id, manifest, plan, history))
+        # Another engine may be driving it: claim the run (append) before running any op.
+        self._spawn(self._driver(run_id, manifest, plan, history, claim=True, has_ledger=ledger_head > 0))
         return True
 
     async def recover(self) -> int:
@@ -286,10 +331,25 @@ class Engine:
                 return resumed
 
     async def await_run(self, run_id: str, wait_seconds: float | None) -> bool:
-        """Wait until the run is terminal (True) or `wait_seconds` pass (False), without polling."""
+        """Wait until the run is terminal (True) or `wait_seconds` pass (False), without polling.
+
+        A run that no engine here drives is resumed first (DESIGN.md: resume on await); if another
+        engine drives it, the stream's sequence fences one of the two off and this waits on the store.
+        """
+        deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
         task = self.drivers.get(run_id)
+        if task is None:
+            _, history = await self.read_history(run_id)
+            if history.is_terminal:
+                return True
+            try:
+                if run_id not in self.terminalizing:
+                    await self._resume_from(run_id, history)
+            except KeelError as error:
+                log.warning("await of run %s could not resume it: %s", run_id, error.message)
+            task = self.drivers.get(run_id)
         if task is not None:
-            done, _ = await asyncio.wait({task}, timeout=wait_seconds)
+            done, _ = await asyncio.wait({task}, timeout=_left(deadline))
             if not done:
                 return False
             if not task.cancelled() and task.exception() is None:
@@ -308,21 +368,64 @@ class Engine:
                         return
 
         try:
-            await asyncio.wait_for(until_terminal(), wait_seconds)
+            await asyncio.wait_for(until_terminal(), _left(deadline))
         except TimeoutError:
             return False
         return True
 
+    async def terminalize(self, run_id: str, status: str, reason: str = "") -> TerminalizeResult:
+        """Move the run to a terminal status once (see engine_service.terminalization)."""
+        return await terminalize(self, run_id, status, reason)
+
+    async def await_terminal(self, run_id: str) -> RunCompleted:
+        """The run's terminal event, once there is one: from the local driver, else the store."""
+        while True:
+            task = self.drivers.get(run_id)
+            if task is not None:
+                await asyncio.wait({task})
+                if not task.cancelled() and task.exception() is None:
+                    return task.result()
+            await self.await_run(run_id, None)
+            _, history = await self.read_history(run_id)
+            if history.terminal is not None:
+                return history.terminal
+
+    async def final_snapshot(self, snapshot_id: str) -> Any:
+        """A final snapshot (cached for runs this engine finished)."""
+        known = self._final_snapshots.get(snapshot_id)
+        if known is None:
+            known = parse_json_bytes(await self.env.store.get_artifact(snapshot_id))
+            self._final_snapshots.put(snapshot_id, known)
+        return known
+
+    async def stop_driver(self, run_id: str) -> None:
+        """Cancel this engine's driver of the run (its op is cancelled) and wait until it stopped."""
+        task = self.drivers.get(run_id)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
     async def run_view(self, run_id: str) -> tuple[RunView, Any]:
-        """The run as GetRun shows it, with its final snapshot when it is terminal."""
+        """The run as GetRun shows it (children, failure ledger, final snapshot when terminal)."""
         events, history = await self.read_history(run_id)
+        ledger = []
+        if history.terminal is None or history.terminal.has_ledger:
+            ledger = await read_ledger(self, run_id)
         manifest = await self.manifest(history.started.manifest_id) if history.started else None
         view = build_run_view(run_id, events, manifest)
+        links = children_of(history)
+        heads = await asyncio.gather(
+            *(self.env.store.head(run_stream_id(link.child_run_id)) for link in links)
+        )
+        view.children = [
+            ChildView(link.child_run_id, link.fact_key, link.op_id, _STATUS_OF_LABEL.get(label, RUNNING))
+            for link, (_, label) in zip(links, heads, strict=True)
+        ]
+        view.failure_ledger = [LedgerView(e.step_id, e.reason, e.recorded_at) for e in ledger]
         if view.final_snapshot_id:
-            known = self._final_snapshots.get(view.final_snapshot_id)
-            if known is None:
-                known = parse_json_bytes(await self.env.store.get_artifact(view.final_snapshot_id))
-            view.final_snapshot = known
+            view.final_snapshot = await self.final_snapshot(view.final_snapshot_id)
         return view, history
 
     async def list_runs(
@@ -336,9 +439,12 @@ class Engine:
     async def stop(self) -> None:
         """Park every run this engine drives: cancel the drivers; the runs resume on the next start."""
         self._closing = True
-        tasks = list(self.drivers.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        while self.drivers:
+            tasks = list(self.drivers.values())
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            # A child start shielded from its parent's cancel may still add a driver: park it too.
+            await self.children.settle_all()

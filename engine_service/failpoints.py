@@ -9,6 +9,10 @@ for that step). Each failpoint fires at most once per process, which is enough: 
 - `after_op_returned`: the op returned its output, before StepCompleted is appended;
 - `before_run_completed`: every step is settled, before RunCompleted is appended (arming it makes
   RunCompleted its own append instead of travelling with the last StepCompleted).
+- `after_child_spawn_recorded`: a parent's spawn fact (`machine.child_run.spawn`) is durable;
+- `before_child_started`: a spawn stored the child's manifest and has not appended its RunStarted;
+- `after_child_completed`: an await saw its child terminal, before the parent records the answer;
+- `after_child_await_recorded`: a parent's await fact (`machine.child_run.await`) is durable.
 """
 
 from __future__ import annotations
@@ -25,7 +29,20 @@ AFTER_STEP_ATTEMPT_STARTED = "after_step_attempt_started"
 AFTER_FACT_RECORDED = "after_fact_recorded"
 AFTER_OP_RETURNED = "after_op_returned"
 BEFORE_RUN_COMPLETED = "before_run_completed"
-NAMES = (AFTER_STEP_ATTEMPT_STARTED, AFTER_FACT_RECORDED, AFTER_OP_RETURNED, BEFORE_RUN_COMPLETED)
+AFTER_CHILD_SPAWN_RECORDED = "after_child_spawn_recorded"
+BEFORE_CHILD_STARTED = "before_child_started"
+AFTER_CHILD_COMPLETED = "after_child_completed"
+AFTER_CHILD_AWAIT_RECORDED = "after_child_await_recorded"
+NAMES = (
+    AFTER_STEP_ATTEMPT_STARTED,
+    AFTER_FACT_RECORDED,
+    AFTER_OP_RETURNED,
+    BEFORE_RUN_COMPLETED,
+    AFTER_CHILD_SPAWN_RECORDED,
+    BEFORE_CHILD_STARTED,
+    AFTER_CHILD_COMPLETED,
+    AFTER_CHILD_AWAIT_RECORDED,
+)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,17 @@ from engine_service.domain import (
     StoredEvent,
     canonical_json_bytes,
     make_run_config,
+    parse_run_id,
     single_op_pipeline,
+)
+from engine_service.domain.child_runs import (
+    AWAIT_KIND,
+    CLOSE_ABANDON,
+    CLOSE_CANCEL,
+    SPAWN_KIND,
+    ChildAwaitRequest,
+    ChildSpawnRequest,
+    request_invalid,
 )
 from engine_service.domain.events import event_type_and_json
 from engine_service.domain.run_config import LIVE, REPLAY
@@ -203,6 +213,18 @@ def run_message(view: RunView) -> engine_pb2.Run:
         reason=view.reason,
         error=error_detail(view.error),
         head_seq=view.head_seq,
+        children=[
+            engine_pb2.ChildRun(
+                child_run_id=c.child_run_id, fact_key=c.fact_key, op_id=c.op_id, status=RUN_STATUS[c.status]
+            )
+            for c in view.children
+        ],
+        failure_ledger=[
+            engine_pb2.FailureLedgerEntry(
+                step_id=e.step_id, reason=e.reason, recorded_at=timestamp(e.recorded_at)
+            )
+            for e in view.failure_ledger
+        ],
     )
     if view.final_snapshot_id:
         run.final_snapshot.CopyFrom(to_value(view.final_snapshot))
@@ -227,3 +249,55 @@ def run_event(stored_seq: int, type_name: str, event: StoredEvent) -> engine_pb2
     return engine_pb2.RunEvent(
         seq=stored_seq, type=type_name, data=to_struct(data), recorded_at=timestamp(event.recorded_at)
     )
+
+
+TERMINAL_TARGETS = {
+    engine_pb2.TERMINAL_TARGET_COMPLETED: COMPLETED,
+    engine_pb2.TERMINAL_TARGET_FAILED: FAILED,
+    engine_pb2.TERMINAL_TARGET_CANCELED: CANCELED,
+}
+_CLOSE_POLICIES = {
+    engine_pb2.PARENT_CLOSE_POLICY_UNSPECIFIED: CLOSE_CANCEL,
+    engine_pb2.PARENT_CLOSE_POLICY_CANCEL: CLOSE_CANCEL,
+    engine_pb2.PARENT_CLOSE_POLICY_ABANDON: CLOSE_ABANDON,
+}
+
+
+def _child_kind(kind: str, expected: str, what: str) -> None:
+    if kind not in ("", expected):
+        raise request_invalid(f"unsupported child run {what} request kind {kind!r}; expected {expected!r}")
+
+
+def spawn_request_from(request: engine_pb2.SpawnChildRequest) -> ChildSpawnRequest:
+    """A validated ChildSpawnRequest from SpawnChild (fact key checks are the spawn's own)."""
+    _child_kind(request.kind, SPAWN_KIND, "spawn")
+    if not request.op_id:
+        raise request_invalid("op_id (the child's op) is required")
+    policy = _CLOSE_POLICIES.get(request.parent_close_policy)
+    if policy is None:
+        raise request_invalid(f"unknown parent_close_policy {request.parent_close_policy}")
+    context = _json(request.initial_context, "initial_context", default={})
+    if not isinstance(context, dict):
+        raise request_invalid(f"initial_context must be a JSON object, got {type(context).__name__}")
+    data = _size_checked(_json(request.input, "input"), "input")
+    return ChildSpawnRequest(
+        parent_run_id=parse_run_id(request.parent_run_id, field="parent_run_id"),
+        fact_key=request.fact_key,
+        op_id=request.op_id,
+        op_version=request.op_version or "1",
+        op_config=_json(request.op_config, "op_config"),
+        input=data,
+        run_config=run_config_from(request.run_config),
+        initial_context=_size_checked(context, "initial_context"),
+        parent_close_policy=policy,
+    )
+
+
+def await_request_from(request: engine_pb2.AwaitChildRequest) -> ChildAwaitRequest:
+    """A validated ChildAwaitRequest from AwaitChild."""
+    _child_kind(request.kind, AWAIT_KIND, "await")
+    try:
+        run_id = parse_run_id(request.child_run_id, field="child_run_id")
+    except KeelError as error:
+        raise request_invalid(error.message) from None
+    return ChildAwaitRequest(run_id, request.child_manifest_id)

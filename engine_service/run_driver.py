@@ -19,8 +19,11 @@ the last durable checkpoint; ops are deterministic apart from their I/O, and I/O
 facts, which are always durable before use, so no recorded side effect is repeated. The cost is
 re-running at most `checkpoint_linger` worth of completed steps after a crash. A failed append
 stops the driver (a later batch must never land after a gap). Failpoints keep their meaning:
-arming `after_step_attempt_started` or `before_run_completed` flushes before they fire. Timestamps
-of events in one batch are the store's commit time of that batch.
+arming `after_step_attempt_started` or `before_run_completed` flushes before they fire. Events of
+one batch share the store's commit time, so each carries `at_us`, the time the driver decided it;
+views time steps by that. A timer flushes pending events within the linger even while an op runs,
+so a long op shows as running; a resumed driver appends its first StepAttemptStarted before the op
+runs (a claim: an engine still driving the run elsewhere fences one of the two off before any work).
 
 Facts. `io.call` answers from the facts already in the stream when the key is there (no transport
 call); otherwise it calls the transport (in replay mode: takes the fact of the replayed run) and
@@ -30,8 +33,10 @@ appends FactRecorded *before* returning the answer to the op.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,12 +64,15 @@ from engine_service.domain import (
     with_step_output,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
+from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
-from engine_service.domain.events import decode_event
-from engine_service.domain.ops import OpRegistry
+from engine_service.domain.events import decode_event, stamped
+from engine_service.domain.ops import OpDefinition, OpRegistry
 from engine_service.domain.run_config import REPLAY
 from engine_service.domain.transports import TransportRegistry
 from engine_service.failpoints import (
+    AFTER_CHILD_AWAIT_RECORDED,
+    AFTER_CHILD_SPAWN_RECORDED,
     AFTER_FACT_RECORDED,
     AFTER_OP_RETURNED,
     AFTER_STEP_ATTEMPT_STARTED,
@@ -73,6 +81,7 @@ from engine_service.failpoints import (
 )
 from engine_service.store_client import FOREVER, StoreClient
 from keel_core.errors import ErrorCategory, KeelError
+from keel_core.logs import bind_log_fields
 
 log = logging.getLogger(__name__)
 PARK_FLUSH_SECONDS = 1.0
@@ -80,6 +89,14 @@ PARK_FLUSH_SECONDS = 1.0
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 MAX_BATCH_ARTIFACT_BYTES = 12 * 1024 * 1024
 MAX_FACT_BYTES = 2 * 1024 * 1024
+# Without write-behind (linger 0) attempts settle with their own append; one still running after
+# this long is appended on its own, so that a long op shows as running.
+VISIBLE_WITHIN = 0.2
+
+
+def now_us() -> int:
+    """The time now, in microseconds since the epoch (events' `at_us`)."""
+    return time.time_ns() // 1000
 
 
 def run_stream_id(run_id: str) -> str:
@@ -118,7 +135,8 @@ class RunDriver:
 
     `history` is what the driver has decided, durable or not; `durable_seq` is how much of it the
     store holds. Events past `durable_seq` are pending and are appended by `flush` (on demand, or
-    by the linger timer `checkpoint_linger` seconds after the first pending event).
+    by the linger timer `checkpoint_linger` seconds after the first pending event, even while an
+    op runs: a long op's StepAttemptStarted becomes visible within the linger).
     """
 
     def __init__(
@@ -132,6 +150,8 @@ class RunDriver:
         durable_seq: int | None = None,
         checkpoint_linger: float = 0.2,
         first_append_patience: float | None = None,
+        claim_first: bool = False,
+        has_ledger: bool = False,
     ) -> None:
         self.env = env
         self.run_id = run_id
@@ -151,6 +171,10 @@ class RunDriver:
         self._replay_facts: dict[str, FactRecorded] | None = None
         self._flush_error: BaseException | None = None
         self._inflight_facts: dict[str, asyncio.Future[Any]] = {}
+        # A resumed run is claimed (its first StepAttemptStarted appended) before any op runs, so an
+        # engine that still drives it elsewhere fences this driver off before it does any work.
+        self._claim_first = claim_first
+        self.has_ledger = has_ledger
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
         """Cache a snapshot this engine wrote, so it need not be read back."""
@@ -169,6 +193,7 @@ class RunDriver:
 
     async def drive(self) -> RunCompleted:
         """Run to a terminal event, make it durable, and return it."""
+        bind_log_fields(run_id=self.run_id)  # drive() runs as its own task: names the run in its lines
         try:
             while True:
                 if self._flush_error is not None:
@@ -205,12 +230,16 @@ class RunDriver:
         status: str | None = None,
         artifacts: Sequence[tuple[str, bytes]] = (),
     ) -> None:
-        """Decide `events`: fold them in now, append them with the next flush."""
+        """Decide `events` (stamped with the time now): fold them in now, append them with the next flush."""
+        now = now_us()
+        events = [stamped(event, now) for event in events]
         self._pending.extend(events)
         self._pending_artifacts.extend(artifacts)
         self._pending_status = status or self._pending_status
         self.history = self.history.extend(events)
-        if self._lingering is None and self.checkpoint_linger > 0:
+        if self._lingering is None:
+            # A timer, not the next event, bounds how long a decision stays invisible: an op may
+            # run for hours after its StepAttemptStarted was decided.
             self._lingering = asyncio.create_task(self._flush_after_linger())
 
     async def _complete(self, action: CompleteRun) -> None:
@@ -218,7 +247,9 @@ class RunDriver:
         if self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED):
             await self.flush()
             self.env.failpoints.hit(BEFORE_RUN_COMPLETED)
-        terminal = RunCompleted(action.status, action.final_snapshot_id, action.reason, action.error)
+        terminal = RunCompleted(
+            action.status, action.final_snapshot_id, action.reason, action.error, has_ledger=self.has_ledger
+        )
         self.record([terminal], status=action.status)
 
     async def _settled(self) -> None:
@@ -234,7 +265,7 @@ class RunDriver:
         return sum(len(data) for _, data in self._pending_artifacts)
 
     async def _flush_after_linger(self) -> None:
-        await asyncio.sleep(self.checkpoint_linger)
+        await asyncio.sleep(self.checkpoint_linger or VISIBLE_WITHIN)
         self._lingering = None
         try:
             await self.flush()
@@ -279,16 +310,15 @@ class RunDriver:
         step = self.plan.step(action.step_id)
         base = await self.snapshot(action.base_snapshot_id)
         self.record([StepAttemptStarted(action.step_id, action.attempt, action.base_snapshot_id)])
-        if self.env.failpoints.is_armed(AFTER_STEP_ATTEMPT_STARTED, action.step_id):
+        if self._claim_first or self.env.failpoints.is_armed(AFTER_STEP_ATTEMPT_STARTED, action.step_id):
+            self._claim_first = False
             await self.flush()
             self.env.failpoints.hit(AFTER_STEP_ATTEMPT_STARTED, action.step_id)
         io = RunIo(self, action.step_id, action.attempt)
         ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, base, io)
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
-            output = await definition.function(
-                ctx, copy.deepcopy(step.op_config), copy.deepcopy(self.manifest.input)
-            )
+            output = await self._call_op(definition, ctx, step.op_config)
             snapshot = with_step_output(base, action.step_id, output)
             snapshot_bytes = canonical_json_bytes(snapshot)
             if len(snapshot_bytes) > MAX_SNAPSHOT_BYTES:
@@ -315,6 +345,34 @@ class RunDriver:
             artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)],
         )
         await self._settled()
+
+    async def _call_op(self, definition: OpDefinition, ctx: StepContext, op_config: Any) -> Any:
+        """Run the op; a run terminalized elsewhere meanwhile (another engine) cancels it."""
+        driver_task = asyncio.current_task()
+        watcher = asyncio.create_task(self._cancel_on_foreign_terminal(driver_task))
+        try:
+            return await definition.function(
+                ctx, copy.deepcopy(op_config), copy.deepcopy(self.manifest.input)
+            )
+        finally:
+            watcher.cancel()
+
+    async def _cancel_on_foreign_terminal(self, driver_task: asyncio.Task[Any] | None) -> None:
+        # Only ops still running after a moment watch the stream: short ones cost a timer, not a stream.
+        await asyncio.sleep(self.checkpoint_linger or VISIBLE_WITHIN)
+        if driver_task is None:
+            return
+        try:
+            subscription = self.env.store.subscribe(self.stream_id, after_seq=self.durable_seq)
+            async with contextlib.aclosing(subscription):
+                async for event in subscription:
+                    # This driver appends no RunCompleted while its op runs: this one is someone else's.
+                    if event.type == "RunCompleted":
+                        log.info("run %s was terminalized elsewhere: cancelling its running op", self.run_id)
+                        driver_task.cancel()
+                        return
+        except KeelError as error:  # best effort: the op's next append is fenced off anyway
+            log.debug("run %s: watching for a foreign terminal event failed: %s", self.run_id, error.message)
 
     async def fact(self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str) -> Any:
         """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
@@ -372,6 +430,10 @@ class RunDriver:
         self.record([FactRecorded(step_id, attempt, fact_key, namespace, response)])
         await self.flush()  # the fact is durable before the op sees the answer
         self.env.failpoints.hit(AFTER_FACT_RECORDED, step_id)
+        if namespace == SPAWN_NAMESPACE:
+            self.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
+        elif namespace == AWAIT_NAMESPACE:
+            self.env.failpoints.hit(AFTER_CHILD_AWAIT_RECORDED)
         return response
 
     async def _replayed_facts(self) -> dict[str, FactRecorded]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from engine_service.domain import (
@@ -30,7 +30,7 @@ _ABANDONED = ErrorRecord("attempt_abandoned", "engine", True, "the engine stoppe
 
 @dataclass
 class AttemptView:
-    """One attempt of one step. With deferred StepAttemptStarted, started_at may equal finished_at."""
+    """One attempt of one step, timed by when the engine decided its events."""
 
     attempt: int
     status: str = RUNNING
@@ -49,6 +49,25 @@ class StepView:
     status: str = PENDING
     attempts: list[AttemptView] = field(default_factory=list)
     last_error: ErrorRecord | None = None
+
+
+@dataclass(frozen=True)
+class ChildView:
+    """A child of the run, as its spawn fact names it, with its current status."""
+
+    child_run_id: str
+    fact_key: str
+    op_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    """An entry of the run's failure ledger."""
+
+    step_id: str
+    reason: str
+    recorded_at: datetime | None
 
 
 @dataclass
@@ -70,6 +89,8 @@ class RunView:
     reason: str = ""
     error: ErrorRecord | None = None
     head_seq: int = 0
+    children: list[ChildView] = field(default_factory=list)
+    failure_ledger: list[LedgerView] = field(default_factory=list)
 
 
 def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunManifest | None) -> RunView:
@@ -81,33 +102,34 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
             steps[spec.step_id] = StepView(spec.step_id, spec.op_id, spec.op_version)
     for stored in events:
         view.head_seq = stored.seq
-        view.updated_at = stored.recorded_at or view.updated_at
+        when = decided_at(stored)
+        view.updated_at = when or view.updated_at
         event = stored.event
         match event:
             case RunStarted():
                 view.op_id, view.manifest_id = event.op_id, event.manifest_id
                 view.parent_run_id, view.parent_fact_key = event.parent_run_id, event.parent_fact_key
-                view.created_at = stored.recorded_at
+                view.created_at = when
             case StepAttemptStarted():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
                 for earlier in step.attempts:
                     if earlier.status == RUNNING:  # an orphan: its engine stopped inside it
                         earlier.status, earlier.error = FAILED, _ABANDONED
-                step.attempts.append(AttemptView(event.attempt, RUNNING, stored.recorded_at))
+                step.attempts.append(AttemptView(event.attempt, RUNNING, when))
                 step.status = RUNNING
             case StepAttemptFailed():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
-                attempt = _attempt(step, event.attempt, stored.recorded_at)
-                attempt.status, attempt.finished_at, attempt.error = FAILED, stored.recorded_at, event.error
+                attempt = _attempt(step, event.attempt, when)
+                attempt.status, attempt.finished_at, attempt.error = FAILED, when, event.error
                 step.status, step.last_error = RETRYING, event.error
             case StepCompleted():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
-                attempt = _attempt(step, event.attempt, stored.recorded_at)
-                attempt.status, attempt.finished_at = COMPLETED, stored.recorded_at
+                attempt = _attempt(step, event.attempt, when)
+                attempt.status, attempt.finished_at = COMPLETED, when
                 step.status = COMPLETED
             case RunCompleted():
                 view.status = event.status
-                view.completed_at = stored.recorded_at
+                view.completed_at = when
                 view.final_snapshot_id = event.final_snapshot_id
                 view.reason, view.error = event.reason, event.error
                 if event.status in (FAILED, CANCELED):
@@ -116,6 +138,14 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                             step.status = FAILED
     view.steps = list(steps.values())
     return view
+
+
+def decided_at(stored: StoredEvent) -> datetime | None:
+    """When the engine decided the event (its `at_us`), else when the store committed it."""
+    at_us = getattr(stored.event, "at_us", 0)
+    if at_us:
+        return datetime.fromtimestamp(at_us / 1_000_000, tz=UTC)
+    return stored.recorded_at
 
 
 def _attempt(step: StepView, number: int, when: datetime | None) -> AttemptView:

@@ -1,8 +1,7 @@
 """EngineService over gRPC: a thin translator between messages and the Engine.
 
 Every handler validates its whole request before the first write, and turns KeelError into a gRPC
-status with google.rpc.ErrorInfo (reason = error code). SpawnChild, AwaitChild and Terminalize are
-issue 4 and answer UNIMPLEMENTED until then.
+status with google.rpc.ErrorInfo (reason = error code).
 """
 
 from __future__ import annotations
@@ -17,10 +16,11 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 
 from engine_service import messages
 from engine_service.domain import parse_run_id
-from engine_service.domain.events import RunCompleted
+from engine_service.domain.events import FAILED, RunCompleted
 from engine_service.engine import RUN_STREAM_PREFIX, Engine, stored_events
 from engine_service.run_driver import run_stream_id
-from keel_core.errors import KeelError, invalid_argument
+from keel_core.errors import KeelError, invalid_argument, not_found
+from keel_core.json_values import to_value
 from keel_core.status import abort_with
 
 log = logging.getLogger(__name__)
@@ -175,32 +175,57 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             ]
         )
 
+    @_translated
     async def SpawnChild(
         self, request: engine_pb2.SpawnChildRequest, context: Context
     ) -> engine_pb2.SpawnChildResponse:
-        """Not built yet (issue 4)."""
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "SpawnChild is not implemented yet (issue 4: child runs)"
+        """Start (or find) the child `fact_key` of a parent run; it runs in the background."""
+        spawn = messages.spawn_request_from(request)
+        head, _ = await self.engine.env.store.head(run_stream_id(spawn.parent_run_id))
+        if head == 0:
+            raise not_found("run_not_found", f"parent run {spawn.parent_run_id} does not exist")
+        spawned = await self.engine.children.spawn(spawn)
+        return engine_pb2.SpawnChildResponse(
+            parent_run_id=spawned.parent_run_id,
+            child_run_id=spawned.child_run_id,
+            child_manifest_id=spawned.child_manifest_id,
         )
-        raise AssertionError("abort returned")  # pragma: no cover
 
+    @_translated
     async def AwaitChild(
         self, request: engine_pb2.AwaitChildRequest, context: Context
     ) -> engine_pb2.AwaitChildResponse:
-        """Not built yet (issue 4)."""
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "AwaitChild is not implemented yet (issue 4: child runs)"
+        """Wait until the child is terminal (joining, resuming or starting it) and return its result."""
+        outcome = await self.engine.children.await_child(messages.await_request_from(request))
+        response = engine_pb2.AwaitChildResponse(
+            child_run_id=outcome.child_run_id,
+            status=messages.RUN_STATUS[outcome.status],
+            final_snapshot_id=outcome.final_snapshot_id,
         )
-        raise AssertionError("abort returned")  # pragma: no cover
+        if outcome.final_snapshot_id:
+            response.final_snapshot.CopyFrom(to_value(outcome.final_snapshot))
+        return response
 
+    @_translated
     async def Terminalize(
         self, request: engine_pb2.TerminalizeRequest, context: Context
     ) -> engine_pb2.TerminalizeResponse:
-        """Not built yet (issue 4)."""
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "Terminalize is not implemented yet (issue 4: terminalization)"
+        """Move a run to a terminal status: TRANSITIONED once, NOOP when it already is terminal."""
+        run_id = parse_run_id(request.run_id)
+        status = messages.TERMINAL_TARGETS.get(request.target)
+        if status is None:
+            raise invalid_argument(
+                "invalid_argument", "target must be TERMINAL_TARGET_COMPLETED, _FAILED or _CANCELED"
+            )
+        if status == FAILED and not request.reason.strip():
+            raise invalid_argument("invalid_argument", "a reason is required to terminalize a run as failed")
+        result = await self.engine.terminalize(run_id, status, request.reason)
+        return engine_pb2.TerminalizeResponse(
+            outcome=engine_pb2.TERMINALIZE_OUTCOME_TRANSITIONED
+            if result.transitioned
+            else engine_pb2.TERMINALIZE_OUTCOME_NOOP,
+            status=messages.RUN_STATUS[result.status],
         )
-        raise AssertionError("abort returned")  # pragma: no cover
 
 
 def register(server: grpc.aio.Server, servicer: EngineServicer) -> list[str]:

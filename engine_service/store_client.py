@@ -192,13 +192,16 @@ class StoreClient:
         status: str | None = None,
         artifacts: Sequence[tuple[str, bytes]] = (),
         patience: float | None = None,
+        expected_any: bool = False,
     ) -> AppendResult:
-        """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts."""
+        """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts.
+
+        `expected_any` appends at whatever the head is (side streams such as a run's failure ledger).
+        """
+        kind = store_pb2.EXPECTED_KIND_NO_STREAM if expected_seq is None else store_pb2.EXPECTED_KIND_EXACT
         request = store_pb2.AppendEventsRequest(
             stream_id=stream_id,
-            expected_kind=store_pb2.EXPECTED_KIND_NO_STREAM
-            if expected_seq is None
-            else store_pb2.EXPECTED_KIND_EXACT,
+            expected_kind=store_pb2.EXPECTED_KIND_ANY if expected_any else kind,
             expected_seq=expected_seq or 0,
             events=[store_pb2.EventData(type=name, payload=payload) for name, payload in events],
             status=STATUS_LABELS[status] if status else store_pb2.STREAM_STATUS_UNSPECIFIED,  # type: ignore[arg-type]

@@ -4,18 +4,23 @@ Every payload is a JSON object with `"v": 1`. Readers accept any version they kn
 fields they do not, so older streams stay readable; an event type this engine does not know is
 decoded as `UnknownEvent` and skipped by the fold (issue 4 adds child/ledger events).
 
-    RunStarted          {v, op_id, manifest_id, initial_snapshot_id, parent_run_id?, parent_fact_key?}
-    StepAttemptStarted  {v, step_id, attempt, base_snapshot_id}
+    RunStarted          {v, op_id, manifest_id, initial_snapshot_id, parent_run_id?, parent_fact_key?, at_us?}
+    StepAttemptStarted  {v, step_id, attempt, base_snapshot_id, at_us?}
     FactRecorded        {v, step_id, attempt, fact_key, namespace, response}
-    StepAttemptFailed   {v, step_id, attempt, error: {code, category, retryable, message, details?}}
-    StepCompleted       {v, step_id, attempt, snapshot_id}
-    RunCompleted        {v, status: completed|failed|canceled, final_snapshot_id, reason?, error?}
+    StepAttemptFailed   {v, step_id, attempt, error: {code, category, retryable, message, details?}, at_us?}
+    StepCompleted       {v, step_id, attempt, snapshot_id, at_us?}
+    RunCompleted        {v, status: completed|failed|canceled, final_snapshot_id, reason?, error?, at_us?,
+                         has_ledger?}
+
+`at_us` is when the engine decided the event (microseconds since the epoch). Events travel in
+batches that share the store's commit time, so views take their timings from `at_us` and fall
+back to the commit time for streams written before it existed (0 = absent).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -72,6 +77,7 @@ class RunStarted:
     initial_snapshot_id: str
     parent_run_id: str = ""
     parent_fact_key: str = ""
+    at_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class StepAttemptStarted:
     step_id: str
     attempt: int
     base_snapshot_id: str
+    at_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class StepAttemptFailed:
     step_id: str
     attempt: int
     error: ErrorRecord
+    at_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class StepCompleted:
     step_id: str
     attempt: int
     snapshot_id: str
+    at_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,9 @@ class RunCompleted:
     final_snapshot_id: str
     reason: str = ""
     error: ErrorRecord | None = None
+    at_us: int = 0
+    # The run has a failure ledger (kept in a second stream); readers skip that read otherwise.
+    has_ledger: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,14 @@ def encode_event(event: KernelEvent) -> tuple[str, bytes]:
 
 def event_type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
     """The event's type name and payload as JSON data."""
+    name, data = _type_and_json(event)
+    at_us = getattr(event, "at_us", 0)
+    if at_us and not isinstance(event, UnknownEvent):
+        data["at_us"] = at_us
+    return name, data
+
+
+def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
     v = {"v": EVENT_FORMAT_VERSION}
     match event:
         case RunStarted():
@@ -207,6 +227,8 @@ def event_type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
                 data["reason"] = event.reason
             if event.error is not None:
                 data["error"] = event.error.to_json()
+            if event.has_ledger:
+                data["has_ledger"] = True
             return "RunCompleted", data
         case UnknownEvent():
             return event.type, event.payload
@@ -228,10 +250,11 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 initial_snapshot_id=str(data["initial_snapshot_id"]),
                 parent_run_id=str(data.get("parent_run_id", "")),
                 parent_fact_key=str(data.get("parent_fact_key", "")),
+                at_us=_at_us(data),
             )
         case "StepAttemptStarted":
             return StepAttemptStarted(
-                str(data["step_id"]), int(data["attempt"]), str(data["base_snapshot_id"])
+                str(data["step_id"]), int(data["attempt"]), str(data["base_snapshot_id"]), _at_us(data)
             )
         case "FactRecorded":
             return FactRecorded(
@@ -243,10 +266,15 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
             )
         case "StepAttemptFailed":
             return StepAttemptFailed(
-                str(data["step_id"]), int(data["attempt"]), ErrorRecord.from_json(dict(data["error"]))
+                str(data["step_id"]),
+                int(data["attempt"]),
+                ErrorRecord.from_json(dict(data["error"])),
+                _at_us(data),
             )
         case "StepCompleted":
-            return StepCompleted(str(data["step_id"]), int(data["attempt"]), str(data["snapshot_id"]))
+            return StepCompleted(
+                str(data["step_id"]), int(data["attempt"]), str(data["snapshot_id"]), _at_us(data)
+            )
         case "RunCompleted":
             error = data.get("error")
             return RunCompleted(
@@ -254,5 +282,19 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 final_snapshot_id=str(data.get("final_snapshot_id", "")),
                 reason=str(data.get("reason", "")),
                 error=ErrorRecord.from_json(dict(error)) if error else None,
+                at_us=_at_us(data),
+                has_ledger=data.get("has_ledger") is True,
             )
     return UnknownEvent(type_name, dict(data))
+
+
+def _at_us(data: dict[str, Any]) -> int:
+    value = data.get("at_us", 0)
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def stamped(event: KernelEvent, at_us: int) -> KernelEvent:
+    """The event with `at_us` set, unless it has one (or has no such field)."""
+    if isinstance(event, FactRecorded | UnknownEvent) or event.at_us:
+        return event
+    return replace(event, at_us=at_us)

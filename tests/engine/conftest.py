@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -69,6 +70,53 @@ async def timed_flaky(ctx: StepContext, op_config: Any, input: Any) -> Any:
     if ctx.attempt < 2:
         raise OpError("flaky", "not yet", retryable=True)
     return {"attempt": ctx.attempt}
+
+
+class Gate:
+    """An op's way to tell the test it runs, and the test's way to let it finish (or see it cancelled)."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.left = asyncio.Event()  # set when an op waiting at the gate was cancelled
+        self.runs: list[str] = []
+        self.cancelled: list[str] = []
+
+    async def wait_for(self, n: int) -> None:
+        """Until `n` ops have entered (no timing: each entry sets the event)."""
+        while len(self.runs) < n:
+            self.entered.clear()
+            await self.entered.wait()
+
+
+GATES: dict[str, Gate] = {}
+
+
+def gate(name: str) -> Gate:
+    """The gate called `name` (created on first use)."""
+    return GATES.setdefault(name, Gate())
+
+
+@op("test.gated", registry=TEST_OPS, description="Enters op_config.gate and waits until it opens")
+async def gated(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Notes that it runs, waits for the gate to open, returns its input."""
+    door = gate(str(op_config["gate"]))
+    door.runs.append(ctx.run_id)
+    door.entered.set()
+    try:
+        await door.opened.wait()
+    except asyncio.CancelledError:
+        door.cancelled.append(ctx.run_id)
+        door.left.set()
+        raise
+    return {"input": input}
+
+
+@op("test.tick_once", registry=TEST_OPS, description="Makes one recorded call to the counting clock")
+async def tick_once(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Reads the clock fact once; returns the input doubled and the tick."""
+    answer = await ctx.io.call("test.clock", {}, "tick")
+    return {"double": input * 2 if isinstance(input, int) else input, "tick": answer["tick"]}
 
 
 @dataclass

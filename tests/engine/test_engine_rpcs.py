@@ -434,16 +434,13 @@ async def test_run_rpcs_refuse_unknown_and_malformed_run_ids(cluster: Cluster) -
     assert await all_streams(cluster) == []
 
 
-async def test_child_and_terminalize_rpcs_say_they_are_not_built_yet(cluster: Cluster) -> None:
-    for call in (
-        cluster.stub.SpawnChild(engine_pb2.SpawnChildRequest()),
-        cluster.stub.AwaitChild(engine_pb2.AwaitChildRequest()),
-        cluster.stub.Terminalize(engine_pb2.TerminalizeRequest()),
+async def test_empty_child_and_terminalize_requests_are_invalid_argument(cluster: Cluster) -> None:
+    for call, reason in (
+        (cluster.stub.SpawnChild(engine_pb2.SpawnChildRequest()), "child_run_request_invalid"),
+        (cluster.stub.AwaitChild(engine_pb2.AwaitChildRequest()), "child_run_request_invalid"),
+        (cluster.stub.Terminalize(engine_pb2.TerminalizeRequest()), "invalid_run_id"),
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue 4" in (caught.value.details() or "")
+        await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, reason)
 
 
 async def test_unreachable_store_is_unavailable_store_unavailable() -> None:
@@ -498,7 +495,8 @@ async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluste
         if count != before.get(method, 0)
     }
     # Write-behind: everything in one append. Without it: RunStarted, then one per step, the last
-    # one carrying RunCompleted. Either way one ReadEvents answers with the run.
+    # one carrying RunCompleted. Either way one ReadEvents answers with the run (a run without a
+    # failure ledger says so in RunCompleted: the ledger stream is not read).
     appends = 1 if cluster.checkpoint_linger > 0 else 4
     assert spent == {"AppendEvents": appends, "ReadEvents": 1}
     events = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"run:{run.run_id}"))

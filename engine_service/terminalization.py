@@ -1,0 +1,167 @@
+"""Terminalize: move a run to a terminal status exactly once, and the failure ledger behind it.
+
+Order matters for fencing: this engine's driver of the run is stopped first (its running op is
+cancelled, its decided events flushed), then RunCompleted is appended at the head just read. Any
+other writer (a driver on another engine, a late flush) makes that append a `sequence_conflict`,
+and the whole decision is taken again from a fresh read: the run is terminalized at most once.
+
+When the terminal append fails for another reason after the decision was taken, the divergence is
+written to the run's failure ledger (a second stream, `ledger:<run id>`) and the call fails with
+the same message; a retry once the store recovers transitions the run (or finds it terminal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, encode_event
+from engine_service.domain.canonical import canonical_json_bytes
+from engine_service.domain.child_runs import CLOSE_CANCEL, children_of
+from engine_service.run_driver import now_us, run_stream_id
+from keel_core.errors import ErrorCategory, KeelError
+
+if TYPE_CHECKING:
+    from engine_service.engine import Engine
+
+log = logging.getLogger(__name__)
+
+LEDGER_EVENT = "FailureLedgerEntry"
+RUN_LEDGER_SUBJECT = "_run"
+_EVENT_NAME = {COMPLETED: "RunCompleted", FAILED: "RunFailed", CANCELED: "RunCanceled"}
+_MAX_DECISIONS = 20
+
+
+def ledger_stream_id(run_id: str) -> str:
+    """The store stream holding a run's failure ledger."""
+    return f"ledger:{run_id}"
+
+
+@dataclass(frozen=True)
+class TerminalizeResult:
+    """What Terminalize did: `transitioned` (False: the run was already terminal) and the status."""
+
+    transitioned: bool
+    status: str
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A divergence the engine could not repair, kept for a person."""
+
+    step_id: str
+    reason: str
+    recorded_at: datetime | None
+
+
+async def read_ledger(engine: Engine, run_id: str) -> list[LedgerEntry]:
+    """A run's failure ledger, oldest first."""
+    out = []
+    for event in await engine.env.store.read(ledger_stream_id(run_id)):
+        data = json.loads(event.payload.decode("utf-8")) if event.payload else {}
+        at_us = data.get("at_us")
+        when = datetime.fromtimestamp(at_us / 1e6, tz=UTC) if isinstance(at_us, int) else event.recorded_at
+        out.append(
+            LedgerEntry(str(data.get("step_id", RUN_LEDGER_SUBJECT)), str(data.get("reason", "")), when)
+        )
+    return out
+
+
+async def terminalize(engine: Engine, run_id: str, status: str, reason: str) -> TerminalizeResult:
+    """Move the run to `status` (TRANSITIONED once, NOOP when already terminal); cancel children by policy."""
+    engine.terminalizing[run_id] += 1  # counted: concurrent Terminalizes of one run overlap
+    try:
+        result = await _decide_and_append(engine, run_id, status, reason)
+    finally:
+        engine.terminalizing[run_id] -= 1
+        if engine.terminalizing[run_id] <= 0:
+            del engine.terminalizing[run_id]
+    # A repeated cancel closes children again (a child the first cancel could not reach, say);
+    # a NOOP on a run that ended otherwise changes nothing.
+    if result.status == CANCELED and status == CANCELED:
+        await _close_children(engine, run_id)
+    return result
+
+
+async def _decide_and_append(engine: Engine, run_id: str, status: str, reason: str) -> TerminalizeResult:
+    for _ in range(_MAX_DECISIONS):
+        await engine.stop_driver(run_id)
+        _, history = await engine.read_history(run_id)
+        if history.terminal is not None:
+            return TerminalizeResult(False, history.terminal.status)
+        ledger_head, _ = await engine.env.store.head(ledger_stream_id(run_id))
+        terminal = RunCompleted(
+            status, history.last_checkpoint, reason, at_us=now_us(), has_ledger=ledger_head > 0
+        )
+        try:
+            await engine.env.store.append(
+                run_stream_id(run_id), [encode_event(terminal)], expected_seq=history.head_seq, status=status
+            )
+        except KeelError as error:
+            if error.code == "sequence_conflict":
+                continue  # someone appended since the read: decide again from the new head
+            await _record_divergence(engine, run_id, status, error)
+        return TerminalizeResult(True, status)
+    raise KeelError(
+        "terminalize_contended",
+        f"run {run_id} kept changing while it was being terminalized; try again",
+        category=ErrorCategory.CONFLICT,
+        retryable=True,
+    )
+
+
+async def _record_divergence(engine: Engine, run_id: str, status: str, error: KeelError) -> None:
+    message = f"terminal run status persisted but {_EVENT_NAME[status]} append failed: {error.message}"
+    entry = {"v": 1, "step_id": RUN_LEDGER_SUBJECT, "reason": message, "at_us": now_us()}
+    try:
+        await engine.env.store.append(
+            ledger_stream_id(run_id),
+            [(LEDGER_EVENT, canonical_json_bytes(entry))],
+            expected_seq=None,
+            expected_any=True,
+        )
+    except KeelError as ledger_error:
+        log.error(
+            "run %s: %s; the failure ledger write failed too: %s", run_id, message, ledger_error.message
+        )
+        raise KeelError(
+            "terminal_append_failed",
+            f"{message}; writing the failure ledger also failed: {ledger_error.message}",
+            category=ErrorCategory.UNAVAILABLE,
+            retryable=True,
+            details={"run_id": run_id},
+        ) from error
+    log.error("run %s: %s (recorded in its failure ledger)", run_id, message)
+    raise KeelError(
+        "terminal_append_failed",
+        message,
+        category=ErrorCategory.UNAVAILABLE,
+        retryable=True,
+        details={"run_id": run_id},
+    ) from error
+
+
+async def _close_children(engine: Engine, run_id: str) -> None:
+    """Cancel the parent's unfinished children whose policy is `cancel` (recursively)."""
+    await engine.children.settle(run_id)
+    _, history = await engine.read_history(run_id)
+    doomed = {link.child_run_id for link in children_of(history) if link.parent_close_policy == CLOSE_CANCEL}
+    # Children spawned here whose spawn fact the cancel overtook are closed too.
+    doomed |= engine.children.spawned_here(run_id, CLOSE_CANCEL)
+    engine.children.forget(run_id)
+    results = await asyncio.gather(
+        *(
+            terminalize(engine, child, CANCELED, f"parent run {run_id} was canceled")
+            for child in sorted(doomed)
+        ),
+        return_exceptions=True,
+    )
+    for child, result in zip(sorted(doomed), results, strict=True):
+        if isinstance(result, BaseException) and not (
+            isinstance(result, KeelError) and result.code == "run_not_found"
+        ):
+            log.error("cancelling child %s of run %s failed: %r", child, run_id, result)

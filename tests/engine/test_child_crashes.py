@@ -1,0 +1,91 @@
+"""Crash tests of child runs: a real engine process SIGKILLed at each point of a parent's fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from keel.engine.v1 import engine_pb2, engine_pb2_grpc
+
+from keel_core.json_values import from_value, to_value
+from tests.engine.crash_ops import read_io_log
+from tests.engine.processes import ServiceProcess, start_engine_process, start_store_process
+
+pytestmark = pytest.mark.slow
+
+CHILDREN = 2
+
+
+def parent_request(run_id: str) -> engine_pb2.StartRunRequest:
+    """A parent whose step `fan` spawns two `test.two_calls` children (step `main` each) and awaits them."""
+    config = {"op_id": "test.two_calls", "inputs": [10, 20]}
+    return engine_pb2.StartRunRequest(
+        run_id=run_id,
+        pipeline=engine_pb2.Pipeline(
+            pipeline_id="parent",
+            steps=[engine_pb2.Step(step_id="fan", op_id="keel.fan_out", op_config=to_value(config))],
+        ),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    """A store subprocess over a fresh data dir."""
+    process = await start_store_process(tmp_path / "store")
+    yield process
+    await process.kill()
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        "before_child_started",  # the child's manifest is stored, its RunStarted is not
+        "after_child_spawn_recorded",  # the parent recorded a spawn; the child may or may not run yet
+        "after_fact_recorded:main",  # a child is running (its first call is recorded)
+        "after_child_completed",  # a child is terminal; the parent has not recorded the await
+        "after_child_await_recorded",  # the parent recorded an await
+    ],
+)
+async def test_parent_killed_around_a_child_completes_with_one_child_per_key_and_each_fact_once(
+    store: ServiceProcess, tmp_path: Path, failpoint: str
+) -> None:
+    io_log = str(tmp_path / "io.log")
+    run_id = str(uuid.uuid4())
+    doomed = await start_engine_process(store.address, failpoints=failpoint, io_log=io_log)
+    channel = grpc.aio.insecure_channel(doomed.address)
+    try:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the engine may die before it answers
+            await engine_pb2_grpc.EngineServiceStub(channel).StartRun(parent_request(run_id), timeout=30)
+        assert await asyncio.wait_for(doomed.process.wait(), 30) == -9, "the failpoint did not fire"
+    finally:
+        await channel.close(grace=None)
+        await doomed.kill()
+
+    survivor = await start_engine_process(store.address, io_log=io_log)
+    channel = grpc.aio.insecure_channel(survivor.address)
+    stub = engine_pb2_grpc.EngineServiceStub(channel)
+    try:
+        awaited = await stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=60)
+        assert awaited.done
+        run = awaited.run
+        assert run.status == engine_pb2.RUN_STATUS_COMPLETED, run.reason
+        output = from_value(run.final_snapshot)["fan"]
+        children = [str(uuid.uuid5(uuid.UUID(run_id), f"fan.child.{i}")) for i in range(CHILDREN)]
+        assert [c["child_run_id"] for c in output["children"]] == children
+        assert [r["first"]["request"]["input"] for r in output["results"]] == [10, 20]
+        assert sorted(c.child_run_id for c in run.children) == sorted(children)
+        # Exactly one child per fact key: the store holds the parent and these children, no others.
+        listed = await stub.ListRuns(engine_pb2.ListRunsRequest(page_size=100))
+        assert sorted(r.run_id for r in listed.runs) == sorted([run_id, *children])
+        # No fact executed twice: each child's two calls reached the counting transport once.
+        calls = collections.Counter(read_io_log(io_log))
+        assert calls == {(child, key): 1 for child in children for key in ("main-first", "main-second")}
+    finally:
+        await channel.close(grace=None)
+        assert await survivor.terminate() == 0
