@@ -8,7 +8,10 @@ must pass the one abstract suite in `tests/store/backend_suite.py`.
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
 import enum
+import hashlib
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
@@ -112,6 +115,51 @@ class EventPage:
     events: tuple[StoredEvent, ...]
     next_seq: int
     head_seq: int
+
+
+def artifact_id_of(data: bytes) -> str:
+    """The content address of `data`: `sha256:<hex>`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# ListStreams pages walk a backend's creation order downwards from here (the first page).
+FIRST_PAGE_POSITION = 2**63 - 1
+
+
+def encode_page_token(prefix: bytes, position: int) -> str:
+    """An opaque ListStreams page token: the backend's prefix and the creation order to go below."""
+    return base64.urlsafe_b64encode(prefix + str(position).encode()).decode()
+
+
+def decode_page_token(prefix: bytes, token: str) -> int:
+    """The position in a token `encode_page_token` made with this prefix, else `invalid_page_token`."""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode())
+    except (binascii.Error, ValueError) as exc:
+        raise invalid_page_token(token) from exc
+    digits = raw[len(prefix) :]
+    if not raw.startswith(prefix) or not digits.isdigit() or not 0 < int(digits) <= FIRST_PAGE_POSITION:
+        raise invalid_page_token(token)
+    return int(digits)
+
+
+# A page of events stops once this many payload bytes are in it (it always holds at least one
+# event), so that a page of large events still fits one gRPC message (16 MiB).
+READ_PAGE_BYTES = 8 * 1024 * 1024
+
+
+def page_of(events: Sequence[StoredEvent], head: int) -> EventPage:
+    """A page of `events` (in order) cut at READ_PAGE_BYTES, with where to read next."""
+    total = 0
+    kept = len(events)
+    for index, event in enumerate(events):
+        if index and total + len(event.payload) > READ_PAGE_BYTES:
+            kept = index
+            break
+        total += len(event.payload)
+    page = tuple(events[:kept])
+    last = page[-1].seq if page else head
+    return EventPage(page, last + 1 if last < head else 0, head)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,6 @@ PostgreSQL itself or of its host may lose the last fraction of a second of ackno
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import contextlib
 import hashlib
@@ -42,6 +40,7 @@ import asyncpg
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from store_service.backend import (
     ARTIFACT_CHUNK_BYTES,
+    FIRST_PAGE_POSITION,
     AppendResult,
     ArtifactDownload,
     ArtifactInfo,
@@ -57,9 +56,12 @@ from store_service.backend import (
     StreamInfo,
     StreamPage,
     StreamStatus,
+    artifact_id_of,
     artifact_not_found,
+    decode_page_token,
     empty_batch,
-    invalid_page_token,
+    encode_page_token,
+    page_of,
     sequence_conflict,
 )
 from store_service.postgres_errors import LOST_RACE, database_errors, is_lost_connection, translate_error
@@ -79,7 +81,6 @@ MAX_GROUP_APPENDS = 512
 MAX_GROUP_BYTES = 8 * 1024 * 1024
 # A group whose events collided with another replica's is retried this often before giving up.
 CAS_RETRIES = 4
-_NO_TOKEN_SID = 2**63 - 1
 _TOKEN_PREFIX = b"pg-streams:v1:"
 _KIND_CODES = {ExpectedKind.EXACT: 0, ExpectedKind.NO_STREAM: 1, ExpectedKind.ANY: 2}
 
@@ -111,11 +112,6 @@ _PUBLISH_WITH_CHUNK = (
 
 # A read tries this many pooled connections before reporting the database unavailable.
 READ_ATTEMPTS = 3
-
-
-def artifact_id_of(data: bytes) -> str:
-    """The content address of `data`: `sha256:<hex>`."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _chunked(data: bytes) -> list[bytes]:
@@ -467,13 +463,12 @@ class PostgresStoreBackend(StoreBackend):
         start = max(1, from_seq)
         rows = await self._query(_READ, stream_id, start, max(0, limit))
         head = int(rows[0][0])
-        events = tuple(
+        events = [
             StoredEvent(stream_id, int(r[1]), str(r[2]), bytes(r[3]), int(r[4]))
             for r in rows
             if r[1] is not None
-        )
-        last = events[-1].seq if events else head
-        return EventPage(events, last + 1 if last < head else 0, head)
+        ]
+        return page_of(events, head)
 
     async def head(self, stream_id: str) -> StreamHead:
         """The head and label from the streams table (0, UNSPECIFIED for an unknown stream)."""
@@ -491,7 +486,7 @@ class PostgresStoreBackend(StoreBackend):
         page_token: str = "",
     ) -> StreamPage:
         """Newest first by creation order; the token carries the last row's creation order."""
-        before = _parse_token(page_token) if page_token else _NO_TOKEN_SID
+        before = decode_page_token(_TOKEN_PREFIX, page_token) if page_token else FIRST_PAGE_POSITION
         where = ["sid < $1"]
         params: list[Any] = [before]
         if statuses:
@@ -511,7 +506,9 @@ class PostgresStoreBackend(StoreBackend):
         streams = tuple(
             StreamInfo(str(r[1]), int(r[2]), StreamStatus(int(r[3])), int(r[4]), int(r[5])) for r in rows
         )
-        return StreamPage(streams, _make_token(int(rows[-1][0])) if more and rows else "")
+        return StreamPage(
+            streams, encode_page_token(_TOKEN_PREFIX, int(rows[-1][0])) if more and rows else ""
+        )
 
     async def subscribe(self, stream_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
         """Catch up from the database, then sleep until a NOTIFY (from any replica) wakes us."""
@@ -629,20 +626,6 @@ class PostgresStoreBackend(StoreBackend):
                 return
             yield bytes(rows[0][0])
             index += 1
-
-
-def _make_token(sid: int) -> str:
-    return base64.urlsafe_b64encode(_TOKEN_PREFIX + str(sid).encode()).decode()
-
-
-def _parse_token(token: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(token.encode())
-    except (binascii.Error, ValueError) as exc:
-        raise invalid_page_token(token) from exc
-    if not raw.startswith(_TOKEN_PREFIX) or not raw[len(_TOKEN_PREFIX) :].isdigit():
-        raise invalid_page_token(token)
-    return int(raw[len(_TOKEN_PREFIX) :])
 
 
 __all__ = ["DEFAULT_SCHEMA", "Durability", "PostgresStoreBackend", "artifact_id_of"]

@@ -183,6 +183,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             await _fail(context, error)
         stopping = asyncio.ensure_future(self._shutting_down.wait())
         events = self._backend.subscribe(stream_id, after_seq)
+        step: asyncio.Future[StoredEvent] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(anext(events))
@@ -199,6 +200,12 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                 yield store_pb2.SubscribeEventsResponse(event=recorded_event(event))
         finally:
             stopping.cancel()
+            # A client that cancels interrupts us while `step` is suspended inside the generator:
+            # finish that step first, or aclose() finds the generator running and the task and its
+            # wake-up leak until the stream's next append (never, for a finished run).
+            if step is not None and not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
             # Close the backend's generator now (not at garbage collection): it holds a wake-up.
             aclose = getattr(events, "aclose", None)
             if aclose is not None:

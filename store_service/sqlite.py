@@ -24,8 +24,6 @@ unique key on (stream_id, seq) still refuses anything that would break the seque
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import concurrent.futures
 import hashlib
@@ -43,6 +41,7 @@ import aiosqlite
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from store_service.backend import (
     ARTIFACT_CHUNK_BYTES,
+    FIRST_PAGE_POSITION,
     AppendResult,
     ArtifactDownload,
     ArtifactInfo,
@@ -57,11 +56,14 @@ from store_service.backend import (
     StreamInfo,
     StreamPage,
     StreamStatus,
+    artifact_id_of,
     artifact_not_found,
+    decode_page_token,
     empty_batch,
-    invalid_page_token,
+    encode_page_token,
+    page_of,
 )
-from store_service.sqlite_writer import AppendRequest, ChunkRow, Durability, SqliteWriter, artifact_id_of
+from store_service.sqlite_writer import AppendRequest, ChunkRow, Durability, SqliteWriter
 from store_service.stream_wakeups import StreamWakeups
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,6 @@ GATHER_QUANTUM_S = 0.001
 GATHER_QUANTA = 4
 # An artifact upload is staged in transactions of about this many bytes.
 STAGE_BYTES = 4 * ARTIFACT_CHUNK_BYTES
-_NO_TOKEN_SID = 2**63 - 1
 _TOKEN_PREFIX = b"sqlite-streams:v1:"
 
 
@@ -309,8 +310,8 @@ class SqliteStoreBackend(StoreBackend):
             "WHERE stream_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",
             (stream_id, start, last),
         )
-        events = tuple(StoredEvent(stream_id, int(r[0]), str(r[1]), bytes(r[2]), int(r[3])) for r in rows)
-        return EventPage(events, last + 1 if last < head else 0, head)
+        events = [StoredEvent(stream_id, int(r[0]), str(r[1]), bytes(r[2]), int(r[3])) for r in rows]
+        return page_of(events, head)
 
     async def head(self, stream_id: str) -> StreamHead:
         """The head and label from the streams table (0, UNSPECIFIED for an unknown stream)."""
@@ -328,7 +329,7 @@ class SqliteStoreBackend(StoreBackend):
         page_token: str = "",
     ) -> StreamPage:
         """Newest first by creation order; the token carries the last row's creation order."""
-        before = _parse_token(page_token) if page_token else _NO_TOKEN_SID
+        before = decode_page_token(_TOKEN_PREFIX, page_token) if page_token else FIRST_PAGE_POSITION
         where = ["sid < ?"]
         params: list[Any] = [before]
         if statuses:
@@ -348,7 +349,7 @@ class SqliteStoreBackend(StoreBackend):
         streams = tuple(
             StreamInfo(str(r[1]), int(r[2]), StreamStatus(int(r[3])), int(r[4]), int(r[5])) for r in rows
         )
-        token = _make_token(int(rows[-1][0])) if more else ""
+        token = encode_page_token(_TOKEN_PREFIX, int(rows[-1][0])) if more else ""
         return StreamPage(streams, token)
 
     async def subscribe(self, stream_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
@@ -442,20 +443,6 @@ class SqliteStoreBackend(StoreBackend):
             if not rows:
                 return
             yield bytes(rows[0][0])
-
-
-def _make_token(sid: int) -> str:
-    return base64.urlsafe_b64encode(_TOKEN_PREFIX + str(sid).encode()).decode()
-
-
-def _parse_token(token: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(token.encode())
-    except (binascii.Error, ValueError) as exc:
-        raise invalid_page_token(token) from exc
-    if not raw.startswith(_TOKEN_PREFIX) or not raw[len(_TOKEN_PREFIX) :].isdigit():
-        raise invalid_page_token(token)
-    return int(raw[len(_TOKEN_PREFIX) :])
 
 
 __all__ = ["DATABASE_FILE", "Durability", "SqliteStoreBackend", "artifact_id_of"]

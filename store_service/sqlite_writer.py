@@ -8,7 +8,6 @@ holds. Every method here is blocking and must only run on the writer thread.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import sqlite3
 import time
@@ -26,6 +25,7 @@ from store_service.backend import (
     NewArtifact,
     NewEvent,
     StreamStatus,
+    artifact_id_of,
     sequence_conflict,
 )
 
@@ -91,11 +91,6 @@ _INSERT_ARTIFACT = (
 def now_us() -> int:
     """Wall-clock microseconds since the Unix epoch."""
     return time.time_ns() // 1000
-
-
-def artifact_id_of(data: bytes) -> str:
-    """The content address of `data`: `sha256:<hex>`."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def chunk_rows(blob_id: str, data: bytes, first_index: int = 0) -> list[ChunkRow]:
@@ -299,5 +294,13 @@ class SqliteWriter:
         return exists is None
 
     def drop_blob(self, blob_id: str) -> None:
-        """Delete the staged chunks of an upload that will not be published."""
-        self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id = ?", (blob_id,))
+        """Delete the staged chunks of an upload that was not published.
+
+        The uploader queues this when it is cancelled, which may be after its publish job was
+        already queued and then commits: chunks that an artifact row points at are never dropped.
+        """
+        self.conn.execute(
+            "DELETE FROM artifact_chunks WHERE blob_id = ? AND NOT EXISTS "
+            "(SELECT 1 FROM artifacts WHERE blob_id = ?)",
+            (blob_id, blob_id),
+        )

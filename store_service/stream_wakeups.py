@@ -38,6 +38,10 @@ class StreamWakeups:
             if not waiting:
                 del self._armed[stream_id]
 
+    def armed_count(self, stream_id: str) -> int:
+        """How many waiters are armed on a stream (a subscription that ended must leave none)."""
+        return len(self._armed.get(stream_id, ()))
+
     def notify(self, stream_id: str) -> None:
         """Wake everyone waiting on `stream_id`."""
         waiting = self._armed.pop(stream_id, None)

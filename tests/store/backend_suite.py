@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 
 from keel_core.errors import ErrorCategory, KeelError
 from store_service.backend import (
+    READ_PAGE_BYTES,
     Expected,
     NewArtifact,
     NewEvent,
@@ -224,6 +226,17 @@ class StoreBackendSuite(abc.ABC):
         page = await backend.read("s", 11, 4)
         assert (page.events, page.next_seq, page.head_seq) == ((), 0, 10)
 
+    async def test_page_of_large_events_stops_at_the_byte_budget(self, backend: StoreBackend) -> None:
+        """A page must fit one gRPC message however large its events; the rest follows by next_seq."""
+        payload = b"x" * (1024 * 1024)
+        count = READ_PAGE_BYTES // len(payload) + 4
+        await backend.append("big", Expected.no_stream(), [NewEvent("Big", payload)] * count)
+        page = await backend.read("big", 1, 1000)
+        assert 0 < len(page.events) < count
+        assert sum(len(e.payload) for e in page.events) <= READ_PAGE_BYTES
+        assert page.next_seq == len(page.events) + 1 and page.head_seq == count
+        assert [e.seq for e in await read_all(backend, "big")] == list(range(1, count + 1))
+
     async def test_unknown_stream_reads_empty_with_head_zero(self, backend: StoreBackend) -> None:
         page = await backend.read("ghost", 1, 10)
         assert (page.events, page.next_seq, page.head_seq) == ((), 0, 0)
@@ -324,7 +337,13 @@ class StoreBackendSuite(abc.ABC):
         assert listed.streams[1].head_seq == 2
 
     async def test_foreign_page_token_is_invalid_argument(self, backend: StoreBackend) -> None:
-        for token in ["garbage", "bm9wZQ==", "!!"]:
+        await backend.append("a", Expected.no_stream(), events("x"))
+        await backend.append("b", Expected.no_stream(), events("x"))
+        real = (await backend.list_streams(page_size=1)).next_page_token
+        # This backend's own token format with a position no database integer can hold.
+        prefix = base64.urlsafe_b64decode(real.encode()).rstrip(b"0123456789")
+        out_of_range = base64.urlsafe_b64encode(prefix + str(2**70).encode()).decode()
+        for token in ["garbage", "bm9wZQ==", "!!", out_of_range]:
             with pytest.raises(KeelError) as caught:
                 await backend.list_streams(page_token=token)
             assert caught.value.code == "invalid_page_token"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sqlite3
@@ -121,3 +122,41 @@ async def test_hundred_mib_artifact_round_trips_in_bounded_memory(tmp_path: obje
     assert put.size == got.info.size == 100 * 1024 * 1024
     assert put.artifact_id == "sha256:" + sent.hexdigest() == "sha256:" + received.hexdigest()
     assert peak < 16 * 1024 * 1024, f"peak Python memory {peak / 2**20:.1f} MiB"
+
+
+async def test_put_cancelled_while_its_publish_commits_keeps_the_artifact_whole(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite-specific (its staged uploads): a put cancelled after publishing must not drop the chunks.
+
+    The publish job is slowed on the writer thread so that the caller's cancellation lands while
+    it commits; the clean-up queued by the cancellation must then leave the published chunks.
+    """
+    import threading
+
+    from store_service import sqlite_writer
+
+    publishing = threading.Event()
+    real_publish = sqlite_writer.SqliteWriter.publish
+
+    def slow_publish(self: sqlite_writer.SqliteWriter, **kwargs: object) -> bool:
+        publishing.set()
+        threading.Event().wait(0.3)  # a slow fsync, on the writer thread
+        return real_publish(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_writer.SqliteWriter, "publish", slow_publish)
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+    try:
+        data = os.urandom(5 * 1024 * 1024 + 10)  # large enough to be staged before publishing
+        put = asyncio.create_task(backend.put_artifact("blob", chunks_of(data, 1024 * 1024)))
+        assert await asyncio.to_thread(publishing.wait, 30)
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        await backend.append("after", Expected.any(), events("x"))  # the queued clean-up has run
+        artifact_id = "sha256:" + hashlib.sha256(data).hexdigest()
+        got = await backend.get_artifact(artifact_id)
+        assert b"".join([chunk async for chunk in got.chunks]) == data
+    finally:
+        await backend.close()

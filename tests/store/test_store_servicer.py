@@ -14,6 +14,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.status import from_rpc_error
 from store_service.server import StoreServingHandle
+from store_service.sqlite import SqliteStoreBackend
 from tests.store.conftest import error_info
 
 if TYPE_CHECKING:
@@ -381,3 +382,36 @@ async def test_bad_input_is_rejected_with_reason_and_writes_nothing(
     for artifact in (b"x", b"orphan bytes", b"x" * (8 * MiB + 1)):
         has = await stub.HasArtifact(pb.HasArtifactRequest(artifact_id=sha(artifact)))
         assert not has.exists
+
+
+async def test_read_events_pages_a_stream_larger_than_one_message(stub: StoreServiceAsyncStub) -> None:
+    """20 events of 1 MiB exceed the 16 MiB message limit: ReadEvents pages instead of failing."""
+    payload = b"x" * (1024 * 1024)
+    for _ in range(4):
+        await stub.AppendEvents(append_request("huge", pb.EXPECTED_KIND_ANY, events=[ev("Big", payload)] * 5))
+    seqs: list[int] = []
+    next_seq = 1
+    while next_seq:
+        page = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="huge", from_seq=next_seq))
+        seqs += [event.seq for event in page.events]
+        next_seq = page.next_seq
+    assert seqs == list(range(1, 21))
+
+
+async def test_cancelled_subscriptions_leave_nothing_waiting(
+    store: StoreServingHandle, stub: StoreServiceAsyncStub
+) -> None:
+    """A client that cancels while the store waits for the next event leaks no task or wake-up."""
+    await stub.AppendEvents(append_request("quiet"))
+    for _ in range(20):
+        call = stub.SubscribeEvents(pb.SubscribeEventsRequest(stream_id="quiet"))
+        first = await call.read()
+        assert isinstance(first, pb.SubscribeEventsResponse) and first.event.seq == 1
+        call.cancel()
+    assert isinstance(store.backend, SqliteStoreBackend)
+    wakeups = store.backend._wakeups
+    for _ in range(200):  # the server notices each cancellation on its own schedule
+        if not wakeups.armed_count("quiet"):
+            break
+        await asyncio.sleep(0.01)
+    assert wakeups.armed_count("quiet") == 0
