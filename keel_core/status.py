@@ -43,12 +43,24 @@ def to_rpc_status(error: KeelError) -> status_pb2.Status:
     """
     metadata = {"category": error.category.value, "retryable": "true" if error.retryable else "false"}
     for key, value in error.details.items():
-        metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        metadata[key] = _bounded(text, MAX_DETAIL_CHARS)
     info = error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     code = grpc_code(error)
-    return status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    message = _bounded(error.message, MAX_MESSAGE_CHARS)
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail])
+
+
+# The status travels in trailing metadata, which gRPC caps (8 KiB by default on many clients); a
+# longer one would turn the real status into RESOURCE_EXHAUSTED and lose the reason.
+MAX_MESSAGE_CHARS = 2048
+MAX_DETAIL_CHARS = 512
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 14] + "… (truncated)"
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: KeelError) -> None:
