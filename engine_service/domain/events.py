@@ -34,6 +34,18 @@ CANCELED = "canceled"
 TERMINAL_STATUSES = (COMPLETED, FAILED, CANCELED)
 
 
+# An event must fit the store's 1 MiB per-event limit whatever an op raised: messages and reasons
+# are recorded up to this many characters, longer ones cut with a marker.
+MAX_RECORDED_TEXT = 8192
+
+
+def bounded_text(text: str) -> str:
+    """`text`, cut to MAX_RECORDED_TEXT characters with a marker when longer."""
+    if len(text) <= MAX_RECORDED_TEXT:
+        return text
+    return text[: MAX_RECORDED_TEXT - 40] + f"… ({len(text)} characters, truncated)"
+
+
 @dataclass(frozen=True)
 class ErrorRecord:
     """A recorded failure: stable code, category, whether a retry may help, and a message."""
@@ -50,7 +62,7 @@ class ErrorRecord:
             "code": self.code,
             "category": self.category,
             "retryable": self.retryable,
-            "message": self.message,
+            "message": bounded_text(self.message),
         }
         if self.details:
             out["details"] = self.details
@@ -224,7 +236,7 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
         case RunCompleted():
             data = {**v, "status": event.status, "final_snapshot_id": event.final_snapshot_id}
             if event.reason:
-                data["reason"] = event.reason
+                data["reason"] = bounded_text(event.reason)
             if event.error is not None:
                 data["error"] = event.error.to_json()
             if event.has_ledger:

@@ -32,7 +32,10 @@ class RetryPolicy:
         """The delay before running `attempt` (0 for the first attempt, growing per retry, capped)."""
         if attempt <= 0:
             return 0
-        delay = self.initial_backoff_ms * (self.multiplier ** (attempt - 1))
+        try:
+            delay = self.initial_backoff_ms * (self.multiplier ** (attempt - 1))
+        except OverflowError:  # far past the cap: a large multiplier or attempt number
+            return self.max_backoff_ms
         return int(min(delay, self.max_backoff_ms))
 
     def to_json(self) -> dict[str, Any]:
