@@ -1,7 +1,13 @@
 """Completed runs/s of a 3-step pipeline, and fan-out parents/s, through real gRPC to both services.
 
 Run: `.venv/bin/python bench/engine_runs.py [--scenario all|pipeline|fan-out] [--runs N]
-[--durability full|normal] [--concurrency C] [--parents P] [--fan-out-concurrency F]`
+[--durability full|normal] [--concurrency C] [--parents P] [--fan-out-concurrency F]
+[--backend sqlite|postgres] [--dsn DSN] [--engines N] [--stores M]`
+
+Scale-out (issue 5): `--backend postgres` runs M store replicas (`--stores`, default 1) on one
+fresh PostgreSQL schema (dropped afterwards) and N engines (`--engines`, default 1), each engine
+given every store address; the client spreads its runs round-robin over the engines (worker i
+always calls engine i mod N). CPU per run then sums all engines and all stores.
 
 A `store-service` (SQLite, full durability by default) and an `engine-service` run as
 subprocesses; this process is the client. Each run is one `StartRun(wait=true)` call (one client
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import statistics
 import sys
@@ -32,6 +39,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 import grpc
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 
@@ -44,6 +52,7 @@ BIN = Path(sys.executable).parent
 FAN_OUT = 10
 DBOS_FAN_OUT = 5.6
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DSN = os.environ.get("KEEL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def pipeline() -> engine_pb2.Pipeline:
@@ -81,13 +90,15 @@ async def spawn(args: list[str], banner: str) -> tuple[asyncio.subprocess.Proces
     return process, line.removeprefix(banner).strip()
 
 
-async def measure(stub: EngineServiceAsyncStub, runs: int, concurrency: int) -> tuple[float, list[float]]:
-    """Complete `runs` runs with `concurrency` in flight; returns (runs/s, latencies in ms)."""
+async def measure(
+    stubs: list[EngineServiceAsyncStub], runs: int, concurrency: int
+) -> tuple[float, list[float]]:
+    """Complete `runs` runs with `concurrency` in flight over the engines; returns (runs/s, latencies ms)."""
     request_pipeline = pipeline()
     latencies: list[float] = []
     next_index = 0
 
-    async def worker() -> None:
+    async def worker(stub: EngineServiceAsyncStub) -> None:
         nonlocal next_index
         while next_index < runs:
             index = next_index
@@ -104,7 +115,7 @@ async def measure(stub: EngineServiceAsyncStub, runs: int, concurrency: int) -> 
                 raise RuntimeError(f"run {response.run_id} ended {response.run.status}")
 
     began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
     return runs / (time.perf_counter() - began), latencies
 
 
@@ -139,10 +150,22 @@ async def measure_fan_out(
     return parents / (time.perf_counter() - began), latencies
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time the processes have used so far (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def drop_schema(dsn: str, schema: str) -> None:
+    """Drop the benchmark's PostgreSQL schema and everything in it."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -169,60 +192,76 @@ async def main() -> None:
     parser.add_argument(
         "--fan-out-concurrency", type=int, default=8, help="fan-out parents in flight (default 8)"
     )
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--dsn", default=DEFAULT_DSN, help=f"PostgreSQL to use (default {DEFAULT_DSN})")
+    parser.add_argument("--engines", type=int, default=1, help="engines sharing the store (default 1)")
+    parser.add_argument("--stores", type=int, default=1, help="store replicas (postgres; default 1)")
     args = parser.parse_args()
     pipelines = args.scenario in ("all", "pipeline")
     fan_outs = args.scenario in ("all", "fan-out")
+    if args.backend == "sqlite" and args.stores != 1:
+        parser.error("--stores > 1 needs --backend postgres (SQLite files are not shared)")
+    schema = f"keel_bench_{secrets.token_hex(5)}"
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as data:
-        store, store_address = await spawn(
-            [
-                str(BIN / "store-service"),
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data,
-                "--durability",
-                args.durability,
-                "--log-level",
-                "warning",
-            ],
-            "store-service listening on",
-        )
-        engine, engine_address = await spawn(
-            [
-                str(BIN / "engine-service"),
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                store_address,
-                "--checkpoint-linger",
-                args.checkpoint_linger,
-                "--log-level",
-                "warning",
-            ],
-            "engine-service listening on",
-        )
+        store_args = [str(BIN / "store-service"), "--listen", "127.0.0.1:0", "--log-level", "warning"]
+        store_args += ["--durability", args.durability]
+        if args.backend == "postgres":
+            store_args += ["--backend", "postgres", "--dsn", args.dsn, "--pg-schema", schema]
+        else:
+            store_args += ["--data-dir", data]
+        processes: list[asyncio.subprocess.Process] = []
         try:
-            async with grpc.aio.insecure_channel(engine_address) as channel:
-                stub = engine_pb2_grpc.EngineServiceStub(channel)
-                await measure(stub, 50, 8)  # warm-up
+            stores = [await spawn(store_args, "store-service listening on") for _ in range(args.stores)]
+            processes += [process for process, _ in stores]
+            store_addresses = ",".join(address for _, address in stores)
+            engines = [
+                await spawn(
+                    [
+                        str(BIN / "engine-service"),
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--store",
+                        store_addresses,
+                        "--checkpoint-linger",
+                        args.checkpoint_linger,
+                        "--log-level",
+                        "warning",
+                    ],
+                    "engine-service listening on",
+                )
+                for _ in range(args.engines)
+            ]
+            processes += [process for process, _ in engines]
+            engine_pids = [process.pid for process, _ in engines]
+            store_pids = [process.pid for process, _ in stores]
+            channels = [grpc.aio.insecure_channel(address) for _, address in engines]
+            stubs = [engine_pb2_grpc.EngineServiceStub(channel) for channel in channels]
+            try:
+                await measure(stubs, 50, 8)  # warm-up
                 sequential_runs = max(50, args.runs // 5)
                 if pipelines:
-                    serial_rate, serial_lat = await measure(stub, sequential_runs, 1)
-                    cpu_before = (cpu_seconds(engine.pid), cpu_seconds(store.pid))
-                    rate, lat = await measure(stub, args.runs, args.concurrency)
-                    cpu_after = (cpu_seconds(engine.pid), cpu_seconds(store.pid))
+                    serial_rate, serial_lat = await measure(stubs, sequential_runs, 1)
+                    cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    rate, lat = await measure(stubs, args.runs, args.concurrency)
+                    cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
                 if fan_outs:
+                    stub = stubs[0]
                     await measure_fan_out(stub, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
-                    fan_cpu_before = (cpu_seconds(engine.pid), cpu_seconds(store.pid))
+                    fan_cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
                     fan_rate, fan_lat = await measure_fan_out(
                         stub, args.parents, args.fan_out_concurrency, FAN_OUT
                     )
-                    fan_cpu_after = (cpu_seconds(engine.pid), cpu_seconds(store.pid))
+                    fan_cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+            finally:
+                for channel in channels:
+                    await channel.close(None)
         finally:
-            for process in (engine, store):
+            for process in processes:
                 process.send_signal(signal.SIGTERM)
-            for process in (engine, store):
+            for process in processes:
                 await process.wait()
+            if args.backend == "postgres":
+                await drop_schema(args.dsn, schema)
     if pipelines:
         report_pipelines(args, serial_rate, serial_lat, sequential_runs, rate, lat, cpu_before, cpu_after)
     if fan_outs:
@@ -256,8 +295,9 @@ def report_pipelines(
 ) -> None:
     """Print the 3-step pipeline figures."""
     print(
-        f"engine_runs: 3-step pipeline, store durability {args.durability}, "
-        f"checkpoint linger {args.checkpoint_linger}s, {os.cpu_count()} CPUs"
+        f"engine_runs: 3-step pipeline, {args.backend} store x{args.stores}, {args.engines} engine(s), "
+        f"store durability {args.durability}, checkpoint linger {args.checkpoint_linger}s, "
+        f"{os.cpu_count()} CPUs"
     )
     print(
         f"  one at a time : {serial_rate:7.1f} runs/s  p50 {statistics.median(serial_lat):6.1f} ms  "

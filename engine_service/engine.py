@@ -4,6 +4,12 @@ The engine holds no state of its own beyond the driver tasks it is running: ever
 from the run's stream in the store. `Engine.drivers` is the per-run task registry (at most one
 task per run, children included) that Terminalize and child runs use: cancelling a run's task
 cancels its running op and parks the run (nothing is appended); Terminalize then appends.
+
+Several engines may share a store: a run is driven only by the engine holding its lease
+(engine_service.leases). Starting a run writes its lease alongside RunStarted; resuming one (an
+await, a retried start, recovery) takes the lease first and only then reads the history. Every
+engine scans for active runs whose lease expired or was released (`scan_forever`) and takes them
+over; a drained engine releases its leases after parking its runs.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import collections
 import contextlib
 import importlib.metadata
 import logging
+import os
+import random
+import socket
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -43,6 +52,7 @@ from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE, c
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.transports import TransportRegistry
+from engine_service.leases import Lease, Leases
 from engine_service.run_driver import RunDriver, RunEnvironment, now_us, run_stream_id
 from engine_service.run_view import RUNNING, ChildView, LedgerView, RunView, build_run_view
 from engine_service.store_client import StreamEvent, StreamSummary
@@ -53,6 +63,16 @@ log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 RUN_STREAM_PREFIX = "run:"
+DEFAULT_LEASE_TTL = 10.0
+# How many runs one scan tries to take over at once.
+SCAN_CONCURRENCY = 16
+
+
+def default_engine_id() -> str:
+    """hostname-pid-random: unique per engine process."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 _STATUS_OF_LABEL = {"completed": COMPLETED, "failed": FAILED, "canceled": CANCELED}
 
 
@@ -116,7 +136,14 @@ class Engine:
     """Runs on top of a store, through RunDrivers."""
 
     def __init__(
-        self, env: RunEnvironment, build: BuildProvenance, *, checkpoint_linger: float = 0.2
+        self,
+        env: RunEnvironment,
+        build: BuildProvenance,
+        *,
+        checkpoint_linger: float = 0.2,
+        engine_id: str | None = None,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        on_takeover: Callable[[], None] | None = None,
     ) -> None:
         self.children = ChildRuns(self)
         own = TransportRegistry()
@@ -135,6 +162,17 @@ class Engine:
         # Content-addressed, so never stale: final snapshots of runs it finished, manifests it used.
         self._final_snapshots: RecentArtifacts[Any] = RecentArtifacts(1000)
         self._manifests: RecentArtifacts[RunManifest] = RecentArtifacts(1000)
+        # run id -> (lock, how many callers use it): one resumption of a run at a time.
+        self._resuming: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.engine_id = engine_id or default_engine_id()
+        self.leases = Leases(
+            env.store, self.engine_id, lease_ttl, on_lost=self._lease_lost, on_takeover=on_takeover
+        )
+
+    def _lease_lost(self, run_id: str) -> None:
+        task = self.drivers.get(run_id)
+        if task is not None:
+            task.cancel()  # parks: its flush finds the lease gone and appends nothing
 
     def _driver(
         self,
@@ -143,6 +181,7 @@ class Engine:
         plan: Plan,
         history: RunHistory,
         *,
+        lease: Lease,
         claim: bool = False,
         has_ledger: bool = False,
     ) -> RunDriver:
@@ -156,6 +195,7 @@ class Engine:
             first_append_patience=self.env.store.patience,
             claim_first=claim,
             has_ledger=has_ledger,
+            lease=lease,
         )
 
     def plan_for(self, manifest: RunManifest) -> Plan:
@@ -197,7 +237,7 @@ class Engine:
         )
         inline = [(MANIFEST_ARTIFACT_KIND, manifest_bytes), (SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)]
         if wait and run_id is None and self.checkpoint_linger > 0:
-            driver = self._driver(chosen, manifest, plan, RunHistory())
+            driver = self._driver(chosen, manifest, plan, RunHistory(), lease=self.leases.start_new(chosen))
             driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
             driver.record([started], status="active", artifacts=inline)
             self._manifests.put(manifest_id, manifest)
@@ -210,6 +250,10 @@ class Engine:
             if not task.done():
                 await driver.flush()  # out of time: the run must exist before it is named
             return StartOutcome(chosen, manifest_id, True)
+        # Implicit until the run outlives ttl/3: no write now. Not when this engine holds the run
+        # already (a retried start of a run it drives): that lease is the driver's.
+        fresh = chosen not in self.leases.held
+        lease = self.leases.start_new(chosen) if fresh else None
         try:
             await self.env.store.append(
                 run_stream_id(chosen),
@@ -218,8 +262,10 @@ class Engine:
                 status="active",
                 artifacts=inline,
             )
-        except KeelError as error:
-            if error.code != "sequence_conflict" or run_id is None:
+        except BaseException as error:
+            if fresh:
+                self.leases.discard(chosen)
+            if not isinstance(error, KeelError) or error.code != "sequence_conflict" or run_id is None:
                 raise
             existing = await self._existing_start(chosen, manifest_id)
             # A client retrying its start after a crash expects the run to go on: drive it if
@@ -229,7 +275,8 @@ class Engine:
                 await self.await_run(chosen, wait_seconds)
             return existing
         self._manifests.put(manifest_id, manifest)
-        driver = self._driver(chosen, manifest, plan, fold([started]))
+        assert lease is not None  # the append succeeded: the run is new
+        driver = self._driver(chosen, manifest, plan, fold([started]), lease=lease)
         driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
         task = self._spawn(driver)
         if wait:
@@ -260,6 +307,7 @@ class Engine:
         run_id = driver.run_id
         if self.drivers.get(run_id) is task:
             del self.drivers[run_id]
+            self.leases.drop(run_id, run_exists=driver.durable_seq > 0)
         if not task.cancelled():
             self.children.forget(run_id)  # a cancelled parent's spawns are still needed to close its children
         if not task.cancelled() and task.exception() is None:
@@ -288,14 +336,54 @@ class Engine:
             self._manifests.put(manifest_id, known)
         return known
 
-    async def resume_run(self, run_id: str) -> bool:
-        """Drive a run nobody here drives; False when it is terminal or already driven here."""
-        if run_id in self.drivers or run_id in self.terminalizing:
-            return False
-        _, history = await self.read_history(run_id)
-        return await self._resume_from(run_id, history)
+    async def resume_run(self, run_id: str, *, created_at_us: int | None = None) -> bool:
+        """Drive a run nobody drives; False when it is terminal, driven here, or leased by another engine.
 
-    async def _resume_from(self, run_id: str, history: RunHistory) -> bool:
+        The lease comes first, then the history (read after it, so no write of a former holder is
+        missed); the driver's first append claims the run stream at that history's head. One
+        resumption of a run at a time here: a second one (a scan and an await at once) would find
+        the lease "ours" and write it again, fencing off the first one's driver mid-op.
+        """
+        lock, users = self._resuming.get(run_id, (asyncio.Lock(), 0))
+        self._resuming[run_id] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._resume_run(run_id, created_at_us)
+        finally:
+            lock, users = self._resuming[run_id]
+            if users == 1:
+                del self._resuming[run_id]
+            else:
+                self._resuming[run_id] = (lock, users - 1)
+
+    async def _resume_run(self, run_id: str, created_at_us: int | None) -> bool:
+        if run_id in self.drivers or run_id in self.terminalizing or self._closing:
+            return False
+        # No lease for a run that does not exist or has ended (a cheap look before writing one).
+        head, label = await self.env.store.head(run_stream_id(run_id))
+        if head == 0:
+            raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
+        if label in _STATUS_OF_LABEL:
+            return False
+        lease = await self.leases.acquire(run_id, created_at_us, lambda: self._created_at_us(run_id))
+        if lease is None:
+            return False
+        resumed = False
+        try:
+            _, history = await self.read_history(run_id)
+            resumed = await self._resume_from(run_id, history, lease)
+        finally:
+            if not resumed and run_id not in self.drivers:
+                self.leases.drop(run_id)
+        return resumed
+
+    async def _created_at_us(self, run_id: str) -> int | None:
+        """When the run stream was created (its first event's commit time, by the store's clock)."""
+        first = await self.env.store.read(run_stream_id(run_id), limit=1)
+        when = first[0].recorded_at if first else None
+        return int(when.timestamp() * 1_000_000) if when else None
+
+    async def _resume_from(self, run_id: str, history: RunHistory, lease: Lease) -> bool:
         if history.is_terminal or history.started is None:
             return False
         manifest = await self.manifest(history.started.manifest_id)
@@ -305,14 +393,32 @@ class Engine:
         ledger_head, _ = await self.env.store.head(ledger_stream_id(run_id))
         if run_id in self.drivers or run_id in self.terminalizing or self._closing:
             return False
-        # Another engine may be driving it: claim the run (append) before running any op.
-        self._spawn(self._driver(run_id, manifest, plan, history, claim=True, has_ledger=ledger_head > 0))
+        # A former holder's late write is fenced off by this claim (an append at the head read).
+        self._spawn(
+            self._driver(run_id, manifest, plan, history, lease=lease, claim=True, has_ledger=ledger_head > 0)
+        )
         return True
 
     async def recover(self) -> int:
-        """Resume every run the store lists as active; returns how many this engine now drives."""
+        """Resume every active run nobody holds; returns how many this engine took on.
+
+        Cheap when repeated (scans): a run whose lease another engine was seen to hold is skipped
+        until that lease would expire, unless it has been released since (one ListStreams).
+        """
         resumed = 0
         token = ""
+        limit = asyncio.Semaphore(SCAN_CONCURRENCY)
+        released = await self.leases.released_runs()
+        active: set[str] = set()
+
+        async def resume(run_id: str, created_at_us: int | None) -> bool:
+            async with limit:
+                try:
+                    return await self.resume_run(run_id, created_at_us=created_at_us)
+                except KeelError as error:
+                    log.error("could not resume run %s: %s", run_id, error.message)
+                    return False
+
         while True:
             page, token = await self.env.store.list_streams(
                 prefix=RUN_STREAM_PREFIX,
@@ -321,54 +427,94 @@ class Engine:
                 page_token=token,
                 patience=float("inf"),
             )
-            for stream in page:
-                run_id = stream.stream_id.removeprefix(RUN_STREAM_PREFIX)
-                try:
-                    resumed += await self.resume_run(run_id)
-                except KeelError as error:
-                    log.error("could not resume run %s: %s", run_id, error.message)
-            if not token:
+            listed = {
+                s.stream_id.removeprefix(RUN_STREAM_PREFIX): (
+                    int(s.created_at.timestamp() * 1_000_000) if s.created_at else None
+                )
+                for s in page
+            }
+            active.update(listed)
+            candidates = [
+                (run_id, created_at_us)
+                for run_id, created_at_us in listed.items()
+                if run_id not in self.drivers
+                and run_id not in self.terminalizing
+                and (run_id in released or not self.leases.known_live(run_id))
+            ]
+            resumed += sum(await asyncio.gather(*(resume(*candidate) for candidate in candidates)))
+            if not token or self._closing:
+                self.leases.forget_seen(active)
                 return resumed
+
+    async def scan_forever(self) -> None:
+        """Take over runs whose lease expired or was released: at start, then every ttl/3 (jittered).
+
+        ttl/3 rather than ttl/2: a released lease is then taken over well before it would have
+        expired (a renewal may have landed up to ttl/3 before the release).
+        """
+        interval = self.leases.ttl / 3
+        first = True
+        while not self._closing:
+            try:
+                resumed = await self.recover()
+                if first or resumed:
+                    log.info("%s: resumed %d run(s)", "recovery" if first else "scan", resumed)
+                first = False
+            except KeelError as error:
+                log.warning("scanning for runs to take over failed: %s", error.message)
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 
     async def await_run(self, run_id: str, wait_seconds: float | None) -> bool:
         """Wait until the run is terminal (True) or `wait_seconds` pass (False), without polling.
 
-        A run that no engine here drives is resumed first (DESIGN.md: resume on await); if another
-        engine drives it, the stream's sequence fences one of the two off and this waits on the store.
+        A run that no engine drives is resumed here first (DESIGN.md: resume on await). A run whose
+        lease another engine holds is waited for on the store; should that lease expire first (its
+        engine died), this engine takes the run over then.
         """
         deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
-        task = self.drivers.get(run_id)
-        if task is None:
-            _, history = await self.read_history(run_id)
+        while True:
+            task = self.drivers.get(run_id)
+            if task is None:
+                _, history = await self.read_history(run_id)
+                if history.is_terminal:
+                    return True
+                try:
+                    await self.resume_run(run_id)
+                except KeelError as error:
+                    log.warning("await of run %s could not resume it: %s", run_id, error.message)
+                task = self.drivers.get(run_id)
+            if task is not None:
+                done, _ = await asyncio.wait({task}, timeout=_left(deadline))
+                if not done:
+                    return False
+                if not task.cancelled() and task.exception() is None:
+                    return True
+                # The driver stopped without finishing (parked, or lost the run to another engine):
+                # fall back to the store, which tells the truth either way.
+            events, history = await self.read_history(run_id)
             if history.is_terminal:
                 return True
-            try:
-                if run_id not in self.terminalizing:
-                    await self._resume_from(run_id, history)
-            except KeelError as error:
-                log.warning("await of run %s could not resume it: %s", run_id, error.message)
-            task = self.drivers.get(run_id)
-        if task is not None:
-            done, _ = await asyncio.wait({task}, timeout=_left(deadline))
-            if not done:
-                return False
-            if not task.cancelled() and task.exception() is None:
+            patience = _left(deadline)
+            retry_in = self.leases.seen_live_for(run_id)
+            if retry_in is not None and (patience is None or retry_in < patience):
+                patience = retry_in  # then try to take the run over
+            if await self._until_terminal(run_id, events[-1].seq, patience):
                 return True
-            # The driver stopped without finishing (parked, or lost the run to another engine):
-            # fall back to the store, which tells the truth either way.
-        events, history = await self.read_history(run_id)
-        if history.is_terminal:
-            return True
+            if retry_in is None or (deadline is not None and time.monotonic() >= deadline):
+                return False
+
+    async def _until_terminal(self, run_id: str, after_seq: int, patience: float | None) -> bool:
+        """Whether a RunCompleted arrives after `after_seq` within `patience` seconds (None: ever)."""
 
         async def until_terminal() -> None:
-            subscription = self.env.store.subscribe(run_stream_id(run_id), after_seq=events[-1].seq)
+            subscription = self.env.store.subscribe(run_stream_id(run_id), after_seq=after_seq)
             async with contextlib.aclosing(subscription):
                 async for event in subscription:
                     if event.type == "RunCompleted":
                         return
 
         try:
-            await asyncio.wait_for(until_terminal(), _left(deadline))
+            await asyncio.wait_for(until_terminal(), patience)
         except TimeoutError:
             return False
         return True
@@ -439,6 +585,7 @@ class Engine:
     async def stop(self) -> None:
         """Park every run this engine drives: cancel the drivers; the runs resume on the next start."""
         self._closing = True
+        self.leases.begin_closing()  # a parked run's lease is released: another engine takes it at once
         while self.drivers:
             tasks = list(self.drivers.values())
             for task in tasks:
@@ -446,5 +593,9 @@ class Engine:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
+            # A task that finished while another was awaited has its done callback (which takes it out
+            # of `drivers`) still queued: awaiting it again would not yield, and this would spin.
+            await asyncio.sleep(0)
             # A child start shielded from its parent's cancel may still add a driver: park it too.
             await self.children.settle_all()
+        await self.leases.close()

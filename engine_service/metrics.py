@@ -57,8 +57,7 @@ STEP_RETRIES = Counter(
 )
 LEASE_TAKEOVERS = Counter(
     "keel_engine_lease_takeovers",
-    "Runs this engine took over from another engine whose lease expired. Always 0 for now: "
-    "engines do not hold run leases yet (a run is fenced by its stream's sequence instead).",
+    "Runs this engine took over from another engine whose lease had expired or been released.",
     registry=REGISTRY,
 )
 for _status in ("completed", "failed", "canceled"):

@@ -25,6 +25,10 @@ views time steps by that. A timer flushes pending events within the linger even 
 so a long op shows as running; a resumed driver appends its first StepAttemptStarted before the op
 runs (a claim: an engine still driving the run elsewhere fences one of the two off before any work).
 
+Leases. A driver holds its run's lease (engine_service.leases) and confirms it is still valid
+before every append and every transport call; once lost, the driver appends nothing more (a
+resumed driver's claim, fenced by the run's sequence, refuses a former holder's late appends).
+
 Facts. `io.call` answers from the facts already in the stream when the key is there (no transport
 call); otherwise it calls the transport (in replay mode: takes the fact of the replayed run) and
 appends FactRecorded *before* returning the answer to the op.
@@ -79,6 +83,7 @@ from engine_service.failpoints import (
     BEFORE_RUN_COMPLETED,
     Failpoints,
 )
+from engine_service.leases import Lease
 from engine_service.store_client import FOREVER, StoreClient
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.logs import bind_log_fields
@@ -88,7 +93,9 @@ PARK_FLUSH_SECONDS = 1.0
 # A checkpoint travels inline in one append (gRPC messages are capped at 16 MiB).
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 MAX_BATCH_ARTIFACT_BYTES = 12 * 1024 * 1024
-MAX_FACT_BYTES = 2 * 1024 * 1024
+# The store takes at most 16 inline artifacts per append, and events of at most 1 MiB each.
+MAX_BATCH_ARTIFACTS = 16
+MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
@@ -152,6 +159,7 @@ class RunDriver:
         first_append_patience: float | None = None,
         claim_first: bool = False,
         has_ledger: bool = False,
+        lease: Lease | None = None,
     ) -> None:
         self.env = env
         self.run_id = run_id
@@ -175,6 +183,8 @@ class RunDriver:
         # engine that still drives it elsewhere fences this driver off before it does any work.
         self._claim_first = claim_first
         self.has_ledger = has_ledger
+        # Checked before every append and transport call: an engine that lost the run writes nothing.
+        self.lease = lease
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
         """Cache a snapshot this engine wrote, so it need not be read back."""
@@ -279,6 +289,8 @@ class RunDriver:
                 raise self._flush_error
             if not self._pending:
                 return
+            if self.lease is not None:
+                await self._confirm_lease()
             batch, artifacts, status = self._pending, self._pending_artifacts, self._pending_status
             self._pending, self._pending_artifacts, self._pending_status = [], [], None
             patience = FOREVER
@@ -300,6 +312,14 @@ class RunDriver:
                 )
                 raise
             self.durable_seq += len(batch)
+
+    async def _confirm_lease(self) -> None:
+        assert self.lease is not None
+        try:
+            await self.lease.confirm()
+        except KeelError as error:
+            self._flush_error = error  # this engine lost the run: it never appends to it again
+            raise
 
     async def run_step(self, action: RunStep) -> None:
         """One attempt of one step, recorded as completed or failed."""
@@ -338,8 +358,11 @@ class RunDriver:
         self.env.failpoints.hit(AFTER_OP_RETURNED, action.step_id)
         snapshot_id = artifact_id_for_bytes(snapshot_bytes)
         self._snapshots[snapshot_id] = snapshot
-        if self._pending_artifact_bytes() + len(snapshot_bytes) > MAX_BATCH_ARTIFACT_BYTES:
-            await self.flush()  # keep one batch well under the 16 MiB message cap
+        if (
+            self._pending_artifact_bytes() + len(snapshot_bytes) > MAX_BATCH_ARTIFACT_BYTES
+            or len(self._pending_artifacts) >= MAX_BATCH_ARTIFACTS
+        ):
+            await self.flush()  # keep one batch within what one append may carry
         self.record(
             [StepCompleted(action.step_id, action.attempt, snapshot_id)],
             artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)],
@@ -414,6 +437,8 @@ class RunDriver:
                     "unknown_namespace", f"no transport is registered for namespace {namespace!r}"
                 )
             await self.flush()
+            if self.lease is not None:
+                await self._confirm_lease()  # a side effect only while this engine holds the run
             response = await transport.call(namespace, copy.deepcopy(request), fact_key, self.run_id)
             try:
                 size = len(canonical_json_bytes(response))

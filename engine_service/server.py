@@ -24,7 +24,7 @@ from engine_service import builtin_ops
 from engine_service import metrics as engine_metrics
 from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
 from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegistry
-from engine_service.engine import Engine, build_provenance
+from engine_service.engine import DEFAULT_LEASE_TTL, Engine, build_provenance
 from engine_service.failpoints import Failpoints
 from engine_service.run_driver import RunEnvironment
 from engine_service.servicer import EngineServicer, register
@@ -67,6 +67,10 @@ class EngineConfig:
     auth_token: str | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_listen: str | None = None
+    # This engine's name in run leases; None: hostname-pid-random.
+    engine_id: str | None = None
+    # Seconds a run lease lives without renewal: how long a dead engine's runs wait for a taker.
+    lease_ttl: float = DEFAULT_LEASE_TTL
 
 
 @dataclass
@@ -117,6 +121,9 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
             RunEnvironment(store, engine_metrics.metered_ops(ops), transports, failpoints),
             build_provenance(),
             checkpoint_linger=config.checkpoint_linger,
+            engine_id=config.engine_id,
+            lease_ttl=config.lease_ttl,
+            on_takeover=engine_metrics.LEASE_TAKEOVERS.inc,
         )
         servicer = EngineServicer(engine)
         served = await start_server(
@@ -127,10 +134,11 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         )
         undo.pop_all()
     engine_metrics.track_engine(engine)
-    recovery: asyncio.Task[int] | None = None
+    recovery: asyncio.Task[None] | None = None
     if config.recover_on_start:
-        recovery = asyncio.create_task(engine.recover(), name="recover runs")
-        recovery.add_done_callback(_log_recovery)
+        # Recovery at start, then takeover of runs whose lease expired or was released.
+        recovery = asyncio.create_task(engine.scan_forever(), name="scan for runs")
+        recovery.add_done_callback(_log_scanning)
 
     async def stop_engine() -> None:
         if recovery is not None:
@@ -151,13 +159,9 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     )
 
 
-def _log_recovery(task: asyncio.Task[int]) -> None:
-    if task.cancelled():
-        return
-    if task.exception() is not None:
-        log.error("recovery failed: %r", task.exception())
-    else:
-        log.info("recovery: resumed %d run(s)", task.result())
+def _log_scanning(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("scanning for runs stopped: %r", task.exception())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -202,6 +206,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds decided events may wait to travel in one append with later ones (write-behind; "
         "0 appends each step on its own); a crash re-runs at most this much completed work "
         "[KEEL_ENGINE_CHECKPOINT_LINGER] (default 0.2)",
+    )
+    parser.add_argument(
+        "--engine-id",
+        default=env("KEEL_ENGINE_ID") or None,
+        metavar="ID",
+        help="this engine's name in run leases; must differ between engines sharing a store "
+        "[KEEL_ENGINE_ID] (default: hostname-pid-random)",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=float(env("KEEL_ENGINE_LEASE_TTL", str(DEFAULT_LEASE_TTL))),
+        metavar="SECONDS",
+        help="lifetime of a run lease without renewal (renewed once ttl/3 old): a dead engine's runs are "
+        "taken over by another within about 1.4 x this; a drained engine hands its runs over at "
+        "once [KEEL_ENGINE_LEASE_TTL] (default 10)",
     )
     parser.add_argument(
         "--tls-cert",
@@ -265,6 +285,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "[KEEL_ENGINE_LOG_LEVEL] (default info)",
     )
     args = parser.parse_args(argv)
+    if not args.lease_ttl > 0:
+        parser.error(f"argument --lease-ttl: must be a positive number of seconds, not {args.lease_ttl}")
     if args.log_level not in ("debug", "info", "warning", "error"):
         parser.error(f"argument --log-level: invalid choice {args.log_level!r} (from the environment)")
     return args
@@ -307,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             auth_token=args.auth_token,
             metrics_listen=args.metrics_listen,
+            engine_id=args.engine_id,
+            lease_ttl=args.lease_ttl,
         )
         asyncio.run(serve(config))
     except KeyboardInterrupt:

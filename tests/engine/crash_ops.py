@@ -6,12 +6,15 @@ fsyncs before answering, so the count survives the SIGKILLs the crash tests caus
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
 from engine_service import StepContext, op, register_transport
 
 IO_LOG_ENV = "KEEL_TEST_IO_LOG"
+# `test.gated_calls` waits between its two calls until the file this names exists.
+GATE_ENV = "KEEL_TEST_GATE"
 
 
 class CountingTransport:
@@ -37,6 +40,18 @@ async def two_calls(ctx: StepContext, op_config: Any, input: Any) -> Any:
     """Makes two recorded calls through the counting transport."""
     first = await ctx.io.call("test.counting", {"step": ctx.step_id, "input": input}, f"{ctx.step_id}-first")
     second = await ctx.io.call("test.counting", {"after": first}, f"{ctx.step_id}-second")
+    return {"first": first, "second": second}
+
+
+@op("test.gated_calls", description="A recorded call, a wait for the test's gate file, another call")
+async def gated_calls(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Calls the counting transport, waits until the gate file exists, calls it again."""
+    first = await ctx.io.call("test.counting", {"input": input}, f"{ctx.step_id}-before")
+    gate = os.environ.get(GATE_ENV, "")
+    # Polled: the test (another process) opens the gate once engines have changed hands.
+    while gate and not os.path.exists(gate):  # noqa: ASYNC110, ASYNC240
+        await asyncio.sleep(0.2)
+    second = await ctx.io.call("test.counting", {"after": first}, f"{ctx.step_id}-after")
     return {"first": first, "second": second}
 
 

@@ -9,6 +9,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -44,11 +45,17 @@ class ServiceProcess:
             raise
 
 
-async def _spawn(args: list[str], banner: str, env: dict[str, str] | None) -> ServiceProcess:
+async def _spawn(
+    args: list[str], banner: str, env: dict[str, str] | None, stderr_path: str = ""
+) -> ServiceProcess:
     full_env = {**os.environ, **(env or {})}
-    process = await asyncio.create_subprocess_exec(
-        *args, cwd=REPO, env=full_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
+    with contextlib.ExitStack() as files:
+        stderr: int | IO[bytes] = asyncio.subprocess.DEVNULL
+        if stderr_path:
+            stderr = files.enter_context(open(stderr_path, "ab"))  # noqa: ASYNC230
+        process = await asyncio.create_subprocess_exec(
+            *args, cwd=REPO, env=full_env, stdout=asyncio.subprocess.PIPE, stderr=stderr
+        )
     assert process.stdout is not None
     try:
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
@@ -70,6 +77,22 @@ async def start_store_process(data_dir: Path, port: int = 0) -> ServiceProcess:
     return await _spawn(args, "store-service listening on", None)
 
 
+async def start_postgres_store_process(dsn: str, schema: str) -> ServiceProcess:
+    """`store-service --backend postgres` on 127.0.0.1:0, in `schema` (replicas share one schema)."""
+    args = [
+        str(BIN / "store-service"),
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "postgres",
+        "--dsn",
+        dsn,
+        "--pg-schema",
+        schema,
+    ]
+    return await _spawn(args, "store-service listening on", None)
+
+
 async def start_engine_process(
     store: str,
     *,
@@ -77,12 +100,24 @@ async def start_engine_process(
     io_log: str = "",
     ops: tuple[str, ...] = (CRASH_OPS,),
     checkpoint_linger: float = 0.2,
+    engine_id: str = "",
+    lease_ttl: float = 1.0,
+    gate: str = "",
+    log_path: str = "",
 ) -> ServiceProcess:
-    """`engine-service` on 127.0.0.1:0 with the test ops, failpoints and counting-transport log."""
+    """`engine-service` on 127.0.0.1:0 with the test ops, failpoints and counting-transport log.
+
+    `store` may name several store addresses (comma-separated); `log_path` keeps its JSON log lines.
+    """
     env = {
         "KEEL_FAILPOINTS": failpoints,
         "KEEL_TEST_IO_LOG": io_log,
         "KEEL_ENGINE_CHECKPOINT_LINGER": str(checkpoint_linger),
+        "KEEL_TEST_GATE": gate,
     }
+    if engine_id:
+        env["KEEL_ENGINE_ID"] = engine_id
+    # Short: a SIGKILLed engine's runs wait this long (and a scan) before another engine takes them.
+    env["KEEL_ENGINE_LEASE_TTL"] = str(lease_ttl)
     args = [str(BIN / "engine-service"), "--listen", "127.0.0.1:0", "--store", store, "--ops", *ops]
-    return await _spawn(args, "engine-service listening on", env)
+    return await _spawn(args, "engine-service listening on", env, log_path)
