@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
+from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.json_values import from_value, to_value
 from tests.engine.crash_ops import read_io_log
@@ -32,6 +34,19 @@ def parent_request(run_id: str) -> engine_pb2.StartRunRequest:
             steps=[engine_pb2.Step(step_id="fan", op_id="keel.fan_out", op_config=to_value(config))],
         ),
     )
+
+
+async def recorded_facts(store_address: str, run_ids: list[str]) -> set[tuple[str, str]]:
+    """The (run_id, fact_key) pairs whose FactRecorded is durable in the store now."""
+    recorded: set[tuple[str, str]] = set()
+    async with grpc.aio.insecure_channel(store_address) as channel:
+        stub = store_pb2_grpc.StoreServiceStub(channel)
+        for run_id in run_ids:
+            page = await stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"run:{run_id}"))
+            for event in page.events:
+                if event.type == "FactRecorded":
+                    recorded.add((run_id, json.loads(event.payload)["fact_key"]))
+    return recorded
 
 
 @pytest.fixture
@@ -66,6 +81,13 @@ async def test_parent_killed_around_a_child_completes_with_one_child_per_key_and
     finally:
         await channel.close(grace=None)
         await doomed.kill()
+    children = [str(uuid.uuid5(uuid.UUID(run_id), f"fan.child.{i}")) for i in range(CHILDREN)]
+    # What the dead engine left: the calls it made, and which of their facts were durable. A child
+    # runs concurrently with its parent, so the kill may land between a child's transport call and
+    # its FactRecorded; that one call is made again (the transport sees it at least once), while a
+    # recorded fact is never executed again.
+    calls_at_kill = collections.Counter(read_io_log(io_log))
+    recorded_at_kill = await recorded_facts(store.address, children)
 
     survivor = await start_engine_process(store.address, io_log=io_log)
     channel = grpc.aio.insecure_channel(survivor.address)
@@ -76,16 +98,23 @@ async def test_parent_killed_around_a_child_completes_with_one_child_per_key_and
         run = awaited.run
         assert run.status == engine_pb2.RUN_STATUS_COMPLETED, run.reason
         output = from_value(run.final_snapshot)["fan"]
-        children = [str(uuid.uuid5(uuid.UUID(run_id), f"fan.child.{i}")) for i in range(CHILDREN)]
         assert [c["child_run_id"] for c in output["children"]] == children
         assert [r["first"]["request"]["input"] for r in output["results"]] == [10, 20]
         assert sorted(c.child_run_id for c in run.children) == sorted(children)
         # Exactly one child per fact key: the store holds the parent and these children, no others.
         listed = await stub.ListRuns(engine_pb2.ListRunsRequest(page_size=100))
         assert sorted(r.run_id for r in listed.runs) == sorted([run_id, *children])
-        # No fact executed twice: each child's two calls reached the counting transport once.
+        # No recorded fact executed again; a call in flight at the kill made once more, and only once.
         calls = collections.Counter(read_io_log(io_log))
-        assert calls == {(child, key): 1 for child in children for key in ("main-first", "main-second")}
+        expected_keys = {(child, key) for child in children for key in ("main-first", "main-second")}
+        assert set(calls) == expected_keys
+        for fact in expected_keys:
+            assert calls_at_kill[fact] <= 1, f"{fact} was called twice before the kill"
+            made_after_kill = calls[fact] - calls_at_kill[fact]
+            assert made_after_kill == (0 if fact in recorded_at_kill else 1), (
+                f"{fact}: {calls_at_kill[fact]} call(s) before the kill "
+                f"(recorded: {fact in recorded_at_kill}), {made_after_kill} after"
+            )
     finally:
         await channel.close(grace=None)
         assert await survivor.terminate() == 0
