@@ -13,8 +13,7 @@ import asyncio
 import collections
 import json
 import signal
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,12 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.json_values import to_value
 from tests.engine.crash_ops import read_io_log
-from tests.engine.processes import ServiceProcess, start_engine_process, start_postgres_store_process
+from tests.engine.processes import (
+    ServiceProcess,
+    eventually,
+    start_engine_process,
+    start_postgres_store_process,
+)
 from tests.store.postgres_schemas import fresh_schema
 
 if TYPE_CHECKING:
@@ -49,19 +53,6 @@ def fan_out_run(order: int) -> engine_pb2.StartRunRequest:
         steps=[engine_pb2.Step(step_id="fan", op_id="keel.fan_out", op_config=to_value(config))],
     )
     return engine_pb2.StartRunRequest(pipeline=pipeline, input=to_value({"order": order}))
-
-
-async def eventually(check: Callable[[], object], what: str) -> None:
-    """Wait (bounded) until `check()` (sync or async) is truthy."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.2)
 
 
 class Deployment:
@@ -152,7 +143,7 @@ async def test_two_engines_two_store_replicas_lose_one_of_each_midway_and_every_
         firsts = [key for (_, key) in read_io_log(deployment.io_log) if key == "main-before"]
         return len(firsts) == RUNS * CHILDREN
 
-    await eventually(all_children_called, "every child made its first call")
+    await eventually(all_children_called, "every child made its first call", within=WAIT, poll=0.2)
     children = sorted({run_id for run_id, _ in read_io_log(deployment.io_log)})
 
     async def first_fact_durable() -> bool:
@@ -161,7 +152,7 @@ async def test_two_engines_two_store_replicas_lose_one_of_each_midway_and_every_
                 return False
         return True
 
-    await eventually(first_fact_durable, "every child's first fact durable")
+    await eventually(first_fact_durable, "every child's first fact durable", within=WAIT, poll=0.2)
 
     await deployment.engines["a"].kill()
     Path(deployment.gate).touch()  # noqa: ASYNC240
@@ -170,7 +161,7 @@ async def test_two_engines_two_store_replicas_lose_one_of_each_midway_and_every_
     def some_finished() -> bool:
         return sum(1 for (_, key) in read_io_log(deployment.io_log) if key == "main-after") >= RUNS // 2
 
-    await eventually(some_finished, "half the children finished their second call")
+    await eventually(some_finished, "half the children finished their second call", within=WAIT, poll=0.2)
     await deployment.stores[0].kill()
 
     survivor = deployment.stubs["b"]

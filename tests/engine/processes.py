@@ -7,6 +7,8 @@ import contextlib
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -121,3 +123,16 @@ async def start_engine_process(
     env["KEEL_ENGINE_LEASE_TTL"] = str(lease_ttl)
     args = [str(BIN / "engine-service"), "--listen", "127.0.0.1:0", "--store", store, "--ops", *ops]
     return await _spawn(args, "engine-service listening on", env, log_path)
+
+
+async def eventually(check: Callable[[], object], what: str, *, within: float, poll: float) -> None:
+    """Wait until `check()` (sync or async) is truthy; `within` bounds the wait, it is no timing claim."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(poll)

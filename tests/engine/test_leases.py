@@ -12,8 +12,7 @@ import collections
 import functools
 import json
 import signal
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ from keel_core.json_values import to_value
 from tests.engine.conftest import TEST_OPS, TEST_TRANSPORTS, gate
 from tests.engine.conftest import Cluster as InProcessCluster
 from tests.engine.crash_ops import read_io_log
-from tests.engine.processes import ServiceProcess, start_engine_process, start_store_process
+from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
 
 if TYPE_CHECKING:
     from keel.engine.v1.engine_pb2_grpc import EngineServiceAsyncStub
@@ -132,19 +131,6 @@ async def engines(store_process: ServiceProcess, tmp_path: Path) -> AsyncIterato
         await made.close()
 
 
-async def eventually(check: Callable[[], object], what: str) -> None:
-    """Wait (bounded) until `check()` (sync or async) is truthy."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.05)
-
-
 def calls_of(io_log: str) -> collections.Counter[tuple[str, str]]:
     """How often each (run, fact key) reached the counting transport."""
     return collections.Counter(read_io_log(io_log))
@@ -159,7 +145,10 @@ async def start_waiting_runs(cluster: TwoEngines, per_engine: int) -> dict[str, 
             started[name].append(response.run_id)
     every = [run_id for runs in started.values() for run_id in runs]
     await eventually(
-        lambda: all(calls_of(cluster.io_log)[(r, "gated-before")] for r in every), "every op at the gate"
+        lambda: all(calls_of(cluster.io_log)[(r, "gated-before")] for r in every),
+        "every op at the gate",
+        within=WAIT,
+        poll=0.05,
     )
     return started
 
@@ -201,7 +190,12 @@ async def test_a_killed_engines_runs_are_taken_over_and_complete_with_each_fact_
     started = await start_waiting_runs(cluster, per_engine=3)
     await cluster.engines["a"].kill()
     for run_id in started["a"]:
-        await eventually(functools.partial(_held_by, cluster, run_id, "engine-b"), f"b takes over {run_id}")
+        await eventually(
+            functools.partial(_held_by, cluster, run_id, "engine-b"),
+            f"b takes over {run_id}",
+            within=WAIT,
+            poll=0.05,
+        )
         # a's lease events (none if it died before its implicit lease needed writing), then b's.
         holders = [engine for kind, engine in await cluster.lease_events(run_id) if kind == "LeaseAcquired"]
         assert holders == sorted(holders) and holders[-1] == "engine-b", holders
@@ -216,7 +210,12 @@ async def test_a_drained_engine_releases_its_runs_and_the_other_takes_them_at_on
     started = await start_waiting_runs(cluster, per_engine=2)
     assert await cluster.engines["a"].terminate() == 0
     for run_id in started["a"]:
-        await eventually(functools.partial(_held_by, cluster, run_id, "engine-b"), f"b takes over {run_id}")
+        await eventually(
+            functools.partial(_held_by, cluster, run_id, "engine-b"),
+            f"b takes over {run_id}",
+            within=WAIT,
+            poll=0.05,
+        )
         events = await cluster.lease_events(run_id)
         taken = events.index(("LeaseAcquired", "engine-b"))
         # Handed over, not expired: a's release comes right before b's acquisition.
@@ -232,16 +231,26 @@ async def test_a_stale_engine_whose_lease_was_taken_never_appends_to_the_run_aga
     (run_id,) = started["a"]
     stale = cluster.engines["a"]
     stale.process.send_signal(signal.SIGSTOP)
-    await eventually(lambda: _held_by(cluster, run_id, "engine-b"), "b takes over the paused engine's run")
+    await eventually(
+        lambda: _held_by(cluster, run_id, "engine-b"),
+        "b takes over the paused engine's run",
+        within=WAIT,
+        poll=0.05,
+    )
     # b has claimed the run stream: its resumed attempt is there, a's op still waits at the gate.
     await eventually(
-        lambda: _attempts_started(cluster, run_id, 2), "b's claim (a second attempt) in the run stream"
+        lambda: _attempts_started(cluster, run_id, 2),
+        "b's claim (a second attempt) in the run stream",
+        within=WAIT,
+        poll=0.05,
     )
     before = [e.seq for e in await cluster.run_events(run_id)]
     stale.process.send_signal(signal.SIGCONT)
     # a learns it lost the run (its renewal is refused, or its lease ran out locally) and stops
     # its driver; nothing it decided after the takeover reaches the run.
-    await eventually(lambda: f"lost the lease on run {run_id}" in cluster.log_of("a"), "a notices")
+    await eventually(
+        lambda: f"lost the lease on run {run_id}" in cluster.log_of("a"), "a notices", within=WAIT, poll=0.05
+    )
     # Its renewal was an append after its last lease event: the store refused it (b wrote since).
     assert f"lost the lease on run {run_id} (sequence_conflict)" in cluster.log_of("a")
     assert [e.seq for e in await cluster.run_events(run_id)] == before
