@@ -66,12 +66,21 @@ async def start_server(
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if credentials is None:
-        port = server.add_insecure_port(listen)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError as error:  # grpc's "Failed to bind to address ..."
+        port = 0
+        cause: BaseException | None = error
     else:
-        port = server.add_secure_port(listen, credentials)
+        cause = None
     if port == 0:
-        raise OSError(f"could not bind {listen}")
+        # Stop the never-started server now: left to interpreter exit, grpc's shutdown of it can
+        # hang the process instead of letting it exit with the error.
+        await server.stop(None)
+        raise OSError(f"could not bind {listen}: the address is in use or not available") from cause
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
