@@ -188,12 +188,17 @@ class LocalCluster:
         return service
 
     def _await_ready(self, service: ServiceProcess) -> None:
+        timed_out = False
         try:
             address = service._ready.get(timeout=STARTUP_SECONDS)
         except queue.Empty:
-            address = None
+            address, timed_out = None, True
         if address is None:
             code = service.process.poll()
+            if code is None and not timed_out:
+                # Its stdout closed: it is exiting. Reap it, so the error tells its exit code.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = service.process.wait(timeout=STOP_SECONDS)
             state = (
                 f"exited with code {code}"
                 if code is not None
