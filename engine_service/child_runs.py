@@ -1,33 +1,49 @@
 """Child runs: the one implementation behind SpawnChild/AwaitChild and `machine.child_run.*`.
 
-The child's manifest is stored inline with its RunStarted (one append; the store's artifact id is
-checked against the locally computed one by the store client). The engine's driver registry is
-the child supervisor: a child is driven by at most one task in an engine (`Engine.drivers`),
-whoever asked for it (an RPC, a parent's op, recovery). Spawn appends the child's RunStarted
-itself (with `expected = no stream`), so two concurrent spawns of one key race on the store and
-both answer the same child.
+A spawn first links the child to its parent: a `ChildLinked` event on the parent's children stream,
+with the child's manifest stored in the same append (the store's artifact id is checked against
+the locally computed one). Only then is the child started: its RunStarted is appended with
+`expected = no stream`, so two concurrent spawns of one key race on the store and both answer the
+same child. A crash between the two leaves a linked child that never started; spawning it again,
+awaiting it (with its parent) or canceling the parent settles it.
+
+Canceling a parent reads its links, so it closes every child whatever spawned it (a step, the
+SpawnChild RPC) and on whichever engine. A spawn that races a cancel looks at the parent's status
+after its link is durable and before it starts the child: either the cancel's read finds the link,
+or the spawn's look finds the parent canceled (then the child is recorded canceled, never run).
+
+The engine's driver registry is the child supervisor: a child is driven by at most one task in an
+engine (`Engine.drivers`), whoever asked for it (an RPC, a parent's op, recovery).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from engine_service.domain import artifact_id_for_bytes, looks_like_secret, parse_run_id
+from engine_service.domain import RunManifest, artifact_id_for_bytes, looks_like_secret, parse_run_id
 from engine_service.domain.child_runs import (
     AWAIT_NAMESPACE,
+    CLOSE_CANCEL,
     SPAWN_NAMESPACE,
     ChildAwaitRequest,
+    ChildLink,
     ChildOutcome,
     ChildSpawned,
     ChildSpawnRequest,
+    child_links,
+    children_stream_id,
     parse_await_request,
     parse_spawn_request,
     request_invalid,
 )
+from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED
-from keel_core.errors import ErrorCategory, KeelError, invalid_argument
+from engine_service.run_driver import now_us, run_stream_id
+from engine_service.terminalization import cancel_child
+from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found
 
 if TYPE_CHECKING:
     from engine_service.engine import Engine
@@ -35,39 +51,60 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _conflict(link: ChildLink) -> KeelError:
+    return KeelError(
+        "child_run_conflict",
+        f"child run {link.child_run_id} (fact key {link.fact_key!r} of run {link.parent_run_id}) "
+        f"already exists with a different manifest; spawn it under another fact key",
+        category=ErrorCategory.FAILED_PRECONDITION,
+        details={"child_run_id": link.child_run_id, "manifest_id": link.child_manifest_id},
+    )
+
+
+def _spawned(link: ChildLink) -> ChildSpawned:
+    return ChildSpawned(
+        link.parent_run_id, link.child_run_id, link.child_manifest_id, link.op_id, link.parent_close_policy
+    )
+
+
 class ChildRuns:
     """Spawns and awaits child runs on one engine."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # parent run id -> {child run id: parent-close policy} for spawns made by this engine, so a
-        # cancel that overtakes a spawn (before its fact is recorded) still closes the child.
-        self._spawned: dict[str, dict[str, str]] = {}
+        # parent run id -> spawns in flight here (link, look, start), which a cancel waits for.
         self._starting: dict[str, set[asyncio.Future[Any]]] = {}
 
     async def settle(self, parent_run_id: str) -> None:
-        """Wait until every child start this engine has in flight for the parent has landed or failed."""
+        """Wait until every spawn this engine has in flight for the parent has landed or failed."""
         pending = self._starting.pop(parent_run_id, set())
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def settle_all(self) -> None:
-        """Wait for every child start in flight (engine shutdown)."""
+        """Wait for every spawn in flight (engine shutdown)."""
         for parent_run_id in list(self._starting):
             await self.settle(parent_run_id)
 
-    def spawned_here(self, parent_run_id: str, policy: str) -> set[str]:
-        """Children this engine spawned for the parent under `policy`."""
-        return {child for child, p in self._spawned.get(parent_run_id, {}).items() if p == policy}
-
     def forget(self, parent_run_id: str) -> None:
-        """Drop what this engine remembers of the parent's spawns (the parent stopped here)."""
-        self._spawned.pop(parent_run_id, None)
+        """Drop the parent's entry once no spawn of it is in flight here."""
         if not self._starting.get(parent_run_id, True):
             del self._starting[parent_run_id]
 
-    async def spawn(self, request: ChildSpawnRequest) -> ChildSpawned:
-        """Start the child (or find it), after checking everything; nothing is written on bad input."""
+    async def links(self, parent_run_id: str) -> list[ChildLink]:
+        """The parent's children, as its children stream links them (by fact key)."""
+        events = await self.engine.env.store.read(children_stream_id(parent_run_id))
+        return child_links((event.type, event.payload) for event in events)
+
+    async def spawn(self, request: ChildSpawnRequest, *, in_run: bool = False) -> ChildSpawned:
+        """Link the child to its parent and start it (or find it); nothing is written on bad input.
+
+        `in_run`: the parent's own step spawns, so the parent exists and is being driven. A spawn
+        through the RPC checks first: the parent must exist; a child that exists is answered (and
+        resumed if unfinished) without writing anything; a canceled parent takes no new child that
+        its cancel would close. A parent that completed or failed may still take children (a client
+        grouping work under a run): they are listed on it, and nothing closes them.
+        """
         if not request.fact_key:
             raise invalid_argument("missing_fact_key", "spawning a child run needs a fact key (its name)")
         if looks_like_secret(request.fact_key):
@@ -77,32 +114,75 @@ class ChildRuns:
         parse_run_id(request.parent_run_id, field="parent_run_id")
         manifest = request.manifest()
         self.engine.plan_for(manifest)  # an unknown op is `invalid_plan` before anything is stored
-        manifest_id = artifact_id_for_bytes(manifest.canonical_bytes())
-        child_id = request.child_run_id
-        self.engine.env.failpoints.hit(BEFORE_CHILD_STARTED)
-        self._spawned.setdefault(request.parent_run_id, {})[child_id] = request.parent_close_policy
-        # Shielded: a parent cancelled mid-spawn must not leave a child whose RunStarted lands after
-        # the cancel looked for children; the cancel waits for starts in flight (`settle`).
-        starting = asyncio.ensure_future(
-            self.engine.start_run(manifest, child_id, parent=(request.parent_run_id, request.fact_key))
+        manifest_bytes = manifest.canonical_bytes()
+        link = ChildLink(
+            request.parent_run_id,
+            request.fact_key,
+            request.child_run_id,
+            artifact_id_for_bytes(manifest_bytes),
+            request.op_id,
+            request.parent_close_policy,
         )
+        if not in_run and await self._found_before_linking(link):
+            return _spawned(link)
+        # Shielded: a parent cancelled mid-spawn must not leave a child started after the cancel
+        # looked for children; the cancel waits for spawns in flight (`settle`).
+        spawning = asyncio.ensure_future(self._link_and_start(link, manifest, manifest_bytes))
         in_flight = self._starting.setdefault(request.parent_run_id, set())
-        in_flight.add(starting)
-        starting.add_done_callback(in_flight.discard)
+        in_flight.add(spawning)
+        spawning.add_done_callback(in_flight.discard)
         try:
-            await asyncio.shield(starting)
+            await asyncio.shield(spawning)
         except KeelError as error:
             if error.code != "run_already_exists":
                 raise
-            raise KeelError(
-                "child_run_conflict",
-                f"child run {child_id} (fact key {request.fact_key!r} of run {request.parent_run_id}) "
-                f"already exists with a different manifest; spawn it under another fact key",
-                category=ErrorCategory.FAILED_PRECONDITION,
-                details={"child_run_id": child_id, "manifest_id": manifest_id},
-            ) from None
-        return ChildSpawned(
-            request.parent_run_id, child_id, manifest_id, request.op_id, request.parent_close_policy
+            raise _conflict(link) from None
+        return _spawned(link)
+
+    async def _found_before_linking(self, link: ChildLink) -> bool:
+        """For an RPC spawn: True when the child exists already (resumed if unfinished)."""
+        store = self.engine.env.store
+        parent_head, parent_label = await store.head(run_stream_id(link.parent_run_id))
+        if parent_head == 0:
+            raise not_found(
+                "run_not_found", f"parent run {link.parent_run_id} does not exist", run_id=link.parent_run_id
+            )
+        started = await self.engine.started_manifest_id(link.child_run_id)
+        if started is None:
+            if parent_label == "canceled" and link.parent_close_policy == CLOSE_CANCEL:
+                raise KeelError(
+                    "parent_run_canceled",
+                    f"parent run {link.parent_run_id} was canceled, and with it its children: spawn "
+                    "under a run that is not canceled, or with parent_close_policy abandon",
+                    category=ErrorCategory.FAILED_PRECONDITION,
+                    details={"run_id": link.parent_run_id},
+                )
+            return False
+        if started != link.child_manifest_id:
+            raise _conflict(link)
+        await self.engine.resume_run(link.child_run_id)  # DESIGN: an unfinished child goes on
+        return True
+
+    async def _link_and_start(self, link: ChildLink, manifest: RunManifest, manifest_bytes: bytes) -> None:
+        await self.engine.env.store.append(
+            children_stream_id(link.parent_run_id),
+            [link.encode(now_us())],
+            expected_seq=None,
+            expected_any=True,
+            artifacts=[(MANIFEST_ARTIFACT_KIND, manifest_bytes)],
+        )
+        self.engine.env.failpoints.hit(BEFORE_CHILD_STARTED)
+        await self._start_linked(link, manifest)
+
+    async def _start_linked(self, link: ChildLink, manifest: RunManifest) -> None:
+        """Start a linked child, unless its parent was canceled meanwhile (then it is canceled unrun)."""
+        _, parent_label = await self.engine.env.store.head(run_stream_id(link.parent_run_id))
+        if parent_label == "canceled" and link.parent_close_policy == CLOSE_CANCEL:
+            log.info("run %s was canceled while spawning child %s", link.parent_run_id, link.child_run_id)
+            await cancel_child(self.engine, link, f"parent run {link.parent_run_id} was canceled")
+            return
+        await self.engine.start_run(
+            manifest, link.child_run_id, parent=(link.parent_run_id, link.fact_key), manifest_stored=True
         )
 
     async def await_child(self, request: ChildAwaitRequest) -> ChildOutcome:
@@ -121,22 +201,31 @@ class ChildRuns:
         return ChildOutcome(child_id, terminal.status, terminal.final_snapshot_id, snapshot)
 
     async def _start_never_started(self, request: ChildAwaitRequest) -> None:
-        if not request.child_manifest_id:
-            raise KeelError(
+        """A child whose spawn was recorded but which never started: start it now."""
+        link = None
+        if request.parent_run_id:
+            links = await self.links(request.parent_run_id)
+            link = next((found for found in links if found.child_run_id == request.child_run_id), None)
+        if link is None and not request.child_manifest_id:
+            raise not_found(
                 "run_not_found",
-                f"child run {request.child_run_id} was never started and no child_manifest_id was given",
-                category=ErrorCategory.NOT_FOUND,
+                f"child run {request.child_run_id} was never started and no spawn of it is recorded"
+                + (f" on run {request.parent_run_id}" if request.parent_run_id else ""),
+                run_id=request.child_run_id,
             )
-        manifest = await self.engine.manifest(request.child_manifest_id)
+        manifest_id = link.child_manifest_id if link is not None else request.child_manifest_id
+        manifest = await self.engine.manifest(manifest_id)
         log.info("child run %s was never started: starting it from its manifest", request.child_run_id)
         try:
-            await self.engine.start_run(manifest, request.child_run_id)
+            if link is not None:
+                await self._start_linked(link, manifest)
+            else:
+                await self.engine.start_run(manifest, request.child_run_id, manifest_stored=True)
         except KeelError as error:
             if error.code == "run_already_exists":
                 raise KeelError(
                     "child_run_conflict",
-                    f"child run {request.child_run_id} exists with another manifest than "
-                    f"{request.child_manifest_id}",
+                    f"child run {request.child_run_id} exists with another manifest than {manifest_id}",
                     category=ErrorCategory.FAILED_PRECONDITION,
                 ) from None
             raise
@@ -151,9 +240,12 @@ class ChildRunTransport:
     async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
         """Spawn or await a child of run `run_id`; the answer becomes the parent's fact."""
         if namespace == SPAWN_NAMESPACE:
-            spawned = await self.children.spawn(parse_spawn_request(request, run_id, fact_key))
+            spawned = await self.children.spawn(parse_spawn_request(request, run_id, fact_key), in_run=True)
             return spawned.to_json()
         if namespace == AWAIT_NAMESPACE:
-            outcome = await self.children.await_child(parse_await_request(request))
+            awaited = parse_await_request(request)
+            if not awaited.parent_run_id:
+                awaited = dataclasses.replace(awaited, parent_run_id=run_id)
+            outcome = await self.children.await_child(awaited)
             return outcome.to_json()
         raise request_invalid(f"namespace {namespace!r} is not a child run namespace")

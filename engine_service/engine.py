@@ -48,13 +48,13 @@ from engine_service.domain import (
     resolve_plan,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes, parse_json_bytes
-from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE, children_of
+from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.transports import TransportRegistry
 from engine_service.leases import Lease, Leases
 from engine_service.run_driver import RunDriver, RunEnvironment, now_us, run_stream_id
-from engine_service.run_view import RUNNING, ChildView, LedgerView, RunView, build_run_view
+from engine_service.run_view import PENDING, RUNNING, ChildView, LedgerView, RunView, build_run_view
 from engine_service.store_client import StreamEvent, StreamSummary
 from engine_service.terminalization import TerminalizeResult, ledger_stream_id, read_ledger, terminalize
 from keel_core.errors import ErrorCategory, KeelError, not_found
@@ -210,13 +210,15 @@ class Engine:
         wait: bool = False,
         wait_seconds: float | None = None,
         parent: tuple[str, str] | None = None,
+        manifest_stored: bool = False,
     ) -> StartOutcome:
         """Record RunStarted (manifest and initial snapshot inline) and drive the run.
 
         Without `wait` (or with a client-chosen run id, whose start must be checked against the
         store first) RunStarted is durable before this returns. With `wait` and a fresh id, the
         run executes at once and RunStarted travels in the driver's first batch: nothing was
-        acknowledged before it, so nothing is lost if the engine dies first.
+        acknowledged before it, so nothing is lost if the engine dies first. `manifest_stored`:
+        the manifest artifact is in the store already (a child's, stored with its link).
         """
         plan = self.plan_for(manifest)
         if manifest.run_config.replay_of_run_id:
@@ -235,7 +237,9 @@ class Engine:
         started = RunStarted(
             manifest.op_id, manifest_id, snapshot_id, parent_run_id, parent_fact_key, at_us=now_us()
         )
-        inline = [(MANIFEST_ARTIFACT_KIND, manifest_bytes), (SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)]
+        inline = [(SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)]
+        if not manifest_stored:
+            inline.insert(0, (MANIFEST_ARTIFACT_KIND, manifest_bytes))
         if wait and run_id is None and self.checkpoint_linger > 0:
             driver = self._driver(chosen, manifest, plan, RunHistory(), lease=self.leases.start_new(chosen))
             driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
@@ -283,11 +287,18 @@ class Engine:
             await asyncio.wait({task}, timeout=wait_seconds)
         return StartOutcome(chosen, manifest_id, True)
 
-    async def _existing_start(self, run_id: str, manifest_id: str) -> StartOutcome:
+    async def started_manifest_id(self, run_id: str) -> str | None:
+        """The manifest id the run was started with (None: it was never started)."""
         first = await self.env.store.read(run_stream_id(run_id), limit=1)
         event = decode_event(first[0].type, first[0].payload) if first else None
-        if not isinstance(event, RunStarted) or event.manifest_id != manifest_id:
-            existing = event.manifest_id if isinstance(event, RunStarted) else "?"
+        if first and not isinstance(event, RunStarted):
+            return "?"  # not a run Keel started: matches no manifest
+        return event.manifest_id if isinstance(event, RunStarted) else None
+
+    async def _existing_start(self, run_id: str, manifest_id: str) -> StartOutcome:
+        existing = await self.started_manifest_id(run_id)
+        if existing != manifest_id:
+            existing = existing or "?"
             raise KeelError(
                 "run_already_exists",
                 f"run {run_id} already exists with a different manifest ({existing}, not {manifest_id}); "
@@ -555,19 +566,27 @@ class Engine:
 
     async def run_view(self, run_id: str) -> tuple[RunView, Any]:
         """The run as GetRun shows it (children, failure ledger, final snapshot when terminal)."""
-        events, history = await self.read_history(run_id)
+        # The children stream is read beside the run's (any client may link a child to any run).
+        (events, history), links = await asyncio.gather(
+            self.read_history(run_id), self.children.links(run_id)
+        )
         ledger = []
         if history.terminal is None or history.terminal.has_ledger:
             ledger = await read_ledger(self, run_id)
         manifest = await self.manifest(history.started.manifest_id) if history.started else None
         view = build_run_view(run_id, events, manifest)
-        links = children_of(history)
         heads = await asyncio.gather(
             *(self.env.store.head(run_stream_id(link.child_run_id)) for link in links)
         )
         view.children = [
-            ChildView(link.child_run_id, link.fact_key, link.op_id, _STATUS_OF_LABEL.get(label, RUNNING))
-            for link, (_, label) in zip(links, heads, strict=True)
+            ChildView(
+                link.child_run_id,
+                link.fact_key,
+                link.op_id,
+                _STATUS_OF_LABEL.get(label, RUNNING) if head else PENDING,
+                link.parent_close_policy,
+            )
+            for link, (head, label) in zip(links, heads, strict=True)
         ]
         view.failure_ledger = [LedgerView(e.step_id, e.reason, e.recorded_at) for e in ledger]
         if view.final_snapshot_id:

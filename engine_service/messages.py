@@ -48,6 +48,7 @@ RUN_STATUS = {
     COMPLETED: engine_pb2.RUN_STATUS_COMPLETED,
     FAILED: engine_pb2.RUN_STATUS_FAILED,
     CANCELED: engine_pb2.RUN_STATUS_CANCELED,
+    PENDING: engine_pb2.RUN_STATUS_PENDING,  # a child recorded on its parent, not started
 }
 STORE_LABEL_FOR_STATUS = {
     engine_pb2.RUN_STATUS_RUNNING: "active",
@@ -215,7 +216,11 @@ def run_message(view: RunView) -> engine_pb2.Run:
         head_seq=view.head_seq,
         children=[
             engine_pb2.ChildRun(
-                child_run_id=c.child_run_id, fact_key=c.fact_key, op_id=c.op_id, status=RUN_STATUS[c.status]
+                child_run_id=c.child_run_id,
+                fact_key=c.fact_key,
+                op_id=c.op_id,
+                status=RUN_STATUS[c.status],
+                parent_close_policy=CLOSE_POLICY_ENUM[c.parent_close_policy],
             )
             for c in view.children
         ],
@@ -261,6 +266,10 @@ _CLOSE_POLICIES = {
     engine_pb2.PARENT_CLOSE_POLICY_CANCEL: CLOSE_CANCEL,
     engine_pb2.PARENT_CLOSE_POLICY_ABANDON: CLOSE_ABANDON,
 }
+CLOSE_POLICY_ENUM = {
+    CLOSE_CANCEL: engine_pb2.PARENT_CLOSE_POLICY_CANCEL,
+    CLOSE_ABANDON: engine_pb2.PARENT_CLOSE_POLICY_ABANDON,
+}
 
 
 def _child_kind(kind: str, expected: str, what: str) -> None:
@@ -298,6 +307,8 @@ def await_request_from(request: engine_pb2.AwaitChildRequest) -> ChildAwaitReque
     _child_kind(request.kind, AWAIT_KIND, "await")
     try:
         run_id = parse_run_id(request.child_run_id, field="child_run_id")
+        if request.parent_run_id:
+            parse_run_id(request.parent_run_id, field="parent_run_id")
     except KeelError as error:
         raise request_invalid(error.message) from None
-    return ChildAwaitRequest(run_id, request.child_manifest_id)
+    return ChildAwaitRequest(run_id, request.child_manifest_id, request.parent_run_id)

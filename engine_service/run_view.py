@@ -53,12 +53,16 @@ class StepView:
 
 @dataclass(frozen=True)
 class ChildView:
-    """A child of the run, as its spawn fact names it, with its current status."""
+    """A child of the run, as the run's children stream links it, with its current status.
+
+    `status` is PENDING for a child linked but not started (its spawn was interrupted).
+    """
 
     child_run_id: str
     fact_key: str
     op_id: str
     status: str
+    parent_close_policy: str
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from engine_service.domain import parse_run_id
 from engine_service.domain.events import FAILED, RunCompleted
 from engine_service.engine import RUN_STREAM_PREFIX, Engine, stored_events
 from engine_service.run_driver import run_stream_id
-from keel_core.errors import KeelError, invalid_argument, not_found
+from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import to_value
 from keel_core.status import abort_with
 
@@ -180,11 +180,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self, request: engine_pb2.SpawnChildRequest, context: Context
     ) -> engine_pb2.SpawnChildResponse:
         """Start (or find) the child `fact_key` of a parent run; it runs in the background."""
-        spawn = messages.spawn_request_from(request)
-        head, _ = await self.engine.env.store.head(run_stream_id(spawn.parent_run_id))
-        if head == 0:
-            raise not_found("run_not_found", f"parent run {spawn.parent_run_id} does not exist")
-        spawned = await self.engine.children.spawn(spawn)
+        spawned = await self.engine.children.spawn(messages.spawn_request_from(request))
         return engine_pb2.SpawnChildResponse(
             parent_run_id=spawned.parent_run_id,
             child_run_id=spawned.child_run_id,

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, encode_event
-from engine_service.domain.canonical import canonical_json_bytes
-from engine_service.domain.child_runs import CLOSE_CANCEL, children_of
+from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, RunStarted, encode_event
+from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes
+from engine_service.domain.child_runs import CLOSE_CANCEL, ChildLink
+from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.run_driver import now_us, run_stream_id
 from keel_core.errors import ErrorCategory, KeelError
 
@@ -61,7 +62,11 @@ class LedgerEntry:
 async def read_ledger(engine: Engine, run_id: str) -> list[LedgerEntry]:
     """A run's failure ledger, oldest first."""
     out = []
+    seen: set[bytes] = set()
     for event in await engine.env.store.read(ledger_stream_id(run_id)):
+        if event.payload in seen:
+            continue  # the same entry twice: a retried append whose first answer was lost
+        seen.add(event.payload)
         data = json.loads(event.payload.decode("utf-8")) if event.payload else {}
         at_us = data.get("at_us")
         when = datetime.fromtimestamp(at_us / 1e6, tz=UTC) if isinstance(at_us, int) else event.recorded_at
@@ -146,22 +151,63 @@ async def _record_divergence(engine: Engine, run_id: str, status: str, error: Ke
 
 
 async def _close_children(engine: Engine, run_id: str) -> None:
-    """Cancel the parent's unfinished children whose policy is `cancel` (recursively)."""
+    """Cancel the parent's unfinished children whose policy is `cancel` (recursively).
+
+    The children are the parent's links, so a child spawned by the RPC, on another engine, or whose
+    start a crash interrupted is closed too; spawns in flight here land (or fail) first.
+    """
     await engine.children.settle(run_id)
-    _, history = await engine.read_history(run_id)
-    doomed = {link.child_run_id for link in children_of(history) if link.parent_close_policy == CLOSE_CANCEL}
-    # Children spawned here whose spawn fact the cancel overtook are closed too.
-    doomed |= engine.children.spawned_here(run_id, CLOSE_CANCEL)
-    engine.children.forget(run_id)
+    links = await engine.children.links(run_id)
+    doomed = [link for link in links if link.parent_close_policy == CLOSE_CANCEL]
+    reason = f"parent run {run_id} was canceled"
     results = await asyncio.gather(
-        *(
-            terminalize(engine, child, CANCELED, f"parent run {run_id} was canceled")
-            for child in sorted(doomed)
-        ),
-        return_exceptions=True,
+        *(cancel_child(engine, link, reason) for link in doomed), return_exceptions=True
     )
-    for child, result in zip(sorted(doomed), results, strict=True):
-        if isinstance(result, BaseException) and not (
-            isinstance(result, KeelError) and result.code == "run_not_found"
-        ):
-            log.error("cancelling child %s of run %s failed: %r", child, run_id, result)
+    for link, result in zip(doomed, results, strict=True):
+        if isinstance(result, BaseException):
+            log.error("cancelling child %s of run %s failed: %r", link.child_run_id, run_id, result)
+
+
+async def cancel_child(engine: Engine, link: ChildLink, reason: str) -> None:
+    """Cancel a linked child; one that never started is recorded canceled, so it never runs."""
+    for _ in range(_MAX_DECISIONS):
+        try:
+            await terminalize(engine, link.child_run_id, CANCELED, reason)
+            return
+        except KeelError as error:
+            if error.code != "run_not_found":
+                raise
+        if await _cancel_unstarted(engine, link, reason):
+            return
+    raise KeelError(
+        "terminalize_contended",
+        f"child run {link.child_run_id} kept changing while it was being canceled; try again",
+        category=ErrorCategory.CONFLICT,
+        retryable=True,
+    )
+
+
+async def _cancel_unstarted(engine: Engine, link: ChildLink, reason: str) -> bool:
+    """Create the never-started child as canceled (False: it started meanwhile)."""
+    manifest = await engine.manifest(link.child_manifest_id)
+    snapshot = canonical_json_bytes(manifest.initial_context)
+    snapshot_id = artifact_id_for_bytes(snapshot)
+    at_us = now_us()
+    started = RunStarted(
+        link.op_id, link.child_manifest_id, snapshot_id, link.parent_run_id, link.fact_key, at_us=at_us
+    )
+    canceled = RunCompleted(CANCELED, snapshot_id, reason, at_us=at_us)
+    try:
+        await engine.env.store.append(
+            run_stream_id(link.child_run_id),
+            [encode_event(started), encode_event(canceled)],
+            expected_seq=None,
+            status=CANCELED,
+            artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot)],
+        )
+    except KeelError as error:
+        if error.code == "sequence_conflict":
+            return False
+        raise
+    log.info("child %s of run %s was canceled before it started", link.child_run_id, link.parent_run_id)
+    return True

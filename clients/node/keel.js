@@ -254,6 +254,7 @@ function toRun(run) {
       factKey: child.fact_key,
       opId: child.op_id,
       status: enumName(child.status, 'RUN_STATUS_'),
+      parentClosePolicy: enumName(child.parent_close_policy, 'PARENT_CLOSE_POLICY_'),
     })),
     finalSnapshotId: run.final_snapshot_id || null,
     finalSnapshot: fromValue(run.final_snapshot),
@@ -405,13 +406,14 @@ class KeelClient {
   }
 
   /** Spawns a child run of `parentRunId` named by `factKey` (spawning twice yields the same child). */
-  async spawnChild({ parentRunId, factKey, op, opVersion = '', opConfig, input, context }) {
+  async spawnChild({ parentRunId, factKey, op, opVersion = '', opConfig, input, context, parentClosePolicy = 'cancel' }) {
     const request = {
       kind: 'child_run_spawn_v1',
       parent_run_id: parentRunId,
       fact_key: factKey,
       op_id: op,
       op_version: opVersion,
+      parent_close_policy: `PARENT_CLOSE_POLICY_${parentClosePolicy.toUpperCase()}`,
     };
     if (opConfig !== undefined) request.op_config = toValue(opConfig);
     if (input !== undefined) request.input = toValue(input);
@@ -424,11 +426,20 @@ class KeelClient {
     };
   }
 
-  /** Waits for a child run to finish and returns its status and final snapshot. */
-  async awaitChild(childRunId, childManifestId = '') {
+  /**
+   * Waits for a child run to finish and returns its status and final snapshot. With
+   * `parentRunId`, a child whose spawn was interrupted before it started is started from the
+   * spawn its parent recorded.
+   */
+  async awaitChild(childRunId, childManifestId = '', { parentRunId = '' } = {}) {
     const response = await this._unary(
       'AwaitChild',
-      { kind: 'child_run_await_v1', child_run_id: childRunId, child_manifest_id: childManifestId },
+      {
+        kind: 'child_run_await_v1',
+        child_run_id: childRunId,
+        child_manifest_id: childManifestId,
+        parent_run_id: parentRunId,
+      },
       null,
     );
     return {

@@ -11,20 +11,29 @@ Requests in their JSON form (what ops pass to `io.call`):
                               run_config?: {execution_mode?, retry_policy?: {max_attempts?,
                               initial_backoff_ms?, max_backoff_ms?, multiplier?}},
                               initial_context?, parent_close_policy?: "cancel"|"abandon"}
-    machine.child_run.await  {kind: "child_run_await_v1", child_run_id, child_manifest_id}
+    machine.child_run.await  {kind: "child_run_await_v1", child_run_id, child_manifest_id?,
+                              parent_run_id?}
 
 The io call's fact key names the child; the spawn answer `{parent_run_id, child_run_id,
-child_manifest_id, op_id, parent_close_policy}` is the parent's record of its child.
+child_manifest_id, op_id, parent_close_policy}` is what the parent records as its fact.
+
+Before a child is started, its link is recorded on the parent: a `ChildLinked` event in the
+parent's children stream (`children:<parent run id>`), with the child's manifest stored in the
+same append. That stream, not the parent's facts, is what lists a parent's children and what a
+cancel closes: it holds every child whatever spawned it (a step or the SpawnChild RPC), including
+one whose start a crash interrupted. Links are appended without a sequence check (spawns of one
+parent run concurrently), so a spawn retried after a lost answer may link a child twice; readers
+keep the first link of each child.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_service.domain.history import RunHistory
+from engine_service.domain.canonical import canonical_json_bytes, parse_json_bytes
 from engine_service.domain.manifest import BuildProvenance, RunManifest
 from engine_service.domain.plan import single_op_pipeline
 from engine_service.domain.run_config import RunConfig, make_run_config, parse_run_id
@@ -38,6 +47,9 @@ CLOSE_CANCEL = "cancel"
 CLOSE_ABANDON = "abandon"
 CLOSE_POLICIES = (CLOSE_CANCEL, CLOSE_ABANDON)
 CHILD_BUILD = BuildProvenance("", "", "")
+CHILD_LINKED = "ChildLinked"
+CHILD_LINK_VERSION = 1
+CHILDREN_STREAM_PREFIX = "children:"
 
 
 def request_invalid(message: str) -> KeelError:
@@ -72,10 +84,15 @@ class ChildSpawnRequest:
 
 @dataclass(frozen=True)
 class ChildAwaitRequest:
-    """Wait for a child to be terminal (starting it from its manifest if it never started)."""
+    """Wait for a child to be terminal (starting it if its spawn was recorded but it never started).
+
+    With `parent_run_id`, a never-started child is started from the link its parent recorded (as that
+    parent's child); otherwise from `child_manifest_id`.
+    """
 
     child_run_id: str
-    child_manifest_id: str
+    child_manifest_id: str = ""
+    parent_run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,12 +137,28 @@ class ChildOutcome:
 
 @dataclass(frozen=True)
 class ChildLink:
-    """A child as its parent's spawn fact records it."""
+    """A child as its parent's children stream records it (before the child is started)."""
 
+    parent_run_id: str
     fact_key: str
     child_run_id: str
+    child_manifest_id: str
     op_id: str
-    parent_close_policy: str
+    parent_close_policy: str = CLOSE_CANCEL
+
+    def encode(self, at_us: int) -> tuple[str, bytes]:
+        """The `ChildLinked` event (type, canonical JSON payload)."""
+        body = {
+            "v": CHILD_LINK_VERSION,
+            "parent_run_id": self.parent_run_id,
+            "fact_key": self.fact_key,
+            "child_run_id": self.child_run_id,
+            "child_manifest_id": self.child_manifest_id,
+            "op_id": self.op_id,
+            "parent_close_policy": self.parent_close_policy,
+            "at_us": at_us,
+        }
+        return CHILD_LINKED, canonical_json_bytes(body)
 
 
 def child_run_id(parent_run_id: str, fact_key: str) -> str:
@@ -207,25 +240,38 @@ def parse_await_request(data: Any) -> ChildAwaitRequest:
     body = _kind(data, AWAIT_KIND, "await")
     try:
         run_id = parse_run_id(_text(body, "child_run_id"), field="child_run_id")
+        parent = _text(body, "parent_run_id", required=False)
+        if parent:
+            parse_run_id(parent, field="parent_run_id")
     except KeelError as error:
         raise request_invalid(error.message) from None
-    return ChildAwaitRequest(run_id, _text(body, "child_manifest_id", required=False))
+    return ChildAwaitRequest(run_id, _text(body, "child_manifest_id", required=False), parent)
 
 
-def children_of(history: RunHistory) -> list[ChildLink]:
-    """The children a run's spawn facts record, in fact-key order."""
-    out = []
-    for key in sorted(history.facts):
-        fact = history.facts[key]
-        response = fact.response
-        if fact.namespace != SPAWN_NAMESPACE or not isinstance(response, dict):
+def children_stream_id(parent_run_id: str) -> str:
+    """The store stream holding a run's child links."""
+    return f"{CHILDREN_STREAM_PREFIX}{parent_run_id}"
+
+
+def child_links(events: Iterable[tuple[str, bytes]]) -> list[ChildLink]:
+    """A parent's children from its children stream (type, payload): the first link of each, by fact key.
+
+    Unknown event types and newer link versions are skipped: an older engine lists what it can read.
+    """
+    seen: dict[str, ChildLink] = {}
+    for event_type, payload in events:
+        if event_type != CHILD_LINKED:
             continue
-        out.append(
-            ChildLink(
-                key,
-                str(response.get("child_run_id", "")),
-                str(response.get("op_id", "")),
-                str(response.get("parent_close_policy") or CLOSE_CANCEL),
-            )
+        data = parse_json_bytes(payload)
+        if not isinstance(data, dict) or data.get("v") != CHILD_LINK_VERSION:
+            continue
+        link = ChildLink(
+            parent_run_id=str(data.get("parent_run_id", "")),
+            fact_key=str(data.get("fact_key", "")),
+            child_run_id=str(data.get("child_run_id", "")),
+            child_manifest_id=str(data.get("child_manifest_id", "")),
+            op_id=str(data.get("op_id", "")),
+            parent_close_policy=str(data.get("parent_close_policy") or CLOSE_CANCEL),
         )
-    return out
+        seen.setdefault(link.child_run_id, link)
+    return sorted(seen.values(), key=lambda link: link.fact_key)

@@ -118,3 +118,72 @@ async def test_parent_killed_around_a_child_completes_with_one_child_per_key_and
     finally:
         await channel.close(grace=None)
         assert await survivor.terminate() == 0
+
+
+@pytest.mark.parametrize("then", ["cancel_parent", "await_child"])
+async def test_a_spawn_cut_short_by_a_kill_is_pending_on_its_parent_until_cancel_or_await_settles_it(
+    store: ServiceProcess, tmp_path: Path, then: str
+) -> None:
+    """SpawnChild through an engine SIGKILLed once the child is linked and before it starts.
+
+    The parent (driven by another engine) lists the child as pending. Canceling the parent records
+    the child canceled without running it; awaiting it with its parent starts it from the link.
+    """
+    io_log = str(tmp_path / "io.log")
+    keeper = await start_engine_process(store.address, io_log=io_log)
+    doomed = await start_engine_process(store.address, failpoints="before_child_started", io_log=io_log)
+    keeper_channel = grpc.aio.insecure_channel(keeper.address)
+    doomed_channel = grpc.aio.insecure_channel(doomed.address)
+    stub = engine_pb2_grpc.EngineServiceStub(keeper_channel)
+    try:
+        parent = (
+            await stub.StartRun(
+                engine_pb2.StartRunRequest(
+                    op=engine_pb2.SingleOp(op_id="keel.sleep", op_config=to_value({"seconds": 600}))
+                ),
+                timeout=30,
+            )
+        ).run_id
+        spawn = engine_pb2.SpawnChildRequest(
+            parent_run_id=parent, fact_key="cut-short", op_id="test.two_calls", input=to_value(7)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):  # the engine dies before it answers
+            await engine_pb2_grpc.EngineServiceStub(doomed_channel).SpawnChild(spawn, timeout=30)
+        assert await asyncio.wait_for(doomed.process.wait(), 30) == -9, "the failpoint did not fire"
+        child = str(uuid.uuid5(uuid.UUID(parent), "cut-short"))
+
+        listed = (await stub.GetRun(engine_pb2.GetRunRequest(run_id=parent), timeout=30)).run.children
+        assert [(c.child_run_id, c.fact_key, c.status) for c in listed] == [
+            (child, "cut-short", engine_pb2.RUN_STATUS_PENDING)
+        ]
+        if then == "cancel_parent":
+            await stub.Terminalize(
+                engine_pb2.TerminalizeRequest(run_id=parent, target=engine_pb2.TERMINAL_TARGET_CANCELED),
+                timeout=30,
+            )
+            closed = (await stub.GetRun(engine_pb2.GetRunRequest(run_id=child), timeout=30)).run
+            assert closed.status == engine_pb2.RUN_STATUS_CANCELED
+            assert closed.parent_run_id == parent and closed.reason == f"parent run {parent} was canceled"
+            assert [step.attempts for step in closed.steps] == [[]], "the child never ran"
+            # Spawning it again now answers the canceled child; it still never runs.
+            again = await stub.SpawnChild(spawn, timeout=30)
+            assert again.child_run_id == child
+            assert read_io_log(io_log) == []
+        else:
+            awaited = await stub.AwaitChild(
+                engine_pb2.AwaitChildRequest(child_run_id=child, parent_run_id=parent), timeout=60
+            )
+            assert awaited.status == engine_pb2.RUN_STATUS_COMPLETED
+            assert from_value(awaited.final_snapshot)["main"]["first"]["request"]["input"] == 7
+            started = (await stub.GetRun(engine_pb2.GetRunRequest(run_id=child), timeout=30)).run
+            assert (started.parent_run_id, started.parent_fact_key) == (parent, "cut-short")
+            assert sorted(read_io_log(io_log)) == [(child, "main-first"), (child, "main-second")]
+            await stub.Terminalize(
+                engine_pb2.TerminalizeRequest(run_id=parent, target=engine_pb2.TERMINAL_TARGET_CANCELED),
+                timeout=30,
+            )
+    finally:
+        await keeper_channel.close(grace=None)
+        await doomed_channel.close(grace=None)
+        await doomed.kill()
+        assert await keeper.terminate() == 0

@@ -120,6 +120,11 @@ async def test_same_fact_key_with_another_op_is_child_run_conflict(cluster: Clus
         "child_run_conflict",
     )
     assert "fact key 'k'" in message
+    # Nothing written: the parent still links one child, running the first op.
+    links = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"children:{parent}"))
+    assert [e.type for e in links.events] == ["ChildLinked"]
+    listed = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=parent))).run.children
+    assert [(c.fact_key, c.op_id) for c in listed] == [("k", "test.tick_once")]
 
 
 @pytest.mark.parametrize(

@@ -498,11 +498,12 @@ async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluste
         if count != before.get(method, 0) and method != "ListStreams"
     }
     # Write-behind: everything in one append. Without it: RunStarted, then one per step, the last
-    # one carrying RunCompleted. Either way one ReadEvents answers with the run (a run without a
-    # failure ledger says so in RunCompleted: the ledger stream is not read).
-    # A run this short never writes its lease (engine_service.leases: a new run's is implicit).
+    # one carrying RunCompleted. Either way two ReadEvents answer with the run: its stream and its
+    # children stream, read together (a run without a failure ledger says so in RunCompleted: the
+    # ledger stream is not read). A run this short never writes its lease (engine_service.leases:
+    # a new run's is implicit).
     appends = 1 if cluster.checkpoint_linger > 0 else 4
-    assert spent == {"AppendEvents": appends, "ReadEvents": 1}
+    assert spent == {"AppendEvents": appends, "ReadEvents": 2}
     events = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"run:{run.run_id}"))
     assert [e.type for e in events.events] == [
         "RunStarted",

@@ -257,6 +257,70 @@ async def test_cancel_while_awaiting_children_handles_them_by_policy(cluster: Cl
             assert done.run.status == engine_pb2.RUN_STATUS_COMPLETED
 
 
+async def test_children_spawned_through_the_rpc_are_listed_and_closed_by_their_policy(
+    cluster: Cluster,
+) -> None:
+    parent_gate, children_gate = f"parent-{uuid.uuid4()}", f"children-{uuid.uuid4()}"
+    parent = (await cluster.stub.StartRun(gated(parent_gate))).run_id
+    door = gate(children_gate)
+    spawned = {}
+    for key, policy in (
+        ("doomed", engine_pb2.PARENT_CLOSE_POLICY_CANCEL),
+        ("kept", engine_pb2.PARENT_CLOSE_POLICY_ABANDON),
+    ):
+        request = engine_pb2.SpawnChildRequest(
+            parent_run_id=parent,
+            fact_key=key,
+            op_id="test.gated",
+            op_config=to_value({"gate": children_gate}),
+            parent_close_policy=policy,
+        )
+        spawned[key] = (await cluster.stub.SpawnChild(request)).child_run_id
+    await door.wait_for(2)
+    listed = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=parent))).run.children
+    assert [(c.fact_key, c.child_run_id, c.op_id, c.status, c.parent_close_policy) for c in listed] == [
+        (
+            "doomed",
+            spawned["doomed"],
+            "test.gated",
+            engine_pb2.RUN_STATUS_RUNNING,
+            engine_pb2.PARENT_CLOSE_POLICY_CANCEL,
+        ),
+        (
+            "kept",
+            spawned["kept"],
+            "test.gated",
+            engine_pb2.RUN_STATUS_RUNNING,
+            engine_pb2.PARENT_CLOSE_POLICY_ABANDON,
+        ),
+    ]
+    await cluster.stub.Terminalize(terminalize(parent))
+    assert door.cancelled == [spawned["doomed"]]
+    listed = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=parent))).run.children
+    assert [c.status for c in listed] == [engine_pb2.RUN_STATUS_CANCELED, engine_pb2.RUN_STATUS_RUNNING]
+    door.opened.set()
+    kept = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=spawned["kept"]))
+    assert kept.run.status == engine_pb2.RUN_STATUS_COMPLETED
+
+
+async def test_a_canceled_parent_takes_no_new_child_its_cancel_would_close(cluster: Cluster) -> None:
+    parent = (await cluster.stub.StartRun(gated(f"parent-{uuid.uuid4()}"))).run_id
+    await cluster.stub.Terminalize(terminalize(parent))
+    request = engine_pb2.SpawnChildRequest(parent_run_id=parent, fact_key="late", op_id="keel.echo")
+    before = await cluster.store_stub.ListStreams(store_pb2.ListStreamsRequest(page_size=1000))
+    message = await expect_error(
+        cluster.stub.SpawnChild(request), grpc.StatusCode.FAILED_PRECONDITION, "parent_run_canceled"
+    )
+    assert parent in message and "abandon" in message
+    after = await cluster.store_stub.ListStreams(store_pb2.ListStreamsRequest(page_size=1000))
+    assert [s.stream_id for s in after.streams] == [s.stream_id for s in before.streams]
+    # An abandoned child does not depend on its parent's cancel: it may still be spawned.
+    request.parent_close_policy = engine_pb2.PARENT_CLOSE_POLICY_ABANDON
+    child = (await cluster.stub.SpawnChild(request)).child_run_id
+    done = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=child))
+    assert done.run.status == engine_pb2.RUN_STATUS_COMPLETED
+
+
 async def spawn_facts(cluster: Cluster, run_id: str, count: int) -> None:
     """Until the run's stream holds `count` spawn facts (watched, not polled)."""
     seen = 0

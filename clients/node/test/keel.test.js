@@ -94,3 +94,26 @@ test('errors carry the ErrorInfo reason', { skip }, async () => {
     keel.close();
   }
 });
+
+test('children spawned by a client are listed on their parent and closed with it by policy', { skip }, async () => {
+  const keel = new KeelClient(ENGINE);
+  try {
+    const { runId: parent } = await keel.startRun({ op: 'keel.sleep', opConfig: { seconds: 600 } });
+    const sleepy = { op: 'keel.sleep', opConfig: { seconds: 600 } };
+    const doomed = await keel.spawnChild({ parentRunId: parent, factKey: 'doomed', ...sleepy });
+    const kept = await keel.spawnChild({ parentRunId: parent, factKey: 'kept', parentClosePolicy: 'abandon', ...sleepy });
+    const listed = (await keel.getRun(parent)).children;
+    assert.deepEqual(
+      listed.map((child) => [child.factKey, child.childRunId, child.parentClosePolicy]),
+      [['doomed', doomed.childRunId, 'cancel'], ['kept', kept.childRunId, 'abandon']],
+    );
+    await keel.terminalize(parent, 'canceled');
+    assert.equal((await keel.getRun(doomed.childRunId)).status, 'canceled');
+    assert.equal((await keel.getRun(kept.childRunId)).status, 'running');
+    await keel.terminalize(kept.childRunId, 'canceled');
+    const awaited = await keel.awaitChild(kept.childRunId, kept.childManifestId, { parentRunId: parent });
+    assert.equal(awaited.status, 'canceled');
+  } finally {
+    keel.close();
+  }
+});

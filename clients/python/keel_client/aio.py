@@ -175,9 +175,17 @@ class AsyncKeelClient:
         )
 
     async def await_child(
-        self, child_run_id: str, child_manifest_id: str = "", *, deadline: float | None = None
+        self,
+        child_run_id: str,
+        child_manifest_id: str = "",
+        *,
+        parent_run_id: str = "",
+        deadline: float | None = None,
     ) -> ChildResult:
         """Wait for a child run to finish (starting or resuming it if need be); no deadline by default.
+
+        A child whose spawn was interrupted before it started is started from the spawn its parent
+        recorded when `parent_run_id` is given (else from `child_manifest_id`).
 
         Example::
 
@@ -185,7 +193,10 @@ class AsyncKeelClient:
             print(result.status, result.final_snapshot)
         """
         request = engine_pb2.AwaitChildRequest(
-            kind="child_run_await_v1", child_run_id=child_run_id, child_manifest_id=child_manifest_id
+            kind="child_run_await_v1",
+            child_run_id=child_run_id,
+            child_manifest_id=child_manifest_id,
+            parent_run_id=parent_run_id,
         )
         return wire.child_result(await self._unary(self._stub.AwaitChild, request, deadline))
 

@@ -169,6 +169,10 @@ class ChildRunConflict(FailedPreconditionError):
     """`child_run_conflict`: a child with this fact key exists with a different op or input."""
 
 
+class ParentRunCanceled(FailedPreconditionError):
+    """`parent_run_canceled`: the parent was canceled; its cancel would close this child (use abandon)."""
+
+
 class ChildRunRequestInvalid(InvalidArgumentError):
     """`child_run_request_invalid`: a SpawnChild/AwaitChild request of the wrong kind or shape."""
 
@@ -194,6 +198,7 @@ _BY_REASON: dict[str, type[KeelClientError]] = {
     "secrets_detected": SecretsDetected,
     "child_run_conflict": ChildRunConflict,
     "child_run_request_invalid": ChildRunRequestInvalid,
+    "parent_run_canceled": ParentRunCanceled,
     "store_unavailable": StoreUnavailable,
     "sequence_conflict": SequenceConflict,
 }

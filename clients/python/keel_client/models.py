@@ -18,6 +18,8 @@ class RunStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELED = "canceled"
+    # Only a child in `Run.children`: its spawn is recorded on the parent, it has not started.
+    PENDING = "pending"
 
     @property
     def is_terminal(self) -> bool:
@@ -132,6 +134,7 @@ class ChildRun:
     fact_key: str
     op_id: str
     status: RunStatus
+    parent_close_policy: ParentClosePolicy = ParentClosePolicy.CANCEL
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ _RUN_STATUS = {
     engine_pb2.RUN_STATUS_COMPLETED: RunStatus.COMPLETED,
     engine_pb2.RUN_STATUS_FAILED: RunStatus.FAILED,
     engine_pb2.RUN_STATUS_CANCELED: RunStatus.CANCELED,
+    engine_pb2.RUN_STATUS_PENDING: RunStatus.PENDING,
 }
 _RUN_STATUS_WIRE = {status: wire for wire, status in _RUN_STATUS.items()}
 _STEP_STATUS = {
@@ -65,6 +66,7 @@ _PARENT_CLOSE = {
     ParentClosePolicy.CANCEL: engine_pb2.PARENT_CLOSE_POLICY_CANCEL,
     ParentClosePolicy.ABANDON: engine_pb2.PARENT_CLOSE_POLICY_ABANDON,
 }
+_POLICY_OF_WIRE = {wire: policy for policy, wire in _PARENT_CLOSE.items()}
 _TARGET = {
     TerminalTarget.COMPLETED: engine_pb2.TERMINAL_TARGET_COMPLETED,
     TerminalTarget.FAILED: engine_pb2.TERMINAL_TARGET_FAILED,
@@ -259,7 +261,10 @@ def list_runs_request(
     wire: list[engine_pb2.RunStatus.ValueType] = []
     for status in statuses:
         try:
-            wire.append(_RUN_STATUS_WIRE[RunStatus(status)])
+            chosen = RunStatus(status)
+            if chosen in (RunStatus.UNSPECIFIED, RunStatus.PENDING):
+                raise ValueError(chosen)  # not a status a stored run has
+            wire.append(_RUN_STATUS_WIRE[chosen])
         except ValueError:
             raise invalid_request(
                 f"unknown run status {status!r}: expected running, completed, failed or canceled"
@@ -319,6 +324,7 @@ def run(message: engine_pb2.Run) -> Run:
                 fact_key=child.fact_key,
                 op_id=child.op_id,
                 status=_RUN_STATUS.get(child.status, RunStatus.UNSPECIFIED),
+                parent_close_policy=_POLICY_OF_WIRE.get(child.parent_close_policy, ParentClosePolicy.CANCEL),
             )
             for child in message.children
         ),

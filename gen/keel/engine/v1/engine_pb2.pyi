@@ -38,6 +38,11 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     """A step failed for good, or the run was terminalized as failed."""
     RUN_STATUS_CANCELED: _RunStatus.ValueType  # 4
     """The run was canceled."""
+    RUN_STATUS_PENDING: _RunStatus.ValueType  # 5
+    """Only in `Run.children`: the child's spawn is recorded on its parent but the
+    child has not started (its spawn was interrupted). Spawning it again or
+    awaiting it starts it; canceling the parent cancels it.
+    """
 
 class RunStatus(_RunStatus, metaclass=_RunStatusEnumTypeWrapper):
     """A run's status."""
@@ -52,6 +57,11 @@ RUN_STATUS_FAILED: RunStatus.ValueType  # 3
 """A step failed for good, or the run was terminalized as failed."""
 RUN_STATUS_CANCELED: RunStatus.ValueType  # 4
 """The run was canceled."""
+RUN_STATUS_PENDING: RunStatus.ValueType  # 5
+"""Only in `Run.children`: the child's spawn is recorded on its parent but the
+child has not started (its spawn was interrupted). Spawning it again or
+awaiting it starts it; canceling the parent cancels it.
+"""
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
 class _StepStatus:
@@ -665,13 +675,18 @@ class AwaitChildRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     CHILD_RUN_ID_FIELD_NUMBER: _builtins.int
     CHILD_MANIFEST_ID_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """The request's kind: `child_run_await_v1` (empty means that)."""
     child_run_id: _builtins.str
     """The child run."""
     child_manifest_id: _builtins.str
     """The child's manifest id, as SpawnChild returned it (used to start the
-    child if it was never started).
+    child if it was never started and no parent_run_id is given).
+    """
+    parent_run_id: _builtins.str
+    """The child's parent (optional): a child that was never started is then
+    started from the spawn its parent recorded, as that parent's child.
     """
     def __init__(
         self,
@@ -679,10 +694,11 @@ class AwaitChildRequest(_message.Message):
         kind: _builtins.str = ...,
         child_run_id: _builtins.str = ...,
         child_manifest_id: _builtins.str = ...,
+        parent_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_manifest_id", b"child_manifest_id", "child_run_id", b"child_run_id", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_manifest_id", b"child_manifest_id", "child_run_id", b"child_run_id", "kind", b"kind", "parent_run_id", b"parent_run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -926,6 +942,7 @@ class ChildRun(_message.Message):
     FACT_KEY_FIELD_NUMBER: _builtins.int
     OP_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    PARENT_CLOSE_POLICY_FIELD_NUMBER: _builtins.int
     child_run_id: _builtins.str
     """The child's run id."""
     fact_key: _builtins.str
@@ -933,7 +950,9 @@ class ChildRun(_message.Message):
     op_id: _builtins.str
     """The child's op."""
     status: Global___RunStatus.ValueType
-    """The child's status."""
+    """The child's status (RUN_STATUS_PENDING: recorded, not started yet)."""
+    parent_close_policy: Global___ParentClosePolicy.ValueType
+    """What happens to the child when the parent is canceled."""
     def __init__(
         self,
         *,
@@ -941,10 +960,11 @@ class ChildRun(_message.Message):
         fact_key: _builtins.str = ...,
         op_id: _builtins.str = ...,
         status: Global___RunStatus.ValueType = ...,
+        parent_close_policy: Global___ParentClosePolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_run_id", b"child_run_id", "fact_key", b"fact_key", "op_id", b"op_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_run_id", b"child_run_id", "fact_key", b"fact_key", "op_id", b"op_id", "parent_close_policy", b"parent_close_policy", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
