@@ -26,7 +26,8 @@ from engine_service.domain import (
     single_op_pipeline,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes
-from engine_service.domain.child_runs import CHILD_BUILD
+from engine_service.domain.child_runs import CHILD_BUILD, ChildLink, ChildSpawnRequest, children_stream_id
+from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.plan import PipelineSpec, StepSpec
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.json_values import to_value
@@ -319,6 +320,37 @@ async def test_a_canceled_parent_takes_no_new_child_its_cancel_would_close(clust
     child = (await cluster.stub.SpawnChild(request)).child_run_id
     done = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=child))
     assert done.run.status == engine_pb2.RUN_STATUS_COMPLETED
+
+
+async def test_a_child_linked_after_its_parents_cancel_looked_is_recorded_canceled_not_run(
+    cluster: Cluster,
+) -> None:
+    """The spawn side of a spawn/cancel race: the cancel read the links before this one landed.
+
+    Whoever starts a linked child looks at the parent first; a canceled parent means the child is
+    recorded canceled and never runs (here through AwaitChild, as after a crash mid-spawn).
+    """
+    parent = (await cluster.stub.StartRun(gated(f"parent-{uuid.uuid4()}"))).run_id
+    await cluster.stub.Terminalize(terminalize(parent))
+    child_gate = f"child-{uuid.uuid4()}"
+    request = ChildSpawnRequest(parent, "late", "test.gated", op_config={"gate": child_gate})
+    manifest = request.manifest().canonical_bytes()
+    link = ChildLink(parent, "late", request.child_run_id, artifact_id_for_bytes(manifest), "test.gated")
+    event_type, payload = link.encode(at_us=1)
+    await cluster.store_stub.AppendEvents(
+        store_pb2.AppendEventsRequest(
+            stream_id=children_stream_id(parent),
+            expected_kind=store_pb2.EXPECTED_KIND_ANY,
+            events=[store_pb2.EventData(type=event_type, payload=payload)],
+            artifacts=[store_pb2.InlineArtifact(kind=MANIFEST_ARTIFACT_KIND, data=manifest)],
+        )
+    )
+    awaited = await cluster.stub.AwaitChild(
+        engine_pb2.AwaitChildRequest(child_run_id=request.child_run_id, parent_run_id=parent)
+    )
+    assert awaited.status == engine_pb2.RUN_STATUS_CANCELED
+    assert await event_types(cluster.store_stub, request.child_run_id) == ["RunStarted", "RunCompleted"]
+    assert gate(child_gate).runs == []
 
 
 async def spawn_facts(cluster: Cluster, run_id: str, count: int) -> None:
