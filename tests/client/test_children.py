@@ -10,6 +10,8 @@ from keel_client import (
     ChildRunConflict,
     InvalidArgumentError,
     KeelClient,
+    ParentClosePolicy,
+    ParentRunCanceled,
     RunNotFound,
     RunStatus,
     SecretsDetected,
@@ -50,6 +52,34 @@ def test_spawn_child_and_await_child_return_the_childs_result(keel: KeelClient) 
         keel.spawn_child(parent_id, "double", "keel.echo")
     with pytest.raises(SecretsDetected):
         keel.spawn_child(parent_id, "token=ghp_0123456789abcdefghijklmnopqrstuvwxyz", "keel.echo")
+
+
+def test_children_of_a_canceled_parent_by_policy_through_the_client_and_keel_get(
+    keel: KeelClient, engine_address: str
+) -> None:
+    parent_id = keel.start_run(op="keel.sleep", op_config={"seconds": 600}).run_id
+    doomed = keel.spawn_child(parent_id, "doomed", "keel.sleep", op_config={"seconds": 600})
+    kept = keel.spawn_child(
+        parent_id,
+        "kept",
+        "keel.sleep",
+        op_config={"seconds": 600},
+        parent_close_policy=ParentClosePolicy.ABANDON,
+    )
+    keel.cancel(parent_id)
+    children = keel.get_run(parent_id).children
+    assert [(c.fact_key, c.status, c.parent_close_policy) for c in children] == [
+        ("doomed", RunStatus.CANCELED, ParentClosePolicy.CANCEL),
+        ("kept", RunStatus.RUNNING, ParentClosePolicy.ABANDON),
+    ]
+    shown = run_keel("get", parent_id, engine=engine_address).stdout
+    assert "FACT KEY  OP          STATUS    ON CANCEL  RUN ID" in shown
+    assert f"doomed    keel.sleep  canceled  cancel     {doomed.child_run_id}" in shown
+    assert f"kept      keel.sleep  running   abandon    {kept.child_run_id}" in shown
+    with pytest.raises(ParentRunCanceled):
+        keel.spawn_child(parent_id, "late", "keel.echo")
+    keel.cancel(kept.child_run_id)
+    assert keel.await_child(kept.child_run_id, parent_run_id=parent_id).status == RunStatus.CANCELED
 
 
 def test_a_fan_out_parent_lists_its_children(keel: KeelClient) -> None:

@@ -123,9 +123,11 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
         lines += ["", "steps:", *table(STEP_HEADERS, step_rows(run, now), indent="  ")]
     if run.children:
         rows = [
-            [child.fact_key, child.op_id, child.status.value, child.child_run_id] for child in run.children
+            [c.fact_key, c.op_id, c.status.value, c.parent_close_policy.value, c.child_run_id]
+            for c in run.children
         ]
-        lines += ["", "children:", *table(("FACT KEY", "OP", "STATUS", "RUN ID"), rows, indent="  ")]
+        headers = ("FACT KEY", "OP", "STATUS", "ON CANCEL", "RUN ID")
+        lines += ["", "children:", *table(headers, rows, indent="  ")]
     if run.failure_ledger:
         rows = [[entry.step_id, when(entry.recorded_at), entry.reason] for entry in run.failure_ledger]
         lines += ["", "failure ledger:", *table(("STEP", "RECORDED", "REASON"), rows, indent="  ")]
