@@ -18,6 +18,7 @@ class ErrorCategory(enum.StrEnum):
     ALREADY_EXISTS = "already_exists"
     CONFLICT = "conflict"  # a compare-and-swap lost: ABORTED
     FAILED_PRECONDITION = "failed_precondition"
+    RESOURCE_EXHAUSTED = "resource_exhausted"  # a size cap or quota the operator set was passed
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     PERMISSION_DENIED = "permission_denied"

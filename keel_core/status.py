@@ -20,6 +20,7 @@ _CODES: dict[ErrorCategory, grpc.StatusCode] = {
     ErrorCategory.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     ErrorCategory.CONFLICT: grpc.StatusCode.ABORTED,
     ErrorCategory.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCategory.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCategory.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCategory.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorCategory.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,

@@ -279,7 +279,12 @@ class StoreBackend(abc.ABC):
 
     @abc.abstractmethod
     async def put_artifact(self, kind: str, chunks: AsyncIterable[bytes]) -> ArtifactPut:
-        """Store the concatenated `chunks` under `sha256:<hex>` of them; a repeat is a no-op."""
+        """Store the concatenated `chunks` under `sha256:<hex>` of them; a repeat is a no-op.
+
+        If `chunks` raises (StoreService refusing an upload past its cap, a broken source), the error
+        is re-raised only once nothing of the upload is stored: no artifact, no chunk. A cancelled
+        put stores no artifact either; chunks it staged may be dropped after it returns.
+        """
 
     @abc.abstractmethod
     async def get_artifact(self, artifact_id: str) -> ArtifactDownload:

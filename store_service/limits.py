@@ -2,12 +2,13 @@
 
 Every check raises an INVALID_ARGUMENT KeelError whose code is the ErrorInfo reason and whose
 message says what to change. They run before anything touches the backend, so bad input never
-writes anything.
+writes anything. The exception is the operator's artifact cap (RESOURCE_EXHAUSTED): a PutArtifact
+is checked as its chunks stream in, and the backend discards whatever it had staged of it.
 """
 
 from __future__ import annotations
 
-from keel_core.errors import KeelError, invalid_argument
+from keel_core.errors import ErrorCategory, KeelError, invalid_argument
 from store_service.backend import ARTIFACT_ID_PATTERN, StreamStatus
 
 MAX_STREAM_ID_CHARS = 200
@@ -17,6 +18,9 @@ MAX_EVENT_PAYLOAD_BYTES = 1024 * 1024
 MAX_ARTIFACT_KIND_CHARS = 64
 MAX_INLINE_ARTIFACT_BYTES = 8 * 1024 * 1024
 MAX_INLINE_ARTIFACTS = 16
+# The operator's cap on one artifact's size, however it arrives (--max-artifact-bytes); 0 = no cap.
+DEFAULT_MAX_ARTIFACT_BYTES = 1024 * 1024 * 1024
+MAX_ARTIFACT_BYTES_FLAG = "--max-artifact-bytes"
 DEFAULT_READ_LIMIT = 1000
 MAX_READ_LIMIT = 10_000
 DEFAULT_PAGE_SIZE = 100
@@ -122,13 +126,41 @@ def check_artifact_kind(kind: str) -> str:
     return kind
 
 
-def check_inline_artifacts(sizes: list[int]) -> None:
-    """An append carries at most 16 inline artifacts of at most 8 MiB each."""
+def _bytes_text(count: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= size:
+            return f"{count} bytes ({count / size:.4g} {unit})"
+    return f"{count} bytes"
+
+
+def artifact_too_large(what: str, cap: int, seen: int) -> KeelError:
+    """The error of an artifact refused by the store's cap; `seen` is the byte count that passed it."""
+    return KeelError(
+        "artifact_too_large",
+        f"{what} passed this store's artifact cap of {_bytes_text(cap)}: it was refused when "
+        f"{_bytes_text(seen)} had arrived. Split the data into smaller artifacts, or have the operator raise "
+        f"the cap with store-service {MAX_ARTIFACT_BYTES_FLAG} N (env KEEL_STORE_MAX_ARTIFACT_BYTES; "
+        "0 = no cap)",
+        category=ErrorCategory.RESOURCE_EXHAUSTED,
+        details={"max_artifact_bytes": cap, "seen_bytes": seen},
+    )
+
+
+def check_artifact_size(what: str, size: int, cap: int) -> None:
+    """`size` bytes of one artifact must not pass `cap` (0 means no cap); else RESOURCE_EXHAUSTED."""
+    if cap and size > cap:
+        raise artifact_too_large(what, cap, size)
+
+
+def check_inline_artifacts(sizes: list[int], max_artifact_bytes: int = 0) -> None:
+    """An append carries at most 16 inline artifacts of at most 8 MiB each, none over the cap."""
     if len(sizes) > MAX_INLINE_ARTIFACTS:
         raise invalid_argument(
             "invalid_batch", f"an append carries at most {MAX_INLINE_ARTIFACTS} artifacts (got {len(sizes)})"
         )
     for index, size in enumerate(sizes):
+        # The operator's cap first: PutArtifact, which the 8 MiB message below suggests, has it too.
+        check_artifact_size(f"artifacts[{index}]", size, max_artifact_bytes)
         if size > MAX_INLINE_ARTIFACT_BYTES:
             raise invalid_argument(
                 "artifact_too_large",

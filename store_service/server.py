@@ -7,7 +7,6 @@ is a contract: the engine's launcher and `keel up` parse it. Logs go to stderr a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -19,8 +18,17 @@ from keel_core.errors import KeelError
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import TlsFiles
-from keel_core.serving import ServingHandle, host_port, serve_until_signalled, start_server
+from keel_core.serving import (
+    DEFAULT_EVENT_LOOP,
+    EVENT_LOOPS,
+    ServingHandle,
+    host_port,
+    run_service,
+    serve_until_signalled,
+    start_server,
+)
 from store_service.backend import StoreBackend
+from store_service.limits import DEFAULT_MAX_ARTIFACT_BYTES
 from store_service.servicer import StoreServicer, register
 from store_service.sqlite import Durability, SqliteStoreBackend
 
@@ -48,6 +56,8 @@ class StoreConfig:
     tls: TlsFiles | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_listen: str | None = None
+    # Bytes one artifact may have (PutArtifact or inline in an append); 0: no cap.
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
 
 
 def _sqlite_backend(config: StoreConfig) -> StoreBackend:
@@ -104,7 +114,7 @@ async def start_store(config: StoreConfig) -> StoreServingHandle:
         backend = make_backend(config)
         await backend.open()
         undo.push_async_callback(backend.close)
-        servicer = StoreServicer(backend)
+        servicer = StoreServicer(backend, max_artifact_bytes=config.max_artifact_bytes)
         served = await start_server(
             config.listen,
             lambda server: register(server, servicer),
@@ -129,6 +139,16 @@ async def start_store(config: StoreConfig) -> StoreServingHandle:
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def _byte_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; 0 means no cap")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -187,6 +207,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds a drain lets in-flight calls finish [KEEL_STORE_GRACE] (default 10)",
     )
     parser.add_argument(
+        "--max-artifact-bytes",
+        type=_byte_count,
+        default=_env("KEEL_STORE_MAX_ARTIFACT_BYTES", str(DEFAULT_MAX_ARTIFACT_BYTES)),
+        metavar="N",
+        help="largest artifact the store accepts, by PutArtifact or inline in an append; a bigger one "
+        "is refused with RESOURCE_EXHAUSTED (artifact_too_large) as soon as its bytes pass N, and "
+        "nothing of it is kept; 0 = no cap [KEEL_STORE_MAX_ARTIFACT_BYTES] "
+        f"(default {DEFAULT_MAX_ARTIFACT_BYTES}, 1 GiB)",
+    )
+    parser.add_argument(
         "--tls-cert",
         default=os.environ.get("KEEL_STORE_TLS_CERT"),
         metavar="PEM",
@@ -212,6 +242,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks one "
         "[KEEL_STORE_METRICS_LISTEN] (default: off)",
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=os.environ.get("KEEL_STORE_EVENT_LOOP") or _env("KEEL_EVENT_LOOP", DEFAULT_EVENT_LOOP),
+        help="asyncio event loop to serve on: asyncio, uvloop (needs the uvloop package), or auto "
+        "(uvloop when installed) [KEEL_STORE_EVENT_LOOP, else KEEL_EVENT_LOOP] "
+        f"(default {DEFAULT_EVENT_LOOP})",
     )
     parser.add_argument(
         "--log-level",
@@ -271,8 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grace=args.grace,
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
             metrics_listen=args.metrics_listen,
+            max_artifact_bytes=args.max_artifact_bytes,
         )
-        asyncio.run(serve(config))
+        run_service(serve(config), args.event_loop)
     except (OSError, ValueError, RuntimeError, KeelError) as exc:
         # RuntimeError: grpc's "Failed to bind"; KeelError: e.g. store_unavailable from the database.
         log.error("store-service could not start: %s", exc)

@@ -80,21 +80,29 @@ def _new_events(request: store_pb2.AppendEventsRequest) -> list[NewEvent]:
     return events
 
 
-def _new_artifacts(request: store_pb2.AppendEventsRequest) -> list[NewArtifact]:
+def _new_artifacts(request: store_pb2.AppendEventsRequest, max_artifact_bytes: int) -> list[NewArtifact]:
     if not request.artifacts:
         return []
     artifacts = [NewArtifact(a.kind, a.data) for a in request.artifacts]
-    limits.check_inline_artifacts([len(a.data) for a in artifacts])
+    limits.check_inline_artifacts([len(a.data) for a in artifacts], max_artifact_bytes)
     for artifact in artifacts:
         limits.check_artifact_kind(artifact.kind)
     return artifacts
 
 
 class StoreServicer(store_pb2_grpc.StoreServiceServicer):
-    """The StoreService RPCs over one backend."""
+    """The StoreService RPCs over one backend.
 
-    def __init__(self, backend: StoreBackend) -> None:
+    `max_artifact_bytes` caps one artifact, whether put or carried inline by an append (0: no cap).
+    """
+
+    def __init__(
+        self, backend: StoreBackend, *, max_artifact_bytes: int = limits.DEFAULT_MAX_ARTIFACT_BYTES
+    ) -> None:
+        if max_artifact_bytes < 0:
+            raise ValueError(f"max_artifact_bytes must be 0 (no cap) or more, got {max_artifact_bytes}")
         self._backend = backend
+        self._max_artifact_bytes = max_artifact_bytes
         self._shutting_down = asyncio.Event()
 
     def end_subscriptions(self) -> None:
@@ -110,7 +118,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             expected = _expected(request)
             events = _new_events(request)
             status = limits.check_status_label(request.status)
-            artifacts = _new_artifacts(request)
+            artifacts = _new_artifacts(request, self._max_artifact_bytes)
             result = await self._backend.append(
                 stream_id, expected, events, status=status, artifacts=artifacts
             )
@@ -221,7 +229,13 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def PutArtifact(
         self, request_iterator: AsyncIterator[store_pb2.PutArtifactRequest], context: Context
     ) -> store_pb2.PutArtifactResponse:
-        """Hash and store the streamed chunks; the first message names the kind."""
+        """Hash and store the streamed chunks; the first message names the kind.
+
+        The upload is refused (RESOURCE_EXHAUSTED `artifact_too_large`) at the first message that
+        takes it past the cap, before the backend sees that message; the backend then discards
+        what it had staged.
+        """
+        cap = self._max_artifact_bytes
         try:
             first = await anext(request_iterator, None)
             if first is None:
@@ -231,10 +245,14 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             kind = limits.check_artifact_kind(first.kind)
 
             async def chunks() -> AsyncIterator[bytes]:
+                seen = len(first.data)
+                limits.check_artifact_size("the artifact", seen, cap)
                 if first.data:
                     yield first.data
                 async for message in request_iterator:
                     if message.data:
+                        seen += len(message.data)
+                        limits.check_artifact_size("the artifact", seen, cap)
                         yield message.data
 
             put = await self._backend.put_artifact(kind, chunks())

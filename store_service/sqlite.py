@@ -405,12 +405,26 @@ class SqliteStoreBackend(StoreBackend):
                     blob_id=blob_id,
                 )
             )
-        except BaseException:
+        except Exception:
+            # The upload failed or was refused (the source raised): drop what was staged before
+            # saying so, so that whoever hears of the failure finds nothing of it stored.
             if staged and not self._closing:
-                # Best effort; open() also sweeps chunks left by an interrupted upload.
+                await self._drop_staged(blob_id)
+            raise
+        except BaseException:
+            # Cancelled: nothing more may be awaited here, so the clean-up is queued. Best effort;
+            # open() also sweeps chunks left by an interrupted upload.
+            if staged and not self._closing:
                 self._enqueue(_WriteJob(partial(SqliteWriter.drop_blob, blob_id=blob_id), None))
             raise
         return ArtifactPut(artifact_id, size, created)
+
+    async def _drop_staged(self, blob_id: str) -> None:
+        try:
+            await self._write(partial(SqliteWriter.drop_blob, blob_id=blob_id))
+        except Exception:
+            # The database failed too; the caller hears of the first failure, and open() sweeps.
+            log.warning("could not drop the staged chunks of failed upload %s", blob_id, exc_info=True)
 
     async def get_artifact(self, artifact_id: str) -> ArtifactDownload:
         """Look the artifact up now (NOT_FOUND before any byte), then stream its chunk rows."""

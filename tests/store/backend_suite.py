@@ -1,8 +1,8 @@
 """The one abstract test suite of the StoreBackend contract; every backend's test module binds it.
 
 Subclass `StoreBackendSuite` in a module whose name starts with `test_` and implement
-`create_backend`; every test below then runs against that backend. Nothing here may depend on a
-particular backend.
+`create_backend` and `count_artifact_rows`; every test below then runs against that backend.
+Nothing here may depend on a particular backend.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from keel_core.errors import ErrorCategory, KeelError
+from store_service import limits
 from store_service.backend import (
     READ_PAGE_BYTES,
     Expected,
@@ -68,6 +69,11 @@ class StoreBackendSuite(abc.ABC):
     @abc.abstractmethod
     def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
         """An unopened backend over this test's storage; a second call reaches the same storage."""
+
+    @abc.abstractmethod
+    async def count_artifact_rows(self, request: pytest.FixtureRequest) -> tuple[int, int]:
+        """(artifact rows, artifact chunk rows) in this test's storage, read from its tables directly
+        on a connection of the test's own (not through the backend under test)."""
 
     @pytest.fixture
     async def backend(self, request: pytest.FixtureRequest) -> AsyncIterator[StoreBackend]:
@@ -462,6 +468,39 @@ class StoreBackendSuite(abc.ABC):
         assert [p.created for p in puts].count(True) == 1
         assert {p.artifact_id for p in puts} == {sha(data)}
         assert await download(backend, sha(data)) == data
+
+    async def test_upload_refused_part_way_leaves_no_artifact_and_no_chunk(
+        self, backend: StoreBackend, request: pytest.FixtureRequest
+    ) -> None:
+        """StoreService refuses an upload that passes its cap by raising from the chunk source.
+
+        7 MiB have been handed over by then: more than a backend keeps in memory, so it has
+        written chunks. When put_artifact raises, none of them may be left, and nothing published.
+        """
+        mib = 1024 * 1024
+        data = os.urandom(9 * mib)
+        handed_over = 0
+
+        async def refused_after_seven_mib() -> AsyncIterator[bytes]:
+            nonlocal handed_over
+            async for chunk in chunks_of(data, mib):
+                yield chunk
+                handed_over += len(chunk)
+                if handed_over == 7 * mib:
+                    raise limits.artifact_too_large("the artifact", 7 * mib, 8 * mib)
+
+        with pytest.raises(KeelError) as caught:
+            await backend.put_artifact("refused", refused_after_seven_mib())
+        assert caught.value.code == "artifact_too_large"
+        assert handed_over == 7 * mib
+        assert await backend.has_artifact(sha(data)) is None
+        rows = await self.count_artifact_rows(request)
+        assert rows == (0, 0), f"(artifacts, chunks) left by the refused upload: {rows}"
+        # The same bytes sent whole afterwards are a new artifact, not taken for a repeat.
+        put = await backend.put_artifact("whole", chunks_of(data, mib))
+        assert (put.artifact_id, put.size, put.created) == (sha(data), len(data), True)
+        assert await download(backend, put.artifact_id) == data
+        assert await self.count_artifact_rows(request) == (1, 9)
 
     async def test_inline_artifacts_are_stored_with_the_append(self, backend: StoreBackend) -> None:
         snapshot = os.urandom(2 * 1024 * 1024 + 1)

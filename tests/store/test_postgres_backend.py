@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from store_service.backend import StoreBackend
@@ -28,7 +29,23 @@ async def pg_schema(postgres_dsn: str) -> AsyncIterator[str]:
         yield schema
 
 
-class TestPostgresBackend(StoreBackendSuite):
+class PostgresTables:
+    """Counts rows in the test's schema, on a connection of the test's own."""
+
+    async def count_artifact_rows(self, request: pytest.FixtureRequest) -> tuple[int, int]:
+        """(artifact rows, artifact chunk rows) in this test's schema."""
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        schema: str = request.getfixturevalue("pg_schema")
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            artifacts = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifacts")
+            chunks = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifact_chunks")
+        finally:
+            await conn.close()
+        return int(artifacts), int(chunks)
+
+
+class TestPostgresBackend(PostgresTables, StoreBackendSuite):
     """Every contract test on PostgreSQL with full durability (synchronous_commit=on)."""
 
     def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
@@ -38,7 +55,7 @@ class TestPostgresBackend(StoreBackendSuite):
         return PostgresStoreBackend(dsn, schema=schema, durability="full")
 
 
-class TestPostgresNormalDurability(StoreBackendSuite):
+class TestPostgresNormalDurability(PostgresTables, StoreBackendSuite):
     """The same contract with synchronous_commit=off and one writer: semantics must not change."""
 
     def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:

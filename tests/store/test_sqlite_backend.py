@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -17,7 +18,19 @@ from store_service.sqlite import DATABASE_FILE, SqliteStoreBackend, translate
 from tests.store.backend_suite import StoreBackendSuite, chunks_of, events
 
 
-class TestSqliteBackend(StoreBackendSuite):
+class SqliteTables:
+    """Counts rows in the SQLite file of the test's tmp_path, on a connection of the test's own."""
+
+    async def count_artifact_rows(self, request: pytest.FixtureRequest) -> tuple[int, int]:
+        """(artifact rows, artifact chunk rows) in tmp_path/keel-store.sqlite3."""
+        path = request.getfixturevalue("tmp_path") / DATABASE_FILE
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            artifacts = conn.execute("SELECT count(*) FROM artifacts").fetchone()[0]
+            chunks = conn.execute("SELECT count(*) FROM artifact_chunks").fetchone()[0]
+        return int(artifacts), int(chunks)
+
+
+class TestSqliteBackend(SqliteTables, StoreBackendSuite):
     """Every contract test, on a SQLite file in the test's tmp_path."""
 
     def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:
@@ -25,7 +38,7 @@ class TestSqliteBackend(StoreBackendSuite):
         return SqliteStoreBackend.in_directory(request.getfixturevalue("tmp_path"), durability="full")
 
 
-class TestSqliteNormalDurability(StoreBackendSuite):
+class TestSqliteNormalDurability(SqliteTables, StoreBackendSuite):
     """The same contract with synchronous=NORMAL: only crash durability differs, not semantics."""
 
     def create_backend(self, request: pytest.FixtureRequest) -> StoreBackend:

@@ -69,3 +69,21 @@ def test_bad_durability_from_environment_fails_to_start(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "durability" in result.stderr
     assert result.stdout == ""
+
+
+def test_max_artifact_bytes_defaults_to_one_gib_from_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KEEL_STORE_MAX_ARTIFACT_BYTES", raising=False)
+    assert parse_args([]).max_artifact_bytes == StoreConfig().max_artifact_bytes == 1024**3
+    monkeypatch.setenv("KEEL_STORE_MAX_ARTIFACT_BYTES", "0")
+    assert parse_args([]).max_artifact_bytes == 0  # no cap
+    assert parse_args(["--max-artifact-bytes", "1048576"]).max_artifact_bytes == 1048576  # a flag wins
+    for bad in ["-1", "1GiB"]:
+        with pytest.raises(SystemExit):
+            parse_args(["--max-artifact-bytes", bad])
+        assert "--max-artifact-bytes" in capsys.readouterr().err
+    monkeypatch.setenv("KEEL_STORE_MAX_ARTIFACT_BYTES", "lots")
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "'lots' is not a whole number of bytes" in capsys.readouterr().err
