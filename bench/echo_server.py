@@ -1,6 +1,7 @@
 """A bare grpc.aio unary echo server: the ceiling the store benchmark is compared against.
 
-Run: `python bench/echo_server.py [--listen 127.0.0.1:0]`; prints `echo listening on HOST:PORT`.
+Run: `python bench/echo_server.py [--listen 127.0.0.1:0] [--event-loop asyncio|uvloop]`; prints
+`echo listening on HOST:PORT`.
 The method `/keel.bench.Echo/Echo` returns the request bytes untouched (no protobuf parsing).
 """
 
@@ -12,6 +13,8 @@ import signal
 from typing import Any
 
 import grpc
+
+from keel_core.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS, run_service
 
 METHOD = "/keel.bench.Echo/Echo"
 
@@ -40,10 +43,12 @@ async def serve(listen: str) -> None:
 
 
 def main() -> None:
-    """Parse --listen and serve."""
+    """Parse --listen and --event-loop, and serve."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:0")
-    asyncio.run(serve(parser.parse_args().listen))
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP)
+    args = parser.parse_args()
+    run_service(serve(args.listen), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Run: `.venv/bin/python bench/engine_runs.py [--scenario all|pipeline|fan-out] [--runs N]
 [--durability full|normal] [--concurrency C] [--parents P] [--fan-out-concurrency F]
-[--backend sqlite|postgres] [--dsn DSN] [--engines N] [--stores M]`
+[--backend sqlite|postgres] [--dsn DSN] [--engines N] [--stores M]
+[--event-loop asyncio|uvloop|auto]` (the loop the services run on; this client stays on asyncio)
 
 Scale-out (issue 5): `--backend postgres` runs M store replicas (`--stores`, default 1) on one
 fresh PostgreSQL schema (dropped afterwards) and N engines (`--engines`, default 1), each engine
@@ -44,6 +45,7 @@ import grpc
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 
 from keel_core.json_values import to_value
+from keel_core.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 if TYPE_CHECKING:
     from keel.engine.v1.engine_pb2_grpc import EngineServiceAsyncStub
@@ -196,6 +198,9 @@ async def main() -> None:
     parser.add_argument("--dsn", default=DEFAULT_DSN, help=f"PostgreSQL to use (default {DEFAULT_DSN})")
     parser.add_argument("--engines", type=int, default=1, help="engines sharing the store (default 1)")
     parser.add_argument("--stores", type=int, default=1, help="store replicas (postgres; default 1)")
+    parser.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP, help="the services' event loop"
+    )
     args = parser.parse_args()
     pipelines = args.scenario in ("all", "pipeline")
     fan_outs = args.scenario in ("all", "fan-out")
@@ -204,7 +209,7 @@ async def main() -> None:
     schema = f"keel_bench_{secrets.token_hex(5)}"
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as data:
         store_args = [str(BIN / "store-service"), "--listen", "127.0.0.1:0", "--log-level", "warning"]
-        store_args += ["--durability", args.durability]
+        store_args += ["--durability", args.durability, "--event-loop", args.event_loop]
         if args.backend == "postgres":
             store_args += ["--backend", "postgres", "--dsn", args.dsn, "--pg-schema", schema]
         else:
@@ -226,6 +231,8 @@ async def main() -> None:
                         args.checkpoint_linger,
                         "--log-level",
                         "warning",
+                        "--event-loop",
+                        args.event_loop,
                     ],
                     "engine-service listening on",
                 )

@@ -1,6 +1,7 @@
 """StoreService throughput against a bare grpc.aio echo server, measured in the same run.
 
-Run: `.venv/bin/python bench/store_append.py [--quick] [--durability full|normal] [--seconds N]`
+Run: `.venv/bin/python bench/store_append.py [--quick] [--durability full|normal] [--seconds N]
+[--event-loop asyncio|uvloop|auto]` (the loop both servers run on; this client stays on asyncio)
 
 Both servers run as separate processes (the store is the real `store-service` with full durability
 by default); this process is the client, with one channel per server and N concurrent tasks. It
@@ -30,6 +31,7 @@ from pathlib import Path
 import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
+from keel_core.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from keel_core.status import from_rpc_error
 
 pb = store_pb2
@@ -305,6 +307,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per pattern (default 3)")
     parser.add_argument("--durability", choices=["full", "normal"], default="full")
     parser.add_argument("--artifact-mib", type=int, default=64)
+    parser.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP, help="the servers' event loop"
+    )
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
     artifact_mib = 16 if args.quick else args.artifact_mib
@@ -321,9 +326,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as data_dir:
         store_cmd += ["--listen", "127.0.0.1:0", "--data-dir", data_dir, "--durability", args.durability]
-        store_cmd += ["--log-level", "warning"]
+        store_cmd += ["--log-level", "warning", "--event-loop", args.event_loop]
         echo_script = str(Path(__file__).with_name("echo_server.py"))
-        echo_cmd = [sys.executable, echo_script, "--listen", "127.0.0.1:0"]
+        echo_cmd = [sys.executable, echo_script, "--listen", "127.0.0.1:0", "--event-loop", args.event_loop]
         with (
             server_process(store_cmd, r"^store-service listening on (\S+)$") as (_, store_address),
             server_process(echo_cmd, r"^echo listening on (\S+)$") as (_, echo_address),

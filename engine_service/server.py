@@ -32,7 +32,16 @@ from engine_service.store_client import StoreClient
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles
-from keel_core.serving import ServerInterceptor, ServingHandle, host_port, serve_until_signalled, start_server
+from keel_core.serving import (
+    DEFAULT_EVENT_LOOP,
+    EVENT_LOOPS,
+    ServerInterceptor,
+    ServingHandle,
+    host_port,
+    run_service,
+    serve_until_signalled,
+    start_server,
+)
 
 log = logging.getLogger("engine_service")
 
@@ -278,6 +287,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "[KEEL_ENGINE_METRICS_LISTEN] (default: off)",
     )
     parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=env("KEEL_ENGINE_EVENT_LOOP") or env("KEEL_EVENT_LOOP") or DEFAULT_EVENT_LOOP,
+        help="asyncio event loop to serve on: asyncio, uvloop (needs the uvloop package), or auto "
+        "(uvloop when installed) [KEEL_ENGINE_EVENT_LOOP, else KEEL_EVENT_LOOP] "
+        f"(default {DEFAULT_EVENT_LOOP})",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default=env("KEEL_ENGINE_LOG_LEVEL", "info"),
@@ -289,6 +306,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --lease-ttl: must be a positive number of seconds, not {args.lease_ttl}")
     if args.log_level not in ("debug", "info", "warning", "error"):
         parser.error(f"argument --log-level: invalid choice {args.log_level!r} (from the environment)")
+    if args.event_loop not in EVENT_LOOPS:
+        parser.error(f"argument --event-loop: invalid choice {args.event_loop!r} (from the environment)")
     return args
 
 
@@ -332,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine_id=args.engine_id,
             lease_ttl=args.lease_ttl,
         )
-        asyncio.run(serve(config))
+        run_service(serve(config), args.event_loop)
     except KeyboardInterrupt:
         pass
     except (ImportError, ValueError, OSError) as error:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,42 @@ async def serve_until_signalled(handle: ServingHandle, grace: float = 10.0) -> N
         await handle.drain(grace)
     stopper.cancel()
     await waiter
+
+
+# `--event-loop` choices. grpc.aio runs on any asyncio loop that can watch a file descriptor
+# (loop.add_reader), which uvloop can. "auto" takes uvloop when it is installed.
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+DEFAULT_EVENT_LOOP = "asyncio"
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for `choice` (one of EVENT_LOOPS); None means asyncio's own loop.
+
+    Raises ValueError for an unknown choice, or for "uvloop" when uvloop is not installed.
+    """
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"unknown event loop {choice!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # optional: imported only when chosen
+    except ImportError as error:
+        if choice == "auto":
+            return None
+        raise ValueError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from error
+    return uvloop.new_event_loop
+
+
+def run_service(main: Coroutine[Any, Any, None], event_loop: str = DEFAULT_EVENT_LOOP) -> None:
+    """`asyncio.run(main)` on the event loop `event_loop` names (see EVENT_LOOPS)."""
+    try:
+        factory = event_loop_factory(event_loop)
+    except ValueError:
+        main.close()  # never awaited: close it so Python does not warn about it
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        log.debug("event loop: %s (%s)", event_loop, type(runner.get_loop()).__module__)
+        runner.run(main)
 
 
 def host_port(address: str) -> tuple[str, int]:
