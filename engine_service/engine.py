@@ -162,6 +162,9 @@ class Engine:
         # Content-addressed, so never stale: final snapshots of runs it finished, manifests it used.
         self._final_snapshots: RecentArtifacts[Any] = RecentArtifacts(1000)
         self._manifests: RecentArtifacts[RunManifest] = RecentArtifacts(1000)
+        # Every event of runs this engine started and finished: a terminal run's stream never
+        # changes again, so its view needs no read of it.
+        self._finished_runs: RecentArtifacts[tuple[StoredEvent, ...]] = RecentArtifacts(1000)
         # run id -> (lock, how many callers use it): one resumption of a run at a time.
         self._resuming: dict[str, tuple[asyncio.Lock, int]] = {}
         self.engine_id = engine_id or default_engine_id()
@@ -184,6 +187,7 @@ class Engine:
         lease: Lease,
         claim: bool = False,
         has_ledger: bool = False,
+        events: Sequence[StoredEvent] | None = None,
     ) -> RunDriver:
         return RunDriver(
             self.env,
@@ -196,6 +200,7 @@ class Engine:
             claim_first=claim,
             has_ledger=has_ledger,
             lease=lease,
+            events=events,
         )
 
     def plan_for(self, manifest: RunManifest) -> Plan:
@@ -241,7 +246,9 @@ class Engine:
         if not manifest_stored:
             inline.insert(0, (MANIFEST_ARTIFACT_KIND, manifest_bytes))
         if wait and run_id is None and self.checkpoint_linger > 0:
-            driver = self._driver(chosen, manifest, plan, RunHistory(), lease=self.leases.start_new(chosen))
+            driver = self._driver(
+                chosen, manifest, plan, RunHistory(), lease=self.leases.start_new(chosen), events=()
+            )
             driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
             driver.record([started], status="active", artifacts=inline)
             self._manifests.put(manifest_id, manifest)
@@ -280,7 +287,9 @@ class Engine:
             return existing
         self._manifests.put(manifest_id, manifest)
         assert lease is not None  # the append succeeded: the run is new
-        driver = self._driver(chosen, manifest, plan, fold([started]), lease=lease)
+        driver = self._driver(
+            chosen, manifest, plan, fold([started]), lease=lease, events=[StoredEvent(1, started)]
+        )
         driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
         task = self._spawn(driver)
         if wait:
@@ -326,6 +335,8 @@ class Engine:
             final = driver.known_snapshot(final_id)
             if final is not None:
                 self._final_snapshots.put(final_id, final)
+            if driver.events is not None and driver.history.is_terminal:
+                self._finished_runs.put(run_id, tuple(driver.events))
         if task.cancelled():
             log.info("run %s parked", run_id)
         elif task.exception() is not None:
@@ -567,9 +578,14 @@ class Engine:
     async def run_view(self, run_id: str) -> tuple[RunView, Any]:
         """The run as GetRun shows it (children, failure ledger, final snapshot when terminal)."""
         # The children stream is read beside the run's (any client may link a child to any run).
-        (events, history), links = await asyncio.gather(
-            self.read_history(run_id), self.children.links(run_id)
-        )
+        finished = self._finished_runs.get(run_id)
+        if finished is not None:
+            events, history = list(finished), fold(e.event for e in finished)
+            links = await self.children.links(run_id)
+        else:
+            (events, history), links = await asyncio.gather(
+                self.read_history(run_id), self.children.links(run_id)
+            )
         ledger = []
         if history.terminal is None or history.terminal.has_ledger:
             ledger = await read_ledger(self, run_id)

@@ -60,6 +60,7 @@ from engine_service.domain import (
     StepAttemptStarted,
     StepCompleted,
     StepContext,
+    StoredEvent,
     canonical_json_bytes,
     encode_event,
     fold,
@@ -160,6 +161,7 @@ class RunDriver:
         claim_first: bool = False,
         has_ledger: bool = False,
         lease: Lease | None = None,
+        events: Sequence[StoredEvent] | None = None,
     ) -> None:
         self.env = env
         self.run_id = run_id
@@ -185,6 +187,9 @@ class RunDriver:
         self.has_ledger = has_ledger
         # Checked before every append and transport call: an engine that lost the run writes nothing.
         self.lease = lease
+        # Every event of the run so far, when this driver started it (None for a resumed run, whose
+        # earlier events it never held): a finished run's view then needs no read of its stream.
+        self.events: list[StoredEvent] | None = None if events is None else list(events)
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
         """Cache a snapshot this engine wrote, so it need not be read back."""
@@ -246,6 +251,9 @@ class RunDriver:
         self._pending.extend(events)
         self._pending_artifacts.extend(artifacts)
         self._pending_status = status or self._pending_status
+        if self.events is not None:
+            base = self.history.head_seq
+            self.events.extend(StoredEvent(base + i, event) for i, event in enumerate(events, 1))
         self.history = self.history.extend(events)
         if self._lingering is None:
             # A timer, not the next event, bounds how long a decision stays invisible: an op may

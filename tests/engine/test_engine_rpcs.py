@@ -481,6 +481,30 @@ THREE_STEPS = pipeline(
 )
 
 
+async def test_a_finished_run_looks_the_same_from_the_engine_that_ran_it_and_from_the_store(
+    cluster: Cluster,
+) -> None:
+    flaky = step("flaky", "keel.fail_n_times", {"n": 1}, ("c",))
+    steps = pipeline(*THREE_STEPS.steps, flaky, pipeline_id="with-a-retry")
+    request = engine_pb2.StartRunRequest(pipeline=steps, input=to_value(1), wait=True)
+    request.run_config.retry_policy.initial_backoff.FromMilliseconds(1)
+    ran = (await cluster.stub.StartRun(request)).run
+    assert ran.status == engine_pb2.RUN_STATUS_COMPLETED, ran.reason
+    assert [len(s.attempts) for s in ran.steps] == [1, 1, 1, 2]
+    # Another engine on the same store has never held this run: it reads everything back.
+    other = await start_engine(EngineConfig(listen="127.0.0.1:0", store=cluster.store_address, failpoints=""))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{other.port}")
+    try:
+        read_back = await engine_pb2_grpc.EngineServiceStub(channel).GetRun(
+            engine_pb2.GetRunRequest(run_id=ran.run_id)
+        )
+    finally:
+        await channel.close(grace=None)
+        await other.drain(0.5)
+    held = await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=ran.run_id))
+    assert held.run == read_back.run == ran
+
+
 async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluster: Cluster) -> None:
     assert cluster.engine.engine is not None
     calls = cluster.engine.engine.env.store.calls
@@ -498,12 +522,13 @@ async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluste
         if count != before.get(method, 0) and method != "ListStreams"
     }
     # Write-behind: everything in one append. Without it: RunStarted, then one per step, the last
-    # one carrying RunCompleted. Either way two ReadEvents answer with the run: its stream and its
-    # children stream, read together (a run without a failure ledger says so in RunCompleted: the
-    # ledger stream is not read). A run this short never writes its lease (engine_service.leases:
-    # a new run's is implicit).
+    # one carrying RunCompleted. Either way one ReadEvents answers with the run: its children
+    # stream's (the engine holds every event of a run it started and finished, and a terminal
+    # stream never changes; a run without a failure ledger says so in RunCompleted, so the ledger
+    # is not read). A run this short never writes its lease (engine_service.leases: a new run's is
+    # implicit).
     appends = 1 if cluster.checkpoint_linger > 0 else 4
-    assert spent == {"AppendEvents": appends, "ReadEvents": 2}
+    assert spent == {"AppendEvents": appends, "ReadEvents": 1}
     events = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"run:{run.run_id}"))
     assert [e.type for e in events.events] == [
         "RunStarted",
