@@ -12,6 +12,9 @@ SpawnChild RPC) and on whichever engine. A spawn that races a cancel looks at th
 after its link is durable and before it starts the child: either the cancel's read finds the link,
 or the spawn's look finds the parent canceled (then the child is recorded canceled, never run).
 
+Spawns of one parent that overlap (a fan-out) share the work: their links travel in one append and
+one look at the parent, taken after that append landed, serves them all.
+
 The engine's driver registry is the child supervisor: a child is driven by at most one task in an
 engine (`Engine.drivers`), whoever asked for it (an RPC, a parent's op, recovery).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine_service.domain import RunManifest, artifact_id_for_bytes, looks_like_secret, parse_run_id
@@ -50,6 +54,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# One append of links stays well inside the store's limits on inline artifacts per append.
+MAX_LINKS_PER_APPEND = 16
+MAX_LINK_BYTES_PER_APPEND = 4 * 1024 * 1024
+
+
+@dataclass
+class _Linking:
+    """A spawn waiting for its link to land: the answer is the parent's status label read after it."""
+
+    link: ChildLink
+    manifest_bytes: bytes
+    landed: asyncio.Future[str]
+
 
 def _conflict(link: ChildLink) -> KeelError:
     return KeelError(
@@ -74,6 +91,9 @@ class ChildRuns:
         self.engine = engine
         # parent run id -> spawns in flight here (link, look, start), which a cancel waits for.
         self._starting: dict[str, set[asyncio.Future[Any]]] = {}
+        # parent run id -> links waiting for the append in flight for that parent to finish.
+        self._unlinked: dict[str, list[_Linking]] = {}
+        self._appending: set[asyncio.Future[None]] = set()
 
     async def settle(self, parent_run_id: str) -> None:
         """Wait until every spawn this engine has in flight for the parent has landed or failed."""
@@ -164,19 +184,64 @@ class ChildRuns:
         return True
 
     async def _link_and_start(self, link: ChildLink, manifest: RunManifest, manifest_bytes: bytes) -> None:
-        await self.engine.env.store.append(
-            children_stream_id(link.parent_run_id),
-            [link.encode(now_us())],
-            expected_seq=None,
-            expected_any=True,
-            artifacts=[(MANIFEST_ARTIFACT_KIND, manifest_bytes)],
-        )
+        parent_label = await self._link(link, manifest_bytes)
         self.engine.env.failpoints.hit(BEFORE_CHILD_STARTED)
-        await self._start_linked(link, manifest)
+        await self._start_linked(link, manifest, parent_label)
 
-    async def _start_linked(self, link: ChildLink, manifest: RunManifest) -> None:
-        """Start a linked child, unless its parent was canceled meanwhile (then it is canceled unrun)."""
-        _, parent_label = await self.engine.env.store.head(run_stream_id(link.parent_run_id))
+    async def _link(self, link: ChildLink, manifest_bytes: bytes) -> str:
+        """Record the link (with the manifest); the parent's status label, read after it landed."""
+        waiting = _Linking(link, manifest_bytes, asyncio.get_running_loop().create_future())
+        queue = self._unlinked.get(link.parent_run_id)
+        if queue is not None:
+            queue.append(waiting)  # an append for this parent is in flight: go with the next one
+        else:
+            self._unlinked[link.parent_run_id] = [waiting]
+            appending = asyncio.ensure_future(self._append_links(link.parent_run_id))
+            self._appending.add(appending)
+            appending.add_done_callback(self._appending.discard)
+        return await waiting.landed
+
+    async def _append_links(self, parent_run_id: str) -> None:
+        """Append the parent's waiting links in batches, then look at the parent once per batch."""
+        store = self.engine.env.store
+        try:
+            while batch := _next_batch(self._unlinked[parent_run_id]):
+                try:
+                    at_us = now_us()
+                    await store.append(
+                        children_stream_id(parent_run_id),
+                        [waiting.link.encode(at_us) for waiting in batch],
+                        expected_seq=None,
+                        expected_any=True,
+                        artifacts=list(
+                            dict.fromkeys((MANIFEST_ARTIFACT_KIND, w.manifest_bytes) for w in batch)
+                        ),
+                    )
+                    _, label = await store.head(run_stream_id(parent_run_id))
+                except BaseException as error:  # each spawn of the batch fails with it
+                    for waiting in batch:
+                        if not waiting.landed.done():
+                            waiting.landed.set_exception(error)
+                    if not isinstance(error, Exception):
+                        raise
+                    continue
+                for waiting in batch:
+                    if not waiting.landed.done():
+                        waiting.landed.set_result(label)
+        finally:
+            for waiting in self._unlinked.pop(parent_run_id, []):
+                if not waiting.landed.done():
+                    waiting.landed.set_exception(asyncio.CancelledError())
+
+    async def _start_linked(
+        self, link: ChildLink, manifest: RunManifest, parent_label: str | None = None
+    ) -> None:
+        """Start a linked child, unless its parent was canceled meanwhile (then it is canceled unrun).
+
+        `parent_label` is the parent's status as read after the link landed (read here if None).
+        """
+        if parent_label is None:
+            _, parent_label = await self.engine.env.store.head(run_stream_id(link.parent_run_id))
         if parent_label == "canceled" and link.parent_close_policy == CLOSE_CANCEL:
             log.info("run %s was canceled while spawning child %s", link.parent_run_id, link.child_run_id)
             await cancel_child(self.engine, link, f"parent run {link.parent_run_id} was canceled")
@@ -229,6 +294,20 @@ class ChildRuns:
                     category=ErrorCategory.FAILED_PRECONDITION,
                 ) from None
             raise
+
+
+def _next_batch(queue: list[_Linking]) -> list[_Linking]:
+    """Take the next links off `queue`: as many as one append carries (at least one)."""
+    size = 0
+    taken = 0
+    for waiting in queue:
+        size += len(waiting.manifest_bytes)
+        if taken and (taken == MAX_LINKS_PER_APPEND or size > MAX_LINK_BYTES_PER_APPEND):
+            break
+        taken += 1
+    batch = queue[:taken]
+    del queue[:taken]
+    return batch
 
 
 class ChildRunTransport:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
+from engine_service.child_runs import MAX_LINK_BYTES_PER_APPEND, MAX_LINKS_PER_APPEND, _Linking, _next_batch
 from engine_service.domain.canonical import canonical_json_bytes
 from engine_service.domain.child_runs import (
     CHILD_LINKED,
@@ -42,3 +44,19 @@ def test_unknown_events_and_newer_link_versions_are_skipped() -> None:
     assert child_links([("ChildUnlinked", b"{}"), (CHILD_LINKED, newer), link("a").encode(at_us=1)]) == [
         link("a")
     ]
+
+
+def test_overlapping_spawns_link_in_batches_the_store_accepts() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+
+        def waiting(key: str, size: int) -> _Linking:
+            return _Linking(link(key), b"x" * size, loop.create_future())
+
+        queue = [waiting(f"k{i}", 10) for i in range(MAX_LINKS_PER_APPEND + 4)]
+        assert [len(_next_batch(queue)) for _ in range(3)] == [MAX_LINKS_PER_APPEND, 4, 0]
+        big = MAX_LINK_BYTES_PER_APPEND // 2 + 1
+        queue = [waiting("a", big), waiting("b", big), waiting("huge", 2 * MAX_LINK_BYTES_PER_APPEND)]
+        assert [[w.link.fact_key for w in _next_batch(queue)] for _ in range(3)] == [["a"], ["b"], ["huge"]]
+    finally:
+        loop.close()
