@@ -6,10 +6,11 @@ task per run, children included) that Terminalize and child runs use: cancelling
 cancels its running op and parks the run (nothing is appended); Terminalize then appends.
 
 Several engines may share a store: a run is driven only by the engine holding its lease
-(engine_service.leases). Starting a run writes its lease alongside RunStarted; resuming one (an
-await, a retried start, recovery) takes the lease first and only then reads the history. Every
-engine scans for active runs whose lease expired or was released (`scan_forever`) and takes them
-over; a drained engine releases its leases after parking its runs.
+(engine_service.leases). A new run's lease is implicit in its RunStarted (written only if the run
+lives longer than ttl/3); resuming one (an await, a retried start, recovery) takes the lease first
+and only then reads the history. Every engine scans for active runs whose holder stopped or whose
+heartbeat expired (`scan_forever`) and takes them over; a drained engine hands its runs over at
+once after parking them.
 """
 
 from __future__ import annotations
@@ -424,12 +425,14 @@ class Engine:
     async def recover(self) -> int:
         """Resume every active run nobody holds; returns how many this engine took on.
 
-        Cheap when repeated (scans): a run whose lease another engine was seen to hold is skipped
-        until that lease would expire, unless it has been released since (one ListStreams).
+        Cheap when repeated (scans): a run's lease holder is read once and cached, each distinct
+        holder engine's liveness record is read once per scan (not once per run), and released
+        implicit leases come from one ListStreams (engine_service.leases).
         """
         resumed = 0
         token = ""
         limit = asyncio.Semaphore(SCAN_CONCURRENCY)
+        self.leases.begin_scan()
         released = await self.leases.released_runs()
         active: set[str] = set()
 
@@ -456,12 +459,15 @@ class Engine:
                 for s in page
             }
             active.update(listed)
+            leased = await self.leases.leased_elsewhere(
+                {run_id: at for run_id, at in listed.items() if run_id not in self.drivers}
+            )
             candidates = [
                 (run_id, created_at_us)
                 for run_id, created_at_us in listed.items()
                 if run_id not in self.drivers
                 and run_id not in self.terminalizing
-                and (run_id in released or not self.leases.known_live(run_id))
+                and (run_id in released or run_id not in leased)
             ]
             resumed += sum(await asyncio.gather(*(resume(*candidate) for candidate in candidates)))
             if not token or self._closing:
@@ -471,8 +477,8 @@ class Engine:
     async def scan_forever(self) -> None:
         """Take over runs whose lease expired or was released: at start, then every ttl/3 (jittered).
 
-        ttl/3 rather than ttl/2: a released lease is then taken over well before it would have
-        expired (a renewal may have landed up to ttl/3 before the release).
+        ttl/3 rather than ttl/2: a drained engine's runs (freed at once by its EngineStopped, no
+        expiry to wait for) are then taken over within ttl/3.
         """
         interval = self.leases.ttl / 3
         first = True

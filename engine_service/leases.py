@@ -1,52 +1,88 @@
-"""Run ownership leases: which engine drives a run, held in the store with a bounded lifetime.
+"""Run ownership leases: which engine drives a run. Upkeep costs O(engines), not O(live runs).
 
-Each run has a lease stream `lease:<run id>` beside its run stream. Its events are
-`LeaseAcquired {engine_id, expires_at_us}` (an acquisition or a renewal) and
-`LeaseReleased {engine_id}`; the last event says who holds the run. Every write is a
-compare-and-swap on the lease stream's head, so exactly one engine wins each acquisition:
+Three kinds of record say who drives what, all in the store:
 
-- a new run's lease is implicit: its creator holds it, without any lease event, until one ttl
-  after the run stream was created (its first event's commit time). Runs that finish sooner (most
-  of them) never write a lease at all; a longer one writes its first `LeaseAcquired` at its first
-  renewal, with "the stream must be new" as the compare-and-swap.
-- acquire: read the last event; when it is a release, it has expired by this engine's clock, or
-  it is this engine's own (or there is none and the run is older than one ttl), append
-  `LeaseAcquired` after it. A conflict means another engine got there first.
-- renew: a lease older than ttl/3 is renewed (the holder checks every ttl/6) by appending
-  `LeaseAcquired` after its last lease event. A conflict, or the lease running out locally before
-  a renewal lands, means the lease is lost: the engine cancels that run's driver at once (the run
-  parks; nothing more is appended).
-- release: graceful shutdown appends `LeaseReleased`, so another engine takes the run over at its
-  next scan instead of waiting for the expiry.
+- a run's lease stream `lease:<run id>`: `LeaseAcquired {engine_id, session}` each time the run
+  changes hands, never as a periodic renewal (and `LeaseReleased {engine_id}` when a run still on
+  its implicit lease is handed over, below). Every write is a compare-and-swap on the stream's
+  head, so exactly one engine wins each acquisition.
+- each engine's liveness record `engine:<engine id>` (engine_service.heartbeats): one
+  `EngineHeartbeat` every ttl/4 while the engine holds any recorded lease (or an implicit one
+  about to be recorded), whatever number of runs that is, and one `EngineStopped` at graceful
+  shutdown. A recorded lease holds while the session it names does: until its engine's last
+  heartbeat of that session expires, or its engine stops. Another engine may then fence the
+  session off (one `EngineFenced` in the record, a compare-and-swap after the expired heartbeat)
+  and take its runs over.
+- the implicit lease of a new run: its creator holds it, without any write, until one ttl after
+  the run stream was created (its first event's commit time). Runs that finish sooner than ttl/3
+  (most of them) never write a lease at all: the hot path has no lease cost. A longer one gets its
+  first `LeaseAcquired` when ttl/3 old (the holder checks every ttl/12), with "the stream must be
+  new" as the compare-and-swap.
 
-Fencing. A holder trusts its lease until `ttl - margin` after it *sent* the write that granted it
-(for an implicit lease: before it sent RunStarted), and checks that before every append and every
-transport call; a taker waits until `expires_at_us` (the holder's clock at sending, plus ttl; for
-an implicit lease the store's commit time of RunStarted, plus ttl) has passed on its own clock. So
-a holder has stopped writing `margin` before anyone may take over (clock skew and delivery delay
-must stay below the margin, ttl/5). The taker then claims the run by appending to the run stream
-at the head it read (`claim_first` in the run driver): the run stream's sequence compare-and-swap
-refuses any later append of the old holder, whatever the clocks say.
+What an engine does:
 
-Why a separate stream rather than lease events inside the run stream: renewals of a long op would
-otherwise fill the run's history (and every WatchRun) with bookkeeping, compete with the driver's
-write-behind batches for the run's sequence, and every reader of a history would have to skip
-them. Apart, a renewal is a tiny append nobody else reads, and the run stream still fences. With
-implicit leases for new runs, a run that finishes within ttl/3 costs no lease write at all (the
-hot path is unchanged); a run's lease is not released when the run finishes (a terminal run is
-never scanned).
+- acquire (a resumption, a takeover): read the run's last lease event; the lease is free when it
+  was released, when there is none and the run is older than one ttl, or when the session it
+  names no longer holds: stopped, ended, or expired and then fenced off by this engine (once per
+  session, not per run). Then append `LeaseAcquired` after it (a conflict: another engine got
+  there first). A lease of this engine's own current session is taken again without any write.
+- upkeep: the heartbeat, and recording implicit leases that turned ttl/3 old, neither waiting for
+  the other. A heartbeat the store refuses because another engine fenced the session off ends
+  that session: every lease recorded in it is lost at once (the drivers are cancelled; nothing
+  more is appended), and the next heartbeat starts a new session. So does a heartbeat that fails
+  once the session's trust ran out; that session goes on if nobody fenced it, and the scan takes
+  its runs up again (without a write) once a heartbeat lands. A heartbeat that is only slow
+  loses no lease; a driver that must write before it lands stops, and is resumed the same way.
+- release: a graceful shutdown parks the drivers, appends `LeaseReleased` for each run still on
+  its implicit lease (nothing else names that holder), then one `EngineStopped`, which hands every
+  recorded lease over at once.
+
+Fencing. A holder trusts a recorded lease until `ttl - margin` after it *sent* its session's last
+heartbeat that landed (an implicit lease: after it sent RunStarted), and checks that before every
+append and every transport call; a taker waits until the holder's `expires_at_us` (the holder's
+clock at sending, plus ttl; for an implicit lease the store's commit time of RunStarted, plus ttl)
+has passed on its own clock. So a holder has stopped writing `margin` before anyone may take over
+(clock skew and delivery delay must stay below the margin, ttl/5). Whether a late heartbeat or
+the taker's fence came first is the engine record's compare-and-swap to decide, as a renewal and
+a takeover once raced on each run's lease stream: a holder whose late heartbeat landed is still
+unfenced and trusts its session again. The taker then claims the run by appending to the run
+stream at the head it read (`claim_first` in the run driver): the run stream's sequence
+compare-and-swap refuses any later append of the old holder, whatever the clocks say.
+
+Scans (Engine.recover). A run younger than ttl/3 is skipped unread (its creator's implicit lease
+holds); an older one's lease stream is read until it names a holder, which is then cached (a run
+changes hands only once its holder's session is over). Each distinct holder's liveness record is
+read once per scan. So a steady state of many long runs on live engines costs a scan one
+ListStreams of active runs, one of released leases, and two reads per engine.
+
+Why separate streams rather than lease events inside the run stream: bookkeeping would otherwise
+fill the run's history (and every WatchRun), compete with the driver's write-behind batches for
+the run's sequence, and every reader of a history would have to skip it. A run's lease is not
+released when the run finishes (a terminal run is never scanned).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
-from engine_service.store_client import StoreClient
+from engine_service.heartbeats import (
+    ENGINE_FENCED,
+    ENGINE_STOPPED,
+    MARGIN_FRACTION,
+    EngineRecord,
+    Heartbeat,
+    fence,
+    read_engine_record,
+    wall_us,
+)
+from engine_service.store_client import StoreClient, StreamEvent
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)
@@ -54,22 +90,18 @@ log = logging.getLogger(__name__)
 LEASE_STREAM_PREFIX = "lease:"
 LEASE_ACQUIRED = "LeaseAcquired"
 LEASE_RELEASED = "LeaseReleased"
-# A holder stops trusting its lease this fraction of the ttl before a taker may take it.
-MARGIN_FRACTION = 0.2
 RELEASE_PATIENCE = 2.0
 # Lease streams' status labels: a released lease is listed as "canceled" until someone takes it,
-# so scans find handed-over runs with one ListStreams instead of reading every lease.
+# so scans find handed-over implicit leases with one ListStreams instead of reading every lease.
 HELD = "active"
 RELEASED = "canceled"
+# How many lease streams a scan reads at once.
+READ_CONCURRENCY = 16
 
 
 def lease_stream_id(run_id: str) -> str:
     """The store stream holding a run's lease."""
     return f"{LEASE_STREAM_PREFIX}{run_id}"
-
-
-def _wall_us() -> int:
-    return time.time_ns() // 1000
 
 
 def lease_lost(run_id: str, why: str) -> KeelError:
@@ -82,40 +114,80 @@ def lease_lost(run_id: str, why: str) -> KeelError:
     )
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who a recorded lease names: an engine, and its session that took the lease."""
+
+    engine_id: str
+    session: int
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    """A run's last lease event, read."""
+
+    released: bool
+    engine_id: str
+    holder: Holder | None  # None: released, or a lease written before sessions (`legacy_until_us`)
+    legacy_until_us: int
+
+    @classmethod
+    def parse(cls, event: StreamEvent) -> LeaseEvent:
+        """What the event says."""
+        data = json.loads(event.payload.decode("utf-8")) if event.payload else {}
+        engine_id = str(data.get("engine_id", ""))
+        session = data.get("session")
+        released = event.type == LEASE_RELEASED
+        holder = Holder(engine_id, session) if isinstance(session, int) and not released else None
+        legacy = data.get("expires_at_us")
+        return cls(released, engine_id, holder, legacy if isinstance(legacy, int) else 0)
+
+
 class Lease:
-    """This engine's lease on one run: the last lease event it wrote and until when it trusts it."""
+    """This engine's lease on one run: implicit (nothing in the store yet) or recorded in a session."""
 
-    def __init__(self, run_id: str, ttl: float) -> None:
+    def __init__(self, run_id: str, ttl: float, heartbeat: Heartbeat) -> None:
         self.run_id = run_id
-        self.seq = 0
-        self.valid_until = 0.0  # time.monotonic()
+        self.seq = 0  # its LeaseAcquired in the lease stream (0: implicit)
+        self.session = 0  # the session that recorded it (0: implicit)
         self.lost = False
-        self._margin = ttl * MARGIN_FRACTION
+        self._heartbeat = heartbeat
+        self._born = time.monotonic()  # implicit: taken just before RunStarted was sent
         self._ttl = ttl
+        self._margin = ttl * MARGIN_FRACTION
 
-    def granted(self, seq: int, sent_at: float, ttl: float) -> None:
-        """A write of ours landed at `seq`; it was sent at monotonic time `sent_at`."""
+    def recorded(self, seq: int, session: int) -> None:
+        """Its LeaseAcquired landed at `seq`, in `session`: it now holds while the session does."""
         self.seq = seq
-        self.valid_until = sent_at + ttl
+        self.session = session
 
     def age(self) -> float:
-        """Seconds since the write that granted it was sent."""
-        return time.monotonic() - (self.valid_until - self._ttl)
+        """Seconds since the implicit lease was taken."""
+        return time.monotonic() - self._born
+
+    def implicit_left(self) -> float:
+        """Seconds an implicit lease is still trusted."""
+        return self._born + self._ttl - self._margin - time.monotonic()
 
     def is_valid(self) -> bool:
         """Whether this engine may still write to the run (with the safety margin)."""
-        return not self.lost and time.monotonic() < self.valid_until - self._margin
+        if self.lost:
+            return False
+        if self.session:
+            return self._heartbeat.trusts(self.session)
+        return self.implicit_left() > 0
 
     async def confirm(self) -> None:
         """Raise `lease_lost` unless the lease is held and valid."""
         if self.lost:
             raise lease_lost(self.run_id, "another engine holds it")
         if not self.is_valid():
-            raise lease_lost(self.run_id, "it expired before a renewal landed")
+            why = "this engine's heartbeat lapsed" if self.session else "its implicit lease ran out"
+            raise lease_lost(self.run_id, why)
 
 
 class Leases:
-    """The leases one engine holds, their renewal, acquisition and release."""
+    """The leases one engine holds: taking, recording, losing and handing them over."""
 
     def __init__(
         self,
@@ -129,23 +201,35 @@ class Leases:
         self.store = store
         self.engine_id = engine_id
         self.ttl = ttl
+        self.heartbeat = Heartbeat(store, engine_id, ttl, on_leases_lost=self._session_lost)
         self._on_lost = on_lost
         self._on_takeover = on_takeover
         self.held: dict[str, Lease] = {}
-        self._renewing: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
         self._to_release: dict[str, Lease] = {}
-        # Runs this engine created whose implicit lease it stopped renewing (no event names it).
+        # Runs this engine created whose implicit lease it stopped using (no event names it).
         self._implicit_here: set[str] = set()
-        # run id -> expiry of another engine's lease as last read: scans skip it until then.
+        # run id -> when the lease another engine holds on it expires, as last read.
         self._seen_live: dict[str, int] = {}
+        # run id -> who its lease event names, as last read (it changes only once that is over).
+        self._holders: dict[str, Holder] = {}
+        # Sessions seen over, and why: they never hold a lease again.
+        self._over: dict[Holder, str] = {}
+        # Liveness records read during the current scan: one read per engine per scan.
+        self._records: dict[str, EngineRecord | None] = {}
+        # One fence at a time: concurrent takeovers of one dead engine's runs fence it once.
+        self._fencing = asyncio.Lock()
+        # Upkeep: the loop, its heartbeat under way, and the runs whose lease is being recorded.
+        self._beating: asyncio.Task[None] | None = None
+        self._recording: dict[str, asyncio.Task[None]] = {}
 
     def known_live(self, run_id: str) -> bool:
         """Whether another engine's lease on the run was seen, and has not expired since."""
         expires_at = self._seen_live.get(run_id)
         if expires_at is None:
             return False
-        if expires_at > _wall_us():
+        if expires_at > wall_us():
             return True
         del self._seen_live[run_id]
         return False
@@ -154,15 +238,22 @@ class Leases:
         """Seconds until another engine's lease on the run, as last read, expires (None: not seen)."""
         if not self.known_live(run_id):
             return None
-        return max(0.0, (self._seen_live[run_id] - _wall_us()) / 1_000_000) + 0.05
+        return max(0.0, (self._seen_live[run_id] - wall_us()) / 1_000_000) + 0.05
 
     def forget_seen(self, keep: set[str]) -> None:
         """Drop what was seen of runs no longer active (scans call this with the active ones)."""
         self._seen_live = {run_id: at for run_id, at in self._seen_live.items() if run_id in keep}
         self._implicit_here &= keep
+        self._holders = {run_id: holder for run_id, holder in self._holders.items() if run_id in keep}
+        named = set(self._holders.values())
+        self._over = {holder: why for holder, why in self._over.items() if holder in named}
+
+    def begin_scan(self) -> None:
+        """A new scan: liveness records are read again (once each)."""
+        self._records.clear()
 
     async def released_runs(self) -> set[str]:
-        """Runs whose lease was released and not taken since (graceful shutdowns of other engines)."""
+        """Runs whose implicit lease was released and not taken since (other engines' shutdowns)."""
         out: set[str] = set()
         token = ""
         while True:
@@ -173,22 +264,151 @@ class Leases:
             if not token:
                 return out
 
-    def _payload(self, expires: bool) -> bytes:
-        data: dict[str, object] = {"engine_id": self.engine_id}
-        if expires:
-            data["expires_at_us"] = _wall_us() + int(self.ttl * 1_000_000)
-        return json.dumps(data, sort_keys=True).encode()
+    async def leased_elsewhere(self, runs: Mapping[str, int | None]) -> set[str]:
+        """Those of `runs` (run id -> creation time, µs) whose lease holds now and is not this engine's.
 
-    def _ensure_renewing(self) -> None:
-        if self._renewing is None and not self._closing:
-            self._renewing = asyncio.create_task(self._renew_forever(), name="renew leases")
+        A run this engine's current session holds but does not drive (its driver stopped) is not
+        in it: the scan takes it up again here, without a write.
+        """
+        now = wall_us()
+        young = int(self.ttl / 3 * 1_000_000)
+        live: set[str] = set()
+        unread: list[tuple[str, int | None]] = []
+        for run_id, created_at_us in runs.items():
+            if run_id in self.held or run_id in self._holders:
+                continue
+            if (
+                created_at_us is not None
+                and created_at_us + young > now
+                and run_id not in self._implicit_here
+            ):
+                live.add(run_id)  # too young to have recorded its lease: its creator's implicit one holds
+            else:
+                unread.append((run_id, created_at_us))
+        limit = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def held_unrecorded(run_id: str, created_at_us: int | None) -> bool:
+            async with limit:
+                _, last = await self._last_event(run_id)
+            if last is None:
+                return run_id not in self._implicit_here and self._implicit_holds(run_id, created_at_us)
+            if last.holder is not None:
+                self._holders[run_id] = last.holder  # judged below, with the other holders
+                return False
+            return self._legacy_holds(run_id, last)
+
+        found = await asyncio.gather(*(held_unrecorded(*run) for run in unread))
+        live.update(run_id for (run_id, _), held in zip(unread, found, strict=True) if held)
+        holders = {
+            run_id: holder
+            for run_id in runs
+            if run_id not in self.held
+            and (holder := self._holders.get(run_id)) is not None
+            and not (holder.engine_id == self.engine_id and self.heartbeat.trusts(holder.session))
+        }
+        engines = {holder.engine_id for holder in holders.values() if holder not in self._over}
+        await asyncio.gather(*(self._scan_record(engine_id) for engine_id in engines))
+        for run_id, holder in holders.items():
+            until, _ = await self._holds_until(holder, fresh=False)
+            if until:
+                live.add(run_id)
+                self._seen_live[run_id] = until
+        return live
+
+    async def _scan_record(self, engine_id: str) -> None:
+        if engine_id not in self._records:
+            self._records[engine_id] = await read_engine_record(self.store, engine_id)
+
+    async def _holds_until(self, holder: Holder, *, fresh: bool) -> tuple[int, str]:
+        """Until when (wall µs) the holder's session holds its leases (0: it does not, and why).
+
+        `fresh` (a takeover): read the holder's liveness record now, and fence its session off
+        when its heartbeat expired. Otherwise (a scan's look) use this scan's read of it; an
+        expired session is only reported, not fenced.
+        """
+        why = self._over.get(holder)
+        if why is not None:
+            return 0, why
+        if fresh or holder.engine_id not in self._records:
+            record = await read_engine_record(self.store, holder.engine_id)
+            if not fresh:
+                self._records[holder.engine_id] = record
+        else:
+            record = self._records[holder.engine_id]
+        if record is None:  # a lease names a session only once its first heartbeat landed
+            return self._now_over(holder, "its engine has no liveness record")
+        if holder.session > record.session:  # read before the lease was: read it again
+            if not fresh:
+                return await self._holds_until(holder, fresh=True)
+            return wall_us() + int(self.ttl * 1_000_000), ""  # cannot be: let it hold a ttl meanwhile
+        if holder.session < record.session:
+            # An earlier session: over for its engine, which carries its expiry in the later one.
+            if record.previous_expires_at_us > wall_us():
+                return record.previous_expires_at_us, ""
+            return self._now_over(holder, "its engine's session ended")
+        if record.kind == ENGINE_STOPPED:
+            return self._now_over(holder, "its engine stopped")
+        if record.kind == ENGINE_FENCED:
+            return self._now_over(holder, "its engine's heartbeat expired")
+        if record.expires_at_us > wall_us():
+            return record.expires_at_us, ""
+        if not fresh:
+            return 0, "its engine's heartbeat expired"
+        return await self._fence(holder, record)
+
+    async def _fence(self, holder: Holder, record: EngineRecord) -> tuple[int, str]:
+        """Fence off a session whose heartbeat expired (once), then judge the holder again."""
+        async with self._fencing:
+            why = self._over.get(holder)
+            if why is not None:
+                return 0, why  # fenced while this waited
+            if await fence(self.store, record, self.engine_id):
+                return self._now_over(holder, "its engine's heartbeat expired")
+        return await self._holds_until(holder, fresh=True)  # it beat, or was fenced, since
+
+    def _now_over(self, holder: Holder, why: str) -> tuple[int, str]:
+        self._over[holder] = why
+        return 0, why
+
+    def _implicit_holds(self, run_id: str, created_at_us: int | None) -> bool:
+        until = (created_at_us or 0) + int(self.ttl * 1_000_000)
+        if until > wall_us():
+            self._seen_live[run_id] = until
+            return True
+        return False
+
+    def _legacy_holds(self, run_id: str, last: LeaseEvent) -> bool:
+        """A lease event written before sessions holds until its own expiry (unless it is ours)."""
+        if last.released or last.engine_id == self.engine_id or last.legacy_until_us <= wall_us():
+            return False
+        self._seen_live[run_id] = last.legacy_until_us
+        return True
+
+    async def _last_event(self, run_id: str) -> tuple[int, LeaseEvent | None]:
+        stream = lease_stream_id(run_id)
+        head, _ = await self.store.head(stream)
+        if head == 0:
+            return 0, None
+        events = await self.store.read(stream, from_seq=head, limit=1)
+        return head, LeaseEvent.parse(events[0]) if events else None
+
+    def _ensure_upkeep(self) -> None:
+        if self._upkeep is None and not self._closing:
+            self._upkeep = asyncio.create_task(self._upkeep_forever(), name="lease upkeep")
+
+    def _hold(self, run_id: str, seq: int, session: int) -> Lease:
+        lease = Lease(run_id, self.ttl, self.heartbeat)
+        lease.recorded(seq, session)
+        self.held[run_id] = lease
+        self._holders[run_id] = Holder(self.engine_id, session)
+        self._ensure_upkeep()
+        return lease
 
     def start_new(self, run_id: str) -> Lease:
         """The implicit lease of a run this engine creates now (call it before sending RunStarted)."""
-        lease = Lease(run_id, self.ttl)
-        lease.granted(0, time.monotonic(), self.ttl)  # seq 0: no lease event yet
+        lease = Lease(run_id, self.ttl, self.heartbeat)
         self.held[run_id] = lease
-        self._ensure_renewing()
+        self._ensure_upkeep()
         return lease
 
     def discard(self, run_id: str) -> None:
@@ -200,7 +420,7 @@ class Leases:
     async def acquire(
         self, run_id: str, created_at_us: int | None, born: Callable[[], Awaitable[int | None]]
     ) -> Lease | None:
-        """Take the run's lease when it is free, expired or ours; None when another engine holds it.
+        """Take the run's lease when it is free or this session's; None when another engine holds it.
 
         A run without any lease event is its creator's for one ttl after its creation time
         (`created_at_us` when a scan knows it, else `born()` reads it).
@@ -208,68 +428,74 @@ class Leases:
         current = self.held.get(run_id)
         if current is not None and not current.lost:
             return current
-        stream = lease_stream_id(run_id)
-        head, _ = await self.store.head(stream)
+        if self._closing or self.heartbeat.fenced:
+            return None
+        head, last = await self._last_event(run_id)
         taken_from_self = run_id in self._implicit_here
-        previous: dict[str, object] = {}
-        released = False
-        if head:
-            last = (await self.store.read(stream, from_seq=head, limit=1))[0]
-            previous = json.loads(last.payload.decode("utf-8")) if last.payload else {}
-            released = last.type == LEASE_RELEASED
-            expires_at = previous.get("expires_at_us")
-            ours = previous.get("engine_id") == self.engine_id
-            if not released and not ours and isinstance(expires_at, int) and expires_at > _wall_us():
-                self._seen_live[run_id] = expires_at
+        why = "its implicit lease expired"
+        if last is not None and last.holder is not None:
+            holder = last.holder
+            self._holders[run_id] = holder
+            if holder.engine_id == self.engine_id and holder.session == self.heartbeat.session:
+                with contextlib.suppress(KeelError):  # fenced off, say: judged as anyone's below
+                    session = await self.heartbeat.ensure()
+                    if session == holder.session and not self._closing:
+                        self._seen_live.pop(run_id, None)
+                        return self._hold(run_id, head, session)  # still this session's: nothing to write
+            until, why = await self._holds_until(holder, fresh=True)
+            if until:
+                self._seen_live[run_id] = until
                 return None
+        elif last is not None:
+            if self._legacy_holds(run_id, last):
+                return None
+            why = "it was released" if last.released else "it expired"
         elif not taken_from_self:
             if created_at_us is None:
                 created_at_us = await born()
-            implicit_until = (created_at_us or 0) + int(self.ttl * 1_000_000)
-            if implicit_until > _wall_us():
-                self._seen_live[run_id] = implicit_until
+            if self._implicit_holds(run_id, created_at_us):
                 return None
         if self._closing:
             return None
-        lease = Lease(run_id, self.ttl)
-        sent_at = time.monotonic()
+        session = await self.heartbeat.ensure()
+        payload = json.dumps({"engine_id": self.engine_id, "session": session}, sort_keys=True).encode()
         try:
             result = await self.store.append(
-                stream,
-                [(LEASE_ACQUIRED, self._payload(expires=True))],
-                expected_seq=head or None,
-                status=HELD,
+                lease_stream_id(run_id), [(LEASE_ACQUIRED, payload)], expected_seq=head or None, status=HELD
             )
         except KeelError as error:
             if error.code == "sequence_conflict":
                 return None
             raise
-        lease.granted(result.head_seq, sent_at, self.ttl)
+        if session != self.heartbeat.session:
+            log.warning("run %s: its lease landed after this engine's session was fenced off", run_id)
+            return None
+        lease = self._hold(run_id, result.head_seq, session)
         self._seen_live.pop(run_id, None)
         self._implicit_here.discard(run_id)
-        self.held[run_id] = lease
-        self._ensure_renewing()
-        holder = previous.get("engine_id") if head else "its creator"
-        if holder != self.engine_id and not (head == 0 and taken_from_self):
+        previous = last.engine_id if last is not None else ""
+        if previous != self.engine_id and not (last is None and taken_from_self):
             log.info(
-                "took over run %s from %s (its lease %s)",
+                "took over run %s from %s (%s)",
                 run_id,
-                f"engine {holder}" if head else holder,
-                "was released" if released else "expired" if head else "(implicit) expired",
+                f"engine {previous}" if previous else "its creator",
+                why,
             )
             if self._on_takeover is not None:
                 self._on_takeover()
         return lease
 
     def drop(self, run_id: str, *, run_exists: bool = True) -> None:
-        """Stop renewing the run's lease (its driver stopped); it expires on its own.
+        """This engine stopped driving the run (its driver ended): stop keeping its lease here.
 
-        While closing it is released instead, unless the run never reached the store.
+        An implicit lease expires on its own, or is released at once while closing; a recorded one
+        stays this session's (the scan takes the run up again) until the session ends.
         """
         lease = self.held.pop(run_id, None)
-        if lease is not None and lease.seq == 0 and not lease.lost and run_exists:
-            self._implicit_here.add(run_id)  # no event says it is ours: remember it
-        if lease is not None and self._closing and not lease.lost and run_exists:
+        if lease is None or lease.lost or not run_exists or lease.session:
+            return
+        self._implicit_here.add(run_id)  # no event says it is ours: remember it
+        if self._closing:
             self._to_release[run_id] = lease  # shutting down: hand it over at once instead
 
     def _forget(self, lease: Lease) -> None:
@@ -284,65 +510,102 @@ class Leases:
         self._forget(lease)
         self._on_lost(lease.run_id)
 
-    async def _renew_forever(self) -> None:
-        while True:
-            # Each lease is renewed once it is ttl/3 old, so at between ttl/3 and ttl/2: a run that
-            # finishes sooner never renews (nor, if new, writes) its lease.
-            await asyncio.sleep(self.ttl / 6)
-            leases = [lease for lease in self.held.values() if lease.age() >= self.ttl / 3]
-            results = await asyncio.gather(*(self._renew(lease) for lease in leases), return_exceptions=True)
-            for lease, result in zip(leases, results, strict=True):
-                if isinstance(result, Exception):  # a bug must not stop every other renewal
-                    log.error("renewing the lease on run %s failed: %r", lease.run_id, result)
-                    self._lose(lease, "its renewal failed")
+    def _session_lost(self, session: int, why: str) -> None:
+        for lease in list(self.held.values()):
+            if lease.session == session:
+                self._lose(lease, why)
 
-    async def _renew(self, lease: Lease) -> None:
-        if lease.lost:
-            return
-        sent_at = time.monotonic()
-        patience = max(0.0, lease.valid_until - sent_at)
+    async def _upkeep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 12)
+            try:
+                self.upkeep()
+            except Exception as error:  # a bug must not stop the upkeep of every lease
+                log.error("lease upkeep failed: %r", error)
+
+    def upkeep(self) -> None:
+        """One round (every ttl/12): start the heartbeat, or the recordings of implicit leases, due.
+
+        Neither waits for the other: a slow recording never delays the heartbeat every recorded
+        lease leans on. The heartbeat is due at ttl/4 old (so it has over ttl/2 to land before the
+        session's trust runs out) while the engine holds a recorded lease, or an implicit one ttl/6
+        old, soon to be recorded in a session ready by then. An implicit lease is recorded at ttl/3
+        old: a run that finishes sooner writes no lease at all.
+        """
+        leases = list(self.held.values())
+        wanted = any(lease.session or lease.age() >= self.ttl / 6 for lease in leases)
+        fresh = self.heartbeat.trusts(self.heartbeat.session) and self.heartbeat.age() < self.ttl / 4
+        if wanted and not fresh and (self._beating is None or self._beating.done()):
+            self._beating = asyncio.create_task(self._beat(), name="engine heartbeat")
+        for lease in leases:
+            if not lease.session and lease.age() >= self.ttl / 3 and lease.run_id not in self._recording:
+                task = asyncio.create_task(self._record_implicit(lease), name=f"record lease {lease.run_id}")
+                self._recording[lease.run_id] = task
+                task.add_done_callback(functools.partial(self._recorded, lease.run_id))
+
+    def _recorded(self, run_id: str, _: asyncio.Task[None]) -> None:
+        self._recording.pop(run_id, None)
+
+    async def _beat(self) -> None:
         try:
+            await self.heartbeat.beat(unless_younger_than=self.ttl / 4)
+        except KeelError as error:  # fenced off: its leases are lost already; else the next one tries
+            log.warning("heartbeat failed: %s", error.message)
+
+    async def _record_implicit(self, lease: Lease) -> None:
+        """Write the first LeaseAcquired of a run this engine created, which outlived ttl/3."""
+        if self.held.get(lease.run_id) is not lease:
+            return
+        # Even when its trust ran out (the process was paused, the store slow): the compare-and-swap
+        # says whether another engine took the run meanwhile; if not, it is still this engine's.
+        try:
+            session = await self.heartbeat.ensure()
+            payload = json.dumps({"engine_id": self.engine_id, "session": session}, sort_keys=True).encode()
             result = await self.store.append(
                 lease_stream_id(lease.run_id),
-                [(LEASE_ACQUIRED, self._payload(expires=True))],
-                expected_seq=lease.seq or None,  # an implicit lease's first write: the stream is new
+                [(LEASE_ACQUIRED, payload)],
+                expected_seq=None,  # the stream must be new: nobody took the run meanwhile
                 status=HELD,
-                patience=patience,
+                patience=max(1.0, lease.implicit_left()),
             )
         except KeelError as error:
             self._lose(lease, error.code)
             return
         if lease.lost:
             return
-        if time.monotonic() >= lease.valid_until:
-            self._lose(lease, "it expired before its renewal landed")
+        if session != self.heartbeat.session:
+            self._lose(lease, "this engine's session was fenced off while its lease was recorded")
             return
-        lease.granted(result.head_seq, sent_at, self.ttl)
+        lease.recorded(result.head_seq, session)
+        self._holders[lease.run_id] = Holder(self.engine_id, session)
 
     async def close(self) -> None:
-        """Stop renewing; release every lease still held or handed over during shutdown."""
+        """Stop the upkeep; release the implicit leases still held, and record that this engine stopped."""
         self._closing = True
         for run_id in list(self.held):
             self.drop(run_id)
-        if self._renewing is not None:
-            self._renewing.cancel()
-            with contextlib.suppress(BaseException):
-                await self._renewing
+        for task in [self._upkeep, self._beating, *self._recording.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         leases, self._to_release = list(self._to_release.values()), {}
         await asyncio.gather(*(self._release(lease) for lease in leases))
+        await self.heartbeat.stop()
 
     def begin_closing(self) -> None:
         """From now on a stopped driver's lease is released (not left to expire) and none is taken."""
         self._closing = True
 
     async def _release(self, lease: Lease) -> None:
+        payload = json.dumps({"engine_id": self.engine_id}, sort_keys=True).encode()
         try:
             await self.store.append(
                 lease_stream_id(lease.run_id),
-                [(LEASE_RELEASED, self._payload(expires=False))],
-                expected_seq=lease.seq or None,
+                [(LEASE_RELEASED, payload)],
+                expected_seq=None,  # an implicit lease: nothing was written yet
                 status=RELEASED,
                 patience=RELEASE_PATIENCE,
             )
-        except KeelError as error:  # lost already, or the store is gone: it expires instead
+        except KeelError as error:  # recorded meanwhile (EngineStopped frees it), or the store is gone
             log.info("run %s: lease not released (%s); it expires instead", lease.run_id, error.message)

@@ -228,7 +228,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=float(env("KEEL_ENGINE_LEASE_TTL", str(DEFAULT_LEASE_TTL))),
         metavar="SECONDS",
-        help="lifetime of a run lease without renewal (renewed once ttl/3 old): a dead engine's runs are "
+        help="lifetime of run leases without a heartbeat (one per engine every ttl/4 while it holds runs "
+        "older than ttl/3, whatever their number): a dead engine's runs are "
         "taken over by another within about 1.4 x this; a drained engine hands its runs over at "
         "once [KEEL_ENGINE_LEASE_TTL] (default 10)",
     )

@@ -3,6 +3,10 @@
 Each run's only step (`test.gated_calls`) makes a recorded call, waits for the test's gate file,
 and makes another: the test changes which engine drives the runs while every op waits at the
 gate, then opens it. The counting transport's fsynced log shows each fact was called once.
+
+The cost tests (in-process engines, `keel.sleep` runs) count what lease upkeep writes to the store:
+one lease event per run that changes hands, heartbeats per engine over time, whatever the number
+of runs, and one liveness read per holder engine per takeover scan.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import collections
 import functools
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,9 +26,12 @@ import pytest
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
-from engine_service import EngineConfig, start_engine
-from engine_service.store_client import AppendResult
+from engine_service import EngineConfig, EngineServingHandle, start_engine
+from engine_service.heartbeats import ENGINE_STOPPED, Heartbeat, fence, read_engine_record
+from engine_service.store_client import AppendResult, StoreClient
+from keel_core.errors import KeelError
 from keel_core.json_values import to_value
+from store_service.server import StoreConfig, start_store
 from tests.engine.conftest import TEST_OPS, TEST_TRANSPORTS, gate
 from tests.engine.conftest import Cluster as InProcessCluster
 from tests.engine.crash_ops import read_io_log
@@ -99,6 +107,18 @@ class TwoEngines:
         """The engine id in the run's last lease event ("" when released or never leased)."""
         events = await self.lease_events(run_id)
         return events[-1][1] if events and events[-1][0] == "LeaseAcquired" else ""
+
+    async def engine_events(self, name: str) -> list[tuple[str, int]]:
+        """(event type, session) of every event in engine `name`'s liveness record."""
+        page = await self.store.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"engine:engine-{name}"))
+        return [(e.type, json.loads(e.payload)["session"]) for e in page.events]
+
+    async def recorded_by(self, run_ids: list[str], engine_id: str) -> bool:
+        """Whether each run's lease stream holds a LeaseAcquired of `engine_id` (past its implicit lease)."""
+        for run_id in run_ids:
+            if ("LeaseAcquired", engine_id) not in await self.lease_events(run_id):
+                return False
+        return True
 
     async def run_events(self, run_id: str) -> list[store_pb2.RecordedEvent]:
         """The run stream's events."""
@@ -203,11 +223,19 @@ async def test_a_killed_engines_runs_are_taken_over_and_complete_with_each_fact_
     await finish_and_check(cluster, cluster.stubs["b"], [r for runs in started.values() for r in runs])
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["as-it-comes", "recorded-leases"])
 async def test_a_drained_engine_releases_its_runs_and_the_other_takes_them_at_once(
-    engines: TwoEngines,
+    engines: TwoEngines, recorded: bool
 ) -> None:
     cluster = engines
     started = await start_waiting_runs(cluster, per_engine=2)
+    if recorded:  # past ttl/3 each run's lease is in the store: EngineStopped alone hands them over
+        await eventually(
+            lambda: cluster.recorded_by(started["a"], "engine-a"),
+            "a's leases recorded",
+            within=WAIT,
+            poll=0.05,
+        )
     assert await cluster.engines["a"].terminate() == 0
     for run_id in started["a"]:
         await eventually(
@@ -218,17 +246,31 @@ async def test_a_drained_engine_releases_its_runs_and_the_other_takes_them_at_on
         )
         events = await cluster.lease_events(run_id)
         taken = events.index(("LeaseAcquired", "engine-b"))
-        # Handed over, not expired: a's release comes right before b's acquisition.
-        assert events[taken - 1] == ("LeaseReleased", "engine-a")
+        # Handed over, not expired: right before b's acquisition comes a's release of an implicit
+        # lease, or a's recorded lease, which a's EngineStopped freed (b's log says why it took it).
+        if events[taken - 1] == ("LeaseReleased", "engine-a"):
+            assert not recorded
+        else:
+            assert events[taken - 1] == ("LeaseAcquired", "engine-a"), events
+            assert f"took over run {run_id} from engine engine-a (its engine stopped)" in cluster.log_of("b")
+    if recorded:
+        # One EngineStopped for all of a's runs, after its heartbeats (none of them per run).
+        kinds = [kind for kind, _ in await cluster.engine_events("a")]
+        assert kinds[-1] == "EngineStopped" and kinds.count("EngineStopped") == 1, kinds
     await finish_and_check(cluster, cluster.stubs["b"], [r for runs in started.values() for r in runs])
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["as-it-comes", "recorded-lease"])
 async def test_a_stale_engine_whose_lease_was_taken_never_appends_to_the_run_again(
-    engines: TwoEngines,
+    engines: TwoEngines, recorded: bool
 ) -> None:
     cluster = engines
     started = await start_waiting_runs(cluster, per_engine=1)
     (run_id,) = started["a"]
+    if recorded:  # its lease then holds through a's heartbeats, which stop with the process
+        await eventually(
+            lambda: cluster.recorded_by([run_id], "engine-a"), "a's lease recorded", within=WAIT, poll=0.05
+        )
     stale = cluster.engines["a"]
     stale.process.send_signal(signal.SIGSTOP)
     await eventually(
@@ -245,20 +287,39 @@ async def test_a_stale_engine_whose_lease_was_taken_never_appends_to_the_run_aga
         poll=0.05,
     )
     before = [e.seq for e in await cluster.run_events(run_id)]
+    lease_before = await cluster.lease_events(run_id)
+    engine_before = await cluster.engine_events("a")
+    # Whether a had recorded its lease before b took it (an append a sent before the pause has
+    # landed by now: b's acquisition is after it, or it would have been refused).
+    was_recorded = lease_before[0] == ("LeaseAcquired", "engine-a")
+    assert was_recorded or not recorded
     stale.process.send_signal(signal.SIGCONT)
-    # a learns it lost the run (its renewal is refused, or its lease ran out locally) and stops
-    # its driver; nothing it decided after the takeover reaches the run.
+    # a learns it lost the run and stops its driver; nothing it decided after the takeover
+    # reaches the run.
     await eventually(
         lambda: f"lost the lease on run {run_id}" in cluster.log_of("a"), "a notices", within=WAIT, poll=0.05
     )
-    # Its renewal was an append after its last lease event: the store refused it (b wrote since).
-    assert f"lost the lease on run {run_id} (sequence_conflict)" in cluster.log_of("a")
+    if was_recorded:
+        # b fenced a's expired session off in a's engine record before taking the run: a's next
+        # heartbeat was an append after its last one, which the store refused (b wrote since).
+        why = "sequence_conflict: engine engine-b fenced its session off, its heartbeat expired"
+        assert (await cluster.engine_events("a"))[-1][0] == "EngineFenced"
+    else:
+        # Its recording of its implicit lease was an append to a new lease stream: the store
+        # refused it (b wrote it first).
+        why = "sequence_conflict"
+    assert f"lost the lease on run {run_id} ({why})" in cluster.log_of("a")
     assert [e.seq for e in await cluster.run_events(run_id)] == before
     await finish_and_check(cluster, cluster.stubs["a"], [r for runs in started.values() for r in runs])
     events = await cluster.run_events(run_id)
     attempts = [json.loads(e.payload).get("attempt") for e in events if e.type == "StepAttemptStarted"]
     completed = [json.loads(e.payload).get("attempt") for e in events if e.type == "StepCompleted"]
     assert completed == [attempts[-1]]  # the run was finished by b's attempt, not a's
+    # Refused, not written: a's lease on the run never changed after b's takeover, nor (once
+    # fenced) a's engine record.
+    assert await cluster.lease_events(run_id) == lease_before
+    if was_recorded:
+        assert await cluster.engine_events("a") == engine_before
 
 
 async def _held_by(cluster: TwoEngines, run_id: str, engine_id: str) -> bool:
@@ -337,3 +398,221 @@ async def test_concurrent_resumptions_of_one_run_write_its_lease_once(cluster: I
 async def _lease_stream(cluster: InProcessCluster, run_id: str) -> list[store_pb2.RecordedEvent]:
     page = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"lease:{run_id}"))
     return list(page.events)
+
+
+COST_TTL = 2.0
+
+
+@pytest.fixture
+async def store_address(tmp_path: Path) -> AsyncIterator[str]:
+    """A store in this process over a fresh SQLite data dir."""
+    store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    try:
+        yield f"127.0.0.1:{store.port}"
+    finally:
+        await store.drain(0.5)
+
+
+async def _sleepy_engine(store_address: str, engine_id: str, *, scan: bool = True) -> EngineServingHandle:
+    return await start_engine(
+        EngineConfig(
+            listen="127.0.0.1:0",
+            store=store_address,
+            failpoints="",
+            engine_id=engine_id,
+            lease_ttl=COST_TTL,
+            recover_on_start=scan,
+        )
+    )
+
+
+def _sleep_run(seconds: float) -> engine_pb2.StartRunRequest:
+    return engine_pb2.StartRunRequest(
+        op=engine_pb2.SingleOp(op_id="keel.sleep", op_config=to_value({"seconds": seconds}))
+    )
+
+
+async def _streams(store: StoreServiceAsyncStub, prefix: str) -> dict[str, list[store_pb2.RecordedEvent]]:
+    """Every stream whose id starts with `prefix`, with all its events."""
+    out: dict[str, list[store_pb2.RecordedEvent]] = {}
+    token = ""
+    while True:
+        page = await store.ListStreams(
+            store_pb2.ListStreamsRequest(prefix=prefix, page_size=500, page_token=token)
+        )
+        for info in page.streams:
+            read = await store.ReadEvents(store_pb2.ReadEventsRequest(stream_id=info.stream_id))
+            out[info.stream_id] = list(read.events)
+        token = page.next_page_token
+        if not token:
+            return out
+
+
+async def test_long_runs_cost_one_lease_event_each_and_heartbeats_grow_with_time_not_with_runs(
+    store_address: str,
+) -> None:
+    runs = 50
+    handle = await _sleepy_engine(store_address, "engine-solo")
+    engine_channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
+    store_channel = grpc.aio.insecure_channel(store_address)
+    stub = engine_pb2_grpc.EngineServiceStub(engine_channel)
+    store = store_pb2_grpc.StoreServiceStub(store_channel)
+    try:
+        began = time.monotonic()
+        # Each run sleeps three ttls: under per-run renewals that was >= 6 lease appends per run.
+        started = await asyncio.gather(*(stub.StartRun(_sleep_run(3 * COST_TTL)) for _ in range(runs)))
+        for response in started:
+            awaited = await stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=response.run_id), timeout=WAIT)
+            assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
+        leases = await _streams(store, "lease:")
+        records = await _streams(store, "engine:")
+        elapsed = time.monotonic() - began
+    finally:
+        await engine_channel.close(None)
+        await store_channel.close(None)
+        await handle.drain(0.5)
+    # Every run outlived ttl/3, so its lease was recorded: once, and never renewed.
+    assert set(leases) == {f"lease:{response.run_id}" for response in started}
+    for events in leases.values():
+        assert [(e.type, json.loads(e.payload)["engine_id"]) for e in events] == [
+            ("LeaseAcquired", "engine-solo")
+        ]
+    # One liveness record for the engine. Its heartbeats are at least ttl/4 apart (each is sent
+    # only once the last is ttl/4 old), so their number is bounded by the time the runs took,
+    # whatever the number of runs.
+    assert list(records) == ["engine:engine-solo"]
+    beats = records["engine:engine-solo"]
+    assert beats and {e.type for e in beats} == {"EngineHeartbeat"}
+    assert len(beats) <= elapsed / (COST_TTL / 4) + 1, (len(beats), elapsed)
+    assert len(beats) + len(leases) < runs * 3  # what per-run renewals wrote at the least
+
+
+async def test_a_takeover_scan_reads_each_holder_engines_heartbeat_once_not_each_run(
+    store_address: str,
+) -> None:
+    runs = 30
+    holder = await _sleepy_engine(store_address, "engine-a")
+    taker = await _sleepy_engine(store_address, "engine-b", scan=False)  # scans only when the test says
+    assert holder.engine is not None and taker.engine is not None
+    scanner = taker.engine
+    engine_channel = grpc.aio.insecure_channel(f"127.0.0.1:{holder.port}")
+    store_channel = grpc.aio.insecure_channel(store_address)
+    stub = engine_pb2_grpc.EngineServiceStub(engine_channel)
+    store = store_pb2_grpc.StoreServiceStub(store_channel)
+    holder_running = True
+    try:
+        started = await asyncio.gather(*(stub.StartRun(_sleep_run(600)) for _ in range(runs)))
+        run_ids = [response.run_id for response in started]
+
+        async def all_recorded() -> bool:
+            return len(await _streams(store, "lease:")) == runs
+
+        await eventually(all_recorded, "a's leases recorded (each run ttl/3 old)", within=WAIT, poll=0.1)
+
+        async def scanner_knows_every_holder() -> bool:
+            assert await scanner.recover() == 0  # a's leases hold: nothing to take
+            return all(run_id in scanner.leases._holders for run_id in run_ids)
+
+        await eventually(scanner_knows_every_holder, "b's scans read every lease", within=WAIT, poll=0.1)
+        before = collections.Counter(scanner.env.store.calls)
+        assert await scanner.recover() == 0
+        calls = scanner.env.store.calls - before
+        # A scan lists the active runs and the released leases, then reads engine-a's liveness
+        # record once (its head, its last event) for all 30 runs a holds: no read per run.
+        assert calls == {"ListStreams": 2, "HeadSeq": 1, "ReadEvents": 1}, calls
+
+        await holder.drain(0.5)  # parks a's runs and hands them all over with one EngineStopped
+        holder_running = False
+        record = (await _streams(store, "engine:engine-a"))["engine:engine-a"]
+        assert [e.type for e in record][-1] == "EngineStopped"
+        assert {e.type for e in record[:-1]} == {"EngineHeartbeat"}
+        # Taken at once: a stopped engine's leases need no expiry.
+        assert await scanner.recover() == runs
+        leases = await _streams(store, "lease:")
+        for run_id in run_ids:
+            assert [(e.type, json.loads(e.payload)["engine_id"]) for e in leases[f"lease:{run_id}"]] == [
+                ("LeaseAcquired", "engine-a"),
+                ("LeaseAcquired", "engine-b"),
+            ]
+    finally:
+        await engine_channel.close(None)
+        await store_channel.close(None)
+        if holder_running:
+            await holder.drain(0.5)
+        await taker.drain(0.5)
+
+
+class HeartbeatDropping(StoreClient):
+    """A client of the real store whose next heartbeat append fails unanswered (and uncommitted)."""
+
+    drop_next_heartbeat = False
+
+    async def append(self, stream_id: str, events: Any, **kwargs: Any) -> AppendResult:
+        """Fail once for an engine record when armed; else append."""
+        if self.drop_next_heartbeat and stream_id.startswith("engine:"):
+            self.drop_next_heartbeat = False
+            raise KeelError("store_unavailable", "injected: the store did not answer", retryable=True)
+        return await super().append(stream_id, events, **kwargs)
+
+
+async def test_a_fenced_engine_whose_next_heartbeat_fails_starts_a_new_session_later(
+    store_address: str,
+) -> None:
+    # Found in review: the fence names the old session while the engine already tried a new one;
+    # that must end the old session, not fence the engine off for good.
+    store = HeartbeatDropping(store_address)
+    taker = StoreClient(store_address)
+    try:
+        holder = Heartbeat(store, "engine-x", 60.0, on_leases_lost=lambda session, why: None)
+        first = await holder.ensure()
+        seen = await read_engine_record(taker, "engine-x")
+        assert seen is not None and await fence(taker, seen, "engine-y")
+        with pytest.raises(KeelError, match="fenced its session off"):
+            await holder.beat()
+        store.drop_next_heartbeat = True
+        with pytest.raises(KeelError, match="did not answer"):
+            await holder.beat()  # the new session's first heartbeat does not land
+        assert await holder.ensure() > first and not holder.fenced
+    finally:
+        await store.close()
+        await taker.close()
+
+
+async def test_a_late_heartbeat_and_a_takers_fence_cannot_both_land(store_address: str) -> None:
+    # The race a per-run renewal and a takeover used to run on each lease stream, run once per
+    # engine on its liveness record. (A taker fences only once the heartbeat it read expired; here
+    # it fences at once, with a ttl nothing in the test waits for, to show the compare-and-swap.)
+    store = StoreClient(store_address)
+    ended: list[tuple[int, str]] = []
+    try:
+        holder = Heartbeat(
+            store, "engine-x", 60.0, on_leases_lost=lambda session, why: ended.append((session, why))
+        )
+        session = await holder.ensure()
+        seen = await read_engine_record(store, "engine-x")
+        assert seen is not None and seen.session == session
+        # The holder's next heartbeat lands first: the taker's fence after the one it read is refused.
+        await holder.beat()
+        assert not await fence(store, seen, "engine-y")
+        assert holder.trusts(session) and not ended
+        # The taker fences after the latest heartbeat: the holder's next one is refused, and its
+        # session (every lease taken in it) is over at once; the heartbeat after starts a new one.
+        latest = await read_engine_record(store, "engine-x")
+        assert latest is not None and await fence(store, latest, "engine-y")
+        with pytest.raises(KeelError, match="engine engine-y fenced its session off"):
+            await holder.beat()
+        assert [s for s, _ in ended] == [session] and not holder.trusts(session)
+        assert await holder.ensure() > session and not holder.fenced
+        # A second process under the same engine id takes the record over: the first one is fenced
+        # off for good (it may drive nothing more), not merely its session.
+        twin = Heartbeat(store, "engine-x", 60.0, on_leases_lost=lambda session, why: None)
+        twin_session = await twin.ensure()
+        with pytest.raises(KeelError, match="engine ids must differ"):
+            await holder.beat()
+        assert holder.fenced and not holder.trusts(holder.session)
+        # A drained engine's last word: its session is over at once, no expiry to wait for.
+        await twin.stop()
+        stopped = await read_engine_record(store, "engine-x")
+        assert stopped is not None and (stopped.kind, stopped.session) == (ENGINE_STOPPED, twin_session)
+    finally:
+        await store.close()
