@@ -88,8 +88,16 @@ async def terminalize(engine: Engine, run_id: str, status: str, reason: str) -> 
     # A repeated cancel closes children again (a child the first cancel could not reach, say);
     # a NOOP on a run that ended otherwise changes nothing.
     if result.status == CANCELED and status == CANCELED:
-        await _close_children(engine, run_id)
+        # Shielded: a caller that gives up (its deadline, a disconnect) must not stop it halfway.
+        closing = asyncio.ensure_future(_close_children(engine, run_id))
+        closing.add_done_callback(_log_unwaited_failure)
+        await asyncio.shield(closing)
     return result
+
+
+def _log_unwaited_failure(closing: asyncio.Future[None]) -> None:
+    if not closing.cancelled() and closing.exception() is not None:
+        log.warning("%s", closing.exception())  # also raised to the caller, if it still waits
 
 
 async def _decide_and_append(engine: Engine, run_id: str, status: str, reason: str) -> TerminalizeResult:
@@ -163,9 +171,23 @@ async def _close_children(engine: Engine, run_id: str) -> None:
     results = await asyncio.gather(
         *(cancel_child(engine, link, reason) for link in doomed), return_exceptions=True
     )
-    for link, result in zip(doomed, results, strict=True):
-        if isinstance(result, BaseException):
-            log.error("cancelling child %s of run %s failed: %r", link.child_run_id, run_id, result)
+    failed = {
+        link.child_run_id: result.message if isinstance(result, KeelError) else repr(result)
+        for link, result in zip(doomed, results, strict=True)
+        if isinstance(result, BaseException)
+    }
+    if failed:
+        # The parent is canceled; the caller learns that closing it is not finished, and a repeated
+        # cancel (a NOOP for the parent) closes what is left.
+        raise KeelError(
+            "children_not_closed",
+            f"run {run_id} is canceled, but {len(failed)} of its children could not be canceled yet "
+            f"({'; '.join(f'{child}: {why}' for child, why in sorted(failed.items()))}); "
+            "cancel the run again to close them",
+            category=ErrorCategory.UNAVAILABLE,
+            retryable=True,
+            details={"run_id": run_id, "child_run_ids": ",".join(sorted(failed))},
+        )
 
 
 async def cancel_child(engine: Engine, link: ChildLink, reason: str) -> None:

@@ -373,6 +373,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
     """The SQLite backend, refusing (INTERNAL, nothing written) any append holding a rejected event type."""
 
     rejected: set[str]
+    rejected_streams: set[str]
 
     async def append(
         self,
@@ -385,6 +386,8 @@ class AppendRejectingBackend(SqliteStoreBackend):
     ) -> AppendResult:
         """Refuse, or append as SQLite does."""
         refused = sorted({e.type for e in events} & self.rejected)
+        if stream_id in self.rejected_streams:
+            refused.append(f"any append to {stream_id}")
         if refused:
             raise KeelError(
                 "disk_on_fire",
@@ -408,6 +411,7 @@ async def faulty(tmp_path: Path) -> AsyncIterator[FaultyCluster]:
     backend = AppendRejectingBackend.in_directory(tmp_path / "store")
     assert isinstance(backend, AppendRejectingBackend)
     backend.rejected = set()
+    backend.rejected_streams = set()
     await backend.open()
     store: ServingHandle = await start_server(
         "127.0.0.1:0", lambda server: register(server, StoreServicer(backend))
@@ -490,3 +494,37 @@ async def test_a_run_resumed_after_a_divergence_still_shows_its_ledger(faulty: F
     assert [e.reason.split(":")[0] for e in done.run.failure_ledger] == [
         "terminal run status persisted but RunCanceled append failed"
     ]
+
+
+async def test_a_cancel_that_could_not_close_a_child_says_so_and_a_repeated_cancel_closes_it(
+    faulty: FaultyCluster,
+) -> None:
+    parent = (await faulty.stub.StartRun(gated(f"parent-{uuid.uuid4()}"))).run_id
+    children_gate = f"children-{uuid.uuid4()}"
+    door = gate(children_gate)
+    child = (
+        await faulty.stub.SpawnChild(
+            engine_pb2.SpawnChildRequest(
+                parent_run_id=parent,
+                fact_key="stubborn",
+                op_id="test.gated",
+                op_config=to_value({"gate": children_gate}),
+            )
+        )
+    ).child_run_id
+    await door.wait_for(1)
+    faulty.backend.rejected_streams = {f"run:{child}", f"ledger:{child}"}
+    message = await expect_error(
+        faulty.stub.Terminalize(terminalize(parent)), grpc.StatusCode.UNAVAILABLE, "children_not_closed"
+    )
+    assert f"run {parent} is canceled, but 1 of its children could not be canceled yet ({child}:" in message
+    assert "cancel the run again" in message
+    shown = (await faulty.stub.GetRun(engine_pb2.GetRunRequest(run_id=parent))).run
+    assert shown.status == engine_pb2.RUN_STATUS_CANCELED
+    assert [c.status for c in shown.children] == [engine_pb2.RUN_STATUS_RUNNING]
+    faulty.backend.rejected_streams = set()
+    again = await faulty.stub.Terminalize(terminalize(parent))
+    assert again.outcome == engine_pb2.TERMINALIZE_OUTCOME_NOOP
+    closed = (await faulty.stub.GetRun(engine_pb2.GetRunRequest(run_id=child))).run
+    assert closed.status == engine_pb2.RUN_STATUS_CANCELED
+    assert closed.reason == f"parent run {parent} was canceled"

@@ -181,6 +181,10 @@ class StoreUnavailable(UnavailableError):
     """`store_unavailable`: the engine cannot reach its store; trying again later may succeed."""
 
 
+class ChildrenNotClosed(UnavailableError):
+    """`children_not_closed`: the run is canceled but some children are not yet; cancel it again."""
+
+
 class SequenceConflict(AbortedError):
     """`sequence_conflict`: another writer advanced the run's stream first."""
 
@@ -200,6 +204,7 @@ _BY_REASON: dict[str, type[KeelClientError]] = {
     "child_run_request_invalid": ChildRunRequestInvalid,
     "parent_run_canceled": ParentRunCanceled,
     "store_unavailable": StoreUnavailable,
+    "children_not_closed": ChildrenNotClosed,
     "sequence_conflict": SequenceConflict,
 }
 
