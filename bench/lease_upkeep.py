@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from engine_runs import spawn
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
@@ -36,19 +37,6 @@ if TYPE_CHECKING:
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-
-
-async def spawn(args: list[str], banner: str) -> tuple[asyncio.subprocess.Process, str]:
-    """Start a service and read the address it announces."""
-    process = await asyncio.create_subprocess_exec(
-        *args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
-    if not line.startswith(banner):
-        process.kill()
-        raise RuntimeError(f"{args[0]} did not start: {line!r}")
-    return process, line.removeprefix(banner).strip()
 
 
 async def heads(store: StoreServiceAsyncStub, prefix: str) -> dict[str, int]:

@@ -21,3 +21,14 @@ async def fresh_schema(dsn: str, random_bytes: int = 6) -> AsyncIterator[str]:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         finally:
             await conn.close()
+
+
+async def postgres_artifact_rows(dsn: str, schema: str) -> tuple[int, int]:
+    """(artifact rows, artifact chunk rows) in `schema`, read on a connection of its own."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        artifacts = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifacts")
+        chunks = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifact_chunks")
+    finally:
+        await conn.close()
+    return int(artifacts), int(chunks)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncpg
 import grpc
 import pytest
 from keel.store.v1 import store_pb2, store_pb2_grpc
@@ -24,7 +23,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 from store_service.server import StoreConfig, start_store
 from store_service.sqlite import DATABASE_FILE
 from tests.store.conftest import CLIENT_OPTIONS, error_info
-from tests.store.postgres_schemas import fresh_schema
+from tests.store.postgres_schemas import fresh_schema, postgres_artifact_rows
 from tests.store.store_process import StoreProcess
 
 if TYPE_CHECKING:
@@ -106,13 +105,7 @@ def _sqlite_counter(path: Path) -> Callable[[], Awaitable[tuple[int, int]]]:
 
 def _postgres_counter(dsn: str, schema: str) -> Callable[[], Awaitable[tuple[int, int]]]:
     async def count() -> tuple[int, int]:
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            artifacts = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifacts")
-            chunks = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifact_chunks")
-        finally:
-            await conn.close()
-        return int(artifacts), int(chunks)
+        return await postgres_artifact_rows(dsn, schema)
 
     return count
 

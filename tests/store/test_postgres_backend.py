@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
 from store_service.backend import StoreBackend
 from store_service.postgres import PostgresStoreBackend
 from tests.store.backend_suite import StoreBackendSuite
-from tests.store.postgres_schemas import fresh_schema
+from tests.store.postgres_schemas import fresh_schema, postgres_artifact_rows
 
 pytestmark = pytest.mark.postgres
 
@@ -36,13 +35,7 @@ class PostgresTables:
         """(artifact rows, artifact chunk rows) in this test's schema."""
         dsn: str = request.getfixturevalue("postgres_dsn")
         schema: str = request.getfixturevalue("pg_schema")
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            artifacts = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifacts")
-            chunks = await conn.fetchval(f"SELECT count(*) FROM {schema}.artifact_chunks")
-        finally:
-            await conn.close()
-        return int(artifacts), int(chunks)
+        return await postgres_artifact_rows(dsn, schema)
 
 
 class TestPostgresBackend(PostgresTables, StoreBackendSuite):
