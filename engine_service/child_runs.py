@@ -27,7 +27,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine_service.domain import RunManifest, artifact_id_for_bytes, looks_like_secret, parse_run_id
+from engine_service.domain import (
+    RunHistory,
+    RunManifest,
+    artifact_id_for_bytes,
+    looks_like_secret,
+    parse_run_id,
+)
 from engine_service.domain.child_runs import (
     AWAIT_NAMESPACE,
     CLOSE_CANCEL,
@@ -115,6 +121,26 @@ class ChildRuns:
         """The parent's children, as its children stream links them (by fact key)."""
         events = await self.engine.env.store.read(children_stream_id(parent_run_id))
         return child_links((event.type, event.payload) for event in events)
+
+    async def closed_with_parent(self, run_id: str, history: RunHistory) -> bool:
+        """Before resuming a child: cancel it instead when its parent was canceled (True).
+
+        A cancel closes its children after the parent's terminal event; if it could not finish (its
+        engine died, a child's cancel failed) a child whose policy is `cancel` is closed here.
+        """
+        started = history.started
+        if started is None or history.is_terminal or not started.parent_run_id:
+            return False
+        _, parent_label = await self.engine.env.store.head(run_stream_id(started.parent_run_id))
+        if parent_label != "canceled":
+            return False
+        links = await self.links(started.parent_run_id)
+        link = next((found for found in links if found.child_run_id == run_id), None)
+        if link is None or link.parent_close_policy != CLOSE_CANCEL:
+            return False
+        log.info("run %s: parent %s was canceled; canceling it, not resuming it", run_id, link.parent_run_id)
+        await cancel_child(self.engine, link, f"parent run {link.parent_run_id} was canceled")
+        return True
 
     async def spawn(self, request: ChildSpawnRequest, *, in_run: bool = False) -> ChildSpawned:
         """Link the child to its parent and start it (or find it); nothing is written on bad input.

@@ -394,6 +394,8 @@ class Engine:
         resumed = False
         try:
             _, history = await self.read_history(run_id)
+            if await self.children.closed_with_parent(run_id, history):
+                return False
             resumed = await self._resume_from(run_id, history, lease)
         finally:
             if not resumed and run_id not in self.drivers:

@@ -496,8 +496,9 @@ async def test_a_run_resumed_after_a_divergence_still_shows_its_ledger(faulty: F
     ]
 
 
-async def test_a_cancel_that_could_not_close_a_child_says_so_and_a_repeated_cancel_closes_it(
-    faulty: FaultyCluster,
+@pytest.mark.parametrize("then", ["cancel_again", "resume_child"])
+async def test_a_cancel_that_could_not_close_a_child_says_so_and_the_child_is_closed_later(
+    faulty: FaultyCluster, then: str
 ) -> None:
     parent = (await faulty.stub.StartRun(gated(f"parent-{uuid.uuid4()}"))).run_id
     children_gate = f"children-{uuid.uuid4()}"
@@ -523,8 +524,14 @@ async def test_a_cancel_that_could_not_close_a_child_says_so_and_a_repeated_canc
     assert shown.status == engine_pb2.RUN_STATUS_CANCELED
     assert [c.status for c in shown.children] == [engine_pb2.RUN_STATUS_RUNNING]
     faulty.backend.rejected_streams = set()
-    again = await faulty.stub.Terminalize(terminalize(parent))
-    assert again.outcome == engine_pb2.TERMINALIZE_OUTCOME_NOOP
+    if then == "cancel_again":
+        again = await faulty.stub.Terminalize(terminalize(parent))
+        assert again.outcome == engine_pb2.TERMINALIZE_OUTCOME_NOOP
+    else:
+        # Nobody cancels again: whoever resumes the child (here an await) closes it instead.
+        awaited = await faulty.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=child))
+        assert awaited.done
     closed = (await faulty.stub.GetRun(engine_pb2.GetRunRequest(run_id=child))).run
     assert closed.status == engine_pb2.RUN_STATUS_CANCELED
     assert closed.reason == f"parent run {parent} was canceled"
+    assert door.runs == [child], "the child's op never ran again"
