@@ -78,6 +78,7 @@ from engine_service.heartbeats import (
     MARGIN_FRACTION,
     EngineRecord,
     Heartbeat,
+    engine_fenced,
     fence,
     read_engine_record,
     wall_us,
@@ -405,7 +406,13 @@ class Leases:
         return lease
 
     def start_new(self, run_id: str) -> Lease:
-        """The implicit lease of a run this engine creates now (call it before sending RunStarted)."""
+        """The implicit lease of a run this engine creates now (call it before sending RunStarted).
+
+        An engine fenced off for good (another process writes under its engine id) starts nothing:
+        it could never record the lease, and the run would wait a ttl for another engine.
+        """
+        if self.heartbeat.fenced:
+            raise engine_fenced(self.engine_id)
         lease = Lease(run_id, self.ttl, self.heartbeat)
         self.held[run_id] = lease
         self._ensure_upkeep()

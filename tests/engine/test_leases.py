@@ -36,6 +36,7 @@ from tests.engine.conftest import TEST_OPS, TEST_TRANSPORTS, gate
 from tests.engine.conftest import Cluster as InProcessCluster
 from tests.engine.crash_ops import read_io_log
 from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
+from tests.engine.test_engine_rpcs import expect_error
 
 if TYPE_CHECKING:
     from keel.engine.v1.engine_pb2_grpc import EngineServiceAsyncStub
@@ -616,3 +617,42 @@ async def test_a_late_heartbeat_and_a_takers_fence_cannot_both_land(store_addres
         assert stopped is not None and (stopped.kind, stopped.session) == (ENGINE_STOPPED, twin_session)
     finally:
         await store.close()
+
+
+async def test_an_engine_whose_id_another_process_took_starts_no_run(cluster: InProcessCluster) -> None:
+    # Two processes under one engine id: once the engine learns it (its heartbeat is refused by the
+    # other's), it stops its runs and refuses new ones, saying why, instead of abandoning them.
+    handle = await start_engine(
+        EngineConfig(
+            listen="127.0.0.1:0",
+            store=cluster.store_address,
+            failpoints="",
+            ops=TEST_OPS,
+            transports=TEST_TRANSPORTS,
+            engine_id="twice",
+            lease_ttl=1.0,
+        )
+    )
+    assert handle.engine is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
+    store = StoreClient(cluster.store_address)
+    stub = engine_pb2_grpc.EngineServiceStub(channel)
+    try:
+        name = f"twice-{cluster.checkpoint_linger}"
+        gated = engine_pb2.SingleOp(op_id="test.gated", op_config=to_value({"gate": name}))
+        await stub.StartRun(engine_pb2.StartRunRequest(op=gated))
+        await gate(name).wait_for(1)
+        heartbeat = handle.engine.leases.heartbeat
+        await eventually(lambda: heartbeat.session != 0, "the engine heartbeats", within=30, poll=0.05)
+        await Heartbeat(store, "twice", 1.0, on_leases_lost=lambda session, why: None).ensure()
+        await eventually(lambda: heartbeat.fenced, "the engine learns its id is taken", within=30, poll=0.05)
+        message = await expect_error(
+            stub.StartRun(engine_pb2.StartRunRequest(op=engine_pb2.SingleOp(op_id="keel.echo"))),
+            grpc.StatusCode.ABORTED,
+            "engine_id_in_use",
+        )
+        assert "engine ids must differ" in message
+    finally:
+        await channel.close(grace=None)
+        await store.close()
+        await handle.drain(0.5)
