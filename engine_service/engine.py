@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -119,6 +119,28 @@ class RecentArtifacts(Generic[V]):
             self._items.popitem(last=False)
 
 
+class KeyedLocks:
+    """An asyncio.Lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock of `key` for the block."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 @dataclass(frozen=True)
 class StartOutcome:
     """What StartRun did."""
@@ -166,8 +188,9 @@ class Engine:
         # Every event of runs this engine started and finished: a terminal run's stream never
         # changes again, so its view needs no read of it.
         self._finished_runs: RecentArtifacts[tuple[StoredEvent, ...]] = RecentArtifacts(1000)
-        # run id -> (lock, how many callers use it): one resumption of a run at a time.
-        self._resuming: dict[str, tuple[asyncio.Lock, int]] = {}
+        # One resumption of a run at a time, and one start of a client-chosen run id at a time.
+        self._resuming = KeyedLocks()
+        self._starts = KeyedLocks()
         self.engine_id = engine_id or default_engine_id()
         self.leases = Leases(
             env.store, self.engine_id, lease_ttl, on_lost=self._lease_lost, on_takeover=on_takeover
@@ -262,39 +285,46 @@ class Engine:
             if not task.done():
                 await driver.flush()  # out of time: the run must exist before it is named
             return StartOutcome(chosen, manifest_id, True)
-        # Implicit until the run outlives ttl/3: no write now. Not when this engine holds the run
-        # already (a retried start of a run it drives): that lease is the driver's.
-        fresh = chosen not in self.leases.held
-        lease = self.leases.start_new(chosen) if fresh else None
-        try:
-            await self.env.store.append(
-                run_stream_id(chosen),
-                [encode_event(started)],
-                expected_seq=None,
-                status="active",
-                artifacts=inline,
-            )
-        except BaseException as error:
-            if fresh:
-                self.leases.discard(chosen)
-            if not isinstance(error, KeelError) or error.code != "sequence_conflict" or run_id is None:
-                raise
-            existing = await self._existing_start(chosen, manifest_id)
-            # A client retrying its start after a crash expects the run to go on: drive it if
-            # nobody here does (another engine driving it too is fenced off by the sequence).
-            await self.resume_run(chosen)
+        # One start of a run id at a time here: a client's retried (or hedged) start must not win
+        # the append while the lease it would drive under is another start's.
+        driving: asyncio.Task[RunCompleted] | None
+        async with self._starts.hold(chosen):
+            # Implicit until the run outlives ttl/3: no write now. Not when this engine holds the run
+            # already (a retried start of a run it drives): that lease is the driver's.
+            fresh = chosen not in self.leases.held
+            lease = self.leases.start_new(chosen) if fresh else None
+            try:
+                await self.env.store.append(
+                    run_stream_id(chosen),
+                    [encode_event(started)],
+                    expected_seq=None,
+                    status="active",
+                    artifacts=inline,
+                )
+            except BaseException as error:
+                if fresh:
+                    self.leases.discard(chosen)
+                if not isinstance(error, KeelError) or error.code != "sequence_conflict" or run_id is None:
+                    raise
+                existing = await self._existing_start(chosen, manifest_id)
+                # A client retrying its start after a crash expects the run to go on: drive it if
+                # nobody here does (another engine driving it too is fenced off by the sequence).
+                await self.resume_run(chosen)
+                driving = None
+            else:
+                self._manifests.put(manifest_id, manifest)
+                assert lease is not None  # the append succeeded: the run is new
+                driver = self._driver(
+                    chosen, manifest, plan, fold([started]), lease=lease, events=[StoredEvent(1, started)]
+                )
+                driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
+                driving = self._spawn(driver)
+        if driving is None:
             if wait:
                 await self.await_run(chosen, wait_seconds)
             return existing
-        self._manifests.put(manifest_id, manifest)
-        assert lease is not None  # the append succeeded: the run is new
-        driver = self._driver(
-            chosen, manifest, plan, fold([started]), lease=lease, events=[StoredEvent(1, started)]
-        )
-        driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
-        task = self._spawn(driver)
         if wait:
-            await asyncio.wait({task}, timeout=wait_seconds)
+            await asyncio.wait({driving}, timeout=wait_seconds)
         return StartOutcome(chosen, manifest_id, True)
 
     async def started_manifest_id(self, run_id: str) -> str | None:
@@ -367,17 +397,8 @@ class Engine:
         resumption of a run at a time here: a second one (a scan and an await at once) would find
         the lease "ours" and write it again, fencing off the first one's driver mid-op.
         """
-        lock, users = self._resuming.get(run_id, (asyncio.Lock(), 0))
-        self._resuming[run_id] = (lock, users + 1)
-        try:
-            async with lock:
-                return await self._resume_run(run_id, created_at_us)
-        finally:
-            lock, users = self._resuming[run_id]
-            if users == 1:
-                del self._resuming[run_id]
-            else:
-                self._resuming[run_id] = (lock, users - 1)
+        async with self._resuming.hold(run_id):
+            return await self._resume_run(run_id, created_at_us)
 
     async def _resume_run(self, run_id: str, created_at_us: int | None) -> bool:
         if run_id in self.drivers or run_id in self.terminalizing or self._closing:

@@ -481,6 +481,51 @@ THREE_STEPS = pipeline(
 )
 
 
+@pytest.mark.parametrize("wait", [False, True])
+async def test_concurrent_starts_of_one_client_chosen_run_id_start_it_once(
+    cluster: Cluster, wait: bool
+) -> None:
+    # A client that retries (or hedges) its StartRun while the first one is still in flight.
+    run_id = str(uuid.uuid4())
+    request = engine_pb2.StartRunRequest(
+        run_id=run_id, pipeline=pipeline(step("nap", "keel.sleep", {"seconds": 0.2})), wait=wait
+    )
+    answers = await asyncio.gather(*(cluster.stub.StartRun(request) for _ in range(8)))
+    assert sorted(a.created for a in answers) == [False] * 7 + [True]
+    awaited = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=30)
+    assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED
+    events = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"run:{run_id}"))
+    assert [e.type for e in events.events].count("StepAttemptStarted") == 1
+
+
+async def test_a_start_overtaken_by_a_retry_of_it_still_drives_the_run(cluster: Cluster) -> None:
+    # The first start's append is held back (a slow network), so a retry of it would reach the store
+    # first: the engine serializes starts of one run id, so the run is started and driven once.
+    assert cluster.engine.engine is not None
+    store = cluster.engine.engine.env.store
+    run_id = str(uuid.uuid4())
+    original = store.append
+    held_back = asyncio.Event()
+
+    async def slow_first_append(stream_id: str, events: Any, **kwargs: Any) -> Any:
+        if stream_id == f"run:{run_id}" and not held_back.is_set():
+            held_back.set()
+            await asyncio.sleep(0.3)
+        return await original(stream_id, events, **kwargs)
+
+    store.append = slow_first_append  # type: ignore[method-assign]
+    try:
+        request = engine_pb2.StartRunRequest(run_id=run_id, pipeline=pipeline(step("e", "keel.echo")))
+        first = asyncio.ensure_future(cluster.stub.StartRun(request))
+        await held_back.wait()
+        answers = [await cluster.stub.StartRun(request), await first]
+    finally:
+        store.append = original  # type: ignore[method-assign]
+    assert sorted(a.created for a in answers) == [False, True]
+    awaited = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=30)
+    assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED
+
+
 async def test_a_finished_run_looks_the_same_from_the_engine_that_ran_it_and_from_the_store(
     cluster: Cluster,
 ) -> None:
