@@ -119,6 +119,20 @@ async def tick_once(ctx: StepContext, op_config: Any, input: Any) -> Any:
     return {"double": input * 2 if isinstance(input, int) else input, "tick": answer["tick"]}
 
 
+async def start_test_engine(store: str, **settings: Any) -> EngineServingHandle:
+    """An engine in this process on 127.0.0.1:0 with the test ops and transports (and `settings`)."""
+    return await start_engine(
+        EngineConfig(
+            listen="127.0.0.1:0",
+            store=store,
+            failpoints="",
+            ops=TEST_OPS,
+            transports=TEST_TRANSPORTS,
+            **settings,
+        )
+    )
+
+
 @dataclass
 class Cluster:
     """A running store and engine, with stubs for both."""

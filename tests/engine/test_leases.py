@@ -32,8 +32,8 @@ from engine_service.store_client import AppendResult, StoreClient
 from keel_core.errors import KeelError
 from keel_core.json_values import to_value
 from store_service.server import StoreConfig, start_store
-from tests.engine.conftest import TEST_OPS, TEST_TRANSPORTS, gate
 from tests.engine.conftest import Cluster as InProcessCluster
+from tests.engine.conftest import gate, start_test_engine
 from tests.engine.crash_ops import read_io_log
 from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
 from tests.engine.test_engine_rpcs import expect_error
@@ -336,16 +336,8 @@ async def test_concurrent_resumptions_of_one_run_write_its_lease_once(cluster: I
     # A scan and an await may resume one run at once: the second must not rewrite a lease the
     # first just took (that would fence off the first one's driver in the middle of its op).
     # An engine without the background scan, so that only these resumptions happen.
-    handle = await start_engine(
-        EngineConfig(
-            listen="127.0.0.1:0",
-            store=cluster.store_address,
-            failpoints="",
-            ops=TEST_OPS,
-            transports=TEST_TRANSPORTS,
-            checkpoint_linger=cluster.checkpoint_linger,
-            recover_on_start=False,
-        )
+    handle = await start_test_engine(
+        cluster.store_address, checkpoint_linger=cluster.checkpoint_linger, recover_on_start=False
     )
     assert handle.engine is not None
     engine = handle.engine
@@ -622,17 +614,7 @@ async def test_a_late_heartbeat_and_a_takers_fence_cannot_both_land(store_addres
 async def test_an_engine_whose_id_another_process_took_starts_no_run(cluster: InProcessCluster) -> None:
     # Two processes under one engine id: once the engine learns it (its heartbeat is refused by the
     # other's), it stops its runs and refuses new ones, saying why, instead of abandoning them.
-    handle = await start_engine(
-        EngineConfig(
-            listen="127.0.0.1:0",
-            store=cluster.store_address,
-            failpoints="",
-            ops=TEST_OPS,
-            transports=TEST_TRANSPORTS,
-            engine_id="twice",
-            lease_ttl=1.0,
-        )
-    )
+    handle = await start_test_engine(cluster.store_address, engine_id="twice", lease_ttl=1.0)
     assert handle.engine is not None
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
     store = StoreClient(cluster.store_address)

@@ -10,9 +10,8 @@ import grpc
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2
 
-from engine_service import EngineConfig, start_engine
 from keel_core.json_values import to_value
-from tests.engine.conftest import TEST_OPS, TEST_TRANSPORTS, Cluster, gate
+from tests.engine.conftest import Cluster, gate, start_test_engine
 
 
 def gated_run(gate_name: str) -> engine_pb2.StartRunRequest:
@@ -84,16 +83,8 @@ async def test_await_run_resumes_a_run_no_engine_drives(tmp_path: Path, cluster:
     await door.wait_for(1)
     await cluster.engine.drain(0)  # parks the run: its op is cancelled, nobody drives it now
     assert door.cancelled == [run_id]
-    second = await start_engine(
-        EngineConfig(
-            listen="127.0.0.1:0",
-            store=cluster.store_address,
-            failpoints="",
-            ops=TEST_OPS,
-            transports=TEST_TRANSPORTS,
-            recover_on_start=False,
-            checkpoint_linger=cluster.checkpoint_linger,
-        )
+    second = await start_test_engine(
+        cluster.store_address, recover_on_start=False, checkpoint_linger=cluster.checkpoint_linger
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{second.port}")
     try:

@@ -14,7 +14,6 @@ import pytest
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2
 
-from engine_service import EngineConfig, start_engine
 from engine_service.domain import (
     RunConfig,
     RunManifest,
@@ -35,7 +34,7 @@ from keel_core.serving import ServingHandle, start_server
 from store_service.backend import AppendResult, Expected, NewArtifact, NewEvent, StreamStatus
 from store_service.servicer import StoreServicer, register
 from store_service.sqlite import SqliteStoreBackend
-from tests.engine.conftest import TEST_OPS, TEST_TRANSPORTS, Cluster, gate
+from tests.engine.conftest import Cluster, gate, start_test_engine
 from tests.engine.test_engine_rpcs import expect_error
 
 if TYPE_CHECKING:
@@ -128,16 +127,7 @@ async def test_cancel_through_another_engine_cancels_the_op_where_it_runs(cluste
     door = gate(name)
     run_id = (await cluster.stub.StartRun(gated(name))).run_id
     await door.wait_for(1)
-    other = await start_engine(
-        EngineConfig(
-            listen="127.0.0.1:0",
-            store=cluster.store_address,
-            failpoints="",
-            ops=TEST_OPS,
-            transports=TEST_TRANSPORTS,
-            recover_on_start=False,
-        )
-    )
+    other = await start_test_engine(cluster.store_address, recover_on_start=False)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{other.port}")
     try:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
@@ -416,15 +406,7 @@ async def faulty(tmp_path: Path) -> AsyncIterator[FaultyCluster]:
     store: ServingHandle = await start_server(
         "127.0.0.1:0", lambda server: register(server, StoreServicer(backend))
     )
-    engine = await start_engine(
-        EngineConfig(
-            listen="127.0.0.1:0",
-            store=f"127.0.0.1:{store.port}",
-            failpoints="",
-            ops=TEST_OPS,
-            transports=TEST_TRANSPORTS,
-        )
-    )
+    engine = await start_test_engine(f"127.0.0.1:{store.port}")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}")
     try:
         yield FaultyCluster(backend, engine_pb2_grpc.EngineServiceStub(channel))
