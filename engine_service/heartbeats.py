@@ -188,6 +188,8 @@ class Heartbeat:
         self._started = False  # whether this process has appended yet
         # Sessions whose heartbeat landed: only those can be fenced (a taker read their heartbeat).
         self._landed_sessions: set[int] = set()
+        # Called once when this process is fenced off for good (the server reports NOT_SERVING).
+        self.on_fenced: list[Callable[[], None]] = []
         self._process = uuid.uuid4().hex[:12]  # tells this process's appends from another's
         self._lock = asyncio.Lock()
 
@@ -324,6 +326,8 @@ class Heartbeat:
     def _fence_for_good(self) -> None:
         if not self.fenced:
             log.error("%s", engine_fenced(self.engine_id).message)
+            for hook in self.on_fenced:
+                hook()
         self.fenced = True
         ended, self.session = self.session, 0
         if ended:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpc_health.v1 import health_pb2
+
 from engine_service import builtin_ops
 from engine_service import metrics as engine_metrics
 from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
@@ -143,6 +145,9 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         )
         undo.pop_all()
     engine_metrics.track_engine(engine)
+    # An engine fenced off for good (another process uses its engine id) drives nothing more: it
+    # says so to health checks, so that balancers send clients elsewhere.
+    engine.leases.heartbeat.on_fenced.append(lambda: _not_serving(served))
     recovery: asyncio.Task[None] | None = None
     if config.recover_on_start:
         # Recovery at start, then takeover of runs whose lease expired or was released.
@@ -166,6 +171,19 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         engine=engine,
         metrics=metrics,
     )
+
+
+_reports: set[asyncio.Future[None]] = set()
+
+
+def _not_serving(served: ServingHandle) -> None:
+    async def report() -> None:
+        for name in ["", *served.service_names]:
+            await served.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    reporting = asyncio.ensure_future(report())
+    _reports.add(reporting)
+    reporting.add_done_callback(_reports.discard)
 
 
 def _log_scanning(task: asyncio.Task[None]) -> None:

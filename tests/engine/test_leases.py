@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
@@ -634,6 +635,17 @@ async def test_an_engine_whose_id_another_process_took_starts_no_run(cluster: In
             "engine_id_in_use",
         )
         assert "engine ids must differ" in message
+        # Health checks say so, so that a balancer sends clients to an engine that can drive runs.
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def not_serving() -> bool:
+            answers = [
+                await health.Check(health_pb2.HealthCheckRequest(service=service))
+                for service in ("", "keel.engine.v1.EngineService")
+            ]
+            return all(a.status == health_pb2.HealthCheckResponse.NOT_SERVING for a in answers)
+
+        await eventually(not_serving, "health checks say NOT_SERVING", within=10, poll=0.05)
     finally:
         await channel.close(grace=None)
         await store.close()
