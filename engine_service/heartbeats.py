@@ -30,6 +30,12 @@ One process per engine id. A process's first heartbeat appends after whatever th
 (a restarted engine with the same id takes its stream over); every later append is after its own
 last one. A refusal whose winner is another process's heartbeat means another process writes
 under this engine id: this one is fenced off for good (it drives nothing more) and says so.
+
+Trimming. Readers only ever read the stream's last event, so every TRIM_EVERY heartbeats that land
+the engine trims its stream (StoreService TrimStream) to the last TRIM_KEEP events up to its own
+heartbeat that just landed: it deletes only events it has seen, never that heartbeat, so the last
+event always stays, and the head (what every compare-and-swap here is after) is unchanged. The
+trim runs beside the heartbeats, one at a time; a failed one is only logged.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ ENGINE_FENCED = "EngineFenced"
 MARGIN_FRACTION = 0.2
 # How long a shutdown waits for the store to record it (its sessions expire otherwise).
 STOP_PATIENCE = 2.0
+# Every this many landed heartbeats, the stream is trimmed to its last TRIM_KEEP events.
+TRIM_EVERY = 100
+TRIM_KEEP = 20
 # The engine stream's status label: "active" while heartbeating, "canceled" once stopped,
 # "failed" once fenced off by another engine (until it heartbeats again).
 BEATING = "active"
@@ -167,8 +176,17 @@ class Heartbeat:
     """This engine's own liveness record: its sessions, their heartbeats, how long to trust them."""
 
     def __init__(
-        self, store: StoreClient, engine_id: str, ttl: float, *, on_leases_lost: Callable[[int, str], None]
+        self,
+        store: StoreClient,
+        engine_id: str,
+        ttl: float,
+        *,
+        on_leases_lost: Callable[[int, str], None],
+        trim_every: int = TRIM_EVERY,
+        trim_keep: int = TRIM_KEEP,
     ) -> None:
+        if trim_every < 1 or trim_keep < 1:
+            raise ValueError(f"trim_every and trim_keep must be 1 or more, got {trim_every}, {trim_keep}")
         self.store = store
         self.engine_id = engine_id
         self.ttl = ttl
@@ -192,6 +210,10 @@ class Heartbeat:
         self.on_fenced: list[Callable[[], None]] = []
         self._process = uuid.uuid4().hex[:12]  # tells this process's appends from another's
         self._lock = asyncio.Lock()
+        self._trim_every = trim_every
+        self._trim_keep = trim_keep
+        self._beats_since_trim = 0
+        self._trimming: asyncio.Task[None] | None = None  # the trim in flight, if any
 
     def trusts(self, session: int) -> bool:
         """Whether leases taken in `session` are this engine's now (with the safety margin)."""
@@ -284,6 +306,37 @@ class Heartbeat:
             self._landed_sessions.add(session)
             self.session = session
             self._sent_at = sent_at
+            self._maybe_trim(result.head_seq)
+
+    def _maybe_trim(self, landed_seq: int) -> None:
+        """Every `trim_every` landed heartbeats, start trimming to the last `trim_keep` up to `landed_seq`."""
+        self._beats_since_trim += 1
+        if self._beats_since_trim < self._trim_every or not self.trim_settled():
+            return
+        self._beats_since_trim = 0
+        before_seq = landed_seq - self._trim_keep + 1
+        if before_seq > 1:
+            self._trimming = asyncio.create_task(self._trim(before_seq), name=f"trim {self.stream}")
+
+    async def _trim(self, before_seq: int) -> None:
+        # Never raises: a trim only saves space, and the heartbeats must not depend on it.
+        try:
+            removed = await self.store.trim(self.stream, before_seq, patience=self.ttl / 4)
+        except Exception as error:
+            log.warning(
+                "could not trim %s before %d (%s); trying again later", self.stream, before_seq, error
+            )
+            return
+        log.debug("trimmed %d events of %s before %d", removed, self.stream, before_seq)
+
+    def trim_settled(self) -> bool:
+        """Whether no trim of the stream is in flight."""
+        return self._trimming is None or self._trimming.done()
+
+    async def settle_trim(self) -> None:
+        """Wait for the trim in flight, if any, to end (it never raises)."""
+        if self._trimming is not None:
+            await asyncio.shield(self._trimming)
 
     async def _refused(self) -> None:
         """Our heartbeat was refused: find out by whom (ending the session if it was fenced)."""
@@ -338,6 +391,8 @@ class Heartbeat:
 
         Call it only once nothing drives a run here any more.
         """
+        if self._trimming is not None and not self._trimming.done():
+            self._trimming.cancel()  # only saves space; the next process trims again
         async with self._lock:
             if self.stopped:
                 return

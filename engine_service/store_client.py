@@ -282,6 +282,23 @@ class StoreClient:
         response = await self._retrying(f"HeadSeq({stream_id})", once, patience)
         return response.head_seq, _LABEL_NAMES.get(response.status, "")
 
+    async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:
+        """Delete the stream's events below `before_seq` (at most head + 1); returns how many went.
+
+        The head and the label stay. A repeat after a lost answer is harmless (it deletes nothing
+        more), so it is retried like a read.
+        """
+        request = store_pb2.TrimStreamRequest(stream_id=stream_id, before_seq=before_seq)
+
+        async def once() -> store_pb2.TrimStreamResponse:
+            response: store_pb2.TrimStreamResponse = await self._stub.TrimStream(
+                request, timeout=self.rpc_timeout
+            )
+            return response
+
+        response = await self._retrying(f"TrimStream({stream_id})", once, patience)
+        return response.removed
+
     async def list_streams(
         self,
         *,

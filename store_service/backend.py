@@ -109,6 +109,14 @@ class AppendResult:
 
 
 @dataclass(frozen=True, slots=True)
+class TrimResult:
+    """What a trim did: how many events it deleted, and the stream's (unchanged) head."""
+
+    removed: int
+    head_seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class EventPage:
     """A forward page of a stream: the events, where to read next (0 at the head), the head."""
 
@@ -248,7 +256,21 @@ class StoreBackend(abc.ABC):
 
     @abc.abstractmethod
     async def read(self, stream_id: str, from_seq: int, limit: int) -> EventPage:
-        """Read up to `limit` events with seq >= `from_seq`, in order."""
+        """Read up to `limit` events with seq >= `from_seq`, in order.
+
+        Events a trim deleted are skipped: the page starts at the first kept event at or after
+        `from_seq`.
+        """
+
+    @abc.abstractmethod
+    async def trim(self, stream_id: str, before_seq: int) -> TrimResult:
+        """Delete the stream's events with seq < `before_seq`; the head and label stay as they are.
+
+        Appends keep their compare-and-swap against the true head (an append after a trim still
+        needs it), and a trim never races an append into a lost or duplicated sequence number. An
+        unknown stream is an empty one (head 0). Raises `invalid_sequence` (INVALID_ARGUMENT,
+        details {"head_seq": head}) when `before_seq` > head + 1, and deletes nothing then.
+        """
 
     @abc.abstractmethod
     async def head(self, stream_id: str) -> StreamHead:
@@ -320,6 +342,16 @@ def invalid_page_token(token: str) -> KeelError:
     )
 
 
+def trim_past_head(stream_id: str, before_seq: int, head_seq: int) -> KeelError:
+    """The error of a trim that would delete events the stream does not have yet."""
+    return invalid_argument(
+        "invalid_sequence",
+        f"stream {stream_id!r}: before_seq {before_seq} is past head + 1 ({head_seq + 1}); "
+        "a trim deletes only events that exist (read the head first)",
+        head_seq=head_seq,
+    )
+
+
 def empty_batch() -> KeelError:
     """The error of an append without events."""
     return invalid_argument("invalid_batch", "an append needs at least one event")
@@ -343,8 +375,10 @@ __all__ = [
     "StreamInfo",
     "StreamPage",
     "StreamStatus",
+    "TrimResult",
     "artifact_not_found",
     "empty_batch",
     "invalid_page_token",
     "sequence_conflict",
+    "trim_past_head",
 ]

@@ -56,6 +56,7 @@ from store_service.backend import (
     StreamInfo,
     StreamPage,
     StreamStatus,
+    TrimResult,
     artifact_id_of,
     artifact_not_found,
     decode_page_token,
@@ -63,6 +64,7 @@ from store_service.backend import (
     encode_page_token,
     page_of,
     sequence_conflict,
+    trim_past_head,
 )
 from store_service.postgres_errors import LOST_RACE, database_errors, is_lost_connection, translate_error
 from store_service.postgres_listener import RECONNECT_MAX_S, RECONNECT_MIN_S, PostgresListener
@@ -95,6 +97,15 @@ _READ = (
     "FROM (SELECT coalesce((SELECT head_seq FROM streams WHERE stream_id = $1), 0) AS head_seq) AS h "
     "LEFT JOIN LATERAL (SELECT seq, type, payload, recorded_at_us FROM events "
     "WHERE stream_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3) AS e ON true"
+)
+# One statement, one snapshot: events below before_seq go only if before_seq <= head + 1 (an unknown
+# stream's head is NULL: nothing goes). Appends compare-and-swap the streams row, which a trim does
+# not touch, so an append racing a trim still lands exactly after the true head.
+_TRIM = (
+    "WITH h AS (SELECT head_seq FROM streams WHERE stream_id = $1), "
+    "d AS (DELETE FROM events WHERE stream_id = $1 AND seq < $2 "
+    "AND $2 <= (SELECT head_seq FROM h) + 1 RETURNING 1) "
+    "SELECT coalesce((SELECT head_seq FROM h), 0), (SELECT count(*) FROM d)"
 )
 _INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES ($1, $2, $3)"
 _NOW_US = "(extract(epoch FROM statement_timestamp()) * 1000000)::int8"
@@ -469,6 +480,14 @@ class PostgresStoreBackend(StoreBackend):
             if r[1] is not None
         ]
         return page_of(events, head)
+
+    async def trim(self, stream_id: str, before_seq: int) -> TrimResult:
+        """Delete events below `before_seq` with one statement (safe to repeat on a fresh connection)."""
+        rows = await self._query(_TRIM, stream_id, before_seq)
+        head, removed = int(rows[0][0]), int(rows[0][1])
+        if before_seq > head + 1:
+            raise trim_past_head(stream_id, before_seq, head)
+        return TrimResult(removed, head)
 
     async def head(self, stream_id: str) -> StreamHead:
         """The head and label from the streams table (0, UNSPECIFIED for an unknown stream)."""

@@ -82,8 +82,12 @@ ALTER TABLE artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 # with a unique violation (the primary key is the arbiter), and the store retries that group one
 # append at a time to give the conflict to the right caller. pg_notify is transactional: the
 # listeners of every replica hear of the append exactly when it commits, never before.
-_APPEND_GROUP = """
-CREATE FUNCTION append_group(
+#
+# Since TrimStream deletes old events, the primary key alone no longer catches every such race (a
+# stale head's sequence numbers may have been trimmed away): the head update is itself a
+# compare-and-swap on the streams row, and a row that moved under the group raises the same
+# unique violation, so the group is retried against the new head.
+_APPEND_GROUP_BODY = """ append_group(
     p_stream_ids text[],
     p_kinds smallint[],        -- 0 exact, 1 no stream, 2 any
     p_expected bigint[],
@@ -140,7 +144,11 @@ BEGIN
             IF known THEN
                 UPDATE streams
                    SET head_seq = out_head, status = coalesce(p_statuses[i], status), updated_at_us = now_us
-                 WHERE stream_id = p_stream_ids[i];
+                 WHERE stream_id = p_stream_ids[i] AND head_seq = head;
+                IF NOT FOUND THEN
+                    RAISE unique_violation USING MESSAGE = format(
+                        'stream %s moved past head %s under this append group', p_stream_ids[i], head);
+                END IF;
             ELSE
                 INSERT INTO streams (stream_id, head_seq, status, created_at_us, updated_at_us)
                     VALUES (p_stream_ids[i], out_head, coalesce(p_statuses[i], 0), now_us, now_us);
@@ -174,10 +182,13 @@ BEGIN
 END
 $fn$;
 """
+_APPEND_GROUP = "CREATE FUNCTION" + _APPEND_GROUP_BODY
+_APPEND_GROUP_HEAD_CAS = "CREATE OR REPLACE FUNCTION" + _APPEND_GROUP_BODY
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "streams, events and artifacts", _TABLES),
     Migration(2, "append_group: one round trip per group commit", _APPEND_GROUP),
+    Migration(3, "append_group: compare-and-swap the head row too (TrimStream)", _APPEND_GROUP_HEAD_CAS),
 )
 
 

@@ -145,6 +145,18 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             events=[recorded_event(e) for e in page.events], next_seq=page.next_seq, head_seq=page.head_seq
         )
 
+    async def TrimStream(
+        self, request: store_pb2.TrimStreamRequest, context: Context
+    ) -> store_pb2.TrimStreamResponse:
+        """Delete a stream's events below `before_seq`; its head and label stay as they are."""
+        try:
+            stream_id = limits.check_stream_id(request.stream_id)
+            before_seq = limits.check_sequence("before_seq", request.before_seq)
+            result = await self._backend.trim(stream_id, before_seq)
+        except KeelError as error:
+            await _fail(context, error)
+        return store_pb2.TrimStreamResponse(removed=result.removed, head_seq=result.head_seq)
+
     async def HeadSeq(self, request: store_pb2.HeadSeqRequest, context: Context) -> store_pb2.HeadSeqResponse:
         """The stream's head and status label."""
         try:

@@ -56,6 +56,7 @@ from store_service.backend import (
     StreamInfo,
     StreamPage,
     StreamStatus,
+    TrimResult,
     artifact_id_of,
     artifact_not_found,
     decode_page_token,
@@ -299,19 +300,26 @@ class SqliteStoreBackend(StoreBackend):
         return await future
 
     async def read(self, stream_id: str, from_seq: int, limit: int) -> EventPage:
-        """A forward page, consistent with the head reported alongside it."""
+        """A forward page, consistent with the head reported alongside it.
+
+        It starts at the first event at or after `from_seq` that a trim kept.
+        """
         start = max(1, from_seq)
         head = (await self.head(stream_id)).head_seq
-        last = min(head, start + limit - 1)
-        if last < start:
+        if head < start:
             return EventPage((), 0, head)
+        # Up to the head read above, so the page never runs ahead of the head it reports.
         rows = await self._fetch(
             "SELECT seq, type, payload, recorded_at_us FROM events "
-            "WHERE stream_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",
-            (stream_id, start, last),
+            "WHERE stream_id = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
+            (stream_id, start, head, limit),
         )
         events = [StoredEvent(stream_id, int(r[0]), str(r[1]), bytes(r[2]), int(r[3])) for r in rows]
         return page_of(events, head)
+
+    async def trim(self, stream_id: str, before_seq: int) -> TrimResult:
+        """Delete events below `before_seq` on the writer (a write, serialized with appends)."""
+        return await self._write(partial(SqliteWriter.trim, stream_id=stream_id, before_seq=before_seq))
 
     async def head(self, stream_id: str) -> StreamHead:
         """The head and label from the streams table (0, UNSPECIFIED for an unknown stream)."""

@@ -25,8 +25,10 @@ from store_service.backend import (
     NewArtifact,
     NewEvent,
     StreamStatus,
+    TrimResult,
     artifact_id_of,
     sequence_conflict,
+    trim_past_head,
 )
 
 log = logging.getLogger(__name__)
@@ -237,6 +239,31 @@ class SqliteWriter:
             self._rollback()
             raise
         return outcomes
+
+    # -- trims -------------------------------------------------------------------------------
+
+    def trim(self, stream_id: str, before_seq: int) -> TrimResult:
+        """Delete the stream's events below `before_seq` (at most head + 1) in one transaction.
+
+        The head stays in the streams row, so appends keep comparing against the true head. This
+        runs on the one writer like appends, so it never interleaves with a group commit.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            head = self._head(stream_id)
+            if before_seq > head + 1:
+                raise trim_past_head(stream_id, before_seq, head)
+            removed = 0
+            if before_seq > 1:
+                cursor = self.conn.execute(
+                    "DELETE FROM events WHERE stream_id = ? AND seq < ?", (stream_id, before_seq)
+                )
+                removed = cursor.rowcount
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return TrimResult(removed, head)
 
     def _heads(self, stream_ids: set[str]) -> dict[str, tuple[int, int]]:
         """(head_seq, status) of those of `stream_ids` that exist."""

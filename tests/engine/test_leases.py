@@ -650,3 +650,56 @@ async def test_an_engine_whose_id_another_process_took_starts_no_run(cluster: In
         await channel.close(grace=None)
         await store.close()
         await handle.drain(0.5)
+
+
+class TrimFailing(StoreClient):
+    """A client of the real store whose trims fail unanswered."""
+
+    async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:
+        """Always fail, as a store that does not answer."""
+        raise KeelError("store_unavailable", "injected: the store did not answer the trim", retryable=True)
+
+
+async def test_an_engines_liveness_stream_stays_bounded_however_long_it_heartbeats(
+    store_address: str,
+) -> None:
+    # The engine stream grew by one heartbeat every ttl/4 forever; trimming keeps it bounded while
+    # the head (what every compare-and-swap on it is after) and the last event stay.
+    every, keep, beats = 5, 3, 40
+    store = StoreClient(store_address)
+    failing = TrimFailing(store_address)
+    try:
+        holder = Heartbeat(
+            store,
+            "engine-t",
+            60.0,
+            on_leases_lost=lambda session, why: None,
+            trim_every=every,
+            trim_keep=keep,
+        )
+        for _ in range(beats):
+            await holder.beat()
+            await holder.settle_trim()
+            events = await store.read("engine:engine-t")
+            head, _ = await store.head("engine:engine-t")
+            assert len(events) < every + keep, [e.seq for e in events]
+            assert events[-1].seq == head and events[-1].type == "EngineHeartbeat"
+            record = await read_engine_record(store, "engine-t")
+            assert record is not None and record.seq == head and holder.trusts(record.session)
+        assert head == beats and events[0].seq > beats - every - keep
+        # A taker's fence after the trimmed stream's head still lands, and ends the session.
+        assert record is not None and await fence(store, record, "engine-y")
+        with pytest.raises(KeelError, match="fenced its session off"):
+            await holder.beat()
+        # A trim that fails is only logged: the heartbeats go on, the stream just keeps its events.
+        other = Heartbeat(
+            failing, "engine-u", 60.0, on_leases_lost=lambda session, why: None, trim_every=1, trim_keep=1
+        )
+        for _ in range(4):
+            await other.beat()
+            await other.settle_trim()
+        assert other.trusts(other.session)
+        assert [e.seq for e in await store.read("engine:engine-u")] == [1, 2, 3, 4]
+    finally:
+        await store.close()
+        await failing.close()

@@ -355,6 +355,100 @@ class StoreBackendSuite(abc.ABC):
             assert caught.value.code == "invalid_page_token"
             assert caught.value.category is ErrorCategory.INVALID_ARGUMENT
 
+    # -- trimming --------------------------------------------------------------------------
+
+    async def test_trim_deletes_events_below_and_keeps_head_and_label(self, backend: StoreBackend) -> None:
+        await backend.append("t", Expected.no_stream(), events(*(f"e{i}" for i in range(1, 11))))
+        await backend.append("t", Expected.exact(10), events("e11"), status=StreamStatus.ACTIVE)
+        result = await backend.trim("t", 9)
+        assert (result.removed, result.head_seq) == (8, 11)
+        assert [e.seq for e in await read_all(backend, "t")] == [9, 10, 11]
+        head = await backend.head("t")
+        assert (head.head_seq, head.status) == (11, StreamStatus.ACTIVE)
+        again = await backend.trim("t", 9)
+        assert (again.removed, again.head_seq) == (0, 11)
+
+    async def test_read_from_a_trimmed_range_starts_at_the_first_kept_event(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("t", Expected.no_stream(), events(*(f"e{i}" for i in range(1, 21))))
+        await backend.trim("t", 15)
+        page = await backend.read("t", 1, 3)
+        assert [e.seq for e in page.events] == [15, 16, 17]
+        assert (page.next_seq, page.head_seq) == (18, 20)
+        page = await backend.read("t", 0, 100)
+        assert [e.seq for e in page.events] == list(range(15, 21))
+        assert page.next_seq == 0
+
+    async def test_append_after_trim_still_needs_the_true_head(self, backend: StoreBackend) -> None:
+        await backend.append("t", Expected.no_stream(), events("a", "b", "c"))
+        result = await backend.trim("t", 4)  # head + 1: every event goes, the head stays
+        assert (result.removed, result.head_seq) == (3, 3)
+        page = await backend.read("t", 1, 10)
+        assert (page.events, page.next_seq, page.head_seq) == ((), 0, 3)
+        for stale in (Expected.exact(0), Expected.exact(2), Expected.no_stream()):
+            with pytest.raises(KeelError) as caught:
+                await backend.append("t", stale, events("x"))
+            assert caught.value.code == "sequence_conflict"
+            assert caught.value.details["actual_seq"] == 3
+        appended = await backend.append("t", Expected.exact(3), events("d"))
+        assert (appended.first_seq, appended.head_seq) == (4, 4)
+        assert [(e.seq, e.type) for e in await read_all(backend, "t")] == [(4, "d")]
+
+    async def test_trim_past_head_plus_one_is_invalid_and_deletes_nothing(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("t", Expected.no_stream(), events("a", "b"))
+        with pytest.raises(KeelError) as caught:
+            await backend.trim("t", 4)
+        assert caught.value.code == "invalid_sequence"
+        assert caught.value.category is ErrorCategory.INVALID_ARGUMENT
+        assert caught.value.details["head_seq"] == 2
+        assert [e.seq for e in await read_all(backend, "t")] == [1, 2]
+
+    async def test_trim_of_an_unknown_stream_is_an_empty_one(self, backend: StoreBackend) -> None:
+        for before in (0, 1):
+            result = await backend.trim("ghost", before)
+            assert (result.removed, result.head_seq) == (0, 0)
+        with pytest.raises(KeelError) as caught:
+            await backend.trim("ghost", 2)
+        assert caught.value.code == "invalid_sequence"
+        head = await backend.head("ghost")
+        assert (head.head_seq, head.status) == (0, StreamStatus.UNSPECIFIED)
+
+    async def test_trims_racing_appends_lose_and_duplicate_nothing(self, backend: StoreBackend) -> None:
+        """Appends with compare-and-swap and trims of the same stream interleave freely."""
+        await backend.append("race", Expected.no_stream(), events("e1"))
+        racers, each = 4, 15
+        won: list[int] = []
+
+        async def appender(index: int) -> None:
+            done = 0
+            while done < each:
+                head = (await backend.head("race")).head_seq
+                try:
+                    result = await backend.append("race", Expected.exact(head), events(f"r{index}/{done}"))
+                except KeelError as error:
+                    assert error.code == "sequence_conflict"
+                    continue
+                assert result.first_seq == head + 1
+                won.append(result.first_seq)
+                done += 1
+
+        async def trimmer() -> None:
+            for _ in range(30):
+                head = (await backend.head("race")).head_seq
+                await backend.trim("race", max(1, head - 2))
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(appender(i) for i in range(racers)), trimmer())
+        total = 1 + racers * each
+        assert sorted(won) == list(range(2, total + 1))  # every sequence won exactly once
+        assert (await backend.head("race")).head_seq == total
+        kept = await read_all(backend, "race")
+        assert kept and kept[-1].seq == total
+        assert [e.seq for e in kept] == list(range(kept[0].seq, total + 1))
+
     # -- subscriptions ---------------------------------------------------------------------
 
     async def test_subscribe_yields_existing_then_live_events(self, backend: StoreBackend) -> None:

@@ -90,6 +90,36 @@ async def test_conflict_is_aborted_with_actual_seq_in_error_info(stub: StoreServ
     assert head.head_seq == 2
 
 
+async def test_trim_stream_drops_old_events_and_keeps_the_head(stub: StoreServiceAsyncStub) -> None:
+    events = [ev(f"E{i}") for i in range(1, 7)]
+    await stub.AppendEvents(append_request("engine:e", events=events, status=pb.STREAM_STATUS_ACTIVE))
+    trimmed = await stub.TrimStream(pb.TrimStreamRequest(stream_id="engine:e", before_seq=5))
+    assert (trimmed.removed, trimmed.head_seq) == (4, 6)
+    page = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="engine:e", from_seq=1))
+    assert [e.seq for e in page.events] == [5, 6] and (page.next_seq, page.head_seq) == (0, 6)
+    head = await stub.HeadSeq(pb.HeadSeqRequest(stream_id="engine:e"))
+    assert (head.head_seq, head.status) == (6, pb.STREAM_STATUS_ACTIVE)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AppendEvents(append_request("engine:e", pb.EXPECTED_KIND_EXACT, 4))
+    assert error_info(caught.value).metadata["actual_seq"] == "6"
+    after = await stub.AppendEvents(append_request("engine:e", pb.EXPECTED_KIND_EXACT, 6))
+    assert after.first_seq == 7
+    for request, reason in (
+        (pb.TrimStreamRequest(stream_id="engine:e", before_seq=9), "invalid_sequence"),
+        (pb.TrimStreamRequest(stream_id="engine:e", before_seq=-1), "invalid_sequence"),
+        (pb.TrimStreamRequest(stream_id="", before_seq=1), "invalid_stream_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.TrimStream(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == reason
+    assert error_info(caught.value).metadata["category"] == "invalid_argument"
+    page = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="engine:e"))
+    assert [e.seq for e in page.events] == [5, 6, 7]
+    unknown = await stub.TrimStream(pb.TrimStreamRequest(stream_id="nobody", before_seq=1))
+    assert (unknown.removed, unknown.head_seq) == (0, 0)
+
+
 async def test_list_streams_filters_and_pages(stub: StoreServiceAsyncStub) -> None:
     statuses = [pb.STREAM_STATUS_ACTIVE, pb.STREAM_STATUS_COMPLETED, pb.STREAM_STATUS_ACTIVE]
     for i, status in enumerate(statuses):

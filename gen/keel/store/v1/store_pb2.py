@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keel/store/v1/store.proto\x12\rkeel.store.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\tEventData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x7f\n\rRecordedEvent\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12/\n\x0brecorded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x0eInlineArtifact\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xfb\x01\n\x13\x41ppendEventsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x32\n\rexpected_kind\x18\x02 \x01(\x0e\x32\x1b.keel.store.v1.ExpectedKind\x12\x14\n\x0c\x65xpected_seq\x18\x03 \x01(\x03\x12(\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x18.keel.store.v1.EventData\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.keel.store.v1.StreamStatus\x12\x30\n\tartifacts\x18\x06 \x03(\x0b\x32\x1d.keel.store.v1.InlineArtifact\"Q\n\x14\x41ppendEventsResponse\x12\x11\n\tfirst_seq\x18\x01 \x01(\x03\x12\x10\n\x08head_seq\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rtifact_ids\x18\x03 \x03(\t\"G\n\x11ReadEventsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"f\n\x12ReadEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.keel.store.v1.RecordedEvent\x12\x10\n\x08next_seq\x18\x02 \x01(\x03\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"#\n\x0eHeadSeqRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"P\n\x0fHeadSeqResponse\x12\x10\n\x08head_seq\x18\x01 \x01(\x03\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.keel.store.v1.StreamStatus\"z\n\x12ListStreamsRequest\x12-\n\x08statuses\x18\x01 \x03(\x0e\x32\x1b.keel.store.v1.StreamStatus\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xbe\x01\n\nStreamInfo\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08head_seq\x18\x02 \x01(\x03\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.keel.store.v1.StreamStatus\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x13ListStreamsResponse\x12*\n\x07streams\x18\x01 \x03(\x0b\x32\x19.keel.store.v1.StreamInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x16SubscribeEventsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"F\n\x17SubscribeEventsResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.keel.store.v1.RecordedEvent\"0\n\x12PutArtifactRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\x13PutArtifactResponse\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"?\n\x13GetArtifactResponse\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\")\n\x12HasArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"3\n\x13HasArtifactResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03*z\n\x0c\x45xpectedKind\x12\x1d\n\x19\x45XPECTED_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPECTED_KIND_EXACT\x10\x01\x12\x1b\n\x17\x45XPECTED_KIND_NO_STREAM\x10\x02\x12\x15\n\x11\x45XPECTED_KIND_ANY\x10\x03*\x9a\x01\n\x0cStreamStatus\x12\x1d\n\x19STREAM_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17STREAM_STATUS_COMPLETED\x10\x02\x12\x18\n\x14STREAM_STATUS_FAILED\x10\x03\x12\x1a\n\x16STREAM_STATUS_CANCELED\x10\x04\x32\xc4\x05\n\x0cStoreService\x12W\n\x0c\x41ppendEvents\x12\".keel.store.v1.AppendEventsRequest\x1a#.keel.store.v1.AppendEventsResponse\x12Q\n\nReadEvents\x12 .keel.store.v1.ReadEventsRequest\x1a!.keel.store.v1.ReadEventsResponse\x12H\n\x07HeadSeq\x12\x1d.keel.store.v1.HeadSeqRequest\x1a\x1e.keel.store.v1.HeadSeqResponse\x12T\n\x0bListStreams\x12!.keel.store.v1.ListStreamsRequest\x1a\".keel.store.v1.ListStreamsResponse\x12\x62\n\x0fSubscribeEvents\x12%.keel.store.v1.SubscribeEventsRequest\x1a&.keel.store.v1.SubscribeEventsResponse0\x01\x12V\n\x0bPutArtifact\x12!.keel.store.v1.PutArtifactRequest\x1a\".keel.store.v1.PutArtifactResponse(\x01\x12V\n\x0bGetArtifact\x12!.keel.store.v1.GetArtifactRequest\x1a\".keel.store.v1.GetArtifactResponse0\x01\x12T\n\x0bHasArtifact\x12!.keel.store.v1.HasArtifactRequest\x1a\".keel.store.v1.HasArtifactResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keel/store/v1/store.proto\x12\rkeel.store.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\tEventData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x7f\n\rRecordedEvent\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12/\n\x0brecorded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x0eInlineArtifact\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xfb\x01\n\x13\x41ppendEventsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x32\n\rexpected_kind\x18\x02 \x01(\x0e\x32\x1b.keel.store.v1.ExpectedKind\x12\x14\n\x0c\x65xpected_seq\x18\x03 \x01(\x03\x12(\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x18.keel.store.v1.EventData\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.keel.store.v1.StreamStatus\x12\x30\n\tartifacts\x18\x06 \x03(\x0b\x32\x1d.keel.store.v1.InlineArtifact\"Q\n\x14\x41ppendEventsResponse\x12\x11\n\tfirst_seq\x18\x01 \x01(\x03\x12\x10\n\x08head_seq\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rtifact_ids\x18\x03 \x03(\t\":\n\x11TrimStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x12\n\nbefore_seq\x18\x02 \x01(\x03\"7\n\x12TrimStreamResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\x12\x10\n\x08head_seq\x18\x02 \x01(\x03\"G\n\x11ReadEventsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"f\n\x12ReadEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.keel.store.v1.RecordedEvent\x12\x10\n\x08next_seq\x18\x02 \x01(\x03\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"#\n\x0eHeadSeqRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"P\n\x0fHeadSeqResponse\x12\x10\n\x08head_seq\x18\x01 \x01(\x03\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.keel.store.v1.StreamStatus\"z\n\x12ListStreamsRequest\x12-\n\x08statuses\x18\x01 \x03(\x0e\x32\x1b.keel.store.v1.StreamStatus\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xbe\x01\n\nStreamInfo\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08head_seq\x18\x02 \x01(\x03\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.keel.store.v1.StreamStatus\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x13ListStreamsResponse\x12*\n\x07streams\x18\x01 \x03(\x0b\x32\x19.keel.store.v1.StreamInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x16SubscribeEventsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"F\n\x17SubscribeEventsResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.keel.store.v1.RecordedEvent\"0\n\x12PutArtifactRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\x13PutArtifactResponse\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"?\n\x13GetArtifactResponse\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\")\n\x12HasArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"3\n\x13HasArtifactResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03*z\n\x0c\x45xpectedKind\x12\x1d\n\x19\x45XPECTED_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPECTED_KIND_EXACT\x10\x01\x12\x1b\n\x17\x45XPECTED_KIND_NO_STREAM\x10\x02\x12\x15\n\x11\x45XPECTED_KIND_ANY\x10\x03*\x9a\x01\n\x0cStreamStatus\x12\x1d\n\x19STREAM_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17STREAM_STATUS_COMPLETED\x10\x02\x12\x18\n\x14STREAM_STATUS_FAILED\x10\x03\x12\x1a\n\x16STREAM_STATUS_CANCELED\x10\x04\x32\x97\x06\n\x0cStoreService\x12W\n\x0c\x41ppendEvents\x12\".keel.store.v1.AppendEventsRequest\x1a#.keel.store.v1.AppendEventsResponse\x12Q\n\nReadEvents\x12 .keel.store.v1.ReadEventsRequest\x1a!.keel.store.v1.ReadEventsResponse\x12H\n\x07HeadSeq\x12\x1d.keel.store.v1.HeadSeqRequest\x1a\x1e.keel.store.v1.HeadSeqResponse\x12T\n\x0bListStreams\x12!.keel.store.v1.ListStreamsRequest\x1a\".keel.store.v1.ListStreamsResponse\x12\x62\n\x0fSubscribeEvents\x12%.keel.store.v1.SubscribeEventsRequest\x1a&.keel.store.v1.SubscribeEventsResponse0\x01\x12V\n\x0bPutArtifact\x12!.keel.store.v1.PutArtifactRequest\x1a\".keel.store.v1.PutArtifactResponse(\x01\x12V\n\x0bGetArtifact\x12!.keel.store.v1.GetArtifactRequest\x1a\".keel.store.v1.GetArtifactResponse0\x01\x12T\n\x0bHasArtifact\x12!.keel.store.v1.HasArtifactRequest\x1a\".keel.store.v1.HasArtifactResponse\x12Q\n\nTrimStream\x12 .keel.store.v1.TrimStreamRequest\x1a!.keel.store.v1.TrimStreamResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keel.store.v1.store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPECTEDKIND']._serialized_start=1803
-  _globals['_EXPECTEDKIND']._serialized_end=1925
-  _globals['_STREAMSTATUS']._serialized_start=1928
-  _globals['_STREAMSTATUS']._serialized_end=2082
+  _globals['_EXPECTEDKIND']._serialized_start=1920
+  _globals['_EXPECTEDKIND']._serialized_end=2042
+  _globals['_STREAMSTATUS']._serialized_start=2045
+  _globals['_STREAMSTATUS']._serialized_end=2199
   _globals['_EVENTDATA']._serialized_start=77
   _globals['_EVENTDATA']._serialized_end=119
   _globals['_RECORDEDEVENT']._serialized_start=121
@@ -46,36 +46,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDEVENTSREQUEST']._serialized_end=548
   _globals['_APPENDEVENTSRESPONSE']._serialized_start=550
   _globals['_APPENDEVENTSRESPONSE']._serialized_end=631
-  _globals['_READEVENTSREQUEST']._serialized_start=633
-  _globals['_READEVENTSREQUEST']._serialized_end=704
-  _globals['_READEVENTSRESPONSE']._serialized_start=706
-  _globals['_READEVENTSRESPONSE']._serialized_end=808
-  _globals['_HEADSEQREQUEST']._serialized_start=810
-  _globals['_HEADSEQREQUEST']._serialized_end=845
-  _globals['_HEADSEQRESPONSE']._serialized_start=847
-  _globals['_HEADSEQRESPONSE']._serialized_end=927
-  _globals['_LISTSTREAMSREQUEST']._serialized_start=929
-  _globals['_LISTSTREAMSREQUEST']._serialized_end=1051
-  _globals['_STREAMINFO']._serialized_start=1054
-  _globals['_STREAMINFO']._serialized_end=1244
-  _globals['_LISTSTREAMSRESPONSE']._serialized_start=1246
-  _globals['_LISTSTREAMSRESPONSE']._serialized_end=1336
-  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_start=1338
-  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_end=1400
-  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_start=1402
-  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_end=1472
-  _globals['_PUTARTIFACTREQUEST']._serialized_start=1474
-  _globals['_PUTARTIFACTREQUEST']._serialized_end=1522
-  _globals['_PUTARTIFACTRESPONSE']._serialized_start=1524
-  _globals['_PUTARTIFACTRESPONSE']._serialized_end=1597
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1599
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1640
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=1642
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=1705
-  _globals['_HASARTIFACTREQUEST']._serialized_start=1707
-  _globals['_HASARTIFACTREQUEST']._serialized_end=1748
-  _globals['_HASARTIFACTRESPONSE']._serialized_start=1750
-  _globals['_HASARTIFACTRESPONSE']._serialized_end=1801
-  _globals['_STORESERVICE']._serialized_start=2085
-  _globals['_STORESERVICE']._serialized_end=2793
+  _globals['_TRIMSTREAMREQUEST']._serialized_start=633
+  _globals['_TRIMSTREAMREQUEST']._serialized_end=691
+  _globals['_TRIMSTREAMRESPONSE']._serialized_start=693
+  _globals['_TRIMSTREAMRESPONSE']._serialized_end=748
+  _globals['_READEVENTSREQUEST']._serialized_start=750
+  _globals['_READEVENTSREQUEST']._serialized_end=821
+  _globals['_READEVENTSRESPONSE']._serialized_start=823
+  _globals['_READEVENTSRESPONSE']._serialized_end=925
+  _globals['_HEADSEQREQUEST']._serialized_start=927
+  _globals['_HEADSEQREQUEST']._serialized_end=962
+  _globals['_HEADSEQRESPONSE']._serialized_start=964
+  _globals['_HEADSEQRESPONSE']._serialized_end=1044
+  _globals['_LISTSTREAMSREQUEST']._serialized_start=1046
+  _globals['_LISTSTREAMSREQUEST']._serialized_end=1168
+  _globals['_STREAMINFO']._serialized_start=1171
+  _globals['_STREAMINFO']._serialized_end=1361
+  _globals['_LISTSTREAMSRESPONSE']._serialized_start=1363
+  _globals['_LISTSTREAMSRESPONSE']._serialized_end=1453
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_start=1455
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_end=1517
+  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_start=1519
+  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_end=1589
+  _globals['_PUTARTIFACTREQUEST']._serialized_start=1591
+  _globals['_PUTARTIFACTREQUEST']._serialized_end=1639
+  _globals['_PUTARTIFACTRESPONSE']._serialized_start=1641
+  _globals['_PUTARTIFACTRESPONSE']._serialized_end=1714
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1716
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1757
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=1759
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=1822
+  _globals['_HASARTIFACTREQUEST']._serialized_start=1824
+  _globals['_HASARTIFACTREQUEST']._serialized_end=1865
+  _globals['_HASARTIFACTRESPONSE']._serialized_start=1867
+  _globals['_HASARTIFACTRESPONSE']._serialized_end=1918
+  _globals['_STORESERVICE']._serialized_start=2202
+  _globals['_STORESERVICE']._serialized_end=2993
 # @@protoc_insertion_point(module_scope)

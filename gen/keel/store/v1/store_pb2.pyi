@@ -254,6 +254,60 @@ class AppendEventsResponse(_message.Message):
 Global___AppendEventsResponse: _TypeAlias = AppendEventsResponse  # noqa: Y015
 
 @_typing.final
+class TrimStreamRequest(_message.Message):
+    """Request of TrimStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    BEFORE_SEQ_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The stream to trim (1 to 200 characters)."""
+    before_seq: _builtins.int
+    """Delete the events with a sequence number below this (0 or 1 deletes
+    nothing; at most head + 1, which deletes every event but keeps the head).
+    """
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        before_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrimStreamRequest: _TypeAlias = TrimStreamRequest  # noqa: Y015
+
+@_typing.final
+class TrimStreamResponse(_message.Message):
+    """Response of TrimStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    removed: _builtins.int
+    """How many events this call deleted (0 when they were gone already)."""
+    head_seq: _builtins.int
+    """The stream's head, unchanged by the trim."""
+    def __init__(
+        self,
+        *,
+        removed: _builtins.int = ...,
+        head_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_seq", b"head_seq", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrimStreamResponse: _TypeAlias = TrimStreamResponse  # noqa: Y015
+
+@_typing.final
 class ReadEventsRequest(_message.Message):
     """Request of ReadEvents."""
 
@@ -265,7 +319,10 @@ class ReadEventsRequest(_message.Message):
     stream_id: _builtins.str
     """The stream to read."""
     from_seq: _builtins.int
-    """The first sequence number to return (1 or more; 0 is read as 1)."""
+    """The first sequence number to return (1 or more; 0 is read as 1). If the
+    stream was trimmed past it (TrimStream), the page starts at the first kept
+    event.
+    """
     limit: _builtins.int
     """The most events to return (0 means the default of 1000; at most 10000)."""
     def __init__(

@@ -81,6 +81,11 @@ class StoreServiceStub:
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.HasArtifactRequest.SerializeToString,
                 response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.HasArtifactResponse.FromString,
                 _registered_method=True)
+        self.TrimStream = channel.unary_unary(
+                '/keel.store.v1.StoreService/TrimStream',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -161,6 +166,20 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrimStream(self, request, context):
+        """Deletes the events of a stream whose sequence number is below
+        `before_seq`, to bound streams that only their last events matter in (an
+        engine's heartbeats). The head, the status label and compare-and-swap are
+        unchanged: the next append still goes after the true head. ReadEvents and
+        SubscribeEvents from a trimmed range start at the first kept event.
+        `before_seq` past head + 1 is INVALID_ARGUMENT, reason `invalid_sequence`.
+        An unknown stream is treated as an empty one (head 0), as HeadSeq does:
+        trimming it removes nothing. Repeating a trim is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +222,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.HasArtifact,
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.HasArtifactRequest.FromString,
                     response_serializer=keel_dot_store_dot_v1_dot_store__pb2.HasArtifactResponse.SerializeToString,
+            ),
+            'TrimStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrimStream,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -428,6 +452,33 @@ class StoreService:
             '/keel.store.v1.StoreService/HasArtifact',
             keel_dot_store_dot_v1_dot_store__pb2.HasArtifactRequest.SerializeToString,
             keel_dot_store_dot_v1_dot_store__pb2.HasArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrimStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.store.v1.StoreService/TrimStream',
+            keel_dot_store_dot_v1_dot_store__pb2.TrimStreamRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.TrimStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

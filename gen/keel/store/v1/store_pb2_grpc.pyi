@@ -75,6 +75,16 @@ class StoreServiceStub:
     """
     HasArtifact: _grpc.UnaryUnaryMultiCallable[_store_pb2.HasArtifactRequest, _store_pb2.HasArtifactResponse]
     """Tells whether an artifact exists, and its size."""
+    TrimStream: _grpc.UnaryUnaryMultiCallable[_store_pb2.TrimStreamRequest, _store_pb2.TrimStreamResponse]
+    """Deletes the events of a stream whose sequence number is below
+    `before_seq`, to bound streams that only their last events matter in (an
+    engine's heartbeats). The head, the status label and compare-and-swap are
+    unchanged: the next append still goes after the true head. ReadEvents and
+    SubscribeEvents from a trimmed range start at the first kept event.
+    `before_seq` past head + 1 is INVALID_ARGUMENT, reason `invalid_sequence`.
+    An unknown stream is treated as an empty one (head 0), as HeadSeq does:
+    trimming it removes nothing. Repeating a trim is a no-op.
+    """
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -123,6 +133,16 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """
     HasArtifact: _aio.UnaryUnaryMultiCallable[_store_pb2.HasArtifactRequest, _store_pb2.HasArtifactResponse]  # type: ignore[assignment]
     """Tells whether an artifact exists, and its size."""
+    TrimStream: _aio.UnaryUnaryMultiCallable[_store_pb2.TrimStreamRequest, _store_pb2.TrimStreamResponse]  # type: ignore[assignment]
+    """Deletes the events of a stream whose sequence number is below
+    `before_seq`, to bound streams that only their last events matter in (an
+    engine's heartbeats). The head, the status label and compare-and-swap are
+    unchanged: the next append still goes after the true head. ReadEvents and
+    SubscribeEvents from a trimmed range start at the first kept event.
+    `before_seq` past head + 1 is INVALID_ARGUMENT, reason `invalid_sequence`.
+    An unknown stream is treated as an empty one (head 0), as HeadSeq does:
+    trimming it removes nothing. Repeating a trim is a no-op.
+    """
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """StoreService is Keel's small, generic, durable store: per-stream event logs
@@ -216,5 +236,21 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.HasArtifactResponse, _abc.Awaitable[_store_pb2.HasArtifactResponse]]:
         """Tells whether an artifact exists, and its size."""
+
+    @_abc_1.abstractmethod
+    def TrimStream(
+        self,
+        request: _store_pb2.TrimStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.TrimStreamResponse, _abc.Awaitable[_store_pb2.TrimStreamResponse]]:
+        """Deletes the events of a stream whose sequence number is below
+        `before_seq`, to bound streams that only their last events matter in (an
+        engine's heartbeats). The head, the status label and compare-and-swap are
+        unchanged: the next append still goes after the true head. ReadEvents and
+        SubscribeEvents from a trimmed range start at the first kept event.
+        `before_seq` past head + 1 is INVALID_ARGUMENT, reason `invalid_sequence`.
+        An unknown stream is treated as an empty one (head 0), as HeadSeq does:
+        trimming it removes nothing. Repeating a trim is a no-op.
+        """
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
