@@ -22,12 +22,12 @@ engine (`Engine.drivers`), whoever asked for it (an RPC, a parent's op, recovery
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from engine_service.domain import (
+    CANCELED,
     RunHistory,
     RunManifest,
     artifact_id_for_bytes,
@@ -36,7 +36,6 @@ from engine_service.domain import (
 )
 from engine_service.domain.child_runs import (
     AWAIT_NAMESPACE,
-    CLOSE_CANCEL,
     SPAWN_NAMESPACE,
     ChildAwaitRequest,
     ChildLink,
@@ -132,15 +131,19 @@ class ChildRuns:
         if started is None or history.is_terminal or not started.parent_run_id:
             return False
         _, parent_label = await self.engine.env.store.head(run_stream_id(started.parent_run_id))
-        if parent_label != "canceled":
+        if parent_label != CANCELED:  # the links are read only when they may matter
             return False
-        links = await self.links(started.parent_run_id)
-        link = next((found for found in links if found.child_run_id == run_id), None)
-        if link is None or link.parent_close_policy != CLOSE_CANCEL:
+        link = await self.link_of(started.parent_run_id, run_id)
+        if link is None or not link.closed_by(parent_label):
             return False
         log.info("run %s: parent %s was canceled; canceling it, not resuming it", run_id, link.parent_run_id)
-        await cancel_child(self.engine, link, f"parent run {link.parent_run_id} was canceled")
+        await cancel_child(self.engine, link)
         return True
+
+    async def link_of(self, parent_run_id: str, child_run_id: str) -> ChildLink | None:
+        """The parent's link of this child, if the parent has one."""
+        links = await self.links(parent_run_id)
+        return next((link for link in links if link.child_run_id == child_run_id), None)
 
     async def spawn(self, request: ChildSpawnRequest, *, in_run: bool = False) -> ChildSpawned:
         """Link the child to its parent and start it (or find it); nothing is written on bad input.
@@ -195,7 +198,7 @@ class ChildRuns:
             )
         started = await self.engine.started_manifest_id(link.child_run_id)
         if started is None:
-            if parent_label == "canceled" and link.parent_close_policy == CLOSE_CANCEL:
+            if link.closed_by(parent_label):
                 raise KeelError(
                     "parent_run_canceled",
                     f"parent run {link.parent_run_id} was canceled, and with it its children: spawn "
@@ -268,9 +271,9 @@ class ChildRuns:
         """
         if parent_label is None:
             _, parent_label = await self.engine.env.store.head(run_stream_id(link.parent_run_id))
-        if parent_label == "canceled" and link.parent_close_policy == CLOSE_CANCEL:
+        if link.closed_by(parent_label):
             log.info("run %s was canceled while spawning child %s", link.parent_run_id, link.child_run_id)
-            await cancel_child(self.engine, link, f"parent run {link.parent_run_id} was canceled")
+            await cancel_child(self.engine, link)
             return
         await self.engine.start_run(
             manifest, link.child_run_id, parent=(link.parent_run_id, link.fact_key), manifest_stored=True
@@ -295,8 +298,7 @@ class ChildRuns:
         """A child whose spawn was recorded but which never started: start it now."""
         link = None
         if request.parent_run_id:
-            links = await self.links(request.parent_run_id)
-            link = next((found for found in links if found.child_run_id == request.child_run_id), None)
+            link = await self.link_of(request.parent_run_id, request.child_run_id)
         if link is None and not request.child_manifest_id:
             raise not_found(
                 "run_not_found",
@@ -350,7 +352,7 @@ class ChildRunTransport:
         if namespace == AWAIT_NAMESPACE:
             awaited = parse_await_request(request)
             if not awaited.parent_run_id:
-                awaited = dataclasses.replace(awaited, parent_run_id=run_id)
+                awaited = replace(awaited, parent_run_id=run_id)
             outcome = await self.children.await_child(awaited)
             return outcome.to_json()
         raise request_invalid(f"namespace {namespace!r} is not a child run namespace")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, RunStarted, encode_event
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes
-from engine_service.domain.child_runs import CLOSE_CANCEL, ChildLink
+from engine_service.domain.child_runs import ChildLink
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.run_driver import now_us, run_stream_id
 from keel_core.errors import ErrorCategory, KeelError
@@ -119,12 +119,7 @@ async def _decide_and_append(engine: Engine, run_id: str, status: str, reason: s
                 continue  # someone appended since the read: decide again from the new head
             await _record_divergence(engine, run_id, status, error)
         return TerminalizeResult(True, status)
-    raise KeelError(
-        "terminalize_contended",
-        f"run {run_id} kept changing while it was being terminalized; try again",
-        category=ErrorCategory.CONFLICT,
-        retryable=True,
-    )
+    raise _contended(f"run {run_id} kept changing while it was being terminalized")
 
 
 async def _record_divergence(engine: Engine, run_id: str, status: str, error: KeelError) -> None:
@@ -166,11 +161,8 @@ async def _close_children(engine: Engine, run_id: str) -> None:
     """
     await engine.children.settle(run_id)
     links = await engine.children.links(run_id)
-    doomed = [link for link in links if link.parent_close_policy == CLOSE_CANCEL]
-    reason = f"parent run {run_id} was canceled"
-    results = await asyncio.gather(
-        *(cancel_child(engine, link, reason) for link in doomed), return_exceptions=True
-    )
+    doomed = [link for link in links if link.closed_by(CANCELED)]
+    results = await asyncio.gather(*(cancel_child(engine, link) for link in doomed), return_exceptions=True)
     failed = {
         link.child_run_id: result.message if isinstance(result, KeelError) else repr(result)
         for link, result in zip(doomed, results, strict=True)
@@ -190,26 +182,27 @@ async def _close_children(engine: Engine, run_id: str) -> None:
         )
 
 
-async def cancel_child(engine: Engine, link: ChildLink, reason: str) -> None:
-    """Cancel a linked child; one that never started is recorded canceled, so it never runs."""
+def _contended(what: str) -> KeelError:
+    return KeelError(
+        "terminalize_contended", f"{what}; try again", category=ErrorCategory.CONFLICT, retryable=True
+    )
+
+
+async def cancel_child(engine: Engine, link: ChildLink) -> None:
+    """Cancel a linked child as its parent's cancel does; one never started is recorded canceled unrun."""
     for _ in range(_MAX_DECISIONS):
         try:
-            await terminalize(engine, link.child_run_id, CANCELED, reason)
+            await terminalize(engine, link.child_run_id, CANCELED, link.close_reason)
             return
         except KeelError as error:
             if error.code != "run_not_found":
                 raise
-        if await _cancel_unstarted(engine, link, reason):
+        if await _cancel_unstarted(engine, link):
             return
-    raise KeelError(
-        "terminalize_contended",
-        f"child run {link.child_run_id} kept changing while it was being canceled; try again",
-        category=ErrorCategory.CONFLICT,
-        retryable=True,
-    )
+    raise _contended(f"child run {link.child_run_id} kept changing while it was being canceled")
 
 
-async def _cancel_unstarted(engine: Engine, link: ChildLink, reason: str) -> bool:
+async def _cancel_unstarted(engine: Engine, link: ChildLink) -> bool:
     """Create the never-started child as canceled (False: it started meanwhile)."""
     manifest = await engine.manifest(link.child_manifest_id)
     snapshot = canonical_json_bytes(manifest.initial_context)
@@ -218,7 +211,7 @@ async def _cancel_unstarted(engine: Engine, link: ChildLink, reason: str) -> boo
     started = RunStarted(
         link.op_id, link.child_manifest_id, snapshot_id, link.parent_run_id, link.fact_key, at_us=at_us
     )
-    canceled = RunCompleted(CANCELED, snapshot_id, reason, at_us=at_us)
+    canceled = RunCompleted(CANCELED, snapshot_id, link.close_reason, at_us=at_us)
     try:
         await engine.env.store.append(
             run_stream_id(link.child_run_id),

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_service.domain.canonical import canonical_json_bytes, parse_json_bytes
+from engine_service.domain.events import CANCELED
 from engine_service.domain.manifest import BuildProvenance, RunManifest
 from engine_service.domain.plan import single_op_pipeline
 from engine_service.domain.run_config import RunConfig, make_run_config, parse_run_id
@@ -159,6 +160,15 @@ class ChildLink:
             "at_us": at_us,
         }
         return CHILD_LINKED, canonical_json_bytes(body)
+
+    def closed_by(self, parent_status: str) -> bool:
+        """Whether the parent's status closes this child: a canceled parent, a `cancel` policy."""
+        return parent_status == CANCELED and self.parent_close_policy == CLOSE_CANCEL
+
+    @property
+    def close_reason(self) -> str:
+        """Why a child its parent's cancel closes ends canceled."""
+        return f"parent run {self.parent_run_id} was canceled"
 
 
 def child_run_id(parent_run_id: str, fact_key: str) -> str:

@@ -60,3 +60,10 @@ def test_overlapping_spawns_link_in_batches_the_store_accepts() -> None:
         assert [[w.link.fact_key for w in _next_batch(queue)] for _ in range(3)] == [["a"], ["b"], ["huge"]]
     finally:
         loop.close()
+
+
+def test_only_a_canceled_parent_closes_a_child_and_only_under_the_cancel_policy() -> None:
+    assert link("a").closed_by("canceled")
+    assert not link("a", policy=CLOSE_ABANDON).closed_by("canceled")
+    assert not any(link("a").closed_by(status) for status in ("active", "completed", "failed"))
+    assert link("a").close_reason == f"parent run {PARENT} was canceled"
