@@ -465,7 +465,7 @@ class Leases:
         if self._closing:
             return None
         session = await self.heartbeat.ensure()
-        payload = json.dumps({"engine_id": self.engine_id, "session": session}, sort_keys=True).encode()
+        payload = self._acquired(session)
         try:
             result = await self.store.append(
                 lease_stream_id(run_id), [(LEASE_ACQUIRED, payload)], expected_seq=head or None, status=HELD
@@ -567,7 +567,7 @@ class Leases:
         # says whether another engine took the run meanwhile; if not, it is still this engine's.
         try:
             session = await self.heartbeat.ensure()
-            payload = json.dumps({"engine_id": self.engine_id, "session": session}, sort_keys=True).encode()
+            payload = self._acquired(session)
             result = await self.store.append(
                 lease_stream_id(lease.run_id),
                 [(LEASE_ACQUIRED, payload)],
@@ -599,6 +599,10 @@ class Leases:
         leases, self._to_release = list(self._to_release.values()), {}
         await asyncio.gather(*(self._release(lease) for lease in leases))
         await self.heartbeat.stop()
+
+    def _acquired(self, session: int) -> bytes:
+        """The payload of this engine's LeaseAcquired in `session`."""
+        return json.dumps({"engine_id": self.engine_id, "session": session}, sort_keys=True).encode()
 
     def begin_closing(self) -> None:
         """From now on a stopped driver's lease is released (not left to expire) and none is taken."""
