@@ -31,7 +31,6 @@ from engine_service.domain import (
     RunHistory,
     RunManifest,
     artifact_id_for_bytes,
-    looks_like_secret,
     parse_run_id,
 )
 from engine_service.domain.child_runs import (
@@ -43,16 +42,17 @@ from engine_service.domain.child_runs import (
     ChildSpawned,
     ChildSpawnRequest,
     child_links,
-    children_stream_id,
     parse_await_request,
     parse_spawn_request,
     request_invalid,
 )
+from engine_service.domain.facts import check_fact_key
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
+from engine_service.domain.streams import children_stream_id, run_status_of_label, run_stream_id
 from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED
-from engine_service.run_driver import now_us, run_stream_id
+from engine_service.run_driver import now_us
 from engine_service.terminalization import cancel_child
-from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found
+from keel_core.errors import ErrorCategory, KeelError, not_found
 
 if TYPE_CHECKING:
     from engine_service.engine import Engine
@@ -66,11 +66,11 @@ MAX_LINK_BYTES_PER_APPEND = 4 * 1024 * 1024
 
 @dataclass
 class _Linking:
-    """A spawn waiting for its link to land: the answer is the parent's status label read after it."""
+    """A spawn waiting for its link to land: the answer is the parent's status, read after it."""
 
     link: ChildLink
     manifest_bytes: bytes
-    landed: asyncio.Future[str]
+    landed: asyncio.Future[str | None]
 
 
 def _conflict(link: ChildLink) -> KeelError:
@@ -130,15 +130,20 @@ class ChildRuns:
         started = history.started
         if started is None or history.is_terminal or not started.parent_run_id:
             return False
-        _, parent_label = await self.engine.env.store.head(run_stream_id(started.parent_run_id))
-        if parent_label != CANCELED:  # the links are read only when they may matter
+        parent_status = await self._run_status(started.parent_run_id)
+        if parent_status != CANCELED:  # the links are read only when they may matter
             return False
         link = await self.link_of(started.parent_run_id, run_id)
-        if link is None or not link.closed_by(parent_label):
+        if link is None or not link.closed_by(parent_status):
             return False
         log.info("run %s: parent %s was canceled; canceling it, not resuming it", run_id, link.parent_run_id)
         await cancel_child(self.engine, link)
         return True
+
+    async def _run_status(self, run_id: str) -> str | None:
+        """The run's terminal status, as its stream's label says (None: not terminal)."""
+        _, label = await self.engine.env.store.head(run_stream_id(run_id))
+        return run_status_of_label(label)
 
     async def link_of(self, parent_run_id: str, child_run_id: str) -> ChildLink | None:
         """The parent's link of this child, if the parent has one."""
@@ -154,12 +159,9 @@ class ChildRuns:
         its cancel would close. A parent that completed or failed may still take children (a client
         grouping work under a run): they are listed on it, and nothing closes them.
         """
-        if not request.fact_key:
-            raise invalid_argument("missing_fact_key", "spawning a child run needs a fact key (its name)")
-        if looks_like_secret(request.fact_key):
-            raise invalid_argument(
-                "secrets_detected", "the fact key looks like it contains a secret; nothing was recorded"
-            )
+        check_fact_key(
+            request.fact_key, needed_by="spawning a child run", category=ErrorCategory.INVALID_ARGUMENT
+        )
         parse_run_id(request.parent_run_id, field="parent_run_id")
         manifest = request.manifest()
         self.engine.plan_for(manifest)  # an unknown op is `invalid_plan` before anything is stored
@@ -198,7 +200,7 @@ class ChildRuns:
             )
         started = await self.engine.started_manifest_id(link.child_run_id)
         if started is None:
-            if link.closed_by(parent_label):
+            if link.closed_by(run_status_of_label(parent_label)):
                 raise KeelError(
                     "parent_run_canceled",
                     f"parent run {link.parent_run_id} was canceled, and with it its children: spawn "
@@ -213,12 +215,12 @@ class ChildRuns:
         return True
 
     async def _link_and_start(self, link: ChildLink, manifest: RunManifest, manifest_bytes: bytes) -> None:
-        parent_label = await self._link(link, manifest_bytes)
+        parent_status = await self._link(link, manifest_bytes)
         self.engine.env.failpoints.hit(BEFORE_CHILD_STARTED)
-        await self._start_linked(link, manifest, parent_label)
+        await self._start_linked(link, manifest, parent_status)
 
-    async def _link(self, link: ChildLink, manifest_bytes: bytes) -> str:
-        """Record the link (with the manifest); the parent's status label, read after it landed."""
+    async def _link(self, link: ChildLink, manifest_bytes: bytes) -> str | None:
+        """Record the link (with the manifest); the parent's status (None: active), read after it landed."""
         waiting = _Linking(link, manifest_bytes, asyncio.get_running_loop().create_future())
         queue = self._unlinked.get(link.parent_run_id)
         if queue is not None:
@@ -246,7 +248,7 @@ class ChildRuns:
                             dict.fromkeys((MANIFEST_ARTIFACT_KIND, w.manifest_bytes) for w in batch)
                         ),
                     )
-                    _, label = await store.head(run_stream_id(parent_run_id))
+                    parent_status = await self._run_status(parent_run_id)
                 except BaseException as error:  # each spawn of the batch fails with it
                     for waiting in batch:
                         if not waiting.landed.done():
@@ -256,22 +258,18 @@ class ChildRuns:
                     continue
                 for waiting in batch:
                     if not waiting.landed.done():
-                        waiting.landed.set_result(label)
+                        waiting.landed.set_result(parent_status)
         finally:
             for waiting in self._unlinked.pop(parent_run_id, []):
                 if not waiting.landed.done():
                     waiting.landed.set_exception(asyncio.CancelledError())
 
-    async def _start_linked(
-        self, link: ChildLink, manifest: RunManifest, parent_label: str | None = None
-    ) -> None:
+    async def _start_linked(self, link: ChildLink, manifest: RunManifest, parent_status: str | None) -> None:
         """Start a linked child, unless its parent was canceled meanwhile (then it is canceled unrun).
 
-        `parent_label` is the parent's status as read after the link landed (read here if None).
+        `parent_status` is the parent's status as read after the link landed (None: not terminal).
         """
-        if parent_label is None:
-            _, parent_label = await self.engine.env.store.head(run_stream_id(link.parent_run_id))
-        if link.closed_by(parent_label):
+        if link.closed_by(parent_status):
             log.info("run %s was canceled while spawning child %s", link.parent_run_id, link.child_run_id)
             await cancel_child(self.engine, link)
             return
@@ -311,7 +309,7 @@ class ChildRuns:
         log.info("child run %s was never started: starting it from its manifest", request.child_run_id)
         try:
             if link is not None:
-                await self._start_linked(link, manifest)
+                await self._start_linked(link, manifest, await self._run_status(link.parent_run_id))
             else:
                 await self.engine.start_run(manifest, request.child_run_id, manifest_stored=True)
         except KeelError as error:

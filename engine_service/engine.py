@@ -32,9 +32,6 @@ from typing import Any, Generic, TypeVar
 
 from engine_service.child_runs import ChildRuns, ChildRunTransport
 from engine_service.domain import (
-    CANCELED,
-    COMPLETED,
-    FAILED,
     BuildProvenance,
     Plan,
     RunCompleted,
@@ -52,18 +49,26 @@ from engine_service.domain.canonical import artifact_id_for_bytes, canonical_jso
 from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
+from engine_service.domain.streams import (
+    RUN_ACTIVE_LABEL,
+    RUN_COMPLETED,
+    RUN_STREAM_PREFIX,
+    ledger_stream_id,
+    run_id_of_stream,
+    run_status_of_label,
+    run_stream_id,
+)
 from engine_service.domain.transports import TransportRegistry
 from engine_service.leases import Lease, Leases
-from engine_service.run_driver import RunDriver, RunEnvironment, now_us, run_stream_id
+from engine_service.run_driver import RunDriver, RunEnvironment, now_us
 from engine_service.run_view import PENDING, RUNNING, ChildView, LedgerView, RunView, build_run_view
 from engine_service.store_client import StreamEvent, StreamSummary
-from engine_service.terminalization import TerminalizeResult, ledger_stream_id, read_ledger, terminalize
+from engine_service.terminalization import TerminalizeResult, read_ledger, terminalize
 from keel_core.errors import ErrorCategory, KeelError, not_found
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
 
-RUN_STREAM_PREFIX = "run:"
 DEFAULT_LEASE_TTL = 10.0
 # How many runs one scan tries to take over at once.
 SCAN_CONCURRENCY = 16
@@ -72,9 +77,6 @@ SCAN_CONCURRENCY = 16
 def default_engine_id() -> str:
     """hostname-pid-random: unique per engine process."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-_STATUS_OF_LABEL = {"completed": COMPLETED, "failed": FAILED, "canceled": CANCELED}
 
 
 def build_provenance() -> BuildProvenance:
@@ -274,7 +276,7 @@ class Engine:
                 chosen, manifest, plan, RunHistory(), lease=self.leases.start_new(chosen), events=()
             )
             driver.remember_snapshot(snapshot_id, dict(manifest.initial_context))
-            driver.record([started], status="active", artifacts=inline)
+            driver.record([started], status=RUN_ACTIVE_LABEL, artifacts=inline)
             self._manifests.put(manifest_id, manifest)
             task = self._spawn(driver)
             await asyncio.wait({task}, timeout=wait_seconds)
@@ -298,7 +300,7 @@ class Engine:
                     run_stream_id(chosen),
                     [encode_event(started)],
                     expected_seq=None,
-                    status="active",
+                    status=RUN_ACTIVE_LABEL,
                     artifacts=inline,
                 )
             except BaseException as error:
@@ -407,7 +409,7 @@ class Engine:
         head, label = await self.env.store.head(run_stream_id(run_id))
         if head == 0:
             raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-        if label in _STATUS_OF_LABEL:
+        if run_status_of_label(label) is not None:
             return False
         lease = await self.leases.acquire(run_id, created_at_us, lambda: self._created_at_us(run_id))
         if lease is None:
@@ -470,13 +472,13 @@ class Engine:
         while True:
             page, token = await self.env.store.list_streams(
                 prefix=RUN_STREAM_PREFIX,
-                statuses=["active"],
+                statuses=[RUN_ACTIVE_LABEL],
                 page_size=500,
                 page_token=token,
                 patience=float("inf"),
             )
             listed = {
-                s.stream_id.removeprefix(RUN_STREAM_PREFIX): (
+                run_id_of_stream(s.stream_id): (
                     int(s.created_at.timestamp() * 1_000_000) if s.created_at else None
                 )
                 for s in page
@@ -561,7 +563,7 @@ class Engine:
             subscription = self.env.store.subscribe(run_stream_id(run_id), after_seq=after_seq)
             async with contextlib.aclosing(subscription):
                 async for event in subscription:
-                    if event.type == "RunCompleted":
+                    if event.type == RUN_COMPLETED:
                         return
 
         try:
@@ -628,7 +630,7 @@ class Engine:
                 link.child_run_id,
                 link.fact_key,
                 link.op_id,
-                _STATUS_OF_LABEL.get(label, RUNNING) if head else PENDING,
+                (run_status_of_label(label) or RUNNING) if head else PENDING,
                 link.parent_close_policy,
             )
             for link, (head, label) in zip(links, heads, strict=True)

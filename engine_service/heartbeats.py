@@ -41,77 +41,36 @@ trim runs beside the heartbeats, one at a time; a failed one is only logged.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from engine_service.domain.leasing import MARGIN_FRACTION, EngineRecord, json_payload
+from engine_service.domain.streams import (
+    ENGINE_BEATING_LABEL,
+    ENGINE_FENCED,
+    ENGINE_FENCED_LABEL,
+    ENGINE_HEARTBEAT,
+    ENGINE_STOPPED,
+    ENGINE_STOPPED_LABEL,
+    engine_stream_id,
+)
 from engine_service.store_client import StoreClient
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)
 
-ENGINE_STREAM_PREFIX = "engine:"
-ENGINE_HEARTBEAT = "EngineHeartbeat"
-ENGINE_STOPPED = "EngineStopped"
-ENGINE_FENCED = "EngineFenced"
-# A holder stops trusting its leases this fraction of the ttl before a taker may take them.
-MARGIN_FRACTION = 0.2
 # How long a shutdown waits for the store to record it (its sessions expire otherwise).
 STOP_PATIENCE = 2.0
 # Every this many landed heartbeats, the stream is trimmed to its last TRIM_KEEP events.
 TRIM_EVERY = 100
 TRIM_KEEP = 20
-# The engine stream's status label: "active" while heartbeating, "canceled" once stopped,
-# "failed" once fenced off by another engine (until it heartbeats again).
-BEATING = "active"
-STOPPED = "canceled"
-FENCED = "failed"
-
-
-def engine_stream_id(engine_id: str) -> str:
-    """The store stream holding an engine's liveness record."""
-    return f"{ENGINE_STREAM_PREFIX}{engine_id}"
 
 
 def wall_us() -> int:
     """This machine's wall clock in microseconds (what expiries are compared with)."""
     return time.time_ns() // 1000
-
-
-def _payload(data: dict[str, object]) -> bytes:
-    return json.dumps(data, sort_keys=True).encode()
-
-
-@dataclass(frozen=True)
-class EngineRecord:
-    """The last event of an engine's liveness stream, as read by anyone."""
-
-    engine_id: str
-    seq: int
-    kind: str  # ENGINE_HEARTBEAT, ENGINE_STOPPED or ENGINE_FENCED
-    session: int
-    expires_at_us: int
-    previous_expires_at_us: int
-    process: str
-    fenced_by: str
-
-    @classmethod
-    def parse(cls, engine_id: str, seq: int, event_type: str, payload: bytes) -> EngineRecord:
-        """The record an event of `engine:<engine_id>` says."""
-        data = json.loads(payload.decode("utf-8")) if payload else {}
-        return cls(
-            engine_id,
-            seq,
-            event_type,
-            int(data.get("session", 0)),
-            int(data.get("expires_at_us", 0)),
-            int(data.get("previous_expires_at_us", 0)),
-            str(data.get("process", "")),
-            str(data.get("fenced_by", "")),
-        )
 
 
 async def read_engine_record(store: StoreClient, engine_id: str) -> EngineRecord | None:
@@ -132,7 +91,7 @@ async def fence(store: StoreClient, record: EngineRecord, by_engine_id: str) -> 
     Call it only once the heartbeat's `expires_at_us` has passed on this engine's clock. After it
     succeeds the session never holds a lease again, whatever its engine does next.
     """
-    data = _payload(
+    data = json_payload(
         {
             "engine_id": record.engine_id,
             "session": record.session,
@@ -145,7 +104,7 @@ async def fence(store: StoreClient, record: EngineRecord, by_engine_id: str) -> 
             engine_stream_id(record.engine_id),
             [(ENGINE_FENCED, data)],
             expected_seq=record.seq,
-            status=FENCED,
+            status=ENGINE_FENCED_LABEL,
         )
     except KeelError as error:
         if error.code == "sequence_conflict":
@@ -267,7 +226,7 @@ class Heartbeat:
                 previous = max(previous, self._last_expires_at_us)
             sent_at = time.monotonic()
             expires_at_us = wall_us() + int(self.ttl * 1_000_000)
-            data = _payload(
+            data = json_payload(
                 {
                     "engine_id": self.engine_id,
                     "process": self._process,
@@ -288,7 +247,7 @@ class Heartbeat:
                     self.stream,
                     [(ENGINE_HEARTBEAT, data)],
                     expected_seq=head or None,
-                    status=BEATING,
+                    status=ENGINE_BEATING_LABEL,
                     patience=patience,
                 )
             except KeelError as error:
@@ -400,7 +359,7 @@ class Heartbeat:
             self.session = 0
             if not self._started or self.fenced:
                 return  # never recorded anything (or the record is another process's now)
-            data = _payload(
+            data = json_payload(
                 {
                     "engine_id": self.engine_id,
                     "process": self._process,
@@ -415,7 +374,7 @@ class Heartbeat:
                     self.stream,
                     [(ENGINE_STOPPED, data)],
                     expected_seq=self._head or None,
-                    status=STOPPED,
+                    status=ENGINE_STOPPED_LABEL,
                     patience=STOP_PATIENCE,
                 )
             except KeelError as error:  # the store is gone, or fenced: the leases expire instead

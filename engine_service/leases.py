@@ -66,43 +66,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
-from engine_service.heartbeats import (
-    ENGINE_FENCED,
-    ENGINE_STOPPED,
+from engine_service.domain.leasing import (
     MARGIN_FRACTION,
     EngineRecord,
-    Heartbeat,
-    engine_fenced,
-    fence,
-    read_engine_record,
-    wall_us,
+    Holder,
+    Holding,
+    LeaseEvent,
+    implicit_holds_until,
+    judge_holder,
+    lease_acquired_payload,
+    lease_released_payload,
+    legacy_holds_until,
 )
-from engine_service.store_client import StoreClient, StreamEvent
+from engine_service.domain.streams import (
+    LEASE_ACQUIRED,
+    LEASE_HELD_LABEL,
+    LEASE_RELEASED,
+    LEASE_RELEASED_LABEL,
+    LEASE_STREAM_PREFIX,
+    lease_stream_id,
+    run_id_of_lease_stream,
+)
+from engine_service.heartbeats import Heartbeat, engine_fenced, fence, read_engine_record, wall_us
+from engine_service.store_client import StoreClient
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)
 
-LEASE_STREAM_PREFIX = "lease:"
-LEASE_ACQUIRED = "LeaseAcquired"
-LEASE_RELEASED = "LeaseReleased"
 RELEASE_PATIENCE = 2.0
-# Lease streams' status labels: a released lease is listed as "canceled" until someone takes it,
-# so scans find handed-over implicit leases with one ListStreams instead of reading every lease.
-HELD = "active"
-RELEASED = "canceled"
 # How many lease streams a scan reads at once.
 READ_CONCURRENCY = 16
-
-
-def lease_stream_id(run_id: str) -> str:
-    """The store stream holding a run's lease."""
-    return f"{LEASE_STREAM_PREFIX}{run_id}"
 
 
 def lease_lost(run_id: str, why: str) -> KeelError:
@@ -113,35 +110,6 @@ def lease_lost(run_id: str, why: str) -> KeelError:
         category=ErrorCategory.CONFLICT,
         details={"run_id": run_id},
     )
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who a recorded lease names: an engine, and its session that took the lease."""
-
-    engine_id: str
-    session: int
-
-
-@dataclass(frozen=True)
-class LeaseEvent:
-    """A run's last lease event, read."""
-
-    released: bool
-    engine_id: str
-    holder: Holder | None  # None: released, or a lease written before sessions (`legacy_until_us`)
-    legacy_until_us: int
-
-    @classmethod
-    def parse(cls, event: StreamEvent) -> LeaseEvent:
-        """What the event says."""
-        data = json.loads(event.payload.decode("utf-8")) if event.payload else {}
-        engine_id = str(data.get("engine_id", ""))
-        session = data.get("session")
-        released = event.type == LEASE_RELEASED
-        holder = Holder(engine_id, session) if isinstance(session, int) and not released else None
-        legacy = data.get("expires_at_us")
-        return cls(released, engine_id, holder, legacy if isinstance(legacy, int) else 0)
 
 
 class Lease:
@@ -259,9 +227,9 @@ class Leases:
         token = ""
         while True:
             page, token = await self.store.list_streams(
-                prefix=LEASE_STREAM_PREFIX, statuses=[RELEASED], page_size=500, page_token=token
+                prefix=LEASE_STREAM_PREFIX, statuses=[LEASE_RELEASED_LABEL], page_size=500, page_token=token
             )
-            out.update(s.stream_id.removeprefix(LEASE_STREAM_PREFIX) for s in page)
+            out.update(run_id_of_lease_stream(s.stream_id) for s in page)
             if not token:
                 return out
 
@@ -336,25 +304,19 @@ class Leases:
                 self._records[holder.engine_id] = record
         else:
             record = self._records[holder.engine_id]
-        if record is None:  # a lease names a session only once its first heartbeat landed
-            return self._now_over(holder, "its engine has no liveness record")
-        if holder.session > record.session:  # read before the lease was: read it again
-            if not fresh:
-                return await self._holds_until(holder, fresh=True)
-            return wall_us() + int(self.ttl * 1_000_000), ""  # cannot be: let it hold a ttl meanwhile
-        if holder.session < record.session:
-            # An earlier session: over for its engine, which carries its expiry in the later one.
-            if record.previous_expires_at_us > wall_us():
-                return record.previous_expires_at_us, ""
-            return self._now_over(holder, "its engine's session ended")
-        if record.kind == ENGINE_STOPPED:
-            return self._now_over(holder, "its engine stopped")
-        if record.kind == ENGINE_FENCED:
-            return self._now_over(holder, "its engine's heartbeat expired")
-        if record.expires_at_us > wall_us():
-            return record.expires_at_us, ""
+        verdict = judge_holder(holder, record, wall_us())
+        match verdict.holding:
+            case Holding.HOLDS:
+                return verdict.until_us, ""
+            case Holding.OVER:
+                return self._now_over(holder, verdict.why)
+            case Holding.RECORD_OLDER:  # read before the lease was: read it again
+                if not fresh:
+                    return await self._holds_until(holder, fresh=True)
+                return wall_us() + int(self.ttl * 1_000_000), ""  # cannot be: let it hold a ttl meanwhile
         if not fresh:
-            return 0, "its engine's heartbeat expired"
+            return 0, verdict.why
+        assert record is not None  # expired: a record was read
         return await self._fence(holder, record)
 
     async def _fence(self, holder: Holder, record: EngineRecord) -> tuple[int, str]:
@@ -372,7 +334,7 @@ class Leases:
         return 0, why
 
     def _implicit_holds(self, run_id: str, created_at_us: int | None) -> bool:
-        until = (created_at_us or 0) + int(self.ttl * 1_000_000)
+        until = implicit_holds_until(created_at_us, int(self.ttl * 1_000_000))
         if until > wall_us():
             self._seen_live[run_id] = until
             return True
@@ -380,10 +342,10 @@ class Leases:
 
     def _legacy_holds(self, run_id: str, last: LeaseEvent) -> bool:
         """A lease event written before sessions holds until its own expiry (unless it is ours)."""
-        if last.released or last.engine_id == self.engine_id or last.legacy_until_us <= wall_us():
-            return False
-        self._seen_live[run_id] = last.legacy_until_us
-        return True
+        until = legacy_holds_until(last, self.engine_id, wall_us())
+        if until:
+            self._seen_live[run_id] = until
+        return bool(until)
 
     async def _last_event(self, run_id: str) -> tuple[int, LeaseEvent | None]:
         stream = lease_stream_id(run_id)
@@ -391,7 +353,7 @@ class Leases:
         if head == 0:
             return 0, None
         events = await self.store.read(stream, from_seq=head, limit=1)
-        return head, LeaseEvent.parse(events[0]) if events else None
+        return head, LeaseEvent.parse(events[0].type, events[0].payload) if events else None
 
     def _ensure_upkeep(self) -> None:
         if self._upkeep is None and not self._closing:
@@ -465,10 +427,13 @@ class Leases:
         if self._closing:
             return None
         session = await self.heartbeat.ensure()
-        payload = self._acquired(session)
+        payload = lease_acquired_payload(self.engine_id, session)
         try:
             result = await self.store.append(
-                lease_stream_id(run_id), [(LEASE_ACQUIRED, payload)], expected_seq=head or None, status=HELD
+                lease_stream_id(run_id),
+                [(LEASE_ACQUIRED, payload)],
+                expected_seq=head or None,
+                status=LEASE_HELD_LABEL,
             )
         except KeelError as error:
             if error.code == "sequence_conflict":
@@ -567,12 +532,12 @@ class Leases:
         # says whether another engine took the run meanwhile; if not, it is still this engine's.
         try:
             session = await self.heartbeat.ensure()
-            payload = self._acquired(session)
+            payload = lease_acquired_payload(self.engine_id, session)
             result = await self.store.append(
                 lease_stream_id(lease.run_id),
                 [(LEASE_ACQUIRED, payload)],
                 expected_seq=None,  # the stream must be new: nobody took the run meanwhile
-                status=HELD,
+                status=LEASE_HELD_LABEL,
                 patience=max(1.0, lease.implicit_left()),
             )
         except KeelError as error:
@@ -600,22 +565,18 @@ class Leases:
         await asyncio.gather(*(self._release(lease) for lease in leases))
         await self.heartbeat.stop()
 
-    def _acquired(self, session: int) -> bytes:
-        """The payload of this engine's LeaseAcquired in `session`."""
-        return json.dumps({"engine_id": self.engine_id, "session": session}, sort_keys=True).encode()
-
     def begin_closing(self) -> None:
         """From now on a stopped driver's lease is released (not left to expire) and none is taken."""
         self._closing = True
 
     async def _release(self, lease: Lease) -> None:
-        payload = json.dumps({"engine_id": self.engine_id}, sort_keys=True).encode()
+        payload = lease_released_payload(self.engine_id)
         try:
             await self.store.append(
                 lease_stream_id(lease.run_id),
                 [(LEASE_RELEASED, payload)],
                 expected_seq=None,  # an implicit lease: nothing was written yet
-                status=RELEASED,
+                status=LEASE_RELEASED_LABEL,
                 patience=RELEASE_PATIENCE,
             )
         except KeelError as error:  # recorded meanwhile (EngineStopped frees it), or the store is gone

@@ -23,12 +23,17 @@ from prometheus_client.registry import Collector
 
 from engine_service.domain import RunCompleted, StepContext, decode_event
 from engine_service.domain.ops import OpDefinition, OpFunction, OpRegistry
+from engine_service.domain.streams import (
+    RUN_COMPLETED,
+    RUN_STARTED,
+    RUN_STREAM_PREFIX,
+    TERMINAL_STATUSES,
+    run_id_of_stream,
+)
 from keel_core.logs import log_context
 from keel_core.metrics import REGISTRY
 
 log = logging.getLogger("engine_service.runs")
-
-RUN_STREAM_PREFIX = "run:"
 
 RUNS_STARTED = Counter(
     "keel_engine_runs_started",
@@ -60,7 +65,7 @@ LEASE_TAKEOVERS = Counter(
     "Runs this engine took over from another engine whose lease had expired or been released.",
     registry=REGISTRY,
 )
-for _status in ("completed", "failed", "canceled"):
+for _status in TERMINAL_STATUSES:
     RUNS_FINISHED.labels(_status)  # present at 0 from the start, so rates work from the first scrape
 
 
@@ -101,12 +106,12 @@ def count_appended(stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
     """Count the runs an append (now durable) started or finished, and log them."""
     if not stream_id.startswith(RUN_STREAM_PREFIX):
         return
-    run_id = stream_id.removeprefix(RUN_STREAM_PREFIX)
+    run_id = run_id_of_stream(stream_id)
     for type_name, payload in events:
-        if type_name == "RunStarted":
+        if type_name == RUN_STARTED:
             RUNS_STARTED.inc()
             log.info("run started", extra={"run_id": run_id})
-        elif type_name == "RunCompleted":
+        elif type_name == RUN_COMPLETED:
             event = decode_event(type_name, payload)
             status = event.status if isinstance(event, RunCompleted) else "unknown"
             RUNS_FINISHED.labels(status).inc()

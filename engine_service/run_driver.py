@@ -64,7 +64,6 @@ from engine_service.domain import (
     canonical_json_bytes,
     encode_event,
     fold,
-    looks_like_secret,
     next_action,
     with_step_output,
 )
@@ -72,8 +71,10 @@ from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_by
 from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.events import decode_event, stamped
+from engine_service.domain.facts import check_fact_key
 from engine_service.domain.ops import OpDefinition, OpRegistry
 from engine_service.domain.run_config import REPLAY
+from engine_service.domain.streams import RUN_COMPLETED, run_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
 from engine_service.failpoints import (
     AFTER_CHILD_AWAIT_RECORDED,
@@ -105,11 +106,6 @@ VISIBLE_WITHIN = 0.2
 def now_us() -> int:
     """The time now, in microseconds since the epoch (events' `at_us`)."""
     return time.time_ns() // 1000
-
-
-def run_stream_id(run_id: str) -> str:
-    """The store stream holding a run's events."""
-    return f"run:{run_id}"
 
 
 @dataclass
@@ -268,7 +264,7 @@ class RunDriver:
         terminal = RunCompleted(
             action.status, action.final_snapshot_id, action.reason, action.error, has_ledger=self.has_ledger
         )
-        self.record([terminal], status=action.status)
+        self.record([terminal], status=run_label(action.status))
 
     async def _settled(self) -> None:
         """An attempt settled: without write-behind, append it now (with RunCompleted if that is next)."""
@@ -398,7 +394,7 @@ class RunDriver:
             async with contextlib.aclosing(subscription):
                 async for event in subscription:
                     # This driver appends no RunCompleted while its op runs: this one is someone else's.
-                    if event.type == "RunCompleted":
+                    if event.type == RUN_COMPLETED:
                         log.info("run %s was terminalized elsewhere: cancelling its running op", self.run_id)
                         driver_task.cancel()
                         return
@@ -407,15 +403,9 @@ class RunDriver:
 
     async def fact(self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str) -> Any:
         """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
-        if not fact_key:
-            raise _io_error(
-                "missing_fact_key", f"io.call({namespace!r}) needs a fact key (a name for this call)"
-            )
-        if looks_like_secret(fact_key):
-            # The key is not repeated in the message: it must not reach the event stream.
-            raise _io_error(
-                "secrets_detected", "the fact key looks like it contains a secret; nothing was recorded"
-            )
+        check_fact_key(
+            fact_key, needed_by=f"io.call({namespace!r})", category=ErrorCategory.FAILED_PRECONDITION
+        )
         recorded = self.history.facts.get(fact_key)
         if recorded is not None:
             return copy.deepcopy(recorded.response)

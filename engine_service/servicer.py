@@ -17,8 +17,8 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from engine_service import messages
 from engine_service.domain import parse_run_id
 from engine_service.domain.events import FAILED, RunCompleted
-from engine_service.engine import RUN_STREAM_PREFIX, Engine, stored_events
-from engine_service.run_driver import run_stream_id
+from engine_service.domain.streams import run_id_of_stream, run_stream_id
+from engine_service.engine import Engine, stored_events
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import to_value
 from keel_core.status import abort_with
@@ -120,7 +120,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         streams, token = await self.engine.list_runs(
             labels, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
         )
-        runs = [messages.run_summary(s, s.stream_id.removeprefix(RUN_STREAM_PREFIX)) for s in streams]
+        runs = [messages.run_summary(s, run_id_of_stream(s.stream_id)) for s in streams]
         return engine_pb2.ListRunsResponse(runs=runs, next_page_token=token)
 
     @_translated

@@ -28,6 +28,7 @@ import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.domain.canonical import artifact_id_for_bytes
+from engine_service.domain.streams import LABEL_ACTIVE, LABEL_CANCELED, LABEL_COMPLETED, LABEL_FAILED
 from keel_core.errors import KeelError, unavailable
 from keel_core.security import ClientTls
 from keel_core.serving import MAX_MESSAGE_BYTES, host_port
@@ -40,10 +41,10 @@ FOREVER = math.inf
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 STATUS_LABELS: dict[str, int] = {
-    "active": store_pb2.STREAM_STATUS_ACTIVE,
-    "completed": store_pb2.STREAM_STATUS_COMPLETED,
-    "failed": store_pb2.STREAM_STATUS_FAILED,
-    "canceled": store_pb2.STREAM_STATUS_CANCELED,
+    LABEL_ACTIVE: store_pb2.STREAM_STATUS_ACTIVE,
+    LABEL_COMPLETED: store_pb2.STREAM_STATUS_COMPLETED,
+    LABEL_FAILED: store_pb2.STREAM_STATUS_FAILED,
+    LABEL_CANCELED: store_pb2.STREAM_STATUS_CANCELED,
 }
 _LABEL_NAMES = {value: name for name, value in STATUS_LABELS.items()}
 

@@ -23,7 +23,8 @@ from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, Run
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes
 from engine_service.domain.child_runs import ChildLink
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
-from engine_service.run_driver import now_us, run_stream_id
+from engine_service.domain.streams import FAILURE_LEDGER_ENTRY, ledger_stream_id, run_label, run_stream_id
+from engine_service.run_driver import now_us
 from keel_core.errors import ErrorCategory, KeelError
 
 if TYPE_CHECKING:
@@ -31,15 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEDGER_EVENT = "FailureLedgerEntry"
 RUN_LEDGER_SUBJECT = "_run"
+# How a divergence names the terminal append that failed (these names are in existing ledgers).
 _EVENT_NAME = {COMPLETED: "RunCompleted", FAILED: "RunFailed", CANCELED: "RunCanceled"}
 _MAX_DECISIONS = 20
-
-
-def ledger_stream_id(run_id: str) -> str:
-    """The store stream holding a run's failure ledger."""
-    return f"ledger:{run_id}"
 
 
 @dataclass(frozen=True)
@@ -112,7 +108,10 @@ async def _decide_and_append(engine: Engine, run_id: str, status: str, reason: s
         )
         try:
             await engine.env.store.append(
-                run_stream_id(run_id), [encode_event(terminal)], expected_seq=history.head_seq, status=status
+                run_stream_id(run_id),
+                [encode_event(terminal)],
+                expected_seq=history.head_seq,
+                status=run_label(status),
             )
         except KeelError as error:
             if error.code == "sequence_conflict":
@@ -128,7 +127,7 @@ async def _record_divergence(engine: Engine, run_id: str, status: str, error: Ke
     try:
         await engine.env.store.append(
             ledger_stream_id(run_id),
-            [(LEDGER_EVENT, canonical_json_bytes(entry))],
+            [(FAILURE_LEDGER_ENTRY, canonical_json_bytes(entry))],
             expected_seq=None,
             expected_any=True,
         )
@@ -217,7 +216,7 @@ async def _cancel_unstarted(engine: Engine, link: ChildLink) -> bool:
             run_stream_id(link.child_run_id),
             [encode_event(started), encode_event(canceled)],
             expected_seq=None,
-            status=CANCELED,
+            status=run_label(CANCELED),
             artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot)],
         )
     except KeelError as error:

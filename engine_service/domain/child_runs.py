@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_service.domain.canonical import canonical_json_bytes, parse_json_bytes
-from engine_service.domain.events import CANCELED
 from engine_service.domain.manifest import BuildProvenance, RunManifest
 from engine_service.domain.plan import single_op_pipeline
 from engine_service.domain.run_config import RunConfig, make_run_config, parse_run_id
+from engine_service.domain.streams import CANCELED, CHILD_LINKED
 from keel_core.errors import KeelError, invalid_argument
 
 SPAWN_KIND = "child_run_spawn_v1"
@@ -48,9 +48,7 @@ CLOSE_CANCEL = "cancel"
 CLOSE_ABANDON = "abandon"
 CLOSE_POLICIES = (CLOSE_CANCEL, CLOSE_ABANDON)
 CHILD_BUILD = BuildProvenance("", "", "")
-CHILD_LINKED = "ChildLinked"
 CHILD_LINK_VERSION = 1
-CHILDREN_STREAM_PREFIX = "children:"
 
 
 def request_invalid(message: str) -> KeelError:
@@ -161,8 +159,8 @@ class ChildLink:
         }
         return CHILD_LINKED, canonical_json_bytes(body)
 
-    def closed_by(self, parent_status: str) -> bool:
-        """Whether the parent's status closes this child: a canceled parent, a `cancel` policy."""
+    def closed_by(self, parent_status: str | None) -> bool:
+        """Whether the parent's run status closes this child: a canceled parent, a `cancel` policy."""
         return parent_status == CANCELED and self.parent_close_policy == CLOSE_CANCEL
 
     @property
@@ -256,11 +254,6 @@ def parse_await_request(data: Any) -> ChildAwaitRequest:
     except KeelError as error:
         raise request_invalid(error.message) from None
     return ChildAwaitRequest(run_id, _text(body, "child_manifest_id", required=False), parent)
-
-
-def children_stream_id(parent_run_id: str) -> str:
-    """The store stream holding a run's child links."""
-    return f"{CHILDREN_STREAM_PREFIX}{parent_run_id}"
 
 
 def child_links(events: Iterable[tuple[str, bytes]]) -> list[ChildLink]:

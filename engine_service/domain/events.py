@@ -24,14 +24,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from engine_service.domain import streams
 from engine_service.domain.canonical import canonical_json_bytes
+from engine_service.domain.streams import CANCELED as CANCELED
+from engine_service.domain.streams import COMPLETED as COMPLETED
+from engine_service.domain.streams import FAILED as FAILED
+from engine_service.domain.streams import TERMINAL_STATUSES as TERMINAL_STATUSES
 
 EVENT_FORMAT_VERSION = 1
-
-COMPLETED = "completed"
-FAILED = "failed"
-CANCELED = "canceled"
-TERMINAL_STATUSES = (COMPLETED, FAILED, CANCELED)
 
 
 # An event must fit the store's 1 MiB per-event limit whatever an op raised: messages and reasons
@@ -202,16 +202,16 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
             if event.parent_run_id:
                 data["parent_run_id"] = event.parent_run_id
                 data["parent_fact_key"] = event.parent_fact_key
-            return "RunStarted", data
+            return streams.RUN_STARTED, data
         case StepAttemptStarted():
-            return "StepAttemptStarted", {
+            return streams.STEP_ATTEMPT_STARTED, {
                 **v,
                 "step_id": event.step_id,
                 "attempt": event.attempt,
                 "base_snapshot_id": event.base_snapshot_id,
             }
         case FactRecorded():
-            return "FactRecorded", {
+            return streams.FACT_RECORDED, {
                 **v,
                 "step_id": event.step_id,
                 "attempt": event.attempt,
@@ -220,14 +220,14 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
                 "response": event.response,
             }
         case StepAttemptFailed():
-            return "StepAttemptFailed", {
+            return streams.STEP_ATTEMPT_FAILED, {
                 **v,
                 "step_id": event.step_id,
                 "attempt": event.attempt,
                 "error": event.error.to_json(),
             }
         case StepCompleted():
-            return "StepCompleted", {
+            return streams.STEP_COMPLETED, {
                 **v,
                 "step_id": event.step_id,
                 "attempt": event.attempt,
@@ -241,7 +241,7 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
                 data["error"] = event.error.to_json()
             if event.has_ledger:
                 data["has_ledger"] = True
-            return "RunCompleted", data
+            return streams.RUN_COMPLETED, data
         case UnknownEvent():
             return event.type, event.payload
 
@@ -255,7 +255,7 @@ def decode_event(type_name: str, payload: bytes) -> KernelEvent:
 def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
     """An event from its type name and payload JSON."""
     match type_name:
-        case "RunStarted":
+        case streams.RUN_STARTED:
             return RunStarted(
                 op_id=str(data["op_id"]),
                 manifest_id=str(data["manifest_id"]),
@@ -264,11 +264,11 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 parent_fact_key=str(data.get("parent_fact_key", "")),
                 at_us=_at_us(data),
             )
-        case "StepAttemptStarted":
+        case streams.STEP_ATTEMPT_STARTED:
             return StepAttemptStarted(
                 str(data["step_id"]), int(data["attempt"]), str(data["base_snapshot_id"]), _at_us(data)
             )
-        case "FactRecorded":
+        case streams.FACT_RECORDED:
             return FactRecorded(
                 step_id=str(data["step_id"]),
                 attempt=int(data["attempt"]),
@@ -276,18 +276,18 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 namespace=str(data["namespace"]),
                 response=data.get("response"),
             )
-        case "StepAttemptFailed":
+        case streams.STEP_ATTEMPT_FAILED:
             return StepAttemptFailed(
                 str(data["step_id"]),
                 int(data["attempt"]),
                 ErrorRecord.from_json(dict(data["error"])),
                 _at_us(data),
             )
-        case "StepCompleted":
+        case streams.STEP_COMPLETED:
             return StepCompleted(
                 str(data["step_id"]), int(data["attempt"]), str(data["snapshot_id"]), _at_us(data)
             )
-        case "RunCompleted":
+        case streams.RUN_COMPLETED:
             error = data.get("error")
             return RunCompleted(
                 status=str(data["status"]),

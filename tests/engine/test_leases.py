@@ -28,7 +28,8 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service import EngineConfig, EngineServingHandle, start_engine
-from engine_service.heartbeats import ENGINE_STOPPED, Heartbeat, fence, read_engine_record
+from engine_service.domain.streams import ENGINE_STOPPED
+from engine_service.heartbeats import Heartbeat, fence, read_engine_record
 from engine_service.store_client import AppendResult, StoreClient
 from keel_core.errors import KeelError
 from keel_core.json_values import to_value

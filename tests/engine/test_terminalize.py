@@ -25,9 +25,10 @@ from engine_service.domain import (
     single_op_pipeline,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes
-from engine_service.domain.child_runs import CHILD_BUILD, ChildLink, ChildSpawnRequest, children_stream_id
+from engine_service.domain.child_runs import CHILD_BUILD, ChildLink, ChildSpawnRequest
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.plan import PipelineSpec, StepSpec
+from engine_service.domain.streams import children_stream_id
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.json_values import to_value
 from keel_core.serving import ServingHandle, start_server

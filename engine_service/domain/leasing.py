@@ -1,0 +1,151 @@
+"""Run leases as data: what lease and liveness events say, and whether a holder still holds.
+
+The runtime (engine_service.runtime.leases, .heartbeat) reads and writes these records; every
+judgement of them is here, as a function of the records and the time (wall microseconds):
+
+- a recorded lease names a holder (an engine and its session); it holds while that session does
+  (`judge_holder`, from the engine's liveness record);
+- a run without any lease event is its creator's for one ttl after its creation
+  (`implicit_holds_until`);
+- a lease written before sessions existed holds until its own expiry (`legacy_holds_until`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from engine_service.domain.streams import ENGINE_FENCED, ENGINE_STOPPED, LEASE_RELEASED
+
+# A holder stops trusting its leases this fraction of the ttl before a taker may take them.
+MARGIN_FRACTION = 0.2
+
+
+def json_payload(data: dict[str, object]) -> bytes:
+    """A lease or liveness event's payload: JSON with sorted keys."""
+    return json.dumps(data, sort_keys=True).encode()
+
+
+def _parsed(payload: bytes) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(payload.decode("utf-8")) if payload else {}
+    return data
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who a recorded lease names: an engine, and its session that took the lease."""
+
+    engine_id: str
+    session: int
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    """A run's last lease event, read."""
+
+    released: bool
+    engine_id: str
+    holder: Holder | None  # None: released, or a lease written before sessions (`legacy_until_us`)
+    legacy_until_us: int
+
+    @classmethod
+    def parse(cls, event_type: str, payload: bytes) -> LeaseEvent:
+        """What the event says."""
+        data = _parsed(payload)
+        engine_id = str(data.get("engine_id", ""))
+        session = data.get("session")
+        released = event_type == LEASE_RELEASED
+        holder = Holder(engine_id, session) if isinstance(session, int) and not released else None
+        legacy = data.get("expires_at_us")
+        return cls(released, engine_id, holder, legacy if isinstance(legacy, int) else 0)
+
+
+def lease_acquired_payload(engine_id: str, session: int) -> bytes:
+    """The payload of a LeaseAcquired by `engine_id` in `session`."""
+    return json_payload({"engine_id": engine_id, "session": session})
+
+
+def lease_released_payload(engine_id: str) -> bytes:
+    """The payload of a LeaseReleased by `engine_id`."""
+    return json_payload({"engine_id": engine_id})
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """The last event of an engine's liveness stream, as read by anyone."""
+
+    engine_id: str
+    seq: int
+    kind: str  # its event type: EngineHeartbeat, EngineStopped or EngineFenced
+    session: int
+    expires_at_us: int
+    previous_expires_at_us: int
+    process: str
+    fenced_by: str
+
+    @classmethod
+    def parse(cls, engine_id: str, seq: int, event_type: str, payload: bytes) -> EngineRecord:
+        """The record an event of `engine:<engine_id>` says."""
+        data = _parsed(payload)
+        return cls(
+            engine_id,
+            seq,
+            event_type,
+            int(data.get("session", 0)),
+            int(data.get("expires_at_us", 0)),
+            int(data.get("previous_expires_at_us", 0)),
+            str(data.get("process", "")),
+            str(data.get("fenced_by", "")),
+        )
+
+
+class Holding(enum.Enum):
+    """What a holder's session is, judged from its engine's liveness record."""
+
+    HOLDS = "holds"  # until `until_us`
+    OVER = "over"  # for good: stopped, fenced, ended, or never recorded
+    EXPIRED = "expired"  # its heartbeat expired: a taker may fence the session off now
+    RECORD_OLDER = "record_older"  # the record was read before the lease: read it again
+
+
+@dataclass(frozen=True)
+class HolderVerdict:
+    """`judge_holder`'s answer: the session's state, until when it holds, or why it does not."""
+
+    holding: Holding
+    until_us: int = 0
+    why: str = ""
+
+
+def judge_holder(holder: Holder, record: EngineRecord | None, now_us: int) -> HolderVerdict:
+    """Whether the session a lease names still holds at `now_us`, by its engine's liveness record."""
+    if record is None:  # a lease names a session only once its first heartbeat landed
+        return HolderVerdict(Holding.OVER, why="its engine has no liveness record")
+    if holder.session > record.session:
+        return HolderVerdict(Holding.RECORD_OLDER)
+    if holder.session < record.session:
+        # An earlier session: over for its engine, which carries its expiry in the later one.
+        if record.previous_expires_at_us > now_us:
+            return HolderVerdict(Holding.HOLDS, until_us=record.previous_expires_at_us)
+        return HolderVerdict(Holding.OVER, why="its engine's session ended")
+    if record.kind == ENGINE_STOPPED:
+        return HolderVerdict(Holding.OVER, why="its engine stopped")
+    if record.kind == ENGINE_FENCED:
+        return HolderVerdict(Holding.OVER, why="its engine's heartbeat expired")
+    if record.expires_at_us > now_us:
+        return HolderVerdict(Holding.HOLDS, until_us=record.expires_at_us)
+    return HolderVerdict(Holding.EXPIRED, why="its engine's heartbeat expired")
+
+
+def implicit_holds_until(created_at_us: int | None, ttl_us: int) -> int:
+    """Until when (wall µs) a run's creator holds its implicit lease: one ttl after its creation."""
+    return (created_at_us or 0) + ttl_us
+
+
+def legacy_holds_until(last: LeaseEvent, engine_id: str, now_us: int) -> int:
+    """Until when a lease event written before sessions holds (0: it does not, or it is `engine_id`'s)."""
+    if last.released or last.engine_id == engine_id or last.legacy_until_us <= now_us:
+        return 0
+    return last.legacy_until_us

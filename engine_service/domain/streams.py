@@ -1,0 +1,125 @@
+"""Keel's stream vocabulary: every store stream the engine writes, its event type names and labels.
+
+Streams (one prefix each; the rest of the id is a run id or an engine id):
+
+    run:<run id>           the run's history: the kernel events of engine_service.domain.events
+    children:<run id>      the run's child links (ChildLinked), written before a child starts
+    ledger:<run id>        the run's failure ledger (FailureLedgerEntry): divergences kept for a person
+    lease:<run id>         who drives the run (LeaseAcquired, LeaseReleased)
+    engine:<engine id>     an engine's liveness record (EngineHeartbeat, EngineStopped, EngineFenced)
+
+Status labels. The store knows four labels (keel.store.v1.StreamStatus: active, completed,
+failed, canceled), and lists streams by them. A run stream's label is its run status. Lease and
+engine streams reuse the same four labels with their own meanings (a released lease is listed as
+"canceled", a fenced engine as "failed"): a label of their own would need a new StreamStatus value,
+which stores written today and engines reading them do not know. So each use has its own constant,
+named for what it means, and no code compares a lease or engine label with a run status.
+"""
+
+from __future__ import annotations
+
+# --- stream ids --------------------------------------------------------------------------------
+
+RUN_STREAM_PREFIX = "run:"
+CHILDREN_STREAM_PREFIX = "children:"
+LEDGER_STREAM_PREFIX = "ledger:"
+LEASE_STREAM_PREFIX = "lease:"
+ENGINE_STREAM_PREFIX = "engine:"
+
+
+def run_stream_id(run_id: str) -> str:
+    """The stream holding a run's events."""
+    return f"{RUN_STREAM_PREFIX}{run_id}"
+
+
+def run_id_of_stream(stream_id: str) -> str:
+    """The run id of a `run:` stream id."""
+    return stream_id.removeprefix(RUN_STREAM_PREFIX)
+
+
+def children_stream_id(parent_run_id: str) -> str:
+    """The stream holding a run's child links."""
+    return f"{CHILDREN_STREAM_PREFIX}{parent_run_id}"
+
+
+def ledger_stream_id(run_id: str) -> str:
+    """The stream holding a run's failure ledger."""
+    return f"{LEDGER_STREAM_PREFIX}{run_id}"
+
+
+def lease_stream_id(run_id: str) -> str:
+    """The stream holding a run's lease."""
+    return f"{LEASE_STREAM_PREFIX}{run_id}"
+
+
+def run_id_of_lease_stream(stream_id: str) -> str:
+    """The run id of a `lease:` stream id."""
+    return stream_id.removeprefix(LEASE_STREAM_PREFIX)
+
+
+def engine_stream_id(engine_id: str) -> str:
+    """The stream holding an engine's liveness record."""
+    return f"{ENGINE_STREAM_PREFIX}{engine_id}"
+
+
+# --- event type names --------------------------------------------------------------------------
+
+# run:<run id>
+RUN_STARTED = "RunStarted"
+STEP_ATTEMPT_STARTED = "StepAttemptStarted"
+FACT_RECORDED = "FactRecorded"
+STEP_ATTEMPT_FAILED = "StepAttemptFailed"
+STEP_COMPLETED = "StepCompleted"
+RUN_COMPLETED = "RunCompleted"
+# children:<run id>
+CHILD_LINKED = "ChildLinked"
+# ledger:<run id>
+FAILURE_LEDGER_ENTRY = "FailureLedgerEntry"
+# lease:<run id>
+LEASE_ACQUIRED = "LeaseAcquired"
+LEASE_RELEASED = "LeaseReleased"
+# engine:<engine id>
+ENGINE_HEARTBEAT = "EngineHeartbeat"
+ENGINE_STOPPED = "EngineStopped"
+ENGINE_FENCED = "EngineFenced"
+
+# --- run statuses (RunCompleted.status) ----------------------------------------------------------
+
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELED = "canceled"
+TERMINAL_STATUSES = (COMPLETED, FAILED, CANCELED)
+
+# --- the store's status labels ----------------------------------------------------------------
+
+LABEL_ACTIVE = "active"
+LABEL_COMPLETED = "completed"
+LABEL_FAILED = "failed"
+LABEL_CANCELED = "canceled"
+STATUS_LABELS = (LABEL_ACTIVE, LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED)
+
+# run:<run id>: active until its RunCompleted, then labelled with the run's terminal status.
+RUN_ACTIVE_LABEL = LABEL_ACTIVE
+_RUN_LABELS = {COMPLETED: LABEL_COMPLETED, FAILED: LABEL_FAILED, CANCELED: LABEL_CANCELED}
+_RUN_STATUSES = {label: status for status, label in _RUN_LABELS.items()}
+
+# lease:<run id>: held by some engine, or released (an implicit lease handed over at a shutdown,
+# listed so that scans find it with one ListStreams) until someone takes it.
+LEASE_HELD_LABEL = LABEL_ACTIVE
+LEASE_RELEASED_LABEL = LABEL_CANCELED
+
+# engine:<engine id>: heartbeating, stopped (a graceful shutdown), or fenced off by another engine
+# whose takeover found its heartbeat expired (until it heartbeats again).
+ENGINE_BEATING_LABEL = LABEL_ACTIVE
+ENGINE_STOPPED_LABEL = LABEL_CANCELED
+ENGINE_FENCED_LABEL = LABEL_FAILED
+
+
+def run_label(status: str) -> str:
+    """The label of a run stream whose run ended with terminal `status`."""
+    return _RUN_LABELS[status]
+
+
+def run_status_of_label(label: str) -> str | None:
+    """The terminal status a run stream's label says (None: the run is not terminal)."""
+    return _RUN_STATUSES.get(label)
