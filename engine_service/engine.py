@@ -62,7 +62,7 @@ from engine_service.domain.transports import TransportRegistry
 from engine_service.leases import Lease, Leases
 from engine_service.run_driver import RunDriver, RunEnvironment, now_us
 from engine_service.run_view import PENDING, RUNNING, ChildView, LedgerView, RunView, build_run_view
-from engine_service.store_client import StreamEvent, StreamSummary
+from engine_service.store.port import StreamEvent, StreamSummary
 from engine_service.terminalization import TerminalizeResult, read_ledger, terminalize
 from keel_core.errors import ErrorCategory, KeelError, not_found
 

@@ -56,7 +56,7 @@ from engine_service.domain.streams import (
     ENGINE_STOPPED_LABEL,
     engine_stream_id,
 )
-from engine_service.store_client import StoreClient
+from engine_service.store.port import EventLog
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def wall_us() -> int:
     return time.time_ns() // 1000
 
 
-async def read_engine_record(store: StoreClient, engine_id: str) -> EngineRecord | None:
+async def read_engine_record(store: EventLog, engine_id: str) -> EngineRecord | None:
     """An engine's liveness record now (None: it never wrote one)."""
     stream = engine_stream_id(engine_id)
     head, _ = await store.head(stream)
@@ -85,7 +85,7 @@ async def read_engine_record(store: StoreClient, engine_id: str) -> EngineRecord
     return EngineRecord.parse(engine_id, events[0].seq, events[0].type, events[0].payload)
 
 
-async def fence(store: StoreClient, record: EngineRecord, by_engine_id: str) -> bool:
+async def fence(store: EventLog, record: EngineRecord, by_engine_id: str) -> bool:
     """End `record`'s session, whose heartbeat expired: True once it is fenced, False if it beat since.
 
     Call it only once the heartbeat's `expires_at_us` has passed on this engine's clock. After it
@@ -136,7 +136,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        store: StoreClient,
+        store: EventLog,
         engine_id: str,
         ttl: float,
         *,

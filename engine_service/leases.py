@@ -92,7 +92,7 @@ from engine_service.domain.streams import (
     run_id_of_lease_stream,
 )
 from engine_service.heartbeats import Heartbeat, engine_fenced, fence, read_engine_record, wall_us
-from engine_service.store_client import StoreClient
+from engine_service.store.port import EventLog
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class Leases:
 
     def __init__(
         self,
-        store: StoreClient,
+        store: EventLog,
         engine_id: str,
         ttl: float,
         *,

@@ -36,7 +36,7 @@ from engine_service.domain.child_runs import (
 from engine_service.domain.events import event_type_and_json
 from engine_service.domain.run_config import LIVE, REPLAY
 from engine_service.run_view import PENDING, RETRYING, RUNNING, AttemptView, RunView, StepView
-from engine_service.store_client import StreamSummary
+from engine_service.store.port import StreamSummary
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import from_value, to_struct, to_value
 

@@ -86,7 +86,7 @@ from engine_service.failpoints import (
     Failpoints,
 )
 from engine_service.leases import Lease
-from engine_service.store_client import FOREVER, StoreClient
+from engine_service.store.port import FOREVER, EventLog
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.logs import bind_log_fields
 
@@ -112,7 +112,7 @@ def now_us() -> int:
 class RunEnvironment:
     """What drivers share: the store, ops, transports and failpoints of one engine."""
 
-    store: StoreClient
+    store: EventLog
     ops: OpRegistry
     transports: TransportRegistry
     failpoints: Failpoints

@@ -30,7 +30,7 @@ from engine_service.engine import DEFAULT_LEASE_TTL, Engine, build_provenance
 from engine_service.failpoints import Failpoints
 from engine_service.run_driver import RunEnvironment
 from engine_service.servicer import EngineServicer, register
-from engine_service.store_client import StoreClient
+from engine_service.store.grpc_client import StoreClient
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_service.store_client import StoreClient, channel_target
+from engine_service.store.grpc_client import StoreClient, channel_target
 from keel_core.errors import KeelError
 from store_service.server import StoreConfig, StoreServingHandle, start_store
 
@@ -100,7 +100,7 @@ def test_channel_target_balances_ip_addresses_and_resolves_names() -> None:
 async def test_append_whose_answer_was_lost_is_recognised_not_repeated(
     store: StoreServingHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="engine_service.store_client")
+    caplog.set_level(logging.INFO, logger="engine_service.store.grpc_client")
     proxy = ResponseEatingProxy(store.port)
     await proxy.start()
     client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)

@@ -16,11 +16,9 @@ import asyncio
 import collections
 import ipaddress
 import logging
-import math
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -29,6 +27,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.domain.canonical import artifact_id_for_bytes
 from engine_service.domain.streams import LABEL_ACTIVE, LABEL_CANCELED, LABEL_COMPLETED, LABEL_FAILED
+from engine_service.store.port import AppendResult, StreamEvent, StreamSummary
 from keel_core.errors import KeelError, unavailable
 from keel_core.security import ClientTls
 from keel_core.serving import MAX_MESSAGE_BYTES, host_port
@@ -37,7 +36,8 @@ from keel_core.status import from_rpc_error
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-FOREVER = math.inf
+# PutArtifact sends the bytes in messages of at most this size.
+ARTIFACT_CHUNK_BYTES = 1024 * 1024
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 STATUS_LABELS: dict[str, int] = {
@@ -47,36 +47,6 @@ STATUS_LABELS: dict[str, int] = {
     LABEL_CANCELED: store_pb2.STREAM_STATUS_CANCELED,
 }
 _LABEL_NAMES = {value: name for name, value in STATUS_LABELS.items()}
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    """An event as the store holds it."""
-
-    seq: int
-    type: str
-    payload: bytes
-    recorded_at: datetime | None
-
-
-@dataclass(frozen=True)
-class AppendResult:
-    """Where an append landed."""
-
-    first_seq: int
-    head_seq: int
-    artifact_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class StreamSummary:
-    """A stream in a ListStreams page."""
-
-    stream_id: str
-    head_seq: int
-    status: str
-    created_at: datetime | None
-    updated_at: datetime | None
 
 
 def channel_target(addresses: str) -> str:
@@ -125,7 +95,8 @@ AppendObserver = Callable[[str, Sequence[tuple[str, bytes]]], None]
 
 
 class StoreClient:
-    """Typed, retrying calls to the StoreService (over TLS, with a client certificate, when given)."""
+    """The EventLog over gRPC: typed, retrying calls to the StoreService (TLS and a client certificate
+    when given)."""
 
     def __init__(
         self,
@@ -352,6 +323,37 @@ class StoreClient:
         if artifact_id_for_bytes(data) != artifact_id:
             raise KeelError("artifact_corrupt", f"artifact {artifact_id} came back with different bytes")
         return data
+
+    async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:
+        """Store `data` under its content id (a repeat stores nothing new); returns the id."""
+
+        async def once() -> str:
+            chunks = [
+                data[at : at + ARTIFACT_CHUNK_BYTES] for at in range(0, len(data), ARTIFACT_CHUNK_BYTES)
+            ]
+            messages = [store_pb2.PutArtifactRequest(kind=kind, data=chunk) for chunk in chunks or [b""]]
+            response: store_pb2.PutArtifactResponse = await self._stub.PutArtifact(
+                iter(messages), timeout=self.rpc_timeout
+            )
+            return response.artifact_id
+
+        artifact_id = await self._retrying("PutArtifact", once, patience)
+        if artifact_id != artifact_id_for_bytes(data):
+            raise KeelError(
+                "artifact_id_mismatch", f"the store named an artifact {artifact_id}, expected otherwise"
+            )
+        return artifact_id
+
+    async def has_artifact(self, artifact_id: str, *, patience: float | None = None) -> bool:
+        """Whether the artifact is stored."""
+
+        async def once() -> bool:
+            response: store_pb2.HasArtifactResponse = await self._stub.HasArtifact(
+                store_pb2.HasArtifactRequest(artifact_id=artifact_id), timeout=self.rpc_timeout
+            )
+            return response.exists
+
+        return await self._retrying(f"HasArtifact({artifact_id})", once, patience)
 
     async def subscribe(self, stream_id: str, *, after_seq: int = 0) -> AsyncGenerator[StreamEvent, None]:
         """Events after `after_seq`, then live ones; resubscribes after the last seen if the store drops."""

@@ -1,0 +1,210 @@
+"""InMemoryEventLog: the EventLog port held in one process's memory, for fast engine tests.
+
+It keeps the StoreService's semantics (engine_service.store.port): the head compare-and-swap and
+its `sequence_conflict`, labels, listing newest first with page tokens, subscriptions woken by
+appends (never polling), content-addressed artifacts and trims. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from engine_service.domain.canonical import artifact_id_for_bytes
+from engine_service.domain.streams import STATUS_LABELS
+from engine_service.store.port import AppendResult, StreamEvent, StreamSummary
+from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found, unavailable
+
+
+@dataclass
+class _Stream:
+    """One stream: its kept events, its head (unchanged by trims), label and times."""
+
+    order: int  # creation order: listings are newest first
+    created_at: datetime
+    updated_at: datetime
+    events: list[StreamEvent] = field(default_factory=list)
+    head: int = 0
+    label: str = ""
+
+
+def sequence_conflict(stream_id: str, expected_seq: int | None, head: int) -> KeelError:
+    """The StoreService's error for an append whose expected head is not the head."""
+    wanted = "no stream" if expected_seq is None else f"head {expected_seq}"
+    return KeelError(
+        "sequence_conflict",
+        f"stream {stream_id!r}: expected {wanted} but the head is {head}; "
+        "read the stream and retry against its head",
+        category=ErrorCategory.CONFLICT,
+        details={"actual_seq": str(head)},  # as ErrorInfo metadata carries it over gRPC
+    )
+
+
+class InMemoryEventLog:
+    """An EventLog in memory: one per test, shared by every engine of the test."""
+
+    def __init__(self) -> None:
+        self.patience = 0.0  # always reachable: nothing to wait for
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._streams: dict[str, _Stream] = {}
+        self._artifacts: dict[str, bytes] = {}
+        self._order = itertools.count(1)
+        # Set (and replaced) by every append to the stream: what subscribers wait on.
+        self._appended: dict[str, asyncio.Event] = {}
+        self._closed = False
+
+    def _open(self, method: str) -> None:
+        self.calls[method] += 1
+        if self._closed:
+            raise unavailable("store_unavailable", "the in-memory event log is closed")
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[tuple[str, bytes]],
+        *,
+        expected_seq: int | None,
+        status: str | None = None,
+        artifacts: Sequence[tuple[str, bytes]] = (),
+        patience: float | None = None,
+        expected_any: bool = False,
+    ) -> AppendResult:
+        """Append atomically after `expected_seq` (None: no stream yet; `expected_any`: anywhere)."""
+        self._open("AppendEvents")
+        if status is not None and status not in STATUS_LABELS:
+            raise invalid_argument("invalid_status", f"unknown status label {status!r}")
+        stream = self._streams.get(stream_id)
+        head = stream.head if stream is not None else 0
+        if not expected_any and head != (expected_seq or 0):
+            raise sequence_conflict(stream_id, expected_seq, head)
+        now = datetime.now(UTC)
+        if stream is None:
+            stream = self._streams[stream_id] = _Stream(next(self._order), now, now)
+        ids = tuple(self._store_artifact(data) for _, data in artifacts)
+        first = stream.head + 1
+        for offset, (name, payload) in enumerate(events):
+            stream.events.append(StreamEvent(first + offset, name, bytes(payload), now))
+        stream.head += len(events)
+        stream.updated_at = now
+        stream.label = status or stream.label
+        wake = self._appended.pop(stream_id, None)
+        if wake is not None:
+            wake.set()
+        return AppendResult(first, stream.head, ids)
+
+    def _store_artifact(self, data: bytes) -> str:
+        artifact_id = artifact_id_for_bytes(data)
+        self._artifacts.setdefault(artifact_id, bytes(data))
+        return artifact_id
+
+    async def read(
+        self, stream_id: str, *, from_seq: int = 1, limit: int | None = None, patience: float | None = None
+    ) -> list[StreamEvent]:
+        """Events of a stream from `from_seq` (all of them, or at most `limit`)."""
+        self._open("ReadEvents")
+        stream = self._streams.get(stream_id)
+        found = [event for event in stream.events if event.seq >= from_seq] if stream else []
+        return found if limit is None else found[:limit]
+
+    async def head(self, stream_id: str, *, patience: float | None = None) -> tuple[int, str]:
+        """The stream's head sequence and status label ("" when unlabelled)."""
+        self._open("HeadSeq")
+        stream = self._streams.get(stream_id)
+        return (stream.head, stream.label) if stream else (0, "")
+
+    async def subscribe(self, stream_id: str, *, after_seq: int = 0) -> AsyncGenerator[StreamEvent, None]:
+        """Events after `after_seq`, then each new one as its append lands; ends when the log closes."""
+        self._open("SubscribeEvents")
+        seq = after_seq
+        while not self._closed:
+            stream = self._streams.get(stream_id)
+            news = [event for event in stream.events if event.seq > seq] if stream else []
+            if not news:
+                # No await between the look and the wait: an append cannot slip in between.
+                await self._appended.setdefault(stream_id, asyncio.Event()).wait()
+                continue
+            for event in news:
+                seq = event.seq
+                yield event
+
+    async def list_streams(
+        self,
+        *,
+        prefix: str,
+        statuses: Sequence[str] = (),
+        page_size: int = 100,
+        page_token: str = "",
+        patience: float | None = None,
+    ) -> tuple[list[StreamSummary], str]:
+        """A page of streams, newest first; the token names the last stream listed."""
+        self._open("ListStreams")
+        try:
+            before = int(page_token) if page_token else None
+        except ValueError:
+            raise invalid_argument(
+                "invalid_page_token", f"page token {page_token!r} was not issued here"
+            ) from None
+        matching = sorted(
+            (
+                (stream.order, stream_id, stream)
+                for stream_id, stream in self._streams.items()
+                if stream_id.startswith(prefix)
+                and (not statuses or stream.label in statuses)
+                and (before is None or stream.order < before)
+            ),
+            reverse=True,
+        )
+        page = matching[: max(1, page_size)]
+        more = len(matching) > len(page)
+        summaries = [
+            StreamSummary(stream_id, stream.head, stream.label, stream.created_at, stream.updated_at)
+            for _, stream_id, stream in page
+        ]
+        return summaries, str(page[-1][0]) if more else ""
+
+    async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:
+        """Delete the stream's events below `before_seq` (at most head + 1); returns how many went."""
+        self._open("TrimStream")
+        stream = self._streams.get(stream_id)
+        head = stream.head if stream else 0
+        if before_seq > head + 1:
+            raise invalid_argument(
+                "invalid_sequence", f"before_seq {before_seq} is past the head {head} + 1", head_seq=str(head)
+            )
+        if stream is None:
+            return 0
+        kept = [event for event in stream.events if event.seq >= before_seq]
+        removed = len(stream.events) - len(kept)
+        stream.events = kept
+        return removed
+
+    async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:
+        """Store `data` under its content id; returns the id."""
+        self._open("PutArtifact")
+        return self._store_artifact(data)
+
+    async def get_artifact(self, artifact_id: str, *, patience: float | None = None) -> bytes:
+        """An artifact's bytes (`artifact_not_found` when missing)."""
+        self._open("GetArtifact")
+        data = self._artifacts.get(artifact_id)
+        if data is None:
+            raise not_found(
+                "artifact_not_found", f"no artifact {artifact_id!r} is stored", artifact_id=artifact_id
+            )
+        return data
+
+    async def has_artifact(self, artifact_id: str, *, patience: float | None = None) -> bool:
+        """Whether the artifact is stored."""
+        self._open("HasArtifact")
+        return artifact_id in self._artifacts
+
+    async def close(self) -> None:
+        """Close the log: later calls fail `store_unavailable`; subscriptions end."""
+        self._closed = True
+        for wake in self._appended.values():
+            wake.set()
+        self._appended.clear()

@@ -1,0 +1,135 @@
+"""The EventLog port: what the engine needs of an event store, and the records it answers with.
+
+The engine's runtime depends on this Protocol only. `engine_service.store.grpc_client.StoreClient`
+implements it over the StoreService; `engine_service.store.memory.InMemoryEventLog` implements it
+in one process, with the same semantics, for fast tests.
+
+Semantics every implementation keeps (those of the StoreService, keel.store.v1):
+
+- `append` is atomic and checks the head first: `expected_seq` N appends only at head N, None only
+  to a stream without events, and `expected_any` anywhere. A mismatch raises KeelError
+  `sequence_conflict` (CONFLICT, details {"actual_seq": head}) and writes nothing. Inline artifacts
+  are stored in the same append, under their content id (`sha256:<hex>`); `status` labels the stream
+  with one of engine_service.domain.streams.STATUS_LABELS.
+- `read` returns events from `from_seq` on, in order (skipping events a trim deleted); `head`
+  returns the head sequence and label ("" when the stream has none; 0 for a stream with no events).
+- `subscribe` yields the events after `after_seq`, then each new one as its append commits.
+- `list_streams` pages streams with an id prefix and a label, newest first.
+- artifacts are content-addressed: `put_artifact` of the same bytes twice stores them once,
+  `get_artifact` of an unknown id raises `artifact_not_found` (NOT_FOUND).
+- `trim` deletes a stream's events below `before_seq`; head and label stay.
+
+`patience` (seconds, FOREVER to wait for good) bounds how long a call waits for an unreachable
+store; an implementation that is always reachable ignores it.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+FOREVER = math.inf
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """An event as the store holds it."""
+
+    seq: int
+    type: str
+    payload: bytes
+    recorded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """Where an append landed."""
+
+    first_seq: int
+    head_seq: int
+    artifact_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """A stream in a ListStreams page."""
+
+    stream_id: str
+    head_seq: int
+    status: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+class EventLog(Protocol):
+    """An event store as the engine uses it (see the module docstring for the semantics)."""
+
+    # How long a call waits for an unreachable store unless told otherwise (seconds).
+    patience: float
+    # Calls made, by StoreService method name: how tests and operators count round trips.
+    calls: collections.Counter[str]
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[tuple[str, bytes]],
+        *,
+        expected_seq: int | None,
+        status: str | None = None,
+        artifacts: Sequence[tuple[str, bytes]] = (),
+        patience: float | None = None,
+        expected_any: bool = False,
+    ) -> AppendResult:
+        """Append (type, payload) events atomically after `expected_seq`, with (kind, bytes) artifacts."""
+        ...
+
+    async def read(
+        self, stream_id: str, *, from_seq: int = 1, limit: int | None = None, patience: float | None = None
+    ) -> list[StreamEvent]:
+        """Events of a stream from `from_seq` (all of them, or at most `limit`)."""
+        ...
+
+    async def head(self, stream_id: str, *, patience: float | None = None) -> tuple[int, str]:
+        """The stream's head sequence and status label ("" when unlabelled)."""
+        ...
+
+    def subscribe(self, stream_id: str, *, after_seq: int = 0) -> AsyncGenerator[StreamEvent, None]:
+        """Events after `after_seq`, then live ones as they are appended."""
+        ...
+
+    async def list_streams(
+        self,
+        *,
+        prefix: str,
+        statuses: Sequence[str] = (),
+        page_size: int = 100,
+        page_token: str = "",
+        patience: float | None = None,
+    ) -> tuple[list[StreamSummary], str]:
+        """A page of streams whose id starts with `prefix` and whose label is in `statuses` (all when
+        empty), newest first, and the next page token ("" after the last page)."""
+        ...
+
+    async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:
+        """Delete the stream's events below `before_seq` (at most head + 1); returns how many went."""
+        ...
+
+    async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:
+        """Store `data` under its content id (a repeat stores nothing new); returns the id."""
+        ...
+
+    async def get_artifact(self, artifact_id: str, *, patience: float | None = None) -> bytes:
+        """An artifact's bytes (`artifact_not_found` when missing)."""
+        ...
+
+    async def has_artifact(self, artifact_id: str, *, patience: float | None = None) -> bool:
+        """Whether the artifact is stored."""
+        ...
+
+    async def close(self) -> None:
+        """Release the connection (no call may follow)."""
+        ...
