@@ -16,7 +16,7 @@ RPC) of the pipeline `keel.echo -> keel.transform -> keel.transform`, ops that r
 dicts. It measures runs started one at a time and C (default 32) at a time, and prints completed
 runs/s and p50/p99 end-to-end latency next to the targets of issue 3 (>= 300 runs/s with 32 in
 flight, p99 < 250 ms; DBOS Transact on SQLite does about 100/s on these 2-core machines).
-Store round trips per run (see engine_service.run_driver): 1 append for RunStarted (manifest and
+Store round trips per run (see engine_service.runtime.driver): 1 append for RunStarted (manifest and
 initial snapshot inline), 1 per step (StepAttemptStarted + StepCompleted + checkpoint, and
 RunCompleted with the last step), then 1 ReadEvents + 1 GetArtifact to answer with the run.
 

@@ -22,15 +22,15 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
-from engine_service import builtin_ops
-from engine_service import metrics as engine_metrics
+import engine_service.builtin_ops
+import engine_service.metrics as engine_metrics
 from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
 from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegistry
-from engine_service.engine import DEFAULT_LEASE_TTL, Engine, build_provenance
 from engine_service.failpoints import Failpoints
-from engine_service.run_driver import RunEnvironment
-from engine_service.servicer import EngineServicer, register
+from engine_service.runtime.driver import RunEnvironment
+from engine_service.runtime.kernel import DEFAULT_LEASE_TTL, Engine, build_provenance
 from engine_service.store.grpc_client import StoreClient
+from engine_service.wire.servicer import EngineServicer, register
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles
@@ -49,7 +49,7 @@ log = logging.getLogger("engine_service")
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
 DEFAULT_STORE = "127.0.0.1:7071"
-_ = builtin_ops  # imported for its registrations
+_ = engine_service.builtin_ops  # imported for its registrations
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class EngineConfig:
     # How long a client-facing RPC waits for an unreachable store before answering UNAVAILABLE.
     store_patience: float = 10.0
     recover_on_start: bool = True
-    # Write-behind window for decided events (see engine_service.run_driver); 0 appends each at once.
+    # Write-behind window for decided events (see engine_service.runtime.driver); 0 appends each at once.
     checkpoint_linger: float = 0.2
     # TLS for EngineService (with client_ca: mutual TLS); None: plaintext.
     tls: TlsFiles | None = None

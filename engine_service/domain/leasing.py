@@ -101,6 +101,45 @@ class EngineRecord:
         )
 
 
+def heartbeat_payload(
+    engine_id: str, process: str, session: int, expires_at_us: int, previous_expires_at_us: int
+) -> bytes:
+    """The payload of an EngineHeartbeat: its session holds until `expires_at_us` (sender's clock)."""
+    return json_payload(
+        {
+            "engine_id": engine_id,
+            "process": process,
+            "session": session,
+            "expires_at_us": expires_at_us,
+            "previous_expires_at_us": previous_expires_at_us,
+        }
+    )
+
+
+def engine_stopped_payload(engine_id: str, process: str, session: int, previous_expires_at_us: int) -> bytes:
+    """The payload of an EngineStopped: every lease of its sessions is free at once."""
+    return json_payload(
+        {
+            "engine_id": engine_id,
+            "process": process,
+            "session": session,
+            "previous_expires_at_us": previous_expires_at_us,
+        }
+    )
+
+
+def engine_fenced_payload(record: EngineRecord, fenced_by: str) -> bytes:
+    """The payload of an EngineFenced ending `record`'s session, written by engine `fenced_by`."""
+    return json_payload(
+        {
+            "engine_id": record.engine_id,
+            "session": record.session,
+            "previous_expires_at_us": record.previous_expires_at_us,
+            "fenced_by": fenced_by,
+        }
+    )
+
+
 class Holding(enum.Enum):
     """What a holder's session is, judged from its engine's liveness record."""
 

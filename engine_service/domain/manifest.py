@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes, parse_json_bytes
+from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
+from engine_service.domain.events import RunStarted
 from engine_service.domain.plan import PipelineSpec
 from engine_service.domain.run_config import RunConfig
 
@@ -97,3 +99,40 @@ class RunManifest:
                 dependency_set_hash=str(build["dependency_set_hash"]),
             ),
         )
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What starting a run writes: its RunStarted, and the artifacts stored in the same append."""
+
+    started: RunStarted
+    manifest_id: str
+    snapshot_id: str
+    artifacts: list[tuple[str, bytes]]  # (kind, bytes): the manifest unless stored, the initial snapshot
+
+
+def run_start(
+    manifest: RunManifest,
+    *,
+    manifest_id: str | None = None,
+    parent: tuple[str, str] | None = None,
+    manifest_stored: bool = False,
+    at_us: int = 0,
+) -> RunStart:
+    """The first append of a run of `manifest` (a child's names its parent run and fact key).
+
+    `manifest_id`: the id the manifest is stored under, when known (else computed from it);
+    `manifest_stored`: the manifest artifact is in the store already, so it is not sent again.
+    """
+    manifest_bytes = manifest.canonical_bytes() if manifest_id is None or not manifest_stored else b""
+    manifest_id = manifest_id or artifact_id_for_bytes(manifest_bytes)
+    snapshot = canonical_json_bytes(manifest.initial_context)
+    snapshot_id = artifact_id_for_bytes(snapshot)
+    parent_run_id, parent_fact_key = parent or ("", "")
+    started = RunStarted(
+        manifest.op_id, manifest_id, snapshot_id, parent_run_id, parent_fact_key, at_us=at_us
+    )
+    artifacts = [(SNAPSHOT_ARTIFACT_KIND, snapshot)]
+    if not manifest_stored:
+        artifacts.insert(0, (MANIFEST_ARTIFACT_KIND, manifest_bytes))
+    return RunStart(started, manifest_id, snapshot_id, artifacts)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from engine_service.child_runs import MAX_LINK_BYTES_PER_APPEND, MAX_LINKS_PER_APPEND, _Linking, _next_batch
 from engine_service.domain.canonical import canonical_json_bytes
 from engine_service.domain.child_runs import CLOSE_ABANDON, ChildLink, child_links, child_run_id
 from engine_service.domain.streams import CHILD_LINKED, children_stream_id
+from engine_service.runtime.children import (
+    MAX_LINK_BYTES_PER_APPEND,
+    MAX_LINKS_PER_APPEND,
+    _Linking,
+    _next_batch,
+)
 
 PARENT = str(uuid.uuid4())
 

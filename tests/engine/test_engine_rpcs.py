@@ -570,7 +570,7 @@ async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluste
     # one carrying RunCompleted. Either way one ReadEvents answers with the run: its children
     # stream's (the engine holds every event of a run it started and finished, and a terminal
     # stream never changes; a run without a failure ledger says so in RunCompleted, so the ledger
-    # is not read). A run this short never writes its lease (engine_service.leases: a new run's is
+    # is not read). A run this short never writes its lease (engine_service.runtime.leases: a new run's is
     # implicit).
     appends = 1 if cluster.checkpoint_linger > 0 else 4
     assert spent == {"AppendEvents": appends, "ReadEvents": 1}

@@ -29,7 +29,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service import EngineConfig, EngineServingHandle, start_engine
 from engine_service.domain.streams import ENGINE_STOPPED
-from engine_service.heartbeats import Heartbeat, fence, read_engine_record
+from engine_service.runtime.heartbeat import Heartbeat, fence, read_engine_record
 from engine_service.store.grpc_client import StoreClient
 from engine_service.store.port import AppendResult
 from keel_core.errors import KeelError

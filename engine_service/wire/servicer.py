@@ -14,11 +14,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 
-from engine_service import messages
 from engine_service.domain import parse_run_id
-from engine_service.domain.events import FAILED, RunCompleted
-from engine_service.domain.streams import run_id_of_stream, run_stream_id
-from engine_service.engine import Engine, stored_events
+from engine_service.domain.events import FAILED
+from engine_service.runtime.kernel import Engine
+from engine_service.wire import messages
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import to_value
 from keel_core.status import abort_with
@@ -70,8 +69,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.engine = engine
 
     async def _run(self, run_id: str) -> engine_pb2.Run:
-        view, _ = await self.engine.run_view(run_id)
-        return messages.run_message(view)
+        return messages.run_message(await self.engine.views.run_view(run_id))
 
     @_translated
     async def StartRun(
@@ -111,17 +109,18 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         """A page of runs, newest first, optionally by status."""
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise invalid_argument("invalid_argument", f"page_size must be 0..{MAX_PAGE_SIZE}")
-        labels = []
+        statuses = []
         for status in request.statuses:
-            label = messages.STORE_LABEL_FOR_STATUS.get(status)
-            if label is None:
+            listed = messages.LISTED_STATUS.get(status)
+            if listed is None:
                 raise invalid_argument("invalid_argument", f"unknown run status {status} in statuses")
-            labels.append(label)
-        streams, token = await self.engine.list_runs(
-            labels, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
+            statuses.append(listed)
+        runs, token = await self.engine.views.list_runs(
+            statuses, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
         )
-        runs = [messages.run_summary(s, run_id_of_stream(s.stream_id)) for s in streams]
-        return engine_pb2.ListRunsResponse(runs=runs, next_page_token=token)
+        return engine_pb2.ListRunsResponse(
+            runs=[messages.run_summary(r) for r in runs], next_page_token=token
+        )
 
     @_translated
     async def AwaitRun(
@@ -146,22 +145,16 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             run_id = parse_run_id(request.run_id)
             if request.after_seq < 0:
                 raise invalid_argument("invalid_argument", "after_seq must not be negative")
-            events, history = await self.engine.read_history(run_id)
         except KeelError as error:
             await _fail(context, error)
-        if history.is_terminal and request.after_seq >= events[-1].seq:
-            return
-        subscription = self.engine.env.store.subscribe(run_stream_id(run_id), after_seq=request.after_seq)
+        events = self.engine.views.watch_run(run_id, request.after_seq)
         try:
-            async for raw in subscription:
-                stored = stored_events([raw])[0]
-                yield engine_pb2.WatchRunResponse(event=messages.run_event(raw.seq, raw.type, stored))
-                if isinstance(stored.event, RunCompleted):
-                    return
+            async for event in events:
+                yield engine_pb2.WatchRunResponse(event=messages.run_event(event))
         except KeelError as error:
             await _fail(context, error)
         finally:
-            await subscription.aclose()
+            await events.aclose()
 
     @_translated
     async def ListOps(

@@ -25,7 +25,7 @@ views time steps by that. A timer flushes pending events within the linger even 
 so a long op shows as running; a resumed driver appends its first StepAttemptStarted before the op
 runs (a claim: an engine still driving the run elsewhere fences one of the two off before any work).
 
-Leases. A driver holds its run's lease (engine_service.leases) and confirms it is still valid
+Leases. A driver holds its run's lease (engine_service.runtime.leases) and confirms it is still valid
 before every append and every transport call; once lost, the driver appends nothing more (a
 resumed driver's claim, fenced by the run's sequence, refuses a former holder's late appends).
 
@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import copy
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,7 @@ from engine_service.domain import (
     RunCompleted,
     RunHistory,
     RunManifest,
+    RunStarted,
     RunStep,
     StepAttemptFailed,
     StepAttemptStarted,
@@ -74,7 +74,7 @@ from engine_service.domain.events import decode_event, stamped
 from engine_service.domain.facts import check_fact_key
 from engine_service.domain.ops import OpDefinition, OpRegistry
 from engine_service.domain.run_config import REPLAY
-from engine_service.domain.streams import RUN_COMPLETED, run_label, run_stream_id
+from engine_service.domain.streams import RUN_ACTIVE_LABEL, RUN_COMPLETED, run_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
 from engine_service.failpoints import (
     AFTER_CHILD_AWAIT_RECORDED,
@@ -85,7 +85,8 @@ from engine_service.failpoints import (
     BEFORE_RUN_COMPLETED,
     Failpoints,
 )
-from engine_service.leases import Lease
+from engine_service.runtime.clock import now_us
+from engine_service.runtime.leases import Lease
 from engine_service.store.port import FOREVER, EventLog
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.logs import bind_log_fields
@@ -101,11 +102,6 @@ MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
-
-
-def now_us() -> int:
-    """The time now, in microseconds since the epoch (events' `at_us`)."""
-    return time.time_ns() // 1000
 
 
 @dataclass
@@ -171,7 +167,7 @@ class RunDriver:
         self._snapshots: dict[str, dict[str, Any]] = {}
         self._pending: list[KernelEvent] = []
         self._pending_artifacts: list[tuple[str, bytes]] = []
-        self._pending_status: str | None = None
+        self._pending_label: str | None = None
         self._lock = asyncio.Lock()
         self._lingering: asyncio.Task[None] | None = None
         self._replay_facts: dict[str, FactRecorded] | None = None
@@ -234,24 +230,41 @@ class RunDriver:
         except (Exception, asyncio.CancelledError):  # best effort: resume reruns whatever is lost
             log.warning("run %s parked with %d decided event(s) not flushed", self.run_id, len(self._pending))
 
+    async def begin(
+        self, started: RunStarted, artifacts: Sequence[tuple[str, bytes]], *, durable_now: bool
+    ) -> None:
+        """Decide the run's RunStarted (its manifest and initial snapshot inline), the first event.
+
+        `durable_now`: append it before returning (a sequence conflict means the run exists);
+        otherwise it travels in the driver's first batch, lingering like any decided event.
+        """
+        self.record([started], label=RUN_ACTIVE_LABEL, artifacts=artifacts, linger=not durable_now)
+        if durable_now:
+            await self.flush()
+
     def record(
         self,
         events: Sequence[KernelEvent],
         *,
-        status: str | None = None,
+        label: str | None = None,
         artifacts: Sequence[tuple[str, bytes]] = (),
+        linger: bool = True,
     ) -> None:
-        """Decide `events` (stamped with the time now): fold them in now, append them with the next flush."""
+        """Decide `events` (stamped with the time now): fold them in now, append them with the next flush.
+
+        `label`: the run stream's status label the append sets; `linger`: start the linger timer
+        (a caller that flushes at once needs none).
+        """
         now = now_us()
         events = [stamped(event, now) for event in events]
         self._pending.extend(events)
         self._pending_artifacts.extend(artifacts)
-        self._pending_status = status or self._pending_status
+        self._pending_label = label or self._pending_label
         if self.events is not None:
             base = self.history.head_seq
             self.events.extend(StoredEvent(base + i, event) for i, event in enumerate(events, 1))
         self.history = self.history.extend(events)
-        if self._lingering is None:
+        if linger and self._lingering is None:
             # A timer, not the next event, bounds how long a decision stays invisible: an op may
             # run for hours after its StepAttemptStarted was decided.
             self._lingering = asyncio.create_task(self._flush_after_linger())
@@ -264,7 +277,7 @@ class RunDriver:
         terminal = RunCompleted(
             action.status, action.final_snapshot_id, action.reason, action.error, has_ledger=self.has_ledger
         )
-        self.record([terminal], status=run_label(action.status))
+        self.record([terminal], label=run_label(action.status))
 
     async def _settled(self) -> None:
         """An attempt settled: without write-behind, append it now (with RunCompleted if that is next)."""
@@ -295,8 +308,8 @@ class RunDriver:
                 return
             if self.lease is not None:
                 await self._confirm_lease()
-            batch, artifacts, status = self._pending, self._pending_artifacts, self._pending_status
-            self._pending, self._pending_artifacts, self._pending_status = [], [], None
+            batch, artifacts, label = self._pending, self._pending_artifacts, self._pending_label
+            self._pending, self._pending_artifacts, self._pending_label = [], [], None
             patience = FOREVER
             if self.durable_seq == 0 and self._first_append_patience is not None:
                 patience = self._first_append_patience  # nothing acknowledged yet: fail rather than hang
@@ -305,7 +318,7 @@ class RunDriver:
                     self.stream_id,
                     [encode_event(event) for event in batch],
                     expected_seq=self.durable_seq if self.durable_seq else None,
-                    status=status,
+                    status=label,
                     artifacts=artifacts,
                     patience=patience,
                 )

@@ -15,8 +15,10 @@ or the spawn's look finds the parent canceled (then the child is recorded cancel
 Spawns of one parent that overlap (a fan-out) share the work: their links travel in one append and
 one look at the parent, taken after that append landed, serves them all.
 
-The engine's driver registry is the child supervisor: a child is driven by at most one task in an
-engine (`Engine.drivers`), whoever asked for it (an RPC, a parent's op, recovery).
+The engine's run registry is the child supervisor: a child is driven by at most one task in an
+engine (engine_service.runtime.registry), whoever asked for it (an RPC, a parent's op, recovery).
+Starting, resuming and awaiting runs are the kernel's, which this module reaches through the
+narrow `RunKernel` Protocol (the kernel holds the child runs, not the other way round).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from engine_service.domain import (
     CANCELED,
+    Plan,
+    RunCompleted,
     RunHistory,
     RunManifest,
     artifact_id_for_bytes,
@@ -41,7 +45,6 @@ from engine_service.domain.child_runs import (
     ChildOutcome,
     ChildSpawned,
     ChildSpawnRequest,
-    child_links,
     parse_await_request,
     parse_spawn_request,
     request_invalid,
@@ -49,13 +52,13 @@ from engine_service.domain.child_runs import (
 from engine_service.domain.facts import check_fact_key
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.streams import children_stream_id, run_status_of_label, run_stream_id
-from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED
-from engine_service.run_driver import now_us
-from engine_service.terminalization import cancel_child
+from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED, Failpoints
+from engine_service.runtime.clock import now_us
+from engine_service.runtime.reader import RunReader
+from engine_service.runtime.registry import RunRegistry
+from engine_service.runtime.terminalize import Terminalizer
+from engine_service.store.port import EventLog
 from keel_core.errors import ErrorCategory, KeelError, not_found
-
-if TYPE_CHECKING:
-    from engine_service.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -89,37 +92,54 @@ def _spawned(link: ChildLink) -> ChildSpawned:
     )
 
 
+class RunKernel(Protocol):
+    """What child runs need of the engine's kernel: to plan, start, resume and await runs."""
+
+    def plan_for(self, manifest: RunManifest) -> Plan:
+        """The manifest's pipeline resolved against the engine's ops (`invalid_plan` if it cannot be)."""
+        ...
+
+    async def start_run(
+        self,
+        manifest: RunManifest,
+        run_id: str | None,
+        *,
+        parent: tuple[str, str] | None = None,
+        manifest_stored: bool = False,
+    ) -> object:
+        """Record RunStarted and drive the run (`run_already_exists` for another manifest)."""
+        ...
+
+    async def resume_run(self, run_id: str) -> bool:
+        """Drive a run nobody drives (False when there is nothing to do here)."""
+        ...
+
+    async def await_terminal(self, run_id: str) -> RunCompleted:
+        """The run's terminal event, once there is one."""
+        ...
+
+
 class ChildRuns:
     """Spawns and awaits child runs on one engine."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        # parent run id -> spawns in flight here (link, look, start), which a cancel waits for.
-        self._starting: dict[str, set[asyncio.Future[Any]]] = {}
+    def __init__(
+        self,
+        store: EventLog,
+        failpoints: Failpoints,
+        registry: RunRegistry,
+        reader: RunReader,
+        terminalizer: Terminalizer,
+        kernel: RunKernel,
+    ) -> None:
+        self.store = store
+        self.failpoints = failpoints
+        self.registry = registry
+        self.reader = reader
+        self.terminalizer = terminalizer
+        self.kernel = kernel
         # parent run id -> links waiting for the append in flight for that parent to finish.
         self._unlinked: dict[str, list[_Linking]] = {}
         self._appending: set[asyncio.Future[None]] = set()
-
-    async def settle(self, parent_run_id: str) -> None:
-        """Wait until every spawn this engine has in flight for the parent has landed or failed."""
-        pending = self._starting.pop(parent_run_id, set())
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    async def settle_all(self) -> None:
-        """Wait for every spawn in flight (engine shutdown)."""
-        for parent_run_id in list(self._starting):
-            await self.settle(parent_run_id)
-
-    def forget(self, parent_run_id: str) -> None:
-        """Drop the parent's entry once no spawn of it is in flight here."""
-        if not self._starting.get(parent_run_id, True):
-            del self._starting[parent_run_id]
-
-    async def links(self, parent_run_id: str) -> list[ChildLink]:
-        """The parent's children, as its children stream links them (by fact key)."""
-        events = await self.engine.env.store.read(children_stream_id(parent_run_id))
-        return child_links((event.type, event.payload) for event in events)
 
     async def closed_with_parent(self, run_id: str, history: RunHistory) -> bool:
         """Before resuming a child: cancel it instead when its parent was canceled (True).
@@ -130,25 +150,15 @@ class ChildRuns:
         started = history.started
         if started is None or history.is_terminal or not started.parent_run_id:
             return False
-        parent_status = await self._run_status(started.parent_run_id)
+        parent_status = await self.reader.run_status(started.parent_run_id)
         if parent_status != CANCELED:  # the links are read only when they may matter
             return False
-        link = await self.link_of(started.parent_run_id, run_id)
+        link = await self.reader.link_of(started.parent_run_id, run_id)
         if link is None or not link.closed_by(parent_status):
             return False
         log.info("run %s: parent %s was canceled; canceling it, not resuming it", run_id, link.parent_run_id)
-        await cancel_child(self.engine, link)
+        await self.terminalizer.cancel_child(link)
         return True
-
-    async def _run_status(self, run_id: str) -> str | None:
-        """The run's terminal status, as its stream's label says (None: not terminal)."""
-        _, label = await self.engine.env.store.head(run_stream_id(run_id))
-        return run_status_of_label(label)
-
-    async def link_of(self, parent_run_id: str, child_run_id: str) -> ChildLink | None:
-        """The parent's link of this child, if the parent has one."""
-        links = await self.links(parent_run_id)
-        return next((link for link in links if link.child_run_id == child_run_id), None)
 
     async def spawn(self, request: ChildSpawnRequest, *, in_run: bool = False) -> ChildSpawned:
         """Link the child to its parent and start it (or find it); nothing is written on bad input.
@@ -164,7 +174,7 @@ class ChildRuns:
         )
         parse_run_id(request.parent_run_id, field="parent_run_id")
         manifest = request.manifest()
-        self.engine.plan_for(manifest)  # an unknown op is `invalid_plan` before anything is stored
+        self.kernel.plan_for(manifest)  # an unknown op is `invalid_plan` before anything is stored
         manifest_bytes = manifest.canonical_bytes()
         link = ChildLink(
             request.parent_run_id,
@@ -179,9 +189,7 @@ class ChildRuns:
         # Shielded: a parent cancelled mid-spawn must not leave a child started after the cancel
         # looked for children; the cancel waits for spawns in flight (`settle`).
         spawning = asyncio.ensure_future(self._link_and_start(link, manifest, manifest_bytes))
-        in_flight = self._starting.setdefault(request.parent_run_id, set())
-        in_flight.add(spawning)
-        spawning.add_done_callback(in_flight.discard)
+        self.registry.track_spawn(request.parent_run_id, spawning)
         try:
             await asyncio.shield(spawning)
         except KeelError as error:
@@ -192,13 +200,12 @@ class ChildRuns:
 
     async def _found_before_linking(self, link: ChildLink) -> bool:
         """For an RPC spawn: True when the child exists already (resumed if unfinished)."""
-        store = self.engine.env.store
-        parent_head, parent_label = await store.head(run_stream_id(link.parent_run_id))
+        parent_head, parent_label = await self.store.head(run_stream_id(link.parent_run_id))
         if parent_head == 0:
             raise not_found(
                 "run_not_found", f"parent run {link.parent_run_id} does not exist", run_id=link.parent_run_id
             )
-        started = await self.engine.started_manifest_id(link.child_run_id)
+        started = await self.reader.started_manifest_id(link.child_run_id)
         if started is None:
             if link.closed_by(run_status_of_label(parent_label)):
                 raise KeelError(
@@ -211,12 +218,12 @@ class ChildRuns:
             return False
         if started != link.child_manifest_id:
             raise _conflict(link)
-        await self.engine.resume_run(link.child_run_id)  # DESIGN: an unfinished child goes on
+        await self.kernel.resume_run(link.child_run_id)  # DESIGN: an unfinished child goes on
         return True
 
     async def _link_and_start(self, link: ChildLink, manifest: RunManifest, manifest_bytes: bytes) -> None:
         parent_status = await self._link(link, manifest_bytes)
-        self.engine.env.failpoints.hit(BEFORE_CHILD_STARTED)
+        self.failpoints.hit(BEFORE_CHILD_STARTED)
         await self._start_linked(link, manifest, parent_status)
 
     async def _link(self, link: ChildLink, manifest_bytes: bytes) -> str | None:
@@ -234,12 +241,11 @@ class ChildRuns:
 
     async def _append_links(self, parent_run_id: str) -> None:
         """Append the parent's waiting links in batches, then look at the parent once per batch."""
-        store = self.engine.env.store
         try:
             while batch := _next_batch(self._unlinked[parent_run_id]):
                 try:
                     at_us = now_us()
-                    await store.append(
+                    await self.store.append(
                         children_stream_id(parent_run_id),
                         [waiting.link.encode(at_us) for waiting in batch],
                         expected_seq=None,
@@ -248,7 +254,7 @@ class ChildRuns:
                             dict.fromkeys((MANIFEST_ARTIFACT_KIND, w.manifest_bytes) for w in batch)
                         ),
                     )
-                    parent_status = await self._run_status(parent_run_id)
+                    parent_status = await self.reader.run_status(parent_run_id)
                 except BaseException as error:  # each spawn of the batch fails with it
                     for waiting in batch:
                         if not waiting.landed.done():
@@ -271,9 +277,9 @@ class ChildRuns:
         """
         if link.closed_by(parent_status):
             log.info("run %s was canceled while spawning child %s", link.parent_run_id, link.child_run_id)
-            await cancel_child(self.engine, link)
+            await self.terminalizer.cancel_child(link)
             return
-        await self.engine.start_run(
+        await self.kernel.start_run(
             manifest, link.child_run_id, parent=(link.parent_run_id, link.fact_key), manifest_stored=True
         )
 
@@ -282,21 +288,21 @@ class ChildRuns:
         child_id = request.child_run_id
         while True:
             try:
-                terminal = await self.engine.await_terminal(child_id)
+                terminal = await self.kernel.await_terminal(child_id)
                 break
             except KeelError as error:
                 if error.code != "run_not_found":
                     raise
                 await self._start_never_started(request)
-        snapshot = await self.engine.final_snapshot(terminal.final_snapshot_id)
-        self.engine.env.failpoints.hit(AFTER_CHILD_COMPLETED)
+        snapshot = await self.reader.final_snapshot(terminal.final_snapshot_id)
+        self.failpoints.hit(AFTER_CHILD_COMPLETED)
         return ChildOutcome(child_id, terminal.status, terminal.final_snapshot_id, snapshot)
 
     async def _start_never_started(self, request: ChildAwaitRequest) -> None:
         """A child whose spawn was recorded but which never started: start it now."""
         link = None
         if request.parent_run_id:
-            link = await self.link_of(request.parent_run_id, request.child_run_id)
+            link = await self.reader.link_of(request.parent_run_id, request.child_run_id)
         if link is None and not request.child_manifest_id:
             raise not_found(
                 "run_not_found",
@@ -305,13 +311,13 @@ class ChildRuns:
                 run_id=request.child_run_id,
             )
         manifest_id = link.child_manifest_id if link is not None else request.child_manifest_id
-        manifest = await self.engine.manifest(manifest_id)
+        manifest = await self.reader.manifest(manifest_id)
         log.info("child run %s was never started: starting it from its manifest", request.child_run_id)
         try:
             if link is not None:
-                await self._start_linked(link, manifest, await self._run_status(link.parent_run_id))
+                await self._start_linked(link, manifest, await self.reader.run_status(link.parent_run_id))
             else:
-                await self.engine.start_run(manifest, request.child_run_id, manifest_stored=True)
+                await self.kernel.start_run(manifest, request.child_run_id, manifest_stored=True)
         except KeelError as error:
             if error.code == "run_already_exists":
                 raise KeelError(

@@ -72,26 +72,21 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from engine_service.domain.leasing import (
     MARGIN_FRACTION,
-    EngineRecord,
     Holder,
-    Holding,
     LeaseEvent,
-    implicit_holds_until,
-    judge_holder,
     lease_acquired_payload,
     lease_released_payload,
-    legacy_holds_until,
 )
 from engine_service.domain.streams import (
     LEASE_ACQUIRED,
     LEASE_HELD_LABEL,
     LEASE_RELEASED,
     LEASE_RELEASED_LABEL,
-    LEASE_STREAM_PREFIX,
     lease_stream_id,
-    run_id_of_lease_stream,
 )
-from engine_service.heartbeats import Heartbeat, engine_fenced, fence, read_engine_record, wall_us
+from engine_service.runtime.clock import now_us
+from engine_service.runtime.heartbeat import Heartbeat, engine_fenced
+from engine_service.runtime.holders import LeaseHolders
 from engine_service.store.port import EventLog
 from keel_core.errors import ErrorCategory, KeelError
 
@@ -179,59 +174,21 @@ class Leases:
         self._to_release: dict[str, Lease] = {}
         # Runs this engine created whose implicit lease it stopped using (no event names it).
         self._implicit_here: set[str] = set()
-        # run id -> when the lease another engine holds on it expires, as last read.
-        self._seen_live: dict[str, int] = {}
-        # run id -> who its lease event names, as last read (it changes only once that is over).
-        self._holders: dict[str, Holder] = {}
-        # Sessions seen over, and why: they never hold a lease again.
-        self._over: dict[Holder, str] = {}
-        # Liveness records read during the current scan: one read per engine per scan.
-        self._records: dict[str, EngineRecord | None] = {}
-        # One fence at a time: concurrent takeovers of one dead engine's runs fence it once.
-        self._fencing = asyncio.Lock()
+        # What this engine knows of other engines' leases (and of its own, as the store says).
+        self.others = LeaseHolders(store, engine_id, ttl)
         # Upkeep: the loop, its heartbeat under way, and the runs whose lease is being recorded.
         self._beating: asyncio.Task[None] | None = None
         self._recording: dict[str, asyncio.Task[None]] = {}
 
-    def known_live(self, run_id: str) -> bool:
-        """Whether another engine's lease on the run was seen, and has not expired since."""
-        expires_at = self._seen_live.get(run_id)
-        if expires_at is None:
-            return False
-        if expires_at > wall_us():
-            return True
-        del self._seen_live[run_id]
-        return False
-
-    def seen_live_for(self, run_id: str) -> float | None:
-        """Seconds until another engine's lease on the run, as last read, expires (None: not seen)."""
-        if not self.known_live(run_id):
-            return None
-        return max(0.0, (self._seen_live[run_id] - wall_us()) / 1_000_000) + 0.05
+    @property
+    def _holders(self) -> dict[str, Holder]:
+        """Who each run's lease names, as last read (kept by `others`)."""
+        return self.others.holders
 
     def forget_seen(self, keep: set[str]) -> None:
         """Drop what was seen of runs no longer active (scans call this with the active ones)."""
-        self._seen_live = {run_id: at for run_id, at in self._seen_live.items() if run_id in keep}
         self._implicit_here &= keep
-        self._holders = {run_id: holder for run_id, holder in self._holders.items() if run_id in keep}
-        named = set(self._holders.values())
-        self._over = {holder: why for holder, why in self._over.items() if holder in named}
-
-    def begin_scan(self) -> None:
-        """A new scan: liveness records are read again (once each)."""
-        self._records.clear()
-
-    async def released_runs(self) -> set[str]:
-        """Runs whose implicit lease was released and not taken since (other engines' shutdowns)."""
-        out: set[str] = set()
-        token = ""
-        while True:
-            page, token = await self.store.list_streams(
-                prefix=LEASE_STREAM_PREFIX, statuses=[LEASE_RELEASED_LABEL], page_size=500, page_token=token
-            )
-            out.update(run_id_of_lease_stream(s.stream_id) for s in page)
-            if not token:
-                return out
+        self.others.forget(keep)
 
     async def leased_elsewhere(self, runs: Mapping[str, int | None]) -> set[str]:
         """Those of `runs` (run id -> creation time, µs) whose lease holds now and is not this engine's.
@@ -239,12 +196,12 @@ class Leases:
         A run this engine's current session holds but does not drive (its driver stopped) is not
         in it: the scan takes it up again here, without a write.
         """
-        now = wall_us()
+        now = now_us()
         young = int(self.ttl / 3 * 1_000_000)
         live: set[str] = set()
         unread: list[tuple[str, int | None]] = []
         for run_id, created_at_us in runs.items():
-            if run_id in self.held or run_id in self._holders:
+            if run_id in self.held or run_id in self.others.holders:
                 continue
             if (
                 created_at_us is not None
@@ -258,13 +215,13 @@ class Leases:
 
         async def held_unrecorded(run_id: str, created_at_us: int | None) -> bool:
             async with limit:
-                _, last = await self._last_event(run_id)
+                _, last = await self.others.last_event(run_id)
             if last is None:
-                return run_id not in self._implicit_here and self._implicit_holds(run_id, created_at_us)
+                return run_id not in self._implicit_here and self.others.implicit_holds(run_id, created_at_us)
             if last.holder is not None:
-                self._holders[run_id] = last.holder  # judged below, with the other holders
+                self.others.holders[run_id] = last.holder  # judged below, with the other holders
                 return False
-            return self._legacy_holds(run_id, last)
+            return self.others.legacy_holds(run_id, last)
 
         found = await asyncio.gather(*(held_unrecorded(*run) for run in unread))
         live.update(run_id for (run_id, _), held in zip(unread, found, strict=True) if held)
@@ -272,88 +229,16 @@ class Leases:
             run_id: holder
             for run_id in runs
             if run_id not in self.held
-            and (holder := self._holders.get(run_id)) is not None
+            and (holder := self.others.holders.get(run_id)) is not None
             and not (holder.engine_id == self.engine_id and self.heartbeat.trusts(holder.session))
         }
-        engines = {holder.engine_id for holder in holders.values() if holder not in self._over}
-        await asyncio.gather(*(self._scan_record(engine_id) for engine_id in engines))
+        await self.others.read_records(holders.values())
         for run_id, holder in holders.items():
-            until, _ = await self._holds_until(holder, fresh=False)
+            until, _ = await self.others.holds_until(holder, fresh=False)
             if until:
                 live.add(run_id)
-                self._seen_live[run_id] = until
+                self.others.seen_live[run_id] = until
         return live
-
-    async def _scan_record(self, engine_id: str) -> None:
-        if engine_id not in self._records:
-            self._records[engine_id] = await read_engine_record(self.store, engine_id)
-
-    async def _holds_until(self, holder: Holder, *, fresh: bool) -> tuple[int, str]:
-        """Until when (wall µs) the holder's session holds its leases (0: it does not, and why).
-
-        `fresh` (a takeover): read the holder's liveness record now, and fence its session off
-        when its heartbeat expired. Otherwise (a scan's look) use this scan's read of it; an
-        expired session is only reported, not fenced.
-        """
-        why = self._over.get(holder)
-        if why is not None:
-            return 0, why
-        if fresh or holder.engine_id not in self._records:
-            record = await read_engine_record(self.store, holder.engine_id)
-            if not fresh:
-                self._records[holder.engine_id] = record
-        else:
-            record = self._records[holder.engine_id]
-        verdict = judge_holder(holder, record, wall_us())
-        match verdict.holding:
-            case Holding.HOLDS:
-                return verdict.until_us, ""
-            case Holding.OVER:
-                return self._now_over(holder, verdict.why)
-            case Holding.RECORD_OLDER:  # read before the lease was: read it again
-                if not fresh:
-                    return await self._holds_until(holder, fresh=True)
-                return wall_us() + int(self.ttl * 1_000_000), ""  # cannot be: let it hold a ttl meanwhile
-        if not fresh:
-            return 0, verdict.why
-        assert record is not None  # expired: a record was read
-        return await self._fence(holder, record)
-
-    async def _fence(self, holder: Holder, record: EngineRecord) -> tuple[int, str]:
-        """Fence off a session whose heartbeat expired (once), then judge the holder again."""
-        async with self._fencing:
-            why = self._over.get(holder)
-            if why is not None:
-                return 0, why  # fenced while this waited
-            if await fence(self.store, record, self.engine_id):
-                return self._now_over(holder, "its engine's heartbeat expired")
-        return await self._holds_until(holder, fresh=True)  # it beat, or was fenced, since
-
-    def _now_over(self, holder: Holder, why: str) -> tuple[int, str]:
-        self._over[holder] = why
-        return 0, why
-
-    def _implicit_holds(self, run_id: str, created_at_us: int | None) -> bool:
-        until = implicit_holds_until(created_at_us, int(self.ttl * 1_000_000))
-        if until > wall_us():
-            self._seen_live[run_id] = until
-            return True
-        return False
-
-    def _legacy_holds(self, run_id: str, last: LeaseEvent) -> bool:
-        """A lease event written before sessions holds until its own expiry (unless it is ours)."""
-        until = legacy_holds_until(last, self.engine_id, wall_us())
-        if until:
-            self._seen_live[run_id] = until
-        return bool(until)
-
-    async def _last_event(self, run_id: str) -> tuple[int, LeaseEvent | None]:
-        stream = lease_stream_id(run_id)
-        head, _ = await self.store.head(stream)
-        if head == 0:
-            return 0, None
-        events = await self.store.read(stream, from_seq=head, limit=1)
-        return head, LeaseEvent.parse(events[0].type, events[0].payload) if events else None
 
     def _ensure_upkeep(self) -> None:
         if self._upkeep is None and not self._closing:
@@ -363,7 +248,7 @@ class Leases:
         lease = Lease(run_id, self.ttl, self.heartbeat)
         lease.recorded(seq, session)
         self.held[run_id] = lease
-        self._holders[run_id] = Holder(self.engine_id, session)
+        self.others.holders[run_id] = Holder(self.engine_id, session)
         self._ensure_upkeep()
         return lease
 
@@ -399,31 +284,37 @@ class Leases:
             return current
         if self._closing or self.heartbeat.fenced:
             return None
-        head, last = await self._last_event(run_id)
+        head, last = await self.others.last_event(run_id)
         taken_from_self = run_id in self._implicit_here
         why = "its implicit lease expired"
         if last is not None and last.holder is not None:
             holder = last.holder
-            self._holders[run_id] = holder
+            self.others.holders[run_id] = holder
             if holder.engine_id == self.engine_id and holder.session == self.heartbeat.session:
                 with contextlib.suppress(KeelError):  # fenced off, say: judged as anyone's below
                     session = await self.heartbeat.ensure()
                     if session == holder.session and not self._closing:
-                        self._seen_live.pop(run_id, None)
+                        self.others.seen_live.pop(run_id, None)
                         return self._hold(run_id, head, session)  # still this session's: nothing to write
-            until, why = await self._holds_until(holder, fresh=True)
+            until, why = await self.others.holds_until(holder, fresh=True)
             if until:
-                self._seen_live[run_id] = until
+                self.others.seen_live[run_id] = until
                 return None
         elif last is not None:
-            if self._legacy_holds(run_id, last):
+            if self.others.legacy_holds(run_id, last):
                 return None
             why = "it was released" if last.released else "it expired"
         elif not taken_from_self:
             if created_at_us is None:
                 created_at_us = await born()
-            if self._implicit_holds(run_id, created_at_us):
+            if self.others.implicit_holds(run_id, created_at_us):
                 return None
+        return await self._take(run_id, head, last, why, taken_from_self=taken_from_self)
+
+    async def _take(
+        self, run_id: str, head: int, last: LeaseEvent | None, why: str, *, taken_from_self: bool
+    ) -> Lease | None:
+        """Append LeaseAcquired after `last`, the lease event at `head` (None: another engine was first)."""
         if self._closing:
             return None
         session = await self.heartbeat.ensure()
@@ -443,7 +334,7 @@ class Leases:
             log.warning("run %s: its lease landed after this engine's session was fenced off", run_id)
             return None
         lease = self._hold(run_id, result.head_seq, session)
-        self._seen_live.pop(run_id, None)
+        self.others.seen_live.pop(run_id, None)
         self._implicit_here.discard(run_id)
         previous = last.engine_id if last is not None else ""
         if previous != self.engine_id and not (last is None and taken_from_self):
@@ -549,7 +440,7 @@ class Leases:
             self._lose(lease, "this engine's session was fenced off while its lease was recorded")
             return
         lease.recorded(result.head_seq, session)
-        self._holders[lease.run_id] = Holder(self.engine_id, session)
+        self.others.holders[lease.run_id] = Holder(self.engine_id, session)
 
     async def close(self) -> None:
         """Stop the upkeep; release the implicit leases still held, and record that this engine stopped."""

@@ -46,7 +46,13 @@ import time
 import uuid
 from collections.abc import Callable
 
-from engine_service.domain.leasing import MARGIN_FRACTION, EngineRecord, json_payload
+from engine_service.domain.leasing import (
+    MARGIN_FRACTION,
+    EngineRecord,
+    engine_fenced_payload,
+    engine_stopped_payload,
+    heartbeat_payload,
+)
 from engine_service.domain.streams import (
     ENGINE_BEATING_LABEL,
     ENGINE_FENCED,
@@ -56,6 +62,7 @@ from engine_service.domain.streams import (
     ENGINE_STOPPED_LABEL,
     engine_stream_id,
 )
+from engine_service.runtime.clock import now_us
 from engine_service.store.port import EventLog
 from keel_core.errors import ErrorCategory, KeelError
 
@@ -66,11 +73,6 @@ STOP_PATIENCE = 2.0
 # Every this many landed heartbeats, the stream is trimmed to its last TRIM_KEEP events.
 TRIM_EVERY = 100
 TRIM_KEEP = 20
-
-
-def wall_us() -> int:
-    """This machine's wall clock in microseconds (what expiries are compared with)."""
-    return time.time_ns() // 1000
 
 
 async def read_engine_record(store: EventLog, engine_id: str) -> EngineRecord | None:
@@ -91,14 +93,7 @@ async def fence(store: EventLog, record: EngineRecord, by_engine_id: str) -> boo
     Call it only once the heartbeat's `expires_at_us` has passed on this engine's clock. After it
     succeeds the session never holds a lease again, whatever its engine does next.
     """
-    data = json_payload(
-        {
-            "engine_id": record.engine_id,
-            "session": record.session,
-            "previous_expires_at_us": record.previous_expires_at_us,
-            "fenced_by": by_engine_id,
-        }
-    )
+    data = engine_fenced_payload(record, by_engine_id)
     try:
         await store.append(
             engine_stream_id(record.engine_id),
@@ -225,16 +220,8 @@ class Heartbeat:
             if not continuing:
                 previous = max(previous, self._last_expires_at_us)
             sent_at = time.monotonic()
-            expires_at_us = wall_us() + int(self.ttl * 1_000_000)
-            data = json_payload(
-                {
-                    "engine_id": self.engine_id,
-                    "process": self._process,
-                    "session": session,
-                    "expires_at_us": expires_at_us,
-                    "previous_expires_at_us": previous,
-                }
-            )
+            expires_at_us = now_us() + int(self.ttl * 1_000_000)
+            data = heartbeat_payload(self.engine_id, self._process, session, expires_at_us, previous)
             if not continuing:
                 self._last_session, self._previous_expires_at_us = session, previous
             self._last_expires_at_us = max(self._last_expires_at_us, expires_at_us)  # it may land
@@ -359,13 +346,8 @@ class Heartbeat:
             self.session = 0
             if not self._started or self.fenced:
                 return  # never recorded anything (or the record is another process's now)
-            data = json_payload(
-                {
-                    "engine_id": self.engine_id,
-                    "process": self._process,
-                    "session": self._last_session,
-                    "previous_expires_at_us": self._previous_expires_at_us,
-                }
+            data = engine_stopped_payload(
+                self.engine_id, self._process, self._last_session, self._previous_expires_at_us
             )
             try:
                 if self._head is None:

@@ -35,8 +35,15 @@ from engine_service.domain.child_runs import (
 )
 from engine_service.domain.events import event_type_and_json
 from engine_service.domain.run_config import LIVE, REPLAY
-from engine_service.run_view import PENDING, RETRYING, RUNNING, AttemptView, RunView, StepView
-from engine_service.store.port import StreamSummary
+from engine_service.runtime.views import (
+    PENDING,
+    RETRYING,
+    RUNNING,
+    AttemptView,
+    RunSummary,
+    RunView,
+    StepView,
+)
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import from_value, to_struct, to_value
 
@@ -50,13 +57,13 @@ RUN_STATUS = {
     CANCELED: engine_pb2.RUN_STATUS_CANCELED,
     PENDING: engine_pb2.RUN_STATUS_PENDING,  # a child recorded on its parent, not started
 }
-STORE_LABEL_FOR_STATUS = {
-    engine_pb2.RUN_STATUS_RUNNING: "active",
-    engine_pb2.RUN_STATUS_COMPLETED: "completed",
-    engine_pb2.RUN_STATUS_FAILED: "failed",
-    engine_pb2.RUN_STATUS_CANCELED: "canceled",
+# The statuses ListRuns filters by (a PENDING child is not a run of its own yet).
+LISTED_STATUS = {
+    engine_pb2.RUN_STATUS_RUNNING: RUNNING,
+    engine_pb2.RUN_STATUS_COMPLETED: COMPLETED,
+    engine_pb2.RUN_STATUS_FAILED: FAILED,
+    engine_pb2.RUN_STATUS_CANCELED: CANCELED,
 }
-_STATUS_FOR_LABEL = {"active": RUNNING, "completed": COMPLETED, "failed": FAILED, "canceled": CANCELED}
 STEP_STATUS = {
     PENDING: engine_pb2.STEP_STATUS_PENDING,
     RUNNING: engine_pb2.STEP_STATUS_RUNNING,
@@ -236,23 +243,22 @@ def run_message(view: RunView) -> engine_pb2.Run:
     return run
 
 
-def run_summary(stream: StreamSummary, run_id: str) -> engine_pb2.RunSummary:
-    """A RunSummary from a store stream listing."""
-    status = _STATUS_FOR_LABEL.get(stream.status, RUNNING)
+def run_summary(summary: RunSummary) -> engine_pb2.RunSummary:
+    """A RunSummary message."""
     return engine_pb2.RunSummary(
-        run_id=run_id,
-        status=RUN_STATUS[status],
-        created_at=timestamp(stream.created_at),
-        updated_at=timestamp(stream.updated_at),
-        head_seq=stream.head_seq,
+        run_id=summary.run_id,
+        status=RUN_STATUS[summary.status],
+        created_at=timestamp(summary.created_at),
+        updated_at=timestamp(summary.updated_at),
+        head_seq=summary.head_seq,
     )
 
 
-def run_event(stored_seq: int, type_name: str, event: StoredEvent) -> engine_pb2.RunEvent:
+def run_event(event: StoredEvent) -> engine_pb2.RunEvent:
     """A RunEvent message for WatchRun."""
-    _, data = event_type_and_json(event.event)
+    type_name, data = event_type_and_json(event.event)
     return engine_pb2.RunEvent(
-        seq=stored_seq, type=type_name, data=to_struct(data), recorded_at=timestamp(event.recorded_at)
+        seq=event.seq, type=type_name, data=to_struct(data), recorded_at=timestamp(event.recorded_at)
     )
 
 

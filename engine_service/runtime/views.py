@@ -1,8 +1,15 @@
-"""A run as people and clients see it (GetRun): built purely from its stored events and manifest."""
+"""Runs as people and clients see them: GetRun's view, ListRuns' summaries, WatchRun's events.
+
+`build_run_view` is pure (a run's stored events and manifest in, a RunView out); `RunViews` reads
+what it needs from the event log (the run, its children stream and failure ledger, its children's
+statuses) so that the wire layer maps domain values only and never sees a stream id.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,8 +26,19 @@ from engine_service.domain import (
     StepAttemptStarted,
     StepCompleted,
     StoredEvent,
+    fold,
 )
 from engine_service.domain.plan import topological_order
+from engine_service.domain.streams import (
+    RUN_ACTIVE_LABEL,
+    RUN_STREAM_PREFIX,
+    run_id_of_stream,
+    run_label,
+    run_status_of_label,
+    run_stream_id,
+)
+from engine_service.runtime.reader import RunReader, stored_events
+from engine_service.store.port import EventLog
 
 RUNNING = "running"
 PENDING = "pending"
@@ -72,6 +90,17 @@ class LedgerView:
     step_id: str
     reason: str
     recorded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run in a ListRuns page: its status (RUNNING or terminal) and its stream's times and head."""
+
+    run_id: str
+    status: str
+    created_at: datetime | None
+    updated_at: datetime | None
+    head_seq: int
 
 
 @dataclass
@@ -159,3 +188,80 @@ def _attempt(step: StepView, number: int, when: datetime | None) -> AttemptView:
     attempt = AttemptView(number, RUNNING, when)
     step.attempts.append(attempt)
     return attempt
+
+
+def run_status(label: str) -> str:
+    """The status of a run whose stream has `label`: its terminal status, else RUNNING."""
+    return run_status_of_label(label) or RUNNING
+
+
+class RunViews:
+    """The views of runs an engine serves, read from its event log."""
+
+    def __init__(self, store: EventLog, reader: RunReader) -> None:
+        self.store = store
+        self.reader = reader
+
+    async def run_view(self, run_id: str) -> RunView:
+        """The run as GetRun shows it (children, failure ledger, final snapshot when terminal)."""
+        # The children stream is read beside the run's (any client may link a child to any run).
+        finished = self.reader.finished(run_id)
+        if finished is not None:
+            events, history = list(finished), fold(e.event for e in finished)
+            links = await self.reader.links(run_id)
+        else:
+            (events, history), links = await asyncio.gather(
+                self.reader.read_history(run_id), self.reader.links(run_id)
+            )
+        ledger = []
+        if history.terminal is None or history.terminal.has_ledger:
+            ledger = await self.reader.ledger(run_id)
+        manifest = await self.reader.manifest(history.started.manifest_id) if history.started else None
+        view = build_run_view(run_id, events, manifest)
+        view.failure_ledger = [LedgerView(e.step_id, e.reason, e.recorded_at) for e in ledger]
+        heads = await asyncio.gather(*(self.store.head(run_stream_id(link.child_run_id)) for link in links))
+        view.children = [
+            ChildView(
+                link.child_run_id,
+                link.fact_key,
+                link.op_id,
+                run_status(label) if head else PENDING,
+                link.parent_close_policy,
+            )
+            for link, (head, label) in zip(links, heads, strict=True)
+        ]
+        if view.final_snapshot_id:
+            view.final_snapshot = await self.reader.final_snapshot(view.final_snapshot_id)
+        return view
+
+    async def list_runs(
+        self, statuses: Sequence[str], page_size: int, page_token: str
+    ) -> tuple[list[RunSummary], str]:
+        """A page of runs with one of `statuses` (RUNNING or terminal; all when empty), newest first."""
+        labels = [RUN_ACTIVE_LABEL if status == RUNNING else run_label(status) for status in statuses]
+        streams, token = await self.store.list_streams(
+            prefix=RUN_STREAM_PREFIX, statuses=labels, page_size=page_size, page_token=page_token
+        )
+        runs = [
+            RunSummary(
+                run_id_of_stream(s.stream_id), run_status(s.status), s.created_at, s.updated_at, s.head_seq
+            )
+            for s in streams
+        ]
+        return runs, token
+
+    async def watch_run(self, run_id: str, after_seq: int) -> AsyncGenerator[StoredEvent, None]:
+        """The run's events after `after_seq` as they are appended; ends after RunCompleted.
+
+        `run_not_found` before the first event when the run does not exist.
+        """
+        events, history = await self.reader.read_history(run_id)
+        if history.is_terminal and after_seq >= events[-1].seq:
+            return
+        subscription = self.store.subscribe(run_stream_id(run_id), after_seq=after_seq)
+        async with contextlib.aclosing(subscription):
+            async for raw in subscription:
+                stored = stored_events([raw])[0]
+                yield stored
+                if isinstance(stored.event, RunCompleted):
+                    return

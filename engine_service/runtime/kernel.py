@@ -1,0 +1,457 @@
+"""The kernel: starts, resumes and awaits runs, one driver task per run it drives.
+
+The engine holds no state of its own beyond the driver tasks it is running (its RunRegistry):
+every decision comes from the run's stream in the event log. The kernel wires the engine's parts
+together, each depending only on those below it: the registry and reader at the bottom, then
+leases, Terminalize, child runs (which reach the kernel through the narrow RunKernel Protocol),
+recovery and views.
+
+Starting a run has one path to its first append: a driver decides RunStarted (manifest and initial
+snapshot inline), and either appends it at once (StartRun returns once it is durable; a client's
+retried start meets `sequence_conflict` and finds its run) or, when the client waits and the
+engine chose the run id, lets it travel in the driver's first batch with the steps after it.
+
+Several engines may share a store: a run is driven only by the engine holding its lease
+(engine_service.runtime.leases). A new run's lease is implicit in its RunStarted (written only if
+the run lives longer than ttl/3); resuming one (an await, a retried start, recovery) takes the
+lease first and only then reads the history. Every engine scans for active runs whose holder
+stopped or whose heartbeat expired (engine_service.runtime.recovery) and takes them over; a
+drained engine hands its runs over at once after parking them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from engine_service.domain import (
+    BuildProvenance,
+    Plan,
+    RunCompleted,
+    RunHistory,
+    RunManifest,
+    StoredEvent,
+    artifact_id_for_bytes,
+    next_action,
+    resolve_plan,
+)
+from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
+from engine_service.domain.manifest import RunStart, run_start
+from engine_service.domain.streams import RUN_COMPLETED, run_status_of_label, run_stream_id
+from engine_service.domain.transports import TransportRegistry
+from engine_service.runtime.children import ChildRuns, ChildRunTransport
+from engine_service.runtime.clock import now_us
+from engine_service.runtime.driver import RunDriver, RunEnvironment
+from engine_service.runtime.leases import Lease, Leases
+from engine_service.runtime.reader import RunReader
+from engine_service.runtime.recovery import Recovery
+from engine_service.runtime.registry import KeyedLocks, RunRegistry
+from engine_service.runtime.terminalize import Terminalizer, TerminalizeResult
+from engine_service.runtime.views import RunViews
+from keel_core.errors import ErrorCategory, KeelError, not_found
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_TTL = 10.0
+
+
+def default_engine_id() -> str:
+    """hostname-pid-random: unique per engine process."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def build_provenance() -> BuildProvenance:
+    """This engine build: Keel's version, Python's, and a hash of the installed distributions."""
+    try:
+        keel_version = importlib.metadata.version("keel")
+    except importlib.metadata.PackageNotFoundError:
+        keel_version = "unknown"
+    names = sorted(
+        f"{dist.metadata['Name']}=={dist.version}".lower()
+        for dist in importlib.metadata.distributions()
+        if dist.metadata["Name"]
+    )
+    dependency_hash = artifact_id_for_bytes("\n".join(sorted(set(names))).encode())
+    python = ".".join(str(part) for part in sys.version_info[:3])
+    return BuildProvenance(keel_version, python, dependency_hash)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    """What StartRun did."""
+
+    run_id: str
+    manifest_id: str
+    created: bool
+
+
+class Engine:
+    """Runs on top of an event log, through RunDrivers."""
+
+    def __init__(
+        self,
+        env: RunEnvironment,
+        build: BuildProvenance,
+        *,
+        checkpoint_linger: float = 0.2,
+        engine_id: str | None = None,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        on_takeover: Callable[[], None] | None = None,
+    ) -> None:
+        self.registry = RunRegistry()
+        self.reader = RunReader(env.store)
+        self.terminalizer = Terminalizer(env.store, self.registry, self.reader)
+        self.children = ChildRuns(
+            env.store, env.failpoints, self.registry, self.reader, self.terminalizer, kernel=self
+        )
+        own = TransportRegistry()
+        transport = ChildRunTransport(self.children)
+        own.register(SPAWN_NAMESPACE, transport)
+        own.register(AWAIT_NAMESPACE, transport)
+        # The child namespaces are this engine's: the registry is copied, never the shared default.
+        env.transports = env.transports.merged(own)
+        self.env = env
+        self.build = build
+        self.checkpoint_linger = checkpoint_linger
+        self.engine_id = engine_id or default_engine_id()
+        self.leases = Leases(
+            env.store, self.engine_id, lease_ttl, on_lost=self._lease_lost, on_takeover=on_takeover
+        )
+        self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
+        self.views = RunViews(env.store, self.reader)
+        # One resumption of a run at a time here, and one start of a run id at a time.
+        self._resuming = KeyedLocks()
+        self._starts = KeyedLocks()
+
+    @property
+    def drivers(self) -> dict[str, asyncio.Task[RunCompleted]]:
+        """Run id -> the task driving it here (at most one per run)."""
+        return self.registry.drivers
+
+    def _lease_lost(self, run_id: str) -> None:
+        task = self.registry.drivers.get(run_id)
+        if task is not None:
+            task.cancel()  # parks: its flush finds the lease gone and appends nothing
+
+    def _driver(
+        self,
+        run_id: str,
+        manifest: RunManifest,
+        plan: Plan,
+        history: RunHistory,
+        *,
+        lease: Lease | None,
+        claim: bool = False,
+        has_ledger: bool = False,
+        events: Sequence[StoredEvent] | None = None,
+    ) -> RunDriver:
+        return RunDriver(
+            self.env,
+            run_id,
+            manifest,
+            plan,
+            history,
+            checkpoint_linger=self.checkpoint_linger,
+            first_append_patience=self.env.store.patience,
+            claim_first=claim,
+            has_ledger=has_ledger,
+            lease=lease,
+            events=events,
+        )
+
+    def plan_for(self, manifest: RunManifest) -> Plan:
+        """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
+        return resolve_plan(manifest.pipeline, self.env.ops)
+
+    async def start_run(
+        self,
+        manifest: RunManifest,
+        run_id: str | None,
+        *,
+        wait: bool = False,
+        wait_seconds: float | None = None,
+        parent: tuple[str, str] | None = None,
+        manifest_stored: bool = False,
+    ) -> StartOutcome:
+        """Record RunStarted (manifest and initial snapshot inline) and drive the run.
+
+        Without `wait` (or with a client-chosen run id, whose start must be checked against the
+        store first) RunStarted is durable before this returns. With `wait` and a fresh id, the
+        run executes at once and RunStarted travels in the driver's first batch: nothing was
+        acknowledged before it, so nothing is lost if the engine dies first. `manifest_stored`:
+        the manifest artifact is in the store already (a child's, stored with its link).
+        """
+        plan = self.plan_for(manifest)
+        await self._check_replayed_run_exists(manifest)
+        start = run_start(manifest, parent=parent, manifest_stored=manifest_stored, at_us=now_us())
+        chosen = run_id or str(uuid.uuid4())
+        deferred = wait and run_id is None and self.checkpoint_linger > 0
+        # One start of a run id at a time here: a client's retried (or hedged) start must not win
+        # the append while the lease it would drive under is another start's.
+        async with self._starts.hold(chosen):
+            begun = await self._begin(
+                chosen, manifest, plan, start, deferred=deferred, retry=run_id is not None
+            )
+            if begun is None:
+                existing = await self._existing_start(chosen, start.manifest_id)
+                # A client retrying its start after a crash expects the run to go on: drive it if
+                # nobody here does (another engine driving it too is fenced off by the sequence).
+                await self.resume_run(chosen)
+        if begun is None:
+            if wait:
+                await self.await_run(chosen, wait_seconds)
+            return existing
+        driver, task = begun
+        if wait:
+            await asyncio.wait({task}, timeout=wait_seconds)
+        if deferred:
+            await self._ensure_started(driver, task)
+        return StartOutcome(chosen, start.manifest_id, True)
+
+    async def _check_replayed_run_exists(self, manifest: RunManifest) -> None:
+        replayed = manifest.run_config.replay_of_run_id
+        if replayed:
+            head, _ = await self.env.store.head(run_stream_id(replayed))
+            if head == 0:
+                raise not_found("run_not_found", f"run_config.replay_of_run_id {replayed} does not exist")
+
+    async def _begin(
+        self, run_id: str, manifest: RunManifest, plan: Plan, start: RunStart, *, deferred: bool, retry: bool
+    ) -> tuple[RunDriver, asyncio.Task[RunCompleted]] | None:
+        """The new run's driver, RunStarted decided (durable unless `deferred`), driving it.
+
+        None when the run exists already (its start is being retried: `retry`).
+        """
+        # Implicit until the run outlives ttl/3: no write now. Not when this engine holds the run
+        # already (a retried start of a run it drives): that lease is the driver's.
+        fresh = run_id not in self.leases.held
+        lease = self.leases.start_new(run_id) if fresh else None
+        driver = self._driver(run_id, manifest, plan, RunHistory(), lease=lease, events=())
+        driver.remember_snapshot(start.snapshot_id, dict(manifest.initial_context))
+        try:
+            await driver.begin(start.started, start.artifacts, durable_now=not deferred)
+        except BaseException as error:
+            if fresh:
+                self.leases.discard(run_id)
+            if not isinstance(error, KeelError) or error.code != "sequence_conflict" or not retry:
+                raise
+            return None
+        assert lease is not None  # the run is new: this start took its lease
+        self.reader.remember_manifest(start.manifest_id, manifest)
+        return driver, self._spawn(driver)
+
+    async def _ensure_started(self, driver: RunDriver, task: asyncio.Task[RunCompleted]) -> None:
+        """After a deferred start's wait: the run exists before it is named, or the caller learns why."""
+        if task.done() and not task.cancelled() and driver.durable_seq == 0:
+            error = task.exception()
+            if error is not None:
+                raise error  # never recorded: the caller learns why (store_unavailable, ...)
+        if not task.done():
+            await driver.flush()  # out of time: the run must exist before it is named
+
+    async def _existing_start(self, run_id: str, manifest_id: str) -> StartOutcome:
+        existing = await self.reader.started_manifest_id(run_id)
+        if existing != manifest_id:
+            existing = existing or "?"
+            raise KeelError(
+                "run_already_exists",
+                f"run {run_id} already exists with a different manifest ({existing}, not {manifest_id}); "
+                "use a new run id",
+                category=ErrorCategory.ALREADY_EXISTS,
+                details={"run_id": run_id, "manifest_id": existing},
+            )
+        return StartOutcome(run_id, manifest_id, False)
+
+    def _spawn(self, driver: RunDriver) -> asyncio.Task[RunCompleted]:
+        task = asyncio.create_task(driver.drive(), name=f"run {driver.run_id}")
+        self.registry.drivers[driver.run_id] = task
+        task.add_done_callback(lambda done: self._driver_done(driver, done))
+        return task
+
+    def _driver_done(self, driver: RunDriver, task: asyncio.Task[RunCompleted]) -> None:
+        run_id = driver.run_id
+        if self.registry.drivers.get(run_id) is task:
+            del self.registry.drivers[run_id]
+            self.leases.drop(run_id, run_exists=driver.durable_seq > 0)
+        if not task.cancelled():
+            # A cancelled parent's spawns are still needed to close its children.
+            self.registry.forget_spawns(run_id)
+        if not task.cancelled() and task.exception() is None:
+            final_id = task.result().final_snapshot_id
+            final = driver.known_snapshot(final_id)
+            if final is not None:
+                self.reader.remember_final_snapshot(final_id, final)
+            if driver.events is not None and driver.history.is_terminal:
+                self.reader.remember_finished(run_id, driver.events)
+        if task.cancelled():
+            log.info("run %s parked", run_id)
+        elif task.exception() is not None:
+            log.error("run %s stopped: %r", run_id, task.exception())
+
+    async def resume_run(self, run_id: str, *, created_at_us: int | None = None) -> bool:
+        """Drive a run nobody drives; False when it is terminal, driven here, or leased by another engine.
+
+        The lease comes first, then the history (read after it, so no write of a former holder is
+        missed); the driver's first append claims the run stream at that history's head. One
+        resumption of a run at a time here: a second one (a scan and an await at once) would find
+        the lease "ours" and write it again, fencing off the first one's driver mid-op.
+        """
+        async with self._resuming.hold(run_id):
+            return await self._resume_run(run_id, created_at_us)
+
+    async def _resume_scanned(self, run_id: str, created_at_us: int | None) -> bool:
+        return await self.resume_run(run_id, created_at_us=created_at_us)
+
+    async def _resume_run(self, run_id: str, created_at_us: int | None) -> bool:
+        if self.registry.busy(run_id):
+            return False
+        # No lease for a run that does not exist or has ended (a cheap look before writing one).
+        head, label = await self.env.store.head(run_stream_id(run_id))
+        if head == 0:
+            raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
+        if run_status_of_label(label) is not None:
+            return False
+        lease = await self.leases.acquire(run_id, created_at_us, lambda: self.reader.created_at_us(run_id))
+        if lease is None:
+            return False
+        resumed = False
+        try:
+            _, history = await self.reader.read_history(run_id)
+            if await self.children.closed_with_parent(run_id, history):
+                return False
+            resumed = await self._resume_from(run_id, history, lease)
+        finally:
+            if not resumed and run_id not in self.registry.drivers:
+                self.leases.drop(run_id)
+        return resumed
+
+    async def _resume_from(self, run_id: str, history: RunHistory, lease: Lease) -> bool:
+        if history.is_terminal or history.started is None:
+            return False
+        manifest = await self.reader.manifest(history.started.manifest_id)
+        plan = self.plan_for(manifest)
+        next_action(history, plan, manifest.run_config)  # rule 3: refuse a run whose op id changed
+        # Only a resumed run can have a failure ledger (a diverged Terminalize leaves it undriven).
+        has_ledger = await self.reader.has_ledger(run_id)
+        if self.registry.busy(run_id):
+            return False
+        # A former holder's late write is fenced off by this claim (an append at the head read).
+        self._spawn(
+            self._driver(run_id, manifest, plan, history, lease=lease, claim=True, has_ledger=has_ledger)
+        )
+        return True
+
+    async def recover(self) -> int:
+        """Resume every active run nobody holds; returns how many this engine took on."""
+        return await self.recovery.recover()
+
+    async def scan_forever(self) -> None:
+        """Take over runs whose lease expired or was released (engine_service.runtime.recovery)."""
+        await self.recovery.scan_forever()
+
+    async def await_run(self, run_id: str, wait_seconds: float | None) -> bool:
+        """Wait until the run is terminal (True) or `wait_seconds` pass (False), without polling.
+
+        A run that no engine drives is resumed here first (DESIGN.md: resume on await). A run whose
+        lease another engine holds is waited for on the store; should that lease expire first (its
+        engine died), this engine takes the run over then.
+        """
+        deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
+        while True:
+            task = self.registry.drivers.get(run_id)
+            if task is None:
+                _, history = await self.reader.read_history(run_id)
+                if history.is_terminal:
+                    return True
+                try:
+                    await self.resume_run(run_id)
+                except KeelError as error:
+                    log.warning("await of run %s could not resume it: %s", run_id, error.message)
+                task = self.registry.drivers.get(run_id)
+            if task is not None:
+                done, _ = await asyncio.wait({task}, timeout=_left(deadline))
+                if not done:
+                    return False
+                if not task.cancelled() and task.exception() is None:
+                    return True
+                # The driver stopped without finishing (parked, or lost the run to another engine):
+                # fall back to the store, which tells the truth either way.
+            events, history = await self.reader.read_history(run_id)
+            if history.is_terminal:
+                return True
+            patience = _left(deadline)
+            retry_in = self.leases.others.seen_live_for(run_id)
+            if retry_in is not None and (patience is None or retry_in < patience):
+                patience = retry_in  # then try to take the run over
+            if await self._until_terminal(run_id, events[-1].seq, patience):
+                return True
+            if retry_in is None or (deadline is not None and time.monotonic() >= deadline):
+                return False
+
+    async def _until_terminal(self, run_id: str, after_seq: int, patience: float | None) -> bool:
+        """Whether a RunCompleted arrives after `after_seq` within `patience` seconds (None: ever)."""
+
+        async def until_terminal() -> None:
+            subscription = self.env.store.subscribe(run_stream_id(run_id), after_seq=after_seq)
+            async with contextlib.aclosing(subscription):
+                async for event in subscription:
+                    if event.type == RUN_COMPLETED:
+                        return
+
+        try:
+            await asyncio.wait_for(until_terminal(), patience)
+        except TimeoutError:
+            return False
+        return True
+
+    async def await_terminal(self, run_id: str) -> RunCompleted:
+        """The run's terminal event, once there is one: from the local driver, else the store."""
+        while True:
+            task = self.registry.drivers.get(run_id)
+            if task is not None:
+                await asyncio.wait({task})
+                if not task.cancelled() and task.exception() is None:
+                    return task.result()
+            await self.await_run(run_id, None)
+            _, history = await self.reader.read_history(run_id)
+            if history.terminal is not None:
+                return history.terminal
+
+    async def terminalize(self, run_id: str, status: str, reason: str = "") -> TerminalizeResult:
+        """Move the run to a terminal status once (engine_service.runtime.terminalize)."""
+        return await self.terminalizer.terminalize(run_id, status, reason)
+
+    async def stop_driver(self, run_id: str) -> None:
+        """Cancel this engine's driver of the run (its op is cancelled) and wait until it stopped."""
+        await self.registry.stop_driver(run_id)
+
+    async def stop(self) -> None:
+        """Park every run this engine drives: cancel the drivers; the runs resume on the next start."""
+        self.registry.closing = True
+        self.leases.begin_closing()  # a parked run's lease is released: another engine takes it at once
+        while self.registry.drivers:
+            tasks = list(self.registry.drivers.values())
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            # A task that finished while another was awaited has its done callback (which takes it
+            # out of `drivers`) still queued: awaiting it again would not yield, and this would spin.
+            await asyncio.sleep(0)
+            # A child start shielded from its parent's cancel may still add a driver: park it too.
+            await self.registry.settle_all_spawns()
+        await self.leases.close()

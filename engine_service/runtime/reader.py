@@ -1,0 +1,169 @@
+"""Reading runs back from the event log: histories, manifests, snapshots, child links, the ledger.
+
+Manifests and snapshots are content-addressed (an id always names the same bytes), and a terminal
+run's stream never changes again, so what was read or written once is kept in small LRUs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from engine_service.domain import RunHistory, RunManifest, RunStarted, StoredEvent, decode_event, fold
+from engine_service.domain.canonical import parse_json_bytes
+from engine_service.domain.child_runs import ChildLink, child_links
+from engine_service.domain.streams import (
+    children_stream_id,
+    ledger_stream_id,
+    run_status_of_label,
+    run_stream_id,
+)
+from engine_service.store.port import EventLog, StreamEvent
+from keel_core.errors import not_found
+
+V = TypeVar("V")
+# The subject of a ledger entry about the run as a whole (not one of its steps).
+RUN_LEDGER_SUBJECT = "_run"
+
+
+class RecentArtifacts(Generic[V]):
+    """A small LRU of decoded content-addressed artifacts (an id always names the same content)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.OrderedDict[str, V] = collections.OrderedDict()
+        self._capacity = capacity
+
+    def get(self, artifact_id: str) -> V | None:
+        """The item, if held."""
+        item = self._items.get(artifact_id)
+        if item is not None:
+            self._items.move_to_end(artifact_id)
+        return item
+
+    def put(self, artifact_id: str, item: V) -> None:
+        """Hold the item, dropping the least recently used beyond capacity."""
+        self._items[artifact_id] = item
+        self._items.move_to_end(artifact_id)
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A divergence the engine could not repair, kept for a person."""
+
+    step_id: str
+    reason: str
+    recorded_at: datetime | None
+
+
+def stored_events(raw: Sequence[StreamEvent]) -> list[StoredEvent]:
+    """Store events decoded into kernel events."""
+    return [StoredEvent(e.seq, decode_event(e.type, e.payload), e.recorded_at) for e in raw]
+
+
+class RunReader:
+    """Reads of runs, with caches of what never changes."""
+
+    def __init__(self, store: EventLog) -> None:
+        self.store = store
+        # Content-addressed, so never stale: final snapshots of runs it finished, manifests it used.
+        self._final_snapshots: RecentArtifacts[Any] = RecentArtifacts(1000)
+        self._manifests: RecentArtifacts[RunManifest] = RecentArtifacts(1000)
+        # Every event of runs this engine started and finished: a terminal run's stream never
+        # changes again, so its view needs no read of it.
+        self._finished_runs: RecentArtifacts[tuple[StoredEvent, ...]] = RecentArtifacts(1000)
+
+    async def read_history(self, run_id: str) -> tuple[list[StoredEvent], RunHistory]:
+        """A run's events and their fold (`run_not_found` if it has none)."""
+        events = stored_events(await self.store.read(run_stream_id(run_id)))
+        if not events:
+            raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
+        return events, fold(e.event for e in events)
+
+    def finished(self, run_id: str) -> tuple[StoredEvent, ...] | None:
+        """Every event of a run this engine started and finished, if it still holds them."""
+        return self._finished_runs.get(run_id)
+
+    def remember_finished(self, run_id: str, events: Sequence[StoredEvent]) -> None:
+        """Keep the events of a run this engine started and finished."""
+        self._finished_runs.put(run_id, tuple(events))
+
+    async def run_status(self, run_id: str) -> str | None:
+        """The run's terminal status, as its stream's label says (None: not terminal, or no run)."""
+        _, label = await self.store.head(run_stream_id(run_id))
+        return run_status_of_label(label)
+
+    async def manifest(self, manifest_id: str) -> RunManifest:
+        """A manifest artifact, read back and checked against its id."""
+        known = self._manifests.get(manifest_id)
+        if known is None:
+            known = RunManifest.from_bytes(await self.store.get_artifact(manifest_id))
+            self._manifests.put(manifest_id, known)
+        return known
+
+    def remember_manifest(self, manifest_id: str, manifest: RunManifest) -> None:
+        """Keep a manifest this engine stored."""
+        self._manifests.put(manifest_id, manifest)
+
+    async def final_snapshot(self, snapshot_id: str) -> Any:
+        """A final snapshot (cached for runs this engine finished)."""
+        known = self._final_snapshots.get(snapshot_id)
+        if known is None:
+            known = parse_json_bytes(await self.store.get_artifact(snapshot_id))
+            self._final_snapshots.put(snapshot_id, known)
+        return known
+
+    def remember_final_snapshot(self, snapshot_id: str, snapshot: Any) -> None:
+        """Keep the final snapshot of a run this engine finished."""
+        self._final_snapshots.put(snapshot_id, snapshot)
+
+    async def started_manifest_id(self, run_id: str) -> str | None:
+        """The manifest id the run was started with (None: it was never started)."""
+        first = await self.store.read(run_stream_id(run_id), limit=1)
+        event = decode_event(first[0].type, first[0].payload) if first else None
+        if first and not isinstance(event, RunStarted):
+            return "?"  # not a run Keel started: matches no manifest
+        return event.manifest_id if isinstance(event, RunStarted) else None
+
+    async def created_at_us(self, run_id: str) -> int | None:
+        """When the run stream was created (its first event's commit time, by the store's clock)."""
+        first = await self.store.read(run_stream_id(run_id), limit=1)
+        when = first[0].recorded_at if first else None
+        return int(when.timestamp() * 1_000_000) if when else None
+
+    async def links(self, parent_run_id: str) -> list[ChildLink]:
+        """The parent's children, as its children stream links them (by fact key)."""
+        events = await self.store.read(children_stream_id(parent_run_id))
+        return child_links((event.type, event.payload) for event in events)
+
+    async def link_of(self, parent_run_id: str, child_run_id: str) -> ChildLink | None:
+        """The parent's link of this child, if the parent has one."""
+        links = await self.links(parent_run_id)
+        return next((link for link in links if link.child_run_id == child_run_id), None)
+
+    async def has_ledger(self, run_id: str) -> bool:
+        """Whether the run's failure ledger has any entry."""
+        head, _ = await self.store.head(ledger_stream_id(run_id))
+        return head > 0
+
+    async def ledger(self, run_id: str) -> list[LedgerEntry]:
+        """A run's failure ledger, oldest first."""
+        out = []
+        seen: set[bytes] = set()
+        for event in await self.store.read(ledger_stream_id(run_id)):
+            if event.payload in seen:
+                continue  # the same entry twice: a retried append whose first answer was lost
+            seen.add(event.payload)
+            data = json.loads(event.payload.decode("utf-8")) if event.payload else {}
+            at_us = data.get("at_us")
+            when = (
+                datetime.fromtimestamp(at_us / 1e6, tz=UTC) if isinstance(at_us, int) else event.recorded_at
+            )
+            subject = str(data.get("step_id", RUN_LEDGER_SUBJECT))
+            out.append(LedgerEntry(subject, str(data.get("reason", "")), when))
+        return out

@@ -1,0 +1,98 @@
+"""The runs an engine is busy with: one driver task per run, runs being terminalized, spawns in flight.
+
+This is the state the engine's parts share (the kernel, Terminalize, child runs, recovery), held
+in one place so that none of them reaches into another: a run is driven by at most one task in an
+engine, children included, whoever asked for it (an RPC, a parent's op, recovery). Cancelling a
+run's task cancels its running op and parks the run (nothing is appended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from engine_service.domain import RunCompleted
+
+
+class KeyedLocks:
+    """An asyncio.Lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock of `key` for the block."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class RunRegistry:
+    """Driver tasks by run id, runs a Terminalize is stopping, and child spawns in flight by parent."""
+
+    def __init__(self) -> None:
+        self.drivers: dict[str, asyncio.Task[RunCompleted]] = {}
+        # Runs a Terminalize is stopping here: nothing may start driving them meanwhile.
+        self.terminalizing: collections.Counter[str] = collections.Counter()
+        # Set once the engine stops: no run is taken up any more.
+        self.closing = False
+        # parent run id -> spawns in flight here (link, look, start), which a cancel waits for.
+        self._spawning: dict[str, set[asyncio.Future[Any]]] = {}
+
+    def busy(self, run_id: str) -> bool:
+        """Whether the run may not be taken up here now: driven, being terminalized, or closing."""
+        return run_id in self.drivers or run_id in self.terminalizing or self.closing
+
+    @contextlib.contextmanager
+    def terminalizing_run(self, run_id: str) -> Iterator[None]:
+        """Mark the run as being terminalized for the block (counted: Terminalizes of a run overlap)."""
+        self.terminalizing[run_id] += 1
+        try:
+            yield
+        finally:
+            self.terminalizing[run_id] -= 1
+            if self.terminalizing[run_id] <= 0:
+                del self.terminalizing[run_id]
+
+    async def stop_driver(self, run_id: str) -> None:
+        """Cancel this engine's driver of the run (its op is cancelled) and wait until it stopped."""
+        task = self.drivers.get(run_id)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+    def track_spawn(self, parent_run_id: str, spawning: asyncio.Future[Any]) -> None:
+        """Count a spawn of the parent's child in flight until it is done."""
+        in_flight = self._spawning.setdefault(parent_run_id, set())
+        in_flight.add(spawning)
+        spawning.add_done_callback(in_flight.discard)
+
+    async def settle_spawns(self, parent_run_id: str) -> None:
+        """Wait until every spawn in flight here for the parent has landed or failed."""
+        pending = self._spawning.pop(parent_run_id, set())
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def settle_all_spawns(self) -> None:
+        """Wait for every spawn in flight (engine shutdown)."""
+        for parent_run_id in list(self._spawning):
+            await self.settle_spawns(parent_run_id)
+
+    def forget_spawns(self, parent_run_id: str) -> None:
+        """Drop the parent's entry once no spawn of it is in flight here."""
+        if not self._spawning.get(parent_run_id, True):
+            del self._spawning[parent_run_id]
