@@ -1,0 +1,233 @@
+"""The engine's kernel over the in-memory event log: no server, no gRPC, no database.
+
+Start, resume, complete, fail, retry, cancel and child runs, driven through `Engine` exactly as the
+servicer drives it, with `InMemoryEventLog` as the EventLog port. Each test runs with write-behind
+and with an append per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from engine_service.domain import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    BuildProvenance,
+    OpError,
+    OpRegistry,
+    RunManifest,
+    StepContext,
+    TransportRegistry,
+    make_run_config,
+    op,
+    single_op_pipeline,
+)
+from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
+from engine_service.domain.streams import RUN_COMPLETED, RUN_STARTED, run_stream_id
+from engine_service.failpoints import Failpoints
+from engine_service.runtime.driver import RunEnvironment
+from engine_service.runtime.kernel import Engine
+from engine_service.runtime.views import RUNNING
+from engine_service.store import InMemoryEventLog
+
+WAIT = 30.0
+OPS = OpRegistry()
+BUILD = BuildProvenance("test", "3", "none")
+FAST_RETRY = make_run_config(max_attempts=3, initial_backoff_ms=1, max_backoff_ms=2)
+# Ops that wait for the test: the gate is set per test (the event loop is per test).
+GATES: dict[str, asyncio.Event] = {}
+ENTERED: dict[str, asyncio.Event] = {}
+
+
+@op("mem.echo", registry=OPS)
+async def echo(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Returns its input."""
+    return input
+
+
+@op("mem.flaky", registry=OPS)
+async def flaky(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Fails its first two attempts (retryably)."""
+    if ctx.attempt < 2:
+        raise OpError("flaky", "not yet", retryable=True)
+    return {"attempt": ctx.attempt}
+
+
+@op("mem.broken", registry=OPS)
+async def broken(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Fails for good."""
+    raise OpError("broken", "this op never works", retryable=False)
+
+
+@op("mem.gated", registry=OPS)
+async def gated(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Waits until the test opens the gate named by its input."""
+    ENTERED[input].set()
+    await GATES[input].wait()
+    return {"gate": input}
+
+
+@op("mem.parent", registry=OPS)
+async def parent(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Spawns one child running `input["op"]` on `input["input"]` and returns what it ended with."""
+    spawn = {"kind": SPAWN_KIND, "op_id": input["op"], "input": input["input"]}
+    spawned = await ctx.io.call(SPAWN_NAMESPACE, spawn, "child")
+    awaited = {"kind": AWAIT_KIND, "child_run_id": spawned["child_run_id"]}
+    outcome = await ctx.io.call(AWAIT_NAMESPACE, awaited, "child-done")
+    return {"status": outcome["status"], "snapshot": outcome["final_snapshot"]}
+
+
+def manifest(op_id: str, input: Any = None, **config: Any) -> RunManifest:
+    """A one-op run."""
+    run_config = make_run_config(**config) if config else FAST_RETRY
+    return RunManifest(single_op_pipeline(op_id, "1", None), input, {}, run_config, BUILD)
+
+
+def engine(log: InMemoryEventLog, linger: float, engine_id: str = "mem-a") -> Engine:
+    """An engine over `log`, with the test ops."""
+    env = RunEnvironment(log, OPS, TransportRegistry(), Failpoints.parse(""))
+    return Engine(env, BUILD, checkpoint_linger=linger, engine_id=engine_id)
+
+
+def gate(name: str) -> asyncio.Event:
+    """A new gate for `mem.gated` runs whose input is `name`."""
+    GATES[name], ENTERED[name] = asyncio.Event(), asyncio.Event()
+    return GATES[name]
+
+
+@pytest.fixture(params=[0.2, 0.0], ids=["write-behind", "append-per-step"])
+async def kernel(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    """An engine over a fresh in-memory event log, stopped after the test."""
+    running = engine(InMemoryEventLog(), request.param)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def types_of(kernel: Engine, run_id: str) -> list[str]:
+    """The event types of the run's stream."""
+    return [event.type for event in await kernel.env.store.read(run_stream_id(run_id))]
+
+
+async def test_a_waited_run_completes_with_its_output(kernel: Engine) -> None:
+    outcome = await kernel.start_run(manifest("mem.echo", {"x": 1}), None, wait=True, wait_seconds=WAIT)
+    assert outcome.created
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == COMPLETED and view.final_snapshot == {"main": {"x": 1}}
+    assert await types_of(kernel, outcome.run_id) == [
+        RUN_STARTED,
+        "StepAttemptStarted",
+        "StepCompleted",
+        RUN_COMPLETED,
+    ]
+
+
+async def test_an_unwaited_start_is_durable_before_it_returns_and_awaits_to_the_end(kernel: Engine) -> None:
+    outcome = await kernel.start_run(manifest("mem.echo", 7), None)
+    head, _ = await kernel.env.store.head(run_stream_id(outcome.run_id))
+    assert head >= 1
+    assert await kernel.await_run(outcome.run_id, WAIT)
+    assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
+
+
+async def test_a_retried_start_with_the_clients_run_id_finds_the_same_run(kernel: Engine) -> None:
+    run_id = "6f1d6d2e-8a53-4b1e-9d0e-5a4c1f0b2a11"
+    first = await kernel.start_run(manifest("mem.echo", 1), run_id, wait=True, wait_seconds=WAIT)
+    again = await kernel.start_run(manifest("mem.echo", 1), run_id, wait=True, wait_seconds=WAIT)
+    assert (first.created, again.created) == (True, False)
+    assert first.manifest_id == again.manifest_id
+    assert (await types_of(kernel, run_id)).count(RUN_STARTED) == 1
+
+
+async def test_a_retryable_failure_is_retried_until_the_step_completes(kernel: Engine) -> None:
+    outcome = await kernel.start_run(manifest("mem.flaky"), None, wait=True, wait_seconds=WAIT)
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == COMPLETED
+    assert [attempt.status for attempt in view.steps[0].attempts] == [FAILED, FAILED, COMPLETED]
+
+
+async def test_a_permanent_failure_fails_the_run_with_the_ops_error(kernel: Engine) -> None:
+    outcome = await kernel.start_run(manifest("mem.broken"), None, wait=True, wait_seconds=WAIT)
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == FAILED
+    assert view.error is not None and view.error.code == "broken"
+
+
+async def test_cancel_stops_the_running_op_once_and_a_repeat_is_a_noop(kernel: Engine) -> None:
+    gate("cancel")
+    outcome = await kernel.start_run(manifest("mem.gated", "cancel"), None)
+    await asyncio.wait_for(ENTERED["cancel"].wait(), WAIT)
+    first = await kernel.terminalize(outcome.run_id, CANCELED, "the test says so")
+    again = await kernel.terminalize(outcome.run_id, CANCELED, "again")
+    assert (first.transitioned, first.status) == (True, CANCELED)
+    assert (again.transitioned, again.status) == (False, CANCELED)
+    assert outcome.run_id not in kernel.drivers
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == CANCELED and view.reason == "the test says so"
+
+
+async def test_a_parked_run_is_resumed_by_another_engine_on_the_same_log(kernel: Engine) -> None:
+    log = kernel.env.store
+    assert isinstance(log, InMemoryEventLog)
+    opened = gate("resume")
+    first = engine(log, kernel.checkpoint_linger, engine_id="mem-first")
+    outcome = await first.start_run(manifest("mem.gated", "resume"), None)
+    await asyncio.wait_for(ENTERED["resume"].wait(), WAIT)
+    await first.stop()  # parks the run and releases its implicit lease at once
+    opened.set()
+    assert await kernel.resume_run(outcome.run_id)
+    assert await kernel.await_run(outcome.run_id, WAIT)
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == COMPLETED and view.final_snapshot == {"main": {"gate": "resume"}}
+
+
+async def test_a_parent_spawns_and_awaits_its_child(kernel: Engine) -> None:
+    spec = {"op": "mem.echo", "input": {"y": 2}}
+    outcome = await kernel.start_run(manifest("mem.parent", spec), None, wait=True, wait_seconds=WAIT)
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == COMPLETED
+    assert view.final_snapshot == {"main": {"status": COMPLETED, "snapshot": {"main": {"y": 2}}}}
+    [child] = view.children
+    assert (child.fact_key, child.status) == ("child", COMPLETED)
+    child_view = await kernel.views.run_view(child.child_run_id)
+    assert child_view.parent_run_id == outcome.run_id
+
+
+async def test_canceling_a_parent_cancels_its_running_child(kernel: Engine) -> None:
+    gate("child")
+    spec = {"op": "mem.gated", "input": "child"}
+    outcome = await kernel.start_run(manifest("mem.parent", spec), None)
+    await asyncio.wait_for(ENTERED["child"].wait(), WAIT)
+    await kernel.terminalize(outcome.run_id, CANCELED, "stop the family")
+    view = await kernel.views.run_view(outcome.run_id)
+    [child] = view.children
+    assert view.status == CANCELED and child.status == CANCELED
+
+
+async def test_list_runs_by_status_and_watch_a_run_to_its_end(kernel: Engine) -> None:
+    gate("listed")
+    done = await kernel.start_run(manifest("mem.echo", 1), None, wait=True, wait_seconds=WAIT)
+    running = await kernel.start_run(manifest("mem.gated", "listed"), None)
+    page, _ = await kernel.views.list_runs([RUNNING], 10, "")
+    assert [(run.run_id, run.status) for run in page] == [(running.run_id, RUNNING)]
+    page, _ = await kernel.views.list_runs([COMPLETED], 10, "")
+    assert [run.run_id for run in page] == [done.run_id]
+    seen: list[str] = []
+
+    async def watch() -> None:
+        events = kernel.views.watch_run(running.run_id, 0)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                seen.append(type(event.event).__name__)
+
+    watching = asyncio.create_task(watch())
+    GATES["listed"].set()
+    await asyncio.wait_for(watching, WAIT)
+    assert seen[0] == RUN_STARTED and seen[-1] == RUN_COMPLETED
