@@ -110,9 +110,6 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     """Start serving; `await handle.drain()` stops, parks the runs and closes the store channel."""
     for module in config.ops_modules:
         load_op_module(module)
-    ops = DEFAULT_REGISTRY.merged(config.ops) if config.ops else DEFAULT_REGISTRY
-    transports = DEFAULT_TRANSPORTS.merged(config.transports) if config.transports else DEFAULT_TRANSPORTS
-    failpoints = Failpoints.from_env() if config.failpoints is None else Failpoints.parse(config.failpoints)
     interceptors: list[ServerInterceptor] = [MetricsInterceptor()]
     if config.auth_token:
         # After the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED).
@@ -128,14 +125,7 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
             on_appended=engine_metrics.count_appended,
         )
         undo.push_async_callback(store.close)
-        engine = Engine(
-            RunEnvironment(store, engine_metrics.metered_ops(ops), transports, failpoints),
-            build_provenance(),
-            checkpoint_linger=config.checkpoint_linger,
-            engine_id=config.engine_id,
-            lease_ttl=config.lease_ttl,
-            on_takeover=engine_metrics.LEASE_TAKEOVERS.inc,
-        )
+        engine = _engine(config, store)
         servicer = EngineServicer(engine)
         served = await start_server(
             config.listen,
@@ -170,6 +160,21 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         on_stop=[*served.on_stop, stop_engine],
         engine=engine,
         metrics=metrics,
+    )
+
+
+def _engine(config: EngineConfig, store: StoreClient) -> Engine:
+    """The engine `config` asks for over `store`: its ops (metered), transports and failpoints."""
+    ops = DEFAULT_REGISTRY.merged(config.ops) if config.ops else DEFAULT_REGISTRY
+    transports = DEFAULT_TRANSPORTS.merged(config.transports) if config.transports else DEFAULT_TRANSPORTS
+    failpoints = Failpoints.from_env() if config.failpoints is None else Failpoints.parse(config.failpoints)
+    return Engine(
+        RunEnvironment(store, engine_metrics.metered_ops(ops), transports, failpoints),
+        build_provenance(),
+        checkpoint_linger=config.checkpoint_linger,
+        engine_id=config.engine_id,
+        lease_ttl=config.lease_ttl,
+        on_takeover=engine_metrics.LEASE_TAKEOVERS.inc,
     )
 
 
