@@ -288,6 +288,10 @@ async def main() -> None:
             f"  target (issue 4): >= {3 * DBOS_FAN_OUT:.1f} parents/s, 3x DBOS's {DBOS_FAN_OUT}/s "
             f"({fan_rate / DBOS_FAN_OUT:.2f}x DBOS)"
         )
+        print(
+            f"RESULT scenario=fan-out rate={fan_rate:.1f} p50_ms={statistics.median(fan_lat):.1f} "
+            f"p99_ms={percentile(fan_lat, 0.99):.1f}"
+        )
 
 
 def report_pipelines(
@@ -318,6 +322,10 @@ def report_pipelines(
     store_ms = (cpu_after[1] - cpu_before[1]) * 1000 / args.runs
     print(f"  CPU per run (32 in flight): engine {engine_ms:.2f} ms, store {store_ms:.2f} ms")
     print(f"  targets (issue 3): >= 300 runs/s with 32 in flight ({rate / 300:.2f}x), p99 < 250 ms")
+    print(
+        f"RESULT scenario=pipeline rate={rate:.1f} p50_ms={statistics.median(lat):.1f} "
+        f"p99_ms={percentile(lat, 0.99):.1f}"
+    )
 
 
 if __name__ == "__main__":
