@@ -482,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnavailableError as error:
         hint = (
             ""
-            if error.code == "store_unavailable"
+            if error.code in ("store_unavailable", "store_unauthenticated")  # the engine answered
             else f" (is an engine running at {args.engine}? see `keel up`)"
         )
         print(f"keel: error: {_one_line(str(error))}{hint}", file=sys.stderr)
