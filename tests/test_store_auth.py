@@ -240,11 +240,16 @@ async def test_keel_up_guards_its_store_with_a_token_only_its_engine_holds(tmp_p
                 str(arg)
                 for arg in cluster.store.process.args  # type: ignore[union-attr]
             ), "the token must not be on the command line"
+            # Its owner finds the token in the data directory, which no one else may read.
+            token_file = cluster.store_token_file
+            assert token_file.stat().st_mode & 0o777 == 0o600
+            owner_token = token_file.read_text().strip()
+            assert owner_token == cluster.store_token
             reads = await stub.HeadSeq(
                 store_pb2.HeadSeqRequest(stream_id=stream_id),
-                metadata=bearer_metadata(cluster.store_token),
+                metadata=bearer_metadata(owner_token),
                 timeout=5,
             )
-            assert reads.head_seq == 0
+            assert reads.head_seq == 0, "the refused append wrote something"
     finally:
         await asyncio.to_thread(cluster.stop)

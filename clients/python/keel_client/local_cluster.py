@@ -7,7 +7,8 @@ then to the store, and waits for each to drain.
 
 The store requires a bearer token made up at each start and handed to the engine only (through the
 environment, which other users cannot read, unlike command lines): nobody else on the machine can
-write to, or read, the local store; clients go through the engine.
+write to, or read, the local store; clients go through the engine. For debugging with grpcurl, the
+token is also written to `DATA_DIR/store-token`, readable by its owner only, like the database.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ class LocalCluster:
         return self.store.address if self.store else ""
 
     @property
+    def store_token_file(self) -> Path:
+        """Where start() wrote the store's token (mode 0600), for its owner's grpcurl sessions."""
+        return self.data_dir / "store-token"
+
+    @property
     def engine_address(self) -> str:
         """HOST:PORT the engine serves on (what clients use)."""
         return self.engine.address if self.engine else ""
@@ -155,6 +161,7 @@ class LocalCluster:
         """Start the store, then the engine pointed at it, and wait until both answer health checks."""
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.store_token = secrets.token_urlsafe(32)
+        _write_private(self.store_token_file, self.store_token + "\n")
         try:
             self.store = self._spawn(
                 "store-service",
@@ -247,6 +254,14 @@ class LocalCluster:
         for service in (self.engine, self.store):
             if service is not None and service.process.stdout is not None:
                 service.process.stdout.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    # Created 0600, and narrowed to it when it existed: other users must not read the token.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 def wait_healthy(address: str, name: str, timeout: float) -> None:
