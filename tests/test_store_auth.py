@@ -132,6 +132,28 @@ async def test_health_and_reflection_stay_open_on_a_store_with_a_token(guarded_s
         assert "keel.store.v1.StoreService" in names
 
 
+async def test_reflection_is_open_on_an_engine_with_a_token_too(guarded_store: str) -> None:
+    engine = await start_engine(
+        EngineConfig(
+            listen="127.0.0.1:0",
+            store=guarded_store,
+            failpoints="",
+            auth_token="engine",
+            store_auth_token=TOKEN,
+        )
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            names = [s.name async for reply in replies for s in reply.list_services_response.service]
+        assert "keel.engine.v1.EngineService" in names
+    finally:
+        await engine.drain(0.5)
+
+
 async def test_engine_given_the_token_completes_a_run_on_a_guarded_store_subprocess(tmp_path: Path) -> None:
     store_args = [str(BIN / "store-service"), "--listen=127.0.0.1:0", f"--data-dir={tmp_path / 'store'}"]
     with running_service(store_args, {"KEEL_STORE_AUTH_TOKEN": TOKEN}, "store-service listening on") as store:
