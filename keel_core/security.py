@@ -116,7 +116,7 @@ def token_from_flags(token: str | None, token_file: str | None, *, flag: str) ->
     path = Path(token_file)
     _readable(path, f"{flag}-file")
     text = path.read_text().removesuffix("\n").removesuffix("\r")
-    if not text or text.strip() != text:
+    if not text or text.strip() != text or not text.isprintable():
         raise ValueError(f"{flag}-file {path}: the token must be one line without surrounding spaces")
     return text
 

@@ -28,7 +28,7 @@ from keel_client.local_cluster import LocalCluster
 from engine_service import EngineConfig, start_engine
 from engine_service.store_client import StoreClient
 from keel_core.errors import ErrorCategory, KeelError
-from keel_core.security import bearer_metadata
+from keel_core.security import bearer_metadata, token_from_flags
 from keel_core.status import from_rpc_error
 from store_service.server import StoreConfig, start_store
 from tests.subprocess_services import BIN, running_service
@@ -275,3 +275,20 @@ async def test_keel_up_guards_its_store_with_a_token_only_its_engine_holds(tmp_p
             assert reads.head_seq == 0, "the refused append wrote something"
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+def test_token_files_are_read_at_start_up_and_bad_ones_named(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.write_text(TOKEN + "\r\n")
+    assert token_from_flags(None, str(good), flag="--auth-token") == TOKEN
+    assert token_from_flags(TOKEN, None, flag="--auth-token") == TOKEN
+    assert token_from_flags(None, None, flag="--auth-token") is None
+    with pytest.raises(ValueError, match="not both"):
+        token_from_flags(TOKEN, str(good), flag="--auth-token")
+    with pytest.raises(ValueError, match=r"--auth-token-file .*no such file"):
+        token_from_flags(None, str(tmp_path / "missing"), flag="--auth-token")
+    for body in ("", "\n", " padded\n", "two\nlines\n"):
+        bad = tmp_path / "bad"
+        bad.write_text(body)
+        with pytest.raises(ValueError, match=r"--store-auth-token-file .*one line"):
+            token_from_flags(None, str(bad), flag="--store-auth-token")
