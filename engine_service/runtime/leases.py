@@ -6,7 +6,7 @@ Three kinds of record say who drives what, all in the store:
   changes hands, never as a periodic renewal (and `LeaseReleased {engine_id}` when a run still on
   its implicit lease is handed over, below). Every write is a compare-and-swap on the stream's
   head, so exactly one engine wins each acquisition.
-- each engine's liveness record `engine:<engine id>` (engine_service.heartbeats): one
+- each engine's liveness record `engine:<engine id>` (engine_service.runtime.heartbeat): one
   `EngineHeartbeat` every ttl/4 while the engine holds any recorded lease (or an implicit one
   about to be recorded), whatever number of runs that is, and one `EngineStopped` at graceful
   shutdown. A recorded lease holds while the session it names does: until its engine's last

@@ -28,8 +28,8 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 from engine_service.domain.canonical import artifact_id_for_bytes
 from engine_service.domain.streams import LABEL_ACTIVE, LABEL_CANCELED, LABEL_COMPLETED, LABEL_FAILED
 from engine_service.store.port import AppendResult, StreamEvent, StreamSummary
-from keel_core.errors import KeelError, unavailable
-from keel_core.security import ClientTls
+from keel_core.errors import ErrorCategory, KeelError, unavailable
+from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import MAX_MESSAGE_BYTES, host_port
 from keel_core.status import from_rpc_error
 
@@ -39,6 +39,7 @@ T = TypeVar("T")
 # PutArtifact sends the bytes in messages of at most this size.
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 STATUS_LABELS: dict[str, int] = {
     LABEL_ACTIVE: store_pb2.STREAM_STATUS_ACTIVE,
@@ -96,7 +97,11 @@ AppendObserver = Callable[[str, Sequence[tuple[str, bytes]]], None]
 
 class StoreClient:
     """The EventLog over gRPC: typed, retrying calls to the StoreService (TLS and a client certificate
-    when given)."""
+    when given).
+
+    With `auth_token`, every call carries `authorization: Bearer <token>` for a store started with
+    `--auth-token`.
+    """
 
     def __init__(
         self,
@@ -105,6 +110,7 @@ class StoreClient:
         rpc_timeout: float = 10.0,
         patience: float = 10.0,
         tls: ClientTls | None = None,
+        auth_token: str | None = None,
         on_appended: AppendObserver | None = None,
     ) -> None:
         self.addresses = addresses
@@ -123,10 +129,14 @@ class StoreClient:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         target = channel_target(addresses)
+        # No interceptor without a token: each one costs every call a little.
+        interceptors = bearer_token_interceptors(auth_token) if auth_token else None
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
+            self._channel = grpc.aio.secure_channel(
+                target, tls.channel_credentials(), options=options, interceptors=interceptors
+            )
         self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -143,6 +153,8 @@ class StoreClient:
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
+                if error.code() in _REFUSED_CODES:
+                    raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
                 if time.monotonic() + delay > deadline:
@@ -154,6 +166,29 @@ class StoreClient:
                 log.warning("store %s failed (%s); retrying in %.2fs", what, error.code().name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _refused(self, error: grpc.aio.AioRpcError) -> KeelError:
+        # The engine's credentials for the store are wrong: an operator's set-up error, not the
+        # engine's caller's. Passing UNAUTHENTICATED on would tell a client its own token is wrong.
+        return KeelError(
+            "store_unauthenticated",
+            f"the store at {self.addresses} refused this engine's credentials ({error.details()}); "
+            "give the engine the store's token with --store-auth-token or KEEL_ENGINE_STORE_AUTH_TOKEN "
+            "(and, for a mutual-TLS store, a client certificate with --store-tls-cert/--store-tls-key)",
+            category=ErrorCategory.UNAVAILABLE,
+        )
+
+    async def check_access(self, within: float) -> None:
+        """Raise `store_unauthenticated` if the store refuses this engine's credentials.
+
+        One read, tried once within `within` seconds: a store that does not answer (not started yet,
+        unreachable) passes, since the engine waits for its store anyway; only a refusal fails.
+        """
+        try:
+            await self._stub.HeadSeq(store_pb2.HeadSeqRequest(stream_id="keel:access-check"), timeout=within)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _REFUSED_CODES:
+                raise self._refused(error) from None
 
     async def append(
         self,
@@ -370,6 +405,8 @@ class StoreClient:
                     yield _stream_event(message.event)
                 return
             except grpc.aio.AioRpcError as error:
+                if error.code() in _REFUSED_CODES:
+                    raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
                 await asyncio.sleep(delay)

@@ -408,12 +408,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                     "store": cluster.store_address,
                     "engine": cluster.engine_address,
                     "data_dir": str(data_dir),
+                    "store_token_file": str(cluster.store_token_file),
                     "store_pid": cluster.store.process.pid,
                     "engine_pid": cluster.engine.process.pid,
                 }
             )
         else:
-            print(f"store   {cluster.store_address}  (data {data_dir / 'store'})")
+            store_data, token = data_dir / "store", cluster.store_token_file
+            print(f"store   {cluster.store_address}  (data {store_data}, token {token})")
             print(f"engine  {cluster.engine_address}")
             print(f"logs    {data_dir / 'logs'}")
             print(f"ready: export KEEL_ENGINE={cluster.engine_address}  (Ctrl-C stops both)")
@@ -482,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnavailableError as error:
         hint = (
             ""
-            if error.code == "store_unavailable"
+            if error.code in ("store_unavailable", "store_unauthenticated")  # the engine answered
             else f" (is an engine running at {args.engine}? see `keel up`)"
         )
         print(f"keel: error: {_one_line(str(error))}{hint}", file=sys.stderr)

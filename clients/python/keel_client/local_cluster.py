@@ -4,6 +4,11 @@ The store keeps its SQLite file under `DATA_DIR/store`; each service's stdout an
 lines) go to `DATA_DIR/logs/<name>.log`, whose last error is quoted when a service fails to start.
 Stopping sends SIGTERM to the engine first (so it parks its runs while the store is still there),
 then to the store, and waits for each to drain.
+
+The store requires a bearer token made up at each start and handed to the engine only (through the
+environment, which other users cannot read, unlike command lines): nobody else on the machine can
+write to, or read, the local store; clients go through the engine. For debugging with grpcurl, the
+token is also written to `DATA_DIR/store-token`, readable by its owner only, like the database.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -124,6 +130,8 @@ class LocalCluster:
     engine_listen: str = "127.0.0.1:7070"
     ops: Sequence[str] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The store's bearer token, made anew by each start(); only the engine is given it.
+    store_token: str = field(default="", init=False, repr=False)
     store: ServiceProcess | None = None
     engine: ServiceProcess | None = None
 
@@ -131,6 +139,11 @@ class LocalCluster:
     def store_address(self) -> str:
         """HOST:PORT the store serves on."""
         return self.store.address if self.store else ""
+
+    @property
+    def store_token_file(self) -> Path:
+        """Where start() wrote the store's token (mode 0600), for its owner's grpcurl sessions."""
+        return self.data_dir / "store-token"
 
     @property
     def engine_address(self) -> str:
@@ -147,25 +160,33 @@ class LocalCluster:
     def start(self) -> None:
         """Start the store, then the engine pointed at it, and wait until both answer health checks."""
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.store_token = secrets.token_urlsafe(32)
+        _write_private(self.store_token_file, self.store_token + "\n")
         try:
             self.store = self._spawn(
                 "store-service",
                 ["--listen", self.store_listen, "--data-dir", str(self.data_dir / "store")],
+                {"KEEL_STORE_AUTH_TOKEN": self.store_token, "KEEL_STORE_AUTH_TOKEN_FILE": ""},
             )
             self._await_ready(self.store)
             engine_args = ["--listen", self.engine_listen, "--store", self.store.address]
             if self.ops:
                 engine_args += ["--ops", *self.ops]
-            self.engine = self._spawn("engine-service", engine_args)
+            self.engine = self._spawn(
+                "engine-service",
+                engine_args,
+                {"KEEL_ENGINE_STORE_AUTH_TOKEN": self.store_token, "KEEL_ENGINE_STORE_AUTH_TOKEN_FILE": ""},
+            )
             self._await_ready(self.engine)
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, name: str, args: list[str]) -> ServiceProcess:
+    def _spawn(self, name: str, args: list[str], secret_env: dict[str, str]) -> ServiceProcess:
         log_path = self.data_dir / "logs" / f"{name}.log"
         log = log_path.open("ab")
-        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        # The token last: a KEEL_*_AUTH_TOKEN in the caller's environment must not split the pair.
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1", **secret_env}
         try:
             process = subprocess.Popen(
                 [service_executable(name), *args],
@@ -233,6 +254,14 @@ class LocalCluster:
         for service in (self.engine, self.store):
             if service is not None and service.process.stdout is not None:
                 service.process.stdout.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    # Created 0600, and narrowed to it when it existed: other users must not read the token.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 def wait_healthy(address: str, name: str, timeout: float) -> None:
