@@ -16,7 +16,7 @@ from keel.store.v1 import store_pb2
 from engine_service import EngineConfig, start_engine
 from keel_core.json_values import from_value, to_value
 from keel_core.status import from_rpc_error
-from tests.engine.conftest import ATTEMPT_TIMES, CLOCK, Cluster
+from tests.engine.conftest import ATTEMPT_TIMES, CLOCK, Cluster, gate
 
 FAST_RETRY = engine_pb2.RunConfig(
     retry_policy=engine_pb2.RetryPolicy(
@@ -198,13 +198,17 @@ async def test_secret_looking_fact_key_is_refused_and_never_persisted(cluster: C
 
 
 async def test_await_run_times_out_then_returns_the_finished_run(cluster: Cluster) -> None:
-    nap = step("nap", "keel.sleep", {"seconds": 0.5})
-    started = await cluster.stub.StartRun(engine_pb2.StartRunRequest(pipeline=pipeline(nap)))
+    # The step waits at a gate until the short await has timed out (a timed nap could end first on
+    # a loaded machine).
+    name = f"await-times-out-{cluster.checkpoint_linger}"  # gates are per process: one per variant
+    held = step("held", "test.gated", {"gate": name})
+    started = await cluster.stub.StartRun(engine_pb2.StartRunRequest(pipeline=pipeline(held)))
     assert started.run.status == engine_pb2.RUN_STATUS_RUNNING
     short = await cluster.stub.AwaitRun(
         engine_pb2.AwaitRunRequest(run_id=started.run_id, timeout=duration_pb2.Duration(nanos=50_000_000))
     )
     assert not short.done and short.run.status == engine_pb2.RUN_STATUS_RUNNING
+    gate(name).opened.set()
     full = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=started.run_id), timeout=30)
     assert full.done and full.run.status == engine_pb2.RUN_STATUS_COMPLETED
 
