@@ -8,6 +8,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -49,12 +50,34 @@ async def recorded_facts(store_address: str, run_ids: list[str]) -> set[tuple[st
     return recorded
 
 
+@dataclass
+class StoreProcess:
+    """A store subprocess over a data dir, which a test may restart (same data, same port)."""
+
+    process: ServiceProcess
+    data_dir: Path
+
+    @property
+    def address(self) -> str:
+        """Where it listens."""
+        return self.process.address
+
+    async def settle(self) -> None:
+        """Stop it gracefully and start it again: every append it had received is now committed or gone.
+
+        A SIGKILLed engine may have sent an append that the store commits a moment later; what is
+        read after this is all the store will ever hold of that engine's writes.
+        """
+        assert await self.process.terminate() == 0
+        self.process = await start_store_process(self.data_dir, port=self.process.port)
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+async def store(tmp_path: Path) -> AsyncIterator[StoreProcess]:
     """A store subprocess over a fresh data dir."""
-    process = await start_store_process(tmp_path / "store")
-    yield process
-    await process.kill()
+    running = StoreProcess(await start_store_process(tmp_path / "store"), tmp_path / "store")
+    yield running
+    await running.process.kill()
 
 
 @pytest.mark.parametrize(
@@ -68,7 +91,7 @@ async def store(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
     ],
 )
 async def test_parent_killed_around_a_child_completes_with_one_child_per_key_and_each_fact_once(
-    store: ServiceProcess, tmp_path: Path, failpoint: str
+    store: StoreProcess, tmp_path: Path, failpoint: str
 ) -> None:
     io_log = str(tmp_path / "io.log")
     run_id = str(uuid.uuid4())
@@ -87,6 +110,7 @@ async def test_parent_killed_around_a_child_completes_with_one_child_per_key_and
     # its FactRecorded; that one call is made again (the transport sees it at least once), while a
     # recorded fact is never executed again.
     calls_at_kill = collections.Counter(read_io_log(io_log))
+    await store.settle()
     recorded_at_kill = await recorded_facts(store.address, children)
 
     survivor = await start_engine_process(store.address, io_log=io_log)
@@ -122,7 +146,7 @@ async def test_parent_killed_around_a_child_completes_with_one_child_per_key_and
 
 @pytest.mark.parametrize("then", ["cancel_parent", "await_child"])
 async def test_a_spawn_cut_short_by_a_kill_is_pending_on_its_parent_until_cancel_or_await_settles_it(
-    store: ServiceProcess, tmp_path: Path, then: str
+    store: StoreProcess, tmp_path: Path, then: str
 ) -> None:
     """SpawnChild through an engine SIGKILLed once the child is linked and before it starts.
 
