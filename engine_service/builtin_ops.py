@@ -35,6 +35,7 @@ from typing import Any
 
 from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
 from engine_service.domain.ops import OpError, StepContext, op
+from engine_service.domain.streams import COMPLETED
 from engine_service.domain.transports import register_transport
 
 
@@ -172,7 +173,7 @@ async def fan_out(ctx: StepContext, op_config: Any, input: Any) -> Any:
         raise failures.exceptions[0] from None
     outcomes = [task.result() for task in tasks]
     children = [{"child_run_id": o["child_run_id"], "status": o["status"]} for o in outcomes]
-    unfinished = [c for c in children if c["status"] != "completed"]
+    unfinished = [c for c in children if c["status"] != COMPLETED]
     if unfinished:
         raise OpError(
             "child_run_failed",

@@ -1,6 +1,8 @@
 """The engine's pure core: manifests, plans, events, the history fold and the resume decision.
 
-Nothing here imports grpc or protobuf; it is tested without a server.
+Beside them: `streams` (every stream id, event type name and status label the engine writes),
+`leasing` (lease and liveness records, and whether a holder still holds) and `facts` (the one
+fact-key rule). Nothing here imports grpc or protobuf; it is tested without a server.
 """
 
 from __future__ import annotations
