@@ -12,7 +12,7 @@ import asyncio
 import functools
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from keel_client.aio import AsyncKeelClient
@@ -43,7 +43,7 @@ class _LoopThread:
             future.cancel()
             raise
 
-    def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
+    def iterate(self, items: AsyncIterator[T]) -> Generator[T, None, None]:
         """`items` as a blocking generator; closing the generator closes `items` (ending its stream)."""
         try:
             while True:
@@ -113,11 +113,11 @@ def _blocking(
 
 def _blocking_iter(
     method: Callable[Concatenate[AsyncKeelClient, P], AsyncIterator[T]],
-) -> Callable[Concatenate[KeelClient, P], Iterator[T]]:
+) -> Callable[Concatenate[KeelClient, P], Generator[T, None, None]]:
     """A KeelClient generator method over AsyncKeelClient's asynchronous generator `method`."""
 
     @functools.wraps(method)
-    def call(client: KeelClient, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+    def call(client: KeelClient, /, *args: P.args, **kwargs: P.kwargs) -> Generator[T, None, None]:
         return client._loop.iterate(method(client._async, *args, **kwargs))
 
     call.__doc__ = _blocking_doc(method.__doc__)
