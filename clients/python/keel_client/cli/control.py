@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keel_client.cli.options import client, print_json
+from keel_client.cli.options import answer, client
 from keel_client.models import TerminalTarget, to_json_data
 
 
@@ -26,23 +26,17 @@ def cmd_terminalize(args: argparse.Namespace) -> int:
     target = getattr(args, "target", TerminalTarget.CANCELED.value)
     with client(args) as keel:
         result = keel.terminalize(args.run_id, target, reason=args.reason)
-    if args.json:
-        print_json({"run_id": args.run_id, **to_json_data(result)})
-    elif result.outcome.value == "noop":
-        print(f"run {args.run_id} was already {result.status.value}; nothing changed")
+    if result.outcome.value == "noop":
+        text = f"run {args.run_id} was already {result.status.value}; nothing changed"
     else:
-        print(f"run {args.run_id} is now {result.status.value}")
-    return 0
+        text = f"run {args.run_id} is now {result.status.value}"
+    return answer(args, {"run_id": args.run_id, **to_json_data(result)}, lambda: text)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """`keel resume`."""
     with client(args) as keel:
         resumed = keel.resume_run(args.run_id)
-    if args.json:
-        print_json(resumed)
-    else:
-        status = resumed.run.status.value if resumed.run else "unknown"
-        verb = "resumed" if resumed.resumed else "not resumed (terminal or already driven)"
-        print(f"run {args.run_id} {verb}; status {status}")
-    return 0
+    status = resumed.run.status.value if resumed.run else "unknown"
+    verb = "resumed" if resumed.resumed else "not resumed (terminal or already driven)"
+    return answer(args, resumed, lambda: f"run {args.run_id} {verb}; status {status}")

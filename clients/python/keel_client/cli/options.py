@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,12 @@ def async_client(args: argparse.Namespace, engine: str | None = None) -> AsyncKe
 def print_json(data: Any) -> None:
     """One line of JSON on stdout (dataclasses and enums as plain JSON)."""
     print(json.dumps(to_json_data(data), sort_keys=True, ensure_ascii=False))
+
+
+def answer(args: argparse.Namespace, result: Any, text: Callable[[], str]) -> int:
+    """Print `result` as JSON with --json, else the text `text` makes of it; the exit status is 0."""
+    if args.json:
+        print_json(result)
+    else:
+        print(text())
+    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from keel_client.cli.options import CliError, client, print_json
+from keel_client.cli.options import CliError, answer, client, print_json
 from keel_client.display import event_line, op_lines, run_lines, summary_lines
 from keel_client.models import RunEvent, to_json_data
 
@@ -31,11 +31,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     """`keel get`: one run in full."""
     with client(args) as keel:
         run = keel.get_run(args.run_id)
-    if args.json:
-        print_json(run)
-    else:
-        print("\n".join(run_lines(run)))
-    return 0
+    return answer(args, run, lambda: "\n".join(run_lines(run)))
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -46,13 +42,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         runs = list(
             keel.iter_runs(statuses=args.status or (), limit=args.limit, page_size=min(args.limit, 1000))
         )
-    if args.json:
-        print_json(runs)
-    elif runs:
-        print("\n".join(summary_lines(runs)))
-    else:
-        print("no runs")
-    return 0
+    return answer(args, runs, lambda: "\n".join(summary_lines(runs)) if runs else "no runs")
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -80,8 +70,4 @@ def cmd_ops(args: argparse.Namespace) -> int:
     """`keel ops`: registered ops and versions."""
     with client(args) as keel:
         ops = keel.list_ops()
-    if args.json:
-        print_json(list(ops))
-    else:
-        print("\n".join(op_lines(ops)))
-    return 0
+    return answer(args, list(ops), lambda: "\n".join(op_lines(ops)))
