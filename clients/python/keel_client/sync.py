@@ -91,11 +91,16 @@ def _shutdown(loop: _LoopThread, client: AsyncKeelClient) -> None:
         loop.stop()
 
 
-def _blocking_doc(doc: str | None) -> str | None:
-    """The asynchronous method's docstring with its example written for the blocking client."""
-    if doc is None:
-        return None
-    return doc.replace("async for ", "for ").replace("await ", "").replace("aclosing(", "closing(")
+def _adopt(call: Callable[..., Any], method: Callable[..., Any]) -> None:
+    """Give the blocking `call` the async `method`'s name and signature, and its docstring rewritten.
+
+    The example in the docstring loses its `await` and `async for`, which the blocking call has not.
+    """
+    functools.update_wrapper(call, method)
+    call.__qualname__ = f"KeelClient.{method.__name__}"
+    call.__module__ = __name__
+    doc = method.__doc__ or ""
+    call.__doc__ = doc.replace("async for ", "for ").replace("await ", "").replace("aclosing(", "closing(")
 
 
 def _blocking(
@@ -103,11 +108,10 @@ def _blocking(
 ) -> Callable[Concatenate[KeelClient, P], T]:
     """A KeelClient method that runs AsyncKeelClient's `method` on the client's loop and waits for it."""
 
-    @functools.wraps(method)
     def call(client: KeelClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return client._loop.run(method(client._async, *args, **kwargs))
 
-    call.__doc__ = _blocking_doc(method.__doc__)
+    _adopt(call, method)
     return call
 
 
@@ -116,11 +120,10 @@ def _blocking_iter(
 ) -> Callable[Concatenate[KeelClient, P], Generator[T, None, None]]:
     """A KeelClient generator method over AsyncKeelClient's asynchronous generator `method`."""
 
-    @functools.wraps(method)
     def call(client: KeelClient, /, *args: P.args, **kwargs: P.kwargs) -> Generator[T, None, None]:
         return client._loop.iterate(method(client._async, *args, **kwargs))
 
-    call.__doc__ = _blocking_doc(method.__doc__)
+    _adopt(call, method)
     return call
 
 
