@@ -62,3 +62,12 @@ def test_up_and_demo_without_the_server_say_they_need_it(
     stderr = capsys.readouterr().err
     assert f"keel: error: keel {command} needs the Keel server" in stderr
     assert "pip install ." in stderr
+
+
+def test_a_client_closed_on_its_own_loop_thread_stops_without_waiting_for_itself(engine_address: str) -> None:
+    # What a garbage collection that drops an unclosed client on the loop's thread does.
+    keel = KeelClient(engine_address)
+    loop_thread = keel._loop._thread
+    keel._loop._loop.call_soon_threadsafe(keel.close)
+    loop_thread.join()  # a deadlock would hang here (until pytest-timeout)
+    assert not loop_thread.is_alive()

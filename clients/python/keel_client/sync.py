@@ -30,11 +30,17 @@ class _LoopThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="keel-client-loop", daemon=True)
         self._thread.start()
 
+    def on_loop(self) -> bool:
+        """Whether the caller is the loop's own thread (which must never wait for the loop)."""
+        return threading.current_thread() is self._thread
+
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the loop and return its result (or raise its exception) in this thread."""
-        if self._loop.is_closed():
+        if self._loop.is_closed() or self.on_loop():
             coroutine.close()
-            raise RuntimeError("this KeelClient is closed")
+            raise RuntimeError(
+                "this KeelClient is closed" if self._loop.is_closed() else "called on its own loop"
+            )
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result()
@@ -59,11 +65,15 @@ class _LoopThread:
         aclose = getattr(items, "aclose", None)
         if aclose is None or self._loop.is_closed():
             return
-        if threading.current_thread() is self._thread:
+        if self.on_loop():
             # Collected on the loop's own thread: waiting for the loop here would wait forever.
             self._loop.create_task(aclose())
         else:
             self.run(aclose())
+
+    def stop_after(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """From the loop's own thread: run `coroutine`, then stop the loop, without waiting for either."""
+        self._loop.create_task(coroutine).add_done_callback(lambda _: self._loop.stop())
 
     def stop(self) -> None:
         """Stop the loop, wait for its thread, and close it; idempotent."""
@@ -85,6 +95,10 @@ async def _call(factory: Callable[[], T]) -> T:
 
 
 def _shutdown(loop: _LoopThread, client: AsyncKeelClient) -> None:
+    if loop.on_loop():
+        # Dropped during a garbage collection that ran on the loop's thread: it cannot wait for itself.
+        loop.stop_after(client.close())
+        return
     try:
         loop.run(client.close())
     finally:
