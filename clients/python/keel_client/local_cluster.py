@@ -9,12 +9,16 @@ The store requires a bearer token made up at each start and handed to the engine
 environment, which other users cannot read, unlike command lines): nobody else on the machine can
 write to, or read, the local store; clients go through the engine. For debugging with grpcurl, the
 token is also written to `DATA_DIR/store-token`, readable by its owner only, like the database.
+
+The services come with the server distribution (`keel`, the repository root), not with this client
+(`keel-client`): `require_server` says so before anything is started.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import queue
@@ -32,8 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+SERVER_PACKAGES = ("store_service", "engine_service")
 STARTUP_SECONDS = 30.0
 STOP_SECONDS = 20.0
 _READY = re.compile(r"^(store-service|engine-service) listening on (\S+)\s*$")
@@ -41,6 +45,25 @@ _READY = re.compile(r"^(store-service|engine-service) listening on (\S+)\s*$")
 
 class ClusterError(Exception):
     """A local service could not be started or stopped; the message says why and where its log is."""
+
+
+class ServerNotInstalled(ClusterError):
+    """The Keel server distribution is not installed beside this client."""
+
+
+def server_installed() -> bool:
+    """Whether the server distribution (store-service, engine-service) is importable here."""
+    return all(importlib.util.find_spec(name) is not None for name in SERVER_PACKAGES)
+
+
+def require_server(command: str) -> None:
+    """Raise ServerNotInstalled, naming `command` and how to install the server, when it is missing."""
+    if not server_installed():
+        raise ServerNotInstalled(
+            f"{command} needs the Keel server, which is not installed here (this is the client alone): "
+            "install it with `pip install .` in a Keel checkout "
+            "(the `keel` distribution at the repository root)"
+        )
 
 
 def service_executable(name: str) -> str:
@@ -159,6 +182,7 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the store, then the engine pointed at it, and wait until both answer health checks."""
+        require_server("starting a local store and engine")
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.store_token = secrets.token_urlsafe(32)
         _write_private(self.store_token_file, self.store_token + "\n")
@@ -266,6 +290,10 @@ def _write_private(path: Path, text: str) -> None:
 
 def wait_healthy(address: str, name: str, timeout: float) -> None:
     """Wait until grpc.health.v1 at `address` reports SERVING for the whole server."""
+    # The health stubs come with the server distribution (grpcio-health-checking), which a local
+    # cluster needs anyway; a client-only install never gets here (see require_server).
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     deadline = time.monotonic() + timeout
     last_problem = "no answer"
     with grpc.insecure_channel(address) as channel:
