@@ -7,7 +7,7 @@
         answer = await ctx.io.call("keel.echo", {"name": input}, fact_key="greeting")
         return {"hello": answer}
 
-An op's return value becomes the step's output in the context (see `engine_service.context`).
+An op's return value becomes the step's output in the context (see `engine_service.domain.context`).
 An op fails by raising `OpError` (or any KeelError), which says whether a retry may help; any other
 exception is recorded as `op_failed`, retryable.
 """

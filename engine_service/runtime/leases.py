@@ -49,11 +49,12 @@ unfenced and trusts its session again. The taker then claims the run by appendin
 stream at the head it read (`claim_first` in the run driver): the run stream's sequence
 compare-and-swap refuses any later append of the old holder, whatever the clocks say.
 
-Scans (Engine.recover). A run younger than ttl/3 is skipped unread (its creator's implicit lease
-holds); an older one's lease stream is read until it names a holder, which is then cached (a run
-changes hands only once its holder's session is over). Each distinct holder's liveness record is
-read once per scan. So a steady state of many long runs on live engines costs a scan one
-ListStreams of active runs, one of released leases, and two reads per engine.
+Scans (engine_service.runtime.recovery). A run younger than ttl/3 is skipped unread (its creator's
+implicit lease holds); an older one's lease stream is read until it names a holder, which is then
+cached (a run changes hands only once its holder's session is over; engine_service.runtime.holders).
+Each distinct holder's liveness record is read once per scan. So a steady state of many long runs
+on live engines costs a scan one ListStreams of active runs, one of released leases, and two reads
+per engine.
 
 Why separate streams rather than lease events inside the run stream: bookkeeping would otherwise
 fill the run's history (and every WatchRun), compete with the driver's write-behind batches for
