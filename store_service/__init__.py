@@ -31,13 +31,13 @@ from store_service.sqlite import SqliteStoreBackend
 
 if TYPE_CHECKING:
     from store_service.server import StoreConfig, StoreServingHandle, start_store
-    from store_service.servicer import StoreServicer
+    from store_service.wire import StoreServicer
 
 _LAZY = {
     "StoreConfig": "store_service.server",
     "StoreServingHandle": "store_service.server",
     "start_store": "store_service.server",
-    "StoreServicer": "store_service.servicer",
+    "StoreServicer": "store_service.wire",
 }
 
 

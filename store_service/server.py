@@ -29,8 +29,8 @@ from keel_core.serving import (
 )
 from store_service.backend import StoreBackend
 from store_service.limits import DEFAULT_MAX_ARTIFACT_BYTES
-from store_service.servicer import StoreServicer, register
 from store_service.sqlite import Durability, SqliteStoreBackend
+from store_service.wire import StoreServicer, register
 
 log = logging.getLogger("store_service")
 
