@@ -285,16 +285,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def serve(config: EngineConfig) -> None:
     """Start, announce the address on stdout, serve until a signal, drain."""
     handle = await start_engine(config)
-    await serve_announced(
-        "engine-service",
-        handle,
-        config.listen,
-        config.grace,
-        metrics_url=handle.metrics.url if handle.metrics is not None else None,
-        log=log,
-        details=f"{transport_name(config.tls)}{', bearer token required' if config.auth_token else ''}; "
-        f"store {config.store} over {'TLS' if config.store_tls else 'plaintext'}",
+    details = (
+        f"{transport_name(config.tls)}{', bearer token required' if config.auth_token else ''}; "
+        f"store {config.store} over {'TLS' if config.store_tls else 'plaintext'}"
     )
+    await serve_announced("engine-service", handle, config, handle.metrics, log, details)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

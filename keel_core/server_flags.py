@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from keel_core.security import TlsFiles
 from keel_core.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS, ServingHandle, host_port, serve_until_signalled
@@ -145,29 +146,49 @@ def transport_name(tls: TlsFiles | None) -> str:
     return "mutual TLS" if tls.client_ca else "TLS"
 
 
+class Served(Protocol):
+    """What `serve_announced` needs of a service's config: where it listens, how long a drain is."""
+
+    @property
+    def listen(self) -> str:
+        """HOST:PORT as configured (the port may be 0)."""
+
+    @property
+    def grace(self) -> float:
+        """Seconds a drain lets in-flight calls finish."""
+
+
+class HasUrl(Protocol):
+    """An endpoint that says where it is (the metrics endpoint)."""
+
+    @property
+    def url(self) -> str:
+        """The endpoint's URL."""
+
+
 async def serve_announced(
     prog: str,
     handle: ServingHandle,
-    listen: str,
-    grace: float,
-    *,
-    metrics_url: str | None,
+    config: Served,
+    metrics: HasUrl | None,
     log: logging.Logger,
     details: str,
 ) -> None:
     """Announce the bound address on stdout (and the metrics URL), serve until a signal, drain."""
-    host, _ = host_port(listen)
+    host, _ = host_port(config.listen)
     address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
     print(f"{prog} listening on {address}", flush=True)
-    if metrics_url is not None:
-        print(f"{prog} metrics on {metrics_url}", flush=True)
+    if metrics is not None:
+        print(f"{prog} metrics on {metrics.url}", flush=True)
     log.info("serving on %s (%s)", address, details)
-    await serve_until_signalled(handle, grace)
+    await serve_until_signalled(handle, config.grace)
     log.info("stopped")
 
 
 __all__ = [
     "LOG_LEVELS",
+    "HasUrl",
+    "Served",
     "ServerFlagNames",
     "ServerFlags",
     "add_server_flags",

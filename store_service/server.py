@@ -221,15 +221,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def serve(config: StoreConfig) -> None:
     """Start the store, announce the address on stdout, serve until a signal, drain."""
     handle = await start_store(config)
-    await serve_announced(
-        "store-service",
-        handle,
-        config.listen,
-        config.grace,
-        metrics_url=handle.metrics.url if handle.metrics is not None else None,
-        log=log,
-        details=f"backend {config.backend}, durability {config.durability}, {transport_name(config.tls)}",
-    )
+    details = f"backend {config.backend}, durability {config.durability}, {transport_name(config.tls)}"
+    await serve_announced("store-service", handle, config, handle.metrics, log, details)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
