@@ -49,9 +49,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine_service.store_client import StoreClient
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)
+
+# This machine's wall clock in microseconds (what expiries are compared with): keel_core's one clock.
+wall_us = now_us
 
 ENGINE_STREAM_PREFIX = "engine:"
 ENGINE_HEARTBEAT = "EngineHeartbeat"
@@ -74,11 +78,6 @@ FENCED = "failed"
 def engine_stream_id(engine_id: str) -> str:
     """The store stream holding an engine's liveness record."""
     return f"{ENGINE_STREAM_PREFIX}{engine_id}"
-
-
-def wall_us() -> int:
-    """This machine's wall clock in microseconds (what expiries are compared with)."""
-    return time.time_ns() // 1000
 
 
 def _payload(data: dict[str, object]) -> bytes:

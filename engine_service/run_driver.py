@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import copy
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +85,7 @@ from engine_service.failpoints import (
 )
 from engine_service.leases import Lease
 from engine_service.store_client import FOREVER, StoreClient
+from keel_core.clock import now_us as now_us  # re-exported: the engine's modules take the clock here
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.logs import bind_log_fields
 
@@ -100,11 +100,6 @@ MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
-
-
-def now_us() -> int:
-    """The time now, in microseconds since the epoch (events' `at_us`)."""
-    return time.time_ns() // 1000
 
 
 def run_stream_id(run_id: str) -> str:
