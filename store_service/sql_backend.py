@@ -167,6 +167,8 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
                 error = self._translate(exc)
                 if error is exc:
                     log.exception("a group of %d appends failed to commit", len(taken))
+                else:
+                    log.warning("a group of %d appends failed to commit: %s", len(taken), error)
                 for job in taken:
                     resolve(job.future, error)
                 continue
