@@ -31,9 +31,10 @@ from engine_service.failpoints import Failpoints
 from engine_service.run_driver import RunEnvironment
 from engine_service.servicer import EngineServicer, register
 from engine_service.store_client import StoreClient
+from keel_core.errors import KeelError
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
-from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles
+from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles, token_from_flags
 from keel_core.server_flags import (
     ServerFlagNames,
     ServerFlags,
@@ -48,6 +49,8 @@ log = logging.getLogger("engine_service")
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
 DEFAULT_STORE = "127.0.0.1:7071"
+# How long start-up waits for the store to say whether it accepts this engine's credentials.
+ACCESS_CHECK_SECONDS = 2.0
 _ = builtin_ops  # imported for its registrations
 
 
@@ -75,6 +78,8 @@ class EngineConfig:
     store_tls: ClientTls | None = None
     # When set, every EngineService call must carry `authorization: Bearer <token>` (health excepted).
     auth_token: str | None = None
+    # The token of a store started with --auth-token, sent as `authorization: Bearer <token>`.
+    store_auth_token: str | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_listen: str | None = None
     # This engine's name in run leases; None: hostname-pid-random.
@@ -124,9 +129,12 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
             config.store,
             patience=config.store_patience,
             tls=config.store_tls,
+            auth_token=config.store_auth_token,
             on_appended=engine_metrics.count_appended,
         )
         undo.push_async_callback(store.close)
+        # A store that refuses our credentials would fail every run: say so now, not per run.
+        await store.check_access(ACCESS_CHECK_SECONDS)
         engine = Engine(
             RunEnvironment(store, engine_metrics.metered_ops(ops), transports, failpoints),
             build_provenance(),
@@ -276,6 +284,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="PEM",
         help="key of --store-tls-cert [KEEL_ENGINE_STORE_TLS_KEY]",
     )
+    parser.add_argument(
+        "--store-auth-token",
+        default=env("KEEL_ENGINE_STORE_AUTH_TOKEN") or None,
+        metavar="TOKEN",
+        help="send 'authorization: Bearer TOKEN' on every store call, for a store started with "
+        "--auth-token; prefer the environment variable or --store-auth-token-file, command lines "
+        "are visible to other users [KEEL_ENGINE_STORE_AUTH_TOKEN] (default: no token)",
+    )
+    parser.add_argument(
+        "--store-auth-token-file",
+        default=env("KEEL_ENGINE_STORE_AUTH_TOKEN_FILE") or None,
+        metavar="PATH",
+        help="like --store-auth-token, the token read from this file (one line) "
+        "[KEEL_ENGINE_STORE_AUTH_TOKEN_FILE]",
+    )
     args = parse_server_args(parser, argv)
     if not args.lease_ttl > 0:
         parser.error(f"argument --lease-ttl: must be a positive number of seconds, not {args.lease_ttl}")
@@ -288,6 +311,7 @@ async def serve(config: EngineConfig) -> None:
     details = (
         f"{transport_name(config.tls)}{', bearer token required' if config.auth_token else ''}; "
         f"store {config.store} over {'TLS' if config.store_tls else 'plaintext'}"
+        f"{' with a bearer token' if config.store_auth_token else ''}"
     )
     await serve_announced("engine-service", handle, config, handle.metrics, log, details)
 
@@ -309,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.store_tls_ca, args.store_tls_cert, args.store_tls_key, prefix="--store-"
             ),
             auth_token=args.auth_token,
+            store_auth_token=token_from_flags(
+                args.store_auth_token, args.store_auth_token_file, flag="--store-auth-token"
+            ),
             metrics_listen=flags.metrics_listen,
             engine_id=args.engine_id,
             lease_ttl=args.lease_ttl,
@@ -318,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     except (ImportError, ValueError, OSError) as error:
         print(f"engine-service: {error}", file=sys.stderr)
+        return 2
+    except KeelError as error:  # e.g. store_unauthenticated: the store refused our credentials
+        log.error("engine-service could not start: %s", error.message, extra={"error_code": error.code})
         return 2
     return 0
 

@@ -20,7 +20,8 @@ from engine_service.engine import RUN_STREAM_PREFIX, Engine, stored_events
 from engine_service.run_driver import run_stream_id
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import to_value
-from keel_core.status import abort_with, translated
+from keel_core.servicer_errors import translated
+from keel_core.status import abort_with
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.domain.canonical import artifact_id_for_bytes
-from keel_core.errors import KeelError, unavailable
-from keel_core.security import ClientTls
+from keel_core.errors import ErrorCategory, KeelError, unavailable
+from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import MAX_MESSAGE_BYTES, host_port
 from keel_core.status import from_rpc_error
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FOREVER = math.inf
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 STATUS_LABELS: dict[str, int] = {
     "active": store_pb2.STREAM_STATUS_ACTIVE,
@@ -124,7 +125,11 @@ AppendObserver = Callable[[str, Sequence[tuple[str, bytes]]], None]
 
 
 class StoreClient:
-    """Typed, retrying calls to the StoreService (over TLS, with a client certificate, when given)."""
+    """Typed, retrying calls to the StoreService (over TLS, with a client certificate, when given).
+
+    With `auth_token`, every call carries `authorization: Bearer <token>` for a store started with
+    `--auth-token`.
+    """
 
     def __init__(
         self,
@@ -133,6 +138,7 @@ class StoreClient:
         rpc_timeout: float = 10.0,
         patience: float = 10.0,
         tls: ClientTls | None = None,
+        auth_token: str | None = None,
         on_appended: AppendObserver | None = None,
     ) -> None:
         self.addresses = addresses
@@ -151,10 +157,14 @@ class StoreClient:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         target = channel_target(addresses)
+        # No interceptor without a token: each one costs every call a little.
+        interceptors = bearer_token_interceptors(auth_token) if auth_token else None
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
+            self._channel = grpc.aio.secure_channel(
+                target, tls.channel_credentials(), options=options, interceptors=interceptors
+            )
         self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -171,6 +181,8 @@ class StoreClient:
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
+                if error.code() in _REFUSED_CODES:
+                    raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
                 if time.monotonic() + delay > deadline:
@@ -182,6 +194,29 @@ class StoreClient:
                 log.warning("store %s failed (%s); retrying in %.2fs", what, error.code().name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _refused(self, error: grpc.aio.AioRpcError) -> KeelError:
+        # The engine's credentials for the store are wrong: an operator's set-up error, not the
+        # engine's caller's. Passing UNAUTHENTICATED on would tell a client its own token is wrong.
+        return KeelError(
+            "store_unauthenticated",
+            f"the store at {self.addresses} refused this engine's credentials ({error.details()}); "
+            "give the engine the store's token with --store-auth-token or KEEL_ENGINE_STORE_AUTH_TOKEN "
+            "(and, for a mutual-TLS store, a client certificate with --store-tls-cert/--store-tls-key)",
+            category=ErrorCategory.UNAVAILABLE,
+        )
+
+    async def check_access(self, within: float) -> None:
+        """Raise `store_unauthenticated` if the store refuses this engine's credentials.
+
+        One read, tried once within `within` seconds: a store that does not answer (not started yet,
+        unreachable) passes, since the engine waits for its store anyway; only a refusal fails.
+        """
+        try:
+            await self._stub.HeadSeq(store_pb2.HeadSeqRequest(stream_id="keel:access-check"), timeout=within)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _REFUSED_CODES:
+                raise self._refused(error) from None
 
     async def append(
         self,
@@ -367,6 +402,8 @@ class StoreClient:
                     yield _stream_event(message.event)
                 return
             except grpc.aio.AioRpcError as error:
+                if error.code() in _REFUSED_CODES:
+                    raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
                 await asyncio.sleep(delay)

@@ -17,7 +17,7 @@ from pathlib import Path
 from keel_core.errors import KeelError
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
-from keel_core.security import TlsFiles
+from keel_core.security import BearerTokenInterceptor, TlsFiles, token_from_flags
 from keel_core.server_flags import (
     ServerFlagNames,
     ServerFlags,
@@ -26,7 +26,7 @@ from keel_core.server_flags import (
     serve_announced,
     transport_name,
 )
-from keel_core.serving import ServingHandle, run_service, start_server
+from keel_core.serving import ServerInterceptor, ServingHandle, run_service, start_server
 from store_service.backend import StoreBackend
 from store_service.limits import DEFAULT_MAX_ARTIFACT_BYTES
 from store_service.sqlite import Durability, SqliteStoreBackend
@@ -54,6 +54,9 @@ class StoreConfig:
     grace: float = 10.0
     # TLS (with client_ca: mutual TLS, only clients holding a certificate it signed get in); None: plaintext.
     tls: TlsFiles | None = None
+    # When set, every StoreService call must carry `authorization: Bearer <token>` (health and
+    # reflection excepted): only engines given the token can read or write streams.
+    auth_token: str | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_listen: str | None = None
     # Bytes one artifact may have (PutArtifact or inline in an append); 0: no cap.
@@ -115,11 +118,15 @@ async def start_store(config: StoreConfig) -> StoreServingHandle:
         await backend.open()
         undo.push_async_callback(backend.close)
         servicer = StoreServicer(backend, max_artifact_bytes=config.max_artifact_bytes)
+        interceptors: list[ServerInterceptor] = [MetricsInterceptor()]
+        if config.auth_token:
+            # After the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED).
+            interceptors.append(BearerTokenInterceptor(config.auth_token))
         served = await start_server(
             config.listen,
             lambda server: register(server, servicer),
             credentials=config.tls.server_credentials() if config.tls else None,
-            interceptors=[MetricsInterceptor()],
+            interceptors=interceptors,
         )
         undo.pop_all()
     on_stop = [*served.on_stop, backend.close]
@@ -215,6 +222,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "nothing of it is kept; 0 = no cap [KEEL_STORE_MAX_ARTIFACT_BYTES] "
         f"(default {DEFAULT_MAX_ARTIFACT_BYTES}, 1 GiB)",
     )
+    access = parser.add_argument_group("access")
+    access.add_argument(
+        "--auth-token",
+        default=os.environ.get("KEEL_STORE_AUTH_TOKEN") or None,
+        metavar="TOKEN",
+        help="require 'authorization: Bearer TOKEN' on every StoreService call (health checks and "
+        "reflection excepted), so only engines given the token (engine-service --store-auth-token) "
+        "read or write streams; prefer the environment variable or --auth-token-file, command lines "
+        "are visible to other users [KEEL_STORE_AUTH_TOKEN] (default: no token)",
+    )
+    access.add_argument(
+        "--auth-token-file",
+        default=os.environ.get("KEEL_STORE_AUTH_TOKEN_FILE") or None,
+        metavar="PATH",
+        help="like --auth-token, the token read from this file (one line) [KEEL_STORE_AUTH_TOKEN_FILE]",
+    )
     return parse_server_args(parser, argv)
 
 
@@ -222,6 +245,8 @@ async def serve(config: StoreConfig) -> None:
     """Start the store, announce the address on stdout, serve until a signal, drain."""
     handle = await start_store(config)
     details = f"backend {config.backend}, durability {config.durability}, {transport_name(config.tls)}"
+    if config.auth_token:
+        details += ", bearer token required"
     await serve_announced("store-service", handle, config, handle.metrics, log, details)
 
 
@@ -240,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pg_schema=args.pg_schema,
             grace=flags.grace,
             tls=flags.tls,
+            auth_token=token_from_flags(args.auth_token, args.auth_token_file, flag="--auth-token"),
             metrics_listen=flags.metrics_listen,
             max_artifact_bytes=args.max_artifact_bytes,
         )

@@ -11,7 +11,8 @@ import pytest
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.errors import ErrorCategory, KeelError
-from keel_core.status import MAX_MESSAGE_CHARS, from_rpc_error, to_rpc_status, translated, translated_stream
+from keel_core.servicer_errors import translated, translated_stream
+from keel_core.status import MAX_MESSAGE_CHARS, from_rpc_error, to_rpc_status
 from store_service.server import StoreConfig, start_store
 
 Context = grpc.aio.ServicerContext[Any, Any]

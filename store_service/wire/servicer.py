@@ -1,7 +1,7 @@
 """StoreServicer: keel.store.v1.StoreService on top of a StoreBackend, translating and validating.
 
 The servicer owns no semantics: it checks inputs against `store_service.limits` and turns protobuf
-messages into backend records and back. Every handler carries one decorator from keel_core.status
+messages into backend records and back. Every handler carries one decorator from keel_core.servicer_errors
 (`translated`, or `translated_stream` for server streams) that turns what it raises into a gRPC
 status with ErrorInfo: a KeelError with its own code and reason, anything else as INTERNAL.
 """
@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.errors import invalid_argument, unavailable
-from keel_core.status import translated, translated_stream
+from keel_core.servicer_errors import translated, translated_stream
 from store_service import limits, metrics
 from store_service.backend import (
     Expected,

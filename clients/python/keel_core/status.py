@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -14,8 +11,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from keel_core.errors import ErrorCategory, KeelError
-
-log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "keel.dev"
 
@@ -75,62 +70,6 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: KeelErr
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-Context = grpc.aio.ServicerContext[Any, Any]
-S = TypeVar("S")
-R = TypeVar("R")
-
-
-async def fail_rpc(context: Context, handler_name: str, error: Exception) -> None:
-    """Fail the RPC for `error`: a KeelError with its own status, anything unexpected as INTERNAL.
-
-    An abort already under way (`grpc.aio.AbortError`) is re-raised as it is.
-    """
-    if isinstance(error, grpc.aio.AbortError):
-        raise error
-    if not isinstance(error, KeelError):
-        log.exception("%s failed", handler_name, exc_info=error)
-        error = KeelError("internal", f"{handler_name} failed: {type(error).__name__}: {error}")
-    await abort_with(context, error)
-
-
-def translated(
-    handler: Callable[[S, Any, Context], Awaitable[R]],
-) -> Callable[[S, Any, Context], Awaitable[R]]:
-    """Decorate a unary servicer method: errors it raises become gRPC statuses (see `fail_rpc`)."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: S, request: Any, context: Context) -> R:
-        try:
-            return await handler(self, request, context)
-        except Exception as error:
-            await fail_rpc(context, handler.__name__, error)
-            raise AssertionError("abort_with returned") from error  # pragma: no cover - abort raises
-
-    return wrapper
-
-
-def translated_stream(
-    handler: Callable[[S, Any, Context], AsyncIterator[R]],
-) -> Callable[[S, Any, Context], AsyncIterator[R]]:
-    """Decorate a server-streaming servicer method the same way, for errors before or between messages."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: S, request: Any, context: Context) -> AsyncIterator[R]:
-        messages = handler(self, request, context)
-        try:
-            async for message in messages:
-                yield message
-        except Exception as error:
-            await fail_rpc(context, handler.__name__, error)
-        finally:
-            # Close the handler now, not at garbage collection: its clean-up may hold resources.
-            aclose = getattr(messages, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    return wrapper
-
-
 def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> KeelError:
     """Rebuild a KeelError from a failed call: from its ErrorInfo when present, else from its code."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
@@ -150,13 +89,4 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> KeelError:
     return KeelError(code.name.lower(), message, category=category, retryable=retryable)
 
 
-__all__ = [
-    "ERROR_DOMAIN",
-    "abort_with",
-    "fail_rpc",
-    "from_rpc_error",
-    "grpc_code",
-    "to_rpc_status",
-    "translated",
-    "translated_stream",
-]
+__all__ = ["ERROR_DOMAIN", "abort_with", "from_rpc_error", "grpc_code", "to_rpc_status"]
