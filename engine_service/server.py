@@ -32,7 +32,6 @@ from engine_service.run_driver import RunEnvironment
 from engine_service.servicer import EngineServicer, register
 from engine_service.store_client import StoreClient
 from keel_core.errors import KeelError
-from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles, token_from_flags
 from keel_core.server_flags import (
@@ -40,10 +39,11 @@ from keel_core.server_flags import (
     ServerFlags,
     add_server_flags,
     parse_server_args,
+    run_server,
     serve_announced,
     transport_name,
 )
-from keel_core.serving import ServerInterceptor, ServingHandle, run_service, start_server
+from keel_core.serving import ServerInterceptor, ServingHandle, start_server
 
 log = logging.getLogger("engine_service")
 
@@ -316,31 +316,32 @@ async def serve(config: EngineConfig) -> None:
     await serve_announced("engine-service", handle, config, handle.metrics, log, details)
 
 
+def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
+    return EngineConfig(
+        listen=flags.listen,
+        store=args.store,
+        ops_modules=tuple(args.ops),
+        grace=flags.grace,
+        checkpoint_linger=args.checkpoint_linger,
+        tls=flags.tls,
+        store_tls=ClientTls.from_flags(
+            args.store_tls_ca, args.store_tls_cert, args.store_tls_key, prefix="--store-"
+        ),
+        auth_token=args.auth_token,
+        store_auth_token=token_from_flags(
+            args.store_auth_token, args.store_auth_token_file, flag="--store-auth-token"
+        ),
+        metrics_listen=flags.metrics_listen,
+        engine_id=args.engine_id,
+        lease_ttl=args.lease_ttl,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `engine-service` console script."""
     args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        flags = ServerFlags.from_args(args)
-        config = EngineConfig(
-            listen=flags.listen,
-            store=args.store,
-            ops_modules=tuple(args.ops),
-            grace=flags.grace,
-            checkpoint_linger=args.checkpoint_linger,
-            tls=flags.tls,
-            store_tls=ClientTls.from_flags(
-                args.store_tls_ca, args.store_tls_cert, args.store_tls_key, prefix="--store-"
-            ),
-            auth_token=args.auth_token,
-            store_auth_token=token_from_flags(
-                args.store_auth_token, args.store_auth_token_file, flag="--store-auth-token"
-            ),
-            metrics_listen=flags.metrics_listen,
-            engine_id=args.engine_id,
-            lease_ttl=args.lease_ttl,
-        )
-        run_service(serve(config), flags.event_loop)
+        run_server(args, _config, serve)
     except KeyboardInterrupt:
         pass
     except (ImportError, ValueError, OSError) as error:

@@ -2,9 +2,9 @@
 
 `add_server_flags` adds them to a service's parser, each defaulting to the service's own
 environment variable (`<PREFIX>_LISTEN`, `<PREFIX>_TLS_CERT`, ...); `ServerFlags.from_args`
-reads them back as what a server is built from; `serve_announced` serves a started server the
-way both services do: the address line on stdout (a contract that launchers parse), then until
-SIGTERM or SIGINT, then a drain.
+reads them back as what a server is built from, and `run_server` builds and runs it;
+`serve_announced` serves a started server the way both services do: the address line on stdout
+(a contract that launchers parse), then until SIGTERM or SIGINT, then a drain.
 """
 
 from __future__ import annotations
@@ -12,14 +12,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+from keel_core.logs import configure_logging
 from keel_core.security import TlsFiles
-from keel_core.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS, ServingHandle, host_port, serve_until_signalled
+from keel_core.serving import (
+    DEFAULT_EVENT_LOOP,
+    EVENT_LOOPS,
+    ServingHandle,
+    host_port,
+    run_service,
+    serve_until_signalled,
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,21 @@ class ServerFlags:
         )
 
 
+def run_server(
+    args: argparse.Namespace,
+    config_of: Callable[[argparse.Namespace, ServerFlags], C],
+    serve: Callable[[C], Coroutine[Any, Any, None]],
+) -> None:
+    """Build a server from parsed flags and run it: logs first, then its config, then `serve` on its loop.
+
+    Errors in the flags (an incomplete TLS pair, a missing token file) and in start-up propagate,
+    already with logging configured, for the service's `main` to report as it does.
+    """
+    configure_logging(args.log_level)
+    flags = ServerFlags.from_args(args)
+    run_service(serve(config_of(args, flags)), flags.event_loop)
+
+
 def transport_name(tls: TlsFiles | None) -> str:
     """How a server with `tls` is reached, for its start-up log line."""
     if tls is None:
@@ -193,6 +217,7 @@ __all__ = [
     "ServerFlags",
     "add_server_flags",
     "parse_server_args",
+    "run_server",
     "serve_announced",
     "transport_name",
 ]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel_core.errors import KeelError
-from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, TlsFiles, token_from_flags
 from keel_core.server_flags import (
@@ -23,10 +22,11 @@ from keel_core.server_flags import (
     ServerFlags,
     add_server_flags,
     parse_server_args,
+    run_server,
     serve_announced,
     transport_name,
 )
-from keel_core.serving import ServerInterceptor, ServingHandle, run_service, start_server
+from keel_core.serving import ServerInterceptor, ServingHandle, start_server
 from store_service.backend import StoreBackend
 from store_service.limits import DEFAULT_MAX_ARTIFACT_BYTES
 from store_service.sqlite import Durability, SqliteStoreBackend
@@ -166,18 +166,8 @@ _FLAG_NAMES = ServerFlagNames(
 )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; each defaults to its KEEL_STORE_* environment variable."""
-    parser = argparse.ArgumentParser(
-        prog="store-service",
-        description="Keel's StoreService: durable event streams and content-addressed artifacts over gRPC.\n"
-        "Every flag can also be set with the environment variable shown in brackets; a flag wins.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="On start it prints one line to stdout: 'store-service listening on HOST:PORT', then,\n"
-        "with --metrics-listen, 'store-service metrics on http://HOST:PORT/metrics'.\n"
-        "SIGTERM or SIGINT drains: health turns NOT_SERVING, in-flight calls finish, the database closes.",
-    )
-    add_server_flags(parser, _FLAG_NAMES)
+def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    """Where and how the store keeps its data."""
     storage = parser.add_argument_group("storage")
     storage.add_argument(
         "--data-dir",
@@ -222,6 +212,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "nothing of it is kept; 0 = no cap [KEEL_STORE_MAX_ARTIFACT_BYTES] "
         f"(default {DEFAULT_MAX_ARTIFACT_BYTES}, 1 GiB)",
     )
+
+
+def _add_access_flags(parser: argparse.ArgumentParser) -> None:
+    """Who may call the store (beyond TLS, which the common flags cover)."""
     access = parser.add_argument_group("access")
     access.add_argument(
         "--auth-token",
@@ -238,6 +232,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help="like --auth-token, the token read from this file (one line) [KEEL_STORE_AUTH_TOKEN_FILE]",
     )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; each defaults to its KEEL_STORE_* environment variable."""
+    parser = argparse.ArgumentParser(
+        prog="store-service",
+        description="Keel's StoreService: durable event streams and content-addressed artifacts over gRPC.\n"
+        "Every flag can also be set with the environment variable shown in brackets; a flag wins.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="On start it prints one line to stdout: 'store-service listening on HOST:PORT', then,\n"
+        "with --metrics-listen, 'store-service metrics on http://HOST:PORT/metrics'.\n"
+        "SIGTERM or SIGINT drains: health turns NOT_SERVING, in-flight calls finish, the database closes.",
+    )
+    add_server_flags(parser, _FLAG_NAMES)
+    _add_storage_flags(parser)
+    _add_access_flags(parser)
     return parse_server_args(parser, argv)
 
 
@@ -250,26 +260,27 @@ async def serve(config: StoreConfig) -> None:
     await serve_announced("store-service", handle, config, handle.metrics, log, details)
 
 
+def _config(args: argparse.Namespace, flags: ServerFlags) -> StoreConfig:
+    return StoreConfig(
+        listen=flags.listen,
+        data_dir=Path(args.data_dir),
+        durability=args.durability,
+        backend=args.backend,
+        dsn=args.dsn,
+        pg_schema=args.pg_schema,
+        grace=flags.grace,
+        tls=flags.tls,
+        auth_token=token_from_flags(args.auth_token, args.auth_token_file, flag="--auth-token"),
+        metrics_listen=flags.metrics_listen,
+        max_artifact_bytes=args.max_artifact_bytes,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `store-service` console script."""
     args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        flags = ServerFlags.from_args(args)
-        config = StoreConfig(
-            listen=flags.listen,
-            data_dir=Path(args.data_dir),
-            durability=args.durability,
-            backend=args.backend,
-            dsn=args.dsn,
-            pg_schema=args.pg_schema,
-            grace=flags.grace,
-            tls=flags.tls,
-            auth_token=token_from_flags(args.auth_token, args.auth_token_file, flag="--auth-token"),
-            metrics_listen=flags.metrics_listen,
-            max_artifact_bytes=args.max_artifact_bytes,
-        )
-        run_service(serve(config), flags.event_loop)
+        run_server(args, _config, serve)
     except (OSError, ValueError, RuntimeError, KeelError) as exc:
         # RuntimeError: grpc's "Failed to bind"; KeelError: e.g. store_unavailable from the database.
         log.error("store-service could not start: %s", exc)
