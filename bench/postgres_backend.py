@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-import store_service.postgres as postgres
+import store_service.postgres.backend as postgres
 from store_service.backend import Expected, NewEvent
 from store_service.postgres import PostgresStoreBackend
 

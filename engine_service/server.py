@@ -32,19 +32,18 @@ from engine_service.runtime.kernel import DEFAULT_LEASE_TTL, Engine, build_prove
 from engine_service.store.grpc_client import StoreClient
 from engine_service.wire.servicer import EngineServicer, register
 from keel_core.errors import KeelError
-from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles, token_from_flags
-from keel_core.serving import (
-    DEFAULT_EVENT_LOOP,
-    EVENT_LOOPS,
-    ServerInterceptor,
-    ServingHandle,
-    host_port,
-    run_service,
-    serve_until_signalled,
-    start_server,
+from keel_core.server_flags import (
+    ServerFlagNames,
+    ServerFlags,
+    add_server_flags,
+    parse_server_args,
+    run_server,
+    serve_announced,
+    transport_name,
 )
+from keel_core.serving import ServerInterceptor, ServingHandle, start_server
 
 log = logging.getLogger("engine_service")
 
@@ -204,6 +203,14 @@ def _log_scanning(task: asyncio.Task[None]) -> None:
         log.error("scanning for runs stopped: %r", task.exception())
 
 
+_FLAG_NAMES = ServerFlagNames(
+    env_prefix="KEEL_ENGINE",
+    default_listen=DEFAULT_LISTEN,
+    client_ca_help="mutual TLS: clients must present a certificate signed by this CA",
+    log_help="log level; JSON lines on stderr carrying run_id, step_id and attempt",
+)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; each defaults to its KEEL_ENGINE_* environment variable."""
     env = os.environ.get
@@ -215,11 +222,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "with --metrics-listen, 'engine-service metrics on http://HOST:PORT/metrics'). "
         "Failpoints for crash tests: KEEL_FAILPOINTS=name[:step],... (see engine_service.failpoints).",
     )
-    parser.add_argument(
-        "--listen",
-        default=env("KEEL_ENGINE_LISTEN", DEFAULT_LISTEN),
-        help=f"HOST:PORT to serve on; port 0 picks one [KEEL_ENGINE_LISTEN] (default {DEFAULT_LISTEN})",
-    )
+    add_server_flags(parser, _FLAG_NAMES)
     parser.add_argument(
         "--store",
         default=env("KEEL_ENGINE_STORE", DEFAULT_STORE),
@@ -232,12 +235,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[m for m in env("KEEL_ENGINE_OPS", "").replace(",", " ").split() if m],
         metavar="MODULE",
         help="op modules to load: dotted names or paths to .py files [KEEL_ENGINE_OPS, comma-separated]",
-    )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=float(env("KEEL_ENGINE_GRACE", "10")),
-        help="seconds a drain lets in-flight calls finish [KEEL_ENGINE_GRACE] (default 10)",
     )
     parser.add_argument(
         "--checkpoint-linger",
@@ -263,25 +260,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "older than ttl/3, whatever their number): a dead engine's runs are "
         "taken over by another within about 1.4 x this; a drained engine hands its runs over at "
         "once [KEEL_ENGINE_LEASE_TTL] (default 10)",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        default=env("KEEL_ENGINE_TLS_CERT"),
-        metavar="PEM",
-        help="serve TLS with this certificate chain (needs --tls-key) [KEEL_ENGINE_TLS_CERT] "
-        "(default: plaintext)",
-    )
-    parser.add_argument(
-        "--tls-key",
-        default=env("KEEL_ENGINE_TLS_KEY"),
-        metavar="PEM",
-        help="key of --tls-cert [KEEL_ENGINE_TLS_KEY]",
-    )
-    parser.add_argument(
-        "--tls-client-ca",
-        default=env("KEEL_ENGINE_TLS_CLIENT_CA"),
-        metavar="PEM",
-        help="mutual TLS: clients must present a certificate signed by this CA [KEEL_ENGINE_TLS_CLIENT_CA]",
     )
     parser.add_argument(
         "--auth-token",
@@ -326,83 +304,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="like --store-auth-token, the token read from this file (one line) "
         "[KEEL_ENGINE_STORE_AUTH_TOKEN_FILE]",
     )
-    parser.add_argument(
-        "--metrics-listen",
-        default=env("KEEL_ENGINE_METRICS_LISTEN") or None,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks one "
-        "[KEEL_ENGINE_METRICS_LISTEN] (default: off)",
-    )
-    parser.add_argument(
-        "--event-loop",
-        choices=EVENT_LOOPS,
-        default=env("KEEL_ENGINE_EVENT_LOOP") or env("KEEL_EVENT_LOOP") or DEFAULT_EVENT_LOOP,
-        help="asyncio event loop to serve on: asyncio, uvloop (needs the uvloop package), or auto "
-        "(uvloop when installed) [KEEL_ENGINE_EVENT_LOOP, else KEEL_EVENT_LOOP] "
-        f"(default {DEFAULT_EVENT_LOOP})",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        default=env("KEEL_ENGINE_LOG_LEVEL", "info"),
-        help="log level; JSON lines on stderr carrying run_id, step_id and attempt "
-        "[KEEL_ENGINE_LOG_LEVEL] (default info)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_server_args(parser, argv)
     if not args.lease_ttl > 0:
         parser.error(f"argument --lease-ttl: must be a positive number of seconds, not {args.lease_ttl}")
-    if args.log_level not in ("debug", "info", "warning", "error"):
-        parser.error(f"argument --log-level: invalid choice {args.log_level!r} (from the environment)")
-    if args.event_loop not in EVENT_LOOPS:
-        parser.error(f"argument --event-loop: invalid choice {args.event_loop!r} (from the environment)")
     return args
 
 
 async def serve(config: EngineConfig) -> None:
     """Start, announce the address on stdout, serve until a signal, drain."""
     handle = await start_engine(config)
-    host, _ = host_port(config.listen)
-    address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
-    print(f"engine-service listening on {address}", flush=True)
-    if handle.metrics is not None:
-        print(f"engine-service metrics on {handle.metrics.url}", flush=True)
-    log.info(
-        "serving on %s (%s%s; store %s over %s%s)",
-        address,
-        "mutual TLS" if config.tls and config.tls.client_ca else "TLS" if config.tls else "plaintext",
-        ", bearer token required" if config.auth_token else "",
-        config.store,
-        "TLS" if config.store_tls else "plaintext",
-        " with a bearer token" if config.store_auth_token else "",
+    details = (
+        f"{transport_name(config.tls)}{', bearer token required' if config.auth_token else ''}; "
+        f"store {config.store} over {'TLS' if config.store_tls else 'plaintext'}"
+        f"{' with a bearer token' if config.store_auth_token else ''}"
     )
-    await serve_until_signalled(handle, config.grace)
-    log.info("stopped")
+    await serve_announced("engine-service", handle, config, handle.metrics, log, details)
+
+
+def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
+    return EngineConfig(
+        listen=flags.listen,
+        store=args.store,
+        ops_modules=tuple(args.ops),
+        grace=flags.grace,
+        checkpoint_linger=args.checkpoint_linger,
+        tls=flags.tls,
+        store_tls=ClientTls.from_flags(
+            args.store_tls_ca, args.store_tls_cert, args.store_tls_key, prefix="--store-"
+        ),
+        auth_token=args.auth_token,
+        store_auth_token=token_from_flags(
+            args.store_auth_token, args.store_auth_token_file, flag="--store-auth-token"
+        ),
+        metrics_listen=flags.metrics_listen,
+        engine_id=args.engine_id,
+        lease_ttl=args.lease_ttl,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `engine-service` console script."""
     args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        config = EngineConfig(
-            listen=args.listen,
-            store=args.store,
-            ops_modules=tuple(args.ops),
-            grace=args.grace,
-            checkpoint_linger=args.checkpoint_linger,
-            tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
-            store_tls=ClientTls.from_flags(
-                args.store_tls_ca, args.store_tls_cert, args.store_tls_key, prefix="--store-"
-            ),
-            auth_token=args.auth_token,
-            store_auth_token=token_from_flags(
-                args.store_auth_token, args.store_auth_token_file, flag="--store-auth-token"
-            ),
-            metrics_listen=args.metrics_listen,
-            engine_id=args.engine_id,
-            lease_ttl=args.lease_ttl,
-        )
-        run_service(serve(config), args.event_loop)
+        run_server(args, _config, serve)
     except KeyboardInterrupt:
         pass
     except (ImportError, ValueError, OSError) as error:

@@ -9,8 +9,9 @@ told apart by the `service` label.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,36 +121,34 @@ class MetricsInterceptor(ServerInterceptor):
         )
 
 
+@contextlib.contextmanager
+def _timed(service: str, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+    """Count the call as started, then its duration and status code when the block ends."""
+    RPC_STARTED.labels(service, method).inc()
+    started = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as caught:
+        error = caught
+        raise
+    finally:
+        RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+        RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
+
+
 def _timed_unary(behavior: Any, service: str, method: str) -> Callable[[Any, Any], Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        RPC_STARTED.labels(service, method).inc()
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
+        with _timed(service, method, context):
             return await behavior(request, context)
-        except BaseException as caught:
-            error = caught
-            raise
-        finally:
-            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
-            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
 
     return wrapper
 
 
 def _timed_stream(behavior: Any, service: str, method: str) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        RPC_STARTED.labels(service, method).inc()
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
+        with _timed(service, method, context):
             async for item in behavior(request, context):
                 yield item
-        except BaseException as caught:
-            error = caught
-            raise
-        finally:
-            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
-            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
 
     return wrapper

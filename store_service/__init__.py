@@ -1,8 +1,10 @@
 """Keel's StoreService: durable event streams and content-addressed artifacts over gRPC.
 
-The public surface: the backend contract and its records (`store_service.backend`), the SQLite
-backend, and the server API (`StoreConfig`, `start_store`, `StoreServicer`). The server names are
-loaded on first use so that importing the contract does not import grpc.
+The public surface: the backend contract and its records (`store_service.backend`), the SQLite and
+PostgreSQL backends (both on the shared SQL flow of `store_service.sql_backend`), and the server
+API (`StoreConfig`, `start_store`, `StoreServicer` from `store_service.wire`). The server names and
+the PostgreSQL backend are loaded on first use, so that importing the contract imports neither
+grpc nor asyncpg.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ from store_service.backend import (
 from store_service.sqlite import SqliteStoreBackend
 
 if TYPE_CHECKING:
+    from store_service.postgres import PostgresStoreBackend
     from store_service.server import StoreConfig, StoreServingHandle, start_store
-    from store_service.servicer import StoreServicer
+    from store_service.wire import StoreServicer
 
 _LAZY = {
+    "PostgresStoreBackend": "store_service.postgres",
     "StoreConfig": "store_service.server",
     "StoreServingHandle": "store_service.server",
     "start_store": "store_service.server",
-    "StoreServicer": "store_service.servicer",
+    "StoreServicer": "store_service.wire",
 }
 
 
@@ -58,6 +62,7 @@ __all__ = [
     "ExpectedKind",
     "NewArtifact",
     "NewEvent",
+    "PostgresStoreBackend",
     "SqliteStoreBackend",
     "StoreBackend",
     "StoreConfig",

@@ -1,8 +1,9 @@
 """The storage contract every StoreService backend implements, its records, and its errors.
 
 This module is backend-neutral and wire-neutral: it imports neither grpc, protobuf, nor a database
-driver. SQLite (`store_service.sqlite`) implements it today; PostgreSQL implements it later, and both
-must pass the one abstract suite in `tests/store/backend_suite.py`.
+driver. SQLite (`store_service.sqlite`) and PostgreSQL (`store_service.postgres`) implement it, both
+on the shared SQL flow of `store_service.sql_backend`, and both must pass the one abstract suite in
+`tests/store/backend_suite.py`. Artifact ids are content ids (`keel_core.content`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import abc
 import base64
 import binascii
 import enum
-import hashlib
-import re
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 
+from keel_core.content import CONTENT_ID_PATTERN
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found
 
-ARTIFACT_ID_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
+ARTIFACT_ID_PATTERN = CONTENT_ID_PATTERN
 # Artifacts are stored and served in chunks of this size (one gRPC message each on the way out).
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
 
@@ -123,11 +123,6 @@ class EventPage:
     events: tuple[StoredEvent, ...]
     next_seq: int
     head_seq: int
-
-
-def artifact_id_of(data: bytes) -> str:
-    """The content address of `data`: `sha256:<hex>`."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # ListStreams pages walk a backend's creation order downwards from here (the first page).

@@ -15,23 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel_core.errors import KeelError
-from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, TlsFiles, token_from_flags
-from keel_core.serving import (
-    DEFAULT_EVENT_LOOP,
-    EVENT_LOOPS,
-    ServerInterceptor,
-    ServingHandle,
-    host_port,
-    run_service,
-    serve_until_signalled,
-    start_server,
+from keel_core.server_flags import (
+    ServerFlagNames,
+    ServerFlags,
+    add_server_flags,
+    parse_server_args,
+    run_server,
+    serve_announced,
+    transport_name,
 )
+from keel_core.serving import ServerInterceptor, ServingHandle, start_server
 from store_service.backend import StoreBackend
 from store_service.limits import DEFAULT_MAX_ARTIFACT_BYTES
-from store_service.servicer import StoreServicer, register
 from store_service.sqlite import Durability, SqliteStoreBackend
+from store_service.wire import StoreServicer, register
 
 log = logging.getLogger("store_service")
 
@@ -159,6 +158,82 @@ def _byte_count(text: str) -> int:
     return value
 
 
+_FLAG_NAMES = ServerFlagNames(
+    env_prefix="KEEL_STORE",
+    default_listen=DEFAULT_LISTEN,
+    client_ca_help="mutual TLS: refuse every client that does not present a certificate signed by this "
+    "CA, so only engines holding one reach the store",
+)
+
+
+def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    """Where and how the store keeps its data."""
+    storage = parser.add_argument_group("storage")
+    storage.add_argument(
+        "--data-dir",
+        default=_env("KEEL_STORE_DATA_DIR", DEFAULT_DATA_DIR),
+        help="directory holding the SQLite file keel-store.sqlite3, created if missing "
+        f"[KEEL_STORE_DATA_DIR] (default ./{DEFAULT_DATA_DIR})",
+    )
+    storage.add_argument(
+        "--durability",
+        choices=["full", "normal"],
+        default=_env("KEEL_STORE_DURABILITY", "full"),
+        help="full: every commit is fsynced, so an acknowledged write survives kill -9, an OS crash "
+        "and power loss. normal: commits are not fsynced (SQLite synchronous=NORMAL; PostgreSQL "
+        "synchronous_commit=off); acknowledged writes survive kill -9 of the store but the last ones "
+        "may be lost on power loss or an OS crash; faster where fsync is slow "
+        "[KEEL_STORE_DURABILITY] (default full)",
+    )
+    storage.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default=_env("KEEL_STORE_BACKEND", "sqlite"),
+        help="storage backend [KEEL_STORE_BACKEND] (default sqlite)",
+    )
+    storage.add_argument(
+        "--dsn",
+        default=os.environ.get("KEEL_STORE_DSN"),
+        help="connection string for --backend postgres, e.g. postgresql://postgres@127.0.0.1:5432/keel; "
+        "the schema is created and migrated on start-up, safely with several replicas [KEEL_STORE_DSN]",
+    )
+    storage.add_argument(
+        "--pg-schema",
+        default=_env("KEEL_STORE_PG_SCHEMA", "keel"),
+        help="PostgreSQL schema for Keel's tables [KEEL_STORE_PG_SCHEMA] (default keel)",
+    )
+    storage.add_argument(
+        "--max-artifact-bytes",
+        type=_byte_count,
+        default=_env("KEEL_STORE_MAX_ARTIFACT_BYTES", str(DEFAULT_MAX_ARTIFACT_BYTES)),
+        metavar="N",
+        help="largest artifact the store accepts, by PutArtifact or inline in an append; a bigger one "
+        "is refused with RESOURCE_EXHAUSTED (artifact_too_large) as soon as its bytes pass N, and "
+        "nothing of it is kept; 0 = no cap [KEEL_STORE_MAX_ARTIFACT_BYTES] "
+        f"(default {DEFAULT_MAX_ARTIFACT_BYTES}, 1 GiB)",
+    )
+
+
+def _add_access_flags(parser: argparse.ArgumentParser) -> None:
+    """Who may call the store (beyond TLS, which the common flags cover)."""
+    access = parser.add_argument_group("access")
+    access.add_argument(
+        "--auth-token",
+        default=os.environ.get("KEEL_STORE_AUTH_TOKEN") or None,
+        metavar="TOKEN",
+        help="require 'authorization: Bearer TOKEN' on every StoreService call (health checks and "
+        "reflection excepted), so only engines given the token (engine-service --store-auth-token) "
+        "read or write streams; prefer the environment variable or --auth-token-file, command lines "
+        "are visible to other users [KEEL_STORE_AUTH_TOKEN] (default: no token)",
+    )
+    access.add_argument(
+        "--auth-token-file",
+        default=os.environ.get("KEEL_STORE_AUTH_TOKEN_FILE") or None,
+        metavar="PATH",
+        help="like --auth-token, the token read from this file (one line) [KEEL_STORE_AUTH_TOKEN_FILE]",
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; each defaults to its KEEL_STORE_* environment variable."""
     parser = argparse.ArgumentParser(
@@ -170,173 +245,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "with --metrics-listen, 'store-service metrics on http://HOST:PORT/metrics'.\n"
         "SIGTERM or SIGINT drains: health turns NOT_SERVING, in-flight calls finish, the database closes.",
     )
-    parser.add_argument(
-        "--listen",
-        default=_env("KEEL_STORE_LISTEN", DEFAULT_LISTEN),
-        help=f"HOST:PORT to serve on; port 0 picks a free one [KEEL_STORE_LISTEN] (default {DEFAULT_LISTEN})",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=_env("KEEL_STORE_DATA_DIR", DEFAULT_DATA_DIR),
-        help="directory holding the SQLite file keel-store.sqlite3, created if missing "
-        f"[KEEL_STORE_DATA_DIR] (default ./{DEFAULT_DATA_DIR})",
-    )
-    parser.add_argument(
-        "--durability",
-        choices=["full", "normal"],
-        default=_env("KEEL_STORE_DURABILITY", "full"),
-        help="full: every commit is fsynced, so an acknowledged write survives kill -9, an OS crash "
-        "and power loss. normal: commits are not fsynced (SQLite synchronous=NORMAL; PostgreSQL "
-        "synchronous_commit=off); acknowledged writes survive kill -9 of the store but the last ones "
-        "may be lost on power loss or an OS crash; faster where fsync is slow "
-        "[KEEL_STORE_DURABILITY] (default full)",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=sorted(BACKENDS),
-        default=_env("KEEL_STORE_BACKEND", "sqlite"),
-        help="storage backend [KEEL_STORE_BACKEND] (default sqlite)",
-    )
-    parser.add_argument(
-        "--dsn",
-        default=os.environ.get("KEEL_STORE_DSN"),
-        help="connection string for --backend postgres, e.g. postgresql://postgres@127.0.0.1:5432/keel; "
-        "the schema is created and migrated on start-up, safely with several replicas [KEEL_STORE_DSN]",
-    )
-    parser.add_argument(
-        "--pg-schema",
-        default=_env("KEEL_STORE_PG_SCHEMA", "keel"),
-        help="PostgreSQL schema for Keel's tables [KEEL_STORE_PG_SCHEMA] (default keel)",
-    )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=_env("KEEL_STORE_GRACE", "10"),
-        help="seconds a drain lets in-flight calls finish [KEEL_STORE_GRACE] (default 10)",
-    )
-    parser.add_argument(
-        "--max-artifact-bytes",
-        type=_byte_count,
-        default=_env("KEEL_STORE_MAX_ARTIFACT_BYTES", str(DEFAULT_MAX_ARTIFACT_BYTES)),
-        metavar="N",
-        help="largest artifact the store accepts, by PutArtifact or inline in an append; a bigger one "
-        "is refused with RESOURCE_EXHAUSTED (artifact_too_large) as soon as its bytes pass N, and "
-        "nothing of it is kept; 0 = no cap [KEEL_STORE_MAX_ARTIFACT_BYTES] "
-        f"(default {DEFAULT_MAX_ARTIFACT_BYTES}, 1 GiB)",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        default=os.environ.get("KEEL_STORE_TLS_CERT"),
-        metavar="PEM",
-        help="serve TLS with this certificate chain (needs --tls-key) [KEEL_STORE_TLS_CERT] "
-        "(default: plaintext)",
-    )
-    parser.add_argument(
-        "--tls-key",
-        default=os.environ.get("KEEL_STORE_TLS_KEY"),
-        metavar="PEM",
-        help="private key of --tls-cert [KEEL_STORE_TLS_KEY]",
-    )
-    parser.add_argument(
-        "--tls-client-ca",
-        default=os.environ.get("KEEL_STORE_TLS_CLIENT_CA"),
-        metavar="PEM",
-        help="mutual TLS: refuse every client that does not present a certificate signed by this CA, "
-        "so only engines holding one reach the store [KEEL_STORE_TLS_CLIENT_CA]",
-    )
-    parser.add_argument(
-        "--auth-token",
-        default=os.environ.get("KEEL_STORE_AUTH_TOKEN") or None,
-        metavar="TOKEN",
-        help="require 'authorization: Bearer TOKEN' on every StoreService call (health checks and "
-        "reflection excepted), so only engines given the token (engine-service --store-auth-token) "
-        "read or write streams; prefer the environment variable or --auth-token-file, command lines "
-        "are visible to other users [KEEL_STORE_AUTH_TOKEN] (default: no token)",
-    )
-    parser.add_argument(
-        "--auth-token-file",
-        default=os.environ.get("KEEL_STORE_AUTH_TOKEN_FILE") or None,
-        metavar="PATH",
-        help="like --auth-token, the token read from this file (one line) [KEEL_STORE_AUTH_TOKEN_FILE]",
-    )
-    parser.add_argument(
-        "--metrics-listen",
-        default=os.environ.get("KEEL_STORE_METRICS_LISTEN") or None,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks one "
-        "[KEEL_STORE_METRICS_LISTEN] (default: off)",
-    )
-    parser.add_argument(
-        "--event-loop",
-        choices=EVENT_LOOPS,
-        default=os.environ.get("KEEL_STORE_EVENT_LOOP") or _env("KEEL_EVENT_LOOP", DEFAULT_EVENT_LOOP),
-        help="asyncio event loop to serve on: asyncio, uvloop (needs the uvloop package), or auto "
-        "(uvloop when installed) [KEEL_STORE_EVENT_LOOP, else KEEL_EVENT_LOOP] "
-        f"(default {DEFAULT_EVENT_LOOP})",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        default=_env("KEEL_STORE_LOG_LEVEL", "info"),
-        help="log level; logs are JSON lines on stderr [KEEL_STORE_LOG_LEVEL] (default info)",
-    )
-    args = parser.parse_args(argv)
-    # argparse checks `choices` on the command line only; values from the environment get the
-    # same check here, so a typo in KEEL_STORE_* fails loudly instead of picking something else.
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if action.choices is not None and value not in action.choices:
-            parser.error(
-                f"argument {action.option_strings[0]}: invalid choice {value!r} (from the environment)"
-            )
-    return args
+    add_server_flags(parser, _FLAG_NAMES)
+    _add_storage_flags(parser)
+    _add_access_flags(parser)
+    return parse_server_args(parser, argv)
 
 
 async def serve(config: StoreConfig) -> None:
     """Start the store, announce the address on stdout, serve until a signal, drain."""
     handle = await start_store(config)
-    host, _ = host_port(config.listen)
-    address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
-    print(f"store-service listening on {address}", flush=True)
-    if handle.metrics is not None:
-        print(f"store-service metrics on {handle.metrics.url}", flush=True)
-    log.info(
-        "serving on %s (backend %s, durability %s, %s%s)",
-        address,
-        config.backend,
-        config.durability,
-        _transport(config.tls),
-        ", bearer token required" if config.auth_token else "",
+    details = f"backend {config.backend}, durability {config.durability}, {transport_name(config.tls)}"
+    if config.auth_token:
+        details += ", bearer token required"
+    await serve_announced("store-service", handle, config, handle.metrics, log, details)
+
+
+def _config(args: argparse.Namespace, flags: ServerFlags) -> StoreConfig:
+    return StoreConfig(
+        listen=flags.listen,
+        data_dir=Path(args.data_dir),
+        durability=args.durability,
+        backend=args.backend,
+        dsn=args.dsn,
+        pg_schema=args.pg_schema,
+        grace=flags.grace,
+        tls=flags.tls,
+        auth_token=token_from_flags(args.auth_token, args.auth_token_file, flag="--auth-token"),
+        metrics_listen=flags.metrics_listen,
+        max_artifact_bytes=args.max_artifact_bytes,
     )
-    await serve_until_signalled(handle, config.grace)
-    log.info("stopped")
-
-
-def _transport(tls: TlsFiles | None) -> str:
-    if tls is None:
-        return "plaintext"
-    return "mutual TLS" if tls.client_ca else "TLS"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `store-service` console script."""
     args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        config = StoreConfig(
-            listen=args.listen,
-            data_dir=Path(args.data_dir),
-            durability=args.durability,
-            backend=args.backend,
-            dsn=args.dsn,
-            pg_schema=args.pg_schema,
-            grace=args.grace,
-            tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
-            auth_token=token_from_flags(args.auth_token, args.auth_token_file, flag="--auth-token"),
-            metrics_listen=args.metrics_listen,
-            max_artifact_bytes=args.max_artifact_bytes,
-        )
-        run_service(serve(config), args.event_loop)
+        run_server(args, _config, serve)
     except (OSError, ValueError, RuntimeError, KeelError) as exc:
         # RuntimeError: grpc's "Failed to bind"; KeelError: e.g. store_unavailable from the database.
         log.error("store-service could not start: %s", exc)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
+from keel_core.content import content_id
 from keel_core.errors import invalid_argument
 
 
@@ -18,9 +18,8 @@ def canonical_json_bytes(data: Any) -> bytes:
     return text.encode("utf-8")
 
 
-def artifact_id_for_bytes(data: bytes) -> str:
-    """The content id the store gives these bytes: `sha256:<hex>`."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+# The content id the store gives these bytes (`sha256:<hex>`), defined once in keel_core.content.
+artifact_id_for_bytes = content_id
 
 
 def parse_json_bytes(data: bytes) -> Any:

@@ -7,5 +7,5 @@
 - `leases`, `holders`, `heartbeat`: which engine drives which run, and its liveness record;
 - `recovery`: the scan that takes over runs nobody drives;
 - `views`: runs as GetRun, ListRuns and WatchRun show them;
-- `registry`, `reader`, `clock`: what those parts share.
+- `registry`, `reader`: what those parts share.
 """

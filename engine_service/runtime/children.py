@@ -53,11 +53,11 @@ from engine_service.domain.facts import check_fact_key
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.streams import children_stream_id, run_status_of_label, run_stream_id
 from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED, Failpoints
-from engine_service.runtime.clock import now_us
 from engine_service.runtime.reader import RunReader
 from engine_service.runtime.registry import RunRegistry
 from engine_service.runtime.terminalize import Terminalizer
 from engine_service.store.port import EventLog
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, not_found
 
 log = logging.getLogger(__name__)

@@ -85,9 +85,9 @@ from engine_service.failpoints import (
     BEFORE_RUN_COMPLETED,
     Failpoints,
 )
-from engine_service.runtime.clock import now_us
 from engine_service.runtime.leases import Lease
 from engine_service.store.port import FOREVER, EventLog
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.logs import bind_log_fields
 

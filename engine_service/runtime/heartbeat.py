@@ -62,8 +62,8 @@ from engine_service.domain.streams import (
     ENGINE_STOPPED_LABEL,
     engine_stream_id,
 )
-from engine_service.runtime.clock import now_us
 from engine_service.store.port import EventLog
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from engine_service.domain.streams import (
     lease_stream_id,
     run_id_of_lease_stream,
 )
-from engine_service.runtime.clock import now_us
 from engine_service.runtime.heartbeat import fence, read_engine_record
 from engine_service.store.port import EventLog
+from keel_core.clock import now_us
 
 
 class LeaseHolders:

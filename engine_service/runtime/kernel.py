@@ -49,7 +49,6 @@ from engine_service.domain.manifest import RunStart, run_start
 from engine_service.domain.streams import RUN_COMPLETED, run_status_of_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
-from engine_service.runtime.clock import now_us
 from engine_service.runtime.driver import RunDriver, RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.reader import RunReader
@@ -57,6 +56,7 @@ from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
 from engine_service.runtime.terminalize import Terminalizer, TerminalizeResult
 from engine_service.runtime.views import RunViews
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, not_found
 
 log = logging.getLogger(__name__)

@@ -85,10 +85,10 @@ from engine_service.domain.streams import (
     LEASE_RELEASED_LABEL,
     lease_stream_id,
 )
-from engine_service.runtime.clock import now_us
 from engine_service.runtime.heartbeat import Heartbeat, engine_fenced
 from engine_service.runtime.holders import LeaseHolders
 from engine_service.store.port import EventLog
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from engine_service.domain.canonical import canonical_json_bytes
 from engine_service.domain.child_runs import ChildLink
 from engine_service.domain.manifest import run_start
 from engine_service.domain.streams import FAILURE_LEDGER_ENTRY, ledger_stream_id, run_label, run_stream_id
-from engine_service.runtime.clock import now_us
 from engine_service.runtime.reader import RUN_LEDGER_SUBJECT, RunReader
 from engine_service.runtime.registry import RunRegistry
 from engine_service.store.port import EventLog
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,8 @@ status with google.rpc.ErrorInfo (reason = error code).
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -20,6 +19,7 @@ from engine_service.runtime.kernel import Engine
 from engine_service.wire import messages
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import to_value
+from keel_core.servicer_errors import translated
 from keel_core.status import abort_with
 
 log = logging.getLogger(__name__)
@@ -33,28 +33,6 @@ MAX_PAGE_SIZE = 1000
 async def _fail(context: Context, error: KeelError) -> NoReturn:
     await abort_with(context, error)
     raise AssertionError("abort_with returned")  # pragma: no cover - abort always raises
-
-
-def _translated(
-    handler: Callable[[EngineServicer, Any, Context], Awaitable[R]],
-) -> Callable[[EngineServicer, Any, Context], Awaitable[R]]:
-    """KeelError -> its status; anything unexpected -> INTERNAL with the exception named."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: EngineServicer, request: Any, context: Context) -> R:
-        try:
-            return await handler(self, request, context)
-        except KeelError as error:
-            await _fail(context, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            log.exception("%s failed", handler.__name__)
-            await _fail(
-                context, KeelError("internal", f"{handler.__name__} failed: {type(error).__name__}: {error}")
-            )
-
-    return wrapper
 
 
 def _remaining(context: Context) -> float | None:
@@ -71,7 +49,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     async def _run(self, run_id: str) -> engine_pb2.Run:
         return messages.run_message(await self.engine.views.run_view(run_id))
 
-    @_translated
+    @translated
     async def StartRun(
         self, request: engine_pb2.StartRunRequest, context: Context
     ) -> engine_pb2.StartRunResponse:
@@ -88,7 +66,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             run=await self._run(outcome.run_id),
         )
 
-    @_translated
+    @translated
     async def ResumeRun(
         self, request: engine_pb2.ResumeRunRequest, context: Context
     ) -> engine_pb2.ResumeRunResponse:
@@ -97,12 +75,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         resumed = await self.engine.resume_run(run_id)
         return engine_pb2.ResumeRunResponse(run=await self._run(run_id), resumed=resumed)
 
-    @_translated
+    @translated
     async def GetRun(self, request: engine_pb2.GetRunRequest, context: Context) -> engine_pb2.GetRunResponse:
         """The run as it stands."""
         return engine_pb2.GetRunResponse(run=await self._run(parse_run_id(request.run_id)))
 
-    @_translated
+    @translated
     async def ListRuns(
         self, request: engine_pb2.ListRunsRequest, context: Context
     ) -> engine_pb2.ListRunsResponse:
@@ -122,7 +100,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             runs=[messages.run_summary(r) for r in runs], next_page_token=token
         )
 
-    @_translated
+    @translated
     async def AwaitRun(
         self, request: engine_pb2.AwaitRunRequest, context: Context
     ) -> engine_pb2.AwaitRunResponse:
@@ -156,7 +134,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         finally:
             await events.aclose()
 
-    @_translated
+    @translated
     async def ListOps(
         self, request: engine_pb2.ListOpsRequest, context: Context
     ) -> engine_pb2.ListOpsResponse:
@@ -168,7 +146,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             ]
         )
 
-    @_translated
+    @translated
     async def SpawnChild(
         self, request: engine_pb2.SpawnChildRequest, context: Context
     ) -> engine_pb2.SpawnChildResponse:
@@ -180,7 +158,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             child_manifest_id=spawned.child_manifest_id,
         )
 
-    @_translated
+    @translated
     async def AwaitChild(
         self, request: engine_pb2.AwaitChildRequest, context: Context
     ) -> engine_pb2.AwaitChildResponse:
@@ -195,7 +173,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             response.final_snapshot.CopyFrom(to_value(outcome.final_snapshot))
         return response
 
-    @_translated
+    @translated
     async def Terminalize(
         self, request: engine_pb2.TerminalizeRequest, context: Context
     ) -> engine_pb2.TerminalizeResponse:

@@ -33,8 +33,8 @@ from keel_core.errors import ErrorCategory, KeelError
 from keel_core.json_values import to_value
 from keel_core.serving import ServingHandle, start_server
 from store_service.backend import AppendResult, Expected, NewArtifact, NewEvent, StreamStatus
-from store_service.servicer import StoreServicer, register
 from store_service.sqlite import SqliteStoreBackend
+from store_service.wire import StoreServicer, register
 from tests.engine.conftest import Cluster, gate, start_test_engine
 from tests.engine.test_engine_rpcs import expect_error
 

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -622,3 +622,30 @@ class StoreBackendSuite(abc.ABC):
                 "run", Expected.no_stream(), events("b"), artifacts=[NewArtifact("snapshot", b"lost")]
             )
         assert await backend.has_artifact(sha(b"lost")) is None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def test_a_closed_backend_refuses_every_call_as_store_unavailable(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        backend = self.create_backend(request)
+        await backend.open()
+        await backend.append("s", Expected.no_stream(), events("a"))
+        await backend.close()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: backend.append("s", Expected.any(), events("b")),
+            lambda: backend.read("s", 1, 10),
+            lambda: backend.head("s"),
+            lambda: backend.trim("s", 1),
+            lambda: backend.list_streams(),
+            lambda: backend.has_artifact(sha(b"x")),
+            lambda: backend.put_artifact("blob", chunks_of(b"x", 1)),
+        ]
+        for call in calls:
+            with pytest.raises(KeelError) as caught:
+                await call()
+            assert (caught.value.code, caught.value.category) == (
+                "store_unavailable",
+                ErrorCategory.UNAVAILABLE,
+            )
+            assert caught.value.retryable

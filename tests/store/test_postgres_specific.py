@@ -24,12 +24,12 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.serving import start_server
-from store_service import postgres_listener
 from store_service.backend import Expected, StoredEvent, StreamStatus
 from store_service.postgres import PostgresStoreBackend
-from store_service.postgres_listener import PostgresListener
-from store_service.postgres_schema import MIGRATIONS, migration_lock_key
-from store_service.servicer import StoreServicer, register
+from store_service.postgres import listener as postgres_listener
+from store_service.postgres.listener import PostgresListener
+from store_service.postgres.schema import MIGRATIONS, migration_lock_key
+from store_service.wire import StoreServicer, register
 from tests.store.backend_suite import chunks_of, events, read_all
 from tests.store.conftest import error_info
 from tests.store.postgres_schemas import fresh_schema

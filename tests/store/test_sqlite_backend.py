@@ -147,7 +147,7 @@ async def test_put_cancelled_while_its_publish_commits_keeps_the_artifact_whole(
     """
     import threading
 
-    from store_service import sqlite_writer
+    from store_service.sqlite import writer as sqlite_writer
 
     publishing = threading.Event()
     real_publish = sqlite_writer.SqliteWriter.publish

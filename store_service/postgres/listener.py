@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from store_service.postgres_errors import translate_error
+from store_service.postgres.errors import translate_error
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The SQLite store's one writer: a plain sqlite3 connection that lives on one dedicated thread.
 
-`SqliteStoreBackend` hands it whole groups of appends; each group is one call on the writer
-thread (one event-loop round trip), one transaction and one fsync, however many appends it
-holds. Every method here is blocking and must only run on the writer thread.
+`SqliteStoreBackend` (store_service.sqlite.backend) hands it whole groups of appends; each group
+is one call on the writer thread (one event-loop round trip), one transaction and one fsync,
+however many appends it holds. Every method here is blocking and must only run on the writer thread.
 """
 
 from __future__ import annotations
@@ -10,26 +10,15 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
-import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from keel_core.errors import KeelError
-from store_service.backend import (
-    ARTIFACT_CHUNK_BYTES,
-    AppendResult,
-    Expected,
-    NewArtifact,
-    NewEvent,
-    StreamStatus,
-    TrimResult,
-    artifact_id_of,
-    sequence_conflict,
-    trim_past_head,
-)
+from keel_core.clock import now_us
+from store_service.artifact_chunks import split_chunks
+from store_service.backend import AppendResult, NewArtifact, TrimResult, sequence_conflict, trim_past_head
+from store_service.group_commit import AppendJob, AppendOutcome
 
 log = logging.getLogger(__name__)
 
@@ -90,28 +79,22 @@ _INSERT_ARTIFACT = (
 )
 
 
-def now_us() -> int:
-    """Wall-clock microseconds since the Unix epoch."""
-    return time.time_ns() // 1000
-
-
 def chunk_rows(blob_id: str, data: bytes, first_index: int = 0) -> list[ChunkRow]:
-    """`data` cut into artifact_chunks rows of at most ARTIFACT_CHUNK_BYTES."""
-    return [
-        (blob_id, first_index + n, data[i : i + ARTIFACT_CHUNK_BYTES])
-        for n, i in enumerate(range(0, len(data), ARTIFACT_CHUNK_BYTES))
-    ]
+    """`data` cut into artifact_chunks rows."""
+    return [(blob_id, first_index + n, chunk) for n, chunk in enumerate(split_chunks(data))]
 
 
-@dataclass(frozen=True, slots=True)
-class AppendRequest:
-    """One caller's append, as handed to the writer thread."""
-
-    stream_id: str
-    expected: Expected
-    events: Sequence[NewEvent]
-    status: StreamStatus | None
-    artifacts: Sequence[NewArtifact]
+def _stage_inline(
+    artifact: NewArtifact,
+    artifact_id: str,
+    now: int,
+    blob_rows: list[ChunkRow],
+    artifact_rows: list[tuple[str, str, int, str, int]],
+) -> None:
+    """Add the rows of an artifact carried inline by an append to its group's inserts."""
+    blob_id = uuid.uuid4().hex
+    blob_rows.extend(chunk_rows(blob_id, artifact.data))
+    artifact_rows.append((artifact_id, artifact.kind, len(artifact.data), blob_id, now))
 
 
 @functools.cache
@@ -163,7 +146,7 @@ class SqliteWriter:
 
     # -- appends -----------------------------------------------------------------------------
 
-    def commit_appends(self, group: Sequence[AppendRequest]) -> list[AppendResult | KeelError]:
+    def commit_appends(self, group: Sequence[AppendJob]) -> list[AppendOutcome]:
         """Commit a group in one transaction; each request gets its own result or conflict.
 
         If the unique key rejects the group (only possible if another process wrote the file
@@ -183,7 +166,7 @@ class SqliteWriter:
         row = self.conn.execute("SELECT head_seq FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
         return int(row[0]) if row else 0
 
-    def _transact(self, group: Sequence[AppendRequest]) -> list[AppendResult | KeelError]:
+    def _transact(self, group: Sequence[AppendJob]) -> list[AppendOutcome]:
         conn = self.conn
         now = now_us()
         # IMMEDIATE takes the write lock now, so the head lookup below and the inserts see one
@@ -197,7 +180,7 @@ class SqliteWriter:
             stream_rows: dict[str, tuple[str, int, int, int, int]] = {}
             blob_rows: list[ChunkRow] = []
             artifact_rows: list[tuple[str, str, int, str, int]] = []
-            outcomes: list[AppendResult | KeelError] = []
+            outcomes: list[AppendOutcome] = []
             for request in group:
                 sid = request.stream_id
                 head = heads.get(sid, 0)
@@ -218,16 +201,11 @@ class SqliteWriter:
                 else:
                     status = known[sid][1] if sid in known else 0
                 stream_rows[sid] = (sid, new_head, status, now, now)
-                ids: list[str] = []
-                for artifact in request.artifacts:
-                    artifact_id = artifact_id_of(artifact.data)
-                    ids.append(artifact_id)
+                for artifact, artifact_id in zip(request.artifacts, request.artifact_ids, strict=True):
                     if artifact_id not in stored:
                         stored.add(artifact_id)
-                        blob_id = uuid.uuid4().hex
-                        blob_rows.extend(chunk_rows(blob_id, artifact.data))
-                        artifact_rows.append((artifact_id, artifact.kind, len(artifact.data), blob_id, now))
-                outcomes.append(AppendResult(first, new_head, tuple(ids)))
+                        _stage_inline(artifact, artifact_id, now, blob_rows, artifact_rows)
+                outcomes.append(AppendResult(first, new_head, request.artifact_ids))
             # A few statements for the whole group, whatever its size.
             _insert_rows(conn, _INSERT_EVENTS, _EVENT_ROW, event_rows)
             _insert_rows(conn, _UPSERT_STREAMS, _STREAM_ROW, list(stream_rows.values()), _ON_STREAM_CONFLICT)
@@ -274,8 +252,8 @@ class SqliteWriter:
         )
         return {str(row[0]): (int(row[1]), int(row[2])) for row in rows}
 
-    def _stored_artifacts(self, group: Sequence[AppendRequest]) -> set[str]:
-        ids = list({artifact_id_of(a.data) for request in group for a in request.artifacts})
+    def _stored_artifacts(self, group: Sequence[AppendJob]) -> set[str]:
+        ids = list({artifact_id for request in group for artifact_id in request.artifact_ids})
         if not ids:
             return set()
         marks = ",".join("?" * len(ids))

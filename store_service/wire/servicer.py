@@ -1,7 +1,9 @@
 """StoreServicer: keel.store.v1.StoreService on top of a StoreBackend, translating and validating.
 
-The servicer owns no semantics: it checks inputs against `store_service.limits`, turns protobuf
-messages into backend records and back, and turns KeelErrors into gRPC statuses with ErrorInfo.
+The servicer owns no semantics: it checks inputs against `store_service.limits` and turns protobuf
+messages into backend records and back. Every handler carries one decorator from keel_core.servicer_errors
+(`translated`, or `translated_stream` for server streams) that turns what it raises into a gRPC
+status with ErrorInfo: a KeelError with its own code and reason, anything else as INTERNAL.
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
-from keel_core.errors import KeelError, invalid_argument, unavailable
-from keel_core.status import abort_with
+from keel_core.errors import invalid_argument, unavailable
+from keel_core.servicer_errors import translated, translated_stream
 from store_service import limits, metrics
 from store_service.backend import (
     Expected,
@@ -48,11 +50,6 @@ def recorded_event(event: StoredEvent) -> store_pb2.RecordedEvent:
         payload=event.payload,
         recorded_at=_timestamp(event.recorded_at_us),
     )
-
-
-async def _fail(context: Context, error: KeelError) -> NoReturn:
-    await abort_with(context, error)
-    raise AssertionError("abort_with returned")  # pragma: no cover - abort always raises
 
 
 def _expected(request: store_pb2.AppendEventsRequest) -> Expected:
@@ -109,21 +106,17 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         """Make every open SubscribeEvents end with UNAVAILABLE (the server is draining)."""
         self._shutting_down.set()
 
+    @translated
     async def AppendEvents(
         self, request: store_pb2.AppendEventsRequest, context: Context
     ) -> store_pb2.AppendEventsResponse:
         """Validate, append through the backend (group-committed there), report the new head."""
-        try:
-            stream_id = limits.check_stream_id(request.stream_id)
-            expected = _expected(request)
-            events = _new_events(request)
-            status = limits.check_status_label(request.status)
-            artifacts = _new_artifacts(request, self._max_artifact_bytes)
-            result = await self._backend.append(
-                stream_id, expected, events, status=status, artifacts=artifacts
-            )
-        except KeelError as error:
-            await _fail(context, error)
+        stream_id = limits.check_stream_id(request.stream_id)
+        expected = _expected(request)
+        events = _new_events(request)
+        status = limits.check_status_label(request.status)
+        artifacts = _new_artifacts(request, self._max_artifact_bytes)
+        result = await self._backend.append(stream_id, expected, events, status=status, artifacts=artifacts)
         metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
         if result.artifact_ids:
             return store_pb2.AppendEventsResponse(
@@ -131,53 +124,45 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             )
         return store_pb2.AppendEventsResponse(first_seq=result.first_seq, head_seq=result.head_seq)
 
+    @translated
     async def ReadEvents(
         self, request: store_pb2.ReadEventsRequest, context: Context
     ) -> store_pb2.ReadEventsResponse:
         """One forward page of a stream."""
-        try:
-            stream_id = limits.check_stream_id(request.stream_id)
-            from_seq = limits.check_sequence("from_seq", request.from_seq)
-            page = await self._backend.read(stream_id, from_seq, limits.read_limit(request.limit))
-        except KeelError as error:
-            await _fail(context, error)
+        stream_id = limits.check_stream_id(request.stream_id)
+        from_seq = limits.check_sequence("from_seq", request.from_seq)
+        page = await self._backend.read(stream_id, from_seq, limits.read_limit(request.limit))
         return store_pb2.ReadEventsResponse(
             events=[recorded_event(e) for e in page.events], next_seq=page.next_seq, head_seq=page.head_seq
         )
 
+    @translated
     async def TrimStream(
         self, request: store_pb2.TrimStreamRequest, context: Context
     ) -> store_pb2.TrimStreamResponse:
         """Delete a stream's events below `before_seq`; its head and label stay as they are."""
-        try:
-            stream_id = limits.check_stream_id(request.stream_id)
-            before_seq = limits.check_sequence("before_seq", request.before_seq)
-            result = await self._backend.trim(stream_id, before_seq)
-        except KeelError as error:
-            await _fail(context, error)
+        stream_id = limits.check_stream_id(request.stream_id)
+        before_seq = limits.check_sequence("before_seq", request.before_seq)
+        result = await self._backend.trim(stream_id, before_seq)
         return store_pb2.TrimStreamResponse(removed=result.removed, head_seq=result.head_seq)
 
+    @translated
     async def HeadSeq(self, request: store_pb2.HeadSeqRequest, context: Context) -> store_pb2.HeadSeqResponse:
         """The stream's head and status label."""
-        try:
-            head = await self._backend.head(limits.check_stream_id(request.stream_id))
-        except KeelError as error:
-            await _fail(context, error)
+        head = await self._backend.head(limits.check_stream_id(request.stream_id))
         return store_pb2.HeadSeqResponse(head_seq=head.head_seq, status=int(head.status))  # type: ignore[arg-type]
 
+    @translated
     async def ListStreams(
         self, request: store_pb2.ListStreamsRequest, context: Context
     ) -> store_pb2.ListStreamsResponse:
         """A page of streams, newest first, filtered by label and prefix."""
-        try:
-            page = await self._backend.list_streams(
-                statuses=limits.check_status_filter(list(request.statuses)),
-                prefix=limits.check_prefix(request.prefix),
-                page_size=limits.page_size(request.page_size),
-                page_token=request.page_token,
-            )
-        except KeelError as error:
-            await _fail(context, error)
+        page = await self._backend.list_streams(
+            statuses=limits.check_status_filter(list(request.statuses)),
+            prefix=limits.check_prefix(request.prefix),
+            page_size=limits.page_size(request.page_size),
+            page_token=request.page_token,
+        )
         return store_pb2.ListStreamsResponse(
             streams=[
                 store_pb2.StreamInfo(
@@ -192,15 +177,13 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             next_page_token=page.next_page_token,
         )
 
+    @translated_stream
     async def SubscribeEvents(
         self, request: store_pb2.SubscribeEventsRequest, context: Context
     ) -> AsyncIterator[store_pb2.SubscribeEventsResponse]:
         """Existing events after `after_seq`, then live ones, until the client cancels."""
-        try:
-            stream_id = limits.check_stream_id(request.stream_id)
-            after_seq = limits.check_sequence("after_seq", request.after_seq)
-        except KeelError as error:
-            await _fail(context, error)
+        stream_id = limits.check_stream_id(request.stream_id)
+        after_seq = limits.check_sequence("after_seq", request.after_seq)
         stopping = asyncio.ensure_future(self._shutting_down.wait())
         events = self._backend.subscribe(stream_id, after_seq)
         step: asyncio.Future[StoredEvent] | None = None
@@ -231,13 +214,11 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             if aclose is not None:
                 await aclose()
         # The backend or the server is going away: tell the client to resubscribe elsewhere/later.
-        await _fail(
-            context,
-            unavailable(
-                "store_shutting_down", "the store is shutting down; subscribe again after your last seq"
-            ),
+        raise unavailable(
+            "store_shutting_down", "the store is shutting down; subscribe again after your last seq"
         )
 
+    @translated
     async def PutArtifact(
         self, request_iterator: AsyncIterator[store_pb2.PutArtifactRequest], context: Context
     ) -> store_pb2.PutArtifactResponse:
@@ -248,39 +229,34 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         what it had staged.
         """
         cap = self._max_artifact_bytes
-        try:
-            first = await anext(request_iterator, None)
-            if first is None:
-                raise invalid_argument(
-                    "invalid_artifact_kind", "PutArtifact needs at least one message carrying the kind"
-                )
-            kind = limits.check_artifact_kind(first.kind)
+        first = await anext(request_iterator, None)
+        if first is None:
+            raise invalid_argument(
+                "invalid_artifact_kind", "PutArtifact needs at least one message carrying the kind"
+            )
+        kind = limits.check_artifact_kind(first.kind)
 
-            async def chunks() -> AsyncIterator[bytes]:
-                seen = len(first.data)
-                limits.check_artifact_size("the artifact", seen, cap)
-                if first.data:
-                    yield first.data
-                async for message in request_iterator:
-                    if message.data:
-                        seen += len(message.data)
-                        limits.check_artifact_size("the artifact", seen, cap)
-                        yield message.data
+        async def chunks() -> AsyncIterator[bytes]:
+            seen = len(first.data)
+            limits.check_artifact_size("the artifact", seen, cap)
+            if first.data:
+                yield first.data
+            async for message in request_iterator:
+                if message.data:
+                    seen += len(message.data)
+                    limits.check_artifact_size("the artifact", seen, cap)
+                    yield message.data
 
-            put = await self._backend.put_artifact(kind, chunks())
-        except KeelError as error:
-            await _fail(context, error)
+        put = await self._backend.put_artifact(kind, chunks())
         metrics.ARTIFACT_BYTES_IN.labels("put").inc(put.size)
         return store_pb2.PutArtifactResponse(artifact_id=put.artifact_id, size=put.size, created=put.created)
 
+    @translated_stream
     async def GetArtifact(
         self, request: store_pb2.GetArtifactRequest, context: Context
     ) -> AsyncIterator[store_pb2.GetArtifactResponse]:
         """The artifact in chunks; the first carries kind and size (an empty one sends just that)."""
-        try:
-            download = await self._backend.get_artifact(limits.check_artifact_id(request.artifact_id))
-        except KeelError as error:
-            await _fail(context, error)
+        download = await self._backend.get_artifact(limits.check_artifact_id(request.artifact_id))
         info = download.info
         first = True
         async for data in download.chunks:
@@ -293,14 +269,12 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         if first:
             yield store_pb2.GetArtifactResponse(kind=info.kind, size=info.size)
 
+    @translated
     async def HasArtifact(
         self, request: store_pb2.HasArtifactRequest, context: Context
     ) -> store_pb2.HasArtifactResponse:
         """Whether the artifact is stored, and its size."""
-        try:
-            info = await self._backend.has_artifact(limits.check_artifact_id(request.artifact_id))
-        except KeelError as error:
-            await _fail(context, error)
+        info = await self._backend.has_artifact(limits.check_artifact_id(request.artifact_id))
         if info is None:
             return store_pb2.HasArtifactResponse(exists=False)
         return store_pb2.HasArtifactResponse(exists=True, size=info.size)

@@ -1,0 +1,282 @@
+"""SqliteStoreBackend: the StoreBackend contract on one SQLite file (WAL mode).
+
+Writes go through ONE writer (`SqliteWriter`, a sqlite3 connection on its own thread) fed by one
+task. Appends that arrive while the previous transaction commits queue up and are then committed
+together: one call on the writer thread, one `BEGIN IMMEDIATE`, one head lookup for the whole
+group, one multi-row INSERT per table, one `COMMIT` (one fsync). When the event loop is
+saturated, the writer also waits a few milliseconds for more appends to join (see `_gather`).
+Each append is still checked against its own stream's head (as updated by earlier appends of
+the group), so one caller's conflict never fails another. Reads use separate aiosqlite
+connections and, thanks to WAL, never wait for the writer. Subscribers are woken in-process
+after each commit, never by polling.
+
+Durability:
+- ``full`` (default): ``synchronous=FULL``; the WAL is fsynced at every commit, so an
+  acknowledged append or artifact survives a process kill *and* an OS crash or power loss.
+- ``normal``: ``synchronous=NORMAL``; commits are not fsynced (the WAL is synced only at
+  checkpoints). An acknowledged write survives a kill of the store process, but the last
+  transactions may be lost on power loss or an OS crash. Faster where fsync is slow.
+
+One store process per data directory: the writer assumes it is the only one appending (the
+unique key on (stream_id, seq) still refuses anything that would break the sequence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import sqlite3
+import sys
+import uuid
+from collections.abc import AsyncIterable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from keel_core.errors import ErrorCategory, KeelError, unavailable
+from store_service.artifact_chunks import ChunkedUpload
+from store_service.backend import (
+    ARTIFACT_CHUNK_BYTES,
+    ArtifactPut,
+    EventPage,
+    StoredEvent,
+    TrimResult,
+    page_of,
+)
+from store_service.group_commit import AppendJob, AppendOutcome, WriteQueue, resolve
+from store_service.sql_backend import Row, SqlStoreBackend, store_closed
+from store_service.sqlite.writer import ChunkRow, Durability, SqliteWriter
+
+log = logging.getLogger(__name__)
+
+DATABASE_FILE = "keel-store.sqlite3"
+T = TypeVar("T")
+
+# Appends committed in one transaction at most; bounds the work (and latency) of one group.
+MAX_GROUP_APPENDS = 1024
+# Group gathering under load (see `_before_take`): a yield of the event loop that takes longer than
+# BUSY_TURN_S means the loop is saturated; then the writer waits for more appends in quanta of
+# GATHER_QUANTUM_S (asyncio timers have ~1 ms resolution), GATHER_QUANTA of them at most.
+BUSY_TURN_S = 0.0005
+GATHER_QUANTUM_S = 0.001
+GATHER_QUANTA = 4
+# An artifact upload is staged in transactions of about this many bytes.
+STAGE_BYTES = 4 * ARTIFACT_CHUNK_BYTES
+
+
+def translate(error: sqlite3.Error) -> KeelError:
+    """The one place SQLite driver errors become KeelErrors.
+
+    OperationalError is the database being busy, locked, out of space or unreadable: the
+    request itself was fine, so it is UNAVAILABLE and retryable. Anything else is a store fault.
+    """
+    if isinstance(error, sqlite3.OperationalError):
+        return unavailable("store_unavailable", f"the store's database cannot serve this now: {error}")
+    return KeelError("store_failed", f"the store's database failed: {error}", category=ErrorCategory.INTERNAL)
+
+
+class SqliteStoreBackend(SqlStoreBackend):
+    """The store on one SQLite file in WAL mode, with group commit and in-process wake-ups."""
+
+    TOKEN_PREFIX = b"sqlite-streams:v1:"
+
+    def __init__(self, path: str | Path, *, durability: Durability = "full", readers: int = 2) -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', got {durability!r}")
+        # One writer: a group never waits on another writer's lock; no byte bound on a group.
+        super().__init__(writers=1, max_group_appends=MAX_GROUP_APPENDS, max_group_bytes=sys.maxsize)
+        self.path = Path(path)
+        self.durability: Durability = durability
+        self._reader_count = max(1, readers)
+        # One thread, so the sqlite3 connection is always used from the thread that made it.
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keel-sqlite-writer")
+        self._writer: SqliteWriter | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader: Callable[[], aiosqlite.Connection] = self._no_reader
+
+    @classmethod
+    def in_directory(cls, data_dir: str | Path, *, durability: Durability = "full") -> SqliteStoreBackend:
+        """A backend on `data_dir/keel-store.sqlite3` (the directory is created on open)."""
+        return cls(Path(data_dir) / DATABASE_FILE, durability=durability)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _open_database(self) -> None:
+        """Create the file and schema on the writer thread, open the read connections."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._on_writer_thread(partial(SqliteWriter, self.path, self.durability))
+        for _ in range(self._reader_count):
+            reader = await aiosqlite.connect(self.path, isolation_level=None)
+            # WAL readers can meet a brief lock while the writer checkpoints; wait, don't fail.
+            await reader.execute("PRAGMA busy_timeout=5000")
+            await reader.execute("PRAGMA query_only=1")
+            self._readers.append(reader)
+        self._next_reader = itertools.cycle(self._readers).__next__
+
+    async def _close_database(self) -> None:
+        self._next_reader = self._no_reader
+        for reader in self._readers:
+            await reader.close()
+        self._readers.clear()
+        if self._writer is not None:
+            await self._on_writer_thread(self._writer.close)
+            self._writer = None
+        self._thread.shutdown(wait=True)
+
+    @staticmethod
+    def _no_reader() -> aiosqlite.Connection:
+        raise store_closed()
+
+    async def _select(self, sql: str, params: Sequence[Any]) -> Sequence[Row]:
+        """Run a read on the next read connection; driver errors become KeelErrors."""
+        try:
+            return list(await self._next_reader().execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+
+    def _translate(self, error: Exception) -> BaseException:
+        return translate(error) if isinstance(error, sqlite3.Error) else error
+
+    def _status_filter(self, statuses: list[int]) -> tuple[str, list[Any]]:
+        return f"status IN ({','.join('?' * len(statuses))})", list(statuses)
+
+    def _prefix_filter(self, prefix: str) -> tuple[str, list[Any]]:
+        return "substr(stream_id, 1, ?) = ?", [len(prefix), prefix]
+
+    async def synchronous(self) -> int:
+        """The writer's PRAGMA synchronous (2 = FULL, 1 = NORMAL), for checks and diagnostics."""
+        return await self._write(SqliteWriter.synchronous)
+
+    # -- the writer --------------------------------------------------------------------------
+
+    async def _on_writer_thread(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+    def _write_task(self, run: Callable[[SqliteWriter], T], future: asyncio.Future[T] | None) -> None:
+        """Queue `run(writer)` to run alone on the writer thread, in order with the appends."""
+
+        async def task() -> None:
+            assert self._writer is not None
+            try:
+                result = await self._on_writer_thread(partial(run, self._writer))
+            except Exception as exc:
+                resolve(future, self._translate(exc))
+            else:
+                resolve(future, result)
+
+        self._enqueue(self._queues[0], task)
+
+    async def _write(self, run: Callable[[SqliteWriter], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._write_task(run, future)
+        return await future
+
+    async def _before_take(self, queue: WriteQueue) -> None:
+        """Let appends that are already on their way join the next group; wait only under load.
+
+        Every commit costs an fsync and two thread hand-offs whatever its size. With few callers
+        it is better to commit at once and overlap the commit with their round trips. But when
+        the event loop is saturated (one turn of it took over BUSY_TURN_S: many requests were
+        being parsed), CPU per append is what bounds throughput, and bigger groups cut it: the
+        writer then waits one quantum at a time while more appends keep arriving, up to
+        GATHER_QUANTA quanta (4 ms). The same idea as PostgreSQL's commit_delay/commit_siblings.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.sleep(0)
+        if loop.time() - started < BUSY_TURN_S:
+            return
+        for _ in range(GATHER_QUANTA):
+            queued = len(queue)
+            await asyncio.sleep(GATHER_QUANTUM_S)
+            if len(queue) == queued or len(queue) >= MAX_GROUP_APPENDS:
+                return
+
+    async def _commit_group(self, group: list[AppendJob]) -> list[AppendOutcome]:
+        writer = self._writer
+        assert writer is not None
+        return await self._on_writer_thread(partial(writer.commit_appends, group))
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def read(self, stream_id: str, from_seq: int, limit: int) -> EventPage:
+        """A forward page, consistent with the head reported alongside it.
+
+        It starts at the first event at or after `from_seq` that a trim kept.
+        """
+        start = max(1, from_seq)
+        head = (await self.head(stream_id)).head_seq
+        if head < start:
+            return EventPage((), 0, head)
+        # Up to the head read above, so the page never runs ahead of the head it reports.
+        rows = await self._rows(
+            "SELECT seq, type, payload, recorded_at_us FROM events "
+            "WHERE stream_id = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
+            stream_id,
+            start,
+            head,
+            limit,
+        )
+        events = [StoredEvent(stream_id, int(r[0]), str(r[1]), bytes(r[2]), int(r[3])) for r in rows]
+        return page_of(events, head)
+
+    async def trim(self, stream_id: str, before_seq: int) -> TrimResult:
+        """Delete events below `before_seq` on the writer (a write, serialized with appends)."""
+        return await self._write(partial(SqliteWriter.trim, stream_id=stream_id, before_seq=before_seq))
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    async def put_artifact(self, kind: str, chunks: AsyncIterable[bytes]) -> ArtifactPut:
+        """Stage the bytes in chunk rows while hashing, then publish (or drop) in one transaction."""
+        blob_id = uuid.uuid4().hex
+        upload = ChunkedUpload()
+        staged = False
+        rows: list[ChunkRow] = []
+        index = 0
+        try:
+            async for data in upload.full_chunks(chunks):
+                rows.append((blob_id, index, data))
+                index += 1
+                if len(rows) * ARTIFACT_CHUNK_BYTES >= STAGE_BYTES:
+                    staged = True
+                    await self._write(partial(SqliteWriter.stage, rows=rows))
+                    rows = []
+            if upload.last:
+                rows.append((blob_id, index, upload.last))
+            created = await self._write(
+                partial(
+                    SqliteWriter.publish,
+                    rows=rows,
+                    artifact_id=upload.artifact_id,
+                    kind=kind,
+                    size=upload.size,
+                    blob_id=blob_id,
+                )
+            )
+        except Exception:
+            # The upload failed or was refused (the source raised): drop what was staged before
+            # saying so, so that whoever hears of the failure finds nothing of it stored.
+            if staged and not self._closing:
+                await self._drop_staged(blob_id)
+            raise
+        except BaseException:
+            # Cancelled: nothing more may be awaited here, so the clean-up is queued. Best effort;
+            # open() also sweeps chunks left by an interrupted upload.
+            if staged and not self._closing:
+                self._write_task(partial(SqliteWriter.drop_blob, blob_id=blob_id), None)
+            raise
+        return ArtifactPut(upload.artifact_id, upload.size, created)
+
+    async def _drop_staged(self, blob_id: str) -> None:
+        try:
+            await self._write(partial(SqliteWriter.drop_blob, blob_id=blob_id))
+        except Exception:
+            # The database failed too; the caller hears of the first failure, and open() sweeps.
+            log.warning("could not drop the staged chunks of failed upload %s", blob_id, exc_info=True)
+
+
+__all__ = ["DATABASE_FILE", "Durability", "SqliteStoreBackend", "translate"]
