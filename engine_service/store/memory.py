@@ -75,6 +75,8 @@ class InMemoryEventLog:
     ) -> AppendResult:
         """Append atomically after `expected_seq` (None: no stream yet; `expected_any`: anywhere)."""
         self._open("AppendEvents")
+        if not events:
+            raise invalid_argument("invalid_batch", "an append needs at least one event")
         if status is not None and status not in STATUS_LABELS:
             raise invalid_argument("invalid_status", f"unknown status label {status!r}")
         stream = self._streams.get(stream_id)

@@ -54,6 +54,13 @@ async def test_append_checks_the_head_and_a_conflict_writes_nothing(log: EventLo
     assert [(e.seq, e.type, e.payload) for e in await log.read("s:1")] == [(1, "A", b"1"), (2, "B", b"2")]
 
 
+async def test_an_append_needs_at_least_one_event(log: EventLog) -> None:
+    with pytest.raises(KeelError) as caught:
+        await log.append("s:empty", [], expected_seq=None)
+    assert caught.value.code == "invalid_batch" and caught.value.category is ErrorCategory.INVALID_ARGUMENT
+    assert await log.head("s:empty") == (0, "")
+
+
 async def test_expected_any_appends_at_whatever_the_head_is(log: EventLog) -> None:
     await log.append("s:any", [("A", b"")], expected_seq=None, expected_any=True)
     landed = await log.append("s:any", [("B", b"")], expected_seq=None, expected_any=True)
