@@ -290,15 +290,25 @@ class RunDriver:
         except Exception as error:  # the driver raises it at its next decision
             self._flush_error = error
 
-    async def flush(self) -> None:
-        """Make every pending event durable (one append), retrying until the store takes it."""
+    async def flush(self, *, answer: bool = False) -> None:
+        """Make every pending event durable (one append), retrying until the store takes it.
+
+        `answer`: the batch holds an I/O call's answer (FactRecorded). It is appended even when the
+        lease is no longer trusted: the append is a compare-and-swap at the head this driver wrote,
+        so it lands only when nobody else appended to the run since; a conflict means someone did.
+        """
         async with self._lock:
             if self._flush_error is not None:
                 raise self._flush_error
             if not self._pending:
                 return
-            if self.lease is not None:
+            if self.lease is not None and not answer:
                 await self._confirm_lease()
+            elif self.lease is not None and not self.lease.is_valid():
+                log.info(
+                    "run %s: lease no longer trusted; recording the answer it holds if nobody wrote since",
+                    self.run_id,
+                )
             batch, artifacts, status = self._pending, self._pending_artifacts, self._pending_status
             self._pending, self._pending_artifacts, self._pending_status = [], [], None
             patience = FOREVER
@@ -461,13 +471,40 @@ class RunDriver:
                     f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
                 )
         self.record([FactRecorded(step_id, attempt, fact_key, namespace, response)])
-        await self.flush()  # the fact is durable before the op sees the answer
+        await self._keep_answer()  # the fact is durable before the op sees the answer
         self.env.failpoints.hit(AFTER_FACT_RECORDED, step_id)
         if namespace == SPAWN_NAMESPACE:
             self.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
         elif namespace == AWAIT_NAMESPACE:
             self.env.failpoints.hit(AFTER_CHILD_AWAIT_RECORDED)
         return response
+
+    async def _keep_answer(self) -> None:
+        """Append the answer just decided, not giving it up to a lost lease or the store being down.
+
+        Only the run stream's compare-and-swap (a conflict: someone else appended) stops it. A cancel
+        because the lease was lost waits for the append; any other (a drain, a foreign terminal
+        event) waits at most PARK_FLUSH_SECONDS, like the flush of a parked run.
+        """
+        recording = asyncio.ensure_future(self.flush(answer=True))
+        cancelled = False
+        while not recording.done():
+            try:
+                await asyncio.shield(recording)
+            except asyncio.CancelledError:
+                if cancelled or self.lease is None or not self.lease.lost:
+                    await self._give_up_answer(recording)
+                    raise
+                cancelled = True
+                log.info("run %s: lease lost while recording an answer; recording it first", self.run_id)
+        recording.result()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _give_up_answer(self, recording: asyncio.Future[None]) -> None:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
+        recording.cancel()
 
     async def _replayed_facts(self) -> dict[str, FactRecorded]:
         if self._replay_facts is None:
