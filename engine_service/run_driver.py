@@ -290,18 +290,19 @@ class RunDriver:
         except Exception as error:  # the driver raises it at its next decision
             self._flush_error = error
 
-    async def flush(self, *, answer: bool = False) -> None:
+    async def flush(self) -> None:
         """Make every pending event durable (one append), retrying until the store takes it.
 
-        `answer`: the batch holds an I/O call's answer (FactRecorded). It is appended even when the
-        lease is no longer trusted: the append is a compare-and-swap at the head this driver wrote,
-        so it lands only when nobody else appended to the run since; a conflict means someone did.
+        A batch holding an I/O call's answer (FactRecorded) is appended even when the lease is no
+        longer trusted: the append is a compare-and-swap at the head this driver wrote, so it lands
+        only when nobody else appended to the run since; a conflict means someone did.
         """
         async with self._lock:
             if self._flush_error is not None:
                 raise self._flush_error
             if not self._pending:
                 return
+            answer = any(isinstance(event, FactRecorded) for event in self._pending)
             if self.lease is not None and not answer:
                 await self._confirm_lease()
             elif self.lease is not None and not self.lease.is_valid():
@@ -486,7 +487,7 @@ class RunDriver:
         because the lease was lost waits for the append; any other (a drain, a foreign terminal
         event) waits at most PARK_FLUSH_SECONDS, like the flush of a parked run.
         """
-        recording = asyncio.ensure_future(self.flush(answer=True))
+        recording = asyncio.ensure_future(self.flush())
         cancelled = False
         while not recording.done():
             try:
