@@ -82,6 +82,7 @@ from engine_service.failpoints import (
     AFTER_OP_RETURNED,
     AFTER_STEP_ATTEMPT_STARTED,
     BEFORE_RUN_COMPLETED,
+    PAUSE_BEFORE_TRANSPORT_CALL,
     Failpoints,
 )
 from engine_service.leases import Lease
@@ -110,6 +111,15 @@ def now_us() -> int:
 def run_stream_id(run_id: str) -> str:
     """The store stream holding a run's events."""
     return f"run:{run_id}"
+
+
+@dataclass(frozen=True)
+class AttemptOf:
+    """The attempt an I/O call belongs to; `fencing` is the seq of its StepAttemptStarted."""
+
+    step_id: str
+    attempt: int
+    fencing: int
 
 
 @dataclass
@@ -349,11 +359,12 @@ class RunDriver:
         step = self.plan.step(action.step_id)
         base = await self.snapshot(action.base_snapshot_id)
         self.record([StepAttemptStarted(action.step_id, action.attempt, action.base_snapshot_id)])
+        started_seq = self.history.head_seq  # the attempt's fencing value for transports
         if self._claim_first or self.env.failpoints.is_armed(AFTER_STEP_ATTEMPT_STARTED, action.step_id):
             self._claim_first = False
             await self.flush()
             self.env.failpoints.hit(AFTER_STEP_ATTEMPT_STARTED, action.step_id)
-        io = RunIo(self, action.step_id, action.attempt)
+        io = RunIo(self, action.step_id, action.attempt, started_seq)
         ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, base, io)
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
@@ -416,7 +427,7 @@ class RunDriver:
         except KeelError as error:  # best effort: the op's next append is fenced off anyway
             log.debug("run %s: watching for a foreign terminal event failed: %s", self.run_id, error.message)
 
-    async def fact(self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str) -> Any:
+    async def fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
         if not fact_key:
             raise _io_error(
@@ -433,14 +444,12 @@ class RunDriver:
         # Two concurrent calls with one key in one run make one transport call and share its fact.
         inflight = self._inflight_facts.get(fact_key)
         if inflight is None:
-            inflight = asyncio.ensure_future(self._fetch_fact(step_id, attempt, namespace, request, fact_key))
+            inflight = asyncio.ensure_future(self._fetch_fact(attempt, namespace, request, fact_key))
             self._inflight_facts[fact_key] = inflight
             inflight.add_done_callback(lambda _: self._inflight_facts.pop(fact_key, None))
         return copy.deepcopy(await inflight)  # cancelling the op cancels the call
 
-    async def _fetch_fact(
-        self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str
-    ) -> Any:
+    async def _fetch_fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         if self.manifest.run_config.execution_mode == REPLAY:
             source = (await self._replayed_facts()).get(fact_key)
             if source is None:
@@ -456,9 +465,20 @@ class RunDriver:
                     "unknown_namespace", f"no transport is registered for namespace {namespace!r}"
                 )
             await self.flush()
+            self.env.failpoints.hit(PAUSE_BEFORE_TRANSPORT_CALL, attempt.step_id)
+            request = copy.deepcopy(request)
             if self.lease is not None:
-                await self._confirm_lease()  # a side effect only while this engine holds the run
-            response = await transport.call(namespace, copy.deepcopy(request), fact_key, self.run_id)
+                # Last, right before the call: a side effect only while this engine holds the run.
+                await self._confirm_lease()
+            response = await self.env.transports.call(
+                namespace,
+                request,
+                fact_key,
+                self.run_id,
+                step_id=attempt.step_id,
+                attempt=attempt.attempt,
+                fencing=attempt.fencing,
+            )
             try:
                 size = len(canonical_json_bytes(response))
             except KeelError:
@@ -471,9 +491,9 @@ class RunDriver:
                     "transport_response_too_large",
                     f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
                 )
-        self.record([FactRecorded(step_id, attempt, fact_key, namespace, response)])
+        self.record([FactRecorded(attempt.step_id, attempt.attempt, fact_key, namespace, response)])
         await self._keep_answer()  # the fact is durable before the op sees the answer
-        self.env.failpoints.hit(AFTER_FACT_RECORDED, step_id)
+        self.env.failpoints.hit(AFTER_FACT_RECORDED, attempt.step_id)
         if namespace == SPAWN_NAMESPACE:
             self.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
         elif namespace == AWAIT_NAMESPACE:
@@ -518,11 +538,10 @@ class RunDriver:
 class RunIo:
     """The `io` handle an op gets: calls become facts of its run."""
 
-    def __init__(self, driver: RunDriver, step_id: str, attempt: int) -> None:
+    def __init__(self, driver: RunDriver, step_id: str, attempt: int, fencing: int) -> None:
         self._driver = driver
-        self._step_id = step_id
-        self._attempt = attempt
+        self._attempt_of = AttemptOf(step_id, attempt, fencing)
 
     async def call(self, namespace: str, request: Any, fact_key: str) -> Any:
         """Call the transport for `namespace`, or return the fact recorded under `fact_key`."""
-        return await self._driver.fact(self._step_id, self._attempt, namespace, request, fact_key)
+        return await self._driver.fact(self._attempt_of, namespace, request, fact_key)
