@@ -72,7 +72,13 @@ async def await_completed(engine: ServiceProcess, run_id: str) -> None:
     """Wait for the run to finish, through `engine`; it must have completed."""
     async with engine_stub(engine) as stub:
         while True:
-            awaited = await stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=60)
+            try:
+                awaited = await stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=60)
+            except grpc.aio.AioRpcError as error:
+                # The store may not answer the engine for a while (items 1 and 3): ask again.
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                continue
             if awaited.done:
                 break
     assert awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run
@@ -110,9 +116,10 @@ async def test_store_down_while_a_call_is_in_flight_the_answer_is_recorded_when_
         run_id = await start_gated_run(engine, gate)
         await call_in_flight(io_log, run_id)
         await store.kill()
-        gate.touch()  # the transport answers while the store is down
-        # Down for three ttls: the lease can be neither trusted nor recorded meanwhile.
-        await asyncio.sleep(3.0)
+        # Two ttls: the lease can be neither trusted nor renewed meanwhile.
+        await asyncio.sleep(2.0)
+        gate.touch()  # the transport answers while the store is down and the lease untrusted
+        await asyncio.sleep(1.0)
         store = await start_store_process(data, port=store.port)
         await await_completed(engine, run_id)
         assert calls(io_log) == {(run_id, f"{STEP}-gated"): 1}
@@ -200,8 +207,8 @@ async def test_a_paused_engine_enters_no_transport_after_a_takeover_and_transpor
         await await_completed(taker, run_id)
         paused.process.send_signal(signal.SIGCONT)
         await eventually(
-            lambda: "lease_lost" in Path(a_log).read_text(encoding="utf-8"),
-            "engine A found its lease lost",
+            lambda: "stopped driving it here" in Path(a_log).read_text(encoding="utf-8"),
+            "engine A stopped driving the run",
             within=60,
             poll=0.1,
         )
