@@ -516,7 +516,7 @@ class Leases:
         if lease.lost:
             return
         # Routine (a pause, the store away, a takeover): the run resumes wherever its lease goes next.
-        log.info("lease on run %s lost (%s): stopping its driver here", lease.run_id, why)
+        log.info("lost the lease on run %s (%s): stopping its driver here", lease.run_id, why)
         lease.lost_why = why
         self._forget(lease)
         self._on_lost(lease.run_id)
@@ -581,7 +581,7 @@ class Leases:
             )
         except KeelError as error:
             if error.code == "sequence_conflict":
-                self._lose(lease, "another engine recorded a lease on it first")
+                self._lose(lease, error.code)  # another engine recorded a lease on it first
             else:
                 self._lose(lease, f"its lease could not be recorded: {error.code}")
             return
