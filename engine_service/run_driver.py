@@ -26,12 +26,18 @@ so a long op shows as running; a resumed driver appends its first StepAttemptSta
 runs (a claim: an engine still driving the run elsewhere fences one of the two off before any work).
 
 Leases. A driver holds its run's lease (engine_service.leases) and confirms it is still valid
-before every append and every transport call; once lost, the driver appends nothing more (a
-resumed driver's claim, fenced by the run's sequence, refuses a former holder's late appends).
+before every append and right before every transport call; once lost, the driver appends nothing
+more (a resumed driver's claim, fenced by the run's sequence, refuses a former holder's late
+appends), with one exception: an answer it holds.
 
 Facts. `io.call` answers from the facts already in the stream when the key is there (no transport
 call); otherwise it calls the transport (in replay mode: takes the fact of the replayed run) and
-appends FactRecorded *before* returning the answer to the op.
+appends FactRecorded *before* returning the answer to the op. That append does not need the lease:
+it is a compare-and-swap at the head this driver wrote, which lands unless someone else appended
+since, so an answer is kept through a lapse of the lease (a pause, the store away) with nobody
+taking over, and through a store outage (retried until it lands; a cancel because the lease was
+lost waits for it). Transports get `step_id`, `attempt` and `fencing` (the seq of the attempt's
+StepAttemptStarted) when they accept them (engine_service.domain.transports).
 """
 
 from __future__ import annotations
