@@ -22,10 +22,11 @@ import pytest
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
+from engine_service import EngineConfig, start_engine
 from engine_service.domain import StepAttemptStarted
 from engine_service.domain.events import decode_event
 from keel_core.json_values import to_value
-from tests.engine.crash_ops import read_dedup_log, read_io_log
+from tests.engine.crash_ops import IO_LOG_ENV, read_dedup_log, read_io_log
 from tests.engine.processes import (
     ServiceProcess,
     eventually,
@@ -54,13 +55,13 @@ def gated_pipeline(gate: Path) -> engine_pb2.Pipeline:
 
 
 @contextlib.asynccontextmanager
-async def engine_stub(engine: ServiceProcess) -> AsyncIterator[EngineServiceAsyncStub]:
-    """A stub for the engine's API, its channel closed after."""
-    async with grpc.aio.insecure_channel(engine.address) as channel:
+async def engine_stub(address: str) -> AsyncIterator[EngineServiceAsyncStub]:
+    """A stub for the API of the engine at `address`, its channel closed after."""
+    async with grpc.aio.insecure_channel(address) as channel:
         yield engine_pb2_grpc.EngineServiceStub(channel)
 
 
-async def start_gated_run(engine: ServiceProcess, gate: Path, *, run_id: str = "") -> str:
+async def start_gated_run(engine: str, gate: Path, *, run_id: str = "") -> str:
     """Start a run of the gated pipeline (RunStarted durable when this returns)."""
     request = engine_pb2.StartRunRequest(pipeline=gated_pipeline(gate), run_id=run_id)
     async with engine_stub(engine) as stub:
@@ -68,7 +69,7 @@ async def start_gated_run(engine: ServiceProcess, gate: Path, *, run_id: str = "
     return started.run_id
 
 
-async def await_completed(engine: ServiceProcess, run_id: str) -> None:
+async def await_completed(engine: str, run_id: str) -> None:
     """Wait for the run to finish, through `engine`; it must have completed."""
     async with engine_stub(engine) as stub:
         while True:
@@ -113,7 +114,7 @@ async def test_store_down_while_a_call_is_in_flight_the_answer_is_recorded_when_
     store = await start_store_process(data)
     engine = await start_engine_process(store.address, io_log=io_log, lease_ttl=1.0)
     try:
-        run_id = await start_gated_run(engine, gate)
+        run_id = await start_gated_run(engine.address, gate)
         await call_in_flight(io_log, run_id)
         await store.kill()
         # Two ttls: the lease can be neither trusted nor renewed meanwhile.
@@ -121,10 +122,40 @@ async def test_store_down_while_a_call_is_in_flight_the_answer_is_recorded_when_
         gate.touch()  # the transport answers while the store is down and the lease untrusted
         await asyncio.sleep(1.0)
         store = await start_store_process(data, port=store.port)
-        await await_completed(engine, run_id)
+        await await_completed(engine.address, run_id)
         assert calls(io_log) == {(run_id, f"{STEP}-gated"): 1}
     finally:
         assert await engine.terminate() == 0
+        await store.kill()
+
+
+async def test_a_lease_lost_while_the_answer_waits_for_the_store_does_not_drop_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Item 1, the engine's lease upkeep giving up on the absent store (patience 1 s) while the
+    # answer's append waits for it: the lease is lost and the driver cancelled, but the answer
+    # is recorded when the store is back. In this process, to see the lease go.
+    data, io_log, gate = tmp_path / "store", str(tmp_path / "io.log"), tmp_path / "gate"
+    monkeypatch.setenv(IO_LOG_ENV, io_log)
+    store = await start_store_process(data)
+    config = EngineConfig(
+        listen="127.0.0.1:0", store=store.address, failpoints="", lease_ttl=1.0, store_patience=1.0
+    )
+    handle = await start_engine(config)
+    assert handle.engine is not None
+    leases = handle.engine.leases
+    served = f"127.0.0.1:{handle.port}"
+    try:
+        run_id = await start_gated_run(served, gate)
+        await call_in_flight(io_log, run_id)
+        await store.kill()
+        gate.touch()  # the answer comes while the store is down
+        await eventually(lambda: run_id not in leases.held, "the lease was lost", within=60, poll=0.05)
+        store = await start_store_process(data, port=store.port)
+        await await_completed(served, run_id)
+        assert calls(io_log) == {(run_id, f"{STEP}-gated"): 1}
+    finally:
+        await handle.drain(1.0)
         await store.kill()
 
 
@@ -134,13 +165,13 @@ async def test_lease_trust_lapsing_with_nobody_taking_over_keeps_the_answer(tmp_
     store = await start_store_process(data)
     engine = await start_engine_process(store.address, io_log=io_log, lease_ttl=2.0)
     try:
-        run_id = await start_gated_run(engine, gate)
+        run_id = await start_gated_run(engine.address, gate)
         await call_in_flight(io_log, run_id)
         engine.process.send_signal(signal.SIGSTOP)
         await asyncio.sleep(1.7)  # past the lease's trust (ttl - margin = 1.6 s after its last renewal)
         gate.touch()  # the answer is there the moment the engine runs again
         engine.process.send_signal(signal.SIGCONT)
-        await await_completed(engine, run_id)
+        await await_completed(engine.address, run_id)
         assert calls(io_log) == {(run_id, f"{STEP}-gated"): 1}
     finally:
         engine.process.send_signal(signal.SIGCONT)
@@ -162,13 +193,13 @@ async def test_a_stalled_store_replica_costs_a_healthy_engine_no_lease(
             for n in range(2)
         ]
         try:
-            run_id = await start_gated_run(engines[0], gate)
+            run_id = await start_gated_run(engines[0].address, gate)
             await call_in_flight(io_log, run_id)
             stores[1].process.send_signal(signal.SIGSTOP)
             # Many heartbeats (one every ttl/4), each with well under 10 s of patience.
             await asyncio.sleep(6.0)
             gate.touch()
-            await await_completed(engines[0], run_id)
+            await await_completed(engines[0].address, run_id)
             assert calls(io_log) == {(run_id, f"{STEP}-gated"): 1}
             async with grpc.aio.insecure_channel(stores[0].address) as channel:
                 reader = store_pb2_grpc.StoreServiceStub(channel)
@@ -202,9 +233,9 @@ async def test_a_paused_engine_enters_no_transport_after_a_takeover_and_transpor
     try:
         run_id = str(uuid.uuid4())
         # A may stop itself before it answers: the start is not awaited (RunStarted is seen instead).
-        starting = asyncio.create_task(start_gated_run(paused, gate, run_id=run_id))
+        starting = asyncio.create_task(start_gated_run(paused.address, gate, run_id=run_id))
         await eventually(lambda: is_stopped(paused), "engine A paused itself", within=60, poll=0.05)
-        await await_completed(taker, run_id)
+        await await_completed(taker.address, run_id)
         paused.process.send_signal(signal.SIGCONT)
         await eventually(
             lambda: "stopped driving it here" in Path(a_log).read_text(encoding="utf-8"),
