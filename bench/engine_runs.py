@@ -1,6 +1,6 @@
 """Completed runs/s of a 3-step pipeline, and fan-out parents/s, through real gRPC to both services.
 
-Run: `.venv/bin/python bench/engine_runs.py [--scenario all|pipeline|fan-out] [--runs N]
+Run: `.venv/bin/python bench/engine_runs.py [--scenario all|pipeline|fan-out|calls] [--runs N] [--calls N]
 [--durability full|normal] [--concurrency C] [--parents P] [--fan-out-concurrency F]
 [--backend sqlite|postgres] [--dsn DSN] [--engines N] [--stores M]
 [--event-loop asyncio|uvloop|auto]` (the loop the services run on; this client stays on asyncio)
@@ -24,6 +24,15 @@ Fan-out scenario (issue 4): each parent is one `StartRun(wait=true)` of `keel.fa
 children (`keel.echo`) and awaiting them all; it prints parents completed/s with F (default 8)
 parents in flight. DBOS Transact on SQLite does about 5.6 such parents/s on these machines; the
 target is at least 3x that (17/s).
+
+The ceiling (issue 13): a bare grpc.aio echo server (`bench/echo_server.py`) answers the same
+serialized StartRunRequest at the same concurrency, alternated with the pipeline measurement, and
+the ratio is printed on a line of its own: `pipeline runs/s vs echo calls/s: 0.12x`.
+
+Sequential recorded calls (issue 13, `--scenario calls`): one run whose single step makes `--calls`
+(1000) `io.call`s one after another to the in-process `keel.echo` transport, each recorded (durable
+before the op sees it); per-call overhead = (that run's time - a run of the same step with no call)
+/ calls.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ BIN = Path(sys.executable).parent
 FAN_OUT = 10
 DBOS_FAN_OUT = 5.6
 REPO = Path(__file__).resolve().parents[1]
+ECHO_METHOD = "/keel.bench.Echo/Echo"
 DEFAULT_DSN = os.environ.get("KEEL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -152,6 +162,55 @@ async def measure_fan_out(
     return parents / (time.perf_counter() - began), latencies
 
 
+async def echo_rate(address: str, concurrency: int, seconds: float) -> float:
+    """Calls/s of a bare grpc.aio echo server answering StartRunRequest bytes, `concurrency` in flight."""
+    request = engine_pb2.StartRunRequest(pipeline=pipeline(), input=to_value({"n": 1}), wait=True)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            ECHO_METHOD,
+            request_serializer=engine_pb2.StartRunRequest.SerializeToString,
+            response_deserializer=engine_pb2.StartRunRequest.FromString,
+        )
+        await asyncio.gather(*(call(request) for _ in range(concurrency)))  # warm-up
+        count = 0
+        began = time.perf_counter()
+
+        async def caller() -> None:
+            nonlocal count
+            while time.perf_counter() - began < seconds:
+                await call(request, timeout=60)
+                count += 1
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return count / (time.perf_counter() - began)
+
+
+async def one_run_seconds(stub: EngineServiceAsyncStub, calls: int) -> float:
+    """Seconds for one run whose single step makes `calls` recorded echo calls one after another."""
+    config = {
+        "calls": [
+            {"namespace": "keel.echo", "request": {"i": i}, "fact_key": f"call-{i}"} for i in range(calls)
+        ]
+    }
+    op = engine_pb2.SingleOp(op_id="keel.io_call", op_config=to_value(config))
+    began = time.perf_counter()
+    response = await stub.StartRun(engine_pb2.StartRunRequest(op=op, wait=True), timeout=600)
+    elapsed = time.perf_counter() - began
+    if response.run.status != engine_pb2.RUN_STATUS_COMPLETED:
+        raise RuntimeError(f"run {response.run_id} ended {response.run.status}: {response.run.reason}")
+    return elapsed
+
+
+async def per_call_ms(stub: EngineServiceAsyncStub, calls: int) -> float:
+    """Milliseconds each sequential recorded call adds to a run (median of 3 pairs)."""
+    overheads = []
+    for _ in range(3):
+        with_calls = await one_run_seconds(stub, calls)
+        without = await one_run_seconds(stub, 0)
+        overheads.append((with_calls - without) * 1000 / calls)
+    return statistics.median(overheads)
+
+
 def cpu_seconds(*pids: int) -> float:
     """User + system CPU time the processes have used so far (Linux /proc)."""
     total = 0.0
@@ -189,7 +248,8 @@ async def main() -> None:
         default="0.2",
         help="engine write-behind window in seconds (0: one append per step)",
     )
-    parser.add_argument("--scenario", choices=["all", "pipeline", "fan-out"], default="all")
+    parser.add_argument("--scenario", choices=["all", "pipeline", "fan-out", "calls"], default="all")
+    parser.add_argument("--calls", type=int, default=1000, help="sequential recorded calls (default 1000)")
     parser.add_argument("--parents", type=int, default=80, help="fan-out parents to complete (default 80)")
     parser.add_argument(
         "--fan-out-concurrency", type=int, default=8, help="fan-out parents in flight (default 8)"
@@ -204,6 +264,7 @@ async def main() -> None:
     args = parser.parse_args()
     pipelines = args.scenario in ("all", "pipeline")
     fan_outs = args.scenario in ("all", "fan-out")
+    sequential_calls = args.scenario in ("all", "calls")
     if args.backend == "sqlite" and args.stores != 1:
         parser.error("--stores > 1 needs --backend postgres (SQLite files are not shared)")
     schema = f"keel_bench_{secrets.token_hex(5)}"
@@ -239,6 +300,9 @@ async def main() -> None:
                 for _ in range(args.engines)
             ]
             processes += [process for process, _ in engines]
+            echo_command = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--listen", "127.0.0.1:0"]
+            echo_process, echo_address = await spawn(echo_command, "echo listening on")
+            processes.append(echo_process)
             engine_pids = [process.pid for process, _ in engines]
             store_pids = [process.pid for process, _ in stores]
             channels = [grpc.aio.insecure_channel(address) for _, address in engines]
@@ -251,6 +315,9 @@ async def main() -> None:
                     cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
                     rate, lat = await measure(stubs, args.runs, args.concurrency)
                     cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    echo = await echo_rate(echo_address, args.concurrency, seconds=3.0)
+                if sequential_calls:
+                    call_ms = await per_call_ms(stubs[0], args.calls)
                 if fan_outs:
                     stub = stubs[0]
                     await measure_fan_out(stub, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
@@ -271,6 +338,12 @@ async def main() -> None:
                 await drop_schema(args.dsn, schema)
     if pipelines:
         report_pipelines(args, serial_rate, serial_lat, sequential_runs, rate, lat, cpu_before, cpu_after)
+        print(f"pipeline runs/s vs echo calls/s: {rate / echo:.2f}x  ({rate:.1f} vs {echo:.1f}, same run)")
+    if sequential_calls:
+        print(
+            f"engine_runs: one step making {args.calls} sequential recorded io.calls (keel.echo transport): "
+            f"{call_ms:.2f} ms per call (issue 13 aim <= 1.5 ms)"
+        )
     if fan_outs:
         engine_ms = (fan_cpu_after[0] - fan_cpu_before[0]) * 1000 / args.parents
         store_ms = (fan_cpu_after[1] - fan_cpu_before[1]) * 1000 / args.parents
@@ -287,6 +360,10 @@ async def main() -> None:
         print(
             f"  target (issue 4): >= {3 * DBOS_FAN_OUT:.1f} parents/s, 3x DBOS's {DBOS_FAN_OUT}/s "
             f"({fan_rate / DBOS_FAN_OUT:.2f}x DBOS)"
+        )
+        print(
+            f"RESULT scenario=fan-out rate={fan_rate:.1f} p50_ms={statistics.median(fan_lat):.1f} "
+            f"p99_ms={percentile(fan_lat, 0.99):.1f}"
         )
 
 
@@ -318,6 +395,10 @@ def report_pipelines(
     store_ms = (cpu_after[1] - cpu_before[1]) * 1000 / args.runs
     print(f"  CPU per run (32 in flight): engine {engine_ms:.2f} ms, store {store_ms:.2f} ms")
     print(f"  targets (issue 3): >= 300 runs/s with 32 in flight ({rate / 300:.2f}x), p99 < 250 ms")
+    print(
+        f"RESULT scenario=pipeline rate={rate:.1f} p50_ms={statistics.median(lat):.1f} "
+        f"p99_ms={percentile(lat, 0.99):.1f}"
+    )
 
 
 if __name__ == "__main__":

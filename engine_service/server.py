@@ -31,9 +31,10 @@ from engine_service.failpoints import Failpoints
 from engine_service.run_driver import RunEnvironment
 from engine_service.servicer import EngineServicer, register
 from engine_service.store_client import StoreClient
+from keel_core.errors import KeelError
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
-from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles
+from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles, token_from_flags
 from keel_core.serving import (
     DEFAULT_EVENT_LOOP,
     EVENT_LOOPS,
@@ -49,6 +50,8 @@ log = logging.getLogger("engine_service")
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
 DEFAULT_STORE = "127.0.0.1:7071"
+# How long start-up waits for the store to say whether it accepts this engine's credentials.
+ACCESS_CHECK_SECONDS = 2.0
 _ = builtin_ops  # imported for its registrations
 
 
@@ -76,6 +79,8 @@ class EngineConfig:
     store_tls: ClientTls | None = None
     # When set, every EngineService call must carry `authorization: Bearer <token>` (health excepted).
     auth_token: str | None = None
+    # The token of a store started with --auth-token, sent as `authorization: Bearer <token>`.
+    store_auth_token: str | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_listen: str | None = None
     # This engine's name in run leases; None: hostname-pid-random.
@@ -125,9 +130,12 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
             config.store,
             patience=config.store_patience,
             tls=config.store_tls,
+            auth_token=config.store_auth_token,
             on_appended=engine_metrics.count_appended,
         )
         undo.push_async_callback(store.close)
+        # A store that refuses our credentials would fail every run: say so now, not per run.
+        await store.check_access(ACCESS_CHECK_SECONDS)
         engine = Engine(
             RunEnvironment(store, engine_metrics.metered_ops(ops), transports, failpoints),
             build_provenance(),
@@ -299,6 +307,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="key of --store-tls-cert [KEEL_ENGINE_STORE_TLS_KEY]",
     )
     parser.add_argument(
+        "--store-auth-token",
+        default=env("KEEL_ENGINE_STORE_AUTH_TOKEN") or None,
+        metavar="TOKEN",
+        help="send 'authorization: Bearer TOKEN' on every store call, for a store started with "
+        "--auth-token; prefer the environment variable or --store-auth-token-file, command lines "
+        "are visible to other users [KEEL_ENGINE_STORE_AUTH_TOKEN] (default: no token)",
+    )
+    parser.add_argument(
+        "--store-auth-token-file",
+        default=env("KEEL_ENGINE_STORE_AUTH_TOKEN_FILE") or None,
+        metavar="PATH",
+        help="like --store-auth-token, the token read from this file (one line) "
+        "[KEEL_ENGINE_STORE_AUTH_TOKEN_FILE]",
+    )
+    parser.add_argument(
         "--metrics-listen",
         default=env("KEEL_ENGINE_METRICS_LISTEN") or None,
         metavar="HOST:PORT",
@@ -339,12 +362,13 @@ async def serve(config: EngineConfig) -> None:
     if handle.metrics is not None:
         print(f"engine-service metrics on {handle.metrics.url}", flush=True)
     log.info(
-        "serving on %s (%s%s; store %s over %s)",
+        "serving on %s (%s%s; store %s over %s%s)",
         address,
         "mutual TLS" if config.tls and config.tls.client_ca else "TLS" if config.tls else "plaintext",
         ", bearer token required" if config.auth_token else "",
         config.store,
         "TLS" if config.store_tls else "plaintext",
+        " with a bearer token" if config.store_auth_token else "",
     )
     await serve_until_signalled(handle, config.grace)
     log.info("stopped")
@@ -366,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.store_tls_ca, args.store_tls_cert, args.store_tls_key, prefix="--store-"
             ),
             auth_token=args.auth_token,
+            store_auth_token=token_from_flags(
+                args.store_auth_token, args.store_auth_token_file, flag="--store-auth-token"
+            ),
             metrics_listen=args.metrics_listen,
             engine_id=args.engine_id,
             lease_ttl=args.lease_ttl,
@@ -375,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     except (ImportError, ValueError, OSError) as error:
         print(f"engine-service: {error}", file=sys.stderr)
+        return 2
+    except KeelError as error:  # e.g. store_unauthenticated: the store refused our credentials
+        log.error("engine-service could not start: %s", error.message, extra={"error_code": error.code})
         return 2
     return 0
 

@@ -34,8 +34,8 @@ import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.domain.canonical import artifact_id_for_bytes
-from keel_core.errors import KeelError, unavailable
-from keel_core.security import ClientTls
+from keel_core.errors import ErrorCategory, KeelError, unavailable
+from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import MAX_MESSAGE_BYTES, host_port
 from keel_core.status import from_rpc_error
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FOREVER = math.inf
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 # How long a replica that failed a try is passed over while another one is not.
 SUSPECT_SECONDS = 5.0
 
@@ -135,7 +136,11 @@ AppendObserver = Callable[[str, Sequence[tuple[str, bytes]]], None]
 
 
 class StoreClient:
-    """Typed, retrying calls to the StoreService (over TLS, with a client certificate, when given)."""
+    """Typed, retrying calls to the StoreService (over TLS, with a client certificate, when given).
+
+    With `auth_token`, every call carries `authorization: Bearer <token>` for a store started with
+    `--auth-token`.
+    """
 
     def __init__(
         self,
@@ -144,6 +149,7 @@ class StoreClient:
         rpc_timeout: float = 10.0,
         patience: float = 10.0,
         tls: ClientTls | None = None,
+        auth_token: str | None = None,
         on_appended: AppendObserver | None = None,
     ) -> None:
         self.addresses = addresses
@@ -163,11 +169,18 @@ class StoreClient:
         ]
         channel_target(addresses)  # checks the list as a whole
         targets = [channel_target(part) for part in addresses.split(",") if part.strip()]
+        # No interceptor without a token: each one costs every call a little.
+        interceptors = bearer_token_interceptors(auth_token) if auth_token else None
         if tls is None:
-            self._channels = [grpc.aio.insecure_channel(t, options=options) for t in targets]
+            self._channels = [
+                grpc.aio.insecure_channel(t, options=options, interceptors=interceptors) for t in targets
+            ]
         else:
             credentials = tls.channel_credentials()
-            self._channels = [grpc.aio.secure_channel(t, credentials, options=options) for t in targets]
+            self._channels = [
+                grpc.aio.secure_channel(t, credentials, options=options, interceptors=interceptors)
+                for t in targets
+            ]
         self._stubs: list[_Stub] = [store_pb2_grpc.StoreServiceStub(channel) for channel in self._channels]
         self._turn = 0  # the replica the next call starts with (calls take turns)
         self._suspect_until = [0.0] * len(self._stubs)  # monotonic time until which a replica is avoided
@@ -209,6 +222,8 @@ class StoreClient:
             try:
                 result = await call(self._stubs[replica], self._try_timeout(deadline, len(order) - tries + 1))
             except grpc.aio.AioRpcError as error:
+                if error.code() in _REFUSED_CODES:
+                    raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
                 self._suspect_until[replica] = time.monotonic() + SUSPECT_SECONDS
@@ -227,6 +242,31 @@ class StoreClient:
             else:
                 self._suspect_until[replica] = 0.0
                 return result
+
+    def _refused(self, error: grpc.aio.AioRpcError) -> KeelError:
+        # The engine's credentials for the store are wrong: an operator's set-up error, not the
+        # engine's caller's. Passing UNAUTHENTICATED on would tell a client its own token is wrong.
+        return KeelError(
+            "store_unauthenticated",
+            f"the store at {self.addresses} refused this engine's credentials ({error.details()}); "
+            "give the engine the store's token with --store-auth-token or KEEL_ENGINE_STORE_AUTH_TOKEN "
+            "(and, for a mutual-TLS store, a client certificate with --store-tls-cert/--store-tls-key)",
+            category=ErrorCategory.UNAVAILABLE,
+        )
+
+    async def check_access(self, within: float) -> None:
+        """Raise `store_unauthenticated` if the store refuses this engine's credentials.
+
+        One read, tried once within `within` seconds: a store that does not answer (not started yet,
+        unreachable) passes, since the engine waits for its store anyway; only a refusal fails.
+        """
+        try:
+            await self._stubs[self._order()[0]].HeadSeq(
+                store_pb2.HeadSeqRequest(stream_id="keel:access-check"), timeout=within
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _REFUSED_CODES:
+                raise self._refused(error) from None
 
     async def append(
         self,
@@ -406,6 +446,8 @@ class StoreClient:
                     yield _stream_event(message.event)
                 return
             except grpc.aio.AioRpcError as error:
+                if error.code() in _REFUSED_CODES:
+                    raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
                 await asyncio.sleep(delay)

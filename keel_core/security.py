@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -14,8 +14,16 @@ from keel_core.errors import ErrorCategory, KeelError
 from keel_core.serving import ServerInterceptor
 from keel_core.status import to_rpc_status
 
-# Probes from a service mesh must work without credentials.
-UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+# Probes from a service mesh must work without credentials, and so must reflection (grpcurl
+# `list`/`describe`): it reveals the public schema, nothing stored.
+UNAUTHENTICATED_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,34 @@ def _readable(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: no such file")
 
 
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents `token` to a server running `BearerTokenInterceptor`."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def token_from_flags(token: str | None, token_file: str | None, *, flag: str) -> str | None:
+    """A bearer token given directly (`{flag}`) or in a file (`{flag}-file`); None when neither is.
+
+    The file is read now, so a wrong path or an empty file fails at start-up with the flag named.
+    One trailing newline (what `echo` and most secret mounts add) is not part of the token.
+    """
+    if token and token_file:
+        raise ValueError(f"give {flag} or {flag}-file, not both")
+    if not token_file:
+        return token or None
+    path = Path(token_file)
+    _readable(path, f"{flag}-file")
+    text = path.read_text().removesuffix("\n").removesuffix("\r")
+    if not text or text.strip() != text or not text.isprintable():
+        raise ValueError(f"{flag}-file {path}: the token must be one line without surrounding spaces")
+    return text
+
+
 class BearerTokenInterceptor(ServerInterceptor):
-    """Refuses, with UNAUTHENTICATED, every call without `authorization: Bearer <token>` (health excepted)."""
+    """Refuses, with UNAUTHENTICATED, every call without `authorization: Bearer <token>`.
+
+    Health checks and reflection are let through (UNAUTHENTICATED_METHODS).
+    """
 
     def __init__(self, token: str) -> None:
         if not token:
@@ -142,3 +176,65 @@ def _refusal(handler: grpc.RpcMethodHandler[Any, Any] | None, why: str) -> grpc.
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(refuse_unary, deserializer, serializer)
     return grpc.stream_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
+
+
+if TYPE_CHECKING:
+    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+else:  # grpc-stubs make them generic; the runtime classes are not subscriptable
+    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
+    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor
+    _StreamStream = grpc.aio.StreamStreamClientInterceptor
+
+
+def bearer_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Channel interceptors adding `authorization: Bearer <token>` to every call (the client side of
+    `BearerTokenInterceptor`).
+
+    On the channel rather than at each call site, so that no call, including ones added later, goes
+    out without it. Plain metadata rather than gRPC call credentials: those are refused on plaintext
+    channels, and a token on a private network without TLS is a supported set-up. One interceptor
+    per call shape: a grpc.aio channel files each interceptor under the first shape it implements.
+    """
+    if not token:
+        raise ValueError("the bearer token must not be empty")
+    header = bearer_metadata(token)[0]
+    shapes = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
+    # The grpc stubs type interceptors loosely (a placeholder type): hence the cast.
+    return [cast("grpc.aio.ClientInterceptor", shape(header)) for shape in shapes]
+
+
+class _WithToken:
+    def __init__(self, header: tuple[str, str]) -> None:
+        self._header = header
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _UnaryUnaryToken(_WithToken, _UnaryUnary):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _UnaryStreamToken(_WithToken, _UnaryStream):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamUnaryToken(_WithToken, _StreamUnary):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
+        return await continuation(self._details(client_call_details), requests)
+
+
+class _StreamStreamToken(_WithToken, _StreamStream):
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), requests)

@@ -17,10 +17,11 @@ from pathlib import Path
 from keel_core.errors import KeelError
 from keel_core.logs import configure_logging
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
-from keel_core.security import TlsFiles
+from keel_core.security import BearerTokenInterceptor, TlsFiles, token_from_flags
 from keel_core.serving import (
     DEFAULT_EVENT_LOOP,
     EVENT_LOOPS,
+    ServerInterceptor,
     ServingHandle,
     host_port,
     run_service,
@@ -54,6 +55,9 @@ class StoreConfig:
     grace: float = 10.0
     # TLS (with client_ca: mutual TLS, only clients holding a certificate it signed get in); None: plaintext.
     tls: TlsFiles | None = None
+    # When set, every StoreService call must carry `authorization: Bearer <token>` (health and
+    # reflection excepted): only engines given the token can read or write streams.
+    auth_token: str | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_listen: str | None = None
     # Bytes one artifact may have (PutArtifact or inline in an append); 0: no cap.
@@ -115,11 +119,15 @@ async def start_store(config: StoreConfig) -> StoreServingHandle:
         await backend.open()
         undo.push_async_callback(backend.close)
         servicer = StoreServicer(backend, max_artifact_bytes=config.max_artifact_bytes)
+        interceptors: list[ServerInterceptor] = [MetricsInterceptor()]
+        if config.auth_token:
+            # After the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED).
+            interceptors.append(BearerTokenInterceptor(config.auth_token))
         served = await start_server(
             config.listen,
             lambda server: register(server, servicer),
             credentials=config.tls.server_credentials() if config.tls else None,
-            interceptors=[MetricsInterceptor()],
+            interceptors=interceptors,
         )
         undo.pop_all()
     on_stop = [*served.on_stop, backend.close]
@@ -237,6 +245,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "so only engines holding one reach the store [KEEL_STORE_TLS_CLIENT_CA]",
     )
     parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("KEEL_STORE_AUTH_TOKEN") or None,
+        metavar="TOKEN",
+        help="require 'authorization: Bearer TOKEN' on every StoreService call (health checks and "
+        "reflection excepted), so only engines given the token (engine-service --store-auth-token) "
+        "read or write streams; prefer the environment variable or --auth-token-file, command lines "
+        "are visible to other users [KEEL_STORE_AUTH_TOKEN] (default: no token)",
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        default=os.environ.get("KEEL_STORE_AUTH_TOKEN_FILE") or None,
+        metavar="PATH",
+        help="like --auth-token, the token read from this file (one line) [KEEL_STORE_AUTH_TOKEN_FILE]",
+    )
+    parser.add_argument(
         "--metrics-listen",
         default=os.environ.get("KEEL_STORE_METRICS_LISTEN") or None,
         metavar="HOST:PORT",
@@ -278,11 +301,12 @@ async def serve(config: StoreConfig) -> None:
     if handle.metrics is not None:
         print(f"store-service metrics on {handle.metrics.url}", flush=True)
     log.info(
-        "serving on %s (backend %s, durability %s, %s)",
+        "serving on %s (backend %s, durability %s, %s%s)",
         address,
         config.backend,
         config.durability,
         _transport(config.tls),
+        ", bearer token required" if config.auth_token else "",
     )
     await serve_until_signalled(handle, config.grace)
     log.info("stopped")
@@ -308,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pg_schema=args.pg_schema,
             grace=args.grace,
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
+            auth_token=token_from_flags(args.auth_token, args.auth_token_file, flag="--auth-token"),
             metrics_listen=args.metrics_listen,
             max_artifact_bytes=args.max_artifact_bytes,
         )

@@ -1,7 +1,9 @@
-"""Generate Keel's Python stubs (and their .pyi files) from protos/ into gen/.
+"""Generate Keel's Python stubs (and their .pyi files) from protos/ into the client distribution.
 
-    python tools/gen_protos.py          # regenerate gen/keel
-    python tools/gen_protos.py --check  # fail if gen/keel differs from a fresh generation
+    python tools/gen_protos.py          # regenerate clients/python/keel
+    python tools/gen_protos.py --check  # fail if clients/python/keel differs from a fresh generation
+
+The stubs ship in keel-client (clients/python), which the server distribution depends on.
 
 The generators are pinned in pyproject.toml (grpcio-tools, mypy-protobuf) so the output is
 reproducible; CI runs --check.
@@ -21,7 +23,7 @@ import grpc_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-GEN = ROOT / "gen"
+GEN = ROOT / "clients" / "python"  # the stub package lands in GEN / PACKAGE
 PACKAGE = "keel"
 
 
@@ -68,22 +70,25 @@ def differences(left: Path, right: Path) -> list[str]:
 
 
 def main() -> int:
-    """Regenerate, or with --check compare a fresh generation against gen/."""
+    """Regenerate, or with --check compare a fresh generation against the committed stubs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if gen/ is stale")
+    parser.add_argument("--check", action="store_true", help="fail if the committed stubs are stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)
         generate(fresh)
         if args.check:
-            stale = differences(fresh / PACKAGE, GEN / PACKAGE) if (GEN / PACKAGE).exists() else ["gen/keel"]
+            stale = (
+                differences(fresh / PACKAGE, GEN / PACKAGE)
+                if (GEN / PACKAGE).exists()
+                else [str(GEN / PACKAGE)]
+            )
             if stale:
                 print("generated stubs are stale; run `python tools/gen_protos.py`:", *stale, sep="\n  ")
                 return 1
             print("generated stubs are fresh")
             return 0
         shutil.rmtree(GEN / PACKAGE, ignore_errors=True)
-        GEN.mkdir(exist_ok=True)
         shutil.copytree(fresh / PACKAGE, GEN / PACKAGE)
     print(f"generated {GEN / PACKAGE}")
     return 0

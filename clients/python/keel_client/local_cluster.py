@@ -4,16 +4,26 @@ The store keeps its SQLite file under `DATA_DIR/store`; each service's stdout an
 lines) go to `DATA_DIR/logs/<name>.log`, whose last error is quoted when a service fails to start.
 Stopping sends SIGTERM to the engine first (so it parks its runs while the store is still there),
 then to the store, and waits for each to drain.
+
+The store requires a bearer token made up at each start and handed to the engine only (through the
+environment, which other users cannot read, unlike command lines): nobody else on the machine can
+write to, or read, the local store; clients go through the engine. For debugging with grpcurl, the
+token is also written to `DATA_DIR/store-token`, readable by its owner only, like the database.
+
+The services come with the server distribution (`keel`, the repository root), not with this client
+(`keel-client`): `require_server` says so before anything is started.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,8 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+SERVER_PACKAGES = ("store_service", "engine_service")
 STARTUP_SECONDS = 30.0
 STOP_SECONDS = 20.0
 _READY = re.compile(r"^(store-service|engine-service) listening on (\S+)\s*$")
@@ -35,6 +45,25 @@ _READY = re.compile(r"^(store-service|engine-service) listening on (\S+)\s*$")
 
 class ClusterError(Exception):
     """A local service could not be started or stopped; the message says why and where its log is."""
+
+
+class ServerNotInstalled(ClusterError):
+    """The Keel server distribution is not installed beside this client."""
+
+
+def server_installed() -> bool:
+    """Whether the server distribution (store-service, engine-service) is importable here."""
+    return all(importlib.util.find_spec(name) is not None for name in SERVER_PACKAGES)
+
+
+def require_server(command: str) -> None:
+    """Raise ServerNotInstalled, naming `command` and how to install the server, when it is missing."""
+    if not server_installed():
+        raise ServerNotInstalled(
+            f"{command} needs the Keel server, which is not installed here (this is the client alone): "
+            "install it with `pip install .` in a Keel checkout "
+            "(the `keel` distribution at the repository root)"
+        )
 
 
 def service_executable(name: str) -> str:
@@ -124,6 +153,8 @@ class LocalCluster:
     engine_listen: str = "127.0.0.1:7070"
     ops: Sequence[str] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The store's bearer token, made anew by each start(); only the engine is given it.
+    store_token: str = field(default="", init=False, repr=False)
     store: ServiceProcess | None = None
     engine: ServiceProcess | None = None
 
@@ -131,6 +162,11 @@ class LocalCluster:
     def store_address(self) -> str:
         """HOST:PORT the store serves on."""
         return self.store.address if self.store else ""
+
+    @property
+    def store_token_file(self) -> Path:
+        """Where start() wrote the store's token (mode 0600), for its owner's grpcurl sessions."""
+        return self.data_dir / "store-token"
 
     @property
     def engine_address(self) -> str:
@@ -146,26 +182,35 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the store, then the engine pointed at it, and wait until both answer health checks."""
+        require_server("starting a local store and engine")
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.store_token = secrets.token_urlsafe(32)
+        _write_private(self.store_token_file, self.store_token + "\n")
         try:
             self.store = self._spawn(
                 "store-service",
                 ["--listen", self.store_listen, "--data-dir", str(self.data_dir / "store")],
+                {"KEEL_STORE_AUTH_TOKEN": self.store_token, "KEEL_STORE_AUTH_TOKEN_FILE": ""},
             )
             self._await_ready(self.store)
             engine_args = ["--listen", self.engine_listen, "--store", self.store.address]
             if self.ops:
                 engine_args += ["--ops", *self.ops]
-            self.engine = self._spawn("engine-service", engine_args)
+            self.engine = self._spawn(
+                "engine-service",
+                engine_args,
+                {"KEEL_ENGINE_STORE_AUTH_TOKEN": self.store_token, "KEEL_ENGINE_STORE_AUTH_TOKEN_FILE": ""},
+            )
             self._await_ready(self.engine)
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, name: str, args: list[str]) -> ServiceProcess:
+    def _spawn(self, name: str, args: list[str], secret_env: dict[str, str]) -> ServiceProcess:
         log_path = self.data_dir / "logs" / f"{name}.log"
         log = log_path.open("ab")
-        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        # The token last: a KEEL_*_AUTH_TOKEN in the caller's environment must not split the pair.
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1", **secret_env}
         try:
             process = subprocess.Popen(
                 [service_executable(name), *args],
@@ -235,8 +280,20 @@ class LocalCluster:
                 service.process.stdout.close()
 
 
+def _write_private(path: Path, text: str) -> None:
+    # Created 0600, and narrowed to it when it existed: other users must not read the token.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+
+
 def wait_healthy(address: str, name: str, timeout: float) -> None:
     """Wait until grpc.health.v1 at `address` reports SERVING for the whole server."""
+    # The health stubs come with the server distribution (grpcio-health-checking), which a local
+    # cluster needs anyway; a client-only install never gets here (see require_server).
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     deadline = time.monotonic() + timeout
     last_problem = "no answer"
     with grpc.insecure_channel(address) as channel:

@@ -1,33 +1,144 @@
-"""KeelClient: EngineService over a blocking gRPC channel, one method per RPC, typed results and errors."""
+"""KeelClient: the blocking face of AsyncKeelClient, with the same methods, results and errors.
+
+The client is written once, as AsyncKeelClient. KeelClient runs one on a private event loop in a
+background thread and forwards every call there, blocking the caller until the answer comes back;
+a streaming method (`watch_run`, `iter_runs`) becomes a generator that fetches one item per step.
+Deadlines, retries and typed errors are therefore exactly the asynchronous client's.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+import asyncio
+import functools
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import grpc
-from keel.engine.v1 import engine_pb2, engine_pb2_grpc
+from keel_client.aio import AsyncKeelClient
+from keel_client.channel import DEFAULT_DEADLINE, TlsConfig
 
-from keel_client import wire
-from keel_client.channel import DEFAULT_DEADLINE, WATCH_RECONNECTS, TlsConfig, call_metadata, channel_options
-from keel_client.errors import error_from_rpc
-from keel_client.models import (
-    AwaitedRun,
-    ChildResult,
-    OpInfo,
-    ParentClosePolicy,
-    ResumedRun,
-    Run,
-    RunEvent,
-    RunPage,
-    RunStatus,
-    RunSummary,
-    SpawnedChild,
-    StartedRun,
-    TerminalizeResult,
-    TerminalTarget,
-)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """A private asyncio event loop in a daemon thread, and a blocking way to run coroutines on it."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="keel-client-loop", daemon=True)
+        self._thread.start()
+
+    def on_loop(self) -> bool:
+        """Whether the caller is the loop's own thread (which must never wait for the loop)."""
+        return threading.current_thread() is self._thread
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop and return its result (or raise its exception) in this thread."""
+        if self._loop.is_closed() or self.on_loop():
+            coroutine.close()
+            raise RuntimeError(
+                "this KeelClient is closed" if self._loop.is_closed() else "called on its own loop"
+            )
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): the call must not go on in the background.
+            future.cancel()
+            raise
+
+    def iterate(self, items: AsyncIterator[T]) -> Generator[T, None, None]:
+        """`items` as a blocking generator; closing the generator closes `items` (ending its stream)."""
+        try:
+            while True:
+                try:
+                    item = self.run(_next(items))
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            self._close(items)
+
+    def _close(self, items: AsyncIterator[Any]) -> None:
+        aclose = getattr(items, "aclose", None)
+        if aclose is None or self._loop.is_closed():
+            return
+        if self.on_loop():
+            # Collected on the loop's own thread: waiting for the loop here would wait forever.
+            self._loop.create_task(aclose())
+        else:
+            self.run(aclose())
+
+    def stop_after(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """From the loop's own thread: run `coroutine`, then stop the loop, without waiting for either."""
+        self._loop.create_task(coroutine).add_done_callback(lambda _: self._loop.stop())
+
+    def stop(self) -> None:
+        """Stop the loop, wait for its thread, and close it; idempotent."""
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+async def _next(items: AsyncIterator[T]) -> T:
+    # run_coroutine_threadsafe takes a coroutine, and anext() returns a bare awaitable.
+    return await anext(items)
+
+
+async def _call(factory: Callable[[], T]) -> T:
+    # grpc.aio binds a channel to the loop it is created on: create it on the client's own loop.
+    return factory()
+
+
+def _shutdown(loop: _LoopThread, client: AsyncKeelClient) -> None:
+    if loop.on_loop():
+        # Dropped during a garbage collection that ran on the loop's thread: it cannot wait for itself.
+        loop.stop_after(client.close())
+        return
+    try:
+        loop.run(client.close())
+    finally:
+        loop.stop()
+
+
+def _adopt(call: Callable[..., Any], method: Callable[..., Any]) -> None:
+    """Give the blocking `call` the async `method`'s name and signature, and its docstring rewritten.
+
+    The example in the docstring loses its `await` and `async for`, which the blocking call has not.
+    """
+    functools.update_wrapper(call, method)
+    call.__qualname__ = f"KeelClient.{method.__name__}"
+    call.__module__ = __name__
+    doc = method.__doc__ or ""
+    call.__doc__ = doc.replace("async for ", "for ").replace("await ", "").replace("aclosing(", "closing(")
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncKeelClient, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[KeelClient, P], T]:
+    """A KeelClient method that runs AsyncKeelClient's `method` on the client's loop and waits for it."""
+
+    def call(client: KeelClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return client._loop.run(method(client._async, *args, **kwargs))
+
+    _adopt(call, method)
+    return call
+
+
+def _blocking_iter(
+    method: Callable[Concatenate[AsyncKeelClient, P], AsyncIterator[T]],
+) -> Callable[Concatenate[KeelClient, P], Generator[T, None, None]]:
+    """A KeelClient generator method over AsyncKeelClient's asynchronous generator `method`."""
+
+    def call(client: KeelClient, /, *args: P.args, **kwargs: P.kwargs) -> Generator[T, None, None]:
+        return client._loop.iterate(method(client._async, *args, **kwargs))
+
+    _adopt(call, method)
+    return call
 
 
 class KeelClient:
@@ -44,7 +155,8 @@ class KeelClient:
     Every call has a deadline (`deadline` seconds, default 30, overridable per call) except those
     that wait for a run (`await_run`, `watch_run`, `start_run(wait=True)`), which wait as long as
     they are told to. UNAVAILABLE is retried by gRPC itself (see keel_client.channel); failures
-    raise a subclass of KeelClientError chosen by the ErrorInfo reason.
+    raise a subclass of KeelClientError chosen by the ErrorInfo reason. The methods are
+    AsyncKeelClient's, run on a private event loop in a background thread.
     """
 
     def __init__(
@@ -56,14 +168,18 @@ class KeelClient:
         tls: TlsConfig | None = None,
         token: str | None = None,
     ) -> None:
-        options = channel_options(retries)
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
-        self._stub = engine_pb2_grpc.EngineServiceStub(self._channel)
-        self._deadline = deadline
-        self._metadata = call_metadata(token)
+        self._loop = _LoopThread()
+        try:
+            self._async = self._loop.run(
+                _call(
+                    lambda: AsyncKeelClient(target, deadline=deadline, retries=retries, tls=tls, token=token)
+                )
+            )
+        except BaseException:
+            self._loop.stop()
+            raise
+        # Closes the channel and stops the loop on close(), or when the client is dropped unclosed.
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._async)
         self.target = target
 
     def __enter__(self) -> KeelClient:
@@ -74,266 +190,17 @@ class KeelClient:
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
+        self._finalizer()
 
-    def _unary(self, method: Any, request: Any, deadline: float | None) -> Any:
-        try:
-            return method(request, timeout=deadline, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
-
-    def start_run(
-        self,
-        pipeline: wire.PipelineLike | None = None,
-        *,
-        op: str | None = None,
-        op_version: str = "",
-        op_config: Any = None,
-        input: Any = None,
-        context: Mapping[str, Any] | None = None,
-        run_config: wire.RunConfigLike | None = None,
-        run_id: str | None = None,
-        wait: bool = False,
-        deadline: float | None = None,
-    ) -> StartedRun:
-        """Start a run of a pipeline (a dict shaped like the proto Pipeline) or of a single `op`.
-
-        Without `run_id` the client picks a uuid4, so that a retried start cannot create two runs;
-        with one, starting again with the same pipeline and input returns the existing run
-        (`created` False) and a different one raises RunAlreadyExists. With `wait` the call returns
-        once the run is terminal (no deadline unless `deadline` is given).
-
-        Example::
-
-            started = keel.start_run(
-                {"pipeline_id": "greet", "steps": [{"step_id": "hello", "op_id": "echo"}]},
-                input={"name": "Ada"},
-                context={"tenant": "acme"},
-            )
-            print(started.run_id, started.created)
-        """
-        request = wire.start_run_request(
-            pipeline,
-            op=op,
-            op_version=op_version,
-            op_config=op_config,
-            input=input,
-            context=context,
-            run_config=run_config,
-            run_id=run_id,
-            wait=wait,
-        )
-        deadline = deadline if deadline is not None or wait else self._deadline
-        return wire.started_run(self._unary(self._stub.StartRun, request, deadline))
-
-    def resume_run(self, run_id: str, *, deadline: float | None = None) -> ResumedRun:
-        """Make this engine drive a run nobody drives (a terminal run is returned as it is).
-
-        Example::
-
-            resumed = keel.resume_run(run_id)
-            print(resumed.resumed, resumed.run.status)
-        """
-        request = engine_pb2.ResumeRunRequest(run_id=run_id)
-        return wire.resumed_run(self._unary(self._stub.ResumeRun, request, deadline or self._deadline))
-
-    def spawn_child(
-        self,
-        parent_run_id: str,
-        fact_key: str,
-        op: str,
-        *,
-        op_version: str = "",
-        op_config: Any = None,
-        input: Any = None,
-        context: Mapping[str, Any] | None = None,
-        run_config: wire.RunConfigLike | None = None,
-        parent_close_policy: ParentClosePolicy = ParentClosePolicy.CANCEL,
-        deadline: float | None = None,
-    ) -> SpawnedChild:
-        """Spawn a child run of `parent_run_id` named by `fact_key`; spawning twice yields the same child.
-
-        Example::
-
-            child = keel.spawn_child(parent_run_id, "invoice-42", "echo", input={"amount": 42})
-            result = keel.await_child(child.child_run_id, child.child_manifest_id)
-        """
-        request = wire.spawn_child_request(
-            parent_run_id,
-            fact_key,
-            op,
-            op_version=op_version,
-            op_config=op_config,
-            input=input,
-            context=context,
-            run_config=run_config,
-            parent_close_policy=parent_close_policy,
-        )
-        return wire.spawned_child(self._unary(self._stub.SpawnChild, request, deadline or self._deadline))
-
-    def await_child(
-        self,
-        child_run_id: str,
-        child_manifest_id: str = "",
-        *,
-        parent_run_id: str = "",
-        deadline: float | None = None,
-    ) -> ChildResult:
-        """Wait for a child run to finish (starting or resuming it if need be); no deadline by default.
-
-        A child whose spawn was interrupted before it started is started from the spawn its parent
-        recorded when `parent_run_id` is given (else from `child_manifest_id`).
-
-        Example::
-
-            result = keel.await_child(child.child_run_id, child.child_manifest_id)
-            print(result.status, result.final_snapshot)
-        """
-        request = engine_pb2.AwaitChildRequest(
-            kind="child_run_await_v1",
-            child_run_id=child_run_id,
-            child_manifest_id=child_manifest_id,
-            parent_run_id=parent_run_id,
-        )
-        return wire.child_result(self._unary(self._stub.AwaitChild, request, deadline))
-
-    def terminalize(
-        self, run_id: str, target: TerminalTarget | str, *, reason: str = "", deadline: float | None = None
-    ) -> TerminalizeResult:
-        """Move a run to `target` (completed, failed, canceled) exactly once: TRANSITIONED, else NOOP.
-
-        Example::
-
-            result = keel.terminalize(run_id, "canceled", reason="superseded by a newer run")
-            print(result.outcome, result.status)
-        """
-        request = wire.terminalize_request(run_id, target, reason)
-        return wire.terminalize_result(
-            self._unary(self._stub.Terminalize, request, deadline or self._deadline)
-        )
-
-    def cancel(self, run_id: str, *, reason: str = "", deadline: float | None = None) -> TerminalizeResult:
-        """Cancel a run (Terminalize with target canceled).
-
-        Example::
-
-            keel.cancel(run_id)
-        """
-        return self.terminalize(run_id, TerminalTarget.CANCELED, reason=reason, deadline=deadline)
-
-    def get_run(self, run_id: str, *, deadline: float | None = None) -> Run:
-        """The run with its steps, attempts, children, failure ledger and (when terminal) final snapshot.
-
-        Example::
-
-            run = keel.get_run(run_id)
-            for step in run.steps:
-                print(step.step_id, step.status, len(step.attempts))
-        """
-        response = self._unary(
-            self._stub.GetRun, engine_pb2.GetRunRequest(run_id=run_id), deadline or self._deadline
-        )
-        return wire.run(response.run)
-
-    def list_runs(
-        self,
-        *,
-        statuses: Iterable[RunStatus | str] = (),
-        page_size: int = 0,
-        page_token: str | None = None,
-        deadline: float | None = None,
-    ) -> RunPage:
-        """One page of runs, newest first, optionally only those with the given statuses.
-
-        Example::
-
-            page = keel.list_runs(statuses=["running"], page_size=20)
-            for summary in page.runs:
-                print(summary.run_id, summary.status)
-        """
-        request = wire.list_runs_request(statuses, page_size, page_token)
-        return wire.run_page(self._unary(self._stub.ListRuns, request, deadline or self._deadline))
-
-    def iter_runs(
-        self, *, statuses: Iterable[RunStatus | str] = (), limit: int | None = None, page_size: int = 100
-    ) -> Iterator[RunSummary]:
-        """Every run (or the first `limit`), newest first, fetching pages as needed.
-
-        Example::
-
-            for summary in keel.iter_runs(statuses=["failed"], limit=10):
-                print(summary.run_id)
-        """
-        wanted = tuple(statuses)
-        token: str | None = None
-        seen = 0
-        while True:
-            page = self.list_runs(statuses=wanted, page_size=page_size, page_token=token)
-            for summary in page.runs:
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                yield summary
-            token = page.next_page_token
-            if token is None:
-                return
-
-    def await_run(self, run_id: str, *, max_wait: float | None = None) -> AwaitedRun:
-        """Block until the run is terminal or `max_wait` seconds pass (None: no limit), without polling.
-
-        Example::
-
-            awaited = keel.await_run(run_id, max_wait=60)
-            if awaited.done:
-                print(awaited.run.status, awaited.run.final_snapshot)
-        """
-        request = wire.await_run_request(run_id, max_wait)
-        # The call's deadline leaves the engine time to answer "not done" after its own timeout.
-        deadline = None if max_wait is None else max_wait + self._deadline
-        return wire.awaited_run(self._unary(self._stub.AwaitRun, request, deadline))
-
-    def watch_run(
-        self, run_id: str, *, after_seq: int = 0, deadline: float | None = None
-    ) -> Iterator[RunEvent]:
-        """The run's events as they happen, after `after_seq`; ends after the terminal event.
-
-        A stream broken by UNAVAILABLE is resumed after the last delivered event, so no event is
-        missed or repeated. Breaking out of the loop cancels the stream.
-
-        Example::
-
-            for event in keel.watch_run(run_id):
-                print(event.seq, event.type, event.data)
-        """
-        deadline_at = None if deadline is None else time.monotonic() + deadline
-        last_seq = after_seq
-        reconnects = 0
-        while True:
-            remaining = None if deadline_at is None else max(0.0, deadline_at - time.monotonic())
-            request = engine_pb2.WatchRunRequest(run_id=run_id, after_seq=last_seq)
-            call = self._stub.WatchRun(request, timeout=remaining, metadata=self._metadata)
-            try:
-                for message in call:
-                    event = wire.run_event(message)
-                    last_seq = event.seq
-                    reconnects = 0
-                    yield event
-                return
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or reconnects >= WATCH_RECONNECTS:
-                    raise error_from_rpc(error) from None
-                reconnects += 1
-                time.sleep(min(2.0, 0.1 * 2**reconnects))
-            finally:
-                call.cancel()  # type: ignore[no-untyped-call]
-
-    def list_ops(self, *, deadline: float | None = None) -> tuple[OpInfo, ...]:
-        """The ops this engine can run, sorted by id and version.
-
-        Example::
-
-            for op in keel.list_ops():
-                print(op.op_id, op.op_version, op.description)
-        """
-        response = self._unary(self._stub.ListOps, engine_pb2.ListOpsRequest(), deadline or self._deadline)
-        return wire.op_infos(response)
+    start_run = _blocking(AsyncKeelClient.start_run)
+    resume_run = _blocking(AsyncKeelClient.resume_run)
+    spawn_child = _blocking(AsyncKeelClient.spawn_child)
+    await_child = _blocking(AsyncKeelClient.await_child)
+    terminalize = _blocking(AsyncKeelClient.terminalize)
+    cancel = _blocking(AsyncKeelClient.cancel)
+    get_run = _blocking(AsyncKeelClient.get_run)
+    list_runs = _blocking(AsyncKeelClient.list_runs)
+    iter_runs = _blocking_iter(AsyncKeelClient.iter_runs)
+    await_run = _blocking(AsyncKeelClient.await_run)
+    watch_run = _blocking_iter(AsyncKeelClient.watch_run)
+    list_ops = _blocking(AsyncKeelClient.list_ops)

@@ -1,0 +1,73 @@
+"""`keel get`, `keel ls`, `keel history`, `keel ops`: what the engine knows, for people or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from keel_client.cli.options import CliError, answer, client, print_json
+from keel_client.display import event_line, op_lines, run_lines, summary_lines
+from keel_client.models import RunEvent, to_json_data
+
+
+def run_id_argument(parser: argparse.ArgumentParser) -> None:
+    """The RUN_ID positional argument."""
+    parser.add_argument("run_id", metavar="RUN_ID")
+
+
+def ls_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keel ls [--status S]... [--limit N]`."""
+    parser.add_argument("--status", action="append", choices=["running", "completed", "failed", "canceled"])
+    parser.add_argument("--limit", type=int, default=20, help="most runs to show (default 20)")
+
+
+def history_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keel history RUN_ID [--follow]`."""
+    run_id_argument(parser)
+    parser.add_argument("--follow", action="store_true", help="keep printing events until the run ends")
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """`keel get`: one run in full."""
+    with client(args) as keel:
+        run = keel.get_run(args.run_id)
+    return answer(args, run, lambda: "\n".join(run_lines(run)))
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """`keel ls`: a table of runs."""
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1")
+    with client(args) as keel:
+        runs = list(
+            keel.iter_runs(statuses=args.status or (), limit=args.limit, page_size=min(args.limit, 1000))
+        )
+    return answer(args, runs, lambda: "\n".join(summary_lines(runs)) if runs else "no runs")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """`keel history`: a run's events, up to now (or to the end with --follow)."""
+    with client(args) as keel:
+        head = keel.get_run(args.run_id).head_seq
+        events: list[RunEvent] = []
+        for event in keel.watch_run(args.run_id):
+            if args.follow:
+                line = json.dumps(to_json_data(event), sort_keys=True) if args.json else event_line(event)
+                print(line, flush=True)
+            else:
+                events.append(event)
+                if event.seq >= head:
+                    break
+    if not args.follow:
+        if args.json:
+            print_json(events)
+        else:
+            print("\n".join(event_line(event) for event in events))
+    return 0
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    """`keel ops`: registered ops and versions."""
+    with client(args) as keel:
+        ops = keel.list_ops()
+    return answer(args, list(ops), lambda: "\n".join(op_lines(ops)))

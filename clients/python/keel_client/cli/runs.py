@@ -1,0 +1,130 @@
+"""`keel run` and `keel wait`: start a run from a file, and follow a run with live progress to its end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keel_client.cli.options import CliError, async_client, client, print_json
+from keel_client.display import pretty_json, seconds, span
+from keel_client.models import Run, RunStatus
+from keel_client.progress import ProgressView, follow_run
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keel run PIPELINE_FILE [--input] [--context] [--run-id] [--wait]`."""
+    parser.add_argument(
+        "pipeline_file", metavar="PIPELINE_FILE", help="a pipeline, or {pipeline, input, context}"
+    )
+    parser.add_argument("--input", help="the run's input, as JSON")
+    parser.add_argument("--context", help="the run's initial context, a JSON object")
+    parser.add_argument("--run-id", help="a UUID for an idempotent start (default: a new one)")
+    parser.add_argument("--wait", action="store_true", help="show live progress until the run ends")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`keel run`: start a run from a file, optionally following it to the end."""
+    spec = load_run_file(Path(args.pipeline_file))
+    if args.input is not None:
+        spec["input"] = _parse_json(args.input, "--input")
+    if args.context is not None:
+        spec["context"] = _parse_json(args.context, "--context")
+    run_id = start(args, spec, args.engine, print_started_json=not args.wait)
+    if not args.wait:
+        return 0
+    return asyncio.run(follow(args, run_id))
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """`keel wait`: follow an existing run."""
+    return asyncio.run(follow(args, args.run_id))
+
+
+def _parse_json(text: str, flag: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CliError(f"{flag} is not JSON: {error}") from None
+
+
+def load_run_file(path: Path) -> dict[str, Any]:
+    """A pipeline file as {pipeline, input?, context?, run_config?}; a bare pipeline is accepted too."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        detail = " ".join(str(error).split())
+        raise CliError(
+            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path} must hold a pipeline object (pipeline_id, steps), not {type(data).__name__}")
+    if "pipeline" in data:
+        unknown = set(data) - {"pipeline", "input", "context", "run_config"}
+        if unknown:
+            raise CliError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
+        return data
+    return {"pipeline": data}
+
+
+def start(args: argparse.Namespace, spec: dict[str, Any], engine: str, *, print_started_json: bool) -> str:
+    """Start the run `spec` describes on `engine`, say so, and return its id."""
+    with client(args, engine) as keel:
+        started = keel.start_run(
+            spec["pipeline"],
+            input=spec.get("input"),
+            context=spec.get("context"),
+            run_config=spec.get("run_config"),
+            run_id=getattr(args, "run_id", None),
+        )
+    if args.json:
+        if print_started_json:
+            print_json(started)
+    else:
+        state = "started" if started.created else "already exists:"
+        print(f"{state} run {started.run_id}", flush=True)
+    return started.run_id
+
+
+async def follow(args: argparse.Namespace, run_id: str, engine: str | None = None) -> int:
+    """Show the run's progress until it ends, then report it; the exit status says how it ended."""
+    keel = async_client(args, engine)
+    try:
+        view = None
+        if not args.json:
+            in_place = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
+            view = ProgressView(sys.stdout, in_place=in_place)
+        run = await follow_run(keel, run_id, view)
+    except asyncio.CancelledError:
+        # Ctrl-C stops the display, not the run.
+        raise CliError(
+            f"interrupted; run {run_id} goes on (follow it again with `keel wait {run_id}`)"
+        ) from None
+    finally:
+        await keel.close()
+    return _final_report(run, args.json)
+
+
+def _final_report(run: Run, as_json: bool) -> int:
+    if as_json:
+        print_json(run)
+    else:
+        took = seconds(span(run.created_at, run.completed_at))
+        print(f"\nrun {run.run_id} {run.status.value} in {took}")
+        if run.final_snapshot is not None:
+            print(pretty_json(run.final_snapshot))
+    if run.status is RunStatus.COMPLETED:
+        return 0
+    why = f"{run.error.code}: {run.error.message}" if run.error else (run.reason or "no reason recorded")
+    print(f"keel: run {run.run_id} {run.status.value}: {why}", file=sys.stderr)
+    return 1
