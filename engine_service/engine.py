@@ -74,6 +74,11 @@ def default_engine_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+# A driver stopping with these is a routine hand-over (logged at INFO), by what happened.
+_HANDED_OVER = {
+    "lease_lost": "this engine may no longer write to it (its lease was lost or not trusted)",
+    "sequence_conflict": "another engine appended to the run first (it took the run over)",
+}
 _STATUS_OF_LABEL = {"completed": COMPLETED, "failed": FAILED, "canceled": CANCELED}
 
 
@@ -372,7 +377,12 @@ class Engine:
             log.info("run %s parked", run_id)
         elif task.exception() is not None:
             error = task.exception()
-            log.error("run %s stopped: %r", run_id, error)
+            if isinstance(error, KeelError) and error.code in _HANDED_OVER:
+                # Routine: the run resumes wherever its lease goes next (perhaps here again).
+                what = _HANDED_OVER[error.code]
+                log.info("run %s: stopped driving it here: %s (%s: %s)", run_id, what, error.code, error)
+            else:
+                log.error("run %s stopped: %r", run_id, error)
 
     async def read_history(self, run_id: str) -> tuple[list[StoredEvent], RunHistory]:
         """A run's events and their fold (`run_not_found` if it has none)."""
