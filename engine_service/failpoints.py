@@ -13,6 +13,9 @@ for that step). Each failpoint fires at most once per process, which is enough: 
 - `before_child_started`: a spawn stored the child's manifest and has not appended its RunStarted;
 - `after_child_completed`: an await saw its child terminal, before the parent records the answer;
 - `after_child_await_recorded`: a parent's await fact (`machine.child_run.await`) is durable.
+
+`pause_before_transport_call` does not kill: it stops the process (SIGSTOP; a test sends SIGCONT)
+once its StepAttemptStarted is durable, before the last lease check and the transport call.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ AFTER_CHILD_SPAWN_RECORDED = "after_child_spawn_recorded"
 BEFORE_CHILD_STARTED = "before_child_started"
 AFTER_CHILD_COMPLETED = "after_child_completed"
 AFTER_CHILD_AWAIT_RECORDED = "after_child_await_recorded"
+PAUSE_BEFORE_TRANSPORT_CALL = "pause_before_transport_call"
+# Pausing failpoints stop the process instead of killing it, once per process.
+PAUSES = (PAUSE_BEFORE_TRANSPORT_CALL,)
+_paused: set[tuple[str, str]] = set()
 NAMES = (
     AFTER_STEP_ATTEMPT_STARTED,
     AFTER_FACT_RECORDED,
@@ -42,6 +49,7 @@ NAMES = (
     BEFORE_CHILD_STARTED,
     AFTER_CHILD_COMPLETED,
     AFTER_CHILD_AWAIT_RECORDED,
+    PAUSE_BEFORE_TRANSPORT_CALL,
 )
 
 
@@ -74,7 +82,13 @@ class Failpoints:
         return any(armed == name and (not step or step == step_id) for armed, step in self.armed)
 
     def hit(self, name: str, step_id: str = "") -> None:
-        """Kill this process now if `name` is armed for `step_id`."""
+        """Kill this process now if `name` is armed for `step_id` (stop it, once, if `name` pauses)."""
+        if name in PAUSES:
+            if self.is_armed(name, step_id) and (name, step_id) not in _paused:
+                _paused.add((name, step_id))
+                log.warning("failpoint %s hit (step %r): stopping the process", name, step_id)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return
         if self.is_armed(name, step_id):
             log.error("failpoint %s hit (step %r): killing the process", name, step_id)
             logging.shutdown()

@@ -226,7 +226,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--store",
         default=env("KEEL_ENGINE_STORE", DEFAULT_STORE),
-        help="store address(es) HOST:PORT[,HOST:PORT...], balanced round-robin "
+        help="store address(es) HOST:PORT[,HOST:PORT...], taking turns; one that does not answer is skipped "
         f"[KEEL_ENGINE_STORE] (default {DEFAULT_STORE})",
     )
     parser.add_argument(

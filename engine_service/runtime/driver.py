@@ -26,12 +26,18 @@ so a long op shows as running; a resumed driver appends its first StepAttemptSta
 runs (a claim: an engine still driving the run elsewhere fences one of the two off before any work).
 
 Leases. A driver holds its run's lease (engine_service.runtime.leases) and confirms it is still valid
-before every append and every transport call; once lost, the driver appends nothing more (a
-resumed driver's claim, fenced by the run's sequence, refuses a former holder's late appends).
+before every append and right before every transport call; once lost, the driver appends nothing
+more (a resumed driver's claim, fenced by the run's sequence, refuses a former holder's late
+appends), with one exception: an answer it holds.
 
 Facts. `io.call` answers from the facts already in the stream when the key is there (no transport
 call); otherwise it calls the transport (in replay mode: takes the fact of the replayed run) and
-appends FactRecorded *before* returning the answer to the op.
+appends FactRecorded *before* returning the answer to the op. That append does not need the lease:
+it is a compare-and-swap at the head this driver wrote, which lands unless someone else appended
+since, so an answer is kept through a lapse of the lease (a pause, the store away) with nobody
+taking over, and through a store outage (retried until it lands; a cancel because the lease was
+lost waits for it). Transports get `step_id`, `attempt` and `fencing` (the seq of the attempt's
+StepAttemptStarted) when they accept them (engine_service.domain.transports).
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ from engine_service.failpoints import (
     AFTER_OP_RETURNED,
     AFTER_STEP_ATTEMPT_STARTED,
     BEFORE_RUN_COMPLETED,
+    PAUSE_BEFORE_TRANSPORT_CALL,
     Failpoints,
 )
 from engine_service.runtime.leases import Lease
@@ -102,6 +109,15 @@ MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
+
+
+@dataclass(frozen=True)
+class AttemptOf:
+    """The attempt an I/O call belongs to; `fencing` is the seq of its StepAttemptStarted."""
+
+    step_id: str
+    attempt: int
+    fencing: int
 
 
 @dataclass
@@ -300,14 +316,25 @@ class RunDriver:
             self._flush_error = error
 
     async def flush(self) -> None:
-        """Make every pending event durable (one append), retrying until the store takes it."""
+        """Make every pending event durable (one append), retrying until the store takes it.
+
+        A batch holding an I/O call's answer (FactRecorded) is appended even when the lease is no
+        longer trusted: the append is a compare-and-swap at the head this driver wrote, so it lands
+        only when nobody else appended to the run since; a conflict means someone did.
+        """
         async with self._lock:
             if self._flush_error is not None:
                 raise self._flush_error
             if not self._pending:
                 return
-            if self.lease is not None:
+            answer = any(isinstance(event, FactRecorded) for event in self._pending)
+            if self.lease is not None and not answer:
                 await self._confirm_lease()
+            elif self.lease is not None and not self.lease.is_valid():
+                log.info(
+                    "run %s: lease no longer trusted; recording the answer it holds if nobody wrote since",
+                    self.run_id,
+                )
             batch, artifacts, label = self._pending, self._pending_artifacts, self._pending_label
             self._pending, self._pending_artifacts, self._pending_label = [], [], None
             patience = FOREVER
@@ -347,11 +374,12 @@ class RunDriver:
         step = self.plan.step(action.step_id)
         base = await self.snapshot(action.base_snapshot_id)
         self.record([StepAttemptStarted(action.step_id, action.attempt, action.base_snapshot_id)])
+        started_seq = self.history.head_seq  # the attempt's fencing value for transports
         if self._claim_first or self.env.failpoints.is_armed(AFTER_STEP_ATTEMPT_STARTED, action.step_id):
             self._claim_first = False
             await self.flush()
             self.env.failpoints.hit(AFTER_STEP_ATTEMPT_STARTED, action.step_id)
-        io = RunIo(self, action.step_id, action.attempt)
+        io = RunIo(self, action.step_id, action.attempt, started_seq)
         ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, base, io)
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
@@ -414,7 +442,7 @@ class RunDriver:
         except KeelError as error:  # best effort: the op's next append is fenced off anyway
             log.debug("run %s: watching for a foreign terminal event failed: %s", self.run_id, error.message)
 
-    async def fact(self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str) -> Any:
+    async def fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
         check_fact_key(
             fact_key, needed_by=f"io.call({namespace!r})", category=ErrorCategory.FAILED_PRECONDITION
@@ -425,14 +453,12 @@ class RunDriver:
         # Two concurrent calls with one key in one run make one transport call and share its fact.
         inflight = self._inflight_facts.get(fact_key)
         if inflight is None:
-            inflight = asyncio.ensure_future(self._fetch_fact(step_id, attempt, namespace, request, fact_key))
+            inflight = asyncio.ensure_future(self._fetch_fact(attempt, namespace, request, fact_key))
             self._inflight_facts[fact_key] = inflight
             inflight.add_done_callback(lambda _: self._inflight_facts.pop(fact_key, None))
         return copy.deepcopy(await inflight)  # cancelling the op cancels the call
 
-    async def _fetch_fact(
-        self, step_id: str, attempt: int, namespace: str, request: Any, fact_key: str
-    ) -> Any:
+    async def _fetch_fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         if self.manifest.run_config.execution_mode == REPLAY:
             source = (await self._replayed_facts()).get(fact_key)
             if source is None:
@@ -448,9 +474,20 @@ class RunDriver:
                     "unknown_namespace", f"no transport is registered for namespace {namespace!r}"
                 )
             await self.flush()
+            self.env.failpoints.hit(PAUSE_BEFORE_TRANSPORT_CALL, attempt.step_id)
+            request = copy.deepcopy(request)
             if self.lease is not None:
-                await self._confirm_lease()  # a side effect only while this engine holds the run
-            response = await transport.call(namespace, copy.deepcopy(request), fact_key, self.run_id)
+                # Last, right before the call: a side effect only while this engine holds the run.
+                await self._confirm_lease()
+            response = await self.env.transports.call(
+                namespace,
+                request,
+                fact_key,
+                self.run_id,
+                step_id=attempt.step_id,
+                attempt=attempt.attempt,
+                fencing=attempt.fencing,
+            )
             try:
                 size = len(canonical_json_bytes(response))
             except KeelError:
@@ -463,14 +500,41 @@ class RunDriver:
                     "transport_response_too_large",
                     f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
                 )
-        self.record([FactRecorded(step_id, attempt, fact_key, namespace, response)])
-        await self.flush()  # the fact is durable before the op sees the answer
-        self.env.failpoints.hit(AFTER_FACT_RECORDED, step_id)
+        self.record([FactRecorded(attempt.step_id, attempt.attempt, fact_key, namespace, response)])
+        await self._keep_answer()  # the fact is durable before the op sees the answer
+        self.env.failpoints.hit(AFTER_FACT_RECORDED, attempt.step_id)
         if namespace == SPAWN_NAMESPACE:
             self.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
         elif namespace == AWAIT_NAMESPACE:
             self.env.failpoints.hit(AFTER_CHILD_AWAIT_RECORDED)
         return response
+
+    async def _keep_answer(self) -> None:
+        """Append the answer just decided, not giving it up to a lost lease or the store being down.
+
+        Only the run stream's compare-and-swap (a conflict: someone else appended) stops it. A cancel
+        because the lease was lost waits for the append; any other (a drain, a foreign terminal
+        event) waits at most PARK_FLUSH_SECONDS, like the flush of a parked run.
+        """
+        recording = asyncio.ensure_future(self.flush())
+        cancelled = False
+        while not recording.done():
+            try:
+                await asyncio.shield(recording)
+            except asyncio.CancelledError:
+                if cancelled or self.lease is None or not self.lease.lost:
+                    await self._give_up_answer(recording)
+                    raise
+                cancelled = True
+                log.info("run %s: lease lost while recording an answer; recording it first", self.run_id)
+        recording.result()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _give_up_answer(self, recording: asyncio.Future[None]) -> None:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
+        recording.cancel()
 
     async def _replayed_facts(self) -> dict[str, FactRecorded]:
         if self._replay_facts is None:
@@ -483,11 +547,10 @@ class RunDriver:
 class RunIo:
     """The `io` handle an op gets: calls become facts of its run."""
 
-    def __init__(self, driver: RunDriver, step_id: str, attempt: int) -> None:
+    def __init__(self, driver: RunDriver, step_id: str, attempt: int, fencing: int) -> None:
         self._driver = driver
-        self._step_id = step_id
-        self._attempt = attempt
+        self._attempt_of = AttemptOf(step_id, attempt, fencing)
 
     async def call(self, namespace: str, request: Any, fact_key: str) -> Any:
         """Call the transport for `namespace`, or return the fact recorded under `fact_key`."""
-        return await self._driver.fact(self._step_id, self._attempt, namespace, request, fact_key)
+        return await self._driver.fact(self._attempt_of, namespace, request, fact_key)

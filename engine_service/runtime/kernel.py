@@ -62,6 +62,11 @@ from keel_core.errors import ErrorCategory, KeelError, not_found
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 10.0
+# A driver stopping with these is a routine hand-over (logged at INFO), by what happened.
+_HANDED_OVER = {
+    "lease_lost": "this engine may no longer write to it (its lease was lost or not trusted)",
+    "sequence_conflict": "another engine appended to the run first (it took the run over)",
+}
 
 
 def default_engine_id() -> str:
@@ -298,8 +303,13 @@ class Engine:
                 self.reader.remember_finished(run_id, driver.events)
         if task.cancelled():
             log.info("run %s parked", run_id)
-        elif task.exception() is not None:
-            log.error("run %s stopped: %r", run_id, task.exception())
+        elif (error := task.exception()) is not None:
+            if isinstance(error, KeelError) and error.code in _HANDED_OVER:
+                # Routine: the run resumes wherever its lease goes next (perhaps here again).
+                what = _HANDED_OVER[error.code]
+                log.info("run %s: stopped driving it here: %s (%s: %s)", run_id, what, error.code, error)
+            else:
+                log.error("run %s stopped: %r", run_id, error)
 
     async def resume_run(self, run_id: str, *, created_at_us: int | None = None) -> bool:
         """Drive a run nobody drives; False when it is terminal, driven here, or leased by another engine.

@@ -102,7 +102,8 @@ def lease_lost(run_id: str, why: str) -> KeelError:
     """The error a driver meets when it may no longer write to its run."""
     return KeelError(
         "lease_lost",
-        f"this engine no longer holds the lease on run {run_id} ({why}); another engine drives it",
+        f"this engine may no longer write to run {run_id} ({why}); the engine that takes its lease "
+        "next resumes it",
         category=ErrorCategory.CONFLICT,
         details={"run_id": run_id},
     )
@@ -116,6 +117,7 @@ class Lease:
         self.seq = 0  # its LeaseAcquired in the lease stream (0: implicit)
         self.session = 0  # the session that recorded it (0: implicit)
         self.lost = False
+        self.lost_why = ""  # what happened, once lost
         self._heartbeat = heartbeat
         self._born = time.monotonic()  # implicit: taken just before RunStarted was sent
         self._ttl = ttl
@@ -145,9 +147,9 @@ class Lease:
     async def confirm(self) -> None:
         """Raise `lease_lost` unless the lease is held and valid."""
         if self.lost:
-            raise lease_lost(self.run_id, "another engine holds it")
+            raise lease_lost(self.run_id, self.lost_why or "it was handed over")
         if not self.is_valid():
-            why = "this engine's heartbeat lapsed" if self.session else "its implicit lease ran out"
+            why = "this engine's heartbeat lapsed" if self.session else "its implicit lease's trust ran out"
             raise lease_lost(self.run_id, why)
 
 
@@ -370,7 +372,9 @@ class Leases:
     def _lose(self, lease: Lease, why: str) -> None:
         if lease.lost:
             return
-        log.warning("lost the lease on run %s (%s): stopping its driver here", lease.run_id, why)
+        # Routine (a pause, the store away, a takeover): the run resumes wherever its lease goes next.
+        log.info("lost the lease on run %s (%s): stopping its driver here", lease.run_id, why)
+        lease.lost_why = why
         self._forget(lease)
         self._on_lost(lease.run_id)
 
@@ -433,7 +437,10 @@ class Leases:
                 patience=max(1.0, lease.implicit_left()),
             )
         except KeelError as error:
-            self._lose(lease, error.code)
+            if error.code == "sequence_conflict":
+                self._lose(lease, error.code)  # another engine recorded a lease on it first
+            else:
+                self._lose(lease, f"its lease could not be recorded: {error.code}")
             return
         if lease.lost:
             return

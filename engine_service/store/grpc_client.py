@@ -1,9 +1,15 @@
 """The engine's way to the StoreService: one balanced gRPC channel, retries, deadlines.
 
-Several store addresses are balanced round-robin over one channel (`ipv4:h:p,h:p`). Calls that fail
-UNAVAILABLE or DEADLINE_EXCEEDED are retried with capped exponential backoff for as long as the
-caller's `patience` allows (run drivers wait for the store forever; client-facing RPCs give up and
-answer `store_unavailable`).
+Several store addresses (replicas) get one channel each, and calls take turns among them. Calls
+that fail UNAVAILABLE or DEADLINE_EXCEEDED are retried with capped exponential backoff for as long
+as the caller's `patience` allows (run drivers wait for the store forever; client-facing RPCs give
+up and answer `store_unavailable`).
+
+Deadlines. Each try's deadline is the smaller of the client's `rpc_timeout` and the caller's
+patience left, shared among the replicas not tried yet: a replica that does not answer (stalled,
+SIGSTOPped: its connection still looks healthy) costs a heartbeat with 0.5 s of patience at most
+half of it when there are two, and the retry goes to the next replica. A replica that failed a try
+is avoided for SUSPECT_SECONDS while another one is not.
 
 An append whose answer was lost may have committed. Its retry then meets `sequence_conflict`; the
 client re-reads the stream after `expected_seq` and, when it finds exactly the events it sent,
@@ -20,7 +26,7 @@ import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
@@ -33,6 +39,9 @@ from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import MAX_MESSAGE_BYTES, host_port
 from keel_core.status import from_rpc_error
 
+if TYPE_CHECKING:
+    from keel.store.v1.store_pb2_grpc import StoreServiceAsyncStub as _Stub
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -40,6 +49,8 @@ T = TypeVar("T")
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# How long a replica that failed a try is passed over while another one is not.
+SUSPECT_SECONDS = 5.0
 
 STATUS_LABELS: dict[str, int] = {
     LABEL_ACTIVE: store_pb2.STREAM_STATUS_ACTIVE,
@@ -128,35 +139,68 @@ class StoreClient:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        target = channel_target(addresses)
+        channel_target(addresses)  # checks the list as a whole
+        targets = [channel_target(part) for part in addresses.split(",") if part.strip()]
         # No interceptor without a token: each one costs every call a little.
         interceptors = bearer_token_interceptors(auth_token) if auth_token else None
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+            self._channels = [
+                grpc.aio.insecure_channel(t, options=options, interceptors=interceptors) for t in targets
+            ]
         else:
-            self._channel = grpc.aio.secure_channel(
-                target, tls.channel_credentials(), options=options, interceptors=interceptors
-            )
-        self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
+            credentials = tls.channel_credentials()
+            self._channels = [
+                grpc.aio.secure_channel(t, credentials, options=options, interceptors=interceptors)
+                for t in targets
+            ]
+        self._stubs: list[_Stub] = [store_pb2_grpc.StoreServiceStub(channel) for channel in self._channels]
+        self._turn = 0  # the replica the next call starts with (calls take turns)
+        self._suspect_until = [0.0] * len(self._stubs)  # monotonic time until which a replica is avoided
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close(grace=None)
+        """Close the channels."""
+        for channel in self._channels:
+            await channel.close(grace=None)
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], patience: float | None) -> T:
+    def _order(self) -> list[int]:
+        """Replicas in the order one call tries them: by turn, those not suspected first."""
+        n = len(self._stubs)
+        start, self._turn = self._turn, (self._turn + 1) % n
+        turns = [(start + i) % n for i in range(n)]
+        now = time.monotonic()
+        return sorted(turns, key=lambda i: self._suspect_until[i] > now)
+
+    def _try_timeout(self, deadline: float, untried: int) -> float:
+        """A try's deadline: the RPC timeout, or the patience left shared among untried replicas."""
+        left = max(deadline - time.monotonic(), 0.001)
+        return min(self.rpc_timeout, left / max(untried, 1))
+
+    async def _retrying(
+        self,
+        what: str,
+        call: Callable[[_Stub, float], Awaitable[T]],
+        patience: float | None,
+    ) -> T:
         limit = self.patience if patience is None else patience
         deadline = time.monotonic() + limit
         delay = 0.05
         method = what.split("(", 1)[0]
+        order = self._order()
+        tries = 0
         while True:
             self.calls[method] += 1
+            replica = order[tries]
+            tries += 1
             try:
-                return await call()
+                result = await call(self._stubs[replica], self._try_timeout(deadline, len(order) - tries + 1))
             except grpc.aio.AioRpcError as error:
                 if error.code() in _REFUSED_CODES:
                     raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
+                self._suspect_until[replica] = time.monotonic() + SUSPECT_SECONDS
+                if tries < len(order) and time.monotonic() < deadline:
+                    continue  # the next replica at once: this one may be the only one down
                 if time.monotonic() + delay > deadline:
                     raise unavailable(
                         "store_unavailable",
@@ -166,6 +210,10 @@ class StoreClient:
                 log.warning("store %s failed (%s); retrying in %.2fs", what, error.code().name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                order, tries = self._order(), 0  # a new round, those not suspected first
+            else:
+                self._suspect_until[replica] = 0.0
+                return result
 
     def _refused(self, error: grpc.aio.AioRpcError) -> KeelError:
         # The engine's credentials for the store are wrong: an operator's set-up error, not the
@@ -185,7 +233,9 @@ class StoreClient:
         unreachable) passes, since the engine waits for its store anyway; only a refusal fails.
         """
         try:
-            await self._stub.HeadSeq(store_pb2.HeadSeqRequest(stream_id="keel:access-check"), timeout=within)
+            await self._stubs[self._order()[0]].HeadSeq(
+                store_pb2.HeadSeqRequest(stream_id="keel:access-check"), timeout=within
+            )
         except grpc.aio.AioRpcError as error:
             if error.code() in _REFUSED_CODES:
                 raise self._refused(error) from None
@@ -216,12 +266,10 @@ class StoreClient:
         )
         attempts = 0
 
-        async def once() -> store_pb2.AppendEventsResponse:
+        async def once(stub: _Stub, seconds: float) -> store_pb2.AppendEventsResponse:
             nonlocal attempts
             attempts += 1
-            response: store_pb2.AppendEventsResponse = await self._stub.AppendEvents(
-                request, timeout=self.rpc_timeout
-            )
+            response: store_pb2.AppendEventsResponse = await stub.AppendEvents(request, timeout=seconds)
             return response
 
         try:
@@ -265,10 +313,12 @@ class StoreClient:
             page_limit = 10_000 if limit is None else min(10_000, limit - len(out))
             request = store_pb2.ReadEventsRequest(stream_id=stream_id, from_seq=seq, limit=page_limit)
 
-            async def once(request: store_pb2.ReadEventsRequest = request) -> store_pb2.ReadEventsResponse:
-                response: store_pb2.ReadEventsResponse = await self._stub.ReadEvents(
-                    request, timeout=self.rpc_timeout
-                )
+            async def once(
+                stub: _Stub,
+                seconds: float,
+                request: store_pb2.ReadEventsRequest = request,
+            ) -> store_pb2.ReadEventsResponse:
+                response: store_pb2.ReadEventsResponse = await stub.ReadEvents(request, timeout=seconds)
                 return response
 
             page = await self._retrying(f"ReadEvents({stream_id})", once, patience)
@@ -280,9 +330,9 @@ class StoreClient:
     async def head(self, stream_id: str, *, patience: float | None = None) -> tuple[int, str]:
         """The stream's head sequence and status label ("" when unlabelled)."""
 
-        async def once() -> store_pb2.HeadSeqResponse:
-            response: store_pb2.HeadSeqResponse = await self._stub.HeadSeq(
-                store_pb2.HeadSeqRequest(stream_id=stream_id), timeout=self.rpc_timeout
+        async def once(stub: _Stub, seconds: float) -> store_pb2.HeadSeqResponse:
+            response: store_pb2.HeadSeqResponse = await stub.HeadSeq(
+                store_pb2.HeadSeqRequest(stream_id=stream_id), timeout=seconds
             )
             return response
 
@@ -297,10 +347,8 @@ class StoreClient:
         """
         request = store_pb2.TrimStreamRequest(stream_id=stream_id, before_seq=before_seq)
 
-        async def once() -> store_pb2.TrimStreamResponse:
-            response: store_pb2.TrimStreamResponse = await self._stub.TrimStream(
-                request, timeout=self.rpc_timeout
-            )
+        async def once(stub: _Stub, seconds: float) -> store_pb2.TrimStreamResponse:
+            response: store_pb2.TrimStreamResponse = await stub.TrimStream(request, timeout=seconds)
             return response
 
         response = await self._retrying(f"TrimStream({stream_id})", once, patience)
@@ -323,10 +371,8 @@ class StoreClient:
             page_token=page_token,
         )
 
-        async def once() -> store_pb2.ListStreamsResponse:
-            response: store_pb2.ListStreamsResponse = await self._stub.ListStreams(
-                request, timeout=self.rpc_timeout
-            )
+        async def once(stub: _Stub, seconds: float) -> store_pb2.ListStreamsResponse:
+            response: store_pb2.ListStreamsResponse = await stub.ListStreams(request, timeout=seconds)
             return response
 
         page = await self._retrying("ListStreams", once, patience)
@@ -345,11 +391,9 @@ class StoreClient:
     async def get_artifact(self, artifact_id: str, *, patience: float | None = None) -> bytes:
         """An artifact's bytes (NOT_FOUND `artifact_not_found` when missing)."""
 
-        async def once() -> bytes:
+        async def once(stub: _Stub, seconds: float) -> bytes:
             chunks = []
-            call = self._stub.GetArtifact(
-                store_pb2.GetArtifactRequest(artifact_id=artifact_id), timeout=self.rpc_timeout
-            )
+            call = stub.GetArtifact(store_pb2.GetArtifactRequest(artifact_id=artifact_id), timeout=seconds)
             async for chunk in call:
                 chunks.append(chunk.data)
             return b"".join(chunks)
@@ -362,14 +406,12 @@ class StoreClient:
     async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:
         """Store `data` under its content id (a repeat stores nothing new); returns the id."""
 
-        async def once() -> str:
+        async def once(stub: _Stub, seconds: float) -> str:
             chunks = [
                 data[at : at + ARTIFACT_CHUNK_BYTES] for at in range(0, len(data), ARTIFACT_CHUNK_BYTES)
             ]
             messages = [store_pb2.PutArtifactRequest(kind=kind, data=chunk) for chunk in chunks or [b""]]
-            response: store_pb2.PutArtifactResponse = await self._stub.PutArtifact(
-                iter(messages), timeout=self.rpc_timeout
-            )
+            response: store_pb2.PutArtifactResponse = await stub.PutArtifact(iter(messages), timeout=seconds)
             return response.artifact_id
 
         artifact_id = await self._retrying("PutArtifact", once, patience)
@@ -382,9 +424,9 @@ class StoreClient:
     async def has_artifact(self, artifact_id: str, *, patience: float | None = None) -> bool:
         """Whether the artifact is stored."""
 
-        async def once() -> bool:
-            response: store_pb2.HasArtifactResponse = await self._stub.HasArtifact(
-                store_pb2.HasArtifactRequest(artifact_id=artifact_id), timeout=self.rpc_timeout
+        async def once(stub: _Stub, seconds: float) -> bool:
+            response: store_pb2.HasArtifactResponse = await stub.HasArtifact(
+                store_pb2.HasArtifactRequest(artifact_id=artifact_id), timeout=seconds
             )
             return response.exists
 
@@ -395,7 +437,7 @@ class StoreClient:
         seq = after_seq
         delay = 0.05
         while True:
-            call = self._stub.SubscribeEvents(
+            call = self._stubs[self._order()[0]].SubscribeEvents(
                 store_pb2.SubscribeEventsRequest(stream_id=stream_id, after_seq=seq)
             )
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from engine_service.store.grpc_client import StoreClient, channel_target
 from keel_core.errors import KeelError
 from store_service.server import StoreConfig, StoreServingHandle, start_store
+from tests.engine.processes import start_store_process
 
 # Long enough for the store to commit and answer even on a loaded machine.
 EAT_SECONDS = 1.5
@@ -158,3 +160,25 @@ async def test_several_store_addresses_are_balanced_and_a_dead_one_is_skipped(
         assert [e.seq for e in await client.read("run:z")] == [1, 2, 3, 4, 5]
     finally:
         await client.close()
+
+
+async def test_a_stalled_replica_is_skipped_within_the_callers_patience(
+    store: StoreServingHandle, tmp_path: Path
+) -> None:
+    # A SIGSTOPped replica keeps its connection open and answers nothing. With the client's 10 s
+    # RPC timeout, calls with 0.5 s of patience (a heartbeat's) must still land, on the other one.
+    stalled = await start_store_process(tmp_path / "stalled")
+    client = StoreClient(f"{stalled.address},127.0.0.1:{store.port}", rpc_timeout=10.0)
+    try:
+        await client.head("warm-up")  # both connections up before one replica stalls
+        await client.head("warm-up")
+        stalled.process.send_signal(signal.SIGSTOP)
+        for seq in range(6):
+            await client.append(
+                "engine:x", [("E", str(seq).encode())], expected_seq=seq or None, patience=0.5
+            )
+        assert [e.seq for e in await client.read("engine:x", patience=0.5)] == [1, 2, 3, 4, 5, 6]
+    finally:
+        stalled.process.send_signal(signal.SIGCONT)
+        await client.close()
+        await stalled.kill()
