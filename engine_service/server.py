@@ -27,7 +27,7 @@ import engine_service.metrics as engine_metrics
 from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
 from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegistry
 from engine_service.failpoints import Failpoints
-from engine_service.runtime.driver import RunEnvironment
+from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import DEFAULT_LEASE_TTL, Engine, build_provenance
 from engine_service.store.grpc_client import StoreClient
 from engine_service.wire.servicer import EngineServicer, register

@@ -2,10 +2,11 @@
 
 - `kernel`: `Engine` (start, resume, await; the one start path), `StartOutcome`;
 - `driver`: `RunDriver`, which executes `next_action` and appends what happened (write-behind);
+- `run_io`: an op's I/O, whose answers become facts of the run before the op sees them;
 - `children`: child runs (SpawnChild/AwaitChild and `machine.child_run.*`);
 - `terminalize`: moving a run to a terminal status once, and the failure ledger;
 - `leases`, `holders`, `heartbeat`: which engine drives which run, and its liveness record;
 - `recovery`: the scan that takes over runs nobody drives;
 - `views`: runs as GetRun, ListRuns and WatchRun show them;
-- `registry`, `reader`: what those parts share.
+- `registry`, `reader`, `environment`: what those parts share.
 """

@@ -30,14 +30,7 @@ before every append and right before every transport call; once lost, the driver
 more (a resumed driver's claim, fenced by the run's sequence, refuses a former holder's late
 appends), with one exception: an answer it holds.
 
-Facts. `io.call` answers from the facts already in the stream when the key is there (no transport
-call); otherwise it calls the transport (in replay mode: takes the fact of the replayed run) and
-appends FactRecorded *before* returning the answer to the op. That append does not need the lease:
-it is a compare-and-swap at the head this driver wrote, which lands unless someone else appended
-since, so an answer is kept through a lapse of the lease (a pause, the store away) with nobody
-taking over, and through a store outage (retried until it lands; a cancel because the lease was
-lost waits for it). Transports get `step_id`, `attempt` and `fencing` (the seq of the attempt's
-StepAttemptStarted) when they accept them (engine_service.domain.transports).
+Facts: engine_service.runtime.run_io (answers recorded before the op sees them).
 """
 
 from __future__ import annotations
@@ -47,7 +40,6 @@ import contextlib
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from engine_service.domain import (
@@ -69,65 +61,36 @@ from engine_service.domain import (
     StoredEvent,
     canonical_json_bytes,
     encode_event,
-    fold,
     next_action,
     with_step_output,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
-from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
-from engine_service.domain.events import decode_event, stamped
-from engine_service.domain.facts import check_fact_key
-from engine_service.domain.ops import OpDefinition, OpRegistry
-from engine_service.domain.run_config import REPLAY
+from engine_service.domain.events import stamped
+from engine_service.domain.ops import OpDefinition
 from engine_service.domain.streams import RUN_ACTIVE_LABEL, RUN_COMPLETED, run_label, run_stream_id
-from engine_service.domain.transports import TransportRegistry
 from engine_service.failpoints import (
-    AFTER_CHILD_AWAIT_RECORDED,
-    AFTER_CHILD_SPAWN_RECORDED,
-    AFTER_FACT_RECORDED,
     AFTER_OP_RETURNED,
     AFTER_STEP_ATTEMPT_STARTED,
     BEFORE_RUN_COMPLETED,
-    PAUSE_BEFORE_TRANSPORT_CALL,
-    Failpoints,
 )
+from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
 from engine_service.runtime.leases import Lease
-from engine_service.store.port import FOREVER, EventLog
+from engine_service.runtime.run_io import RunFacts, RunIo, io_error
+from engine_service.store.port import FOREVER
 from keel_core.clock import now_us
-from keel_core.errors import ErrorCategory, KeelError
+from keel_core.errors import KeelError
 from keel_core.logs import bind_log_fields
 
 log = logging.getLogger(__name__)
-PARK_FLUSH_SECONDS = 1.0
 # A checkpoint travels inline in one append (gRPC messages are capped at 16 MiB).
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 MAX_BATCH_ARTIFACT_BYTES = 12 * 1024 * 1024
 # The store takes at most 16 inline artifacts per append, and events of at most 1 MiB each.
 MAX_BATCH_ARTIFACTS = 16
-MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
-
-
-@dataclass(frozen=True)
-class AttemptOf:
-    """The attempt an I/O call belongs to; `fencing` is the seq of its StepAttemptStarted."""
-
-    step_id: str
-    attempt: int
-    fencing: int
-
-
-@dataclass
-class RunEnvironment:
-    """What drivers share: the store, ops, transports and failpoints of one engine."""
-
-    store: EventLog
-    ops: OpRegistry
-    transports: TransportRegistry
-    failpoints: Failpoints
 
 
 def op_error_record(error: BaseException) -> ErrorRecord:
@@ -140,10 +103,6 @@ def op_error_record(error: BaseException) -> ErrorRecord:
             details = {key: repr(value) for key, value in details.items()}
         return ErrorRecord(error.code, error.category.value, error.retryable, error.message, details)
     return ErrorRecord("op_failed", "op", True, f"{type(error).__name__}: {error}")
-
-
-def _io_error(code: str, message: str) -> KeelError:
-    return KeelError(code, message, category=ErrorCategory.FAILED_PRECONDITION, retryable=False)
 
 
 class RunDriver:
@@ -186,9 +145,7 @@ class RunDriver:
         self._pending_label: str | None = None
         self._lock = asyncio.Lock()
         self._lingering: asyncio.Task[None] | None = None
-        self._replay_facts: dict[str, FactRecorded] | None = None
         self._flush_error: BaseException | None = None
-        self._inflight_facts: dict[str, asyncio.Future[Any]] = {}
         # A resumed run is claimed (its first StepAttemptStarted appended) before any op runs, so an
         # engine that still drives it elsewhere fences this driver off before it does any work.
         self._claim_first = claim_first
@@ -198,6 +155,7 @@ class RunDriver:
         # Every event of the run so far, when this driver started it (None for a resumed run, whose
         # earlier events it never held): a finished run's view then needs no read of its stream.
         self.events: list[StoredEvent] | None = None if events is None else list(events)
+        self.facts = RunFacts(self)
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
         """Cache a snapshot this engine wrote, so it need not be read back."""
@@ -329,7 +287,7 @@ class RunDriver:
                 return
             answer = any(isinstance(event, FactRecorded) for event in self._pending)
             if self.lease is not None and not answer:
-                await self._confirm_lease()
+                await self.confirm_lease()
             elif self.lease is not None and not self.lease.is_valid():
                 log.info(
                     "run %s: lease no longer trusted; recording the answer it holds if nobody wrote since",
@@ -357,7 +315,8 @@ class RunDriver:
                 raise
             self.durable_seq += len(batch)
 
-    async def _confirm_lease(self) -> None:
+    async def confirm_lease(self) -> None:
+        """Raise `lease_lost` unless the run's lease is held and valid (the driver then stops for good)."""
         assert self.lease is not None
         try:
             await self.lease.confirm()
@@ -379,7 +338,7 @@ class RunDriver:
             self._claim_first = False
             await self.flush()
             self.env.failpoints.hit(AFTER_STEP_ATTEMPT_STARTED, action.step_id)
-        io = RunIo(self, action.step_id, action.attempt, started_seq)
+        io = RunIo(self.facts, action.step_id, action.attempt, started_seq)
         ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, base, io)
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
@@ -387,7 +346,7 @@ class RunDriver:
             snapshot = with_step_output(base, action.step_id, output)
             snapshot_bytes = canonical_json_bytes(snapshot)
             if len(snapshot_bytes) > MAX_SNAPSHOT_BYTES:
-                raise _io_error(
+                raise io_error(
                     "snapshot_too_large",
                     f"the context after step {action.step_id!r} is {len(snapshot_bytes)} bytes of JSON; "
                     f"the limit is {MAX_SNAPSHOT_BYTES} (store large data elsewhere and keep a reference)",
@@ -396,7 +355,7 @@ class RunDriver:
             raise
         except Exception as error:
             if isinstance(error, KeelError) and error.code == "invalid_json":
-                error = _io_error("op_output_invalid", f"op {step.op_id!r} returned a value that is not JSON")
+                error = io_error("op_output_invalid", f"op {step.op_id!r} returned a value that is not JSON")
             self.record([StepAttemptFailed(action.step_id, action.attempt, op_error_record(error))])
             await self._settled()
             return
@@ -441,116 +400,3 @@ class RunDriver:
                         return
         except KeelError as error:  # best effort: the op's next append is fenced off anyway
             log.debug("run %s: watching for a foreign terminal event failed: %s", self.run_id, error.message)
-
-    async def fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
-        """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
-        check_fact_key(
-            fact_key, needed_by=f"io.call({namespace!r})", category=ErrorCategory.FAILED_PRECONDITION
-        )
-        recorded = self.history.facts.get(fact_key)
-        if recorded is not None:
-            return copy.deepcopy(recorded.response)
-        # Two concurrent calls with one key in one run make one transport call and share its fact.
-        inflight = self._inflight_facts.get(fact_key)
-        if inflight is None:
-            inflight = asyncio.ensure_future(self._fetch_fact(attempt, namespace, request, fact_key))
-            self._inflight_facts[fact_key] = inflight
-            inflight.add_done_callback(lambda _: self._inflight_facts.pop(fact_key, None))
-        return copy.deepcopy(await inflight)  # cancelling the op cancels the call
-
-    async def _fetch_fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
-        if self.manifest.run_config.execution_mode == REPLAY:
-            source = (await self._replayed_facts()).get(fact_key)
-            if source is None:
-                raise _io_error(
-                    "replay_fact_missing",
-                    f"replay: run {self.manifest.run_config.replay_of_run_id} recorded no fact {fact_key!r}",
-                )
-            response = source.response
-        else:
-            transport = self.env.transports.get(namespace)
-            if transport is None:
-                raise _io_error(
-                    "unknown_namespace", f"no transport is registered for namespace {namespace!r}"
-                )
-            await self.flush()
-            self.env.failpoints.hit(PAUSE_BEFORE_TRANSPORT_CALL, attempt.step_id)
-            request = copy.deepcopy(request)
-            if self.lease is not None:
-                # Last, right before the call: a side effect only while this engine holds the run.
-                await self._confirm_lease()
-            response = await self.env.transports.call(
-                namespace,
-                request,
-                fact_key,
-                self.run_id,
-                step_id=attempt.step_id,
-                attempt=attempt.attempt,
-                fencing=attempt.fencing,
-            )
-            try:
-                size = len(canonical_json_bytes(response))
-            except KeelError:
-                raise _io_error(
-                    "transport_response_invalid",
-                    f"the {namespace!r} transport answered with a value that is not JSON",
-                ) from None
-            if size > MAX_FACT_BYTES:
-                raise _io_error(
-                    "transport_response_too_large",
-                    f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
-                )
-        self.record([FactRecorded(attempt.step_id, attempt.attempt, fact_key, namespace, response)])
-        await self._keep_answer()  # the fact is durable before the op sees the answer
-        self.env.failpoints.hit(AFTER_FACT_RECORDED, attempt.step_id)
-        if namespace == SPAWN_NAMESPACE:
-            self.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
-        elif namespace == AWAIT_NAMESPACE:
-            self.env.failpoints.hit(AFTER_CHILD_AWAIT_RECORDED)
-        return response
-
-    async def _keep_answer(self) -> None:
-        """Append the answer just decided, not giving it up to a lost lease or the store being down.
-
-        Only the run stream's compare-and-swap (a conflict: someone else appended) stops it. A cancel
-        because the lease was lost waits for the append; any other (a drain, a foreign terminal
-        event) waits at most PARK_FLUSH_SECONDS, like the flush of a parked run.
-        """
-        recording = asyncio.ensure_future(self.flush())
-        cancelled = False
-        while not recording.done():
-            try:
-                await asyncio.shield(recording)
-            except asyncio.CancelledError:
-                if cancelled or self.lease is None or not self.lease.lost:
-                    await self._give_up_answer(recording)
-                    raise
-                cancelled = True
-                log.info("run %s: lease lost while recording an answer; recording it first", self.run_id)
-        recording.result()
-        if cancelled:
-            raise asyncio.CancelledError
-
-    async def _give_up_answer(self, recording: asyncio.Future[None]) -> None:
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
-        recording.cancel()
-
-    async def _replayed_facts(self) -> dict[str, FactRecorded]:
-        if self._replay_facts is None:
-            source = run_stream_id(self.manifest.run_config.replay_of_run_id)
-            events = await self.env.store.read(source, patience=FOREVER)
-            self._replay_facts = dict(fold(decode_event(e.type, e.payload) for e in events).facts)
-        return self._replay_facts
-
-
-class RunIo:
-    """The `io` handle an op gets: calls become facts of its run."""
-
-    def __init__(self, driver: RunDriver, step_id: str, attempt: int, fencing: int) -> None:
-        self._driver = driver
-        self._attempt_of = AttemptOf(step_id, attempt, fencing)
-
-    async def call(self, namespace: str, request: Any, fact_key: str) -> Any:
-        """Call the transport for `namespace`, or return the fact recorded under `fact_key`."""
-        return await self._driver.fact(self._attempt_of, namespace, request, fact_key)

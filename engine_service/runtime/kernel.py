@@ -49,7 +49,8 @@ from engine_service.domain.manifest import RunStart, run_start
 from engine_service.domain.streams import RUN_COMPLETED, run_status_of_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
-from engine_service.runtime.driver import RunDriver, RunEnvironment
+from engine_service.runtime.driver import RunDriver
+from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.reader import RunReader
 from engine_service.runtime.recovery import Recovery

@@ -31,7 +31,7 @@ from engine_service.domain import (
 from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
 from engine_service.domain.streams import RUN_COMPLETED, RUN_STARTED, run_stream_id
 from engine_service.failpoints import Failpoints
-from engine_service.runtime.driver import RunEnvironment
+from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
 from engine_service.runtime.views import RUNNING
 from engine_service.store import InMemoryEventLog

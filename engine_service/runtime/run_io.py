@@ -1,0 +1,216 @@
+"""An op's I/O: `io.call` answers become facts of the run, durable before the op sees them.
+
+`io.call` answers from the facts already in the stream when the key is there (no transport call);
+otherwise it calls the transport (in replay mode: takes the fact of the replayed run) and appends
+FactRecorded *before* returning the answer to the op. That append does not need the lease: it is a
+compare-and-swap at the head the driver wrote, which lands unless someone else appended since, so
+an answer is kept through a lapse of the lease (a pause, the store away) with nobody taking over,
+and through a store outage (retried until it lands; a cancel because the lease was lost waits for
+it). Transports get `step_id`, `attempt` and `fencing` (the seq of the attempt's
+StepAttemptStarted) when they accept them (engine_service.domain.transports).
+
+The driver (engine_service.runtime.driver) holds a RunFacts and gives each op attempt a RunIo;
+RunFacts reaches the driver through the narrow `RunWriter` Protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine_service.domain import (
+    FactRecorded,
+    KernelEvent,
+    RunHistory,
+    RunManifest,
+    canonical_json_bytes,
+    fold,
+)
+from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
+from engine_service.domain.events import decode_event
+from engine_service.domain.facts import check_fact_key
+from engine_service.domain.run_config import REPLAY
+from engine_service.domain.streams import run_stream_id
+from engine_service.failpoints import (
+    AFTER_CHILD_AWAIT_RECORDED,
+    AFTER_CHILD_SPAWN_RECORDED,
+    AFTER_FACT_RECORDED,
+    PAUSE_BEFORE_TRANSPORT_CALL,
+)
+from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
+from engine_service.runtime.leases import Lease
+from engine_service.store.port import FOREVER
+from keel_core.errors import ErrorCategory, KeelError
+
+log = logging.getLogger(__name__)
+
+MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
+
+
+def io_error(code: str, message: str) -> KeelError:
+    """What an op's call or output that cannot be recorded fails with (not retryable)."""
+    return KeelError(code, message, category=ErrorCategory.FAILED_PRECONDITION, retryable=False)
+
+
+@dataclass(frozen=True)
+class AttemptOf:
+    """The attempt an I/O call belongs to; `fencing` is the seq of its StepAttemptStarted."""
+
+    step_id: str
+    attempt: int
+    fencing: int
+
+
+class RunWriter(Protocol):
+    """What recording an answer needs of the run's driver."""
+
+    run_id: str
+    env: RunEnvironment
+    manifest: RunManifest
+    lease: Lease | None
+    history: RunHistory
+
+    def record(
+        self,
+        events: Sequence[KernelEvent],
+        *,
+        label: str | None = None,
+        artifacts: Sequence[tuple[str, bytes]] = (),
+        linger: bool = True,
+    ) -> None:
+        """Decide `events`: fold them in now, append them with the next flush."""
+        ...
+
+    async def flush(self) -> None:
+        """Make every decided event durable."""
+        ...
+
+    async def confirm_lease(self) -> None:
+        """Raise `lease_lost` unless the run's lease is held and valid."""
+        ...
+
+
+class RunFacts:
+    """The facts of one run being driven: calls in flight, the replayed run's facts."""
+
+    def __init__(self, run: RunWriter) -> None:
+        self._run = run
+        # Two concurrent calls with one key in one run make one transport call and share its fact.
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._replayed: dict[str, FactRecorded] | None = None
+
+    async def fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
+        """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
+        check_fact_key(
+            fact_key, needed_by=f"io.call({namespace!r})", category=ErrorCategory.FAILED_PRECONDITION
+        )
+        recorded = self._run.history.facts.get(fact_key)
+        if recorded is not None:
+            return copy.deepcopy(recorded.response)
+        inflight = self._inflight.get(fact_key)
+        if inflight is None:
+            inflight = asyncio.ensure_future(self._fetch_fact(attempt, namespace, request, fact_key))
+            self._inflight[fact_key] = inflight
+            inflight.add_done_callback(lambda _: self._inflight.pop(fact_key, None))
+        return copy.deepcopy(await inflight)  # cancelling the op cancels the call
+
+    async def _fetch_fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
+        config = self._run.manifest.run_config
+        if config.execution_mode == REPLAY:
+            source = (await self._replayed_facts()).get(fact_key)
+            if source is None:
+                raise io_error(
+                    "replay_fact_missing",
+                    f"replay: run {config.replay_of_run_id} recorded no fact {fact_key!r}",
+                )
+            response = source.response
+        else:
+            transport = self._run.env.transports.get(namespace)
+            if transport is None:
+                raise io_error("unknown_namespace", f"no transport is registered for namespace {namespace!r}")
+            await self._run.flush()
+            self._run.env.failpoints.hit(PAUSE_BEFORE_TRANSPORT_CALL, attempt.step_id)
+            request = copy.deepcopy(request)
+            if self._run.lease is not None:
+                # Last, right before the call: a side effect only while this engine holds the run.
+                await self._run.confirm_lease()
+            response = await self._run.env.transports.call(
+                namespace,
+                request,
+                fact_key,
+                self._run.run_id,
+                step_id=attempt.step_id,
+                attempt=attempt.attempt,
+                fencing=attempt.fencing,
+            )
+            try:
+                size = len(canonical_json_bytes(response))
+            except KeelError:
+                raise io_error(
+                    "transport_response_invalid",
+                    f"the {namespace!r} transport answered with a value that is not JSON",
+                ) from None
+            if size > MAX_FACT_BYTES:
+                raise io_error(
+                    "transport_response_too_large",
+                    f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
+                )
+        self._run.record([FactRecorded(attempt.step_id, attempt.attempt, fact_key, namespace, response)])
+        await self._keep_answer()  # the fact is durable before the op sees the answer
+        self._run.env.failpoints.hit(AFTER_FACT_RECORDED, attempt.step_id)
+        if namespace == SPAWN_NAMESPACE:
+            self._run.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
+        elif namespace == AWAIT_NAMESPACE:
+            self._run.env.failpoints.hit(AFTER_CHILD_AWAIT_RECORDED)
+        return response
+
+    async def _keep_answer(self) -> None:
+        """Append the answer just decided, not giving it up to a lost lease or the store being down.
+
+        Only the run stream's compare-and-swap (a conflict: someone else appended) stops it. A cancel
+        because the lease was lost waits for the append; any other (a drain, a foreign terminal
+        event) waits at most PARK_FLUSH_SECONDS, like the flush of a parked run.
+        """
+        recording = asyncio.ensure_future(self._run.flush())
+        cancelled = False
+        while not recording.done():
+            try:
+                await asyncio.shield(recording)
+            except asyncio.CancelledError:
+                if cancelled or self._run.lease is None or not self._run.lease.lost:
+                    await self._give_up_answer(recording)
+                    raise
+                cancelled = True
+                log.info("run %s: lease lost while recording an answer; recording it first", self._run.run_id)
+        recording.result()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _give_up_answer(self, recording: asyncio.Future[None]) -> None:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
+        recording.cancel()
+
+    async def _replayed_facts(self) -> dict[str, FactRecorded]:
+        if self._replayed is None:
+            source = run_stream_id(self._run.manifest.run_config.replay_of_run_id)
+            events = await self._run.env.store.read(source, patience=FOREVER)
+            self._replayed = dict(fold(decode_event(e.type, e.payload) for e in events).facts)
+        return self._replayed
+
+
+class RunIo:
+    """The `io` handle an op gets: calls become facts of its run."""
+
+    def __init__(self, facts: RunFacts, step_id: str, attempt: int, fencing: int) -> None:
+        self._facts = facts
+        self._attempt_of = AttemptOf(step_id, attempt, fencing)
+
+    async def call(self, namespace: str, request: Any, fact_key: str) -> Any:
+        """Call the transport for `namespace`, or return the fact recorded under `fact_key`."""
+        return await self._facts.fact(self._attempt_of, namespace, request, fact_key)
