@@ -112,7 +112,7 @@ MAX_DURATION_SECONDS = 315_576_000_000
 
 
 def seconds_from(duration: duration_pb2.Duration, field: str) -> float:
-    """A non-negative google.protobuf.Duration in seconds; INVALID_ARGUMENT `invalid_duration` otherwise."""
+    """A non-negative google.protobuf.Duration in seconds; INVALID_ARGUMENT `invalid_argument` otherwise."""
     if duration.seconds < 0 or duration.nanos < 0:
         raise _invalid_duration(field, "must not be negative")
     if duration.seconds > MAX_DURATION_SECONDS or duration.nanos > 999_999_999:
@@ -125,7 +125,7 @@ def seconds_from(duration: duration_pb2.Duration, field: str) -> float:
 
 
 def _invalid_duration(field: str, why: str) -> KeelError:
-    return invalid_argument("invalid_duration", f"{field} {why}", field=field)
+    return invalid_argument("invalid_argument", f"{field} {why}", field=field)
 
 
 def _ms(duration: duration_pb2.Duration, field: str) -> int:

@@ -1229,7 +1229,7 @@ class AwaitRunRequest(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """How long to wait at most (unset: until the call's deadline). A negative
         duration, or one beyond google.protobuf.Duration's range, fails
-        INVALID_ARGUMENT, reason `invalid_duration`.
+        INVALID_ARGUMENT, reason `invalid_argument`.
         """
 
     def __init__(
