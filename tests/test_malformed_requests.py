@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -21,6 +21,9 @@ from engine_service import EngineConfig, start_engine
 from engine_service.domain import artifact_id_for_bytes
 from keel_core.status import from_rpc_error
 from store_service.server import StoreConfig, start_store
+
+if TYPE_CHECKING:
+    from keel.store.v1.store_pb2_grpc import StoreServiceAsyncStub
 
 # Field 1, length-delimited, with a length far beyond the bytes sent: no message decodes it.
 GARBAGE = b"\x0a\xff\xff\xff\xff\x0f"
@@ -34,11 +37,11 @@ def _raw_call(channel: grpc.aio.Channel, method: MethodDescriptor, messages: lis
     if method.client_streaming:
         requests = iter(messages)
         if method.server_streaming:
-            return channel.stream_stream(path)(requests)
-        return channel.stream_unary(path)(requests)
+            return channel.stream_stream(path, None, None)(requests)
+        return channel.stream_unary(path, None, None)(requests)
     if method.server_streaming:
-        return channel.unary_stream(path)(messages[0])
-    return channel.unary_unary(path)(messages[0])
+        return channel.unary_stream(path, None, None)(messages[0])
+    return channel.unary_unary(path, None, None)(messages[0])
 
 
 async def _outcome(call: Any) -> grpc.aio.AioRpcError:
@@ -51,7 +54,7 @@ async def _outcome(call: Any) -> grpc.aio.AioRpcError:
     return caught.value
 
 
-async def _streams(store: store_pb2_grpc.StoreServiceStub) -> dict[str, int]:
+async def _streams(store: StoreServiceAsyncStub) -> dict[str, int]:
     """Every stream but the engines' heartbeat records (which move on their own), with its head."""
     page = await store.ListStreams(store_pb2.ListStreamsRequest(page_size=1000))
     return {s.stream_id: s.head_seq for s in page.streams if not s.stream_id.startswith("engine")}
@@ -87,7 +90,7 @@ async def test_garbage_bytes_on_every_rpc_of_both_services_are_malformed_request
     channels: tuple[grpc.aio.Channel, grpc.aio.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
     engine_channel, store_channel = channels
-    store = store_pb2_grpc.StoreServiceStub(store_channel)
+    store: StoreServiceAsyncStub = store_pb2_grpc.StoreServiceStub(store_channel)
     before = await _streams(store)
     caplog.set_level(logging.DEBUG)
     for channel, methods in ((engine_channel, ENGINE_METHODS), (store_channel, STORE_METHODS)):
@@ -107,7 +110,7 @@ async def test_a_garbage_message_after_good_ones_in_a_request_stream_is_malforme
     _assert_malformed(await _outcome(_raw_call(store_channel, put, [first, GARBAGE])), put)
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
     # The upload was abandoned: the first chunk alone was not stored as an artifact.
-    store = store_pb2_grpc.StoreServiceStub(store_channel)
+    store: StoreServiceAsyncStub = store_pb2_grpc.StoreServiceStub(store_channel)
     found = await store.HasArtifact(store_pb2.HasArtifactRequest(artifact_id=artifact_id_for_bytes(b"abc")))
     assert not found.exists
 
@@ -116,6 +119,6 @@ async def test_health_and_reflection_refuse_garbage_too(
     channels: tuple[grpc.aio.Channel, grpc.aio.Channel],
 ) -> None:
     engine_channel, _ = channels
-    error = await _outcome(engine_channel.unary_unary("/grpc.health.v1.Health/Check")(GARBAGE))
+    error = await _outcome(engine_channel.unary_unary("/grpc.health.v1.Health/Check", None, None)(GARBAGE))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert from_rpc_error(error).code == "malformed_request"

@@ -137,7 +137,7 @@ async def test_json_nested_hundreds_of_levels_deep_is_refused_and_writes_nothing
     start = engine_pb2.StartRunRequest(op=ECHO).SerializeToString() + _field(0x1A, _list_value_bytes(300))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.engine.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await channel.unary_unary("/keel.engine.v1.EngineService/StartRun")(start)
+            await channel.unary_unary("/keel.engine.v1.EngineService/StartRun", None, None)(start)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "nests past protobuf's 100 levels" in (caught.value.details() or "")
     assert await all_streams(cluster) == []
