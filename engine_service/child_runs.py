@@ -302,7 +302,12 @@ class ChildRuns:
                 run_id=request.child_run_id,
             )
         manifest_id = link.child_manifest_id if link is not None else request.child_manifest_id
-        manifest = await self.engine.manifest(manifest_id)
+        try:
+            manifest = await self.engine.manifest(manifest_id)
+        except KeelError as error:
+            if link is not None or error.code != "corrupt_artifact":
+                raise
+            raise request_invalid(f"child_manifest_id: {error.message}") from None
         log.info("child run %s was never started: starting it from its manifest", request.child_run_id)
         try:
             if link is not None:

@@ -398,7 +398,16 @@ class Engine:
         """A manifest artifact, read back and checked against its id."""
         known = self._manifests.get(manifest_id)
         if known is None:
-            known = RunManifest.from_bytes(await self.env.store.get_artifact(manifest_id))
+            data = await self.env.store.get_artifact(manifest_id)
+            try:
+                known = RunManifest.from_bytes(data)
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+                raise KeelError(
+                    "corrupt_artifact",
+                    f"artifact {manifest_id} is not a run manifest ({type(error).__name__}: {error})",
+                    category=ErrorCategory.DATA_LOSS,
+                    details={"artifact_id": manifest_id},
+                ) from None
             self._manifests.put(manifest_id, known)
         return known
 

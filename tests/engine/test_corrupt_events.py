@@ -162,3 +162,38 @@ async def test_junk_appended_to_a_running_run_is_data_loss_and_it_can_be_cancele
     assert types[seq - 1] == "StepCompleted" and types[-1] == "RunCompleted"
     assert types.count("RunCompleted") == 1
     assert await _listed_status(cluster, run_id) == engine_pb2.RUN_STATUS_CANCELED
+
+
+async def test_junk_in_a_runs_children_stream_links_no_child_and_getrun_still_answers(
+    cluster: Cluster,
+) -> None:
+    run = await cluster.stub.StartRun(
+        engine_pb2.StartRunRequest(op=engine_pb2.SingleOp(op_id="keel.echo"), wait=True)
+    )
+    await cluster.store_stub.AppendEvents(
+        store_pb2.AppendEventsRequest(
+            stream_id=f"children:{run.run_id}",
+            expected_kind=store_pb2.EXPECTED_KIND_ANY,
+            events=[store_pb2.EventData(type="ChildLinked", payload=b"not json")],
+        )
+    )
+    got = await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run.run_id))
+    assert got.run.status == engine_pb2.RUN_STATUS_COMPLETED and list(got.run.children) == []
+
+
+async def test_await_child_naming_an_artifact_that_is_no_manifest_is_invalid_argument(
+    cluster: Cluster,
+) -> None:
+    put = await cluster.store_stub.PutArtifact(
+        iter([store_pb2.PutArtifactRequest(kind="manifest", data=b"not a manifest")])
+    )
+    child = str(uuid.uuid4())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cluster.stub.AwaitChild(
+            engine_pb2.AwaitChildRequest(child_run_id=child, child_manifest_id=put.artifact_id)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert from_rpc_error(caught.value).code == "child_run_request_invalid"
+    assert put.artifact_id in (caught.value.details() or "")
+    heads = await cluster.store_stub.HeadSeq(store_pb2.HeadSeqRequest(stream_id=f"run:{child}"))
+    assert heads.head_seq == 0  # nothing was started
