@@ -1,30 +1,36 @@
-"""Fact keys: the one rule for which keys may name a recorded fact (an I/O answer, a child run).
+"""What a fact key may be: the one rule for I/O calls (`ctx.io.call`) and child spawns alike.
 
-A fact key is persisted in the run's stream (FactRecorded, a child's link and run id), so it must
-name the call and must not carry a credential. The rule is the same wherever a key arrives; only
-the error's category is the caller's: a key inside a run fails the step (FAILED_PRECONDITION,
-recorded), a key in an RPC request is the caller's to change (INVALID_ARGUMENT).
+A fact key names a recorded answer within its run and is itself recorded (in FactRecorded, a
+child's link and RunStarted), so a key is refused before anything is written when it is empty,
+longer than MAX_FACT_KEY_CHARS, or looks like it carries a credential. The key is never repeated
+in the refusal's message: a secret must not reach logs either.
 """
 
 from __future__ import annotations
 
 from engine_service.domain.secrets import looks_like_secret
-from keel_core.errors import ErrorCategory, KeelError
+from keel_core.errors import invalid_argument
+
+# A name, not a payload: long enough for `fetch:<url>` or a composite id, short enough that
+# events and log lines carrying it stay small.
+MAX_FACT_KEY_CHARS = 512
 
 
-def check_fact_key(fact_key: str, *, needed_by: str, category: ErrorCategory) -> None:
-    """Raise `missing_fact_key` or `secrets_detected` (not retryable) unless `fact_key` may be recorded.
-
-    `needed_by` says what needs the key, for the message ("io.call('x')", "spawning a child run").
-    The key itself is never repeated in a message: it must not reach a log or an event.
-    """
+def check_fact_key(fact_key: str, what: str) -> None:
+    """Raise INVALID_ARGUMENT unless `fact_key` may be recorded; `what` names the call in messages."""
     if not fact_key:
-        raise KeelError(
-            "missing_fact_key", f"{needed_by} needs a fact key (a name for it)", category=category
+        raise invalid_argument("missing_fact_key", f"{what} needs a fact key (a name for it)")
+    if len(fact_key) > MAX_FACT_KEY_CHARS:
+        raise invalid_argument(
+            "fact_key_too_long",
+            f"{what}: the fact key is {len(fact_key)} characters; the limit is {MAX_FACT_KEY_CHARS} "
+            "(a fact key names the call; put data in the request)",
+            length=len(fact_key),
+            limit=MAX_FACT_KEY_CHARS,
         )
     if looks_like_secret(fact_key):
-        raise KeelError(
+        raise invalid_argument(
             "secrets_detected",
-            "the fact key looks like it contains a secret; nothing was recorded",
-            category=category,
+            f"{what}: the fact key looks like it contains a secret (a password, token or API key); "
+            "nothing was recorded",
         )

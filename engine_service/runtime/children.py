@@ -169,9 +169,7 @@ class ChildRuns:
         its cancel would close. A parent that completed or failed may still take children (a client
         grouping work under a run): they are listed on it, and nothing closes them.
         """
-        check_fact_key(
-            request.fact_key, needed_by="spawning a child run", category=ErrorCategory.INVALID_ARGUMENT
-        )
+        check_fact_key(request.fact_key, "spawning a child run")
         parse_run_id(request.parent_run_id, field="parent_run_id")
         manifest = request.manifest()
         self.kernel.plan_for(manifest)  # an unknown op is `invalid_plan` before anything is stored
@@ -311,7 +309,12 @@ class ChildRuns:
                 run_id=request.child_run_id,
             )
         manifest_id = link.child_manifest_id if link is not None else request.child_manifest_id
-        manifest = await self.reader.manifest(manifest_id)
+        try:
+            manifest = await self.reader.manifest(manifest_id)
+        except KeelError as error:
+            if link is not None or error.code != "corrupt_artifact":
+                raise
+            raise request_invalid(f"child_manifest_id: {error.message}") from None
         log.info("child run %s was never started: starting it from its manifest", request.child_run_id)
         try:
             if link is not None:

@@ -80,6 +80,7 @@ from engine_service.runtime.run_io import RunFacts, RunIo, io_error
 from engine_service.store.port import FOREVER
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
+from keel_core.json_rules import check_json
 from keel_core.logs import bind_log_fields
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,7 @@ class RunDriver:
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
             output = await self._call_op(definition, ctx, step.op_config)
+            check_json(output, "output")  # what is stored must go back out on the wire
             snapshot = with_step_output(base, action.step_id, output)
             snapshot_bytes = canonical_json_bytes(snapshot)
             if len(snapshot_bytes) > MAX_SNAPSHOT_BYTES:
@@ -355,7 +357,10 @@ class RunDriver:
             raise
         except Exception as error:
             if isinstance(error, KeelError) and error.code == "invalid_json":
-                error = io_error("op_output_invalid", f"op {step.op_id!r} returned a value that is not JSON")
+                error = io_error(
+                    "op_output_invalid",
+                    f"op {step.op_id!r} returned a value that is not JSON: {error.message}",
+                )
             self.record([StepAttemptFailed(action.step_id, action.attempt, op_error_record(error))])
             await self._settled()
             return

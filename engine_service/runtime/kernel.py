@@ -52,7 +52,7 @@ from engine_service.runtime.children import ChildRuns, ChildRunTransport
 from engine_service.runtime.driver import RunDriver
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
-from engine_service.runtime.reader import RunReader
+from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
 from engine_service.runtime.terminalize import Terminalizer, TerminalizeResult
@@ -138,6 +138,8 @@ class Engine:
         )
         self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
         self.views = RunViews(env.store, self.reader)
+        # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
+        self._unreadable_runs: RecentArtifacts[KeelError] = RecentArtifacts(1000)
         # One resumption of a run at a time here, and one start of a run id at a time.
         self._resuming = KeyedLocks()
         self._starts = KeyedLocks()
@@ -335,12 +337,15 @@ class Engine:
             raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
         if run_status_of_label(label) is not None:
             return False
+        unreadable = self._unreadable_runs.get(run_id)
+        if unreadable is not None:
+            raise unreadable
         lease = await self.leases.acquire(run_id, created_at_us, lambda: self.reader.created_at_us(run_id))
         if lease is None:
             return False
         resumed = False
         try:
-            _, history = await self.reader.read_history(run_id)
+            _, history = await self._history_to_resume(run_id)
             if await self.children.closed_with_parent(run_id, history):
                 return False
             resumed = await self._resume_from(run_id, history, lease)
@@ -348,6 +353,15 @@ class Engine:
             if not resumed and run_id not in self.registry.drivers:
                 self.leases.drop(run_id)
         return resumed
+
+    async def _history_to_resume(self, run_id: str) -> tuple[list[StoredEvent], RunHistory]:
+        try:
+            return await self.reader.read_history(run_id)
+        except KeelError as error:
+            if error.code == "corrupt_event":
+                log.error("run %s cannot be resumed: %s", run_id, error.message)
+                self._unreadable_runs.put(run_id, error)
+            raise
 
     async def _resume_from(self, run_id: str, history: RunHistory, lease: Lease) -> bool:
         if history.is_terminal or history.started is None:

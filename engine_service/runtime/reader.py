@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from engine_service.domain import RunHistory, RunManifest, RunStarted, StoredEvent, decode_event, fold
+from engine_service.domain import (
+    RunHistory,
+    RunManifest,
+    RunStarted,
+    StoredEvent,
+    corrupt_event_error,
+    decode_event,
+    fold,
+)
 from engine_service.domain.canonical import parse_json_bytes
 from engine_service.domain.child_runs import ChildLink, child_links
 from engine_service.domain.streams import (
@@ -23,7 +31,7 @@ from engine_service.domain.streams import (
     run_stream_id,
 )
 from engine_service.store.port import EventLog, StreamEvent
-from keel_core.errors import not_found
+from keel_core.errors import ErrorCategory, KeelError, not_found
 
 V = TypeVar("V")
 # The subject of a ledger entry about the run as a whole (not one of its steps).
@@ -78,12 +86,22 @@ class RunReader:
         # changes again, so its view needs no read of it.
         self._finished_runs: RecentArtifacts[tuple[StoredEvent, ...]] = RecentArtifacts(1000)
 
-    async def read_history(self, run_id: str) -> tuple[list[StoredEvent], RunHistory]:
-        """A run's events and their fold (`run_not_found` if it has none)."""
+    async def read_history(
+        self, run_id: str, *, corrupt_ok: bool = False
+    ) -> tuple[list[StoredEvent], RunHistory]:
+        """A run's events and their fold (`run_not_found` if it has none).
+
+        A history with an event that did not decode is DATA_LOSS `corrupt_event` unless `corrupt_ok`
+        (Terminalize, which may still cancel or fail the run): nothing shows, resumes or waits for
+        a run that cannot be read.
+        """
         events = stored_events(await self.store.read(run_stream_id(run_id)))
         if not events:
             raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-        return events, fold(e.event for e in events)
+        history = fold(e.event for e in events)
+        if history.corrupt is not None and not corrupt_ok:
+            raise corrupt_event_error(run_stream_id(run_id), history.corrupt_seq, history.corrupt)
+        return events, history
 
     def finished(self, run_id: str) -> tuple[StoredEvent, ...] | None:
         """Every event of a run this engine started and finished, if it still holds them."""
@@ -102,7 +120,16 @@ class RunReader:
         """A manifest artifact, read back and checked against its id."""
         known = self._manifests.get(manifest_id)
         if known is None:
-            known = RunManifest.from_bytes(await self.store.get_artifact(manifest_id))
+            data = await self.store.get_artifact(manifest_id)
+            try:
+                known = RunManifest.from_bytes(data)
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+                raise KeelError(
+                    "corrupt_artifact",
+                    f"artifact {manifest_id} is not a run manifest ({type(error).__name__}: {error})",
+                    category=ErrorCategory.DATA_LOSS,
+                    details={"artifact_id": manifest_id},
+                ) from None
             self._manifests.put(manifest_id, known)
         return known
 

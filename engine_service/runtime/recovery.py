@@ -54,7 +54,8 @@ class Recovery:
                 try:
                     return await self._resume(run_id, created_at_us)
                 except KeelError as error:
-                    log.error("could not resume run %s: %s", run_id, error.message)
+                    if error.code != "corrupt_event":  # logged once, when found
+                        log.error("could not resume run %s: %s", run_id, error.message)
                     return False
 
         while True:

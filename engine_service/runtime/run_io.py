@@ -46,6 +46,7 @@ from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironmen
 from engine_service.runtime.leases import Lease
 from engine_service.store.port import FOREVER
 from keel_core.errors import ErrorCategory, KeelError
+from keel_core.json_rules import check_json
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,7 @@ class RunFacts:
 
     async def fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
-        check_fact_key(
-            fact_key, needed_by=f"io.call({namespace!r})", category=ErrorCategory.FAILED_PRECONDITION
-        )
+        check_fact_key(fact_key, f"io.call({namespace!r})")
         recorded = self._run.history.facts.get(fact_key)
         if recorded is not None:
             return copy.deepcopy(recorded.response)
@@ -149,11 +148,12 @@ class RunFacts:
                 fencing=attempt.fencing,
             )
             try:
+                check_json(response, "answer")
                 size = len(canonical_json_bytes(response))
-            except KeelError:
+            except KeelError as error:
                 raise io_error(
                     "transport_response_invalid",
-                    f"the {namespace!r} transport answered with a value that is not JSON",
+                    f"the {namespace!r} transport answered with a value that is not JSON: {error.message}",
                 ) from None
             if size > MAX_FACT_BYTES:
                 raise io_error(

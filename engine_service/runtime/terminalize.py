@@ -9,6 +9,10 @@ When the terminal append fails for another reason after the decision was taken, 
 written to the run's failure ledger (a second stream, `ledger:<run id>`) and the call fails with
 the same message; a retry once the store recovers transitions the run (or finds it terminal).
 
+A run whose stream holds an event that does not decode (history.fold) can be canceled or failed:
+RunCompleted is appended after the corrupt event, with the last checkpoint read before it. It
+cannot be completed (DATA_LOSS `corrupt_event`).
+
 Canceling a run closes its children whose policy is `cancel` (read from its children stream, so
 whatever spawned them and on whichever engine), recursively.
 """
@@ -19,7 +23,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, encode_event
+from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, corrupt_event_error, encode_event
 from engine_service.domain.canonical import canonical_json_bytes
 from engine_service.domain.child_runs import ChildLink
 from engine_service.domain.manifest import run_start
@@ -85,9 +89,13 @@ class Terminalizer:
     async def _decide_and_append(self, run_id: str, status: str, reason: str) -> TerminalizeResult:
         for _ in range(_MAX_DECISIONS):
             await self.registry.stop_driver(run_id)
-            _, history = await self.reader.read_history(run_id)
+            _, history = await self.reader.read_history(run_id, corrupt_ok=True)
             if history.terminal is not None:
                 return TerminalizeResult(False, history.terminal.status)
+            if history.corrupt is not None and status == COMPLETED:
+                # Canceling or failing a run whose history cannot be read is an operator's way out;
+                # completing it would claim a result nobody can check.
+                raise corrupt_event_error(run_stream_id(run_id), history.corrupt_seq, history.corrupt)
             has_ledger = await self.reader.has_ledger(run_id)
             terminal = RunCompleted(
                 status, history.last_checkpoint, reason, at_us=now_us(), has_ledger=has_ledger

@@ -18,6 +18,7 @@ from engine_service.domain import (
     CANCELED,
     COMPLETED,
     FAILED,
+    CorruptEvent,
     ErrorRecord,
     RunCompleted,
     RunManifest,
@@ -26,8 +27,10 @@ from engine_service.domain import (
     StepAttemptStarted,
     StepCompleted,
     StoredEvent,
+    corrupt_event_error,
     fold,
 )
+from engine_service.domain.events import event_type_and_json
 from engine_service.domain.plan import topological_order
 from engine_service.domain.streams import (
     RUN_ACTIVE_LABEL,
@@ -39,6 +42,8 @@ from engine_service.domain.streams import (
 )
 from engine_service.runtime.reader import RunReader, stored_events
 from engine_service.store.port import EventLog
+from keel_core.errors import KeelError
+from keel_core.json_rules import check_json
 
 RUNNING = "running"
 PENDING = "pending"
@@ -262,6 +267,21 @@ class RunViews:
         async with contextlib.aclosing(subscription):
             async for raw in subscription:
                 stored = stored_events([raw])[0]
+                _check_showable(run_id, stored)
                 yield stored
                 if isinstance(stored.event, RunCompleted):
                     return
+
+
+def _check_showable(run_id: str, stored: StoredEvent) -> None:
+    """DATA_LOSS `corrupt_event` for an event that cannot be shown: undecodable, or (decoded) beyond
+    what JSON on the wire may be (a stray append)."""
+    event = stored.event
+    if isinstance(event, CorruptEvent):
+        raise corrupt_event_error(run_stream_id(run_id), stored.seq, event)
+    type_name, data = event_type_and_json(event)
+    try:
+        check_json(data, f"event {stored.seq}")
+    except KeelError as error:
+        corrupt = CorruptEvent(type_name, error.message)
+        raise corrupt_event_error(run_stream_id(run_id), stored.seq, corrupt) from None

@@ -58,12 +58,34 @@ RUN_STATUS = {
     PENDING: engine_pb2.RUN_STATUS_PENDING,  # a child recorded on its parent, not started
 }
 # The statuses ListRuns filters by (a PENDING child is not a run of its own yet).
-LISTED_STATUS = {
+LISTED_STATUS: dict[int, str] = {
     engine_pb2.RUN_STATUS_RUNNING: RUNNING,
     engine_pb2.RUN_STATUS_COMPLETED: COMPLETED,
     engine_pb2.RUN_STATUS_FAILED: FAILED,
     engine_pb2.RUN_STATUS_CANCELED: CANCELED,
 }
+
+
+def listed_status(status: int) -> str:
+    """The run status a ListRuns status filter stands for; INVALID_ARGUMENT for any other status.
+
+    RUN_STATUS_PENDING is refused: a pending run is a child its parent linked but never started,
+    so it has no run stream for ListRuns to list (GetRun of the parent shows it among `children`).
+    """
+    listed = LISTED_STATUS.get(status)
+    if listed is not None:
+        return listed
+    accepted = ", ".join(engine_pb2.RunStatus.Name(s) for s in LISTED_STATUS)  # type: ignore[arg-type]
+    if status == engine_pb2.RUN_STATUS_PENDING:
+        why = (
+            "RUN_STATUS_PENDING cannot filter ListRuns: a pending run is a child its parent linked "
+            "but never started, and has no run stream to list (GetRun of the parent shows it)"
+        )
+    else:
+        why = f"unknown run status {status} in statuses"
+    raise invalid_argument("invalid_argument", f"{why}; accepted statuses: {accepted}", status=status)
+
+
 STEP_STATUS = {
     PENDING: engine_pb2.STEP_STATUS_PENDING,
     RUNNING: engine_pb2.STEP_STATUS_RUNNING,
@@ -74,10 +96,8 @@ STEP_STATUS = {
 
 
 def _json(value: Any, field: str, *, default: Any = None) -> Any:
-    try:
-        return from_value(value, default=default)
-    except KeelError as error:
-        raise invalid_argument("invalid_argument", f"{field}: {error.message}") from None
+    # INVALID_ARGUMENT `invalid_json` naming the place (`input.a[3]`) when keel_core.json_rules refuses it.
+    return from_value(value, default=default, path=field)
 
 
 def _size_checked(data: Any, field: str, limit: int = MAX_INPUT_BYTES) -> Any:
@@ -92,9 +112,29 @@ def _size_checked(data: Any, field: str, limit: int = MAX_INPUT_BYTES) -> Any:
     return data
 
 
-def _ms(duration: duration_pb2.Duration, field: str) -> int:
+# google.protobuf.Duration's documented range: about 10,000 years, nanos within one second.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def seconds_from(duration: duration_pb2.Duration, field: str) -> float:
+    """A non-negative google.protobuf.Duration in seconds; INVALID_ARGUMENT `invalid_argument` otherwise."""
     if duration.seconds < 0 or duration.nanos < 0:
-        raise invalid_argument("invalid_argument", f"{field} must not be negative")
+        raise _invalid_duration(field, "must not be negative")
+    if duration.seconds > MAX_DURATION_SECONDS or duration.nanos > 999_999_999:
+        raise _invalid_duration(
+            field,
+            f"is beyond google.protobuf.Duration's range (seconds at most {MAX_DURATION_SECONDS}, "
+            "nanos at most 999999999)",
+        )
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _invalid_duration(field: str, why: str) -> KeelError:
+    return invalid_argument("invalid_argument", f"{field} {why}", field=field)
+
+
+def _ms(duration: duration_pb2.Duration, field: str) -> int:
+    seconds_from(duration, field)
     return duration.seconds * 1000 + duration.nanos // 1_000_000
 
 

@@ -87,12 +87,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         """A page of runs, newest first, optionally by status."""
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise invalid_argument("invalid_argument", f"page_size must be 0..{MAX_PAGE_SIZE}")
-        statuses = []
-        for status in request.statuses:
-            listed = messages.LISTED_STATUS.get(status)
-            if listed is None:
-                raise invalid_argument("invalid_argument", f"unknown run status {status} in statuses")
-            statuses.append(listed)
+        statuses = [messages.listed_status(status) for status in request.statuses]
         runs, token = await self.engine.views.list_runs(
             statuses, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
         )
@@ -108,9 +103,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         run_id = parse_run_id(request.run_id)
         timeout = _remaining(context)
         if request.HasField("timeout"):
-            if request.timeout.seconds < 0 or request.timeout.nanos < 0:
-                raise invalid_argument("invalid_argument", "timeout must not be negative")
-            asked = request.timeout.ToTimedelta().total_seconds()
+            asked = messages.seconds_from(request.timeout, "timeout")
             timeout = asked if timeout is None else min(asked, timeout)
         done = await self.engine.await_run(run_id, timeout)
         return engine_pb2.AwaitRunResponse(run=await self._run(run_id), done=done)
