@@ -148,7 +148,7 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     recovery: asyncio.Task[None] | None = None
     if config.recover_on_start:
         # Recovery at start, then takeover of runs whose lease expired or was released.
-        recovery = asyncio.create_task(engine.scan_forever(), name="scan for runs")
+        recovery = asyncio.create_task(engine.recovery.scan_forever(), name="scan for runs")
         recovery.add_done_callback(_log_scanning)
 
     async def stop_engine() -> None:

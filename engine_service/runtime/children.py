@@ -31,7 +31,6 @@ from typing import Any, Protocol
 from engine_service.domain import (
     CANCELED,
     Plan,
-    RunCompleted,
     RunHistory,
     RunManifest,
     artifact_id_for_bytes,
@@ -53,6 +52,7 @@ from engine_service.domain.facts import check_fact_key
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.streams import children_stream_id, run_status_of_label, run_stream_id
 from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED, Failpoints
+from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.reader import RunReader
 from engine_service.runtime.registry import RunRegistry
 from engine_service.runtime.terminalize import Terminalizer
@@ -93,7 +93,7 @@ def _spawned(link: ChildLink) -> ChildSpawned:
 
 
 class RunKernel(Protocol):
-    """What child runs need of the engine's kernel: to plan, start, resume and await runs."""
+    """What child runs need of the engine's kernel: to plan, start and resume runs."""
 
     def plan_for(self, manifest: RunManifest) -> Plan:
         """The manifest's pipeline resolved against the engine's ops (`invalid_plan` if it cannot be)."""
@@ -114,10 +114,6 @@ class RunKernel(Protocol):
         """Drive a run nobody drives (False when there is nothing to do here)."""
         ...
 
-    async def await_terminal(self, run_id: str) -> RunCompleted:
-        """The run's terminal event, once there is one."""
-        ...
-
 
 class ChildRuns:
     """Spawns and awaits child runs on one engine."""
@@ -130,6 +126,7 @@ class ChildRuns:
         reader: RunReader,
         terminalizer: Terminalizer,
         kernel: RunKernel,
+        awaits: RunAwaits,
     ) -> None:
         self.store = store
         self.failpoints = failpoints
@@ -137,6 +134,7 @@ class ChildRuns:
         self.reader = reader
         self.terminalizer = terminalizer
         self.kernel = kernel
+        self.awaits = awaits
         # parent run id -> links waiting for the append in flight for that parent to finish.
         self._unlinked: dict[str, list[_Linking]] = {}
         self._appending: set[asyncio.Future[None]] = set()
@@ -286,7 +284,7 @@ class ChildRuns:
         child_id = request.child_run_id
         while True:
             try:
-                terminal = await self.kernel.await_terminal(child_id)
+                terminal = await self.awaits.await_terminal(child_id)
                 break
             except KeelError as error:
                 if error.code != "run_not_found":

@@ -1,10 +1,10 @@
-"""The kernel: starts, resumes and awaits runs, one driver task per run it drives.
+"""The kernel: starts and resumes runs, and wires the engine's parts together.
 
 The engine holds no state of its own beyond the driver tasks it is running (its RunRegistry):
-every decision comes from the run's stream in the event log. The kernel wires the engine's parts
-together, each depending only on those below it: the registry and reader at the bottom, then
-leases, Terminalize, child runs (which reach the kernel through the narrow RunKernel Protocol),
-recovery and views.
+every decision comes from the run's stream in the event log. Each part depends only on those
+below it: the registry and reader at the bottom, then leases, drivers (runtime.driving), awaits
+(runtime.awaiting), Terminalize, child runs (which reach the kernel through the narrow RunKernel
+Protocol), recovery and views.
 
 Starting a run has one path to its first append: a driver decides RunStarted (manifest and initial
 snapshot inline), and either appends it at once (StartRun returns once it is durable; a client's
@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine_service.domain import (
@@ -46,16 +46,18 @@ from engine_service.domain import (
 )
 from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.manifest import RunStart, run_start
-from engine_service.domain.streams import RUN_COMPLETED, run_status_of_label, run_stream_id
+from engine_service.domain.streams import run_status_of_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
+from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
 from engine_service.runtime.driver import RunDriver
+from engine_service.runtime.driving import Drivers
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
-from engine_service.runtime.terminalize import Terminalizer, TerminalizeResult
+from engine_service.runtime.terminalize import Terminalizer
 from engine_service.runtime.views import RunViews
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, not_found
@@ -63,11 +65,6 @@ from keel_core.errors import ErrorCategory, KeelError, not_found
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 10.0
-# A driver stopping with these is a routine hand-over (logged at INFO), by what happened.
-_HANDED_OVER = {
-    "lease_lost": "this engine may no longer write to it (its lease was lost or not trusted)",
-    "sequence_conflict": "another engine appended to the run first (it took the run over)",
-}
 
 
 def default_engine_id() -> str:
@@ -120,8 +117,27 @@ class Engine:
         self.registry = RunRegistry()
         self.reader = RunReader(env.store)
         self.terminalizer = Terminalizer(env.store, self.registry, self.reader)
+        self.env = env
+        self.build = build
+        self.checkpoint_linger = checkpoint_linger
+        self.engine_id = engine_id or default_engine_id()
+        self.leases = Leases(
+            env.store,
+            self.engine_id,
+            lease_ttl,
+            on_lost=self.registry.cancel_driver,  # parks: its flush finds the lease gone, appends nothing
+            on_takeover=on_takeover,
+        )
+        self.runs = Drivers(env, self.registry, self.reader, self.leases, checkpoint_linger=checkpoint_linger)
+        self.awaits = RunAwaits(env.store, self.registry, self.reader, self.leases, self.resume_run)
         self.children = ChildRuns(
-            env.store, env.failpoints, self.registry, self.reader, self.terminalizer, kernel=self
+            env.store,
+            env.failpoints,
+            self.registry,
+            self.reader,
+            self.terminalizer,
+            kernel=self,
+            awaits=self.awaits,
         )
         own = TransportRegistry()
         transport = ChildRunTransport(self.children)
@@ -129,13 +145,6 @@ class Engine:
         own.register(AWAIT_NAMESPACE, transport)
         # The child namespaces are this engine's: the registry is copied, never the shared default.
         env.transports = env.transports.merged(own)
-        self.env = env
-        self.build = build
-        self.checkpoint_linger = checkpoint_linger
-        self.engine_id = engine_id or default_engine_id()
-        self.leases = Leases(
-            env.store, self.engine_id, lease_ttl, on_lost=self._lease_lost, on_takeover=on_takeover
-        )
         self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
         self.views = RunViews(env.store, self.reader)
         # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
@@ -148,37 +157,6 @@ class Engine:
     def drivers(self) -> dict[str, asyncio.Task[RunCompleted]]:
         """Run id -> the task driving it here (at most one per run)."""
         return self.registry.drivers
-
-    def _lease_lost(self, run_id: str) -> None:
-        task = self.registry.drivers.get(run_id)
-        if task is not None:
-            task.cancel()  # parks: its flush finds the lease gone and appends nothing
-
-    def _driver(
-        self,
-        run_id: str,
-        manifest: RunManifest,
-        plan: Plan,
-        history: RunHistory,
-        *,
-        lease: Lease | None,
-        claim: bool = False,
-        has_ledger: bool = False,
-        events: Sequence[StoredEvent] | None = None,
-    ) -> RunDriver:
-        return RunDriver(
-            self.env,
-            run_id,
-            manifest,
-            plan,
-            history,
-            checkpoint_linger=self.checkpoint_linger,
-            first_append_patience=self.env.store.patience,
-            claim_first=claim,
-            has_ledger=has_ledger,
-            lease=lease,
-            events=events,
-        )
 
     def plan_for(self, manifest: RunManifest) -> Plan:
         """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
@@ -247,7 +225,7 @@ class Engine:
         # already (a retried start of a run it drives): that lease is the driver's.
         fresh = run_id not in self.leases.held
         lease = self.leases.start_new(run_id) if fresh else None
-        driver = self._driver(run_id, manifest, plan, RunHistory(), lease=lease, events=())
+        driver = self.runs.new(run_id, manifest, plan, RunHistory(), lease=lease, events=())
         driver.remember_snapshot(start.snapshot_id, dict(manifest.initial_context))
         try:
             await driver.begin(start.started, start.artifacts, durable_now=not deferred)
@@ -259,7 +237,7 @@ class Engine:
             return None
         assert lease is not None  # the run is new: this start took its lease
         self.reader.remember_manifest(start.manifest_id, manifest)
-        return driver, self._spawn(driver)
+        return driver, self.runs.spawn(driver)
 
     async def _ensure_started(self, driver: RunDriver, task: asyncio.Task[RunCompleted]) -> None:
         """After a deferred start's wait: the run exists before it is named, or the caller learns why."""
@@ -282,37 +260,6 @@ class Engine:
                 details={"run_id": run_id, "manifest_id": existing},
             )
         return StartOutcome(run_id, manifest_id, False)
-
-    def _spawn(self, driver: RunDriver) -> asyncio.Task[RunCompleted]:
-        task = asyncio.create_task(driver.drive(), name=f"run {driver.run_id}")
-        self.registry.drivers[driver.run_id] = task
-        task.add_done_callback(lambda done: self._driver_done(driver, done))
-        return task
-
-    def _driver_done(self, driver: RunDriver, task: asyncio.Task[RunCompleted]) -> None:
-        run_id = driver.run_id
-        if self.registry.drivers.get(run_id) is task:
-            del self.registry.drivers[run_id]
-            self.leases.drop(run_id, run_exists=driver.durable_seq > 0)
-        if not task.cancelled():
-            # A cancelled parent's spawns are still needed to close its children.
-            self.registry.forget_spawns(run_id)
-        if not task.cancelled() and task.exception() is None:
-            final_id = task.result().final_snapshot_id
-            final = driver.known_snapshot(final_id)
-            if final is not None:
-                self.reader.remember_final_snapshot(final_id, final)
-            if driver.events is not None and driver.history.is_terminal:
-                self.reader.remember_finished(run_id, driver.events)
-        if task.cancelled():
-            log.info("run %s parked", run_id)
-        elif (error := task.exception()) is not None:
-            if isinstance(error, KeelError) and error.code in _HANDED_OVER:
-                # Routine: the run resumes wherever its lease goes next (perhaps here again).
-                what = _HANDED_OVER[error.code]
-                log.info("run %s: stopped driving it here: %s (%s: %s)", run_id, what, error.code, error)
-            else:
-                log.error("run %s stopped: %r", run_id, error)
 
     async def resume_run(self, run_id: str, *, created_at_us: int | None = None) -> bool:
         """Drive a run nobody drives; False when it is terminal, driven here, or leased by another engine.
@@ -374,8 +321,8 @@ class Engine:
         if self.registry.busy(run_id):
             return False
         # A former holder's late write is fenced off by this claim (an append at the head read).
-        self._spawn(
-            self._driver(run_id, manifest, plan, history, lease=lease, claim=True, has_ledger=has_ledger)
+        self.runs.spawn(
+            self.runs.new(run_id, manifest, plan, history, lease=lease, claim=True, has_ledger=has_ledger)
         )
         return True
 
@@ -383,81 +330,9 @@ class Engine:
         """Resume every active run nobody holds; returns how many this engine took on."""
         return await self.recovery.recover()
 
-    async def scan_forever(self) -> None:
-        """Take over runs whose lease expired or was released (engine_service.runtime.recovery)."""
-        await self.recovery.scan_forever()
-
     async def await_run(self, run_id: str, wait_seconds: float | None) -> bool:
-        """Wait until the run is terminal (True) or `wait_seconds` pass (False), without polling.
-
-        A run that no engine drives is resumed here first (DESIGN.md: resume on await). A run whose
-        lease another engine holds is waited for on the store; should that lease expire first (its
-        engine died), this engine takes the run over then.
-        """
-        deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
-        while True:
-            task = self.registry.drivers.get(run_id)
-            if task is None:
-                _, history = await self.reader.read_history(run_id)
-                if history.is_terminal:
-                    return True
-                try:
-                    await self.resume_run(run_id)
-                except KeelError as error:
-                    log.warning("await of run %s could not resume it: %s", run_id, error.message)
-                task = self.registry.drivers.get(run_id)
-            if task is not None:
-                done, _ = await asyncio.wait({task}, timeout=_left(deadline))
-                if not done:
-                    return False
-                if not task.cancelled() and task.exception() is None:
-                    return True
-                # The driver stopped without finishing (parked, or lost the run to another engine):
-                # fall back to the store, which tells the truth either way.
-            events, history = await self.reader.read_history(run_id)
-            if history.is_terminal:
-                return True
-            patience = _left(deadline)
-            retry_in = self.leases.others.seen_live_for(run_id)
-            if retry_in is not None and (patience is None or retry_in < patience):
-                patience = retry_in  # then try to take the run over
-            if await self._until_terminal(run_id, events[-1].seq, patience):
-                return True
-            if retry_in is None or (deadline is not None and time.monotonic() >= deadline):
-                return False
-
-    async def _until_terminal(self, run_id: str, after_seq: int, patience: float | None) -> bool:
-        """Whether a RunCompleted arrives after `after_seq` within `patience` seconds (None: ever)."""
-
-        async def until_terminal() -> None:
-            subscription = self.env.store.subscribe(run_stream_id(run_id), after_seq=after_seq)
-            async with contextlib.aclosing(subscription):
-                async for event in subscription:
-                    if event.type == RUN_COMPLETED:
-                        return
-
-        try:
-            await asyncio.wait_for(until_terminal(), patience)
-        except TimeoutError:
-            return False
-        return True
-
-    async def await_terminal(self, run_id: str) -> RunCompleted:
-        """The run's terminal event, once there is one: from the local driver, else the store."""
-        while True:
-            task = self.registry.drivers.get(run_id)
-            if task is not None:
-                await asyncio.wait({task})
-                if not task.cancelled() and task.exception() is None:
-                    return task.result()
-            await self.await_run(run_id, None)
-            _, history = await self.reader.read_history(run_id)
-            if history.terminal is not None:
-                return history.terminal
-
-    async def terminalize(self, run_id: str, status: str, reason: str = "") -> TerminalizeResult:
-        """Move the run to a terminal status once (engine_service.runtime.terminalize)."""
-        return await self.terminalizer.terminalize(run_id, status, reason)
+        """Wait until the run is terminal (True) or `wait_seconds` pass (False) (runtime.awaiting)."""
+        return await self.awaits.await_run(run_id, wait_seconds)
 
     async def stop_driver(self, run_id: str) -> None:
         """Cancel this engine's driver of the run (its op is cancelled) and wait until it stopped."""

@@ -66,6 +66,12 @@ class RunRegistry:
             if self.terminalizing[run_id] <= 0:
                 del self.terminalizing[run_id]
 
+    def cancel_driver(self, run_id: str) -> None:
+        """Cancel this engine's driver of the run, if any, without waiting (it parks)."""
+        task = self.drivers.get(run_id)
+        if task is not None:
+            task.cancel()
+
     async def stop_driver(self, run_id: str) -> None:
         """Cancel this engine's driver of the run (its op is cancelled) and wait until it stopped."""
         task = self.drivers.get(run_id)

@@ -179,7 +179,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             )
         if status == FAILED and not request.reason.strip():
             raise invalid_argument("invalid_argument", "a reason is required to terminalize a run as failed")
-        result = await self.engine.terminalize(run_id, status, request.reason)
+        result = await self.engine.terminalizer.terminalize(run_id, status, request.reason)
         return engine_pb2.TerminalizeResponse(
             outcome=engine_pb2.TERMINALIZE_OUTCOME_TRANSITIONED
             if result.transitioned

@@ -164,8 +164,8 @@ async def test_cancel_stops_the_running_op_once_and_a_repeat_is_a_noop(kernel: E
     gate("cancel")
     outcome = await kernel.start_run(manifest("mem.gated", "cancel"), None)
     await asyncio.wait_for(ENTERED["cancel"].wait(), WAIT)
-    first = await kernel.terminalize(outcome.run_id, CANCELED, "the test says so")
-    again = await kernel.terminalize(outcome.run_id, CANCELED, "again")
+    first = await kernel.terminalizer.terminalize(outcome.run_id, CANCELED, "the test says so")
+    again = await kernel.terminalizer.terminalize(outcome.run_id, CANCELED, "again")
     assert (first.transitioned, first.status) == (True, CANCELED)
     assert (again.transitioned, again.status) == (False, CANCELED)
     assert outcome.run_id not in kernel.drivers
@@ -205,7 +205,7 @@ async def test_canceling_a_parent_cancels_its_running_child(kernel: Engine) -> N
     spec = {"op": "mem.gated", "input": "child"}
     outcome = await kernel.start_run(manifest("mem.parent", spec), None)
     await asyncio.wait_for(ENTERED["child"].wait(), WAIT)
-    await kernel.terminalize(outcome.run_id, CANCELED, "stop the family")
+    await kernel.terminalizer.terminalize(outcome.run_id, CANCELED, "stop the family")
     view = await kernel.views.run_view(outcome.run_id)
     [child] = view.children
     assert view.status == CANCELED and child.status == CANCELED

@@ -1,0 +1,107 @@
+"""Driving runs: each RunDriver runs as the registry's task for its run, and its end is settled here.
+
+When a driver ends, its run is no longer driven here: the lease is dropped (a recorded one stays
+this session's until the scan takes the run up again), a finished run's final snapshot and events
+are kept for its views, and a stop is logged by what it means: parked (cancelled), handed over
+(another engine took the run, or this one may no longer write to it), or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from engine_service.domain import Plan, RunCompleted, RunHistory, RunManifest, StoredEvent
+from engine_service.runtime.driver import RunDriver
+from engine_service.runtime.environment import RunEnvironment
+from engine_service.runtime.leases import Lease, Leases
+from engine_service.runtime.reader import RunReader
+from engine_service.runtime.registry import RunRegistry
+from keel_core.errors import KeelError
+
+log = logging.getLogger(__name__)
+
+# A driver stopping with these is a routine hand-over (logged at INFO), by what happened.
+_HANDED_OVER = {
+    "lease_lost": "this engine may no longer write to it (its lease was lost or not trusted)",
+    "sequence_conflict": "another engine appended to the run first (it took the run over)",
+}
+
+
+class Drivers:
+    """Makes an engine's RunDrivers and drives each as the registry's task for its run."""
+
+    def __init__(
+        self,
+        env: RunEnvironment,
+        registry: RunRegistry,
+        reader: RunReader,
+        leases: Leases,
+        *,
+        checkpoint_linger: float,
+    ) -> None:
+        self._env = env
+        self._registry = registry
+        self._reader = reader
+        self._leases = leases
+        self._checkpoint_linger = checkpoint_linger
+
+    def new(
+        self,
+        run_id: str,
+        manifest: RunManifest,
+        plan: Plan,
+        history: RunHistory,
+        *,
+        lease: Lease | None,
+        claim: bool = False,
+        has_ledger: bool = False,
+        events: Sequence[StoredEvent] | None = None,
+    ) -> RunDriver:
+        """A driver of the run (not driving yet): `claim` its stream first when resumed."""
+        return RunDriver(
+            self._env,
+            run_id,
+            manifest,
+            plan,
+            history,
+            checkpoint_linger=self._checkpoint_linger,
+            first_append_patience=self._env.store.patience,
+            claim_first=claim,
+            has_ledger=has_ledger,
+            lease=lease,
+            events=events,
+        )
+
+    def spawn(self, driver: RunDriver) -> asyncio.Task[RunCompleted]:
+        """Drive the run as a task of the registry (the run's one driver here)."""
+        task = asyncio.create_task(driver.drive(), name=f"run {driver.run_id}")
+        self._registry.drivers[driver.run_id] = task
+        task.add_done_callback(lambda done: self._done(driver, done))
+        return task
+
+    def _done(self, driver: RunDriver, task: asyncio.Task[RunCompleted]) -> None:
+        run_id = driver.run_id
+        if self._registry.drivers.get(run_id) is task:
+            del self._registry.drivers[run_id]
+            self._leases.drop(run_id, run_exists=driver.durable_seq > 0)
+        if not task.cancelled():
+            # A cancelled parent's spawns are still needed to close its children.
+            self._registry.forget_spawns(run_id)
+        if not task.cancelled() and task.exception() is None:
+            final_id = task.result().final_snapshot_id
+            final = driver.known_snapshot(final_id)
+            if final is not None:
+                self._reader.remember_final_snapshot(final_id, final)
+            if driver.events is not None and driver.history.is_terminal:
+                self._reader.remember_finished(run_id, driver.events)
+        if task.cancelled():
+            log.info("run %s parked", run_id)
+        elif (error := task.exception()) is not None:
+            if isinstance(error, KeelError) and error.code in _HANDED_OVER:
+                # Routine: the run resumes wherever its lease goes next (perhaps here again).
+                what = _HANDED_OVER[error.code]
+                log.info("run %s: stopped driving it here: %s (%s: %s)", run_id, what, error.code, error)
+            else:
+                log.error("run %s stopped: %r", run_id, error)
