@@ -23,6 +23,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 from keel_core.json_values import to_value
 from tests.chaos.cluster import Cluster, Service
 from tests.chaos.ledger import CAUSES, OTHER, Repeat, faults_near, read_ledger, repeats, stream_gap
+from tests.store.postgres_schemas import fresh_schema
 
 if TYPE_CHECKING:
     from keel.engine.v1.engine_pb2_grpc import EngineServiceAsyncStub
@@ -91,7 +92,8 @@ class Report:
         by_status = {s: terminal.count(s) for s in sorted(set(terminal))}
         by_cause = {c: sum(1 for r in self.repeats if r.cause == c) for c in CAUSES}
         lines = [
-            f"chaos {self.backend} seed={self.seed} seconds={self.seconds:g} ttl={LEASE_TTL:g} (files: {self.workdir})",
+            f"chaos {self.backend} seed={self.seed} seconds={self.seconds:g} ttl={LEASE_TTL:g}",
+            f"  files (ledger, service logs): {self.workdir}",
             f"  runs: started {len(self.started)}, acknowledged {len(self.acknowledged)}, "
             f"terminal {len(terminal)} {by_status}, lost {len(self.lost)}",
             f"  faults ({len(self.faults)}): " + "; ".join(self.faults),
@@ -259,9 +261,7 @@ def classify(cluster: Cluster, report: Report) -> None:
         )
 
 
-async def chaos_run(
-    cluster: Cluster, *, backend: str, seed: int, seconds: float, workdir: Path
-) -> Report:
+async def chaos_run(cluster: Cluster, *, backend: str, seed: int, seconds: float, workdir: Path) -> Report:
     """Start the cluster (its stores and engines added already), run the chaos, check, kill everything."""
     report = Report(backend, seed, seconds, workdir=str(workdir))
     client = Client(cluster)
@@ -282,3 +282,20 @@ async def chaos_run(
     finally:
         await client.close()
         await cluster.close()
+
+
+async def chaos_on(backend: str, *, seed: int, seconds: float, workdir: Path, dsn: str = "") -> Report:
+    """A chaos run on `sqlite` (one store, two engines) or `postgres` (two store replicas on a fresh
+    schema of `dsn`, dropped afterwards, and two engines), its files in `workdir`."""
+    cluster = Cluster(workdir, str(workdir / "ledger.jsonl"), LEASE_TTL)
+    if backend == "sqlite":
+        cluster.add_sqlite_store()
+        cluster.add_engine()
+        cluster.add_engine()
+        return await chaos_run(cluster, backend=backend, seed=seed, seconds=seconds, workdir=workdir)
+    async with fresh_schema(dsn) as schema:
+        cluster.add_postgres_store(dsn, schema)
+        cluster.add_postgres_store(dsn, schema)
+        cluster.add_engine()
+        cluster.add_engine()
+        return await chaos_run(cluster, backend=backend, seed=seed, seconds=seconds, workdir=workdir)

@@ -12,6 +12,7 @@ judged from the process that made the earlier execution and the faults the chaos
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def repeats(executions: list[Execution], faults: list[Fault], lease_ttl: float) 
     found = []
     for calls in by_call.values():
         ordered = sorted(calls, key=lambda e: e.mono)
-        for before, again in zip(ordered, ordered[1:], strict=False):
+        for before, again in itertools.pairwise(ordered):
             found.append(Repeat(before, again, cause_of(before, again, faults, lease_ttl)))
     return sorted(found, key=lambda r: r.again.mono)
 

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.cluster import Cluster
-from tests.chaos.harness import LEASE_TTL, chaos_run
-from tests.store.postgres_schemas import fresh_schema
+from tests.chaos.harness import chaos_on
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
-SECONDS = 15.0
+SECONDS = 20.0
 SEEDS = {"sqlite": 1, "postgres": 2}
 
 
@@ -32,25 +30,15 @@ def seed_for(backend: str) -> int:
 
 
 async def test_chaos_on_sqlite_one_store_two_engines(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, str(tmp_path / "ledger.jsonl"), LEASE_TTL)
-    cluster.add_sqlite_store()
-    cluster.add_engine()
-    cluster.add_engine()
-    report = await chaos_run(cluster, backend="sqlite", seed=seed_for("sqlite"), seconds=SECONDS, workdir=tmp_path)
+    report = await chaos_on("sqlite", seed=seed_for("sqlite"), seconds=SECONDS, workdir=tmp_path)
     print(report.text())
     assert not report.failures, report.text()
 
 
 @pytest.mark.postgres
 async def test_chaos_on_postgres_two_stores_two_engines(postgres_dsn: str, tmp_path: Path) -> None:
-    async with fresh_schema(postgres_dsn) as schema:
-        cluster = Cluster(tmp_path, str(tmp_path / "ledger.jsonl"), LEASE_TTL)
-        cluster.add_postgres_store(postgres_dsn, schema)
-        cluster.add_postgres_store(postgres_dsn, schema)
-        cluster.add_engine()
-        cluster.add_engine()
-        report = await chaos_run(
-            cluster, backend="postgres", seed=seed_for("postgres"), seconds=SECONDS, workdir=tmp_path
-        )
+    report = await chaos_on(
+        "postgres", seed=seed_for("postgres"), seconds=SECONDS, workdir=tmp_path, dsn=postgres_dsn
+    )
     print(report.text())
     assert not report.failures, report.text()
