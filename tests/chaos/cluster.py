@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.chaos.chaos_ops import LEDGER_ENV
+from tests.chaos.chaos_ops import LEDGER_ENV, append_line
 from tests.chaos.ledger import Fault
 
 BIN = Path(sys.executable).parent
@@ -104,7 +106,9 @@ class Cluster:
         self.stores: list[Service] = []
         self.engines: list[Service] = []
         self.faults: list[Fault] = []
+        # When the chaos began (monotonic, and wall for the services' logs): reports count from it.
         self.t0 = time.monotonic()
+        self.t0_wall = time.time()
 
     @property
     def services(self) -> list[Service]:
@@ -163,7 +167,7 @@ class Cluster:
         await service.kill()
         await asyncio.sleep(down)
         await service.start()
-        self.faults.append(Fault("kill", service.role, service.pids[pid], pid, start, time.monotonic()))
+        self._record(Fault("kill", service.role, service.pids[pid], pid, start, time.monotonic()))
 
     async def pause(self, service: Service, length: float) -> None:
         """SIGSTOP `service` for `length` seconds, then SIGCONT it; record the fault."""
@@ -173,7 +177,12 @@ class Cluster:
             await asyncio.sleep(length)
         finally:
             service.signal(signal.SIGCONT)
-            self.faults.append(Fault("pause", service.role, service.pids[pid], pid, start, time.monotonic()))
+            self._record(Fault("pause", service.role, service.pids[pid], pid, start, time.monotonic()))
+
+    def _record(self, fault: Fault) -> None:
+        # Also on file (faults.jsonl, beside the ledger), for reading a run again after it ended.
+        self.faults.append(fault)
+        append_line(str(self.workdir / "faults.jsonl"), json.dumps(dataclasses.asdict(fault)))
 
     async def heal(self) -> None:
         """Every service running (and continued): a dead one is started again."""

@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.json_values import to_value
 from tests.chaos.cluster import Cluster, Service
+from tests.chaos.evidence import log_evidence
 from tests.chaos.ledger import CAUSES, OTHER, Repeat, faults_near, read_ledger, repeats, stream_gap
 from tests.store.postgres_schemas import fresh_schema
 
@@ -75,6 +77,7 @@ class Report:
     faults: list[str] = field(default_factory=list)
     other_details: list[str] = field(default_factory=list)
     workdir: str = ""
+    began: str = ""
 
     @property
     def failures(self) -> list[str]:
@@ -93,7 +96,7 @@ class Report:
         by_cause = {c: sum(1 for r in self.repeats if r.cause == c) for c in CAUSES}
         lines = [
             f"chaos {self.backend} seed={self.seed} seconds={self.seconds:g} ttl={LEASE_TTL:g}",
-            f"  files (ledger, service logs): {self.workdir}",
+            f"  files (ledger, faults, service logs): {self.workdir}; times are seconds after {self.began}",
             f"  runs: started {len(self.started)}, acknowledged {len(self.acknowledged)}, "
             f"terminal {len(terminal)} {by_status}, lost {len(self.lost)}",
             f"  faults ({len(self.faults)}): " + "; ".join(self.faults),
@@ -247,6 +250,7 @@ def classify(cluster: Cluster, report: Report) -> None:
     report.executions = len(executions)
     report.repeats = repeats(executions, cluster.faults, LEASE_TTL)
     t0 = cluster.t0
+    logs = [engine.log_path for engine in cluster.engines]
     report.faults = [
         f"{f.kind} {f.name} (pid {f.pid}) at {f.start - t0:.2f}s for {f.length:.2f}s" for f in cluster.faults
     ]
@@ -263,6 +267,7 @@ def classify(cluster: Cluster, report: Report) -> None:
             f"attempt {before.attempt}) at {before.mono - t0:.2f}s, again by {cluster.name_of(again.pid)} "
             f"(pid {again.pid}, attempt {again.attempt}) at {again.mono - t0:.2f}s; faults around: "
             + ("; ".join(near) or "none")
+            + "".join(f"\n      {line}" for line in log_evidence(logs, repeat, LEASE_TTL, cluster.t0_wall))
         )
 
 
@@ -273,7 +278,8 @@ async def chaos_run(cluster: Cluster, *, backend: str, seed: int, seconds: float
     try:
         await asyncio.gather(*(store.start() for store in cluster.stores))
         await asyncio.gather(*(engine.start() for engine in cluster.engines))
-        cluster.t0 = time.monotonic()
+        cluster.t0, cluster.t0_wall = time.monotonic(), time.time()
+        report.began = datetime.fromtimestamp(cluster.t0_wall, UTC).isoformat(timespec="milliseconds")
         until = cluster.t0 + seconds
         await asyncio.gather(
             workload(client, random.Random(seed + 1), until, report),
