@@ -70,6 +70,7 @@ class Report:
     acknowledged: list[str] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
+    not_completed: list[str] = field(default_factory=list)
     streams: int = 0
     gaps: list[str] = field(default_factory=list)
     executions: int = 0
@@ -102,7 +103,8 @@ class Report:
             f"  faults ({len(self.faults)}): " + "; ".join(self.faults),
             f"  streams checked {self.streams}, with a gap {len(self.gaps)}",
             f"  transport calls {self.executions}, repeats {len(self.repeats)}: {by_cause}",
-            *(f"  lost: {run}" for run in self.lost),
+            *(f"  lost: {run} (last seen {self.statuses.get(run, 'never')})" for run in self.lost),
+            *(f"  ended without completing: {line}" for line in self.not_completed),
             *(f"  gap: {gap}" for gap in self.gaps),
             *(f"  other: {detail}" for detail in self.other_details),
             f"  verdict: {'; '.join(self.failures) or 'ok'}",
@@ -173,8 +175,10 @@ async def chaos(cluster: Cluster, rng: random.Random, until: float) -> None:
     them) or longer than the ttl (the lease may go); none falls in between, where a takeover would
     be legitimate and yet the pause not "past its lease" by the ledger's rule.
     """
-    while time.monotonic() < until:
-        await asyncio.sleep(rng.uniform(0.3, 1.5))
+    while True:
+        await asyncio.sleep(rng.uniform(0.2, 1.0))
+        if time.monotonic() >= until:
+            return
         service = rng.choice(cluster.services)
         action = rng.choice(("kill", "short pause", "long pause"))
         if action == "kill":
@@ -205,7 +209,10 @@ async def settle(client: Client, report: Report, deadline: float) -> None:
                 await asyncio.sleep(0.2)
                 continue
             if awaited.done:
-                report.statuses[run_id] = TERMINAL.get(awaited.run.status, str(awaited.run.status))
+                status = TERMINAL.get(awaited.run.status, str(awaited.run.status))
+                report.statuses[run_id] = status
+                if status != "completed":
+                    report.not_completed.append(f"{run_id} {status}: {awaited.run.reason}")
                 return
             report.statuses[run_id] = "running"
 
