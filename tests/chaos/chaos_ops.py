@@ -30,14 +30,14 @@ class LedgerTransport:
     async def call(self, namespace: str, request: Any, fact_key: str, run_id: str, **context: Any) -> Any:
         """Append the call to the ledger, wait a moment, answer.
 
-        `step` and `attempt` come from keyword arguments when the engine passes them, else from the
-        request (the op puts them there).
+        The step and attempt come from keyword arguments when the engine passes them (issue 10 adds
+        them), else from the request (the op puts them there).
         """
         fields = request if isinstance(request, dict) else {}
         entry = {
             "run": run_id,
             "key": fact_key,
-            "step": context.get("step", fields.get("step", "")),
+            "step": context.get("step_id", context.get("step", fields.get("step", ""))),
             "attempt": context.get("attempt", fields.get("attempt", -1)),
             "pid": os.getpid(),
             "mono": time.monotonic(),
