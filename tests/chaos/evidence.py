@@ -1,9 +1,9 @@
 """What the engines logged about a run around a repeated call: the evidence behind an `other` repeat.
 
 Engines log JSON lines (`ts`, `level`, `logger`, `msg`) to the chaos run's `<engine>.log` files.
-Warnings and errors naming the run, between two ttls before its first execution and its repeat,
-are what a reader needs to match the repeat to a cause; the store client's retries are counted,
-not listed.
+Warnings, errors and lease hand-overs naming the run, from two ttls before its first execution to
+one ttl after its repeat, are what a reader needs to match the repeat to a cause; the store
+client's retries are counted, not listed.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ MAX_MESSAGE = 220
 
 
 def log_evidence(logs: list[Path], repeat: Repeat, lease_ttl: float, t0_wall: float) -> list[str]:
-    """The engines' warnings and errors about the repeat's run around it, times relative to t0."""
-    since, until = repeat.before.wall - 2 * lease_ttl, repeat.again.wall
+    """The engines' warnings, errors and hand-overs of the repeat's run around it, times from t0."""
+    # Until a ttl after the repeat: the first executor learns it was fenced off only when it writes.
+    since, until = repeat.before.wall - 2 * lease_ttl, repeat.again.wall + lease_ttl
     lines: list[str] = []
     retries = 0
     for path in logs:
         for record in _records_naming(path, repeat.before.run):
             at = datetime.fromisoformat(str(record.get("ts", "")).replace("Z", "+00:00")).timestamp()
-            if not since <= at <= until or record.get("level") not in ("warning", "error"):
+            takeover = record.get("logger") == "engine_service.leases"
+            if not since <= at <= until or (record.get("level") not in ("warning", "error") and not takeover):
                 continue
             if record.get("logger") == "engine_service.store_client":
                 retries += 1
