@@ -296,6 +296,7 @@ async def chaos_run(cluster: Cluster, *, backend: str, seed: int, seconds: float
         await settle(client, report, time.monotonic() + SETTLE_PATIENCE)
         await check_streams(client, report)
         classify(cluster, report)
+        (workdir / "report.txt").write_text(report.text() + "\n", encoding="utf-8")
         return report
     finally:
         await client.close()
