@@ -27,10 +27,10 @@ def log_evidence(logs: list[Path], repeat: Repeat, lease_ttl: float, t0_wall: fl
     for path in logs:
         for record in _records_naming(path, repeat.before.run):
             at = datetime.fromisoformat(str(record.get("ts", "")).replace("Z", "+00:00")).timestamp()
-            takeover = record.get("logger") == "engine_service.leases"
+            takeover = record.get("logger") == "engine_service.runtime.leases"
             if not since <= at <= until or (record.get("level") not in ("warning", "error") and not takeover):
                 continue
-            if record.get("logger") == "engine_service.store_client":
+            if record.get("logger") == "engine_service.store.grpc_client":
                 retries += 1
                 continue
             message = str(record.get("msg", ""))[:MAX_MESSAGE]
