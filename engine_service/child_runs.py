@@ -31,7 +31,6 @@ from engine_service.domain import (
     RunHistory,
     RunManifest,
     artifact_id_for_bytes,
-    looks_like_secret,
     parse_run_id,
 )
 from engine_service.domain.child_runs import (
@@ -48,11 +47,12 @@ from engine_service.domain.child_runs import (
     parse_spawn_request,
     request_invalid,
 )
+from engine_service.domain.facts import check_fact_key
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED
 from engine_service.run_driver import now_us, run_stream_id
 from engine_service.terminalization import cancel_child
-from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found
+from keel_core.errors import ErrorCategory, KeelError, not_found
 
 if TYPE_CHECKING:
     from engine_service.engine import Engine
@@ -154,12 +154,7 @@ class ChildRuns:
         its cancel would close. A parent that completed or failed may still take children (a client
         grouping work under a run): they are listed on it, and nothing closes them.
         """
-        if not request.fact_key:
-            raise invalid_argument("missing_fact_key", "spawning a child run needs a fact key (its name)")
-        if looks_like_secret(request.fact_key):
-            raise invalid_argument(
-                "secrets_detected", "the fact key looks like it contains a secret; nothing was recorded"
-            )
+        check_fact_key(request.fact_key, "spawning a child run")
         parse_run_id(request.parent_run_id, field="parent_run_id")
         manifest = request.manifest()
         self.engine.plan_for(manifest)  # an unknown op is `invalid_plan` before anything is stored
@@ -307,7 +302,12 @@ class ChildRuns:
                 run_id=request.child_run_id,
             )
         manifest_id = link.child_manifest_id if link is not None else request.child_manifest_id
-        manifest = await self.engine.manifest(manifest_id)
+        try:
+            manifest = await self.engine.manifest(manifest_id)
+        except KeelError as error:
+            if link is not None or error.code != "corrupt_artifact":
+                raise
+            raise request_invalid(f"child_manifest_id: {error.message}") from None
         log.info("child run %s was never started: starting it from its manifest", request.child_run_id)
         try:
             if link is not None:

@@ -42,6 +42,7 @@ from engine_service.domain import (
     RunManifest,
     RunStarted,
     StoredEvent,
+    corrupt_event_error,
     decode_event,
     encode_event,
     fold,
@@ -193,6 +194,8 @@ class Engine:
         # Every event of runs this engine started and finished: a terminal run's stream never
         # changes again, so its view needs no read of it.
         self._finished_runs: RecentArtifacts[tuple[StoredEvent, ...]] = RecentArtifacts(1000)
+        # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
+        self._unreadable_runs: RecentArtifacts[KeelError] = RecentArtifacts(1000)
         # One resumption of a run at a time, and one start of a client-chosen run id at a time.
         self._resuming = KeyedLocks()
         self._starts = KeyedLocks()
@@ -384,18 +387,37 @@ class Engine:
             else:
                 log.error("run %s stopped: %r", run_id, error)
 
-    async def read_history(self, run_id: str) -> tuple[list[StoredEvent], RunHistory]:
-        """A run's events and their fold (`run_not_found` if it has none)."""
+    async def read_history(
+        self, run_id: str, *, corrupt_ok: bool = False
+    ) -> tuple[list[StoredEvent], RunHistory]:
+        """A run's events and their fold (`run_not_found` if it has none).
+
+        A history with an event that did not decode is DATA_LOSS `corrupt_event` unless `corrupt_ok`
+        (Terminalize, which may still cancel or fail the run): nothing shows, resumes or waits for
+        a run that cannot be read.
+        """
         events = stored_events(await self.env.store.read(run_stream_id(run_id)))
         if not events:
             raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-        return events, fold(e.event for e in events)
+        history = fold(e.event for e in events)
+        if history.corrupt is not None and not corrupt_ok:
+            raise corrupt_event_error(run_stream_id(run_id), history.corrupt_seq, history.corrupt)
+        return events, history
 
     async def manifest(self, manifest_id: str) -> RunManifest:
         """A manifest artifact, read back and checked against its id."""
         known = self._manifests.get(manifest_id)
         if known is None:
-            known = RunManifest.from_bytes(await self.env.store.get_artifact(manifest_id))
+            data = await self.env.store.get_artifact(manifest_id)
+            try:
+                known = RunManifest.from_bytes(data)
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+                raise KeelError(
+                    "corrupt_artifact",
+                    f"artifact {manifest_id} is not a run manifest ({type(error).__name__}: {error})",
+                    category=ErrorCategory.DATA_LOSS,
+                    details={"artifact_id": manifest_id},
+                ) from None
             self._manifests.put(manifest_id, known)
         return known
 
@@ -419,12 +441,15 @@ class Engine:
             raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
         if label in _STATUS_OF_LABEL:
             return False
+        unreadable = self._unreadable_runs.get(run_id)
+        if unreadable is not None:
+            raise unreadable
         lease = await self.leases.acquire(run_id, created_at_us, lambda: self._created_at_us(run_id))
         if lease is None:
             return False
         resumed = False
         try:
-            _, history = await self.read_history(run_id)
+            _, history = await self._history_to_resume(run_id)
             if await self.children.closed_with_parent(run_id, history):
                 return False
             resumed = await self._resume_from(run_id, history, lease)
@@ -432,6 +457,15 @@ class Engine:
             if not resumed and run_id not in self.drivers:
                 self.leases.drop(run_id)
         return resumed
+
+    async def _history_to_resume(self, run_id: str) -> tuple[list[StoredEvent], RunHistory]:
+        try:
+            return await self.read_history(run_id)
+        except KeelError as error:
+            if error.code == "corrupt_event":
+                log.error("run %s cannot be resumed: %s", run_id, error.message)
+                self._unreadable_runs.put(run_id, error)
+            raise
 
     async def _created_at_us(self, run_id: str) -> int | None:
         """When the run stream was created (its first event's commit time, by the store's clock)."""
@@ -474,7 +508,8 @@ class Engine:
                 try:
                     return await self.resume_run(run_id, created_at_us=created_at_us)
                 except KeelError as error:
-                    log.error("could not resume run %s: %s", run_id, error.message)
+                    if error.code != "corrupt_event":  # logged once, when found
+                        log.error("could not resume run %s: %s", run_id, error.message)
                     return False
 
         while True:

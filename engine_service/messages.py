@@ -13,6 +13,7 @@ from engine_service.domain import (
     COMPLETED,
     FAILED,
     BuildProvenance,
+    CorruptEvent,
     ErrorRecord,
     PipelineSpec,
     RunConfig,
@@ -20,6 +21,7 @@ from engine_service.domain import (
     StepSpec,
     StoredEvent,
     canonical_json_bytes,
+    corrupt_event_error,
     make_run_config,
     parse_run_id,
     single_op_pipeline,
@@ -50,12 +52,34 @@ RUN_STATUS = {
     CANCELED: engine_pb2.RUN_STATUS_CANCELED,
     PENDING: engine_pb2.RUN_STATUS_PENDING,  # a child recorded on its parent, not started
 }
-STORE_LABEL_FOR_STATUS = {
+STORE_LABEL_FOR_STATUS: dict[int, str] = {
     engine_pb2.RUN_STATUS_RUNNING: "active",
     engine_pb2.RUN_STATUS_COMPLETED: "completed",
     engine_pb2.RUN_STATUS_FAILED: "failed",
     engine_pb2.RUN_STATUS_CANCELED: "canceled",
 }
+
+
+def store_label_for_status(status: int) -> str:
+    """The store label a ListRuns status filter stands for; INVALID_ARGUMENT for any other status.
+
+    RUN_STATUS_PENDING is refused: a pending run is a child its parent linked but never started,
+    so it has no run stream for ListRuns to list (GetRun of the parent shows it among `children`).
+    """
+    label = STORE_LABEL_FOR_STATUS.get(status)
+    if label is not None:
+        return label
+    accepted = ", ".join(engine_pb2.RunStatus.Name(s) for s in STORE_LABEL_FOR_STATUS)  # type: ignore[arg-type]
+    if status == engine_pb2.RUN_STATUS_PENDING:
+        why = (
+            "RUN_STATUS_PENDING cannot filter ListRuns: a pending run is a child its parent linked "
+            "but never started, and has no run stream to list (GetRun of the parent shows it)"
+        )
+    else:
+        why = f"unknown run status {status} in statuses"
+    raise invalid_argument("invalid_argument", f"{why}; accepted statuses: {accepted}", status=status)
+
+
 _STATUS_FOR_LABEL = {"active": RUNNING, "completed": COMPLETED, "failed": FAILED, "canceled": CANCELED}
 STEP_STATUS = {
     PENDING: engine_pb2.STEP_STATUS_PENDING,
@@ -67,10 +91,8 @@ STEP_STATUS = {
 
 
 def _json(value: Any, field: str, *, default: Any = None) -> Any:
-    try:
-        return from_value(value, default=default)
-    except KeelError as error:
-        raise invalid_argument("invalid_argument", f"{field}: {error.message}") from None
+    # INVALID_ARGUMENT `invalid_json` naming the place (`input.a[3]`) when keel_core.json_rules refuses it.
+    return from_value(value, default=default, path=field)
 
 
 def _size_checked(data: Any, field: str, limit: int = MAX_INPUT_BYTES) -> Any:
@@ -85,9 +107,29 @@ def _size_checked(data: Any, field: str, limit: int = MAX_INPUT_BYTES) -> Any:
     return data
 
 
-def _ms(duration: duration_pb2.Duration, field: str) -> int:
+# google.protobuf.Duration's documented range: about 10,000 years, nanos within one second.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def seconds_from(duration: duration_pb2.Duration, field: str) -> float:
+    """A non-negative google.protobuf.Duration in seconds; INVALID_ARGUMENT `invalid_argument` otherwise."""
     if duration.seconds < 0 or duration.nanos < 0:
-        raise invalid_argument("invalid_argument", f"{field} must not be negative")
+        raise _invalid_duration(field, "must not be negative")
+    if duration.seconds > MAX_DURATION_SECONDS or duration.nanos > 999_999_999:
+        raise _invalid_duration(
+            field,
+            f"is beyond google.protobuf.Duration's range (seconds at most {MAX_DURATION_SECONDS}, "
+            "nanos at most 999999999)",
+        )
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _invalid_duration(field: str, why: str) -> KeelError:
+    return invalid_argument("invalid_argument", f"{field} {why}", field=field)
+
+
+def _ms(duration: duration_pb2.Duration, field: str) -> int:
+    seconds_from(duration, field)
     return duration.seconds * 1000 + duration.nanos // 1_000_000
 
 
@@ -248,11 +290,17 @@ def run_summary(stream: StreamSummary, run_id: str) -> engine_pb2.RunSummary:
     )
 
 
-def run_event(stored_seq: int, type_name: str, event: StoredEvent) -> engine_pb2.RunEvent:
-    """A RunEvent message for WatchRun."""
+def run_event(stream_id: str, type_name: str, event: StoredEvent) -> engine_pb2.RunEvent:
+    """A RunEvent message for WatchRun; DATA_LOSS `corrupt_event` for an event that cannot be shown."""
+    if isinstance(event.event, CorruptEvent):
+        raise corrupt_event_error(stream_id, event.seq, event.event)
     _, data = event_type_and_json(event.event)
+    try:
+        wire_data = to_struct(data, f"event {event.seq}")
+    except KeelError as error:  # decoded, but beyond what JSON on the wire may be (a stray append)
+        raise corrupt_event_error(stream_id, event.seq, CorruptEvent(type_name, error.message)) from None
     return engine_pb2.RunEvent(
-        seq=stored_seq, type=type_name, data=to_struct(data), recorded_at=timestamp(event.recorded_at)
+        seq=event.seq, type=type_name, data=wire_data, recorded_at=timestamp(event.recorded_at)
     )
 
 

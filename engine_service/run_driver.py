@@ -69,7 +69,6 @@ from engine_service.domain import (
     canonical_json_bytes,
     encode_event,
     fold,
-    looks_like_secret,
     next_action,
     with_step_output,
 )
@@ -77,6 +76,7 @@ from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_by
 from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.events import decode_event, stamped
+from engine_service.domain.facts import check_fact_key
 from engine_service.domain.ops import OpDefinition, OpRegistry
 from engine_service.domain.run_config import REPLAY
 from engine_service.domain.transports import TransportRegistry
@@ -94,6 +94,7 @@ from engine_service.leases import Lease
 from engine_service.store_client import FOREVER, StoreClient
 from keel_core.clock import now_us as now_us  # re-exported: the engine's modules take the clock here
 from keel_core.errors import ErrorCategory, KeelError
+from keel_core.json_rules import check_json
 from keel_core.logs import bind_log_fields
 
 log = logging.getLogger(__name__)
@@ -370,6 +371,7 @@ class RunDriver:
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
             output = await self._call_op(definition, ctx, step.op_config)
+            check_json(output, "output")  # what is stored must go back out on the wire
             snapshot = with_step_output(base, action.step_id, output)
             snapshot_bytes = canonical_json_bytes(snapshot)
             if len(snapshot_bytes) > MAX_SNAPSHOT_BYTES:
@@ -382,7 +384,10 @@ class RunDriver:
             raise
         except Exception as error:
             if isinstance(error, KeelError) and error.code == "invalid_json":
-                error = _io_error("op_output_invalid", f"op {step.op_id!r} returned a value that is not JSON")
+                error = _io_error(
+                    "op_output_invalid",
+                    f"op {step.op_id!r} returned a value that is not JSON: {error.message}",
+                )
             self.record([StepAttemptFailed(action.step_id, action.attempt, op_error_record(error))])
             await self._settled()
             return
@@ -430,15 +435,7 @@ class RunDriver:
 
     async def fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
-        if not fact_key:
-            raise _io_error(
-                "missing_fact_key", f"io.call({namespace!r}) needs a fact key (a name for this call)"
-            )
-        if looks_like_secret(fact_key):
-            # The key is not repeated in the message: it must not reach the event stream.
-            raise _io_error(
-                "secrets_detected", "the fact key looks like it contains a secret; nothing was recorded"
-            )
+        check_fact_key(fact_key, f"io.call({namespace!r})")
         recorded = self.history.facts.get(fact_key)
         if recorded is not None:
             return copy.deepcopy(recorded.response)
@@ -481,11 +478,12 @@ class RunDriver:
                 fencing=attempt.fencing,
             )
             try:
+                check_json(response, "answer")
                 size = len(canonical_json_bytes(response))
-            except KeelError:
+            except KeelError as error:
                 raise _io_error(
                     "transport_response_invalid",
-                    f"the {namespace!r} transport answered with a value that is not JSON",
+                    f"the {namespace!r} transport answered with a value that is not JSON: {error.message}",
                 ) from None
             if size > MAX_FACT_BYTES:
                 raise _io_error(

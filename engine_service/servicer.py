@@ -89,12 +89,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         """A page of runs, newest first, optionally by status."""
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise invalid_argument("invalid_argument", f"page_size must be 0..{MAX_PAGE_SIZE}")
-        labels = []
-        for status in request.statuses:
-            label = messages.STORE_LABEL_FOR_STATUS.get(status)
-            if label is None:
-                raise invalid_argument("invalid_argument", f"unknown run status {status} in statuses")
-            labels.append(label)
+        labels = [messages.store_label_for_status(status) for status in request.statuses]
         streams, token = await self.engine.list_runs(
             labels, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
         )
@@ -109,9 +104,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         run_id = parse_run_id(request.run_id)
         timeout = _remaining(context)
         if request.HasField("timeout"):
-            if request.timeout.seconds < 0 or request.timeout.nanos < 0:
-                raise invalid_argument("invalid_argument", "timeout must not be negative")
-            asked = request.timeout.ToTimedelta().total_seconds()
+            asked = messages.seconds_from(request.timeout, "timeout")
             timeout = asked if timeout is None else min(asked, timeout)
         done = await self.engine.await_run(run_id, timeout)
         return engine_pb2.AwaitRunResponse(run=await self._run(run_id), done=done)
@@ -129,11 +122,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             await _fail(context, error)
         if history.is_terminal and request.after_seq >= events[-1].seq:
             return
-        subscription = self.engine.env.store.subscribe(run_stream_id(run_id), after_seq=request.after_seq)
+        stream_id = run_stream_id(run_id)
+        subscription = self.engine.env.store.subscribe(stream_id, after_seq=request.after_seq)
         try:
             async for raw in subscription:
                 stored = stored_events([raw])[0]
-                yield engine_pb2.WatchRunResponse(event=messages.run_event(raw.seq, raw.type, stored))
+                yield engine_pb2.WatchRunResponse(event=messages.run_event(stream_id, raw.type, stored))
                 if isinstance(stored.event, RunCompleted):
                     return
         except KeelError as error:

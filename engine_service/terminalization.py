@@ -8,6 +8,10 @@ and the whole decision is taken again from a fresh read: the run is terminalized
 When the terminal append fails for another reason after the decision was taken, the divergence is
 written to the run's failure ledger (a second stream, `ledger:<run id>`) and the call fails with
 the same message; a retry once the store recovers transitions the run (or finds it terminal).
+
+A run whose stream holds an event that does not decode (history.fold) can be canceled or failed:
+RunCompleted is appended after the corrupt event, with the last checkpoint read before it. It
+cannot be completed (DATA_LOSS `corrupt_event`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, RunStarted, encode_event
+from engine_service.domain import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    RunCompleted,
+    RunStarted,
+    corrupt_event_error,
+    encode_event,
+)
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes
 from engine_service.domain.child_runs import ChildLink
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
@@ -103,9 +115,13 @@ def _log_unwaited_failure(closing: asyncio.Future[None]) -> None:
 async def _decide_and_append(engine: Engine, run_id: str, status: str, reason: str) -> TerminalizeResult:
     for _ in range(_MAX_DECISIONS):
         await engine.stop_driver(run_id)
-        _, history = await engine.read_history(run_id)
+        _, history = await engine.read_history(run_id, corrupt_ok=True)
         if history.terminal is not None:
             return TerminalizeResult(False, history.terminal.status)
+        if history.corrupt is not None and status == COMPLETED:
+            # Canceling or failing a run whose history cannot be read is an operator's way out;
+            # completing it would claim a result nobody can check.
+            raise corrupt_event_error(run_stream_id(run_id), history.corrupt_seq, history.corrupt)
         ledger_head, _ = await engine.env.store.head(ledger_stream_id(run_id))
         terminal = RunCompleted(
             status, history.last_checkpoint, reason, at_us=now_us(), has_ledger=ledger_head > 0

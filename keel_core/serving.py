@@ -15,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # untyped re-export
 from grpc_reflection.v1alpha import reflection
 
+from keel_core.request_decoding import refusing_undecodable
+
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
@@ -29,6 +31,22 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
 )
+
+
+class MalformedRequestInterceptor(ServerInterceptor):
+    """Undecodable request bytes -> INVALID_ARGUMENT `malformed_request` (keel_core.request_decoding).
+
+    `start_server` installs it innermost, so metrics and authentication see the refusal as the
+    call's outcome, and an unauthenticated caller is refused for that first.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        return refusing_undecodable(handler, handler_call_details.method)  # type: ignore[return-value]
 
 
 @dataclass
@@ -59,9 +77,12 @@ async def start_server(
     """Start a grpc.aio server on `listen` (HOST:PORT; port 0 picks one) with health and reflection.
 
     `register` adds the service's servicers and returns their full names (from the descriptors),
-    which are then published through reflection and marked SERVING.
+    which are then published through reflection and marked SERVING. Every RPC of the server,
+    health and reflection included, refuses undecodable request bytes with `malformed_request`.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[*interceptors, MalformedRequestInterceptor()]
+    )
     names = list(register(server))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -266,13 +266,17 @@ def children_stream_id(parent_run_id: str) -> str:
 def child_links(events: Iterable[tuple[str, bytes]]) -> list[ChildLink]:
     """A parent's children from its children stream (type, payload): the first link of each, by fact key.
 
-    Unknown event types and newer link versions are skipped: an older engine lists what it can read.
+    Unknown event types, newer link versions and payloads that are not JSON are skipped: an older
+    engine lists what it can read, and junk appended by another store client links no child.
     """
     seen: dict[str, ChildLink] = {}
     for event_type, payload in events:
         if event_type != CHILD_LINKED:
             continue
-        data = parse_json_bytes(payload)
+        try:
+            data = parse_json_bytes(payload)
+        except ValueError:  # not JSON: not a link any engine wrote (any store client may append)
+            continue
         if not isinstance(data, dict) or data.get("v") != CHILD_LINK_VERSION:
             continue
         link = ChildLink(

@@ -2,7 +2,10 @@
 
 Every payload is a JSON object with `"v": 1`. Readers accept any version they know and ignore
 fields they do not, so older streams stay readable; an event type this engine does not know is
-decoded as `UnknownEvent` and skipped by the fold (issue 4 adds child/ledger events).
+decoded as `UnknownEvent` and skipped by the fold (issue 4 adds child/ledger events). Any store
+client can append to a run stream, so an event of a known type (or one that is not a JSON object
+at all) that does not decode is read as a `CorruptEvent`, never raised: see history.fold for what
+the fold makes of it, and `corrupt_event_error` for what callers answer.
 
     RunStarted          {v, op_id, manifest_id, initial_snapshot_id, parent_run_id?, parent_fact_key?, at_us?}
     StepAttemptStarted  {v, step_id, attempt, base_snapshot_id, at_us?}
@@ -25,6 +28,8 @@ from datetime import datetime
 from typing import Any
 
 from engine_service.domain.canonical import canonical_json_bytes
+from keel_core.errors import ErrorCategory, KeelError
+from keel_core.json_rules import check_json
 
 EVENT_FORMAT_VERSION = 1
 
@@ -70,13 +75,15 @@ class ErrorRecord:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ErrorRecord:
-        """An error read back from event JSON."""
+        """An error read back from event JSON (its details obey keel_core.json_rules: they are shown)."""
+        details = dict(data.get("details") or {})
+        check_json(details, "error.details")
         return ErrorRecord(
             code=str(data.get("code", "unknown")),
             category=str(data.get("category", "unknown")),
             retryable=bool(data.get("retryable", False)),
             message=str(data.get("message", "")),
-            details=dict(data.get("details") or {}),
+            details=details,
         )
 
 
@@ -154,6 +161,17 @@ class UnknownEvent:
     payload: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CorruptEvent:
+    """A stored event this engine cannot decode: `why` says what is wrong with its payload.
+
+    Never written by Keel (encoding one is a bug); read back from a stream someone else appended to.
+    """
+
+    type: str
+    why: str
+
+
 KernelEvent = (
     RunStarted
     | StepAttemptStarted
@@ -162,6 +180,7 @@ KernelEvent = (
     | StepCompleted
     | RunCompleted
     | UnknownEvent
+    | CorruptEvent
 )
 
 
@@ -244,12 +263,38 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
             return "RunCompleted", data
         case UnknownEvent():
             return event.type, event.payload
+        case CorruptEvent():
+            raise ValueError(f"a corrupt {event.type} event cannot be written ({event.why})")
 
 
 def decode_event(type_name: str, payload: bytes) -> KernelEvent:
-    """An event read back from its type name and payload bytes."""
-    data = json.loads(payload.decode("utf-8")) if payload else {}
-    return event_from_json(type_name, data)
+    """An event read back from its type name and payload bytes (a `CorruptEvent` when it does not decode)."""
+    try:
+        data = json.loads(payload.decode("utf-8"), parse_constant=_not_json) if payload else {}
+        if not isinstance(data, dict):
+            raise TypeError(f"the payload is a JSON {type(data).__name__}, not an object")
+        return event_from_json(type_name, data)
+    except KeelError as error:
+        return CorruptEvent(type_name, error.message)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        why = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        return CorruptEvent(type_name, why or type(error).__name__)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def corrupt_event_error(stream_id: str, seq: int, event: CorruptEvent) -> KeelError:
+    """DATA_LOSS `corrupt_event`: the run's history cannot be read past event `seq` of `stream_id`."""
+    return KeelError(
+        "corrupt_event",
+        f"event {seq} ({event.type!r}) of stream {stream_id} cannot be decoded: {event.why}. "
+        "The run cannot be shown, resumed or completed; it can be listed, and terminalized as "
+        "canceled or failed (Terminalize), which appends its terminal event after this one",
+        category=ErrorCategory.DATA_LOSS,
+        details={"stream_id": stream_id, "seq": seq, "event_type": event.type},
+    )
 
 
 def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
@@ -289,6 +334,8 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
             )
         case "RunCompleted":
             error = data.get("error")
+            if data["status"] not in TERMINAL_STATUSES:
+                raise ValueError(f"status {data['status']!r} is not one of {', '.join(TERMINAL_STATUSES)}")
             return RunCompleted(
                 status=str(data["status"]),
                 final_snapshot_id=str(data.get("final_snapshot_id", "")),
@@ -307,6 +354,6 @@ def _at_us(data: dict[str, Any]) -> int:
 
 def stamped(event: KernelEvent, at_us: int) -> KernelEvent:
     """The event with `at_us` set, unless it has one (or has no such field)."""
-    if isinstance(event, FactRecorded | UnknownEvent) or event.at_us:
+    if isinstance(event, FactRecorded | UnknownEvent | CorruptEvent) or event.at_us:
         return event
     return replace(event, at_us=at_us)

@@ -3,6 +3,12 @@
 The fold is pure and total over any prefix of a stream the engine writes: it never raises on a
 legal prefix, and `fold(a + b) == fold(a).extend(b)`, so a driver can keep folding the events
 it appends instead of re-reading the stream.
+
+A stream may hold an event that does not decode (`CorruptEvent`: any store client can append to
+a run stream). The fold applies everything before it, notes the first one (`corrupt`, at
+`corrupt_seq`), and after it applies nothing but a RunCompleted: later events may depend on the
+unreadable one, so the fold does not guess, but an operator's terminal event (Terminalize cancels
+or fails such a run) still ends the run.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from engine_service.domain.events import (
+    CorruptEvent,
     ErrorRecord,
     FactRecorded,
     KernelEvent,
@@ -53,6 +60,8 @@ class RunHistory:
     open_attempt: OpenAttempt | None = None
     facts: Mapping[str, FactRecorded] = field(default_factory=dict)
     terminal: RunCompleted | None = None
+    corrupt: CorruptEvent | None = None  # the first event that did not decode, at corrupt_seq
+    corrupt_seq: int = 0
 
     @property
     def is_terminal(self) -> bool:
@@ -83,11 +92,15 @@ class _Folder:
         self.open = base.open_attempt
         self.facts = dict(base.facts)
         self.terminal = base.terminal
+        self.corrupt = base.corrupt
+        self.corrupt_seq = base.corrupt_seq
 
     def fold(self, events: Iterable[KernelEvent]) -> RunHistory:
         for event in events:
             self.head += 1
-            if self.terminal is None:
+            if self.terminal is not None:
+                continue
+            if self.corrupt is None or isinstance(event, RunCompleted):
                 self.apply(event)
         return replace(
             self.base,
@@ -100,6 +113,8 @@ class _Folder:
             open_attempt=self.open,
             facts=self.facts,
             terminal=self.terminal,
+            corrupt=self.corrupt,
+            corrupt_seq=self.corrupt_seq,
         )
 
     def apply(self, event: KernelEvent) -> None:
@@ -132,6 +147,9 @@ class _Folder:
             case RunCompleted():
                 self.terminal = event
                 self.open = None
+            case CorruptEvent():
+                self.corrupt = event
+                self.corrupt_seq = self.head
 
     def _base_of(self, step_id: str, attempt: int) -> str:
         if self.open is not None and self.open.step_id == step_id and self.open.attempt == attempt:

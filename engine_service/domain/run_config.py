@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +111,7 @@ def make_run_config(
         raise invalid_argument("invalid_argument", "retry_policy backoffs must not be negative")
     if maximum < initial:
         raise invalid_argument("invalid_argument", "retry_policy.max_backoff must be >= initial_backoff")
-    if multiplier != 0.0 and multiplier < 1.0:
+    if not math.isfinite(multiplier) or (multiplier != 0.0 and multiplier < 1.0):
         raise invalid_argument(
             "invalid_argument", "retry_policy.multiplier must be >= 1 (0 means the default of 2)"
         )

@@ -7,7 +7,13 @@ import re
 _PATTERNS: tuple[re.Pattern[str], ...] = (
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     re.compile(r"\bbearer\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
-    re.compile(r"\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token)\s*[=:]", re.I),
+    # `(?<![a-z0-9])`, not `\b`: `_` is a word character, and DB_PASSWORD=, STRIPE_API_KEY= or
+    # client_secret= must match as well as password= does.
+    re.compile(
+        r"(?<![a-z0-9])(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token"
+        r"|private[_-]?key)\s*[=:]",
+        re.IGNORECASE,
+    ),
     re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"),  # OpenAI/Stripe-style secret keys
     re.compile(r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,}"),  # Stripe
     re.compile(r"\bAKIA[0-9A-Z]{16}\b"),  # AWS access key id

@@ -47,6 +47,17 @@ TEST_OPS = OpRegistry()
 TEST_TRANSPORTS = TransportRegistry()
 CLOCK = MemoryClock()
 TEST_TRANSPORTS.register("test.clock", CLOCK)
+
+
+class BigIntAnswer:
+    """A transport whose answer protobuf cannot carry exactly (an integer beyond 2**53)."""
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        """Always {"n": 2**60}."""
+        return {"n": 2**60}
+
+
+TEST_TRANSPORTS.register("test.big_int", BigIntAnswer())
 _seen: dict[tuple[str, str], list[Any]] = {}
 
 
@@ -117,6 +128,15 @@ async def tick_once(ctx: StepContext, op_config: Any, input: Any) -> Any:
     """Reads the clock fact once; returns the input doubled and the tick."""
     answer = await ctx.io.call("test.clock", {}, "tick")
     return {"double": input * 2 if isinstance(input, int) else input, "tick": answer["tick"]}
+
+
+@op("test.deep_output", registry=TEST_OPS, description="Returns JSON nested 40 levels deep")
+async def deep_output(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """[[...[1]...]], deeper than Keel's JSON values may nest."""
+    value: Any = 1
+    for _ in range(40):
+        value = [value]
+    return value
 
 
 async def start_test_engine(store: str, **settings: Any) -> EngineServingHandle:

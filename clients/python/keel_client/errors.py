@@ -118,6 +118,12 @@ class UnimplementedError(KeelClientError):
     grpc_status = grpc.StatusCode.UNIMPLEMENTED
 
 
+class DataLossError(KeelClientError):
+    """DATA_LOSS: something stored cannot be read back (junk appended to a run's stream, say)."""
+
+    grpc_status = grpc.StatusCode.DATA_LOSS
+
+
 class InternalError(KeelClientError):
     """INTERNAL or UNKNOWN: the engine failed in a way the caller cannot fix."""
 
@@ -165,6 +171,21 @@ class SecretsDetected(InvalidArgumentError):
     """`secrets_detected`: a fact key looks like a secret; nothing was persisted."""
 
 
+class FactKeyTooLong(InvalidArgumentError):
+    """`fact_key_too_long`: a fact key beyond 512 characters (see `details`: length, limit)."""
+
+
+class MalformedRequest(InvalidArgumentError):
+    """`malformed_request`: the request bytes did not decode as the RPC's message (a proto mismatch)."""
+
+
+class CorruptEvent(DataLossError):
+    """`corrupt_event`: the run's stream holds an event the engine cannot decode (`details`: stream_id, seq).
+
+    The run can still be listed, and terminalized as canceled or failed.
+    """
+
+
 class ChildRunConflict(FailedPreconditionError):
     """`child_run_conflict`: a child with this fact key exists with a different op or input."""
 
@@ -200,6 +221,9 @@ _BY_REASON: dict[str, type[KeelClientError]] = {
     "input_too_large": InputTooLarge,
     "missing_fact_key": MissingFactKey,
     "secrets_detected": SecretsDetected,
+    "fact_key_too_long": FactKeyTooLong,
+    "malformed_request": MalformedRequest,
+    "corrupt_event": CorruptEvent,
     "child_run_conflict": ChildRunConflict,
     "child_run_request_invalid": ChildRunRequestInvalid,
     "parent_run_canceled": ParentRunCanceled,
@@ -223,6 +247,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[KeelClientError]] = {
         UnauthenticatedError,
         CallCancelledError,
         UnimplementedError,
+        DataLossError,
         InternalError,
     )
     if cls.grpc_status is not None

@@ -24,6 +24,7 @@ class ErrorCategory(enum.StrEnum):
     PERMISSION_DENIED = "permission_denied"
     UNAUTHENTICATED = "unauthenticated"
     CANCELLED = "cancelled"
+    DATA_LOSS = "data_loss"  # stored data the service cannot read back (a corrupt event)
     INTERNAL = "internal"
 
 

@@ -26,6 +26,7 @@ _CODES: dict[ErrorCategory, grpc.StatusCode] = {
     ErrorCategory.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCategory.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorCategory.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorCategory.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
     ErrorCategory.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _CATEGORIES = {code: category for category, code in _CODES.items()}

@@ -591,7 +591,10 @@ class SpawnChildRequest(_message.Message):
     parent_run_id: _builtins.str
     """The parent run."""
     fact_key: _builtins.str
-    """The caller-chosen key naming this child within the parent."""
+    """The caller-chosen key naming this child within the parent: 1 to 512
+    characters, and nothing shaped like a credential (`DB_PASSWORD=...`, an
+    API key): such a key fails INVALID_ARGUMENT, reason `secrets_detected`.
+    """
     op_id: _builtins.str
     """The op the child runs."""
     op_version: _builtins.str
@@ -1121,7 +1124,11 @@ class ListRunsRequest(_message.Message):
     """The `next_page_token` of a previous response."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___RunStatus.ValueType]:
-        """Only runs with one of these statuses; empty means all."""
+        """Only runs with one of these statuses; empty means all. RUNNING,
+        COMPLETED, FAILED and CANCELED are accepted; PENDING fails
+        INVALID_ARGUMENT: a pending child was never started, so it has no run of
+        its own to list (its parent's GetRun shows it among `children`).
+        """
 
     def __init__(
         self,
@@ -1220,7 +1227,10 @@ class AwaitRunRequest(_message.Message):
     """The run."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """How long to wait at most (unset: until the call's deadline)."""
+        """How long to wait at most (unset: until the call's deadline). A negative
+        duration, or one beyond google.protobuf.Duration's range, fails
+        INVALID_ARGUMENT, reason `invalid_argument`.
+        """
 
     def __init__(
         self,

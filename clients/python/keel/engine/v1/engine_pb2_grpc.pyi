@@ -33,7 +33,15 @@ class EngineServiceStub:
 
     JSON values (inputs, contexts, op configs, snapshots) travel as
     google.protobuf.Value, so `grpcurl -d` takes plain JSON. Numbers are JSON
-    numbers: integers are exact up to 2^53.
+    numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
+    Values nest at most 30 levels of arrays and objects. A value that breaks
+    these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
+
+    Request bytes that do not decode as the RPC's request message fail
+    INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
+    event this engine cannot decode fails DATA_LOSS, reason `corrupt_event`
+    (naming the stream and sequence) wherever its history is needed; it can
+    still be listed, and terminalized as canceled or failed.
 
     Every failure carries a google.rpc.ErrorInfo in the status details whose
     `reason` is a stable code (`run_not_found`, `run_already_exists`,
@@ -72,7 +80,9 @@ class EngineServiceStub:
     """Moves a run to a terminal status exactly once: TRANSITIONED the first
     time, NOOP when the run is already terminal. Canceling a running run stops
     it at once (its running op is cancelled) and cancels its children unless
-    they were spawned with the ABANDON policy.
+    they were spawned with the ABANDON policy. A run whose stream holds a
+    corrupt event can be canceled or failed (the terminal event is appended
+    after it) but not completed: that fails DATA_LOSS `corrupt_event`.
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_engine_pb2.GetRunRequest, _engine_pb2.GetRunResponse]
     """Returns a run: status, steps with their attempts and errors, children,
@@ -99,7 +109,15 @@ class EngineServiceAsyncStub(EngineServiceStub):
 
     JSON values (inputs, contexts, op configs, snapshots) travel as
     google.protobuf.Value, so `grpcurl -d` takes plain JSON. Numbers are JSON
-    numbers: integers are exact up to 2^53.
+    numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
+    Values nest at most 30 levels of arrays and objects. A value that breaks
+    these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
+
+    Request bytes that do not decode as the RPC's request message fail
+    INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
+    event this engine cannot decode fails DATA_LOSS, reason `corrupt_event`
+    (naming the stream and sequence) wherever its history is needed; it can
+    still be listed, and terminalized as canceled or failed.
 
     Every failure carries a google.rpc.ErrorInfo in the status details whose
     `reason` is a stable code (`run_not_found`, `run_already_exists`,
@@ -135,7 +153,9 @@ class EngineServiceAsyncStub(EngineServiceStub):
     """Moves a run to a terminal status exactly once: TRANSITIONED the first
     time, NOOP when the run is already terminal. Canceling a running run stops
     it at once (its running op is cancelled) and cancels its children unless
-    they were spawned with the ABANDON policy.
+    they were spawned with the ABANDON policy. A run whose stream holds a
+    corrupt event can be canceled or failed (the terminal event is appended
+    after it) but not completed: that fails DATA_LOSS `corrupt_event`.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_engine_pb2.GetRunRequest, _engine_pb2.GetRunResponse]  # type: ignore[assignment]
     """Returns a run: status, steps with their attempts and errors, children,
@@ -161,7 +181,15 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
 
     JSON values (inputs, contexts, op configs, snapshots) travel as
     google.protobuf.Value, so `grpcurl -d` takes plain JSON. Numbers are JSON
-    numbers: integers are exact up to 2^53.
+    numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
+    Values nest at most 30 levels of arrays and objects. A value that breaks
+    these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
+
+    Request bytes that do not decode as the RPC's request message fail
+    INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
+    event this engine cannot decode fails DATA_LOSS, reason `corrupt_event`
+    (naming the stream and sequence) wherever its history is needed; it can
+    still be listed, and terminalized as canceled or failed.
 
     Every failure carries a google.rpc.ErrorInfo in the status details whose
     `reason` is a stable code (`run_not_found`, `run_already_exists`,
@@ -225,7 +253,9 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         """Moves a run to a terminal status exactly once: TRANSITIONED the first
         time, NOOP when the run is already terminal. Canceling a running run stops
         it at once (its running op is cancelled) and cancels its children unless
-        they were spawned with the ABANDON policy.
+        they were spawned with the ABANDON policy. A run whose stream holds a
+        corrupt event can be canceled or failed (the terminal event is appended
+        after it) but not completed: that fails DATA_LOSS `corrupt_event`.
         """
 
     @_abc_1.abstractmethod
