@@ -58,8 +58,9 @@ def test_a_service_started_by_this_process_keeps_running_until_stopped() -> None
 
 
 def test_local_cluster_starts_its_services_without_forking_this_process(tmp_path: Path) -> None:
-    # Python's fork hooks run only when subprocess fork()s (a preexec_fn); without one it uses
-    # vfork(), which runs neither them nor gRPC's fork handlers, which could abort the child.
+    # subprocess runs Python's fork hooks only for a preexec_fn, which is also what makes it fork()
+    # instead of vfork(): a fork() here runs gRPC's fork handlers, which abort the child before its
+    # exec now and then, or hang this process (keel_core.launcher).
     forks: list[int] = []
     os.register_at_fork(before=lambda: forks.append(os.getpid()))
     with LocalCluster(data_dir=tmp_path, store_listen="127.0.0.1:0", engine_listen="127.0.0.1:0") as cluster:

@@ -7,10 +7,12 @@ the ports and the database.
 
 The service arms it, not the launcher between fork and exec (subprocess's `preexec_fn`), because
 a `preexec_fn` makes CPython fork() the launcher instead of vfork(), which runs gRPC's fork
-handlers when the launcher has gRPC running (its health checks do). They restart gRPC's poller
-thread in the child, whose epoll descriptor subprocess's close_fds then closes before exec: the
-poller aborts the child ("epoll_wait error: Bad file descriptor", SIGABRT) in a few starts out
-of a hundred. Without a `preexec_fn`, the launcher runs no code between fork and exec.
+handlers when the launcher has gRPC running (its health checks do). They start gRPC's threads
+again in the child, one of which polls an epoll descriptor that subprocess's close_fds closes
+before exec: that thread aborts the child ("epoll_wait error: Bad file descriptor", SIGABRT)
+in a few starts out of a hundred; and now and then the handler that runs before the fork waits
+forever in the launcher. Without a `preexec_fn` CPython uses vfork(), which runs no fork handler, and the
+launcher runs no code between fork and exec.
 """
 
 from __future__ import annotations
