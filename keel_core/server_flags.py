@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from keel_core.launcher import stop_with_launcher
 from keel_core.logs import configure_logging
 from keel_core.security import TlsFiles
 from keel_core.serving import (
@@ -155,10 +156,13 @@ def run_server(
 ) -> None:
     """Build a server from parsed flags and run it: logs first, then its config, then `serve` on its loop.
 
-    Errors in the flags (an incomplete TLS pair, a missing token file) and in start-up propagate,
-    already with logging configured, for the service's `main` to report as it does.
+    A server started by `keel up` is tied to it before anything else (keel_core.launcher): it gets
+    SIGTERM when `keel up` dies. Errors in the flags (an incomplete TLS pair, a missing token file)
+    and in start-up propagate, already with logging configured, for the service's `main` to report
+    as it does.
     """
     configure_logging(args.log_level)
+    stop_with_launcher()
     flags = ServerFlags.from_args(args)
     run_service(serve(config_of(args, flags)), flags.event_loop)
 

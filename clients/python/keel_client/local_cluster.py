@@ -17,7 +17,6 @@ The services come with the server distribution (`keel`, the repository root), no
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -33,9 +32,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import grpc
+
+from keel_core.launcher import launcher_env
 
 SERVER_PACKAGES = ("store_service", "engine_service")
 STARTUP_SECONDS = 30.0
@@ -77,26 +78,6 @@ def service_executable(name: str) -> str:
             f"cannot find the `{name}` program beside {sys.executable} or on PATH; is keel installed?"
         )
     return found
-
-
-def _load_prctl() -> Any:
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-# Looked up once here: the child must not load libraries between fork and exec.
-_PRCTL = _load_prctl()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if `keel up` itself is killed, its services get SIGTERM
-    # instead of living on as orphans holding the ports and the database.
-    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -210,7 +191,9 @@ class LocalCluster:
         log_path = self.data_dir / "logs" / f"{name}.log"
         log = log_path.open("ab")
         # The token last: a KEEL_*_AUTH_TOKEN in the caller's environment must not split the pair.
-        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1", **secret_env}
+        # launcher_env: if `keel up` itself is killed, its services get SIGTERM instead of living on
+        # as orphans holding the ports and the database (armed by the service: see keel_core.launcher).
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1", **launcher_env(), **secret_env}
         try:
             process = subprocess.Popen(
                 [service_executable(name), *args],
@@ -220,7 +203,8 @@ class LocalCluster:
                 env=env,
                 # Its own process group: Ctrl-C reaches `keel up`, which then stops the services in order.
                 process_group=0,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+                # No preexec_fn: with one, this process (gRPC running) would fork instead of vfork,
+                # and gRPC's fork handlers can abort the child before its exec (keel_core.launcher).
             )
         except OSError as error:
             log.close()
