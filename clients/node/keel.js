@@ -261,6 +261,8 @@ function toRun(run) {
     reason: run.reason || null,
     error: errorDetail(run.error),
     headSeq: Number(run.head_seq || 0),
+    // The run's input (null when started without one; undefined from an engine that does not say).
+    input: fromValue(run.input),
   };
 }
 

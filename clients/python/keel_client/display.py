@@ -95,6 +95,8 @@ def step_rows(run: Run, now: datetime | None = None) -> list[list[str]]:
     return rows
 
 
+INLINE_INPUT_CHARS = 80
+
 STEP_HEADERS = ("STEP", "OP", "STATUS", "ATTEMPT", "ELAPSED", "LAST ERROR")
 
 
@@ -119,6 +121,9 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
     if run.error is not None:
         lines.append(f"error      {error_line(run.error)}")
     lines.append(f"events     {run.head_seq}")
+    given = compact_json(run.input)
+    # A short input fits on its line; a long one gets its own section, indented like the snapshot.
+    lines.append(f"input      {given}" if len(given) <= INLINE_INPUT_CHARS else "input      (below)")
     if run.steps:
         lines += ["", "steps:", *table(STEP_HEADERS, step_rows(run, now), indent="  ")]
     if run.children:
@@ -131,6 +136,8 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
     if run.failure_ledger:
         rows = [[entry.step_id, when(entry.recorded_at), entry.reason] for entry in run.failure_ledger]
         lines += ["", "failure ledger:", *table(("STEP", "RECORDED", "REASON"), rows, indent="  ")]
+    if len(given) > INLINE_INPUT_CHARS:
+        lines += ["", "input:", *("  " + line for line in pretty_json(run.input).splitlines())]
     if run.final_snapshot is not None:
         lines += [
             "",

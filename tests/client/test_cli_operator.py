@@ -1,0 +1,152 @@
+"""The operator's CLI: enums by proto name, syntax errors naming file and line, `keel get` shows the input."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+
+import pytest
+import yaml
+from keel.engine.v1 import engine_pb2
+from keel_client import KeelClient
+from keel_client.errors import InvalidArgumentError
+from keel_client.models import (
+    ExecutionMode,
+    ParentClosePolicy,
+    RunStatus,
+    StepStatus,
+    TerminalizeOutcome,
+    TerminalTarget,
+    parse_enum,
+    proto_name,
+)
+from keel_client.wire import list_runs_request, run_config_message, spawn_child_request, terminalize_request
+
+from tests.client.conftest import pipeline, run_keel, step
+
+ENUMS = (RunStatus, StepStatus, ExecutionMode, ParentClosePolicy, TerminalTarget, TerminalizeOutcome)
+
+
+@pytest.mark.parametrize("kind", ENUMS)
+def test_every_member_is_read_by_its_value_and_by_its_proto_name_in_any_case(kind: type[StrEnum]) -> None:
+    proto_enum = engine_pb2.DESCRIPTOR.enum_types_by_name[kind.__name__]
+    for member in kind:
+        name = proto_name(member)
+        assert name in proto_enum.values_by_name, f"{name} is not in engine.proto"
+        for text in (member.value, member.value.upper(), name, name.lower(), f" {name} "):
+            assert parse_enum(kind, text) is member
+
+
+def test_an_unknown_enum_value_says_what_is_accepted() -> None:
+    with pytest.raises(ValueError, match=r"expected one of running, completed.*RUN_STATUS_RUNNING"):
+        parse_enum(RunStatus, "RUN_STATUS_BOGUS")
+    # A prefix of another enum is not a way in.
+    with pytest.raises(ValueError):
+        parse_enum(RunStatus, "TERMINAL_TARGET_FAILED")
+
+
+def test_requests_take_proto_names_and_refuse_nonsense_as_invalid_argument() -> None:
+    assert list(list_runs_request(["RUN_STATUS_FAILED", "Canceled"], 10, None).statuses) == [
+        engine_pb2.RUN_STATUS_FAILED,
+        engine_pb2.RUN_STATUS_CANCELED,
+    ]
+    assert (
+        terminalize_request("r", "terminal_target_canceled", "").target == engine_pb2.TERMINAL_TARGET_CANCELED
+    )
+    config = run_config_message({"execution_mode": "EXECUTION_MODE_REPLAY", "replay_of_run_id": "x"})
+    assert config is not None and config.execution_mode == engine_pb2.EXECUTION_MODE_REPLAY
+    spawn = spawn_child_request(
+        "p", "k", "keel.echo", op_version="", op_config=None, input=None, context=None, run_config=None,
+        parent_close_policy="PARENT_CLOSE_POLICY_ABANDON",  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert spawn.parent_close_policy == engine_pb2.PARENT_CLOSE_POLICY_ABANDON
+    for bad in (
+        lambda: list_runs_request(["RUN_STATUS_PENDING"], 10, None),
+        lambda: list_runs_request(["nope"], 10, None),
+        lambda: terminalize_request("r", "RUN_STATUS_CANCELED", ""),
+        lambda: run_config_message({"execution_mode": "fast"}),
+    ):
+        with pytest.raises(InvalidArgumentError):
+            bad()
+
+
+def test_cli_accepts_proto_names_for_status_target_and_execution_mode(
+    engine_address: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "live.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "pipeline": pipeline("cli-enum", step("a", "keel.echo", {"x": 1})),
+                "run_config": {"execution_mode": "EXECUTION_MODE_LIVE"},
+            }
+        )
+    )
+    started = run_keel("run", str(path), "--wait", "--json", engine=engine_address)
+    assert started.code == 0, started.stderr
+    run_id = json.loads(started.stdout)["run_id"]
+    listed = run_keel(
+        "ls", "--json", "--limit", "1000", "--status", "run_status_COMPLETED", engine=engine_address
+    )
+    assert listed.code == 0, listed.stderr
+    assert run_id in {summary["run_id"] for summary in json.loads(listed.stdout)}
+    ended = run_keel("terminalize", run_id, "--target", "TERMINAL_TARGET_CANCELED", engine=engine_address)
+    assert ended.code == 0, ended.stderr
+    assert ended.stdout.strip() == f"run {run_id} was already completed; nothing changed"
+    refused = run_keel("ls", "--status", "RUN_STATUS_PENDING", engine=engine_address)
+    assert refused.code == 2
+    assert "'RUN_STATUS_PENDING' is not one of running, completed, failed, canceled" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where", "problem"),
+    [
+        (
+            "tabs.yaml",
+            "pipeline:\n  pipeline_id: x\n  steps:\n   - step_id: a\n    op_id: b\n",
+            ":5:5: ",
+            "expected",
+        ),
+        ("flow.yml", "pipeline: {pipeline_id: x\nsteps: []\n", ":2:6: ", "expected ',' or '}'"),
+        ("broken.json", '{"pipeline":\n  {"pipeline_id": }\n}', ":2:19: ", "Expecting value"),
+    ],
+)
+def test_a_syntax_error_is_one_line_naming_the_file_line_and_column(
+    engine_address: str, tmp_path: Path, name: str, content: str, where: str, problem: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    result = run_keel("run", str(path), engine=engine_address)
+    assert result.code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"keel: error: {path}{where}not valid ")
+    assert problem in lines[0]
+    assert "<unicode string>" not in lines[0]
+
+
+def test_get_shows_the_runs_input(engine_address: str, tmp_path: Path) -> None:
+    echo = pipeline("cli-input", step("a", "keel.echo", {"x": 1}))
+    path = tmp_path / "echo.yaml"
+    path.write_text(yaml.safe_dump({"pipeline": echo}))
+    given = {"who": "ada", "tags": ["a", "b"]}
+    started = run_keel(
+        "run", str(path), "--input", json.dumps(given), "--wait", "--json", engine=engine_address
+    )
+    assert started.code == 0, started.stderr
+    run = json.loads(started.stdout)
+    assert run["input"] == given
+    got = run_keel("get", run["run_id"], engine=engine_address)
+    assert 'input      {"tags":["a","b"],"who":"ada"}' in got.stdout.splitlines()
+    long_input = {"text": "x" * 200}
+    with KeelClient(engine_address) as keel:
+        long_run = keel.start_run(echo, input=long_input, wait=True).run
+        bare = keel.start_run(echo, wait=True).run
+    assert long_run is not None and long_run.input == long_input
+    assert bare is not None and bare.input is None
+    lines = run_keel("get", long_run.run_id, engine=engine_address).stdout.splitlines()
+    assert "input      (below)" in lines
+    section = lines.index("input:")
+    assert lines[section + 1 : section + 4] == ["  {", f'    "text": "{"x" * 200}"', "  }"]
+    assert "input      null" in run_keel("get", bare.run_id, engine=engine_address).stdout.splitlines()
