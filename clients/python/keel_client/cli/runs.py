@@ -108,8 +108,8 @@ def start(args: argparse.Namespace, spec: dict[str, Any], engine: str, *, print_
 async def follow(args: argparse.Namespace, run_id: str, engine: str | None = None) -> int:
     """Show the run's progress until it ends, then report it; the exit status says how it ended."""
     keel = async_client(args, engine)
+    view = None
     try:
-        view = None
         if not args.json:
             in_place = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
             view = ProgressView(sys.stdout, in_place=in_place)
@@ -120,6 +120,8 @@ async def follow(args: argparse.Namespace, run_id: str, engine: str | None = Non
             f"interrupted; run {run_id} goes on (follow it again with `keel wait {run_id}`)"
         ) from None
     finally:
+        if view is not None:
+            view.close()  # the whole final picture, once, above the report
         await keel.close()
     return _final_report(run, args.json)
 
