@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from keel.engine.v1 import engine_pb2
-from keel_client import KeelClient
+from keel_client import KeelClient, RunStatus
 from keel_client.errors import InvalidArgumentError
 from keel_client.models import (
     ExecutionMode,
     ParentClosePolicy,
-    RunStatus,
     StepStatus,
     TerminalizeOutcome,
     TerminalTarget,
@@ -23,7 +25,7 @@ from keel_client.models import (
 )
 from keel_client.wire import list_runs_request, run_config_message, spawn_child_request, terminalize_request
 
-from tests.client.conftest import pipeline, run_keel, step
+from tests.client.conftest import KEEL, pipeline, run_keel, step
 
 ENUMS = (RunStatus, StepStatus, ExecutionMode, ParentClosePolicy, TerminalTarget, TerminalizeOutcome)
 
@@ -150,3 +152,75 @@ def test_get_shows_the_runs_input(engine_address: str, tmp_path: Path) -> None:
     section = lines.index("input:")
     assert lines[section + 1 : section + 4] == ["  {", f'    "text": "{"x" * 200}"', "  }"]
     assert "input      null" in run_keel("get", bare.run_id, engine=engine_address).stdout.splitlines()
+
+
+NOISY_OPS = """
+import sys
+import warnings
+
+print("noisy ops: a plain line on stdout", flush=True)
+print("noisy ops: a plain line on stderr", file=sys.stderr, flush=True)
+warnings.warn("noisy ops: a warning", UserWarning, stacklevel=1)
+"""
+
+
+def _log_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = json.loads(line)  # every line, or the test fails here naming it
+        assert isinstance(entry, dict), f"{path.name}:{number} is not a JSON object: {line}"
+        assert {"ts", "level", "logger", "msg"} <= entry.keys(), f"{path.name}:{number}: {line}"
+        records.append(entry)
+    return records
+
+
+def test_keel_up_logs_hold_only_json_lines(tmp_path: Path) -> None:
+    ops = tmp_path / "noisy_ops.py"
+    ops.write_text(NOISY_OPS)
+    up = subprocess.Popen(
+        [str(KEEL), "up", "--json", "--data-dir", str(tmp_path / "data"), "--store-listen", "127.0.0.1:0",
+         "--engine-listen", "127.0.0.1:0", "--ops", str(ops)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        ready = json.loads(up.stdout.readline())
+        with KeelClient(ready["engine"]) as keel:
+            run = keel.start_run(pipeline("logs", step("a", "keel.echo")), wait=True).run
+        assert run is not None and run.status is RunStatus.COMPLETED
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    logs = tmp_path / "data" / "logs"
+    store, engine = _log_records(logs / "store-service.log"), _log_records(logs / "engine-service.log")
+    banners = [entry for entry in store if entry["msg"].startswith("store-service listening on ")]
+    assert [(entry["level"], entry["stream"]) for entry in banners] == [("info", "stdout")]
+    assert any(entry["msg"].startswith("engine-service listening on ") for entry in engine)
+    by_message = {entry["msg"]: entry for entry in engine}
+    assert by_message["noisy ops: a plain line on stdout"]["level"] == "info"
+    assert by_message["noisy ops: a plain line on stderr"]["level"] == "error"
+    warning = next(entry for entry in engine if "UserWarning: noisy ops: a warning" in entry["msg"])
+    assert warning["level"] == "warning" and warning["logger"] == "engine-service.stderr"
+    # The services' own records pass through untouched.
+    assert any(entry["logger"] == "engine_service" and entry.get("stream") is None for entry in engine)
+
+
+def test_a_service_that_dies_with_a_traceback_still_logs_json_and_is_named(tmp_path: Path) -> None:
+    ops = tmp_path / "broken_ops.py"
+    ops.write_text('raise RuntimeError("broken ops cannot load")\n')
+    result = run_keel(
+        "up", "--data-dir", str(tmp_path / "data"), "--store-listen", "127.0.0.1:0",
+        "--engine-listen", "127.0.0.1:0", "--ops", str(ops),
+    )  # fmt: skip
+    assert result.code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("keel: error: engine-service exited with code 1: ")
+    assert "RuntimeError: broken ops cannot load" in lines[0] and "engine-service.log" in lines[0]
+    records = _log_records(tmp_path / "data" / "logs" / "engine-service.log")
+    traceback = [entry for entry in records if entry.get("stream") == "stderr"]
+    assert traceback[0]["msg"] == "Traceback (most recent call last):"
+    assert traceback[-1]["msg"] == "RuntimeError: broken ops cannot load"
+    assert all(entry["level"] == "error" for entry in traceback)
