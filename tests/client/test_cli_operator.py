@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from enum import StrEnum
@@ -224,3 +225,36 @@ def test_a_service_that_dies_with_a_traceback_still_logs_json_and_is_named(tmp_p
     assert traceback[0]["msg"] == "Traceback (most recent call last):"
     assert traceback[-1]["msg"] == "RuntimeError: broken ops cannot load"
     assert all(entry["level"] == "error" for entry in traceback)
+
+
+def test_run_wait_shows_the_steps_a_cancel_cut_as_canceled(engine_address: str, tmp_path: Path) -> None:
+    path = tmp_path / "nap.yaml"
+    nap = pipeline(
+        "cli-cancel", step("nap", "keel.sleep", {"seconds": 300}), step("after", "keel.echo", None, ("nap",))
+    )
+    path.write_text(yaml.safe_dump({"pipeline": nap}))
+    follow = subprocess.Popen(
+        [str(KEEL), "run", str(path), "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "KEEL_ENGINE": engine_address},
+    )  # fmt: skip
+    try:
+        assert follow.stdout is not None
+        run_id = follow.stdout.readline().split()[-1]
+        for line in follow.stdout:  # until the step is seen running: the cancel then cuts it
+            if line.startswith("step nap: running"):
+                break
+        with KeelClient(engine_address) as keel:
+            keel.terminalize(run_id, "TERMINAL_TARGET_CANCELED", reason="operator")
+        rest = follow.stdout.read().splitlines()
+        assert follow.wait(timeout=60) == 1
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    assert [line.split(" (")[0] for line in rest[:3]] == [
+        "step nap: canceled",
+        "step after: canceled",
+        f"run {run_id}: canceled",
+    ]
+    assert not any("failed" in line or "running" in line for line in rest)

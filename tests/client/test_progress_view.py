@@ -10,6 +10,7 @@ from keel_client.display import event_line, run_lines, seconds, table
 from keel_client.models import (
     ChildRun,
     ErrorDetail,
+    ParentClosePolicy,
     Run,
     RunEvent,
     RunStatus,
@@ -178,13 +179,18 @@ CANCELED = dataclasses.replace(
             ),
             RUNNING.steps[2],
         ),
-        (ChildRun("c-1", "invoice-1", "keel.echo", RunStatus.CANCELED),),
+        (
+            ChildRun("c-1", "invoice-1", "keel.echo", RunStatus.CANCELED),
+            # Not reached by the cancel yet, and one the cancel leaves alone.
+            ChildRun("c-2", "invoice-2", "keel.echo", RunStatus.RUNNING),
+            ChildRun("c-3", "invoice-3", "keel.echo", RunStatus.RUNNING, ParentClosePolicy.ABANDON),
+        ),
     ),
     reason="canceled by operator",
 )  # fmt: skip
 
 
-def test_steps_a_canceled_run_left_unfinished_show_as_canceled() -> None:
+def test_steps_a_canceled_run_left_unfinished_show_as_canceled_and_its_children_as_canceling() -> None:
     def late() -> datetime:
         return at(60_000)  # long after the cancel
 
@@ -195,6 +201,9 @@ def test_steps_a_canceled_run_left_unfinished_show_as_canceled() -> None:
     assert lines[3].split() == ["step", "flaky", "keel.fail_n_times", "canceled", "1", "880ms"]
     assert lines[4].split() == ["step", "last", "keel.echo", "canceled", "-", "-"]
     assert lines[5].split() == ["child", "invoice-1", "keel.echo", "canceled", "-", "-"]
+    assert lines[6].split() == ["child", "invoice-2", "keel.echo", "canceling", "-", "-"]
+    assert lines[7].split() == ["child", "invoice-3", "keel.echo", "running", "-", "-"]
+    assert len(lines) == 8
     out = io.StringIO()
     view = ProgressView(out, in_place=False, clock=late)
     view.draw(RUNNING, {})
@@ -204,11 +213,15 @@ def test_steps_a_canceled_run_left_unfinished_show_as_canceled() -> None:
         "step flaky: canceled (attempt 1, 880ms)",
         "step last: canceled",
         "child invoice-1 (keel.echo): canceled (attempt -, -)",
+        "child invoice-2 (keel.echo): canceling (attempt -, -)",
+        "child invoice-3 (keel.echo): running (attempt -, -)",
         "run r-1: canceled (900ms)",
     ]
     steps = [line.split() for line in run_lines(CANCELED, late())]
     assert ["flaky", "keel.fail_n_times@1", "canceled", "1", "880ms", "flaky:", "flaky", "happened"] in steps
     assert ["last", "keel.echo@1", "canceled", "-", "-"] in steps
+    assert ["invoice-2", "keel.echo", "canceling", "cancel", "c-2"] in steps
+    assert ["invoice-3", "keel.echo", "running", "abandon", "c-3"] in steps
 
 
 def test_running_steps_show_elapsed_time_that_moves() -> None:

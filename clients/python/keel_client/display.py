@@ -12,6 +12,7 @@ from keel_client.models import (
     ChildRun,
     ErrorDetail,
     OpInfo,
+    ParentClosePolicy,
     Run,
     RunEvent,
     RunStatus,
@@ -93,6 +94,16 @@ def step_label(run: Run, step: StepState) -> str:
     return step.status.value
 
 
+def child_label(run: Run, child: ChildRun) -> str:
+    """The child's status for people: `canceling` for a child its canceled parent has not ended yet.
+
+    A cancel reaches a parent's children (those with the `cancel` policy) just after the parent
+    ends, so its last picture would otherwise show them running on.
+    """
+    cancels = child.parent_close_policy is ParentClosePolicy.CANCEL and not child.status.is_terminal
+    return "canceling" if run.status is RunStatus.CANCELED and cancels else child.status.value
+
+
 def run_clock(run: Run, now: datetime | None) -> datetime | None:
     """The moment elapsed times are measured to: the run's end once it is terminal, else `now`.
 
@@ -170,7 +181,7 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
         lines += ["", "steps:", *table(STEP_HEADERS, step_rows(run, now), indent="  ")]
     if run.children:
         rows = [
-            [c.fact_key, c.op_id, c.status.value, c.parent_close_policy.value, c.child_run_id]
+            [c.fact_key, c.op_id, child_label(run, c), c.parent_close_policy.value, c.child_run_id]
             for c in sorted_children(run)
         ]
         headers = ("FACT KEY", "OP", "STATUS", "ON CANCEL", "RUN ID")

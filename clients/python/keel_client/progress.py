@@ -27,7 +27,15 @@ from rich.table import Table
 from rich.text import Text
 
 from keel_client.aio import AsyncKeelClient
-from keel_client.display import run_clock, seconds, sorted_children, span, step_elapsed, step_label
+from keel_client.display import (
+    child_label,
+    run_clock,
+    seconds,
+    sorted_children,
+    span,
+    step_elapsed,
+    step_label,
+)
 from keel_client.models import ChildRun, Run, RunStatus
 
 TICK_SECONDS = 0.5
@@ -41,6 +49,7 @@ STATUS_STYLES = {
     "completed": "green",
     "failed": "bold red",
     "canceled": "magenta",
+    "canceling": "magenta",
 }
 
 
@@ -181,7 +190,7 @@ class ProgressView:
             if child_run is not None:
                 attempt = _child_attempt(child_run)
                 elapsed = seconds(span(child_run.created_at, child_run.completed_at, now))
-            rows.append((f"child {child.fact_key}", child.op_id, child.status.value, attempt, elapsed))
+            rows.append((f"child {child.fact_key}", child.op_id, child_label(run, child), attempt, elapsed))
         return RunPicture(header, tuple(rows), max(0, len(run.children) - MAX_CHILDREN_SHOWN))
 
     def block(self, run: Run, children: dict[str, Run]) -> list[str]:
@@ -205,13 +214,13 @@ class ProgressView:
         for child in sorted_children(run):
             child_run = children.get(child.child_run_id)
             attempt = _child_attempt(child_run) if child_run else "-"
-            key = f"child {child.fact_key}"
-            if self._seen.get(key) != (child.status.value, attempt):
-                self._seen[key] = (child.status.value, attempt)
+            key, label = f"child {child.fact_key}", child_label(run, child)
+            if self._seen.get(key) != (label, attempt):
+                self._seen[key] = (label, attempt)
                 elapsed = (
                     seconds(span(child_run.created_at, child_run.completed_at, now)) if child_run else "-"
                 )
-                lines.append(f"{key} ({child.op_id}): {child.status.value} (attempt {attempt}, {elapsed})")
+                lines.append(f"{key} ({child.op_id}): {label} (attempt {attempt}, {elapsed})")
         status_key = "run"
         if self._seen.get(status_key) != (run.status.value, "") and run.status is not RunStatus.RUNNING:
             self._seen[status_key] = (run.status.value, "")
