@@ -116,6 +116,13 @@ function enumName(name, prefix) {
   return name ? String(name).replace(prefix, '').toLowerCase() : 'unspecified';
 }
 
+// An enum value for the wire from its short name ('failed') or its proto name
+// ('RUN_STATUS_FAILED'), in any case: the one place requests name enum values.
+function wireEnum(value, prefix) {
+  const name = String(value).trim().toUpperCase();
+  return name.startsWith(prefix) ? name : `${prefix}${name}`;
+}
+
 // ---- errors ---------------------------------------------------------------------------------------
 
 /** A failed call: `code` is the ErrorInfo reason (e.g. run_not_found), `grpcCode` the status code. */
@@ -261,6 +268,8 @@ function toRun(run) {
     reason: run.reason || null,
     error: errorDetail(run.error),
     headSeq: Number(run.head_seq || 0),
+    // The run's input (null when started without one; undefined from an engine that does not say).
+    input: fromValue(run.input),
   };
 }
 
@@ -349,7 +358,7 @@ class KeelClient {
   /** One page of runs, newest first. */
   async listRuns({ statuses = [], pageSize = 0, pageToken = '' } = {}) {
     const request = {
-      statuses: statuses.map((status) => `RUN_STATUS_${status.toUpperCase()}`),
+      statuses: statuses.map((status) => wireEnum(status, 'RUN_STATUS_')),
       page_size: pageSize,
       page_token: pageToken,
     };
@@ -386,11 +395,11 @@ class KeelClient {
     }
   }
 
-  /** Moves a run to `target` ('completed', 'failed', 'canceled') exactly once. */
+  /** Moves a run to `target` ('completed', 'failed', 'canceled', or 'TERMINAL_TARGET_CANCELED', ...) exactly once. */
   async terminalize(runId, target, reason = '') {
     const response = await this._unary('Terminalize', {
       run_id: runId,
-      target: `TERMINAL_TARGET_${target.toUpperCase()}`,
+      target: wireEnum(target, 'TERMINAL_TARGET_'),
       reason,
     });
     return {
@@ -413,7 +422,7 @@ class KeelClient {
       fact_key: factKey,
       op_id: op,
       op_version: opVersion,
-      parent_close_policy: `PARENT_CLOSE_POLICY_${parentClosePolicy.toUpperCase()}`,
+      parent_close_policy: wireEnum(parentClosePolicy, 'PARENT_CLOSE_POLICY_'),
     };
     if (opConfig !== undefined) request.op_config = toValue(opConfig);
     if (input !== undefined) request.input = toValue(input);

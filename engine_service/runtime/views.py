@@ -129,6 +129,9 @@ class RunView:
     head_seq: int = 0
     children: list[ChildView] = field(default_factory=list)
     failure_ledger: list[LedgerView] = field(default_factory=list)
+    # The run's input, from its manifest; `has_input` is False when the manifest is unknown.
+    input: Any = None
+    has_input: bool = False
 
 
 def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunManifest | None) -> RunView:
@@ -136,6 +139,7 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
     view = RunView(run_id=run_id)
     steps: dict[str, StepView] = {}
     if manifest is not None:
+        view.input, view.has_input = manifest.input, True
         for spec in topological_order(manifest.pipeline.steps):
             steps[spec.step_id] = StepView(spec.step_id, spec.op_id, spec.op_version)
     for stored in events:

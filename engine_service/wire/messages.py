@@ -280,6 +280,8 @@ def run_message(view: RunView) -> engine_pb2.Run:
     )
     if view.final_snapshot_id:
         run.final_snapshot.CopyFrom(to_value(view.final_snapshot))
+    if view.has_input:
+        run.input.CopyFrom(to_value(view.input))
     return run
 
 

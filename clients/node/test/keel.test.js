@@ -65,6 +65,12 @@ test('starts a run, watches its events to the end, and awaits its result', { ski
 
     const page = await keel.listRuns({ statuses: ['completed'] });
     assert.ok(page.runs.some((summary) => summary.runId === runId));
+    assert.deepEqual(run.input, { who: 'node' });
+    // Enum values by their proto names too, in any case.
+    const byProtoName = await keel.listRuns({ statuses: ['RUN_STATUS_COMPLETED'], pageSize: 1000 });
+    assert.ok(byProtoName.runs.some((summary) => summary.runId === runId));
+    const noop = await keel.terminalize(runId, 'terminal_target_canceled');
+    assert.deepEqual(noop, { outcome: 'noop', status: 'completed' });
   } finally {
     keel.close();
   }

@@ -73,6 +73,8 @@ from keel_client.models import (
     TerminalizeOutcome,
     TerminalizeResult,
     TerminalTarget,
+    parse_enum,
+    proto_name,
     to_json_data,
 )
 from keel_client.sync import KeelClient
@@ -143,5 +145,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "error_class",
+    "parse_enum",
+    "proto_name",
     "to_json_data",
 ]

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from keel_client.models import ErrorDetail, OpInfo, Run, RunEvent, RunSummary, StepState
+from keel_client.models import (
+    ChildRun,
+    ErrorDetail,
+    OpInfo,
+    ParentClosePolicy,
+    Run,
+    RunEvent,
+    RunStatus,
+    RunSummary,
+    StepState,
+    StepStatus,
+)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
@@ -60,6 +72,46 @@ def step_elapsed(step: StepState, now: datetime | None = None) -> float | None:
     return span(step.attempts[0].started_at, step.attempts[-1].finished_at, now)
 
 
+def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
+    """A sort key that orders digit runs by value: `child.2` before `child.10`."""
+    parts = re.split(r"(\d+)", text)
+    return tuple((1, int(part), "") if part.isdigit() else (0, 0, part) for part in parts if part)
+
+
+def sorted_children(run: Run) -> list[ChildRun]:
+    """The run's children in natural order of their fact keys (`pack.child.2` before `pack.child.10`)."""
+    return sorted(run.children, key=lambda child: natural_key(child.fact_key))
+
+
+def step_label(run: Run, step: StepState) -> str:
+    """The step's status for people: `canceled` for a step a canceled run left unfinished.
+
+    The engine has no canceled step status: a cancel cuts the running attempt (shown as failed, or
+    still running) and leaves later steps pending; none of them failed, and none will run.
+    """
+    if run.status is RunStatus.CANCELED and step.status is not StepStatus.COMPLETED:
+        return "canceled"
+    return step.status.value
+
+
+def child_label(run: Run, child: ChildRun) -> str:
+    """The child's status for people: `canceling` for a child its canceled parent has not ended yet.
+
+    A cancel reaches a parent's children (those with the `cancel` policy) just after the parent
+    ends, so its last picture would otherwise show them running on.
+    """
+    cancels = child.parent_close_policy is ParentClosePolicy.CANCEL and not child.status.is_terminal
+    return "canceling" if run.status is RunStatus.CANCELED and cancels else child.status.value
+
+
+def run_clock(run: Run, now: datetime | None) -> datetime | None:
+    """The moment elapsed times are measured to: the run's end once it is terminal, else `now`.
+
+    An attempt a cancel cut has no end of its own; without this its time would grow forever.
+    """
+    return run.completed_at if run.is_terminal and run.completed_at is not None else now
+
+
 def error_line(error: ErrorDetail | None) -> str:
     """An error as `code: message`, or empty."""
     if error is None:
@@ -80,13 +132,14 @@ def pretty_json(value: Any) -> str:
 def step_rows(run: Run, now: datetime | None = None) -> list[list[str]]:
     """One row per step: id, op, status, attempt, elapsed, last error."""
     rows = []
+    now = run_clock(run, now)
     for step in run.steps:
         last = step.last_attempt
         rows.append(
             [
                 step.step_id,
                 f"{step.op_id}@{step.op_version}" if step.op_version else step.op_id,
-                step.status.value,
+                step_label(run, step),
                 str(last.attempt) if last is not None else "-",
                 seconds(step_elapsed(step, now)),
                 error_line(step.last_error),
@@ -94,6 +147,8 @@ def step_rows(run: Run, now: datetime | None = None) -> list[list[str]]:
         )
     return rows
 
+
+INLINE_INPUT_CHARS = 80
 
 STEP_HEADERS = ("STEP", "OP", "STATUS", "ATTEMPT", "ELAPSED", "LAST ERROR")
 
@@ -119,18 +174,23 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
     if run.error is not None:
         lines.append(f"error      {error_line(run.error)}")
     lines.append(f"events     {run.head_seq}")
+    given = compact_json(run.input)
+    # A short input fits on its line; a long one gets its own section, indented like the snapshot.
+    lines.append(f"input      {given}" if len(given) <= INLINE_INPUT_CHARS else "input      (below)")
     if run.steps:
         lines += ["", "steps:", *table(STEP_HEADERS, step_rows(run, now), indent="  ")]
     if run.children:
         rows = [
-            [c.fact_key, c.op_id, c.status.value, c.parent_close_policy.value, c.child_run_id]
-            for c in run.children
+            [c.fact_key, c.op_id, child_label(run, c), c.parent_close_policy.value, c.child_run_id]
+            for c in sorted_children(run)
         ]
         headers = ("FACT KEY", "OP", "STATUS", "ON CANCEL", "RUN ID")
         lines += ["", "children:", *table(headers, rows, indent="  ")]
     if run.failure_ledger:
         rows = [[entry.step_id, when(entry.recorded_at), entry.reason] for entry in run.failure_ledger]
         lines += ["", "failure ledger:", *table(("STEP", "RECORDED", "REASON"), rows, indent="  ")]
+    if len(given) > INLINE_INPUT_CHARS:
+        lines += ["", "input:", *("  " + line for line in pretty_json(run.input).splitlines())]
     if run.final_snapshot is not None:
         lines += [
             "",

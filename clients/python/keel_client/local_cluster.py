@@ -1,7 +1,8 @@
 """`keel up`'s machinery: a store and an engine as child processes on this machine, healthy or explained.
 
-The store keeps its SQLite file under `DATA_DIR/store`; each service's stdout and stderr (JSON log
-lines) go to `DATA_DIR/logs/<name>.log`, whose last error is quoted when a service fails to start.
+The store keeps its SQLite file under `DATA_DIR/store`; each service's stdout and stderr go to
+`DATA_DIR/logs/<name>.log` as JSON lines only (a line that is not JSON, like the `listening on`
+banner or a traceback, is wrapped in a record); its last error is quoted when a service fails to start.
 Stopping sends SIGTERM to the engine first (so it parks its runs while the store is still there),
 then to the store, and waits for each to drain.
 
@@ -89,6 +90,12 @@ class ServiceProcess:
     log_path: Path
     address: str = ""
     _ready: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _pumps: list[threading.Thread] = field(default_factory=list)
+
+    def drain(self, timeout: float) -> None:
+        """Wait until what the exited service wrote is in its log (its streams' pumps have ended)."""
+        for pump in self._pumps:
+            pump.join(timeout)
 
     def last_error(self) -> str:
         """The most telling line of the service's log: its last error entry, else its last line."""
@@ -108,13 +115,80 @@ class ServiceProcess:
         return unindented[-1].strip() if unindented else ""
 
 
-def _pump(service: ServiceProcess, stream: IO[bytes], log: IO[bytes]) -> None:
+class JsonLinesLog:
+    """A service's log file, holding JSON lines only: one per line the service wrote on either stream.
+
+    The services log JSON to stderr, but not everything they write is a log record: the
+    `listening on` banner on stdout, a Python warning, an uncaught traceback. Such a line is wrapped
+    in a record of the same shape (`ts`, `level`, `logger`, `msg`, and `stream`), so every line of
+    the file parses; a traceback keeps one record per line, in order, at level error.
+    """
+
+    def __init__(self, path: Path, service: str, streams: int) -> None:
+        self._file = path.open("ab")
+        self._service = service
+        self._open_streams = streams
+        self._lock = threading.Lock()
+
+    def write(self, raw: bytes, stream: str, level: str) -> None:
+        """Write one line the service wrote on `stream` (wrapped at `level` unless it is a JSON object)."""
+        line = raw.rstrip(b"\r\n")
+        if not line.strip():
+            return
+        if not _is_json_object(line):
+            line = json.dumps(
+                {
+                    "ts": _now_iso(),
+                    "level": level,
+                    "logger": f"{self._service}.{stream}",
+                    "msg": line.decode(errors="replace"),
+                    "stream": stream,
+                },
+                ensure_ascii=False,
+            ).encode()
+        with self._lock:
+            self._file.write(line + b"\n")
+            self._file.flush()
+
+    def stream_closed(self) -> None:
+        """One of the service's streams ended; the file is closed after the last."""
+        with self._lock:
+            self._open_streams -= 1
+            if self._open_streams == 0:
+                self._file.close()
+
+
+def _is_json_object(line: bytes) -> bool:
+    if not line.lstrip().startswith(b"{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _now_iso() -> str:
+    # The services' own format (keel_core.logs): UTC, milliseconds, a Z.
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+_WARNING = re.compile(rb"^\S.*\b\w*Warning: ")
+
+
+def _stderr_level(line: bytes, previous: str) -> str:
+    # A traceback's and a warning's indented lines belong to the line above them.
+    if line[:1].isspace():
+        return previous
+    return "warning" if _WARNING.match(line) else "error"
+
+
+def _pump_stdout(service: ServiceProcess, stream: IO[bytes], log: JsonLinesLog) -> None:
     # Drains the child's stdout so it never blocks on a full pipe; the first "listening on" line
     # tells where it serves, everything goes to the log.
     announced = False
     for raw in iter(stream.readline, b""):
-        log.write(raw)
-        log.flush()
+        log.write(raw, "stdout", "info")
         if not announced:
             match = _READY.match(raw.decode(errors="replace"))
             if match:
@@ -122,7 +196,15 @@ def _pump(service: ServiceProcess, stream: IO[bytes], log: IO[bytes]) -> None:
                 service._ready.put(match.group(2))
     if not announced:
         service._ready.put(None)
-    log.close()
+    log.stream_closed()
+
+
+def _pump_stderr(stream: IO[bytes], log: JsonLinesLog) -> None:
+    level = "error"
+    for raw in iter(stream.readline, b""):
+        level = _stderr_level(raw, level)
+        log.write(raw, "stderr", level)
+    log.stream_closed()
 
 
 @dataclass
@@ -189,7 +271,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str], secret_env: dict[str, str]) -> ServiceProcess:
         log_path = self.data_dir / "logs" / f"{name}.log"
-        log = log_path.open("ab")
+        log = JsonLinesLog(log_path, name, streams=2)
         # The token last: a KEEL_*_AUTH_TOKEN in the caller's environment must not split the pair.
         # launcher_env: if `keel up` itself is killed, its services get SIGTERM instead of living on
         # as orphans holding the ports and the database (armed by the service: see keel_core.launcher).
@@ -199,7 +281,7 @@ class LocalCluster:
                 [service_executable(name), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=log,
+                stderr=subprocess.PIPE,
                 env=env,
                 # Its own process group: Ctrl-C reaches `keel up`, which then stops the services in order.
                 process_group=0,
@@ -207,13 +289,21 @@ class LocalCluster:
                 # and gRPC's fork handlers can abort the child before its exec (keel_core.launcher).
             )
         except OSError as error:
-            log.close()
+            log.stream_closed()
+            log.stream_closed()
             raise ClusterError(f"cannot start {name}: {error}") from None
         service = ServiceProcess(name=name, process=process, log_path=log_path)
-        assert process.stdout is not None
-        threading.Thread(
-            target=_pump, args=(service, process.stdout, log), name=f"{name}-stdout", daemon=True
-        ).start()
+        assert process.stdout is not None and process.stderr is not None
+        service._pumps = [
+            threading.Thread(
+                target=_pump_stdout, args=(service, process.stdout, log), name=f"{name}-stdout", daemon=True
+            ),
+            threading.Thread(
+                target=_pump_stderr, args=(process.stderr, log), name=f"{name}-stderr", daemon=True
+            ),
+        ]
+        for pump in service._pumps:
+            pump.start()
         return service
 
     def _await_ready(self, service: ServiceProcess) -> None:
@@ -233,6 +323,8 @@ class LocalCluster:
                 if code is not None
                 else f"did not start within {STARTUP_SECONDS:.0f}s"
             )
+            if code is not None:
+                service.drain(STOP_SECONDS)
             why = service.last_error()
             raise ClusterError(
                 f"{service.name} {state}" + (f": {why}" if why else "") + f" (log {service.log_path})"
@@ -260,8 +352,10 @@ class LocalCluster:
                 service.process.kill()
                 service.process.wait()
         for service in (self.engine, self.store):
-            if service is not None and service.process.stdout is not None:
-                service.process.stdout.close()
+            if service is not None:
+                for stream in (service.process.stdout, service.process.stderr):
+                    if stream is not None:
+                        stream.close()
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -7,7 +7,9 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound=enum.StrEnum)
 
 
 class RunStatus(enum.StrEnum):
@@ -66,6 +68,44 @@ class TerminalizeOutcome(enum.StrEnum):
     UNSPECIFIED = "unspecified"
     TRANSITIONED = "transitioned"
     NOOP = "noop"
+
+
+# Each enum's prefix in keel/engine/v1/engine.proto: `failed` is also accepted as RUN_STATUS_FAILED.
+_PROTO_PREFIX: dict[type[enum.StrEnum], str] = {
+    RunStatus: "RUN_STATUS_",
+    StepStatus: "STEP_STATUS_",
+    ExecutionMode: "EXECUTION_MODE_",
+    ParentClosePolicy: "PARENT_CLOSE_POLICY_",
+    TerminalTarget: "TERMINAL_TARGET_",
+    TerminalizeOutcome: "TERMINALIZE_OUTCOME_",
+}
+
+
+def proto_name(member: enum.StrEnum) -> str:
+    """The member's name in engine.proto: RunStatus.FAILED is RUN_STATUS_FAILED."""
+    return _PROTO_PREFIX[type(member)] + member.name
+
+
+def parse_enum(kind: type[E], value: E | str) -> E:
+    """`value` as a member of `kind`, given as the member, its value or its proto name, in any case.
+
+    `failed`, `FAILED`, `RUN_STATUS_FAILED` and `run_status_failed` all give RunStatus.FAILED; the
+    one place where the client and the CLI read an enum from text. ValueError lists what is accepted.
+    """
+    if isinstance(value, kind):
+        return value
+    text = str(value).strip().lower()
+    prefix = _PROTO_PREFIX[kind].lower()
+    if text.startswith(prefix):
+        text = text[len(prefix) :]
+    for member in kind:
+        if member.value == text:
+            return member
+    accepted = [member for member in kind if member.value != "unspecified"]
+    raise ValueError(
+        f"{value!r} is not a {kind.__name__}: expected one of {', '.join(accepted)} "
+        f"(or its proto name, like {proto_name(accepted[0])})"
+    )
 
 
 @dataclass(frozen=True)
@@ -167,6 +207,8 @@ class Run:
     reason: str | None
     error: ErrorDetail | None
     head_seq: int
+    # The input the run was started with (None also when it had none, or an older engine said nothing).
+    input: Any = None
 
     @property
     def is_terminal(self) -> bool:

@@ -15,6 +15,7 @@ from keel_client.models import (
     AwaitedRun,
     ChildResult,
     ChildRun,
+    E,
     ErrorDetail,
     ExecutionMode,
     FailureLedgerEntry,
@@ -37,6 +38,7 @@ from keel_client.models import (
     TerminalizeOutcome,
     TerminalizeResult,
     TerminalTarget,
+    parse_enum,
 )
 from keel_core.errors import KeelError
 from keel_core.json_values import from_struct, from_value, to_value
@@ -83,6 +85,14 @@ RunConfigLike = RunConfig | Mapping[str, Any]
 
 
 # ---- requests ------------------------------------------------------------------------------------
+
+
+def _enum(kind: type[E], value: E | str, what: str) -> E:
+    # parse_enum's ValueError as the client's InvalidArgument, naming the field.
+    try:
+        return parse_enum(kind, value)
+    except ValueError as error:
+        raise invalid_request(f"{what}: {error}") from None
 
 
 def json_value(data: Any, what: str) -> Any:
@@ -136,7 +146,9 @@ def run_config_message(config: RunConfigLike | None) -> engine_pb2.RunConfig | N
     if isinstance(config, Mapping):
         config = _run_config_from_dict(config)
     message = engine_pb2.RunConfig(
-        execution_mode=_EXECUTION_MODE[ExecutionMode(config.execution_mode)],
+        execution_mode=_EXECUTION_MODE[
+            _enum(ExecutionMode, config.execution_mode, "run_config.execution_mode")
+        ],
         replay_of_run_id=config.replay_of_run_id,
     )
     policy = config.retry_policy
@@ -164,12 +176,7 @@ def _run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
             policy = RetryPolicy(**policy_data)
         except TypeError as error:
             raise invalid_request(f"run_config.retry_policy: {error}") from None
-    try:
-        mode = ExecutionMode(str(data.get("execution_mode", "live")).lower())
-    except ValueError:
-        raise invalid_request(
-            f"run_config.execution_mode must be live or replay, not {data.get('execution_mode')!r}"
-        ) from None
+    mode = _enum(ExecutionMode, str(data.get("execution_mode", "live")), "run_config.execution_mode")
     return RunConfig(
         execution_mode=mode, retry_policy=policy, replay_of_run_id=str(data.get("replay_of_run_id", ""))
     )
@@ -229,7 +236,9 @@ def spawn_child_request(
         fact_key=fact_key,
         op_id=op,
         op_version=op_version,
-        parent_close_policy=_PARENT_CLOSE[ParentClosePolicy(parent_close_policy)],
+        parent_close_policy=_PARENT_CLOSE[
+            _enum(ParentClosePolicy, parent_close_policy, "parent_close_policy")
+        ],
     )
     if op_config is not None:
         request.op_config.CopyFrom(json_value(op_config, "op_config"))
@@ -247,10 +256,7 @@ def terminalize_request(
     run_id: str, target: TerminalTarget | str, reason: str
 ) -> engine_pb2.TerminalizeRequest:
     """A TerminalizeRequest; `target` is completed, failed or canceled."""
-    try:
-        wire_target = _TARGET[TerminalTarget(target)]
-    except ValueError:
-        raise invalid_request(f"target must be completed, failed or canceled, not {target!r}") from None
+    wire_target = _TARGET[_enum(TerminalTarget, target, "target")]
     return engine_pb2.TerminalizeRequest(run_id=run_id, target=wire_target, reason=reason)
 
 
@@ -261,14 +267,15 @@ def list_runs_request(
     wire: list[engine_pb2.RunStatus.ValueType] = []
     for status in statuses:
         try:
-            chosen = RunStatus(status)
-            if chosen in (RunStatus.UNSPECIFIED, RunStatus.PENDING):
-                raise ValueError(chosen)  # not a status a stored run has
-            wire.append(_RUN_STATUS_WIRE[chosen])
+            chosen = parse_enum(RunStatus, status)
         except ValueError:
+            chosen = RunStatus.UNSPECIFIED
+        if chosen in (RunStatus.UNSPECIFIED, RunStatus.PENDING):  # not a status a stored run has
             raise invalid_request(
-                f"unknown run status {status!r}: expected running, completed, failed or canceled"
-            ) from None
+                f"unknown run status {status!r}: expected running, completed, failed or canceled "
+                "(or RUN_STATUS_RUNNING, ...)"
+            )
+        wire.append(_RUN_STATUS_WIRE[chosen])
     return engine_pb2.ListRunsRequest(statuses=wire, page_size=page_size, page_token=page_token or "")
 
 
@@ -339,6 +346,7 @@ def run(message: engine_pb2.Run) -> Run:
         reason=message.reason or None,
         error=error_detail(message, "error"),
         head_seq=message.head_seq,
+        input=from_value(message.input) if message.HasField("input") else None,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keel_client.cli.options import answer, client
+from keel_client.cli.options import answer, client, enum_argument
 from keel_client.models import TerminalTarget, to_json_data
 
 
@@ -17,13 +17,19 @@ def cancel_arguments(parser: argparse.ArgumentParser) -> None:
 def terminalize_arguments(parser: argparse.ArgumentParser) -> None:
     """`keel terminalize RUN_ID --target T [--reason]`."""
     parser.add_argument("run_id", metavar="RUN_ID")
-    parser.add_argument("--target", required=True, choices=[target.value for target in TerminalTarget])
+    parser.add_argument(
+        "--target",
+        required=True,
+        type=enum_argument(TerminalTarget),
+        metavar="TARGET",
+        help="completed, failed or canceled (or TERMINAL_TARGET_CANCELED, ...)",
+    )
     parser.add_argument("--reason", default="", help="why (required with --target failed)")
 
 
 def cmd_terminalize(args: argparse.Namespace) -> int:
     """`keel terminalize` and `keel cancel` (whose target is always canceled)."""
-    target = getattr(args, "target", TerminalTarget.CANCELED.value)
+    target = getattr(args, "target", TerminalTarget.CANCELED)
     with client(args) as keel:
         result = keel.terminalize(args.run_id, target, reason=args.reason)
     if result.outcome.value == "noop":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from keel_client.aio import AsyncKeelClient
 from keel_client.channel import DEFAULT_DEADLINE, TlsConfig
-from keel_client.models import to_json_data
+from keel_client.models import E, parse_enum, proto_name, to_json_data
 from keel_client.sync import KeelClient
 
 DEFAULT_ENGINE = "127.0.0.1:7070"
@@ -60,6 +60,26 @@ def add_connection_options(parser: argparse.ArgumentParser, suppress: bool) -> N
     )
     parser.add_argument("--tls-cert", default=default(env("KEEL_TLS_CERT")), help="client certificate file")
     parser.add_argument("--tls-key", default=default(env("KEEL_TLS_KEY")), help="client key file")
+
+
+def enum_argument(kind: type[E], accepted: Collection[E] = ()) -> Callable[[str], E]:
+    """An argparse `type` reading a `kind` by value or proto name (`failed`, RUN_STATUS_FAILED), any case."""
+    allowed = list(accepted) or [member for member in kind if member.value != "unspecified"]
+
+    def convert(text: str) -> E:
+        try:
+            member = parse_enum(kind, text)
+        except ValueError:
+            member = None
+        if member not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not one of {', '.join(allowed)} (proto names like "
+                f"{proto_name(allowed[0])} are accepted too)"
+            )
+        return member
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def tls_config(args: argparse.Namespace) -> TlsConfig | None:

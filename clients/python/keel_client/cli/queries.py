@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from keel_client.cli.options import CliError, answer, client, print_json
+from keel_client.cli.options import CliError, answer, client, enum_argument, print_json
 from keel_client.display import event_line, op_lines, run_lines, summary_lines
-from keel_client.models import RunEvent, to_json_data
+from keel_client.models import RunEvent, RunStatus, to_json_data
 
 
 def run_id_argument(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,15 @@ def run_id_argument(parser: argparse.ArgumentParser) -> None:
 
 def ls_arguments(parser: argparse.ArgumentParser) -> None:
     """`keel ls [--status S]... [--limit N]`."""
-    parser.add_argument("--status", action="append", choices=["running", "completed", "failed", "canceled"])
+    statuses = (RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
+    parser.add_argument(
+        "--status",
+        action="append",
+        type=enum_argument(RunStatus, statuses),
+        metavar="STATUS",
+        help="only runs with this status (repeatable): running, completed, failed, canceled "
+        "(or RUN_STATUS_FAILED, ...)",
+    )
     parser.add_argument("--limit", type=int, default=20, help="most runs to show (default 20)")
 
 

@@ -62,11 +62,10 @@ def load_run_file(path: Path) -> dict[str, Any]:
         raise CliError(f"cannot read {path}: {error.strerror or error}") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        detail = " ".join(str(error).split())
-        raise CliError(
-            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}"
-        ) from None
+    except json.JSONDecodeError as error:
+        raise CliError(f"{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}") from None
+    except yaml.YAMLError as error:
+        raise CliError(_yaml_error(path, error)) from None
     if not isinstance(data, dict):
         raise CliError(f"{path} must hold a pipeline object (pipeline_id, steps), not {type(data).__name__}")
     if "pipeline" in data:
@@ -75,6 +74,16 @@ def load_run_file(path: Path) -> dict[str, Any]:
             raise CliError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
         return data
     return {"pipeline": data}
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    # `FILE:LINE:COLUMN: problem` on one line, as compilers say it, so editors can jump there;
+    # PyYAML's own text names "<unicode string>" and spreads over several lines.
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    detail = ", ".join(part for part in parts if part) or str(error)
+    return f"{where}: not valid YAML: {' '.join(detail.split())}"
 
 
 def start(args: argparse.Namespace, spec: dict[str, Any], engine: str, *, print_started_json: bool) -> str:
@@ -99,8 +108,8 @@ def start(args: argparse.Namespace, spec: dict[str, Any], engine: str, *, print_
 async def follow(args: argparse.Namespace, run_id: str, engine: str | None = None) -> int:
     """Show the run's progress until it ends, then report it; the exit status says how it ended."""
     keel = async_client(args, engine)
+    view = None
     try:
-        view = None
         if not args.json:
             in_place = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
             view = ProgressView(sys.stdout, in_place=in_place)
@@ -111,6 +120,8 @@ async def follow(args: argparse.Namespace, run_id: str, engine: str | None = Non
             f"interrupted; run {run_id} goes on (follow it again with `keel wait {run_id}`)"
         ) from None
     finally:
+        if view is not None:
+            view.close()  # the whole final picture, once, above the report
         await keel.close()
     return _final_report(run, args.json)
 

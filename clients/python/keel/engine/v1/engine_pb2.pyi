@@ -1030,6 +1030,7 @@ class Run(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     op_id: _builtins.str
@@ -1080,6 +1081,12 @@ class Run(_message.Message):
     def error(self) -> Global___ErrorDetail:
         """The error that failed it, if a step did."""
 
+    @_builtins.property
+    def input(self) -> _struct_pb2.Value:
+        """The input it was started with (from its manifest; JSON null when it was
+        started without one). Unset only when the manifest cannot be read.
+        """
+
     def __init__(
         self,
         *,
@@ -1100,10 +1107,11 @@ class Run(_message.Message):
         reason: _builtins.str = ...,
         error: Global___ErrorDetail | None = ...,
         head_seq: _builtins.int = ...,
+        input: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "final_snapshot", b"final_snapshot", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "final_snapshot", b"final_snapshot", "input", b"input", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "failure_ledger", b"failure_ledger", "final_snapshot", b"final_snapshot", "final_snapshot_id", b"final_snapshot_id", "head_seq", b"head_seq", "manifest_id", b"manifest_id", "op_id", b"op_id", "parent_fact_key", b"parent_fact_key", "parent_run_id", b"parent_run_id", "reason", b"reason", "run_id", b"run_id", "status", b"status", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "failure_ledger", b"failure_ledger", "final_snapshot", b"final_snapshot", "final_snapshot_id", b"final_snapshot_id", "head_seq", b"head_seq", "input", b"input", "manifest_id", b"manifest_id", "op_id", b"op_id", "parent_fact_key", b"parent_fact_key", "parent_run_id", b"parent_run_id", "reason", b"reason", "run_id", b"run_id", "status", b"status", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
