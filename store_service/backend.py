@@ -141,7 +141,10 @@ def decode_page_token(prefix: bytes, token: str) -> int:
     except (binascii.Error, ValueError) as exc:
         raise invalid_page_token(token) from exc
     digits = raw[len(prefix) :]
-    if not raw.startswith(prefix) or not digits.isdigit() or not 0 < int(digits) <= FIRST_PAGE_POSITION:
+    # A position fits 19 digits: the length check first, as int() refuses over 4300 digits.
+    if not raw.startswith(prefix) or not digits.isdigit() or len(digits) > len(str(FIRST_PAGE_POSITION)):
+        raise invalid_page_token(token)
+    if not 0 < int(digits) <= FIRST_PAGE_POSITION:
         raise invalid_page_token(token)
     return int(digits)
 

@@ -13,9 +13,11 @@ def canonical_json_bytes(data: Any) -> bytes:
     """`data` as canonical JSON bytes (the form manifests and snapshots are hashed in)."""
     try:
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        # A lone surrogate (os.fsdecode of a non-UTF-8 name, say) is a str but no UTF-8: refused
+        # here too (UnicodeEncodeError is a ValueError), not left to fail a caller as a retryable bug.
+        return text.encode("utf-8")
     except (TypeError, ValueError) as error:
         raise invalid_argument("invalid_json", f"value is not JSON: {error}") from error
-    return text.encode("utf-8")
 
 
 # The content id the store gives these bytes (`sha256:<hex>`), defined once in keel_core.content.

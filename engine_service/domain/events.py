@@ -42,13 +42,33 @@ EVENT_FORMAT_VERSION = 1
 # An event must fit the store's 1 MiB per-event limit whatever an op raised: messages and reasons
 # are recorded up to this many characters, longer ones cut with a marker.
 MAX_RECORDED_TEXT = 8192
+# An error's details (an op's OpError(**details) holds what it chose, a response body say) are
+# recorded whole up to MAX_RECORDED_TEXT characters of JSON; past that, at most this many of them,
+# each value whose JSON is longer than MAX_DETAIL_CHARS cut to that as text.
+MAX_DETAILS = 64
+MAX_DETAIL_CHARS = 1024
+_MAX_DETAIL_KEY_CHARS = 128
 
 
-def bounded_text(text: str) -> str:
-    """`text`, cut to MAX_RECORDED_TEXT characters with a marker when longer."""
-    if len(text) <= MAX_RECORDED_TEXT:
+def bounded_text(text: str, limit: int = MAX_RECORDED_TEXT) -> str:
+    """`text`, cut to `limit` characters with a marker when longer."""
+    if len(text) <= limit:
         return text
-    return text[: MAX_RECORDED_TEXT - 40] + f"… ({len(text)} characters, truncated)"
+    return text[: limit - 40] + f"… ({len(text)} characters, truncated)"
+
+
+def bounded_details(details: dict[str, Any]) -> dict[str, Any]:
+    """`details` as they are when small; else their first MAX_DETAILS, long values cut as text."""
+    if len(canonical_json_bytes(details)) <= MAX_RECORDED_TEXT:
+        return details
+    out: dict[str, Any] = {}
+    for key, value in list(details.items())[:MAX_DETAILS]:
+        text = value if isinstance(value, str) else canonical_json_bytes(value).decode("utf-8")
+        kept = value if len(text) <= MAX_DETAIL_CHARS else bounded_text(text, MAX_DETAIL_CHARS)
+        out[bounded_text(key, _MAX_DETAIL_KEY_CHARS)] = kept
+    if len(details) > MAX_DETAILS:
+        out["details_left_out"] = len(details) - MAX_DETAILS
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,13 +84,13 @@ class ErrorRecord:
     def to_json(self) -> dict[str, Any]:
         """The error as event JSON."""
         out: dict[str, Any] = {
-            "code": self.code,
+            "code": bounded_text(self.code),
             "category": self.category,
             "retryable": self.retryable,
             "message": bounded_text(self.message),
         }
         if self.details:
-            out["details"] = self.details
+            out["details"] = bounded_details(self.details)
         return out
 
     @staticmethod

@@ -147,6 +147,9 @@ class RunDriver:
         self._lock = asyncio.Lock()
         self._lingering: asyncio.Task[None] | None = None
         self._flush_error: BaseException | None = None
+        # Set once the lease was refused: from then on only a batch holding an answer is appended
+        # (kept apart from _flush_error, after which nothing may be appended at all).
+        self._refused: KeelError | None = None
         # A resumed run is claimed (its first StepAttemptStarted appended) before any op runs, so an
         # engine that still drives it elsewhere fences this driver off before it does any work.
         self._claim_first = claim_first
@@ -180,6 +183,8 @@ class RunDriver:
             while True:
                 if self._flush_error is not None:
                     raise self._flush_error
+                if self._refused is not None:
+                    raise self._refused
                 action = next_action(self.history, self.plan, self.manifest.run_config)
                 match action:
                     case AlreadyTerminal():
@@ -272,7 +277,8 @@ class RunDriver:
         try:
             await self.flush()
         except Exception as error:  # the driver raises it at its next decision
-            self._flush_error = error
+            if self._flush_error is None and self._refused is None:
+                self._flush_error = error
 
     async def flush(self) -> None:
         """Make every pending event durable (one append), retrying until the store takes it.
@@ -287,9 +293,11 @@ class RunDriver:
             if not self._pending:
                 return
             answer = any(isinstance(event, FactRecorded) for event in self._pending)
+            if not answer and self._refused is not None:
+                raise self._refused
             if self.lease is not None and not answer:
                 await self.confirm_lease()
-            elif self.lease is not None and not self.lease.is_valid():
+            elif self.lease is not None and (self._refused is not None or not self.lease.is_valid()):
                 log.info(
                     "run %s: lease no longer trusted; recording the answer it holds if nobody wrote since",
                     self.run_id,
@@ -322,7 +330,9 @@ class RunDriver:
         try:
             await self.lease.confirm()
         except KeelError as error:
-            self._flush_error = error  # this engine lost the run: it never appends to it again
+            # This engine lost the run: it never appends to it again, but for an answer it holds
+            # (an I/O call of the op still in flight when a concurrent one was refused).
+            self._refused = error
             raise
 
     async def run_step(self, action: RunStep) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 import threading
+import time
 
 import pytest
 from keel_client import KeelClient
@@ -71,3 +73,39 @@ def test_a_client_closed_on_its_own_loop_thread_stops_without_waiting_for_itself
     keel._loop._loop.call_soon_threadsafe(keel.close)
     loop_thread.join()  # a deadlock would hang here (until pytest-timeout)
     assert not loop_thread.is_alive()
+
+
+def test_closing_a_client_ends_a_call_another_thread_is_blocked_in(engine_address: str) -> None:
+    keel = KeelClient(engine_address)
+    started = keel.start_run(op="keel.sleep", op_config={"seconds": 3600})
+    outcome: list[BaseException | object] = []
+    entered = threading.Event()
+
+    def wait_for_the_run() -> None:
+        entered.set()
+        try:
+            outcome.append(keel.await_run(started.run_id))
+        except BaseException as error:
+            outcome.append(error)
+
+    waiter = threading.Thread(target=wait_for_the_run, daemon=True)
+    waiter.start()
+    entered.wait()
+    while not _awaiting(keel):
+        time.sleep(0.01)
+    keel.close()
+    waiter.join(60)  # a hang detector: the call must end once the client is closed
+    assert not waiter.is_alive(), "a call blocked in another thread outlived close()"
+    assert len(outcome) == 1 and isinstance(outcome[0], BaseException)
+    with KeelClient(engine_address) as other:
+        other.cancel(started.run_id)
+
+
+def _awaiting(keel: KeelClient) -> bool:
+    """Whether the client's loop runs a task besides its own (the call under way)."""
+    loop = keel._loop._loop
+    return bool(asyncio.run_coroutine_threadsafe(_tasks_besides_self(), loop).result())
+
+
+async def _tasks_besides_self() -> int:
+    return len(asyncio.all_tasks()) - 1

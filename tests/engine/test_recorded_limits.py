@@ -33,6 +33,18 @@ def test_huge_error_message_is_recorded_cut_to_a_bounded_size() -> None:
     assert (decoded.error.code, decoded.error.retryable) == ("op_failed", True)
 
 
+def test_huge_error_details_and_code_are_recorded_cut_to_a_bounded_size() -> None:
+    # An op's OpError(..., body=<the response it got>) carries whatever the op put there.
+    error = ErrorRecord("c" * ONE_MIB, "op", False, "failed", {"body": "x" * (3 * ONE_MIB), "status": 502})
+    name, payload = encode_event(StepAttemptFailed("s1", 0, error))
+    assert len(payload) < 4 * MAX_RECORDED_TEXT
+    decoded = decode_event(name, payload)
+    assert isinstance(decoded, StepAttemptFailed)
+    assert decoded.error.code.startswith("ccc") and decoded.error.code.endswith("characters, truncated)")
+    assert decoded.error.details["status"] == 502
+    assert str(decoded.error.details["body"]).endswith("characters, truncated)")
+
+
 def test_huge_terminal_reason_is_recorded_cut_to_a_bounded_size() -> None:
     name, payload = encode_event(RunCompleted(CANCELED, "", reason="r" * ONE_MIB))
     assert len(payload) < 2 * MAX_RECORDED_TEXT

@@ -73,15 +73,38 @@ class _LoopThread:
 
     def stop_after(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """From the loop's own thread: run `coroutine`, then stop the loop, without waiting for either."""
-        self._loop.create_task(coroutine).add_done_callback(lambda _: self._loop.stop())
+        self._loop.create_task(_then_cancel_the_rest(coroutine)).add_done_callback(
+            lambda _: self._loop.stop()
+        )
 
     def stop(self) -> None:
-        """Stop the loop, wait for its thread, and close it; idempotent."""
+        """Cancel what still runs on the loop, stop it, wait for its thread, and close it; idempotent.
+
+        A call another thread is blocked in (an `await_run` with no limit, a retry's backoff) ends
+        with CancelledError rather than waiting forever on a loop that no longer runs.
+        """
         if self._loop.is_closed():
             return
+        self.run(_cancel_the_rest())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every task on this loop but the caller's, and wait until they have ended."""
+    current = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not current]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
+async def _then_cancel_the_rest(coroutine: Coroutine[Any, Any, Any]) -> None:
+    try:
+        await coroutine
+    finally:
+        await _cancel_the_rest()
 
 
 async def _next(items: AsyncIterator[T]) -> T:
