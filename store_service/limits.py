@@ -48,8 +48,8 @@ def check_stream_id(stream_id: str) -> str:
     return stream_id
 
 
-MAX_ATTRIBUTES = 64
-MAX_ATTRIBUTE_KEY_CHARS = 128
+MAX_ATTRIBUTES = 128
+MAX_ATTRIBUTE_KEY_CHARS = 512
 MAX_ATTRIBUTE_VALUE_CHARS = 1024
 
 

@@ -231,13 +231,8 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
             order = "a.sid"
         else:
             others, source, where, params, order = [], "streams s", ["s.sid < ?"], [before], "s.sid"
-        conditions = [
-            (
-                "EXISTS (SELECT 1 FROM stream_attributes x WHERE x.sid = s.sid AND x.key = ? AND x.value = ?)",
-                [k, v],
-            )
-            for k, v in others
-        ]
+        also = "EXISTS (SELECT 1 FROM stream_attributes x WHERE x.sid = s.sid AND x.key = ? AND x.value = ?)"
+        conditions: list[tuple[str, list[Any]]] = [(also, [k, v]) for k, v in others]
         if statuses:
             conditions.append(self._status_filter([int(s) for s in statuses]))
         if prefix:

@@ -75,7 +75,8 @@ _APPEND_GROUP = (
 # Attributes of the appends of a group that committed, keyed by the streams rows just written.
 _SET_ATTRIBUTES = (
     "INSERT INTO stream_attributes (sid, key, value) "
-    "SELECT s.sid, u.key, u.value FROM unnest($1::text[], $2::text[], $3::text[]) AS u(stream_id, key, value) "
+    "SELECT s.sid, u.key, u.value "
+    "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(stream_id, key, value) "
     "JOIN streams s ON s.stream_id = u.stream_id "
     "ON CONFLICT (sid, key) DO UPDATE SET value = excluded.value"
 )

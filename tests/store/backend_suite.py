@@ -380,7 +380,9 @@ class StoreBackendSuite(abc.ABC):
     async def test_list_streams_by_attributes_is_an_and_of_exact_matches(self, backend: StoreBackend) -> None:
         rows = [("a", "x"), ("a", "y"), ("b", "x"), ("a", "x")]
         for i, (team, env) in enumerate(rows):
-            await backend.append(f"s{i}", Expected.no_stream(), events("e"), attributes={"team": team, "env": env})
+            await backend.append(
+                f"s{i}", Expected.no_stream(), events("e"), attributes={"team": team, "env": env}
+            )
         await backend.append("s4", Expected.no_stream(), events("e"), status=StreamStatus.ACTIVE)
 
         async def ids(**filters: object) -> list[str]:
