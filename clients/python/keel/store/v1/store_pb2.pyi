@@ -229,7 +229,7 @@ class AppendEventsRequest(_message.Message):
         """Attributes set on the stream in the same transaction as the events, and
         only if the append commits (a `sequence_conflict` writes none). A key the
         stream has already gets the new value. ListStreams filters on them through
-        an index. Keys are 1 to 128 characters, values at most 1024, at most 64
+        an index. Keys are 1 to 512 characters, values at most 1024, at most 128
         attributes per append; otherwise INVALID_ARGUMENT, reason
         `invalid_attributes`.
         """
