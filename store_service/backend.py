@@ -12,8 +12,8 @@ import abc
 import base64
 import binascii
 import enum
-from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from keel_core.content import CONTENT_ID_PATTERN
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found
@@ -185,6 +185,7 @@ class StreamInfo:
     status: StreamStatus
     created_at_us: int
     updated_at_us: int
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,11 +246,13 @@ class StoreBackend(abc.ABC):
         *,
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),
+        attributes: Mapping[str, str] | None = None,
     ) -> AppendResult:
-        """Append `events` atomically if the head admits `expected`; set `status`; store `artifacts`.
+        """Append `events` atomically if the head admits `expected`; set `status`; store `artifacts`;
+        set the stream's `attributes` (a key it has already gets the new value).
 
         Raises `sequence_conflict` (CONFLICT, details {"actual_seq": head}) on a head mismatch,
-        and writes nothing in that case.
+        and writes nothing in that case: no event, label, artifact or attribute.
         """
 
     @abc.abstractmethod
@@ -282,11 +285,16 @@ class StoreBackend(abc.ABC):
         prefix: str = "",
         page_size: int = 100,
         page_token: str = "",
+        attributes: Mapping[str, str] | None = None,
+        created_after_us: int = 0,
+        created_before_us: int = 0,
     ) -> StreamPage:
-        """Streams whose label is in `statuses` (all when empty) and id starts with `prefix`.
+        """Streams whose label is in `statuses` (all when empty), id starts with `prefix`, that have
+        every one of `attributes` with exactly its value, and that were created in
+        [`created_after_us`, `created_before_us`) (0: unbounded); each with its attributes.
 
-        Newest (most recently created) first. Raises `invalid_page_token` for a token this backend
-        did not issue.
+        Newest (most recently created) first; an attribute filter is answered from an index, never
+        by reading every stream. Raises `invalid_page_token` for a token this backend did not issue.
         """
 
     @abc.abstractmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from keel_core.content import content_id
@@ -23,7 +23,17 @@ WriteTask = Callable[[], Awaitable[None]]
 class AppendJob:
     """One caller's append waiting for its writer; its future gets the caller's own outcome."""
 
-    __slots__ = ("artifact_ids", "artifacts", "events", "expected", "future", "size", "status", "stream_id")
+    __slots__ = (
+        "artifact_ids",
+        "artifacts",
+        "attributes",
+        "events",
+        "expected",
+        "future",
+        "size",
+        "status",
+        "stream_id",
+    )
 
     def __init__(
         self,
@@ -33,12 +43,14 @@ class AppendJob:
         status: StreamStatus | None,
         artifacts: Sequence[NewArtifact],
         future: asyncio.Future[AppendResult],
+        attributes: Mapping[str, str] | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.expected = expected
         self.events = events
         self.status = status
         self.artifacts = artifacts
+        self.attributes: Mapping[str, str] = attributes or {}
         self.artifact_ids = tuple(content_id(a.data) for a in artifacts)
         self.size = sum(len(e.payload) for e in events) + sum(len(a.data) for a in artifacts)
         self.future = future

@@ -48,6 +48,33 @@ def check_stream_id(stream_id: str) -> str:
     return stream_id
 
 
+MAX_ATTRIBUTES = 128
+MAX_ATTRIBUTE_KEY_CHARS = 512
+MAX_ATTRIBUTE_VALUE_CHARS = 1024
+
+
+def check_attributes(attributes: dict[str, str], what: str = "attributes") -> dict[str, str]:
+    """At most 64 attributes; keys 1 to 128 and values up to 1024 characters, no control characters."""
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise invalid_argument(
+            "invalid_attributes", f"{what}: at most {MAX_ATTRIBUTES} attributes (got {len(attributes)})"
+        )
+    for key, value in attributes.items():
+        if (
+            not key
+            or len(key) > MAX_ATTRIBUTE_KEY_CHARS
+            or len(value) > MAX_ATTRIBUTE_VALUE_CHARS
+            or _has_control_chars(key + value)
+        ):
+            raise invalid_argument(
+                "invalid_attributes",
+                f"{what}: key {key[:40]!r} must be 1 to {MAX_ATTRIBUTE_KEY_CHARS} characters and its value "
+                f"at most {MAX_ATTRIBUTE_VALUE_CHARS}, without control characters",
+                key=key[:MAX_ATTRIBUTE_KEY_CHARS],
+            )
+    return attributes
+
+
 def check_prefix(prefix: str) -> str:
     """A stream id prefix follows the stream id rules, except that it may be empty."""
     if len(prefix) > MAX_STREAM_ID_CHARS or _has_control_chars(prefix):

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
 from keel_core.errors import ErrorCategory, KeelError, unavailable
@@ -188,12 +188,13 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         *,
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),
+        attributes: Mapping[str, str] | None = None,
     ) -> AppendResult:
         """Queue the append for its writer's next group commit and wait for its own outcome."""
         if not events:
             raise empty_batch()
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        job = AppendJob(stream_id, expected, events, status, artifacts, future)
+        job = AppendJob(stream_id, expected, events, status, artifacts, future, attributes)
         self._enqueue(self._queue_for(stream_id), job)
         return await future
 
@@ -211,32 +212,67 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         prefix: str = "",
         page_size: int = 100,
         page_token: str = "",
+        attributes: Mapping[str, str] | None = None,
+        created_after_us: int = 0,
+        created_before_us: int = 0,
     ) -> StreamPage:
-        """Newest first by creation order; the token carries the last row's creation order."""
+        """Newest first by creation order; the token carries the last row's creation order.
+
+        With attributes the walk is driven by the first one's (key, value, sid) index, so a
+        page costs the rows it returns (plus those the other filters drop), never a full scan.
+        """
         before = decode_page_token(self.TOKEN_PREFIX, page_token) if page_token else FIRST_PAGE_POSITION
-        where = ["sid < ?"]
-        params: list[Any] = [before]
-        conditions = []
+        wanted = sorted((attributes or {}).items())
+        if wanted:
+            (key, value), others = wanted[0], wanted[1:]
+            source = "stream_attributes a JOIN streams s ON s.sid = a.sid"
+            where = ["a.key = ?", "a.value = ?", "a.sid < ?"]
+            params: list[Any] = [key, value, before]
+            order = "a.sid"
+        else:
+            others, source, where, params, order = [], "streams s", ["s.sid < ?"], [before], "s.sid"
+        also = "EXISTS (SELECT 1 FROM stream_attributes x WHERE x.sid = s.sid AND x.key = ? AND x.value = ?)"
+        conditions: list[tuple[str, list[Any]]] = [(also, [k, v]) for k, v in others]
         if statuses:
             conditions.append(self._status_filter([int(s) for s in statuses]))
         if prefix:
             conditions.append(self._prefix_filter(prefix))
+        if created_after_us:
+            conditions.append(("s.created_at_us >= ?", [created_after_us]))
+        if created_before_us:
+            conditions.append(("s.created_at_us < ?", [created_before_us]))
         for sql, values in conditions:
             where.append(sql)
             params.extend(values)
         rows = await self._rows(
-            "SELECT sid, stream_id, head_seq, status, created_at_us, updated_at_us FROM streams "
-            f"WHERE {' AND '.join(where)} ORDER BY sid DESC LIMIT ?",
+            "SELECT s.sid, s.stream_id, s.head_seq, s.status, s.created_at_us, s.updated_at_us "
+            f"FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} DESC LIMIT ?",
             *params,
             page_size + 1,
         )
         more = len(rows) > page_size
         rows = rows[:page_size]
+        found = await self._attributes_of([int(r[0]) for r in rows])
         streams = tuple(
-            StreamInfo(str(r[1]), int(r[2]), StreamStatus(int(r[3])), int(r[4]), int(r[5])) for r in rows
+            StreamInfo(
+                str(r[1]), int(r[2]), StreamStatus(int(r[3])), int(r[4]), int(r[5]), found.get(int(r[0]), {})
+            )
+            for r in rows
         )
         token = encode_page_token(self.TOKEN_PREFIX, int(rows[-1][0])) if more and rows else ""
         return StreamPage(streams, token)
+
+    async def _attributes_of(self, sids: list[int]) -> dict[int, dict[str, str]]:
+        """The attributes of the streams `sids` (by the primary key (sid, key)), by sid."""
+        if not sids:
+            return {}
+        rows = await self._rows(
+            f"SELECT sid, key, value FROM stream_attributes WHERE sid IN ({','.join('?' * len(sids))})", *sids
+        )
+        found: dict[int, dict[str, str]] = {}
+        for sid, key, value in rows:
+            found.setdefault(int(sid), {})[str(key)] = str(value)
+        return found
 
     async def subscribe(self, stream_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
         """Catch up from the database, then sleep until a commit to this stream wakes us."""

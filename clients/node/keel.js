@@ -270,8 +270,17 @@ function toRun(run) {
     headSeq: Number(run.head_seq || 0),
     // The run's input (null when started without one; undefined from an engine that does not say).
     input: fromValue(run.input),
+    labels: { ...(run.labels || {}) },
   };
 }
+
+function toTimestamp(when) {
+  const millis = when instanceof Date ? when.getTime() : new Date(when).getTime();
+  if (Number.isNaN(millis)) throw new TypeError(`not a time: ${when}`);
+  return { seconds: String(Math.floor(millis / 1000)), nanos: (((millis % 1000) + 1000) % 1000) * 1e6 };
+}
+
+const LINEAGE = { true: 'RUN_LINEAGE_TOP_LEVEL', false: 'RUN_LINEAGE_CHILDREN' };
 
 function toPipeline(pipeline) {
   const steps = pipeline.steps || [];
@@ -322,9 +331,12 @@ class KeelClient {
     });
   }
 
-  /** Starts a run of `pipeline` ({pipeline_id, steps: [{step_id, op_id, op_config, depends_on}]}) or of `op`. */
-  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs } = {}) {
-    const request = { run_id: runId || randomUUID(), wait };
+  /**
+   * Starts a run of `pipeline` ({pipeline_id, steps: [{step_id, op_id, op_config, depends_on}]}) or of `op`.
+   * `labels` ({key: value}, Kubernetes label rules) are recorded with the start; listRuns finds runs by them.
+   */
+  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels } = {}) {
+    const request = { run_id: runId || randomUUID(), wait, labels: { ...(labels || {}) } };
     if (pipeline) request.pipeline = toPipeline(pipeline);
     else request.op = { op_id: op, op_version: opVersion, op_config: opConfig === undefined ? undefined : toValue(opConfig) };
     if (input !== undefined) request.input = toValue(input);
@@ -355,13 +367,31 @@ class KeelClient {
     return { run: toRun(response.run), done: Boolean(response.done) };
   }
 
-  /** One page of runs, newest first. */
-  async listRuns({ statuses = [], pageSize = 0, pageToken = '' } = {}) {
+  /**
+   * One page of runs, newest first: optionally only those with one of `statuses`, of `pipelineId`,
+   * carrying every one of `labels`, started in [startedAfter, startedBefore) (Dates or ISO strings),
+   * and top-level (`topLevel: true`) or children (`topLevel: false`).
+   */
+  async listRuns({
+    statuses = [],
+    pageSize = 0,
+    pageToken = '',
+    pipelineId = '',
+    labels = {},
+    startedAfter,
+    startedBefore,
+    topLevel,
+  } = {}) {
     const request = {
       statuses: statuses.map((status) => wireEnum(status, 'RUN_STATUS_')),
       page_size: pageSize,
       page_token: pageToken,
+      pipeline_id: pipelineId,
+      labels: { ...labels },
     };
+    if (startedAfter != null) request.started_after = toTimestamp(startedAfter);
+    if (startedBefore != null) request.started_before = toTimestamp(startedBefore);
+    if (topLevel != null) request.lineage = LINEAGE[Boolean(topLevel)];
     const response = await this._unary('ListRuns', request);
     return {
       runs: (response.runs || []).map((run) => ({
@@ -370,6 +400,9 @@ class KeelClient {
         createdAt: fromTimestamp(run.created_at),
         updatedAt: fromTimestamp(run.updated_at),
         headSeq: Number(run.head_seq || 0),
+        pipelineId: run.pipeline_id || '',
+        labels: { ...(run.labels || {}) },
+        parentRunId: run.parent_run_id || null,
       })),
       nextPageToken: response.next_page_token || null,
     };

@@ -7,7 +7,8 @@ client can append to a run stream, so an event of a known type (or one that is n
 at all) that does not decode is read as a `CorruptEvent`, never raised: see history.fold for what
 the fold makes of it, and `corrupt_event_error` for what callers answer.
 
-    RunStarted          {v, op_id, manifest_id, initial_snapshot_id, parent_run_id?, parent_fact_key?, at_us?}
+    RunStarted          {v, op_id, manifest_id, initial_snapshot_id, parent_run_id?, parent_fact_key?, at_us?,
+                         labels?}
     StepAttemptStarted  {v, step_id, attempt, base_snapshot_id, at_us?}
     FactRecorded        {v, step_id, attempt, fact_key, namespace, response}
     StepAttemptFailed   {v, step_id, attempt, error: {code, category, retryable, message, details?}, at_us?}
@@ -117,6 +118,8 @@ class RunStarted:
     parent_run_id: str = ""
     parent_fact_key: str = ""
     at_us: int = 0
+    # StartRun's labels (engine_service.domain.labels), kept here so that GetRun shows them.
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,8 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
             if event.parent_run_id:
                 data["parent_run_id"] = event.parent_run_id
                 data["parent_fact_key"] = event.parent_fact_key
+            if event.labels:
+                data["labels"] = dict(event.labels)
             return streams.RUN_STARTED, data
         case StepAttemptStarted():
             return streams.STEP_ATTEMPT_STARTED, {
@@ -328,6 +333,7 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 parent_run_id=str(data.get("parent_run_id", "")),
                 parent_fact_key=str(data.get("parent_fact_key", "")),
                 at_us=_at_us(data),
+                labels={str(k): str(v) for k, v in dict(data.get("labels", {})).items()},
             )
         case streams.STEP_ATTEMPT_STARTED:
             return StepAttemptStarted(

@@ -11,12 +11,14 @@ Layout::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes, parse_json_bytes
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.events import RunStarted
+from engine_service.domain.labels import run_attributes
 from engine_service.domain.plan import PipelineSpec
 from engine_service.domain.run_config import RunConfig
 
@@ -109,6 +111,7 @@ class RunStart:
     manifest_id: str
     snapshot_id: str
     artifacts: list[tuple[str, bytes]]  # (kind, bytes): the manifest unless stored, the initial snapshot
+    attributes: dict[str, str]  # the run stream's index entries, set with the same append
 
 
 def run_start(
@@ -118,6 +121,7 @@ def run_start(
     parent: tuple[str, str] | None = None,
     manifest_stored: bool = False,
     at_us: int = 0,
+    labels: Mapping[str, str] | None = None,
 ) -> RunStart:
     """The first append of a run of `manifest` (a child's names its parent run and fact key).
 
@@ -129,10 +133,12 @@ def run_start(
     snapshot = canonical_json_bytes(manifest.initial_context)
     snapshot_id = artifact_id_for_bytes(snapshot)
     parent_run_id, parent_fact_key = parent or ("", "")
+    labels = dict(labels or {})
     started = RunStarted(
-        manifest.op_id, manifest_id, snapshot_id, parent_run_id, parent_fact_key, at_us=at_us
+        manifest.op_id, manifest_id, snapshot_id, parent_run_id, parent_fact_key, at_us=at_us, labels=labels
     )
     artifacts = [(SNAPSHOT_ARTIFACT_KIND, snapshot)]
     if not manifest_stored:
         artifacts.insert(0, (MANIFEST_ARTIFACT_KIND, manifest_bytes))
-    return RunStart(started, manifest_id, snapshot_id, artifacts)
+    attributes = run_attributes(manifest.op_id, parent_run_id, labels)
+    return RunStart(started, manifest_id, snapshot_id, artifacts, attributes)

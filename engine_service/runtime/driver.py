@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from engine_service.domain import (
@@ -144,6 +144,8 @@ class RunDriver:
         self._pending: list[KernelEvent] = []
         self._pending_artifacts: list[tuple[str, bytes]] = []
         self._pending_label: str | None = None
+        # The run stream's index entries, set by the first append (the one holding RunStarted).
+        self._pending_attributes: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._lingering: asyncio.Task[None] | None = None
         self._flush_error: BaseException | None = None
@@ -211,13 +213,21 @@ class RunDriver:
             log.warning("run %s parked with %d decided event(s) not flushed", self.run_id, len(self._pending))
 
     async def begin(
-        self, started: RunStarted, artifacts: Sequence[tuple[str, bytes]], *, durable_now: bool
+        self,
+        started: RunStarted,
+        artifacts: Sequence[tuple[str, bytes]],
+        attributes: Mapping[str, str],
+        *,
+        durable_now: bool,
     ) -> None:
         """Decide the run's RunStarted (its manifest and initial snapshot inline), the first event.
+
+        `attributes` index the run stream (pipeline, lineage, labels): set by the same append.
 
         `durable_now`: append it before returning (a sequence conflict means the run exists);
         otherwise it travels in the driver's first batch, lingering like any decided event.
         """
+        self._pending_attributes = dict(attributes)
         self.record([started], label=RUN_ACTIVE_LABEL, artifacts=artifacts, linger=not durable_now)
         if durable_now:
             await self.flush()
@@ -303,7 +313,9 @@ class RunDriver:
                     self.run_id,
                 )
             batch, artifacts, label = self._pending, self._pending_artifacts, self._pending_label
+            attributes = self._pending_attributes
             self._pending, self._pending_artifacts, self._pending_label = [], [], None
+            self._pending_attributes = {}
             patience = FOREVER
             if self.durable_seq == 0 and self._first_append_patience is not None:
                 patience = self._first_append_patience  # nothing acknowledged yet: fail rather than hang
@@ -315,6 +327,7 @@ class RunDriver:
                     status=label,
                     artifacts=artifacts,
                     patience=patience,
+                    attributes=attributes or None,
                 )
             except BaseException as error:
                 # Nothing after a failed append may be appended: it would leave a gap in the run.

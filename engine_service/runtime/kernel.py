@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from engine_service.domain import (
@@ -171,6 +171,7 @@ class Engine:
         wait_seconds: float | None = None,
         parent: tuple[str, str] | None = None,
         manifest_stored: bool = False,
+        labels: Mapping[str, str] | None = None,
     ) -> StartOutcome:
         """Record RunStarted (manifest and initial snapshot inline) and drive the run.
 
@@ -178,11 +179,14 @@ class Engine:
         store first) RunStarted is durable before this returns. With `wait` and a fresh id, the
         run executes at once and RunStarted travels in the driver's first batch: nothing was
         acknowledged before it, so nothing is lost if the engine dies first. `manifest_stored`:
-        the manifest artifact is in the store already (a child's, stored with its link).
+        the manifest artifact is in the store already (a child's, stored with its link). `labels`
+        (checked by the caller) are kept in RunStarted and indexed with the same append.
         """
         plan = self.plan_for(manifest)
         await self._check_replayed_run_exists(manifest)
-        start = run_start(manifest, parent=parent, manifest_stored=manifest_stored, at_us=now_us())
+        start = run_start(
+            manifest, parent=parent, manifest_stored=manifest_stored, at_us=now_us(), labels=labels
+        )
         chosen = run_id or str(uuid.uuid4())
         deferred = wait and run_id is None and self.checkpoint_linger > 0
         # One start of a run id at a time here: a client's retried (or hedged) start must not win
@@ -228,7 +232,7 @@ class Engine:
         driver = self.runs.new(run_id, manifest, plan, RunHistory(), lease=lease, events=())
         driver.remember_snapshot(start.snapshot_id, dict(manifest.initial_context))
         try:
-            await driver.begin(start.started, start.artifacts, durable_now=not deferred)
+            await driver.begin(start.started, start.artifacts, start.attributes, durable_now=not deferred)
         except BaseException as error:
             if fresh:
                 self.leases.discard(run_id)

@@ -194,6 +194,7 @@ class Terminalizer:
                 expected_seq=None,
                 status=run_label(CANCELED),
                 artifacts=start.artifacts,
+                attributes=start.attributes,
             )
         except KeelError as error:
             if error.code == "sequence_conflict":

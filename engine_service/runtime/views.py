@@ -31,6 +31,13 @@ from engine_service.domain import (
     fold,
 )
 from engine_service.domain.events import event_type_and_json
+from engine_service.domain.labels import (
+    LINEAGE_ATTRIBUTE,
+    PARENT_ATTRIBUTE,
+    PIPELINE_ATTRIBUTE,
+    label_filter,
+    labels_of,
+)
 from engine_service.domain.plan import topological_order
 from engine_service.domain.streams import (
     RUN_ACTIVE_LABEL,
@@ -106,6 +113,29 @@ class RunSummary:
     created_at: datetime | None
     updated_at: datetime | None
     head_seq: int
+    pipeline_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str = ""
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """What ListRuns keeps besides statuses (empty or None: no filter on that)."""
+
+    pipeline_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+    lineage: str = ""  # "", TOP_LEVEL or CHILD (engine_service.domain.labels)
+
+    def attributes(self) -> dict[str, str]:
+        """The store attribute filter this stands for (matched through the store's index)."""
+        wanted = label_filter(self.labels)
+        if self.pipeline_id:
+            wanted[PIPELINE_ATTRIBUTE] = self.pipeline_id
+        if self.lineage:
+            wanted[LINEAGE_ATTRIBUTE] = self.lineage
+        return wanted
 
 
 @dataclass
@@ -132,6 +162,7 @@ class RunView:
     # The run's input, from its manifest; `has_input` is False when the manifest is unknown.
     input: Any = None
     has_input: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunManifest | None) -> RunView:
@@ -151,6 +182,7 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
             case RunStarted():
                 view.op_id, view.manifest_id = event.op_id, event.manifest_id
                 view.parent_run_id, view.parent_fact_key = event.parent_run_id, event.parent_fact_key
+                view.labels = dict(event.labels)
                 view.created_at = when
             case StepAttemptStarted():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
@@ -244,16 +276,31 @@ class RunViews:
         return view
 
     async def list_runs(
-        self, statuses: Sequence[str], page_size: int, page_token: str
+        self, statuses: Sequence[str], page_size: int, page_token: str, where: RunFilter | None = None
     ) -> tuple[list[RunSummary], str]:
-        """A page of runs with one of `statuses` (RUNNING or terminal; all when empty), newest first."""
+        """A page of runs with one of `statuses` (RUNNING or terminal; all when empty) that `where`
+        keeps, newest first: one store listing, its filters answered by the store's indexes."""
+        where = where or RunFilter()
         labels = [RUN_ACTIVE_LABEL if status == RUNNING else run_label(status) for status in statuses]
         streams, token = await self.store.list_streams(
-            prefix=RUN_STREAM_PREFIX, statuses=labels, page_size=page_size, page_token=page_token
+            prefix=RUN_STREAM_PREFIX,
+            statuses=labels,
+            page_size=page_size,
+            page_token=page_token,
+            attributes=where.attributes(),
+            created_after=where.started_after,
+            created_before=where.started_before,
         )
         runs = [
             RunSummary(
-                run_id_of_stream(s.stream_id), run_status(s.status), s.created_at, s.updated_at, s.head_seq
+                run_id_of_stream(s.stream_id),
+                run_status(s.status),
+                s.created_at,
+                s.updated_at,
+                s.head_seq,
+                s.attributes.get(PIPELINE_ATTRIBUTE, ""),
+                labels_of(s.attributes),
+                s.attributes.get(PARENT_ATTRIBUTE, ""),
             )
             for s in streams
         ]

@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
@@ -250,8 +250,10 @@ class StoreClient:
         artifacts: Sequence[tuple[str, bytes]] = (),
         patience: float | None = None,
         expected_any: bool = False,
+        attributes: Mapping[str, str] | None = None,
     ) -> AppendResult:
-        """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts.
+        """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts
+        and the stream's `attributes`.
 
         `expected_any` appends at whatever the head is (side streams such as a run's failure ledger).
         """
@@ -263,6 +265,7 @@ class StoreClient:
             events=[store_pb2.EventData(type=name, payload=payload) for name, payload in events],
             status=STATUS_LABELS[status] if status else store_pb2.STREAM_STATUS_UNSPECIFIED,  # type: ignore[arg-type]
             artifacts=[store_pb2.InlineArtifact(kind=kind, data=data) for kind, data in artifacts],
+            attributes=attributes or {},
         )
         attempts = 0
 
@@ -362,6 +365,9 @@ class StoreClient:
         page_size: int = 100,
         page_token: str = "",
         patience: float | None = None,
+        attributes: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> tuple[list[StreamSummary], str]:
         """A page of streams, newest first, and the next page token."""
         request = store_pb2.ListStreamsRequest(
@@ -369,7 +375,12 @@ class StoreClient:
             prefix=prefix,
             page_size=page_size,
             page_token=page_token,
+            attributes=attributes or {},
         )
+        if created_after is not None:
+            request.created_after.FromDatetime(created_after)
+        if created_before is not None:
+            request.created_before.FromDatetime(created_before)
 
         async def once(stub: _Stub, seconds: float) -> store_pb2.ListStreamsResponse:
             response: store_pb2.ListStreamsResponse = await stub.ListStreams(request, timeout=seconds)
@@ -383,6 +394,7 @@ class StoreClient:
                 _LABEL_NAMES.get(s.status, ""),
                 _when(s.created_at),
                 _when(s.updated_at),
+                dict(s.attributes),
             )
             for s in page.streams
         ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -30,6 +30,16 @@ class _Stream:
     events: list[StreamEvent] = field(default_factory=list)
     head: int = 0
     label: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+def _kept(
+    stream: _Stream, attributes: Mapping[str, str], after: datetime | None, before: datetime | None
+) -> bool:
+    """Whether a listing with these attribute and creation-time filters keeps `stream`."""
+    if any(stream.attributes.get(key) != value for key, value in attributes.items()):
+        return False
+    return (after is None or stream.created_at >= after) and (before is None or stream.created_at < before)
 
 
 def sequence_conflict(stream_id: str, expected_seq: int | None, head: int) -> KeelError:
@@ -72,6 +82,7 @@ class InMemoryEventLog:
         artifacts: Sequence[tuple[str, bytes]] = (),
         patience: float | None = None,
         expected_any: bool = False,
+        attributes: Mapping[str, str] | None = None,
     ) -> AppendResult:
         """Append atomically after `expected_seq` (None: no stream yet; `expected_any`: anywhere)."""
         self._open("AppendEvents")
@@ -93,6 +104,7 @@ class InMemoryEventLog:
         stream.head += len(events)
         stream.updated_at = now
         stream.label = status or stream.label
+        stream.attributes.update(attributes or {})
         wake = self._appended.pop(stream_id, None)
         if wake is not None:
             wake.set()
@@ -141,6 +153,9 @@ class InMemoryEventLog:
         page_size: int = 100,
         page_token: str = "",
         patience: float | None = None,
+        attributes: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> tuple[list[StreamSummary], str]:
         """A page of streams, newest first; the token names the last stream listed."""
         self._open("ListStreams")
@@ -157,13 +172,21 @@ class InMemoryEventLog:
                 if stream_id.startswith(prefix)
                 and (not statuses or stream.label in statuses)
                 and (before is None or stream.order < before)
+                and _kept(stream, attributes or {}, created_after, created_before)
             ),
             reverse=True,
         )
         page = matching[: max(1, page_size)]
         more = len(matching) > len(page)
         summaries = [
-            StreamSummary(stream_id, stream.head, stream.label, stream.created_at, stream.updated_at)
+            StreamSummary(
+                stream_id,
+                stream.head,
+                stream.label,
+                stream.created_at,
+                stream.updated_at,
+                dict(stream.attributes),
+            )
             for _, stream_id, stream in page
         ]
         return summaries, str(page[-1][0]) if more else ""

@@ -10,11 +10,14 @@ Semantics every implementation keeps (those of the StoreService, keel.store.v1):
   to a stream without events, and `expected_any` anywhere. A mismatch raises KeelError
   `sequence_conflict` (CONFLICT, details {"actual_seq": head}) and writes nothing. Inline artifacts
   are stored in the same append, under their content id (`sha256:<hex>`); `status` labels the stream
-  with one of engine_service.domain.streams.STATUS_LABELS.
+  with one of engine_service.domain.streams.STATUS_LABELS; `attributes` set (or overwrite) the stream's
+  attributes with the same append, and only if it lands.
 - `read` returns events from `from_seq` on, in order (skipping events a trim deleted); `head`
   returns the head sequence and label ("" when the stream has none; 0 for a stream with no events).
 - `subscribe` yields the events after `after_seq`, then each new one as its append commits.
-- `list_streams` pages streams with an id prefix and a label, newest first.
+- `list_streams` pages streams with an id prefix and a label, newest first; it also keeps only the
+  streams that carry every given attribute with exactly its value, and those created in
+  [`created_after`, `created_before`); each listed stream comes with its attributes.
 - artifacts are content-addressed: `put_artifact` of the same bytes twice stores them once,
   `get_artifact` of an unknown id raises `artifact_not_found` (NOT_FOUND).
 - `trim` deletes a stream's events below `before_seq`; head and label stay.
@@ -27,8 +30,8 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -63,6 +66,7 @@ class StreamSummary:
     status: str
     created_at: datetime | None
     updated_at: datetime | None
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 class EventLog(Protocol):
@@ -83,8 +87,10 @@ class EventLog(Protocol):
         artifacts: Sequence[tuple[str, bytes]] = (),
         patience: float | None = None,
         expected_any: bool = False,
+        attributes: Mapping[str, str] | None = None,
     ) -> AppendResult:
-        """Append (type, payload) events atomically after `expected_seq`, with (kind, bytes) artifacts."""
+        """Append (type, payload) events atomically after `expected_seq`, with (kind, bytes) artifacts
+        and the stream's `attributes`."""
         ...
 
     async def read(
@@ -109,9 +115,13 @@ class EventLog(Protocol):
         page_size: int = 100,
         page_token: str = "",
         patience: float | None = None,
+        attributes: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> tuple[list[StreamSummary], str]:
-        """A page of streams whose id starts with `prefix` and whose label is in `statuses` (all when
-        empty), newest first, and the next page token ("" after the last page)."""
+        """A page of streams whose id starts with `prefix`, whose label is in `statuses` (all when
+        empty), that carry every one of `attributes` and were created in [`created_after`,
+        `created_before`), newest first, and the next page token ("" after the last page)."""
         ...
 
     async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:

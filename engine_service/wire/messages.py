@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -34,12 +34,14 @@ from engine_service.domain.child_runs import (
     request_invalid,
 )
 from engine_service.domain.events import event_type_and_json
+from engine_service.domain.labels import CHILD, TOP_LEVEL, check_labels
 from engine_service.domain.run_config import LIVE, REPLAY
 from engine_service.runtime.views import (
     PENDING,
     RETRYING,
     RUNNING,
     AttemptView,
+    RunFilter,
     RunSummary,
     RunView,
     StepView,
@@ -261,6 +263,7 @@ def run_message(view: RunView) -> engine_pb2.Run:
         reason=view.reason,
         error=error_detail(view.error),
         head_seq=view.head_seq,
+        labels=view.labels,
         children=[
             engine_pb2.ChildRun(
                 child_run_id=c.child_run_id,
@@ -293,6 +296,32 @@ def run_summary(summary: RunSummary) -> engine_pb2.RunSummary:
         created_at=timestamp(summary.created_at),
         updated_at=timestamp(summary.updated_at),
         head_seq=summary.head_seq,
+        pipeline_id=summary.pipeline_id,
+        labels=summary.labels,
+        parent_run_id=summary.parent_run_id,
+    )
+
+
+_LINEAGES = {
+    engine_pb2.RUN_LINEAGE_UNSPECIFIED: "",
+    engine_pb2.RUN_LINEAGE_TOP_LEVEL: TOP_LEVEL,
+    engine_pb2.RUN_LINEAGE_CHILDREN: CHILD,
+}
+
+
+def run_filter(request: engine_pb2.ListRunsRequest) -> RunFilter:
+    """The ListRuns filters besides statuses; INVALID_ARGUMENT for bad labels or an unknown lineage."""
+    if request.lineage not in _LINEAGES:
+        raise invalid_argument(
+            "invalid_argument",
+            f"unknown lineage {request.lineage}; accepted: RUN_LINEAGE_TOP_LEVEL, RUN_LINEAGE_CHILDREN",
+        )
+    return RunFilter(
+        pipeline_id=request.pipeline_id,
+        labels=check_labels(request.labels, "labels filter"),
+        started_after=request.started_after.ToDatetime(UTC) if request.HasField("started_after") else None,
+        started_before=request.started_before.ToDatetime(UTC) if request.HasField("started_before") else None,
+        lineage=_LINEAGES[request.lineage],
     )
 
 

@@ -15,6 +15,7 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 
 from engine_service.domain import parse_run_id
 from engine_service.domain.events import FAILED
+from engine_service.domain.labels import check_labels
 from engine_service.runtime.kernel import Engine
 from engine_service.wire import messages
 from keel_core.errors import KeelError, invalid_argument
@@ -56,8 +57,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         """Validate everything, append RunStarted, drive the run (and wait for it if asked)."""
         run_id = parse_run_id(request.run_id) if request.run_id else None
         manifest = messages.manifest_from(request, self.engine.build)
+        labels = check_labels(request.labels)
         outcome = await self.engine.start_run(
-            manifest, run_id, wait=request.wait, wait_seconds=_remaining(context)
+            manifest, run_id, wait=request.wait, wait_seconds=_remaining(context), labels=labels
         )
         return engine_pb2.StartRunResponse(
             run_id=outcome.run_id,
@@ -84,12 +86,13 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     async def ListRuns(
         self, request: engine_pb2.ListRunsRequest, context: Context
     ) -> engine_pb2.ListRunsResponse:
-        """A page of runs, newest first, optionally by status."""
+        """A page of runs, newest first, optionally by status, pipeline, labels, start time, lineage."""
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise invalid_argument("invalid_argument", f"page_size must be 0..{MAX_PAGE_SIZE}")
         statuses = [messages.listed_status(status) for status in request.statuses]
+        where = messages.run_filter(request)
         runs, token = await self.engine.views.list_runs(
-            statuses, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
+            statuses, request.page_size or DEFAULT_PAGE_SIZE, request.page_token, where
         )
         return engine_pb2.ListRunsResponse(
             runs=[messages.run_summary(r) for r in runs], next_page_token=token

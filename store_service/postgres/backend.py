@@ -72,6 +72,14 @@ _APPEND_GROUP = (
     "$1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int2[], $6::int4[], $7::text[], $8::bytea[], "
     "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], $15::text)"
 )
+# Attributes of the appends of a group that committed, keyed by the streams rows just written.
+_SET_ATTRIBUTES = (
+    "INSERT INTO stream_attributes (sid, key, value) "
+    "SELECT s.sid, u.key, u.value "
+    "FROM unnest($1::text[], $2::text[], $3::text[]) AS u(stream_id, key, value) "
+    "JOIN streams s ON s.stream_id = u.stream_id "
+    "ON CONFLICT (sid, key) DO UPDATE SET value = excluded.value"
+)
 # One statement, one snapshot: the head and the events always agree.
 _READ = (
     "SELECT h.head_seq, e.seq, e.type, e.payload, e.recorded_at_us "
@@ -334,7 +342,7 @@ class PostgresStoreBackend(SqlStoreBackend):
         for attempt in range(CAS_RETRIES):
             try:
                 async with self.pool.acquire(timeout=self._connect_timeout_s) as conn:
-                    rows = await _fetch_on(conn, _APPEND_GROUP, _group_arguments(group, self.channel))
+                    rows = await self._append_on(conn, group)
             except LOST_RACE as error:
                 # Another replica committed (or locked) events or a new stream row of one of these
                 # streams after our head read, and the whole transaction was rolled back. A retry
@@ -352,6 +360,28 @@ class PostgresStoreBackend(SqlStoreBackend):
             except Exception as error:
                 outcomes.append(translate_error(error))
         return outcomes
+
+    async def _append_on(
+        self, conn: asyncpg.pool.PoolConnectionProxy[Record], group: list[AppendJob]
+    ) -> list[Record]:
+        """Call append_group; if the group sets attributes, set those of the appends that committed
+        in the same transaction (one more round trip, only for such groups)."""
+        if not any(job.attributes for job in group):
+            return await _fetch_on(conn, _APPEND_GROUP, _group_arguments(group, self.channel))
+        async with conn.transaction():
+            rows = await _fetch_on(conn, _APPEND_GROUP, _group_arguments(group, self.channel))
+            # Later appends of the group win for a key; one row per (stream, key) for ON CONFLICT.
+            chosen: dict[tuple[str, str], str] = {}
+            for job, row in zip(group, rows, strict=True):
+                if not bool(row[2]):
+                    chosen.update(((job.stream_id, key), value) for key, value in job.attributes.items())
+            if chosen:
+                await _fetch_on(
+                    conn,
+                    _SET_ATTRIBUTES,
+                    [[k[0] for k in chosen], [k[1] for k in chosen], list(chosen.values())],
+                )
+        return rows
 
     @staticmethod
     def _outcome(job: AppendJob, row: Record) -> AppendOutcome:

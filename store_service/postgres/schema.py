@@ -185,10 +185,23 @@ $fn$;
 _APPEND_GROUP = "CREATE FUNCTION" + _APPEND_GROUP_BODY
 _APPEND_GROUP_HEAD_CAS = "CREATE OR REPLACE FUNCTION" + _APPEND_GROUP_BODY
 
+# A stream's attributes, set with an append (in the append's transaction, see the backend). The
+# second index answers a listing by attribute newest first without reading other streams.
+_ATTRIBUTES = """
+CREATE TABLE stream_attributes (
+    sid bigint NOT NULL REFERENCES streams (sid),
+    key text NOT NULL,
+    value text NOT NULL,
+    PRIMARY KEY (sid, key)
+);
+CREATE INDEX stream_attributes_by_value ON stream_attributes (key, value, sid);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "streams, events and artifacts", _TABLES),
     Migration(2, "append_group: one round trip per group commit", _APPEND_GROUP),
     Migration(3, "append_group: compare-and-swap the head row too (TrimStream)", _APPEND_GROUP_HEAD_CAS),
+    Migration(4, "stream_attributes: per-stream attributes set with an append", _ATTRIBUTES),
 )
 
 

@@ -35,6 +35,16 @@ CREATE TABLE IF NOT EXISTS streams (
     updated_at_us INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS streams_by_status ON streams (status, sid);
+-- A stream's attributes, set with an append. IF NOT EXISTS: files made before attributes existed
+-- gain the table (empty) when a newer store opens them. The second index answers a listing by
+-- attribute newest first without reading other streams.
+CREATE TABLE IF NOT EXISTS stream_attributes (
+    sid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (sid, key)
+);
+CREATE INDEX IF NOT EXISTS stream_attributes_by_value ON stream_attributes (key, value, sid);
 -- The primary key is the compare-and-swap backstop: two appends can never both own a seq.
 CREATE TABLE IF NOT EXISTS events (
     stream_id TEXT NOT NULL,
@@ -73,6 +83,11 @@ _ON_STREAM_CONFLICT = (
 # Rows per multi-row INSERT: 200 rows x 5 values stays far below SQLite's variable limit, and
 # at most 200 distinct statement texts keeps them all in the connection's statement cache.
 ROWS_PER_STATEMENT = 200
+# The sid comes from the streams row the same transaction just upserted.
+_SET_ATTRIBUTE = (
+    "INSERT INTO stream_attributes (sid, key, value) SELECT sid, ?, ? FROM streams WHERE stream_id = ? "
+    "ON CONFLICT (sid, key) DO UPDATE SET value = excluded.value"
+)
 _INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES (?, ?, ?)"
 _INSERT_ARTIFACT = (
     "INSERT INTO artifacts (artifact_id, kind, size, blob_id, created_at_us) VALUES (?, ?, ?, ?, ?)"
@@ -180,6 +195,7 @@ class SqliteWriter:
             stream_rows: dict[str, tuple[str, int, int, int, int]] = {}
             blob_rows: list[ChunkRow] = []
             artifact_rows: list[tuple[str, str, int, str, int]] = []
+            attribute_rows: list[tuple[str, str, str]] = []
             outcomes: list[AppendOutcome] = []
             for request in group:
                 sid = request.stream_id
@@ -201,6 +217,7 @@ class SqliteWriter:
                 else:
                     status = known[sid][1] if sid in known else 0
                 stream_rows[sid] = (sid, new_head, status, now, now)
+                attribute_rows.extend((key, value, sid) for key, value in request.attributes.items())
                 for artifact, artifact_id in zip(request.artifacts, request.artifact_ids, strict=True):
                     if artifact_id not in stored:
                         stored.add(artifact_id)
@@ -209,6 +226,8 @@ class SqliteWriter:
             # A few statements for the whole group, whatever its size.
             _insert_rows(conn, _INSERT_EVENTS, _EVENT_ROW, event_rows)
             _insert_rows(conn, _UPSERT_STREAMS, _STREAM_ROW, list(stream_rows.values()), _ON_STREAM_CONFLICT)
+            if attribute_rows:
+                conn.executemany(_SET_ATTRIBUTE, attribute_rows)
             if artifact_rows:
                 conn.executemany(_INSERT_CHUNK, blob_rows)
                 conn.executemany(_INSERT_ARTIFACT, artifact_rows)

@@ -41,6 +41,11 @@ def _timestamp(micros: int) -> Timestamp:
     return Timestamp(seconds=seconds, nanos=rest * 1000)
 
 
+def _micros(timestamp: Timestamp) -> int:
+    """A Timestamp as microseconds since the Unix epoch (at least 1: 0 means unbounded)."""
+    return max(1, timestamp.seconds * 1_000_000 + timestamp.nanos // 1000)
+
+
 def recorded_event(event: StoredEvent) -> store_pb2.RecordedEvent:
     """The wire form of a stored event."""
     return store_pb2.RecordedEvent(
@@ -116,7 +121,10 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         events = _new_events(request)
         status = limits.check_status_label(request.status)
         artifacts = _new_artifacts(request, self._max_artifact_bytes)
-        result = await self._backend.append(stream_id, expected, events, status=status, artifacts=artifacts)
+        attributes = limits.check_attributes(dict(request.attributes))
+        result = await self._backend.append(
+            stream_id, expected, events, status=status, artifacts=artifacts, attributes=attributes
+        )
         metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
         if result.artifact_ids:
             return store_pb2.AppendEventsResponse(
@@ -156,12 +164,15 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def ListStreams(
         self, request: store_pb2.ListStreamsRequest, context: Context
     ) -> store_pb2.ListStreamsResponse:
-        """A page of streams, newest first, filtered by label and prefix."""
+        """A page of streams, newest first, filtered by label, prefix, attributes and creation time."""
         page = await self._backend.list_streams(
             statuses=limits.check_status_filter(list(request.statuses)),
             prefix=limits.check_prefix(request.prefix),
             page_size=limits.page_size(request.page_size),
             page_token=request.page_token,
+            attributes=limits.check_attributes(dict(request.attributes)),
+            created_after_us=_micros(request.created_after) if request.HasField("created_after") else 0,
+            created_before_us=_micros(request.created_before) if request.HasField("created_before") else 0,
         )
         return store_pb2.ListStreamsResponse(
             streams=[
@@ -171,6 +182,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                     status=int(s.status),  # type: ignore[arg-type]
                     created_at=_timestamp(s.created_at_us),
                     updated_at=_timestamp(s.updated_at_us),
+                    attributes=s.attributes,
                 )
                 for s in page.streams
             ],

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from keel_client import (
     AsyncKeelClient,
+    InvalidArgumentError,
     InvalidPlan,
     RunAlreadyExists,
     RunNotFound,
@@ -75,3 +77,36 @@ async def test_list_ops_describes_each_op(keel: AsyncKeelClient) -> None:
     ops = await keel.list_ops()
     assert [(op.op_id, op.op_version) for op in ops] == sorted((op.op_id, op.op_version) for op in ops)
     assert all(op.description for op in ops if op.op_id.startswith("keel."))
+
+
+async def test_labels_on_start_and_every_list_filter(keel: AsyncKeelClient) -> None:
+    team = f"py-{uuid.uuid4().hex[:12]}"
+    first = await keel.start_run(op="keel.echo", labels={"team": team, "env": "prod"}, wait=True)
+    second = await keel.start_run(op="keel.echo", labels={"team": team, "env": "dev"}, wait=True)
+    run = await keel.get_run(first.run_id)
+    assert dict(run.labels) == {"team": team, "env": "prod"}
+
+    async def ids(**filters: Any) -> list[str]:
+        return [s.run_id async for s in keel.iter_runs(page_size=1, **filters)]
+
+    assert await ids(labels={"team": team}) == [second.run_id, first.run_id]
+    assert await ids(labels={"team": team, "env": "prod"}) == [first.run_id]
+    assert await ids(labels={"team": team}, pipeline_id="keel.echo", top_level=True) == [
+        second.run_id,
+        first.run_id,
+    ]
+    assert await ids(labels={"team": team}, top_level=False) == []
+    started = (await keel.get_run(second.run_id)).created_at
+    assert started is not None
+    assert await ids(labels={"team": team}, started_after=started) == [second.run_id]
+    assert await ids(labels={"team": team}, started_before=started) == [first.run_id]
+    page = await keel.list_runs(labels={"team": team}, page_size=10)
+    summary = page.runs[0]
+    assert (summary.pipeline_id, dict(summary.labels), summary.parent_run_id) == (
+        "keel.echo",
+        {"team": team, "env": "dev"},
+        None,
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        await keel.start_run(op="keel.echo", labels={"team": "not ok"})
+    assert caught.value.code == "invalid_labels"

@@ -151,7 +151,16 @@ def test_get_history_ls_print_tables_and_json(engine_address: str, good_file: Pa
 
     listed = run_keel("ls", "--status", "completed", "--limit", "1000", engine=engine_address)
     assert listed.code == 0
-    assert listed.stdout.splitlines()[0].split() == ["RUN", "ID", "STATUS", "CREATED", "UPDATED", "EVENTS"]
+    assert listed.stdout.splitlines()[0].split() == [
+        "RUN",
+        "ID",
+        "PIPELINE",
+        "STATUS",
+        "STARTED",
+        "DURATION",
+        "LABELS",
+        "PARENT",
+    ]
     assert run_id in listed.stdout
     summaries = json.loads(run_keel("ls", "--json", "--limit", "1000", engine=engine_address).stdout)
     assert run_id in {summary["run_id"] for summary in summaries}

@@ -120,6 +120,26 @@ async def test_list_streams_by_prefix_and_label_newest_first_in_pages(log: Event
     assert everything[0].stream_id == "p:5" and len(everything) == 6
 
 
+async def test_attributes_land_with_the_append_and_filter_listings(log: EventLog) -> None:
+    await log.append("a:0", [("A", b"")], expected_seq=None, attributes={"k": "x", "j": "1"})
+    await log.append("a:1", [("A", b"")], expected_seq=None, attributes={"k": "x"})
+    await log.append("a:2", [("A", b"")], expected_seq=None, attributes={"k": "y"})
+    with pytest.raises(KeelError):
+        await log.append("a:2", [("B", b"")], expected_seq=0, attributes={"k": "lost"})
+    page, _ = await log.list_streams(prefix="a:", attributes={"k": "x"})
+    assert [(s.stream_id, s.attributes) for s in page] == [("a:1", {"k": "x"}), ("a:0", {"k": "x", "j": "1"})]
+    page, _ = await log.list_streams(prefix="a:", attributes={"k": "x", "j": "1"})
+    assert [s.stream_id for s in page] == ["a:0"]
+    page, _ = await log.list_streams(prefix="a:", attributes={"k": "lost"})
+    assert page == []
+    cut = (await log.list_streams(prefix="a:2"))[0][0].created_at
+    assert cut is not None
+    later, _ = await log.list_streams(prefix="a:", created_after=cut)
+    earlier, _ = await log.list_streams(prefix="a:", created_before=cut)
+    assert "a:2" in [s.stream_id for s in later]
+    assert "a:2" not in [s.stream_id for s in earlier]
+
+
 async def test_subscribe_replays_then_wakes_on_each_append(log: EventLog) -> None:
     await log.append("s:w", [("A", b"1")], expected_seq=None)
     seen: list[StreamEvent] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -374,6 +374,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         *,
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),
+        attributes: Mapping[str, str] | None = None,
     ) -> AppendResult:
         """Refuse, or append as SQLite does."""
         refused = sorted({e.type for e in events} & self.rejected)
@@ -385,7 +386,9 @@ class AppendRejectingBackend(SqliteStoreBackend):
                 f"injected fault: {', '.join(refused)} refused",
                 category=ErrorCategory.INTERNAL,
             )
-        return await super().append(stream_id, expected, events, status=status, artifacts=artifacts)
+        return await super().append(
+            stream_id, expected, events, status=status, artifacts=artifacts, attributes=attributes
+        )
 
 
 @dataclass

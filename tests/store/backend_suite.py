@@ -357,6 +357,72 @@ class StoreBackendSuite(abc.ABC):
             assert caught.value.code == "invalid_page_token"
             assert caught.value.category is ErrorCategory.INVALID_ARGUMENT
 
+    # -- attributes ------------------------------------------------------------------------
+
+    async def test_attributes_are_set_with_the_append_and_listed(self, backend: StoreBackend) -> None:
+        await backend.append("r1", Expected.no_stream(), events("x"), attributes={"team": "a", "env": "prod"})
+        await backend.append("r1", Expected.exact(1), events("y"), attributes={"env": "dev"})
+        await backend.append("r2", Expected.no_stream(), events("x"))
+        listed = await backend.list_streams()
+        assert [(s.stream_id, dict(s.attributes)) for s in listed.streams] == [
+            ("r2", {}),
+            ("r1", {"team": "a", "env": "dev"}),
+        ]
+
+    async def test_conflicting_append_sets_no_attribute(self, backend: StoreBackend) -> None:
+        await backend.append("r", Expected.no_stream(), events("a"), attributes={"k": "first"})
+        with pytest.raises(KeelError):
+            await backend.append("r", Expected.no_stream(), events("b"), attributes={"k": "lost", "x": "1"})
+        with pytest.raises(KeelError):
+            await backend.append("new", Expected.exact(3), events("b"), attributes={"k": "lost"})
+        listed = await backend.list_streams()
+        assert [(s.stream_id, dict(s.attributes)) for s in listed.streams] == [("r", {"k": "first"})]
+        assert (await backend.list_streams(attributes={"k": "lost"})).streams == ()
+
+    async def test_list_streams_by_attributes_is_an_and_of_exact_matches(self, backend: StoreBackend) -> None:
+        rows = [("a", "x"), ("a", "y"), ("b", "x"), ("a", "x")]
+        for i, (team, env) in enumerate(rows):
+            await backend.append(
+                f"s{i}", Expected.no_stream(), events("e"), attributes={"team": team, "env": env}
+            )
+        await backend.append("s4", Expected.no_stream(), events("e"), status=StreamStatus.ACTIVE)
+
+        async def ids(**filters: object) -> list[str]:
+            page = await backend.list_streams(**filters)  # type: ignore[arg-type]
+            return [s.stream_id for s in page.streams]
+
+        assert await ids(attributes={"team": "a"}) == ["s3", "s1", "s0"]
+        assert await ids(attributes={"team": "a", "env": "x"}) == ["s3", "s0"]
+        assert await ids(attributes={"team": "a", "env": "nope"}) == []
+        assert await ids(attributes={"team": "a"}, prefix="s1") == ["s1"]
+        assert await ids(attributes={"team": "b"}, statuses=[StreamStatus.ACTIVE]) == []
+
+    async def test_list_streams_by_attribute_pages_with_tokens(self, backend: StoreBackend) -> None:
+        for i in range(12):
+            group = "even" if i % 2 == 0 else "odd"
+            await backend.append(f"p{i:02d}", Expected.no_stream(), events("x"), attributes={"g": group})
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = await backend.list_streams(attributes={"g": "even"}, page_size=4, page_token=token)
+            seen.extend(s.stream_id for s in page.streams)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == [f"p{i:02d}" for i in range(10, -1, -2)]
+
+    async def test_list_streams_by_creation_time(self, backend: StoreBackend) -> None:
+        await backend.append("early", Expected.no_stream(), events("x"))
+        await asyncio.sleep(0.01)
+        await backend.append("late", Expected.no_stream(), events("x"))
+        listed = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        cut = listed["late"].created_at_us
+        assert cut > listed["early"].created_at_us
+        after = await backend.list_streams(created_after_us=cut)
+        before = await backend.list_streams(created_before_us=cut)
+        assert [s.stream_id for s in after.streams] == ["late"]
+        assert [s.stream_id for s in before.streams] == ["early"]
+
     # -- trimming --------------------------------------------------------------------------
 
     async def test_trim_deletes_events_below_and_keeps_head_and_label(self, backend: StoreBackend) -> None:

@@ -28,7 +28,7 @@ from store_service.backend import Expected, StoredEvent, StreamStatus
 from store_service.postgres import PostgresStoreBackend
 from store_service.postgres import listener as postgres_listener
 from store_service.postgres.listener import PostgresListener
-from store_service.postgres.schema import MIGRATIONS, migration_lock_key
+from store_service.postgres.schema import MIGRATIONS, migrate, migration_lock_key
 from store_service.wire import StoreServicer, register
 from tests.store.backend_suite import chunks_of, events, read_all
 from tests.store.conftest import error_info
@@ -152,6 +152,24 @@ async def test_start_up_waits_for_a_replica_that_is_migrating(postgres_dsn: str,
         await replica.append("s", Expected.no_stream(), events("a"))
     finally:
         await replica.close()
+
+
+async def test_schema_of_an_older_store_gains_stream_attributes(postgres_dsn: str, pg_schema: str) -> None:
+    """PostgreSQL-specific: a schema migrated before attributes existed (versions 1-3, with a
+    stream in it) is brought up to date by migration 4 on open, and its streams keep working."""
+    async with admin(postgres_dsn) as conn:
+        await migrate(conn, pg_schema, tuple(m for m in MIGRATIONS if m.version < 4))
+        await conn.execute(
+            f"INSERT INTO {pg_schema}.streams (stream_id, head_seq, status, created_at_us, updated_at_us) "
+            "VALUES ('old', 0, 0, 1, 1)"
+        )
+    async with opened(postgres_dsn, pg_schema) as backend:
+        await backend.append("old", Expected.exact(0), events("a"), attributes={"k": "v"})
+        listed = await backend.list_streams(attributes={"k": "v"})
+        assert [(s.stream_id, dict(s.attributes)) for s in listed.streams] == [("old", {"k": "v"})]
+    async with admin(postgres_dsn) as conn:
+        versions = await conn.fetch(f"SELECT version FROM {pg_schema}.schema_migrations ORDER BY version")
+    assert [row[0] for row in versions] == [m.version for m in MIGRATIONS]
 
 
 async def test_schema_migrated_by_a_newer_store_is_refused(postgres_dsn: str, pg_schema: str) -> None:

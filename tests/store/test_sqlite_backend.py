@@ -80,6 +80,34 @@ async def test_interrupted_upload_leaves_no_chunks_after_reopen(tmp_path: object
         assert conn.execute("SELECT count(*) FROM artifact_chunks").fetchone()[0] == 0
 
 
+OLD_SCHEMA = """
+CREATE TABLE streams (sid INTEGER PRIMARY KEY, stream_id TEXT NOT NULL UNIQUE, head_seq INTEGER NOT NULL,
+    status INTEGER NOT NULL DEFAULT 0, created_at_us INTEGER NOT NULL, updated_at_us INTEGER NOT NULL);
+CREATE TABLE events (stream_id TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL,
+    payload BLOB NOT NULL, recorded_at_us INTEGER NOT NULL, PRIMARY KEY (stream_id, seq));
+INSERT INTO streams VALUES (1, 'old', 1, 1, 10, 10);
+INSERT INTO events VALUES ('old', 1, 'a', x'61', 10);
+"""
+
+
+async def test_file_of_an_older_store_gains_stream_attributes(tmp_path: object) -> None:
+    """SQLite-specific: a file written before attributes existed opens, keeps its streams, and
+    takes attributes from then on."""
+    path = os.path.join(str(tmp_path), DATABASE_FILE)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(OLD_SCHEMA)
+    backend = SqliteStoreBackend(path)
+    await backend.open()
+    try:
+        listed = await backend.list_streams()
+        assert [(s.stream_id, dict(s.attributes)) for s in listed.streams] == [("old", {})]
+        await backend.append("old", Expected.exact(1), events("b"), attributes={"k": "v"})
+        listed = await backend.list_streams(attributes={"k": "v"})
+        assert [(s.stream_id, s.head_seq) for s in listed.streams] == [("old", 2)]
+    finally:
+        await backend.close()
+
+
 def test_unknown_durability_is_refused(tmp_path: object) -> None:
     """A typo in the durability setting fails loudly instead of silently picking one."""
     with pytest.raises(ValueError, match="durability"):

@@ -69,6 +69,14 @@ test('starts a run, watches its events to the end, and awaits its result', { ski
     // Enum values by their proto names too, in any case.
     const byProtoName = await keel.listRuns({ statuses: ['RUN_STATUS_COMPLETED'], pageSize: 1000 });
     assert.ok(byProtoName.runs.some((summary) => summary.runId === runId));
+    // Labels on start, shown by getRun and matched by listRuns (with the other filters).
+    const team = `node-${randomUUID()}`;
+    const labelled = await keel.startRun({ op: 'keel.echo', labels: { team }, wait: true });
+    assert.deepEqual((await keel.getRun(labelled.runId)).labels, { team });
+    const found = await keel.listRuns({ labels: { team }, pipelineId: 'keel.echo', topLevel: true, startedAfter: new Date(0) });
+    assert.deepEqual(found.runs.map((summary) => [summary.runId, summary.pipelineId, summary.labels]), [[labelled.runId, 'keel.echo', { team }]]);
+    assert.deepEqual((await keel.listRuns({ labels: { team }, topLevel: false })).runs, []);
+    assert.deepEqual((await keel.listRuns({ labels: { team }, startedBefore: new Date(0) })).runs, []);
     const noop = await keel.terminalize(runId, 'terminal_target_canceled');
     assert.deepEqual(noop, { outcome: 'noop', status: 'completed' });
   } finally {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from keel_client.models import (
     ResumedRun,
     Run,
     RunEvent,
+    RunFilter,
     RunPage,
     RunStatus,
     RunSummary,
@@ -96,13 +98,15 @@ class AsyncKeelClient:
         run_id: str | None = None,
         wait: bool = False,
         deadline: float | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> StartedRun:
         """Start a run of a pipeline (a dict shaped like the proto Pipeline) or of a single `op`.
 
         Without `run_id` the client picks a uuid4, so that a retried start cannot create two runs;
         with one, starting again with the same pipeline and input returns the existing run
         (`created` False) and a different one raises RunAlreadyExists. With `wait` the call returns
-        once the run is terminal (no deadline unless `deadline` is given).
+        once the run is terminal (no deadline unless `deadline` is given). `labels` (Kubernetes label
+        rules) are recorded with the start; `list_runs(labels=...)` finds the run by them.
 
         Example::
 
@@ -123,6 +127,7 @@ class AsyncKeelClient:
             run_config=run_config,
             run_id=run_id,
             wait=wait,
+            labels=labels,
         )
         deadline = deadline if deadline is not None or wait else self._deadline
         return wire.started_run(await self._unary(self._stub.StartRun, request, deadline))
@@ -247,22 +252,40 @@ class AsyncKeelClient:
         page_size: int = 0,
         page_token: str | None = None,
         deadline: float | None = None,
+        pipeline_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        top_level: bool | None = None,
     ) -> RunPage:
-        """One page of runs, newest first, optionally only those with the given statuses.
+        """One page of runs, newest first, optionally only those with the given statuses, of
+        `pipeline_id`, carrying every one of `labels`, started in [started_after, started_before),
+        and top-level (`top_level=True`) or children (`top_level=False`).
 
         Example::
 
-            page = await keel.list_runs(statuses=["running"], page_size=20)
+            page = await keel.list_runs(statuses=["running"], labels={"team": "billing"}, page_size=20)
             for summary in page.runs:
-                print(summary.run_id, summary.status)
+                print(summary.run_id, summary.status, summary.pipeline_id, summary.labels)
         """
-        request = wire.list_runs_request(statuses, page_size, page_token)
+        where = RunFilter(pipeline_id, dict(labels or {}), started_after, started_before, top_level)
+        request = wire.list_runs_request(statuses, page_size, page_token, where)
         return wire.run_page(await self._unary(self._stub.ListRuns, request, deadline or self._deadline))
 
     async def iter_runs(
-        self, *, statuses: Iterable[RunStatus | str] = (), limit: int | None = None, page_size: int = 100
+        self,
+        *,
+        statuses: Iterable[RunStatus | str] = (),
+        limit: int | None = None,
+        page_size: int = 100,
+        pipeline_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        top_level: bool | None = None,
     ) -> AsyncIterator[RunSummary]:
-        """Every run (or the first `limit`), newest first, fetching pages as needed.
+        """Every run (or the first `limit`), newest first, fetching pages as needed; the filters
+        are those of `list_runs`.
 
         Example::
 
@@ -273,7 +296,16 @@ class AsyncKeelClient:
         token: str | None = None
         seen = 0
         while True:
-            page = await self.list_runs(statuses=wanted, page_size=page_size, page_token=token)
+            page = await self.list_runs(
+                statuses=wanted,
+                page_size=page_size,
+                page_token=token,
+                pipeline_id=pipeline_id,
+                labels=labels,
+                started_after=started_after,
+                started_before=started_before,
+                top_level=top_level,
+            )
             for summary in page.runs:
                 if limit is not None and seen >= limit:
                     return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -174,6 +174,8 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
     if run.error is not None:
         lines.append(f"error      {error_line(run.error)}")
     lines.append(f"events     {run.head_seq}")
+    if run.labels:
+        lines.append(f"labels     {label_text(run.labels)}")
     given = compact_json(run.input)
     # A short input fits on its line; a long one gets its own section, indented like the snapshot.
     lines.append(f"input      {given}" if len(given) <= INLINE_INPUT_CHARS else "input      (below)")
@@ -200,13 +202,31 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
     return lines
 
 
-def summary_lines(runs: Sequence[RunSummary]) -> list[str]:
-    """`keel ls`: a table of runs, newest first."""
+def label_text(labels: Mapping[str, str]) -> str:
+    """Labels as `k=v,k2=v2` (sorted by key), or `-`."""
+    return ",".join(f"{key}={labels[key]}" for key in sorted(labels)) or "-"
+
+
+LS_HEADERS = ("RUN ID", "PIPELINE", "STATUS", "STARTED", "DURATION", "LABELS", "PARENT")
+
+
+def summary_lines(runs: Sequence[RunSummary], now: datetime | None = None) -> list[str]:
+    """`keel ls`: a table of runs, newest first. A terminal run's duration is from its start to its
+    end; a running one's, to `now` (so far)."""
+    now = now or datetime.now(UTC)
     rows = [
-        [run.run_id, run.status.value, when(run.created_at), when(run.updated_at), str(run.head_seq)]
+        [
+            run.run_id,
+            run.pipeline_id or "-",
+            run.status.value,
+            when(run.created_at),
+            seconds(span(run.created_at, run.updated_at if run.status is not RunStatus.RUNNING else now)),
+            label_text(run.labels),
+            run.parent_run_id or "-",
+        ]
         for run in runs
     ]
-    return table(("RUN ID", "STATUS", "CREATED", "UPDATED", "EVENTS"), rows)
+    return table(LS_HEADERS, rows)
 
 
 def event_line(event: RunEvent) -> str:

@@ -209,6 +209,8 @@ class Run:
     head_seq: int
     # The input the run was started with (None also when it had none, or an older engine said nothing).
     input: Any = None
+    # The labels it was started with.
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def is_terminal(self) -> bool:
@@ -232,6 +234,22 @@ class RunSummary:
     created_at: datetime | None
     updated_at: datetime | None
     head_seq: int
+    # Its pipeline (or single op) id, labels, and the run that spawned it (None: top-level).
+    pipeline_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    parent_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """What ListRuns keeps besides statuses: a pipeline id, labels (every one must match), a start
+    time range [started_after, started_before), and top-level runs (True) or children (False)."""
+
+    pipeline_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+    top_level: bool | None = None
 
 
 @dataclass(frozen=True)

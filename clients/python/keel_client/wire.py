@@ -27,6 +27,7 @@ from keel_client.models import (
     Run,
     RunConfig,
     RunEvent,
+    RunFilter,
     RunPage,
     RunStatus,
     RunSummary,
@@ -193,11 +194,12 @@ def start_run_request(
     run_config: RunConfigLike | None,
     run_id: str | None,
     wait: bool,
+    labels: Mapping[str, str] | None = None,
 ) -> engine_pb2.StartRunRequest:
     """A StartRunRequest; a run id is picked here if the caller gives none: a retried start is idempotent."""
     if (pipeline is None) == (op is None):
         raise invalid_request("start_run needs exactly one of `pipeline` or `op`")
-    request = engine_pb2.StartRunRequest(run_id=run_id or str(uuid.uuid4()), wait=wait)
+    request = engine_pb2.StartRunRequest(run_id=run_id or str(uuid.uuid4()), wait=wait, labels=labels or {})
     if pipeline is not None:
         request.pipeline.CopyFrom(pipeline_message(pipeline))
     else:
@@ -261,9 +263,12 @@ def terminalize_request(
 
 
 def list_runs_request(
-    statuses: Iterable[RunStatus | str], page_size: int, page_token: str | None
+    statuses: Iterable[RunStatus | str],
+    page_size: int,
+    page_token: str | None,
+    where: RunFilter | None = None,
 ) -> engine_pb2.ListRunsRequest:
-    """A ListRunsRequest filtered by statuses (names such as "running")."""
+    """A ListRunsRequest filtered by statuses (names such as "running") and `where`."""
     wire: list[engine_pb2.RunStatus.ValueType] = []
     for status in statuses:
         try:
@@ -276,7 +281,31 @@ def list_runs_request(
                 "(or RUN_STATUS_RUNNING, ...)"
             )
         wire.append(_RUN_STATUS_WIRE[chosen])
-    return engine_pb2.ListRunsRequest(statuses=wire, page_size=page_size, page_token=page_token or "")
+    request = engine_pb2.ListRunsRequest(statuses=wire, page_size=page_size, page_token=page_token or "")
+    if where is not None:
+        _apply_filter(request, where)
+    return request
+
+
+_LINEAGE = {True: engine_pb2.RUN_LINEAGE_TOP_LEVEL, False: engine_pb2.RUN_LINEAGE_CHILDREN}
+
+
+def _apply_filter(request: engine_pb2.ListRunsRequest, where: RunFilter) -> None:
+    request.pipeline_id = where.pipeline_id
+    request.labels.update(where.labels)
+    if where.started_after is not None:
+        request.started_after.CopyFrom(_timestamp(where.started_after))
+    if where.started_before is not None:
+        request.started_before.CopyFrom(_timestamp(where.started_before))
+    if where.top_level is not None:
+        request.lineage = _LINEAGE[where.top_level]
+
+
+def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
+    """A Timestamp of `when` (a naive datetime is taken as UTC)."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when if when.tzinfo is not None else when.replace(tzinfo=UTC))
+    return stamp
 
 
 def await_run_request(run_id: str, timeout: float | None) -> engine_pb2.AwaitRunRequest:
@@ -347,6 +376,7 @@ def run(message: engine_pb2.Run) -> Run:
         error=error_detail(message, "error"),
         head_seq=message.head_seq,
         input=from_value(message.input) if message.HasField("input") else None,
+        labels=dict(message.labels),
     )
 
 
@@ -432,6 +462,9 @@ def run_page(message: engine_pb2.ListRunsResponse) -> RunPage:
                 created_at=_time(summary, "created_at"),
                 updated_at=_time(summary, "updated_at"),
                 head_seq=summary.head_seq,
+                pipeline_id=summary.pipeline_id,
+                labels=dict(summary.labels),
+                parent_run_id=summary.parent_run_id or None,
             )
             for summary in message.runs
         ),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable, Collection
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,37 @@ def enum_argument(kind: type[E], accepted: Collection[E] = ()) -> Callable[[str]
 
     convert.__name__ = kind.__name__
     return convert
+
+
+def label_pair(text: str) -> tuple[str, str]:
+    """An argparse `type` reading `KEY=VALUE` (the value may be empty; the engine checks the rules)."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (for example team=billing)")
+    return key, value
+
+
+def label_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable `--label KEY=VALUE` option (into `args.label`, a list of pairs)."""
+    parser.add_argument("--label", action="append", type=label_pair, metavar="KEY=VALUE", help=help_text)
+
+
+_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def moment_argument(text: str) -> datetime:
+    """An argparse `type` reading a time: ISO 8601 (naive is UTC) or an age like `30m` (that long ago)."""
+    age = _AGE.fullmatch(text.strip())
+    if age:
+        return datetime.now(UTC) - timedelta(seconds=float(age.group(1)) * _UNIT_SECONDS[age.group(2)])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 time (2026-12-04T18:00:00Z) nor an age (90s, 30m, 1h, 2d)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def tls_config(args: argparse.Namespace) -> TlsConfig | None:

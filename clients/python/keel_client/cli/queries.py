@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from keel_client.cli.options import CliError, answer, client, enum_argument, print_json
+from keel_client.cli.options import (
+    CliError,
+    answer,
+    client,
+    enum_argument,
+    label_argument,
+    moment_argument,
+    print_json,
+)
 from keel_client.display import event_line, op_lines, run_lines, summary_lines
 from keel_client.models import RunEvent, RunStatus, to_json_data
 
@@ -16,7 +24,8 @@ def run_id_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def ls_arguments(parser: argparse.ArgumentParser) -> None:
-    """`keel ls [--status S]... [--limit N]`."""
+    """`keel ls [--status S]... [--pipeline ID] [--label K=V]... [--since T] [--until T]
+    [--top-level | --children] [--limit N]`."""
     statuses = (RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
     parser.add_argument(
         "--status",
@@ -25,6 +34,28 @@ def ls_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STATUS",
         help="only runs with this status (repeatable): running, completed, failed, canceled "
         "(or RUN_STATUS_FAILED, ...)",
+    )
+    parser.add_argument("--pipeline", default="", metavar="ID", help="only runs of this pipeline (or op) id")
+    label_argument(parser, "only runs with this label (repeatable: every one must match)")
+    for flag, alias, dest, what in (
+        ("--since", "--started-after", "since", "started at or after"),
+        ("--until", "--started-before", "until", "started before"),
+    ):
+        parser.add_argument(
+            flag,
+            alias,
+            dest=dest,
+            type=moment_argument,
+            metavar="TIME",
+            help=f"only runs {what} TIME: ISO 8601 (UTC unless it has an offset) or an age such as "
+            "90s, 30m, 1h, 2d (that long ago)",
+        )
+    lineage = parser.add_mutually_exclusive_group()
+    lineage.add_argument(
+        "--top-level", dest="top_level", action="store_const", const=True, help="only runs no run spawned"
+    )
+    lineage.add_argument(
+        "--children", dest="top_level", action="store_const", const=False, help="only child runs"
     )
     parser.add_argument("--limit", type=int, default=20, help="most runs to show (default 20)")
 
@@ -48,7 +79,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
         raise CliError("--limit must be at least 1")
     with client(args) as keel:
         runs = list(
-            keel.iter_runs(statuses=args.status or (), limit=args.limit, page_size=min(args.limit, 1000))
+            keel.iter_runs(
+                statuses=args.status or (),
+                limit=args.limit,
+                page_size=min(args.limit, 1000),
+                pipeline_id=args.pipeline,
+                labels=dict(args.label or ()),
+                started_after=args.since,
+                started_before=args.until,
+                top_level=args.top_level,
+            )
         )
     return answer(args, runs, lambda: "\n".join(summary_lines(runs)) if runs else "no runs")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from keel_client.cli.options import CliError, async_client, client, print_json
+from keel_client.cli.options import CliError, async_client, client, label_argument, print_json
 from keel_client.display import pretty_json, seconds, span
 from keel_client.models import Run, RunStatus
 from keel_client.progress import ProgressView, follow_run
@@ -27,6 +27,7 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", help="the run's initial context, a JSON object")
     parser.add_argument("--run-id", help="a UUID for an idempotent start (default: a new one)")
     parser.add_argument("--wait", action="store_true", help="show live progress until the run ends")
+    label_argument(parser, "label the run (repeatable; added to the file's `labels`)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,6 +37,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec["input"] = _parse_json(args.input, "--input")
     if args.context is not None:
         spec["context"] = _parse_json(args.context, "--context")
+    if args.label:
+        spec["labels"] = {**dict(spec.get("labels") or {}), **dict(args.label)}
     run_id = start(args, spec, args.engine, print_started_json=not args.wait)
     if not args.wait:
         return 0
@@ -55,7 +58,8 @@ def _parse_json(text: str, flag: str) -> Any:
 
 
 def load_run_file(path: Path) -> dict[str, Any]:
-    """A pipeline file as {pipeline, input?, context?, run_config?}; a bare pipeline is accepted too."""
+    """A pipeline file as {pipeline, input?, context?, run_config?, labels?}; a bare pipeline is
+    accepted too."""
     try:
         text = path.read_text()
     except OSError as error:
@@ -69,9 +73,14 @@ def load_run_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CliError(f"{path} must hold a pipeline object (pipeline_id, steps), not {type(data).__name__}")
     if "pipeline" in data:
-        unknown = set(data) - {"pipeline", "input", "context", "run_config"}
+        unknown = set(data) - {"pipeline", "input", "context", "run_config", "labels"}
         if unknown:
             raise CliError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
+        labels = data.get("labels", {})
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise CliError(f"{path}: labels must map keys to string values (quote numbers in YAML)")
         return data
     return {"pipeline": data}
 
@@ -95,6 +104,7 @@ def start(args: argparse.Namespace, spec: dict[str, Any], engine: str, *, print_
             context=spec.get("context"),
             run_config=spec.get("run_config"),
             run_id=getattr(args, "run_id", None),
+            labels=spec.get("labels"),
         )
     if args.json:
         if print_started_json:

@@ -204,6 +204,30 @@ TERMINALIZE_OUTCOME_NOOP: TerminalizeOutcome.ValueType  # 2
 """The run was already terminal; nothing changed."""
 Global___TerminalizeOutcome: _TypeAlias = TerminalizeOutcome  # noqa: Y015
 
+class _RunLineage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunLineageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunLineage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_LINEAGE_UNSPECIFIED: _RunLineage.ValueType  # 0
+    """Every run."""
+    RUN_LINEAGE_TOP_LEVEL: _RunLineage.ValueType  # 1
+    """Only runs that no run spawned."""
+    RUN_LINEAGE_CHILDREN: _RunLineage.ValueType  # 2
+    """Only runs that another run spawned (children)."""
+
+class RunLineage(_RunLineage, metaclass=_RunLineageEnumTypeWrapper):
+    """Which runs ListRuns keeps by their parentage."""
+
+RUN_LINEAGE_UNSPECIFIED: RunLineage.ValueType  # 0
+"""Every run."""
+RUN_LINEAGE_TOP_LEVEL: RunLineage.ValueType  # 1
+"""Only runs that no run spawned."""
+RUN_LINEAGE_CHILDREN: RunLineage.ValueType  # 2
+"""Only runs that another run spawned (children)."""
+Global___RunLineage: _TypeAlias = RunLineage  # noqa: Y015
+
 @_typing.final
 class Step(_message.Message):
     """One step of a pipeline."""
@@ -428,6 +452,26 @@ class StartRunRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PIPELINE_FIELD_NUMBER: _builtins.int
     OP_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
@@ -435,6 +479,7 @@ class StartRunRequest(_message.Message):
     INITIAL_CONTEXT_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """A client-chosen run id (a UUID) for idempotent start; empty for a new one."""
     wait: _builtins.bool
@@ -461,6 +506,17 @@ class StartRunRequest(_message.Message):
     def initial_context(self) -> _struct_pb2.Value:
         """The context the run starts with (a JSON object; default `{}`)."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels to find the run by (ListRuns.labels), recorded in the same append
+        as the run's start. Rules (those of Kubernetes labels): at most 64 labels
+        and 16 KiB of keys and values together; a key is an optional DNS-subdomain
+        prefix (at most 253 characters) and `/`, then a name of 1 to 63
+        characters of [A-Za-z0-9_.-] that starts and ends alphanumeric; a value is
+        empty or 1 to 63 such characters. Otherwise INVALID_ARGUMENT, reason
+        `invalid_labels`, and nothing is written.
+        """
+
     def __init__(
         self,
         *,
@@ -471,10 +527,11 @@ class StartRunRequest(_message.Message):
         initial_context: _struct_pb2.Value | None = ...,
         run_id: _builtins.str = ...,
         wait: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initial_context", b"initial_context", "input", b"input", "op", b"op", "pipeline", b"pipeline", "run_config", b"run_config", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_context", b"initial_context", "input", b"input", "op", b"op", "pipeline", b"pipeline", "run_config", b"run_config", "run_id", b"run_id", "target", b"target", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_context", b"initial_context", "input", b"input", "labels", b"labels", "op", b"op", "pipeline", b"pipeline", "run_config", b"run_config", "run_id", b"run_id", "target", b"target", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["pipeline", "op"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -1013,6 +1070,26 @@ class Run(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RUN_ID_FIELD_NUMBER: _builtins.int
     OP_ID_FIELD_NUMBER: _builtins.int
     MANIFEST_ID_FIELD_NUMBER: _builtins.int
@@ -1031,6 +1108,7 @@ class Run(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     op_id: _builtins.str
@@ -1087,6 +1165,10 @@ class Run(_message.Message):
         started without one). Unset only when the manifest cannot be read.
         """
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Its labels (StartRunRequest.labels)."""
+
     def __init__(
         self,
         *,
@@ -1108,10 +1190,11 @@ class Run(_message.Message):
         error: Global___ErrorDetail | None = ...,
         head_seq: _builtins.int = ...,
         input: _struct_pb2.Value | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "final_snapshot", b"final_snapshot", "input", b"input", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "failure_ledger", b"failure_ledger", "final_snapshot", b"final_snapshot", "final_snapshot_id", b"final_snapshot_id", "head_seq", b"head_seq", "input", b"input", "manifest_id", b"manifest_id", "op_id", b"op_id", "parent_fact_key", b"parent_fact_key", "parent_run_id", b"parent_run_id", "reason", b"reason", "run_id", b"run_id", "status", b"status", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "failure_ledger", b"failure_ledger", "final_snapshot", b"final_snapshot", "final_snapshot_id", b"final_snapshot_id", "head_seq", b"head_seq", "input", b"input", "labels", b"labels", "manifest_id", b"manifest_id", "op_id", b"op_id", "parent_fact_key", b"parent_fact_key", "parent_run_id", b"parent_run_id", "reason", b"reason", "run_id", b"run_id", "status", b"status", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1123,13 +1206,42 @@ class ListRunsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STATUSES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PIPELINE_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    STARTED_AFTER_FIELD_NUMBER: _builtins.int
+    STARTED_BEFORE_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The most runs to return (0 means the default of 50; at most 1000)."""
     page_token: _builtins.str
     """The `next_page_token` of a previous response."""
+    pipeline_id: _builtins.str
+    """Only runs of this pipeline (or single op) id."""
+    lineage: Global___RunLineage.ValueType
+    """Only top-level runs, or only children (runs some run spawned)."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___RunStatus.ValueType]:
         """Only runs with one of these statuses; empty means all. RUNNING,
@@ -1138,16 +1250,33 @@ class ListRunsRequest(_message.Message):
         its own to list (its parent's GetRun shows it among `children`).
         """
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only runs that carry every one of these labels with exactly this value."""
+
+    @_builtins.property
+    def started_after(self) -> _timestamp_pb2.Timestamp:
+        """Only runs started at or after this time."""
+
+    @_builtins.property
+    def started_before(self) -> _timestamp_pb2.Timestamp:
+        """Only runs started before this time."""
+
     def __init__(
         self,
         *,
         statuses: _abc.Iterable[Global___RunStatus.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        pipeline_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        started_after: _timestamp_pb2.Timestamp | None = ...,
+        started_before: _timestamp_pb2.Timestamp | None = ...,
+        lineage: Global___RunLineage.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "lineage", b"lineage", "page_size", b"page_size", "page_token", b"page_token", "pipeline_id", b"pipeline_id", "started_after", b"started_after", "started_before", b"started_before", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1159,17 +1288,46 @@ class RunSummary(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RUN_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    PIPELINE_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     status: Global___RunStatus.ValueType
     """Its status."""
     head_seq: _builtins.int
     """The sequence number of its last event."""
+    pipeline_id: _builtins.str
+    """Its pipeline (or single op) id; empty for a run started before labels
+    were recorded.
+    """
+    parent_run_id: _builtins.str
+    """The run that spawned it; empty for a top-level run."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
@@ -1177,6 +1335,10 @@ class RunSummary(_message.Message):
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When it last changed."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Its labels."""
 
     def __init__(
         self,
@@ -1186,10 +1348,13 @@ class RunSummary(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         head_seq: _builtins.int = ...,
+        pipeline_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        parent_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "head_seq", b"head_seq", "run_id", b"run_id", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "head_seq", b"head_seq", "labels", b"labels", "parent_run_id", b"parent_run_id", "pipeline_id", b"pipeline_id", "run_id", b"run_id", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
