@@ -171,6 +171,7 @@ class RunDriver:
         self.events: list[StoredEvent] | None = None if events is None else list(events)
         self.facts = RunFacts(self)
         self._steps: dict[str, asyncio.Task[None]] = {}  # step id -> the task running its attempt
+        self._flushes: set[asyncio.Future[None]] = set()
         self._drive_task: asyncio.Task[Any] | None = None
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
@@ -205,6 +206,8 @@ class RunDriver:
                 match action:
                     case AlreadyTerminal():
                         await self.flush()
+                        # Steps still here have settled (the terminal event says so): they end their flush.
+                        await asyncio.gather(*self._steps.values(), return_exceptions=True)
                         return action.terminal
                     case CompleteRun() if self._steps:
                         await self._stop_branches()  # a branch failed the run: the others stop first
@@ -217,6 +220,7 @@ class RunDriver:
         except BaseException as error:
             await self._stop_branches()
             if isinstance(error, asyncio.CancelledError):
+                await self._cancel_flushes()  # a park stops an append in flight, as it always did
                 await self._flush_when_parked()
             raise
         finally:
@@ -343,7 +347,29 @@ class RunDriver:
         A batch holding an I/O call's answer (FactRecorded) is appended even when the lease is no
         longer trusted: the append is a compare-and-swap at the head this driver wrote, so it lands
         only when nobody else appended to the run since; a conflict means someone did.
+
+        The append runs on its own: a caller cancelled meanwhile (a branch stopped because another
+        failed the run) leaves it to finish, so the run's one writer never loses track of its head.
+        Only parking the whole driver cancels an append in flight (`_cancel_flushes`).
         """
+        flushing = asyncio.ensure_future(self._flush())
+        self._flushes.add(flushing)
+        flushing.add_done_callback(self._flushed)
+        await asyncio.shield(flushing)
+
+    def _flushed(self, flushing: asyncio.Future[None]) -> None:
+        self._flushes.discard(flushing)
+        if not flushing.cancelled():
+            flushing.exception()  # kept as _flush_error: the driver raises it at its next decision
+
+    async def _cancel_flushes(self) -> None:
+        flushes = list(self._flushes)
+        for flushing in flushes:
+            flushing.cancel()
+        if flushes:
+            await asyncio.gather(*flushes, return_exceptions=True)
+
+    async def _flush(self) -> None:
         async with self._lock:
             if self._flush_error is not None:
                 raise self._flush_error
