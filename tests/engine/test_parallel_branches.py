@@ -17,9 +17,10 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2
 
 from keel_core.json_values import from_value
-from tests.engine.conftest import Cluster
+from tests.engine.conftest import Cluster, gate
 from tests.engine.processes import start_engine_process, start_store_process
 from tests.engine.test_engine_rpcs import expect_error, pipeline, step
+from tests.engine.test_terminalize import terminalize
 
 WAIT = 60.0
 
@@ -122,6 +123,24 @@ async def test_a_step_sees_its_ancestors_and_not_a_sibling_that_finished_first(c
     assert final["quick"] == {"input": None, "config": {"q": 1}}
     assert final["saw"] == {"slow": {"slept": 0.3}, "quick": None}
     assert final["then"] == {"slow": {"slept": 0.3}, "saw": final["saw"]}  # transitively
+
+
+async def test_cancel_stops_every_running_branch(cluster: Cluster) -> None:
+    name = f"branches-{uuid.uuid4()}"
+    door = gate(name)
+    request = engine_pb2.StartRunRequest(
+        pipeline=pipeline(
+            step("one", "test.gated", {"gate": name}), step("two", "test.gated", {"gate": name})
+        )
+    )
+    run_id = (await cluster.stub.StartRun(request)).run_id
+    await asyncio.wait_for(door.wait_for(2), WAIT)  # both branches are in their op (bounded: never hang)
+    outcome = await cluster.stub.Terminalize(terminalize(run_id, reason="stop both"))
+    assert outcome.status == engine_pb2.RUN_STATUS_CANCELED
+    assert door.cancelled == [run_id, run_id]  # each running op was cancelled, none left to finish
+    run = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))).run
+    assert run.status == engine_pb2.RUN_STATUS_CANCELED
+    assert all(a.status != engine_pb2.STEP_STATUS_COMPLETED for s in run.steps for a in s.attempts)
 
 
 @pytest.mark.slow
