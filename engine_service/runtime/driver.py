@@ -45,7 +45,6 @@ from typing import Any
 from engine_service.domain import (
     AlreadyTerminal,
     CompleteRun,
-    ErrorRecord,
     FactRecorded,
     KernelEvent,
     Plan,
@@ -68,7 +67,6 @@ from engine_service.domain import (
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
-from engine_service.domain.decision import BRANCH_CANCELED
 from engine_service.domain.events import stamped
 from engine_service.domain.ops import OpDefinition
 from engine_service.domain.streams import RUN_ACTIVE_LABEL, RUN_COMPLETED, run_label, run_stream_id
@@ -80,6 +78,7 @@ from engine_service.failpoints import (
 from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
 from engine_service.runtime.leases import Lease
 from engine_service.runtime.run_io import RunFacts, RunIo, io_error
+from engine_service.runtime.step_errors import branch_canceled, op_error_record
 from engine_service.store.port import FOREVER
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
@@ -95,28 +94,6 @@ MAX_BATCH_ARTIFACTS = 16
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
-
-
-def op_error_record(error: BaseException) -> ErrorRecord:
-    """How an op's exception is recorded in StepAttemptFailed."""
-    if isinstance(error, KeelError):
-        details = dict(error.details)
-        try:
-            canonical_json_bytes(details)
-        except KeelError:
-            details = {key: repr(value) for key, value in details.items()}
-        return ErrorRecord(error.code, error.category.value, error.retryable, error.message, details)
-    return ErrorRecord("op_failed", "op", True, f"{type(error).__name__}: {error}")
-
-
-def _branch_canceled(action: CompleteRun) -> ErrorRecord:
-    """How an attempt stopped because another branch failed the run is recorded (never retried)."""
-    return ErrorRecord(
-        BRANCH_CANCELED,
-        "cancelled",
-        False,
-        f"canceled: another branch failed the run ({action.reason})",
-    )
 
 
 class RunDriver:
@@ -308,7 +285,7 @@ class RunDriver:
         if self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED):
             await self.flush()
             self.env.failpoints.hit(BEFORE_RUN_COMPLETED)
-        why = _branch_canceled(action)
+        why = branch_canceled(action.reason)
         canceled = [StepAttemptFailed(open_.step_id, open_.attempt, why) for open_ in action.cancel]
         terminal = RunCompleted(
             action.status, action.final_snapshot_id, action.reason, action.error, has_ledger=self.has_ledger
