@@ -8,8 +8,16 @@ fact-key rule). Nothing here imports grpc or protobuf; it is tested without a se
 from __future__ import annotations
 
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes
-from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND, with_step_output
-from engine_service.domain.decision import Action, AlreadyTerminal, CompleteRun, RunStep, next_action
+from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND, step_context, with_step_output
+from engine_service.domain.decision import (
+    BRANCH_CANCELED,
+    Action,
+    AlreadyTerminal,
+    CompleteRun,
+    RunStep,
+    RunSteps,
+    next_action,
+)
 from engine_service.domain.events import (
     CANCELED,
     COMPLETED,
@@ -43,6 +51,7 @@ from engine_service.domain.transports import (
 )
 
 __all__ = [
+    "BRANCH_CANCELED",
     "CANCELED",
     "COMPLETED",
     "DEFAULT_REGISTRY",
@@ -71,6 +80,7 @@ __all__ = [
     "RunManifest",
     "RunStarted",
     "RunStep",
+    "RunSteps",
     "StepAttemptFailed",
     "StepAttemptStarted",
     "StepCompleted",
@@ -95,5 +105,6 @@ __all__ = [
     "register_transport",
     "resolve_plan",
     "single_op_pipeline",
+    "step_context",
     "with_step_output",
 ]

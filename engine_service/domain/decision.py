@@ -1,22 +1,31 @@
-"""`next_action(history, plan, run_config) -> Action`: the resume rules of DESIGN.md, as data.
+"""`next_action(history, plan, run_config, running) -> Action`: the resume rules of DESIGN.md, as data.
 
 1. no events: `run_not_found`;  2. terminal: nothing to do;
 3. RunStarted.op_id must equal the plan's op id (`invalid_plan` otherwise);
-4. an orphan attempt: run that step again as attempt+1 from the orphan's base snapshot;
-5. the first step in plan order not completed; if its last attempt failed and is not retryable or
-   the attempts are used up: complete the run `failed`; else retry it as attempt+1 after the backoff;
-6. no step left: complete the run `completed` with the last checkpoint.
+4. a step whose last attempt failed and is not retryable or has used up its attempts: complete
+   the run `failed`, after recording every other open attempt as canceled (`branch_canceled`);
+5. every step completed: complete the run `completed` with the last checkpoint;
+6. otherwise the *ready* steps, up to `plan.max_parallel` running at once (0: no limit): a step is
+   ready when its dependencies are complete and it is neither completed nor `running` (attempted
+   by the caller now). An orphan attempt (open in the history, not running: its engine died) runs
+   again as attempt+1 from its base snapshot, orphans first; a failed step is retried as attempt+1
+   after its backoff; any other step starts from the last checkpoint. An empty set means "wait for
+   a running step to settle".
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 
 from engine_service.domain.events import COMPLETED, FAILED, ErrorRecord, RunCompleted
-from engine_service.domain.history import RunHistory
+from engine_service.domain.history import OpenAttempt, RunHistory, StepFailure
 from engine_service.domain.plan import Plan, invalid_plan
 from engine_service.domain.run_config import RunConfig
 from keel_core.errors import not_found
+
+# The error of an attempt stopped because a sibling branch failed the run (never retried).
+BRANCH_CANCELED = "branch_canceled"
 
 
 @dataclass(frozen=True)
@@ -37,20 +46,34 @@ class RunStep:
 
 
 @dataclass(frozen=True)
+class RunSteps:
+    """Start these attempts now, each on its own; none: wait until a running step settles."""
+
+    steps: tuple[RunStep, ...]
+
+
+@dataclass(frozen=True)
 class CompleteRun:
-    """Append RunCompleted with this status and final snapshot."""
+    """Append RunCompleted with this status and final snapshot.
+
+    `cancel`: open attempts of other branches, recorded as failed with `branch_canceled` first
+    (the caller stops the ones it is running before it records anything).
+    """
 
     status: str
     final_snapshot_id: str
     error: ErrorRecord | None = None
     reason: str = ""
+    cancel: tuple[OpenAttempt, ...] = ()
 
 
-Action = AlreadyTerminal | RunStep | CompleteRun
+Action = AlreadyTerminal | RunSteps | CompleteRun
 
 
-def next_action(history: RunHistory, plan: Plan, run_config: RunConfig) -> Action:
-    """What the engine does next for this run."""
+def next_action(
+    history: RunHistory, plan: Plan, run_config: RunConfig, running: Set[str] = frozenset()
+) -> Action:
+    """What the engine does next for this run; `running`: the steps it is attempting right now."""
     if history.started is None:
         raise not_found("run_not_found", "the run has no events")
     if history.terminal is not None:
@@ -59,25 +82,61 @@ def next_action(history: RunHistory, plan: Plan, run_config: RunConfig) -> Actio
         raise invalid_plan(
             f"RunStarted.op_id {history.started.op_id!r} does not match the manifest's op id {plan.op_id!r}"
         )
-    orphan = history.open_attempt
-    if orphan is not None and orphan.step_id not in history.completed_steps:
-        return RunStep(orphan.step_id, orphan.attempt + 1, orphan.base_snapshot_id)
+    failed = _failed_for_good(history, plan, run_config)
+    if failed is not None:
+        return failed
+    if len(history.completed_steps) == len(plan.steps):
+        return CompleteRun(COMPLETED, history.last_checkpoint)
+    ready = _ready_steps(history, plan, run_config, running)
+    if plan.max_parallel:
+        ready = ready[: max(0, plan.max_parallel - len(running))]
+    return RunSteps(tuple(ready))
+
+
+def _failed_for_good(history: RunHistory, plan: Plan, run_config: RunConfig) -> CompleteRun | None:
+    """The run's `failed` completion when a step may not be tried again (a canceled branch last)."""
+    policy = run_config.retry_policy
+    exhausted: list[tuple[str, StepFailure]] = []
     for step_id in plan.step_ids:
-        if step_id in history.completed_steps:
-            continue
         failure = history.last_failure.get(step_id)
-        if failure is None:
+        if step_id in history.completed_steps or failure is None:
+            continue
+        if failure.attempt != history.last_attempt.get(step_id):
+            continue  # a later attempt started: it is open or running
+        if not failure.error.retryable or failure.attempt + 1 >= policy.max_attempts:
+            exhausted.append((step_id, failure))
+    if not exhausted:
+        return None
+    step_id, failure = min(exhausted, key=lambda found: found[1].error.code == BRANCH_CANCELED)
+    why = "not retryable" if not failure.error.retryable else f"{policy.max_attempts} attempts used"
+    return CompleteRun(
+        FAILED,
+        history.last_checkpoint,
+        error=failure.error,
+        reason=f"step {step_id!r} failed ({why}): {failure.error.message}",
+        cancel=tuple(history.open_attempts[s] for s in plan.step_ids if s in history.open_attempts),
+    )
+
+
+def _ready_steps(history: RunHistory, plan: Plan, run_config: RunConfig, running: Set[str]) -> list[RunStep]:
+    """Every step that may start now, orphans first, then in plan order."""
+    orphans: list[RunStep] = []
+    fresh: list[RunStep] = []
+    for step in plan.steps:
+        step_id = step.step_id
+        if step_id in history.completed_steps or step_id in running:
+            continue
+        if not all(dep in history.completed_steps for dep in step.depends_on):
+            continue
+        orphan = history.open_attempts.get(step_id)
+        failure = history.last_failure.get(step_id)
+        if orphan is not None:
+            orphans.append(RunStep(step_id, orphan.attempt + 1, orphan.base_snapshot_id))
+        elif failure is not None:
+            retry = failure.attempt + 1
+            delay = run_config.retry_policy.backoff_ms(retry)
+            fresh.append(RunStep(step_id, retry, failure.base_snapshot_id, delay))
+        else:
             attempt = history.last_attempt.get(step_id, -1) + 1
-            return RunStep(step_id, attempt, history.last_checkpoint)
-        policy = run_config.retry_policy
-        retry = failure.attempt + 1
-        if not failure.error.retryable or retry >= policy.max_attempts:
-            why = "not retryable" if not failure.error.retryable else f"{policy.max_attempts} attempts used"
-            return CompleteRun(
-                FAILED,
-                history.last_checkpoint,
-                error=failure.error,
-                reason=f"step {step_id!r} failed ({why}): {failure.error.message}",
-            )
-        return RunStep(step_id, retry, failure.base_snapshot_id, policy.backoff_ms(retry))
-    return CompleteRun(COMPLETED, history.last_checkpoint)
+            fresh.append(RunStep(step_id, attempt, history.last_checkpoint))
+    return orphans + fresh

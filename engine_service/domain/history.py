@@ -31,7 +31,7 @@ from engine_service.domain.events import (
 
 @dataclass(frozen=True)
 class OpenAttempt:
-    """An attempt that started and has neither completed nor failed (an orphan, after a crash)."""
+    """An attempt that started and has neither completed nor failed (in flight, or orphaned by a crash)."""
 
     step_id: str
     attempt: int
@@ -57,7 +57,8 @@ class RunHistory:
     last_checkpoint: str = ""
     last_attempt: Mapping[str, int] = field(default_factory=dict)
     last_failure: Mapping[str, StepFailure] = field(default_factory=dict)
-    open_attempt: OpenAttempt | None = None
+    # step id -> its open attempt: parallel branches each have one; after a crash all are orphans
+    open_attempts: Mapping[str, OpenAttempt] = field(default_factory=dict)
     facts: Mapping[str, FactRecorded] = field(default_factory=dict)
     terminal: RunCompleted | None = None
     corrupt: CorruptEvent | None = None  # the first event that did not decode, at corrupt_seq
@@ -89,7 +90,7 @@ class _Folder:
         self.checkpoint = base.last_checkpoint
         self.last_attempt = dict(base.last_attempt)
         self.last_failure = dict(base.last_failure)
-        self.open = base.open_attempt
+        self.open = dict(base.open_attempts)
         self.facts = dict(base.facts)
         self.terminal = base.terminal
         self.corrupt = base.corrupt
@@ -110,7 +111,7 @@ class _Folder:
             last_checkpoint=self.checkpoint,
             last_attempt=self.last_attempt,
             last_failure=self.last_failure,
-            open_attempt=self.open,
+            open_attempts=self.open,
             facts=self.facts,
             terminal=self.terminal,
             corrupt=self.corrupt,
@@ -124,7 +125,7 @@ class _Folder:
                     self.started = event
                     self.checkpoint = event.initial_snapshot_id
             case StepAttemptStarted():
-                self.open = OpenAttempt(event.step_id, event.attempt, event.base_snapshot_id)
+                self.open[event.step_id] = OpenAttempt(event.step_id, event.attempt, event.base_snapshot_id)
                 self.last_attempt[event.step_id] = max(
                     event.attempt, self.last_attempt.get(event.step_id, -1)
                 )
@@ -146,16 +147,16 @@ class _Folder:
                 self._close(event.step_id)
             case RunCompleted():
                 self.terminal = event
-                self.open = None
+                self.open = {}
             case CorruptEvent():
                 self.corrupt = event
                 self.corrupt_seq = self.head
 
     def _base_of(self, step_id: str, attempt: int) -> str:
-        if self.open is not None and self.open.step_id == step_id and self.open.attempt == attempt:
-            return self.open.base_snapshot_id
+        opened = self.open.get(step_id)
+        if opened is not None and opened.attempt == attempt:
+            return opened.base_snapshot_id
         return self.checkpoint
 
     def _close(self, step_id: str) -> None:
-        if self.open is not None and self.open.step_id == step_id:
-            self.open = None
+        self.open.pop(step_id, None)

@@ -1,14 +1,17 @@
 """Pipelines and plans: steps with dependencies, resolved against the ops, in a deterministic order.
 
-A plan's order is topological with ties broken by declaration order (Kahn's algorithm that always
-takes the earliest-declared ready step), so the same pipeline always runs its steps in the same
-order. Everything wrong with a pipeline is `invalid_plan`, naming the step concerned.
+Steps whose dependencies are complete run at once, up to the pipeline's `max_parallel` (0: no
+limit); a step sees the outputs of its `ancestors` (its dependencies, directly or transitively)
+and of no other step. A plan's order is topological with ties broken by declaration order
+(Kahn's algorithm that always takes the earliest-declared ready step), so the same pipeline always
+lists its steps in the same order. Everything wrong with a pipeline is `invalid_plan`, naming the
+step concerned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from keel_core.errors import KeelError, invalid_argument
@@ -65,14 +68,18 @@ class PipelineSpec:
     pipeline_id: str
     pipeline_version: str
     steps: tuple[StepSpec, ...]
+    max_parallel: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The pipeline as manifest JSON."""
-        return {
+        """The pipeline as manifest JSON (`max_parallel` only when set: older manifests keep their id)."""
+        data: dict[str, Any] = {
             "pipeline_id": self.pipeline_id,
             "pipeline_version": self.pipeline_version,
             "steps": [step.to_json() for step in self.steps],
         }
+        if self.max_parallel:
+            data["max_parallel"] = self.max_parallel
+        return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> PipelineSpec:
@@ -81,6 +88,7 @@ class PipelineSpec:
             pipeline_id=str(data["pipeline_id"]),
             pipeline_version=str(data.get("pipeline_version") or DEFAULT_VERSION),
             steps=tuple(StepSpec.from_json(step) for step in data["steps"]),
+            max_parallel=int(data.get("max_parallel") or 0),
         )
 
 
@@ -96,6 +104,9 @@ class Plan:
 
     op_id: str
     steps: tuple[StepSpec, ...]
+    max_parallel: int = 0  # 0: every ready step runs at once
+    # step id -> the steps it depends on, directly or transitively (what its context holds)
+    ancestors: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def step(self, step_id: str) -> StepSpec:
         """The step with this id."""
@@ -126,6 +137,10 @@ def resolve_plan(pipeline: PipelineSpec, catalog: OpCatalog) -> Plan:
     _check_id("pipeline_id", pipeline.pipeline_id, None)
     if not pipeline.steps:
         raise invalid_plan("a pipeline needs at least one step")
+    if pipeline.max_parallel < 0:
+        raise invalid_plan(
+            f"max_parallel must be 0 (no limit) or a positive number of steps, got {pipeline.max_parallel}"
+        )
     if len(pipeline.steps) > MAX_STEPS:
         raise invalid_plan(f"a pipeline has at most {MAX_STEPS} steps, got {len(pipeline.steps)}")
     seen: set[str] = set()
@@ -147,7 +162,19 @@ def resolve_plan(pipeline: PipelineSpec, catalog: OpCatalog) -> Plan:
                 "which this engine does not have (see ListOps)",
                 step.step_id,
             )
-    return Plan(pipeline.pipeline_id, topological_order(pipeline.steps))
+    ordered = topological_order(pipeline.steps)
+    return Plan(pipeline.pipeline_id, ordered, pipeline.max_parallel, ancestors_of(ordered))
+
+
+def ancestors_of(ordered: Sequence[StepSpec]) -> dict[str, frozenset[str]]:
+    """Step id -> every step it depends on, directly or transitively (`ordered`: dependencies first)."""
+    ancestors: dict[str, frozenset[str]] = {}
+    for step in ordered:
+        found = set(step.depends_on)
+        for dep in step.depends_on:
+            found |= ancestors[dep]
+        ancestors[step.step_id] = frozenset(found)
+    return ancestors
 
 
 def topological_order(steps: Sequence[StepSpec]) -> tuple[StepSpec, ...]:

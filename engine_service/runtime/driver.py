@@ -45,7 +45,6 @@ from typing import Any
 from engine_service.domain import (
     AlreadyTerminal,
     CompleteRun,
-    ErrorRecord,
     FactRecorded,
     KernelEvent,
     Plan,
@@ -54,6 +53,7 @@ from engine_service.domain import (
     RunManifest,
     RunStarted,
     RunStep,
+    RunSteps,
     StepAttemptFailed,
     StepAttemptStarted,
     StepCompleted,
@@ -62,6 +62,7 @@ from engine_service.domain import (
     canonical_json_bytes,
     encode_event,
     next_action,
+    step_context,
     with_step_output,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
@@ -77,6 +78,7 @@ from engine_service.failpoints import (
 from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
 from engine_service.runtime.leases import Lease
 from engine_service.runtime.run_io import RunFacts, RunIo, io_error
+from engine_service.runtime.step_errors import branch_canceled, op_error_record
 from engine_service.store.port import FOREVER
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
@@ -92,18 +94,6 @@ MAX_BATCH_ARTIFACTS = 16
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
-
-
-def op_error_record(error: BaseException) -> ErrorRecord:
-    """How an op's exception is recorded in StepAttemptFailed."""
-    if isinstance(error, KeelError):
-        details = dict(error.details)
-        try:
-            canonical_json_bytes(details)
-        except KeelError:
-            details = {key: repr(value) for key, value in details.items()}
-        return ErrorRecord(error.code, error.category.value, error.retryable, error.message, details)
-    return ErrorRecord("op_failed", "op", True, f"{type(error).__name__}: {error}")
 
 
 class RunDriver:
@@ -162,6 +152,9 @@ class RunDriver:
         # earlier events it never held): a finished run's view then needs no read of its stream.
         self.events: list[StoredEvent] | None = None if events is None else list(events)
         self.facts = RunFacts(self)
+        self._steps: dict[str, asyncio.Task[None]] = {}  # step id -> the task running its attempt
+        self._flushes: set[asyncio.Future[None]] = set()
+        self._drive_task: asyncio.Task[Any] | None = None
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
         """Cache a snapshot this engine wrote, so it need not be read back."""
@@ -179,29 +172,69 @@ class RunDriver:
         return self._snapshots[snapshot_id]
 
     async def drive(self) -> RunCompleted:
-        """Run to a terminal event, make it durable, and return it."""
+        """Run to a terminal event, make it durable, and return it.
+
+        Every ready step runs as its own task (one per attempt); they all decide their events
+        through `record`, so the run keeps one writer: this driver's batches.
+        """
         bind_log_fields(run_id=self.run_id)  # drive() runs as its own task: names the run in its lines
+        self._drive_task = asyncio.current_task()
         try:
             while True:
                 if self._flush_error is not None:
                     raise self._flush_error
                 if self._refused is not None:
                     raise self._refused
-                action = next_action(self.history, self.plan, self.manifest.run_config)
+                running = frozenset(self._steps)
+                action = next_action(self.history, self.plan, self.manifest.run_config, running)
                 match action:
                     case AlreadyTerminal():
                         await self.flush()
+                        # Steps still here have settled (the terminal event says so): they end their flush.
+                        await asyncio.gather(*self._steps.values(), return_exceptions=True)
                         return action.terminal
+                    case CompleteRun() if self._steps:
+                        await self._stop_branches()  # a branch failed the run: the others stop first
                     case CompleteRun():
                         await self._complete(action)
-                    case RunStep():
-                        await self.run_step(action)
-        except asyncio.CancelledError:
-            await self._flush_when_parked()
+                    case RunSteps():
+                        for step in action.steps:
+                            self._start_step(step)
+                        await self._until_a_step_settles()
+        except BaseException as error:
+            await self._stop_branches()
+            if isinstance(error, asyncio.CancelledError):
+                await self._cancel_flushes()  # a park stops an append in flight, as it always did
+                await self._flush_when_parked()
             raise
         finally:
             if self._lingering is not None:
                 self._lingering.cancel()
+
+    def _start_step(self, action: RunStep) -> None:
+        self._steps[action.step_id] = asyncio.create_task(
+            self.run_step(action), name=f"run {self.run_id} step {action.step_id}"
+        )
+
+    async def _until_a_step_settles(self) -> None:
+        """Wait until a running step ended; a step that raised (not an op's failure) stops the run."""
+        if not self._steps:
+            raise RuntimeError(f"run {self.run_id}: the decision left nothing to run or wait for")
+        await asyncio.wait(self._steps.values(), return_when=asyncio.FIRST_COMPLETED)
+        for step_id, task in list(self._steps.items()):
+            if task.done():
+                del self._steps[step_id]
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    raise error
+
+    async def _stop_branches(self) -> None:
+        """Cancel every running step and wait until each stopped (nothing of theirs is decided after)."""
+        tasks = list(self._steps.values())
+        self._steps.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _flush_when_parked(self) -> None:
         """Keep what was decided before a park (drain or cancel): a short, bounded last flush."""
@@ -260,21 +293,32 @@ class RunDriver:
             self._lingering = asyncio.create_task(self._flush_after_linger())
 
     async def _complete(self, action: CompleteRun) -> None:
-        """Decide RunCompleted (flushing first when `before_run_completed` is armed)."""
+        """Decide RunCompleted (flushing first when `before_run_completed` is armed).
+
+        Open attempts of other branches (stopped by now) are recorded as canceled in the same batch.
+        """
         if self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED):
             await self.flush()
             self.env.failpoints.hit(BEFORE_RUN_COMPLETED)
+        why = branch_canceled(action.reason)
+        canceled = [StepAttemptFailed(open_.step_id, open_.attempt, why) for open_ in action.cancel]
         terminal = RunCompleted(
             action.status, action.final_snapshot_id, action.reason, action.error, has_ledger=self.has_ledger
         )
-        self.record([terminal], label=run_label(action.status))
+        self.record([*canceled, terminal], label=run_label(action.status))
 
-    async def _settled(self) -> None:
+    async def _settled(self, step_id: str) -> None:
         """An attempt settled: without write-behind, append it now (with RunCompleted if that is next)."""
         if self.checkpoint_linger > 0:
             return
-        follow = next_action(self.history, self.plan, self.manifest.run_config)
-        if isinstance(follow, CompleteRun) and not self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED):
+        others = frozenset(self._steps) - {step_id}
+        follow = next_action(self.history, self.plan, self.manifest.run_config, others)
+        if (
+            isinstance(follow, CompleteRun)
+            and not others
+            and not follow.cancel
+            and not self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED)
+        ):
             await self._complete(follow)
         await self.flush()
 
@@ -296,7 +340,29 @@ class RunDriver:
         A batch holding an I/O call's answer (FactRecorded) is appended even when the lease is no
         longer trusted: the append is a compare-and-swap at the head this driver wrote, so it lands
         only when nobody else appended to the run since; a conflict means someone did.
+
+        The append runs on its own: a caller cancelled meanwhile (a branch stopped because another
+        failed the run) leaves it to finish, so the run's one writer never loses track of its head.
+        Only parking the whole driver cancels an append in flight (`_cancel_flushes`).
         """
+        flushing = asyncio.ensure_future(self._flush())
+        self._flushes.add(flushing)
+        flushing.add_done_callback(self._flushed)
+        await asyncio.shield(flushing)
+
+    def _flushed(self, flushing: asyncio.Future[None]) -> None:
+        self._flushes.discard(flushing)
+        if not flushing.cancelled():
+            flushing.exception()  # kept as _flush_error: the driver raises it at its next decision
+
+    async def _cancel_flushes(self) -> None:
+        flushes = list(self._flushes)
+        for flushing in flushes:
+            flushing.cancel()
+        if flushes:
+            await asyncio.gather(*flushes, return_exceptions=True)
+
+    async def _flush(self) -> None:
         async with self._lock:
             if self._flush_error is not None:
                 raise self._flush_error
@@ -355,27 +421,19 @@ class RunDriver:
             await self.flush()
             await asyncio.sleep(action.delay_ms / 1000)
         step = self.plan.step(action.step_id)
-        base = await self.snapshot(action.base_snapshot_id)
+        seen = await self._context_of(action)
         self.record([StepAttemptStarted(action.step_id, action.attempt, action.base_snapshot_id)])
         started_seq = self.history.head_seq  # the attempt's fencing value for transports
         if self._claim_first or self.env.failpoints.is_armed(AFTER_STEP_ATTEMPT_STARTED, action.step_id):
+            await self.flush()  # every branch's op waits until the claim is durable
             self._claim_first = False
-            await self.flush()
             self.env.failpoints.hit(AFTER_STEP_ATTEMPT_STARTED, action.step_id)
         io = RunIo(self.facts, action.step_id, action.attempt, started_seq)
-        ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, base, io)
+        ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, seen, io)
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
             output = await self._call_op(definition, ctx, step.op_config)
             check_json(output, "output")  # what is stored must go back out on the wire
-            snapshot = with_step_output(base, action.step_id, output)
-            snapshot_bytes = canonical_json_bytes(snapshot)
-            if len(snapshot_bytes) > MAX_SNAPSHOT_BYTES:
-                raise io_error(
-                    "snapshot_too_large",
-                    f"the context after step {action.step_id!r} is {len(snapshot_bytes)} bytes of JSON; "
-                    f"the limit is {MAX_SNAPSHOT_BYTES} (store large data elsewhere and keep a reference)",
-                )
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -384,27 +442,61 @@ class RunDriver:
                     "op_output_invalid",
                     f"op {step.op_id!r} returned a value that is not JSON: {error.message}",
                 )
-            self.record([StepAttemptFailed(action.step_id, action.attempt, op_error_record(error))])
-            await self._settled()
+            await self._fail(action, error)
             return
         self.env.failpoints.hit(AFTER_OP_RETURNED, action.step_id)
+        await self._complete_step(action, output)
+
+    async def _context_of(self, action: RunStep) -> dict[str, Any]:
+        """What the attempt sees: the initial context plus its ancestors' outputs (from its base)."""
+        assert self.history.started is not None
+        initial = await self.snapshot(self.history.started.initial_snapshot_id)
+        base = await self.snapshot(action.base_snapshot_id)
+        return step_context(initial, base, self.plan.ancestors.get(action.step_id, frozenset()))
+
+    async def _fail(self, action: RunStep, error: BaseException) -> None:
+        self.record([StepAttemptFailed(action.step_id, action.attempt, op_error_record(error))])
+        await self._settled(action.step_id)
+
+    async def _complete_step(self, action: RunStep, output: Any) -> None:
+        """Record StepCompleted with the checkpoint after it: the latest checkpoint plus its output.
+
+        No await between reading the latest checkpoint and recording: a sibling completing in
+        between would otherwise be left out of the checkpoint.
+        """
+        while True:
+            latest_id = self.history.last_checkpoint
+            latest = await self.snapshot(latest_id)
+            if latest_id != self.history.last_checkpoint:
+                continue  # a sibling completed while the checkpoint was read
+            snapshot = with_step_output(latest, action.step_id, output)
+            snapshot_bytes = canonical_json_bytes(snapshot)
+            if len(snapshot_bytes) > MAX_SNAPSHOT_BYTES:
+                error = io_error(
+                    "snapshot_too_large",
+                    f"the context after step {action.step_id!r} is {len(snapshot_bytes)} bytes of JSON; "
+                    f"the limit is {MAX_SNAPSHOT_BYTES} (store large data elsewhere and keep a reference)",
+                )
+                await self._fail(action, error)
+                return
+            if (
+                self._pending_artifact_bytes() + len(snapshot_bytes) <= MAX_BATCH_ARTIFACT_BYTES
+                and len(self._pending_artifacts) < MAX_BATCH_ARTIFACTS
+            ):
+                break
+            await self.flush()  # keep one batch within what one append may carry
         snapshot_id = artifact_id_for_bytes(snapshot_bytes)
         self._snapshots[snapshot_id] = snapshot
-        if (
-            self._pending_artifact_bytes() + len(snapshot_bytes) > MAX_BATCH_ARTIFACT_BYTES
-            or len(self._pending_artifacts) >= MAX_BATCH_ARTIFACTS
-        ):
-            await self.flush()  # keep one batch within what one append may carry
         self.record(
             [StepCompleted(action.step_id, action.attempt, snapshot_id)],
             artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)],
         )
-        await self._settled()
+        await self._settled(action.step_id)
 
     async def _call_op(self, definition: OpDefinition, ctx: StepContext, op_config: Any) -> Any:
         """Run the op; a run terminalized elsewhere meanwhile (another engine) cancels it."""
-        driver_task = asyncio.current_task()
-        watcher = asyncio.create_task(self._cancel_on_foreign_terminal(driver_task))
+        # The whole run stops (every branch), as when Terminalize cancels it here.
+        watcher = asyncio.create_task(self._cancel_on_foreign_terminal(self._drive_task))
         try:
             return await definition.function(
                 ctx, copy.deepcopy(op_config), copy.deepcopy(self.manifest.input)

@@ -177,7 +177,9 @@ def pipeline_from(request: engine_pb2.StartRunRequest) -> PipelineSpec:
             )
             for index, step in enumerate(pipeline.steps)
         )
-        return PipelineSpec(pipeline.pipeline_id, pipeline.pipeline_version or "1", steps)
+        return PipelineSpec(
+            pipeline.pipeline_id, pipeline.pipeline_version or "1", steps, max_parallel=pipeline.max_parallel
+        )
     if target == "op":
         if not request.op.op_id:
             raise invalid_argument("invalid_plan", "op.op_id is required")

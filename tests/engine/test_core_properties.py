@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from engine_service.domain import (
     RunConfig,
     RunStarted,
     RunStep,
+    RunSteps,
     StepAttemptFailed,
     StepAttemptStarted,
     StepCompleted,
@@ -34,6 +36,7 @@ from engine_service.domain import (
     looks_like_secret,
     next_action,
     resolve_plan,
+    step_context,
 )
 from engine_service.domain.ops import OpDefinition
 from engine_service.domain.plan import Plan, topological_order
@@ -64,70 +67,153 @@ def dags(draw: st.DrawFn) -> Plan:
     return resolve_plan(PipelineSpec("p", "1", tuple(shuffled)), _catalog("noop"))
 
 
-OUTCOMES = st.sampled_from(["ok", "retryable", "fatal", "crash", "crash_after_start"])
+OUTCOMES = st.sampled_from(["ok", "ok", "retryable", "fatal", "crash"])
 
 
-def _simulate(plan: Plan, max_attempts: int, outcomes: list[str]) -> tuple[list[KernelEvent], list[Any]]:
-    """Drive a run through next_action, taking step outcomes from `outcomes` (then all `ok`)."""
-    config = RunConfig(retry_policy=RetryPolicy(max_attempts=max_attempts, initial_backoff_ms=10))
-    events: list[KernelEvent] = [RunStarted("p", "sha256:m", "snap0")]
-    actions: list[Any] = []
-    feed = iter(outcomes)
-    for _ in range(500):
-        action = next_action(fold(events), plan, config)
-        actions.append(action)
-        match action:
-            case AlreadyTerminal():
-                return events, actions
-            case CompleteRun():
-                events.append(
-                    RunCompleted(action.status, action.final_snapshot_id, action.reason, action.error)
-                )
-            case RunStep(step_id=step, attempt=attempt, base_snapshot_id=base):
-                outcome = next(feed, "ok")
-                if outcome == "crash":
-                    continue  # died before StepAttemptStarted was durable: nothing recorded
-                events.append(StepAttemptStarted(step, attempt, base))
-                if outcome == "crash_after_start":
-                    continue
-                if outcome == "ok":
-                    events.append(StepCompleted(step, attempt, f"snap-{step}"))
-                else:
-                    error = ErrorRecord("boom", "op", outcome == "retryable", "boom")
-                    events.append(StepAttemptFailed(step, attempt, error))
-    raise AssertionError("the run did not terminate")
+class Simulation:
+    """A run driven through next_action like the driver does: every ready step starts at once.
+
+    Which running step settles next comes from `picks`, how from `outcomes` (then all `ok`);
+    `crash` kills the engine: every attempt in flight is left open (an orphan).
+    """
+
+    def __init__(self, plan: Plan, max_attempts: int, outcomes: list[str], picks: list[int]) -> None:
+        self.plan = plan
+        self.config = RunConfig(retry_policy=RetryPolicy(max_attempts=max_attempts, initial_backoff_ms=10))
+        self.events: list[KernelEvent] = [RunStarted("p", "sha256:m", "snap0")]
+        self.actions: list[Any] = []
+        self.running: dict[str, RunStep] = {}
+        self.crashes: list[tuple[dict[str, RunStep], Any]] = []  # in flight at a crash, the next action
+        self.most_in_flight = 0
+        self._outcomes = iter(outcomes)
+        self._picks = iter(picks)
+
+    def run(self) -> Simulation:
+        for _ in range(1000):
+            action = next_action(fold(self.events), self.plan, self.config, frozenset(self.running))
+            self.actions.append(action)
+            if self.crashes and self.crashes[-1][1] is None:
+                self.crashes[-1] = (self.crashes[-1][0], action)
+            match action:
+                case AlreadyTerminal():
+                    return self
+                case CompleteRun() if self.running:
+                    self.running.clear()  # the driver stops the other branches first
+                case CompleteRun():
+                    why = ErrorRecord("branch_canceled", "cancelled", False, "canceled")
+                    self.events += [StepAttemptFailed(a.step_id, a.attempt, why) for a in action.cancel]
+                    self.events.append(
+                        RunCompleted(action.status, action.final_snapshot_id, action.reason, action.error)
+                    )
+                case RunSteps(steps=steps):
+                    for step in steps:
+                        started = StepAttemptStarted(step.step_id, step.attempt, step.base_snapshot_id)
+                        self.events.append(started)
+                        self.running[step.step_id] = step
+                    self.most_in_flight = max(self.most_in_flight, len(self.running))
+                    self._settle_one()
+        raise AssertionError("the run did not terminate")
+
+    def _settle_one(self) -> None:
+        assert self.running, "the decision left nothing to run or wait for"
+        step = list(self.running.values())[next(self._picks, 0) % len(self.running)]
+        outcome = next(self._outcomes, "ok")
+        if outcome == "crash":
+            self.crashes.append((dict(self.running), None))
+            self.running.clear()
+            return
+        del self.running[step.step_id]
+        if outcome == "ok":
+            self.events.append(StepCompleted(step.step_id, step.attempt, f"snap-{step.step_id}"))
+        else:
+            error = ErrorRecord("boom", "op", outcome == "retryable", "boom")
+            self.events.append(StepAttemptFailed(step.step_id, step.attempt, error))
+
+
+def _simulate(plan: Plan, max_attempts: int, outcomes: list[str], picks: list[int] = []) -> Simulation:  # noqa: B006
+    return Simulation(plan, max_attempts, outcomes, picks).run()
+
+
+PICKS = st.lists(st.integers(0, 5), max_size=30)
 
 
 @settings(max_examples=300, deadline=None)
-@given(plan=dags(), max_attempts=st.integers(1, 4), outcomes=st.lists(OUTCOMES, max_size=30))
-def test_driving_next_action_terminates_with_each_step_completed_once_in_plan_order(
-    plan: Plan, max_attempts: int, outcomes: list[str]
+@given(plan=dags(), max_attempts=st.integers(1, 4), outcomes=st.lists(OUTCOMES, max_size=30), picks=PICKS)
+def test_driving_next_action_terminates_with_each_step_completed_once_after_its_dependencies(
+    plan: Plan, max_attempts: int, outcomes: list[str], picks: list[int]
 ) -> None:
-    events, _ = _simulate(plan, max_attempts, outcomes)
+    events = _simulate(plan, max_attempts, outcomes, picks).events
     history = fold(events)
     assert history.terminal is not None
     assert isinstance(events[-1], RunCompleted)
     completed = [e.step_id for e in events if isinstance(e, StepCompleted)]
     assert len(completed) == len(set(completed))
-    assert completed == list(plan.step_ids[: len(completed)])
+    for step_id in completed:
+        deps = plan.step(step_id).depends_on
+        assert set(deps) <= set(completed[: completed.index(step_id)])
     if history.terminal.status == COMPLETED:
-        assert completed == list(plan.step_ids)
-        assert history.terminal.final_snapshot_id == f"snap-{plan.step_ids[-1]}"
+        assert sorted(completed) == sorted(plan.step_ids)
+        assert not history.open_attempts
     else:
         assert history.terminal.status == FAILED
-        failed_step = plan.step_ids[len(completed)]
-        failures = [e for e in events if isinstance(e, StepAttemptFailed) and e.step_id == failed_step]
-        last = failures[-1]
+        assert history.terminal.error is not None and history.terminal.error.code == "boom"
+        error = history.terminal.error
+        last = [e for e in events if isinstance(e, StepAttemptFailed) and e.error == error][-1]
         assert (not last.error.retryable) or last.attempt + 1 >= max_attempts
-        assert history.terminal.error == last.error
+        assert not history.open_attempts  # every other branch was recorded as canceled
 
 
 @settings(max_examples=300, deadline=None)
-@given(plan=dags(), max_attempts=st.integers(1, 4), outcomes=st.lists(OUTCOMES, max_size=30))
-def test_attempt_numbers_of_a_step_strictly_increase_from_zero(
-    plan: Plan, max_attempts: int, outcomes: list[str]
+@given(plan=dags(), max_attempts=st.integers(1, 4), outcomes=st.lists(OUTCOMES, max_size=30), picks=PICKS)
+def test_a_step_never_starts_before_its_dependencies_completed(
+    plan: Plan, max_attempts: int, outcomes: list[str], picks: list[int]
 ) -> None:
-    events, _ = _simulate(plan, max_attempts, outcomes)
+    events = _simulate(plan, max_attempts, outcomes, picks).events
+    done: set[str] = set()
+    for event in events:
+        if isinstance(event, StepAttemptStarted):
+            assert set(plan.step(event.step_id).depends_on) <= done
+            assert event.step_id not in done
+        elif isinstance(event, StepCompleted):
+            done.add(event.step_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    plan=dags(),
+    max_parallel=st.integers(1, 3),
+    outcomes=st.lists(OUTCOMES, max_size=30),
+    picks=PICKS,
+)
+def test_never_more_than_max_parallel_attempts_in_flight(
+    plan: Plan, max_parallel: int, outcomes: list[str], picks: list[int]
+) -> None:
+    limited = replace(plan, max_parallel=max_parallel)
+    run = _simulate(limited, 3, outcomes, picks)
+    assert run.most_in_flight <= max_parallel
+    for cut in range(1, len(run.events) + 1):
+        assert len(fold(run.events[:cut]).open_attempts) <= max_parallel
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan=dags(), outcomes=st.lists(OUTCOMES, max_size=30), picks=PICKS)
+def test_after_a_crash_every_orphan_attempt_is_resumed_as_attempt_plus_one_from_its_base(
+    plan: Plan, outcomes: list[str], picks: list[int]
+) -> None:
+    run = _simulate(plan, 3, outcomes, picks)
+    for in_flight, following in run.crashes:
+        assert isinstance(following, RunSteps)  # no failure can be pending at a crash: none was exhausted
+        resumed = {step.step_id: step for step in following.steps}
+        for step_id, lost in in_flight.items():
+            assert resumed[step_id] == RunStep(step_id, lost.attempt + 1, lost.base_snapshot_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan=dags(), max_attempts=st.integers(1, 4), outcomes=st.lists(OUTCOMES, max_size=30), picks=PICKS)
+def test_attempt_numbers_of_a_step_strictly_increase_from_zero(
+    plan: Plan, max_attempts: int, outcomes: list[str], picks: list[int]
+) -> None:
+    events = _simulate(plan, max_attempts, outcomes, picks).events
     for step in plan.step_ids:
         attempts = [e.attempt for e in events if isinstance(e, StepAttemptStarted) and e.step_id == step]
         assert attempts == sorted(set(attempts))
@@ -140,12 +226,13 @@ def test_attempt_numbers_of_a_step_strictly_increase_from_zero(
     plan=dags(),
     max_attempts=st.integers(1, 4),
     outcomes=st.lists(OUTCOMES, max_size=20),
+    picks=PICKS,
     cut=st.integers(0, 60),
 )
 def test_fold_of_a_prefix_extended_by_the_rest_equals_the_fold_of_the_whole(
-    plan: Plan, max_attempts: int, outcomes: list[str], cut: int
+    plan: Plan, max_attempts: int, outcomes: list[str], picks: list[int], cut: int
 ) -> None:
-    events, _ = _simulate(plan, max_attempts, outcomes)
+    events = _simulate(plan, max_attempts, outcomes, picks).events
     cut = min(cut, len(events))
     assert fold(events[:cut]).extend(events[cut:]) == fold(events)
 
@@ -155,19 +242,21 @@ def test_fold_of_a_prefix_extended_by_the_rest_equals_the_fold_of_the_whole(
     plan=dags(),
     max_attempts=st.integers(1, 4),
     outcomes=st.lists(OUTCOMES, max_size=20),
+    picks=PICKS,
     cut=st.integers(1, 60),
 )
 def test_next_action_on_any_prefix_never_reruns_a_completed_step(
-    plan: Plan, max_attempts: int, outcomes: list[str], cut: int
+    plan: Plan, max_attempts: int, outcomes: list[str], picks: list[int], cut: int
 ) -> None:
-    events, _ = _simulate(plan, max_attempts, outcomes)
+    events = _simulate(plan, max_attempts, outcomes, picks).events
     prefix = events[: min(cut, len(events))]
     history = fold(prefix)
     config = RunConfig(retry_policy=RetryPolicy(max_attempts=max_attempts))
     action = next_action(history, plan, config)
-    if isinstance(action, RunStep):
-        assert action.step_id not in history.completed_steps
-        assert action.attempt > history.last_attempt.get(action.step_id, -1)
+    if isinstance(action, RunSteps):
+        for step in action.steps:
+            assert step.step_id not in history.completed_steps
+            assert step.attempt > history.last_attempt.get(step.step_id, -1)
 
 
 def test_terminal_run_is_left_alone() -> None:
@@ -177,7 +266,7 @@ def test_terminal_run_is_left_alone() -> None:
     assert next_action(fold(events), plan, RunConfig()) == AlreadyTerminal(terminal)
     # Events after the terminal one never change the history.
     later = fold([*events, StepAttemptStarted("a", 5, "x")])
-    assert later.terminal == terminal and later.open_attempt is None
+    assert later.terminal == terminal and not later.open_attempts
 
 
 def test_resume_after_orphan_attempt_reruns_from_base_snapshot() -> None:
@@ -193,9 +282,88 @@ def test_resume_after_orphan_attempt_reruns_from_base_snapshot() -> None:
         FactRecorded("b", 0, "k", "ns", {"x": 1}),
     ]
     history = fold(events)
-    assert history.open_attempt is not None
-    assert next_action(history, plan, RunConfig()) == RunStep("b", 1, "sA")
+    assert set(history.open_attempts) == {"b"}
+    assert next_action(history, plan, RunConfig()) == RunSteps((RunStep("b", 1, "sA"),))
     assert history.facts["k"].response == {"x": 1}
+
+
+def _fork_plan(max_parallel: int = 0) -> Plan:
+    """a and b independent; c depends on both."""
+    steps = (StepSpec("a", "noop"), StepSpec("b", "noop"), StepSpec("c", "noop", depends_on=("a", "b")))
+    return resolve_plan(PipelineSpec("p", "1", steps, max_parallel), _catalog("noop"))
+
+
+def test_independent_steps_are_ready_together_and_a_join_waits_for_both() -> None:
+    plan = _fork_plan()
+    started: list[KernelEvent] = [RunStarted("p", "m", "s0")]
+    both_ready = RunSteps((RunStep("a", 0, "s0"), RunStep("b", 0, "s0")))
+    assert next_action(fold(started), plan, RunConfig()) == both_ready
+    running = [*started, StepAttemptStarted("a", 0, "s0"), StepAttemptStarted("b", 0, "s0")]
+    assert next_action(fold(running), plan, RunConfig(), {"a", "b"}) == RunSteps(())
+    one_done = [*running, StepCompleted("a", 0, "sA")]
+    assert next_action(fold(one_done), plan, RunConfig(), {"b"}) == RunSteps(())
+    both = [*one_done, StepCompleted("b", 0, "sAB")]
+    assert next_action(fold(both), plan, RunConfig()) == RunSteps((RunStep("c", 0, "sAB"),))
+
+
+def test_max_parallel_one_runs_one_ready_step_at_a_time() -> None:
+    plan = _fork_plan(max_parallel=1)
+    events: list[KernelEvent] = [RunStarted("p", "m", "s0")]
+    assert next_action(fold(events), plan, RunConfig()) == RunSteps((RunStep("a", 0, "s0"),))
+    events.append(StepAttemptStarted("a", 0, "s0"))
+    assert next_action(fold(events), plan, RunConfig(), {"a"}) == RunSteps(())
+
+
+def test_after_a_crash_both_orphan_branches_resume_as_attempt_plus_one_from_their_bases() -> None:
+    events: list[KernelEvent] = [
+        RunStarted("p", "m", "s0"),
+        StepAttemptStarted("a", 0, "s0"),
+        StepAttemptStarted("b", 0, "s0"),
+        StepAttemptFailed("b", 0, ErrorRecord("boom", "op", True, "once")),
+        StepAttemptStarted("b", 1, "s0"),
+    ]
+    history = fold(events)
+    assert set(history.open_attempts) == {"a", "b"}
+    action = next_action(history, _fork_plan(), RunConfig())
+    assert action == RunSteps((RunStep("a", 1, "s0"), RunStep("b", 2, "s0")))
+
+
+def test_a_branch_failing_for_good_fails_the_run_and_cancels_the_open_sibling() -> None:
+    error = ErrorRecord("bad", "op", False, "no")
+    events: list[KernelEvent] = [
+        RunStarted("p", "m", "s0"),
+        StepAttemptStarted("a", 0, "s0"),
+        StepAttemptStarted("b", 0, "s0"),
+        StepAttemptFailed("b", 0, error),
+    ]
+    action = next_action(fold(events), _fork_plan(), RunConfig(), {"a"})
+    assert isinstance(action, CompleteRun) and action.status == FAILED and action.error == error
+    assert [(open_.step_id, open_.attempt) for open_ in action.cancel] == [("a", 0)]
+
+
+def test_a_step_sees_the_initial_context_and_its_ancestors_only() -> None:
+    steps = (
+        StepSpec("a", "noop"),
+        StepSpec("b", "noop"),
+        StepSpec("c", "noop", depends_on=("a",)),
+        StepSpec("d", "noop", depends_on=("c",)),
+    )
+    plan = resolve_plan(PipelineSpec("p", "1", steps), _catalog("noop"))
+    assert plan.ancestors == {"a": set(), "b": set(), "c": {"a"}, "d": {"a", "c"}}
+    initial = {"x": 1, "b": "initial"}
+    checkpoint = {"x": 1, "b": "from b", "a": "from a", "c": "from c"}
+    seen_by_d = {"x": 1, "b": "initial", "a": "from a", "c": "from c"}
+    assert step_context(initial, checkpoint, plan.ancestors["d"]) == seen_by_d
+    assert step_context(initial, checkpoint, plan.ancestors["b"]) == initial
+
+
+def test_max_parallel_is_left_out_of_the_manifest_json_when_unset_and_negative_is_invalid() -> None:
+    steps = (StepSpec("a", "noop"),)
+    assert "max_parallel" not in PipelineSpec("p", "1", steps).to_json()
+    assert PipelineSpec.from_json(PipelineSpec("p", "1", steps, 2).to_json()).max_parallel == 2
+    with pytest.raises(KeelError) as caught:
+        resolve_plan(PipelineSpec("p", "1", steps, -1), _catalog("noop"))
+    assert caught.value.code == "invalid_plan" and "max_parallel" in caught.value.message
 
 
 def test_exhausted_retries_fail_the_run_with_the_last_error() -> None:
@@ -208,7 +376,7 @@ def test_exhausted_retries_fail_the_run_with_the_last_error() -> None:
     action = next_action(fold(events), plan, config)
     assert isinstance(action, CompleteRun) and action.status == FAILED and action.error == error
     config3 = RunConfig(retry_policy=RetryPolicy(max_attempts=3, initial_backoff_ms=100, multiplier=2))
-    assert next_action(fold(events), plan, config3) == RunStep("a", 2, "s0", 200)
+    assert next_action(fold(events), plan, config3) == RunSteps((RunStep("a", 2, "s0", 200),))
 
 
 def test_non_retryable_failure_fails_the_run_at_once() -> None:

@@ -57,7 +57,7 @@ def test_the_fold_stops_at_a_corrupt_event_but_a_later_terminal_one_ends_the_run
     corrupt = CorruptEvent("StepCompleted", "missing field 'snapshot_id'")
     history = fold([started, corrupt, StepAttemptStarted("main", 0, "sha256:s")])
     assert history.corrupt == corrupt and history.corrupt_seq == 2 and history.head_seq == 3
-    assert history.open_attempt is None and not history.is_terminal  # nothing applied past it
+    assert not history.open_attempts and not history.is_terminal  # nothing applied past it
     canceled = RunCompleted("canceled", "sha256:s", "operator")
     assert history.extend([canceled]).terminal == canceled
     # Junk after the terminal event changes nothing: the run ended before it.

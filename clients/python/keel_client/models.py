@@ -350,12 +350,14 @@ class PipelineSpec:
     pipeline_id: str
     steps: Sequence[StepSpec]
     pipeline_version: str = ""
+    max_parallel: int = 0  # steps running at once (0: every ready step)
 
     def to_dict(self) -> dict[str, Any]:
         """The pipeline as the dict StartRun takes (the shape of the proto Pipeline)."""
         return {
             "pipeline_id": self.pipeline_id,
             "pipeline_version": self.pipeline_version,
+            "max_parallel": self.max_parallel,
             "steps": [
                 {
                     "step_id": step.step_id,

@@ -281,10 +281,15 @@ class Pipeline(_message.Message):
     PIPELINE_ID_FIELD_NUMBER: _builtins.int
     PIPELINE_VERSION_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    MAX_PARALLEL_FIELD_NUMBER: _builtins.int
     pipeline_id: _builtins.str
     """The pipeline's id; it is the run's op id (1 to 128 characters)."""
     pipeline_version: _builtins.str
     """The pipeline's version (empty means "1")."""
+    max_parallel: _builtins.int
+    """How many steps may run at once: every step whose dependencies are complete runs, up to this
+    many (0 means no limit; negative is invalid_plan).
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Step]:
         """The steps (1 to 1000)."""
@@ -295,10 +300,11 @@ class Pipeline(_message.Message):
         pipeline_id: _builtins.str = ...,
         pipeline_version: _builtins.str = ...,
         steps: _abc.Iterable[Global___Step] | None = ...,
+        max_parallel: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_parallel", b"max_parallel", "pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,28 @@
+"""How a step attempt's failure is recorded: an op's exception, or a branch stopped by a sibling."""
+
+from __future__ import annotations
+
+from engine_service.domain import BRANCH_CANCELED, ErrorRecord, canonical_json_bytes
+from keel_core.errors import KeelError
+
+
+def op_error_record(error: BaseException) -> ErrorRecord:
+    """How an op's exception is recorded in StepAttemptFailed."""
+    if isinstance(error, KeelError):
+        details = dict(error.details)
+        try:
+            canonical_json_bytes(details)
+        except KeelError:
+            details = {key: repr(value) for key, value in details.items()}
+        return ErrorRecord(error.code, error.category.value, error.retryable, error.message, details)
+    return ErrorRecord("op_failed", "op", True, f"{type(error).__name__}: {error}")
+
+
+def branch_canceled(reason: str) -> ErrorRecord:
+    """How an attempt stopped because another branch failed the run is recorded (never retried)."""
+    return ErrorRecord(
+        BRANCH_CANCELED,
+        "cancelled",
+        False,
+        f"canceled: another branch failed the run ({reason})",
+    )
