@@ -1,7 +1,7 @@
 """The chaos run: a workload of multi-call, fan-out runs while engines and stores are SIGKILLed and
 SIGSTOPped at random, then the checks (every acknowledged run terminal, no stream gap, every
-repeated call explained by its executor's death, pause or being cut off from the store past its lease) and
-the report.
+repeated call explained by its executor's death, its pause or its being cut off from the store past
+its lease) and the report.
 
 Every loop is bounded by a count or a deadline, and `chaos_run` kills every process it started.
 """
