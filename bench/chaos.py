@@ -1,6 +1,7 @@
 """The chaos test (tests/chaos) for longer: runs with recorded calls and fan-out children while
 engines and stores are SIGKILLed and SIGSTOPped at random; prints runs started / acknowledged /
-terminal / lost, stream gaps, and repeated transport calls by cause.
+terminal / lost, stream gaps, and repeated transport calls by cause (executor killed, executor
+paused past its lease, executor cut off past its lease, other).
 
 Run: `.venv/bin/python bench/chaos.py [--seconds T] [--seed S] [--backend sqlite|postgres] [--dsn DSN]`
 

@@ -9,10 +9,13 @@ client's retries are counted, not listed.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
-from tests.chaos.ledger import Repeat
+from tests.chaos.ledger import Repeat, Takeover
+
+TAKEOVER = re.compile(r"took over run (\S+) from (?:engine (\S+)|its creator) \((.*)\)$")
 
 MAX_LINES = 8
 MAX_MESSAGE = 220
@@ -26,7 +29,7 @@ def log_evidence(logs: list[Path], repeat: Repeat, lease_ttl: float, t0_wall: fl
     retries = 0
     for path in logs:
         for record in _records_naming(path, repeat.before.run):
-            at = datetime.fromisoformat(str(record.get("ts", "")).replace("Z", "+00:00")).timestamp()
+            at = _wall(record)
             takeover = record.get("logger") == "engine_service.runtime.leases"
             if not since <= at <= until or (record.get("level") not in ("warning", "error") and not takeover):
                 continue
@@ -40,13 +43,30 @@ def log_evidence(logs: list[Path], repeat: Repeat, lease_ttl: float, t0_wall: fl
     return [*shown, *([f"{retries} failed store call(s) retried"] if retries else [])]
 
 
-def _records_naming(path: Path, run_id: str) -> list[dict[str, object]]:
+def takeovers(logs: list[Path], t0_mono: float, t0_wall: float) -> list[Takeover]:
+    """Every lease takeover the engines logged, at monotonic times (from the t0 pair's offset)."""
+    found = []
+    for path in logs:
+        for record in _records_naming(path, "took over run "):
+            matched = TAKEOVER.match(str(record.get("msg", "")))
+            if record.get("logger") != "engine_service.runtime.leases" or matched is None:
+                continue
+            at = _wall(record) - t0_wall + t0_mono
+            found.append(Takeover(matched[1], at, matched[2] or "", matched[3]))
+    return sorted(found, key=lambda t: t.mono)
+
+
+def _wall(record: dict[str, object]) -> float:
+    return datetime.fromisoformat(str(record.get("ts", "")).replace("Z", "+00:00")).timestamp()
+
+
+def _records_naming(path: Path, text: str) -> list[dict[str, object]]:
     if not path.exists():
         return []
     records = []
     with open(path, encoding="utf-8", errors="replace") as log:
         for line in log:
-            if run_id not in line:
+            if text not in line:
                 continue
             try:
                 record = json.loads(line)

@@ -1,6 +1,7 @@
 """The chaos run: a workload of multi-call, fan-out runs while engines and stores are SIGKILLed and
 SIGSTOPped at random, then the checks (every acknowledged run terminal, no stream gap, every
-repeated call explained by its executor's death or pause) and the report.
+repeated call explained by its executor's death, its pause or its being cut off from the store past
+its lease) and the report.
 
 Every loop is bounded by a count or a deadline, and `chaos_run` kills every process it started.
 """
@@ -23,8 +24,18 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.json_values import to_value
 from tests.chaos.cluster import Cluster, Service
-from tests.chaos.evidence import log_evidence
-from tests.chaos.ledger import CAUSES, OTHER, Repeat, faults_near, read_ledger, repeats, stream_gap
+from tests.chaos.evidence import log_evidence, takeovers
+from tests.chaos.ledger import (
+    CAUSES,
+    CUT_OFF,
+    OTHER,
+    Context,
+    Repeat,
+    faults_near,
+    read_ledger,
+    repeats,
+    stream_gap,
+)
 from tests.store.postgres_schemas import fresh_schema
 
 if TYPE_CHECKING:
@@ -77,6 +88,7 @@ class Report:
     repeats: list[Repeat] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     other_details: list[str] = field(default_factory=list)
+    cut_off_details: list[str] = field(default_factory=list)
     workdir: str = ""
     began: str = ""
 
@@ -106,6 +118,7 @@ class Report:
             *(f"  lost: {run} (last seen {self.statuses.get(run, 'never')})" for run in self.lost),
             *(f"  ended without completing: {line}" for line in self.not_completed),
             *(f"  gap: {gap}" for gap in self.gaps),
+            *(f"  cut off: {detail}" for detail in self.cut_off_details),
             *(f"  other: {detail}" for detail in self.other_details),
             f"  verdict: {'; '.join(self.failures) or 'ok'}",
         ]
@@ -255,16 +268,23 @@ def classify(cluster: Cluster, report: Report) -> None:
     """The ledger's repeats by cause, the faults done, and what happened around each `other` repeat."""
     executions = read_ledger(cluster.ledger)
     report.executions = len(executions)
-    report.repeats = repeats(executions, cluster.faults, LEASE_TTL)
     t0 = cluster.t0
     logs = [engine.log_path for engine in cluster.engines]
+    engine_ids = {pid: name for engine in cluster.engines for pid, name in engine.pids.items()}
+    context = Context(takeovers(logs, t0, cluster.t0_wall), len(cluster.stores), engine_ids)
+    report.repeats = repeats(executions, cluster.faults, LEASE_TTL, context)
     report.faults = [
         f"{f.kind} {f.name} (pid {f.pid}) at {f.start - t0:.2f}s for {f.length:.2f}s" for f in cluster.faults
     ]
     for repeat in report.repeats:
+        before, again = repeat.before, repeat.again
+        if repeat.cause == CUT_OFF:
+            report.cut_off_details.append(
+                f"run {before.run} key {before.key!r}: first by {cluster.name_of(before.pid)} at "
+                f"{before.mono - t0:.2f}s, again by {cluster.name_of(again.pid)} at {again.mono - t0:.2f}s"
+            )
         if repeat.cause != OTHER:
             continue
-        before, again = repeat.before, repeat.again
         near = [
             f"{f.kind} {f.name} at {f.start - t0:.2f}s for {f.length:.2f}s"
             for f in faults_near(repeat, cluster.faults, LEASE_TTL)

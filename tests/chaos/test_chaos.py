@@ -4,8 +4,9 @@ store, two engines) and on PostgreSQL (two store replicas on one schema, two eng
 
 It fails on any acknowledged run that never ends, any gap in a run:, children: or lease: stream,
 and any call the ledger shows executed again while its first executor neither died nor was paused
-past its lease. KEEL_CHAOS_SEED picks the seed (default: a fixed one per backend); the longer
-version is `bench/chaos.py`.
+or cut off from the store past its lease (tests.chaos.ledger says how each is told).
+KEEL_CHAOS_SEED picks the seed (default: a fixed one per backend); the longer version is
+`bench/chaos.py`.
 """
 
 from __future__ import annotations
