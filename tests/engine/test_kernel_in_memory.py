@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
@@ -34,7 +34,8 @@ from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
 from engine_service.runtime.views import RUNNING
-from engine_service.store import InMemoryEventLog
+from engine_service.store import InMemoryEventLog, StreamEvent
+from keel_core.errors import KeelError
 
 WAIT = 30.0
 OPS = OpRegistry()
@@ -231,3 +232,32 @@ async def test_list_runs_by_status_and_watch_a_run_to_its_end(kernel: Engine) ->
     GATES["listed"].set()
     await asyncio.wait_for(watching, WAIT)
     assert seen[0] == RUN_STARTED and seen[-1] == RUN_COMPLETED
+
+
+async def test_an_await_on_the_log_is_not_done_when_the_subscription_ends_without_the_runs_end(
+    kernel: Engine,
+) -> None:
+    log = kernel.env.store
+    assert isinstance(log, InMemoryEventLog)
+    opened = gate("unfinished")
+    outcome = await kernel.start_run(manifest("mem.gated", "unfinished"), None)
+    await asyncio.wait_for(ENTERED["unfinished"].wait(), WAIT)
+    other = engine(log, kernel.checkpoint_linger, engine_id="mem-other")
+    try:
+        subscribed = asyncio.Event()
+        subscribe = log.subscribe
+
+        def noted(stream_id: str, *, after_seq: int = 0) -> AsyncGenerator[StreamEvent, None]:
+            subscribed.set()
+            return subscribe(stream_id, after_seq=after_seq)
+
+        log.subscribe = noted  # type: ignore[method-assign]
+        awaiting = asyncio.create_task(other.await_run(outcome.run_id, None))
+        await asyncio.wait_for(subscribed.wait(), WAIT)  # the other engine waits on the log
+        await log.close()  # ends the subscription; the run is still running
+        with pytest.raises(KeelError) as refused:
+            await asyncio.wait_for(awaiting, WAIT)
+        assert refused.value.code == "store_unavailable"
+    finally:
+        opened.set()
+        await other.stop()
