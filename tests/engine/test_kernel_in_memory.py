@@ -44,6 +44,7 @@ FAST_RETRY = make_run_config(max_attempts=3, initial_backoff_ms=1, max_backoff_m
 # Ops that wait for the test: the gate is set per test (the event loop is per test).
 GATES: dict[str, asyncio.Event] = {}
 ENTERED: dict[str, asyncio.Event] = {}
+SEEN: dict[str, Any] = {}
 
 
 @op("mem.echo", registry=OPS)
@@ -82,6 +83,31 @@ async def parent(ctx: StepContext, op_config: Any, input: Any) -> Any:
     awaited = {"kind": AWAIT_KIND, "child_run_id": spawned["child_run_id"]}
     outcome = await ctx.io.call(AWAIT_NAMESPACE, awaited, "child-done")
     return {"status": outcome["status"], "snapshot": outcome["final_snapshot"]}
+
+
+class ClosingTransport:
+    """Answers, closing the log first: the answer's append fails."""
+
+    def __init__(self, log: InMemoryEventLog) -> None:
+        self._log = log
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        await self._log.close()
+        return {"answered": fact_key}
+
+
+@op("mem.call_twice", registry=OPS)
+async def call_twice(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Calls `closing`; when that fails, repeats the call with the same key (what it gets: SEEN)."""
+    try:
+        return await ctx.io.call("closing", {}, "once")
+    except KeelError as first:
+        SEEN["first"] = first.code
+    try:
+        SEEN["again"] = await ctx.io.call("closing", {}, "once")
+    except KeelError as again:
+        SEEN["again"] = again.code
+    return None
 
 
 def manifest(op_id: str, input: Any = None, **config: Any) -> RunManifest:
@@ -261,3 +287,20 @@ async def test_an_await_on_the_log_is_not_done_when_the_subscription_ends_withou
     finally:
         opened.set()
         await other.stop()
+
+
+async def test_an_answer_whose_append_failed_is_not_served_to_a_repeated_call() -> None:
+    log = InMemoryEventLog()
+    transports = TransportRegistry()
+    transports.register("closing", ClosingTransport(log))
+    env = RunEnvironment(log, OPS, transports, Failpoints.parse(""))
+    kernel = Engine(env, BUILD, checkpoint_linger=0.0, engine_id="mem-closing")
+    SEEN.clear()
+    try:
+        outcome = await kernel.start_run(manifest("mem.call_twice", None, max_attempts=1), None)
+        with contextlib.suppress(KeelError):
+            await asyncio.wait_for(kernel.drivers[outcome.run_id], WAIT)
+        # The answer never became durable: the repeat fails as the first call did.
+        assert SEEN == {"first": "store_unavailable", "again": "store_unavailable"}
+    finally:
+        await kernel.stop()
