@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -34,7 +34,7 @@ from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
 from engine_service.runtime.views import RUNNING
-from engine_service.store import InMemoryEventLog, StreamEvent
+from engine_service.store import AppendResult, InMemoryEventLog, StreamEvent
 from keel_core.errors import KeelError
 
 WAIT = 30.0
@@ -108,6 +108,33 @@ async def call_twice(ctx: StepContext, op_config: Any, input: Any) -> Any:
     except KeelError as again:
         SEEN["again"] = again.code
     return None
+
+
+@op("mem.counted", registry=OPS)
+async def counted(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Counts its runs in SEEN[input]."""
+    SEEN[input] = SEEN.get(input, 0) + 1
+    return input
+
+
+RUN_ID = "0b0e7f4e-3c51-4d5e-8f2a-7d6c5b4a3921"
+
+
+class SlowStartLog(InMemoryEventLog):
+    """A log whose append of RUN_ID's RunStarted lands, then answers once `answer` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        result = await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+        if expected_seq is None and stream_id == run_stream_id(RUN_ID) and not self.landed.is_set():
+            self.landed.set()
+            await self.answer.wait()
+        return result
 
 
 def manifest(op_id: str, input: Any = None, **config: Any) -> RunManifest:
@@ -302,5 +329,32 @@ async def test_an_answer_whose_append_failed_is_not_served_to_a_repeated_call() 
             await asyncio.wait_for(kernel.drivers[outcome.run_id], WAIT)
         # The answer never became durable: the repeat fails as the first call did.
         assert SEEN == {"first": "store_unavailable", "again": "store_unavailable"}
+    finally:
+        await kernel.stop()
+
+
+async def test_an_await_while_a_chosen_id_start_lands_does_not_drive_the_run_a_second_time() -> None:
+    log = SlowStartLog()
+    kernel = engine(log, 0.2, engine_id="mem-slow-start")
+    SEEN.clear()
+    resuming = asyncio.Event()
+    resume = kernel.awaits._resume
+
+    async def noted(run_id: str) -> bool:
+        resuming.set()
+        return await resume(run_id)
+
+    kernel.awaits._resume = noted
+    run_id = RUN_ID
+    try:
+        starting = asyncio.create_task(kernel.start_run(manifest("mem.counted", "start"), run_id))
+        await asyncio.wait_for(log.landed.wait(), WAIT)  # RunStarted landed; no driver yet
+        awaiting = asyncio.create_task(kernel.await_run(run_id, None))
+        await asyncio.wait_for(resuming.wait(), WAIT)  # the await found no driver: it resumes the run
+        log.answer.set()
+        await asyncio.wait_for(starting, WAIT)
+        assert await asyncio.wait_for(awaiting, WAIT)
+        assert (await kernel.views.run_view(run_id)).status == COMPLETED
+        assert SEEN == {"start": 1}
     finally:
         await kernel.stop()
