@@ -26,10 +26,19 @@ else:  # grpc-stubs make it generic; the runtime class is not subscriptable
 
 # Large artifacts stream in chunks, but a single event batch or inline artifact may be several MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Clients ping every KEEPALIVE_TIME_MS while a call is open (engine_service.store.grpc_client: a
+# subscription on a stalled store replica must notice); a ping unanswered for KEEPALIVE_TIMEOUT_MS
+# closes the connection. Servers accept pings that often, even with no call open, and never answer
+# them with GOAWAY "too_many_pings" (which would end the very subscriptions the pings keep).
+KEEPALIVE_TIME_MS = 5000
+KEEPALIVE_TIMEOUT_MS = 5000
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
 )
 
 

@@ -89,18 +89,21 @@ class RunAwaits:
     async def _until_terminal(self, run_id: str, after_seq: int, patience: float | None) -> bool:
         """Whether a RunCompleted arrives after `after_seq` within `patience` seconds (None: ever)."""
 
-        async def until_terminal() -> None:
+        async def until_terminal() -> bool:
             subscription = self._store.subscribe(run_stream_id(run_id), after_seq=after_seq)
             async with contextlib.aclosing(subscription):
                 async for event in subscription:
                     if event.type == RUN_COMPLETED:
-                        return
+                        return True
+            # The subscription ended without the run's end (the store closing it): only the
+            # stored history can say the run is over.
+            _, history = await self._reader.read_history(run_id)
+            return history.is_terminal
 
         try:
-            await asyncio.wait_for(until_terminal(), patience)
+            return await asyncio.wait_for(until_terminal(), patience)
         except TimeoutError:
             return False
-        return True
 
     async def await_terminal(self, run_id: str) -> RunCompleted:
         """The run's terminal event, once there is one: from the local driver, else the store."""

@@ -223,8 +223,17 @@ class Engine:
     ) -> tuple[RunDriver, asyncio.Task[RunCompleted]] | None:
         """The new run's driver, RunStarted decided (durable unless `deferred`), driving it.
 
-        None when the run exists already (its start is being retried: `retry`).
+        None when the run exists already (its start is being retried: `retry`). The run's
+        resumption lock is held from before RunStarted is sent until its driver is registered: an
+        AwaitRun (or a scan) finding the run in between would otherwise take the start's lease as
+        its own and drive the run a second time here.
         """
+        async with self._resuming.hold(run_id):
+            return await self._begin_driving(run_id, manifest, plan, start, deferred=deferred, retry=retry)
+
+    async def _begin_driving(
+        self, run_id: str, manifest: RunManifest, plan: Plan, start: RunStart, *, deferred: bool, retry: bool
+    ) -> tuple[RunDriver, asyncio.Task[RunCompleted]] | None:
         # Implicit until the run outlives ttl/3: no write now. Not when this engine holds the run
         # already (a retried start of a run it drives): that lease is the driver's.
         fresh = run_id not in self.leases.held

@@ -104,12 +104,18 @@ class RunFacts:
         # Two concurrent calls with one key in one run make one transport call and share its fact.
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._replayed: dict[str, FactRecorded] | None = None
+        # Answers recorded here whose append has not been seen to land: decided, maybe never durable.
+        self._unsure: set[str] = set()
 
     async def fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         """The answer to an I/O call: recorded, replayed, or fetched and recorded first."""
         check_fact_key(fact_key, f"io.call({namespace!r})")
         recorded = self._run.history.facts.get(fact_key)
         if recorded is not None:
+            if fact_key in self._unsure:
+                # Held but maybe not durable (its append failed): durable first, or fail as it did.
+                await self._keep_answer()
+                self._unsure.discard(fact_key)
             return copy.deepcopy(recorded.response)
         inflight = self._inflight.get(fact_key)
         if inflight is None:
@@ -160,8 +166,10 @@ class RunFacts:
                     "transport_response_too_large",
                     f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
                 )
+        self._unsure.add(fact_key)
         self._run.record([FactRecorded(attempt.step_id, attempt.attempt, fact_key, namespace, response)])
         await self._keep_answer()  # the fact is durable before the op sees the answer
+        self._unsure.discard(fact_key)
         self._run.env.failpoints.hit(AFTER_FACT_RECORDED, attempt.step_id)
         if namespace == SPAWN_NAMESPACE:
             self._run.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)

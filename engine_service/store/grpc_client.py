@@ -36,7 +36,7 @@ from engine_service.domain.streams import LABEL_ACTIVE, LABEL_CANCELED, LABEL_CO
 from engine_service.store.port import AppendResult, StreamEvent, StreamSummary
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from keel_core.security import ClientTls, bearer_token_interceptors
-from keel_core.serving import MAX_MESSAGE_BYTES, host_port
+from keel_core.serving import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES, host_port
 from keel_core.status import from_rpc_error
 
 if TYPE_CHECKING:
@@ -138,6 +138,12 @@ class StoreClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # A subscription has no deadline: pings tell a stalled replica (SIGSTOPped, its TCP
+            # connection still up) from a quiet stream; pings go on however long nothing is sent.
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),  # recent gRPC waits this long for an ack
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         channel_target(addresses)  # checks the list as a whole
         targets = [channel_target(part) for part in addresses.split(",") if part.strip()]
@@ -445,11 +451,16 @@ class StoreClient:
         return await self._retrying(f"HasArtifact({artifact_id})", once, patience)
 
     async def subscribe(self, stream_id: str, *, after_seq: int = 0) -> AsyncGenerator[StreamEvent, None]:
-        """Events after `after_seq`, then live ones; resubscribes after the last seen if the store drops."""
+        """Events after `after_seq`, then live ones; resubscribes after the last seen if the store drops.
+
+        A replica that stalls is noticed by the channel's keepalive pings (the call fails
+        UNAVAILABLE); it is then suspected, so the resubscription goes to another replica.
+        """
         seq = after_seq
         delay = 0.05
         while True:
-            call = self._stubs[self._order()[0]].SubscribeEvents(
+            replica = self._order()[0]
+            call = self._stubs[replica].SubscribeEvents(
                 store_pb2.SubscribeEventsRequest(stream_id=stream_id, after_seq=seq)
             )
             try:
@@ -463,6 +474,13 @@ class StoreClient:
                     raise self._refused(error) from None
                 if error.code() not in _RETRY_CODES:
                     raise from_rpc_error(error) from None
+                self._suspect_until[replica] = time.monotonic() + SUSPECT_SECONDS
+                log.info(
+                    "subscription to %s on store replica %d failed (%s); resubscribing",
+                    stream_id,
+                    replica,
+                    error.code().name,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             finally:

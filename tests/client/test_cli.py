@@ -275,7 +275,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.skipif(sys.platform != "linux", reason="the launcher is watched on Linux only")
 def test_services_stop_when_keel_up_is_killed(tmp_path: Path) -> None:
     up = subprocess.Popen(
         [str(KEEL), "up", "--json", "--data-dir", str(tmp_path), "--store-listen", "127.0.0.1:0",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -34,7 +34,8 @@ from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
 from engine_service.runtime.views import RUNNING
-from engine_service.store import InMemoryEventLog
+from engine_service.store import AppendResult, InMemoryEventLog, StreamEvent
+from keel_core.errors import KeelError
 
 WAIT = 30.0
 OPS = OpRegistry()
@@ -43,6 +44,7 @@ FAST_RETRY = make_run_config(max_attempts=3, initial_backoff_ms=1, max_backoff_m
 # Ops that wait for the test: the gate is set per test (the event loop is per test).
 GATES: dict[str, asyncio.Event] = {}
 ENTERED: dict[str, asyncio.Event] = {}
+SEEN: dict[str, Any] = {}
 
 
 @op("mem.echo", registry=OPS)
@@ -81,6 +83,58 @@ async def parent(ctx: StepContext, op_config: Any, input: Any) -> Any:
     awaited = {"kind": AWAIT_KIND, "child_run_id": spawned["child_run_id"]}
     outcome = await ctx.io.call(AWAIT_NAMESPACE, awaited, "child-done")
     return {"status": outcome["status"], "snapshot": outcome["final_snapshot"]}
+
+
+class ClosingTransport:
+    """Answers, closing the log first: the answer's append fails."""
+
+    def __init__(self, log: InMemoryEventLog) -> None:
+        self._log = log
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        await self._log.close()
+        return {"answered": fact_key}
+
+
+@op("mem.call_twice", registry=OPS)
+async def call_twice(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Calls `closing`; when that fails, repeats the call with the same key (what it gets: SEEN)."""
+    try:
+        return await ctx.io.call("closing", {}, "once")
+    except KeelError as first:
+        SEEN["first"] = first.code
+    try:
+        SEEN["again"] = await ctx.io.call("closing", {}, "once")
+    except KeelError as again:
+        SEEN["again"] = again.code
+    return None
+
+
+@op("mem.counted", registry=OPS)
+async def counted(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Counts its runs in SEEN[input]."""
+    SEEN[input] = SEEN.get(input, 0) + 1
+    return input
+
+
+RUN_ID = "0b0e7f4e-3c51-4d5e-8f2a-7d6c5b4a3921"
+
+
+class SlowStartLog(InMemoryEventLog):
+    """A log whose append of RUN_ID's RunStarted lands, then answers once `answer` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        result = await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+        if expected_seq is None and stream_id == run_stream_id(RUN_ID) and not self.landed.is_set():
+            self.landed.set()
+            await self.answer.wait()
+        return result
 
 
 def manifest(op_id: str, input: Any = None, **config: Any) -> RunManifest:
@@ -231,3 +285,76 @@ async def test_list_runs_by_status_and_watch_a_run_to_its_end(kernel: Engine) ->
     GATES["listed"].set()
     await asyncio.wait_for(watching, WAIT)
     assert seen[0] == RUN_STARTED and seen[-1] == RUN_COMPLETED
+
+
+async def test_an_await_on_the_log_is_not_done_when_the_subscription_ends_without_the_runs_end(
+    kernel: Engine,
+) -> None:
+    log = kernel.env.store
+    assert isinstance(log, InMemoryEventLog)
+    opened = gate("unfinished")
+    outcome = await kernel.start_run(manifest("mem.gated", "unfinished"), None)
+    await asyncio.wait_for(ENTERED["unfinished"].wait(), WAIT)
+    other = engine(log, kernel.checkpoint_linger, engine_id="mem-other")
+    try:
+        subscribed = asyncio.Event()
+        subscribe = log.subscribe
+
+        def noted(stream_id: str, *, after_seq: int = 0) -> AsyncGenerator[StreamEvent, None]:
+            subscribed.set()
+            return subscribe(stream_id, after_seq=after_seq)
+
+        log.subscribe = noted  # type: ignore[method-assign]
+        awaiting = asyncio.create_task(other.await_run(outcome.run_id, None))
+        await asyncio.wait_for(subscribed.wait(), WAIT)  # the other engine waits on the log
+        await log.close()  # ends the subscription; the run is still running
+        with pytest.raises(KeelError) as refused:
+            await asyncio.wait_for(awaiting, WAIT)
+        assert refused.value.code == "store_unavailable"
+    finally:
+        opened.set()
+        await other.stop()
+
+
+async def test_an_answer_whose_append_failed_is_not_served_to_a_repeated_call() -> None:
+    log = InMemoryEventLog()
+    transports = TransportRegistry()
+    transports.register("closing", ClosingTransport(log))
+    env = RunEnvironment(log, OPS, transports, Failpoints.parse(""))
+    kernel = Engine(env, BUILD, checkpoint_linger=0.0, engine_id="mem-closing")
+    SEEN.clear()
+    try:
+        outcome = await kernel.start_run(manifest("mem.call_twice", None, max_attempts=1), None)
+        with contextlib.suppress(KeelError):
+            await asyncio.wait_for(kernel.drivers[outcome.run_id], WAIT)
+        # The answer never became durable: the repeat fails as the first call did.
+        assert SEEN == {"first": "store_unavailable", "again": "store_unavailable"}
+    finally:
+        await kernel.stop()
+
+
+async def test_an_await_while_a_chosen_id_start_lands_does_not_drive_the_run_a_second_time() -> None:
+    log = SlowStartLog()
+    kernel = engine(log, 0.2, engine_id="mem-slow-start")
+    SEEN.clear()
+    resuming = asyncio.Event()
+    resume = kernel.awaits._resume
+
+    async def noted(run_id: str) -> bool:
+        resuming.set()
+        return await resume(run_id)
+
+    kernel.awaits._resume = noted
+    run_id = RUN_ID
+    try:
+        starting = asyncio.create_task(kernel.start_run(manifest("mem.counted", "start"), run_id))
+        await asyncio.wait_for(log.landed.wait(), WAIT)  # RunStarted landed; no driver yet
+        awaiting = asyncio.create_task(kernel.await_run(run_id, None))
+        await asyncio.wait_for(resuming.wait(), WAIT)  # the await found no driver: it resumes the run
+        log.answer.set()
+        await asyncio.wait_for(starting, WAIT)
+        assert await asyncio.wait_for(awaiting, WAIT)
+        assert (await kernel.views.run_view(run_id)).status == COMPLETED
+        assert SEEN == {"start": 1}
+    finally:
+        await kernel.stop()

@@ -1,9 +1,14 @@
 """A service that stops when the program that launched it dies, armed by the service itself (Linux).
 
 `keel up` starts its store and engine with `LAUNCHER_PID_ENV` set to its own process id
-(`launcher_env`); each service calls `stop_with_launcher` first thing, which asks the kernel for
-SIGTERM when its parent dies (PR_SET_PDEATHSIG). So a killed `keel up` leaves no orphans holding
-the ports and the database.
+(`launcher_env`); each service calls `stop_with_launcher` first thing, which watches the launcher
+process through a pidfd and sends itself SIGTERM when it exits. So a killed `keel up` leaves no
+orphans holding the ports and the database.
+
+Not PR_SET_PDEATHSIG: that signal comes when the launcher's *thread* that started the service
+exits, so a LocalCluster started from a worker thread would stop its services when that thread
+ends. A pidfd becomes readable only when the whole process has exited; a daemon thread of the
+service blocks on it (no polling).
 
 The service arms it, not the launcher between fork and exec (subprocess's `preexec_fn`), because
 a `preexec_fn` makes CPython fork() the launcher instead of vfork(), which runs gRPC's fork
@@ -17,14 +22,14 @@ launcher runs no code between fork and exec.
 
 from __future__ import annotations
 
-import ctypes
 import os
+import select
 import signal
 import sys
+import threading
 
 # The launcher's process id, as the service must see it from os.getppid().
 LAUNCHER_PID_ENV = "KEEL_LAUNCHER_PID"
-_PR_SET_PDEATHSIG = 1
 
 
 def launcher_env() -> dict[str, str]:
@@ -45,13 +50,22 @@ def stop_with_launcher() -> None:
         raise ValueError(f"{LAUNCHER_PID_ENV} must be the launcher's process id, not {value!r}")
     if sys.platform != "linux":
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != int(value):
-        # The launcher died before the signal was armed (this process was reparented): the
-        # signal will never come, so act on it now.
+    launcher = int(value)
+    try:
+        watched = os.pidfd_open(launcher)
+    except ProcessLookupError:
+        watched = None
+    if watched is None or os.getppid() != launcher:
+        # The launcher died before it was watched (this process was reparented, the pid maybe
+        # reused): its exit will never be seen, so act on it now.
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    threading.Thread(target=_stop_when_gone, args=(watched,), name="keel-launcher-watch", daemon=True).start()
+
+
+def _stop_when_gone(watched: int) -> None:
+    select.select([watched], [], [])  # readable once the launcher process has exited
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 __all__ = ["LAUNCHER_PID_ENV", "launcher_env", "stop_with_launcher"]
