@@ -9,9 +9,8 @@ told apart by the `service` label.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +84,10 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException |
 class MetricsInterceptor(ServerInterceptor):
     """Counts every RPC and times it, labelled with the gRPC status code it ended with."""
 
+    def __init__(self) -> None:
+        # method -> (the handler looked up, its timed form): built once per method, not per call.
+        self._timed: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
@@ -93,62 +96,70 @@ class MetricsInterceptor(ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, method = _split(handler_call_details.method)
-        if service.startswith("grpc."):  # health and reflection are not the service's work
-            return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _timed_unary(handler.unary_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _timed_stream(handler.unary_stream, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _timed_unary(handler.stream_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _timed_stream(handler.stream_stream, service, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        full_method = handler_call_details.method
+        cached = self._timed.get(full_method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # type: ignore[no-any-return]
+        timed = _timed_handler(handler, full_method)
+        self._timed[full_method] = (handler, timed)
+        return timed  # type: ignore[no-any-return]
 
 
-@contextlib.contextmanager
-def _timed(service: str, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
-    """Count the call as started, then its duration and status code when the block ends."""
-    RPC_STARTED.labels(service, method).inc()
-    started = time.perf_counter()
-    error: BaseException | None = None
-    try:
-        yield
-    except BaseException as caught:
-        error = caught
-        raise
-    finally:
-        RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
-        RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
+def _timed_handler(handler: grpc.RpcMethodHandler[Any, Any], full_method: str) -> Any:
+    service, method = _split(full_method)
+    if service.startswith("grpc."):  # health and reflection are not the service's work
+        return handler
+    decode, encode = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        unary = _timed_unary(handler.unary_unary, service, method)
+        return grpc.unary_unary_rpc_method_handler(unary, decode, encode)
+    if handler.unary_stream is not None:
+        streamed = _timed_stream(handler.unary_stream, service, method)
+        return grpc.unary_stream_rpc_method_handler(streamed, decode, encode)
+    if handler.stream_unary is not None:
+        unary = _timed_unary(handler.stream_unary, service, method)
+        return grpc.stream_unary_rpc_method_handler(unary, decode, encode)
+    streamed = _timed_stream(handler.stream_stream, service, method)
+    return grpc.stream_stream_rpc_method_handler(streamed, decode, encode)
 
 
 def _timed_unary(behavior: Any, service: str, method: str) -> Callable[[Any, Any], Awaitable[Any]]:
+    # The labelled children are looked up once: `labels()` takes a lock and builds a key per call.
+    started_count = RPC_STARTED.labels(service, method)
+    seconds = RPC_SECONDS.labels(service, method)
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        with _timed(service, method, context):
+        started_count.inc()
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
             return await behavior(request, context)
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            seconds.observe(time.perf_counter() - started)
+            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
 
     return wrapper
 
 
 def _timed_stream(behavior: Any, service: str, method: str) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    started_count = RPC_STARTED.labels(service, method)
+    seconds = RPC_SECONDS.labels(service, method)
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        with _timed(service, method, context):
+        started_count.inc()
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
             async for item in behavior(request, context):
                 yield item
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            seconds.observe(time.perf_counter() - started)
+            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
 
     return wrapper

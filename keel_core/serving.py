@@ -49,13 +49,25 @@ class MalformedRequestInterceptor(ServerInterceptor):
     call's outcome, and an unauthenticated caller is refused for that first.
     """
 
+    def __init__(self) -> None:
+        # method -> (the handler looked up, its guarded form). Guarding builds closures and a new
+        # handler; done once per method instead of on every call, it costs a call only a lookup.
+        self._guarded: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        return refusing_undecodable(handler, handler_call_details.method)  # type: ignore[return-value]
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # type: ignore[no-any-return]
+        guarded = refusing_undecodable(handler, method)
+        if handler is not None:
+            self._guarded[method] = (handler, guarded)
+        return guarded  # type: ignore[return-value]
 
 
 @dataclass

@@ -171,6 +171,8 @@ class StoreClient:
     def _order(self) -> list[int]:
         """Replicas in the order one call tries them: by turn, those not suspected first."""
         n = len(self._stubs)
+        if n == 1:  # the common set-up: nothing to take turns with or to sort
+            return [0]
         start, self._turn = self._turn, (self._turn + 1) % n
         turns = [(start + i) % n for i in range(n)]
         now = time.monotonic()
