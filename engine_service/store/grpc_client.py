@@ -51,6 +51,8 @@ _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 # How long a replica that failed a try is passed over while another one is not.
 SUSPECT_SECONDS = 5.0
+# The longest one try may wait on a replica while another one is still untried (see _try_timeout).
+FAILOVER_SECONDS = 1.0
 
 STATUS_LABELS: dict[str, int] = {
     LABEL_ACTIVE: store_pb2.STREAM_STATUS_ACTIVE,
@@ -179,9 +181,18 @@ class StoreClient:
         return sorted(turns, key=lambda i: self._suspect_until[i] > now)
 
     def _try_timeout(self, deadline: float, untried: int) -> float:
-        """A try's deadline: the RPC timeout, or the patience left shared among untried replicas."""
+        """A try's deadline: the RPC timeout, or the patience left shared among untried replicas.
+
+        While another replica is still untried, a try gets at most FAILOVER_SECONDS: a caller that
+        waits for the store for ever (a run driver recording an answer) must not spend the whole RPC
+        timeout on a stalled replica while its lease runs out. The last replica of a round gets all
+        that is left, so a slow but sole store is waited for as before.
+        """
         left = max(deadline - time.monotonic(), 0.001)
-        return min(self.rpc_timeout, left / max(untried, 1))
+        share = left / max(untried, 1)
+        if untried > 1:
+            share = min(share, FAILOVER_SECONDS)
+        return min(self.rpc_timeout, share)
 
     async def _retrying(
         self,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_service.store import grpc_client
 from engine_service.store.grpc_client import StoreClient, channel_target
 from keel_core.errors import KeelError
 from store_service.server import StoreConfig, StoreServingHandle, start_store
@@ -178,6 +179,33 @@ async def test_a_stalled_replica_is_skipped_within_the_callers_patience(
                 "engine:x", [("E", str(seq).encode())], expected_seq=seq or None, patience=0.5
             )
         assert [e.seq for e in await client.read("engine:x", patience=0.5)] == [1, 2, 3, 4, 5, 6]
+    finally:
+        stalled.process.send_signal(signal.SIGCONT)
+        await client.close()
+        await stalled.kill()
+
+
+async def test_a_caller_that_waits_for_ever_is_not_held_by_a_stalled_replica(
+    store: StoreServingHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the chaos run on PostgreSQL: a run driver recording an answer waits for the store as
+    # long as it takes, so each try got the whole RPC timeout and sat on a SIGSTOPped replica while
+    # the run's lease ran out. While another replica is untried, a try now fails over within
+    # FAILOVER_SECONDS. (A 600 s RPC timeout, and keepalive pings out of the way, so that only the
+    # per-try deadline can end the try: without the fix, the hang detector below fires.)
+    monkeypatch.setattr(grpc_client, "KEEPALIVE_TIME_MS", 3_600_000)
+    stalled = await start_store_process(tmp_path / "stalled")
+    client = StoreClient(f"{stalled.address},127.0.0.1:{store.port}", rpc_timeout=600.0)
+    try:
+        await client.head("warm-up")  # both connections up before one replica stalls
+        await client.head("warm-up")
+        stalled.process.send_signal(signal.SIGSTOP)
+        for seq in range(4):
+            append = client.append(
+                "run:forever", [("E", str(seq).encode())], expected_seq=seq or None, patience=3600
+            )
+            await asyncio.wait_for(append, 60)  # a hang detector, not a timing threshold
+        assert [e.seq for e in await client.read("run:forever", patience=0.5)] == [1, 2, 3, 4]
     finally:
         stalled.process.send_signal(signal.SIGCONT)
         await client.close()
