@@ -2,8 +2,9 @@
 
 Values come in from clients (google.protobuf.Value fields, keel_core.json_values) and from inside
 the engine (op outputs, transport answers); all are checked here, so that whatever is stored can be
-sent back. The rule: JSON types only (string object keys), finite numbers, integers within 2**53
-(protobuf carries numbers as doubles), and at most MAX_JSON_DEPTH levels of arrays and objects.
+sent back. The rule: JSON types only (string object keys), strings that are Unicode text (no lone
+surrogate: they cannot be encoded as UTF-8), finite numbers, integers within 2**53 (protobuf
+carries numbers as doubles), and at most MAX_JSON_DEPTH levels of arrays and objects.
 
 This module imports neither grpc nor protobuf: the engine's domain uses it.
 """
@@ -31,9 +32,22 @@ def check_json(data: Any, path: str = "value") -> None:
         _check(data, path, 0)
 
 
+def _is_text(value: str) -> bool:
+    """Whether `value` can be encoded as UTF-8 (no lone surrogate, as os.fsdecode can make)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_valid(data: Any, depth: int) -> bool:
     """Whether `data` keeps the rule; the same tests as `_check`, without naming anything."""
-    if isinstance(data, bool) or data is None or isinstance(data, str):
+    if isinstance(data, str):
+        return _is_text(data)
+    if isinstance(data, bool) or data is None:
         return True
     if isinstance(data, int):
         return abs(data) <= MAX_EXACT_INT
@@ -45,13 +59,17 @@ def _is_valid(data: Any, depth: int) -> bool:
     items: Iterable[Any] = data
     if isinstance(data, dict):
         for key in data:
-            if not isinstance(key, str):
+            if not isinstance(key, str) or not _is_text(key):
                 return False
         items = data.values()
     for item in items:
         # Strings and small values are most of any document: settled here without a call.
         kind = type(item)
-        if kind is str or item is None or kind is bool:
+        if kind is str:
+            if not _is_text(item):
+                return False
+            continue
+        if item is None or kind is bool:
             continue
         if not _is_valid(item, depth):
             return False
@@ -59,7 +77,11 @@ def _is_valid(data: Any, depth: int) -> bool:
 
 
 def _check(data: Any, path: str, depth: int) -> None:
-    if isinstance(data, bool) or data is None or isinstance(data, str):
+    if isinstance(data, str):
+        if not _is_text(data):
+            raise _invalid(path, "string is not Unicode text (a lone surrogate: not encodable as UTF-8)")
+        return
+    if isinstance(data, bool) or data is None:
         return
     if isinstance(data, int):
         if abs(data) > MAX_EXACT_INT:
@@ -74,6 +96,8 @@ def _check(data: Any, path: str, depth: int) -> None:
             for key, item in data.items():
                 if not isinstance(key, str):
                     raise _invalid(path, f"object key {key!r} is not a string")
+                if not _is_text(key):
+                    raise _invalid(path, f"object key {key!r} is not Unicode text (a lone surrogate)")
                 _check(item, f"{path}.{key}", depth + 1)
         else:
             for index, item in enumerate(data):
