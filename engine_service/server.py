@@ -32,6 +32,7 @@ from engine_service.runtime.kernel import DEFAULT_LEASE_TTL, Engine, build_prove
 from engine_service.store.grpc_client import StoreClient
 from engine_service.wire.servicer import EngineServicer, register
 from keel_core.errors import KeelError
+from keel_core.interceptors import ServerInterceptor
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, ClientTls, TlsFiles, token_from_flags
 from keel_core.server_flags import (
@@ -43,7 +44,7 @@ from keel_core.server_flags import (
     serve_announced,
     transport_name,
 )
-from keel_core.serving import ServerInterceptor, ServingHandle, start_server
+from keel_core.serving import ServingHandle, start_server
 
 log = logging.getLogger("engine_service")
 

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from keel_core.serving import ServerInterceptor, host_port
+from keel_core.interceptors import WrappingInterceptor
+from keel_core.serving import host_port
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -81,28 +82,12 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException |
     return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
 
 
-class MetricsInterceptor(ServerInterceptor):
+class MetricsInterceptor(WrappingInterceptor):
     """Counts every RPC and times it, labelled with the gRPC status code it ended with."""
 
-    def __init__(self) -> None:
-        # method -> (the handler looked up, its timed form): built once per method, not per call.
-        self._timed: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        full_method = handler_call_details.method
-        cached = self._timed.get(full_method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]  # type: ignore[no-any-return]
-        timed = _timed_handler(handler, full_method)
-        self._timed[full_method] = (handler, timed)
-        return timed  # type: ignore[no-any-return]
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any] | None, method: str) -> Any:
+        """The handler timed and counted (health and reflection are left as they are)."""
+        return None if handler is None else _timed_handler(handler, method)
 
 
 def _timed_handler(handler: grpc.RpcMethodHandler[Any, Any], full_method: str) -> Any:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from keel_core.errors import ErrorCategory, KeelError
-from keel_core.serving import ServerInterceptor
+from keel_core.interceptors import ServerInterceptor
 from keel_core.status import to_rpc_status
 
 # Probes from a service mesh must work without credentials, and so must reflection (grpcurl

@@ -8,21 +8,17 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # untyped re-export
 from grpc_reflection.v1alpha import reflection
 
+from keel_core.interceptors import ServerInterceptor, WrappingInterceptor
 from keel_core.request_decoding import refusing_undecodable
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # grpc-stubs make it generic; the runtime class is not subscriptable
-    ServerInterceptor = grpc.aio.ServerInterceptor
 
 # Large artifacts stream in chunks, but a single event batch or inline artifact may be several MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -42,32 +38,16 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
-class MalformedRequestInterceptor(ServerInterceptor):
+class MalformedRequestInterceptor(WrappingInterceptor):
     """Undecodable request bytes -> INVALID_ARGUMENT `malformed_request` (keel_core.request_decoding).
 
     `start_server` installs it innermost, so metrics and authentication see the refusal as the
     call's outcome, and an unauthenticated caller is refused for that first.
     """
 
-    def __init__(self) -> None:
-        # method -> (the handler looked up, its guarded form). Guarding builds closures and a new
-        # handler; done once per method instead of on every call, it costs a call only a lookup.
-        self._guarded: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        cached = self._guarded.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]  # type: ignore[no-any-return]
-        guarded = refusing_undecodable(handler, method)
-        if handler is not None:
-            self._guarded[method] = (handler, guarded)
-        return guarded  # type: ignore[return-value]
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any] | None, method: str) -> Any:
+        """The handler guarded against undecodable requests."""
+        return refusing_undecodable(handler, method)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel_core.errors import KeelError
+from keel_core.interceptors import ServerInterceptor
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from keel_core.security import BearerTokenInterceptor, TlsFiles, token_from_flags
 from keel_core.server_flags import (
@@ -26,7 +27,7 @@ from keel_core.server_flags import (
     serve_announced,
     transport_name,
 )
-from keel_core.serving import ServerInterceptor, ServingHandle, start_server
+from keel_core.serving import ServingHandle, start_server
 from store_service.backend import StoreBackend
 from store_service.limits import DEFAULT_MAX_ARTIFACT_BYTES
 from store_service.sqlite import Durability, SqliteStoreBackend
