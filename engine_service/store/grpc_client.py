@@ -180,6 +180,14 @@ class StoreClient:
         now = time.monotonic()
         return sorted(turns, key=lambda i: self._suspect_until[i] > now)
 
+    def _suspect_or_raise(self, error: grpc.aio.AioRpcError, replica: int) -> None:
+        """A failed try: raise what is not worth another try, else suspect the replica that failed."""
+        if error.code() in _REFUSED_CODES:
+            raise self._refused(error) from None
+        if error.code() not in _RETRY_CODES:
+            raise from_rpc_error(error) from None
+        self._suspect_until[replica] = time.monotonic() + SUSPECT_SECONDS
+
     def _try_timeout(self, deadline: float, untried: int) -> float:
         """A try's deadline: the RPC timeout, or the patience left shared among untried replicas.
 
@@ -213,11 +221,7 @@ class StoreClient:
             try:
                 result = await call(self._stubs[replica], self._try_timeout(deadline, len(order) - tries + 1))
             except grpc.aio.AioRpcError as error:
-                if error.code() in _REFUSED_CODES:
-                    raise self._refused(error) from None
-                if error.code() not in _RETRY_CODES:
-                    raise from_rpc_error(error) from None
-                self._suspect_until[replica] = time.monotonic() + SUSPECT_SECONDS
+                self._suspect_or_raise(error, replica)
                 if tries < len(order) and time.monotonic() < deadline:
                     continue  # the next replica at once: this one may be the only one down
                 if time.monotonic() + delay > deadline:
@@ -483,11 +487,7 @@ class StoreClient:
                     yield _stream_event(message.event)
                 return
             except grpc.aio.AioRpcError as error:
-                if error.code() in _REFUSED_CODES:
-                    raise self._refused(error) from None
-                if error.code() not in _RETRY_CODES:
-                    raise from_rpc_error(error) from None
-                self._suspect_until[replica] = time.monotonic() + SUSPECT_SECONDS
+                self._suspect_or_raise(error, replica)
                 log.info(
                     "subscription to %s on store replica %d failed (%s); resubscribing",
                     stream_id,
