@@ -239,12 +239,24 @@ class Step(_message.Message):
     OP_VERSION_FIELD_NUMBER: _builtins.int
     OP_CONFIG_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    TASK_QUEUE_FIELD_NUMBER: _builtins.int
+    START_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """The step's id, unique in the pipeline (1 to 128 characters)."""
     op_id: _builtins.str
     """The registered op the step runs."""
     op_version: _builtins.str
     """The op's version (empty means "1")."""
+    task_queue: _builtins.str
+    """Workers (docs/workers.md): the task queue whose workers execute this step
+    (1 to 128 characters of [A-Za-z0-9._-], starting with a letter or digit;
+    anything else is INVALID_ARGUMENT `invalid_plan`). Empty: the op runs in
+    the engine's process and must be registered there. A step with a queue
+    is not looked up in the engine's ops: any worker polling the queue
+    (keel.worker.v1.WorkerService.PollTask) that declares the op runs it.
+    """
     @_builtins.property
     def op_config(self) -> _struct_pb2.Value:
         """The op's configuration (any JSON)."""
@@ -252,6 +264,27 @@ class Step(_message.Message):
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The ids of the steps that must complete before this one."""
+
+    @_builtins.property
+    def start_to_close_timeout(self) -> _duration_pb2.Duration:
+        """How long one attempt may run, from its start to its outcome; past it the
+        attempt fails (retryably) with `step_timeout` and an in-process op is
+        cancelled. Unset or zero: no limit.
+        """
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """A remote attempt whose worker sends no HeartbeatTask for this long
+        loses its claim and fails (retryably) with `task_lease_expired`. Unset
+        or zero: the claim never expires (and a dead worker's task waits for
+        start_to_close_timeout, if any).
+        """
+
+    @_builtins.property
+    def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
+        """A remote attempt that no worker claims within this long fails
+        (retryably) with `schedule_to_start_timeout`. Unset or zero: no limit.
+        """
 
     def __init__(
         self,
@@ -261,10 +294,14 @@ class Step(_message.Message):
         op_version: _builtins.str = ...,
         op_config: _struct_pb2.Value | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        task_queue: _builtins.str = ...,
+        start_to_close_timeout: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["op_config", b"op_config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_timeout", b"heartbeat_timeout", "op_config", b"op_config", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "heartbeat_timeout", b"heartbeat_timeout", "op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout", "step_id", b"step_id", "task_queue", b"task_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,13 +356,46 @@ class SingleOp(_message.Message):
     OP_ID_FIELD_NUMBER: _builtins.int
     OP_VERSION_FIELD_NUMBER: _builtins.int
     OP_CONFIG_FIELD_NUMBER: _builtins.int
+    TASK_QUEUE_FIELD_NUMBER: _builtins.int
+    START_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
     """The registered op to run."""
     op_version: _builtins.str
     """The op's version (empty means "1")."""
+    task_queue: _builtins.str
+    """Workers (docs/workers.md): the task queue whose workers execute this step
+    (1 to 128 characters of [A-Za-z0-9._-], starting with a letter or digit;
+    anything else is INVALID_ARGUMENT `invalid_plan`). Empty: the op runs in
+    the engine's process and must be registered there. A step with a queue
+    is not looked up in the engine's ops: any worker polling the queue
+    (keel.worker.v1.WorkerService.PollTask) that declares the op runs it.
+    """
     @_builtins.property
     def op_config(self) -> _struct_pb2.Value:
         """The op's configuration (any JSON)."""
+
+    @_builtins.property
+    def start_to_close_timeout(self) -> _duration_pb2.Duration:
+        """How long one attempt may run, from its start to its outcome; past it the
+        attempt fails (retryably) with `step_timeout` and an in-process op is
+        cancelled. Unset or zero: no limit.
+        """
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """A remote attempt whose worker sends no HeartbeatTask for this long
+        loses its claim and fails (retryably) with `task_lease_expired`. Unset
+        or zero: the claim never expires (and a dead worker's task waits for
+        start_to_close_timeout, if any).
+        """
+
+    @_builtins.property
+    def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
+        """A remote attempt that no worker claims within this long fails
+        (retryably) with `schedule_to_start_timeout`. Unset or zero: no limit.
+        """
 
     def __init__(
         self,
@@ -333,10 +403,14 @@ class SingleOp(_message.Message):
         op_id: _builtins.str = ...,
         op_version: _builtins.str = ...,
         op_config: _struct_pb2.Value | None = ...,
+        task_queue: _builtins.str = ...,
+        start_to_close_timeout: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["op_config", b"op_config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_timeout", b"heartbeat_timeout", "op_config", b"op_config", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_timeout", b"heartbeat_timeout", "op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout", "task_queue", b"task_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,6 +723,10 @@ class SpawnChildRequest(_message.Message):
     RUN_CONFIG_FIELD_NUMBER: _builtins.int
     INITIAL_CONTEXT_FIELD_NUMBER: _builtins.int
     PARENT_CLOSE_POLICY_FIELD_NUMBER: _builtins.int
+    TASK_QUEUE_FIELD_NUMBER: _builtins.int
+    START_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """The request's kind: `child_run_spawn_v1` (empty means that)."""
     parent_run_id: _builtins.str
@@ -664,6 +742,14 @@ class SpawnChildRequest(_message.Message):
     """The op's version (empty means "1")."""
     parent_close_policy: Global___ParentClosePolicy.ValueType
     """What happens to the child when the parent is canceled."""
+    task_queue: _builtins.str
+    """Workers (docs/workers.md): the task queue whose workers execute this step
+    (1 to 128 characters of [A-Za-z0-9._-], starting with a letter or digit;
+    anything else is INVALID_ARGUMENT `invalid_plan`). Empty: the op runs in
+    the engine's process and must be registered there. A step with a queue
+    is not looked up in the engine's ops: any worker polling the queue
+    (keel.worker.v1.WorkerService.PollTask) that declares the op runs it.
+    """
     @_builtins.property
     def op_config(self) -> _struct_pb2.Value:
         """The op's configuration."""
@@ -680,6 +766,27 @@ class SpawnChildRequest(_message.Message):
     def initial_context(self) -> _struct_pb2.Value:
         """The child's initial context (a JSON object; default `{}`)."""
 
+    @_builtins.property
+    def start_to_close_timeout(self) -> _duration_pb2.Duration:
+        """How long one attempt may run, from its start to its outcome; past it the
+        attempt fails (retryably) with `step_timeout` and an in-process op is
+        cancelled. Unset or zero: no limit.
+        """
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """A remote attempt whose worker sends no HeartbeatTask for this long
+        loses its claim and fails (retryably) with `task_lease_expired`. Unset
+        or zero: the claim never expires (and a dead worker's task waits for
+        start_to_close_timeout, if any).
+        """
+
+    @_builtins.property
+    def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
+        """A remote attempt that no worker claims within this long fails
+        (retryably) with `schedule_to_start_timeout`. Unset or zero: no limit.
+        """
+
     def __init__(
         self,
         *,
@@ -693,10 +800,14 @@ class SpawnChildRequest(_message.Message):
         run_config: Global___RunConfig | None = ...,
         initial_context: _struct_pb2.Value | None = ...,
         parent_close_policy: Global___ParentClosePolicy.ValueType = ...,
+        task_queue: _builtins.str = ...,
+        start_to_close_timeout: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_context", b"initial_context", "input", b"input", "op_config", b"op_config", "run_config", b"run_config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_timeout", b"heartbeat_timeout", "initial_context", b"initial_context", "input", b"input", "op_config", b"op_config", "run_config", b"run_config", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fact_key", b"fact_key", "initial_context", b"initial_context", "input", b"input", "kind", b"kind", "op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version", "parent_close_policy", b"parent_close_policy", "parent_run_id", b"parent_run_id", "run_config", b"run_config"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fact_key", b"fact_key", "heartbeat_timeout", b"heartbeat_timeout", "initial_context", b"initial_context", "input", b"input", "kind", b"kind", "op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version", "parent_close_policy", b"parent_close_policy", "parent_run_id", b"parent_run_id", "run_config", b"run_config", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout", "task_queue", b"task_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -919,10 +1030,18 @@ class StepAttempt(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    TASK_QUEUE_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """The attempt number, from 0."""
     status: Global___StepStatus.ValueType
     """RUNNING, COMPLETED or FAILED."""
+    task_queue: _builtins.str
+    """A remote attempt (its step has a task queue): the queue, and the worker
+    that claimed its task (empty while no worker has).
+    """
+    worker_id: _builtins.str
+    """The worker id the claiming worker gave in PollTask."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
@@ -943,10 +1062,12 @@ class StepAttempt(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         error: Global___ErrorDetail | None = ...,
+        task_queue: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at", "status", b"status", "task_queue", b"task_queue", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1567,22 +1688,29 @@ class OpInfo(_message.Message):
     OP_ID_FIELD_NUMBER: _builtins.int
     OP_VERSION_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TASK_QUEUE_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
     """The op's id."""
     op_version: _builtins.str
     """The op's version."""
     description: _builtins.str
     """What the op does."""
+    task_queue: _builtins.str
+    """Set for an op declared by a worker polling this task queue (seen
+    recently, see keel.worker.v1.WorkerService.ListQueues); empty for an op
+    that runs in the engine's process.
+    """
     def __init__(
         self,
         *,
         op_id: _builtins.str = ...,
         op_version: _builtins.str = ...,
         description: _builtins.str = ...,
+        task_queue: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "op_id", b"op_id", "op_version", b"op_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "op_id", b"op_id", "op_version", b"op_version", "task_queue", b"task_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
