@@ -31,6 +31,7 @@ from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import DEFAULT_LEASE_TTL, Engine, build_provenance
 from engine_service.store.grpc_client import StoreClient
 from engine_service.wire.servicer import EngineServicer, register
+from engine_service.wire.worker_servicer import WorkerServicer, register_workers
 from keel_core.errors import KeelError
 from keel_core.interceptors import ServerInterceptor
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
@@ -135,9 +136,10 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         await store.check_access(ACCESS_CHECK_SECONDS)
         engine = _engine(config, store)
         servicer = EngineServicer(engine)
+        workers = WorkerServicer(engine.tasks)
         served = await start_server(
             config.listen,
-            lambda server: register(server, servicer),
+            lambda server: [*register(server, servicer), *register_workers(server, workers)],
             credentials=config.tls.server_credentials() if config.tls else None,
             interceptors=interceptors,
         )

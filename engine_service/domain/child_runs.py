@@ -38,6 +38,7 @@ from engine_service.domain.manifest import BuildProvenance, RunManifest
 from engine_service.domain.plan import single_op_pipeline
 from engine_service.domain.run_config import RunConfig, make_run_config, parse_run_id
 from engine_service.domain.streams import CANCELED, CHILD_LINKED
+from engine_service.domain.tasks import NO_TIMEOUTS, StepTimeouts
 from keel_core.errors import KeelError, invalid_argument
 
 SPAWN_KIND = "child_run_spawn_v1"
@@ -69,6 +70,9 @@ class ChildSpawnRequest:
     run_config: RunConfig = field(default_factory=RunConfig)
     initial_context: Mapping[str, Any] = field(default_factory=dict)
     parent_close_policy: str = CLOSE_CANCEL
+    # Set: the child's op runs on a worker of this queue (engine_service.domain.tasks).
+    task_queue: str = ""
+    timeouts: StepTimeouts = NO_TIMEOUTS
 
     @property
     def child_run_id(self) -> str:
@@ -77,7 +81,9 @@ class ChildSpawnRequest:
 
     def manifest(self) -> RunManifest:
         """The child's single-op manifest."""
-        pipeline = single_op_pipeline(self.op_id, self.op_version, self.op_config)
+        pipeline = single_op_pipeline(
+            self.op_id, self.op_version, self.op_config, self.task_queue, self.timeouts
+        )
         return RunManifest(pipeline, self.input, dict(self.initial_context), self.run_config, CHILD_BUILD)
 
 
@@ -240,7 +246,21 @@ def parse_spawn_request(data: Any, parent_run_id: str, fact_key: str) -> ChildSp
         run_config=run_config_from_json(body.get("run_config")),
         initial_context=context,
         parent_close_policy=check_close_policy(_text(body, "parent_close_policy", required=False)),
+        task_queue=_text(body, "task_queue", required=False),
+        timeouts=_timeouts(body.get("timeouts")),
     )
+
+
+def _timeouts(data: Any) -> StepTimeouts:
+    """A spawn's `timeouts` ({start_to_close_ms, heartbeat_ms, schedule_to_start_ms}, each optional)."""
+    if data is None:
+        return StepTimeouts()
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k, 0), int) and data.get(k, 0) >= 0
+        for k in ("start_to_close_ms", "heartbeat_ms", "schedule_to_start_ms")
+    ):
+        raise request_invalid("timeouts must be an object of non-negative integer milliseconds")
+    return StepTimeouts.from_json(data)
 
 
 def parse_await_request(data: Any) -> ChildAwaitRequest:

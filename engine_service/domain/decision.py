@@ -8,9 +8,11 @@
 6. otherwise the *ready* steps, up to `plan.max_parallel` running at once (0: no limit): a step is
    ready when its dependencies are complete and it is neither completed nor `running` (attempted
    by the caller now). An orphan attempt (open in the history, not running: its engine died) runs
-   again as attempt+1 from its base snapshot, orphans first; a failed step is retried as attempt+1
-   after its backoff; any other step starts from the last checkpoint. An empty set means "wait for
-   a running step to settle".
+   again as attempt+1 from its base snapshot, orphans first; but the orphan of a *remote* step
+   (one with a task queue) is adopted: its task lives in the store and a worker may be executing
+   it, so the caller waits for that task's outcome (creating the task if the crash came first); a
+   failed step is retried as attempt+1 after its backoff; any other step starts from the last
+   checkpoint. An empty set means "wait for a running step to settle".
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class RunStep:
     attempt: int
     base_snapshot_id: str
     delay_ms: int = 0
+    # A remote step's open attempt taken over as it is (no new StepAttemptStarted): wait for its task.
+    adopt: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,9 @@ def _ready_steps(history: RunHistory, plan: Plan, run_config: RunConfig, running
             continue
         orphan = history.open_attempts.get(step_id)
         failure = history.last_failure.get(step_id)
-        if orphan is not None:
+        if orphan is not None and step.task_queue:
+            orphans.append(RunStep(step_id, orphan.attempt, orphan.base_snapshot_id, adopt=True))
+        elif orphan is not None:
             orphans.append(RunStep(step_id, orphan.attempt + 1, orphan.base_snapshot_id))
         elif failure is not None:
             retry = failure.attempt + 1

@@ -11,11 +11,13 @@ the fold makes of it, and `corrupt_event_error` for what callers answer.
                          labels?}
     StepAttemptStarted  {v, step_id, attempt, base_snapshot_id, at_us?}
     FactRecorded        {v, step_id, attempt, fact_key, namespace, response}
-    StepAttemptFailed   {v, step_id, attempt, error: {code, category, retryable, message, details?}, at_us?}
-    StepCompleted       {v, step_id, attempt, snapshot_id, at_us?}
+    StepAttemptFailed   {v, step_id, attempt, error: {code, category, retryable, message, details?}, at_us?,
+                         worker_id?}
+    StepCompleted       {v, step_id, attempt, snapshot_id, at_us?, worker_id?}
     RunCompleted        {v, status: completed|failed|canceled, final_snapshot_id, reason?, error?, at_us?,
                          has_ledger?}
 
+`worker_id` names the worker that ran a remote attempt (engine_service.domain.tasks).
 `at_us` is when the engine decided the event (microseconds since the epoch). Events travel in
 batches that share the store's commit time, so views take their timings from `at_us` and fall
 back to the commit time for streams written before it existed (0 = absent).
@@ -151,6 +153,7 @@ class StepAttemptFailed:
     attempt: int
     error: ErrorRecord
     at_us: int = 0
+    worker_id: str = ""  # the worker that ran a remote attempt
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class StepCompleted:
     attempt: int
     snapshot_id: str
     at_us: int = 0
+    worker_id: str = ""  # the worker that ran a remote attempt
 
 
 @dataclass(frozen=True)
@@ -264,19 +268,15 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
                 "response": event.response,
             }
         case StepAttemptFailed():
-            return streams.STEP_ATTEMPT_FAILED, {
-                **v,
-                "step_id": event.step_id,
-                "attempt": event.attempt,
-                "error": event.error.to_json(),
-            }
+            data = {**v, "step_id": event.step_id, "attempt": event.attempt, "error": event.error.to_json()}
+            if event.worker_id:
+                data["worker_id"] = event.worker_id
+            return streams.STEP_ATTEMPT_FAILED, data
         case StepCompleted():
-            return streams.STEP_COMPLETED, {
-                **v,
-                "step_id": event.step_id,
-                "attempt": event.attempt,
-                "snapshot_id": event.snapshot_id,
-            }
+            data = {**v, "step_id": event.step_id, "attempt": event.attempt, "snapshot_id": event.snapshot_id}
+            if event.worker_id:
+                data["worker_id"] = event.worker_id
+            return streams.STEP_COMPLETED, data
         case RunCompleted():
             data = {**v, "status": event.status, "final_snapshot_id": event.final_snapshot_id}
             if event.reason:
@@ -353,10 +353,15 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 int(data["attempt"]),
                 ErrorRecord.from_json(dict(data["error"])),
                 _at_us(data),
+                worker_id=str(data.get("worker_id", "")),
             )
         case streams.STEP_COMPLETED:
             return StepCompleted(
-                str(data["step_id"]), int(data["attempt"]), str(data["snapshot_id"]), _at_us(data)
+                str(data["step_id"]),
+                int(data["attempt"]),
+                str(data["snapshot_id"]),
+                _at_us(data),
+                worker_id=str(data.get("worker_id", "")),
             )
         case streams.RUN_COMPLETED:
             error = data.get("error")

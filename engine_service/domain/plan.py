@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from engine_service.domain.tasks import NO_TIMEOUTS, StepTimeouts, check_queue_name
 from keel_core.errors import KeelError, invalid_argument
 
 MAX_ID_CHARS = 128
@@ -38,16 +39,24 @@ class StepSpec:
     op_version: str = DEFAULT_VERSION
     op_config: Any = None
     depends_on: tuple[str, ...] = ()
+    # Set: a remote step, executed by a worker polling this queue (not looked up in the engine's ops).
+    task_queue: str = ""
+    timeouts: StepTimeouts = NO_TIMEOUTS
 
     def to_json(self) -> dict[str, Any]:
-        """The step as manifest JSON."""
-        return {
+        """The step as manifest JSON (queue and timeouts only when set: older manifests keep their id)."""
+        data: dict[str, Any] = {
             "step_id": self.step_id,
             "op_id": self.op_id,
             "op_version": self.op_version,
             "op_config": self.op_config,
             "depends_on": list(self.depends_on),
         }
+        if self.task_queue:
+            data["task_queue"] = self.task_queue
+        if timeouts := self.timeouts.to_json():
+            data["timeouts"] = timeouts
+        return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> StepSpec:
@@ -58,6 +67,8 @@ class StepSpec:
             op_version=str(data.get("op_version") or DEFAULT_VERSION),
             op_config=data.get("op_config"),
             depends_on=tuple(str(dep) for dep in data.get("depends_on", ())),
+            task_queue=str(data.get("task_queue") or ""),
+            timeouts=StepTimeouts.from_json(data.get("timeouts")),
         )
 
 
@@ -92,10 +103,17 @@ class PipelineSpec:
         )
 
 
-def single_op_pipeline(op_id: str, op_version: str, op_config: Any) -> PipelineSpec:
-    """The one-step pipeline (step id `main`) that runs a single op."""
+def single_op_pipeline(
+    op_id: str,
+    op_version: str,
+    op_config: Any,
+    task_queue: str = "",
+    timeouts: StepTimeouts = NO_TIMEOUTS,
+) -> PipelineSpec:
+    """The one-step pipeline (step id `main`) that runs a single op (on a worker of `task_queue` if set)."""
     version = op_version or DEFAULT_VERSION
-    return PipelineSpec(op_id, version, (StepSpec("main", op_id, version, op_config),))
+    step = StepSpec("main", op_id, version, op_config, task_queue=task_queue, timeouts=timeouts)
+    return PipelineSpec(op_id, version, (step,))
 
 
 @dataclass(frozen=True)
@@ -156,6 +174,9 @@ def resolve_plan(pipeline: PipelineSpec, catalog: OpCatalog) -> Plan:
                 raise invalid_plan(f"step {step.step_id!r} depends on unknown step {dep!r}", step.step_id)
             if dep == step.step_id:
                 raise invalid_plan(f"step {step.step_id!r} depends on itself", step.step_id)
+        _check_execution(step)
+        if step.task_queue:
+            continue  # a worker of the queue runs it: the engine's ops are not asked
         if not catalog.has_op(step.op_id, step.op_version):
             raise invalid_plan(
                 f"step {step.step_id!r} uses op {step.op_id!r} version {step.op_version!r}, "
@@ -164,6 +185,29 @@ def resolve_plan(pipeline: PipelineSpec, catalog: OpCatalog) -> Plan:
             )
     ordered = topological_order(pipeline.steps)
     return Plan(pipeline.pipeline_id, ordered, pipeline.max_parallel, ancestors_of(ordered))
+
+
+def _check_execution(step: StepSpec) -> None:
+    """The step's task queue (when set) and timeouts must make sense: `invalid_plan` otherwise."""
+    if step.task_queue:
+        try:
+            check_queue_name(step.task_queue, f"step {step.step_id!r}: task_queue")
+        except KeelError as error:
+            raise invalid_plan(error.message, step.step_id) from None
+    limits = step.timeouts
+    for name, value in (
+        ("start_to_close_timeout", limits.start_to_close_ms),
+        ("heartbeat_timeout", limits.heartbeat_ms),
+        ("schedule_to_start_timeout", limits.schedule_to_start_ms),
+    ):
+        if value < 0:
+            raise invalid_plan(f"step {step.step_id!r}: {name} must not be negative", step.step_id)
+    if not step.task_queue and (limits.heartbeat_ms or limits.schedule_to_start_ms):
+        raise invalid_plan(
+            f"step {step.step_id!r}: heartbeat_timeout and schedule_to_start_timeout apply to remote steps "
+            "only (set task_queue, or use start_to_close_timeout)",
+            step.step_id,
+        )
 
 
 def ancestors_of(ordered: Sequence[StepSpec]) -> dict[str, frozenset[str]]:

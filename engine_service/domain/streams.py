@@ -7,6 +7,12 @@ Streams (one prefix each; the rest of the id is a run id or an engine id):
     ledger:<run id>        the run's failure ledger (FailureLedgerEntry): divergences kept for a person
     lease:<run id>         who drives the run (LeaseAcquired, LeaseReleased)
     engine:<engine id>     an engine's liveness record (EngineHeartbeat, EngineStopped, EngineFenced)
+    task:<run>:<attempt>:<step>  a remote step attempt (engine_service.domain.tasks): TaskScheduled,
+                           TaskClaimed, TaskHeartbeat, TaskReleased, TaskFactRecorded, then
+                           TaskCompleted, TaskFailed or TaskExpired; labelled active until its
+                           outcome, then completed/failed/canceled
+    queue:<task queue>     wake-up hints for a queue's pollers (TaskEnqueued, naming a task stream)
+    worker:<worker id>     a worker's last poll (WorkerSeen) with its queue and ops as attributes
 
 Status labels. The store knows four labels (keel.store.v1.StreamStatus: active, completed,
 failed, canceled), and lists streams by them. A run stream's label is its run status. Lease and
@@ -25,6 +31,9 @@ CHILDREN_STREAM_PREFIX = "children:"
 LEDGER_STREAM_PREFIX = "ledger:"
 LEASE_STREAM_PREFIX = "lease:"
 ENGINE_STREAM_PREFIX = "engine:"
+TASK_STREAM_PREFIX = "task:"
+QUEUE_STREAM_PREFIX = "queue:"
+WORKER_STREAM_PREFIX = "worker:"
 
 
 def run_stream_id(run_id: str) -> str:
@@ -62,6 +71,21 @@ def engine_stream_id(engine_id: str) -> str:
     return f"{ENGINE_STREAM_PREFIX}{engine_id}"
 
 
+def task_stream_id(run_id: str, step_id: str, attempt: int) -> str:
+    """The stream of one remote step attempt (the step id last: it may hold any character)."""
+    return f"{TASK_STREAM_PREFIX}{run_id}:{attempt}:{step_id}"
+
+
+def queue_stream_id(task_queue: str) -> str:
+    """The stream of a task queue's wake-up hints."""
+    return f"{QUEUE_STREAM_PREFIX}{task_queue}"
+
+
+def worker_stream_id(worker_id: str) -> str:
+    """The stream recording when a worker last polled."""
+    return f"{WORKER_STREAM_PREFIX}{worker_id}"
+
+
 # --- event type names --------------------------------------------------------------------------
 
 # run:<run id>
@@ -82,6 +106,19 @@ LEASE_RELEASED = "LeaseReleased"
 ENGINE_HEARTBEAT = "EngineHeartbeat"
 ENGINE_STOPPED = "EngineStopped"
 ENGINE_FENCED = "EngineFenced"
+# task:<run>:<attempt>:<step>
+TASK_SCHEDULED = "TaskScheduled"
+TASK_CLAIMED = "TaskClaimed"
+TASK_HEARTBEAT = "TaskHeartbeat"
+TASK_RELEASED = "TaskReleased"
+TASK_FACT_RECORDED = "TaskFactRecorded"
+TASK_COMPLETED = "TaskCompleted"
+TASK_FAILED = "TaskFailed"
+TASK_EXPIRED = "TaskExpired"
+# queue:<task queue>
+TASK_ENQUEUED = "TaskEnqueued"
+# worker:<worker id>
+WORKER_SEEN = "WorkerSeen"
 
 # --- run statuses (RunCompleted.status) ----------------------------------------------------------
 
@@ -113,6 +150,13 @@ LEASE_RELEASED_LABEL = LABEL_CANCELED
 ENGINE_BEATING_LABEL = LABEL_ACTIVE
 ENGINE_STOPPED_LABEL = LABEL_CANCELED
 ENGINE_FENCED_LABEL = LABEL_FAILED
+
+# task:...: waiting for or held by a worker until its outcome, then labelled like a run with it
+# (completed, failed; an expired task, timed out or closed because its run ended, is "canceled").
+TASK_OPEN_LABEL = LABEL_ACTIVE
+TASK_COMPLETED_LABEL = LABEL_COMPLETED
+TASK_FAILED_LABEL = LABEL_FAILED
+TASK_EXPIRED_LABEL = LABEL_CANCELED
 
 
 def run_label(status: str) -> str:

@@ -67,8 +67,9 @@ from engine_service.domain import (
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
-from engine_service.domain.events import stamped
+from engine_service.domain.events import ErrorRecord, stamped
 from engine_service.domain.ops import OpDefinition
+from engine_service.domain.plan import StepSpec
 from engine_service.domain.streams import RUN_ACTIVE_LABEL, RUN_COMPLETED, run_label, run_stream_id
 from engine_service.failpoints import (
     AFTER_OP_RETURNED,
@@ -77,8 +78,9 @@ from engine_service.failpoints import (
 )
 from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
 from engine_service.runtime.leases import Lease
+from engine_service.runtime.remote_steps import run_remote_attempt
 from engine_service.runtime.run_io import RunFacts, RunIo, io_error
-from engine_service.runtime.step_errors import branch_canceled, op_error_record
+from engine_service.runtime.step_errors import branch_canceled, op_error_record, step_timeout
 from engine_service.store.port import FOREVER
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
@@ -422,17 +424,21 @@ class RunDriver:
             await asyncio.sleep(action.delay_ms / 1000)
         step = self.plan.step(action.step_id)
         seen = await self._context_of(action)
-        self.record([StepAttemptStarted(action.step_id, action.attempt, action.base_snapshot_id)])
+        if not action.adopt:  # an adopted remote attempt is open already: its task decides it
+            self.record([StepAttemptStarted(action.step_id, action.attempt, action.base_snapshot_id)])
         started_seq = self.history.head_seq  # the attempt's fencing value for transports
         if self._claim_first or self.env.failpoints.is_armed(AFTER_STEP_ATTEMPT_STARTED, action.step_id):
             await self.flush()  # every branch's op waits until the claim is durable
             self._claim_first = False
             self.env.failpoints.hit(AFTER_STEP_ATTEMPT_STARTED, action.step_id)
+        if step.task_queue:
+            await self._run_remote(action, step, seen, started_seq)
+            return
         io = RunIo(self.facts, action.step_id, action.attempt, started_seq)
         ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, seen, io)
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
-            output = await self._call_op(definition, ctx, step.op_config)
+            output = await self._timed_op(definition, ctx, step)
             check_json(output, "output")  # what is stored must go back out on the wire
         except asyncio.CancelledError:
             raise
@@ -447,6 +453,31 @@ class RunDriver:
         self.env.failpoints.hit(AFTER_OP_RETURNED, action.step_id)
         await self._complete_step(action, output)
 
+    async def _timed_op(self, definition: OpDefinition, ctx: StepContext, step: StepSpec) -> Any:
+        """Run the op; past the step's start-to-close timeout it is cancelled and fails `step_timeout`."""
+        limit_ms = step.timeouts.start_to_close_ms
+        if not limit_ms:
+            return await self._call_op(definition, ctx, step.op_config)
+        timer = asyncio.timeout(limit_ms / 1000)
+        try:
+            async with timer:
+                return await self._call_op(definition, ctx, step.op_config)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise step_timeout(step.step_id, limit_ms) from None
+
+    async def _run_remote(self, action: RunStep, step: StepSpec, seen: dict[str, Any], fencing: int) -> None:
+        """A remote attempt: its task is created once the attempt is durable, and its outcome copied here."""
+        await self.flush()  # a task exists only for an attempt whose StepAttemptStarted is durable
+        outcome = await run_remote_attempt(self, action, step, seen, fencing)
+        if outcome.facts:
+            self.record(outcome.facts)
+        if outcome.error is not None:
+            await self._fail(action, outcome.error, worker_id=outcome.worker_id)
+        else:
+            await self._complete_step(action, outcome.output, worker_id=outcome.worker_id)
+
     async def _context_of(self, action: RunStep) -> dict[str, Any]:
         """What the attempt sees: the initial context plus its ancestors' outputs (from its base)."""
         assert self.history.started is not None
@@ -454,11 +485,14 @@ class RunDriver:
         base = await self.snapshot(action.base_snapshot_id)
         return step_context(initial, base, self.plan.ancestors.get(action.step_id, frozenset()))
 
-    async def _fail(self, action: RunStep, error: BaseException) -> None:
-        self.record([StepAttemptFailed(action.step_id, action.attempt, op_error_record(error))])
+    async def _fail(
+        self, action: RunStep, error: BaseException | ErrorRecord, *, worker_id: str = ""
+    ) -> None:
+        record = error if isinstance(error, ErrorRecord) else op_error_record(error)
+        self.record([StepAttemptFailed(action.step_id, action.attempt, record, worker_id=worker_id)])
         await self._settled(action.step_id)
 
-    async def _complete_step(self, action: RunStep, output: Any) -> None:
+    async def _complete_step(self, action: RunStep, output: Any, *, worker_id: str = "") -> None:
         """Record StepCompleted with the checkpoint after it: the latest checkpoint plus its output.
 
         No await between reading the latest checkpoint and recording: a sibling completing in
@@ -477,7 +511,7 @@ class RunDriver:
                     f"the context after step {action.step_id!r} is {len(snapshot_bytes)} bytes of JSON; "
                     f"the limit is {MAX_SNAPSHOT_BYTES} (store large data elsewhere and keep a reference)",
                 )
-                await self._fail(action, error)
+                await self._fail(action, error, worker_id=worker_id)
                 return
             if (
                 self._pending_artifact_bytes() + len(snapshot_bytes) <= MAX_BATCH_ARTIFACT_BYTES
@@ -488,7 +522,7 @@ class RunDriver:
         snapshot_id = artifact_id_for_bytes(snapshot_bytes)
         self._snapshots[snapshot_id] = snapshot
         self.record(
-            [StepCompleted(action.step_id, action.attempt, snapshot_id)],
+            [StepCompleted(action.step_id, action.attempt, snapshot_id, worker_id=worker_id)],
             artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)],
         )
         await self._settled(action.step_id)

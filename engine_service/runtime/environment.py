@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from engine_service.domain.ops import OpRegistry
 from engine_service.domain.transports import TransportRegistry
 from engine_service.failpoints import Failpoints
+from engine_service.runtime.task_board import TaskBoard
 from engine_service.store.port import EventLog
 
 # How long a parked driver (a drain, a cancel) keeps trying to make what it decided durable.
@@ -21,3 +22,12 @@ class RunEnvironment:
     ops: OpRegistry
     transports: TransportRegistry
     failpoints: Failpoints
+    # Remote step attempts (tasks in the store); made on first use unless the engine gives its own.
+    task_board: TaskBoard | None = None
+
+    @property
+    def tasks(self) -> TaskBoard:
+        """The engine's task board."""
+        if self.task_board is None:
+            self.task_board = TaskBoard(self.store)
+        return self.task_board

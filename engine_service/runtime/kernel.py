@@ -57,6 +57,7 @@ from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
+from engine_service.runtime.task_service import TaskService
 from engine_service.runtime.terminalize import Terminalizer
 from engine_service.runtime.views import RunViews
 from keel_core.clock import now_us
@@ -145,6 +146,8 @@ class Engine:
         own.register(AWAIT_NAMESPACE, transport)
         # The child namespaces are this engine's: the registry is copied, never the shared default.
         env.transports = env.transports.merged(own)
+        # Remote steps: the board the drivers schedule tasks on, and WorkerService's side of it.
+        self.tasks = TaskService(env.tasks, patience=env.store.patience)
         self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
         self.views = RunViews(env.store, self.reader)
         # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
@@ -368,3 +371,4 @@ class Engine:
             # A child start shielded from its parent's cancel may still add a driver: park it too.
             await self.registry.settle_all_spawns()
         await self.leases.close()
+        await self.tasks.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine_service.domain import BRANCH_CANCELED, ErrorRecord, canonical_json_bytes
-from keel_core.errors import KeelError
+from keel_core.errors import ErrorCategory, KeelError
 
 
 def op_error_record(error: BaseException) -> ErrorRecord:
@@ -25,4 +25,15 @@ def branch_canceled(reason: str) -> ErrorRecord:
         "cancelled",
         False,
         f"canceled: another branch failed the run ({reason})",
+    )
+
+
+def step_timeout(step_id: str, limit_ms: int) -> KeelError:
+    """How an in-process op stopped at its start-to-close timeout fails (retryable)."""
+    return KeelError(
+        "step_timeout",
+        f"step {step_id!r} did not finish within its start_to_close_timeout of {limit_ms} ms "
+        "(the op was cancelled)",
+        category=ErrorCategory.DEADLINE_EXCEEDED,
+        retryable=True,
     )

@@ -67,6 +67,8 @@ class AttemptView:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: ErrorRecord | None = None
+    task_queue: str = ""  # a remote attempt: its queue
+    worker_id: str = ""  # and the worker that ran it (known once it ended)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class StepView:
     status: str = PENDING
     attempts: list[AttemptView] = field(default_factory=list)
     last_error: ErrorRecord | None = None
+    task_queue: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,9 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
     if manifest is not None:
         view.input, view.has_input = manifest.input, True
         for spec in topological_order(manifest.pipeline.steps):
-            steps[spec.step_id] = StepView(spec.step_id, spec.op_id, spec.op_version)
+            steps[spec.step_id] = StepView(
+                spec.step_id, spec.op_id, spec.op_version, task_queue=spec.task_queue
+            )
     for stored in events:
         view.head_seq = stored.seq
         when = decided_at(stored)
@@ -189,17 +194,18 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 for earlier in step.attempts:
                     if earlier.status == RUNNING:  # an orphan: its engine stopped inside it
                         earlier.status, earlier.error = FAILED, _ABANDONED
-                step.attempts.append(AttemptView(event.attempt, RUNNING, when))
+                step.attempts.append(AttemptView(event.attempt, RUNNING, when, task_queue=step.task_queue))
                 step.status = RUNNING
             case StepAttemptFailed():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
                 attempt = _attempt(step, event.attempt, when)
                 attempt.status, attempt.finished_at, attempt.error = FAILED, when, event.error
+                attempt.worker_id = event.worker_id
                 step.status, step.last_error = RETRYING, event.error
             case StepCompleted():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
                 attempt = _attempt(step, event.attempt, when)
-                attempt.status, attempt.finished_at = COMPLETED, when
+                attempt.status, attempt.finished_at, attempt.worker_id = COMPLETED, when, event.worker_id
                 step.status = COMPLETED
             case RunCompleted():
                 view.status = event.status

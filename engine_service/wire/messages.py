@@ -36,6 +36,7 @@ from engine_service.domain.child_runs import (
 from engine_service.domain.events import event_type_and_json
 from engine_service.domain.labels import CHILD, TOP_LEVEL, check_labels
 from engine_service.domain.run_config import LIVE, REPLAY
+from engine_service.domain.tasks import StepTimeouts
 from engine_service.runtime.views import (
     PENDING,
     RETRYING,
@@ -140,6 +141,23 @@ def _ms(duration: duration_pb2.Duration, field: str) -> int:
     return duration.seconds * 1000 + duration.nanos // 1_000_000
 
 
+def step_timeouts(
+    message: engine_pb2.Step | engine_pb2.SingleOp | engine_pb2.SpawnChildRequest, where: str
+) -> StepTimeouts:
+    """A step's timeouts (unset fields: none); a negative or out-of-range duration is INVALID_ARGUMENT."""
+    values = []
+    for name in ("start_to_close_timeout", "heartbeat_timeout", "schedule_to_start_timeout"):
+        duration = getattr(message, name)
+        if not message.HasField(name):
+            values.append(0)
+            continue
+        ms = _ms(duration, f"{where}.{name}")
+        if ms == 0 and (duration.seconds or duration.nanos):
+            ms = 1  # below a millisecond: the shortest timeout there is, not none
+        values.append(ms)
+    return StepTimeouts(*values)
+
+
 def run_config_from(message: engine_pb2.RunConfig) -> RunConfig:
     """A validated RunConfig from its message, with defaults for unset fields."""
     mode = {
@@ -174,6 +192,8 @@ def pipeline_from(request: engine_pb2.StartRunRequest) -> PipelineSpec:
                 op_version=step.op_version or "1",
                 op_config=_json(step.op_config, f"steps[{index}].op_config"),
                 depends_on=tuple(step.depends_on),
+                task_queue=step.task_queue,
+                timeouts=step_timeouts(step, f"steps[{index}]"),
             )
             for index, step in enumerate(pipeline.steps)
         )
@@ -184,7 +204,11 @@ def pipeline_from(request: engine_pb2.StartRunRequest) -> PipelineSpec:
         if not request.op.op_id:
             raise invalid_argument("invalid_plan", "op.op_id is required")
         return single_op_pipeline(
-            request.op.op_id, request.op.op_version, _json(request.op.op_config, "op.op_config")
+            request.op.op_id,
+            request.op.op_version,
+            _json(request.op.op_config, "op.op_config"),
+            request.op.task_queue,
+            step_timeouts(request.op, "op"),
         )
     raise invalid_argument("invalid_argument", "StartRun needs a target: `pipeline` or `op`")
 
@@ -234,6 +258,8 @@ def _attempt(attempt: AttemptView) -> engine_pb2.StepAttempt:
         started_at=timestamp(attempt.started_at),
         finished_at=timestamp(attempt.finished_at),
         error=error_detail(attempt.error),
+        task_queue=attempt.task_queue,
+        worker_id=attempt.worker_id,
     )
 
 
@@ -378,6 +404,8 @@ def spawn_request_from(request: engine_pb2.SpawnChildRequest) -> ChildSpawnReque
         run_config=run_config_from(request.run_config),
         initial_context=_size_checked(context, "initial_context"),
         parent_close_policy=policy,
+        task_queue=request.task_queue,
+        timeouts=step_timeouts(request, "SpawnChild"),
     )
 
 

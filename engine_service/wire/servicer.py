@@ -134,11 +134,22 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     async def ListOps(
         self, request: engine_pb2.ListOpsRequest, context: Context
     ) -> engine_pb2.ListOpsResponse:
-        """The ops this engine can run."""
+        """The ops this engine can run, then the ops workers polling a queue declared (with the queue)."""
+        remote = {
+            (op_id, version, seen.task_queue)
+            for seen in await self.engine.tasks.workers_seen()
+            for op_id, version in seen.ops
+        }
         return engine_pb2.ListOpsResponse(
             ops=[
-                engine_pb2.OpInfo(op_id=d.op_id, op_version=d.op_version, description=d.description)
-                for d in self.engine.env.ops.all()
+                *(
+                    engine_pb2.OpInfo(op_id=d.op_id, op_version=d.op_version, description=d.description)
+                    for d in self.engine.env.ops.all()
+                ),
+                *(
+                    engine_pb2.OpInfo(op_id=op_id, op_version=version, task_queue=queue)
+                    for op_id, version, queue in sorted(remote)
+                ),
             ]
         )
 

@@ -147,6 +147,9 @@ class StepAttempt:
     started_at: datetime | None
     finished_at: datetime | None
     error: ErrorDetail | None
+    # A remote attempt (its step has a task queue): the queue, and the worker that ran it.
+    task_queue: str = ""
+    worker_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,8 @@ class OpInfo:
     op_id: str
     op_version: str
     description: str
+    # Set for an op a worker polling this task queue declared; empty for the engine's own ops.
+    task_queue: str = ""
 
 
 @dataclass(frozen=True)

@@ -398,6 +398,8 @@ def _step(message: engine_pb2.StepState) -> StepState:
                 started_at=_time(attempt, "started_at"),
                 finished_at=_time(attempt, "finished_at"),
                 error=error_detail(attempt, "error"),
+                task_queue=attempt.task_queue,
+                worker_id=attempt.worker_id,
             )
             for attempt in message.attempts
         ),
@@ -483,5 +485,6 @@ def run_event(message: engine_pb2.WatchRunResponse) -> RunEvent:
 def op_infos(message: engine_pb2.ListOpsResponse) -> tuple[OpInfo, ...]:
     """The ops of ListOps' response."""
     return tuple(
-        OpInfo(op_id=op.op_id, op_version=op.op_version, description=op.description) for op in message.ops
+        OpInfo(op_id=op.op_id, op_version=op.op_version, description=op.description, task_queue=op.task_queue)
+        for op in message.ops
     )

@@ -1,0 +1,97 @@
+"""A remote step attempt as the driving engine sees it: schedule its task, wait for its outcome.
+
+The driver calls `run_remote_attempt` once the attempt's StepAttemptStarted is durable (or when it
+adopted an orphaned remote attempt after a crash). What comes back is copied into the run stream by
+the driver, the run's one writer: the facts the worker recorded (FactRecorded), then StepCompleted
+with the output or StepAttemptFailed with the worker's error or the timeout that ended the task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine_service.domain import ErrorRecord, FactRecorded, RunHistory, RunManifest, RunStep
+from engine_service.domain.plan import StepSpec
+from engine_service.domain.streams import task_stream_id
+from engine_service.domain.tasks import (
+    TaskCompleted,
+    TaskFailed,
+    TaskScheduled,
+    TaskState,
+    fact_events,
+)
+from engine_service.runtime.environment import RunEnvironment
+from keel_core.clock import now_us
+from keel_core.errors import KeelError
+from keel_core.json_rules import check_json
+
+
+class RemoteRun(Protocol):
+    """What a remote attempt needs of its run's driver."""
+
+    run_id: str
+    env: RunEnvironment
+    manifest: RunManifest
+    history: RunHistory
+
+
+@dataclass(frozen=True)
+class RemoteOutcome:
+    """How a remote attempt ended: facts to copy, then its output or its error, and who ran it."""
+
+    facts: list[FactRecorded]
+    output: Any = None
+    error: ErrorRecord | None = None
+    worker_id: str = ""
+
+
+def task_body(run: RemoteRun, step: StepSpec, seen: dict[str, Any]) -> dict[str, Any]:
+    """What the worker is handed: op config, the run's input, the context it starts from, the run's facts."""
+    facts = [
+        {"namespace": f.namespace, "fact_key": f.fact_key, "response": f.response}
+        for f in run.history.facts.values()
+    ]
+    return {"op_config": step.op_config, "input": run.manifest.input, "context": seen, "facts": facts}
+
+
+async def run_remote_attempt(
+    run: RemoteRun, action: RunStep, step: StepSpec, seen: dict[str, Any], fencing: int
+) -> RemoteOutcome:
+    """Create the attempt's task (unless adopted and there), wait for its outcome, and say what it was."""
+    board = run.env.tasks
+    stream_id = task_stream_id(run.run_id, step.step_id, action.attempt)
+    scheduled = TaskScheduled(
+        run.run_id,
+        step.step_id,
+        action.attempt,
+        step.task_queue,
+        step.op_id,
+        step.op_version,
+        step.timeouts,
+        fencing,
+        now_us(),
+    )
+    state = await board.schedule(scheduled, task_body(run, step, seen), stream_id, adopted=action.adopt)
+    state = await board.outcome(stream_id, state)
+    return remote_outcome(run.history, state)
+
+
+def remote_outcome(history: RunHistory, state: TaskState) -> RemoteOutcome:
+    """A task's outcome as what the run records (facts it does not hold yet first)."""
+    facts = [fact for fact in fact_events(state) if fact.fact_key not in history.facts]
+    outcome = state.outcome
+    match outcome:
+        case TaskCompleted():
+            try:
+                check_json(outcome.output, "output")
+            except KeelError as error:  # written by a store client that skipped CompleteTask's checks
+                bad = ErrorRecord("op_output_invalid", "op", False, error.message)
+                return RemoteOutcome(facts, error=bad, worker_id=state.worker_id)
+            return RemoteOutcome(facts, output=outcome.output, worker_id=state.worker_id)
+        case TaskFailed():
+            return RemoteOutcome(facts, error=outcome.error, worker_id=state.worker_id)
+        case None:
+            raise AssertionError("a task without an outcome")
+        case _:
+            return RemoteOutcome(facts, error=outcome.error, worker_id=state.worker_id)

@@ -1,0 +1,247 @@
+"""The task board: remote step attempts as tasks in the store, and the driver's wait for their outcome.
+
+The driving engine calls `schedule` once the attempt's StepAttemptStarted is durable: the task
+stream is created with an append that expects no stream, so a crash can never issue one attempt
+twice (a second `schedule`, by a driver that adopted the attempt after a crash, finds the task and
+waits for it). A hint naming the task goes to the queue's stream (`queue:<name>`), where every
+engine's pollers are subscribed; the truth stays the task stream and its index attributes.
+
+`outcome` waits for the task's outcome without polling (a subscription to the task stream), and
+ends the task itself when a deadline passes (schedule-to-start, start-to-close, the claim's
+lease): TaskExpired, appended with a compare-and-swap at the head it read, so a worker's
+outcome that landed first wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from engine_service.domain import artifact_id_for_bytes, canonical_json_bytes
+from engine_service.domain.canonical import parse_json_bytes
+from engine_service.domain.streams import (
+    TASK_COMPLETED_LABEL,
+    TASK_ENQUEUED,
+    TASK_EXPIRED_LABEL,
+    TASK_FAILED_LABEL,
+    TASK_OPEN_LABEL,
+    queue_stream_id,
+)
+from engine_service.domain.tasks import (
+    CLAIMED,
+    OP_ATTRIBUTE,
+    PENDING,
+    QUEUE_ATTRIBUTE,
+    STATE_ATTRIBUTE,
+    TaskCompleted,
+    TaskEvent,
+    TaskExpired,
+    TaskFailed,
+    TaskScheduled,
+    TaskState,
+    decode_task_event,
+    encode_task_event,
+    fold_task,
+    next_deadline,
+    op_key,
+)
+from engine_service.store.port import FOREVER, EventLog, StreamEvent
+from keel_core.clock import now_us
+from keel_core.errors import KeelError
+
+log = logging.getLogger(__name__)
+
+# A task's body (op config, input, context, facts) travels inline in TaskScheduled up to this size;
+# a larger one is an artifact stored with the same append.
+MAX_INLINE_BODY_BYTES = 256 * 1024
+# A context larger than this is not put in the Task message: the worker reads it with GetArtifact.
+MAX_INLINE_CONTEXT_BYTES = 1024 * 1024
+BODY_ARTIFACT_KIND = "task-body"
+CONTEXT_ARTIFACT_KIND = "task-context"
+
+
+def outcome_label(event: TaskEvent) -> str:
+    """The task stream's status label after `event` (its outcome, or still open)."""
+    match event:
+        case TaskCompleted():
+            return TASK_COMPLETED_LABEL
+        case TaskFailed():
+            return TASK_FAILED_LABEL
+        case TaskExpired():
+            return TASK_EXPIRED_LABEL
+    return TASK_OPEN_LABEL
+
+
+def task_attributes(scheduled: TaskScheduled, state: str) -> dict[str, str]:
+    """The index entries of a task stream: its queue, op, and whether a worker holds it."""
+    return {
+        QUEUE_ATTRIBUTE: scheduled.task_queue,
+        OP_ATTRIBUTE: op_key(scheduled.op_id, scheduled.op_version),
+        STATE_ATTRIBUTE: state,
+    }
+
+
+def decoded(events: list[StreamEvent]) -> list[TaskEvent | None]:
+    """Task events from the store's records (None for one this engine cannot read)."""
+    return [decode_task_event(e.type, e.payload) for e in events]
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A task appeared in a queue: who may take it."""
+
+    stream_id: str
+    op: str
+
+
+class TaskBoard:
+    """Task streams as the engine writes and reads them; `on_hint` tells this engine's pollers at once."""
+
+    def __init__(self, store: EventLog) -> None:
+        self.store = store
+        self.on_hint: Callable[[str, Hint], None] | None = None
+
+    async def read(self, stream_id: str, *, patience: float | None = None) -> TaskState:
+        """A task's state from its stream."""
+        return fold_task(decoded(await self.store.read(stream_id, patience=patience)))
+
+    async def body(self, scheduled: TaskScheduled, *, patience: float | None = None) -> dict[str, Any]:
+        """What the worker needs ({op_config, input, context?, facts}), inline or from its artifact."""
+        if scheduled.body is not None:
+            return scheduled.body
+        data = await self.store.get_artifact(scheduled.body_artifact_id, patience=patience)
+        return dict(parse_json_bytes(data))
+
+    async def schedule(
+        self, scheduled: TaskScheduled, body: dict[str, Any], stream_id: str, *, adopted: bool
+    ) -> TaskState:
+        """Create the attempt's task unless it exists (`adopted`: it may); return its state."""
+        if adopted:
+            state = await self.read(stream_id, patience=FOREVER)
+            if state.scheduled is not None:
+                return state
+        artifacts: list[tuple[str, bytes]] = []
+        context_bytes = canonical_json_bytes(body.get("context"))
+        context_artifact = ""
+        if len(context_bytes) > MAX_INLINE_CONTEXT_BYTES:
+            body = {key: value for key, value in body.items() if key != "context"}
+            artifacts.append((CONTEXT_ARTIFACT_KIND, context_bytes))
+            context_artifact = artifact_id_for_bytes(context_bytes)
+        body_bytes = canonical_json_bytes(body)
+        if len(body_bytes) > MAX_INLINE_BODY_BYTES:
+            artifacts.append((BODY_ARTIFACT_KIND, body_bytes))
+            event = replace(
+                scheduled,
+                body=None,
+                body_artifact_id=artifact_id_for_bytes(body_bytes),
+                context_artifact_id=context_artifact,
+            )
+        else:
+            event = replace(scheduled, body=body, context_artifact_id=context_artifact)
+        try:
+            await self.store.append(
+                stream_id,
+                [encode_task_event(event)],
+                expected_seq=None,
+                status=TASK_OPEN_LABEL,
+                artifacts=artifacts,
+                attributes=task_attributes(event, PENDING),
+                patience=FOREVER,
+            )
+        except KeelError as error:
+            if error.code != "sequence_conflict":
+                raise
+            return await self.read(stream_id, patience=FOREVER)  # a takeover's schedule met the first
+        await self.hint(event, stream_id)
+        return fold_task([event])
+
+    async def hint(self, scheduled: TaskScheduled, stream_id: str) -> None:
+        """Tell the queue's pollers (here at once, elsewhere through the queue stream) a task is there."""
+        hint = Hint(stream_id, op_key(scheduled.op_id, scheduled.op_version))
+        if self.on_hint is not None:
+            self.on_hint(scheduled.task_queue, hint)
+        payload = canonical_json_bytes({"v": 1, "task": stream_id, "op": hint.op})
+        try:
+            await self.store.append(
+                queue_stream_id(scheduled.task_queue),
+                [(TASK_ENQUEUED, payload)],
+                expected_seq=None,
+                expected_any=True,
+                patience=FOREVER,
+            )
+        except KeelError as error:  # a hint only: pollers list the queue's index anyway
+            log.warning("queue hint for %s not written: %s", stream_id, error.message)
+
+    async def end(self, stream_id: str, state: TaskState, event: TaskEvent) -> TaskState:
+        """Append an outcome at the head `state` was read at (`sequence_conflict` if someone wrote since)."""
+        assert state.scheduled is not None
+        await self.store.append(
+            stream_id,
+            [encode_task_event(event)],
+            expected_seq=state.head_seq,
+            status=outcome_label(event),
+            attributes=task_attributes(state.scheduled, CLAIMED if state.claim else PENDING),
+            patience=FOREVER,
+        )
+        return state.extend([event])
+
+    async def outcome(self, stream_id: str, state: TaskState) -> TaskState:
+        """Wait until the task has an outcome, ending it when a deadline passes first."""
+        arrivals: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+        reader = asyncio.create_task(self._follow(stream_id, state.head_seq, arrivals))
+        try:
+            while state.outcome is None:
+                arrived = await self._next_arrival(stream_id, state, arrivals)
+                if arrived is None:
+                    continue
+                if isinstance(arrived, TaskState):
+                    state = arrived
+                    continue
+                if isinstance(arrived, BaseException):
+                    raise arrived
+                if arrived.seq == state.head_seq + 1:
+                    state = state.extend([decode_task_event(arrived.type, arrived.payload)])
+                elif arrived.seq > state.head_seq + 1:  # resubscribed past a gap: read it
+                    state = await self.read(stream_id, patience=FOREVER)
+            return state
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    async def _next_arrival(
+        self, stream_id: str, state: TaskState, arrivals: asyncio.Queue[StreamEvent | BaseException]
+    ) -> StreamEvent | BaseException | TaskState | None:
+        """The next event of the task; or its state once this engine ended it at a passed deadline."""
+        with contextlib.suppress(asyncio.QueueEmpty):
+            return arrivals.get_nowait()
+        deadline = next_deadline(state)
+        if deadline is None:
+            return await arrivals.get()
+        timeout = (deadline.at_us - now_us()) / 1e6
+        if timeout > 0:
+            try:
+                return await asyncio.wait_for(arrivals.get(), timeout)
+            except TimeoutError:
+                return None
+        try:
+            return await self.end(stream_id, state, TaskExpired(deadline.error, now_us()))
+        except KeelError as error:
+            if error.code != "sequence_conflict":
+                raise
+            return await arrivals.get()  # what landed first (a heartbeat, the outcome) arrives next
+
+    async def _follow(
+        self, stream_id: str, after_seq: int, arrivals: asyncio.Queue[StreamEvent | BaseException]
+    ) -> None:
+        subscription = self.store.subscribe(stream_id, after_seq=after_seq)
+        try:
+            async with contextlib.aclosing(subscription):
+                async for event in subscription:
+                    arrivals.put_nowait(event)
+        except Exception as error:
+            arrivals.put_nowait(error)

@@ -1,0 +1,578 @@
+"""What WorkerService does, over the store: hand out tasks, and take a claim's heartbeats, facts and outcome.
+
+Any engine serves any worker: a task's truth is its stream (engine_service.domain.tasks), written
+with a compare-and-swap at the head just read, so two engines (or a worker retrying) never write
+one task twice. Every call with a token checks the claim first (`check_claim`: `task_stale` when
+it is not current) and writes nothing when its request is bad.
+
+PollTask waits without polling the store: a poller registers with the queue's `QueueWaiters`
+before listing the queue's pending tasks (the store indexes task streams by queue and state), then
+waits for a hint, which comes from this engine's drivers at once and from other engines through
+the queue stream (one subscription per queue per engine). A hint is handed to one waiter; a
+waiter that leaves without using its hint passes it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from engine_service.domain import ErrorRecord, canonical_json_bytes
+from engine_service.domain.canonical import parse_json_bytes
+from engine_service.domain.facts import check_fact_key
+from engine_service.domain.streams import (
+    TASK_OPEN_LABEL,
+    TASK_STREAM_PREFIX,
+    WORKER_SEEN,
+    WORKER_STREAM_PREFIX,
+    queue_stream_id,
+    run_status_of_label,
+    run_stream_id,
+    worker_stream_id,
+)
+from engine_service.domain.tasks import (
+    CLAIMED,
+    OP_ATTRIBUTE,
+    PENDING,
+    QUEUE_ATTRIBUTE,
+    RUN_ENDED,
+    STATE_ATTRIBUTE,
+    TaskClaimed,
+    TaskCompleted,
+    TaskEvent,
+    TaskExpired,
+    TaskFactRecorded,
+    TaskFailed,
+    TaskHeartbeat,
+    TaskReleased,
+    TaskScheduled,
+    TaskState,
+    TaskToken,
+    check_claim,
+    check_queue_name,
+    encode_task_event,
+    lease_deadline_after,
+    same_completion,
+    task_stale,
+)
+from engine_service.runtime.task_board import Hint, TaskBoard, task_attributes
+from engine_service.store.port import EventLog
+from keel_core.clock import now_us
+from keel_core.errors import ErrorCategory, KeelError, invalid_argument
+from keel_core.json_rules import check_json
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # as for io.call: room for the event's envelope
+MAX_NAME_CHARS = 128
+MAX_ERROR_MESSAGE_CHARS = 8192
+# A worker's poll is recorded (worker:<id>) at most this often per engine; ListQueues shows the
+# workers recorded within WORKER_SEEN_WITHIN.
+WORKER_RECORD_SECONDS = 10.0
+WORKER_SEEN_WITHIN = timedelta(seconds=60)
+# How many times a write retries after another write to the task landed first.
+_CAS_TRIES = 20
+_QUEUE_PAGE = 100
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    """A task claimed for a worker: its claim token, what it is, and what the worker needs."""
+
+    token: TaskToken
+    scheduled: TaskScheduled
+    body: dict[str, Any]
+    lease_deadline_us: int
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    """A worker that polled a queue recently."""
+
+    worker_id: str
+    task_queue: str
+    last_seen: datetime | None
+    ops: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class QueueView:
+    """A queue as ListQueues shows it."""
+
+    task_queue: str
+    backlog: int = 0
+    running: int = 0
+    workers: list[WorkerSeen] = field(default_factory=list)
+
+
+@dataclass
+class _Waiter:
+    ops: frozenset[str]
+    hint: asyncio.Future[Hint]
+
+
+class QueueWaiters:
+    """This engine's pollers waiting on each queue, and one subscription per queue feeding them hints."""
+
+    def __init__(self, store: EventLog) -> None:
+        self.store = store
+        self._waiters: dict[str, collections.deque[_Waiter]] = {}
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def register(self, queue: str, ops: frozenset[str]) -> _Waiter:
+        """A waiter on `queue` for tasks of `ops` (empty: any op); it gets hints until `leave`."""
+        waiter = _Waiter(ops, asyncio.get_running_loop().create_future())
+        self._waiters.setdefault(queue, collections.deque()).append(waiter)
+        if queue not in self._followers:
+            self._followers[queue] = asyncio.create_task(self._follow(queue), name=f"queue {queue}")
+        return waiter
+
+    def leave(self, queue: str, waiter: _Waiter, *, used: bool) -> None:
+        """The waiter stops waiting; a hint it got and did not use goes to another waiter."""
+        waiters = self._waiters.get(queue)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+        if waiter.hint.done() and not used:
+            self._give(queue, waiter.hint.result())
+        elif not waiter.hint.done():
+            waiter.hint.cancel()
+
+    def hint(self, queue: str, hint: Hint) -> None:
+        """A task appeared in `queue`: give it to one waiter (once, however many times it is hinted)."""
+        if hint.stream_id in self._recent:
+            return
+        self._recent[hint.stream_id] = None
+        if len(self._recent) > 4096:
+            self._recent.popitem(last=False)
+        self._give(queue, hint)
+
+    def _give(self, queue: str, hint: Hint) -> None:
+        for waiter in self._waiters.get(queue, ()):
+            if not waiter.hint.done() and (not waiter.ops or hint.op in waiter.ops):
+                waiter.hint.set_result(hint)
+                return
+
+    async def _follow(self, queue: str) -> None:
+        stream_id = queue_stream_id(queue)
+        while True:
+            try:
+                head, _ = await self.store.head(stream_id)
+                subscription = self.store.subscribe(stream_id, after_seq=head)
+                async with contextlib.aclosing(subscription):
+                    async for event in subscription:
+                        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                            data = parse_json_bytes(event.payload)
+                            self.hint(queue, Hint(str(data["task"]), str(data["op"])))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the store away: pollers still list the queue when they come
+                log.info("queue %s: following hints failed (%s); again in 1 s", queue, error)
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        """Stop following the queues."""
+        followers = list(self._followers.values())
+        self._followers.clear()
+        for follower in followers:
+            follower.cancel()
+        for follower in followers:
+            with contextlib.suppress(BaseException):
+                await follower
+
+
+class TaskService:
+    """WorkerService's logic: every method validates its whole request before it writes."""
+
+    def __init__(self, board: TaskBoard, *, patience: float = 10.0) -> None:
+        self.board = board
+        self.store = board.store
+        self.patience = patience
+        self.waiters = QueueWaiters(board.store)
+        board.on_hint = self.waiters.hint
+        self._recorded_workers: dict[tuple[str, str], float] = {}
+        self._releases: set[asyncio.Future[None]] = set()
+        # Observers (metrics): schedule-to-start seconds per claim, and each outcome a worker wrote.
+        self.on_claimed: list[Any] = []
+        self.on_outcome: list[Any] = []
+
+    # --- PollTask --------------------------------------------------------------------------------
+
+    async def poll(
+        self, queue: str, worker_id: str, ops: Sequence[tuple[str, str]], wait_seconds: float
+    ) -> ClaimedTask | None:
+        """Claim a task of `queue` for `worker_id` (one of `ops`; none: any), waiting up to `wait_seconds`."""
+        check_queue_name(queue)
+        check_name(worker_id, "worker_id")
+        for op_id, _ in ops:
+            check_name(op_id, "ops[].op_id")
+        wanted = frozenset(f"{op_id}@{version or '1'}" for op_id, version in ops)
+        await self._record_worker(queue, worker_id, ops)
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            waiter = self.waiters.register(queue, wanted)
+            used = False
+            try:
+                claimed = await self._guarded(self._claim_listed(queue, worker_id, wanted))
+                if claimed is not None:
+                    return claimed
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    hint = await asyncio.wait_for(asyncio.shield(waiter.hint), left)
+                except TimeoutError:
+                    return None
+                used = True
+                claimed = await self._guarded(self._try_claim(hint.stream_id, worker_id, wanted))
+                if claimed is not None:
+                    return claimed
+            finally:
+                self.waiters.leave(queue, waiter, used=used)
+
+    async def _guarded(self, claiming: Coroutine[Any, Any, ClaimedTask | None]) -> ClaimedTask | None:
+        """Claim; a poll cancelled meanwhile (the worker went away) releases what it claimed."""
+        attempt = asyncio.ensure_future(claiming)
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(self._release_unheard)
+            raise
+
+    def _release_unheard(self, attempt: asyncio.Future[ClaimedTask | None]) -> None:
+        if attempt.cancelled() or attempt.exception() is not None or attempt.result() is None:
+            return
+        claimed = attempt.result()
+        assert claimed is not None
+        releasing = asyncio.ensure_future(self._release(claimed))
+        self._releases.add(releasing)
+        releasing.add_done_callback(self._releases.discard)
+
+    async def _release(self, claimed: ClaimedTask) -> None:
+        token = claimed.token
+        try:
+            state = await self.board.read(token.stream_id, patience=self.patience)
+            if state.claim != token.claim or state.outcome is not None or state.scheduled is None:
+                return
+            await self.store.append(
+                token.stream_id,
+                [encode_task_event(TaskReleased(token.claim, now_us()))],
+                expected_seq=state.head_seq,
+                status=TASK_OPEN_LABEL,
+                attributes=task_attributes(state.scheduled, PENDING),
+                patience=self.patience,
+            )
+            log.info(
+                "task %s: released (its poll was cancelled before the worker heard of it)", token.stream_id
+            )
+            await self.board.hint(state.scheduled, token.stream_id)
+        except KeelError as error:
+            log.info("task %s: not released (%s); its timeouts decide it", token.stream_id, error.message)
+
+    async def _claim_listed(self, queue: str, worker_id: str, wanted: frozenset[str]) -> ClaimedTask | None:
+        listed, _ = await self.store.list_streams(
+            prefix=TASK_STREAM_PREFIX,
+            statuses=[TASK_OPEN_LABEL],
+            attributes={QUEUE_ATTRIBUTE: queue, STATE_ATTRIBUTE: PENDING},
+            page_size=_QUEUE_PAGE,
+            patience=self.patience,
+        )
+        for summary in reversed(listed):  # oldest first
+            if wanted and summary.attributes.get(OP_ATTRIBUTE) not in wanted:
+                continue
+            claimed = await self._try_claim(summary.stream_id, worker_id, wanted)
+            if claimed is not None:
+                return claimed
+        return None
+
+    async def _try_claim(self, stream_id: str, worker_id: str, wanted: frozenset[str]) -> ClaimedTask | None:
+        state, run_label = await asyncio.gather(
+            self.board.read(stream_id, patience=self.patience), self._run_label_of(stream_id)
+        )
+        scheduled = state.scheduled
+        if scheduled is None or state.claim or state.outcome is not None:
+            return None
+        if wanted and f"{scheduled.op_id}@{scheduled.op_version}" not in wanted:
+            return None
+        if run_status_of_label(run_label) is not None:
+            await self._close_for_ended_run(stream_id, state)
+            return None
+        now = now_us()
+        lease_deadline = lease_deadline_after(state, now)
+        try:
+            await self.store.append(
+                stream_id,
+                [encode_task_event(TaskClaimed(worker_id, now, lease_deadline))],
+                expected_seq=state.head_seq,
+                status=TASK_OPEN_LABEL,
+                attributes=task_attributes(scheduled, CLAIMED),
+                patience=self.patience,
+            )
+        except KeelError as error:
+            if error.code == "sequence_conflict":
+                return None  # another worker won it
+            raise
+        claim = state.head_seq + 1
+        body = dict(await self.board.body(scheduled, patience=self.patience))
+        if state.facts:  # recorded under a claim released since: served like the run's own
+            known = {fact.get("fact_key") for fact in body.get("facts", ())}
+            extra = [
+                {"namespace": f.namespace, "fact_key": f.fact_key, "response": f.response}
+                for f in state.facts.values()
+                if f.fact_key not in known
+            ]
+            body["facts"] = [*body.get("facts", ()), *extra]
+        for observe in self.on_claimed:
+            observe(scheduled, max(0.0, (now - scheduled.at_us) / 1e6))
+        token = TaskToken(scheduled.run_id, scheduled.step_id, scheduled.attempt, claim)
+        return ClaimedTask(token, scheduled, body, lease_deadline, worker_id)
+
+    async def _run_label_of(self, task_stream: str) -> str:
+        run_id = task_stream.removeprefix(TASK_STREAM_PREFIX).split(":", 1)[0]
+        _, label = await self.store.head(run_stream_id(run_id), patience=self.patience)
+        return label
+
+    async def _close_for_ended_run(self, stream_id: str, state: TaskState) -> None:
+        """A task of a run that ended: closed, so that no worker takes it and ListQueues counts it no more."""
+        error = ErrorRecord(RUN_ENDED, "cancelled", False, "the run ended before the task did")
+        with contextlib.suppress(KeelError):
+            await self.board.end(stream_id, state, TaskExpired(error, now_us()))
+
+    async def _record_worker(self, queue: str, worker_id: str, ops: Sequence[tuple[str, str]]) -> None:
+        key = (queue, worker_id)
+        now = time.monotonic()
+        if now - self._recorded_workers.get(key, -1e9) < WORKER_RECORD_SECONDS:
+            return
+        self._recorded_workers[key] = now
+        declared = ",".join(f"{op_id}@{version or '1'}" for op_id, version in ops)
+        try:
+            result = await self.store.append(
+                worker_stream_id(worker_id),
+                [(WORKER_SEEN, canonical_json_bytes({"v": 1, "queue": queue, "at_us": now_us()}))],
+                expected_seq=None,
+                expected_any=True,
+                status=TASK_OPEN_LABEL,
+                attributes={QUEUE_ATTRIBUTE: queue, "ops": declared[:1000]},
+                patience=self.patience,
+            )
+            if result.head_seq > 100:  # only the last poll matters: keep the stream short
+                await self.store.trim(worker_stream_id(worker_id), result.head_seq, patience=self.patience)
+        except KeelError as error:
+            log.info("worker %s: its poll was not recorded: %s", worker_id, error.message)
+
+    # --- calls with a token ----------------------------------------------------------------------
+
+    async def _current(self, token: TaskToken) -> tuple[TaskState, bool]:
+        """The task's state and whether its run has ended."""
+        state, label = await asyncio.gather(
+            self.board.read(token.stream_id, patience=self.patience),
+            self._run_label_of(token.stream_id),
+        )
+        return state, run_status_of_label(label) is not None
+
+    async def _write(self, token: TaskToken, state: TaskState, event: TaskEvent) -> bool:
+        """Append `event` at `state`'s head: False when something else landed first (read again)."""
+        assert state.scheduled is not None
+        try:
+            if isinstance(event, TaskCompleted | TaskFailed | TaskExpired):
+                await self.board.end(token.stream_id, state, event)
+            else:
+                await self.store.append(
+                    token.stream_id,
+                    [encode_task_event(event)],
+                    expected_seq=state.head_seq,
+                    status=TASK_OPEN_LABEL,
+                    patience=self.patience,
+                )
+        except KeelError as error:
+            if error.code == "sequence_conflict":
+                return False
+            raise
+        return True
+
+    async def heartbeat(self, token: TaskToken) -> tuple[bool, int]:
+        """(cancel_requested, lease deadline in µs, 0: none) for a current claim."""
+        for _ in range(_CAS_TRIES):
+            state, run_ended = await self._current(token)
+            check_claim(state, token, now_us())
+            if run_ended:
+                await self._close_for_ended_run(token.stream_id, state)
+                return True, 0
+            deadline = lease_deadline_after(state, now_us())
+            if not deadline:
+                return False, 0
+            if await self._write(token, state, TaskHeartbeat(token.claim, deadline, now_us())):
+                return False, deadline
+        raise _busy()
+
+    async def record_fact(
+        self, token: TaskToken, namespace: str, fact_key: str, response: Any
+    ) -> tuple[Any, bool]:
+        """(the recorded answer, whether it was recorded before) for RecordFact."""
+        check_name(namespace, "namespace")
+        check_fact_key(fact_key, "RecordFact")
+        check_json(response, "response")
+        size = len(canonical_json_bytes(response))
+        if size > MAX_FACT_BYTES:
+            raise invalid_argument(
+                "fact_too_large", f"the response is {size} bytes of JSON; the limit is {MAX_FACT_BYTES}"
+            )
+        for _ in range(_CAS_TRIES):
+            state, run_ended = await self._current(token)
+            check_claim(state, token, now_us())
+            if run_ended:
+                await self._close_for_ended_run(token.stream_id, state)
+                raise task_stale("the run has ended")
+            found, earlier = await self._recorded(state, fact_key)
+            if found:
+                return earlier, True
+            if await self._write(
+                token, state, TaskFactRecorded(token.claim, namespace, fact_key, response, now_us())
+            ):
+                return response, False
+        raise _busy()
+
+    async def _recorded(self, state: TaskState, fact_key: str) -> tuple[bool, Any]:
+        """(True, answer) when the key is recorded in the task or was in the run when it was scheduled."""
+        if fact_key in state.facts:
+            return True, state.facts[fact_key].response
+        assert state.scheduled is not None
+        body = await self.board.body(state.scheduled, patience=self.patience)
+        for fact in body.get("facts", ()):
+            if fact.get("fact_key") == fact_key:
+                return True, fact.get("response")
+        return False, None
+
+    async def complete(self, token: TaskToken, output: Any) -> None:
+        """CompleteTask: the claim's output ends the task (the same again answers OK)."""
+        check_json(output, "output")
+        size = len(canonical_json_bytes(output))
+        if size > MAX_OUTPUT_BYTES:
+            raise invalid_argument(
+                "output_too_large",
+                f"the output is {size} bytes of JSON; the limit is {MAX_OUTPUT_BYTES} "
+                "(store large data elsewhere and return a reference)",
+                size=size,
+                limit=MAX_OUTPUT_BYTES,
+            )
+        await self._end(token, TaskCompleted(token.claim, output, now_us()), output)
+
+    async def fail(self, token: TaskToken, error: ErrorRecord) -> None:
+        """FailTask: the claim's error ends the task."""
+        check_name(error.code, "error.code")
+        if len(error.message) > MAX_ERROR_MESSAGE_CHARS:
+            error = ErrorRecord(
+                error.code, error.category, error.retryable, error.message[:MAX_ERROR_MESSAGE_CHARS]
+            )
+        check_json(error.details, "error.details")
+        await self._end(token, TaskFailed(token.claim, error, now_us()), None)
+
+    async def _end(self, token: TaskToken, event: TaskCompleted | TaskFailed, output: Any) -> None:
+        for _ in range(_CAS_TRIES):
+            state, run_ended = await self._current(token)
+            if isinstance(event, TaskCompleted) and same_completion(state, token, output):
+                return  # a retried CompleteTask
+            check_claim(state, token, now_us())
+            if run_ended:
+                await self._close_for_ended_run(token.stream_id, state)
+                raise task_stale("the run has ended")
+            if await self._write(token, state, event):
+                for observe in self.on_outcome:
+                    observe(state.scheduled, event)
+                return
+        raise _busy()
+
+    async def artifact(self, token: TaskToken, artifact_id: str) -> bytes:
+        """An artifact of the claim's task (its context or body), for GetArtifact."""
+        state, _ = await self._current(token)
+        check_claim(state, token, now_us())
+        assert state.scheduled is not None
+        if artifact_id not in {state.scheduled.context_artifact_id, state.scheduled.body_artifact_id} - {""}:
+            raise KeelError(
+                "artifact_not_found",
+                "the task has no artifact with this id",
+                category=ErrorCategory.NOT_FOUND,
+            )
+        return await self.store.get_artifact(artifact_id, patience=self.patience)
+
+    # --- ListQueues ------------------------------------------------------------------------------
+
+    async def list_queues(self) -> list[QueueView]:
+        """Every queue with open tasks or recent workers: backlog, running, workers and their ops."""
+        queues: dict[str, QueueView] = {}
+        async for summary in self._all(TASK_STREAM_PREFIX, [TASK_OPEN_LABEL]):
+            name = summary.attributes.get(QUEUE_ATTRIBUTE, "")
+            if not name:
+                continue
+            view = queues.setdefault(name, QueueView(name))
+            if summary.attributes.get(STATE_ATTRIBUTE) == CLAIMED:
+                view.running += 1
+            else:
+                view.backlog += 1
+        for seen in await self.workers_seen():
+            queues.setdefault(seen.task_queue, QueueView(seen.task_queue)).workers.append(seen)
+        return [queues[name] for name in sorted(queues)]
+
+    async def workers_seen(self) -> list[WorkerSeen]:
+        """The workers that polled within WORKER_SEEN_WITHIN, with their queue and ops."""
+        since = datetime.now(UTC) - WORKER_SEEN_WITHIN
+        found: list[WorkerSeen] = []
+        async for summary in self._all(WORKER_STREAM_PREFIX, []):
+            if summary.updated_at is None or summary.updated_at < since:
+                continue
+            ops = tuple(
+                (op.rpartition("@")[0], op.rpartition("@")[2])
+                for op in summary.attributes.get("ops", "").split(",")
+                if "@" in op
+            )
+            found.append(
+                WorkerSeen(
+                    summary.stream_id.removeprefix(WORKER_STREAM_PREFIX),
+                    summary.attributes.get(QUEUE_ATTRIBUTE, ""),
+                    summary.updated_at,
+                    ops,
+                )
+            )
+        return sorted(found, key=lambda w: (w.task_queue, w.worker_id))
+
+    async def _all(self, prefix: str, statuses: list[str]) -> Any:
+        token = ""
+        for _ in range(100):  # at most 100,000 streams
+            page, token = await self.store.list_streams(
+                prefix=prefix, statuses=statuses, page_size=1000, page_token=token, patience=self.patience
+            )
+            for summary in page:
+                yield summary
+            if not token:
+                return
+
+    async def close(self) -> None:
+        """Stop following queues."""
+        await self.waiters.close()
+
+
+def check_name(value: str, what: str) -> str:
+    """A required name of 1 to MAX_NAME_CHARS characters without control characters."""
+    if not value or len(value) > MAX_NAME_CHARS or any(ord(c) < 32 for c in value):
+        raise invalid_argument(
+            "invalid_argument", f"{what} must be 1 to {MAX_NAME_CHARS} characters without control characters"
+        )
+    return value
+
+
+def _busy() -> KeelError:
+    return KeelError(
+        "task_busy",
+        "the task kept changing while this call tried to write it; try again",
+        category=ErrorCategory.UNAVAILABLE,
+        retryable=True,
+    )

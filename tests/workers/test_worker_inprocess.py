@@ -1,0 +1,83 @@
+"""Remote steps end to end in one process: a real store, a real engine, and keel_client.worker.Worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keel_client import AsyncKeelClient
+from keel_client.worker import CallInfo, TaskContext, Worker, op
+
+from engine_service import EngineConfig, EngineServingHandle, start_engine
+from store_service.server import StoreConfig, start_store
+
+
+@op("double")
+async def double(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """Doubles the input's n, seeing the context."""
+    return {"n": input["n"] * 2, "saw": sorted(ctx.context)}
+
+
+@op("charge")
+async def charge(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """Charges through a transport (a fact)."""
+    receipt = await ctx.io.call("payments", {"amount": input["n"]}, fact_key=f"charge:{ctx.run_id}")
+    return {"receipt": receipt}
+
+
+class Ledger:
+    """Counts transport calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def pay(self, request: Any, call: CallInfo) -> Any:
+        self.calls.append(call.fact_key)
+        return {"paid": request["amount"], "n": len(self.calls)}
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[str]:
+    store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    handle: EngineServingHandle = await start_engine(
+        EngineConfig(listen="127.0.0.1:0", store=f"127.0.0.1:{store.port}", failpoints="")
+    )
+    try:
+        yield f"127.0.0.1:{handle.port}"
+    finally:
+        await handle.drain(0.5)
+        await store.drain(0.5)
+
+
+async def test_pipeline_mixing_in_process_and_worker_steps_completes(engine: str) -> None:
+    ledger = Ledger()
+    worker = Worker(engine, "q1", ops=[double, charge], transports={"payments": ledger.pay}, concurrency=4)
+    serving = asyncio.create_task(worker.serve())
+    pipeline = {
+        "pipeline_id": "mixed",
+        "steps": [
+            {"step_id": "a", "op_id": "keel.echo", "op_config": {"x": 1}},
+            {"step_id": "b", "op_id": "double", "task_queue": "q1", "depends_on": ["a"]},
+            {"step_id": "c", "op_id": "charge", "task_queue": "q1", "depends_on": ["b"]},
+            {"step_id": "d", "op_id": "keel.transform", "depends_on": ["c"],
+             "op_config": {"fields": {"n": "$context.b.n", "r": "$context.c.receipt"}}},
+        ],
+    }
+    try:
+        async with AsyncKeelClient(engine) as client:
+            started = await client.start_run(pipeline, input={"n": 21})
+            awaited = await client.await_run(started.run_id, max_wait=30)
+            run = awaited.run
+            assert run.status.name == "COMPLETED", run
+            assert run.final_snapshot["b"] == {"n": 42, "saw": ["a"]}
+            assert run.final_snapshot["d"] == {"n": 42, "r": {"paid": 21, "n": 1}}
+            assert ledger.calls == [f"charge:{started.run_id}"]
+            remote = {s.step_id: s.attempts[-1] for s in run.steps if s.step_id in ("b", "c")}
+            assert {a.worker_id for a in remote.values()} == {worker.worker_id}
+            assert {a.task_queue for a in remote.values()} == {"q1"}
+    finally:
+        worker.stop()
+        await serving
