@@ -8,8 +8,10 @@ TaskScheduled as event 1 (an append expecting no stream: one attempt is never is
     TaskClaimed        a worker took it (compare-and-swap at seq 1: one worker wins); the claim's
                        seq is its fencing value and is named by the task token
     TaskHeartbeat      the claim's worker is alive: its lease now ends at `lease_deadline_us`
-    TaskReleased       the claim was given up before its worker heard of it (its PollTask was
-                       cancelled): the task is pending again, for a new claim
+    TaskReleased       the claim was given up before its worker was heard from: its PollTask was
+                       cancelled, or its lease ran out with no heartbeat, fact or outcome under it
+                       (a paused worker's long poll that claimed a task it never saw). The task is
+                       pending again, the attempt goes on, and that worker is not given it again
     TaskFactRecorded   an I/O answer the worker recorded (RecordFact)
     TaskCompleted      the worker's output              } the outcome: at most one, the last
     TaskFailed         the worker's error               } event; any writer appends it with a
@@ -142,9 +144,10 @@ class TaskHeartbeat:
 
 @dataclass(frozen=True)
 class TaskReleased:
-    """The claim was given up unused: the task waits for a worker again."""
+    """The claim was given up unused: the task waits for a worker again (not `worker_id`)."""
 
     claim: int
+    worker_id: str
     at_us: int
 
 
@@ -238,7 +241,7 @@ def encode_task_event(event: TaskEvent) -> tuple[str, bytes]:
         case TaskHeartbeat():
             data |= {"claim": event.claim, "lease_deadline_us": event.lease_deadline_us, "at_us": event.at_us}
         case TaskReleased():
-            data |= {"claim": event.claim, "at_us": event.at_us}
+            data |= {"claim": event.claim, "worker_id": event.worker_id, "at_us": event.at_us}
         case TaskFactRecorded():
             data |= {
                 "claim": event.claim,
@@ -289,7 +292,7 @@ def _from_json(type_name: str, d: dict[str, Any]) -> TaskEvent | None:
         case streams.TASK_HEARTBEAT:
             return TaskHeartbeat(int(d["claim"]), int(d["lease_deadline_us"]), at)
         case streams.TASK_RELEASED:
-            return TaskReleased(int(d["claim"]), at)
+            return TaskReleased(int(d["claim"]), str(d.get("worker_id", "")), at)
         case streams.TASK_FACT_RECORDED:
             return TaskFactRecorded(
                 int(d["claim"]), str(d["namespace"]), str(d["fact_key"]), d.get("response"), at
@@ -316,6 +319,8 @@ class TaskState:
     worker_id: str = ""
     claimed_at_us: int = 0
     lease_deadline_us: int = 0  # 0: no expiry
+    heard: bool = False  # the claim's worker heartbeated or recorded a fact
+    released_workers: frozenset[str] = frozenset()  # workers whose claims were released unheard
     facts: Mapping[str, TaskFactRecorded] = field(default_factory=dict)
     outcome: TaskOutcome | None = None
 
@@ -345,13 +350,17 @@ def _apply(state: TaskState, event: TaskEvent | None) -> TaskState:
                 worker_id=event.worker_id,
                 claimed_at_us=event.at_us,
                 lease_deadline_us=event.lease_deadline_us,
+                heard=False,
             )
         case TaskHeartbeat() if event.claim == state.claim:
-            return replace(state, lease_deadline_us=event.lease_deadline_us)
+            return replace(state, lease_deadline_us=event.lease_deadline_us, heard=True)
         case TaskReleased() if event.claim == state.claim and state.claim:
-            return replace(state, claim=0, worker_id="", claimed_at_us=0, lease_deadline_us=0)
+            released = state.released_workers | {event.worker_id}
+            return replace(
+                state, claim=0, worker_id="", claimed_at_us=0, lease_deadline_us=0, released_workers=released
+            )
         case TaskFactRecorded() if event.claim == state.claim and event.fact_key not in state.facts:
-            return replace(state, facts={**state.facts, event.fact_key: event})
+            return replace(state, facts={**state.facts, event.fact_key: event}, heard=True)
         case TaskCompleted() | TaskFailed() if event.claim == state.claim:
             return replace(state, outcome=event)
         case TaskExpired():
@@ -473,10 +482,15 @@ def expiry_error(code: str, message: str) -> ErrorRecord:
 
 @dataclass(frozen=True)
 class Deadline:
-    """When the task must end unless something happens first, and the error it ends with."""
+    """When the task must end unless something happens first, and the error it ends with.
+
+    `release`: the claim's lease runs out before its worker was heard from; the claim is then
+    released (TaskReleased) rather than the attempt failed.
+    """
 
     at_us: int
     error: ErrorRecord
+    release: bool = False
 
 
 def next_deadline(state: TaskState) -> Deadline | None:
@@ -505,6 +519,7 @@ def next_deadline(state: TaskState) -> Deadline | None:
                     TASK_LEASE_EXPIRED,
                     f"worker {state.worker_id!r} sent no heartbeat within {limits.heartbeat_ms} ms",
                 ),
+                release=not state.heard,
             )
         )
     if state.claim and limits.start_to_close_ms:

@@ -41,6 +41,7 @@ from engine_service.domain.tasks import (
     TaskEvent,
     TaskExpired,
     TaskFailed,
+    TaskReleased,
     TaskScheduled,
     TaskState,
     decode_task_event,
@@ -96,6 +97,7 @@ class Hint:
 
     stream_id: str
     op: str
+    again: bool = False  # hinted before (a released claim)
 
 
 class TaskBoard:
@@ -159,12 +161,15 @@ class TaskBoard:
         await self.hint(event, stream_id)
         return fold_task([event])
 
-    async def hint(self, scheduled: TaskScheduled, stream_id: str) -> None:
-        """Tell the queue's pollers (here at once, elsewhere through the queue stream) a task is there."""
-        hint = Hint(stream_id, op_key(scheduled.op_id, scheduled.op_version))
+    async def hint(self, scheduled: TaskScheduled, stream_id: str, *, again: bool = False) -> None:
+        """Tell the queue's pollers (here at once, elsewhere through the queue stream) a task is there.
+
+        `again`: the task was hinted before (a released claim): pollers take it up anew.
+        """
+        hint = Hint(stream_id, op_key(scheduled.op_id, scheduled.op_version), again)
         if self.on_hint is not None:
             self.on_hint(scheduled.task_queue, hint)
-        payload = canonical_json_bytes({"v": 1, "task": stream_id, "op": hint.op})
+        payload = canonical_json_bytes({"v": 1, "task": stream_id, "op": hint.op, "again": again})
         try:
             await self.store.append(
                 queue_stream_id(scheduled.task_queue),
@@ -187,6 +192,22 @@ class TaskBoard:
             attributes=task_attributes(state.scheduled, CLAIMED if state.claim else PENDING),
             patience=FOREVER,
         )
+        return state.extend([event])
+
+    async def release(self, stream_id: str, state: TaskState) -> TaskState:
+        """Give up a claim its worker never acknowledged: the task is pending again (hinted anew)."""
+        assert state.scheduled is not None
+        event = TaskReleased(state.claim, state.worker_id, now_us())
+        await self.store.append(
+            stream_id,
+            [encode_task_event(event)],
+            expected_seq=state.head_seq,
+            status=TASK_OPEN_LABEL,
+            attributes=task_attributes(state.scheduled, PENDING),
+            patience=FOREVER,
+        )
+        log.info("task %s: claim of %s released (never heard from it)", stream_id, state.worker_id)
+        await self.hint(state.scheduled, stream_id, again=True)
         return state.extend([event])
 
     async def outcome(self, stream_id: str, state: TaskState) -> TaskState:
@@ -229,6 +250,8 @@ class TaskBoard:
             except TimeoutError:
                 return None
         try:
+            if deadline.release:
+                return await self.release(stream_id, state)
             return await self.end(stream_id, state, TaskExpired(deadline.error, now_us()))
         except KeelError as error:
             if error.code != "sequence_conflict":

@@ -149,7 +149,7 @@ class QueueWaiters:
 
     def hint(self, queue: str, hint: Hint) -> None:
         """A task appeared in `queue`: give it to one waiter (once, however many times it is hinted)."""
-        if hint.stream_id in self._recent:
+        if hint.stream_id in self._recent and not hint.again:
             return
         self._recent[hint.stream_id] = None
         if len(self._recent) > 4096:
@@ -172,7 +172,9 @@ class QueueWaiters:
                     async for event in subscription:
                         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                             data = parse_json_bytes(event.payload)
-                            self.hint(queue, Hint(str(data["task"]), str(data["op"])))
+                            self.hint(
+                                queue, Hint(str(data["task"]), str(data["op"]), data.get("again") is True)
+                            )
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the store away: pollers still list the queue when they come
@@ -232,9 +234,9 @@ class TaskService:
                     hint = await asyncio.wait_for(asyncio.shield(waiter.hint), left)
                 except TimeoutError:
                     return None
-                used = True
                 claimed = await self._guarded(self._try_claim(hint.stream_id, worker_id, wanted))
                 if claimed is not None:
+                    used = True
                     return claimed
             finally:
                 self.waiters.leave(queue, waiter, used=used)
@@ -265,7 +267,7 @@ class TaskService:
                 return
             await self.store.append(
                 token.stream_id,
-                [encode_task_event(TaskReleased(token.claim, now_us()))],
+                [encode_task_event(TaskReleased(token.claim, claimed.worker_id, now_us()))],
                 expected_seq=state.head_seq,
                 status=TASK_OPEN_LABEL,
                 attributes=task_attributes(state.scheduled, PENDING),
@@ -274,7 +276,7 @@ class TaskService:
             log.info(
                 "task %s: released (its poll was cancelled before the worker heard of it)", token.stream_id
             )
-            await self.board.hint(state.scheduled, token.stream_id)
+            await self.board.hint(state.scheduled, token.stream_id, again=True)
         except KeelError as error:
             log.info("task %s: not released (%s); its timeouts decide it", token.stream_id, error.message)
 
@@ -301,6 +303,8 @@ class TaskService:
         scheduled = state.scheduled
         if scheduled is None or state.claim or state.outcome is not None:
             return None
+        if worker_id in state.released_workers:
+            return None  # it claimed this task before and never acted on it: another worker's turn
         if wanted and f"{scheduled.op_id}@{scheduled.op_version}" not in wanted:
             return None
         if run_status_of_label(run_label) is not None:

@@ -13,6 +13,7 @@ from keel_client.worker import CallInfo, TaskContext, Worker, op
 
 from engine_service import EngineConfig, EngineServingHandle, start_engine
 from store_service.server import StoreConfig, start_store
+from tests.workers.conftest import finished
 
 
 @op("double")
@@ -62,15 +63,18 @@ async def test_pipeline_mixing_in_process_and_worker_steps_completes(engine: str
             {"step_id": "a", "op_id": "keel.echo", "op_config": {"x": 1}},
             {"step_id": "b", "op_id": "double", "task_queue": "q1", "depends_on": ["a"]},
             {"step_id": "c", "op_id": "charge", "task_queue": "q1", "depends_on": ["b"]},
-            {"step_id": "d", "op_id": "keel.transform", "depends_on": ["c"],
-             "op_config": {"fields": {"n": "$context.b.n", "r": "$context.c.receipt"}}},
+            {
+                "step_id": "d",
+                "op_id": "keel.transform",
+                "depends_on": ["c"],
+                "op_config": {"fields": {"n": "$context.b.n", "r": "$context.c.receipt"}},
+            },
         ],
     }
     try:
         async with AsyncKeelClient(engine) as client:
             started = await client.start_run(pipeline, input={"n": 21})
-            awaited = await client.await_run(started.run_id, max_wait=30)
-            run = awaited.run
+            run = await finished(client, started.run_id)
             assert run.status.name == "COMPLETED", run
             assert run.final_snapshot["b"] == {"n": 42, "saw": ["a"]}
             assert run.final_snapshot["d"] == {"n": 42, "r": {"paid": 21, "n": 1}}
