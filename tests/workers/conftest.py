@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from keel_client import AsyncKeelClient, Run
 
+from engine_service import EngineConfig, start_engine
+from store_service.server import StoreConfig, start_store
 from tests.engine.processes import REPO
 
 WORKER_SCRIPT = str(Path(__file__).with_name("worker_process.py"))
@@ -96,3 +98,25 @@ async def finished(client: AsyncKeelClient, run_id: str, within: float = 60.0) -
     awaited = await client.await_run(run_id, max_wait=within)
     assert awaited.done and awaited.run is not None, f"run {run_id} did not finish"
     return awaited.run
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A store and an engine in this process (real gRPC servers on 127.0.0.1:0, SQLite in tmp_path)."""
+
+    engine: str
+    store: str
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """A store and an engine, drained after the test."""
+    store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    engine = await start_engine(
+        EngineConfig(listen="127.0.0.1:0", store=f"127.0.0.1:{store.port}", failpoints="")
+    )
+    try:
+        yield Stack(f"127.0.0.1:{engine.port}", f"127.0.0.1:{store.port}")
+    finally:
+        await engine.drain(0.5)
+        await store.drain(0.5)

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from keel_client import AsyncKeelClient
 from keel_client.worker import CallInfo, TaskContext, Worker, op
 
-from engine_service import EngineConfig, EngineServingHandle, start_engine
-from store_service.server import StoreConfig, start_store
-from tests.workers.conftest import finished
+from tests.workers.conftest import Stack, finished
 
 
 @op("double")
@@ -40,20 +35,8 @@ class Ledger:
         return {"paid": request["amount"], "n": len(self.calls)}
 
 
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[str]:
-    store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
-    handle: EngineServingHandle = await start_engine(
-        EngineConfig(listen="127.0.0.1:0", store=f"127.0.0.1:{store.port}", failpoints="")
-    )
-    try:
-        yield f"127.0.0.1:{handle.port}"
-    finally:
-        await handle.drain(0.5)
-        await store.drain(0.5)
-
-
-async def test_pipeline_mixing_in_process_and_worker_steps_completes(engine: str) -> None:
+async def test_pipeline_mixing_in_process_and_worker_steps_completes(stack: Stack) -> None:
+    engine = stack.engine
     ledger = Ledger()
     worker = Worker(engine, "q1", ops=[double, charge], transports={"payments": ledger.pay}, concurrency=4)
     serving = asyncio.create_task(worker.serve())
