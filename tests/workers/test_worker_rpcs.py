@@ -218,6 +218,5 @@ async def test_bad_input_to_every_worker_rpc_is_refused_with_a_reason_and_writes
     other = worker_pb2.CompleteTaskRequest(task_token=token, output=struct_pb2.Value(string_value="other"))
     await _refused(stub.CompleteTask(other), grpc.StatusCode.FAILED_PRECONDITION, "task_stale")
     queues = await stub.ListQueues(worker_pb2.ListQueuesRequest())
-    assert [(q.task_queue, [w.worker_id for w in q.workers]) for q in queues.queues] == [
-        ("manual-q", ["by-hand"])
-    ]
+    listed = [(q.task_queue, q.backlog, q.running, [w.worker_id for w in q.workers]) for q in queues.queues]
+    assert listed == [("manual-q", 0, 0, ["by-hand"]), ("nobody-polls-this", 0, 0, ["w"])]
