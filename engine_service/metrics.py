@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -27,9 +27,14 @@ from engine_service.domain.streams import (
     RUN_COMPLETED,
     RUN_STARTED,
     RUN_STREAM_PREFIX,
+    TASK_COMPLETED,
+    TASK_EXPIRED,
+    TASK_FAILED,
+    TASK_STREAM_PREFIX,
     TERMINAL_STATUSES,
     run_id_of_stream,
 )
+from engine_service.domain.tasks import TaskExpired, TaskFailed, TaskScheduled, decode_task_event
 from keel_core.logs import log_context
 from keel_core.metrics import REGISTRY
 
@@ -65,6 +70,38 @@ LEASE_TAKEOVERS = Counter(
     "Runs this engine took over from another engine whose lease had expired or been released.",
     registry=REGISTRY,
 )
+TASK_OUTCOMES = Counter(
+    "keel_engine_task_outcomes",
+    "Remote step attempts (tasks) ended, by outcome (completed, failed: the worker said so; expired: "
+    "the engine ended it) and code (the failure's or expiry's code: step_timeout, task_lease_expired, "
+    "schedule_to_start_timeout, run_ended, ...; empty when completed). Counted by the engine whose "
+    "append ended the task.",
+    ["outcome", "code"],
+    registry=REGISTRY,
+)
+TASK_SCHEDULE_TO_START = Histogram(
+    "keel_engine_task_schedule_to_start_seconds",
+    "Time from a task's creation to its claim by a worker, by task queue (claims this engine made).",
+    ["queue"],
+    registry=REGISTRY,
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300),
+)
+TASK_BACKLOG = Gauge(
+    "keel_engine_task_backlog",
+    "Tasks waiting for a worker, by task queue (from the store's index, refreshed every "
+    "QUEUE_REFRESH_SECONDS while metrics are served).",
+    ["queue"],
+    registry=REGISTRY,
+)
+TASKS_RUNNING = Gauge(
+    "keel_engine_tasks_running",
+    "Tasks claimed by a worker and not ended, by task queue (refreshed like keel_engine_task_backlog).",
+    ["queue"],
+    registry=REGISTRY,
+)
+QUEUE_REFRESH_SECONDS = 5.0
+_TASK_OUTCOMES = {TASK_COMPLETED: "completed", TASK_FAILED: "failed", TASK_EXPIRED: "expired"}
+
 for _status in TERMINAL_STATUSES:
     RUNS_FINISHED.labels(_status)  # present at 0 from the start, so rates work from the first scrape
 
@@ -103,7 +140,10 @@ def track_engine(engine: DrivesRuns) -> None:
 
 
 def count_appended(stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
-    """Count the runs an append (now durable) started or finished, and log them."""
+    """Count the runs an append (now durable) started or finished, and log them; and the tasks it ended."""
+    if stream_id.startswith(TASK_STREAM_PREFIX):
+        _count_task_outcomes(events)
+        return
     if not stream_id.startswith(RUN_STREAM_PREFIX):
         return
     run_id = run_id_of_stream(stream_id)
@@ -116,6 +156,49 @@ def count_appended(stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
             status = event.status if isinstance(event, RunCompleted) else "unknown"
             RUNS_FINISHED.labels(status).inc()
             log.info("run finished: %s", status, extra={"run_id": run_id, "status": status})
+
+
+def _count_task_outcomes(events: Sequence[tuple[str, bytes]]) -> None:
+    for type_name, payload in events:
+        outcome = _TASK_OUTCOMES.get(type_name)
+        if outcome is None:
+            continue
+        event = decode_task_event(type_name, payload)
+        code = event.error.code if isinstance(event, TaskExpired | TaskFailed) else ""
+        TASK_OUTCOMES.labels(outcome, code).inc()
+
+
+def observe_claim(scheduled: TaskScheduled, seconds: float) -> None:
+    """A task this engine handed to a worker, `seconds` after it was created."""
+    TASK_SCHEDULE_TO_START.labels(scheduled.task_queue).observe(seconds)
+
+
+class ListsQueues(Protocol):
+    """What the queue gauges read: engine_service.runtime.task_service.TaskService."""
+
+    async def list_queues(self) -> Sequence[Any]:
+        """Each queue's name, backlog and running count."""
+        ...
+
+
+async def refresh_queue_gauges(tasks: ListsQueues) -> None:
+    """Keep keel_engine_task_backlog and keel_engine_tasks_running current (until cancelled)."""
+    shown: set[str] = set()
+    while True:
+        try:
+            queues = await tasks.list_queues()
+        except Exception as error:  # the store away: the gauges keep their last values
+            log.debug("queue gauges not refreshed: %s", error)
+        else:
+            now = {queue.task_queue for queue in queues}
+            for queue in queues:
+                TASK_BACKLOG.labels(queue.task_queue).set(queue.backlog)
+                TASKS_RUNNING.labels(queue.task_queue).set(queue.running)
+            for gone in shown - now:
+                TASK_BACKLOG.labels(gone).set(0)
+                TASKS_RUNNING.labels(gone).set(0)
+            shown |= now
+        await asyncio.sleep(QUEUE_REFRESH_SECONDS)
 
 
 def metered_ops(registry: OpRegistry) -> OpRegistry:
@@ -164,7 +247,13 @@ __all__ = [
     "RUNS_STARTED",
     "STEP_RETRIES",
     "STEP_SECONDS",
+    "TASKS_RUNNING",
+    "TASK_BACKLOG",
+    "TASK_OUTCOMES",
+    "TASK_SCHEDULE_TO_START",
     "count_appended",
     "metered_ops",
+    "observe_claim",
+    "refresh_queue_gauges",
     "track_engine",
 ]

@@ -145,6 +145,10 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         )
         undo.pop_all()
     engine_metrics.track_engine(engine)
+    engine.tasks.on_claimed.append(engine_metrics.observe_claim)
+    gauges: asyncio.Task[None] | None = None
+    if metrics is not None:
+        gauges = asyncio.create_task(engine_metrics.refresh_queue_gauges(engine.tasks), name="queue gauges")
     # An engine fenced off for good (another process uses its engine id) drives nothing more: it
     # says so to health checks, so that balancers send clients elsewhere.
     engine.leases.heartbeat.on_fenced.append(lambda: _not_serving(served))
@@ -157,6 +161,8 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     async def stop_engine() -> None:
         if recovery is not None:
             recovery.cancel()
+        if gauges is not None:
+            gauges.cancel()
         await engine.stop()
         await store.close()
         if metrics is not None:

@@ -140,16 +140,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             for seen in await self.engine.tasks.workers_seen()
             for op_id, version in seen.ops
         }
+        local = [(d.op_id, d.op_version, "", d.description) for d in self.engine.env.ops.all()]
+        listed = sorted([*local, *((op_id, version, queue, "") for op_id, version, queue in remote)])
         return engine_pb2.ListOpsResponse(
             ops=[
-                *(
-                    engine_pb2.OpInfo(op_id=d.op_id, op_version=d.op_version, description=d.description)
-                    for d in self.engine.env.ops.all()
-                ),
-                *(
-                    engine_pb2.OpInfo(op_id=op_id, op_version=version, task_queue=queue)
-                    for op_id, version, queue in sorted(remote)
-                ),
+                engine_pb2.OpInfo(op_id=op_id, op_version=version, task_queue=queue, description=description)
+                for op_id, version, queue, description in listed
             ]
         )
 

@@ -175,7 +175,7 @@ def test_get_history_ls_print_tables_and_json(engine_address: str, good_file: Pa
 def test_ops_lists_builtin_ops(engine_address: str) -> None:
     table = run_keel("ops", engine=engine_address)
     assert table.code == 0
-    assert table.stdout.splitlines()[0].split() == ["OP", "VERSION", "DESCRIPTION"]
+    assert table.stdout.splitlines()[0].split() == ["OP", "VERSION", "QUEUE", "DESCRIPTION"]
     assert "keel.echo" in table.stdout
     ops = json.loads(run_keel("ops", "--json", engine=engine_address).stdout)
     assert {"op_id": "keel.sleep", "op_version": "1"}.items() <= next(

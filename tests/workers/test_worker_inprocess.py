@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from keel_client import AsyncKeelClient
 from keel_client.worker import CallInfo, TaskContext, Worker, op
 
+from keel_core.metrics import REGISTRY
+from tests.client.conftest import run_keel
 from tests.workers.conftest import Stack, finished
 
 
@@ -65,6 +68,23 @@ async def test_pipeline_mixing_in_process_and_worker_steps_completes(stack: Stac
             remote = {s.step_id: s.attempts[-1] for s in run.steps if s.step_id in ("b", "c")}
             assert {a.worker_id for a in remote.values()} == {worker.worker_id}
             assert {a.task_queue for a in remote.values()} == {"q1"}
+            shown = await asyncio.to_thread(run_keel, "get", started.run_id, engine=engine)
+            assert "remote attempts:" in shown.stdout and worker.worker_id in shown.stdout, shown
+            queues = await asyncio.to_thread(run_keel, "queues", engine=engine)
+            header, row = queues.stdout.splitlines()[:2]
+            assert header.split()[:3] == ["QUEUE", "BACKLOG", "RUNNING"]
+            assert row.split()[:4] == ["q1", "0", "0", worker.worker_id], queues
+            assert "charge@1" in row and "double@1" in row
+            ops = await asyncio.to_thread(run_keel, "ops", "--json", engine=engine)
+            declared = {(op["op_id"], op["task_queue"]) for op in json.loads(ops.stdout) if op["task_queue"]}
+            assert declared == {("charge", "q1"), ("double", "q1")}
+        # Metrics: both tasks' schedule-to-start and outcomes were counted.
+        assert (
+            REGISTRY.get_sample_value("keel_engine_task_schedule_to_start_seconds_count", {"queue": "q1"})
+            or 0
+        ) >= 2
+        completed = {"outcome": "completed", "code": ""}
+        assert (REGISTRY.get_sample_value("keel_engine_task_outcomes_total", completed) or 0) >= 2
     finally:
         worker.stop()
         await serving

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
+from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from keel_client import wire
 from keel_client.channel import DEFAULT_DEADLINE, WATCH_RECONNECTS, TlsConfig, call_metadata, channel_options
@@ -19,6 +20,7 @@ from keel_client.models import (
     ChildResult,
     OpInfo,
     ParentClosePolicy,
+    QueueInfo,
     ResumedRun,
     Run,
     RunEvent,
@@ -65,6 +67,7 @@ class AsyncKeelClient:
         else:
             self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         self._stub = engine_pb2_grpc.EngineServiceStub(self._channel)
+        self._workers = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._deadline = deadline
         self._metadata = call_metadata(token)
         self.target = target
@@ -377,3 +380,16 @@ class AsyncKeelClient:
             self._stub.ListOps, engine_pb2.ListOpsRequest(), deadline or self._deadline
         )
         return wire.op_infos(response)
+
+    async def list_queues(self, *, deadline: float | None = None) -> tuple[QueueInfo, ...]:
+        """The task queues (keel.worker.v1.WorkerService.ListQueues): backlog, running, recent workers.
+
+        Example::
+
+            for queue in await keel.list_queues():
+                print(queue.task_queue, queue.backlog, queue.running, [w.worker_id for w in queue.workers])
+        """
+        response = await self._unary(
+            self._workers.ListQueues, worker_pb2.ListQueuesRequest(), deadline or self._deadline
+        )
+        return wire.queue_infos(response)

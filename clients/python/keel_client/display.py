@@ -13,6 +13,7 @@ from keel_client.models import (
     ErrorDetail,
     OpInfo,
     ParentClosePolicy,
+    QueueInfo,
     Run,
     RunEvent,
     RunStatus,
@@ -181,6 +182,15 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
     lines.append(f"input      {given}" if len(given) <= INLINE_INPUT_CHARS else "input      (below)")
     if run.steps:
         lines += ["", "steps:", *table(STEP_HEADERS, step_rows(run, now), indent="  ")]
+    remote = [
+        [step.step_id, str(a.attempt), a.task_queue, a.worker_id or "-", a.status.value, error_line(a.error)]
+        for step in run.steps
+        for a in step.attempts
+        if a.task_queue
+    ]
+    if remote:
+        remote_headers = ("STEP", "ATTEMPT", "QUEUE", "WORKER", "STATUS", "ERROR")
+        lines += ["", "remote attempts:", *table(remote_headers, remote, indent="  ")]
     if run.children:
         rows = [
             [c.fact_key, c.op_id, child_label(run, c), c.parent_close_policy.value, c.child_run_id]
@@ -242,5 +252,26 @@ def event_line(event: RunEvent) -> str:
 
 
 def op_lines(ops: Sequence[OpInfo]) -> list[str]:
-    """`keel ops`: a table of ops and versions."""
-    return table(("OP", "VERSION", "DESCRIPTION"), [[op.op_id, op.op_version, op.description] for op in ops])
+    """`keel ops`: ops and versions, and the task queue of those workers declared ("-": the engine's)."""
+    return table(
+        ("OP", "VERSION", "RUNS IN", "DESCRIPTION"),
+        [
+            [op.op_id, op.op_version, f"queue {op.task_queue}" if op.task_queue else "engine", op.description]
+            for op in ops
+        ],
+    )
+
+
+def queue_lines(queues: Sequence[QueueInfo], now: datetime | None = None) -> list[str]:
+    """`keel queues`: each task queue's backlog, running tasks and recent workers with their ops."""
+    if not queues:
+        return ["no task queues (no remote tasks open, no worker polling in the last minute)"]
+    now = now or datetime.now(UTC)
+    rows = []
+    for queue in queues:
+        workers = ", ".join(
+            f"{w.worker_id} ({seconds(span(w.last_seen, now))} ago: {' '.join(w.ops) or 'any op'})"
+            for w in queue.workers
+        )
+        rows.append([queue.task_queue, str(queue.backlog), str(queue.running), workers or "-"])
+    return table(("QUEUE", "BACKLOG", "RUNNING", "WORKERS (LAST POLL: OPS)"), rows)

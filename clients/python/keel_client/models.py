@@ -285,6 +285,25 @@ class OpInfo:
 
 
 @dataclass(frozen=True)
+class QueueWorker:
+    """A worker seen polling a task queue recently, with the ops it declared (`op_id@version`)."""
+
+    worker_id: str
+    last_seen: datetime | None
+    ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """A task queue: tasks waiting for a worker, tasks running, and the workers seen polling it."""
+
+    task_queue: str
+    backlog: int
+    running: int
+    workers: tuple[QueueWorker, ...]
+
+
+@dataclass(frozen=True)
 class StartedRun:
     """What StartRun answered: the run id, its manifest, whether it was new, and the run as it stands."""
 

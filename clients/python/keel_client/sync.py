@@ -227,3 +227,4 @@ class KeelClient:
     await_run = _blocking(AsyncKeelClient.await_run)
     watch_run = _blocking_iter(AsyncKeelClient.watch_run)
     list_ops = _blocking(AsyncKeelClient.list_ops)
+    list_queues = _blocking(AsyncKeelClient.list_queues)

@@ -9,6 +9,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from keel.engine.v1 import engine_pb2
+from keel.worker.v1 import worker_pb2
 
 from keel_client.errors import invalid_request
 from keel_client.models import (
@@ -22,6 +23,8 @@ from keel_client.models import (
     OpInfo,
     ParentClosePolicy,
     PipelineSpec,
+    QueueInfo,
+    QueueWorker,
     ResumedRun,
     RetryPolicy,
     Run,
@@ -487,4 +490,24 @@ def op_infos(message: engine_pb2.ListOpsResponse) -> tuple[OpInfo, ...]:
     return tuple(
         OpInfo(op_id=op.op_id, op_version=op.op_version, description=op.description, task_queue=op.task_queue)
         for op in message.ops
+    )
+
+
+def queue_infos(message: worker_pb2.ListQueuesResponse) -> tuple[QueueInfo, ...]:
+    """The queues of ListQueues' response."""
+    return tuple(
+        QueueInfo(
+            task_queue=queue.task_queue,
+            backlog=queue.backlog,
+            running=queue.running,
+            workers=tuple(
+                QueueWorker(
+                    worker_id=worker.worker_id,
+                    last_seen=_time(worker, "last_seen"),
+                    ops=tuple(f"{op.op_id}@{op.op_version or '1'}" for op in worker.ops),
+                )
+                for worker in queue.workers
+            ),
+        )
+        for queue in message.queues
     )

@@ -73,7 +73,14 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "resume", "make the engine drive a run nobody drives", control.cmd_resume, queries.run_id_argument
     ),
-    Command("ops", "list the ops the engine can run, with their versions", queries.cmd_ops),
+    Command(
+        "ops",
+        "list the ops the engine can run and those workers declared, with versions and task queues",
+        queries.cmd_ops,
+    ),
+    Command(
+        "queues", "list task queues: backlog, running tasks, workers seen and their ops", queries.cmd_queues
+    ),
 )
 
 

@@ -14,7 +14,7 @@ from keel_client.cli.options import (
     moment_argument,
     print_json,
 )
-from keel_client.display import event_line, op_lines, run_lines, summary_lines
+from keel_client.display import event_line, op_lines, queue_lines, run_lines, summary_lines
 from keel_client.models import RunEvent, RunStatus, to_json_data
 
 
@@ -119,3 +119,10 @@ def cmd_ops(args: argparse.Namespace) -> int:
     with client(args) as keel:
         ops = keel.list_ops()
     return answer(args, list(ops), lambda: "\n".join(op_lines(ops)))
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    """`keel queues`: task queues with their backlog, running tasks and recent workers."""
+    with client(args) as keel:
+        queues = keel.list_queues()
+    return answer(args, list(queues), lambda: "\n".join(queue_lines(queues)))
