@@ -254,11 +254,8 @@ def event_line(event: RunEvent) -> str:
 def op_lines(ops: Sequence[OpInfo]) -> list[str]:
     """`keel ops`: ops and versions, and the task queue of those workers declared ("-": the engine's)."""
     return table(
-        ("OP", "VERSION", "RUNS IN", "DESCRIPTION"),
-        [
-            [op.op_id, op.op_version, f"queue {op.task_queue}" if op.task_queue else "engine", op.description]
-            for op in ops
-        ],
+        ("OP", "VERSION", "QUEUE", "DESCRIPTION"),
+        [[op.op_id, op.op_version, op.task_queue or "-", op.description] for op in ops],
     )
 
 
