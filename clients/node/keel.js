@@ -255,6 +255,8 @@ function toRun(run) {
         error: errorDetail(attempt.error),
       })),
       lastError: errorDetail(step.last_error),
+      // Set when a rerun reused this step: the run whose output it copied.
+      reusedFromRunId: step.reused_from_run_id || null,
     })),
     children: (run.children || []).map((child) => ({
       childRunId: child.child_run_id,
@@ -271,6 +273,10 @@ function toRun(run) {
     // The run's input (null when started without one; undefined from an engine that does not say).
     input: fromValue(run.input),
     labels: { ...(run.labels || {}) },
+    // For a rerun: the run it reran and the step it reran from; for any run, its reruns (oldest first).
+    rerunOfRunId: run.rerun_of_run_id || null,
+    rerunFromStepId: run.rerun_from_step_id || null,
+    reruns: [...(run.reruns || [])],
   };
 }
 
@@ -439,6 +445,19 @@ class KeelClient {
       outcome: enumName(response.outcome, 'TERMINALIZE_OUTCOME_'),
       status: enumName(response.status, 'RUN_STATUS_'),
     };
+  }
+
+  /**
+   * Starts a new run of a terminal run that executes `fromStepId` and the steps depending on it again
+   * and reuses every other step the run completed. `runIdNew` (default: a new UUID) makes it idempotent.
+   */
+  async rerunRun(runId, fromStepId, { runIdNew } = {}) {
+    const response = await this._unary('RerunRun', {
+      run_id: runId,
+      from_step_id: fromStepId,
+      run_id_new: runIdNew || randomUUID(),
+    });
+    return { runId: response.run_id, created: Boolean(response.created), run: toRun(response.run) };
   }
 
   /** Makes the engine drive a run nobody drives. */

@@ -8,12 +8,12 @@ at all) that does not decode is read as a `CorruptEvent`, never raised: see hist
 the fold makes of it, and `corrupt_event_error` for what callers answer.
 
     RunStarted          {v, op_id, manifest_id, initial_snapshot_id, parent_run_id?, parent_fact_key?, at_us?,
-                         labels?}
+                         labels?, rerun_of_run_id?, rerun_from_step_id?, trace_context?}
     StepAttemptStarted  {v, step_id, attempt, base_snapshot_id, at_us?}
     FactRecorded        {v, step_id, attempt, fact_key, namespace, response}
     StepAttemptFailed   {v, step_id, attempt, error: {code, category, retryable, message, details?}, at_us?,
                          worker_id?}
-    StepCompleted       {v, step_id, attempt, snapshot_id, at_us?, worker_id?}
+    StepCompleted       {v, step_id, attempt, snapshot_id, at_us?, worker_id?, reused_from_run_id?}
     RunCompleted        {v, status: completed|failed|canceled, final_snapshot_id, reason?, error?, at_us?,
                          has_ledger?}
 
@@ -122,6 +122,12 @@ class RunStarted:
     at_us: int = 0
     # StartRun's labels (engine_service.domain.labels), kept here so that GetRun shows them.
     labels: dict[str, str] = field(default_factory=dict, hash=False)
+    # A rerun (RerunRun): the run it reran and the step it reran from (engine_service.domain.rerun).
+    rerun_of_run_id: str = ""
+    rerun_from_step_id: str = ""
+    # The W3C trace context (traceparent, tracestate) of the client that started the run, so that
+    # every engine that drives it continues the client's trace.
+    trace_context: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,8 @@ class StepCompleted:
     snapshot_id: str
     at_us: int = 0
     worker_id: str = ""  # the worker that ran a remote attempt
+    # Set on a step a rerun reused: the run whose output it copied (no attempt ran in this run).
+    reused_from_run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,11 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
                 data["parent_fact_key"] = event.parent_fact_key
             if event.labels:
                 data["labels"] = dict(event.labels)
+            if event.rerun_of_run_id:
+                data["rerun_of_run_id"] = event.rerun_of_run_id
+                data["rerun_from_step_id"] = event.rerun_from_step_id
+            if event.trace_context:
+                data["trace_context"] = dict(event.trace_context)
             return streams.RUN_STARTED, data
         case StepAttemptStarted():
             return streams.STEP_ATTEMPT_STARTED, {
@@ -276,6 +289,8 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
             data = {**v, "step_id": event.step_id, "attempt": event.attempt, "snapshot_id": event.snapshot_id}
             if event.worker_id:
                 data["worker_id"] = event.worker_id
+            if event.reused_from_run_id:
+                data["reused_from_run_id"] = event.reused_from_run_id
             return streams.STEP_COMPLETED, data
         case RunCompleted():
             data = {**v, "status": event.status, "final_snapshot_id": event.final_snapshot_id}
@@ -334,6 +349,9 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 parent_fact_key=str(data.get("parent_fact_key", "")),
                 at_us=_at_us(data),
                 labels={str(k): str(v) for k, v in dict(data.get("labels", {})).items()},
+                rerun_of_run_id=str(data.get("rerun_of_run_id", "")),
+                rerun_from_step_id=str(data.get("rerun_from_step_id", "")),
+                trace_context={str(k): str(v) for k, v in dict(data.get("trace_context", {})).items()},
             )
         case streams.STEP_ATTEMPT_STARTED:
             return StepAttemptStarted(
@@ -362,6 +380,7 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 str(data["snapshot_id"]),
                 _at_us(data),
                 worker_id=str(data.get("worker_id", "")),
+                reused_from_run_id=str(data.get("reused_from_run_id", "")),
             )
         case streams.RUN_COMPLETED:
             error = data.get("error")

@@ -29,6 +29,9 @@ _PREFIX = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 PIPELINE_ATTRIBUTE = "run/pipeline"
 LINEAGE_ATTRIBUTE = "run/lineage"
 PARENT_ATTRIBUTE = "run/parent"
+# A rerun's stream names the run it reran, so that the old run's view finds its reruns with one
+# indexed ListStreams.
+RERUN_OF_ATTRIBUTE = "run/rerun-of"
 LABEL_ATTRIBUTE_PREFIX = "label:"
 TOP_LEVEL = "top-level"
 CHILD = "child"

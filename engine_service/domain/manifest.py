@@ -17,7 +17,7 @@ from typing import Any
 
 from engine_service.domain.canonical import artifact_id_for_bytes, canonical_json_bytes, parse_json_bytes
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
-from engine_service.domain.events import RunStarted
+from engine_service.domain.events import KernelEvent, RunStarted
 from engine_service.domain.labels import run_attributes
 from engine_service.domain.plan import PipelineSpec
 from engine_service.domain.run_config import RunConfig
@@ -112,6 +112,8 @@ class RunStart:
     snapshot_id: str
     artifacts: list[tuple[str, bytes]]  # (kind, bytes): the manifest unless stored, the initial snapshot
     attributes: dict[str, str]  # the run stream's index entries, set with the same append
+    # Events after RunStarted in the same first append (a rerun's reused steps: domain.rerun).
+    copied: tuple[KernelEvent, ...] = ()
 
 
 def run_start(

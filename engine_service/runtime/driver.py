@@ -254,16 +254,18 @@ class RunDriver:
         attributes: Mapping[str, str],
         *,
         durable_now: bool,
+        copied: Sequence[KernelEvent] = (),
     ) -> None:
         """Decide the run's RunStarted (its manifest and initial snapshot inline), the first event.
 
-        `attributes` index the run stream (pipeline, lineage, labels): set by the same append.
+        `attributes` index the run stream (pipeline, lineage, labels): set by the same append;
+        `copied`: events decided with it, in the same append (a rerun's reused steps).
 
         `durable_now`: append it before returning (a sequence conflict means the run exists);
         otherwise it travels in the driver's first batch, lingering like any decided event.
         """
         self._pending_attributes = dict(attributes)
-        self.record([started], label=RUN_ACTIVE_LABEL, artifacts=artifacts, linger=not durable_now)
+        self.record([started, *copied], label=RUN_ACTIVE_LABEL, artifacts=artifacts, linger=not durable_now)
         if durable_now:
             await self.flush()
 

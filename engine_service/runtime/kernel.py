@@ -57,6 +57,7 @@ from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
+from engine_service.runtime.rerun import Reruns
 from engine_service.runtime.task_service import TaskService
 from engine_service.runtime.terminalize import Terminalizer
 from engine_service.runtime.views import RunViews
@@ -150,6 +151,7 @@ class Engine:
         self.tasks = TaskService(env.tasks, patience=env.store.patience)
         self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
         self.views = RunViews(env.store, self.reader)
+        self.reruns = Reruns(env.store, self.reader, self)
         # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
         self._unreadable_runs: RecentArtifacts[KeelError] = RecentArtifacts(1000)
         # One resumption of a run at a time here, and one start of a run id at a time.
@@ -214,6 +216,12 @@ class Engine:
             await self._ensure_started(driver, task)
         return StartOutcome(chosen, start.manifest_id, True)
 
+    async def start_prepared(self, run_id: str, manifest: RunManifest, plan: Plan, start: RunStart) -> bool:
+        """Append a first batch decided elsewhere (a rerun's) and drive the run; False if the run exists."""
+        async with self._starts.hold(run_id):
+            begun = await self._begin(run_id, manifest, plan, start, deferred=False, retry=True)
+        return begun is not None
+
     async def _check_replayed_run_exists(self, manifest: RunManifest) -> None:
         replayed = manifest.run_config.replay_of_run_id
         if replayed:
@@ -244,7 +252,13 @@ class Engine:
         driver = self.runs.new(run_id, manifest, plan, RunHistory(), lease=lease, events=())
         driver.remember_snapshot(start.snapshot_id, dict(manifest.initial_context))
         try:
-            await driver.begin(start.started, start.artifacts, start.attributes, durable_now=not deferred)
+            await driver.begin(
+                start.started,
+                start.artifacts,
+                start.attributes,
+                durable_now=not deferred,
+                copied=start.copied,
+            )
         except BaseException as error:
             if fresh:
                 self.leases.discard(run_id)

@@ -35,6 +35,7 @@ from engine_service.domain.labels import (
     LINEAGE_ATTRIBUTE,
     PARENT_ATTRIBUTE,
     PIPELINE_ATTRIBUTE,
+    RERUN_OF_ATTRIBUTE,
     label_filter,
     labels_of,
 )
@@ -53,6 +54,7 @@ from keel_core.errors import KeelError
 from keel_core.json_rules import check_json
 
 RUNNING = "running"
+MAX_RERUNS_SHOWN = 100
 PENDING = "pending"
 RETRYING = "retrying"
 _ABANDONED = ErrorRecord("attempt_abandoned", "engine", True, "the engine stopped during this attempt")
@@ -82,6 +84,7 @@ class StepView:
     attempts: list[AttemptView] = field(default_factory=list)
     last_error: ErrorRecord | None = None
     task_queue: str = ""
+    reused_from_run_id: str = ""  # a rerun reused this step of that run: no attempt ran here
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,10 @@ class RunView:
     input: Any = None
     has_input: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    # A rerun: the run it reran, from which step; and the reruns of this run, oldest first.
+    rerun_of_run_id: str = ""
+    rerun_from_step_id: str = ""
+    reruns: list[str] = field(default_factory=list)
 
 
 def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunManifest | None) -> RunView:
@@ -188,6 +195,10 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 view.op_id, view.manifest_id = event.op_id, event.manifest_id
                 view.parent_run_id, view.parent_fact_key = event.parent_run_id, event.parent_fact_key
                 view.labels = dict(event.labels)
+                view.rerun_of_run_id, view.rerun_from_step_id = (
+                    event.rerun_of_run_id,
+                    event.rerun_from_step_id,
+                )
                 view.created_at = when
             case StepAttemptStarted():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
@@ -207,6 +218,7 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 attempt = _attempt(step, event.attempt, when)
                 attempt.status, attempt.finished_at, attempt.worker_id = COMPLETED, when, event.worker_id
                 step.status = COMPLETED
+                step.reused_from_run_id = event.reused_from_run_id
             case RunCompleted():
                 view.status = event.status
                 view.completed_at = when
@@ -279,7 +291,16 @@ class RunViews:
         ]
         if view.final_snapshot_id:
             view.final_snapshot = await self.reader.final_snapshot(view.final_snapshot_id)
+        if view.status != RUNNING:  # only a terminal run can be rerun
+            view.reruns = await self.reruns_of(run_id)
         return view
+
+    async def reruns_of(self, run_id: str) -> list[str]:
+        """The reruns of a run, oldest first (the first MAX_RERUNS_SHOWN), from the store's index."""
+        summaries, _ = await self.store.list_streams(
+            prefix=RUN_STREAM_PREFIX, page_size=MAX_RERUNS_SHOWN, attributes={RERUN_OF_ATTRIBUTE: run_id}
+        )
+        return [run_id_of_stream(s.stream_id) for s in reversed(summaries)]
 
     async def list_runs(
         self, statuses: Sequence[str], page_size: int, page_token: str, where: RunFilter | None = None

@@ -271,6 +271,7 @@ def _step(step: StepView) -> engine_pb2.StepState:
         status=STEP_STATUS[step.status],
         attempts=[_attempt(a) for a in step.attempts],
         last_error=error_detail(step.last_error),
+        reused_from_run_id=step.reused_from_run_id,
     )
 
 
@@ -292,6 +293,9 @@ def run_message(view: RunView) -> engine_pb2.Run:
         error=error_detail(view.error),
         head_seq=view.head_seq,
         labels=view.labels,
+        rerun_of_run_id=view.rerun_of_run_id,
+        rerun_from_step_id=view.rerun_from_step_id,
+        reruns=view.reruns,
         children=[
             engine_pb2.ChildRun(
                 child_run_id=c.child_run_id,

@@ -131,6 +131,18 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             await events.aclose()
 
     @translated
+    async def RerunRun(
+        self, request: engine_pb2.RerunRunRequest, context: Context
+    ) -> engine_pb2.RerunRunResponse:
+        """A new run of a terminal run that executes a step and its descendants again, reusing the rest."""
+        run_id = parse_run_id(request.run_id)
+        run_id_new = parse_run_id(request.run_id_new, field="run_id_new") if request.run_id_new else None
+        if not request.from_step_id:
+            raise invalid_argument("invalid_argument", "from_step_id is required")
+        new_id, created = await self.engine.reruns.rerun(run_id, request.from_step_id, run_id_new)
+        return engine_pb2.RerunRunResponse(run_id=new_id, created=created, run=await self._run(new_id))
+
+    @translated
     async def ListOps(
         self, request: engine_pb2.ListOpsRequest, context: Context
     ) -> engine_pb2.ListOpsResponse:

@@ -131,3 +131,29 @@ test('children spawned by a client are listed on their parent and closed with it
     keel.close();
   }
 });
+
+test('reruns a run from a step: the steps before it are reused, the run names its rerun', { skip }, async () => {
+  const keel = new KeelClient(ENGINE);
+  try {
+    const old = await keel.startRun({ pipeline: PIPELINE, input: { who: 'node' }, wait: true });
+    assert.equal(old.run.status, 'completed');
+    const runIdNew = randomUUID();
+    const rerun = await keel.rerunRun(old.runId, 'second', { runIdNew });
+    assert.deepEqual([rerun.runId, rerun.created], [runIdNew, true]);
+    const { run } = await keel.awaitRun(runIdNew);
+    assert.equal(run.status, 'completed');
+    assert.deepEqual([run.rerunOfRunId, run.rerunFromStepId], [old.runId, 'second']);
+    assert.deepEqual(run.steps.map((step) => [step.stepId, step.reusedFromRunId]), [['first', old.runId], ['second', null]]);
+    assert.deepEqual(run.finalSnapshot, old.run.finalSnapshot);
+    assert.deepEqual((await keel.getRun(old.runId)).reruns, [runIdNew]);
+    const again = await keel.rerunRun(old.runId, 'second', { runIdNew });
+    assert.equal(again.created, false);
+    await assert.rejects(keel.rerunRun(old.runId, 'nope'), (error) => {
+      assert.equal(error.code, 'step_not_found');
+      assert.equal(error.category, 'not_found');
+      return true;
+    });
+  } finally {
+    keel.close();
+  }
+});

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,7 @@ from keel_client.models import (
     OpInfo,
     ParentClosePolicy,
     QueueInfo,
+    RerunResult,
     ResumedRun,
     Run,
     RunEvent,
@@ -233,6 +235,30 @@ class AsyncKeelClient:
             await keel.cancel(run_id)
         """
         return await self.terminalize(run_id, TerminalTarget.CANCELED, reason=reason, deadline=deadline)
+
+    async def rerun_run(
+        self,
+        run_id: str,
+        from_step_id: str,
+        *,
+        run_id_new: str | None = None,
+        deadline: float | None = None,
+    ) -> RerunResult:
+        """Start a new run of a terminal run that executes `from_step_id` and the steps depending on it
+        again and reuses every other step the run completed (outputs, facts, children).
+
+        Without `run_id_new` the client picks a uuid4, so that a retried call cannot create two
+        reruns; rerunning again with the same id and request returns the same run (`created` False).
+
+        Example::
+
+            rerun = await keel.rerun_run(failed_run_id, "charge")
+            print(rerun.run_id, (await keel.await_run(rerun.run_id)).status)
+        """
+        request = engine_pb2.RerunRunRequest(
+            run_id=run_id, from_step_id=from_step_id, run_id_new=run_id_new or str(uuid.uuid4())
+        )
+        return wire.rerun_result(await self._unary(self._stub.RerunRun, request, deadline or self._deadline))
 
     async def get_run(self, run_id: str, *, deadline: float | None = None) -> Run:
         """The run with its steps, attempts, children, failure ledger and (when terminal) final snapshot.

@@ -92,6 +92,8 @@ def step_label(run: Run, step: StepState) -> str:
     """
     if run.status is RunStatus.CANCELED and step.status is not StepStatus.COMPLETED:
         return "canceled"
+    if step.reused_from_run_id:
+        return "reused"  # a rerun copied its output: it completed in the run it reran
     return step.status.value
 
 
@@ -170,6 +172,10 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
         )
     if run.parent_run_id:
         lines.append(f"parent     {run.parent_run_id} (fact key {run.parent_fact_key})")
+    if run.rerun_of_run_id:
+        lines.append(f"rerun of   {run.rerun_of_run_id} from step {run.rerun_from_step_id}")
+    if run.reruns:
+        lines.append(f"reruns     {', '.join(run.reruns)}")
     if run.reason:
         lines.append(f"reason     {run.reason}")
     if run.error is not None:

@@ -162,6 +162,8 @@ class StepState:
     status: StepStatus
     attempts: tuple[StepAttempt, ...]
     last_error: ErrorDetail | None
+    # Set when a rerun reused this step: the run whose output it copied (no attempt ran here).
+    reused_from_run_id: str | None = None
 
     @property
     def last_attempt(self) -> StepAttempt | None:
@@ -214,6 +216,10 @@ class Run:
     input: Any = None
     # The labels it was started with.
     labels: Mapping[str, str] = field(default_factory=dict)
+    # For a rerun: the run it reran and the step it reran from; for any run: its reruns, oldest first.
+    rerun_of_run_id: str | None = None
+    rerun_from_step_id: str | None = None
+    reruns: tuple[str, ...] = ()
 
     @property
     def is_terminal(self) -> bool:
@@ -309,6 +315,15 @@ class StartedRun:
 
     run_id: str
     manifest_id: str
+    created: bool
+    run: Run | None
+
+
+@dataclass(frozen=True)
+class RerunResult:
+    """What RerunRun answered: the new run's id, whether it was new, and the run as it stands."""
+
+    run_id: str
     created: bool
     run: Run | None
 

@@ -25,6 +25,7 @@ from keel_client.models import (
     PipelineSpec,
     QueueInfo,
     QueueWorker,
+    RerunResult,
     ResumedRun,
     RetryPolicy,
     Run,
@@ -380,6 +381,9 @@ def run(message: engine_pb2.Run) -> Run:
         head_seq=message.head_seq,
         input=from_value(message.input) if message.HasField("input") else None,
         labels=dict(message.labels),
+        rerun_of_run_id=message.rerun_of_run_id or None,
+        rerun_from_step_id=message.rerun_from_step_id or None,
+        reruns=tuple(message.reruns),
     )
 
 
@@ -407,6 +411,7 @@ def _step(message: engine_pb2.StepState) -> StepState:
             for attempt in message.attempts
         ),
         last_error=error_detail(message, "last_error"),
+        reused_from_run_id=message.reused_from_run_id or None,
     )
 
 
@@ -418,6 +423,11 @@ def started_run(message: engine_pb2.StartRunResponse) -> StartedRun:
         created=message.created,
         run=optional_run(message),
     )
+
+
+def rerun_result(message: engine_pb2.RerunRunResponse) -> RerunResult:
+    """A RerunResult from RerunRun's response."""
+    return RerunResult(run_id=message.run_id, created=message.created, run=optional_run(message))
 
 
 def resumed_run(message: engine_pb2.ResumeRunResponse) -> ResumedRun:

@@ -74,6 +74,12 @@ COMMANDS: tuple[Command, ...] = (
         "resume", "make the engine drive a run nobody drives", control.cmd_resume, queries.run_id_argument
     ),
     Command(
+        "rerun",
+        "run a finished run again from a step, reusing the steps before it",
+        control.cmd_rerun,
+        control.rerun_arguments,
+    ),
+    Command(
         "ops",
         "list the ops the engine can run and those workers declared, with versions and task queues",
         queries.cmd_ops,

@@ -1,10 +1,13 @@
-"""`keel cancel`, `keel terminalize`, `keel resume`: end a run exactly once, or make the engine drive it."""
+"""`keel cancel`, `keel terminalize`, `keel resume`, `keel rerun`: end a run exactly once, make the
+engine drive it, or run it again from a step."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from keel_client.cli.options import answer, client, enum_argument
+from keel_client.cli.runs import follow
 from keel_client.models import TerminalTarget, to_json_data
 
 
@@ -46,3 +49,34 @@ def cmd_resume(args: argparse.Namespace) -> int:
     status = resumed.run.status.value if resumed.run else "unknown"
     verb = "resumed" if resumed.resumed else "not resumed (terminal or already driven)"
     return answer(args, resumed, lambda: f"run {args.run_id} {verb}; status {status}")
+
+
+def rerun_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keel rerun RUN_ID --from STEP [--run-id] [--wait]`."""
+    parser.add_argument("run_id", metavar="RUN_ID", help="a completed, failed or canceled run")
+    parser.add_argument(
+        "--from",
+        dest="from_step",
+        required=True,
+        metavar="STEP",
+        help="the step to execute again, with every step that depends on it; the others are reused",
+    )
+    parser.add_argument("--run-id", dest="run_id_new", help="a UUID for the new run (default: a new one)")
+    parser.add_argument("--wait", action="store_true", help="show live progress until the new run ends")
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """`keel rerun`: a new run that reuses what RUN_ID did outside STEP and its descendants."""
+    with client(args) as keel:
+        rerun = keel.rerun_run(args.run_id, args.from_step, run_id_new=args.run_id_new)
+    if args.wait:
+        if not args.json:
+            print(f"rerun of {args.run_id} from step {args.from_step!r}: run {rerun.run_id}", flush=True)
+        return asyncio.run(follow(args, rerun.run_id))
+    reused = [s.step_id for s in rerun.run.steps if s.reused_from_run_id] if rerun.run else []
+    state = "started" if rerun.created else "already exists:"
+    text = (
+        f"{state} run {rerun.run_id}, a rerun of {args.run_id} from step {args.from_step!r}"
+        f" (reused: {', '.join(reused) or 'nothing'})"
+    )
+    return answer(args, rerun, lambda: text)

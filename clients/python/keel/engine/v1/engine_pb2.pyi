@@ -1085,6 +1085,7 @@ class StepState(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    REUSED_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """The step's id."""
     op_id: _builtins.str
@@ -1093,6 +1094,10 @@ class StepState(_message.Message):
     """Its op's version."""
     status: Global___StepStatus.ValueType
     """Its status."""
+    reused_from_run_id: _builtins.str
+    """Set when a rerun reused this step: the run whose output (and facts) it
+    copied; no attempt ran in this run.
+    """
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepAttempt]:
         """Its attempts, in order."""
@@ -1110,10 +1115,11 @@ class StepState(_message.Message):
         status: Global___StepStatus.ValueType = ...,
         attempts: _abc.Iterable[Global___StepAttempt] | None = ...,
         last_error: Global___ErrorDetail | None = ...,
+        reused_from_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "last_error", b"last_error", "op_id", b"op_id", "op_version", b"op_version", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "last_error", b"last_error", "op_id", b"op_id", "op_version", b"op_version", "reused_from_run_id", b"reused_from_run_id", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1236,6 +1242,9 @@ class Run(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    RERUN_OF_RUN_ID_FIELD_NUMBER: _builtins.int
+    RERUN_FROM_STEP_ID_FIELD_NUMBER: _builtins.int
+    RERUNS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id."""
     op_id: _builtins.str
@@ -1254,6 +1263,10 @@ class Run(_message.Message):
     """Why it ended, for failed and canceled runs."""
     head_seq: _builtins.int
     """The sequence number of its last event."""
+    rerun_of_run_id: _builtins.str
+    """For a rerun (RerunRun): the run it reran."""
+    rerun_from_step_id: _builtins.str
+    """For a rerun: the step it reran from."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
@@ -1296,6 +1309,10 @@ class Run(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Its labels (StartRunRequest.labels)."""
 
+    @_builtins.property
+    def reruns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The reruns of this run, oldest first (at most 100)."""
+
     def __init__(
         self,
         *,
@@ -1318,10 +1335,13 @@ class Run(_message.Message):
         head_seq: _builtins.int = ...,
         input: _struct_pb2.Value | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        rerun_of_run_id: _builtins.str = ...,
+        rerun_from_step_id: _builtins.str = ...,
+        reruns: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "final_snapshot", b"final_snapshot", "input", b"input", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "failure_ledger", b"failure_ledger", "final_snapshot", b"final_snapshot", "final_snapshot_id", b"final_snapshot_id", "head_seq", b"head_seq", "input", b"input", "labels", b"labels", "manifest_id", b"manifest_id", "op_id", b"op_id", "parent_fact_key", b"parent_fact_key", "parent_run_id", b"parent_run_id", "reason", b"reason", "run_id", b"run_id", "status", b"status", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "failure_ledger", b"failure_ledger", "final_snapshot", b"final_snapshot", "final_snapshot_id", b"final_snapshot_id", "head_seq", b"head_seq", "input", b"input", "labels", b"labels", "manifest_id", b"manifest_id", "op_id", b"op_id", "parent_fact_key", b"parent_fact_key", "parent_run_id", b"parent_run_id", "reason", b"reason", "rerun_from_step_id", b"rerun_from_step_id", "rerun_of_run_id", b"rerun_of_run_id", "reruns", b"reruns", "run_id", b"run_id", "status", b"status", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1739,3 +1759,67 @@ class ListOpsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOpsResponse: _TypeAlias = ListOpsResponse  # noqa: Y015
+
+@_typing.final
+class RerunRunRequest(_message.Message):
+    """Request of RerunRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    FROM_STEP_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_NEW_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The terminal run to rerun."""
+    from_step_id: _builtins.str
+    """The step to execute again, with every step that depends on it."""
+    run_id_new: _builtins.str
+    """A client-chosen id (a UUID) for the new run, for an idempotent rerun;
+    empty for a new one.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        from_step_id: _builtins.str = ...,
+        run_id_new: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_step_id", b"from_step_id", "run_id", b"run_id", "run_id_new", b"run_id_new"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRunRequest: _TypeAlias = RerunRunRequest  # noqa: Y015
+
+@_typing.final
+class RerunRunResponse(_message.Message):
+    """Response of RerunRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The new run's id."""
+    created: _builtins.bool
+    """False when `run_id_new` was this rerun already."""
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The new run as it stands."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        created: _builtins.bool = ...,
+        run: Global___Run | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "run", b"run", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRunResponse: _TypeAlias = RerunRunResponse  # noqa: Y015

@@ -105,6 +105,11 @@ class EngineServiceStub:
                 request_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.ListOpsRequest.SerializeToString,
                 response_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.ListOpsResponse.FromString,
                 _registered_method=True)
+        self.RerunRun = channel.unary_unary(
+                '/keel.engine.v1.EngineService/RerunRun',
+                request_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunRequest.SerializeToString,
+                response_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -219,6 +224,23 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunRun(self, request, context):
+        """Starts a new run of a terminal run's manifest that executes `from_step_id`
+        and the steps that depend on it (directly or transitively) again, and
+        reuses every other step the run completed: their outputs and recorded
+        facts are copied into the new run (in its first append) and the children
+        they spawned are linked to it, so none of them executes again. The new run
+        names the run it reran (Run.rerun_of_run_id, Run.rerun_from_step_id), and
+        the old run lists it (Run.reruns). Fails FAILED_PRECONDITION
+        `run_not_terminal` for a run that has not ended, NOT_FOUND `run_not_found`
+        or `step_not_found`, ALREADY_EXISTS `run_already_exists` when
+        `run_id_new` is another run; nothing is written then. Rerunning again with
+        the same `run_id_new` and request returns the existing rerun.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +293,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.ListOps,
                     request_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.ListOpsRequest.FromString,
                     response_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.ListOpsResponse.SerializeToString,
+            ),
+            'RerunRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunRun,
+                    request_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunRequest.FromString,
+                    response_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -564,6 +591,33 @@ class EngineService:
             '/keel.engine.v1.EngineService/ListOps',
             keel_dot_engine_dot_v1_dot_engine__pb2.ListOpsRequest.SerializeToString,
             keel_dot_engine_dot_v1_dot_engine__pb2.ListOpsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.engine.v1.EngineService/RerunRun',
+            keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunRequest.SerializeToString,
+            keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

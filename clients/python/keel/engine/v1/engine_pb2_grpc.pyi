@@ -100,6 +100,19 @@ class EngineServiceStub:
     """
     ListOps: _grpc.UnaryUnaryMultiCallable[_engine_pb2.ListOpsRequest, _engine_pb2.ListOpsResponse]
     """Lists the ops this engine can run, with their versions."""
+    RerunRun: _grpc.UnaryUnaryMultiCallable[_engine_pb2.RerunRunRequest, _engine_pb2.RerunRunResponse]
+    """Starts a new run of a terminal run's manifest that executes `from_step_id`
+    and the steps that depend on it (directly or transitively) again, and
+    reuses every other step the run completed: their outputs and recorded
+    facts are copied into the new run (in its first append) and the children
+    they spawned are linked to it, so none of them executes again. The new run
+    names the run it reran (Run.rerun_of_run_id, Run.rerun_from_step_id), and
+    the old run lists it (Run.reruns). Fails FAILED_PRECONDITION
+    `run_not_terminal` for a run that has not ended, NOT_FOUND `run_not_found`
+    or `step_not_found`, ALREADY_EXISTS `run_already_exists` when
+    `run_id_new` is another run; nothing is written then. Rerunning again with
+    the same `run_id_new` and request returns the existing rerun.
+    """
 
 @_typing.type_check_only
 class EngineServiceAsyncStub(EngineServiceStub):
@@ -173,6 +186,19 @@ class EngineServiceAsyncStub(EngineServiceStub):
     """
     ListOps: _aio.UnaryUnaryMultiCallable[_engine_pb2.ListOpsRequest, _engine_pb2.ListOpsResponse]  # type: ignore[assignment]
     """Lists the ops this engine can run, with their versions."""
+    RerunRun: _aio.UnaryUnaryMultiCallable[_engine_pb2.RerunRunRequest, _engine_pb2.RerunRunResponse]  # type: ignore[assignment]
+    """Starts a new run of a terminal run's manifest that executes `from_step_id`
+    and the steps that depend on it (directly or transitively) again, and
+    reuses every other step the run completed: their outputs and recorded
+    facts are copied into the new run (in its first append) and the children
+    they spawned are linked to it, so none of them executes again. The new run
+    names the run it reran (Run.rerun_of_run_id, Run.rerun_from_step_id), and
+    the old run lists it (Run.reruns). Fails FAILED_PRECONDITION
+    `run_not_terminal` for a run that has not ended, NOT_FOUND `run_not_found`
+    or `step_not_found`, ALREADY_EXISTS `run_already_exists` when
+    `run_id_new` is another run; nothing is written then. Rerunning again with
+    the same `run_id_new` and request returns the existing rerun.
+    """
 
 class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     """EngineService runs pipelines of steps ("ops") to completion across crashes,
@@ -303,5 +329,24 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_engine_pb2.ListOpsResponse, _abc.Awaitable[_engine_pb2.ListOpsResponse]]:
         """Lists the ops this engine can run, with their versions."""
+
+    @_abc_1.abstractmethod
+    def RerunRun(
+        self,
+        request: _engine_pb2.RerunRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_pb2.RerunRunResponse, _abc.Awaitable[_engine_pb2.RerunRunResponse]]:
+        """Starts a new run of a terminal run's manifest that executes `from_step_id`
+        and the steps that depend on it (directly or transitively) again, and
+        reuses every other step the run completed: their outputs and recorded
+        facts are copied into the new run (in its first append) and the children
+        they spawned are linked to it, so none of them executes again. The new run
+        names the run it reran (Run.rerun_of_run_id, Run.rerun_from_step_id), and
+        the old run lists it (Run.reruns). Fails FAILED_PRECONDITION
+        `run_not_terminal` for a run that has not ended, NOT_FOUND `run_not_found`
+        or `step_not_found`, ALREADY_EXISTS `run_already_exists` when
+        `run_id_new` is another run; nothing is written then. Rerunning again with
+        the same `run_id_new` and request returns the existing rerun.
+        """
 
 def add_EngineServiceServicer_to_server(servicer: EngineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
