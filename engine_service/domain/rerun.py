@@ -26,7 +26,7 @@ from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND, with_step_outp
 from engine_service.domain.events import FactRecorded, KernelEvent, RunStarted, StepCompleted, encode_event
 from engine_service.domain.history import RunHistory
 from engine_service.domain.labels import RERUN_OF_ATTRIBUTE, run_attributes
-from engine_service.domain.manifest import RunStart
+from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND, RunStart
 from engine_service.domain.plan import Plan
 from keel_core.errors import ErrorCategory, KeelError, not_found
 
@@ -84,10 +84,14 @@ def rerun_start(
     from_step_id: str,
     *,
     at_us: int,
+    manifest_bytes: bytes = b"",
 ) -> RerunStart:
     """The first append of a rerun of `old_run_id` from `from_step_id` (checked by `check_rerun`).
 
     `old_checkpoint`: the old run's last checkpoint (it holds every completed step's output).
+    `manifest_bytes`: the manifest's canonical bytes. The manifest and the initial snapshot the new
+    run shares with the old one travel in its first append again (a no-op for the store's content,
+    which renews their stored time: an artifact collection running meanwhile keeps them).
     """
     started = old.started
     assert started is not None
@@ -132,11 +136,17 @@ def rerun_start(
         )
     attributes = run_attributes(started.op_id, "", started.labels)
     attributes[RERUN_OF_ATTRIBUTE] = old_run_id
+    artifacts = [(SNAPSHOT_ARTIFACT_KIND, snapshot)]
+    initial = canonical_json_bytes(dict(initial_context))
+    if artifact_id_for_bytes(initial) == started.initial_snapshot_id:
+        artifacts.append((SNAPSHOT_ARTIFACT_KIND, initial))
+    if manifest_bytes and artifact_id_for_bytes(manifest_bytes) == started.manifest_id:
+        artifacts.append((MANIFEST_ARTIFACT_KIND, manifest_bytes))
     start = RunStart(
         first,
         started.manifest_id,
         started.initial_snapshot_id,
-        [(SNAPSHOT_ARTIFACT_KIND, snapshot)],
+        artifacts,
         attributes,
         copied=tuple(events),
     )

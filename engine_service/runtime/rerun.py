@@ -67,7 +67,14 @@ class Reruns:
         check_rerun(plan, old, run_id, from_step_id)
         checkpoint = parse_json_bytes(await self.store.get_artifact(old.last_checkpoint))
         prepared = rerun_start(
-            plan, old, run_id, dict(checkpoint), manifest.initial_context, from_step_id, at_us=now_us()
+            plan,
+            old,
+            run_id,
+            dict(checkpoint),
+            manifest.initial_context,
+            from_step_id,
+            at_us=now_us(),
+            manifest_bytes=manifest.canonical_bytes(),
         )
         new_id = run_id_new or str(uuid.uuid4())
         if prepared.reused_children:
