@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2
 
 import engine_service.builtin_ops
 import engine_service.metrics as engine_metrics
+from engine_service.console import EngineConsole, engine_target, start_console
 from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
 from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegistry
 from engine_service.failpoints import Failpoints
@@ -45,7 +46,7 @@ from keel_core.server_flags import (
     serve_announced,
     transport_name,
 )
-from keel_core.serving import ServingHandle, start_server
+from keel_core.serving import ServingHandle, host_port, start_server
 
 log = logging.getLogger("engine_service")
 
@@ -88,6 +89,8 @@ class EngineConfig:
     engine_id: str | None = None
     # Seconds a run lease lives without renewal: how long a dead engine's runs wait for a taker.
     lease_ttl: float = DEFAULT_LEASE_TTL
+    # HOST:PORT of the web console served by this process (engine_service.console); None: none.
+    console_listen: str | None = None
 
 
 @dataclass
@@ -96,6 +99,14 @@ class EngineServingHandle(ServingHandle):
 
     engine: Engine | None = None
     metrics: MetricsEndpoint | None = None
+    console: EngineConsole | None = None
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Stop the console first (its event streams are RPCs in flight), then drain the engine."""
+        if self.console is not None:
+            await self.console.close()
+            self.console = None
+        await super().drain(grace)
 
 
 def load_op_module(name: str) -> None:
@@ -228,7 +239,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Keel's EngineService: durable pipeline runs over gRPC, state kept in a StoreService. "
         "Every flag can also be set with the environment variable in brackets; a flag wins.",
         epilog="On start it prints one line to stdout: 'engine-service listening on HOST:PORT' (then, "
-        "with --metrics-listen, 'engine-service metrics on http://HOST:PORT/metrics'). "
+        "with --metrics-listen, 'engine-service metrics on http://HOST:PORT/metrics', and with --console, "
+        "'engine-service console on http://HOST:PORT'). "
         "Failpoints for crash tests: KEEL_FAILPOINTS=name[:step],... (see engine_service.failpoints).",
     )
     add_server_flags(parser, _FLAG_NAMES)
@@ -313,6 +325,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="like --store-auth-token, the token read from this file (one line) "
         "[KEEL_ENGINE_STORE_AUTH_TOKEN_FILE]",
     )
+    parser.add_argument(
+        "--console",
+        default=env("KEEL_ENGINE_CONSOLE") or None,
+        metavar="HOST:PORT",
+        help="also serve the web console (as `keel ui` does) on HOST:PORT, talking to this engine over "
+        "its gRPC API; needs keel-client[console]; no login of its own, so keep it on loopback or "
+        "behind an authenticating proxy [KEEL_ENGINE_CONSOLE] (default: no console)",
+    )
     args = parse_server_args(parser, argv)
     if not args.lease_ttl > 0:
         parser.error(f"argument --lease-ttl: must be a positive number of seconds, not {args.lease_ttl}")
@@ -322,12 +342,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def serve(config: EngineConfig) -> None:
     """Start, announce the address on stdout, serve until a signal, drain."""
     handle = await start_engine(config)
+    also = []
+    if config.console_listen is not None:
+        if config.tls is not None:
+            await handle.drain(0)
+            raise ValueError(
+                "--console serves a plaintext engine only; with --tls run `keel ui --tls-ca ...` instead"
+            )
+        target = engine_target(host_port(config.listen)[0], handle.port)
+        try:
+            handle.console = await start_console(config.console_listen, target, config.auth_token)
+        except BaseException:
+            await handle.drain(0)
+            raise
+        also.append(f"engine-service console on {handle.console.url}")
     details = (
         f"{transport_name(config.tls)}{', bearer token required' if config.auth_token else ''}; "
         f"store {config.store} over {'TLS' if config.store_tls else 'plaintext'}"
         f"{' with a bearer token' if config.store_auth_token else ''}"
     )
-    await serve_announced("engine-service", handle, config, handle.metrics, log, details)
+    await serve_announced("engine-service", handle, config, handle.metrics, log, details, also=also)
 
 
 def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
@@ -348,6 +382,7 @@ def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
         metrics_listen=flags.metrics_listen,
         engine_id=args.engine_id,
         lease_ttl=args.lease_ttl,
+        console_listen=args.console,
     )
 
 

@@ -201,13 +201,17 @@ async def serve_announced(
     metrics: HasUrl | None,
     log: logging.Logger,
     details: str,
+    also: Sequence[str] = (),
 ) -> None:
-    """Announce the bound address on stdout (and the metrics URL), serve until a signal, drain."""
+    """Announce the bound address on stdout (then the metrics URL and the lines `also` holds), serve
+    until a signal, drain."""
     host, _ = host_port(config.listen)
     address = f"{host}:{handle.port}" if ":" not in host else f"[{host}]:{handle.port}"
     print(f"{prog} listening on {address}", flush=True)
     if metrics is not None:
         print(f"{prog} metrics on {metrics.url}", flush=True)
+    for line in also:
+        print(line, flush=True)
     log.info("serving on %s (%s)", address, details)
     await serve_until_signalled(handle, config.grace)
     log.info("stopped")

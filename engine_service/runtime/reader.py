@@ -138,7 +138,7 @@ class RunReader:
         self._manifests.put(manifest_id, manifest)
 
     async def final_snapshot(self, snapshot_id: str) -> Any:
-        """A final snapshot (cached for runs this engine finished)."""
+        """A snapshot: a final one or a checkpoint (content-addressed, so cached by id)."""
         known = self._final_snapshots.get(snapshot_id)
         if known is None:
             known = parse_json_bytes(await self.store.get_artifact(snapshot_id))

@@ -85,6 +85,10 @@ class StepView:
     last_error: ErrorRecord | None = None
     task_queue: str = ""
     reused_from_run_id: str = ""  # a rerun reused this step of that run: no attempt ran here
+    depends_on: tuple[str, ...] = ()
+    # Its output, once completed (`has_output`): what the latest checkpoint holds under its id.
+    output: Any = None
+    has_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,11 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
         view.input, view.has_input = manifest.input, True
         for spec in topological_order(manifest.pipeline.steps):
             steps[spec.step_id] = StepView(
-                spec.step_id, spec.op_id, spec.op_version, task_queue=spec.task_queue
+                spec.step_id,
+                spec.op_id,
+                spec.op_version,
+                task_queue=spec.task_queue,
+                depends_on=tuple(spec.depends_on),
             )
     for stored in events:
         view.head_seq = stored.seq
@@ -230,6 +238,15 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                             step.status = FAILED
     view.steps = list(steps.values())
     return view
+
+
+def set_step_outputs(view: RunView, checkpoint: Any) -> None:
+    """Each completed step's output, taken from the run's latest checkpoint (it holds every one)."""
+    if not isinstance(checkpoint, dict):
+        return
+    for step in view.steps:
+        if step.status == COMPLETED and step.step_id in checkpoint:
+            step.output, step.has_output = checkpoint[step.step_id], True
 
 
 def decided_at(stored: StoredEvent) -> datetime | None:
@@ -291,6 +308,9 @@ class RunViews:
         ]
         if view.final_snapshot_id:
             view.final_snapshot = await self.reader.final_snapshot(view.final_snapshot_id)
+            set_step_outputs(view, view.final_snapshot)
+        elif history.last_checkpoint:
+            set_step_outputs(view, await self.reader.final_snapshot(history.last_checkpoint))
         if view.status != RUNNING:  # only a terminal run can be rerun
             view.reruns = await self.reruns_of(run_id)
         return view

@@ -264,7 +264,7 @@ def _attempt(attempt: AttemptView) -> engine_pb2.StepAttempt:
 
 
 def _step(step: StepView) -> engine_pb2.StepState:
-    return engine_pb2.StepState(
+    out = engine_pb2.StepState(
         step_id=step.step_id,
         op_id=step.op_id,
         op_version=step.op_version,
@@ -272,7 +272,11 @@ def _step(step: StepView) -> engine_pb2.StepState:
         attempts=[_attempt(a) for a in step.attempts],
         last_error=error_detail(step.last_error),
         reused_from_run_id=step.reused_from_run_id,
+        depends_on=step.depends_on,
     )
+    if step.has_output:
+        out.output.CopyFrom(to_value(step.output))
+    return out
 
 
 def run_message(view: RunView) -> engine_pb2.Run:

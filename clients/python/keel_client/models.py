@@ -164,6 +164,11 @@ class StepState:
     last_error: ErrorDetail | None
     # Set when a rerun reused this step: the run whose output it copied (no attempt ran here).
     reused_from_run_id: str | None = None
+    # The steps it depends on (from the pipeline).
+    depends_on: tuple[str, ...] = ()
+    # Its output once it completed (`has_output`; None also when an older engine said nothing).
+    output: Any = None
+    has_output: bool = False
 
     @property
     def last_attempt(self) -> StepAttempt | None:

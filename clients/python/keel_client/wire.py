@@ -412,6 +412,9 @@ def _step(message: engine_pb2.StepState) -> StepState:
         ),
         last_error=error_detail(message, "last_error"),
         reused_from_run_id=message.reused_from_run_id or None,
+        depends_on=tuple(message.depends_on),
+        output=from_value(message.output) if message.HasField("output") else None,
+        has_output=message.HasField("output"),
     )
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from keel_client.cli import control, local, queries, runs
+from keel_client.cli import control, local, queries, runs, web
 from keel_client.cli.options import ENVIRONMENT_HELP, CliError, add_connection_options
 from keel_client.errors import KeelClientError, UnavailableError
 from keel_client.local_cluster import ClusterError
@@ -86,6 +86,9 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "queues", "list task queues: backlog, running tasks, workers seen and their ops", queries.cmd_queues
+    ),
+    Command(
+        "ui", "serve the web console for the engine until Ctrl-C or SIGTERM", web.cmd_ui, web.ui_arguments
     ),
 )
 

@@ -1086,6 +1086,8 @@ class StepState(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     REUSED_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """The step's id."""
     op_id: _builtins.str
@@ -1106,6 +1108,18 @@ class StepState(_message.Message):
     def last_error(self) -> Global___ErrorDetail:
         """The error of its last failed attempt, if any."""
 
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The steps it depends on, as the pipeline declares them (empty for the
+        single step of a single-op run).
+        """
+
+    @_builtins.property
+    def output(self) -> _struct_pb2.Value:
+        """Its output (what the run's latest checkpoint holds under its step id); set
+        only once the step completed.
+        """
+
     def __init__(
         self,
         *,
@@ -1116,10 +1130,12 @@ class StepState(_message.Message):
         attempts: _abc.Iterable[Global___StepAttempt] | None = ...,
         last_error: Global___ErrorDetail | None = ...,
         reused_from_run_id: _builtins.str = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        output: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "last_error", b"last_error", "op_id", b"op_id", "op_version", b"op_version", "reused_from_run_id", b"reused_from_run_id", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "depends_on", b"depends_on", "last_error", b"last_error", "op_id", b"op_id", "op_version", b"op_version", "output", b"output", "reused_from_run_id", b"reused_from_run_id", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
