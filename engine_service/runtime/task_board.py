@@ -98,6 +98,8 @@ class Hint:
     stream_id: str
     op: str
     again: bool = False  # hinted before (a released claim)
+    # The task's first event, when this engine just created it (its claim then needs no read).
+    scheduled: TaskScheduled | None = None
 
 
 class TaskBoard:
@@ -106,6 +108,7 @@ class TaskBoard:
     def __init__(self, store: EventLog) -> None:
         self.store = store
         self.on_hint: Callable[[str, Hint], None] | None = None
+        self._hints: set[asyncio.Future[None]] = set()
 
     async def read(self, stream_id: str, *, patience: float | None = None) -> TaskState:
         """A task's state from its stream."""
@@ -125,6 +128,8 @@ class TaskBoard:
         if adopted:
             state = await self.read(stream_id, patience=FOREVER)
             if state.scheduled is not None:
+                if not state.claim and state.outcome is None:
+                    await self.hint(state.scheduled, stream_id, again=True)  # its hint may have been lost
                 return state
         artifacts: list[tuple[str, bytes]] = []
         context_bytes = canonical_json_bytes(body.get("context"))
@@ -158,28 +163,35 @@ class TaskBoard:
             if error.code != "sequence_conflict":
                 raise
             return await self.read(stream_id, patience=FOREVER)  # a takeover's schedule met the first
-        await self.hint(event, stream_id)
+        await self.hint(event, stream_id, fresh=True)
         return fold_task([event])
 
-    async def hint(self, scheduled: TaskScheduled, stream_id: str, *, again: bool = False) -> None:
+    async def hint(
+        self, scheduled: TaskScheduled, stream_id: str, *, again: bool = False, fresh: bool = False
+    ) -> None:
         """Tell the queue's pollers (here at once, elsewhere through the queue stream) a task is there.
 
-        `again`: the task was hinted before (a released claim): pollers take it up anew.
+        `again`: the task was hinted before (a released claim): pollers take it up anew. `fresh`:
+        just created by this engine, so `scheduled` is all its stream holds.
         """
-        hint = Hint(stream_id, op_key(scheduled.op_id, scheduled.op_version), again)
+        hint = Hint(
+            stream_id, op_key(scheduled.op_id, scheduled.op_version), again, scheduled if fresh else None
+        )
         if self.on_hint is not None:
             self.on_hint(scheduled.task_queue, hint)
         payload = canonical_json_bytes({"v": 1, "task": stream_id, "op": hint.op, "again": again})
+        # In the background: the driver goes on waiting for the task while the hint is written.
+        writing = asyncio.ensure_future(self._write_hint(scheduled.task_queue, stream_id, payload))
+        self._hints.add(writing)
+        writing.add_done_callback(self._hints.discard)
+
+    async def _write_hint(self, queue: str, stream_id: str, payload: bytes) -> None:
         try:
             await self.store.append(
-                queue_stream_id(scheduled.task_queue),
-                [(TASK_ENQUEUED, payload)],
-                expected_seq=None,
-                expected_any=True,
-                patience=FOREVER,
+                queue_stream_id(queue), [(TASK_ENQUEUED, payload)], expected_seq=None, expected_any=True
             )
-        except KeelError as error:  # a hint only: pollers list the queue's index anyway
-            log.warning("queue hint for %s not written: %s", stream_id, error.message)
+        except Exception as error:  # a hint only: pollers list the queue's index too
+            log.warning("queue hint for %s not written: %s", stream_id, error)
 
     async def end(self, stream_id: str, state: TaskState, event: TaskEvent) -> TaskState:
         """Append an outcome at the head `state` was read at (`sequence_conflict` if someone wrote since)."""

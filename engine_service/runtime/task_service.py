@@ -15,31 +15,27 @@ waiter that leaves without using its hint passes it on.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine_service.domain import ErrorRecord, canonical_json_bytes
-from engine_service.domain.canonical import parse_json_bytes
 from engine_service.domain.facts import check_fact_key
 from engine_service.domain.streams import (
     TASK_OPEN_LABEL,
     TASK_STREAM_PREFIX,
     WORKER_SEEN,
     WORKER_STREAM_PREFIX,
-    queue_stream_id,
     run_status_of_label,
     run_stream_id,
     worker_stream_id,
 )
 from engine_service.domain.tasks import (
     CLAIMED,
-    OP_ATTRIBUTE,
     PENDING,
     QUEUE_ATTRIBUTE,
     RUN_ENDED,
@@ -58,12 +54,14 @@ from engine_service.domain.tasks import (
     check_claim,
     check_queue_name,
     encode_task_event,
+    fold_task,
     lease_deadline_after,
+    op_key,
     same_completion,
     task_stale,
 )
 from engine_service.runtime.task_board import Hint, TaskBoard, task_attributes
-from engine_service.store.port import EventLog
+from engine_service.runtime.task_dispatch import Poller, QueueDispatchers
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument
 from keel_core.json_rules import check_json
@@ -114,84 +112,6 @@ class QueueView:
     workers: list[WorkerSeen] = field(default_factory=list)
 
 
-@dataclass
-class _Waiter:
-    ops: frozenset[str]
-    hint: asyncio.Future[Hint]
-
-
-class QueueWaiters:
-    """This engine's pollers waiting on each queue, and one subscription per queue feeding them hints."""
-
-    def __init__(self, store: EventLog) -> None:
-        self.store = store
-        self._waiters: dict[str, collections.deque[_Waiter]] = {}
-        self._followers: dict[str, asyncio.Task[None]] = {}
-        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-
-    def register(self, queue: str, ops: frozenset[str]) -> _Waiter:
-        """A waiter on `queue` for tasks of `ops` (empty: any op); it gets hints until `leave`."""
-        waiter = _Waiter(ops, asyncio.get_running_loop().create_future())
-        self._waiters.setdefault(queue, collections.deque()).append(waiter)
-        if queue not in self._followers:
-            self._followers[queue] = asyncio.create_task(self._follow(queue), name=f"queue {queue}")
-        return waiter
-
-    def leave(self, queue: str, waiter: _Waiter, *, used: bool) -> None:
-        """The waiter stops waiting; a hint it got and did not use goes to another waiter."""
-        waiters = self._waiters.get(queue)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
-        if waiter.hint.done() and not used:
-            self._give(queue, waiter.hint.result())
-        elif not waiter.hint.done():
-            waiter.hint.cancel()
-
-    def hint(self, queue: str, hint: Hint) -> None:
-        """A task appeared in `queue`: give it to one waiter (once, however many times it is hinted)."""
-        if hint.stream_id in self._recent and not hint.again:
-            return
-        self._recent[hint.stream_id] = None
-        if len(self._recent) > 4096:
-            self._recent.popitem(last=False)
-        self._give(queue, hint)
-
-    def _give(self, queue: str, hint: Hint) -> None:
-        for waiter in self._waiters.get(queue, ()):
-            if not waiter.hint.done() and (not waiter.ops or hint.op in waiter.ops):
-                waiter.hint.set_result(hint)
-                return
-
-    async def _follow(self, queue: str) -> None:
-        stream_id = queue_stream_id(queue)
-        while True:
-            try:
-                head, _ = await self.store.head(stream_id)
-                subscription = self.store.subscribe(stream_id, after_seq=head)
-                async with contextlib.aclosing(subscription):
-                    async for event in subscription:
-                        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                            data = parse_json_bytes(event.payload)
-                            self.hint(
-                                queue, Hint(str(data["task"]), str(data["op"]), data.get("again") is True)
-                            )
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the store away: pollers still list the queue when they come
-                log.info("queue %s: following hints failed (%s); again in 1 s", queue, error)
-                await asyncio.sleep(1.0)
-
-    async def close(self) -> None:
-        """Stop following the queues."""
-        followers = list(self._followers.values())
-        self._followers.clear()
-        for follower in followers:
-            follower.cancel()
-        for follower in followers:
-            with contextlib.suppress(BaseException):
-                await follower
-
-
 class TaskService:
     """WorkerService's logic: every method validates its whole request before it writes."""
 
@@ -199,8 +119,8 @@ class TaskService:
         self.board = board
         self.store = board.store
         self.patience = patience
-        self.waiters = QueueWaiters(board.store)
-        board.on_hint = self.waiters.hint
+        self.dispatchers = QueueDispatchers(board.store, self._claim_for, patience=patience)
+        board.on_hint = self.dispatchers.hint
         self._recorded_workers: dict[tuple[str, str], float] = {}
         self._releases: set[asyncio.Future[None]] = set()
         # Observers (metrics): schedule-to-start seconds per claim, and each outcome a worker wrote.
@@ -217,44 +137,89 @@ class TaskService:
         check_name(worker_id, "worker_id")
         for op_id, _ in ops:
             check_name(op_id, "ops[].op_id")
-        wanted = frozenset(f"{op_id}@{version or '1'}" for op_id, version in ops)
+        wanted = frozenset(op_key(op_id, version or "1") for op_id, version in ops)
         await self._record_worker(queue, worker_id, ops)
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            waiter = self.waiters.register(queue, wanted)
-            used = False
-            try:
-                claimed = await self._guarded(self._claim_listed(queue, worker_id, wanted))
-                if claimed is not None:
-                    return claimed
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                try:
-                    hint = await asyncio.wait_for(asyncio.shield(waiter.hint), left)
-                except TimeoutError:
-                    return None
-                claimed = await self._guarded(self._try_claim(hint.stream_id, worker_id, wanted))
-                if claimed is not None:
-                    used = True
-                    return claimed
-            finally:
-                self.waiters.leave(queue, waiter, used=used)
-
-    async def _guarded(self, claiming: Coroutine[Any, Any, ClaimedTask | None]) -> ClaimedTask | None:
-        """Claim; a poll cancelled meanwhile (the worker went away) releases what it claimed."""
-        attempt = asyncio.ensure_future(claiming)
+        poller = Poller(worker_id, wanted, asyncio.get_running_loop().create_future())
+        self.dispatchers.of(queue).add(poller)
         try:
-            return await asyncio.shield(attempt)
+            claimed = await asyncio.wait_for(asyncio.shield(poller.result), wait_seconds)
+        except TimeoutError:
+            poller.result.cancel()
+            return None
         except asyncio.CancelledError:
-            attempt.add_done_callback(self._release_unheard)
+            # The worker went away: a task claimed for it meanwhile goes back to the queue.
+            if poller.result.done() and not poller.result.cancelled():
+                self._release_later(_claimed(poller.result.result()))
+            poller.result.cancel()
             raise
+        return _claimed(claimed)
 
-    def _release_unheard(self, attempt: asyncio.Future[ClaimedTask | None]) -> None:
-        if attempt.cancelled() or attempt.exception() is not None or attempt.result() is None:
-            return
-        claimed = attempt.result()
-        assert claimed is not None
+    async def _claim_for(self, hint: Hint, takers: list[Poller]) -> Poller | None:
+        """Claim `hint`'s task for the first poller that may take it; the poller served, if any."""
+        if hint.scheduled is not None and not hint.again:
+            state = fold_task([hint.scheduled])  # hinted by this engine as it created it: no read
+        else:
+            state, run_label = await asyncio.gather(
+                self.board.read(hint.stream_id, patience=self.patience), self._run_label_of(hint.stream_id)
+            )
+            if run_status_of_label(run_label) is not None and state.scheduled is not None:
+                await self._close_for_ended_run(hint.stream_id, state)
+                return None
+        scheduled = state.scheduled
+        if scheduled is None or state.claim or state.outcome is not None:
+            return None
+        op = op_key(scheduled.op_id, scheduled.op_version)
+        poller = next(
+            (
+                p
+                for p in takers
+                if p.wants(op) and p.worker_id not in state.released_workers and not p.result.done()
+            ),
+            None,
+        )
+        if poller is None:
+            return None  # only workers that claimed it before and never acted on it: another's turn
+        now = now_us()
+        lease_deadline = lease_deadline_after(state, now)
+        try:
+            await self.store.append(
+                hint.stream_id,
+                [encode_task_event(TaskClaimed(poller.worker_id, now, lease_deadline))],
+                expected_seq=state.head_seq,
+                status=TASK_OPEN_LABEL,
+                attributes=task_attributes(scheduled, CLAIMED),
+                patience=self.patience,
+            )
+        except KeelError as error:
+            if error.code == "sequence_conflict":
+                return None  # another engine's worker won it
+            raise
+        token = TaskToken(scheduled.run_id, scheduled.step_id, scheduled.attempt, state.head_seq + 1)
+        body = await self._body_for_worker(state)
+        claimed = ClaimedTask(token, scheduled, body, lease_deadline, poller.worker_id)
+        if poller.result.done():  # it gave up while the claim was written
+            self._release_later(claimed)
+            return None
+        poller.result.set_result(claimed)
+        for observe in self.on_claimed:
+            observe(scheduled, max(0.0, (now - scheduled.at_us) / 1e6))
+        return poller
+
+    async def _body_for_worker(self, state: TaskState) -> dict[str, Any]:
+        """The task's body, with facts recorded in the task under a claim released since."""
+        assert state.scheduled is not None
+        body = dict(await self.board.body(state.scheduled, patience=self.patience))
+        if state.facts:
+            known = {fact.get("fact_key") for fact in body.get("facts", ())}
+            extra = [
+                {"namespace": f.namespace, "fact_key": f.fact_key, "response": f.response}
+                for f in state.facts.values()
+                if f.fact_key not in known
+            ]
+            body["facts"] = [*body.get("facts", ()), *extra]
+        return body
+
+    def _release_later(self, claimed: ClaimedTask) -> None:
         releasing = asyncio.ensure_future(self._release(claimed))
         self._releases.add(releasing)
         releasing.add_done_callback(self._releases.discard)
@@ -273,72 +238,10 @@ class TaskService:
                 attributes=task_attributes(state.scheduled, PENDING),
                 patience=self.patience,
             )
-            log.info(
-                "task %s: released (its poll was cancelled before the worker heard of it)", token.stream_id
-            )
+            log.info("task %s: released (its poll ended before the worker heard of it)", token.stream_id)
             await self.board.hint(state.scheduled, token.stream_id, again=True)
         except KeelError as error:
             log.info("task %s: not released (%s); its timeouts decide it", token.stream_id, error.message)
-
-    async def _claim_listed(self, queue: str, worker_id: str, wanted: frozenset[str]) -> ClaimedTask | None:
-        listed, _ = await self.store.list_streams(
-            prefix=TASK_STREAM_PREFIX,
-            statuses=[TASK_OPEN_LABEL],
-            attributes={QUEUE_ATTRIBUTE: queue, STATE_ATTRIBUTE: PENDING},
-            page_size=_QUEUE_PAGE,
-            patience=self.patience,
-        )
-        for summary in reversed(listed):  # oldest first
-            if wanted and summary.attributes.get(OP_ATTRIBUTE) not in wanted:
-                continue
-            claimed = await self._try_claim(summary.stream_id, worker_id, wanted)
-            if claimed is not None:
-                return claimed
-        return None
-
-    async def _try_claim(self, stream_id: str, worker_id: str, wanted: frozenset[str]) -> ClaimedTask | None:
-        state, run_label = await asyncio.gather(
-            self.board.read(stream_id, patience=self.patience), self._run_label_of(stream_id)
-        )
-        scheduled = state.scheduled
-        if scheduled is None or state.claim or state.outcome is not None:
-            return None
-        if worker_id in state.released_workers:
-            return None  # it claimed this task before and never acted on it: another worker's turn
-        if wanted and f"{scheduled.op_id}@{scheduled.op_version}" not in wanted:
-            return None
-        if run_status_of_label(run_label) is not None:
-            await self._close_for_ended_run(stream_id, state)
-            return None
-        now = now_us()
-        lease_deadline = lease_deadline_after(state, now)
-        try:
-            await self.store.append(
-                stream_id,
-                [encode_task_event(TaskClaimed(worker_id, now, lease_deadline))],
-                expected_seq=state.head_seq,
-                status=TASK_OPEN_LABEL,
-                attributes=task_attributes(scheduled, CLAIMED),
-                patience=self.patience,
-            )
-        except KeelError as error:
-            if error.code == "sequence_conflict":
-                return None  # another worker won it
-            raise
-        claim = state.head_seq + 1
-        body = dict(await self.board.body(scheduled, patience=self.patience))
-        if state.facts:  # recorded under a claim released since: served like the run's own
-            known = {fact.get("fact_key") for fact in body.get("facts", ())}
-            extra = [
-                {"namespace": f.namespace, "fact_key": f.fact_key, "response": f.response}
-                for f in state.facts.values()
-                if f.fact_key not in known
-            ]
-            body["facts"] = [*body.get("facts", ()), *extra]
-        for observe in self.on_claimed:
-            observe(scheduled, max(0.0, (now - scheduled.at_us) / 1e6))
-        token = TaskToken(scheduled.run_id, scheduled.step_id, scheduled.attempt, claim)
-        return ClaimedTask(token, scheduled, body, lease_deadline, worker_id)
 
     async def _run_label_of(self, task_stream: str) -> str:
         run_id = task_stream.removeprefix(TASK_STREAM_PREFIX).split(":", 1)[0]
@@ -560,8 +463,13 @@ class TaskService:
                 return
 
     async def close(self) -> None:
-        """Stop following queues."""
-        await self.waiters.close()
+        """Stop dispatching and following queues."""
+        await self.dispatchers.close()
+
+
+def _claimed(result: object) -> ClaimedTask:
+    assert isinstance(result, ClaimedTask)
+    return result
 
 
 def check_name(value: str, what: str) -> str:

@@ -1,0 +1,194 @@
+"""How one engine hands a queue's tasks to the workers long-polling it: one dispatcher per queue.
+
+Pollers (PollTask calls) wait in line; the queue's dispatcher claims tasks for them one at a time,
+so that the pollers of one engine never race each other for a task (every lost race costs a read
+and a failed compare-and-swap). Which tasks there are comes from hints: this engine's drivers hint
+the tasks they create at once (with the task's first event, so the claim needs no read), and a
+subscription to the queue's stream (`queue:<name>`, one per queue per engine) brings the hints of
+every other engine. The store's index of a queue's pending tasks is listed when the dispatcher
+starts, and again when a poller arrives at most every LIST_SECONDS, for the tasks whose hint was
+lost (an engine that died between creating a task and hinting it). No timer polls the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from engine_service.domain.canonical import parse_json_bytes
+from engine_service.domain.streams import TASK_OPEN_LABEL, TASK_STREAM_PREFIX, queue_stream_id
+from engine_service.domain.tasks import OP_ATTRIBUTE, PENDING, QUEUE_ATTRIBUTE, STATE_ATTRIBUTE
+from engine_service.runtime.task_board import Hint
+from engine_service.store.port import EventLog
+
+log = logging.getLogger(__name__)
+
+LIST_SECONDS = 5.0
+_PAGE = 100
+_RECENT = 4096
+
+
+@dataclass
+class Poller:
+    """A PollTask waiting for a task: who asks, for which ops (empty: any), and where its task goes."""
+
+    worker_id: str
+    wanted: frozenset[str]
+    result: asyncio.Future[object]
+
+    def wants(self, op: str) -> bool:
+        """Whether this poller takes a task of `op` (`op_id@version`)."""
+        return not self.wanted or op in self.wanted
+
+
+# Claims `hint`'s task for one of the pollers; returns the poller served (None: nobody was).
+Claim = Callable[[Hint, list[Poller]], Awaitable[Poller | None]]
+
+
+class QueueDispatcher:
+    """The pollers of one queue on this engine, the tasks hinted to it, and the loop pairing them."""
+
+    def __init__(self, store: EventLog, queue: str, claim: Claim, *, patience: float) -> None:
+        self.store = store
+        self.queue = queue
+        self.claim = claim
+        self.patience = patience
+        self.pollers: collections.deque[Poller] = collections.deque()
+        self.hints: collections.deque[Hint] = collections.deque()
+        self._hinted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._unwanted: list[Hint] = []  # hints no waiting poller's ops matched
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._listed_at = -1e9
+
+    def add(self, poller: Poller) -> None:
+        """A poller waits here until its `result` is set (or it gives up and cancels it)."""
+        self.pollers.append(poller)
+        self.hints.extend(self._unwanted)  # a new poller may want what nobody did
+        self._unwanted.clear()
+        if time.monotonic() - self._listed_at > LIST_SECONDS:
+            self._listed_at = -1e9  # list again before the next claim
+        if self._follower is None:
+            self._follower = asyncio.create_task(self._follow(), name=f"queue {self.queue} hints")
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._dispatch(), name=f"queue {self.queue} dispatch")
+        self._wake.set()
+
+    def hint(self, hint: Hint) -> None:
+        """A task appeared in the queue (once per task, unless `again`: a released claim)."""
+        if hint.stream_id in self._hinted and not hint.again:
+            return
+        self._hinted[hint.stream_id] = None
+        if len(self._hinted) > _RECENT:
+            self._hinted.popitem(last=False)
+        self.hints.append(hint)
+        self._wake.set()
+
+    async def _dispatch(self) -> None:
+        while True:
+            while self.pollers and self.pollers[0].result.done():
+                self.pollers.popleft()
+            waiting = [p for p in self.pollers if not p.result.done()]
+            if not waiting:
+                return  # restarted by the next poller
+            if self._listed_at < 0:
+                await self._list()
+            if not self.hints:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            hint = self.hints.popleft()
+            takers = [p for p in waiting if p.wants(hint.op)]
+            if not takers:
+                self._unwanted.append(hint)
+                continue
+            try:
+                served = await self.claim(hint, takers)
+            except Exception as error:  # the store away: the pollers' own deadlines end their wait
+                log.info("queue %s: claiming %s failed: %s", self.queue, hint.stream_id, error)
+                self.hints.appendleft(hint)
+                await asyncio.sleep(0.5)
+                continue
+            if served is not None:
+                with contextlib.suppress(ValueError):
+                    self.pollers.remove(served)
+
+    async def _list(self) -> None:
+        self._listed_at = time.monotonic()
+        try:
+            listed, _ = await self.store.list_streams(
+                prefix=TASK_STREAM_PREFIX,
+                statuses=[TASK_OPEN_LABEL],
+                attributes={QUEUE_ATTRIBUTE: self.queue, STATE_ATTRIBUTE: PENDING},
+                page_size=_PAGE,
+                patience=self.patience,
+            )
+        except Exception as error:
+            log.info("queue %s: listing pending tasks failed: %s", self.queue, error)
+            return
+        known = {hint.stream_id for hint in self.hints}
+        for summary in reversed(listed):  # oldest first
+            if summary.stream_id not in known:
+                self.hints.append(Hint(summary.stream_id, summary.attributes.get(OP_ATTRIBUTE, "")))
+
+    async def _follow(self) -> None:
+        stream_id = queue_stream_id(self.queue)
+        while True:
+            try:
+                head, _ = await self.store.head(stream_id)
+                subscription = self.store.subscribe(stream_id, after_seq=head)
+                async with contextlib.aclosing(subscription):
+                    async for event in subscription:
+                        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                            data = parse_json_bytes(event.payload)
+                            self.hint(Hint(str(data["task"]), str(data["op"]), data.get("again") is True))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the store away: listing still finds the tasks when it is back
+                log.info("queue %s: following hints failed (%s); again in 1 s", self.queue, error)
+                self._listed_at = -1e9
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        """Stop dispatching and following."""
+        for task in (self._loop, self._follower):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+class QueueDispatchers:
+    """This engine's dispatcher of each queue that pollers asked for."""
+
+    def __init__(self, store: EventLog, claim: Claim, *, patience: float) -> None:
+        self.store = store
+        self.claim = claim
+        self.patience = patience
+        self.queues: dict[str, QueueDispatcher] = {}
+
+    def of(self, queue: str) -> QueueDispatcher:
+        """The queue's dispatcher (made on first use)."""
+        dispatcher = self.queues.get(queue)
+        if dispatcher is None:
+            dispatcher = self.queues[queue] = QueueDispatcher(
+                self.store, queue, self.claim, patience=self.patience
+            )
+        return dispatcher
+
+    def hint(self, queue: str, hint: Hint) -> None:
+        """A task appeared in `queue` (dropped unless someone here ever polled it)."""
+        dispatcher = self.queues.get(queue)
+        if dispatcher is not None:
+            dispatcher.hint(hint)
+
+    async def close(self) -> None:
+        """Stop every dispatcher."""
+        for dispatcher in list(self.queues.values()):
+            await dispatcher.close()
