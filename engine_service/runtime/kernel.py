@@ -149,6 +149,7 @@ class Engine:
         env.transports = env.transports.merged(own)
         # Remote steps: the board the drivers schedule tasks on, and WorkerService's side of it.
         self.tasks = TaskService(env.tasks, patience=env.store.patience)
+        self.terminalizer.tasks = env.tasks
         self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
         self.views = RunViews(env.store, self.reader)
         self.reruns = Reruns(env.store, self.reader, self)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from engine_service.domain import artifact_id_for_bytes, canonical_json_bytes
 from engine_service.domain.canonical import parse_json_bytes
+from engine_service.domain.events import ErrorRecord
+from engine_service.domain.history import OpenAttempt
 from engine_service.domain.streams import (
     TASK_COMPLETED_LABEL,
     TASK_ENQUEUED,
@@ -30,12 +32,14 @@ from engine_service.domain.streams import (
     TASK_FAILED_LABEL,
     TASK_OPEN_LABEL,
     queue_stream_id,
+    task_stream_id,
 )
 from engine_service.domain.tasks import (
     CLAIMED,
     OP_ATTRIBUTE,
     PENDING,
     QUEUE_ATTRIBUTE,
+    RUN_ENDED,
     STATE_ATTRIBUTE,
     TaskCompleted,
     TaskEvent,
@@ -107,7 +111,8 @@ class TaskBoard:
 
     def __init__(self, store: EventLog) -> None:
         self.store = store
-        self.on_hint: Callable[[str, Hint], None] | None = None
+        # This engine's pollers; True when one of them takes the task at once (no store hint needed).
+        self.on_hint: Callable[[str, Hint], bool] | None = None
         self._hints: set[asyncio.Future[None]] = set()
 
     async def read(self, stream_id: str, *, patience: float | None = None) -> TaskState:
@@ -177,8 +182,8 @@ class TaskBoard:
         hint = Hint(
             stream_id, op_key(scheduled.op_id, scheduled.op_version), again, scheduled if fresh else None
         )
-        if self.on_hint is not None:
-            self.on_hint(scheduled.task_queue, hint)
+        if self.on_hint is not None and self.on_hint(scheduled.task_queue, hint):
+            return  # a poller of this engine takes it; if it lets go, the release hints it again
         payload = canonical_json_bytes({"v": 1, "task": stream_id, "op": hint.op, "again": again})
         # In the background: the driver goes on waiting for the task while the hint is written.
         writing = asyncio.ensure_future(self._write_hint(scheduled.task_queue, stream_id, payload))
@@ -205,6 +210,18 @@ class TaskBoard:
             patience=FOREVER,
         )
         return state.extend([event])
+
+    async def close_open_tasks(self, run_id: str, attempts: Sequence[OpenAttempt]) -> None:
+        """End the tasks of a terminalized run's open attempts (best effort: heartbeats also tell)."""
+        for attempt in attempts:
+            stream_id = task_stream_id(run_id, attempt.step_id, attempt.attempt)
+            try:
+                state = await self.read(stream_id)
+                if state.scheduled is not None and state.outcome is None:
+                    error = ErrorRecord(RUN_ENDED, "cancelled", False, "the run was terminalized")
+                    await self.end(stream_id, state, TaskExpired(error, now_us()))
+            except KeelError as error:
+                log.info("task %s of a terminalized run not closed: %s", stream_id, error.message)
 
     async def release(self, stream_id: str, state: TaskState) -> TaskState:
         """Give up a claim its worker never acknowledged: the task is pending again (hinted anew)."""

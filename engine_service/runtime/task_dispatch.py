@@ -1,8 +1,9 @@
 """How one engine hands a queue's tasks to the workers long-polling it: one dispatcher per queue.
 
-Pollers (PollTask calls) wait in line; the queue's dispatcher claims tasks for them one at a time,
-so that the pollers of one engine never race each other for a task (every lost race costs a read
-and a failed compare-and-swap). Which tasks there are comes from hints: this engine's drivers hint
+Pollers (PollTask calls) wait in line; the queue's dispatcher gives each hinted task to one free
+poller and claims it for that poller (claims of different tasks run at once), so that the pollers
+of one engine never race each other for a task (every lost race costs a read and a failed
+compare-and-swap). Which tasks there are comes from hints: this engine's drivers hint
 the tasks they create at once (with the task's first event, so the claim needs no read), and a
 subscription to the queue's stream (`queue:<name>`, one per queue per engine) brings the hints of
 every other engine. The store's index of a queue's pending tasks is listed when the dispatcher
@@ -40,14 +41,19 @@ class Poller:
     worker_id: str
     wanted: frozenset[str]
     result: asyncio.Future[object]
+    busy: bool = False  # a claim for it is being written
 
     def wants(self, op: str) -> bool:
         """Whether this poller takes a task of `op` (`op_id@version`)."""
         return not self.wanted or op in self.wanted
 
 
-# Claims `hint`'s task for one of the pollers; returns the poller served (None: nobody was).
-Claim = Callable[[Hint, list[Poller]], Awaitable[Poller | None]]
+CLAIM_WON = "won"
+CLAIM_GONE = "gone"  # not claimable (any more): claimed elsewhere, ended, or never there
+CLAIM_NOT_FOR = "not_for"  # claimable, but not by this poller's worker (it once claimed it and went quiet)
+
+# Claims `hint`'s task for the poller (setting its result); says how that went.
+Claim = Callable[[Hint, Poller], Awaitable[str]]
 
 
 class QueueDispatcher:
@@ -62,6 +68,7 @@ class QueueDispatcher:
         self.hints: collections.deque[Hint] = collections.deque()
         self._hinted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._unwanted: list[Hint] = []  # hints no waiting poller's ops matched
+        self._excluded: dict[str, set[str]] = {}  # task stream -> workers it is not given to
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -80,44 +87,68 @@ class QueueDispatcher:
             self._loop = asyncio.create_task(self._dispatch(), name=f"queue {self.queue} dispatch")
         self._wake.set()
 
-    def hint(self, hint: Hint) -> None:
-        """A task appeared in the queue (once per task, unless `again`: a released claim)."""
+    def hint(self, hint: Hint) -> bool:
+        """A task appeared in the queue (once per task, unless `again`: a released claim).
+
+        True when a poller here is free to take it at once (more free pollers wanting its op than
+        hints waiting): the hint then need not reach other engines.
+        """
         if hint.stream_id in self._hinted and not hint.again:
-            return
+            return False
         self._hinted[hint.stream_id] = None
         if len(self._hinted) > _RECENT:
             self._hinted.popitem(last=False)
+        free = sum(1 for p in self.pollers if not p.busy and not p.result.done() and p.wants(hint.op))
         self.hints.append(hint)
         self._wake.set()
+        return free >= len(self.hints)
 
     async def _dispatch(self) -> None:
-        while True:
-            while self.pollers and self.pollers[0].result.done():
-                self.pollers.popleft()
-            waiting = [p for p in self.pollers if not p.result.done()]
-            if not waiting:
-                return  # restarted by the next poller
-            if self._listed_at < 0:
-                await self._list()
-            if not self.hints:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            hint = self.hints.popleft()
-            takers = [p for p in waiting if p.wants(hint.op)]
-            if not takers:
-                self._unwanted.append(hint)
-                continue
-            try:
-                served = await self.claim(hint, takers)
-            except Exception as error:  # the store away: the pollers' own deadlines end their wait
-                log.info("queue %s: claiming %s failed: %s", self.queue, hint.stream_id, error)
+        claims: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                while self.pollers and self.pollers[0].result.done():
+                    self.pollers.popleft()
+                waiting = [p for p in self.pollers if not p.result.done()]
+                if not waiting and not claims:
+                    return  # restarted by the next poller
+                if self._listed_at < 0:
+                    await self._list()
+                free = [p for p in waiting if not p.busy]
+                if not self.hints or not free:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                hint = self.hints.popleft()
+                excluded = self._excluded.get(hint.stream_id, set())
+                poller = next((p for p in free if p.wants(hint.op) and p.worker_id not in excluded), None)
+                if poller is None:
+                    self._unwanted.append(hint)
+                    continue
+                poller.busy = True
+                claim = asyncio.create_task(self._claim_one(hint, poller))
+                claims.add(claim)
+                claim.add_done_callback(claims.discard)
+        finally:
+            for claim in claims:
+                claim.cancel()
+
+    async def _claim_one(self, hint: Hint, poller: Poller) -> None:
+        try:
+            outcome = await self.claim(hint, poller)
+        except Exception as error:  # the store away: the pollers' own deadlines end their wait
+            log.info("queue %s: claiming %s failed: %s", self.queue, hint.stream_id, error)
+            await asyncio.sleep(0.5)
+            self.hints.appendleft(hint)
+        else:
+            if outcome == CLAIM_NOT_FOR:
+                self._excluded.setdefault(hint.stream_id, set()).add(poller.worker_id)
+                if len(self._excluded) > _RECENT:
+                    self._excluded.pop(next(iter(self._excluded)))
                 self.hints.appendleft(hint)
-                await asyncio.sleep(0.5)
-                continue
-            if served is not None:
-                with contextlib.suppress(ValueError):
-                    self.pollers.remove(served)
+        finally:
+            poller.busy = False
+            self._wake.set()
 
     async def _list(self) -> None:
         self._listed_at = time.monotonic()
@@ -182,11 +213,10 @@ class QueueDispatchers:
             )
         return dispatcher
 
-    def hint(self, queue: str, hint: Hint) -> None:
-        """A task appeared in `queue` (dropped unless someone here ever polled it)."""
+    def hint(self, queue: str, hint: Hint) -> bool:
+        """A task appeared in `queue`; True when a poller here takes it at once (see QueueDispatcher.hint)."""
         dispatcher = self.queues.get(queue)
-        if dispatcher is not None:
-            dispatcher.hint(hint)
+        return dispatcher is not None and dispatcher.hint(hint)
 
     async def close(self) -> None:
         """Stop every dispatcher."""

@@ -15,6 +15,7 @@ waiter that leaves without using its hint passes it on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -58,10 +59,15 @@ from engine_service.domain.tasks import (
     lease_deadline_after,
     op_key,
     same_completion,
-    task_stale,
 )
 from engine_service.runtime.task_board import Hint, TaskBoard, task_attributes
-from engine_service.runtime.task_dispatch import Poller, QueueDispatchers
+from engine_service.runtime.task_dispatch import (
+    CLAIM_GONE,
+    CLAIM_NOT_FOR,
+    CLAIM_WON,
+    Poller,
+    QueueDispatchers,
+)
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument
 from keel_core.json_rules import check_json
@@ -78,7 +84,7 @@ WORKER_RECORD_SECONDS = 10.0
 WORKER_SEEN_WITHIN = timedelta(seconds=60)
 # How many times a write retries after another write to the task landed first.
 _CAS_TRIES = 20
-_QUEUE_PAGE = 100
+_KNOWN_STATES = 10_000
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ class TaskService:
         board.on_hint = self.dispatchers.hint
         self._recorded_workers: dict[tuple[str, str], float] = {}
         self._releases: set[asyncio.Future[None]] = set()
+        # Task states as this engine last wrote or handed them out (see _state).
+        self._states: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
         # Observers (metrics): schedule-to-start seconds per claim, and each outcome a worker wrote.
         self.on_claimed: list[Any] = []
         self.on_outcome: list[Any] = []
@@ -154,8 +162,8 @@ class TaskService:
             raise
         return _claimed(claimed)
 
-    async def _claim_for(self, hint: Hint, takers: list[Poller]) -> Poller | None:
-        """Claim `hint`'s task for the first poller that may take it; the poller served, if any."""
+    async def _claim_for(self, hint: Hint, poller: Poller) -> str:
+        """Claim `hint`'s task for `poller` (setting its result): CLAIM_WON, CLAIM_GONE or CLAIM_NOT_FOR."""
         if hint.scheduled is not None and not hint.again:
             state = fold_task([hint.scheduled])  # hinted by this engine as it created it: no read
         else:
@@ -164,21 +172,12 @@ class TaskService:
             )
             if run_status_of_label(run_label) is not None and state.scheduled is not None:
                 await self._close_for_ended_run(hint.stream_id, state)
-                return None
+                return CLAIM_GONE
         scheduled = state.scheduled
         if scheduled is None or state.claim or state.outcome is not None:
-            return None
-        op = op_key(scheduled.op_id, scheduled.op_version)
-        poller = next(
-            (
-                p
-                for p in takers
-                if p.wants(op) and p.worker_id not in state.released_workers and not p.result.done()
-            ),
-            None,
-        )
-        if poller is None:
-            return None  # only workers that claimed it before and never acted on it: another's turn
+            return CLAIM_GONE
+        if poller.worker_id in state.released_workers:
+            return CLAIM_NOT_FOR  # it claimed this task before and never acted on it: another worker's turn
         now = now_us()
         lease_deadline = lease_deadline_after(state, now)
         try:
@@ -192,18 +191,19 @@ class TaskService:
             )
         except KeelError as error:
             if error.code == "sequence_conflict":
-                return None  # another engine's worker won it
+                return CLAIM_GONE  # another engine's worker won it
             raise
         token = TaskToken(scheduled.run_id, scheduled.step_id, scheduled.attempt, state.head_seq + 1)
         body = await self._body_for_worker(state)
         claimed = ClaimedTask(token, scheduled, body, lease_deadline, poller.worker_id)
         if poller.result.done():  # it gave up while the claim was written
             self._release_later(claimed)
-            return None
+            return CLAIM_GONE
+        self._remember(hint.stream_id, state.extend([TaskClaimed(poller.worker_id, now, lease_deadline)]))
         poller.result.set_result(claimed)
         for observe in self.on_claimed:
             observe(scheduled, max(0.0, (now - scheduled.at_us) / 1e6))
-        return poller
+        return CLAIM_WON
 
     async def _body_for_worker(self, state: TaskState) -> dict[str, Any]:
         """The task's body, with facts recorded in the task under a claim released since."""
@@ -278,13 +278,25 @@ class TaskService:
 
     # --- calls with a token ----------------------------------------------------------------------
 
-    async def _current(self, token: TaskToken) -> tuple[TaskState, bool]:
-        """The task's state and whether its run has ended."""
-        state, label = await asyncio.gather(
-            self.board.read(token.stream_id, patience=self.patience),
-            self._run_label_of(token.stream_id),
-        )
-        return state, run_status_of_label(label) is not None
+    async def _state(self, token: TaskToken, *, fresh: bool) -> TaskState:
+        """The task's state: this engine's copy when it handed out or last wrote this claim, else read.
+
+        A copy may be behind (another engine took a heartbeat, the driver ended the task): a write
+        at its head then meets `sequence_conflict`, and callers read afresh before any refusal.
+        """
+        if not fresh:
+            known = self._states.get(token.stream_id)
+            if known is not None and known.claim == token.claim:
+                return known
+        state = await self.board.read(token.stream_id, patience=self.patience)
+        self._remember(token.stream_id, state)
+        return state
+
+    def _remember(self, stream_id: str, state: TaskState) -> None:
+        self._states[stream_id] = state
+        self._states.move_to_end(stream_id)
+        while len(self._states) > _KNOWN_STATES:
+            self._states.popitem(last=False)
 
     async def _write(self, token: TaskToken, state: TaskState, event: TaskEvent) -> bool:
         """Append `event` at `state`'s head: False when something else landed first (read again)."""
@@ -302,16 +314,31 @@ class TaskService:
                 )
         except KeelError as error:
             if error.code == "sequence_conflict":
+                self._states.pop(token.stream_id, None)
                 return False
             raise
+        self._remember(token.stream_id, state.extend([event]))
         return True
+
+    async def _claimed_state(self, token: TaskToken, fresh: bool) -> tuple[TaskState, bool]:
+        """(state, fresh) of a current claim; a refusal (`task_stale`...) only follows a fresh read."""
+        state = await self._state(token, fresh=fresh)
+        try:
+            check_claim(state, token, now_us())
+        except KeelError:
+            if fresh:
+                raise
+            return await self._claimed_state(token, True)
+        return state, fresh
 
     async def heartbeat(self, token: TaskToken) -> tuple[bool, int]:
         """(cancel_requested, lease deadline in µs, 0: none) for a current claim."""
+        fresh = False
         for _ in range(_CAS_TRIES):
-            state, run_ended = await self._current(token)
-            check_claim(state, token, now_us())
-            if run_ended:
+            (state, fresh), run_label = await asyncio.gather(
+                self._claimed_state(token, fresh), self._run_label_of(token.stream_id)
+            )
+            if run_status_of_label(run_label) is not None:
                 await self._close_for_ended_run(token.stream_id, state)
                 return True, 0
             deadline = lease_deadline_after(state, now_us())
@@ -319,6 +346,7 @@ class TaskService:
                 return False, 0
             if await self._write(token, state, TaskHeartbeat(token.claim, deadline, now_us())):
                 return False, deadline
+            fresh = True
         raise _busy()
 
     async def record_fact(
@@ -333,12 +361,9 @@ class TaskService:
             raise invalid_argument(
                 "fact_too_large", f"the response is {size} bytes of JSON; the limit is {MAX_FACT_BYTES}"
             )
+        fresh = False
         for _ in range(_CAS_TRIES):
-            state, run_ended = await self._current(token)
-            check_claim(state, token, now_us())
-            if run_ended:
-                await self._close_for_ended_run(token.stream_id, state)
-                raise task_stale("the run has ended")
+            state, fresh = await self._claimed_state(token, fresh)
             found, earlier = await self._recorded(state, fact_key)
             if found:
                 return earlier, True
@@ -346,6 +371,7 @@ class TaskService:
                 token, state, TaskFactRecorded(token.claim, namespace, fact_key, response, now_us())
             ):
                 return response, False
+            fresh = True
         raise _busy()
 
     async def _recorded(self, state: TaskState, fact_key: str) -> tuple[bool, Any]:
@@ -384,24 +410,29 @@ class TaskService:
         await self._end(token, TaskFailed(token.claim, error, now_us()), None)
 
     async def _end(self, token: TaskToken, event: TaskCompleted | TaskFailed, output: Any) -> None:
+        """Write the claim's outcome. A terminalized run's tasks were ended by Terminalize: stale."""
+        fresh = False
         for _ in range(_CAS_TRIES):
-            state, run_ended = await self._current(token)
+            state = await self._state(token, fresh=fresh)
             if isinstance(event, TaskCompleted) and same_completion(state, token, output):
                 return  # a retried CompleteTask
+            if not fresh:
+                try:
+                    check_claim(state, token, now_us())
+                except KeelError:
+                    fresh = True
+                    continue
             check_claim(state, token, now_us())
-            if run_ended:
-                await self._close_for_ended_run(token.stream_id, state)
-                raise task_stale("the run has ended")
             if await self._write(token, state, event):
                 for observe in self.on_outcome:
                     observe(state.scheduled, event)
                 return
+            fresh = True
         raise _busy()
 
     async def artifact(self, token: TaskToken, artifact_id: str) -> bytes:
         """An artifact of the claim's task (its context or body), for GetArtifact."""
-        state, _ = await self._current(token)
-        check_claim(state, token, now_us())
+        state, _ = await self._claimed_state(token, False)
         assert state.scheduled is not None
         if artifact_id not in {state.scheduled.context_artifact_id, state.scheduled.body_artifact_id} - {""}:
             raise KeelError(

@@ -30,6 +30,7 @@ from engine_service.domain.manifest import run_start
 from engine_service.domain.streams import FAILURE_LEDGER_ENTRY, ledger_stream_id, run_label, run_stream_id
 from engine_service.runtime.reader import RUN_LEDGER_SUBJECT, RunReader
 from engine_service.runtime.registry import RunRegistry
+from engine_service.runtime.task_board import TaskBoard
 from engine_service.store.port import EventLog
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
@@ -72,6 +73,8 @@ class Terminalizer:
         self.store = store
         self.registry = registry
         self.reader = reader
+        # The engine's task board: a terminalized run's open remote attempts are ended (run_ended).
+        self.tasks: TaskBoard | None = None
 
     async def terminalize(self, run_id: str, status: str, reason: str = "") -> TerminalizeResult:
         """Move the run to `status` (TRANSITIONED once, NOOP when terminal); cancel children by policy."""
@@ -111,6 +114,8 @@ class Terminalizer:
                 if error.code == "sequence_conflict":
                     continue  # someone appended since the read: decide again from the new head
                 await self._record_divergence(run_id, status, error)
+            if self.tasks is not None and history.open_attempts:
+                await self.tasks.close_open_tasks(run_id, list(history.open_attempts.values()))
             return TerminalizeResult(True, status)
         raise _contended(f"run {run_id} kept changing while it was being terminalized")
 
