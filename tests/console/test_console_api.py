@@ -48,7 +48,7 @@ def test_info_names_the_engine_and_the_actions(console_url: str, console_cluster
     info = json.loads(payload)
     assert status == 200
     assert info["engine"] == console_cluster.engine_address
-    assert {"cancel", "terminalize"} <= set(info["actions"])
+    assert {"cancel", "terminalize", "rerun", "queues"} <= set(info["actions"])
 
 
 def test_bad_filters_are_400_with_the_reason(console_url: str) -> None:
@@ -221,3 +221,31 @@ def test_engine_console_flag_refuses_tls(console_cluster: LocalCluster, tmp_path
     assert done.returncode == 2
     assert "--console serves a plaintext engine only" in done.stderr
     assert "console on" not in done.stdout
+
+
+def test_rerun_needs_a_step_and_a_terminal_run(console_url: str, keel: KeelClient, tmp_path: Path) -> None:
+    started = keel.start_run(
+        {
+            "pipeline_id": unique("rerun-api"),
+            "steps": [
+                {"step_id": "s", "op_id": "test.gated_call", "op_config": {"gate": str(tmp_path / "gate")}}
+            ],
+        }
+    )
+    url = f"{console_url}/api/runs/{started.run_id}/rerun"
+    status, payload = http(url, {}, ACTION)
+    assert status == 400 and error_of(payload)["message"].startswith("from_step_id")
+    status, payload = http(url, {"from_step_id": "s"}, ACTION)
+    assert status == 409, payload  # FAILED_PRECONDITION: the run has not ended
+    (tmp_path / "gate").touch()
+    keel.await_run(started.run_id)
+    status, payload = http(url, {"from_step_id": "nope"}, ACTION)
+    assert status == 404 and error_of(payload)["code"] == "step_not_found"
+    status, payload = http(url, {"from_step_id": "s"}, ACTION)
+    assert status == 200 and json.loads(payload)["created"] is True
+    assert keel.get_run(json.loads(payload)["run_id"]).rerun_of_run_id == started.run_id
+
+
+def test_queues_answer_as_json(console_url: str) -> None:
+    status, payload = http(f"{console_url}/api/queues")
+    assert status == 200 and isinstance(json.loads(payload)["queues"], list)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -342,3 +344,82 @@ def test_unknown_run_page_says_so(browser: Any, console_url: str) -> None:
     browser.get(f"{console_url}/runs/6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b")
     wait_for(browser, lambda: css(browser, "#run-error"), "an error")
     assert "No run 6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b" in one(browser, "#run-error").text
+
+
+def test_rerun_from_a_step_opens_the_new_run(browser: Any, console_url: str, keel: KeelClient) -> None:
+    done = keel.start_run(
+        pipeline(
+            unique("rerun"),
+            {"step_id": "first", "op_id": "keel.echo"},
+            {"step_id": "second", "op_id": "keel.echo", "depends_on": ["first"]},
+        ),
+        input={"n": 1},
+        wait=True,
+    )
+    browser.get(f"{console_url}/runs/{done.run_id}")
+    ended(browser)
+    from selenium.webdriver.support.ui import Select
+
+    Select(one(browser, "#rerun-step")).select_by_value("second")
+    one(browser, "#rerun").click()
+    wait_for(browser, lambda: done.run_id[:8] in one(browser, "#rerun-of").text, "the rerun's page")
+    new_id = browser.current_url.rsplit("/", 1)[1]
+    assert new_id != done.run_id
+    assert "from step second" in one(browser, "#rerun-of").text
+    ended(browser)
+    assert attribute(browser, '#dag-svg g.node[data-step-id="first"]', "data-reused") == "1"
+    assert attribute(browser, '#dag-svg g.node[data-step-id="second"]', "data-reused") is None
+    assert done.run_id[:8] in one(browser, '#steps-table tr[data-step-id="first"] .reused').text
+    rerun = keel.get_run(new_id)
+    assert rerun.status == RunStatus.COMPLETED and rerun.rerun_of_run_id == done.run_id
+    # The first run's page links its rerun.
+    browser.get(f"{console_url}/runs/{done.run_id}")
+    wait_for(browser, lambda: css(browser, f'#reruns a[href="/runs/{new_id}"]'), "the link to the rerun")
+
+
+def test_queues_page_shows_backlog_and_workers(
+    browser: Any, console_url: str, keel: KeelClient, tmp_path: Path
+) -> None:
+    served, idle = unique("served"), unique("idle")
+    worker_id = unique("worker")
+    script = Path(__file__).resolve().parent.parent / "workers" / "worker_process.py"
+    worker = subprocess.Popen(
+        [sys.executable, str(script), keel.target, served, str(tmp_path / "ledger"), worker_id],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "worker ready"
+        remote = {"step_id": "inc", "op_id": "inc", "task_queue": served}
+        done = keel.start_run(pipeline(unique("remote"), remote), input={"n": 1}, wait=True)
+        assert done.run is not None and done.run.status == RunStatus.COMPLETED
+        waiting = keel.start_run(pipeline(unique("waiting"), {**remote, "task_queue": idle}), input={"n": 1})
+        browser.get(f"{console_url}/queues")
+        wait_for(
+            browser,
+            lambda: css(browser, f'#queues-body tr[data-queue="{served}"][data-worker-id="{worker_id}"]'),
+            "the worker",
+        )
+        wait_for(
+            browser,
+            lambda: (
+                one(browser, f'#queues-body tr[data-queue="{idle}"] .backlog').text == "1"
+                and "none seen" in one(browser, f'#queues-body tr[data-queue="{idle}"] .worker').text
+            ),
+            "the idle queue's backlog",
+        )
+        # The remote step's page says which worker ran it.
+        browser.get(f"{console_url}/runs/{done.run_id}")
+        ended(browser)
+        assert (
+            one(browser, '#steps-table tr[data-step-id="inc"] td.mono.small').text
+            == f"{worker_id} @ {served}"
+        )
+        keel.cancel(waiting.run_id)
+    finally:
+        worker.kill()
+        worker.wait()
+        assert worker.stdout is not None
+        worker.stdout.close()

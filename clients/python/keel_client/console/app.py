@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from keel.engine.v1 import engine_pb2
+from keel.worker.v1 import worker_pb2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -56,19 +57,27 @@ _HTTP_STATUS: tuple[tuple[type[KeelClientError], int], ...] = (
 
 
 def engine_methods() -> frozenset[str]:
-    """The EngineService RPCs this console's client knows (and so can offer as actions)."""
-    return frozenset(engine_pb2.DESCRIPTOR.services_by_name["EngineService"].methods_by_name)
+    """The RPCs this console's client knows (`Service/Method`), and so can offer as actions."""
+    services = [
+        engine_pb2.DESCRIPTOR.services_by_name["EngineService"],
+        worker_pb2.DESCRIPTOR.services_by_name["WorkerService"],
+    ]
+    return frozenset(f"{service.name}/{method}" for service in services for method in service.methods_by_name)
+
+
+# Each action or page of the console, and the RPC it needs.
+_NEEDS = {
+    "cancel": "EngineService/Terminalize",
+    "terminalize": "EngineService/Terminalize",
+    "rerun": "EngineService/RerunRun",
+    "signal": "EngineService/SignalRun",
+    "queues": "WorkerService/ListQueues",
+}
 
 
 def offered_actions(methods: frozenset[str]) -> list[str]:
     """The run actions and pages the console shows, given the RPCs the engine offers."""
-    wanted = {
-        "cancel": "Terminalize",
-        "terminalize": "Terminalize",
-        "rerun": "RerunRun",
-        "signal": "SignalRun",
-    }
-    return [action for action, rpc in wanted.items() if rpc in methods]
+    return [action for action, rpc in _NEEDS.items() if rpc in methods]
 
 
 def error_response(error: KeelClientError) -> JSONResponse:
@@ -209,6 +218,19 @@ class ConsoleApi:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def rerun(self, request: Request) -> Response:
+        """Start a rerun of the (terminal) run from `from_step_id`; answers the new run's id."""
+        body = await _action_body(request)
+        step = body.get("from_step_id")
+        if not isinstance(step, str) or not step:
+            raise FilterError("from_step_id: name the step to rerun from")
+        result = await self.client.rerun_run(request.path_params["run_id"], step)
+        return JSONResponse({"run_id": result.run_id, "created": result.created})
+
+    async def queues(self, request: Request) -> Response:
+        """The task queues, with their backlog, running tasks and the workers seen polling them."""
+        return JSONResponse({"queues": to_json_data(await self.client.list_queues())})
+
     async def cancel(self, request: Request) -> Response:
         """Cancel the run (Terminalize to canceled), with an optional `reason`."""
         body = await _action_body(request)
@@ -275,13 +297,16 @@ def create_app(client: AsyncKeelClient, *, refresh_seconds: float = DEFAULT_REFR
         Route("/", _home),
         Route("/runs", _page),
         Route("/runs/{run_id}", _page),
+        Route("/queues", _page),
         Route("/api/info", _engine_errors(api.info)),
         Route("/api/runs", _engine_errors(api.list_runs)),
+        Route("/api/queues", _engine_errors(api.queues)),
         Route("/api/runs/{run_id}", _engine_errors(api.get_run)),
         Route("/api/runs/{run_id}/tree", _engine_errors(api.children_tree)),
         Route("/api/runs/{run_id}/events", _engine_errors(api.events)),
         Route("/api/runs/{run_id}/cancel", _guarded(_engine_errors(api.cancel)), methods=["POST"]),
         Route("/api/runs/{run_id}/terminalize", _guarded(_engine_errors(api.terminalize)), methods=["POST"]),
+        Route("/api/runs/{run_id}/rerun", _guarded(_engine_errors(api.rerun)), methods=["POST"]),
         Mount("/static", StaticFiles(directory=_STATIC), name="static"),
     ]
     return Starlette(routes=routes)

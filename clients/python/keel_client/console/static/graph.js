@@ -53,12 +53,13 @@ export function drawDag(steps) {
     const { x, y } = place.get(step.step_id);
     const tries = step.attempts.length;
     const title = svg("title", {}, `${step.step_id}: ${step.status}${step.last_error ? ` (${step.last_error.code}: ${step.last_error.message})` : ""}`);
-    picture.append(svg("g", { class: `node status-${step.status}`, "data-step-id": step.step_id, "data-status": step.status },
+    const reused = step.reused_from_run_id ? " reused" : "";
+    picture.append(svg("g", { class: `node status-${step.status}${reused}`, "data-step-id": step.step_id, "data-status": step.status, "data-reused": reused ? "1" : null },
       title,
       svg("rect", { x, y, width: NODE_W, height: NODE_H, rx: 7 }),
       svg("text", { x: x + 10, y: y + 19, class: "node-id" }, clip(step.step_id, 20)),
       svg("text", { x: x + 10, y: y + 36, class: "node-sub" },
-        `${clip(step.op_id, 16)} · ${step.status}${tries > 1 ? ` · ${tries}×` : ""}`)));
+        `${clip(step.op_id, 16)} · ${reused ? "reused" : step.status}${tries > 1 ? ` · ${tries}×` : ""}`)));
   }
   return picture;
 }
@@ -99,6 +100,9 @@ export function drawTimeline(run, now) {
   run.steps.forEach((step, row) => {
     const y = AXIS_H + row * ROW_H;
     picture.append(svg("text", { class: "row-label", x: 4, y: y + 16 }, clip(step.step_id, 20)));
+    if (step.reused_from_run_id) {
+      picture.append(svg("text", { class: "tick-label", x: LABEL_W + 4, y: y + 16 }, `reused from run ${step.reused_from_run_id.slice(0, 8)}`));
+    }
     let previousEnd = null;
     for (const attempt of step.attempts) {
       const began = toDate(attempt.started_at);
@@ -111,8 +115,9 @@ export function drawTimeline(run, now) {
       const x1 = scale(began.getTime());
       const w = Math.max(3, scale(endTime) - x1);
       const error = attempt.error ? ` · ${attempt.error.code}: ${attempt.error.message}` : "";
+      const where = attempt.task_queue ? ` · on ${attempt.worker_id || "no worker yet"} (queue ${attempt.task_queue})` : "";
       picture.append(svg("g", { class: `bar attempt-${attempt.status}`, "data-step-id": step.step_id, "data-attempt": attempt.attempt, "data-status": attempt.status },
-        svg("title", {}, `${step.step_id} attempt ${attempt.attempt}: ${attempt.status}, ${formatDuration(endTime - began.getTime())}${error}`),
+        svg("title", {}, `${step.step_id} attempt ${attempt.attempt}: ${attempt.status}, ${formatDuration(endTime - began.getTime())}${where}${error}`),
         svg("rect", { x: x1, y: y + 4, width: w, height: ROW_H - 8, rx: 3 }),
         w > 26 ? svg("text", { x: x1 + 4, y: y + 16, class: "bar-label" }, `#${attempt.attempt}`) : null));
       previousEnd = ended ? ended.getTime() : null;

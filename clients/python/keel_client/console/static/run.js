@@ -140,12 +140,16 @@ class RunPage {
       ["duration", started ? formatDuration((ended || new Date()) - started) : ""],
       ["parent", run.parent_run_id ? el("span", {}, runLink(run.parent_run_id), run.parent_fact_key ? ` (${run.parent_fact_key})` : "") : "—"],
       ["labels", labelChips(run.labels)],
+      run.rerun_of_run_id
+        ? ["rerun of", el("span", { id: "rerun-of" }, runLink(run.rerun_of_run_id), ` from step ${run.rerun_from_step_id}`)]
+        : null,
+      (run.reruns || []).length ? ["reruns", el("span", { id: "reruns" }, run.reruns.map((id) => runLink(id)))] : null,
       ["events", String(run.head_seq)],
       ["manifest", el("span", { class: "mono small" }, run.manifest_id)],
     ];
     fill(this.sections.header,
       el("h1", {}, "Run ", el("span", { class: "mono" }, run.run_id)),
-      el("dl", { class: "facts" }, facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])),
+      el("dl", { class: "facts" }, facts.filter(Boolean).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])),
       run.reason ? el("p", { class: "reason" }, `reason: ${run.reason}`) : null,
       run.error ? el("p", { class: "error" }, `${run.error.code}: ${run.error.message}`) : null);
   }
@@ -161,10 +165,17 @@ class RunPage {
     const why = el("input", { type: "text", id: "terminalize-reason", placeholder: "reason (required for failed)" });
     this.terminalizeButton = el("button", { type: "button", id: "terminalize" }, "Terminalize");
     this.terminalizeButton.addEventListener("click", () => this.act("terminalize", { target: target.value, reason: why.value }));
+    this.rerunStep = el("select", { id: "rerun-step" });
+    this.rerunButton = el("button", { type: "button", id: "rerun" }, "Rerun");
+    this.rerunButton.addEventListener("click", () => this.rerun());
     this.actionResult = el("p", { id: "action-result", hidden: true });
     fill(this.sections.actions, el("h2", {}, "Actions"),
       actions.has("cancel") ? el("div", { class: "action" }, this.cancelButton, confirm) : null,
       actions.has("terminalize") ? el("div", { class: "action" }, "terminalize as ", target, why, this.terminalizeButton) : null,
+      actions.has("rerun")
+        ? el("div", { class: "action" }, "rerun from step ", this.rerunStep, this.rerunButton,
+          el("span", { class: "muted" }, "a new run executes this step and those depending on it, and reuses the others (once this run ended)"))
+        : null,
       this.actionResult);
   }
 
@@ -172,6 +183,20 @@ class RunPage {
     const done = TERMINAL.has(this.run.status);
     for (const button of [this.cancelButton, this.terminalizeButton]) button.disabled = done;
     if (done) document.getElementById("cancel-confirm-row").hidden = true;
+    this.rerunButton.disabled = !done;
+    const chosen = this.rerunStep.value;
+    const failed = this.run.steps.find((step) => step.status === "failed");
+    fill(this.rerunStep, ...this.run.steps.map((step) => el("option", { value: step.step_id }, step.step_id)));
+    this.rerunStep.value = chosen || (failed ? failed.step_id : this.run.steps.length ? this.run.steps[0].step_id : "");
+  }
+
+  async rerun() {
+    try {
+      const result = await api(`/api/runs/${encodeURIComponent(this.runId)}/rerun`, { from_step_id: this.rerunStep.value });
+      window.location.assign(`/runs/${encodeURIComponent(result.run_id)}`);
+    } catch (error) {
+      this.showResult(`rerun failed: ${error.code}: ${error.message}`, true);
+    }
   }
 
   async act(action, body) {
@@ -210,8 +235,10 @@ class RunPage {
       return el("tr", { "data-step-id": step.step_id, "data-status": step.status },
         el("td", { class: "mono" }, step.step_id),
         el("td", {}, step.op_id, step.op_version ? el("span", { class: "muted" }, ` v${step.op_version}`) : ""),
-        el("td", {}, statusBadge(step.status)),
+        el("td", { class: "status-cell" }, statusBadge(step.status),
+          step.reused_from_run_id ? el("span", { class: "reused" }, " reused from ", runLink(step.reused_from_run_id)) : ""),
         el("td", {}, String(step.attempts.length)),
+        el("td", { class: "mono small" }, ranOn(step)),
         el("td", {}, (step.depends_on || []).join(", ")),
         el("td", { class: "output" }, step.has_output ? collapsible("output", jsonBlock(step.output), open.has(`out:${step.step_id}`), `out:${step.step_id}`) : ""),
         el("td", { class: "facts-cell" }, stepFacts.length
@@ -224,7 +251,7 @@ class RunPage {
     });
     fill(this.sections.steps, el("h2", {}, "Step details"),
       el("table", { class: "steps", id: "steps-table" },
-        el("thead", {}, el("tr", {}, ["step", "op", "status", "attempts", "depends on", "output", "recorded facts", "last error"].map((h) => el("th", {}, h)))),
+        el("thead", {}, el("tr", {}, ["step", "op", "status", "attempts", "ran on", "depends on", "output", "recorded facts", "last error"].map((h) => el("th", {}, h)))),
         el("tbody", {}, rows)));
   }
 
@@ -242,6 +269,13 @@ class RunPage {
           el("tbody", {}, ledger.map((e) => el("tr", {}, el("td", {}, e.step_id), el("td", {}, e.reason), el("td", {}, formatTime(toDate(e.recorded_at)))))))
         : el("p", { class: "muted" }, "Empty: the engine recorded no divergence for this run."));
   }
+}
+
+// Where the step's last attempt ran: a worker of its task queue, or the engine itself.
+function ranOn(step) {
+  const last = step.attempts[step.attempts.length - 1];
+  if (!last || !last.task_queue) return step.task_queue ? `queue ${step.task_queue}` : "";
+  return last.worker_id ? `${last.worker_id} @ ${last.task_queue}` : `queue ${last.task_queue}`;
 }
 
 function legend(kind) {
