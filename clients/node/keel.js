@@ -253,6 +253,9 @@ function toRun(run) {
         startedAt: fromTimestamp(attempt.started_at),
         finishedAt: fromTimestamp(attempt.finished_at),
         error: errorDetail(attempt.error),
+        // A remote attempt (its step has a task queue): the queue and the worker that claimed it.
+        taskQueue: attempt.task_queue || '',
+        workerId: attempt.worker_id || '',
       })),
       lastError: errorDetail(step.last_error),
       // Set when a rerun reused this step: the run whose output it copied.
@@ -288,6 +291,42 @@ function toTimestamp(when) {
 
 const LINEAGE = { true: 'RUN_LINEAGE_TOP_LEVEL', false: 'RUN_LINEAGE_CHILDREN' };
 
+/**
+ * A google.protobuf.Duration from milliseconds (a number), a proto-JSON duration ('1.5s'), or a
+ * {seconds, nanos} object; undefined stays undefined (the field is left unset).
+ */
+function toDuration(value, what = 'duration') {
+  if (value === undefined || value === null) return undefined;
+  if (typeof value === 'object') return { seconds: String(value.seconds ?? 0), nanos: value.nanos ?? 0 };
+  let millis = value;
+  if (typeof value === 'string') {
+    const match = /^(\d+(?:\.\d{1,9})?)s$/.exec(value.trim());
+    if (!match) throw new TypeError(`${what} must be milliseconds or a duration like '1.5s', got ${JSON.stringify(value)}`);
+    millis = Number(match[1]) * 1000;
+  }
+  if (typeof millis !== 'number' || !Number.isFinite(millis) || millis < 0) {
+    throw new TypeError(`${what} must be a non-negative number of milliseconds, got ${value}`);
+  }
+  const nanosTotal = Math.round(millis * 1e6);
+  return { seconds: String(Math.floor(nanosTotal / 1e9)), nanos: nanosTotal % 1e9 };
+}
+
+// A step's (or single op's) task queue and timeouts, given snake_case or camelCase; absent ones unset.
+function remoteFields(spec) {
+  const fields = {};
+  const queue = spec.task_queue ?? spec.taskQueue;
+  if (queue) fields.task_queue = queue;
+  for (const [wire, camel] of [
+    ['start_to_close_timeout', 'startToCloseTimeout'],
+    ['heartbeat_timeout', 'heartbeatTimeout'],
+    ['schedule_to_start_timeout', 'scheduleToStartTimeout'],
+  ]) {
+    const duration = toDuration(spec[wire] ?? spec[camel], wire);
+    if (duration !== undefined) fields[wire] = duration;
+  }
+  return fields;
+}
+
 function toPipeline(pipeline) {
   const steps = pipeline.steps || [];
   return {
@@ -301,6 +340,7 @@ function toPipeline(pipeline) {
         op_version: step.op_version ?? step.opVersion ?? '',
         op_config: config === undefined ? undefined : toValue(config),
         depends_on: step.depends_on ?? step.dependsOn ?? [],
+        ...remoteFields(step),
       };
     }),
   };
@@ -339,12 +379,22 @@ class KeelClient {
 
   /**
    * Starts a run of `pipeline` ({pipeline_id, steps: [{step_id, op_id, op_config, depends_on}]}) or of `op`.
-   * `labels` ({key: value}, Kubernetes label rules) are recorded with the start; listRuns finds runs by them.
+   * A step (or the op, with `taskQueue`) may name a `task_queue`, executed by a worker (see worker.js),
+   * and timeouts (`start_to_close_timeout`, `heartbeat_timeout`, `schedule_to_start_timeout`: milliseconds
+   * or '1.5s'). `labels` ({key: value}, Kubernetes label rules) are recorded with the start; listRuns
+   * finds runs by them.
    */
-  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels } = {}) {
+  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels, ...remote } = {}) {
     const request = { run_id: runId || randomUUID(), wait, labels: { ...(labels || {}) } };
     if (pipeline) request.pipeline = toPipeline(pipeline);
-    else request.op = { op_id: op, op_version: opVersion, op_config: opConfig === undefined ? undefined : toValue(opConfig) };
+    else {
+      request.op = {
+        op_id: op,
+        op_version: opVersion,
+        op_config: opConfig === undefined ? undefined : toValue(opConfig),
+        ...remoteFields(remote),
+      };
+    }
     if (input !== undefined) request.input = toValue(input);
     if (context !== undefined) request.initial_context = toValue(context);
     const response = await this._unary('StartRun', request, deadlineMs ?? (wait ? null : this.deadlineMs));
@@ -514,8 +564,14 @@ class KeelClient {
   /** The ops the engine can run, with their versions. */
   async listOps() {
     const response = await this._unary('ListOps', {});
-    return (response.ops || []).map((op) => ({ opId: op.op_id, opVersion: op.op_version, description: op.description }));
+    return (response.ops || []).map((op) => ({
+      opId: op.op_id,
+      opVersion: op.op_version,
+      description: op.description,
+      // Set for an op declared by a worker polling this queue; '' for the engine's own ops.
+      taskQueue: op.task_queue || '',
+    }));
   }
 }
 
-module.exports = { KeelClient, KeelError, TERMINAL, fromValue, toValue, loadEngineService };
+module.exports = { KeelClient, KeelError, TERMINAL, fromValue, toValue, toDuration, keelError, loadEngineService };
