@@ -47,6 +47,8 @@ export interface TaskContext {
   taskQueue: string;
   workerId: string;
   fencing: number;
+  /** When the engine made the task (null from an engine that does not say). */
+  scheduledAt: Date | null;
   /** Aborted when the run asks the task to stop, the claim is lost, or the worker hands the task back. */
   signal: AbortSignal;
   /** True once a heartbeat answered that the run asked the task to stop. */

@@ -264,6 +264,7 @@ class Execution {
       taskQueue: task.task_queue,
       workerId: worker.workerId,
       fencing: Number(task.fencing || 0),
+      scheduledAt: task.scheduled_at ? new Date(Number(task.scheduled_at.seconds) * 1000 + Math.floor((task.scheduled_at.nanos || 0) / 1e6)) : null,
       signal: this.abortController.signal,
       get cancelRequested() {
         return execution.cancelRequested;

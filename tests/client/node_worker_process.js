@@ -1,0 +1,50 @@
+'use strict';
+// A Node worker process for tests/client/test_node_worker.py:
+//   node node_worker_process.js ENGINE TASK_QUEUE WORKER_ID LEDGER_FILE [--hang-after-first]
+// Its transport `ledger` appends one line per real execution to LEDGER_FILE (the test's own count).
+// With --hang-after-first, `node.ledgered` prints `HUNG <run> <attempt>` once its first call is
+// recorded and then never finishes (heartbeating on), for the test to SIGKILL it there.
+
+const fs = require('node:fs');
+const path = require('node:path');
+const { Worker } = require(path.resolve(__dirname, '..', '..', 'clients', 'node', 'worker'));
+
+const [engine, taskQueue, workerId, ledgerFile, ...flags] = process.argv.slice(2);
+const hangAfterFirst = flags.includes('--hang-after-first');
+const toStderr = { info: (m) => console.error(m), warn: (m) => console.error(m), error: (m) => console.error(m) };
+
+const ops = [
+  {
+    id: 'node.enrich',
+    handler: async (input, ctx) => ({ n: input.n * 2, saw: Object.keys(ctx.context).sort(), by: ctx.workerId }),
+  },
+  {
+    id: 'node.ledgered',
+    handler: async (input, ctx) => {
+      const first = await ctx.io.call('ledger', { what: 'first' }, `first:${ctx.runId}`);
+      if (hangAfterFirst) {
+        console.log(`HUNG ${ctx.runId} ${ctx.attempt}`);
+        await new Promise(() => {});
+      }
+      const second = await ctx.io.call('ledger', { what: 'second' }, `second:${ctx.runId}`);
+      return { first, second, attempt: ctx.attempt, by: ctx.workerId };
+    },
+  },
+];
+
+const worker = new Worker({
+  address: engine,
+  taskQueue,
+  workerId,
+  ops,
+  concurrency: 4,
+  logger: toStderr,
+  transports: {
+    ledger: async (request, call) => {
+      fs.appendFileSync(ledgerFile, `${call.factKey} ${workerId} ${call.attempt}\n`);
+      return { what: request.what, by: workerId, attempt: call.attempt };
+    },
+  },
+});
+console.log(`WORKER ${worker.workerId} polling ${taskQueue}`);
+worker.run().then(() => console.log('STOPPED'));

@@ -1,0 +1,203 @@
+"""Node workers (clients/node/worker.js) as real processes against a real engine and store.
+
+A pipeline mixes steps the engine runs itself with a step a Node worker process runs and one a
+Python worker process runs; and a Node worker SIGKILLed in the middle of a task leaves its recorded
+fact to the worker that takes the next attempt, which is served it without executing it again (the
+workers' transport writes every real execution to a ledger file that the test reads).
+
+Needs `node` and `npm ci` in clients/node, as tests/client/test_node_client.py does (skipped loudly
+without them on a developer machine, failed in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keel_client import KeelClient
+
+from tests.client.test_node_client import NODE_CLIENT, _node_or_skip
+
+HERE = Path(__file__).resolve().parent
+NODE_WORKER = HERE / "node_worker_process.js"
+PYTHON_WORKER = HERE / "python_worker_process.py"
+
+
+class Processes:
+    """Worker processes started by one test; each is stopped (SIGTERM, then SIGKILL) at its end."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        """Start a worker process and wait for the line that says it is polling."""
+        process = subprocess.Popen(
+            list(args),
+            cwd=NODE_CLIENT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={key: value for key, value in os.environ.items() if not key.startswith("KEEL_")},
+        )
+        self.started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("WORKER "), f"{args} did not start: {line!r} {self.stderr_of(process)}"
+        return process
+
+    @staticmethod
+    def stderr_of(process: subprocess.Popen[str]) -> str:
+        """What a process that has ended wrote to stderr."""
+        if process.poll() is None or process.stderr is None:
+            return ""
+        return process.stderr.read()
+
+    def stop_all(self) -> None:
+        """SIGTERM every process still running (a graceful shutdown), then make sure it is gone."""
+        for process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Worker processes, stopped after the test."""
+    running = Processes()
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+def node_worker(
+    processes: Processes, engine: str, queue: str, worker_id: str, ledger: Path, *flags: str
+) -> subprocess.Popen[str]:
+    """A Node worker process on `queue`."""
+    return processes.start(_node_or_skip(), str(NODE_WORKER), engine, queue, worker_id, str(ledger), *flags)
+
+
+def attempts_of(run: Any, step_id: str) -> list[Any]:
+    """The attempts of one step of a run."""
+    return list(next(step for step in run.steps if step.step_id == step_id).attempts)
+
+
+def test_pipeline_mixing_in_process_node_worker_and_python_worker_steps(
+    engine_address: str, processes: Processes, tmp_path: Path
+) -> None:
+    node_queue, python_queue = f"node-{uuid.uuid4().hex[:8]}", f"py-{uuid.uuid4().hex[:8]}"
+    node_worker(processes, engine_address, node_queue, "node-1", tmp_path / "ledger")
+    processes.start(sys.executable, str(PYTHON_WORKER), engine_address, python_queue, "python-1")
+    pipeline = {
+        "pipeline_id": "three-kinds-of-steps",
+        "steps": [
+            {"step_id": "a", "op_id": "keel.echo", "op_config": {"x": 1}},
+            {"step_id": "enrich", "op_id": "node.enrich", "task_queue": node_queue, "depends_on": ["a"]},
+            {
+                "step_id": "total",
+                "op_id": "py.total",
+                "task_queue": python_queue,
+                "op_config": {"add": 1},
+                "depends_on": ["enrich"],
+            },
+            {
+                "step_id": "done",
+                "op_id": "keel.transform",
+                "op_config": {"fields": {"node_n": "$context.enrich.n", "py_total": "$context.total.total"}},
+                "depends_on": ["total"],
+            },
+        ],
+    }
+    with KeelClient(engine_address) as client:
+        started = client.start_run(pipeline, input={"n": 21}, context={"origin": "pytest"})
+        run = client.await_run(started.run_id, max_wait=120).run
+    assert run is not None
+    assert run.status.name == "COMPLETED", run.error
+    assert run.final_snapshot == {
+        "origin": "pytest",
+        "a": {"input": {"n": 21}, "config": {"x": 1}},
+        "enrich": {"n": 42, "saw": ["a", "origin"], "by": "node-1"},
+        "total": {"total": 43, "lang": "python", "saw": ["a", "enrich", "origin"]},
+        "done": {"node_n": 42, "py_total": 43},
+    }
+    ran_on = {
+        step: [(a.task_queue, a.worker_id) for a in attempts_of(run, step)]
+        for step in ("a", "enrich", "total")
+    }
+    assert ran_on == {
+        "a": [("", "")],
+        "enrich": [(node_queue, "node-1")],
+        "total": [(python_queue, "python-1")],
+    }
+
+
+def test_node_worker_killed_mid_task_leaves_its_facts_to_the_next_attempt(
+    engine_address: str, processes: Processes, tmp_path: Path
+) -> None:
+    queue = f"node-{uuid.uuid4().hex[:8]}"
+    ledger = tmp_path / "ledger"
+    doomed = node_worker(processes, engine_address, queue, "doomed", ledger, "--hang-after-first")
+    pipeline = {
+        "pipeline_id": "node-worker-killed",
+        "steps": [
+            # The claim expires 3 s after the last heartbeat of a worker that died.
+            {"step_id": "work", "op_id": "node.ledgered", "task_queue": queue, "heartbeat_timeout": "3s"},
+        ],
+    }
+    with KeelClient(engine_address) as client:
+        started = client.start_run(pipeline)
+        assert doomed.stdout is not None
+        assert doomed.stdout.readline().split() == ["HUNG", started.run_id, "0"]
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+        node_worker(processes, engine_address, queue, "survivor", ledger)
+        run = client.await_run(started.run_id, max_wait=120).run
+    assert run is not None
+    assert run.status.name == "COMPLETED", run.error
+    # Each call executed once: the first by the killed worker, the second by the survivor.
+    assert ledger.read_text().splitlines() == [
+        f"first:{started.run_id} doomed 0",
+        f"second:{started.run_id} survivor 1",
+    ]
+    assert run.final_snapshot["work"] == {
+        "first": {"what": "first", "by": "doomed", "attempt": 0},
+        "second": {"what": "second", "by": "survivor", "attempt": 1},
+        "attempt": 1,
+        "by": "survivor",
+    }
+    dead, retried = attempts_of(run, "work")
+    assert (dead.worker_id, dead.error.code if dead.error else None) == ("doomed", "task_lease_expired")
+    assert (retried.worker_id, retried.status.name) == ("survivor", "COMPLETED")
+
+
+def test_node_worker_example_runs_against_the_engine(engine_address: str) -> None:
+    node = _node_or_skip()
+    done = subprocess.run(
+        [node, "examples/worker.js"],
+        cwd=NODE_CLIENT,
+        env={
+            **os.environ,
+            "KEEL_ENGINE": engine_address,
+            "KEEL_TASK_QUEUE": f"example-{uuid.uuid4().hex[:8]}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " completed; step quote ran on " in done.stdout
+    assert '"total": 3' in done.stdout
