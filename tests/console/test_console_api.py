@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -17,7 +18,7 @@ from keel_client import KeelClient, RunStatus
 from keel_client.local_cluster import LocalCluster
 
 from keel_core.launcher import launcher_env
-from tests.console.conftest import unique
+from tests.console.conftest import KEEL, unique
 from tests.test_security import TestCa
 
 
@@ -149,9 +150,11 @@ def test_pages_are_served(console_url: str) -> None:
 
 @pytest.mark.slow
 def test_engine_serves_the_console_itself(console_cluster: LocalCluster, tmp_path: Path) -> None:
-    """`engine-service --console`: a second engine on the same store serves the console, which sees
-    the store's runs through that engine's gRPC API, and stops with it."""
+    """`engine-service --console`: a second engine on the same store (requiring a bearer token)
+    serves the console, which sees the store's runs through that engine's gRPC API with the
+    engine's token, and stops with it."""
     token = console_cluster.store_token
+    engine_token = "console-test-token"
     process = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "engine-service"),
@@ -166,7 +169,13 @@ def test_engine_serves_the_console_itself(console_cluster: LocalCluster, tmp_pat
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, **launcher_env(), "KEEL_ENGINE_STORE_AUTH_TOKEN": token},
+        env={
+            **os.environ,
+            **launcher_env(),
+            "KEEL_ENGINE_STORE_AUTH_TOKEN": token,
+            # The engine requires a token; its console presents it.
+            "KEEL_ENGINE_AUTH_TOKEN": engine_token,
+        },
     )
     try:
         assert process.stdout is not None
@@ -177,7 +186,7 @@ def test_engine_serves_the_console_itself(console_cluster: LocalCluster, tmp_pat
         url = console.split()[-1]
         status, payload = http(f"{url}/api/info")
         assert status == 200 and json.loads(payload)["engine"] == listening.split()[-1]
-        with KeelClient(listening.split()[-1]) as keel:
+        with KeelClient(listening.split()[-1], token=engine_token) as keel:
             done = keel.start_run(
                 {"pipeline_id": unique("embedded"), "steps": [{"step_id": "a", "op_id": "keel.echo"}]},
                 wait=True,
@@ -249,3 +258,29 @@ def test_rerun_needs_a_step_and_a_terminal_run(console_url: str, keel: KeelClien
 def test_queues_answer_as_json(console_url: str) -> None:
     status, payload = http(f"{console_url}/api/queues")
     assert status == 200 and isinstance(json.loads(payload)["queues"], list)
+
+
+def test_an_unreachable_engine_is_503_unavailable(tmp_path: Path) -> None:
+    """The console starts without its engine and says, per call, that the engine cannot be reached."""
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        engine = f"127.0.0.1:{reserved.getsockname()[1]}"
+        process = subprocess.Popen(
+            [str(KEEL), "ui", "--listen", "127.0.0.1:0", "--engine", engine],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **launcher_env()},
+        )
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().split()[4]
+            status, payload = http(f"{url}/api/runs")
+            assert status == 503 and error_of(payload)["code"] == "unavailable"
+            status, _ = http(f"{url}/runs")
+            assert status == 200
+        finally:
+            process.terminate()
+            assert process.wait(30) == 0
+            assert process.stdout is not None
+            process.stdout.close()
