@@ -260,6 +260,10 @@ function toRun(run) {
       lastError: errorDetail(step.last_error),
       // Set when a rerun reused this step: the run whose output it copied.
       reusedFromRunId: step.reused_from_run_id || null,
+      dependsOn: [...(step.depends_on || [])],
+      // Its output once it completed (hasOutput), from the run's latest checkpoint.
+      hasOutput: step.output !== null && step.output !== undefined,
+      output: step.output !== null && step.output !== undefined ? fromValue(step.output) : undefined,
     })),
     children: (run.children || []).map((child) => ({
       childRunId: child.child_run_id,

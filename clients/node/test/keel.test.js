@@ -145,6 +145,10 @@ test('reruns a run from a step: the steps before it are reused, the run names it
     assert.deepEqual([run.rerunOfRunId, run.rerunFromStepId], [old.runId, 'second']);
     assert.deepEqual(run.steps.map((step) => [step.stepId, step.reusedFromRunId]), [['first', old.runId], ['second', null]]);
     assert.deepEqual(run.finalSnapshot, old.run.finalSnapshot);
+    // Each step's dependencies, and its output (also a reused step's).
+    assert.deepEqual(run.steps.map((step) => step.dependsOn), [[], ['first']]);
+    assert.deepEqual(run.steps.map((step) => [step.hasOutput, step.output]),
+      run.steps.map((step) => [true, run.finalSnapshot[step.stepId]]));
     assert.deepEqual((await keel.getRun(old.runId)).reruns, [runIdNew]);
     const again = await keel.rerunRun(old.runId, 'second', { runIdNew });
     assert.equal(again.created, false);
