@@ -6,7 +6,8 @@ import asyncio
 import json
 from typing import Any
 
-from keel_client import AsyncKeelClient
+import pytest
+from keel_client import AsyncKeelClient, InvalidPlan
 from keel_client.worker import CallInfo, TaskContext, Worker, op
 
 from keel_core.metrics import REGISTRY
@@ -85,6 +86,26 @@ async def test_pipeline_mixing_in_process_and_worker_steps_completes(stack: Stac
         ) >= 2
         completed = {"outcome": "completed", "code": ""}
         assert (REGISTRY.get_sample_value("keel_engine_task_outcomes_total", completed) or 0) >= 2
+    finally:
+        worker.stop()
+        await serving
+
+
+async def test_a_spawned_child_whose_op_names_a_task_queue_runs_on_the_worker(stack: Stack) -> None:
+    worker = Worker(stack.engine, "kids", ops=[double], concurrency=2)
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with AsyncKeelClient(stack.engine) as client:
+            parent = await client.start_run(op="keel.sleep", op_config={"seconds": 30})
+            child = await client.spawn_child(
+                parent.run_id, "kid-1", "double", input={"n": 4}, task_queue="kids"
+            )
+            result = await client.await_child(child.child_run_id, child.child_manifest_id)
+            assert result.status.name == "COMPLETED"
+            assert result.final_snapshot == {"main": {"n": 8, "saw": []}}
+            with pytest.raises(InvalidPlan):
+                await client.spawn_child(parent.run_id, "kid-2", "double", task_queue="no good")
+            await client.cancel(parent.run_id)
     finally:
         worker.stop()
         await serving

@@ -161,8 +161,11 @@ class AsyncKeelClient:
         run_config: wire.RunConfigLike | None = None,
         parent_close_policy: ParentClosePolicy = ParentClosePolicy.CANCEL,
         deadline: float | None = None,
+        task_queue: str = "",
     ) -> SpawnedChild:
         """Spawn a child run of `parent_run_id` named by `fact_key`; spawning twice yields the same child.
+
+        `task_queue`: the child's op runs on a worker polling that queue (docs/workers.md).
 
         Example::
 
@@ -179,6 +182,7 @@ class AsyncKeelClient:
             context=context,
             run_config=run_config,
             parent_close_policy=parent_close_policy,
+            task_queue=task_queue,
         )
         return wire.spawned_child(
             await self._unary(self._stub.SpawnChild, request, deadline or self._deadline)

@@ -234,6 +234,7 @@ def spawn_child_request(
     context: Mapping[str, Any] | None,
     run_config: RunConfigLike | None,
     parent_close_policy: ParentClosePolicy,
+    task_queue: str = "",
 ) -> engine_pb2.SpawnChildRequest:
     """A SpawnChildRequest of kind `child_run_spawn_v1`."""
     request = engine_pb2.SpawnChildRequest(
@@ -242,6 +243,7 @@ def spawn_child_request(
         fact_key=fact_key,
         op_id=op,
         op_version=op_version,
+        task_queue=task_queue,
         parent_close_policy=_PARENT_CLOSE[
             _enum(ParentClosePolicy, parent_close_policy, "parent_close_policy")
         ],
