@@ -19,7 +19,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -131,9 +131,8 @@ class TaskService:
         self._releases: set[asyncio.Future[None]] = set()
         # Task states as this engine last wrote or handed them out (see _state).
         self._states: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
-        # Observers (metrics): schedule-to-start seconds per claim, and each outcome a worker wrote.
-        self.on_claimed: list[Any] = []
-        self.on_outcome: list[Any] = []
+        # Observers (metrics): each claim this engine made, with its schedule-to-start seconds.
+        self.on_claimed: list[Callable[[TaskScheduled, float], None]] = []
 
     # --- PollTask --------------------------------------------------------------------------------
 
@@ -424,8 +423,6 @@ class TaskService:
                     continue
             check_claim(state, token, now_us())
             if await self._write(token, state, event):
-                for observe in self.on_outcome:
-                    observe(state.scheduled, event)
                 return
             fresh = True
         raise _busy()
