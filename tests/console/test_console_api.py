@@ -3,8 +3,10 @@ a run's events arrive as Server-Sent Events; and `engine-service --console` serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -284,3 +286,42 @@ def test_an_unreachable_engine_is_503_unavailable(tmp_path: Path) -> None:
             assert process.wait(30) == 0
             assert process.stdout is not None
             process.stdout.close()
+
+
+def test_keel_ui_stops_when_its_launcher_dies(console_cluster: LocalCluster) -> None:
+    """A `keel ui` started with the launcher's pid (as the tests start it) exits when that process
+    is SIGKILLed, so a killed test run leaves no console behind."""
+    launcher = (
+        "import os, subprocess, sys\n"
+        "from keel_core.launcher import launcher_env\n"
+        "ui = subprocess.Popen([sys.argv[1], 'ui', '--listen', '127.0.0.1:0', '--engine', sys.argv[2]],\n"
+        "                      stdout=subprocess.PIPE, text=True, env={**os.environ, **launcher_env()})\n"
+        "print(ui.pid, ui.stdout.readline().split()[4], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(KEEL), console_cluster.engine_address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None and parent.stdin is not None
+    pid, url = parent.stdout.readline().split()
+    assert http(f"{url}/api/info")[0] == 200
+    parent.kill()
+    parent.wait()
+    parent.stdin.close()
+    parent.stdout.close()
+    # The console notices through a pidfd and exits; waiting for its pid (not a child of this process).
+    # (A pidfd is readable once the process has exited, reaped or not: whoever adopted it reaps it.)
+    try:
+        pidfd = os.pidfd_open(int(pid))
+    except ProcessLookupError:
+        return  # already exited and reaped
+    try:
+        readable, _, _ = select.select([pidfd], [], [], 60)
+    finally:
+        os.close(pidfd)
+    assert readable, "keel ui is still running after its launcher died"
+    with contextlib.suppress(OSError):
+        assert http(f"{url}/api/info")[0] != 200
