@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from engine_service.domain import ErrorRecord, FactRecorded, RunHistory, RunManifest, RunStep
 from engine_service.domain.plan import StepSpec
+from engine_service.domain.run_config import REPLAY
 from engine_service.domain.streams import task_stream_id
 from engine_service.domain.tasks import (
     TaskCompleted,
@@ -22,6 +23,7 @@ from engine_service.domain.tasks import (
     fact_events,
 )
 from engine_service.runtime.environment import RunEnvironment
+from engine_service.runtime.run_io import RunFacts
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
 from keel_core.json_rules import check_json
@@ -34,6 +36,7 @@ class RemoteRun(Protocol):
     env: RunEnvironment
     manifest: RunManifest
     history: RunHistory
+    facts: RunFacts
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,22 @@ class RemoteOutcome:
     worker_id: str = ""
 
 
-def task_body(run: RemoteRun, step: StepSpec, seen: dict[str, Any]) -> dict[str, Any]:
-    """What the worker is handed: op config, the run's input, the context it starts from, the run's facts."""
+async def task_body(run: RemoteRun, step: StepSpec, seen: dict[str, Any]) -> dict[str, Any]:
+    """What the worker is handed: op config, the run's input, the context it starts from, the run's facts.
+
+    A replay hands the replayed run's facts instead, and says so: the worker may not call out.
+    """
+    replay = run.manifest.run_config.execution_mode == REPLAY
+    recorded = dict(run.history.facts)
+    if replay:
+        recorded = {**await run.facts.replayed_facts(), **recorded}
     facts = [
-        {"namespace": f.namespace, "fact_key": f.fact_key, "response": f.response}
-        for f in run.history.facts.values()
+        {"namespace": f.namespace, "fact_key": f.fact_key, "response": f.response} for f in recorded.values()
     ]
-    return {"op_config": step.op_config, "input": run.manifest.input, "context": seen, "facts": facts}
+    body = {"op_config": step.op_config, "input": run.manifest.input, "context": seen, "facts": facts}
+    if replay:
+        body["replay"] = True
+    return body
 
 
 async def run_remote_attempt(
@@ -72,7 +84,8 @@ async def run_remote_attempt(
         fencing,
         now_us(),
     )
-    state = await board.schedule(scheduled, task_body(run, step, seen), stream_id, adopted=action.adopt)
+    body = await task_body(run, step, seen)
+    state = await board.schedule(scheduled, body, stream_id, adopted=action.adopt)
     state = await board.outcome(stream_id, state)
     return remote_outcome(run.history, state)
 

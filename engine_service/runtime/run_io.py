@@ -204,6 +204,10 @@ class RunFacts:
             await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
         recording.cancel()
 
+    async def replayed_facts(self) -> dict[str, FactRecorded]:
+        """The facts of the run a replay replays (by fact key)."""
+        return await self._replayed_facts()
+
     async def _replayed_facts(self) -> dict[str, FactRecorded]:
         if self._replayed is None:
             source = run_stream_id(self._run.manifest.run_config.replay_of_run_id)

@@ -366,6 +366,13 @@ class TaskService:
             found, earlier = await self._recorded(state, fact_key)
             if found:
                 return earlier, True
+            if await self._replaying(state):
+                raise KeelError(
+                    "replay_fact_missing",
+                    f"RecordFact: the run replays another run, which recorded no fact under this key "
+                    f"(namespace {namespace!r}); a replay makes no new calls",
+                    category=ErrorCategory.FAILED_PRECONDITION,
+                )
             if await self._write(
                 token, state, TaskFactRecorded(token.claim, namespace, fact_key, response, now_us())
             ):
@@ -383,6 +390,10 @@ class TaskService:
             if fact.get("fact_key") == fact_key:
                 return True, fact.get("response")
         return False, None
+
+    async def _replaying(self, state: TaskState) -> bool:
+        assert state.scheduled is not None
+        return (await self.board.body(state.scheduled, patience=self.patience)).get("replay") is True
 
     async def complete(self, token: TaskToken, output: Any) -> None:
         """CompleteTask: the claim's output ends the task (the same again answers OK)."""

@@ -77,6 +77,7 @@ def task_message(claimed: ClaimedTask) -> worker_pb2.Task:
         lease_deadline=_stamp_us(claimed.lease_deadline_us),
         fencing=claimed.token.claim,
         scheduled_at=_stamp_us(scheduled.at_us),
+        replay=body.get("replay") is True,
     )
     if not scheduled.context_artifact_id:
         task.context.CopyFrom(to_value(body.get("context") or {}))

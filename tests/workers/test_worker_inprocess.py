@@ -109,3 +109,42 @@ async def test_a_spawned_child_whose_op_names_a_task_queue_runs_on_the_worker(st
     finally:
         worker.stop()
         await serving
+
+
+@op("charge_order")
+async def charge_order(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """Charges once per order (the fact key names the order, not the run)."""
+    receipt = await ctx.io.call("payments", {"amount": input["n"]}, fact_key=f"charge:{input['order']}")
+    return {"receipt": receipt}
+
+
+async def test_a_replay_serves_the_replayed_runs_facts_to_the_worker_and_calls_nothing(stack: Stack) -> None:
+    ledger = Ledger()
+    ops = [charge, charge_order]
+    worker = Worker(stack.engine, "pay", ops=ops, transports={"payments": ledger.pay}, concurrency=2)
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with AsyncKeelClient(stack.engine) as client:
+            for op_id, code in (("charge_order", None), ("charge", "replay_fact_missing")):
+                pipeline = {
+                    "pipeline_id": op_id,
+                    "steps": [{"step_id": "c", "op_id": op_id, "task_queue": "pay"}],
+                }
+                first = await client.start_run(pipeline, input={"n": 3, "order": "A-1"})
+                original = await finished(client, first.run_id)
+                calls = len(ledger.calls)
+                replay_config = {"execution_mode": "replay", "replay_of_run_id": first.run_id}
+                replay = await client.start_run(
+                    pipeline, input={"n": 3, "order": "A-1"}, run_config=replay_config
+                )
+                replayed = await finished(client, replay.run_id)
+                assert len(ledger.calls) == calls  # a replay calls nothing
+                if code is None:
+                    assert replayed.status.name == "COMPLETED", replayed
+                    assert replayed.final_snapshot == original.final_snapshot
+                else:  # `charge` keys its fact by run id: the replayed run recorded no such fact
+                    assert replayed.status.name == "FAILED" and replayed.error is not None
+                    assert replayed.error.code == code
+    finally:
+        worker.stop()
+        await serving

@@ -129,6 +129,12 @@ class TaskIo:
         facts = self._task.facts
         if fact_key in facts:
             return copy.deepcopy(facts[fact_key])
+        if self._task.task.replay:
+            raise OpFailure(
+                "replay_fact_missing",
+                f"replay: the replayed run recorded no fact {fact_key!r} (a replay makes no new calls)",
+                retryable=False,
+            )
         transport = self._transports.get(namespace)
         if transport is None:
             raise OpFailure(

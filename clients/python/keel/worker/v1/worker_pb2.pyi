@@ -103,6 +103,7 @@ class Task(_message.Message):
     LEASE_DEADLINE_FIELD_NUMBER: _builtins.int
     FENCING_FIELD_NUMBER: _builtins.int
     SCHEDULED_AT_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     task_token: _builtins.str
     """Names this claim of the task; every other call about the task carries it."""
     run_id: _builtins.str
@@ -122,6 +123,12 @@ class Task(_message.Message):
     fencing: _builtins.int
     """A value that grows with every claim of this step's tasks: a remote system
     may use (run_id, step_id, attempt, fencing) to refuse late duplicates.
+    """
+    replay: _builtins.bool
+    """The run replays another run (execution mode REPLAY): `facts` are that
+    run's, and a call whose fact key is not among them must fail (the worker
+    must not call out); RecordFact of a new key fails FAILED_PRECONDITION,
+    reason `replay_fact_missing`.
     """
     @_builtins.property
     def op_config(self) -> _struct_pb2.Value:
@@ -177,10 +184,11 @@ class Task(_message.Message):
         lease_deadline: _timestamp_pb2.Timestamp | None = ...,
         fencing: _builtins.int = ...,
         scheduled_at: _timestamp_pb2.Timestamp | None = ...,
+        replay: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "heartbeat_timeout", b"heartbeat_timeout", "input", b"input", "lease_deadline", b"lease_deadline", "op_config", b"op_config", "scheduled_at", b"scheduled_at", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "context", b"context", "context_artifact_id", b"context_artifact_id", "facts", b"facts", "fencing", b"fencing", "heartbeat_timeout", b"heartbeat_timeout", "input", b"input", "lease_deadline", b"lease_deadline", "op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version", "run_id", b"run_id", "scheduled_at", b"scheduled_at", "start_to_close_timeout", b"start_to_close_timeout", "step_id", b"step_id", "task_queue", b"task_queue", "task_token", b"task_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "context", b"context", "context_artifact_id", b"context_artifact_id", "facts", b"facts", "fencing", b"fencing", "heartbeat_timeout", b"heartbeat_timeout", "input", b"input", "lease_deadline", b"lease_deadline", "op_config", b"op_config", "op_id", b"op_id", "op_version", b"op_version", "replay", b"replay", "run_id", b"run_id", "scheduled_at", b"scheduled_at", "start_to_close_timeout", b"start_to_close_timeout", "step_id", b"step_id", "task_queue", b"task_queue", "task_token", b"task_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
