@@ -5,7 +5,7 @@ Run: `.venv/bin/python bench/lease_upkeep.py [--runs K] [--seconds T] [--lease-t
 
 A `store-service` (SQLite) and E `engine-service`s (`--lease-ttl TTL`) run as subprocesses; this
 process is the client. First S short runs (`keel.echo`, StartRun wait=true, each done in
-milliseconds) show the hot path writes no lease and no heartbeat. Then K runs of `keel.sleep`,
+milliseconds) show the hot path writes no lease and no heartbeat. Then K runs of `keel.sleep_in_process`,
 spread over the engines, sleep past the measurement; once each has recorded its lease (one
 `LeaseAcquired` when ttl/3 old), the store's stream heads are read, again T seconds later, and
 the difference is what lease upkeep appended meanwhile: to `lease:*` streams (per run) and to
@@ -106,7 +106,7 @@ async def main() -> None:
                 async with limit:
                     await stubs[index % len(stubs)].StartRun(
                         engine_pb2.StartRunRequest(
-                            op=engine_pb2.SingleOp(op_id="keel.sleep", op_config=sleep)
+                            op=engine_pb2.SingleOp(op_id="keel.sleep_in_process", op_config=sleep)
                         ),
                         timeout=60,
                     )

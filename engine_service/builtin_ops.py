@@ -6,7 +6,11 @@ Ops (all version "1"):
 - `keel.transform`: builds an object from `op_config {"fields": {name: spec}}` where a spec string
   `"$input"`, `"$input.a.b"` or `"$context.step.x"` is looked up (missing -> null) and anything else is
   taken literally. `{"fields": {"total": "$context.sum.value", "tag": "v1"}}`.
-- `keel.sleep`: `op_config {"seconds": s}` sleeps (cancellable) and returns `{"slept": s}`.
+- `keel.sleep`: `op_config {"seconds": s}` is a durable timer: the attempt parks (StepWaiting with
+  the absolute fire time, engine_service.domain.waits) and completes with `{"slept": s}` once that
+  time has come, on whichever engine holds the run, however often engines restart meanwhile.
+- `keel.sleep_in_process`: `op_config {"seconds": s}` sleeps inside the op (cancellable; the
+  attempt stays running, and a restart sleeps again from the start) and returns `{"slept": s}`.
 - `keel.fail_n_times`: `op_config {"n": n, "retryable": true, "code": "flaky"}` fails attempts
   0..n-1 (counted from the step's attempt number, so it survives restarts) and then returns
   `{"attempt": attempt}`. With `"retryable": false` the first failure is final.
@@ -37,6 +41,8 @@ from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_
 from engine_service.domain.ops import OpError, StepContext, op
 from engine_service.domain.streams import COMPLETED
 from engine_service.domain.transports import register_transport
+from engine_service.domain.waits import TIMER, ParkStep
+from keel_core.clock import now_us
 
 
 def _lookup(root: Any, path: list[str]) -> Any:
@@ -81,12 +87,34 @@ async def transform(ctx: StepContext, op_config: Any, input: Any) -> Any:
     return out
 
 
-@op("keel.sleep", description="Sleeps op_config.seconds")
-async def sleep(ctx: StepContext, op_config: Any, input: Any) -> Any:
-    """Sleeps op_config.seconds."""
+def _seconds(op_id: str, op_config: Any) -> float:
     seconds = _config(op_config).get("seconds", 0)
-    if not isinstance(seconds, int | float) or seconds < 0:
-        raise OpError("op_config_invalid", "keel.sleep: op_config.seconds must be a number >= 0")
+    if (
+        not isinstance(seconds, int | float)
+        or isinstance(seconds, bool)
+        or not 0 <= seconds <= MAX_SLEEP_SECONDS
+    ):
+        raise OpError(
+            "op_config_invalid", f"{op_id}: op_config.seconds must be a number from 0 to {MAX_SLEEP_SECONDS}"
+        )
+    return seconds
+
+
+# A year: a timer's fire time stays a plain 64-bit count of microseconds with room to spare.
+MAX_SLEEP_SECONDS = 366 * 24 * 3600
+
+
+@op("keel.sleep", description="Sleeps op_config.seconds on a durable timer (the run parks)")
+async def sleep(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """A durable timer: parks the attempt until now + op_config.seconds (recorded as an absolute time)."""
+    seconds = _seconds("keel.sleep", op_config)
+    return ParkStep(TIMER, until_us=now_us() + int(seconds * 1_000_000), output={"slept": seconds})
+
+
+@op("keel.sleep_in_process", description="Sleeps op_config.seconds inside the op (the attempt stays running)")
+async def sleep_in_process(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Sleeps op_config.seconds in the op's coroutine: the attempt is running the whole time."""
+    seconds = _seconds("keel.sleep_in_process", op_config)
     await asyncio.sleep(seconds)
     return {"slept": seconds}
 

@@ -167,6 +167,7 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     if config.recover_on_start:
         # Recovery at start, then takeover of runs whose lease expired or was released.
         recovery = asyncio.create_task(engine.recovery.scan_forever(), name="scan for runs")
+        engine.waker.start()  # parked runs (of any engine before this one) wake when due
         recovery.add_done_callback(_log_scanning)
 
     async def stop_engine() -> None:

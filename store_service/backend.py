@@ -31,6 +31,7 @@ class StreamStatus(enum.IntEnum):
     COMPLETED = 2
     FAILED = 3
     CANCELED = 4
+    PARKED = 5
 
 
 class ExpectedKind(enum.Enum):
@@ -169,6 +170,23 @@ def page_of(events: Sequence[StoredEvent], head: int) -> EventPage:
 
 
 @dataclass(frozen=True, slots=True)
+class DueStream:
+    """A stream in the due-time index: its id, due time (µs since the epoch) and head."""
+
+    stream_id: str
+    due_at_us: int
+    head_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DuePage:
+    """Due streams, earliest first, and the earliest due time of a stream not listed (0: none)."""
+
+    due: tuple[DueStream, ...]
+    next_due_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
 class StreamHead:
     """A stream's head sequence (0 when it has no events) and its status label."""
 
@@ -247,12 +265,14 @@ class StoreBackend(abc.ABC):
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),
         attributes: Mapping[str, str] | None = None,
+        due_at_us: int | None = None,
     ) -> AppendResult:
         """Append `events` atomically if the head admits `expected`; set `status`; store `artifacts`;
-        set the stream's `attributes` (a key it has already gets the new value).
+        set the stream's `attributes` (a key it has already gets the new value); set the stream's
+        due time to `due_at_us` (None keeps it, 0 clears it) in the due-time index.
 
         Raises `sequence_conflict` (CONFLICT, details {"actual_seq": head}) on a head mismatch,
-        and writes nothing in that case: no event, label, artifact or attribute.
+        and writes nothing in that case: no event, label, artifact, attribute or due time.
         """
 
     @abc.abstractmethod
@@ -295,6 +315,14 @@ class StoreBackend(abc.ABC):
 
         Newest (most recently created) first; an attribute filter is answered from an index, never
         by reading every stream. Raises `invalid_page_token` for a token this backend did not issue.
+        """
+
+    @abc.abstractmethod
+    async def list_due(self, before_us: int, *, prefix: str = "", limit: int = 100) -> DuePage:
+        """Streams whose due time is at or before `before_us` and whose id starts with `prefix`,
+        earliest first (at most `limit`), and the earliest due time of a matching stream left out.
+
+        Answered from an index on the due time, never by reading every stream.
         """
 
     @abc.abstractmethod
@@ -370,6 +398,8 @@ __all__ = [
     "ArtifactDownload",
     "ArtifactInfo",
     "ArtifactPut",
+    "DuePage",
+    "DueStream",
     "EventPage",
     "Expected",
     "ExpectedKind",

@@ -27,6 +27,7 @@ class AppendJob:
         "artifact_ids",
         "artifacts",
         "attributes",
+        "due_at_us",
         "events",
         "expected",
         "future",
@@ -44,8 +45,11 @@ class AppendJob:
         artifacts: Sequence[NewArtifact],
         future: asyncio.Future[AppendResult],
         attributes: Mapping[str, str] | None = None,
+        due_at_us: int | None = None,
     ) -> None:
         self.stream_id = stream_id
+        # None keeps the stream's due time, 0 clears it, more sets it (with the events).
+        self.due_at_us = due_at_us
         self.expected = expected
         self.events = events
         self.status = status

@@ -123,7 +123,7 @@ def event_is_valid(type_name: str, payload_size: int) -> bool:
 
 
 def check_status_label(value: int) -> StreamStatus | None:
-    """An append's status: 0 means "leave the label", 1..4 set it, anything else is rejected."""
+    """An append's status: 0 means "leave the label", 1..5 set it, anything else is rejected."""
     if value == StreamStatus.UNSPECIFIED:
         return None
     if value not in _LABELS:
@@ -132,12 +132,12 @@ def check_status_label(value: int) -> StreamStatus | None:
 
 
 def check_status_filter(values: list[int]) -> list[StreamStatus]:
-    """A ListStreams filter names labels 1..4; UNSPECIFIED and unknown values are rejected."""
+    """A ListStreams filter names labels 1..5; UNSPECIFIED and unknown values are rejected."""
     for value in values:
         if value not in _LABELS:
             raise invalid_argument(
                 "invalid_status",
-                f"statuses may only hold ACTIVE, COMPLETED, FAILED or CANCELED (got {value}); "
+                f"statuses may only hold ACTIVE, COMPLETED, FAILED, CANCELED or PARKED (got {value}); "
                 "leave it empty to list every stream",
             )
     return [StreamStatus(v) for v in dict.fromkeys(values)]
@@ -218,3 +218,20 @@ def page_size(size: int) -> int:
     if not 0 <= size <= MAX_PAGE_SIZE:
         raise invalid_argument("invalid_page_size", f"page_size must be 0 to {MAX_PAGE_SIZE} (got {size})")
     return size or DEFAULT_PAGE_SIZE
+
+
+def check_due_at(name: str, value: int, *, zero: bool) -> int:
+    """A due time in µs since the epoch: more than 0 (or 0 too, when `zero` means "clear")."""
+    if value < 0 or (value == 0 and not zero):
+        least = "0 (clear) or more" if zero else "more than 0"
+        raise invalid_argument(
+            "invalid_due_at", f"{name} must be {least}, microseconds since the Unix epoch (got {value})"
+        )
+    return value
+
+
+def due_limit(limit: int) -> int:
+    """ListDue's limit: 0 means the default of 100; 1..1000 as given."""
+    if not 0 <= limit <= MAX_PAGE_SIZE:
+        raise invalid_argument("invalid_limit", f"limit must be 0 to {MAX_PAGE_SIZE} (got {limit})")
+    return limit or DEFAULT_PAGE_SIZE

@@ -24,6 +24,8 @@ from store_service.backend import (
     AppendResult,
     ArtifactDownload,
     ArtifactInfo,
+    DuePage,
+    DueStream,
     Expected,
     NewArtifact,
     NewEvent,
@@ -189,12 +191,13 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),
         attributes: Mapping[str, str] | None = None,
+        due_at_us: int | None = None,
     ) -> AppendResult:
         """Queue the append for its writer's next group commit and wait for its own outcome."""
         if not events:
             raise empty_batch()
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        job = AppendJob(stream_id, expected, events, status, artifacts, future, attributes)
+        job = AppendJob(stream_id, expected, events, status, artifacts, future, attributes, due_at_us)
         self._enqueue(self._queue_for(stream_id), job)
         return await future
 
@@ -261,6 +264,27 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         )
         token = encode_page_token(self.TOKEN_PREFIX, int(rows[-1][0])) if more and rows else ""
         return StreamPage(streams, token)
+
+    async def list_due(self, before_us: int, *, prefix: str = "", limit: int = 100) -> DuePage:
+        """Walk the (due_at_us, stream_id) index from the earliest due time; one row past `limit`.
+
+        The row after the due ones tells the earliest due time left out, so the caller can sleep
+        until then without another query.
+        """
+        where, params = "", []
+        if prefix:
+            condition, values = self._prefix_filter(prefix)
+            where, params = f"WHERE {condition.replace('stream_id', 'd.stream_id')}", values
+        rows = await self._rows(
+            "SELECT d.stream_id, d.due_at_us, s.head_seq FROM stream_due d "
+            f"JOIN streams s ON s.stream_id = d.stream_id {where} "
+            "ORDER BY d.due_at_us, d.stream_id LIMIT ?",
+            *params,
+            limit + 1,
+        )
+        due = [DueStream(str(r[0]), int(r[1]), int(r[2])) for r in rows if int(r[1]) <= before_us][:limit]
+        later = rows[len(due)] if len(rows) > len(due) else None
+        return DuePage(tuple(due), int(later[1]) if later is not None else 0)
 
     async def _attributes_of(self, sids: list[int]) -> dict[int, dict[str, str]]:
         """The attributes of the streams `sids` (by the primary key (sid, key)), by sid."""

@@ -13,6 +13,16 @@
    it, so the caller waits for that task's outcome (creating the task if the crash came first); a
    failed step is retried as attempt+1 after its backoff; any other step starts from the last
    checkpoint. An empty set means "wait for a running step to settle".
+
+Waits (engine_service.domain.waits), decided only when the caller passes `now_us`:
+
+- an attempt that waits (StepWaiting) is open but never an orphan: its op is not rerun;
+- a wait whose due time has come is settled first (`SettleWaits`);
+- a retry's backoff counts from the recorded failure time, so a restart waits only what is left;
+- when nothing runs and nothing can start sooner than `PARK_AFTER_US` from now (every open attempt
+  waits, or only retries with a long backoff are left), the run parks (`ParkRun`) until the
+  earliest due time (0: none, only a wake-up ends the wait); otherwise `RunSteps.wake_at_us` says
+  when the caller must decide again although no running step settled.
 """
 
 from __future__ import annotations
@@ -21,9 +31,10 @@ from collections.abc import Set
 from dataclasses import dataclass
 
 from engine_service.domain.events import COMPLETED, FAILED, ErrorRecord, RunCompleted
-from engine_service.domain.history import OpenAttempt, RunHistory, StepFailure
+from engine_service.domain.history import OpenAttempt, RunHistory, StepFailure, WaitingAttempt
 from engine_service.domain.plan import Plan, invalid_plan
 from engine_service.domain.run_config import RunConfig
+from engine_service.domain.waits import PARK_AFTER_US
 from keel_core.errors import not_found
 
 # The error of an attempt stopped because a sibling branch failed the run (never retried).
@@ -45,15 +56,34 @@ class RunStep:
     attempt: int
     base_snapshot_id: str
     delay_ms: int = 0
+    due_at_us: int = 0  # with a delay: the absolute time it ends (a retry's recorded failure + backoff)
     # A remote step's open attempt taken over as it is (no new StepAttemptStarted): wait for its task.
     adopt: bool = False
 
 
 @dataclass(frozen=True)
 class RunSteps:
-    """Start these attempts now, each on its own; none: wait until a running step settles."""
+    """Start these attempts now, each on its own; none: wait until a running step settles.
+
+    `wake_at_us`: decide again at this time even if no step settled (a wait falls due); 0: never.
+    """
 
     steps: tuple[RunStep, ...]
+    wake_at_us: int = 0
+
+
+@dataclass(frozen=True)
+class SettleWaits:
+    """These waiting attempts are due: record what their due time means (complete or fail)."""
+
+    waits: tuple[WaitingAttempt, ...]
+
+
+@dataclass(frozen=True)
+class ParkRun:
+    """Nothing can go on before `due_at_us` (0: before a wake-up): park the run until then."""
+
+    due_at_us: int
 
 
 @dataclass(frozen=True)
@@ -71,13 +101,20 @@ class CompleteRun:
     cancel: tuple[OpenAttempt, ...] = ()
 
 
-Action = AlreadyTerminal | RunSteps | CompleteRun
+Action = AlreadyTerminal | RunSteps | CompleteRun | SettleWaits | ParkRun
 
 
 def next_action(
-    history: RunHistory, plan: Plan, run_config: RunConfig, running: Set[str] = frozenset()
+    history: RunHistory,
+    plan: Plan,
+    run_config: RunConfig,
+    running: Set[str] = frozenset(),
+    now_us: int | None = None,
 ) -> Action:
-    """What the engine does next for this run; `running`: the steps it is attempting right now."""
+    """What the engine does next for this run; `running`: the steps it is attempting right now.
+
+    `now_us`: the time now, for waits and backoffs (None: waits never fall due, backoffs are whole).
+    """
     if history.started is None:
         raise not_found("run_not_found", "the run has no events")
     if history.terminal is not None:
@@ -91,10 +128,34 @@ def next_action(
         return failed
     if len(history.completed_steps) == len(plan.steps):
         return CompleteRun(COMPLETED, history.last_checkpoint)
-    ready = _ready_steps(history, plan, run_config, running)
+    if now_us is not None:
+        due = tuple(
+            w
+            for s, w in history.waiting.items()
+            if s not in running and w.wait.until_us and w.wait.until_us <= now_us
+        )
+        if due:
+            return SettleWaits(due)
+    ready = _ready_steps(history, plan, run_config, running, now_us)
     if plan.max_parallel:
-        ready = ready[: max(0, plan.max_parallel - len(running))]
-    return RunSteps(tuple(ready))
+        # A waiting attempt is open too: it counts against max_parallel like a running one.
+        ready = ready[: max(0, plan.max_parallel - len(set(running) | set(history.waiting)))]
+    if now_us is None:
+        return RunSteps(tuple(ready))
+    return _run_or_park(history, tuple(ready), running, now_us)
+
+
+def _run_or_park(history: RunHistory, ready: tuple[RunStep, ...], running: Set[str], now_us: int) -> Action:
+    """Run what is ready; park when nothing runs and nothing can start within PARK_AFTER_US."""
+    timers = [w.wait.until_us for w in history.waiting.values() if w.wait.until_us]
+    wake_at = min(timers, default=0)
+    if running or not (history.waiting or ready):
+        return RunSteps(ready, wake_at)
+    starts = [max(now_us, step.due_at_us or now_us + step.delay_ms * 1000) for step in ready]
+    earliest = min([*timers, *starts], default=0)
+    if earliest and earliest - now_us < PARK_AFTER_US:
+        return RunSteps(ready, wake_at)
+    return ParkRun(earliest)
 
 
 def _failed_for_good(history: RunHistory, plan: Plan, run_config: RunConfig) -> CompleteRun | None:
@@ -122,13 +183,15 @@ def _failed_for_good(history: RunHistory, plan: Plan, run_config: RunConfig) -> 
     )
 
 
-def _ready_steps(history: RunHistory, plan: Plan, run_config: RunConfig, running: Set[str]) -> list[RunStep]:
-    """Every step that may start now, orphans first, then in plan order."""
+def _ready_steps(
+    history: RunHistory, plan: Plan, run_config: RunConfig, running: Set[str], now_us: int | None
+) -> list[RunStep]:
+    """Every step that may start now, orphans first, then in plan order (a waiting one never)."""
     orphans: list[RunStep] = []
     fresh: list[RunStep] = []
     for step in plan.steps:
         step_id = step.step_id
-        if step_id in history.completed_steps or step_id in running:
+        if step_id in history.completed_steps or step_id in running or step_id in history.waiting:
             continue
         if not all(dep in history.completed_steps for dep in step.depends_on):
             continue
@@ -141,7 +204,11 @@ def _ready_steps(history: RunHistory, plan: Plan, run_config: RunConfig, running
         elif failure is not None:
             retry = failure.attempt + 1
             delay = run_config.retry_policy.backoff_ms(retry)
-            fresh.append(RunStep(step_id, retry, failure.base_snapshot_id, delay))
+            due_at = 0
+            if now_us is not None and failure.at_us:
+                due_at = failure.at_us + delay * 1000
+                delay = max(0, (due_at - now_us) // 1000)
+            fresh.append(RunStep(step_id, retry, failure.base_snapshot_id, delay, due_at))
         else:
             attempt = history.last_attempt.get(step_id, -1) + 1
             fresh.append(RunStep(step_id, attempt, history.last_checkpoint))

@@ -16,6 +16,11 @@ the fold makes of it, and `corrupt_event_error` for what callers answer.
     StepCompleted       {v, step_id, attempt, snapshot_id, at_us?, worker_id?, reused_from_run_id?}
     RunCompleted        {v, status: completed|failed|canceled, final_snapshot_id, reason?, error?, at_us?,
                          has_ledger?}
+    StepWaiting         {v, step_id, attempt, wait: {kind, until_us?, output?, error?, detail?}, at_us?}
+    RunParked           {v, due_at_us, at_us?}       (nothing drives the run until due_at_us or a wake-up)
+    RunResumed          {v, reason, at_us?}          (an engine took the parked run up again)
+
+StepWaiting, RunParked and RunResumed are described in engine_service.domain.waits.
 
 `worker_id` names the worker that ran a remote attempt (engine_service.domain.tasks).
 `at_us` is when the engine decided the event (microseconds since the epoch). Events travel in
@@ -189,6 +194,75 @@ class RunCompleted:
 
 
 @dataclass(frozen=True)
+class ParkStep:
+    """What an op returns to park its attempt, and what `StepWaiting` records.
+
+    `kind` names what the attempt waits for (`timer`, `signal`, ...); `until_us` its absolute due
+    time (0: none, only a resolver can end the wait); at the due time the step completes with
+    `output`, or fails with `error` when it is set. `detail` is kind-specific JSON (a signal's
+    name, say), shown by GetRun.
+    """
+
+    kind: str
+    until_us: int = 0
+    output: Any = None
+    error: ErrorRecord | None = None
+    detail: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wait as event JSON."""
+        data: dict[str, Any] = {"kind": self.kind}
+        if self.until_us:
+            data["until_us"] = self.until_us
+        if self.output is not None:
+            data["output"] = self.output
+        if self.error is not None:
+            data["error"] = self.error.to_json()
+        if self.detail:
+            data["detail"] = dict(self.detail)
+        return data
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ParkStep:
+        """A wait read back from event JSON."""
+        until = data.get("until_us", 0)
+        error = data.get("error")
+        return ParkStep(
+            kind=str(data["kind"]),
+            until_us=until if isinstance(until, int) and until > 0 else 0,
+            output=data.get("output"),
+            error=ErrorRecord.from_json(dict(error)) if error else None,
+            detail=dict(data.get("detail") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class StepWaiting:
+    """An open attempt parked: it waits for `wait` (engine_service.domain.waits.ParkStep)."""
+
+    step_id: str
+    attempt: int
+    wait: ParkStep
+    at_us: int = 0
+
+
+@dataclass(frozen=True)
+class RunParked:
+    """Nothing drives the run until `due_at_us` (0: until a wake-up) or a wake-up."""
+
+    due_at_us: int
+    at_us: int = 0
+
+
+@dataclass(frozen=True)
+class RunResumed:
+    """An engine took the parked run up again (`reason`: due, woken, ...)."""
+
+    reason: str = ""
+    at_us: int = 0
+
+
+@dataclass(frozen=True)
 class UnknownEvent:
     """An event type this engine does not know (kept so that sequence numbers stay aligned)."""
 
@@ -214,6 +288,9 @@ KernelEvent = (
     | StepAttemptFailed
     | StepCompleted
     | RunCompleted
+    | StepWaiting
+    | RunParked
+    | RunResumed
     | UnknownEvent
     | CorruptEvent
 )
@@ -301,6 +378,17 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
             if event.has_ledger:
                 data["has_ledger"] = True
             return streams.RUN_COMPLETED, data
+        case StepWaiting():
+            return streams.STEP_WAITING, {
+                **v,
+                "step_id": event.step_id,
+                "attempt": event.attempt,
+                "wait": event.wait.to_json(),
+            }
+        case RunParked():
+            return streams.RUN_PARKED, {**v, "due_at_us": event.due_at_us}
+        case RunResumed():
+            return streams.RUN_RESUMED, {**v, "reason": event.reason}
         case UnknownEvent():
             return event.type, event.payload
         case CorruptEvent():
@@ -394,6 +482,17 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
                 at_us=_at_us(data),
                 has_ledger=data.get("has_ledger") is True,
             )
+        case streams.STEP_WAITING:
+            return StepWaiting(
+                str(data["step_id"]),
+                int(data["attempt"]),
+                ParkStep.from_json(dict(data["wait"])),
+                _at_us(data),
+            )
+        case streams.RUN_PARKED:
+            return RunParked(int(data.get("due_at_us", 0)), _at_us(data))
+        case streams.RUN_RESUMED:
+            return RunResumed(str(data.get("reason", "")), _at_us(data))
     return UnknownEvent(type_name, dict(data))
 
 

@@ -21,11 +21,15 @@ from engine_service.domain.events import (
     ErrorRecord,
     FactRecorded,
     KernelEvent,
+    ParkStep,
     RunCompleted,
+    RunParked,
+    RunResumed,
     RunStarted,
     StepAttemptFailed,
     StepAttemptStarted,
     StepCompleted,
+    StepWaiting,
 )
 
 
@@ -45,6 +49,18 @@ class StepFailure:
     attempt: int
     base_snapshot_id: str
     error: ErrorRecord
+    at_us: int = 0  # when it failed (0: not recorded): a retry's backoff counts from here
+
+
+@dataclass(frozen=True)
+class WaitingAttempt:
+    """An open attempt that parked (StepWaiting): it waits for `wait`, and is never an orphan."""
+
+    step_id: str
+    attempt: int
+    base_snapshot_id: str
+    wait: ParkStep
+    since_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,9 @@ class RunHistory:
     # step id -> its open attempt: parallel branches each have one; after a crash all are orphans
     open_attempts: Mapping[str, OpenAttempt] = field(default_factory=dict)
     facts: Mapping[str, FactRecorded] = field(default_factory=dict)
+    # step id -> its open attempt that waits (a subset of open_attempts)
+    waiting: Mapping[str, WaitingAttempt] = field(default_factory=dict)
+    parked: RunParked | None = None  # the run is parked (RunParked not followed by RunResumed)
     terminal: RunCompleted | None = None
     corrupt: CorruptEvent | None = None  # the first event that did not decode, at corrupt_seq
     corrupt_seq: int = 0
@@ -92,6 +111,8 @@ class _Folder:
         self.last_failure = dict(base.last_failure)
         self.open = dict(base.open_attempts)
         self.facts = dict(base.facts)
+        self.waiting = dict(base.waiting)
+        self.parked = base.parked
         self.terminal = base.terminal
         self.corrupt = base.corrupt
         self.corrupt_seq = base.corrupt_seq
@@ -113,6 +134,8 @@ class _Folder:
             last_failure=self.last_failure,
             open_attempts=self.open,
             facts=self.facts,
+            waiting=self.waiting,
+            parked=self.parked,
             terminal=self.terminal,
             corrupt=self.corrupt,
             corrupt_seq=self.corrupt_seq,
@@ -126,6 +149,7 @@ class _Folder:
                     self.checkpoint = event.initial_snapshot_id
             case StepAttemptStarted():
                 self.open[event.step_id] = OpenAttempt(event.step_id, event.attempt, event.base_snapshot_id)
+                self.waiting.pop(event.step_id, None)
                 self.last_attempt[event.step_id] = max(
                     event.attempt, self.last_attempt.get(event.step_id, -1)
                 )
@@ -133,7 +157,7 @@ class _Folder:
                 self.facts.setdefault(event.fact_key, event)
             case StepAttemptFailed():
                 base = self._base_of(event.step_id, event.attempt)
-                self.last_failure[event.step_id] = StepFailure(event.attempt, base, event.error)
+                self.last_failure[event.step_id] = StepFailure(event.attempt, base, event.error, event.at_us)
                 self.last_attempt[event.step_id] = max(
                     event.attempt, self.last_attempt.get(event.step_id, -1)
                 )
@@ -145,9 +169,21 @@ class _Folder:
                     event.attempt, self.last_attempt.get(event.step_id, -1)
                 )
                 self._close(event.step_id)
+            case StepWaiting():
+                opened = self.open.get(event.step_id)
+                if opened is not None and opened.attempt == event.attempt:
+                    self.waiting[event.step_id] = WaitingAttempt(
+                        event.step_id, event.attempt, opened.base_snapshot_id, event.wait, event.at_us
+                    )
+            case RunParked():
+                self.parked = event
+            case RunResumed():
+                self.parked = None
             case RunCompleted():
                 self.terminal = event
                 self.open = {}
+                self.waiting = {}
+                self.parked = None
             case CorruptEvent():
                 self.corrupt = event
                 self.corrupt_seq = self.head
@@ -160,3 +196,4 @@ class _Folder:
 
     def _close(self, step_id: str) -> None:
         self.open.pop(step_id, None)
+        self.waiting.pop(step_id, None)

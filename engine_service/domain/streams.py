@@ -14,8 +14,8 @@ Streams (one prefix each; the rest of the id is a run id or an engine id):
     queue:<task queue>     wake-up hints for a queue's pollers (TaskEnqueued, naming a task stream)
     worker:<worker id>     a worker's last poll (WorkerSeen) with its queue and ops as attributes
 
-Status labels. The store knows four labels (keel.store.v1.StreamStatus: active, completed,
-failed, canceled), and lists streams by them. A run stream's label is its run status. Lease and
+Status labels. The store knows five labels (keel.store.v1.StreamStatus: active, completed,
+failed, canceled, parked), and lists streams by them. A run stream's label is its run status. Lease and
 engine streams reuse the same four labels with their own meanings (a released lease is listed as
 "canceled", a fenced engine as "failed"): a label of their own would need a new StreamStatus value,
 which stores written today and engines reading them do not know. So each use has its own constant,
@@ -95,6 +95,9 @@ FACT_RECORDED = "FactRecorded"
 STEP_ATTEMPT_FAILED = "StepAttemptFailed"
 STEP_COMPLETED = "StepCompleted"
 RUN_COMPLETED = "RunCompleted"
+STEP_WAITING = "StepWaiting"
+RUN_PARKED = "RunParked"
+RUN_RESUMED = "RunResumed"
 # children:<run id>
 CHILD_LINKED = "ChildLinked"
 # ledger:<run id>
@@ -133,10 +136,16 @@ LABEL_ACTIVE = "active"
 LABEL_COMPLETED = "completed"
 LABEL_FAILED = "failed"
 LABEL_CANCELED = "canceled"
-STATUS_LABELS = (LABEL_ACTIVE, LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED)
+LABEL_PARKED = "parked"
+STATUS_LABELS = (LABEL_ACTIVE, LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED, LABEL_PARKED)
 
-# run:<run id>: active until its RunCompleted, then labelled with the run's terminal status.
+# run:<run id>: active until its RunCompleted, then labelled with the run's terminal status; parked
+# while nothing drives it until a due time or a wake-up (RunParked .. RunResumed, see
+# engine_service.runtime.parking): recovery scans list only active runs, so they skip it.
 RUN_ACTIVE_LABEL = LABEL_ACTIVE
+RUN_PARKED_LABEL = LABEL_PARKED
+# The labels of a run that is not terminal yet (listing "running" runs lists both).
+RUN_LIVE_LABELS = (RUN_ACTIVE_LABEL, RUN_PARKED_LABEL)
 _RUN_LABELS = {COMPLETED: LABEL_COMPLETED, FAILED: LABEL_FAILED, CANCELED: LABEL_CANCELED}
 _RUN_STATUSES = {label: status for status, label in _RUN_LABELS.items()}
 

@@ -67,10 +67,19 @@ from engine_service.domain import (
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
-from engine_service.domain.events import ErrorRecord, stamped
+from engine_service.domain.decision import ParkRun, SettleWaits
+from engine_service.domain.events import ErrorRecord, ParkStep, RunParked, RunResumed, StepWaiting, stamped
+from engine_service.domain.history import WaitingAttempt
 from engine_service.domain.ops import OpDefinition
 from engine_service.domain.plan import StepSpec
-from engine_service.domain.streams import RUN_ACTIVE_LABEL, RUN_COMPLETED, run_label, run_stream_id
+from engine_service.domain.streams import (
+    RUN_ACTIVE_LABEL,
+    RUN_COMPLETED,
+    RUN_PARKED_LABEL,
+    run_label,
+    run_stream_id,
+)
+from engine_service.domain.waits import WaitOutcome, due_outcome
 from engine_service.failpoints import (
     AFTER_OP_RETURNED,
     AFTER_STEP_ATTEMPT_STARTED,
@@ -96,6 +105,15 @@ MAX_BATCH_ARTIFACTS = 16
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
+
+
+class RunParkedOut(Exception):
+    """How a driver ends when its run parked (RunParked is durable): nothing drives it until it is due."""
+
+    def __init__(self, run_id: str, due_at_us: int) -> None:
+        super().__init__(f"run {run_id} parked until {due_at_us or 'a wake-up'}")
+        self.run_id = run_id
+        self.due_at_us = due_at_us
 
 
 class RunDriver:
@@ -157,6 +175,13 @@ class RunDriver:
         self._steps: dict[str, asyncio.Task[None]] = {}  # step id -> the task running its attempt
         self._flushes: set[asyncio.Future[None]] = set()
         self._drive_task: asyncio.Task[Any] | None = None
+        # The run stream's due time the next append sets (None: leave it; 0: clear it).
+        self._pending_due: int | None = None
+        # Waits are offered to their kind's resolver at the start and after each poke (wake_run).
+        self._check_waits = True
+        self._poked = asyncio.Event()
+        # Told the due time of a run this driver parked (the engine's Waker); set by the kernel.
+        self.on_parked: Any = None
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
         """Cache a snapshot this engine wrote, so it need not be read back."""
@@ -182,13 +207,16 @@ class RunDriver:
         bind_log_fields(run_id=self.run_id)  # drive() runs as its own task: names the run in its lines
         self._drive_task = asyncio.current_task()
         try:
+            await self._resume_parked()
             while True:
                 if self._flush_error is not None:
                     raise self._flush_error
                 if self._refused is not None:
                     raise self._refused
                 running = frozenset(self._steps)
-                action = next_action(self.history, self.plan, self.manifest.run_config, running)
+                if await self._resolve_waits(running):
+                    continue
+                action = next_action(self.history, self.plan, self.manifest.run_config, running, now_us())
                 match action:
                     case AlreadyTerminal():
                         await self.flush()
@@ -199,10 +227,15 @@ class RunDriver:
                         await self._stop_branches()  # a branch failed the run: the others stop first
                     case CompleteRun():
                         await self._complete(action)
+                    case SettleWaits():
+                        for waiting in action.waits:
+                            await self._settle_wait(waiting, due_outcome(waiting.wait))
+                    case ParkRun():
+                        await self._park(action.due_at_us)
                     case RunSteps():
                         for step in action.steps:
                             self._start_step(step)
-                        await self._until_a_step_settles()
+                        await self._until_a_step_settles(action.wake_at_us)
         except BaseException as error:
             await self._stop_branches()
             if isinstance(error, asyncio.CancelledError):
@@ -218,11 +251,25 @@ class RunDriver:
             self.run_step(action), name=f"run {self.run_id} step {action.step_id}"
         )
 
-    async def _until_a_step_settles(self) -> None:
-        """Wait until a running step ended; a step that raised (not an op's failure) stops the run."""
-        if not self._steps:
+    def poke(self) -> None:
+        """Something may have ended a wait (engine_service.runtime.parking): decide again soon."""
+        self._check_waits = True
+        self._poked.set()
+
+    async def _until_a_step_settles(self, wake_at_us: int = 0) -> None:
+        """Wait until a running step ended, a wait falls due (`wake_at_us`) or the driver is poked;
+        a step that raised (not an op's failure) stops the run."""
+        if not self._steps and not wake_at_us:
             raise RuntimeError(f"run {self.run_id}: the decision left nothing to run or wait for")
-        await asyncio.wait(self._steps.values(), return_when=asyncio.FIRST_COMPLETED)
+        timeout = max(0.0, (wake_at_us - now_us()) / 1e6) if wake_at_us else None
+        poked = asyncio.ensure_future(self._poked.wait())
+        try:
+            await asyncio.wait(
+                {*self._steps.values(), poked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            poked.cancel()
+        self._poked.clear()
         for step_id, task in list(self._steps.items()):
             if task.done():
                 del self._steps[step_id]
@@ -237,6 +284,49 @@ class RunDriver:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _resume_parked(self) -> None:
+        """A parked run taken up again: RunResumed (label active, due time cleared) is this driver's
+        claim, appended at the head it read before anything else."""
+        if self.history.parked is None:
+            return
+        self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=False)
+        await self.flush()
+        self._claim_first = False
+
+    async def _park(self, due_at_us: int) -> None:
+        """Park the run: RunParked, its label and its due-time index entry in one append; then end."""
+        self.record([RunParked(due_at_us)], label=RUN_PARKED_LABEL, due_at_us=due_at_us, linger=False)
+        await self.flush()
+        if self.on_parked is not None:
+            self.on_parked(self.run_id, due_at_us)
+        raise RunParkedOut(self.run_id, due_at_us)
+
+    async def _resolve_waits(self, running: frozenset[str]) -> bool:
+        """Offer each waiting attempt to its kind's resolver (once, and again after a poke); True
+        when one settled."""
+        if not self._check_waits or not self.env.wait_resolvers:
+            return False
+        self._check_waits = False
+        settled = False
+        for waiting in list(self.history.waiting.values()):
+            resolver = self.env.wait_resolvers.get(waiting.wait.kind)
+            if resolver is None or waiting.step_id in running:
+                continue
+            outcome = await resolver(self.run_id, waiting)
+            if outcome is not None and self.history.waiting.get(waiting.step_id) == waiting:
+                await self._settle_wait(waiting, outcome)
+                settled = True
+        return settled
+
+    async def _settle_wait(self, waiting: WaitingAttempt, outcome: WaitOutcome) -> None:
+        """Record how a waiting attempt ended: StepCompleted with the outcome's output, or failed."""
+        if outcome.error is not None:
+            self.record([StepAttemptFailed(waiting.step_id, waiting.attempt, outcome.error)])
+            await self._settled(waiting.step_id)
+            return
+        action = RunStep(waiting.step_id, waiting.attempt, waiting.base_snapshot_id)
+        await self._complete_step(action, outcome.output)
 
     async def _flush_when_parked(self) -> None:
         """Keep what was decided before a park (drain or cancel): a short, bounded last flush."""
@@ -276,12 +366,16 @@ class RunDriver:
         label: str | None = None,
         artifacts: Sequence[tuple[str, bytes]] = (),
         linger: bool = True,
+        due_at_us: int | None = None,
     ) -> None:
         """Decide `events` (stamped with the time now): fold them in now, append them with the next flush.
 
         `label`: the run stream's status label the append sets; `linger`: start the linger timer
-        (a caller that flushes at once needs none).
+        (a caller that flushes at once needs none); `due_at_us`: the run stream's due time the
+        append sets (0 clears it).
         """
+        if due_at_us is not None:
+            self._pending_due = due_at_us
         now = now_us()
         events = [stamped(event, now) for event in events]
         self._pending.extend(events)
@@ -383,9 +477,9 @@ class RunDriver:
                     self.run_id,
                 )
             batch, artifacts, label = self._pending, self._pending_artifacts, self._pending_label
-            attributes = self._pending_attributes
+            attributes, due_at_us = self._pending_attributes, self._pending_due
             self._pending, self._pending_artifacts, self._pending_label = [], [], None
-            self._pending_attributes = {}
+            self._pending_attributes, self._pending_due = {}, None
             patience = FOREVER
             if self.durable_seq == 0 and self._first_append_patience is not None:
                 patience = self._first_append_patience  # nothing acknowledged yet: fail rather than hang
@@ -398,6 +492,7 @@ class RunDriver:
                     artifacts=artifacts,
                     patience=patience,
                     attributes=attributes or None,
+                    due_at_us=due_at_us,
                 )
             except BaseException as error:
                 # Nothing after a failed append may be appended: it would leave a gap in the run.
@@ -441,7 +536,8 @@ class RunDriver:
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
             output = await self._timed_op(definition, ctx, step)
-            check_json(output, "output")  # what is stored must go back out on the wire
+            # What is stored must go back out on the wire (a parked step's output too).
+            check_json(output.to_json() if isinstance(output, ParkStep) else output, "output")
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -453,6 +549,11 @@ class RunDriver:
             await self._fail(action, error)
             return
         self.env.failpoints.hit(AFTER_OP_RETURNED, action.step_id)
+        if isinstance(output, ParkStep):
+            # The attempt waits, holding no coroutine: the decision settles or parks it.
+            self.record([StepWaiting(action.step_id, action.attempt, output)])
+            await self._settled(action.step_id)
+            return
         await self._complete_step(action, output)
 
     async def _timed_op(self, definition: OpDefinition, ctx: StepContext, step: StepSpec) -> Any:

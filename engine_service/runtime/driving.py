@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from engine_service.domain import Plan, RunCompleted, RunHistory, RunManifest, StoredEvent
-from engine_service.runtime.driver import RunDriver
+from engine_service.runtime.driver import RunDriver, RunParkedOut
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.reader import RunReader
@@ -46,6 +46,8 @@ class Drivers:
         self._reader = reader
         self._leases = leases
         self._checkpoint_linger = checkpoint_linger
+        # Told (run id, due time) when a driver parks its run (the engine's Waker).
+        self.on_parked: Callable[[str, int], None] | None = None
 
     def new(
         self,
@@ -76,8 +78,10 @@ class Drivers:
 
     def spawn(self, driver: RunDriver) -> asyncio.Task[RunCompleted]:
         """Drive the run as a task of the registry (the run's one driver here)."""
+        driver.on_parked = self.on_parked
         task = asyncio.create_task(driver.drive(), name=f"run {driver.run_id}")
         self._registry.drivers[driver.run_id] = task
+        self._registry.pokes[driver.run_id] = driver.poke
         task.add_done_callback(lambda done: self._done(driver, done))
         return task
 
@@ -85,6 +89,7 @@ class Drivers:
         run_id = driver.run_id
         if self._registry.drivers.get(run_id) is task:
             del self._registry.drivers[run_id]
+            self._registry.pokes.pop(run_id, None)
             self._leases.drop(run_id, run_exists=driver.durable_seq > 0)
         if not task.cancelled():
             # A cancelled parent's spawns are still needed to close its children.
@@ -98,7 +103,9 @@ class Drivers:
                 self._reader.remember_finished(run_id, driver.events)
         if task.cancelled():
             log.info("run %s parked", run_id)
-        elif (error := task.exception()) is not None:
+        elif isinstance(error := task.exception(), RunParkedOut):
+            log.info("run %s parked (due at %s µs): nothing drives it until then", run_id, error.due_at_us)
+        elif error is not None:
             if isinstance(error, KeelError) and error.code in _HANDED_OVER:
                 # Routine: the run resumes wherever its lease goes next (perhaps here again).
                 what = _HANDED_OVER[error.code]

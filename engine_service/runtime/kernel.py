@@ -46,14 +46,15 @@ from engine_service.domain import (
 )
 from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.manifest import RunStart, run_start
-from engine_service.domain.streams import run_status_of_label, run_stream_id
+from engine_service.domain.streams import RUN_PARKED_LABEL, run_status_of_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
 from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
-from engine_service.runtime.driver import RunDriver
+from engine_service.runtime.driver import RunDriver, RunParkedOut
 from engine_service.runtime.driving import Drivers
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
+from engine_service.runtime.parking import Waker
 from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
@@ -131,6 +132,9 @@ class Engine:
             on_takeover=on_takeover,
         )
         self.runs = Drivers(env, self.registry, self.reader, self.leases, checkpoint_linger=checkpoint_linger)
+        # One per engine: wakes parked runs when due (engine_service.runtime.parking).
+        self.waker = Waker(env.store, self.wake_run, self.leases.others.seen_live_for)
+        self.runs.on_parked = lambda _run_id, due_at_us: self.waker.nudge(due_at_us)
         self.awaits = RunAwaits(env.store, self.registry, self.reader, self.leases, self.resume_run)
         self.children = ChildRuns(
             env.store,
@@ -212,7 +216,10 @@ class Engine:
             return existing
         driver, task = begun
         if wait:
+            deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
             await asyncio.wait({task}, timeout=wait_seconds)
+            if task.done() and not task.cancelled() and isinstance(task.exception(), RunParkedOut):
+                await self.await_run(chosen, _left(deadline))  # parked: its wake-up ends it
         if deferred:
             await self._ensure_started(driver, task)
         return StartOutcome(chosen, start.manifest_id, True)
@@ -292,8 +299,25 @@ class Engine:
             )
         return StartOutcome(run_id, manifest_id, False)
 
+    async def wake_run(self, run_id: str) -> bool:
+        """Apply a wake-up to a run: its due time came, or something may have ended one of its waits.
+
+        A run driven here has its driver poked (it offers its waits to their resolvers again); a
+        parked one is taken up (its lease, then a driver whose first append, RunResumed, is a
+        compare-and-swap at the head it read: however many engines and callers try, it is applied
+        once). False when another engine holds the run (it applies the wake-up) or it is terminal.
+        Safe to call any number of times, from anywhere in the engine.
+        """
+        poke = self.registry.pokes.get(run_id)
+        if poke is not None:
+            poke()
+            return True
+        async with self._resuming.hold(run_id):
+            return await self._resume_run(run_id, None, wake=True)
+
     async def resume_run(self, run_id: str, *, created_at_us: int | None = None) -> bool:
-        """Drive a run nobody drives; False when it is terminal, driven here, or leased by another engine.
+        """Drive a run nobody drives; False when it is terminal, parked, driven here, or leased by
+        another engine (a parked run is taken up by `wake_run` only).
 
         The lease comes first, then the history (read after it, so no write of a former holder is
         missed); the driver's first append claims the run stream at that history's head. One
@@ -306,14 +330,14 @@ class Engine:
     async def _resume_scanned(self, run_id: str, created_at_us: int | None) -> bool:
         return await self.resume_run(run_id, created_at_us=created_at_us)
 
-    async def _resume_run(self, run_id: str, created_at_us: int | None) -> bool:
+    async def _resume_run(self, run_id: str, created_at_us: int | None, *, wake: bool = False) -> bool:
         if self.registry.busy(run_id):
             return False
         # No lease for a run that does not exist or has ended (a cheap look before writing one).
         head, label = await self.env.store.head(run_stream_id(run_id))
         if head == 0:
             raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-        if run_status_of_label(label) is not None:
+        if run_status_of_label(label) is not None or (label == RUN_PARKED_LABEL and not wake):
             return False
         unreadable = self._unreadable_runs.get(run_id)
         if unreadable is not None:
@@ -358,7 +382,9 @@ class Engine:
         return True
 
     async def recover(self) -> int:
-        """Resume every active run nobody holds; returns how many this engine took on."""
+        """Resume every active run nobody holds (and start waking parked runs when due); returns
+        how many this engine took on."""
+        self.waker.start()
         return await self.recovery.recover()
 
     async def await_run(self, run_id: str, wait_seconds: float | None) -> bool:
@@ -372,6 +398,7 @@ class Engine:
     async def stop(self) -> None:
         """Park every run this engine drives: cancel the drivers; the runs resume on the next start."""
         self.registry.closing = True
+        await self.waker.stop()
         self.leases.begin_closing()  # a parked run's lease is released: another engine takes it at once
         while self.registry.drivers:
             tasks = list(self.registry.drivers.values())

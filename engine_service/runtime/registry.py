@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from engine_service.domain import RunCompleted
@@ -44,6 +44,8 @@ class RunRegistry:
 
     def __init__(self) -> None:
         self.drivers: dict[str, asyncio.Task[RunCompleted]] = {}
+        # run id -> its driver's poke (a wake-up for a run driven here: RunDriver.poke)
+        self.pokes: dict[str, Callable[[], None]] = {}
         # Runs a Terminalize is stopping here: nothing may start driving them meanwhile.
         self.terminalizing: collections.Counter[str] = collections.Counter()
         # Set once the engine stops: no run is taken up any more.

@@ -109,6 +109,8 @@ class Terminalizer:
                     [encode_event(terminal)],
                     expected_seq=history.head_seq,
                     status=run_label(status),
+                    # A parked run leaves the due-time index with its terminal event.
+                    due_at_us=0 if history.parked is not None else None,
                 )
             except KeelError as error:
                 if error.code == "sequence_conflict":

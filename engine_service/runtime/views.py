@@ -41,7 +41,7 @@ from engine_service.domain.labels import (
 )
 from engine_service.domain.plan import topological_order
 from engine_service.domain.streams import (
-    RUN_ACTIVE_LABEL,
+    RUN_LIVE_LABELS,
     RUN_STREAM_PREFIX,
     run_id_of_stream,
     run_label,
@@ -328,7 +328,10 @@ class RunViews:
         """A page of runs with one of `statuses` (RUNNING or terminal; all when empty) that `where`
         keeps, newest first: one store listing, its filters answered by the store's indexes."""
         where = where or RunFilter()
-        labels = [RUN_ACTIVE_LABEL if status == RUNNING else run_label(status) for status in statuses]
+        # A running run's stream is active, or parked while it waits.
+        labels: list[str] = []
+        for status in statuses:
+            labels.extend(RUN_LIVE_LABELS if status == RUNNING else (run_label(status),))
         streams, token = await self.store.list_streams(
             prefix=RUN_STREAM_PREFIX,
             statuses=labels,

@@ -32,8 +32,14 @@ import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.domain.canonical import artifact_id_for_bytes
-from engine_service.domain.streams import LABEL_ACTIVE, LABEL_CANCELED, LABEL_COMPLETED, LABEL_FAILED
-from engine_service.store.port import AppendResult, StreamEvent, StreamSummary
+from engine_service.domain.streams import (
+    LABEL_ACTIVE,
+    LABEL_CANCELED,
+    LABEL_COMPLETED,
+    LABEL_FAILED,
+    LABEL_PARKED,
+)
+from engine_service.store.port import AppendResult, DueStream, StreamEvent, StreamSummary
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES, host_port
@@ -59,6 +65,7 @@ STATUS_LABELS: dict[str, int] = {
     LABEL_COMPLETED: store_pb2.STREAM_STATUS_COMPLETED,
     LABEL_FAILED: store_pb2.STREAM_STATUS_FAILED,
     LABEL_CANCELED: store_pb2.STREAM_STATUS_CANCELED,
+    LABEL_PARKED: store_pb2.STREAM_STATUS_PARKED,
 }
 _LABEL_NAMES = {value: name for name, value in STATUS_LABELS.items()}
 
@@ -274,9 +281,10 @@ class StoreClient:
         patience: float | None = None,
         expected_any: bool = False,
         attributes: Mapping[str, str] | None = None,
+        due_at_us: int | None = None,
     ) -> AppendResult:
-        """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts
-        and the stream's `attributes`.
+        """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts,
+        the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it).
 
         `expected_any` appends at whatever the head is (side streams such as a run's failure ledger).
         """
@@ -290,6 +298,8 @@ class StoreClient:
             artifacts=[store_pb2.InlineArtifact(kind=kind, data=data) for kind, data in artifacts],
             attributes=attributes or {},
         )
+        if due_at_us is not None:
+            request.due_at_us = due_at_us
         attempts = 0
 
         async def once(stub: _Stub, seconds: float) -> store_pb2.AppendEventsResponse:
@@ -422,6 +432,19 @@ class StoreClient:
             for s in page.streams
         ]
         return streams, page.next_page_token
+
+    async def list_due(
+        self, before_us: int, *, prefix: str, limit: int = 100, patience: float | None = None
+    ) -> tuple[list[DueStream], int]:
+        """Streams due by `before_us`, earliest first, and the next due time after them (0: none)."""
+        request = store_pb2.ListDueRequest(before_us=before_us, prefix=prefix, limit=limit)
+
+        async def once(stub: _Stub, seconds: float) -> store_pb2.ListDueResponse:
+            response: store_pb2.ListDueResponse = await stub.ListDue(request, timeout=seconds)
+            return response
+
+        page = await self._retrying("ListDue", once, patience)
+        return [DueStream(d.stream_id, d.due_at_us, d.head_seq) for d in page.due], page.next_due_at_us
 
     async def get_artifact(self, artifact_id: str, *, patience: float | None = None) -> bytes:
         """An artifact's bytes (NOT_FOUND `artifact_not_found` when missing)."""

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from engine_service.domain.canonical import artifact_id_for_bytes
 from engine_service.domain.streams import STATUS_LABELS
-from engine_service.store.port import AppendResult, StreamEvent, StreamSummary
+from engine_service.store.port import AppendResult, DueStream, StreamEvent, StreamSummary
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found, unavailable
 
 
@@ -31,6 +31,7 @@ class _Stream:
     head: int = 0
     label: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
+    due_at_us: int = 0  # the due-time index entry (0: none)
 
 
 def _kept(
@@ -83,9 +84,12 @@ class InMemoryEventLog:
         patience: float | None = None,
         expected_any: bool = False,
         attributes: Mapping[str, str] | None = None,
+        due_at_us: int | None = None,
     ) -> AppendResult:
         """Append atomically after `expected_seq` (None: no stream yet; `expected_any`: anywhere)."""
         self._open("AppendEvents")
+        if due_at_us is not None and due_at_us < 0:
+            raise invalid_argument("invalid_due_at", f"due_at_us must be 0 or more (got {due_at_us})")
         if not events:
             raise invalid_argument("invalid_batch", "an append needs at least one event")
         if status is not None and status not in STATUS_LABELS:
@@ -105,6 +109,8 @@ class InMemoryEventLog:
         stream.updated_at = now
         stream.label = status or stream.label
         stream.attributes.update(attributes or {})
+        if due_at_us is not None:
+            stream.due_at_us = due_at_us
         wake = self._appended.pop(stream_id, None)
         if wake is not None:
             wake.set()
@@ -190,6 +196,19 @@ class InMemoryEventLog:
             for _, stream_id, stream in page
         ]
         return summaries, str(page[-1][0]) if more else ""
+
+    async def list_due(
+        self, before_us: int, *, prefix: str, limit: int = 100, patience: float | None = None
+    ) -> tuple[list[DueStream], int]:
+        """Streams due by `before_us`, earliest first, and the next due time after them (0: none)."""
+        self._open("ListDue")
+        entries = sorted(
+            (stream.due_at_us, stream_id, stream.head)
+            for stream_id, stream in self._streams.items()
+            if stream.due_at_us and stream_id.startswith(prefix)
+        )
+        due = [DueStream(sid, at, head) for at, sid, head in entries if at <= before_us][:limit]
+        return due, entries[len(due)][0] if len(entries) > len(due) else 0
 
     async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:
         """Delete the stream's events below `before_seq` (at most head + 1); returns how many went."""

@@ -21,6 +21,8 @@ Semantics every implementation keeps (those of the StoreService, keel.store.v1):
 - artifacts are content-addressed: `put_artifact` of the same bytes twice stores them once,
   `get_artifact` of an unknown id raises `artifact_not_found` (NOT_FOUND).
 - `trim` deletes a stream's events below `before_seq`; head and label stay.
+- the due-time index: an append may set (`due_at_us` > 0) or clear (0) the stream's due time with
+  the same append, and only if it lands; `list_due` finds the streams due by a time, earliest first.
 
 `patience` (seconds, FOREVER to wait for good) bounds how long a call waits for an unreachable
 store; an implementation that is always reachable ignores it.
@@ -58,6 +60,15 @@ class AppendResult:
 
 
 @dataclass(frozen=True)
+class DueStream:
+    """A stream in the store's due-time index: its id, due time (µs since the epoch) and head."""
+
+    stream_id: str
+    due_at_us: int
+    head_seq: int
+
+
+@dataclass(frozen=True)
 class StreamSummary:
     """A stream in a ListStreams page."""
 
@@ -88,9 +99,17 @@ class EventLog(Protocol):
         patience: float | None = None,
         expected_any: bool = False,
         attributes: Mapping[str, str] | None = None,
+        due_at_us: int | None = None,
     ) -> AppendResult:
-        """Append (type, payload) events atomically after `expected_seq`, with (kind, bytes) artifacts
-        and the stream's `attributes`."""
+        """Append (type, payload) events atomically after `expected_seq`, with (kind, bytes) artifacts,
+        the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it)."""
+        ...
+
+    async def list_due(
+        self, before_us: int, *, prefix: str, limit: int = 100, patience: float | None = None
+    ) -> tuple[list[DueStream], int]:
+        """Streams with `prefix` due by `before_us`, earliest first (at most `limit`), and the
+        earliest due time of one not listed (0: none)."""
         ...
 
     async def read(

@@ -80,6 +80,14 @@ _SET_ATTRIBUTES = (
     "JOIN streams s ON s.stream_id = u.stream_id "
     "ON CONFLICT (sid, key) DO UPDATE SET value = excluded.value"
 )
+# Due times of the appends of a group that committed: set (upsert) or cleared (0 deletes).
+_SET_DUE = (
+    "INSERT INTO stream_due (stream_id, due_at_us) "
+    "SELECT u.stream_id, u.due_at_us FROM unnest($1::text[], $2::int8[]) AS u(stream_id, due_at_us) "
+    "WHERE u.due_at_us > 0 "
+    "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = excluded.due_at_us"
+)
+_CLEAR_DUE = "DELETE FROM stream_due WHERE stream_id = ANY($1::text[])"
 # One statement, one snapshot: the head and the events always agree.
 _READ = (
     "SELECT h.head_seq, e.seq, e.type, e.payload, e.recorded_at_us "
@@ -364,12 +372,19 @@ class PostgresStoreBackend(SqlStoreBackend):
     async def _append_on(
         self, conn: asyncpg.pool.PoolConnectionProxy[Record], group: list[AppendJob]
     ) -> list[Record]:
-        """Call append_group; if the group sets attributes, set those of the appends that committed
-        in the same transaction (one more round trip, only for such groups)."""
-        if not any(job.attributes for job in group):
+        """Call append_group; if the group sets attributes or due times, set those of the appends
+        that committed in the same transaction (more round trips, only for such groups)."""
+        if not any(job.attributes or job.due_at_us is not None for job in group):
             return await _fetch_on(conn, _APPEND_GROUP, _group_arguments(group, self.channel))
         async with conn.transaction():
             rows = await _fetch_on(conn, _APPEND_GROUP, _group_arguments(group, self.channel))
+            due: dict[str, int] = {}  # later appends of the group win
+            for job, row in zip(group, rows, strict=True):
+                if not bool(row[2]) and job.due_at_us is not None:
+                    due[job.stream_id] = job.due_at_us
+            if due:
+                await _fetch_on(conn, _CLEAR_DUE, [[sid for sid, at in due.items() if at <= 0]])
+                await _fetch_on(conn, _SET_DUE, [list(due), list(due.values())])
             # Later appends of the group win for a key; one row per (stream, key) for ON CONFLICT.
             chosen: dict[tuple[str, str], str] = {}
             for job, row in zip(group, rows, strict=True):

@@ -197,11 +197,22 @@ CREATE TABLE stream_attributes (
 CREATE INDEX stream_attributes_by_value ON stream_attributes (key, value, sid);
 """
 
+# The due-time index of parked runs: set and cleared by appends, in the append's transaction (see
+# the backend); ListDue walks the second index from the earliest due time.
+_DUE = """
+CREATE TABLE stream_due (
+    stream_id text PRIMARY KEY REFERENCES streams (stream_id),
+    due_at_us bigint NOT NULL
+);
+CREATE INDEX stream_due_by_time ON stream_due (due_at_us, stream_id);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "streams, events and artifacts", _TABLES),
     Migration(2, "append_group: one round trip per group commit", _APPEND_GROUP),
     Migration(3, "append_group: compare-and-swap the head row too (TrimStream)", _APPEND_GROUP_HEAD_CAS),
     Migration(4, "stream_attributes: per-stream attributes set with an append", _ATTRIBUTES),
+    Migration(5, "stream_due: the due-time index of parked streams", _DUE),
 )
 
 

@@ -45,6 +45,13 @@ CREATE TABLE IF NOT EXISTS stream_attributes (
     PRIMARY KEY (sid, key)
 );
 CREATE INDEX IF NOT EXISTS stream_attributes_by_value ON stream_attributes (key, value, sid);
+-- The due-time index (parked runs' timers): set and cleared by appends, in their transaction.
+-- IF NOT EXISTS: files made before it existed gain it (empty) when a newer store opens them.
+CREATE TABLE IF NOT EXISTS stream_due (
+    stream_id TEXT PRIMARY KEY,
+    due_at_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stream_due_by_time ON stream_due (due_at_us, stream_id);
 -- The primary key is the compare-and-swap backstop: two appends can never both own a seq.
 CREATE TABLE IF NOT EXISTS events (
     stream_id TEXT NOT NULL,
@@ -88,6 +95,11 @@ _SET_ATTRIBUTE = (
     "INSERT INTO stream_attributes (sid, key, value) SELECT sid, ?, ? FROM streams WHERE stream_id = ? "
     "ON CONFLICT (sid, key) DO UPDATE SET value = excluded.value"
 )
+_SET_DUE = (
+    "INSERT INTO stream_due (stream_id, due_at_us) VALUES (?, ?) "
+    "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = excluded.due_at_us"
+)
+_CLEAR_DUE = "DELETE FROM stream_due WHERE stream_id = ?"
 _INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES (?, ?, ?)"
 _INSERT_ARTIFACT = (
     "INSERT INTO artifacts (artifact_id, kind, size, blob_id, created_at_us) VALUES (?, ?, ?, ?, ?)"
@@ -196,6 +208,7 @@ class SqliteWriter:
             blob_rows: list[ChunkRow] = []
             artifact_rows: list[tuple[str, str, int, str, int]] = []
             attribute_rows: list[tuple[str, str, str]] = []
+            due: dict[str, int] = {}  # stream id -> its new due time (0: cleared); later appends win
             outcomes: list[AppendOutcome] = []
             for request in group:
                 sid = request.stream_id
@@ -218,6 +231,8 @@ class SqliteWriter:
                     status = known[sid][1] if sid in known else 0
                 stream_rows[sid] = (sid, new_head, status, now, now)
                 attribute_rows.extend((key, value, sid) for key, value in request.attributes.items())
+                if request.due_at_us is not None:
+                    due[sid] = request.due_at_us
                 for artifact, artifact_id in zip(request.artifacts, request.artifact_ids, strict=True):
                     if artifact_id not in stored:
                         stored.add(artifact_id)
@@ -228,6 +243,9 @@ class SqliteWriter:
             _insert_rows(conn, _UPSERT_STREAMS, _STREAM_ROW, list(stream_rows.values()), _ON_STREAM_CONFLICT)
             if attribute_rows:
                 conn.executemany(_SET_ATTRIBUTE, attribute_rows)
+            if due:
+                conn.executemany(_SET_DUE, [(sid, at) for sid, at in due.items() if at > 0])
+                conn.executemany(_CLEAR_DUE, [(sid,) for sid, at in due.items() if at <= 0])
             if artifact_rows:
                 conn.executemany(_INSERT_CHUNK, blob_rows)
                 conn.executemany(_INSERT_ARTIFACT, artifact_rows)

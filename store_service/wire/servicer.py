@@ -122,8 +122,19 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         status = limits.check_status_label(request.status)
         artifacts = _new_artifacts(request, self._max_artifact_bytes)
         attributes = limits.check_attributes(dict(request.attributes))
+        due_at_us = (
+            limits.check_due_at("due_at_us", request.due_at_us, zero=True)
+            if request.HasField("due_at_us")
+            else None
+        )
         result = await self._backend.append(
-            stream_id, expected, events, status=status, artifacts=artifacts, attributes=attributes
+            stream_id,
+            expected,
+            events,
+            status=status,
+            artifacts=artifacts,
+            attributes=attributes,
+            due_at_us=due_at_us,
         )
         metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
         if result.artifact_ids:
@@ -187,6 +198,22 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                 for s in page.streams
             ],
             next_page_token=page.next_page_token,
+        )
+
+    @translated
+    async def ListDue(self, request: store_pb2.ListDueRequest, context: Context) -> store_pb2.ListDueResponse:
+        """The streams due by `before_us`, earliest first, and the next due time after them."""
+        page = await self._backend.list_due(
+            limits.check_due_at("before_us", request.before_us, zero=False),
+            prefix=limits.check_prefix(request.prefix),
+            limit=limits.due_limit(request.limit),
+        )
+        return store_pb2.ListDueResponse(
+            due=[
+                store_pb2.DueStream(stream_id=d.stream_id, due_at_us=d.due_at_us, head_seq=d.head_seq)
+                for d in page.due
+            ],
+            next_due_at_us=page.next_due_at_us,
         )
 
     @translated_stream

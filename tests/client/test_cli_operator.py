@@ -230,7 +230,9 @@ def test_a_service_that_dies_with_a_traceback_still_logs_json_and_is_named(tmp_p
 def test_run_wait_shows_the_steps_a_cancel_cut_as_canceled(engine_address: str, tmp_path: Path) -> None:
     path = tmp_path / "nap.yaml"
     nap = pipeline(
-        "cli-cancel", step("nap", "keel.sleep", {"seconds": 300}), step("after", "keel.echo", None, ("nap",))
+        "cli-cancel",
+        step("nap", "keel.sleep_in_process", {"seconds": 300}),
+        step("after", "keel.echo", None, ("nap",)),
     )
     path.write_text(yaml.safe_dump({"pipeline": nap}))
     follow = subprocess.Popen(

@@ -589,7 +589,7 @@ async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluste
 
 
 async def test_unwaited_start_makes_run_started_durable_before_answering(cluster: Cluster) -> None:
-    steps = pipeline(step("nap", "keel.sleep", {"seconds": 30}))  # parked by the fixture's drain
+    steps = pipeline(step("nap", "keel.sleep_in_process", {"seconds": 30}))  # parked by the fixture's drain
     started = await cluster.stub.StartRun(engine_pb2.StartRunRequest(pipeline=steps))
     head = await cluster.store_stub.HeadSeq(store_pb2.HeadSeqRequest(stream_id=f"run:{started.run_id}"))
     assert head.head_seq >= 1 and head.status == store_pb2.STREAM_STATUS_ACTIVE

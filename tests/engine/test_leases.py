@@ -4,7 +4,7 @@ Each run's only step (`test.gated_calls`) makes a recorded call, waits for the t
 and makes another: the test changes which engine drives the runs while every op waits at the
 gate, then opens it. The counting transport's fsynced log shows each fact was called once.
 
-The cost tests (in-process engines, `keel.sleep` runs) count what lease upkeep writes to the store:
+The cost tests (in-process engines, `keel.sleep_in_process` runs) count what lease upkeep writes to the store:
 one lease event per run that changes hands, heartbeats per engine over time, whatever the number
 of runs, and one liveness read per holder engine per takeover scan.
 """
@@ -424,7 +424,7 @@ async def _sleepy_engine(store_address: str, engine_id: str, *, scan: bool = Tru
 
 def _sleep_run(seconds: float) -> engine_pb2.StartRunRequest:
     return engine_pb2.StartRunRequest(
-        op=engine_pb2.SingleOp(op_id="keel.sleep", op_config=to_value({"seconds": seconds}))
+        op=engine_pb2.SingleOp(op_id="keel.sleep_in_process", op_config=to_value({"seconds": seconds}))
     )
 
 

@@ -25,11 +25,11 @@ from tests.engine.test_terminalize import terminalize
 WAIT = 60.0
 
 
-def two_sleeps(seconds: float, max_parallel: int = 0) -> engine_pb2.Pipeline:
-    """Two independent sleeps."""
+def two_sleeps(seconds: float, max_parallel: int = 0, op_id: str = "keel.sleep") -> engine_pb2.Pipeline:
+    """Two independent sleeps (durable timers; `keel.sleep_in_process` keeps each op running)."""
     built = pipeline(
-        step("left", "keel.sleep", {"seconds": seconds}),
-        step("right", "keel.sleep", {"seconds": seconds}),
+        step("left", op_id, {"seconds": seconds}),
+        step("right", op_id, {"seconds": seconds}),
         pipeline_id="two-sleeps",
     )
     built.max_parallel = max_parallel
@@ -156,7 +156,11 @@ async def test_an_engine_killed_with_two_branches_in_flight_resumes_both_as_atte
         stub = engine_pb2_grpc.EngineServiceStub(channel)
         with contextlib.suppress(grpc.aio.AioRpcError):  # the engine may die before it answers
             await stub.StartRun(
-                engine_pb2.StartRunRequest(pipeline=two_sleeps(1.0), run_id=run_id), timeout=30
+                # Ops running in the engine (not parked timers): both branches are orphans after the kill.
+                engine_pb2.StartRunRequest(
+                    pipeline=two_sleeps(1.0, op_id="keel.sleep_in_process"), run_id=run_id
+                ),
+                timeout=30,
             )
         await channel.close(grace=None)
         assert await asyncio.wait_for(doomed.process.wait(), 30) == -9, "the failpoint did not fire"

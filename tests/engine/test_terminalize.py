@@ -375,6 +375,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),
         attributes: Mapping[str, str] | None = None,
+        due_at_us: int | None = None,
     ) -> AppendResult:
         """Refuse, or append as SQLite does."""
         refused = sorted({e.type for e in events} & self.rejected)
@@ -387,7 +388,13 @@ class AppendRejectingBackend(SqliteStoreBackend):
                 category=ErrorCategory.INTERNAL,
             )
         return await super().append(
-            stream_id, expected, events, status=status, artifacts=artifacts, attributes=attributes
+            stream_id,
+            expected,
+            events,
+            status=status,
+            artifacts=artifacts,
+            attributes=attributes,
+            due_at_us=due_at_us,
         )
 
 

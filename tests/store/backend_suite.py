@@ -357,6 +357,74 @@ class StoreBackendSuite(abc.ABC):
             assert caught.value.code == "invalid_page_token"
             assert caught.value.category is ErrorCategory.INVALID_ARGUMENT
 
+    # -- the due-time index -----------------------------------------------------------------
+
+    async def test_due_time_is_set_with_the_append_listed_earliest_first_and_cleared(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append(
+            "run:a", Expected.no_stream(), events("x"), status=StreamStatus.PARKED, due_at_us=300
+        )
+        await backend.append("run:b", Expected.no_stream(), events("x"), due_at_us=100)
+        await backend.append("run:c", Expected.no_stream(), events("x"), due_at_us=200)
+        await backend.append("other:d", Expected.no_stream(), events("x"), due_at_us=50)
+        await backend.append("run:e", Expected.no_stream(), events("x"))
+        page = await backend.list_due(250, prefix="run:")
+        assert [(d.stream_id, d.due_at_us, d.head_seq) for d in page.due] == [
+            ("run:b", 100, 1),
+            ("run:c", 200, 1),
+        ]
+        assert page.next_due_at_us == 300
+        # An append without a due time keeps it; 0 clears it; a new one replaces it.
+        await backend.append("run:b", Expected.exact(1), events("y"))
+        await backend.append("run:c", Expected.exact(1), events("y"), due_at_us=0)
+        await backend.append("run:a", Expected.exact(1), events("y"), due_at_us=150)
+        page = await backend.list_due(10_000, prefix="run:")
+        assert [(d.stream_id, d.due_at_us, d.head_seq) for d in page.due] == [
+            ("run:b", 100, 2),
+            ("run:a", 150, 2),
+        ]
+        assert page.next_due_at_us == 0
+        assert [d.stream_id for d in (await backend.list_due(60)).due] == ["other:d"]
+        assert (await backend.head("run:a")).status is StreamStatus.PARKED
+
+    async def test_list_due_stops_at_its_limit_and_names_the_next_due_time(
+        self, backend: StoreBackend
+    ) -> None:
+        for i in range(5):
+            await backend.append(f"s{i}", Expected.no_stream(), events("x"), due_at_us=10 + i)
+        page = await backend.list_due(100, limit=3)
+        assert [d.stream_id for d in page.due] == ["s0", "s1", "s2"]
+        assert page.next_due_at_us == 13
+
+    async def test_conflicting_append_sets_no_due_time(self, backend: StoreBackend) -> None:
+        await backend.append("r", Expected.no_stream(), events("a"), due_at_us=500)
+        with pytest.raises(KeelError):
+            await backend.append("r", Expected.exact(0), events("b"), due_at_us=0)
+        with pytest.raises(KeelError):
+            await backend.append("new", Expected.exact(3), events("b"), due_at_us=5)
+        page = await backend.list_due(1000)
+        assert [(d.stream_id, d.due_at_us) for d in page.due] == [("r", 500)]
+
+    async def test_parked_streams_are_listed_under_their_own_label_only(self, backend: StoreBackend) -> None:
+        await backend.append("p", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        await backend.append("p", Expected.exact(1), events("b"), status=StreamStatus.PARKED, due_at_us=9)
+        await backend.append("q", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        active = await backend.list_streams(statuses=[StreamStatus.ACTIVE])
+        parked = await backend.list_streams(statuses=[StreamStatus.PARKED])
+        assert [s.stream_id for s in active.streams] == ["q"]
+        assert [s.stream_id for s in parked.streams] == ["p"]
+
+    async def test_due_times_of_many_appends_in_one_group_all_land(self, backend: StoreBackend) -> None:
+        await asyncio.gather(
+            *(
+                backend.append(f"g{i}", Expected.no_stream(), events("a"), due_at_us=1000 - i)
+                for i in range(50)
+            )
+        )
+        page = await backend.list_due(2000, limit=1000)
+        assert [d.stream_id for d in page.due] == [f"g{i}" for i in reversed(range(50))]
+
     # -- attributes ------------------------------------------------------------------------
 
     async def test_attributes_are_set_with_the_append_and_listed(self, backend: StoreBackend) -> None:

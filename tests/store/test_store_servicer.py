@@ -137,6 +137,20 @@ async def test_list_streams_filters_and_pages(stub: StoreServiceAsyncStub) -> No
     assert [s.stream_id for s in rest.streams] == ["run-0"] and rest.next_page_token == ""
 
 
+async def test_due_times_travel_with_appends_and_list_due_finds_them(stub: StoreServiceAsyncStub) -> None:
+    await stub.AppendEvents(append_request("run:a", due_at_us=200, status=pb.STREAM_STATUS_PARKED))
+    await stub.AppendEvents(append_request("run:b", due_at_us=100))
+    await stub.AppendEvents(append_request("run:c"))
+    listed = await stub.ListDue(pb.ListDueRequest(before_us=150, prefix="run:"))
+    assert [(d.stream_id, d.due_at_us, d.head_seq) for d in listed.due] == [("run:b", 100, 1)]
+    assert listed.next_due_at_us == 200
+    await stub.AppendEvents(append_request("run:b", kind=pb.EXPECTED_KIND_EXACT, seq=1, due_at_us=0))
+    listed = await stub.ListDue(pb.ListDueRequest(before_us=10**15))
+    assert [d.stream_id for d in listed.due] == ["run:a"]
+    head = await stub.HeadSeq(pb.HeadSeqRequest(stream_id="run:a"))
+    assert head.status == pb.STREAM_STATUS_PARKED
+
+
 async def test_subscribe_streams_existing_then_live_until_cancelled(stub: StoreServiceAsyncStub) -> None:
     await stub.AppendEvents(append_request("feed", events=[ev("A"), ev("B")]))
     call = stub.SubscribeEvents(pb.SubscribeEventsRequest(stream_id="feed", after_seq=1))
@@ -294,6 +308,19 @@ BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "invalid_event_type",
     ),
     ("unknown status", _append(status=42), grpc.StatusCode.INVALID_ARGUMENT, "invalid_status"),
+    ("negative due time", _append(due_at_us=-1), grpc.StatusCode.INVALID_ARGUMENT, "invalid_due_at"),
+    (
+        "list due without a time",
+        lambda stub: stub.ListDue(pb.ListDueRequest(before_us=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_due_at",
+    ),
+    (
+        "list due limit too big",
+        lambda stub: stub.ListDue(pb.ListDueRequest(before_us=1, limit=1001)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_limit",
+    ),
     (
         "inline artifact without kind",
         _append(artifacts=[pb.InlineArtifact(kind="", data=b"x")]),

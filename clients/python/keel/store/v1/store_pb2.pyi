@@ -64,6 +64,10 @@ class _StreamStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StreamSt
     """The stream's subject finished with a failure."""
     STREAM_STATUS_CANCELED: _StreamStatus.ValueType  # 4
     """The stream's subject was canceled."""
+    STREAM_STATUS_PARKED: _StreamStatus.ValueType  # 5
+    """The stream's subject is waiting (a parked run: nothing drives it until a
+    due time or a wake-up); scans for active streams skip it.
+    """
 
 class StreamStatus(_StreamStatus, metaclass=_StreamStatusEnumTypeWrapper):
     """A small, fixed vocabulary of stream lifecycle labels. An append may set the
@@ -81,6 +85,10 @@ STREAM_STATUS_FAILED: StreamStatus.ValueType  # 3
 """The stream's subject finished with a failure."""
 STREAM_STATUS_CANCELED: StreamStatus.ValueType  # 4
 """The stream's subject was canceled."""
+STREAM_STATUS_PARKED: StreamStatus.ValueType  # 5
+"""The stream's subject is waiting (a parked run: nothing drives it until a
+due time or a wake-up); scans for active streams skip it.
+"""
 Global___StreamStatus: _TypeAlias = StreamStatus  # noqa: Y015
 
 @_typing.final
@@ -208,6 +216,7 @@ class AppendEventsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    DUE_AT_US_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """The stream to append to (1 to 200 characters)."""
     expected_kind: Global___ExpectedKind.ValueType
@@ -216,6 +225,12 @@ class AppendEventsRequest(_message.Message):
     """The head the stream must have, with EXPECTED_KIND_EXACT (0 or more)."""
     status: Global___StreamStatus.ValueType
     """If set, the stream's status label becomes this, in the same transaction."""
+    due_at_us: _builtins.int
+    """The stream's due time (microseconds since the Unix epoch), set in the same
+    transaction as the events, and only if the append commits: absent keeps
+    the stream's due time, 0 clears it, more than 0 sets it (ListDue finds the
+    stream from then on). Negative is INVALID_ARGUMENT, reason `invalid_due_at`.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventData]:
         """The events, appended in order (1 to 1000 events)."""
@@ -244,12 +259,15 @@ class AppendEventsRequest(_message.Message):
         status: Global___StreamStatus.ValueType = ...,
         artifacts: _abc.Iterable[Global___InlineArtifact] | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        due_at_us: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "due_at_us", b"due_at_us"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attributes", b"attributes", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "artifacts", b"artifacts", "attributes", b"attributes", "due_at_us", b"due_at_us", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__due_at_us: _TypeAlias = _typing.Literal["due_at_us"]  # noqa: Y015
+    _WhichOneofArgType__due_at_us: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__due_at_us) -> _WhichOneofReturnType__due_at_us | None: ...
 
 Global___AppendEventsRequest: _TypeAlias = AppendEventsRequest  # noqa: Y015
 
@@ -829,3 +847,95 @@ class HasArtifactResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HasArtifactResponse: _TypeAlias = HasArtifactResponse  # noqa: Y015
+
+@_typing.final
+class ListDueRequest(_message.Message):
+    """Request of ListDue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_US_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    before_us: _builtins.int
+    """List streams due at or before this time (microseconds since the Unix
+    epoch; more than 0, else INVALID_ARGUMENT, reason `invalid_due_at`).
+    """
+    prefix: _builtins.str
+    """Only streams whose id starts with this prefix."""
+    limit: _builtins.int
+    """The most streams to return (0 means the default of 100; at most 1000)."""
+    def __init__(
+        self,
+        *,
+        before_us: _builtins.int = ...,
+        prefix: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_us", b"before_us", "limit", b"limit", "prefix", b"prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDueRequest: _TypeAlias = ListDueRequest  # noqa: Y015
+
+@_typing.final
+class DueStream(_message.Message):
+    """A stream that is due."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    DUE_AT_US_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The stream's id."""
+    due_at_us: _builtins.int
+    """Its due time (microseconds since the Unix epoch)."""
+    head_seq: _builtins.int
+    """Its head when listed: the sequence a wake-up appends after."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        due_at_us: _builtins.int = ...,
+        head_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_at_us", b"due_at_us", "head_seq", b"head_seq", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DueStream: _TypeAlias = DueStream  # noqa: Y015
+
+@_typing.final
+class ListDueResponse(_message.Message):
+    """Response of ListDue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DUE_FIELD_NUMBER: _builtins.int
+    NEXT_DUE_AT_US_FIELD_NUMBER: _builtins.int
+    next_due_at_us: _builtins.int
+    """The earliest due time of a matching stream not listed here (later than
+    `before_us`, or past the limit), 0 when there is none.
+    """
+    @_builtins.property
+    def due(self) -> _containers.RepeatedCompositeFieldContainer[Global___DueStream]:
+        """The due streams, earliest first."""
+
+    def __init__(
+        self,
+        *,
+        due: _abc.Iterable[Global___DueStream] | None = ...,
+        next_due_at_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due", b"due", "next_due_at_us", b"next_due_at_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDueResponse: _TypeAlias = ListDueResponse  # noqa: Y015

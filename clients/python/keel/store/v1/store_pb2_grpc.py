@@ -86,6 +86,11 @@ class StoreServiceStub:
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamRequest.SerializeToString,
                 response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamResponse.FromString,
                 _registered_method=True)
+        self.ListDue = channel.unary_unary(
+                '/keel.store.v1.StoreService/ListDue',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -181,6 +186,17 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDue(self, request, context):
+        """Lists the streams whose due time (set by AppendEventsRequest.due_at_us, in
+        the same transaction as an append) is at or before `before_us`, earliest
+        first, and the earliest due time after them, so that a caller can sleep
+        until then. This is the due-time index of parked runs: an engine finds
+        due timers with one query, never by scanning runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +244,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.TrimStream,
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamRequest.FromString,
                     response_serializer=keel_dot_store_dot_v1_dot_store__pb2.TrimStreamResponse.SerializeToString,
+            ),
+            'ListDue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDue,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +501,33 @@ class StoreService:
             '/keel.store.v1.StoreService/TrimStream',
             keel_dot_store_dot_v1_dot_store__pb2.TrimStreamRequest.SerializeToString,
             keel_dot_store_dot_v1_dot_store__pb2.TrimStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.store.v1.StoreService/ListDue',
+            keel_dot_store_dot_v1_dot_store__pb2.ListDueRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.ListDueResponse.FromString,
             options,
             channel_credentials,
             insecure,

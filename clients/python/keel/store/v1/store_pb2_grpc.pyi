@@ -86,6 +86,13 @@ class StoreServiceStub:
     An unknown stream is treated as an empty one (head 0), as HeadSeq does:
     trimming it removes nothing. Repeating a trim is a no-op.
     """
+    ListDue: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListDueRequest, _store_pb2.ListDueResponse]
+    """Lists the streams whose due time (set by AppendEventsRequest.due_at_us, in
+    the same transaction as an append) is at or before `before_us`, earliest
+    first, and the earliest due time after them, so that a caller can sleep
+    until then. This is the due-time index of parked runs: an engine finds
+    due timers with one query, never by scanning runs.
+    """
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -144,6 +151,13 @@ class StoreServiceAsyncStub(StoreServiceStub):
     `before_seq` past head + 1 is INVALID_ARGUMENT, reason `invalid_sequence`.
     An unknown stream is treated as an empty one (head 0), as HeadSeq does:
     trimming it removes nothing. Repeating a trim is a no-op.
+    """
+    ListDue: _aio.UnaryUnaryMultiCallable[_store_pb2.ListDueRequest, _store_pb2.ListDueResponse]  # type: ignore[assignment]
+    """Lists the streams whose due time (set by AppendEventsRequest.due_at_us, in
+    the same transaction as an append) is at or before `before_us`, earliest
+    first, and the earliest due time after them, so that a caller can sleep
+    until then. This is the due-time index of parked runs: an engine finds
+    due timers with one query, never by scanning runs.
     """
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -254,6 +268,19 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         `before_seq` past head + 1 is INVALID_ARGUMENT, reason `invalid_sequence`.
         An unknown stream is treated as an empty one (head 0), as HeadSeq does:
         trimming it removes nothing. Repeating a trim is a no-op.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDue(
+        self,
+        request: _store_pb2.ListDueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.ListDueResponse, _abc.Awaitable[_store_pb2.ListDueResponse]]:
+        """Lists the streams whose due time (set by AppendEventsRequest.due_at_us, in
+        the same transaction as an append) is at or before `before_us`, earliest
+        first, and the earliest due time after them, so that a caller can sleep
+        until then. This is the due-time index of parked runs: an engine finds
+        due timers with one query, never by scanning runs.
         """
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,50 @@
+"""Parked steps: what an attempt waits for, as data (DESIGN.md "Runs that wait").
+
+An op (a built-in such as `keel.sleep`, or any registered op) parks its attempt by returning a
+`ParkStep` instead of its output. The driver records it in the run's stream as
+`StepWaiting{step_id, attempt, wait}` and from then on the attempt holds no coroutine: it is
+*waiting*, not an orphan, so a resumed run never reruns its op. A waiting attempt settles in one
+of two ways, each recorded by the engine holding the run, through the run stream's sequence
+compare-and-swap (so exactly once):
+
+- its due time (`until_us`, absolute, microseconds since the epoch) passes: the step completes
+  with `output`, or fails with `error` when one is given (a wait's timeout);
+- something else ends the wait first (a signal, a remote task's outcome): a `WaitResolver`
+  registered for the wait's `kind` (engine_service.runtime.parking) answers with a `WaitOutcome`.
+
+When nothing of a run can go on (every open attempt waits, and the earliest due time is more than
+`PARK_AFTER_US` away), the decision says `ParkRun`: the driver appends `RunParked{due_at_us}`, labels
+the run stream `parked` and sets the store's due-time index entry in that same append, and ends.
+The run then costs nothing but that index entry; `RunResumed` (same append: label `active`, due
+time cleared) starts the next engine's turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine_service.domain.events import ErrorRecord, ParkStep
+
+# A wait due sooner than this is waited for in the running driver (a timer, no coroutine per step);
+# a later one parks the run.
+PARK_AFTER_US = 1_000_000
+
+# Wait kinds Keel writes (a resolver may be registered for others).
+TIMER = "timer"
+
+
+@dataclass(frozen=True)
+class WaitOutcome:
+    """How a waiting attempt ends: completed with `output`, or failed with `error`."""
+
+    output: Any = None
+    error: ErrorRecord | None = None
+
+
+def due_outcome(wait: ParkStep) -> WaitOutcome:
+    """What a wait's due time means for its step."""
+    return WaitOutcome(wait.output, wait.error)
+
+
+__all__ = ["PARK_AFTER_US", "TIMER", "ParkStep", "WaitOutcome", "due_outcome"]
