@@ -38,5 +38,6 @@ class RunEnvironment:
         if self.task_board is None:
             self.task_board = TaskBoard(self.store)
         return self.task_board
+
     # wait kind -> what may end such a wait before its due time (engine_service.runtime.parking)
     wait_resolvers: dict[str, WaitResolver] = field(default_factory=dict)

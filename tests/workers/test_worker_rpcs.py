@@ -62,7 +62,8 @@ async def test_start_to_close_of_a_hung_worker_fails_each_attempt_then_the_run(s
 
 async def test_start_to_close_of_a_hung_in_process_op_cancels_it_and_fails_each_attempt(stack: Stack) -> None:
     async with AsyncKeelClient(stack.engine) as client:
-        step = {"op_id": "keel.sleep", "op_config": {"seconds": 3600}, "start_to_close_timeout": "0.2s"}
+        hung = {"op_id": "keel.sleep_in_process", "op_config": {"seconds": 3600}}
+        step = {**hung, "start_to_close_timeout": "0.2s"}
         await _failed_with(client, step, "step_timeout")
 
 
