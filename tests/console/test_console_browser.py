@@ -363,10 +363,10 @@ def test_rerun_from_a_step_opens_the_new_run(browser: Any, console_url: str, kee
     Select(one(browser, "#rerun-step")).select_by_value("second")
     one(browser, "#rerun").click()
     wait_for(browser, lambda: done.run_id[:8] in one(browser, "#rerun-of").text, "the rerun's page")
+    ended(browser)
     new_id = browser.current_url.rsplit("/", 1)[1]
     assert new_id != done.run_id
     assert "from step second" in one(browser, "#rerun-of").text
-    ended(browser)
     assert attribute(browser, '#dag-svg g.node[data-step-id="first"]', "data-reused") == "1"
     assert attribute(browser, '#dag-svg g.node[data-step-id="second"]', "data-reused") is None
     assert done.run_id[:8] in one(browser, '#steps-table tr[data-step-id="first"] .reused').text
