@@ -8,10 +8,11 @@ TaskScheduled as event 1 (an append expecting no stream: one attempt is never is
     TaskClaimed        a worker took it (compare-and-swap at seq 1: one worker wins); the claim's
                        seq is its fencing value and is named by the task token
     TaskHeartbeat      the claim's worker is alive: its lease now ends at `lease_deadline_us`
-    TaskReleased       the claim was given up before its worker was heard from: its PollTask was
-                       cancelled, or its lease ran out with no heartbeat, fact or outcome under it
-                       (a paused worker's long poll that claimed a task it never saw). The task is
-                       pending again, the attempt goes on, and that worker is not given it again
+    TaskReleased       the claim was given up before its worker was heard from: its PollTask ended
+                       first (cancelled, or timed out as the claim was written), or its lease ran
+                       out with no heartbeat, fact or outcome under it (a paused worker's long poll
+                       that claimed a task it never saw). The task is pending again and the attempt
+                       goes on; after a lease ran out, that worker's older polls do not get it again
     TaskFactRecorded   an I/O answer the worker recorded (RecordFact)
     TaskCompleted      the worker's output              } the outcome: at most one, the last
     TaskFailed         the worker's error               } event; any writer appends it with a
@@ -144,11 +145,16 @@ class TaskHeartbeat:
 
 @dataclass(frozen=True)
 class TaskReleased:
-    """The claim was given up unused: the task waits for a worker again (not `worker_id`)."""
+    """The claim was given up unused: the task waits for a worker again.
+
+    `exclude`: the claim's lease ran out unheard (its worker is paused, or its poll's answer was
+    lost): polls `worker_id` made before this release are not given the task again.
+    """
 
     claim: int
     worker_id: str
     at_us: int
+    exclude: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,8 @@ def encode_task_event(event: TaskEvent) -> tuple[str, bytes]:
             data |= {"claim": event.claim, "lease_deadline_us": event.lease_deadline_us, "at_us": event.at_us}
         case TaskReleased():
             data |= {"claim": event.claim, "worker_id": event.worker_id, "at_us": event.at_us}
+            if event.exclude:
+                data["exclude"] = True
         case TaskFactRecorded():
             data |= {
                 "claim": event.claim,
@@ -292,7 +300,7 @@ def _from_json(type_name: str, d: dict[str, Any]) -> TaskEvent | None:
         case streams.TASK_HEARTBEAT:
             return TaskHeartbeat(int(d["claim"]), int(d["lease_deadline_us"]), at)
         case streams.TASK_RELEASED:
-            return TaskReleased(int(d["claim"]), str(d.get("worker_id", "")), at)
+            return TaskReleased(int(d["claim"]), str(d.get("worker_id", "")), at, d.get("exclude") is True)
         case streams.TASK_FACT_RECORDED:
             return TaskFactRecorded(
                 int(d["claim"]), str(d["namespace"]), str(d["fact_key"]), d.get("response"), at
@@ -320,7 +328,8 @@ class TaskState:
     claimed_at_us: int = 0
     lease_deadline_us: int = 0  # 0: no expiry
     heard: bool = False  # the claim's worker heartbeated or recorded a fact
-    released_workers: frozenset[str] = frozenset()  # workers whose claims were released unheard
+    # worker id -> when a claim of it ran out unheard: its polls from before then are stale
+    released_workers: Mapping[str, int] = field(default_factory=dict)
     facts: Mapping[str, TaskFactRecorded] = field(default_factory=dict)
     outcome: TaskOutcome | None = None
 
@@ -355,7 +364,9 @@ def _apply(state: TaskState, event: TaskEvent | None) -> TaskState:
         case TaskHeartbeat() if event.claim == state.claim:
             return replace(state, lease_deadline_us=event.lease_deadline_us, heard=True)
         case TaskReleased() if event.claim == state.claim and state.claim:
-            released = state.released_workers | {event.worker_id}
+            released = state.released_workers
+            if event.exclude:
+                released = {**released, event.worker_id: event.at_us}
             return replace(
                 state, claim=0, worker_id="", claimed_at_us=0, lease_deadline_us=0, released_workers=released
             )

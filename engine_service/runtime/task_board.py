@@ -226,7 +226,7 @@ class TaskBoard:
     async def release(self, stream_id: str, state: TaskState) -> TaskState:
         """Give up a claim its worker never acknowledged: the task is pending again (hinted anew)."""
         assert state.scheduled is not None
-        event = TaskReleased(state.claim, state.worker_id, now_us())
+        event = TaskReleased(state.claim, state.worker_id, now_us(), exclude=True)
         await self.store.append(
             stream_id,
             [encode_task_event(event)],

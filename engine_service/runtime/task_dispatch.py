@@ -19,13 +19,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine_service.domain.canonical import parse_json_bytes
 from engine_service.domain.streams import TASK_OPEN_LABEL, TASK_STREAM_PREFIX, queue_stream_id
 from engine_service.domain.tasks import OP_ATTRIBUTE, PENDING, QUEUE_ATTRIBUTE, STATE_ATTRIBUTE
 from engine_service.runtime.task_board import Hint
 from engine_service.store.port import EventLog
+from keel_core.clock import now_us
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Poller:
     wanted: frozenset[str]
     result: asyncio.Future[object]
     busy: bool = False  # a claim for it is being written
+    since_us: int = field(default_factory=now_us)  # when the poll began
 
     def wants(self, op: str) -> bool:
         """Whether this poller takes a task of `op` (`op_id@version`)."""
@@ -68,7 +70,7 @@ class QueueDispatcher:
         self.hints: collections.deque[Hint] = collections.deque()
         self._hinted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._unwanted: list[Hint] = []  # hints no waiting poller's ops matched
-        self._excluded: dict[str, set[str]] = {}  # task stream -> workers it is not given to
+        self._excluded: dict[str, set[int]] = {}  # task stream -> the polls (ids) it is not given to
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -121,7 +123,7 @@ class QueueDispatcher:
                     continue
                 hint = self.hints.popleft()
                 excluded = self._excluded.get(hint.stream_id, set())
-                poller = next((p for p in free if p.wants(hint.op) and p.worker_id not in excluded), None)
+                poller = next((p for p in free if p.wants(hint.op) and id(p) not in excluded), None)
                 if poller is None:
                     self._unwanted.append(hint)
                     continue
@@ -142,7 +144,7 @@ class QueueDispatcher:
             self.hints.appendleft(hint)
         else:
             if outcome == CLAIM_NOT_FOR:
-                self._excluded.setdefault(hint.stream_id, set()).add(poller.worker_id)
+                self._excluded.setdefault(hint.stream_id, set()).add(id(poller))
                 if len(self._excluded) > _RECENT:
                     self._excluded.pop(next(iter(self._excluded)))
                 self.hints.appendleft(hint)

@@ -175,8 +175,9 @@ class TaskService:
         scheduled = state.scheduled
         if scheduled is None or state.claim or state.outcome is not None:
             return CLAIM_GONE
-        if poller.worker_id in state.released_workers:
-            return CLAIM_NOT_FOR  # it claimed this task before and never acted on it: another worker's turn
+        released_at = state.released_workers.get(poller.worker_id, 0)
+        if released_at and poller.since_us <= released_at:
+            return CLAIM_NOT_FOR  # a poll of a worker that claimed it and went quiet: a stale poll
         now = now_us()
         lease_deadline = lease_deadline_after(state, now)
         try:
