@@ -423,3 +423,32 @@ def test_queues_page_shows_backlog_and_workers(
         worker.wait()
         assert worker.stdout is not None
         worker.stdout.close()
+
+
+def test_a_parked_step_shows_as_waiting(browser: Any, console_url: str, keel: KeelClient) -> None:
+    """A durable timer (keel.sleep parks the attempt): the page says what the step waits for, draws the
+    parked stretch on the timeline, and keeps it there once the step completed."""
+    nap = {"step_id": "nap", "op_id": "keel.sleep", "op_config": {"seconds": 3600}}
+    parked = keel.start_run(pipeline(unique("parked"), nap))
+    browser.get(f"{console_url}/runs/{parked.run_id}")
+    node = '#dag-svg g.node[data-step-id="nap"]'
+    wait_for(browser, lambda: attribute(browser, node, "data-status") == "waiting", "the step waiting")
+    wait_for(
+        browser,
+        lambda: (
+            css(browser, '#timeline-svg g.parked[data-step-id="nap"][data-kind="timer"]')
+            and "waiting for timer until"
+            in one(browser, '#steps-table tr[data-step-id="nap"] .status-cell').text
+        ),
+        "the parked stretch and what it waits for",
+    )
+    keel.cancel(parked.run_id)
+    wait_for(
+        browser, lambda: attribute(browser, "#run-status .badge", "data-status") == "canceled", "the cancel"
+    )
+    short = keel.start_run(pipeline(unique("napped"), {**nap, "op_config": {"seconds": 0.2}}), wait=True)
+    assert short.run is not None and short.run.status == RunStatus.COMPLETED
+    browser.get(f"{console_url}/runs/{short.run_id}")
+    ended(browser)
+    assert attribute(browser, node, "data-status") == "completed"
+    assert css(browser, '#timeline-svg g.parked[data-step-id="nap"][data-kind="timer"]')

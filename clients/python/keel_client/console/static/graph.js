@@ -23,7 +23,38 @@ export function layers(steps) {
   return depth;
 }
 
-export function drawDag(steps) {
+// The waits of parked attempts, from the run's `StepWaiting` events: "step#attempt" -> what it waits
+// for (`kind`: timer, signal, ...), since when, until when (timers) and the kind's details.
+export function waitsOf(events) {
+  const waits = new Map();
+  for (const event of events) {
+    if (event.type !== "StepWaiting") continue;
+    const { step_id: stepId, attempt, wait = {} } = event.data;
+    waits.set(`${stepId}#${attempt}`, {
+      kind: wait.kind || "wait",
+      since: event.data.at_us ? new Date(event.data.at_us / 1000) : toDate(event.recorded_at),
+      until: wait.until_us ? new Date(wait.until_us / 1000) : null,
+      detail: wait.detail || null,
+    });
+  }
+  return waits;
+}
+
+// A step's state as the page shows it: `waiting` while its open attempt is parked.
+export function shownStatus(step, waits) {
+  const last = step.attempts[step.attempts.length - 1];
+  if (step.status === "running" && last && !last.finished_at && waits.has(`${step.step_id}#${last.attempt}`)) {
+    return "waiting";
+  }
+  return step.status;
+}
+
+export function waitText(wait) {
+  const what = wait.detail && wait.detail.name ? `${wait.kind} ${wait.detail.name}` : wait.kind;
+  return `waiting for ${what}${wait.until ? ` until ${wait.until.toLocaleTimeString()}` : ""}`;
+}
+
+export function drawDag(steps, waits = new Map()) {
   const depth = layers(steps);
   const columns = [];
   for (const step of steps) {
@@ -52,14 +83,15 @@ export function drawDag(steps) {
   for (const step of steps) {
     const { x, y } = place.get(step.step_id);
     const tries = step.attempts.length;
-    const title = svg("title", {}, `${step.step_id}: ${step.status}${step.last_error ? ` (${step.last_error.code}: ${step.last_error.message})` : ""}`);
+    const status = shownStatus(step, waits);
+    const title = svg("title", {}, `${step.step_id}: ${status}${step.last_error ? ` (${step.last_error.code}: ${step.last_error.message})` : ""}`);
     const reused = step.reused_from_run_id ? " reused" : "";
-    picture.append(svg("g", { class: `node status-${step.status}${reused}`, "data-step-id": step.step_id, "data-status": step.status, "data-reused": reused ? "1" : null },
+    picture.append(svg("g", { class: `node status-${status}${reused}`, "data-step-id": step.step_id, "data-status": status, "data-reused": reused ? "1" : null },
       title,
       svg("rect", { x, y, width: NODE_W, height: NODE_H, rx: 7 }),
       svg("text", { x: x + 10, y: y + 19, class: "node-id" }, clip(step.step_id, 20)),
       svg("text", { x: x + 10, y: y + 36, class: "node-sub" },
-        `${clip(step.op_id, 16)} · ${reused ? "reused" : step.status}${tries > 1 ? ` · ${tries}×` : ""}`)));
+        `${clip(step.op_id, 16)} · ${reused ? "reused" : status}${tries > 1 ? ` · ${tries}×` : ""}`)));
   }
   return picture;
 }
@@ -74,7 +106,7 @@ const ROW_H = 24;
 const AXIS_H = 22;
 
 // One row per step: a bar per attempt (failed, completed, running), and the waits between them.
-export function drawTimeline(run, now) {
+export function drawTimeline(run, now, waits = new Map()) {
   const start = toDate(run.created_at) || now;
   const times = [start.getTime()];
   for (const step of run.steps) {
@@ -120,6 +152,14 @@ export function drawTimeline(run, now) {
         svg("title", {}, `${step.step_id} attempt ${attempt.attempt}: ${attempt.status}, ${formatDuration(endTime - began.getTime())}${where}${error}`),
         svg("rect", { x: x1, y: y + 4, width: w, height: ROW_H - 8, rx: 3 }),
         w > 26 ? svg("text", { x: x1 + 4, y: y + 16, class: "bar-label" }, `#${attempt.attempt}`) : null));
+      // A parked attempt: the stretch it spent waiting (timer, signal, ...), over its bar.
+      const wait = waits.get(`${step.step_id}#${attempt.attempt}`);
+      if (wait && wait.since) {
+        const from = Math.max(scale(wait.since.getTime()), x1);
+        picture.append(svg("g", { class: "bar parked", "data-step-id": step.step_id, "data-attempt": attempt.attempt, "data-kind": wait.kind },
+          svg("title", {}, `${step.step_id} attempt ${attempt.attempt}: ${waitText(wait)}`),
+          svg("rect", { x: from, y: y + 4, width: Math.max(3, scale(endTime) - from), height: ROW_H - 8, rx: 3 })));
+      }
       previousEnd = ended ? ended.getTime() : null;
     }
     // A failed attempt that will be retried: the wait for the next attempt, up to now.

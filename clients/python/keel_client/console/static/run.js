@@ -4,7 +4,7 @@
 import {
   ApiError, api, collapsible, el, fill, formatDuration, formatTime, jsonBlock, labelChips, openKeys, runLink, statusBadge, toDate,
 } from "./dom.js";
-import { drawDag, drawTimeline } from "./graph.js";
+import { drawDag, drawTimeline, shownStatus, waitText, waitsOf } from "./graph.js";
 
 const TERMINAL = new Set(["completed", "failed", "canceled"]);
 
@@ -120,7 +120,7 @@ class RunPage {
     this.drawHeader();
     this.updateActions();
     const run = this.run;
-    fill(this.sections.dag, el("h2", {}, "Steps"), el("div", { class: "scroll" }, drawDag(run.steps)));
+    fill(this.sections.dag, el("h2", {}, "Steps"), el("div", { class: "scroll" }, drawDag(run.steps, waitsOf(this.events))));
     this.drawTimeline();
     this.drawSteps();
     fill(this.sections.input, el("h2", {}, "Input"), jsonBlock(run.input, "json input"));
@@ -217,12 +217,13 @@ class RunPage {
 
   drawTimeline() {
     fill(this.sections.timeline, el("h2", {}, "Timeline"),
-      el("p", { class: "legend muted" }, legend("completed"), legend("failed"), legend("running"), legend("wait"), " one bar per attempt; hatched: waiting (backoff before a retry)"),
-      el("div", { class: "scroll" }, drawTimeline(this.run, new Date())));
+      el("p", { class: "legend muted" }, legend("completed"), legend("failed"), legend("running"), legend("parked"), legend("wait"), " one bar per attempt; parked: the attempt waits (a timer, a signal); hatched: backoff before a retry"),
+      el("div", { class: "scroll" }, drawTimeline(this.run, new Date(), waitsOf(this.events))));
   }
 
   drawSteps() {
     const open = openKeys(this.sections.steps);
+    const waits = waitsOf(this.events);
     const facts = new Map();
     for (const event of this.events) {
       if (event.type !== "FactRecorded") continue;
@@ -232,10 +233,14 @@ class RunPage {
     }
     const rows = this.run.steps.map((step) => {
       const stepFacts = facts.get(step.step_id) || [];
-      return el("tr", { "data-step-id": step.step_id, "data-status": step.status },
+      const status = shownStatus(step, waits);
+      const last = step.attempts[step.attempts.length - 1];
+      const wait = status === "waiting" ? waits.get(`${step.step_id}#${last.attempt}`) : null;
+      return el("tr", { "data-step-id": step.step_id, "data-status": status },
         el("td", { class: "mono" }, step.step_id),
         el("td", {}, step.op_id, step.op_version ? el("span", { class: "muted" }, ` v${step.op_version}`) : ""),
-        el("td", { class: "status-cell" }, statusBadge(step.status),
+        el("td", { class: "status-cell" }, statusBadge(status),
+          wait ? el("span", { class: "wait-text muted" }, ` ${waitText(wait)}`) : "",
           step.reused_from_run_id ? el("span", { class: "reused" }, " reused from ", runLink(step.reused_from_run_id)) : ""),
         el("td", {}, String(step.attempts.length)),
         el("td", { class: "mono small" }, ranOn(step)),
