@@ -14,6 +14,10 @@ Ops (all version "1"):
 - `keel.fail_n_times`: `op_config {"n": n, "retryable": true, "code": "flaky"}` fails attempts
   0..n-1 (counted from the step's attempt number, so it survives restarts) and then returns
   `{"attempt": attempt}`. With `"retryable": false` the first failure is final.
+- `keel.wait_signal`: `op_config {"name": n, "timeout_seconds"?: s}` waits for a signal `n` sent to
+  the run (SignalRun, StartRun.signals) and returns its payload. The signal is consumed under the
+  fact key `<step>.signal`, so a rerun returns the same payload. With no signal after `s` seconds
+  the attempt fails `signal_timeout` (retryable: the run's retry policy decides).
 - `keel.io_call`: `op_config {"namespace", "request", "fact_key"}` (or `{"calls": [...]}` of those)
   calls the transport through the step's `io` handle and returns `{"response": ...}` (or
   `{"responses": [...]}`).
@@ -117,6 +121,18 @@ async def sleep_in_process(ctx: StepContext, op_config: Any, input: Any) -> Any:
     seconds = _seconds("keel.sleep_in_process", op_config)
     await asyncio.sleep(seconds)
     return {"slept": seconds}
+
+
+@op("keel.wait_signal", description="Waits for a signal op_config.name and returns its payload")
+async def wait_signal(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Waits for a signal op_config.name (at most op_config.timeout_seconds) and returns its payload."""
+    config = _config(op_config)
+    name = config.get("name")
+    if not isinstance(name, str) or not name:
+        raise OpError("op_config_invalid", "keel.wait_signal: op_config.name (the signal's name) is required")
+    return await ctx.wait_signal(
+        name, fact_key=f"{ctx.step_id}.signal", timeout=config.get("timeout_seconds")
+    )
 
 
 @op("keel.fail_n_times", description="Fails the first n attempts, then succeeds")

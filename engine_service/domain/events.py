@@ -19,6 +19,7 @@ the fold makes of it, and `corrupt_event_error` for what callers answer.
     StepWaiting         {v, step_id, attempt, wait: {kind, until_us?, output?, error?, detail?}, at_us?}
     RunParked           {v, due_at_us, at_us?}       (nothing drives the run until due_at_us or a wake-up)
     RunResumed          {v, reason, at_us?}          (an engine took the parked run up again)
+    SignalAwaited       {v, step_id, attempt, fact_key, name, deadline_us?, at_us?}
 
 StepWaiting, RunParked and RunResumed are described in engine_service.domain.waits.
 
@@ -263,6 +264,22 @@ class RunResumed:
 
 
 @dataclass(frozen=True)
+class SignalAwaited:
+    """An attempt began waiting for a signal `name` (to be consumed under `fact_key`).
+
+    `deadline_us`: when the wait times out (microseconds since the epoch; 0 = never). A rerun of
+    the step after a crash keeps that deadline (engine_service.domain.signals).
+    """
+
+    step_id: str
+    attempt: int
+    fact_key: str
+    name: str
+    deadline_us: int = 0
+    at_us: int = 0
+
+
+@dataclass(frozen=True)
 class UnknownEvent:
     """An event type this engine does not know (kept so that sequence numbers stay aligned)."""
 
@@ -291,6 +308,7 @@ KernelEvent = (
     | StepWaiting
     | RunParked
     | RunResumed
+    | SignalAwaited
     | UnknownEvent
     | CorruptEvent
 )
@@ -389,6 +407,17 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
             return streams.RUN_PARKED, {**v, "due_at_us": event.due_at_us}
         case RunResumed():
             return streams.RUN_RESUMED, {**v, "reason": event.reason}
+        case SignalAwaited():
+            data = {
+                **v,
+                "step_id": event.step_id,
+                "attempt": event.attempt,
+                "fact_key": event.fact_key,
+                "name": event.name,
+            }
+            if event.deadline_us:
+                data["deadline_us"] = event.deadline_us
+            return streams.SIGNAL_AWAITED, data
         case UnknownEvent():
             return event.type, event.payload
         case CorruptEvent():
@@ -493,6 +522,15 @@ def event_from_json(type_name: str, data: dict[str, Any]) -> KernelEvent:
             return RunParked(int(data.get("due_at_us", 0)), _at_us(data))
         case streams.RUN_RESUMED:
             return RunResumed(str(data.get("reason", "")), _at_us(data))
+        case streams.SIGNAL_AWAITED:
+            return SignalAwaited(
+                step_id=str(data["step_id"]),
+                attempt=int(data["attempt"]),
+                fact_key=str(data["fact_key"]),
+                name=str(data["name"]),
+                deadline_us=int(data.get("deadline_us", 0)),
+                at_us=_at_us(data),
+            )
     return UnknownEvent(type_name, dict(data))
 
 

@@ -26,6 +26,7 @@ from engine_service.domain.events import (
     RunParked,
     RunResumed,
     RunStarted,
+    SignalAwaited,
     StepAttemptFailed,
     StepAttemptStarted,
     StepCompleted,
@@ -79,6 +80,8 @@ class RunHistory:
     # step id -> its open attempt that waits (a subset of open_attempts)
     waiting: Mapping[str, WaitingAttempt] = field(default_factory=dict)
     parked: RunParked | None = None  # the run is parked (RunParked not followed by RunResumed)
+    # fact key -> the last wait for a signal recorded under it (engine_service.domain.signals)
+    signal_waits: Mapping[str, SignalAwaited] = field(default_factory=dict)
     terminal: RunCompleted | None = None
     corrupt: CorruptEvent | None = None  # the first event that did not decode, at corrupt_seq
     corrupt_seq: int = 0
@@ -113,6 +116,7 @@ class _Folder:
         self.facts = dict(base.facts)
         self.waiting = dict(base.waiting)
         self.parked = base.parked
+        self.signal_waits = dict(base.signal_waits)
         self.terminal = base.terminal
         self.corrupt = base.corrupt
         self.corrupt_seq = base.corrupt_seq
@@ -136,6 +140,7 @@ class _Folder:
             facts=self.facts,
             waiting=self.waiting,
             parked=self.parked,
+            signal_waits=self.signal_waits,
             terminal=self.terminal,
             corrupt=self.corrupt,
             corrupt_seq=self.corrupt_seq,
@@ -155,6 +160,8 @@ class _Folder:
                 )
             case FactRecorded():
                 self.facts.setdefault(event.fact_key, event)
+            case SignalAwaited():
+                self.signal_waits[event.fact_key] = event
             case StepAttemptFailed():
                 base = self._base_of(event.step_id, event.attempt)
                 self.last_failure[event.step_id] = StepFailure(event.attempt, base, event.error, event.at_us)

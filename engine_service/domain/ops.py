@@ -40,6 +40,14 @@ class IoHandle(Protocol):
         ...
 
 
+class SignalHandle(Protocol):
+    """How an op waits for a signal sent to its run (engine_service.runtime.signal_waits)."""
+
+    async def wait(self, name: str, fact_key: str, seconds: float | None) -> Any:
+        """The payload of the signal `name`, consumed under `fact_key`, waiting at most `seconds`."""
+        ...
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What an op sees: the run input, the context snapshot, which step and attempt it is, and I/O."""
@@ -50,6 +58,25 @@ class StepContext:
     input: Any
     context: Mapping[str, Any]
     io: IoHandle
+    signals: SignalHandle | None = None
+
+    async def wait_signal(
+        self,
+        name: str,
+        *,
+        fact_key: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - the op's API: a recorded deadline, not asyncio's
+    ) -> Any:
+        """Wait for a signal `name` sent to the run (SignalRun) and return its payload.
+
+        The signal consumed is recorded as a fact under `fact_key` before this returns: a rerun
+        of the op after a crash gets the same payload at once, and consumes no other signal.
+        `timeout` (seconds; None waits for ever) fails the attempt with `signal_timeout`,
+        retryable, when no signal came; a rerun after a crash waits only what is left.
+        """
+        if self.signals is None:
+            raise OpError("signals_unavailable", "this step context serves no signals")
+        return await self.signals.wait(name, fact_key, timeout)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ Streams (one prefix each; the rest of the id is a run id or an engine id):
                            outcome, then completed/failed/canceled
     queue:<task queue>     wake-up hints for a queue's pollers (TaskEnqueued, naming a task stream)
     worker:<worker id>     a worker's last poll (WorkerSeen) with its queue and ops as attributes
+    signals:<run id>       the run's inbox: signals sent to it (SignalSent), written by SignalRun and
+                           StartRun.signals, never by the run's driver (engine_service.domain.signals)
+    signal-wakeups         one stream for every engine: a SignalWoken per signal sent, naming the run,
+                           so that each engine learns of new signals through one subscription
 
 Status labels. The store knows five labels (keel.store.v1.StreamStatus: active, completed,
 failed, canceled, parked), and lists streams by them. A run stream's label is its run status. Lease and
@@ -34,6 +38,8 @@ ENGINE_STREAM_PREFIX = "engine:"
 TASK_STREAM_PREFIX = "task:"
 QUEUE_STREAM_PREFIX = "queue:"
 WORKER_STREAM_PREFIX = "worker:"
+SIGNALS_STREAM_PREFIX = "signals:"
+SIGNAL_WAKEUPS_STREAM = "signal-wakeups"
 
 
 def run_stream_id(run_id: str) -> str:
@@ -64,6 +70,11 @@ def lease_stream_id(run_id: str) -> str:
 def run_id_of_lease_stream(stream_id: str) -> str:
     """The run id of a `lease:` stream id."""
     return stream_id.removeprefix(LEASE_STREAM_PREFIX)
+
+
+def signals_stream_id(run_id: str) -> str:
+    """The stream holding a run's inbox of signals."""
+    return f"{SIGNALS_STREAM_PREFIX}{run_id}"
 
 
 def engine_stream_id(engine_id: str) -> str:
@@ -98,6 +109,11 @@ RUN_COMPLETED = "RunCompleted"
 STEP_WAITING = "StepWaiting"
 RUN_PARKED = "RunParked"
 RUN_RESUMED = "RunResumed"
+SIGNAL_AWAITED = "SignalAwaited"
+# signals:<run id>
+SIGNAL_SENT = "SignalSent"
+# signal-wakeups
+SIGNAL_WOKEN = "SignalWoken"
 # children:<run id>
 CHILD_LINKED = "ChildLinked"
 # ledger:<run id>

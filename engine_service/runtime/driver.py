@@ -88,7 +88,8 @@ from engine_service.failpoints import (
 from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
 from engine_service.runtime.leases import Lease
 from engine_service.runtime.remote_steps import run_remote_attempt
-from engine_service.runtime.run_io import RunFacts, RunIo, io_error
+from engine_service.runtime.run_io import AttemptOf, RunFacts, RunIo, io_error
+from engine_service.runtime.signal_waits import AttemptSignals, RunSignalWaits
 from engine_service.runtime.step_errors import branch_canceled, op_error_record, step_timeout
 from engine_service.store.port import FOREVER
 from keel_core.clock import now_us
@@ -172,6 +173,7 @@ class RunDriver:
         # earlier events it never held): a finished run's view then needs no read of its stream.
         self.events: list[StoredEvent] | None = None if events is None else list(events)
         self.facts = RunFacts(self)
+        self.signal_waits = RunSignalWaits(self, self.facts)
         self._steps: dict[str, asyncio.Task[None]] = {}  # step id -> the task running its attempt
         self._flushes: set[asyncio.Future[None]] = set()
         self._drive_task: asyncio.Task[Any] | None = None
@@ -532,7 +534,8 @@ class RunDriver:
             await self._run_remote(action, step, seen, started_seq)
             return
         io = RunIo(self.facts, action.step_id, action.attempt, started_seq)
-        ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, seen, io)
+        signals = AttemptSignals(self.signal_waits, AttemptOf(action.step_id, action.attempt, started_seq))
+        ctx = StepContext(self.run_id, action.step_id, action.attempt, self.manifest.input, seen, io, signals)
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
             output = await self._timed_op(definition, ctx, step)

@@ -10,6 +10,7 @@ from engine_service.domain.ops import OpRegistry
 from engine_service.domain.transports import TransportRegistry
 from engine_service.domain.waits import WaitOutcome
 from engine_service.failpoints import Failpoints
+from engine_service.runtime.signals import SignalInbox, SignalWakeups
 from engine_service.runtime.task_board import TaskBoard
 from engine_service.store.port import EventLog
 
@@ -29,8 +30,12 @@ class RunEnvironment:
     ops: OpRegistry
     transports: TransportRegistry
     failpoints: Failpoints
+    # Runs' inboxes and this engine's one wake-up subscription (set by the Engine when left out).
+    signals: Signals | None = field(default=None)
     # Remote step attempts (tasks in the store); made on first use unless the engine gives its own.
     task_board: TaskBoard | None = None
+    # wait kind -> what may end such a wait before its due time (engine_service.runtime.parking)
+    wait_resolvers: dict[str, WaitResolver] = field(default_factory=dict)
 
     @property
     def tasks(self) -> TaskBoard:
@@ -39,5 +44,10 @@ class RunEnvironment:
             self.task_board = TaskBoard(self.store)
         return self.task_board
 
-    # wait kind -> what may end such a wait before its due time (engine_service.runtime.parking)
-    wait_resolvers: dict[str, WaitResolver] = field(default_factory=dict)
+
+@dataclass
+class Signals:
+    """Signals as an engine's drivers use them: the inboxes, and the wake-ups of waits."""
+
+    inbox: SignalInbox
+    wakeups: SignalWakeups

@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine_service.domain import (
@@ -46,19 +46,21 @@ from engine_service.domain import (
 )
 from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.manifest import RunStart, run_start
+from engine_service.domain.signals import Signal
 from engine_service.domain.streams import RUN_PARKED_LABEL, run_status_of_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
 from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
 from engine_service.runtime.driver import RunDriver, RunParkedOut
 from engine_service.runtime.driving import Drivers
-from engine_service.runtime.environment import RunEnvironment
+from engine_service.runtime.environment import RunEnvironment, Signals
 from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.parking import Waker
 from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
 from engine_service.runtime.rerun import Reruns
+from engine_service.runtime.signals import SentSignal, SignalInbox, SignalWakeups
 from engine_service.runtime.task_service import TaskService
 from engine_service.runtime.terminalize import Terminalizer
 from engine_service.runtime.views import RunViews
@@ -118,6 +120,9 @@ class Engine:
         on_takeover: Callable[[], None] | None = None,
     ) -> None:
         self.registry = RunRegistry()
+        if env.signals is None:
+            env.signals = Signals(SignalInbox(env.store), SignalWakeups(env.store))
+        self.signals = env.signals
         self.reader = RunReader(env.store)
         self.terminalizer = Terminalizer(env.store, self.registry, self.reader)
         self.env = env
@@ -182,6 +187,7 @@ class Engine:
         parent: tuple[str, str] | None = None,
         manifest_stored: bool = False,
         labels: Mapping[str, str] | None = None,
+        signals: Sequence[Signal] = (),
     ) -> StartOutcome:
         """Record RunStarted (manifest and initial snapshot inline) and drive the run.
 
@@ -190,7 +196,9 @@ class Engine:
         run executes at once and RunStarted travels in the driver's first batch: nothing was
         acknowledged before it, so nothing is lost if the engine dies first. `manifest_stored`:
         the manifest artifact is in the store already (a child's, stored with its link). `labels`
-        (checked by the caller) are kept in RunStarted and indexed with the same append.
+        (checked by the caller) are kept in RunStarted and indexed with the same append. `signals`
+        (checked by the caller) are in the run's inbox before it starts; a run that exists with
+        this manifest gets those it does not hold yet.
         """
         plan = self.plan_for(manifest)
         await self._check_replayed_run_exists(manifest)
@@ -198,6 +206,8 @@ class Engine:
             manifest, parent=parent, manifest_stored=manifest_stored, at_us=now_us(), labels=labels
         )
         chosen = run_id or str(uuid.uuid4())
+        if signals:
+            await self._send_start_signals(chosen, start.manifest_id, signals, chosen_here=run_id is None)
         deferred = wait and run_id is None and self.checkpoint_linger > 0
         # One start of a run id at a time here: a client's retried (or hedged) start must not win
         # the append while the lease it would drive under is another start's.
@@ -229,6 +239,20 @@ class Engine:
         async with self._starts.hold(run_id):
             begun = await self._begin(run_id, manifest, plan, start, deferred=False, retry=True)
         return begun is not None
+
+    async def _send_start_signals(
+        self, run_id: str, manifest_id: str, signals: Sequence[Signal], *, chosen_here: bool
+    ) -> None:
+        """StartRun's signals into the run's inbox; a run that exists must have this manifest first."""
+        if not chosen_here:
+            head, _ = await self.env.store.head(run_stream_id(run_id))
+            if head:
+                await self._existing_start(run_id, manifest_id)  # run_already_exists: nothing sent
+        await self.signals.inbox.send(run_id, signals, run_exists=False)
+
+    async def signal_run(self, run_id: str, signal: Signal) -> SentSignal:
+        """Put `signal` in the run's inbox (once per signal id) and wake the engine waiting for it."""
+        return (await self.signals.inbox.send(run_id, [signal]))[0]
 
     async def _check_replayed_run_exists(self, manifest: RunManifest) -> None:
         replayed = manifest.run_config.replay_of_run_id
@@ -412,5 +436,6 @@ class Engine:
             await asyncio.sleep(0)
             # A child start shielded from its parent's cancel may still add a driver: park it too.
             await self.registry.settle_all_spawns()
+        await self.signals.wakeups.close()
         await self.leases.close()
         await self.tasks.close()

@@ -166,16 +166,20 @@ class RunFacts:
                     "transport_response_too_large",
                     f"the {namespace!r} transport answered {size} bytes; the fact limit is {MAX_FACT_BYTES}",
                 )
-        self._unsure.add(fact_key)
-        self._run.record([FactRecorded(attempt.step_id, attempt.attempt, fact_key, namespace, response)])
-        await self._keep_answer()  # the fact is durable before the op sees the answer
-        self._unsure.discard(fact_key)
-        self._run.env.failpoints.hit(AFTER_FACT_RECORDED, attempt.step_id)
+        await self.record_answer(attempt, namespace, fact_key, response)
         if namespace == SPAWN_NAMESPACE:
             self._run.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
         elif namespace == AWAIT_NAMESPACE:
             self._run.env.failpoints.hit(AFTER_CHILD_AWAIT_RECORDED)
         return response
+
+    async def record_answer(self, attempt: AttemptOf, namespace: str, fact_key: str, response: Any) -> None:
+        """Decide FactRecorded for `response` now (before any await) and return once it is durable."""
+        self._unsure.add(fact_key)
+        self._run.record([FactRecorded(attempt.step_id, attempt.attempt, fact_key, namespace, response)])
+        await self._keep_answer()  # the fact is durable before the op sees the answer
+        self._unsure.discard(fact_key)
+        self._run.env.failpoints.hit(AFTER_FACT_RECORDED, attempt.step_id)
 
     async def _keep_answer(self) -> None:
         """Append the answer just decided, not giving it up to a lost lease or the store being down.

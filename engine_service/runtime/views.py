@@ -20,6 +20,7 @@ from engine_service.domain import (
     FAILED,
     CorruptEvent,
     ErrorRecord,
+    FactRecorded,
     RunCompleted,
     RunManifest,
     RunStarted,
@@ -30,7 +31,7 @@ from engine_service.domain import (
     corrupt_event_error,
     fold,
 )
-from engine_service.domain.events import event_type_and_json
+from engine_service.domain.events import SignalAwaited, event_type_and_json
 from engine_service.domain.labels import (
     LINEAGE_ATTRIBUTE,
     PARENT_ATTRIBUTE,
@@ -73,6 +74,16 @@ class AttemptView:
     worker_id: str = ""  # and the worker that ran it (known once it ended)
 
 
+@dataclass(frozen=True)
+class SignalWaitView:
+    """What a running attempt waits for: a signal `name`, until `timeout_at` (None: for ever)."""
+
+    name: str
+    fact_key: str
+    since: datetime | None
+    timeout_at: datetime | None
+
+
 @dataclass
 class StepView:
     """A step and its attempts."""
@@ -89,6 +100,7 @@ class StepView:
     # Its output, once completed (`has_output`): what the latest checkpoint holds under its id.
     output: Any = None
     has_output: bool = False
+    waiting_for_signal: SignalWaitView | None = None
 
 
 @dataclass(frozen=True)
@@ -210,19 +222,31 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 view.created_at = when
             case StepAttemptStarted():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                step.waiting_for_signal = None
                 for earlier in step.attempts:
                     if earlier.status == RUNNING:  # an orphan: its engine stopped inside it
                         earlier.status, earlier.error = FAILED, _ABANDONED
                 step.attempts.append(AttemptView(event.attempt, RUNNING, when, task_queue=step.task_queue))
                 step.status = RUNNING
+            case SignalAwaited():
+                step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                timeout_at = _from_us(event.deadline_us) if event.deadline_us else None
+                step.waiting_for_signal = SignalWaitView(event.name, event.fact_key, when, timeout_at)
+            case FactRecorded():
+                waited = steps.get(event.step_id)
+                waiting = waited.waiting_for_signal if waited is not None else None
+                if waited is not None and waiting is not None and waiting.fact_key == event.fact_key:
+                    waited.waiting_for_signal = None
             case StepAttemptFailed():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                step.waiting_for_signal = None
                 attempt = _attempt(step, event.attempt, when)
                 attempt.status, attempt.finished_at, attempt.error = FAILED, when, event.error
                 attempt.worker_id = event.worker_id
                 step.status, step.last_error = RETRYING, event.error
             case StepCompleted():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                step.waiting_for_signal = None
                 attempt = _attempt(step, event.attempt, when)
                 attempt.status, attempt.finished_at, attempt.worker_id = COMPLETED, when, event.worker_id
                 step.status = COMPLETED
@@ -232,6 +256,8 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 view.completed_at = when
                 view.final_snapshot_id = event.final_snapshot_id
                 view.reason, view.error = event.reason, event.error
+                for step in steps.values():
+                    step.waiting_for_signal = None
                 if event.status in (FAILED, CANCELED):
                     for step in steps.values():
                         if step.status in (RETRYING, RUNNING):
@@ -253,8 +279,12 @@ def decided_at(stored: StoredEvent) -> datetime | None:
     """When the engine decided the event (its `at_us`), else when the store committed it."""
     at_us = getattr(stored.event, "at_us", 0)
     if at_us:
-        return datetime.fromtimestamp(at_us / 1_000_000, tz=UTC)
+        return _from_us(at_us)
     return stored.recorded_at
+
+
+def _from_us(at_us: int) -> datetime:
+    return datetime.fromtimestamp(at_us / 1_000_000, tz=UTC)
 
 
 def _attempt(step: StepView, number: int, when: datetime | None) -> AttemptView:

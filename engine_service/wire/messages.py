@@ -36,6 +36,14 @@ from engine_service.domain.child_runs import (
 from engine_service.domain.events import event_type_and_json
 from engine_service.domain.labels import CHILD, TOP_LEVEL, check_labels
 from engine_service.domain.run_config import LIVE, REPLAY
+from engine_service.domain.signals import (
+    MAX_START_SIGNALS,
+    Signal,
+    check_signal_id,
+    check_signal_name,
+    check_signal_payload,
+    start_signal_id,
+)
 from engine_service.domain.tasks import StepTimeouts
 from engine_service.runtime.views import (
     PENDING,
@@ -230,6 +238,33 @@ def manifest_from(request: engine_pb2.StartRunRequest, build: BuildProvenance) -
     return manifest
 
 
+def signal_from(request: engine_pb2.SignalRunRequest, new_id: str) -> Signal:
+    """The signal of a SignalRun, checked (`new_id` when the request names none)."""
+    name = check_signal_name(request.name)
+    payload = check_signal_payload(_json(request.payload, "payload"))
+    return Signal(check_signal_id(request.signal_id) if request.signal_id else new_id, name, payload)
+
+
+def start_signals_from(request: engine_pb2.StartRunRequest) -> list[Signal]:
+    """StartRun's signals, checked; one without an id gets one from its place and content."""
+    if len(request.signals) > MAX_START_SIGNALS:
+        raise invalid_argument(
+            "invalid_signal",
+            f"StartRun carries at most {MAX_START_SIGNALS} signals, got {len(request.signals)}",
+            field="signals",
+        )
+    out = []
+    for index, given in enumerate(request.signals):
+        where = f"signals[{index}]"
+        name = check_signal_name(given.name, f"{where}.name")
+        payload = check_signal_payload(_json(given.payload, f"{where}.payload"), f"{where}.payload")
+        signal_id = given.signal_id or start_signal_id(index, name, payload)
+        if given.signal_id:
+            check_signal_id(signal_id, f"{where}.signal_id")
+        out.append(Signal(signal_id, name, payload))
+    return out
+
+
 def timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
     """A protobuf Timestamp, or None."""
     if when is None:
@@ -276,6 +311,16 @@ def _step(step: StepView) -> engine_pb2.StepState:
     )
     if step.has_output:
         out.output.CopyFrom(to_value(step.output))
+    waiting = step.waiting_for_signal
+    if waiting is not None:
+        out.waiting_for_signal.CopyFrom(
+            engine_pb2.SignalWait(
+                name=waiting.name,
+                fact_key=waiting.fact_key,
+                since=timestamp(waiting.since),
+                timeout_at=timestamp(waiting.timeout_at),
+            )
+        )
     return out
 
 

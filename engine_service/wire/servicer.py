@@ -7,6 +7,7 @@ status with google.rpc.ErrorInfo (reason = error code).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn, TypeVar
 
@@ -58,8 +59,14 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         run_id = parse_run_id(request.run_id) if request.run_id else None
         manifest = messages.manifest_from(request, self.engine.build)
         labels = check_labels(request.labels)
+        signals = messages.start_signals_from(request)
         outcome = await self.engine.start_run(
-            manifest, run_id, wait=request.wait, wait_seconds=_remaining(context), labels=labels
+            manifest,
+            run_id,
+            wait=request.wait,
+            wait_seconds=_remaining(context),
+            labels=labels,
+            signals=signals,
         )
         return engine_pb2.StartRunResponse(
             run_id=outcome.run_id,
@@ -159,6 +166,18 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 engine_pb2.OpInfo(op_id=op_id, op_version=version, task_queue=queue, description=description)
                 for op_id, version, queue, description in listed
             ]
+        )
+
+    @translated
+    async def SignalRun(
+        self, request: engine_pb2.SignalRunRequest, context: Context
+    ) -> engine_pb2.SignalRunResponse:
+        """Put a signal in the run's inbox (once per signal id); a wait of the run consumes it."""
+        run_id = parse_run_id(request.run_id)
+        signal = messages.signal_from(request, new_id=str(uuid.uuid4()))
+        sent = await self.engine.signal_run(run_id, signal)
+        return engine_pb2.SignalRunResponse(
+            signal_id=sent.signal_id, created=sent.created, inbox_seq=sent.inbox_seq
         )
 
     @translated

@@ -109,3 +109,13 @@ def read_io_log(path: str) -> list[tuple[str, str]]:
         return []
     with open(path, encoding="utf-8") as log:
         return [tuple(line.split(" ", 1)) for line in log.read().splitlines() if line]  # type: ignore[misc]
+
+
+@op("test.wait_then_call", description="Waits for the signal `go`, then makes one recorded call with it")
+async def wait_then_call(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """`ctx.wait_signal("go")` (fact key `go`), then one call of the counting transport with the payload."""
+    payload = await ctx.wait_signal(
+        "go", fact_key="go", timeout=op_config.get("timeout") if op_config else None
+    )
+    answer = await ctx.io.call("test.counting", {"payload": payload}, "after-go")
+    return {"payload": payload, "answer": answer}

@@ -560,6 +560,7 @@ class StartRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """A client-chosen run id (a UUID) for idempotent start; empty for a new one."""
     wait: _builtins.bool
@@ -597,6 +598,15 @@ class StartRunRequest(_message.Message):
         `invalid_labels`, and nothing is written.
         """
 
+    @_builtins.property
+    def signals(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignalInput]:
+        """Signals delivered with the start (at most 100): in the run's inbox before
+        it starts. For a run that already exists (a client-chosen `run_id`) they
+        are delivered to it, each once: a signal without a `signal_id` gets one
+        from its position and content, so retrying a start delivers nothing twice.
+        Bad signals fail as SignalRun's do, and nothing is written.
+        """
+
     def __init__(
         self,
         *,
@@ -608,16 +618,121 @@ class StartRunRequest(_message.Message):
         run_id: _builtins.str = ...,
         wait: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        signals: _abc.Iterable[Global___SignalInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initial_context", b"initial_context", "input", b"input", "op", b"op", "pipeline", b"pipeline", "run_config", b"run_config", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_context", b"initial_context", "input", b"input", "labels", b"labels", "op", b"op", "pipeline", b"pipeline", "run_config", b"run_config", "run_id", b"run_id", "target", b"target", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_context", b"initial_context", "input", b"input", "labels", b"labels", "op", b"op", "pipeline", b"pipeline", "run_config", b"run_config", "run_id", b"run_id", "signals", b"signals", "target", b"target", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["pipeline", "op"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
 Global___StartRunRequest: _TypeAlias = StartRunRequest  # noqa: Y015
+
+@_typing.final
+class SignalInput(_message.Message):
+    """A signal: a named JSON payload for a run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNAL_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The signal's name, which waits ask for: 1 to 128 characters of
+    [A-Za-z0-9_.:/@-], starting with a letter or digit.
+    """
+    signal_id: _builtins.str
+    """Makes sending idempotent: 1 to 128 printable ASCII characters without
+    spaces. Empty: SignalRun makes a new one (each call is a new signal).
+    """
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value:
+        """The payload (any JSON, at most 256 KiB); what the wait returns."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        payload: _struct_pb2.Value | None = ...,
+        signal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "payload", b"payload", "signal_id", b"signal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalInput: _TypeAlias = SignalInput  # noqa: Y015
+
+@_typing.final
+class SignalRunRequest(_message.Message):
+    """Request of SignalRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNAL_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run."""
+    name: _builtins.str
+    """The signal's name (see SignalInput.name)."""
+    signal_id: _builtins.str
+    """Makes the call idempotent (see SignalInput.signal_id); empty: the engine
+    makes a new id, so a retried call may deliver the signal twice.
+    """
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value:
+        """The payload (see SignalInput.payload)."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        payload: _struct_pb2.Value | None = ...,
+        signal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "payload", b"payload", "run_id", b"run_id", "signal_id", b"signal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalRunRequest: _TypeAlias = SignalRunRequest  # noqa: Y015
+
+@_typing.final
+class SignalRunResponse(_message.Message):
+    """Response of SignalRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNAL_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    INBOX_SEQ_FIELD_NUMBER: _builtins.int
+    signal_id: _builtins.str
+    """The signal's id (the one sent, or the one the engine made)."""
+    created: _builtins.bool
+    """False when the run's inbox held this signal id already (a repeat)."""
+    inbox_seq: _builtins.int
+    """Where the signal is in the run's inbox (its sequence number there)."""
+    def __init__(
+        self,
+        *,
+        signal_id: _builtins.str = ...,
+        created: _builtins.bool = ...,
+        inbox_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "inbox_seq", b"inbox_seq", "signal_id", b"signal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalRunResponse: _TypeAlias = SignalRunResponse  # noqa: Y015
 
 @_typing.final
 class StartRunResponse(_message.Message):
@@ -1088,6 +1203,7 @@ class StepState(_message.Message):
     REUSED_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_SIGNAL_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """The step's id."""
     op_id: _builtins.str
@@ -1120,6 +1236,10 @@ class StepState(_message.Message):
         only once the step completed.
         """
 
+    @_builtins.property
+    def waiting_for_signal(self) -> Global___SignalWait:
+        """Set while its running attempt waits for a signal."""
+
     def __init__(
         self,
         *,
@@ -1132,14 +1252,53 @@ class StepState(_message.Message):
         reused_from_run_id: _builtins.str = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         output: _struct_pb2.Value | None = ...,
+        waiting_for_signal: Global___SignalWait | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "output", b"output", "waiting_for_signal", b"waiting_for_signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "depends_on", b"depends_on", "last_error", b"last_error", "op_id", b"op_id", "op_version", b"op_version", "output", b"output", "reused_from_run_id", b"reused_from_run_id", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "depends_on", b"depends_on", "last_error", b"last_error", "op_id", b"op_id", "op_version", b"op_version", "output", b"output", "reused_from_run_id", b"reused_from_run_id", "status", b"status", "step_id", b"step_id", "waiting_for_signal", b"waiting_for_signal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
+
+@_typing.final
+class SignalWait(_message.Message):
+    """What a step waits for when it waits for a signal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_AT_FIELD_NUMBER: _builtins.int
+    FACT_KEY_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The signal's name."""
+    fact_key: _builtins.str
+    """The fact key the consumed signal will be recorded under."""
+    @_builtins.property
+    def timeout_at(self) -> _timestamp_pb2.Timestamp:
+        """When the wait times out (unset: it waits for ever)."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When it began waiting."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        timeout_at: _timestamp_pb2.Timestamp | None = ...,
+        fact_key: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "timeout_at", b"timeout_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fact_key", b"fact_key", "name", b"name", "since", b"since", "timeout_at", b"timeout_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalWait: _TypeAlias = SignalWait  # noqa: Y015
 
 @_typing.final
 class ChildRun(_message.Message):

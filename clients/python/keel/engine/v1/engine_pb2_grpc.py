@@ -110,6 +110,11 @@ class EngineServiceStub:
                 request_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunRequest.SerializeToString,
                 response_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunResponse.FromString,
                 _registered_method=True)
+        self.SignalRun = channel.unary_unary(
+                '/keel.engine.v1.EngineService/SignalRun',
+                request_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunRequest.SerializeToString,
+                response_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -241,6 +246,22 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalRun(self, request, context):
+        """Sends a named JSON payload to a run: it is kept in the run's inbox until a
+        wait for that name (the `keel.wait_signal` op, or `ctx.wait_signal` in an
+        op) consumes it, each signal by one wait, in the order they were sent.
+        Idempotent by `signal_id`: a repeat is answered OK (`created` false) and
+        the signal is delivered once. An unknown run fails NOT_FOUND
+        `run_not_found`; a run that has ended fails FAILED_PRECONDITION
+        `run_terminal`; a bad name, id or payload fails INVALID_ARGUMENT
+        (`invalid_signal`, `signal_too_large`, `invalid_json`, `secrets_detected`)
+        and nothing is recorded; a run that received 10,000 signals fails
+        RESOURCE_EXHAUSTED `signal_inbox_full`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +319,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.RerunRun,
                     request_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunRequest.FromString,
                     response_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunResponse.SerializeToString,
+            ),
+            'SignalRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalRun,
+                    request_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunRequest.FromString,
+                    response_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -618,6 +644,33 @@ class EngineService:
             '/keel.engine.v1.EngineService/RerunRun',
             keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunRequest.SerializeToString,
             keel_dot_engine_dot_v1_dot_engine__pb2.RerunRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.engine.v1.EngineService/SignalRun',
+            keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunRequest.SerializeToString,
+            keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

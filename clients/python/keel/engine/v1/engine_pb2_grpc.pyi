@@ -113,6 +113,18 @@ class EngineServiceStub:
     `run_id_new` is another run; nothing is written then. Rerunning again with
     the same `run_id_new` and request returns the existing rerun.
     """
+    SignalRun: _grpc.UnaryUnaryMultiCallable[_engine_pb2.SignalRunRequest, _engine_pb2.SignalRunResponse]
+    """Sends a named JSON payload to a run: it is kept in the run's inbox until a
+    wait for that name (the `keel.wait_signal` op, or `ctx.wait_signal` in an
+    op) consumes it, each signal by one wait, in the order they were sent.
+    Idempotent by `signal_id`: a repeat is answered OK (`created` false) and
+    the signal is delivered once. An unknown run fails NOT_FOUND
+    `run_not_found`; a run that has ended fails FAILED_PRECONDITION
+    `run_terminal`; a bad name, id or payload fails INVALID_ARGUMENT
+    (`invalid_signal`, `signal_too_large`, `invalid_json`, `secrets_detected`)
+    and nothing is recorded; a run that received 10,000 signals fails
+    RESOURCE_EXHAUSTED `signal_inbox_full`.
+    """
 
 @_typing.type_check_only
 class EngineServiceAsyncStub(EngineServiceStub):
@@ -198,6 +210,18 @@ class EngineServiceAsyncStub(EngineServiceStub):
     or `step_not_found`, ALREADY_EXISTS `run_already_exists` when
     `run_id_new` is another run; nothing is written then. Rerunning again with
     the same `run_id_new` and request returns the existing rerun.
+    """
+    SignalRun: _aio.UnaryUnaryMultiCallable[_engine_pb2.SignalRunRequest, _engine_pb2.SignalRunResponse]  # type: ignore[assignment]
+    """Sends a named JSON payload to a run: it is kept in the run's inbox until a
+    wait for that name (the `keel.wait_signal` op, or `ctx.wait_signal` in an
+    op) consumes it, each signal by one wait, in the order they were sent.
+    Idempotent by `signal_id`: a repeat is answered OK (`created` false) and
+    the signal is delivered once. An unknown run fails NOT_FOUND
+    `run_not_found`; a run that has ended fails FAILED_PRECONDITION
+    `run_terminal`; a bad name, id or payload fails INVALID_ARGUMENT
+    (`invalid_signal`, `signal_too_large`, `invalid_json`, `secrets_detected`)
+    and nothing is recorded; a run that received 10,000 signals fails
+    RESOURCE_EXHAUSTED `signal_inbox_full`.
     """
 
 class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -347,6 +371,24 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         or `step_not_found`, ALREADY_EXISTS `run_already_exists` when
         `run_id_new` is another run; nothing is written then. Rerunning again with
         the same `run_id_new` and request returns the existing rerun.
+        """
+
+    @_abc_1.abstractmethod
+    def SignalRun(
+        self,
+        request: _engine_pb2.SignalRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_pb2.SignalRunResponse, _abc.Awaitable[_engine_pb2.SignalRunResponse]]:
+        """Sends a named JSON payload to a run: it is kept in the run's inbox until a
+        wait for that name (the `keel.wait_signal` op, or `ctx.wait_signal` in an
+        op) consumes it, each signal by one wait, in the order they were sent.
+        Idempotent by `signal_id`: a repeat is answered OK (`created` false) and
+        the signal is delivered once. An unknown run fails NOT_FOUND
+        `run_not_found`; a run that has ended fails FAILED_PRECONDITION
+        `run_terminal`; a bad name, id or payload fails INVALID_ARGUMENT
+        (`invalid_signal`, `signal_too_large`, `invalid_json`, `secrets_detected`)
+        and nothing is recorded; a run that received 10,000 signals fails
+        RESOURCE_EXHAUSTED `signal_inbox_full`.
         """
 
 def add_EngineServiceServicer_to_server(servicer: EngineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
