@@ -264,6 +264,15 @@ function toRun(run) {
       // Its output once it completed (hasOutput), from the run's latest checkpoint.
       hasOutput: step.output !== null && step.output !== undefined,
       output: step.output !== null && step.output !== undefined ? fromValue(step.output) : undefined,
+      // While its attempt waits for a signal: {name, factKey, since, timeoutAt (null: for ever)}.
+      waitingForSignal: step.waiting_for_signal
+        ? {
+            name: step.waiting_for_signal.name,
+            factKey: step.waiting_for_signal.fact_key,
+            since: fromTimestamp(step.waiting_for_signal.since),
+            timeoutAt: fromTimestamp(step.waiting_for_signal.timeout_at),
+          }
+        : null,
     })),
     children: (run.children || []).map((child) => ({
       childRunId: child.child_run_id,
@@ -386,10 +395,16 @@ class KeelClient {
    * A step (or the op, with `taskQueue`) may name a `task_queue`, executed by a worker (see worker.js),
    * and timeouts (`start_to_close_timeout`, `heartbeat_timeout`, `schedule_to_start_timeout`: milliseconds
    * or '1.5s'). `labels` ({key: value}, Kubernetes label rules) are recorded with the start; listRuns
-   * finds runs by them.
+   * finds runs by them. `signals` ([{name, payload, signalId?}]) are in the run's inbox before it starts;
+   * a run that exists already gets each of them once.
    */
-  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels, ...remote } = {}) {
+  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels, signals, ...remote } = {}) {
     const request = { run_id: runId || randomUUID(), wait, labels: { ...(labels || {}) } };
+    request.signals = (signals || []).map((signal) => ({
+      name: signal.name,
+      payload: toValue(signal.payload ?? null),
+      signal_id: signal.signalId ?? signal.signal_id ?? '',
+    }));
     if (pipeline) request.pipeline = toPipeline(pipeline);
     else {
       request.op = {
@@ -408,6 +423,17 @@ class KeelClient {
       created: Boolean(response.created),
       run: toRun(response.run),
     };
+  }
+
+  /**
+   * Sends the signal `name` with a JSON `payload` to a run; a wait of the run (keel.wait_signal) consumes it.
+   * Without `signalId` the client picks a UUID, so a retried call delivers the signal once; an id the run
+   * holds already answers {created: false}. An ended run rejects with code `run_terminal`.
+   */
+  async signalRun(runId, name, payload = null, { signalId, deadlineMs } = {}) {
+    const request = { run_id: runId, name, payload: toValue(payload), signal_id: signalId || randomUUID() };
+    const response = await this._unary('SignalRun', request, deadlineMs ?? this.deadlineMs);
+    return { signalId: response.signal_id, created: Boolean(response.created), inboxSeq: Number(response.inbox_seq || 0) };
   }
 
   /** The run with its steps, attempts, children and final snapshot. */

@@ -161,3 +161,42 @@ test('reruns a run from a step: the steps before it are reused, the run names it
     keel.close();
   }
 });
+
+test('signals: signalRun delivers once per id, start signals arrive with the start, waits show in getRun', { skip }, async () => {
+  const keel = new KeelClient(ENGINE);
+  try {
+    const waits = {
+      pipeline_id: 'node-signals',
+      steps: [
+        { step_id: 'first', op_id: 'keel.wait_signal', op_config: { name: 'go', timeout_seconds: 3600 } },
+        { step_id: 'second', op_id: 'keel.wait_signal', op_config: { name: 'go' }, depends_on: ['first'] },
+      ],
+    };
+    const runId = randomUUID();
+    await keel.startRun({ pipeline: waits, runId, signals: [{ name: 'go', payload: { n: 1 } }] });
+    let run = await keel.getRun(runId);
+    while (!run.steps[1].waitingForSignal) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      run = await keel.getRun(runId);
+    }
+    assert.equal(run.steps[1].waitingForSignal.name, 'go');
+    assert.equal(run.steps[1].waitingForSignal.factKey, 'second.signal');
+    assert.equal(run.steps[1].waitingForSignal.timeoutAt, null);
+    const sent = await keel.signalRun(runId, 'go', { n: 2 }, { signalId: 'node-2' });
+    assert.deepEqual(sent, { signalId: 'node-2', created: true, inboxSeq: 2 });
+    const repeat = await keel.signalRun(runId, 'go', { n: 2 }, { signalId: 'node-2' });
+    assert.equal(repeat.created, false);
+    const { run: done } = await keel.awaitRun(runId);
+    assert.equal(done.status, 'completed');
+    assert.deepEqual([done.finalSnapshot.first, done.finalSnapshot.second], [{ n: 1 }, { n: 2 }]);
+    await assert.rejects(keel.signalRun(runId, 'go', 3), (error) => {
+      assert.equal(error.code, 'run_terminal');
+      assert.equal(error.category, 'failed_precondition');
+      return true;
+    });
+    await assert.rejects(keel.signalRun(runId, 'not a name', 3), (error) => error.code === 'invalid_signal');
+    await assert.rejects(keel.signalRun(randomUUID(), 'go', 3), (error) => error.code === 'run_not_found');
+  } finally {
+    keel.close();
+  }
+});

@@ -30,6 +30,8 @@ from keel_client.models import (
     RunPage,
     RunStatus,
     RunSummary,
+    SentSignal,
+    Signal,
     SpawnedChild,
     StartedRun,
     TerminalizeResult,
@@ -104,6 +106,7 @@ class AsyncKeelClient:
         wait: bool = False,
         deadline: float | None = None,
         labels: Mapping[str, str] | None = None,
+        signals: Iterable[Signal | Mapping[str, Any]] = (),
     ) -> StartedRun:
         """Start a run of a pipeline (a dict shaped like the proto Pipeline) or of a single `op`.
 
@@ -112,6 +115,8 @@ class AsyncKeelClient:
         (`created` False) and a different one raises RunAlreadyExists. With `wait` the call returns
         once the run is terminal (no deadline unless `deadline` is given). `labels` (Kubernetes label
         rules) are recorded with the start; `list_runs(labels=...)` finds the run by them.
+        `signals` (`Signal`s or dicts {name, payload, signal_id?}) are in the run's inbox before it
+        starts; for a run that exists already they are delivered to it, each once.
 
         Example::
 
@@ -133,9 +138,33 @@ class AsyncKeelClient:
             run_id=run_id,
             wait=wait,
             labels=labels,
+            signals=signals,
         )
         deadline = deadline if deadline is not None or wait else self._deadline
         return wire.started_run(await self._unary(self._stub.StartRun, request, deadline))
+
+    async def signal_run(
+        self,
+        run_id: str,
+        name: str,
+        payload: Any = None,
+        *,
+        signal_id: str | None = None,
+        deadline: float | None = None,
+    ) -> SentSignal:
+        """Send the signal `name` with a JSON `payload` to a run; a wait of the run consumes it.
+
+        Without `signal_id` the client picks a uuid4, so that a retried call delivers the signal
+        once; sending an id the run holds already answers `created` False and delivers nothing.
+        A run that has ended raises RunTerminal, an unknown one RunNotFound.
+
+        Example::
+
+            sent = await keel.signal_run(run_id, "approval", {"approved_by": "ada"})
+            print(sent.signal_id, sent.created)
+        """
+        request = wire.signal_run_request(run_id, name, payload, signal_id)
+        return wire.sent_signal(await self._unary(self._stub.SignalRun, request, deadline or self._deadline))
 
     async def resume_run(self, run_id: str, *, deadline: float | None = None) -> ResumedRun:
         """Make this engine drive a run nobody drives (a terminal run is returned as it is).

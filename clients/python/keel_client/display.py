@@ -85,7 +85,8 @@ def sorted_children(run: Run) -> list[ChildRun]:
 
 
 def step_label(run: Run, step: StepState) -> str:
-    """The step's status for people: `canceled` for a step a canceled run left unfinished.
+    """The step's status for people: `canceled` for a step a canceled run left unfinished, and
+    `waiting for signal NAME [until TIME]` while its attempt waits for a signal.
 
     The engine has no canceled step status: a cancel cuts the running attempt (shown as failed, or
     still running) and leaves later steps pending; none of them failed, and none will run.
@@ -94,6 +95,12 @@ def step_label(run: Run, step: StepState) -> str:
         return "canceled"
     if step.reused_from_run_id:
         return "reused"  # a rerun copied its output: it completed in the run it reran
+    waiting = step.waiting_for_signal
+    if waiting is not None and not run.is_terminal:
+        until = (
+            f" until {waiting.timeout_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z" if waiting.timeout_at else ""
+        )
+        return f"waiting for signal {waiting.name}{until}"
     return step.status.value
 
 

@@ -210,6 +210,22 @@ class SequenceConflict(AbortedError):
     """`sequence_conflict`: another writer advanced the run's stream first."""
 
 
+class RunTerminal(FailedPreconditionError):
+    """`run_terminal`: the run has ended, so it consumes no more signals; nothing was recorded."""
+
+
+class InvalidSignal(InvalidArgumentError):
+    """`invalid_signal`: a signal's name or id breaks the rules (the message says which)."""
+
+
+class SignalTooLarge(InvalidArgumentError):
+    """`signal_too_large`: a signal's payload beyond 256 KiB of JSON (see `details`: size, limit)."""
+
+
+class SignalInboxFull(ResourceExhaustedError):
+    """`signal_inbox_full`: the run received as many signals as it may (10,000)."""
+
+
 _BY_REASON: dict[str, type[KeelClientError]] = {
     "run_not_found": RunNotFound,
     "manifest_not_found": ManifestNotFound,
@@ -230,6 +246,10 @@ _BY_REASON: dict[str, type[KeelClientError]] = {
     "store_unavailable": StoreUnavailable,
     "children_not_closed": ChildrenNotClosed,
     "sequence_conflict": SequenceConflict,
+    "run_terminal": RunTerminal,
+    "invalid_signal": InvalidSignal,
+    "signal_too_large": SignalTooLarge,
+    "signal_inbox_full": SignalInboxFull,
 }
 
 _BY_STATUS: dict[grpc.StatusCode, type[KeelClientError]] = {

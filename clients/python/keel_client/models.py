@@ -153,8 +153,18 @@ class StepAttempt:
 
 
 @dataclass(frozen=True)
+class SignalWait:
+    """What a step's running attempt waits for: the signal `name`, until `timeout_at` (None: for ever)."""
+
+    name: str
+    fact_key: str
+    since: datetime | None
+    timeout_at: datetime | None
+
+
+@dataclass(frozen=True)
 class StepState:
-    """A step of a run and what happened to it."""
+    """A step of a run and what happened to it (`waiting_for_signal` while it waits for one)."""
 
     step_id: str
     op_id: str
@@ -169,11 +179,30 @@ class StepState:
     # Its output once it completed (`has_output`; None also when an older engine said nothing).
     output: Any = None
     has_output: bool = False
+    waiting_for_signal: SignalWait | None = None
 
     @property
     def last_attempt(self) -> StepAttempt | None:
         """The most recent attempt, or None before the first one."""
         return self.attempts[-1] if self.attempts else None
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A signal to send with a start (`start_run(signals=[...])`): a name, a JSON payload, an optional id."""
+
+    name: str
+    payload: Any = None
+    signal_id: str = ""
+
+
+@dataclass(frozen=True)
+class SentSignal:
+    """What `signal_run` answers: the signal's id, its place in the run's inbox, and whether it is new."""
+
+    signal_id: str
+    created: bool
+    inbox_seq: int
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ STATUS_STYLES = {
     "failed": "bold red",
     "canceled": "magenta",
     "canceling": "magenta",
+    "waiting": "blue",
 }
 
 
@@ -89,7 +90,8 @@ class RunPicture:
             table.add_column(title, no_wrap=True, overflow="ellipsis")
         for row in rows:
             label, op_id, status, attempt, elapsed = row
-            table.add_row(label, op_id, Text(status, style=STATUS_STYLES.get(status, "")), attempt, elapsed)
+            style = STATUS_STYLES.get(status.split(" ", 1)[0], "")  # "waiting for signal x": waiting
+            table.add_row(label, op_id, Text(status, style=style), attempt, elapsed)
         yield Group(
             Text(self.header, no_wrap=True, overflow="ellipsis"),
             Padding(table, (0, 0, 0, 2)),

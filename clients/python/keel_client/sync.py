@@ -216,6 +216,7 @@ class KeelClient:
         self._finalizer()
 
     start_run = _blocking(AsyncKeelClient.start_run)
+    signal_run = _blocking(AsyncKeelClient.signal_run)
     resume_run = _blocking(AsyncKeelClient.resume_run)
     spawn_child = _blocking(AsyncKeelClient.spawn_child)
     await_child = _blocking(AsyncKeelClient.await_child)

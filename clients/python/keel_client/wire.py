@@ -35,6 +35,9 @@ from keel_client.models import (
     RunPage,
     RunStatus,
     RunSummary,
+    SentSignal,
+    Signal,
+    SignalWait,
     SpawnedChild,
     StartedRun,
     StepAttempt,
@@ -199,6 +202,7 @@ def start_run_request(
     run_id: str | None,
     wait: bool,
     labels: Mapping[str, str] | None = None,
+    signals: Iterable[Signal | Mapping[str, Any]] = (),
 ) -> engine_pb2.StartRunRequest:
     """A StartRunRequest; a run id is picked here if the caller gives none: a retried start is idempotent."""
     if (pipeline is None) == (op is None):
@@ -220,7 +224,35 @@ def start_run_request(
     config = run_config_message(run_config)
     if config is not None:
         request.run_config.CopyFrom(config)
+    for index, given in enumerate(signals):
+        request.signals.append(signal_input(given, f"signals[{index}]"))
     return request
+
+
+def signal_input(given: Signal | Mapping[str, Any], field: str) -> engine_pb2.SignalInput:
+    """A SignalInput from a Signal or a dict {name, payload?, signal_id?}."""
+    if isinstance(given, Mapping):
+        unknown = set(given) - {"name", "payload", "signal_id"}
+        if unknown or not isinstance(given.get("name"), str):
+            raise invalid_request(f"{field} must be a Signal or a dict with a name (and payload, signal_id)")
+        given = Signal(given["name"], given.get("payload"), str(given.get("signal_id") or ""))
+    message = engine_pb2.SignalInput(name=given.name, signal_id=given.signal_id)
+    message.payload.CopyFrom(json_value(given.payload, f"{field}.payload"))
+    return message
+
+
+def signal_run_request(
+    run_id: str, name: str, payload: Any, signal_id: str | None
+) -> engine_pb2.SignalRunRequest:
+    """A SignalRunRequest; a signal id is picked here if none is given: a retried call is idempotent."""
+    request = engine_pb2.SignalRunRequest(run_id=run_id, name=name, signal_id=signal_id or str(uuid.uuid4()))
+    request.payload.CopyFrom(json_value(payload, "payload"))
+    return request
+
+
+def sent_signal(message: engine_pb2.SignalRunResponse) -> SentSignal:
+    """A SentSignal from SignalRun's response."""
+    return SentSignal(signal_id=message.signal_id, created=message.created, inbox_seq=message.inbox_seq)
 
 
 def spawn_child_request(
@@ -417,6 +449,19 @@ def _step(message: engine_pb2.StepState) -> StepState:
         depends_on=tuple(message.depends_on),
         output=from_value(message.output) if message.HasField("output") else None,
         has_output=message.HasField("output"),
+        waiting_for_signal=_signal_wait(message),
+    )
+
+
+def _signal_wait(message: engine_pb2.StepState) -> SignalWait | None:
+    if not message.HasField("waiting_for_signal"):
+        return None
+    wait = message.waiting_for_signal
+    return SignalWait(
+        name=wait.name,
+        fact_key=wait.fact_key,
+        since=_time(wait, "since"),
+        timeout_at=_time(wait, "timeout_at"),
     )
 
 

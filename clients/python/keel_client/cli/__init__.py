@@ -80,6 +80,12 @@ COMMANDS: tuple[Command, ...] = (
         control.rerun_arguments,
     ),
     Command(
+        "signal",
+        "send a signal (a name and a JSON payload) to a run",
+        control.cmd_signal,
+        control.signal_arguments,
+    ),
+    Command(
         "ops",
         "list the ops the engine can run and those workers declared, with versions and task queues",
         queries.cmd_ops,

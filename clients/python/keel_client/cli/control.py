@@ -1,12 +1,14 @@
-"""`keel cancel`, `keel terminalize`, `keel resume`, `keel rerun`: end a run exactly once, make the
-engine drive it, or run it again from a step."""
+"""`keel cancel`, `keel terminalize`, `keel resume`, `keel rerun`, `keel signal`: end a run exactly
+once, make the engine drive it, run it again from a step, or send it a signal."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+from typing import Any
 
-from keel_client.cli.options import answer, client, enum_argument
+from keel_client.cli.options import CliError, answer, client, enum_argument
 from keel_client.cli.runs import follow
 from keel_client.models import TerminalTarget, to_json_data
 
@@ -80,3 +82,36 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         f" (reused: {', '.join(reused) or 'nothing'})"
     )
     return answer(args, rerun, lambda: text)
+
+
+def signal_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keel signal RUN_ID NAME [--data JSON] [--id ID]`."""
+    parser.add_argument("run_id", metavar="RUN_ID")
+    parser.add_argument("name", metavar="NAME", help="the signal's name (what the run waits for)")
+    parser.add_argument("--data", default="null", help="the payload, as JSON (default: null)")
+    parser.add_argument(
+        "--id",
+        dest="signal_id",
+        default=None,
+        help="a signal id: sending it again delivers nothing more (default: a new one)",
+    )
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    """`keel signal`: send a named JSON payload to a run."""
+    payload = _json_argument(args.data, "--data")
+    with client(args) as keel:
+        sent = keel.signal_run(args.run_id, args.name, payload, signal_id=args.signal_id)
+    what = "sent" if sent.created else "already sent (nothing more delivered):"
+    return answer(
+        args,
+        {"run_id": args.run_id, **to_json_data(sent)},
+        lambda: f"signal {args.name} {what} {sent.signal_id} to run {args.run_id}",
+    )
+
+
+def _json_argument(text: str, flag: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CliError(f"{flag} is not JSON: {error}") from None

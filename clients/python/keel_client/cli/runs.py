@@ -28,6 +28,14 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", help="a UUID for an idempotent start (default: a new one)")
     parser.add_argument("--wait", action="store_true", help="show live progress until the run ends")
     label_argument(parser, "label the run (repeatable; added to the file's `labels`)")
+    parser.add_argument(
+        "--signal",
+        action="append",
+        default=[],
+        type=_signal_argument,
+        metavar="NAME=JSON",
+        help="send a signal with the start (repeatable; added to the file's `signals`)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -39,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec["context"] = _parse_json(args.context, "--context")
     if args.label:
         spec["labels"] = {**dict(spec.get("labels") or {}), **dict(args.label)}
+    if args.signal:
+        spec["signals"] = [*(spec.get("signals") or []), *args.signal]
     run_id = start(args, spec, args.engine, print_started_json=not args.wait)
     if not args.wait:
         return 0
@@ -50,6 +60,16 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return asyncio.run(follow(args, args.run_id))
 
 
+def _signal_argument(text: str) -> dict[str, Any]:
+    name, equals, data = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {text!r}")
+    try:
+        return {"name": name, "payload": json.loads(data)}
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"the payload of {name} is not JSON: {error}") from None
+
+
 def _parse_json(text: str, flag: str) -> Any:
     try:
         return json.loads(text)
@@ -58,8 +78,8 @@ def _parse_json(text: str, flag: str) -> Any:
 
 
 def load_run_file(path: Path) -> dict[str, Any]:
-    """A pipeline file as {pipeline, input?, context?, run_config?, labels?}; a bare pipeline is
-    accepted too."""
+    """A pipeline file as {pipeline, input?, context?, run_config?, labels?, signals?}; a bare
+    pipeline is accepted too."""
     try:
         text = path.read_text()
     except OSError as error:
@@ -73,7 +93,7 @@ def load_run_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CliError(f"{path} must hold a pipeline object (pipeline_id, steps), not {type(data).__name__}")
     if "pipeline" in data:
-        unknown = set(data) - {"pipeline", "input", "context", "run_config", "labels"}
+        unknown = set(data) - {"pipeline", "input", "context", "run_config", "labels", "signals"}
         if unknown:
             raise CliError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
         labels = data.get("labels", {})
@@ -81,6 +101,9 @@ def load_run_file(path: Path) -> dict[str, Any]:
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
         ):
             raise CliError(f"{path}: labels must map keys to string values (quote numbers in YAML)")
+        signals = data.get("signals", [])
+        if not isinstance(signals, list) or not all(isinstance(s, dict) for s in signals):
+            raise CliError(f"{path}: signals must be a list of {{name, payload, signal_id?}}")
         return data
     return {"pipeline": data}
 
@@ -105,6 +128,7 @@ def start(args: argparse.Namespace, spec: dict[str, Any], engine: str, *, print_
             run_config=spec.get("run_config"),
             run_id=getattr(args, "run_id", None),
             labels=spec.get("labels"),
+            signals=spec.get("signals") or (),
         )
     if args.json:
         if print_started_json:
