@@ -60,7 +60,10 @@ class RunSignalWaits:
             raise io_error("signals_unavailable", "this engine serves no signals")
         deadline_us = self._begin_wait(attempt, name, fact_key, seconds)
         with signals.wakeups.watching(self._run.run_id) as woken:
-            await signals.wakeups.ready()
+            try:
+                await asyncio.wait_for(signals.wakeups.ready(), self._left(deadline_us))
+            except TimeoutError:
+                raise self._timed_out(attempt, name, seconds) from None
             while True:
                 woken.clear()
                 inbox = await signals.inbox.read(self._run.run_id)
@@ -73,16 +76,24 @@ class RunSignalWaits:
                     response = signal.consumed_json()
                     await self._facts.record_answer(attempt, SIGNAL_NAMESPACE, fact_key, response)
                     return copy.deepcopy(signal.payload)
-                left = (deadline_us - now_us()) / 1_000_000 if deadline_us else None
+                left = self._left(deadline_us)
                 if left is not None and left <= 0:
-                    raise OpError(
-                        "signal_timeout",
-                        f"no signal {name!r} arrived within {seconds:g} s (step {attempt.step_id!r})",
-                        retryable=True,
-                        name=name,
-                    )
+                    raise self._timed_out(attempt, name, seconds)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), left)
+
+    @staticmethod
+    def _left(deadline_us: int) -> float | None:
+        return (deadline_us - now_us()) / 1_000_000 if deadline_us else None
+
+    @staticmethod
+    def _timed_out(attempt: AttemptOf, name: str, seconds: float | None) -> OpError:
+        return OpError(
+            "signal_timeout",
+            f"no signal {name!r} arrived within {seconds or 0:g} s (step {attempt.step_id!r})",
+            retryable=True,
+            name=name,
+        )
 
     def _recorded(self, fact_key: str) -> Any:
         recorded = self._run.history.facts.get(fact_key)

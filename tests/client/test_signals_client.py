@@ -89,7 +89,9 @@ async def test_async_client_sends_signals_with_the_start_and_after_it(engine_add
 def test_keel_signal_and_keel_run_with_signals(engine_address: str, tmp_path: Any) -> None:
     path = tmp_path / "waits.json"
     path.write_text(
-        json.dumps({"pipeline": waits("first", "second", "third"), "signals": [{"name": "first", "payload": 1}]})
+        json.dumps(
+            {"pipeline": waits("first", "second", "third"), "signals": [{"name": "first", "payload": 1}]}
+        )
     )
     started = run_keel("run", str(path), "--signal", 'second={"two": 2}', "--json", engine=engine_address)
     assert started.code == 0, started.stderr
