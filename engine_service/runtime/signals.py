@@ -7,8 +7,13 @@ it once. Then it appends one `SignalWoken{run_id}` to the engine-wide `signal-wa
 `SignalWakeups` is one subscription per engine to `signal-wakeups`: a wait registers for its run
 and is woken when a SignalWoken names it, then re-reads the run's inbox. A wait registers and
 waits until the subscription is in place *before* it reads the inbox, so a signal sent after that
-read is always followed by a wake-up it hears. A lost subscription (the store away) wakes every
-wait to re-read once it is back.
+read is always followed by a wake-up it hears. A lost subscription (the store away), or a gap
+in the sequence numbers it delivers (events trimmed before this engine read them), wakes every
+wait to re-read.
+
+`signal-wakeups` is kept short: an engine that reads a sequence number divisible by TRIM_EVERY
+trims the stream below the last KEEP_WAKEUPS events (any engine may: trimming is idempotent, and
+a follower that finds events gone notices the gap).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # How long the wake-up subscription waits before following again after the store failed it.
 RESUBSCRIBE_SECONDS = 0.5
+# signal-wakeups keeps about its last KEEP_WAKEUPS events: trimmed every TRIM_EVERY events.
+TRIM_EVERY = 1000
+KEEP_WAKEUPS = 1000
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,7 @@ class SignalWakeups:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
+        self._trims: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
     def watching(self, run_id: str) -> Iterator[asyncio.Event]:
@@ -175,11 +184,13 @@ class SignalWakeups:
 
     async def close(self) -> None:
         """End the subscription."""
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [*self._trims, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(BaseException):
-                await self._task
-            self._task, self._ready = None, None
+                await task
+        self._task, self._ready = None, None
 
     async def _follow(self, ready: asyncio.Event) -> None:
         while True:
@@ -190,13 +201,30 @@ class SignalWakeups:
                     ready.set()
                     # Woken while the subscription was away: every wait re-reads its inbox.
                     self._wake_everyone()
+                    seen = head
                     async for event in subscription:
+                        if event.seq != seen + 1:
+                            self._wake_everyone()  # trimmed before this engine read them
+                        seen = event.seq
                         self._wake(event.payload)
+                        if seen % TRIM_EVERY == 0 and seen > KEEP_WAKEUPS:
+                            self._trim(seen - KEEP_WAKEUPS)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the store away for longer than its client retries
                 log.warning("signal wake-up subscription lost (%s); following again", error)
             await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
+    def _trim(self, before_seq: int) -> None:
+        async def trim() -> None:
+            try:
+                await self.store.trim(SIGNAL_WAKEUPS_STREAM, before_seq, patience=RESUBSCRIBE_SECONDS)
+            except KeelError as error:  # the next trim takes these too
+                log.info("signal wake-ups not trimmed below %d: %s", before_seq, error.message)
+
+        task = asyncio.create_task(trim(), name="signal-wakeups-trim")
+        self._trims.add(task)
+        task.add_done_callback(self._trims.discard)
 
     def _wake(self, payload: bytes) -> None:
         try:

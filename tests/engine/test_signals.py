@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2
 from keel.engine.v1 import engine_pb2
 from keel.store.v1 import store_pb2
 
+from engine_service.runtime import signals as runtime_signals
 from keel_core.json_values import from_value, to_value
 from keel_core.status import from_rpc_error
 from tests.engine.conftest import Cluster, gate
@@ -316,3 +317,28 @@ async def test_bad_start_signals_fail_and_write_nothing(cluster: Cluster) -> Non
 
 def _reason(error: grpc.aio.AioRpcError) -> str:
     return from_rpc_error(error).code
+
+
+async def test_the_wakeup_stream_is_trimmed_and_waits_still_hear_their_signals(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime_signals, "TRIM_EVERY", 2)
+    monkeypatch.setattr(runtime_signals, "KEEP_WAKEUPS", 1)
+    started = await cluster.stub.StartRun(
+        engine_pb2.StartRunRequest(
+            pipeline=pipeline(
+                *(wait_step(f"w{i}", "go", depends_on=(f"w{i - 1}",) if i else ()) for i in range(5))
+            )
+        )
+    )
+    for n in range(5):
+        await waiting_step(cluster, started.run_id, f"w{n}")
+        await signal(cluster, started.run_id, "go", n)
+    run = await finished(cluster, started.run_id)
+    assert [output(run, f"w{i}") for i in range(5)] == list(range(5))
+
+    async def trimmed() -> bool:
+        reply = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id="signal-wakeups"))
+        return reply.head_seq == 5 and len(reply.events) < 5
+
+    await eventually(trimmed, "signal-wakeups is trimmed", within=30, poll=0.02)
