@@ -224,6 +224,24 @@ class ArtifactInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredArtifact:
+    """An artifact in a ListArtifacts page: its info and when it was last stored (microseconds)."""
+
+    artifact_id: str
+    kind: str
+    size: int
+    stored_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactPage:
+    """A page of artifacts, oldest first, and the opaque token for the next page ("" at the end)."""
+
+    artifacts: tuple[StoredArtifact, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
 class ArtifactPut:
     """The outcome of a put: the artifact's id and size, and False if it already existed."""
 
@@ -350,6 +368,26 @@ class StoreBackend(abc.ABC):
     async def has_artifact(self, artifact_id: str) -> ArtifactInfo | None:
         """The artifact's info, or None when it is not stored."""
 
+    # -- deletion (retention) ----------------------------------------------------------------
+    #
+    # An artifact's stored time is renewed whenever its bytes are stored again (a put, or inline
+    # with an append), in the same transaction as that append: an artifact collection that
+    # decided an artifact was unreferenced deletes it only if it was not stored again since.
+
+    @abc.abstractmethod
+    async def delete_streams(self, stream_ids: Sequence[str]) -> int:
+        """Delete these streams (events, head row, label, attributes) in one transaction; returns how
+        many existed. Unknown ids are skipped."""
+
+    @abc.abstractmethod
+    async def list_artifacts(self, stored_before_us: int, page_size: int, page_token: str) -> ArtifactPage:
+        """Artifacts last stored before `stored_before_us`, oldest first, one page at a time."""
+
+    @abc.abstractmethod
+    async def delete_artifacts(self, artifact_ids: Sequence[str], stored_before_us: int) -> list[str]:
+        """Delete those of `artifact_ids` last stored before `stored_before_us` (with their chunks), in
+        one transaction; returns the ids deleted."""
+
 
 def sequence_conflict(stream_id: str, expected: Expected, actual_seq: int) -> KeelError:
     """The error of an append whose expected head did not match the actual one."""
@@ -397,6 +435,7 @@ __all__ = [
     "AppendResult",
     "ArtifactDownload",
     "ArtifactInfo",
+    "ArtifactPage",
     "ArtifactPut",
     "DuePage",
     "DueStream",
@@ -406,6 +445,7 @@ __all__ = [
     "NewArtifact",
     "NewEvent",
     "StoreBackend",
+    "StoredArtifact",
     "StoredEvent",
     "StreamHead",
     "StreamInfo",

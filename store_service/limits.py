@@ -235,3 +235,27 @@ def due_limit(limit: int) -> int:
     if not 0 <= limit <= MAX_PAGE_SIZE:
         raise invalid_argument("invalid_limit", f"limit must be 0 to {MAX_PAGE_SIZE} (got {limit})")
     return limit or DEFAULT_PAGE_SIZE
+
+
+MAX_DELETE_STREAMS = 100
+MAX_DELETE_ARTIFACTS = 1000
+
+
+def check_delete_streams(stream_ids: list[str]) -> list[str]:
+    """1 to MAX_DELETE_STREAMS valid stream ids."""
+    if not 1 <= len(stream_ids) <= MAX_DELETE_STREAMS:
+        raise invalid_argument(
+            "invalid_batch",
+            f"DeleteStreams takes 1 to {MAX_DELETE_STREAMS} stream ids (got {len(stream_ids)})",
+        )
+    return [check_stream_id(stream_id) for stream_id in stream_ids]
+
+
+def check_delete_artifacts(artifact_ids: list[str]) -> list[str]:
+    """At most MAX_DELETE_ARTIFACTS valid artifact ids."""
+    if len(artifact_ids) > MAX_DELETE_ARTIFACTS:
+        raise invalid_argument(
+            "invalid_batch",
+            f"DeleteArtifacts takes at most {MAX_DELETE_ARTIFACTS} artifact ids (got {len(artifact_ids)})",
+        )
+    return [check_artifact_id(artifact_id) for artifact_id in artifact_ids]

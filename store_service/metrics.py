@@ -33,6 +33,17 @@ ARTIFACT_BYTES_OUT = Counter(
     registry=REGISTRY,
 )
 
+STREAMS_DELETED = Counter(
+    "keel_store_streams_deleted",
+    "Streams DeleteStreams deleted (engines' retention).",
+    registry=REGISTRY,
+)
+ARTIFACTS_DELETED = Counter(
+    "keel_store_artifacts_deleted",
+    "Artifacts DeleteArtifacts deleted (engines' artifact collection).",
+    registry=REGISTRY,
+)
+
 for _via in ("inline", "put"):
     ARTIFACT_BYTES_IN.labels(_via)  # present at 0 from the start, so rates work from the first scrape
 
@@ -45,4 +56,12 @@ def appended(events: int, inline_artifact_bytes: int) -> None:
         ARTIFACT_BYTES_IN.labels("inline").inc(inline_artifact_bytes)
 
 
-__all__ = ["APPENDS", "ARTIFACT_BYTES_IN", "ARTIFACT_BYTES_OUT", "EVENTS_APPENDED", "appended"]
+__all__ = [
+    "APPENDS",
+    "ARTIFACTS_DELETED",
+    "ARTIFACT_BYTES_IN",
+    "ARTIFACT_BYTES_OUT",
+    "EVENTS_APPENDED",
+    "STREAMS_DELETED",
+    "appended",
+]

@@ -62,6 +62,8 @@ class StoreConfig:
     metrics_listen: str | None = None
     # Bytes one artifact may have (PutArtifact or inline in an append); 0: no cap.
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    # DeleteStreams/DeleteArtifacts without a token (with one, its holders may delete).
+    allow_deletes: bool = False
 
 
 def _sqlite_backend(config: StoreConfig) -> StoreBackend:
@@ -118,7 +120,11 @@ async def start_store(config: StoreConfig) -> StoreServingHandle:
         backend = make_backend(config)
         await backend.open()
         undo.push_async_callback(backend.close)
-        servicer = StoreServicer(backend, max_artifact_bytes=config.max_artifact_bytes)
+        servicer = StoreServicer(
+            backend,
+            max_artifact_bytes=config.max_artifact_bytes,
+            allow_deletes=config.allow_deletes or bool(config.auth_token),
+        )
         interceptors: list[ServerInterceptor] = [MetricsInterceptor()]
         if config.auth_token:
             # After the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED).
@@ -228,6 +234,14 @@ def _add_access_flags(parser: argparse.ArgumentParser) -> None:
         "are visible to other users [KEEL_STORE_AUTH_TOKEN] (default: no token)",
     )
     access.add_argument(
+        "--allow-deletes",
+        action="store_true",
+        default=os.environ.get("KEEL_STORE_ALLOW_DELETES", "") in ("1", "true", "yes"),
+        help="accept DeleteStreams and DeleteArtifacts (engines' retention) without a token; with "
+        "--auth-token they are accepted from its holders anyway. Without either, every delete is "
+        "refused (PERMISSION_DENIED deletes_not_allowed) [KEEL_STORE_ALLOW_DELETES=1]",
+    )
+    access.add_argument(
         "--auth-token-file",
         default=os.environ.get("KEEL_STORE_AUTH_TOKEN_FILE") or None,
         metavar="PATH",
@@ -274,6 +288,7 @@ def _config(args: argparse.Namespace, flags: ServerFlags) -> StoreConfig:
         auth_token=token_from_flags(args.auth_token, args.auth_token_file, flag="--auth-token"),
         metrics_listen=flags.metrics_listen,
         max_artifact_bytes=args.max_artifact_bytes,
+        allow_deletes=args.allow_deletes,
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
+import binascii
 import contextlib
 import itertools
 import logging
@@ -20,16 +22,19 @@ from typing import Any
 
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from store_service.backend import (
+    ARTIFACT_ID_PATTERN,
     FIRST_PAGE_POSITION,
     AppendResult,
     ArtifactDownload,
     ArtifactInfo,
+    ArtifactPage,
     DuePage,
     DueStream,
     Expected,
     NewArtifact,
     NewEvent,
     StoreBackend,
+    StoredArtifact,
     StoredEvent,
     StreamHead,
     StreamInfo,
@@ -39,6 +44,7 @@ from store_service.backend import (
     decode_page_token,
     empty_batch,
     encode_page_token,
+    invalid_page_token,
 )
 from store_service.group_commit import AppendJob, AppendOutcome, WriteQueue, WriteTask, resolve
 from store_service.stream_wakeups import StreamWakeups
@@ -50,6 +56,9 @@ Row = Sequence[Any]
 # (a terminated session), slower while it stays down.
 OUTAGE_RETRY_MIN_S = 0.05
 OUTAGE_RETRY_MAX_S = 2.0
+# An artifact stored again renews its stored time at most this often (renewing on every repeat would
+# write a row for every append that carries a popular manifest); tests set 0.
+RENEW_AFTER_US = 60_000_000
 # Events one catch-up read of a subscription fetches.
 SUBSCRIBE_PAGE = 1000
 
@@ -72,6 +81,8 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         # Every subscriber's armed wake-up, so that `_wake_everyone` can make them all re-read.
         self._waiting: set[asyncio.Event] = set()
         self._closing = False
+        # Bytes stored again renew the artifact's stored time if older than this (store_service.backend).
+        self.renew_after_us = RENEW_AFTER_US
 
     # -- dialect hooks -----------------------------------------------------------------------
 
@@ -345,6 +356,48 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         """The artifact's info, or None."""
         row = await self._artifact_row(artifact_id)
         return None if row is None else row[0]
+
+    async def list_artifacts(self, stored_before_us: int, page_size: int, page_token: str) -> ArtifactPage:
+        """Artifacts last stored before `stored_before_us`, oldest first (by stored time, then id).
+
+        No index serves this order: a page reads the artifacts table (a collection's rare pass).
+        """
+        after_us, after_id = self._artifact_position(page_token)
+        rows = await self._rows(
+            "SELECT artifact_id, kind, size, created_at_us FROM artifacts WHERE created_at_us < ? "
+            "AND (created_at_us > ? OR (created_at_us = ? AND artifact_id > ?)) "
+            "ORDER BY created_at_us, artifact_id LIMIT ?",
+            stored_before_us,
+            after_us,
+            after_us,
+            after_id,
+            page_size + 1,
+        )
+        more = len(rows) > page_size
+        found = tuple(StoredArtifact(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows[:page_size])
+        token = ""
+        if more and found:
+            last = found[-1]
+            token = base64.urlsafe_b64encode(
+                self.TOKEN_PREFIX + b"artifacts:" + f"{last.stored_at_us}:{last.artifact_id}".encode()
+            ).decode()
+        return ArtifactPage(found, token)
+
+    def _artifact_position(self, token: str) -> tuple[int, str]:
+        """(stored time, id) a ListArtifacts token continues after; (-1, "") for the first page."""
+        if not token:
+            return -1, ""
+        prefix = self.TOKEN_PREFIX + b"artifacts:"
+        try:
+            raw = base64.urlsafe_b64decode(token.encode())
+            if not raw.startswith(prefix):
+                raise ValueError("not ours")
+            stored, _, artifact_id = raw[len(prefix) :].decode().partition(":")
+            if not stored.isdigit() or len(stored) > 19 or not ARTIFACT_ID_PATTERN.fullmatch(artifact_id):
+                raise ValueError("malformed")
+        except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+            raise invalid_page_token(token) from exc
+        return int(stored), artifact_id
 
     async def _artifact_row(self, artifact_id: str) -> tuple[ArtifactInfo, object] | None:
         rows = await self._rows(

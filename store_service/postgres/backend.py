@@ -72,6 +72,20 @@ _APPEND_GROUP = (
     "$1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int2[], $6::int4[], $7::text[], $8::bytea[], "
     "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], $15::text)"
 )
+# A group carrying artifacts first renews the stored time of those already stored (an artifact
+# collection deletes only what was not stored again since it looked: store_service.backend), at
+# most once a minute per artifact. `ready` reads the UPDATE to its end and append_group takes an
+# argument from it, so the renewal happens before the append, in the same statement: a collection
+# deleting the artifact meanwhile either commits first (append_group then stores it anew) or finds
+# it renewed.
+_APPEND_GROUP_RENEWING = (
+    "WITH renewed AS (UPDATE artifacts SET created_at_us = {now} WHERE artifact_id = ANY($10::text[]) "
+    "AND created_at_us < {now} - $16::int8 RETURNING 1), ready AS (SELECT count(*) AS n FROM renewed) "
+    "SELECT g.out_first, g.out_head, g.out_conflict FROM ready CROSS JOIN LATERAL append_group("
+    "$1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int2[], $6::int4[], $7::text[], $8::bytea[], "
+    "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], "
+    "CASE WHEN ready.n >= 0 THEN $15::text END) AS g"
+)
 # Attributes of the appends of a group that committed, keyed by the streams rows just written.
 _SET_ATTRIBUTES = (
     "INSERT INTO stream_attributes (sid, key, value) "
@@ -106,6 +120,25 @@ _TRIM = (
 )
 _INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES ($1, $2, $3)"
 _NOW_US = "(extract(epoch FROM statement_timestamp()) * 1000000)::int8"
+_APPEND_GROUP_RENEWING = _APPEND_GROUP_RENEWING.format(now=_NOW_US)
+# A put of bytes already stored renews them before it publishes (see _APPEND_GROUP_RENEWING).
+_STALE = f"created_at_us < {_NOW_US} - $2"
+_RENEW_ARTIFACT = f"UPDATE artifacts SET created_at_us = {_NOW_US} WHERE artifact_id = $1 AND {_STALE}"
+# Deletes: whole streams (attributes first: they reference the streams rows), and artifacts not
+# renewed since the collection's cut-off, with their chunks, each in one transaction.
+_DELETE_STREAM_ATTRIBUTES = (
+    "DELETE FROM stream_attributes WHERE sid IN (SELECT sid FROM streams WHERE stream_id = ANY($1::text[]))"
+)
+_DELETE_STREAM_EVENTS = "DELETE FROM events WHERE stream_id = ANY($1::text[])"
+_DELETE_STREAM_ROWS = (
+    "WITH d AS (DELETE FROM streams WHERE stream_id = ANY($1::text[]) RETURNING 1) SELECT count(*) FROM d"
+)
+_DELETE_ARTIFACTS = (
+    "WITH d AS (DELETE FROM artifacts WHERE artifact_id = ANY($1::text[]) AND created_at_us < $2 "
+    "RETURNING artifact_id, blob_id), "
+    "c AS (DELETE FROM artifact_chunks WHERE blob_id IN (SELECT blob_id FROM d)) "
+    "SELECT artifact_id FROM d"
+)
 _INSERT_ARTIFACT = (
     "INSERT INTO artifacts (artifact_id, kind, size, blob_id, created_at_us) "
     f"VALUES ($1, $2, $3, $4, {_NOW_US}) ON CONFLICT (artifact_id) DO NOTHING RETURNING true"
@@ -372,12 +405,16 @@ class PostgresStoreBackend(SqlStoreBackend):
     async def _append_on(
         self, conn: asyncpg.pool.PoolConnectionProxy[Record], group: list[AppendJob]
     ) -> list[Record]:
-        """Call append_group; if the group sets attributes or due times, set those of the appends
-        that committed in the same transaction (more round trips, only for such groups)."""
+        """Call append_group (renewing the stored time of the group's artifacts first, in the same
+        statement); if the group sets attributes or due times, set those of the appends that committed
+        in the same transaction (more round trips, only for such groups)."""
+        call, arguments = _APPEND_GROUP, _group_arguments(group, self.channel)
+        if any(job.artifacts for job in group):
+            call, arguments = _APPEND_GROUP_RENEWING, [*arguments, self.renew_after_us]
         if not any(job.attributes or job.due_at_us is not None for job in group):
-            return await _fetch_on(conn, _APPEND_GROUP, _group_arguments(group, self.channel))
+            return await _fetch_on(conn, call, arguments)
         async with conn.transaction():
-            rows = await _fetch_on(conn, _APPEND_GROUP, _group_arguments(group, self.channel))
+            rows = await _fetch_on(conn, call, arguments)
             due: dict[str, int] = {}  # later appends of the group win
             for job, row in zip(group, rows, strict=True):
                 if not bool(row[2]) and job.due_at_us is not None:
@@ -427,7 +464,27 @@ class PostgresStoreBackend(SqlStoreBackend):
             raise trim_past_head(stream_id, before_seq, head)
         return TrimResult(removed, head)
 
+    async def delete_streams(self, stream_ids: Sequence[str]) -> int:
+        """Delete whole streams in one transaction (attributes, events, head rows)."""
+        if not stream_ids:
+            return 0
+        ids = sorted(set(stream_ids))
+        self._check_open()
+        with database_errors():
+            async with self.pool.acquire(timeout=self._connect_timeout_s) as conn, conn.transaction():
+                await conn.execute(_DELETE_STREAM_ATTRIBUTES, ids)
+                await conn.execute(_DELETE_STREAM_EVENTS, ids)
+                await conn.execute(_CLEAR_DUE, ids)
+                return int(await conn.fetchval(_DELETE_STREAM_ROWS, ids))
+
     # -- artifacts ---------------------------------------------------------------------------
+
+    async def delete_artifacts(self, artifact_ids: Sequence[str], stored_before_us: int) -> list[str]:
+        """Delete the artifacts not renewed since `stored_before_us`, with their chunks (one statement)."""
+        if not artifact_ids:
+            return []
+        rows = await self._query(_DELETE_ARTIFACTS, sorted(set(artifact_ids)), stored_before_us)
+        return [str(row[0]) for row in rows]
 
     async def put_artifact(self, kind: str, chunks: AsyncIterable[bytes]) -> ArtifactPut:
         """Hash while writing chunk rows in one transaction; publish, or roll back if stored already.
@@ -457,6 +514,7 @@ class PostgresStoreBackend(SqlStoreBackend):
                 await conn.execute(_INSERT_CHUNK, blob_id, index, data)
                 index += 1
             artifact_id = upload.artifact_id
+            await conn.execute(_RENEW_ARTIFACT, artifact_id, self.renew_after_us)
             if upload.last:
                 published = await conn.fetchval(
                     _PUBLISH_WITH_CHUNK, artifact_id, kind, upload.size, blob_id, index, upload.last

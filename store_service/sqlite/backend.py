@@ -108,7 +108,9 @@ class SqliteStoreBackend(SqlStoreBackend):
     async def _open_database(self) -> None:
         """Create the file and schema on the writer thread, open the read connections."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._on_writer_thread(partial(SqliteWriter, self.path, self.durability))
+        self._writer = await self._on_writer_thread(
+            partial(SqliteWriter, self.path, self.durability, self.renew_after_us)
+        )
         for _ in range(self._reader_count):
             reader = await aiosqlite.connect(self.path, isolation_level=None)
             # WAL readers can meet a brief lock while the writer checkpoints; wait, don't fail.
@@ -228,7 +230,37 @@ class SqliteStoreBackend(SqlStoreBackend):
         """Delete events below `before_seq` on the writer (a write, serialized with appends)."""
         return await self._write(partial(SqliteWriter.trim, stream_id=stream_id, before_seq=before_seq))
 
+    @property
+    def renew_after_us(self) -> int:
+        """How old an artifact stored again must be for its stored time to be renewed (the writer's)."""
+        return self._renew_after_us
+
+    @renew_after_us.setter
+    def renew_after_us(self, value: int) -> None:
+        self._renew_after_us = value
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.renew_after_us = value  # read on the writer thread at its next commit
+
+    async def delete_streams(self, stream_ids: Sequence[str]) -> int:
+        """Delete whole streams on the writer (serialized with appends)."""
+        if not stream_ids:
+            return 0
+        return await self._write(partial(SqliteWriter.delete_streams, stream_ids=list(stream_ids)))
+
     # -- artifacts ---------------------------------------------------------------------------
+
+    async def delete_artifacts(self, artifact_ids: Sequence[str], stored_before_us: int) -> list[str]:
+        """Delete unrenewed artifacts on the writer (serialized with appends that renew them)."""
+        if not artifact_ids:
+            return []
+        return await self._write(
+            partial(
+                SqliteWriter.delete_artifacts,
+                artifact_ids=list(artifact_ids),
+                stored_before_us=stored_before_us,
+            )
+        )
 
     async def put_artifact(self, kind: str, chunks: AsyncIterable[bytes]) -> ArtifactPut:
         """Stage the bytes in chunk rows while hashing, then publish (or drop) in one transaction."""

@@ -104,6 +104,9 @@ _INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES (?, ?, 
 _INSERT_ARTIFACT = (
     "INSERT INTO artifacts (artifact_id, kind, size, blob_id, created_at_us) VALUES (?, ?, ?, ?, ?)"
 )
+# Bytes stored again renew the artifact's stored time (created_at_us), which an artifact collection
+# checks before it deletes (store_service.backend); the writer's renew_after_us says how often.
+_TOUCH_ARTIFACT = "UPDATE artifacts SET created_at_us = ? WHERE artifact_id = ? AND created_at_us < ?"
 
 
 def chunk_rows(blob_id: str, data: bytes, first_index: int = 0) -> list[ChunkRow]:
@@ -146,7 +149,8 @@ def _insert_rows(
 class SqliteWriter:
     """The write side of the SQLite store; construct and use it on the writer thread only."""
 
-    def __init__(self, path: Path, durability: Durability) -> None:
+    def __init__(self, path: Path, durability: Durability, renew_after_us: int = 60_000_000) -> None:
+        self.renew_after_us = renew_after_us
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (the sqlite3 module's implicit
         # transactions start lazily and DEFERRED, which is wrong for a read-then-write).
         self.conn = sqlite3.connect(path, isolation_level=None, cached_statements=512)
@@ -203,6 +207,7 @@ class SqliteWriter:
             known = self._heads({request.stream_id for request in group})
             heads = {sid: head for sid, (head, _) in known.items()}
             stored = self._stored_artifacts(group)
+            renewed: set[str] = set()
             event_rows: list[tuple[str, int, str, bytes, int]] = []
             stream_rows: dict[str, tuple[str, int, int, int, int]] = {}
             blob_rows: list[ChunkRow] = []
@@ -237,6 +242,8 @@ class SqliteWriter:
                     if artifact_id not in stored:
                         stored.add(artifact_id)
                         _stage_inline(artifact, artifact_id, now, blob_rows, artifact_rows)
+                    else:
+                        renewed.add(artifact_id)
                 outcomes.append(AppendResult(first, new_head, request.artifact_ids))
             # A few statements for the whole group, whatever its size.
             _insert_rows(conn, _INSERT_EVENTS, _EVENT_ROW, event_rows)
@@ -249,6 +256,11 @@ class SqliteWriter:
             if artifact_rows:
                 conn.executemany(_INSERT_CHUNK, blob_rows)
                 conn.executemany(_INSERT_ARTIFACT, artifact_rows)
+            renewed -= {row[0] for row in artifact_rows}
+            if renewed:
+                conn.executemany(
+                    _TOUCH_ARTIFACT, [(now, a, now - self.renew_after_us) for a in sorted(renewed)]
+                )
             conn.execute("COMMIT")  # the one fsync of the group (synchronous=FULL)
         except BaseException:
             self._rollback()
@@ -279,6 +291,51 @@ class SqliteWriter:
             self._rollback()
             raise
         return TrimResult(removed, head)
+
+    # -- deletes -----------------------------------------------------------------------------
+
+    def delete_streams(self, stream_ids: Sequence[str]) -> int:
+        """Delete whole streams (events, head row, attributes) in one transaction; how many existed."""
+        ids = sorted(set(stream_ids))
+        marks = ",".join("?" * len(ids))
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute(
+                "DELETE FROM stream_attributes WHERE sid IN "
+                f"(SELECT sid FROM streams WHERE stream_id IN ({marks}))",
+                ids,
+            )
+            self.conn.execute(f"DELETE FROM events WHERE stream_id IN ({marks})", ids)
+            self.conn.execute(f"DELETE FROM stream_due WHERE stream_id IN ({marks})", ids)
+            deleted = self.conn.execute(f"DELETE FROM streams WHERE stream_id IN ({marks})", ids).rowcount
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return int(deleted)
+
+    def delete_artifacts(self, artifact_ids: Sequence[str], stored_before_us: int) -> list[str]:
+        """Delete those artifacts last stored before `stored_before_us`, with their chunks."""
+        ids = sorted(set(artifact_ids))
+        marks = ",".join("?" * len(ids))
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self.conn.execute(
+                f"SELECT artifact_id, blob_id FROM artifacts WHERE artifact_id IN ({marks}) "
+                "AND created_at_us < ?",
+                [*ids, stored_before_us],
+            ).fetchall()
+            gone = [str(row[0]) for row in rows]
+            if gone:
+                self.conn.executemany(
+                    "DELETE FROM artifact_chunks WHERE blob_id = ?", [(row[1],) for row in rows]
+                )
+                self.conn.executemany("DELETE FROM artifacts WHERE artifact_id = ?", [(a,) for a in gone])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return gone
 
     def _heads(self, stream_ids: set[str]) -> dict[str, tuple[int, int]]:
         """(head_seq, status) of those of `stream_ids` that exist."""
@@ -326,6 +383,8 @@ class SqliteWriter:
             ).fetchone()
             if exists:
                 self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id = ?", (blob_id,))
+                now = now_us()
+                self.conn.execute(_TOUCH_ARTIFACT, (now, artifact_id, now - self.renew_after_us))
             else:
                 self.conn.executemany(_INSERT_CHUNK, rows)
                 self.conn.execute(_INSERT_ARTIFACT, (artifact_id, kind, size, blob_id, now_us()))

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
-from keel_core.errors import invalid_argument, unavailable
+from keel_core.errors import ErrorCategory, KeelError, invalid_argument, unavailable
 from keel_core.servicer_errors import translated, translated_stream
 from store_service import limits, metrics
 from store_service.backend import (
@@ -99,12 +99,19 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     """
 
     def __init__(
-        self, backend: StoreBackend, *, max_artifact_bytes: int = limits.DEFAULT_MAX_ARTIFACT_BYTES
+        self,
+        backend: StoreBackend,
+        *,
+        max_artifact_bytes: int = limits.DEFAULT_MAX_ARTIFACT_BYTES,
+        allow_deletes: bool = False,
     ) -> None:
         if max_artifact_bytes < 0:
             raise ValueError(f"max_artifact_bytes must be 0 (no cap) or more, got {max_artifact_bytes}")
         self._backend = backend
         self._max_artifact_bytes = max_artifact_bytes
+        # Deletes are for engines only: a store that requires a token lets its token holders (the
+        # engines) delete; one without a token deletes only when started with --allow-deletes.
+        self._allow_deletes = allow_deletes
         self._shutting_down = asyncio.Event()
 
     def end_subscriptions(self) -> None:
@@ -164,6 +171,59 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         before_seq = limits.check_sequence("before_seq", request.before_seq)
         result = await self._backend.trim(stream_id, before_seq)
         return store_pb2.TrimStreamResponse(removed=result.removed, head_seq=result.head_seq)
+
+    def _check_deletes_allowed(self) -> None:
+        if not self._allow_deletes:
+            raise KeelError(
+                "deletes_not_allowed",
+                "this store refuses deletes: only engines may delete, so a store deletes only when it "
+                "requires a token (--auth-token, which engines present) or was started with --allow-deletes",
+                category=ErrorCategory.PERMISSION_DENIED,
+            )
+
+    @translated
+    async def DeleteStreams(
+        self, request: store_pb2.DeleteStreamsRequest, context: Context
+    ) -> store_pb2.DeleteStreamsResponse:
+        """Delete whole streams in one transaction (engines only)."""
+        stream_ids = limits.check_delete_streams(list(request.stream_ids))
+        self._check_deletes_allowed()
+        deleted = await self._backend.delete_streams(stream_ids)
+        metrics.STREAMS_DELETED.inc(deleted)
+        return store_pb2.DeleteStreamsResponse(deleted=deleted)
+
+    @translated
+    async def ListArtifacts(
+        self, request: store_pb2.ListArtifactsRequest, context: Context
+    ) -> store_pb2.ListArtifactsResponse:
+        """A page of artifacts last stored before `stored_before`, oldest first."""
+        if not request.HasField("stored_before"):
+            raise invalid_argument("invalid_argument", "stored_before is required")
+        page = await self._backend.list_artifacts(
+            _micros(request.stored_before), limits.page_size(request.page_size), request.page_token
+        )
+        return store_pb2.ListArtifactsResponse(
+            artifacts=[
+                store_pb2.ArtifactSummary(
+                    artifact_id=a.artifact_id, kind=a.kind, size=a.size, stored_at=_timestamp(a.stored_at_us)
+                )
+                for a in page.artifacts
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    @translated
+    async def DeleteArtifacts(
+        self, request: store_pb2.DeleteArtifactsRequest, context: Context
+    ) -> store_pb2.DeleteArtifactsResponse:
+        """Delete artifacts not stored again since `stored_before` (engines only)."""
+        artifact_ids = limits.check_delete_artifacts(list(request.artifact_ids))
+        if not request.HasField("stored_before"):
+            raise invalid_argument("invalid_argument", "stored_before is required")
+        self._check_deletes_allowed()
+        deleted = await self._backend.delete_artifacts(artifact_ids, _micros(request.stored_before))
+        metrics.ARTIFACTS_DELETED.inc(len(deleted))
+        return store_pb2.DeleteArtifactsResponse(deleted_ids=deleted)
 
     @translated
     async def HeadSeq(self, request: store_pb2.HeadSeqRequest, context: Context) -> store_pb2.HeadSeqResponse:

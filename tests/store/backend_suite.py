@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
 from store_service import limits
 from store_service.backend import (
@@ -27,6 +28,7 @@ from store_service.backend import (
     StoredEvent,
     StreamStatus,
 )
+from store_service.sql_backend import SqlStoreBackend
 
 
 def events(*names: str) -> list[NewEvent]:
@@ -785,3 +787,99 @@ class StoreBackendSuite(abc.ABC):
                 ErrorCategory.UNAVAILABLE,
             )
             assert caught.value.retryable
+
+    # -- deletion (retention) ----------------------------------------------------------------
+
+    async def test_delete_streams_removes_events_head_label_and_attributes_at_once(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("d:a", Expected.no_stream(), events("a1", "a2"), status=StreamStatus.COMPLETED)
+        await backend.append("d:b", Expected.no_stream(), events("b1"), attributes={"k": "v"})
+        await backend.append("d:keep", Expected.no_stream(), events("k1"), attributes={"k": "v"})
+        await backend.append("d:a", Expected.exact(2), events("a3"), due_at_us=1_000)
+        assert [d.stream_id for d in (await backend.list_due(2_000, prefix="d:")).due] == ["d:a"]
+        assert await backend.delete_streams(["d:a", "d:b", "d:unknown"]) == 2
+        assert (await backend.list_due(2_000, prefix="d:")).due == ()
+        for gone in ("d:a", "d:b"):
+            assert await read_all(backend, gone) == []
+            assert (await backend.head(gone)).head_seq == 0
+        listed = await backend.list_streams(prefix="d:")
+        assert [s.stream_id for s in listed.streams] == ["d:keep"]
+        by_attribute = await backend.list_streams(attributes={"k": "v"})
+        assert [s.stream_id for s in by_attribute.streams] == ["d:keep"]
+        assert await backend.delete_streams(["d:a"]) == 0
+        # A deleted stream's id starts again from head 0.
+        again = await backend.append("d:a", Expected.no_stream(), events("new"))
+        assert (again.first_seq, again.head_seq) == (1, 1)
+
+    async def test_list_and_delete_artifacts_keep_what_was_stored_again_since_the_cutoff(
+        self, backend: StoreBackend
+    ) -> None:
+        old = await backend.put_artifact("blob", chunks_of(b"old bytes", 4))
+        appended = await backend.append(
+            "s", Expected.no_stream(), events("e"), artifacts=[NewArtifact("x", b"inline")]
+        )
+        inline_old = appended.artifact_ids[0]
+        page = await backend.list_artifacts(now_us() + 1_000_000, 100, "")
+        listed = {a.artifact_id: a for a in page.artifacts}
+        assert {old.artifact_id, inline_old} <= set(listed)
+        assert listed[old.artifact_id].size == len(b"old bytes")
+        cutoff = max(a.stored_at_us for a in page.artifacts) + 1
+        deleted = await backend.delete_artifacts([old.artifact_id, sha(b"never stored")], cutoff)
+        assert deleted == [old.artifact_id]
+        assert await backend.has_artifact(old.artifact_id) is None
+        with pytest.raises(KeelError) as caught:
+            await backend.get_artifact(old.artifact_id)
+        assert caught.value.code == "artifact_not_found"
+        # Stored again after the cut-off (here: a cut-off before its stored time): kept.
+        stored = listed[inline_old].stored_at_us
+        assert await backend.delete_artifacts([inline_old], stored) == []
+        assert await backend.has_artifact(inline_old) is not None
+        # Bytes deleted can be stored again, whole.
+        back = await backend.put_artifact("blob", chunks_of(b"old bytes", 2))
+        assert back.created and await download(backend, back.artifact_id) == b"old bytes"
+
+    async def test_list_artifacts_pages_oldest_first_without_repeats(self, backend: StoreBackend) -> None:
+        ids = [
+            (await backend.put_artifact("p", chunks_of(f"page {i}".encode(), 3))).artifact_id
+            for i in range(7)
+        ]
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = await backend.list_artifacts(now_us() + 1_000_000, 3, token)
+            seen += [a.artifact_id for a in page.artifacts]
+            token = page.next_page_token
+            if not token:
+                break
+        assert sorted(seen) == sorted(set(ids)) and len(seen) == len(set(seen))
+        listed = await backend.list_artifacts(now_us() + 1_000_000, 100, "")
+        times = [a.stored_at_us for a in listed.artifacts]
+        assert times == sorted(times)
+        with pytest.raises(KeelError) as caught:
+            await backend.list_artifacts(now_us(), 3, "bm90IGEgdG9rZW4=")
+        assert caught.value.code == "invalid_page_token"
+
+    async def test_bytes_stored_again_renew_the_artifact_against_a_collection(
+        self, backend: StoreBackend
+    ) -> None:
+        assert isinstance(backend, SqlStoreBackend)
+        backend.renew_after_us = 0  # renew on every repeat (in production: at most once a minute)
+        put = await backend.put_artifact("blob", chunks_of(b"shared", 3))
+        first = {
+            a.artifact_id: a.stored_at_us
+            for a in (await backend.list_artifacts(now_us() + 10**6, 100, "")).artifacts
+        }
+        cutoff = first[put.artifact_id] + 1  # a collection decided it was unreferenced as of then
+        await backend.append(
+            "uses", Expected.no_stream(), events("e"), artifacts=[NewArtifact("blob", b"shared")]
+        )
+        assert await backend.delete_artifacts([put.artifact_id], cutoff) == []
+        assert await download(backend, put.artifact_id) == b"shared"
+        again = await backend.put_artifact("blob", chunks_of(b"shared", 2))
+        assert not again.created
+        renewed = {
+            a.artifact_id: a.stored_at_us
+            for a in (await backend.list_artifacts(now_us() + 10**6, 100, "")).artifacts
+        }
+        assert renewed[put.artifact_id] > first[put.artifact_id]

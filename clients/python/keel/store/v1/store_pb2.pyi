@@ -939,3 +939,201 @@ class ListDueResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDueResponse: _TypeAlias = ListDueResponse  # noqa: Y015
+
+@_typing.final
+class DeleteStreamsRequest(_message.Message):
+    """Request of DeleteStreams."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stream_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The streams to delete (1 to 100 ids of 1 to 200 characters)."""
+
+    def __init__(
+        self,
+        *,
+        stream_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream_ids", b"stream_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteStreamsRequest: _TypeAlias = DeleteStreamsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteStreamsResponse(_message.Message):
+    """Response of DeleteStreams."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    """How many of the streams existed (and are now deleted)."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteStreamsResponse: _TypeAlias = DeleteStreamsResponse  # noqa: Y015
+
+@_typing.final
+class ListArtifactsRequest(_message.Message):
+    """Request of ListArtifacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_BEFORE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many artifacts (1 to 1000; 0 means 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty for the first page."""
+    @_builtins.property
+    def stored_before(self) -> _timestamp_pb2.Timestamp:
+        """Only artifacts last stored before this time (required)."""
+
+    def __init__(
+        self,
+        *,
+        stored_before: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stored_before", b"stored_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "stored_before", b"stored_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArtifactsRequest: _TypeAlias = ListArtifactsRequest  # noqa: Y015
+
+@_typing.final
+class ArtifactSummary(_message.Message):
+    """An artifact in a ListArtifacts page."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    STORED_AT_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """`sha256:<hex>`."""
+    kind: _builtins.str
+    """Its kind."""
+    size: _builtins.int
+    """Its size in bytes."""
+    @_builtins.property
+    def stored_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last stored."""
+
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        size: _builtins.int = ...,
+        stored_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stored_at", b"stored_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "kind", b"kind", "size", b"size", "stored_at", b"stored_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactSummary: _TypeAlias = ArtifactSummary  # noqa: Y015
+
+@_typing.final
+class ListArtifactsResponse(_message.Message):
+    """Response of ListArtifacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty after the last one."""
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactSummary]:
+        """The artifacts, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        artifacts: _abc.Iterable[Global___ArtifactSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArtifactsResponse: _TypeAlias = ListArtifactsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteArtifactsRequest(_message.Message):
+    """Request of DeleteArtifacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_IDS_FIELD_NUMBER: _builtins.int
+    STORED_BEFORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def artifact_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The artifacts to delete (at most 1000 ids)."""
+
+    @_builtins.property
+    def stored_before(self) -> _timestamp_pb2.Timestamp:
+        """Keep an artifact stored at or after this time (required): bytes put again
+        while a collection ran are still referenced by whoever put them.
+        """
+
+    def __init__(
+        self,
+        *,
+        artifact_ids: _abc.Iterable[_builtins.str] | None = ...,
+        stored_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stored_before", b"stored_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "stored_before", b"stored_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteArtifactsRequest: _TypeAlias = DeleteArtifactsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteArtifactsResponse(_message.Message):
+    """Response of DeleteArtifacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids that were deleted."""
+
+    def __init__(
+        self,
+        *,
+        deleted_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_ids", b"deleted_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteArtifactsResponse: _TypeAlias = DeleteArtifactsResponse  # noqa: Y015

@@ -91,6 +91,21 @@ class StoreServiceStub:
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueRequest.SerializeToString,
                 response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueResponse.FromString,
                 _registered_method=True)
+        self.DeleteStreams = channel.unary_unary(
+                '/keel.store.v1.StoreService/DeleteStreams',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteStreamsRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteStreamsResponse.FromString,
+                _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/keel.store.v1.StoreService/ListArtifacts',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.ListArtifactsRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.DeleteArtifacts = channel.unary_unary(
+                '/keel.store.v1.StoreService/DeleteArtifacts',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -197,6 +212,37 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteStreams(self, request, context):
+        """Deletes whole streams (events, head, label and attributes) in one
+        transaction: either every one of them is gone or none is. An unknown
+        stream is skipped; repeating a delete is a no-op. A deleted stream's id
+        starts again from head 0. Only engines may delete: a store without a
+        token refuses every delete with PERMISSION_DENIED, reason
+        `deletes_not_allowed`, unless it was started with `--allow-deletes`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListArtifacts(self, request, context):
+        """Lists artifacts last stored before `stored_before`, oldest first, one page
+        at a time (the sweep of a mark-and-sweep collection). Putting bytes that
+        are stored already, alone or inline with an append, renews their stored
+        time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteArtifacts(self, request, context):
+        """Deletes the given artifacts that were last stored before `stored_before`
+        (an artifact put again since is kept), in one transaction. Unknown ids are
+        skipped. Same permission as DeleteStreams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +295,21 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.ListDue,
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueRequest.FromString,
                     response_serializer=keel_dot_store_dot_v1_dot_store__pb2.ListDueResponse.SerializeToString,
+            ),
+            'DeleteStreams': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStreams,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteStreamsRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteStreamsResponse.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ListArtifactsRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'DeleteArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteArtifacts,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -528,6 +589,87 @@ class StoreService:
             '/keel.store.v1.StoreService/ListDue',
             keel_dot_store_dot_v1_dot_store__pb2.ListDueRequest.SerializeToString,
             keel_dot_store_dot_v1_dot_store__pb2.ListDueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStreams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.store.v1.StoreService/DeleteStreams',
+            keel_dot_store_dot_v1_dot_store__pb2.DeleteStreamsRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.DeleteStreamsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.store.v1.StoreService/ListArtifacts',
+            keel_dot_store_dot_v1_dot_store__pb2.ListArtifactsRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.store.v1.StoreService/DeleteArtifacts',
+            keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

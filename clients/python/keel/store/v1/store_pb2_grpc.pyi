@@ -93,6 +93,25 @@ class StoreServiceStub:
     until then. This is the due-time index of parked runs: an engine finds
     due timers with one query, never by scanning runs.
     """
+    DeleteStreams: _grpc.UnaryUnaryMultiCallable[_store_pb2.DeleteStreamsRequest, _store_pb2.DeleteStreamsResponse]
+    """Deletes whole streams (events, head, label and attributes) in one
+    transaction: either every one of them is gone or none is. An unknown
+    stream is skipped; repeating a delete is a no-op. A deleted stream's id
+    starts again from head 0. Only engines may delete: a store without a
+    token refuses every delete with PERMISSION_DENIED, reason
+    `deletes_not_allowed`, unless it was started with `--allow-deletes`.
+    """
+    ListArtifacts: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListArtifactsRequest, _store_pb2.ListArtifactsResponse]
+    """Lists artifacts last stored before `stored_before`, oldest first, one page
+    at a time (the sweep of a mark-and-sweep collection). Putting bytes that
+    are stored already, alone or inline with an append, renews their stored
+    time.
+    """
+    DeleteArtifacts: _grpc.UnaryUnaryMultiCallable[_store_pb2.DeleteArtifactsRequest, _store_pb2.DeleteArtifactsResponse]
+    """Deletes the given artifacts that were last stored before `stored_before`
+    (an artifact put again since is kept), in one transaction. Unknown ids are
+    skipped. Same permission as DeleteStreams.
+    """
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -158,6 +177,25 @@ class StoreServiceAsyncStub(StoreServiceStub):
     first, and the earliest due time after them, so that a caller can sleep
     until then. This is the due-time index of parked runs: an engine finds
     due timers with one query, never by scanning runs.
+    """
+    DeleteStreams: _aio.UnaryUnaryMultiCallable[_store_pb2.DeleteStreamsRequest, _store_pb2.DeleteStreamsResponse]  # type: ignore[assignment]
+    """Deletes whole streams (events, head, label and attributes) in one
+    transaction: either every one of them is gone or none is. An unknown
+    stream is skipped; repeating a delete is a no-op. A deleted stream's id
+    starts again from head 0. Only engines may delete: a store without a
+    token refuses every delete with PERMISSION_DENIED, reason
+    `deletes_not_allowed`, unless it was started with `--allow-deletes`.
+    """
+    ListArtifacts: _aio.UnaryUnaryMultiCallable[_store_pb2.ListArtifactsRequest, _store_pb2.ListArtifactsResponse]  # type: ignore[assignment]
+    """Lists artifacts last stored before `stored_before`, oldest first, one page
+    at a time (the sweep of a mark-and-sweep collection). Putting bytes that
+    are stored already, alone or inline with an append, renews their stored
+    time.
+    """
+    DeleteArtifacts: _aio.UnaryUnaryMultiCallable[_store_pb2.DeleteArtifactsRequest, _store_pb2.DeleteArtifactsResponse]  # type: ignore[assignment]
+    """Deletes the given artifacts that were last stored before `stored_before`
+    (an artifact put again since is kept), in one transaction. Unknown ids are
+    skipped. Same permission as DeleteStreams.
     """
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -281,6 +319,43 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         first, and the earliest due time after them, so that a caller can sleep
         until then. This is the due-time index of parked runs: an engine finds
         due timers with one query, never by scanning runs.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteStreams(
+        self,
+        request: _store_pb2.DeleteStreamsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.DeleteStreamsResponse, _abc.Awaitable[_store_pb2.DeleteStreamsResponse]]:
+        """Deletes whole streams (events, head, label and attributes) in one
+        transaction: either every one of them is gone or none is. An unknown
+        stream is skipped; repeating a delete is a no-op. A deleted stream's id
+        starts again from head 0. Only engines may delete: a store without a
+        token refuses every delete with PERMISSION_DENIED, reason
+        `deletes_not_allowed`, unless it was started with `--allow-deletes`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListArtifacts(
+        self,
+        request: _store_pb2.ListArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.ListArtifactsResponse, _abc.Awaitable[_store_pb2.ListArtifactsResponse]]:
+        """Lists artifacts last stored before `stored_before`, oldest first, one page
+        at a time (the sweep of a mark-and-sweep collection). Putting bytes that
+        are stored already, alone or inline with an append, renews their stored
+        time.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteArtifacts(
+        self,
+        request: _store_pb2.DeleteArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.DeleteArtifactsResponse, _abc.Awaitable[_store_pb2.DeleteArtifactsResponse]]:
+        """Deletes the given artifacts that were last stored before `stored_before`
+        (an artifact put again since is kept), in one transaction. Unknown ids are
+        skipped. Same permission as DeleteStreams.
         """
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
