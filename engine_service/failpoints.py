@@ -13,6 +13,7 @@ for that step). Each failpoint fires at most once per process, which is enough: 
 - `before_child_started`: a spawn stored the child's manifest and has not appended its RunStarted;
 - `after_child_completed`: an await saw its child terminal, before the parent records the answer;
 - `after_child_await_recorded`: a parent's await fact (`machine.child_run.await`) is durable.
+- `retention_after_run_deleted`: retention deleted one run of a tree (root first), before the next.
 
 `pause_before_transport_call` does not kill: it stops the process (SIGSTOP; a test sends SIGCONT)
 once its StepAttemptStarted is durable, before the last lease check and the transport call.
@@ -37,6 +38,7 @@ BEFORE_CHILD_STARTED = "before_child_started"
 AFTER_CHILD_COMPLETED = "after_child_completed"
 AFTER_CHILD_AWAIT_RECORDED = "after_child_await_recorded"
 PAUSE_BEFORE_TRANSPORT_CALL = "pause_before_transport_call"
+RETENTION_AFTER_RUN_DELETED = "retention_after_run_deleted"
 # Pausing failpoints stop the process instead of killing it, once per process.
 PAUSES = (PAUSE_BEFORE_TRANSPORT_CALL,)
 _paused: set[tuple[str, str]] = set()
@@ -50,6 +52,7 @@ NAMES = (
     AFTER_CHILD_COMPLETED,
     AFTER_CHILD_AWAIT_RECORDED,
     PAUSE_BEFORE_TRANSPORT_CALL,
+    RETENTION_AFTER_RUN_DELETED,
 )
 
 

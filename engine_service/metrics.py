@@ -102,6 +102,21 @@ TASKS_RUNNING = Gauge(
 QUEUE_REFRESH_SECONDS = 5.0
 _TASK_OUTCOMES = {TASK_COMPLETED: "completed", TASK_FAILED: "failed", TASK_EXPIRED: "expired"}
 
+RETENTION_RUNS_DELETED = Counter(
+    "keel_engine_retention_runs_deleted",
+    "Runs this engine deleted (DeleteRun or --retention), each with every stream it owned.",
+    registry=REGISTRY,
+)
+RETENTION_STREAMS_DELETED = Counter(
+    "keel_engine_retention_streams_deleted",
+    "Streams this engine deleted with the runs that owned them.",
+    registry=REGISTRY,
+)
+RETENTION_ARTIFACTS_DELETED = Counter(
+    "keel_engine_retention_artifacts_deleted",
+    "Artifacts this engine's collections deleted (no stream mentioned them; not stored again since).",
+    registry=REGISTRY,
+)
 for _status in TERMINAL_STATUSES:
     RUNS_FINISHED.labels(_status)  # present at 0 from the start, so rates work from the first scrape
 

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,11 @@ from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegist
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import DEFAULT_LEASE_TTL, Engine, build_provenance
+from engine_service.runtime.retention import (
+    DEFAULT_ARTIFACT_GRACE,
+    DEFAULT_RETENTION_INTERVAL,
+    RetentionHooks,
+)
 from engine_service.store.grpc_client import StoreClient
 from engine_service.wire.servicer import EngineServicer, register
 from engine_service.wire.worker_servicer import WorkerServicer, register_workers
@@ -91,6 +96,11 @@ class EngineConfig:
     lease_ttl: float = DEFAULT_LEASE_TTL
     # HOST:PORT of the web console served by this process (engine_service.console); None: none.
     console_listen: str | None = None
+    # Delete terminal run trees whose root ended this many seconds ago (None: keep every run).
+    retention: float | None = None
+    # Seconds between retention passes, and the grace an artifact collection gives new artifacts.
+    retention_interval: float = DEFAULT_RETENTION_INTERVAL
+    artifact_grace: float = DEFAULT_ARTIFACT_GRACE
 
 
 @dataclass
@@ -163,6 +173,17 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     # An engine fenced off for good (another process uses its engine id) drives nothing more: it
     # says so to health checks, so that balancers send clients elsewhere.
     engine.leases.heartbeat.on_fenced.append(lambda: _not_serving(served))
+    engine.retention.artifact_grace = config.artifact_grace
+    engine.retention.hooks = RetentionHooks(
+        runs_deleted=engine_metrics.RETENTION_RUNS_DELETED.inc,
+        streams_deleted=engine_metrics.RETENTION_STREAMS_DELETED.inc,
+        artifacts_deleted=engine_metrics.RETENTION_ARTIFACTS_DELETED.inc,
+    )
+    retention: asyncio.Task[None] | None = None
+    if config.retention is not None:
+        retention = asyncio.create_task(
+            engine.retention.run_forever(config.retention, config.retention_interval), name="retention"
+        )
     recovery: asyncio.Task[None] | None = None
     if config.recover_on_start:
         # Recovery at start, then takeover of runs whose lease expired or was released.
@@ -173,6 +194,8 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     async def stop_engine() -> None:
         if recovery is not None:
             recovery.cancel()
+        if retention is not None:
+            retention.cancel()
         if gauges is not None:
             gauges.cancel()
         await engine.stop()
@@ -327,6 +350,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "[KEEL_ENGINE_STORE_AUTH_TOKEN_FILE]",
     )
     parser.add_argument(
+        "--retention",
+        type=_duration("--retention"),
+        default=env("KEEL_ENGINE_RETENTION") or None,
+        metavar="DURATION",
+        help="delete terminal run trees (every run of the tree terminal) whose top-level run ended "
+        "longer ago than this: 30d, 12h, 15m, 90s or seconds; each run goes with every stream it "
+        "owns, unreferenced artifacts are collected after --artifact-grace. The store must accept "
+        "deletes (--auth-token or --allow-deletes) [KEEL_ENGINE_RETENTION] (default: keep every run)",
+    )
+    parser.add_argument(
+        "--retention-interval",
+        type=_duration("--retention-interval"),
+        default=env("KEEL_ENGINE_RETENTION_INTERVAL") or str(DEFAULT_RETENTION_INTERVAL),
+        metavar="DURATION",
+        help="time between retention passes "
+        f"[KEEL_ENGINE_RETENTION_INTERVAL] (default {DEFAULT_RETENTION_INTERVAL:g}s)",
+    )
+    parser.add_argument(
+        "--artifact-grace",
+        type=_duration("--artifact-grace"),
+        default=env("KEEL_ENGINE_ARTIFACT_GRACE") or str(DEFAULT_ARTIFACT_GRACE),
+        metavar="DURATION",
+        help="an artifact collection keeps artifacts stored less than this long ago, referenced or not "
+        f"[KEEL_ENGINE_ARTIFACT_GRACE] (default {DEFAULT_ARTIFACT_GRACE:g}s)",
+    )
+    parser.add_argument(
         "--console",
         default=env("KEEL_ENGINE_CONSOLE") or None,
         metavar="HOST:PORT",
@@ -365,6 +414,32 @@ async def serve(config: EngineConfig) -> None:
     await serve_announced("engine-service", handle, config, handle.metrics, log, details, also=also)
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `15m`, `12h` or `30d` (ValueError otherwise, or when negative)."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit is not None else text
+    seconds = float(number) * (unit or 1.0)
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"not a duration: {text!r}")
+    return seconds
+
+
+def _duration(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return parse_duration(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag}: {text!r} is not a duration (90, 90s, 15m, 12h or 30d)"
+            ) from None
+
+    return parse
+
+
 def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
     return EngineConfig(
         listen=flags.listen,
@@ -384,6 +459,9 @@ def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
         engine_id=args.engine_id,
         lease_ttl=args.lease_ttl,
         console_listen=args.console,
+        retention=args.retention,
+        retention_interval=args.retention_interval,
+        artifact_grace=args.artifact_grace,
     )
 
 

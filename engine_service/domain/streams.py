@@ -17,6 +17,12 @@ Streams (one prefix each; the rest of the id is a run id or an engine id):
                            StartRun.signals, never by the run's driver (engine_service.domain.signals)
     signal-wakeups         one stream for every engine: a SignalWoken per signal sent, naming the run,
                            so that each engine learns of new signals through one subscription
+    retention:<run id>     a run tree being deleted (RunTreeDeletion: its run ids, root first), until
+                           every run of it is gone (engine_service.domain.retention)
+
+The streams a run owns are declared in ONE place, `RUN_OWNED_PREFIXES` and `RUN_OWNED_FAMILIES`
+below: retention deletes a run by deleting every one of them. A new per-run stream (a signal
+inbox, wake-ups, ...) adds its prefix there.
 
 Status labels. The store knows five labels (keel.store.v1.StreamStatus: active, completed,
 failed, canceled, parked), and lists streams by them. A run stream's label is its run status. Lease and
@@ -40,6 +46,34 @@ QUEUE_STREAM_PREFIX = "queue:"
 WORKER_STREAM_PREFIX = "worker:"
 SIGNALS_STREAM_PREFIX = "signals:"
 SIGNAL_WAKEUPS_STREAM = "signal-wakeups"
+RETENTION_STREAM_PREFIX = "retention:"
+
+# The streams a run owns, deleted with it (engine_service.runtime.retention). A prefix here names
+# the stream `<prefix><run id>`; a family names every stream `<prefix><run id>:<anything>` (found
+# with one ListStreams by that prefix). Add every new per-run stream here.
+RUN_OWNED_PREFIXES = (
+    RUN_STREAM_PREFIX,
+    CHILDREN_STREAM_PREFIX,
+    LEDGER_STREAM_PREFIX,
+    LEASE_STREAM_PREFIX,
+    SIGNALS_STREAM_PREFIX,
+)
+RUN_OWNED_FAMILIES = (TASK_STREAM_PREFIX,)
+
+
+def run_owned_stream_ids(run_id: str) -> list[str]:
+    """The streams `<prefix><run id>` a run owns (its run stream first)."""
+    return [f"{prefix}{run_id}" for prefix in RUN_OWNED_PREFIXES]
+
+
+def run_owned_family_prefixes(run_id: str) -> list[str]:
+    """The id prefixes of the stream families a run owns (each listed, then deleted with the run)."""
+    return [f"{prefix}{run_id}:" for prefix in RUN_OWNED_FAMILIES]
+
+
+def retention_stream_id(run_id: str) -> str:
+    """The stream recording the deletion of the run tree rooted at `run_id`."""
+    return f"{RETENTION_STREAM_PREFIX}{run_id}"
 
 
 def run_stream_id(run_id: str) -> str:
@@ -154,6 +188,8 @@ LABEL_FAILED = "failed"
 LABEL_CANCELED = "canceled"
 LABEL_PARKED = "parked"
 STATUS_LABELS = (LABEL_ACTIVE, LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED, LABEL_PARKED)
+# The labels of terminal run streams (every terminal status's label).
+TERMINAL_RUN_LABELS = (LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED)
 
 # run:<run id>: active until its RunCompleted, then labelled with the run's terminal status; parked
 # while nothing drives it until a due time or a wake-up (RunParked .. RunResumed, see

@@ -60,6 +60,7 @@ from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
 from engine_service.runtime.rerun import Reruns
+from engine_service.runtime.retention import Retention
 from engine_service.runtime.signals import SentSignal, SignalInbox, SignalWakeups
 from engine_service.runtime.task_service import TaskService
 from engine_service.runtime.terminalize import Terminalizer
@@ -162,6 +163,7 @@ class Engine:
         self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
         self.views = RunViews(env.store, self.reader)
         self.reruns = Reruns(env.store, self.reader, self)
+        self.retention = Retention(env.store, self.reader, env.failpoints)
         # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
         self._unreadable_runs: RecentArtifacts[KeelError] = RecentArtifacts(1000)
         # One resumption of a run at a time here, and one start of a run id at a time.

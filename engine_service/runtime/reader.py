@@ -52,6 +52,10 @@ class RecentArtifacts(Generic[V]):
             self._items.move_to_end(artifact_id)
         return item
 
+    def drop(self, artifact_id: str) -> None:
+        """Forget the item, if held."""
+        self._items.pop(artifact_id, None)
+
     def put(self, artifact_id: str, item: V) -> None:
         """Hold the item, dropping the least recently used beyond capacity."""
         self._items[artifact_id] = item
@@ -106,6 +110,10 @@ class RunReader:
     def finished(self, run_id: str) -> tuple[StoredEvent, ...] | None:
         """Every event of a run this engine started and finished, if it still holds them."""
         return self._finished_runs.get(run_id)
+
+    def forget(self, run_id: str) -> None:
+        """Drop what is held of a run (it was deleted)."""
+        self._finished_runs.drop(run_id)
 
     def remember_finished(self, run_id: str, events: Sequence[StoredEvent]) -> None:
         """Keep the events of a run this engine started and finished."""

@@ -51,7 +51,7 @@ from engine_service.domain.streams import (
 )
 from engine_service.runtime.reader import RunReader, stored_events
 from engine_service.store.port import EventLog
-from keel_core.errors import KeelError
+from keel_core.errors import KeelError, not_found
 from keel_core.json_rules import check_json
 
 RUNNING = "running"
@@ -313,8 +313,14 @@ class RunViews:
         # The children stream is read beside the run's (any client may link a child to any run).
         finished = self.reader.finished(run_id)
         if finished is not None:
+            # Held here since this engine finished it; another engine's retention may have deleted it.
+            (head, _), links = await asyncio.gather(
+                self.store.head(run_stream_id(run_id)), self.reader.links(run_id)
+            )
+            if head == 0:
+                self.reader.forget(run_id)
+                raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
             events, history = list(finished), fold(e.event for e in finished)
-            links = await self.reader.links(run_id)
         else:
             (events, history), links = await asyncio.gather(
                 self.reader.read_history(run_id), self.reader.links(run_id)

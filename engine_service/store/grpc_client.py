@@ -39,7 +39,7 @@ from engine_service.domain.streams import (
     LABEL_FAILED,
     LABEL_PARKED,
 )
-from engine_service.store.port import AppendResult, DueStream, StreamEvent, StreamSummary
+from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES, host_port
@@ -55,6 +55,8 @@ T = TypeVar("T")
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# A store that takes no deletes (no token, no --allow-deletes) says so with this reason.
+DELETES_NOT_ALLOWED = "deletes_not_allowed"
 # How long a replica that failed a try is passed over while another one is not.
 SUSPECT_SECONDS = 5.0
 # The longest one try may wait on a replica while another one is still untried (see _try_timeout).
@@ -190,6 +192,9 @@ class StoreClient:
     def _suspect_or_raise(self, error: grpc.aio.AioRpcError, replica: int) -> None:
         """A failed try: raise what is not worth another try, else suspect the replica that failed."""
         if error.code() in _REFUSED_CODES:
+            refusal = from_rpc_error(error)
+            if refusal.code == DELETES_NOT_ALLOWED:
+                raise refusal from None  # the credentials are fine: this store deletes nothing
             raise self._refused(error) from None
         if error.code() not in _RETRY_CODES:
             raise from_rpc_error(error) from None
@@ -460,6 +465,52 @@ class StoreClient:
         if artifact_id_for_bytes(data) != artifact_id:
             raise KeelError("artifact_corrupt", f"artifact {artifact_id} came back with different bytes")
         return data
+
+    async def delete_streams(self, stream_ids: Sequence[str], *, patience: float | None = None) -> int:
+        """Delete whole streams in one store transaction; returns how many existed.
+
+        A repeat after a lost answer deletes nothing more, so it is retried like a read.
+        """
+        request = store_pb2.DeleteStreamsRequest(stream_ids=list(stream_ids))
+
+        async def once(stub: _Stub, seconds: float) -> store_pb2.DeleteStreamsResponse:
+            response: store_pb2.DeleteStreamsResponse = await stub.DeleteStreams(request, timeout=seconds)
+            return response
+
+        return (await self._retrying("DeleteStreams", once, patience)).deleted
+
+    async def list_artifacts(
+        self,
+        stored_before: datetime,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        patience: float | None = None,
+    ) -> tuple[list[ArtifactSummary], str]:
+        """A page of artifacts last stored before `stored_before`, oldest first, and the next token."""
+        request = store_pb2.ListArtifactsRequest(page_size=page_size, page_token=page_token)
+        request.stored_before.FromDatetime(stored_before)
+
+        async def once(stub: _Stub, seconds: float) -> store_pb2.ListArtifactsResponse:
+            response: store_pb2.ListArtifactsResponse = await stub.ListArtifacts(request, timeout=seconds)
+            return response
+
+        page = await self._retrying("ListArtifacts", once, patience)
+        found = [ArtifactSummary(a.artifact_id, a.kind, a.size, _when(a.stored_at)) for a in page.artifacts]
+        return found, page.next_page_token
+
+    async def delete_artifacts(
+        self, artifact_ids: Sequence[str], stored_before: datetime, *, patience: float | None = None
+    ) -> list[str]:
+        """Delete those artifacts not stored again since `stored_before`; returns the ids deleted."""
+        request = store_pb2.DeleteArtifactsRequest(artifact_ids=list(artifact_ids))
+        request.stored_before.FromDatetime(stored_before)
+
+        async def once(stub: _Stub, seconds: float) -> store_pb2.DeleteArtifactsResponse:
+            response: store_pb2.DeleteArtifactsResponse = await stub.DeleteArtifacts(request, timeout=seconds)
+            return response
+
+        return list((await self._retrying("DeleteArtifacts", once, patience)).deleted_ids)
 
     async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:
         """Store `data` under its content id (a repeat stores nothing new); returns the id."""

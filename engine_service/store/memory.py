@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from engine_service.domain.canonical import artifact_id_for_bytes
 from engine_service.domain.streams import STATUS_LABELS
-from engine_service.store.port import AppendResult, DueStream, StreamEvent, StreamSummary
+from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found, unavailable
 
 
@@ -63,6 +63,7 @@ class InMemoryEventLog:
         self.calls: collections.Counter[str] = collections.Counter()
         self._streams: dict[str, _Stream] = {}
         self._artifacts: dict[str, bytes] = {}
+        self._stored_at: dict[str, datetime] = {}  # when each artifact's bytes were last stored
         self._order = itertools.count(1)
         # Set (and replaced) by every append to the stream: what subscribers wait on.
         self._appended: dict[str, asyncio.Event] = {}
@@ -119,6 +120,7 @@ class InMemoryEventLog:
     def _store_artifact(self, data: bytes) -> str:
         artifact_id = artifact_id_for_bytes(data)
         self._artifacts.setdefault(artifact_id, bytes(data))
+        self._stored_at[artifact_id] = datetime.now(UTC)
         return artifact_id
 
     async def read(
@@ -225,6 +227,48 @@ class InMemoryEventLog:
         removed = len(stream.events) - len(kept)
         stream.events = kept
         return removed
+
+    async def delete_streams(self, stream_ids: Sequence[str], *, patience: float | None = None) -> int:
+        """Delete whole streams; how many existed."""
+        self._open("DeleteStreams")
+        return sum(self._streams.pop(stream_id, None) is not None for stream_id in set(stream_ids))
+
+    async def list_artifacts(
+        self,
+        stored_before: datetime,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        patience: float | None = None,
+    ) -> tuple[list[ArtifactSummary], str]:
+        """Artifacts last stored before `stored_before`, oldest first (the token: how many to skip)."""
+        self._open("ListArtifacts")
+        skip = int(page_token or 0)
+        found = sorted(
+            (when, artifact_id) for artifact_id, when in self._stored_at.items() if when < stored_before
+        )
+        page = found[skip : skip + page_size]
+        token = str(skip + page_size) if skip + page_size < len(found) else ""
+        summaries = [
+            ArtifactSummary(artifact_id, "", len(self._artifacts[artifact_id]), when)
+            for when, artifact_id in page
+        ]
+        return summaries, token
+
+    async def delete_artifacts(
+        self, artifact_ids: Sequence[str], stored_before: datetime, *, patience: float | None = None
+    ) -> list[str]:
+        """Delete those artifacts not stored again since `stored_before`."""
+        self._open("DeleteArtifacts")
+        gone = [
+            a
+            for a in dict.fromkeys(artifact_ids)
+            if a in self._stored_at and self._stored_at[a] < stored_before
+        ]
+        for artifact_id in gone:
+            del self._artifacts[artifact_id]
+            del self._stored_at[artifact_id]
+        return gone
 
     async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:
         """Store `data` under its content id; returns the id."""

@@ -23,6 +23,8 @@ Semantics every implementation keeps (those of the StoreService, keel.store.v1):
 - `trim` deletes a stream's events below `before_seq`; head and label stay.
 - the due-time index: an append may set (`due_at_us` > 0) or clear (0) the stream's due time with
   the same append, and only if it lands; `list_due` finds the streams due by a time, earliest first.
+- `delete_streams` deletes whole streams in one transaction; `list_artifacts`/`delete_artifacts`
+  serve an artifact collection: an artifact whose bytes were stored again after the cut-off stays.
 
 `patience` (seconds, FOREVER to wait for good) bounds how long a call waits for an unreachable
 store; an implementation that is always reachable ignores it.
@@ -66,6 +68,16 @@ class DueStream:
     stream_id: str
     due_at_us: int
     head_seq: int
+
+
+@dataclass(frozen=True)
+class ArtifactSummary:
+    """An artifact in a ListArtifacts page: its id, kind, size and when its bytes were last stored."""
+
+    artifact_id: str
+    kind: str
+    size: int
+    stored_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,27 @@ class EventLog(Protocol):
 
     async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:
         """Delete the stream's events below `before_seq` (at most head + 1); returns how many went."""
+        ...
+
+    async def delete_streams(self, stream_ids: Sequence[str], *, patience: float | None = None) -> int:
+        """Delete whole streams (events, head, label, attributes) in one transaction; how many existed."""
+        ...
+
+    async def list_artifacts(
+        self,
+        stored_before: datetime,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        patience: float | None = None,
+    ) -> tuple[list[ArtifactSummary], str]:
+        """A page of artifacts last stored before `stored_before`, oldest first, and the next token."""
+        ...
+
+    async def delete_artifacts(
+        self, artifact_ids: Sequence[str], stored_before: datetime, *, patience: float | None = None
+    ) -> list[str]:
+        """Delete those artifacts not stored again since `stored_before`; returns the ids deleted."""
         ...
 
     async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:

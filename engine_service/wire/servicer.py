@@ -150,6 +150,14 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         return engine_pb2.RerunRunResponse(run_id=new_id, created=created, run=await self._run(new_id))
 
     @translated
+    async def DeleteRun(
+        self, request: engine_pb2.DeleteRunRequest, context: Context
+    ) -> engine_pb2.DeleteRunResponse:
+        """Delete a terminal run with its whole tree."""
+        deleted = await self.engine.retention.delete_run(parse_run_id(request.run_id))
+        return engine_pb2.DeleteRunResponse(deleted_run_ids=deleted.runs, deleted_streams=deleted.streams)
+
+    @translated
     async def ListOps(
         self, request: engine_pb2.ListOpsRequest, context: Context
     ) -> engine_pb2.ListOpsResponse:

@@ -73,13 +73,19 @@ async def _spawn(
     return ServiceProcess(process, line.removeprefix(banner).strip())
 
 
-async def start_store_process(data_dir: Path, port: int = 0) -> ServiceProcess:
+async def start_store_process(
+    data_dir: Path, port: int = 0, *, allow_deletes: bool = False
+) -> ServiceProcess:
     """`store-service` on 127.0.0.1 (port 0: any free port) over `data_dir`."""
     args = [str(BIN / "store-service"), "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-    return await _spawn(args, "store-service listening on", None)
+    return await _spawn(
+        [*args, *(["--allow-deletes"] if allow_deletes else [])], "store-service listening on", None
+    )
 
 
-async def start_postgres_store_process(dsn: str, schema: str) -> ServiceProcess:
+async def start_postgres_store_process(
+    dsn: str, schema: str, *, allow_deletes: bool = False
+) -> ServiceProcess:
     """`store-service --backend postgres` on 127.0.0.1:0, in `schema` (replicas share one schema)."""
     args = [
         str(BIN / "store-service"),
@@ -91,6 +97,7 @@ async def start_postgres_store_process(dsn: str, schema: str) -> ServiceProcess:
         dsn,
         "--pg-schema",
         schema,
+        *(["--allow-deletes"] if allow_deletes else []),
     ]
     return await _spawn(args, "store-service listening on", None)
 
@@ -106,6 +113,7 @@ async def start_engine_process(
     lease_ttl: float = 1.0,
     gate: str = "",
     log_path: str = "",
+    extra_args: tuple[str, ...] = (),
 ) -> ServiceProcess:
     """`engine-service` on 127.0.0.1:0 with the test ops, failpoints and counting-transport log.
 
@@ -121,7 +129,16 @@ async def start_engine_process(
         env["KEEL_ENGINE_ID"] = engine_id
     # Short: a SIGKILLed engine's runs wait this long (and a scan) before another engine takes them.
     env["KEEL_ENGINE_LEASE_TTL"] = str(lease_ttl)
-    args = [str(BIN / "engine-service"), "--listen", "127.0.0.1:0", "--store", store, "--ops", *ops]
+    args = [
+        str(BIN / "engine-service"),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        store,
+        *extra_args,
+        "--ops",
+        *ops,
+    ]
     return await _spawn(args, "engine-service listening on", env, log_path)
 
 

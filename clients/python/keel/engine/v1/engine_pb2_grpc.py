@@ -115,6 +115,11 @@ class EngineServiceStub:
                 request_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunRequest.SerializeToString,
                 response_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/keel.engine.v1.EngineService/DeleteRun',
+                request_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -262,6 +267,22 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRun(self, request, context):
+        """Deletes a terminal run now, with its whole tree (the runs it spawned, and
+        theirs) and every stream each of them owns (events, children links,
+        failure ledger, lease, tasks, labels); unreferenced artifacts go with the
+        next artifact collection. Each run disappears at once (one store
+        transaction), parent before children; a deletion interrupted by a crash
+        is finished by the next retention pass of any engine. Fails NOT_FOUND
+        `run_not_found`, FAILED_PRECONDITION `run_not_terminal` (a run of the tree
+        has not ended), `run_has_parent` (delete its top-level run instead) or
+        `run_has_reruns` (a rerun reuses its children); nothing is deleted then.
+        The store must accept deletes (a token, or `--allow-deletes`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,6 +345,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.SignalRun,
                     request_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunRequest.FromString,
                     response_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=keel_dot_engine_dot_v1_dot_engine__pb2.DeleteRunRequest.FromString,
+                    response_serializer=keel_dot_engine_dot_v1_dot_engine__pb2.DeleteRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -671,6 +697,33 @@ class EngineService:
             '/keel.engine.v1.EngineService/SignalRun',
             keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunRequest.SerializeToString,
             keel_dot_engine_dot_v1_dot_engine__pb2.SignalRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.engine.v1.EngineService/DeleteRun',
+            keel_dot_engine_dot_v1_dot_engine__pb2.DeleteRunRequest.SerializeToString,
+            keel_dot_engine_dot_v1_dot_engine__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -125,6 +125,18 @@ class EngineServiceStub:
     and nothing is recorded; a run that received 10,000 signals fails
     RESOURCE_EXHAUSTED `signal_inbox_full`.
     """
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_engine_pb2.DeleteRunRequest, _engine_pb2.DeleteRunResponse]
+    """Deletes a terminal run now, with its whole tree (the runs it spawned, and
+    theirs) and every stream each of them owns (events, children links,
+    failure ledger, lease, tasks, labels); unreferenced artifacts go with the
+    next artifact collection. Each run disappears at once (one store
+    transaction), parent before children; a deletion interrupted by a crash
+    is finished by the next retention pass of any engine. Fails NOT_FOUND
+    `run_not_found`, FAILED_PRECONDITION `run_not_terminal` (a run of the tree
+    has not ended), `run_has_parent` (delete its top-level run instead) or
+    `run_has_reruns` (a rerun reuses its children); nothing is deleted then.
+    The store must accept deletes (a token, or `--allow-deletes`).
+    """
 
 @_typing.type_check_only
 class EngineServiceAsyncStub(EngineServiceStub):
@@ -222,6 +234,18 @@ class EngineServiceAsyncStub(EngineServiceStub):
     (`invalid_signal`, `signal_too_large`, `invalid_json`, `secrets_detected`)
     and nothing is recorded; a run that received 10,000 signals fails
     RESOURCE_EXHAUSTED `signal_inbox_full`.
+    """
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_engine_pb2.DeleteRunRequest, _engine_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """Deletes a terminal run now, with its whole tree (the runs it spawned, and
+    theirs) and every stream each of them owns (events, children links,
+    failure ledger, lease, tasks, labels); unreferenced artifacts go with the
+    next artifact collection. Each run disappears at once (one store
+    transaction), parent before children; a deletion interrupted by a crash
+    is finished by the next retention pass of any engine. Fails NOT_FOUND
+    `run_not_found`, FAILED_PRECONDITION `run_not_terminal` (a run of the tree
+    has not ended), `run_has_parent` (delete its top-level run instead) or
+    `run_has_reruns` (a rerun reuses its children); nothing is deleted then.
+    The store must accept deletes (a token, or `--allow-deletes`).
     """
 
 class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -389,6 +413,24 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         (`invalid_signal`, `signal_too_large`, `invalid_json`, `secrets_detected`)
         and nothing is recorded; a run that received 10,000 signals fails
         RESOURCE_EXHAUSTED `signal_inbox_full`.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _engine_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_pb2.DeleteRunResponse, _abc.Awaitable[_engine_pb2.DeleteRunResponse]]:
+        """Deletes a terminal run now, with its whole tree (the runs it spawned, and
+        theirs) and every stream each of them owns (events, children links,
+        failure ledger, lease, tasks, labels); unreferenced artifacts go with the
+        next artifact collection. Each run disappears at once (one store
+        transaction), parent before children; a deletion interrupted by a crash
+        is finished by the next retention pass of any engine. Fails NOT_FOUND
+        `run_not_found`, FAILED_PRECONDITION `run_not_terminal` (a run of the tree
+        has not ended), `run_has_parent` (delete its top-level run instead) or
+        `run_has_reruns` (a rerun reuses its children); nothing is deleted then.
+        The store must accept deletes (a token, or `--allow-deletes`).
         """
 
 def add_EngineServiceServicer_to_server(servicer: EngineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
