@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -207,7 +208,7 @@ async def test_delete_run_refusals_write_and_delete_nothing(cluster: Cluster) ->
     child = parent.run.children[0].child_run_id
     before = await streams(cluster)
 
-    def delete(run_id: str) -> object:
+    def delete(run_id: str) -> Any:
         return cluster.stub.DeleteRun(engine_pb2.DeleteRunRequest(run_id=run_id))
 
     await expect_error(delete(busy.run_id), grpc.StatusCode.FAILED_PRECONDITION, "run_not_terminal")
@@ -225,7 +226,7 @@ async def test_delete_run_refusals_write_and_delete_nothing(cluster: Cluster) ->
     await delete(rerun.run_id)
     assert (await get(cluster, child)).status == engine_pb2.RUN_STATUS_COMPLETED
     deleted = await delete(parent.run_id)
-    assert child in deleted.deleted_run_ids  # type: ignore[attr-defined]
+    assert child in deleted.deleted_run_ids
     door.opened.set()
 
 
