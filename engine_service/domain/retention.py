@@ -49,7 +49,10 @@ def deletion_order(root: str, nodes: Mapping[str, RunNode]) -> list[str] | None:
             if run_id in seen:
                 continue
             seen.add(run_id)
-            node = nodes[run_id]
+            node = nodes.get(run_id)
+            if node is None:
+                continue  # never started: nothing to delete
+
             if not node.terminal:
                 return None
             order.append(run_id)

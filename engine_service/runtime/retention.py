@@ -239,7 +239,9 @@ class Retention:
             for run_id in level:
                 if run_id in nodes:
                     continue
-                _, label = await self.store.head(run_stream_id(run_id))
+                head, label = await self.store.head(run_stream_id(run_id))
+                if head == 0 and run_id != root:
+                    continue  # a child linked but never started: nothing of it to delete
                 if run_status_of_label(label) is None:
                     return None, run_id
                 # Only the children this run spawned itself: a rerun also links those it reused.
