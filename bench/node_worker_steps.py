@@ -9,8 +9,9 @@ this process is the client. Each run is one `StartRun(wait=true)` of `a -> b -> 
 `keel.echo -> keel.transform -> keel.transform`; remote, the same work as Node ops on the worker's
 queue. The two are alternated R times (default 3) in one run of this script, N runs each (default
 300) with C (default 32) in flight, and it prints runs/s, p50/p99 latency, the remote/in-process
-ratio, and the remote steps' schedule-to-start latency (from the task's `scheduled_at` to the
-handler's start, as the worker saw it; millisecond resolution).
+ratio, the remote steps' schedule-to-start latency (from the task's `scheduled_at` to the
+handler's start, as the worker saw it; millisecond resolution), and the CPU milliseconds per run
+of the engine, the store and the Node worker in each mode (where a remote step's cost goes).
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ async def measure(
     return runs / (time.perf_counter() - began), latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """The value below which `fraction` of `values` fall."""
     ordered = sorted(values)
@@ -141,6 +148,7 @@ async def main() -> None:
         raise SystemExit("node_worker_steps: `node` is not on PATH")
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     results: dict[str, list[tuple[float, list[float]]]] = {"in-process": [], "node worker": []}
+    cpu = {name: [0.0, 0.0, 0.0] for name in results}  # engine, store, worker CPU seconds
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as data:
         stats_file = Path(data) / "schedule_to_start.json"
         processes: list[asyncio.subprocess.Process] = []
@@ -176,9 +184,13 @@ async def main() -> None:
                 stub = engine_pb2_grpc.EngineServiceStub(channel)
                 for plan in plans.values():
                     await measure(stub, plan, 50, 8)  # warm-up
+                pids = (engine.pid, store.pid, worker.pid)
                 for _ in range(args.rounds):
                     for name, plan in plans.items():
+                        before = [cpu_seconds(pid) for pid in pids]
                         results[name].append(await measure(stub, plan, args.runs, args.concurrency))
+                        used = [cpu_seconds(pid) - start for pid, start in zip(pids, before, strict=True)]
+                        cpu[name] = [total + part for total, part in zip(cpu[name], used, strict=True)]
         finally:
             for process in reversed(processes):
                 process.send_signal(signal.SIGTERM)
@@ -207,6 +219,12 @@ async def main() -> None:
             f"  schedule-to-start of a remote step: p50 {statistics.median(schedule_to_start):.1f} ms  "
             f"p99 {percentile(schedule_to_start, 0.99):.1f} ms  "
             f"({len(schedule_to_start)} tasks, warm-up included)"
+        )
+    for name, (engine_s, store_s, worker_s) in cpu.items():
+        per_run = 1000 / (args.runs * args.rounds)
+        print(
+            f"  CPU ms per run, {name:<11}: engine {engine_s * per_run:5.1f}, "
+            f"store {store_s * per_run:5.1f}, node worker {worker_s * per_run:5.1f}"
         )
     print(
         f"RESULT scenario=node-worker-steps ratio={ratio:.2f} "
