@@ -222,7 +222,15 @@ class Execution {
       const ctx = this._context(op, context);
       const handling = Promise.resolve().then(() => op.handler(ctx.input, ctx));
       const outcome = await this._awaitWithHeartbeats(handling);
-      if (outcome === ABANDONED) return;
+      if (outcome === ABANDONED) {
+        const reason = this.abortController.signal.reason;
+        worker.logger.info(
+          this.cancelRequested
+            ? `keel worker ${worker.workerId}: task ${this.label} dropped: the run asked it to stop`
+            : `keel worker ${worker.workerId}: task ${this.label} is stale: ${reason && reason.message}`,
+        );
+        return;
+      }
       this.finishing = true;
       let output;
       try {

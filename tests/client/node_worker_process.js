@@ -1,9 +1,11 @@
 'use strict';
 // A Node worker process for tests/client/test_node_worker.py:
-//   node node_worker_process.js ENGINE TASK_QUEUE WORKER_ID LEDGER_FILE [--hang-after-first]
+//   node node_worker_process.js ENGINE TASK_QUEUE WORKER_ID LEDGER_FILE [--hang-after-first | --pause-after-first] [--concurrency N]
 // Its transport `ledger` appends one line per real execution to LEDGER_FILE (the test's own count).
 // With --hang-after-first, `node.ledgered` prints `HUNG <run> <attempt>` once its first call is
-// recorded and then never finishes (heartbeating on), for the test to SIGKILL it there.
+// recorded and then never finishes (heartbeating on), for the test to SIGKILL it there; with
+// --pause-after-first it prints `PAUSING <run> <attempt>` there and goes on after a SIGCONT.
+// --concurrency N: tasks at once (default 4).
 
 const fs = require('node:fs');
 const path = require('node:path');
@@ -11,6 +13,7 @@ const { Worker } = require(path.resolve(__dirname, '..', '..', 'clients', 'node'
 
 const [engine, taskQueue, workerId, ledgerFile, ...flags] = process.argv.slice(2);
 const hangAfterFirst = flags.includes('--hang-after-first');
+const pauseAfterFirst = flags.includes('--pause-after-first');
 const toStderr = { info: (m) => console.error(m), warn: (m) => console.error(m), error: (m) => console.error(m) };
 
 const ops = [
@@ -26,6 +29,13 @@ const ops = [
         console.log(`HUNG ${ctx.runId} ${ctx.attempt}`);
         await new Promise(() => {});
       }
+      if (pauseAfterFirst) {
+        // The test stops this process here (SIGSTOP) and lets it go on (SIGCONT) once another
+        // worker has finished the step: then it tries to go on as if nothing had happened.
+        const resumed = new Promise((resolve) => process.once('SIGCONT', resolve));
+        console.log(`PAUSING ${ctx.runId} ${ctx.attempt}`);
+        await resumed;
+      }
       const second = await ctx.io.call('ledger', { what: 'second' }, `second:${ctx.runId}`);
       return { first, second, attempt: ctx.attempt, by: ctx.workerId };
     },
@@ -37,7 +47,8 @@ const worker = new Worker({
   taskQueue,
   workerId,
   ops,
-  concurrency: 4,
+  concurrency: flags.includes('--concurrency') ? Number(flags[flags.indexOf('--concurrency') + 1]) : 4,
+  shutdownGraceMs: 2000,
   logger: toStderr,
   transports: {
     ledger: async (request, call) => {

@@ -1,9 +1,10 @@
 """Node workers (clients/node/worker.js) as real processes against a real engine and store.
 
 A pipeline mixes steps the engine runs itself with a step a Node worker process runs and one a
-Python worker process runs; and a Node worker SIGKILLed in the middle of a task leaves its recorded
+Python worker process runs; a Node worker SIGKILLed in the middle of a task leaves its recorded
 fact to the worker that takes the next attempt, which is served it without executing it again (the
-workers' transport writes every real execution to a ledger file that the test reads).
+workers' transport writes every real execution to a ledger file that the test reads); and a Node
+worker paused (SIGSTOP) past its lease and then resumed finds its task stale and changes nothing.
 
 Needs `node` and `npm ci` in clients/node, as tests/client/test_node_client.py does (skipped loudly
 without them on a developer machine, failed in CI).
@@ -181,6 +182,57 @@ def test_node_worker_killed_mid_task_leaves_its_facts_to_the_next_attempt(
     dead, retried = attempts_of(run, "work")
     assert (dead.worker_id, dead.error.code if dead.error else None) == ("doomed", "task_lease_expired")
     assert (retried.worker_id, retried.status.name) == ("survivor", "COMPLETED")
+
+
+def test_node_worker_paused_past_its_lease_finds_its_task_stale_and_changes_nothing(
+    engine_address: str, processes: Processes, tmp_path: Path
+) -> None:
+    queue = f"node-{uuid.uuid4().hex[:8]}"
+    ledger = tmp_path / "ledger"
+    # One task at a time: while it is stopped, no poll of its own is waiting for the next attempt.
+    paused = node_worker(
+        processes, engine_address, queue, "paused", ledger, "--pause-after-first", "--concurrency", "1"
+    )
+    pipeline = {
+        "pipeline_id": "node-worker-paused",
+        "steps": [
+            {"step_id": "work", "op_id": "node.ledgered", "task_queue": queue, "heartbeat_timeout": "3s"}
+        ],
+    }
+    with KeelClient(engine_address) as client:
+        started = client.start_run(pipeline)
+        assert paused.stdout is not None and paused.stderr is not None
+        assert paused.stdout.readline().split() == ["PAUSING", started.run_id, "0"]
+        paused.send_signal(signal.SIGSTOP)
+        node_worker(processes, engine_address, queue, "survivor", ledger)
+        run = client.await_run(started.run_id, max_wait=120).run
+        assert run is not None
+        assert run.status.name == "COMPLETED", run.error
+        # Let the paused worker go on as if nothing had happened: every write it tries is refused.
+        paused.send_signal(signal.SIGCONT)
+        stale = f"task {started.run_id}/work attempt 0 is stale"
+        said = ""
+        while stale not in said:
+            line = paused.stderr.readline()
+            assert line, f"the paused worker ended without finding its task stale: {said}"
+            said += line
+        after = client.get_run(started.run_id)
+    assert after.head_seq == run.head_seq, "the paused worker changed the run"
+    assert after.final_snapshot == run.final_snapshot
+    assert run.final_snapshot["work"] == {
+        "first": {"what": "first", "by": "paused", "attempt": 0},
+        "second": {"what": "second", "by": "survivor", "attempt": 1},
+        "attempt": 1,
+        "by": "survivor",
+    }
+    lines = ledger.read_text().splitlines()
+    assert lines[:2] == [f"first:{started.run_id} paused 0", f"second:{started.run_id} survivor 1"]
+    # Resumed, the paused worker may have made its second call before it heard that its claim was
+    # gone (the one case a paused process repeats a call: docs/workers.md); it recorded nothing.
+    assert lines[2:] in ([], [f"second:{started.run_id} paused 0"])
+    dead, retried = attempts_of(run, "work")
+    assert (dead.worker_id, dead.error.code if dead.error else None) == ("paused", "task_lease_expired")
+    assert retried.worker_id == "survivor"
 
 
 def test_node_worker_example_runs_against_the_engine(engine_address: str) -> None:
