@@ -12,6 +12,7 @@ const protoLoader = require('@grpc/proto-loader');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
 const ENGINE_PROTO = 'keel/engine/v1/engine.proto';
+const WORKER_PROTO = 'keel/worker/v1/worker.proto';
 const DEFAULT_ENGINE = '127.0.0.1:7070';
 const DEFAULT_DEADLINE_MS = 30000;
 
@@ -33,6 +34,7 @@ const SERVICE_CONFIG = {
 };
 
 let engineServiceConstructor = null;
+let workerServiceConstructor = null;
 
 /** The generated EngineService client constructor, loaded once from the .proto file. */
 function loadEngineService() {
@@ -48,6 +50,22 @@ function loadEngineService() {
     engineServiceConstructor = grpc.loadPackageDefinition(definition).keel.engine.v1.EngineService;
   }
   return engineServiceConstructor;
+}
+
+/** The generated WorkerService client constructor (protos/keel/worker/v1/worker.proto), loaded once. */
+function loadWorkerService() {
+  if (workerServiceConstructor === null) {
+    const definition = protoLoader.loadSync(WORKER_PROTO, {
+      includeDirs: [PROTO_ROOT],
+      keepCase: true,
+      longs: String,
+      enums: String,
+      defaults: false,
+      oneofs: true,
+    });
+    workerServiceConstructor = grpc.loadPackageDefinition(definition).keel.worker.v1.WorkerService;
+  }
+  return workerServiceConstructor;
 }
 
 // ---- JSON values <-> google.protobuf.Value ------------------------------------------------------
@@ -324,6 +342,28 @@ function toDuration(value, what = 'duration') {
   return { seconds: String(Math.floor(nanosTotal / 1e9)), nanos: nanosTotal % 1e9 };
 }
 
+/**
+ * A RunConfig from {executionMode: 'live' | 'replay', replayOfRunId, retryPolicy: {maxAttempts,
+ * initialBackoff, maxBackoff, multiplier}} (snake_case too; backoffs in milliseconds or '1.5s').
+ */
+function toRunConfig(config) {
+  const out = {};
+  const mode = config.executionMode ?? config.execution_mode;
+  if (mode) out.execution_mode = wireEnum(mode, 'EXECUTION_MODE_');
+  const replayOf = config.replayOfRunId ?? config.replay_of_run_id;
+  if (replayOf) out.replay_of_run_id = replayOf;
+  const policy = config.retryPolicy ?? config.retry_policy;
+  if (policy) {
+    out.retry_policy = {
+      max_attempts: policy.maxAttempts ?? policy.max_attempts ?? 0,
+      initial_backoff: toDuration(policy.initialBackoff ?? policy.initial_backoff, 'initial_backoff'),
+      max_backoff: toDuration(policy.maxBackoff ?? policy.max_backoff, 'max_backoff'),
+      multiplier: policy.multiplier ?? 0,
+    };
+  }
+  return out;
+}
+
 // A step's (or single op's) task queue and timeouts, given snake_case or camelCase; absent ones unset.
 function remoteFields(spec) {
   const fields = {};
@@ -395,11 +435,13 @@ class KeelClient {
    * A step (or the op, with `taskQueue`) may name a `task_queue`, executed by a worker (see worker.js),
    * and timeouts (`start_to_close_timeout`, `heartbeat_timeout`, `schedule_to_start_timeout`: milliseconds
    * or '1.5s'). `labels` ({key: value}, Kubernetes label rules) are recorded with the start; listRuns
-   * finds runs by them. `signals` ([{name, payload, signalId?}]) are in the run's inbox before it starts;
+   * finds runs by them. `runConfig` ({executionMode: 'replay', replayOfRunId, retryPolicy: {maxAttempts, ...}})
+   * says how the run executes. `signals` ([{name, payload, signalId?}]) are in the run's inbox before it starts;
    * a run that exists already gets each of them once.
    */
-  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels, signals, ...remote } = {}) {
+  async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels, signals, runConfig, ...remote } = {}) {
     const request = { run_id: runId || randomUUID(), wait, labels: { ...(labels || {}) } };
+    if (runConfig) request.run_config = toRunConfig(runConfig);
     request.signals = (signals || []).map((signal) => ({
       name: signal.name,
       payload: toValue(signal.payload ?? null),
@@ -591,6 +633,29 @@ class KeelClient {
     };
   }
 
+  /** The task queues (WorkerService.ListQueues): backlog, tasks running, and the workers seen polling in the last minute. */
+  async listQueues() {
+    if (!this.workerStub) {
+      // WorkerService is served on the engine's port: the same channel carries it.
+      const WorkerService = loadWorkerService();
+      this.workerStub = new WorkerService('unused', grpc.credentials.createInsecure(), { channelOverride: this.stub.getChannel() });
+    }
+    const response = await new Promise((resolve, reject) => {
+      const deadline = new Date(Date.now() + this.deadlineMs);
+      this.workerStub.ListQueues({}, this.metadata, { deadline }, (error, answer) => (error ? reject(keelError(error)) : resolve(answer)));
+    });
+    return (response.queues || []).map((queue) => ({
+      taskQueue: queue.task_queue,
+      backlog: Number(queue.backlog || 0),
+      running: Number(queue.running || 0),
+      workers: (queue.workers || []).map((worker) => ({
+        workerId: worker.worker_id,
+        lastSeen: fromTimestamp(worker.last_seen),
+        ops: (worker.ops || []).map((op) => ({ opId: op.op_id, opVersion: op.op_version })),
+      })),
+    }));
+  }
+
   /** The ops the engine can run, with their versions. */
   async listOps() {
     const response = await this._unary('ListOps', {});
@@ -604,4 +669,4 @@ class KeelClient {
   }
 }
 
-module.exports = { KeelClient, KeelError, TERMINAL, fromValue, toValue, toDuration, keelError, loadEngineService };
+module.exports = { KeelClient, KeelError, TERMINAL, fromValue, toValue, toDuration, keelError, loadEngineService, loadWorkerService };

@@ -47,6 +47,8 @@ export interface TaskContext {
   taskQueue: string;
   workerId: string;
   fencing: number;
+  /** The run replays another run: io.call serves that run's facts and calls nothing (else `replay_fact_missing`). */
+  replay: boolean;
   /** When the engine made the task (null from an engine that does not say). */
   scheduledAt: Date | null;
   /** Aborted when the run asks the task to stop, the claim is lost, or the worker hands the task back. */

@@ -23,15 +23,12 @@
 // recorded (RecordFact) before the handler sees it, so a retried attempt never repeats it. This is
 // the shape of keel_client.worker (Python): same fact rules, heartbeats, hand-back and error codes.
 
+const fs = require('node:fs');
 const os = require('node:os');
-const path = require('node:path');
 const { randomBytes } = require('node:crypto');
 const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
-const { fromValue, toValue, toDuration, keelError } = require('./keel');
+const { fromValue, toValue, toDuration, keelError, loadWorkerService } = require('./keel');
 
-const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
-const WORKER_PROTO = 'keel/worker/v1/worker.proto';
 const DEFAULT_ENGINE = '127.0.0.1:7070';
 const DEFAULT_POLL_WAIT_MS = 20000;
 // Unary calls other than PollTask give up after this long (and are retried while UNAVAILABLE).
@@ -42,24 +39,6 @@ const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 // What the engine accepts as an error code (1 to 128 characters, no control characters) and message.
 const MAX_CODE_CHARS = 128;
 const MAX_MESSAGE_CHARS = 8000;
-
-let workerServiceConstructor = null;
-
-/** The generated WorkerService client constructor, loaded once from the .proto file. */
-function loadWorkerService() {
-  if (workerServiceConstructor === null) {
-    const definition = protoLoader.loadSync(WORKER_PROTO, {
-      includeDirs: [PROTO_ROOT],
-      keepCase: true,
-      longs: String,
-      enums: String,
-      defaults: false,
-      oneofs: true,
-    });
-    workerServiceConstructor = grpc.loadPackageDefinition(definition).keel.worker.v1.WorkerService;
-  }
-  return workerServiceConstructor;
-}
 
 /** Throw from a handler to fail its attempt with a code of your own; `retryable` decides a retry. */
 class OpFailure extends Error {
@@ -150,7 +129,7 @@ function readPem(item) {
   if (item === undefined || item === null) return null;
   if (Buffer.isBuffer(item)) return item;
   const text = String(item);
-  return text.includes('-----BEGIN') ? Buffer.from(text) : require('node:fs').readFileSync(text);
+  return text.includes('-----BEGIN') ? Buffer.from(text) : fs.readFileSync(text);
 }
 
 /** Channel credentials from `credentials` (grpc-js), `tls` (true or {ca, cert, key}: PEM or file path), or none. */
@@ -272,6 +251,8 @@ class Execution {
       taskQueue: task.task_queue,
       workerId: worker.workerId,
       fencing: Number(task.fencing || 0),
+      // The run replays another run: io.call serves that run's facts and calls nothing.
+      replay: Boolean(task.replay),
       scheduledAt: task.scheduled_at ? new Date(Number(task.scheduled_at.seconds) * 1000 + Math.floor((task.scheduled_at.nanos || 0) / 1e6)) : null,
       signal: this.abortController.signal,
       get cancelRequested() {
@@ -285,6 +266,11 @@ class Execution {
   async _ioCall(namespace, request, factKey) {
     if (!factKey) throw new OpFailure('missing_fact_key', `io.call(${JSON.stringify(namespace)}) needs a fact key`, { retryable: false });
     if (this.facts.has(factKey)) return structuredClone(this.facts.get(factKey));
+    if (this.task.replay) {
+      throw new OpFailure('replay_fact_missing', `replay: the replayed run recorded no fact ${JSON.stringify(factKey)} (a replay makes no new calls)`, {
+        retryable: false,
+      });
+    }
     const transport = this.worker.transports[namespace];
     if (typeof transport !== 'function') {
       throw new OpFailure('unknown_namespace', `this worker has no transport for ${JSON.stringify(namespace)}`, { retryable: false });

@@ -111,6 +111,11 @@ test('a pipeline mixing in-process steps and Node worker steps completes, facts 
     const declared = ops.filter((op) => op.taskQueue === taskQueue).map((op) => `${op.opId}@${op.opVersion}`).sort();
     assert.deepEqual(declared, ['audit@1', 'charge@2', 'double@1']);
     assert.equal(worker.completed, 3);
+    const queue = (await keel.listQueues()).find((item) => item.taskQueue === taskQueue);
+    assert.deepEqual(queue.workers.map((seen) => seen.workerId), [worker.workerId]);
+    assert.deepEqual(queue.workers[0].ops.map((op) => `${op.opId}@${op.opVersion}`).sort(), ['audit@1', 'charge@2', 'double@1']);
+    assert.ok(queue.workers[0].lastSeen instanceof Date);
+    assert.equal(queue.backlog, 0);
   } finally {
     keel.close();
     await stop();
@@ -173,6 +178,63 @@ test('a thrown error fails the attempt: retried when retryable, the run failed w
     assert.equal(invalid.status, 'failed');
     assert.equal(invalid.steps[0].lastError.code, 'op_output_invalid');
     assert.equal(invalid.steps[0].attempts.length, 1);
+  } finally {
+    keel.close();
+    await stop();
+  }
+});
+
+test('a replay serves the replayed run\'s facts to the worker and calls nothing', { skip }, async () => {
+  const taskQueue = queueName();
+  const ledger = [];
+  const replays = [];
+  const charge = (keyOf) => async (input, ctx) => {
+    replays.push(ctx.replay);
+    return { receipt: await ctx.io.call('payments', { amount: input.n }, keyOf(input, ctx)) };
+  };
+  const worker = new Worker({
+    address: ENGINE,
+    taskQueue,
+    logger: quiet,
+    ops: [
+      { id: 'charge-order', handler: charge((input) => `charge:${input.order}`) },
+      { id: 'charge-run', handler: charge((input, ctx) => `charge:${ctx.runId}`) },
+    ],
+    transports: {
+      payments: async (request, call) => {
+        ledger.push(call.factKey);
+        return { paid: request.amount };
+      },
+    },
+  });
+  const stop = serve(worker);
+  const keel = new KeelClient(ENGINE);
+  try {
+    for (const [opId, code] of [['charge-order', null], ['charge-run', 'replay_fact_missing']]) {
+      const order = `A-${randomUUID()}`;
+      const original = await keel.startRun({ op: opId, taskQueue, input: { n: 3, order } });
+      const first = (await keel.awaitRun(original.runId, { maxWaitMs: 60000 })).run;
+      assert.equal(first.status, 'completed');
+      const calls = ledger.length;
+      const replay = await keel.startRun({
+        op: opId,
+        taskQueue,
+        input: { n: 3, order },
+        runConfig: { executionMode: 'replay', replayOfRunId: original.runId },
+      });
+      const replayed = (await keel.awaitRun(replay.runId, { maxWaitMs: 60000 })).run;
+      assert.equal(ledger.length, calls, 'a replay calls nothing');
+      if (code === null) {
+        assert.equal(replayed.status, 'completed');
+        assert.deepEqual(replayed.finalSnapshot, first.finalSnapshot);
+      } else {
+        // The fact is keyed by the run id: the replayed run recorded no such fact.
+        assert.equal(replayed.status, 'failed');
+        assert.equal(replayed.steps[0].lastError.code, code);
+        assert.equal(replayed.steps[0].attempts.length, 1);
+      }
+    }
+    assert.deepEqual(replays, [false, true, false, true]);
   } finally {
     keel.close();
     await stop();
