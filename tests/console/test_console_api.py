@@ -51,7 +51,7 @@ def test_info_names_the_engine_and_the_actions(console_url: str, console_cluster
     info = json.loads(payload)
     assert status == 200
     assert info["engine"] == console_cluster.engine_address
-    assert {"cancel", "terminalize", "rerun", "queues"} <= set(info["actions"])
+    assert {"cancel", "terminalize", "rerun", "signal", "queues"} <= set(info["actions"])
 
 
 def test_bad_filters_are_400_with_the_reason(console_url: str) -> None:
@@ -325,3 +325,25 @@ def test_keel_ui_stops_when_its_launcher_dies(console_cluster: LocalCluster) -> 
     assert readable, "keel ui is still running after its launcher died"
     with contextlib.suppress(OSError):
         assert http(f"{url}/api/info")[0] != 200
+
+
+def test_signal_needs_a_name_and_a_running_run(console_url: str, keel: KeelClient) -> None:
+    started = keel.start_run(
+        {
+            "pipeline_id": unique("signal-api"),
+            "steps": [{"step_id": "s", "op_id": "keel.wait_signal", "op_config": {"name": "go"}}],
+        }
+    )
+    url = f"{console_url}/api/runs/{started.run_id}/signal"
+    status, payload = http(url, {"payload": 1}, ACTION)
+    assert status == 400 and error_of(payload)["message"].startswith("name")
+    status, payload = http(url, {"name": "go", "payload": 1}, {"content-type": "application/json"})
+    assert status == 403
+    status, payload = http(url, {"name": "go", "payload": {"n": 1}, "signal_id": "sig-1"}, ACTION)
+    assert status == 200 and json.loads(payload)["created"] is True
+    status, payload = http(url, {"name": "go", "payload": {"n": 1}, "signal_id": "sig-1"}, ACTION)
+    assert status == 200 and json.loads(payload)["created"] is False
+    done = keel.await_run(started.run_id)
+    assert done.run is not None and done.run.final_snapshot["s"] == {"n": 1}
+    status, payload = http(url, {"name": "go"}, ACTION)
+    assert status == 409 and error_of(payload)["code"] == "run_terminal"

@@ -452,3 +452,39 @@ def test_a_parked_step_shows_as_waiting(browser: Any, console_url: str, keel: Ke
     ended(browser)
     assert attribute(browser, node, "data-status") == "completed"
     assert css(browser, '#timeline-svg g.parked[data-step-id="nap"][data-kind="timer"]')
+
+
+def test_send_signal_wakes_the_waiting_step(browser: Any, console_url: str, keel: KeelClient) -> None:
+    waits = {"step_id": "approve", "op_id": "keel.wait_signal", "op_config": {"name": "approval"}}
+    started = keel.start_run(pipeline(unique("signal"), waits))
+    browser.get(f"{console_url}/runs/{started.run_id}")
+    node = '#dag-svg g.node[data-step-id="approve"]'
+    wait_for(browser, lambda: attribute(browser, node, "data-status") == "waiting", "the step waiting")
+    wait_for(
+        browser,
+        lambda: (
+            "waiting for signal approval"
+            in one(browser, '#steps-table tr[data-step-id="approve"] .status-cell').text
+            and one(browser, "#signal-name").get_attribute("value") == "approval"
+        ),
+        "what the step waits for, offered as the signal to send",
+    )
+    one(browser, "#signal-payload").send_keys("{not json")
+    one(browser, "#signal-send").click()
+    wait_for(browser, lambda: "not JSON" in one(browser, "#action-result").text, "the payload refused")
+    assert keel.get_run(started.run_id).status == RunStatus.RUNNING
+    one(browser, "#signal-payload").clear()
+    one(browser, "#signal-payload").send_keys('{"approved_by": "console"}')
+    one(browser, "#signal-send").click()
+    wait_for(
+        browser,
+        lambda: attribute(browser, "#run-status .badge", "data-status") == "completed",
+        "the run completed",
+    )
+    assert "signal approval sent" in one(browser, "#action-result").text
+    ended(browser)
+    output = one(browser, '#steps-table tr[data-step-id="approve"] .output details')
+    output.find_element("css selector", "summary").click()
+    assert '"approved_by": "console"' in output.text
+    assert one(browser, "#signal-send").get_attribute("disabled") is not None
+    assert keel.get_run(started.run_id).step("approve").output == {"approved_by": "console"}

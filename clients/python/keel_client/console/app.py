@@ -33,6 +33,7 @@ from keel_client.errors import (
     InvalidArgumentError,
     KeelClientError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
     UnimplementedError,
 )
@@ -52,6 +53,7 @@ _HTTP_STATUS: tuple[tuple[type[KeelClientError], int], ...] = (
     (InvalidArgumentError, 400),
     (FailedPreconditionError, 409),
     (UnimplementedError, 501),
+    (ResourceExhaustedError, 429),
     (UnavailableError, 503),
 )
 
@@ -227,6 +229,19 @@ class ConsoleApi:
         result = await self.client.rerun_run(request.path_params["run_id"], step)
         return JSONResponse({"run_id": result.run_id, "created": result.created})
 
+    async def signal(self, request: Request) -> Response:
+        """Send the signal `name` with the JSON `payload` (and an optional `signal_id`) to the run."""
+        body = await _action_body(request)
+        name, signal_id = body.get("name"), body.get("signal_id") or None
+        if not isinstance(name, str) or not name:
+            raise FilterError("name: name the signal to send")
+        if signal_id is not None and not isinstance(signal_id, str):
+            raise FilterError("signal_id: a string, or nothing for a new id")
+        sent = await self.client.signal_run(
+            request.path_params["run_id"], name, body.get("payload"), signal_id=signal_id
+        )
+        return JSONResponse(to_json_data(sent))
+
     async def queues(self, request: Request) -> Response:
         """The task queues, with their backlog, running tasks and the workers seen polling them."""
         return JSONResponse({"queues": to_json_data(await self.client.list_queues())})
@@ -307,6 +322,7 @@ def create_app(client: AsyncKeelClient, *, refresh_seconds: float = DEFAULT_REFR
         Route("/api/runs/{run_id}/cancel", _guarded(_engine_errors(api.cancel)), methods=["POST"]),
         Route("/api/runs/{run_id}/terminalize", _guarded(_engine_errors(api.terminalize)), methods=["POST"]),
         Route("/api/runs/{run_id}/rerun", _guarded(_engine_errors(api.rerun)), methods=["POST"]),
+        Route("/api/runs/{run_id}/signal", _guarded(_engine_errors(api.signal)), methods=["POST"]),
         Mount("/static", StaticFiles(directory=_STATIC), name="static"),
     ]
     return Starlette(routes=routes)

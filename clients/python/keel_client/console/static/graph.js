@@ -23,11 +23,21 @@ export function layers(steps) {
   return depth;
 }
 
-// The waits of parked attempts, from the run's `StepWaiting` events: "step#attempt" -> what it waits
+// The waits of parked attempts, from the run's `StepWaiting` and `SignalAwaited` events: "step#attempt" -> what it waits
 // for (`kind`: timer, signal, ...), since when, until when (timers) and the kind's details.
 export function waitsOf(events) {
   const waits = new Map();
   for (const event of events) {
+    if (event.type === "SignalAwaited") {
+      const { step_id: stepId, attempt, name, deadline_us: deadline, at_us: at } = event.data;
+      waits.set(`${stepId}#${attempt}`, {
+        kind: "signal",
+        since: at ? new Date(at / 1000) : toDate(event.recorded_at),
+        until: deadline ? new Date(deadline / 1000) : null,
+        detail: { name },
+      });
+      continue;
+    }
     if (event.type !== "StepWaiting") continue;
     const { step_id: stepId, attempt, wait = {} } = event.data;
     waits.set(`${stepId}#${attempt}`, {
@@ -40,8 +50,9 @@ export function waitsOf(events) {
   return waits;
 }
 
-// A step's state as the page shows it: `waiting` while its open attempt is parked.
+// A step's state as the page shows it: `waiting` while its open attempt is parked or waits for a signal.
 export function shownStatus(step, waits) {
+  if (step.status === "running" && step.waiting_for_signal) return "waiting";
   const last = step.attempts[step.attempts.length - 1];
   if (step.status === "running" && last && !last.finished_at && waits.has(`${step.step_id}#${last.attempt}`)) {
     return "waiting";

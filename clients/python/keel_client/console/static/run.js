@@ -168,10 +168,18 @@ class RunPage {
     this.rerunStep = el("select", { id: "rerun-step" });
     this.rerunButton = el("button", { type: "button", id: "rerun" }, "Rerun");
     this.rerunButton.addEventListener("click", () => this.rerun());
+    this.signalName = el("input", { type: "text", id: "signal-name", placeholder: "signal name" });
+    this.signalPayload = el("textarea", { id: "signal-payload", rows: 2, cols: 40, placeholder: 'payload as JSON, e.g. {"approved": true}' });
+    this.signalId = el("input", { type: "text", id: "signal-id", placeholder: "signal id (optional)" });
+    this.signalButton = el("button", { type: "button", id: "signal-send" }, "Send signal");
+    this.signalButton.addEventListener("click", () => this.sendSignal());
     this.actionResult = el("p", { id: "action-result", hidden: true });
     fill(this.sections.actions, el("h2", {}, "Actions"),
       actions.has("cancel") ? el("div", { class: "action" }, this.cancelButton, confirm) : null,
       actions.has("terminalize") ? el("div", { class: "action" }, "terminalize as ", target, why, this.terminalizeButton) : null,
+      actions.has("signal")
+        ? el("div", { class: "action" }, "send signal ", this.signalName, this.signalPayload, this.signalId, this.signalButton)
+        : null,
       actions.has("rerun")
         ? el("div", { class: "action" }, "rerun from step ", this.rerunStep, this.rerunButton,
           el("span", { class: "muted" }, "a new run executes this step and those depending on it, and reuses the others (once this run ended)"))
@@ -184,10 +192,36 @@ class RunPage {
     for (const button of [this.cancelButton, this.terminalizeButton]) button.disabled = done;
     if (done) document.getElementById("cancel-confirm-row").hidden = true;
     this.rerunButton.disabled = !done;
+    this.signalButton.disabled = done;
+    // Offer the signal a step waits for, unless the operator typed a name already.
+    const waiting = this.run.steps.find((step) => step.waiting_for_signal);
+    if (waiting && !this.signalName.value) this.signalName.value = waiting.waiting_for_signal.name;
     const chosen = this.rerunStep.value;
     const failed = this.run.steps.find((step) => step.status === "failed");
     fill(this.rerunStep, ...this.run.steps.map((step) => el("option", { value: step.step_id }, step.step_id)));
     this.rerunStep.value = chosen || (failed ? failed.step_id : this.run.steps.length ? this.run.steps[0].step_id : "");
+  }
+
+  async sendSignal() {
+    let payload = null;
+    const text = this.signalPayload.value.trim();
+    if (text) {
+      try {
+        payload = JSON.parse(text);
+      } catch (error) {
+        this.showResult(`signal not sent: the payload is not JSON (${error.message})`, true);
+        return;
+      }
+    }
+    const body = { name: this.signalName.value.trim(), payload, signal_id: this.signalId.value.trim() || null };
+    try {
+      const sent = await api(`/api/runs/${encodeURIComponent(this.runId)}/signal`, body);
+      this.showResult(sent.created
+        ? `signal ${body.name} sent (id ${sent.signal_id}, inbox #${sent.inbox_seq})`
+        : `signal ${sent.signal_id} was delivered already: nothing sent`, false);
+    } catch (error) {
+      this.showResult(`signal failed: ${error.code}: ${error.message}`, true);
+    }
   }
 
   async rerun() {
@@ -235,7 +269,9 @@ class RunPage {
       const stepFacts = facts.get(step.step_id) || [];
       const status = shownStatus(step, waits);
       const last = step.attempts[step.attempts.length - 1];
-      const wait = status === "waiting" ? waits.get(`${step.step_id}#${last.attempt}`) : null;
+      const signal = step.waiting_for_signal;
+      const wait = status !== "waiting" ? null : waits.get(`${step.step_id}#${last.attempt}`)
+        || (signal ? { kind: "signal", detail: { name: signal.name }, until: toDate(signal.timeout_at) } : null);
       return el("tr", { "data-step-id": step.step_id, "data-status": status },
         el("td", { class: "mono" }, step.step_id),
         el("td", {}, step.op_id, step.op_version ? el("span", { class: "muted" }, ` v${step.op_version}`) : ""),
