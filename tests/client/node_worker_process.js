@@ -1,11 +1,12 @@
 'use strict';
 // A Node worker process for tests/client/test_node_worker.py:
-//   node node_worker_process.js ENGINE TASK_QUEUE WORKER_ID LEDGER_FILE [--hang-after-first | --pause-after-first] [--concurrency N]
+//   node node_worker_process.js ENGINE TASK_QUEUE WORKER_ID LEDGER_FILE [--hang-after-first | --pause-after-first]
+//       [--concurrency N] [--ca FILE] [--token T]
 // Its transport `ledger` appends one line per real execution to LEDGER_FILE (the test's own count).
 // With --hang-after-first, `node.ledgered` prints `HUNG <run> <attempt>` once its first call is
 // recorded and then never finishes (heartbeating on), for the test to SIGKILL it there; with
 // --pause-after-first it prints `PAUSING <run> <attempt>` there and goes on after a SIGCONT.
-// --concurrency N: tasks at once (default 4).
+// --concurrency N: tasks at once (default 4); --ca FILE: TLS to the engine; --token T: its bearer token.
 
 const fs = require('node:fs');
 const path = require('node:path');
@@ -14,6 +15,7 @@ const { Worker } = require(path.resolve(__dirname, '..', '..', 'clients', 'node'
 const [engine, taskQueue, workerId, ledgerFile, ...flags] = process.argv.slice(2);
 const hangAfterFirst = flags.includes('--hang-after-first');
 const pauseAfterFirst = flags.includes('--pause-after-first');
+const flag = (name) => (flags.includes(name) ? flags[flags.indexOf(name) + 1] : undefined);
 const toStderr = { info: (m) => console.error(m), warn: (m) => console.error(m), error: (m) => console.error(m) };
 
 const ops = [
@@ -47,7 +49,9 @@ const worker = new Worker({
   taskQueue,
   workerId,
   ops,
-  concurrency: flags.includes('--concurrency') ? Number(flags[flags.indexOf('--concurrency') + 1]) : 4,
+  concurrency: Number(flag('--concurrency') ?? 4),
+  tls: flag('--ca') ? { ca: flag('--ca') } : undefined,
+  token: flag('--token'),
   shutdownGraceMs: 2000,
   logger: toStderr,
   transports: {

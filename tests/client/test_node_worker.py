@@ -4,7 +4,9 @@ A pipeline mixes steps the engine runs itself with a step a Node worker process 
 Python worker process runs; a Node worker SIGKILLed in the middle of a task leaves its recorded
 fact to the worker that takes the next attempt, which is served it without executing it again (the
 workers' transport writes every real execution to a ledger file that the test reads); and a Node
-worker paused (SIGSTOP) past its lease and then resumed finds its task stale and changes nothing.
+worker paused (SIGSTOP) past its lease and then resumed finds its task stale and changes nothing;
+and a Node worker reaches an engine serving TLS with its bearer token (and says so when its token
+is refused).
 
 Needs `node` and `npm ci` in clients/node, as tests/client/test_node_client.py does (skipped loudly
 without them on a developer machine, failed in CI).
@@ -12,19 +14,24 @@ without them on a developer machine, failed in CI).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from keel_client import KeelClient
+from keel_client import AsyncKeelClient, KeelClient, TlsConfig
 
+from engine_service import EngineConfig, start_engine
+from keel_core.security import TlsFiles
+from store_service.server import StoreConfig, start_store
 from tests.client.test_node_client import NODE_CLIENT, _node_or_skip
+from tests.test_security import TOKEN, TestCa
 
 HERE = Path(__file__).resolve().parent
 NODE_WORKER = HERE / "node_worker_process.js"
@@ -233,6 +240,72 @@ def test_node_worker_paused_past_its_lease_finds_its_task_stale_and_changes_noth
     dead, retried = attempts_of(run, "work")
     assert (dead.worker_id, dead.error.code if dead.error else None) == ("paused", "task_lease_expired")
     assert retried.worker_id == "survivor"
+
+
+@pytest.fixture
+async def secure_engine(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A store and an engine serving TLS (certificate for 127.0.0.1) and a bearer token: (address, CA)."""
+    ca = TestCa(tmp_path, "node-worker-ca")
+    server = ca.issue("engine", server=True)
+    store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    engine = await start_engine(
+        EngineConfig(
+            listen="127.0.0.1:0",
+            store=f"127.0.0.1:{store.port}",
+            failpoints="",
+            tls=TlsFiles(server.cert, server.key),
+            auth_token=TOKEN,
+        )
+    )
+    try:
+        yield f"127.0.0.1:{engine.port}", ca.cert
+    finally:
+        await engine.drain(0.5)
+        await store.drain(0.5)
+
+
+async def test_node_worker_over_tls_with_the_engines_token(
+    secure_engine: tuple[str, Path], tmp_path: Path
+) -> None:
+    node = _node_or_skip()
+    address, ca = secure_engine
+    queue = f"node-{uuid.uuid4().hex[:8]}"
+
+    async def worker(worker_id: str, token: str) -> asyncio.subprocess.Process:
+        # The engine lives on this test's event loop: the worker's output is read without blocking it.
+        process = await asyncio.create_subprocess_exec(
+            node, str(NODE_WORKER), address, queue, worker_id, str(tmp_path / "ledger"),
+            "--ca", str(ca), "--token", token, cwd=NODE_CLIENT, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None
+        assert (await process.stdout.readline()).startswith(b"WORKER ")
+        return process
+
+    refused = await worker("refused", "wrong")
+    good = await worker("trusted", TOKEN)
+    try:
+        # A wrong token: every poll is refused, and the worker says so (it keeps trying).
+        assert refused.stderr is not None
+        said = b""
+        while b"PollTask refused: unauthenticated" not in said:
+            line = await refused.stderr.readline()
+            assert line, f"the worker with a wrong token ended: {said!r}"
+            said += line
+        pipeline = {
+            "pipeline_id": "node-worker-tls",
+            "steps": [{"step_id": "enrich", "op_id": "node.enrich", "task_queue": queue}],
+        }
+        async with AsyncKeelClient(address, tls=TlsConfig(ca_file=ca), token=TOKEN) as client:
+            started = await client.start_run(pipeline, input={"n": 5})
+            run = (await client.await_run(started.run_id, max_wait=60)).run
+        assert run is not None and run.status.name == "COMPLETED", run
+        assert run.final_snapshot["enrich"] == {"n": 10, "saw": [], "by": "trusted"}
+    finally:
+        for process in (refused, good):
+            process.send_signal(signal.SIGTERM)
+            await process.communicate()
+        assert good.returncode == 0
 
 
 def test_node_worker_example_runs_against_the_engine(engine_address: str) -> None:
