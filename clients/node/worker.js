@@ -171,7 +171,6 @@ class Execution {
     this.cancelRequested = false;
     this.handedBack = false;
     this.finishing = false;
-    this.wake = new AbortController(); // aborted to end the current heartbeat pause at once
   }
 
   get label() {
@@ -187,7 +186,6 @@ class Execution {
     if (this.finishing || this.handedBack) return;
     this.handedBack = true;
     this.abort(new OpFailure('worker_shutdown', `worker ${this.worker.workerId} shut down`));
-    this.wake.abort();
   }
 
   async run() {
@@ -327,15 +325,16 @@ class Execution {
     const every = this._heartbeatEveryMs();
     const stopped = new Promise((resolve) => this.abortController.signal.addEventListener('abort', () => resolve(null), { once: true }));
     for (;;) {
-      const tick = new AbortController();
-      const wake = () => tick.abort();
-      this.wake.signal.addEventListener('abort', wake, { once: true });
+      let timer;
+      const tick = new Promise((resolve) => {
+        timer = setTimeout(resolve, every);
+      });
       let result;
       try {
-        result = await Promise.race([settled, stopped, pause(every, tick.signal).then(() => undefined)]);
+        // A hand-back or a cancel aborts the task's signal, which ends `stopped` at once.
+        result = await Promise.race([settled, stopped, tick]);
       } finally {
-        tick.abort(); // no timer outlives the wait
-        this.wake.signal.removeEventListener('abort', wake);
+        clearTimeout(timer); // no timer outlives the wait
       }
       if (result && 'error' in result) {
         if (this.handedBack) throw this.abortController.signal.reason;
@@ -499,6 +498,9 @@ class Worker {
       try {
         if (this._stopping) execution.handBack(); // claimed just as the worker stopped: give it back
         await execution.run();
+      } catch (error) {
+        // A bug here must not stop the other pollers: the task's timeouts decide it.
+        this.logger.error(`keel worker ${this.workerId}: task ${execution.label} broke the worker: ${error.stack || error}`);
       } finally {
         this._running.delete(task.task_token);
       }
