@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from engine_service.domain import (
     FactRecorded,
@@ -49,6 +49,7 @@ from keel_core.errors import ErrorCategory, KeelError
 from keel_core.json_rules import check_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
 
@@ -126,6 +127,7 @@ class RunFacts:
 
     async def _fetch_fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         config = self._run.manifest.run_config
+        cut_off = False
         if config.execution_mode == REPLAY:
             source = (await self._replayed_facts()).get(fact_key)
             if source is None:
@@ -144,15 +146,18 @@ class RunFacts:
             if self._run.lease is not None:
                 # Last, right before the call: a side effect only while this engine holds the run.
                 await self._run.confirm_lease()
-            response = await self._run.env.transports.call(
-                namespace,
-                request,
-                fact_key,
-                self._run.run_id,
-                step_id=attempt.step_id,
-                attempt=attempt.attempt,
-                fencing=attempt.fencing,
+            calling = asyncio.ensure_future(
+                self._run.env.transports.call(
+                    namespace,
+                    request,
+                    fact_key,
+                    self._run.run_id,
+                    step_id=attempt.step_id,
+                    attempt=attempt.attempt,
+                    fencing=attempt.fencing,
+                )
             )
+            response, cut_off = await self._outlast_lost_lease(calling, _cut, "a call was in flight")
             try:
                 check_json(response, "answer")
                 size = len(canonical_json_bytes(response))
@@ -171,6 +176,8 @@ class RunFacts:
             self._run.env.failpoints.hit(AFTER_CHILD_SPAWN_RECORDED)
         elif namespace == AWAIT_NAMESPACE:
             self._run.env.failpoints.hit(AFTER_CHILD_AWAIT_RECORDED)
+        if cut_off:
+            raise asyncio.CancelledError  # the driver was stopped meanwhile: the answer is kept
         return response
 
     async def record_answer(self, attempt: AttemptOf, namespace: str, fact_key: str, response: Any) -> None:
@@ -189,24 +196,31 @@ class RunFacts:
         event) waits at most PARK_FLUSH_SECONDS, like the flush of a parked run.
         """
         recording = asyncio.ensure_future(self._run.flush())
-        cancelled = False
-        while not recording.done():
-            try:
-                await asyncio.shield(recording)
-            except asyncio.CancelledError:
-                if cancelled or self._run.lease is None or not self._run.lease.lost:
-                    await self._give_up_answer(recording)
-                    raise
-                cancelled = True
-                log.info("run %s: lease lost while recording an answer; recording it first", self._run.run_id)
-        recording.result()
-        if cancelled:
+        _, cut_off = await self._outlast_lost_lease(recording, _give_up_answer, "recording an answer")
+        if cut_off:
             raise asyncio.CancelledError
 
-    async def _give_up_answer(self, recording: asyncio.Future[None]) -> None:
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
-        recording.cancel()
+    async def _outlast_lost_lease(
+        self, work: asyncio.Future[T], give_up: Callable[[asyncio.Future[T]], Awaitable[None]], doing: str
+    ) -> tuple[T, bool]:
+        """Wait for `work` through the first cancel that comes because the run's lease was lost.
+
+        A lost lease is not a takeover: the answer of a call already made is worth keeping, and the
+        run stream's compare-and-swap decides whether it may still be recorded. Any other cancel (a
+        second one, a terminal cancel, a drain) hands `work` to `give_up` and is raised. Answers
+        `work`'s result and whether a cancel is owed to the caller.
+        """
+        cut_off = False
+        while not work.done():
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                if cut_off or self._run.lease is None or not self._run.lease.lost:
+                    await give_up(work)
+                    raise
+                cut_off = True
+                log.info("run %s: lease lost while %s; finishing that first", self._run.run_id, doing)
+        return work.result(), cut_off
 
     async def replayed_facts(self) -> dict[str, FactRecorded]:
         """The facts of the run a replay replays (by fact key)."""
@@ -230,3 +244,17 @@ class RunIo:
     async def call(self, namespace: str, request: Any, fact_key: str) -> Any:
         """Call the transport for `namespace`, or return the fact recorded under `fact_key`."""
         return await self._facts.fact(self._attempt_of, namespace, request, fact_key)
+
+
+async def _give_up_answer(recording: asyncio.Future[None]) -> None:
+    """Leave an answer's append PARK_FLUSH_SECONDS to land, then cancel it."""
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
+    recording.cancel()
+
+
+async def _cut(calling: asyncio.Future[Any]) -> None:
+    """Cancel a transport call and wait for it to end."""
+    calling.cancel()
+    with contextlib.suppress(BaseException):
+        await calling

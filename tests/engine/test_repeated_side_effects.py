@@ -159,6 +159,37 @@ async def test_a_lease_lost_while_the_answer_waits_for_the_store_does_not_drop_t
         await store.kill()
 
 
+async def test_a_lease_lost_while_a_call_is_in_flight_does_not_cut_the_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in the chaos test on PostgreSQL: the engine's implicit lease could not be recorded (the
+    # store away) while a call was in flight, so its driver was stopped; that cancelled the call,
+    # and the engine resumed the run later and called again. A lost lease is not a takeover: the
+    # call goes on, its answer is recorded once the store is back, and nothing is called twice.
+    data, io_log, gate = tmp_path / "store", str(tmp_path / "io.log"), tmp_path / "gate"
+    monkeypatch.setenv(IO_LOG_ENV, io_log)
+    store = await start_store_process(data)
+    config = EngineConfig(
+        listen="127.0.0.1:0", store=store.address, failpoints="", lease_ttl=1.0, store_patience=1.0
+    )
+    handle = await start_engine(config)
+    assert handle.engine is not None
+    leases = handle.engine.leases
+    served = f"127.0.0.1:{handle.port}"
+    try:
+        run_id = await start_gated_run(served, gate)
+        await call_in_flight(io_log, run_id)
+        await store.kill()
+        await eventually(lambda: run_id not in leases.held, "the lease was lost", within=60, poll=0.05)
+        gate.touch()  # only now does the call answer: it was in flight through the loss
+        store = await start_store_process(data, port=store.port)
+        await await_completed(served, run_id)
+        assert calls(io_log) == {(run_id, f"{STEP}-gated"): 1}
+    finally:
+        await handle.drain(1.0)
+        await store.kill()
+
+
 async def test_lease_trust_lapsing_with_nobody_taking_over_keeps_the_answer(tmp_path: Path) -> None:
     # Item 2: a 1.7 s pause at ttl 2 while the call is in flight; no other engine exists.
     data, io_log, gate = tmp_path / "store", str(tmp_path / "io.log"), tmp_path / "gate"
