@@ -498,7 +498,7 @@ class KeelClient {
   /**
    * One page of runs, newest first: optionally only those with one of `statuses`, of `pipelineId`,
    * carrying every one of `labels`, started in [startedAfter, startedBefore) (Dates or ISO strings),
-   * and top-level (`topLevel: true`) or children (`topLevel: false`).
+   * top-level (`topLevel: true`) or children (`topLevel: false`), and spawned by `parentRunId`.
    */
   async listRuns({
     statuses = [],
@@ -509,6 +509,7 @@ class KeelClient {
     startedAfter,
     startedBefore,
     topLevel,
+    parentRunId = '',
   } = {}) {
     const request = {
       statuses: statuses.map((status) => wireEnum(status, 'RUN_STATUS_')),
@@ -516,6 +517,7 @@ class KeelClient {
       page_token: pageToken,
       pipeline_id: pipelineId,
       labels: { ...labels },
+      parent_run_id: parentRunId,
     };
     if (startedAfter != null) request.started_after = toTimestamp(startedAfter);
     if (startedBefore != null) request.started_before = toTimestamp(startedBefore);

@@ -149,6 +149,7 @@ class RunFilter:
     started_after: datetime | None = None
     started_before: datetime | None = None
     lineage: str = ""  # "", TOP_LEVEL or CHILD (engine_service.domain.labels)
+    parent_run_id: str = ""
 
     def attributes(self) -> dict[str, str]:
         """The store attribute filter this stands for (matched through the store's index)."""
@@ -157,6 +158,8 @@ class RunFilter:
             wanted[PIPELINE_ATTRIBUTE] = self.pipeline_id
         if self.lineage:
             wanted[LINEAGE_ATTRIBUTE] = self.lineage
+        if self.parent_run_id:
+            wanted[PARENT_ATTRIBUTE] = self.parent_run_id
         return wanted
 
 

@@ -391,7 +391,8 @@ _LINEAGES = {
 
 
 def run_filter(request: engine_pb2.ListRunsRequest) -> RunFilter:
-    """The ListRuns filters besides statuses; INVALID_ARGUMENT for bad labels or an unknown lineage."""
+    """The ListRuns filters besides statuses; INVALID_ARGUMENT for bad labels, an unknown lineage or a
+    parent run id that is not a UUID."""
     if request.lineage not in _LINEAGES:
         raise invalid_argument(
             "invalid_argument",
@@ -403,6 +404,9 @@ def run_filter(request: engine_pb2.ListRunsRequest) -> RunFilter:
         started_after=request.started_after.ToDatetime(UTC) if request.HasField("started_after") else None,
         started_before=request.started_before.ToDatetime(UTC) if request.HasField("started_before") else None,
         lineage=_LINEAGES[request.lineage],
+        parent_run_id=parse_run_id(request.parent_run_id, field="parent_run_id")
+        if request.parent_run_id
+        else "",
     )
 
 

@@ -160,6 +160,9 @@ def test_filters_keep_only_matching_runs(browser: Any, console_url: str, keel: K
         ),
         "the fan-out's children, each naming its parent",
     )
+    # The parent filter: exactly the fan-out's children.
+    browser.get(f"{console_url}/runs?parent={fan.run_id}")
+    wait_for(browser, lambda: set(shown_run_ids(browser)) == children, "the fan-out's children only")
     # A start-time filter: nothing of this pipeline started before the first run.
     assert good.run is not None and good.run.created_at is not None
     before = quote(good.run.created_at.isoformat())
@@ -331,6 +334,12 @@ def test_run_page_shows_retries_waits_and_children(browser: Any, console_url: st
         "the three children, completed",
     )
     assert css(browser, "#dag-svg path.edge")
+    # The children section links the list of exactly these children.
+    one(browser, "#children-list").click()
+    children = {child.child_run_id for child in started.run.children}
+    wait_for(browser, lambda: set(shown_run_ids(browser)) == children, "the runs page of the children")
+    browser.back()
+    ended(browser)
     first_child = started.run.children[0].child_run_id
     one(browser, f'#children-tree a[href="/runs/{first_child}"]').click()
     wait_for(

@@ -23,6 +23,7 @@ def test_every_filter_is_read() -> None:
             "since": ["90m"],
             "before": ["2026-12-05T08:30:00"],
             "lineage": ["children"],
+            "parent": ["6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b"],
             "page_size": ["10"],
             "page_token": ["abc"],
         },
@@ -34,6 +35,7 @@ def test_every_filter_is_read() -> None:
     assert query.started_after == NOW - timedelta(minutes=90)
     assert query.started_before == datetime(2026, 12, 5, 8, 30, tzinfo=UTC)
     assert query.top_level is False
+    assert query.parent_run_id == "6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b"
     assert (query.page_size, query.page_token) == (10, "abc")
 
 

@@ -319,10 +319,11 @@ class AsyncKeelClient:
         started_after: datetime | None = None,
         started_before: datetime | None = None,
         top_level: bool | None = None,
+        parent_run_id: str = "",
     ) -> RunPage:
         """One page of runs, newest first, optionally only those with the given statuses, of
         `pipeline_id`, carrying every one of `labels`, started in [started_after, started_before),
-        and top-level (`top_level=True`) or children (`top_level=False`).
+        top-level (`top_level=True`) or children (`top_level=False`), and spawned by `parent_run_id`.
 
         Example::
 
@@ -330,7 +331,9 @@ class AsyncKeelClient:
             for summary in page.runs:
                 print(summary.run_id, summary.status, summary.pipeline_id, summary.labels)
         """
-        where = RunFilter(pipeline_id, dict(labels or {}), started_after, started_before, top_level)
+        where = RunFilter(
+            pipeline_id, dict(labels or {}), started_after, started_before, top_level, parent_run_id
+        )
         request = wire.list_runs_request(statuses, page_size, page_token, where)
         return wire.run_page(await self._unary(self._stub.ListRuns, request, deadline or self._deadline))
 
@@ -345,6 +348,7 @@ class AsyncKeelClient:
         started_after: datetime | None = None,
         started_before: datetime | None = None,
         top_level: bool | None = None,
+        parent_run_id: str = "",
     ) -> AsyncIterator[RunSummary]:
         """Every run (or the first `limit`), newest first, fetching pages as needed; the filters
         are those of `list_runs`.
@@ -367,6 +371,7 @@ class AsyncKeelClient:
                 started_after=started_after,
                 started_before=started_before,
                 top_level=top_level,
+                parent_run_id=parent_run_id,
             )
             for summary in page.runs:
                 if limit is not None and seen >= limit:

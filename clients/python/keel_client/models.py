@@ -286,13 +286,15 @@ class RunSummary:
 @dataclass(frozen=True)
 class RunFilter:
     """What ListRuns keeps besides statuses: a pipeline id, labels (every one must match), a start
-    time range [started_after, started_before), and top-level runs (True) or children (False)."""
+    time range [started_after, started_before), top-level runs (True) or children (False), and the
+    children of one run (`parent_run_id`)."""
 
     pipeline_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     started_after: datetime | None = None
     started_before: datetime | None = None
     top_level: bool | None = None
+    parent_run_id: str = ""
 
 
 @dataclass(frozen=True)

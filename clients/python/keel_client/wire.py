@@ -337,6 +337,7 @@ def _apply_filter(request: engine_pb2.ListRunsRequest, where: RunFilter) -> None
         request.started_before.CopyFrom(_timestamp(where.started_before))
     if where.top_level is not None:
         request.lineage = _LINEAGE[where.top_level]
+    request.parent_run_id = where.parent_run_id
 
 
 def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:

@@ -25,7 +25,7 @@ def run_id_argument(parser: argparse.ArgumentParser) -> None:
 
 def ls_arguments(parser: argparse.ArgumentParser) -> None:
     """`keel ls [--status S]... [--pipeline ID] [--label K=V]... [--since T] [--until T]
-    [--top-level | --children] [--limit N]`."""
+    [--top-level | --children] [--parent RUN_ID] [--limit N]`."""
     statuses = (RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
     parser.add_argument(
         "--status",
@@ -57,6 +57,7 @@ def ls_arguments(parser: argparse.ArgumentParser) -> None:
     lineage.add_argument(
         "--children", dest="top_level", action="store_const", const=False, help="only child runs"
     )
+    parser.add_argument("--parent", default="", metavar="RUN_ID", help="only the runs this run spawned")
     parser.add_argument("--limit", type=int, default=20, help="most runs to show (default 20)")
 
 
@@ -88,6 +89,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 started_after=args.since,
                 started_before=args.until,
                 top_level=args.top_level,
+                parent_run_id=args.parent,
             )
         )
     return answer(args, runs, lambda: "\n".join(summary_lines(runs)) if runs else "no runs")

@@ -135,6 +135,7 @@ class ConsoleApi:
             started_after=query.started_after,
             started_before=query.started_before,
             top_level=query.top_level,
+            parent_run_id=query.parent_run_id,
         )
         return JSONResponse(to_json_data(page))
 

@@ -31,6 +31,7 @@ class RunQuery:
     started_after: datetime | None = None
     started_before: datetime | None = None
     top_level: bool | None = None
+    parent_run_id: str = ""
     page_size: int = DEFAULT_PAGE_SIZE
     page_token: str | None = None
 
@@ -109,6 +110,7 @@ def run_query(params: Mapping[str, Sequence[str]], now: datetime) -> RunQuery:
         started_after=moment(since, "since", now) if since else None,
         started_before=moment(before, "before", now) if before else None,
         top_level=_LINEAGES[lineage],
+        parent_run_id=one("parent"),
         page_size=page_size_of(one("page_size")),
         page_token=one("page_token") or None,
     )

@@ -1556,6 +1556,7 @@ class ListRunsRequest(_message.Message):
     STARTED_AFTER_FIELD_NUMBER: _builtins.int
     STARTED_BEFORE_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The most runs to return (0 means the default of 50; at most 1000)."""
     page_token: _builtins.str
@@ -1564,6 +1565,10 @@ class ListRunsRequest(_message.Message):
     """Only runs of this pipeline (or single op) id."""
     lineage: Global___RunLineage.ValueType
     """Only top-level runs, or only children (runs some run spawned)."""
+    parent_run_id: _builtins.str
+    """Only the runs this run spawned (its children), by the index the store
+    keeps; a UUID, else INVALID_ARGUMENT `invalid_run_id`.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___RunStatus.ValueType]:
         """Only runs with one of these statuses; empty means all. RUNNING,
@@ -1595,10 +1600,11 @@ class ListRunsRequest(_message.Message):
         started_after: _timestamp_pb2.Timestamp | None = ...,
         started_before: _timestamp_pb2.Timestamp | None = ...,
         lineage: Global___RunLineage.ValueType = ...,
+        parent_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "lineage", b"lineage", "page_size", b"page_size", "page_token", b"page_token", "pipeline_id", b"pipeline_id", "started_after", b"started_after", "started_before", b"started_before", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "lineage", b"lineage", "page_size", b"page_size", "page_token", b"page_token", "parent_run_id", b"parent_run_id", "pipeline_id", b"pipeline_id", "started_after", b"started_after", "started_before", b"started_before", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,7 +108,8 @@ class RunPage {
     this.treeReadAt = now;
     try {
       const { tree } = await api(`/api/runs/${encodeURIComponent(this.runId)}/tree`);
-      fill(this.sections.children, el("h2", {}, "Children"),
+      fill(this.sections.children, el("h2", {}, "Children ",
+        el("a", { id: "children-list", class: "small", href: `/runs?parent=${encodeURIComponent(this.runId)}` }, "(list them)")),
         el("ul", { class: "tree", id: "children-tree" }, tree.children.map(treeItem)),
         tree.truncated ? el("p", { class: "muted" }, "Deeper or further children are not shown; open a child to see its own.") : null);
     } catch (error) {

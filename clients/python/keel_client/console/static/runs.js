@@ -7,6 +7,7 @@ const TEXT_FILTERS = [
   ["label", "labels", "team=billing, env=prod"],
   ["since", "started after", "1h or 2026-12-04T18:00Z"],
   ["before", "started before", "10m or 2026-12-05T09:00Z"],
+  ["parent", "parent run", "run id: its children"],
 ];
 
 export async function renderRuns(root, info) {
