@@ -189,6 +189,7 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
         # Recovery at start, then takeover of runs whose lease expired or was released.
         recovery = asyncio.create_task(engine.recovery.scan_forever(), name="scan for runs")
         engine.waker.start()  # parked runs (of any engine before this one) wake when due
+        engine.task_waker.start()  # and tasks past their deadlines end (waking their runs)
         recovery.add_done_callback(_log_scanning)
 
     async def stop_engine() -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine_service.domain.events import ErrorRecord, ParkStep
+from engine_service.domain.events import ErrorRecord, FactRecorded, ParkStep
 
 # A wait due sooner than this is waited for in the running driver (a timer, no coroutine per step);
 # a later one parks the run.
@@ -32,6 +32,7 @@ PARK_AFTER_US = 1_000_000
 
 # Wait kinds Keel writes (a resolver may be registered for others).
 TIMER = "timer"
+TASK = "task"  # a remote step's task (engine_service.domain.tasks); detail: {"task": its stream id}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class WaitOutcome:
 
     output: Any = None
     error: ErrorRecord | None = None
+    # Facts to record before the outcome (a remote task's), and the worker that ran the attempt.
+    facts: tuple[FactRecorded, ...] = ()
+    worker_id: str = ""
 
 
 def due_outcome(wait: ParkStep) -> WaitOutcome:
@@ -47,4 +51,4 @@ def due_outcome(wait: ParkStep) -> WaitOutcome:
     return WaitOutcome(wait.output, wait.error)
 
 
-__all__ = ["PARK_AFTER_US", "TIMER", "ParkStep", "WaitOutcome", "due_outcome"]
+__all__ = ["PARK_AFTER_US", "TASK", "TIMER", "ParkStep", "WaitOutcome", "due_outcome"]

@@ -79,7 +79,8 @@ from engine_service.domain.streams import (
     run_label,
     run_stream_id,
 )
-from engine_service.domain.waits import WaitOutcome, due_outcome
+from engine_service.domain.tasks import TaskState
+from engine_service.domain.waits import TASK, WaitOutcome, due_outcome
 from engine_service.failpoints import (
     AFTER_OP_RETURNED,
     AFTER_STEP_ATTEMPT_STARTED,
@@ -87,7 +88,7 @@ from engine_service.failpoints import (
 )
 from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
 from engine_service.runtime.leases import Lease
-from engine_service.runtime.remote_steps import run_remote_attempt
+from engine_service.runtime.remote_steps import RemoteWaiting, run_remote_attempt
 from engine_service.runtime.run_io import AttemptOf, RunFacts, RunIo, io_error
 from engine_service.runtime.signal_waits import AttemptSignals, RunSignalWaits
 from engine_service.runtime.step_errors import branch_canceled, op_error_record, step_timeout
@@ -182,6 +183,8 @@ class RunDriver:
         # Waits are offered to their kind's resolver at the start and after each poke (wake_run).
         self._check_waits = True
         self._poked = asyncio.Event()
+        # Watchers of the tasks of this run's waiting remote attempts (they poke it on an outcome).
+        self._watchers: set[asyncio.Task[None]] = set()
         # Told the due time of a run this driver parked (the engine's Waker); set by the kernel.
         self.on_parked: Any = None
 
@@ -247,6 +250,8 @@ class RunDriver:
         finally:
             if self._lingering is not None:
                 self._lingering.cancel()
+            for watcher in list(self._watchers):
+                watcher.cancel()
 
     def _start_step(self, action: RunStep) -> None:
         self._steps[action.step_id] = asyncio.create_task(
@@ -297,12 +302,29 @@ class RunDriver:
         self._claim_first = False
 
     async def _park(self, due_at_us: int) -> None:
-        """Park the run: RunParked, its label and its due-time index entry in one append; then end."""
+        """Park the run: RunParked, its label and its due-time index entry in one append; then end.
+
+        A poke that came since the waits were last offered to their resolvers (a task's outcome,
+        say, whose engine called wake_run while this driver still lived) is not lost: before the
+        append the driver decides again instead; during it, it resumes at once (RunResumed). A poke
+        after that finds the driver ending: the registry wakes the run again (runtime.driving).
+        """
+        if self.poked_since_check:
+            return
         self.record([RunParked(due_at_us)], label=RUN_PARKED_LABEL, due_at_us=due_at_us, linger=False)
         await self.flush()
+        if self.poked_since_check:
+            self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=False)
+            await self.flush()
+            return
         if self.on_parked is not None:
             self.on_parked(self.run_id, due_at_us)
         raise RunParkedOut(self.run_id, due_at_us)
+
+    @property
+    def poked_since_check(self) -> bool:
+        """A poke came after the waits were last offered to their resolvers (when there are any)."""
+        return self._check_waits and bool(self.env.wait_resolvers)
 
     async def _resolve_waits(self, running: frozenset[str]) -> bool:
         """Offer each waiting attempt to its kind's resolver (once, and again after a poke); True
@@ -322,13 +344,20 @@ class RunDriver:
         return settled
 
     async def _settle_wait(self, waiting: WaitingAttempt, outcome: WaitOutcome) -> None:
-        """Record how a waiting attempt ended: StepCompleted with the outcome's output, or failed."""
+        """Record how a waiting attempt ended: StepCompleted with the outcome's output, or failed
+        (after the facts it brings that the run does not hold yet: a remote task's)."""
+        facts = [fact for fact in outcome.facts if fact.fact_key not in self.history.facts]
+        if facts:
+            self.record(facts)
+        worker = outcome.worker_id
         if outcome.error is not None:
-            self.record([StepAttemptFailed(waiting.step_id, waiting.attempt, outcome.error)])
+            self.record(
+                [StepAttemptFailed(waiting.step_id, waiting.attempt, outcome.error, worker_id=worker)]
+            )
             await self._settled(waiting.step_id)
             return
         action = RunStep(waiting.step_id, waiting.attempt, waiting.base_snapshot_id)
-        await self._complete_step(action, outcome.output)
+        await self._complete_step(action, outcome.output, worker_id=worker)
 
     async def _flush_when_parked(self) -> None:
         """Keep what was decided before a park (drain or cancel): a short, bounded last flush."""
@@ -577,12 +606,33 @@ class RunDriver:
         """A remote attempt: its task is created once the attempt is durable, and its outcome copied here."""
         await self.flush()  # a task exists only for an attempt whose StepAttemptStarted is durable
         outcome = await run_remote_attempt(self, action, step, seen, fencing)
+        if isinstance(outcome, RemoteWaiting):
+            # Still running: the attempt waits without a coroutine (the run may park); the engine
+            # that ends the task wakes the run. While this driver lives, it watches the task too.
+            wait = ParkStep(TASK, detail={"task": outcome.stream_id, "queue": step.task_queue})
+            self.record([StepWaiting(action.step_id, action.attempt, wait)])
+            self._watch_task(outcome.stream_id, outcome.state)
+            await self._settled(action.step_id)
+            return
         if outcome.facts:
             self.record(outcome.facts)
         if outcome.error is not None:
             await self._fail(action, outcome.error, worker_id=outcome.worker_id)
         else:
             await self._complete_step(action, outcome.output, worker_id=outcome.worker_id)
+
+    def _watch_task(self, stream_id: str, state: TaskState) -> None:
+        watcher = asyncio.create_task(self._poke_on_outcome(stream_id, state), name=f"watch {stream_id}")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _poke_on_outcome(self, stream_id: str, state: TaskState) -> None:
+        try:
+            await self.env.tasks.outcome(stream_id, state)
+        except KeelError as error:  # the wake-up from whoever ends the task still comes
+            log.info("run %s: watching task %s failed: %s", self.run_id, stream_id, error.message)
+            return
+        self.poke()
 
     async def _context_of(self, action: RunStep) -> dict[str, Any]:
         """What the attempt sees: the initial context plus its ancestors' outputs (from its base)."""

@@ -48,6 +48,8 @@ class Drivers:
         self._checkpoint_linger = checkpoint_linger
         # Told (run id, due time) when a driver parks its run (the engine's Waker).
         self.on_parked: Callable[[str, int], None] | None = None
+        # Told the run id when a driver parked its run while a wake-up came (the kernel wakes it).
+        self.on_poked_after_park: Callable[[str], None] | None = None
 
     def new(
         self,
@@ -105,6 +107,8 @@ class Drivers:
             log.info("run %s parked", run_id)
         elif isinstance(error := task.exception(), RunParkedOut):
             log.info("run %s parked (due at %s µs): nothing drives it until then", run_id, error.due_at_us)
+            if driver.poked_since_check and self.on_poked_after_park is not None:
+                self.on_poked_after_park(run_id)  # a wake-up came as it parked: apply it now
         elif error is not None:
             if isinstance(error, KeelError) and error.code in _HANDED_OVER:
                 # Routine: the run resumes wherever its lease goes next (perhaps here again).

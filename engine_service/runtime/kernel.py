@@ -49,6 +49,7 @@ from engine_service.domain.manifest import RunStart, run_start
 from engine_service.domain.signals import Signal
 from engine_service.domain.streams import RUN_PARKED_LABEL, run_status_of_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
+from engine_service.domain.waits import TASK
 from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
 from engine_service.runtime.driver import RunDriver, RunParkedOut
@@ -59,10 +60,12 @@ from engine_service.runtime.parking import Waker
 from engine_service.runtime.reader import RecentArtifacts, RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
+from engine_service.runtime.remote_steps import task_wait_resolver
 from engine_service.runtime.rerun import Reruns
 from engine_service.runtime.retention import Retention
 from engine_service.runtime.signals import SentSignal, SignalInbox, SignalWakeups
 from engine_service.runtime.task_service import TaskService
+from engine_service.runtime.task_waker import TaskWaker
 from engine_service.runtime.terminalize import Terminalizer
 from engine_service.runtime.views import RunViews
 from keel_core.clock import now_us
@@ -141,6 +144,7 @@ class Engine:
         # One per engine: wakes parked runs when due (engine_service.runtime.parking).
         self.waker = Waker(env.store, self.wake_run, self.leases.others.seen_live_for)
         self.runs.on_parked = lambda _run_id, due_at_us: self.waker.nudge(due_at_us)
+        self.runs.on_poked_after_park = self.wake_soon
         self.awaits = RunAwaits(env.store, self.registry, self.reader, self.leases, self.resume_run)
         self.children = ChildRuns(
             env.store,
@@ -160,6 +164,11 @@ class Engine:
         # Remote steps: the board the drivers schedule tasks on, and WorkerService's side of it.
         self.tasks = TaskService(env.tasks, patience=env.store.patience)
         self.terminalizer.tasks = env.tasks
+        # Remote attempts that wait parked: their resolver, their deadlines, and their wake-ups.
+        env.wait_resolvers[TASK] = task_wait_resolver(env.tasks)
+        self.task_waker = TaskWaker(env.tasks, self.wake_run)
+        self.tasks.on_ended = self.wake_soon
+        self._wakes: set[asyncio.Future[None]] = set()
         self.recovery = Recovery(env.store, self.leases, self.registry, self._resume_scanned)
         self.views = RunViews(env.store, self.reader)
         self.reruns = Reruns(env.store, self.reader, self)
@@ -325,6 +334,18 @@ class Engine:
             )
         return StartOutcome(run_id, manifest_id, False)
 
+    def wake_soon(self, run_id: str) -> None:
+        """`wake_run` in the background (its failure is logged: a later wake-up or scan applies it)."""
+        waking = asyncio.ensure_future(self._wake_quietly(run_id))
+        self._wakes.add(waking)
+        waking.add_done_callback(self._wakes.discard)
+
+    async def _wake_quietly(self, run_id: str) -> None:
+        try:
+            await self.wake_run(run_id)
+        except KeelError as error:
+            log.info("run %s not woken: %s", run_id, error.message)
+
     async def wake_run(self, run_id: str) -> bool:
         """Apply a wake-up to a run: its due time came, or something may have ended one of its waits.
 
@@ -411,6 +432,7 @@ class Engine:
         """Resume every active run nobody holds (and start waking parked runs when due); returns
         how many this engine took on."""
         self.waker.start()
+        self.task_waker.start()
         return await self.recovery.recover()
 
     async def await_run(self, run_id: str, wait_seconds: float | None) -> bool:
@@ -425,6 +447,7 @@ class Engine:
         """Park every run this engine drives: cancel the drivers; the runs resume on the next start."""
         self.registry.closing = True
         await self.waker.stop()
+        await self.task_waker.stop()
         self.leases.begin_closing()  # a parked run's lease is released: another engine takes it at once
         while self.registry.drivers:
             tasks = list(self.registry.drivers.values())

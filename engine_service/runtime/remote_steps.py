@@ -1,17 +1,24 @@
 """A remote step attempt as the driving engine sees it: schedule its task, wait for its outcome.
 
 The driver calls `run_remote_attempt` once the attempt's StepAttemptStarted is durable (or when it
-adopted an orphaned remote attempt after a crash). What comes back is copied into the run stream by
-the driver, the run's one writer: the facts the worker recorded (FactRecorded), then StepCompleted
-with the output or StepAttemptFailed with the worker's error or the timeout that ended the task.
+adopted an orphaned remote attempt after a crash). It waits for the task's outcome in the driver for
+up to WAIT_IN_DRIVER_SECONDS (a short task costs no more than that); then the attempt *waits*
+(StepWaiting of kind `task`, engine_service.domain.waits), holding no coroutine, and the run parks
+when nothing else of it runs. Whoever ends the task wakes the run (the engine that took the
+worker's outcome, or any engine's TaskWaker when a deadline passed: `Engine.wake_run`), and the
+`task` wait resolver (`task_wait_resolver`) says how the wait ended. Either way the driver, the run's
+one writer, copies the outcome into the run stream: the facts the worker recorded (FactRecorded),
+then StepCompleted with the output or StepAttemptFailed with the worker's error or the timeout.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine_service.domain import ErrorRecord, FactRecorded, RunHistory, RunManifest, RunStep
+from engine_service.domain.history import WaitingAttempt
 from engine_service.domain.plan import StepSpec
 from engine_service.domain.run_config import REPLAY
 from engine_service.domain.streams import task_stream_id
@@ -22,11 +29,18 @@ from engine_service.domain.tasks import (
     TaskState,
     fact_events,
 )
-from engine_service.runtime.environment import RunEnvironment
+from engine_service.domain.waits import PARK_AFTER_US, WaitOutcome
+from engine_service.runtime.environment import RunEnvironment, WaitResolver
 from engine_service.runtime.run_io import RunFacts
+from engine_service.runtime.task_board import TaskBoard
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
 from keel_core.json_rules import check_json
+
+log = logging.getLogger(__name__)
+
+# How long the driver waits for a task's outcome itself before the attempt waits parked.
+WAIT_IN_DRIVER_SECONDS = PARK_AFTER_US / 1e6
 
 
 class RemoteRun(Protocol):
@@ -67,10 +81,18 @@ async def task_body(run: RemoteRun, step: StepSpec, seen: dict[str, Any]) -> dic
     return body
 
 
+@dataclass(frozen=True)
+class RemoteWaiting:
+    """The task has no outcome yet: the attempt waits for it (`stream_id`, as last seen: `state`)."""
+
+    stream_id: str
+    state: TaskState
+
+
 async def run_remote_attempt(
     run: RemoteRun, action: RunStep, step: StepSpec, seen: dict[str, Any], fencing: int
-) -> RemoteOutcome:
-    """Create the attempt's task (unless adopted and there), wait for its outcome, and say what it was."""
+) -> RemoteOutcome | RemoteWaiting:
+    """Create the attempt's task (unless adopted and there) and wait a little for its outcome."""
     board = run.env.tasks
     stream_id = task_stream_id(run.run_id, step.step_id, action.attempt)
     scheduled = TaskScheduled(
@@ -86,8 +108,30 @@ async def run_remote_attempt(
     )
     body = await task_body(run, step, seen)
     state = await board.schedule(scheduled, body, stream_id, adopted=action.adopt)
-    state = await board.outcome(stream_id, state)
+    state = await board.outcome(stream_id, state, within=WAIT_IN_DRIVER_SECONDS)
+    if state.outcome is None:
+        return RemoteWaiting(stream_id, state)
     return remote_outcome(run.history, state)
+
+
+def task_wait_resolver(board: TaskBoard) -> WaitResolver:
+    """The `task` wait resolver: the outcome of the task a waiting attempt names, once it has one."""
+
+    async def resolve(run_id: str, waiting: WaitingAttempt) -> WaitOutcome | None:
+        stream_id = str(waiting.wait.detail.get("task", ""))
+        try:
+            state = await board.read(stream_id)
+            if state.scheduled is not None and state.outcome is None:
+                state = await board.enforce_deadline(stream_id, state)
+        except KeelError as error:  # someone wrote first, or the store is away: asked again later
+            log.info("run %s: task %s not resolved yet: %s", run_id, stream_id, error.message)
+            return None
+        if state.outcome is None:
+            return None
+        outcome = remote_outcome(RunHistory(), state)
+        return WaitOutcome(outcome.output, outcome.error, tuple(outcome.facts), outcome.worker_id)
+
+    return resolve
 
 
 def remote_outcome(history: RunHistory, state: TaskState) -> RemoteOutcome:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -88,6 +89,12 @@ def task_attributes(scheduled: TaskScheduled, state: str) -> dict[str, str]:
         OP_ATTRIBUTE: op_key(scheduled.op_id, scheduled.op_version),
         STATE_ATTRIBUTE: state,
     }
+
+
+def due_of(state: TaskState) -> int:
+    """The task stream's due time in the store's index: its next deadline (0: none, or it ended)."""
+    deadline = next_deadline(state)
+    return deadline.at_us if deadline is not None else 0
 
 
 def decoded(events: list[StreamEvent]) -> list[TaskEvent | None]:
@@ -163,6 +170,7 @@ class TaskBoard:
                 artifacts=artifacts,
                 attributes=task_attributes(event, PENDING),
                 patience=FOREVER,
+                due_at_us=due_of(fold_task([event])),
             )
         except KeelError as error:
             if error.code != "sequence_conflict":
@@ -208,6 +216,7 @@ class TaskBoard:
             status=outcome_label(event),
             attributes=task_attributes(state.scheduled, CLAIMED if state.claim else PENDING),
             patience=FOREVER,
+            due_at_us=0,
         )
         return state.extend([event])
 
@@ -234,18 +243,34 @@ class TaskBoard:
             status=TASK_OPEN_LABEL,
             attributes=task_attributes(state.scheduled, PENDING),
             patience=FOREVER,
+            due_at_us=due_of(state.extend([event])),
         )
         log.info("task %s: claim of %s released (never heard from it)", stream_id, state.worker_id)
         await self.hint(state.scheduled, stream_id, again=True)
         return state.extend([event])
 
-    async def outcome(self, stream_id: str, state: TaskState) -> TaskState:
-        """Wait until the task has an outcome, ending it when a deadline passes first."""
+    async def enforce_deadline(self, stream_id: str, state: TaskState) -> TaskState:
+        """End the task (or release an unheard claim) if its next deadline passed; its state after."""
+        deadline = next_deadline(state)
+        if deadline is None or deadline.at_us > now_us():
+            return state
+        if deadline.release:
+            return await self.release(stream_id, state)
+        return await self.end(stream_id, state, TaskExpired(deadline.error, now_us()))
+
+    async def outcome(self, stream_id: str, state: TaskState, *, within: float | None = None) -> TaskState:
+        """Wait until the task has an outcome, ending it when a deadline passes first.
+
+        `within`: give up after this many seconds and return the state as it is then (no outcome).
+        """
+        stop_at = None if within is None else time.monotonic() + within
         arrivals: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
         reader = asyncio.create_task(self._follow(stream_id, state.head_seq, arrivals))
         try:
             while state.outcome is None:
-                arrived = await self._next_arrival(stream_id, state, arrivals)
+                if stop_at is not None and time.monotonic() >= stop_at:
+                    return state
+                arrived = await self._next_arrival(stream_id, state, arrivals, stop_at)
                 if arrived is None:
                     continue
                 if isinstance(arrived, TaskState):
@@ -264,24 +289,27 @@ class TaskBoard:
                 await reader
 
     async def _next_arrival(
-        self, stream_id: str, state: TaskState, arrivals: asyncio.Queue[StreamEvent | BaseException]
+        self,
+        stream_id: str,
+        state: TaskState,
+        arrivals: asyncio.Queue[StreamEvent | BaseException],
+        stop_at: float | None,
     ) -> StreamEvent | BaseException | TaskState | None:
-        """The next event of the task; or its state once this engine ended it at a passed deadline."""
+        """The next event of the task; its state once this engine ended it at a passed deadline; or
+        None when `stop_at` (monotonic) came first."""
         with contextlib.suppress(asyncio.QueueEmpty):
             return arrivals.get_nowait()
         deadline = next_deadline(state)
-        if deadline is None:
-            return await arrivals.get()
-        timeout = (deadline.at_us - now_us()) / 1e6
-        if timeout > 0:
+        grace = None if stop_at is None else max(0.0, stop_at - time.monotonic())
+        timeout = None if deadline is None else (deadline.at_us - now_us()) / 1e6
+        if timeout is None or timeout > 0 or (grace is not None and grace < timeout):
+            limit = grace if timeout is None else (timeout if grace is None else min(grace, timeout))
             try:
-                return await asyncio.wait_for(arrivals.get(), timeout)
+                return await asyncio.wait_for(arrivals.get(), limit)
             except TimeoutError:
                 return None
         try:
-            if deadline.release:
-                return await self.release(stream_id, state)
-            return await self.end(stream_id, state, TaskExpired(deadline.error, now_us()))
+            return await self.enforce_deadline(stream_id, state)
         except KeelError as error:
             if error.code != "sequence_conflict":
                 raise

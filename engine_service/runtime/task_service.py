@@ -60,7 +60,7 @@ from engine_service.domain.tasks import (
     op_key,
     same_completion,
 )
-from engine_service.runtime.task_board import Hint, TaskBoard, task_attributes
+from engine_service.runtime.task_board import Hint, TaskBoard, due_of, task_attributes
 from engine_service.runtime.task_dispatch import (
     CLAIM_GONE,
     CLAIM_NOT_FOR,
@@ -131,6 +131,8 @@ class TaskService:
         self._releases: set[asyncio.Future[None]] = set()
         # Task states as this engine last wrote or handed them out (see _state).
         self._states: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
+        # Told the run id when a worker ended a task here (the kernel wakes a run parked on it).
+        self.on_ended: Callable[[str], None] | None = None
         # Observers (metrics): each claim this engine made, with its schedule-to-start seconds.
         self.on_claimed: list[Callable[[TaskScheduled, float], None]] = []
 
@@ -188,6 +190,7 @@ class TaskService:
                 status=TASK_OPEN_LABEL,
                 attributes=task_attributes(scheduled, CLAIMED),
                 patience=self.patience,
+                due_at_us=due_of(state.extend([TaskClaimed(poller.worker_id, now, lease_deadline)])),
             )
         except KeelError as error:
             if error.code == "sequence_conflict":
@@ -230,13 +233,15 @@ class TaskService:
             state = await self.board.read(token.stream_id, patience=self.patience)
             if state.claim != token.claim or state.outcome is not None or state.scheduled is None:
                 return
+            released = TaskReleased(token.claim, claimed.worker_id, now_us())
             await self.store.append(
                 token.stream_id,
-                [encode_task_event(TaskReleased(token.claim, claimed.worker_id, now_us()))],
+                [encode_task_event(released)],
                 expected_seq=state.head_seq,
                 status=TASK_OPEN_LABEL,
                 attributes=task_attributes(state.scheduled, PENDING),
                 patience=self.patience,
+                due_at_us=due_of(state.extend([released])),
             )
             log.info("task %s: released (its poll ended before the worker heard of it)", token.stream_id)
             await self.board.hint(state.scheduled, token.stream_id, again=True)
@@ -311,6 +316,8 @@ class TaskService:
                     expected_seq=state.head_seq,
                     status=TASK_OPEN_LABEL,
                     patience=self.patience,
+                    # A heartbeat moves the task's lease deadline in the due-time index.
+                    due_at_us=due_of(state.extend([event])) if isinstance(event, TaskHeartbeat) else None,
                 )
         except KeelError as error:
             if error.code == "sequence_conflict":
@@ -435,6 +442,8 @@ class TaskService:
                     continue
             check_claim(state, token, now_us())
             if await self._write(token, state, event):
+                if self.on_ended is not None:
+                    self.on_ended(token.run_id)  # a run parked on this task wakes
                 return
             fresh = True
         raise _busy()

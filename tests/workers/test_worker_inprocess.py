@@ -6,12 +6,15 @@ import asyncio
 import json
 from typing import Any
 
+import grpc
 import pytest
+from keel.store.v1 import store_pb2, store_pb2_grpc
 from keel_client import AsyncKeelClient, InvalidPlan
 from keel_client.worker import CallInfo, TaskContext, Worker, op
 
 from keel_core.metrics import REGISTRY
 from tests.client.conftest import run_keel
+from tests.engine.processes import eventually
 from tests.workers.conftest import Stack, finished
 
 
@@ -146,5 +149,54 @@ async def test_a_replay_serves_the_replayed_runs_facts_to_the_worker_and_calls_n
                     assert replayed.status.name == "FAILED" and replayed.error is not None
                     assert replayed.error.code == code
     finally:
+        worker.stop()
+        await serving
+
+
+GATE: asyncio.Event | None = None
+
+
+@op("gated")
+async def gated(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """Returns once the test opens the gate."""
+    assert GATE is not None
+    await GATE.wait()
+    return {"opened": True}
+
+
+async def test_a_remote_step_longer_than_a_moment_parks_the_run_and_the_outcome_wakes_it(
+    stack: Stack,
+) -> None:
+    global GATE
+    GATE = asyncio.Event()
+    worker = Worker(stack.engine, "slow", ops=[gated], concurrency=1, heartbeat_every=0.2)
+    serving = asyncio.create_task(worker.serve())
+    pipeline = {
+        "pipeline_id": "parks",
+        "steps": [
+            {"step_id": "wait", "op_id": "gated", "task_queue": "slow"},
+            {"step_id": "after", "op_id": "keel.echo", "depends_on": ["wait"]},
+        ],
+    }
+    try:
+        async with AsyncKeelClient(stack.engine) as client, grpc.aio.insecure_channel(stack.store) as channel:
+            store = store_pb2_grpc.StoreServiceStub(channel)
+            started = await client.start_run(pipeline)
+            stream = f"run:{started.run_id}"
+
+            async def parked() -> bool:
+                head = await store.HeadSeq(store_pb2.HeadSeqRequest(stream_id=stream))
+                return bool(head.status == store_pb2.STREAM_STATUS_PARKED)
+
+            await eventually(parked, "the run parked while its remote step runs", within=30, poll=0.05)
+            GATE.set()
+            run = await finished(client, started.run_id)
+            assert run.status.name == "COMPLETED", run
+            assert run.final_snapshot["wait"] == {"opened": True}
+            assert run.steps[0].attempts[-1].worker_id == worker.worker_id
+            types = [event.type async for event in client.watch_run(started.run_id)]
+            assert "StepWaiting" in types and "RunParked" in types and "RunResumed" in types
+    finally:
+        GATE.set()
         worker.stop()
         await serving
