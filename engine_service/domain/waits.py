@@ -33,6 +33,9 @@ PARK_AFTER_US = 1_000_000
 # Wait kinds Keel writes (a resolver may be registered for others).
 TIMER = "timer"
 TASK = "task"  # a remote step's task (engine_service.domain.tasks); detail: {"task": its stream id}
+# A task wait's due time is a re-check, not a timeout (the task's own deadlines end it): should the
+# wake-up of its outcome be lost (the engine that took it died first), the run looks again by then.
+TASK_RECHECK_US = 60_000_000
 
 
 @dataclass(frozen=True)
@@ -51,4 +54,4 @@ def due_outcome(wait: ParkStep) -> WaitOutcome:
     return WaitOutcome(wait.output, wait.error)
 
 
-__all__ = ["PARK_AFTER_US", "TASK", "TIMER", "ParkStep", "WaitOutcome", "due_outcome"]
+__all__ = ["PARK_AFTER_US", "TASK", "TASK_RECHECK_US", "TIMER", "ParkStep", "WaitOutcome", "due_outcome"]

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from engine_service.domain import (
@@ -80,7 +81,7 @@ from engine_service.domain.streams import (
     run_stream_id,
 )
 from engine_service.domain.tasks import TaskState
-from engine_service.domain.waits import TASK, WaitOutcome, due_outcome
+from engine_service.domain.waits import TASK, TASK_RECHECK_US, WaitOutcome, due_outcome
 from engine_service.failpoints import (
     AFTER_OP_RETURNED,
     AFTER_STEP_ATTEMPT_STARTED,
@@ -234,7 +235,7 @@ class RunDriver:
                         await self._complete(action)
                     case SettleWaits():
                         for waiting in action.waits:
-                            await self._settle_wait(waiting, due_outcome(waiting.wait))
+                            await self._settle_due(waiting)
                     case ParkRun():
                         await self._park(action.due_at_us)
                     case RunSteps():
@@ -342,6 +343,20 @@ class RunDriver:
                 await self._settle_wait(waiting, outcome)
                 settled = True
         return settled
+
+    async def _settle_due(self, waiting: WaitingAttempt) -> None:
+        """A wait's due time came. A remote task's is a re-check (its own deadlines end it): its
+        resolver says whether it ended, else the attempt waits on, due for the next re-check."""
+        if waiting.wait.kind != TASK:
+            await self._settle_wait(waiting, due_outcome(waiting.wait))
+            return
+        resolver = self.env.wait_resolvers.get(TASK)
+        outcome = None if resolver is None else await resolver(self.run_id, waiting)
+        if outcome is not None:
+            await self._settle_wait(waiting, outcome)
+            return
+        again = replace(waiting.wait, until_us=now_us() + TASK_RECHECK_US)
+        self.record([StepWaiting(waiting.step_id, waiting.attempt, again)])
 
     async def _settle_wait(self, waiting: WaitingAttempt, outcome: WaitOutcome) -> None:
         """Record how a waiting attempt ended: StepCompleted with the outcome's output, or failed
@@ -609,7 +624,11 @@ class RunDriver:
         if isinstance(outcome, RemoteWaiting):
             # Still running: the attempt waits without a coroutine (the run may park); the engine
             # that ends the task wakes the run. While this driver lives, it watches the task too.
-            wait = ParkStep(TASK, detail={"task": outcome.stream_id, "queue": step.task_queue})
+            wait = ParkStep(
+                TASK,
+                until_us=now_us() + TASK_RECHECK_US,  # a re-check, in case its wake-up was lost
+                detail={"task": outcome.stream_id, "queue": step.task_queue},
+            )
             self.record([StepWaiting(action.step_id, action.attempt, wait)])
             self._watch_task(outcome.stream_id, outcome.state)
             await self._settled(action.step_id)
