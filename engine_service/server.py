@@ -38,6 +38,7 @@ from engine_service.runtime.retention import (
 from engine_service.store.grpc_client import StoreClient
 from engine_service.wire.servicer import EngineServicer, register
 from engine_service.wire.worker_servicer import WorkerServicer, register_workers
+from keel_core import tracing
 from keel_core.errors import KeelError
 from keel_core.interceptors import ServerInterceptor
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
@@ -101,6 +102,8 @@ class EngineConfig:
     # Seconds between retention passes, and the grace an artifact collection gives new artifacts.
     retention_interval: float = DEFAULT_RETENTION_INTERVAL
     artifact_grace: float = DEFAULT_ARTIFACT_GRACE
+    # OTLP/gRPC collector to export spans to (None: spans are not recorded unless a test installed tracing).
+    otlp_endpoint: str | None = None
 
 
 @dataclass
@@ -137,7 +140,11 @@ async def start_engine(config: EngineConfig) -> EngineServingHandle:
     """Start serving; `await handle.drain()` stops, parks the runs and closes the store channel."""
     for module in config.ops_modules:
         load_op_module(module)
+    if config.otlp_endpoint:
+        tracing.install("keel-engine", config.otlp_endpoint)
     interceptors: list[ServerInterceptor] = [MetricsInterceptor()]
+    if tracing.enabled():
+        interceptors.insert(0, tracing.TracingInterceptor())  # first: the span covers the others
     if config.auth_token:
         # After the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED).
         interceptors.append(BearerTokenInterceptor(config.auth_token))
@@ -384,6 +391,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "its gRPC API; needs keel-client[console]; no login of its own, so keep it on loopback or "
         "behind an authenticating proxy [KEEL_ENGINE_CONSOLE] (default: no console)",
     )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=env("KEEL_ENGINE_OTLP_ENDPOINT") or None,
+        metavar="URL",
+        help="export OpenTelemetry spans (RPCs, runs, step attempts) over OTLP/gRPC to this collector, "
+        "e.g. http://127.0.0.1:4317; needs the `tracing` extra [KEEL_ENGINE_OTLP_ENDPOINT] (default: off)",
+    )
     args = parse_server_args(parser, argv)
     if not args.lease_ttl > 0:
         parser.error(f"argument --lease-ttl: must be a positive number of seconds, not {args.lease_ttl}")
@@ -463,6 +477,7 @@ def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
         retention=args.retention,
         retention_interval=args.retention_interval,
         artifact_grace=args.artifact_grace,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel_core import tracing
 from keel_core.errors import KeelError
 from keel_core.interceptors import ServerInterceptor
 from keel_core.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
@@ -64,6 +65,8 @@ class StoreConfig:
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     # DeleteStreams/DeleteArtifacts without a token (with one, its holders may delete).
     allow_deletes: bool = False
+    # OTLP/gRPC collector to export RPC spans to (None: not recorded unless a test installed tracing).
+    otlp_endpoint: str | None = None
 
 
 def _sqlite_backend(config: StoreConfig) -> StoreBackend:
@@ -125,7 +128,11 @@ async def start_store(config: StoreConfig) -> StoreServingHandle:
             max_artifact_bytes=config.max_artifact_bytes,
             allow_deletes=config.allow_deletes or bool(config.auth_token),
         )
+        if config.otlp_endpoint:
+            tracing.install("keel-store", config.otlp_endpoint)
         interceptors: list[ServerInterceptor] = [MetricsInterceptor()]
+        if tracing.enabled():
+            interceptors.insert(0, tracing.TracingInterceptor())
         if config.auth_token:
             # After the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED).
             interceptors.append(BearerTokenInterceptor(config.auth_token))
@@ -234,6 +241,13 @@ def _add_access_flags(parser: argparse.ArgumentParser) -> None:
         "are visible to other users [KEEL_STORE_AUTH_TOKEN] (default: no token)",
     )
     access.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("KEEL_STORE_OTLP_ENDPOINT") or None,
+        metavar="URL",
+        help="export OpenTelemetry spans (one per RPC, under the caller's W3C trace context) over "
+        "OTLP/gRPC to this collector; needs the `tracing` extra [KEEL_STORE_OTLP_ENDPOINT] (default: off)",
+    )
+    access.add_argument(
         "--allow-deletes",
         action="store_true",
         default=os.environ.get("KEEL_STORE_ALLOW_DELETES", "") in ("1", "true", "yes"),
@@ -289,6 +303,7 @@ def _config(args: argparse.Namespace, flags: ServerFlags) -> StoreConfig:
         metrics_listen=flags.metrics_listen,
         max_artifact_bytes=args.max_artifact_bytes,
         allow_deletes=args.allow_deletes,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 

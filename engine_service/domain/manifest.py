@@ -124,6 +124,7 @@ def run_start(
     manifest_stored: bool = False,
     at_us: int = 0,
     labels: Mapping[str, str] | None = None,
+    trace_context: Mapping[str, str] | None = None,
 ) -> RunStart:
     """The first append of a run of `manifest` (a child's names its parent run and fact key).
 
@@ -137,7 +138,14 @@ def run_start(
     parent_run_id, parent_fact_key = parent or ("", "")
     labels = dict(labels or {})
     started = RunStarted(
-        manifest.op_id, manifest_id, snapshot_id, parent_run_id, parent_fact_key, at_us=at_us, labels=labels
+        manifest.op_id,
+        manifest_id,
+        snapshot_id,
+        parent_run_id,
+        parent_fact_key,
+        at_us=at_us,
+        labels=labels,
+        trace_context=dict(trace_context or {}),
     )
     artifacts = [(SNAPSHOT_ARTIFACT_KIND, snapshot)]
     if not manifest_stored:

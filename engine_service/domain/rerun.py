@@ -85,6 +85,7 @@ def rerun_start(
     *,
     at_us: int,
     manifest_bytes: bytes = b"",
+    trace_context: Mapping[str, str] | None = None,
 ) -> RerunStart:
     """The first append of a rerun of `old_run_id` from `from_step_id` (checked by `check_rerun`).
 
@@ -110,6 +111,7 @@ def rerun_start(
         labels=dict(started.labels),
         rerun_of_run_id=old_run_id,
         rerun_from_step_id=from_step_id,
+        trace_context=dict(trace_context or {}),
     )
     events: list[KernelEvent] = []
     children: set[str] = set()

@@ -94,6 +94,7 @@ from engine_service.runtime.run_io import AttemptOf, RunFacts, RunIo, io_error
 from engine_service.runtime.signal_waits import AttemptSignals, RunSignalWaits
 from engine_service.runtime.step_errors import branch_canceled, op_error_record, step_timeout
 from engine_service.store.port import FOREVER
+from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
 from keel_core.json_rules import check_json
@@ -205,6 +206,22 @@ class RunDriver:
         return self._snapshots[snapshot_id]
 
     async def drive(self) -> RunCompleted:
+        """`_drive` inside the run's span (keel.run), under the trace context RunStarted keeps."""
+        started = self.history.started
+        parent = dict(started.trace_context) if started is not None else {}
+        attributes: dict[str, str | int | bool] = {
+            "keel.run_id": self.run_id,
+            "keel.op_id": self.plan.op_id,
+            "keel.resumed": self.events is None,
+        }
+        with tracing.span("keel.run", parent=parent or None, attributes=attributes) as span:
+            completed = await self._drive()
+            tracing.set_attribute(span, "keel.status", completed.status)
+            if completed.error is not None:
+                tracing.set_error(span, completed.error.code, completed.error.message)
+            return completed
+
+    async def _drive(self) -> RunCompleted:
         """Run to a terminal event, make it durable, and return it.
 
         Every ready step runs as its own task (one per attempt); they all decide their events
@@ -256,8 +273,21 @@ class RunDriver:
 
     def _start_step(self, action: RunStep) -> None:
         self._steps[action.step_id] = asyncio.create_task(
-            self.run_step(action), name=f"run {self.run_id} step {action.step_id}"
+            self._traced_step(action), name=f"run {self.run_id} step {action.step_id}"
         )
+
+    async def _traced_step(self, action: RunStep) -> None:
+        """`run_step` inside the attempt's span (keel.step), a child of the run's span."""
+        attributes: dict[str, str | int | bool] = {
+            "keel.run_id": self.run_id,
+            "keel.step_id": action.step_id,
+            "keel.attempt": action.attempt,
+        }
+        with tracing.span("keel.step", attributes=attributes) as span:
+            await self.run_step(action)
+            failure = self.history.last_failure.get(action.step_id)
+            if failure is not None and failure.attempt == action.attempt:
+                tracing.set_error(span, failure.error.code, failure.error.message)
 
     def poke(self) -> None:
         """Something may have ended a wait (engine_service.runtime.parking): decide again soon."""

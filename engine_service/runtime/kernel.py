@@ -68,6 +68,7 @@ from engine_service.runtime.task_service import TaskService
 from engine_service.runtime.task_waker import TaskWaker
 from engine_service.runtime.terminalize import Terminalizer
 from engine_service.runtime.views import RunViews
+from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, not_found
 
@@ -199,6 +200,7 @@ class Engine:
         manifest_stored: bool = False,
         labels: Mapping[str, str] | None = None,
         signals: Sequence[Signal] = (),
+        trace_context: Mapping[str, str] | None = None,
     ) -> StartOutcome:
         """Record RunStarted (manifest and initial snapshot inline) and drive the run.
 
@@ -214,7 +216,13 @@ class Engine:
         plan = self.plan_for(manifest)
         await self._check_replayed_run_exists(manifest)
         start = run_start(
-            manifest, parent=parent, manifest_stored=manifest_stored, at_us=now_us(), labels=labels
+            manifest,
+            parent=parent,
+            manifest_stored=manifest_stored,
+            at_us=now_us(),
+            labels=labels,
+            # The span starting it (an RPC's, or the step spawning a child), else the caller's context.
+            trace_context=tracing.current_carrier() or trace_context,
         )
         chosen = run_id or str(uuid.uuid4())
         if signals:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Protocol
 
 from engine_service.domain import Plan, RunManifest, RunStarted
@@ -22,6 +23,7 @@ from engine_service.domain.rerun import check_rerun, is_same_rerun, rerun_start
 from engine_service.domain.streams import children_stream_id, run_stream_id
 from engine_service.runtime.reader import RunReader, stored_events
 from engine_service.store.port import EventLog
+from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
 
@@ -52,7 +54,13 @@ class Reruns:
         self.reader = reader
         self.kernel = kernel
 
-    async def rerun(self, run_id: str, from_step_id: str, run_id_new: str | None) -> tuple[str, bool]:
+    async def rerun(
+        self,
+        run_id: str,
+        from_step_id: str,
+        run_id_new: str | None,
+        trace_context: Mapping[str, str] | None = None,
+    ) -> tuple[str, bool]:
         """Rerun `run_id` from `from_step_id` as `run_id_new` (a fresh id when None).
 
         Returns the new run's id and whether this call created it (False: `run_id_new` is the same
@@ -75,6 +83,8 @@ class Reruns:
             from_step_id,
             at_us=now_us(),
             manifest_bytes=manifest.canonical_bytes(),
+            # The RerunRun span when this engine records spans, else the caller's trace context.
+            trace_context=tracing.current_carrier() or trace_context,
         )
         new_id = run_id_new or str(uuid.uuid4())
         if prepared.reused_children:

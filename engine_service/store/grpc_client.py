@@ -40,6 +40,7 @@ from engine_service.domain.streams import (
     LABEL_PARKED,
 )
 from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
+from keel_core import tracing
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES, host_port
@@ -160,6 +161,8 @@ class StoreClient:
         targets = [channel_target(part) for part in addresses.split(",") if part.strip()]
         # No interceptor without a token: each one costs every call a little.
         interceptors = bearer_token_interceptors(auth_token) if auth_token else None
+        if tracing.enabled():  # the store's RPC spans join the engine's trace
+            interceptors = [*(interceptors or []), *tracing.client_interceptors()]
         if tls is None:
             self._channels = [
                 grpc.aio.insecure_channel(t, options=options, interceptors=interceptors) for t in targets

@@ -19,6 +19,7 @@ from engine_service.domain.events import FAILED
 from engine_service.domain.labels import check_labels
 from engine_service.runtime.kernel import Engine
 from engine_service.wire import messages
+from keel_core import tracing
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import to_value
 from keel_core.servicer_errors import translated
@@ -67,6 +68,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             wait_seconds=_remaining(context),
             labels=labels,
             signals=signals,
+            trace_context=tracing.carrier_of(context.invocation_metadata()),
         )
         return engine_pb2.StartRunResponse(
             run_id=outcome.run_id,
@@ -146,7 +148,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         run_id_new = parse_run_id(request.run_id_new, field="run_id_new") if request.run_id_new else None
         if not request.from_step_id:
             raise invalid_argument("invalid_argument", "from_step_id is required")
-        new_id, created = await self.engine.reruns.rerun(run_id, request.from_step_id, run_id_new)
+        new_id, created = await self.engine.reruns.rerun(
+            run_id, request.from_step_id, run_id_new, tracing.carrier_of(context.invocation_metadata())
+        )
         return engine_pb2.RerunRunResponse(run_id=new_id, created=created, run=await self._run(new_id))
 
     @translated
