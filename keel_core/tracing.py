@@ -4,9 +4,9 @@ The W3C trace context (`traceparent`, `tracestate`) a client sends in its gRPC m
 parent of the RPC's span. StartRun keeps it in RunStarted (`trace_context`), so every engine that
 drives the run, now or after a takeover, opens its run span under the client's trace.
 
-Spans cost nothing unless tracing is installed (`install`, from `--otlp-endpoint`): without it the
-OpenTelemetry API hands out non-recording spans, and without the `opentelemetry-api` package
-(the `tracing` extra) this module does nothing at all.
+Spans cost nothing unless tracing is installed (`install`, from `--otlp-endpoint`): until then no
+span object is made at all, and without the `tracing` extra (opentelemetry-api and -sdk) this module
+can never be installed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import grpc
 from keel_core.interceptors import WrappingInterceptor
 
 try:
-    from opentelemetry import propagate, trace
+    from opentelemetry import propagate
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
     AVAILABLE = True
@@ -80,9 +80,8 @@ def uninstall() -> None:
 
 
 def _tracer() -> Any:
-    if _provider is not None:
-        return _provider.get_tracer(INSTRUMENTATION)
-    return trace.get_tracer(INSTRUMENTATION)
+    assert _provider is not None
+    return _provider.get_tracer(INSTRUMENTATION)
 
 
 def carrier_of(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
@@ -96,7 +95,7 @@ def carrier_of(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
 
 def current_carrier() -> dict[str, str]:
     """The trace context of the current span as W3C entries (empty when none is recording)."""
-    if not AVAILABLE:
+    if _provider is None:
         return {}
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
@@ -113,7 +112,7 @@ def span(
 ) -> Iterator[Any]:
     """A span around the block, under `parent` (a W3C carrier) or the current span; an exception
     leaving the block marks it failed."""
-    if not AVAILABLE:
+    if _provider is None:  # nothing records: no span objects at all on the hot path
         yield None
         return
     context = propagate.extract(dict(parent)) if parent else None
