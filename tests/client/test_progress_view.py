@@ -207,8 +207,9 @@ def test_steps_a_canceled_run_left_unfinished_show_as_canceled_and_its_children_
     out = io.StringIO()
     view = ProgressView(out, in_place=False, clock=late)
     view.draw(RUNNING, {})
+    first = len(out.getvalue().splitlines())
     view.draw(CANCELED, {})
-    added = out.getvalue().splitlines()[4:]
+    added = out.getvalue().splitlines()[first:]
     assert added == [
         "step flaky: canceled (attempt 1, 880ms)",
         "step last: canceled",
@@ -247,6 +248,7 @@ def test_appending_view_prints_a_line_per_change_only() -> None:
     first = out.getvalue().splitlines()
     assert first == [
         "step fetch: completed (attempt 0, 20ms)",
+        "step flaky: retrying (attempt 0, 10ms)",
         "step flaky: running (attempt 1, 480ms)",
         "step last: pending",
         "child invoice-1 (keel.echo): running (attempt -, -)",
@@ -258,6 +260,23 @@ def test_appending_view_prints_a_line_per_change_only() -> None:
         "step last: completed (attempt 0, 20ms)",
         "child invoice-1 (keel.echo): completed (attempt 0, 900ms)",
         "run r-1: completed (900ms)",
+    ]
+
+
+def test_a_retry_first_seen_after_it_began_still_shows_the_failed_attempt_once() -> None:
+    # Under load a watch can deliver the failure and the retry's start in one update: the
+    # appended lines must still say that attempt 0 failed and was retried, and say it only once.
+    out = io.StringIO()
+    view = ProgressView(out, in_place=False, clock=lambda: at(500))
+    flaky = RUNNING.steps[1]
+    failed_only = dataclasses.replace(
+        RUNNING, steps=(dataclasses.replace(flaky, status=StepStatus.RETRYING, attempts=flaky.attempts[:1]),)
+    )
+    view.draw(failed_only, {})
+    view.draw(dataclasses.replace(RUNNING, steps=(flaky,)), {})
+    assert [line for line in out.getvalue().splitlines() if "flaky" in line] == [
+        "step flaky: retrying (attempt 0, 10ms)",
+        "step flaky: running (attempt 1, 480ms)",
     ]
 
 

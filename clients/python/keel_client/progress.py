@@ -121,6 +121,7 @@ class ProgressView:
         self._live: Live | None = None
         self._last: RunPicture | None = None
         self._seen: dict[str, tuple[str, str]] = {}
+        self._retried: dict[str, int] = {}  # per step: the last failed attempt shown as retried
         self.ticks = in_place  # redraw on a timer too, so that elapsed times move
 
     def __enter__(self) -> ProgressView:
@@ -206,6 +207,13 @@ class ProgressView:
             last = step.last_attempt
             attempt = str(last.attempt) if last else "-"
             key, label = f"step {step.step_id}", step_label(run, step)
+            # A failed attempt whose retry started before a state was seen still shows as retried.
+            for earlier in step.attempts[:-1]:
+                if self._retried.get(key, -1) < earlier.attempt:
+                    self._retried[key] = earlier.attempt
+                    self._seen[key] = ("retrying", str(earlier.attempt))
+                    elapsed = seconds(span(earlier.started_at, earlier.finished_at, now))
+                    lines.append(f"{key}: retrying (attempt {earlier.attempt}, {elapsed})")
             if self._seen.get(key) != (label, attempt):
                 self._seen[key] = (label, attempt)
                 if last is None:
@@ -213,6 +221,8 @@ class ProgressView:
                 else:
                     elapsed = seconds(step_elapsed(step, now))
                     lines.append(f"{key}: {label} (attempt {attempt}, {elapsed})")
+                    if label == "retrying":
+                        self._retried[key] = last.attempt
         for child in sorted_children(run):
             child_run = children.get(child.child_run_id)
             attempt = _child_attempt(child_run) if child_run else "-"
