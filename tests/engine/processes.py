@@ -74,13 +74,13 @@ async def _spawn(
 
 
 async def start_store_process(
-    data_dir: Path, port: int = 0, *, allow_deletes: bool = False
+    data_dir: Path, port: int = 0, *, allow_deletes: bool = False, extra_args: tuple[str, ...] = ()
 ) -> ServiceProcess:
     """`store-service` on 127.0.0.1 (port 0: any free port) over `data_dir`."""
     args = [str(BIN / "store-service"), "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-    return await _spawn(
-        [*args, *(["--allow-deletes"] if allow_deletes else [])], "store-service listening on", None
-    )
+    if allow_deletes:
+        args.append("--allow-deletes")
+    return await _spawn([*args, *extra_args], "store-service listening on", None)
 
 
 async def start_postgres_store_process(
