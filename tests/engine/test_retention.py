@@ -245,3 +245,25 @@ async def test_a_store_that_refuses_deletes_leaves_everything(locked: Cluster) -
     )
     assert await streams(locked) == before
     assert (await get(locked, run_id)).status == engine_pb2.RUN_STATUS_COMPLETED
+
+
+async def test_a_run_deleted_by_another_engine_is_gone_from_the_engine_that_finished_it(
+    cluster: Cluster,
+) -> None:
+    started = await cluster.stub.StartRun(fan_out(1))
+    await get(cluster, started.run_id)  # held in this engine's memory: it finished the run
+    other = await start_test_engine(cluster.store_address)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as channel:
+            stub = engine_pb2_grpc.EngineServiceStub(channel)
+            deleted = await stub.DeleteRun(engine_pb2.DeleteRunRequest(run_id=started.run_id))
+            assert deleted.deleted_run_ids[0] == started.run_id
+    finally:
+        await other.drain(0.5)
+    await expect_error(
+        cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=started.run_id)),
+        grpc.StatusCode.NOT_FOUND,
+        "run_not_found",
+    )
+    listed = await cluster.stub.ListRuns(engine_pb2.ListRunsRequest())
+    assert started.run_id not in {r.run_id for r in listed.runs}
