@@ -584,6 +584,12 @@ class KeelClient {
     return { runId: response.run_id, created: Boolean(response.created), run: toRun(response.run) };
   }
 
+  /** Deletes a terminal top-level run now, with the runs it spawned and every stream they own. */
+  async deleteRun(runId) {
+    const response = await this._unary('DeleteRun', { run_id: runId });
+    return { runIds: [...(response.deleted_run_ids || [])], streams: Number(response.deleted_streams || 0) };
+  }
+
   /** Makes the engine drive a run nobody drives. */
   async resumeRun(runId) {
     const response = await this._unary('ResumeRun', { run_id: runId });

@@ -74,3 +74,22 @@ def test_keel_rerun_command(engine_address: str) -> None:
     assert any(line.split()[:3] == ["first", "keel.echo@1", "reused"] for line in shown)
     bad = run_keel("rerun", old.run_id, "--from", "nope", engine=engine_address)
     assert bad.code == 1 and "has no step 'nope'" in bad.stderr, bad.stderr
+
+
+def test_delete_run_through_the_blocking_client_and_keel_delete(engine_address: str) -> None:
+    with KeelClient(engine_address) as keel:
+        parent = keel.start_run(
+            op="keel.fan_out", op_config={"op_id": "keel.echo", "inputs": [1, 2]}, wait=True
+        )
+        assert parent.run is not None
+        children = {c.child_run_id for c in parent.run.children}
+        deleted = keel.delete_run(parent.run_id)
+        assert deleted.run_ids[0] == parent.run_id and set(deleted.run_ids[1:]) == children
+        with pytest.raises(NotFoundError):
+            keel.get_run(parent.run_id)
+        other = keel.start_run(PIPELINE, wait=True)
+    said = run_keel("delete", other.run_id, engine=engine_address)
+    assert said.code == 0, said.stderr
+    assert f"deleted run {other.run_id} and 0 run(s) it spawned" in said.stdout
+    again = run_keel("delete", other.run_id, engine=engine_address)
+    assert again.code == 1 and "does not exist" in again.stderr

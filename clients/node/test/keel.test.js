@@ -152,6 +152,10 @@ test('reruns a run from a step: the steps before it are reused, the run names it
     assert.deepEqual((await keel.getRun(old.runId)).reruns, [runIdNew]);
     const again = await keel.rerunRun(old.runId, 'second', { runIdNew });
     assert.equal(again.created, false);
+    const deleted = await keel.deleteRun(runIdNew);
+    assert.deepEqual(deleted.runIds, [runIdNew]);
+    assert.ok(deleted.streams >= 1);
+    await assert.rejects(keel.getRun(runIdNew), (error) => error.code === 'run_not_found');
     await assert.rejects(keel.rerunRun(old.runId, 'nope'), (error) => {
       assert.equal(error.code, 'step_not_found');
       assert.equal(error.category, 'not_found');

@@ -19,6 +19,7 @@ from keel_client.errors import error_from_rpc
 from keel_client.models import (
     AwaitedRun,
     ChildResult,
+    DeletedRuns,
     OpInfo,
     ParentClosePolicy,
     QueueInfo,
@@ -292,6 +293,22 @@ class AsyncKeelClient:
             run_id=run_id, from_step_id=from_step_id, run_id_new=run_id_new or str(uuid.uuid4())
         )
         return wire.rerun_result(await self._unary(self._stub.RerunRun, request, deadline or self._deadline))
+
+    async def delete_run(self, run_id: str, *, deadline: float | None = None) -> DeletedRuns:
+        """Delete a terminal top-level run now, with the runs it spawned and every stream they own.
+
+        Refused (nothing deleted) for a run that has not ended or has a running child
+        (FailedPreconditionError `run_not_terminal`), a child of an existing run (`run_has_parent`),
+        a run whose children a rerun reuses (`run_has_reruns`), or when the store takes no deletes
+        (PermissionDeniedError `deletes_not_allowed`).
+
+        Example::
+
+            deleted = await keel.delete_run(run_id)
+            print(deleted.run_ids, deleted.streams)
+        """
+        request = engine_pb2.DeleteRunRequest(run_id=run_id)
+        return wire.deleted_runs(await self._unary(self._stub.DeleteRun, request, deadline or self._deadline))
 
     async def get_run(self, run_id: str, *, deadline: float | None = None) -> Run:
         """The run with its steps, attempts, children, failure ledger and (when terminal) final snapshot.

@@ -356,6 +356,14 @@ class StartedRun:
 
 
 @dataclass(frozen=True)
+class DeletedRuns:
+    """What DeleteRun answered: the runs deleted (parent before children) and how many streams went."""
+
+    run_ids: tuple[str, ...]
+    streams: int
+
+
+@dataclass(frozen=True)
 class RerunResult:
     """What RerunRun answered: the new run's id, whether it was new, and the run as it stands."""
 

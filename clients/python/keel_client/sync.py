@@ -224,6 +224,7 @@ class KeelClient:
     cancel = _blocking(AsyncKeelClient.cancel)
     get_run = _blocking(AsyncKeelClient.get_run)
     rerun_run = _blocking(AsyncKeelClient.rerun_run)
+    delete_run = _blocking(AsyncKeelClient.delete_run)
     list_runs = _blocking(AsyncKeelClient.list_runs)
     iter_runs = _blocking_iter(AsyncKeelClient.iter_runs)
     await_run = _blocking(AsyncKeelClient.await_run)

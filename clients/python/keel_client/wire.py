@@ -16,6 +16,7 @@ from keel_client.models import (
     AwaitedRun,
     ChildResult,
     ChildRun,
+    DeletedRuns,
     E,
     ErrorDetail,
     ExecutionMode,
@@ -474,6 +475,11 @@ def started_run(message: engine_pb2.StartRunResponse) -> StartedRun:
         created=message.created,
         run=optional_run(message),
     )
+
+
+def deleted_runs(message: engine_pb2.DeleteRunResponse) -> DeletedRuns:
+    """DeletedRuns from DeleteRun's response."""
+    return DeletedRuns(run_ids=tuple(message.deleted_run_ids), streams=message.deleted_streams)
 
 
 def rerun_result(message: engine_pb2.RerunRunResponse) -> RerunResult:

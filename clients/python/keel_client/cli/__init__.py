@@ -74,6 +74,12 @@ COMMANDS: tuple[Command, ...] = (
         "resume", "make the engine drive a run nobody drives", control.cmd_resume, queries.run_id_argument
     ),
     Command(
+        "delete",
+        "delete a finished run now, with the runs it spawned (the store must accept deletes)",
+        control.cmd_delete,
+        queries.run_id_argument,
+    ),
+    Command(
         "rerun",
         "run a finished run again from a step, reusing the steps before it",
         control.cmd_rerun,

@@ -115,3 +115,12 @@ def _json_argument(text: str, flag: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise CliError(f"{flag} is not JSON: {error}") from None
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """`keel delete`: delete a terminal run with its tree."""
+    with client(args) as keel:
+        deleted = keel.delete_run(args.run_id)
+    spawned = len(deleted.run_ids) - 1
+    text = f"deleted run {args.run_id} and {spawned} run(s) it spawned ({deleted.streams} streams)"
+    return answer(args, deleted, lambda: text)
