@@ -24,10 +24,11 @@ Ops (all version "1"):
 - `keel.fan_out`: `op_config {"op_id", "op_version"?, "op_config"?, "inputs": [...] | "count": n,
   "run_config"?, "parent_close_policy"?: "cancel"|"abandon"}` spawns one child run per input (with
   `count`, child i gets input i), awaits them all concurrently and returns
-  `{"results": [<each child's output>], "children": [{"child_run_id", "status"}]}`. Spawns and
-  awaits are recorded facts (`<step>.child.<i>`, `<step>.await.<i>`), so a resumed parent finds
-  the same children and does not wait again for results it has. A child that does not complete
-  fails the step (`child_run_failed`, not retryable).
+  `{"results": [<each child's output>], "children": [{"child_run_id", "status"}]}`. Spawns are
+  recorded facts (`<step>.child.<i>`), so a resumed parent finds the same children. The step then
+  *parks* on its children (a `children` wait, engine_service.domain.waits): no coroutine waits for
+  them; each child's end wakes the parent, and once all ended the step completes with their
+  outputs. A child that does not complete fails the step (`child_run_failed`, not retryable).
 
 Transports:
 
@@ -41,9 +42,8 @@ import asyncio
 import time
 from typing import Any
 
-from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
+from engine_service.domain.child_runs import CHILDREN, SPAWN_KIND, SPAWN_NAMESPACE
 from engine_service.domain.ops import OpError, StepContext, op
-from engine_service.domain.streams import COMPLETED
 from engine_service.domain.transports import register_transport
 from engine_service.domain.waits import TIMER, ParkStep
 from keel_core.clock import now_us
@@ -197,36 +197,22 @@ async def fan_out(ctx: StepContext, op_config: Any, input: Any) -> Any:
         "parent_close_policy": config.get("parent_close_policy") or "",
     }
 
-    async def one(index: int, child_input: Any) -> dict[str, Any]:
+    async def one(index: int, child_input: Any) -> str:
         spawned = await ctx.io.call(
             SPAWN_NAMESPACE, {**spawn, "input": child_input}, f"{ctx.step_id}.child.{index}"
         )
-        request = {
-            "kind": AWAIT_KIND,
-            "child_run_id": spawned["child_run_id"],
-            "child_manifest_id": spawned["child_manifest_id"],
-        }
-        outcome: dict[str, Any] = await ctx.io.call(AWAIT_NAMESPACE, request, f"{ctx.step_id}.await.{index}")
-        return outcome
+        return str(spawned["child_run_id"])
 
+    if not inputs:
+        return {"results": [], "children": []}
     try:
-        # A task group, not gather: one failed spawn or await cancels the others with the step.
+        # A task group, not gather: one failed spawn cancels the others with the step.
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(one(i, value)) for i, value in enumerate(inputs)]
     except* Exception as failures:
         raise failures.exceptions[0] from None
-    outcomes = [task.result() for task in tasks]
-    children = [{"child_run_id": o["child_run_id"], "status": o["status"]} for o in outcomes]
-    unfinished = [c for c in children if c["status"] != COMPLETED]
-    if unfinished:
-        raise OpError(
-            "child_run_failed",
-            f"keel.fan_out: {len(unfinished)} of {len(children)} child runs did not complete "
-            f"(first: {unfinished[0]['child_run_id']} {unfinished[0]['status']})",
-            children=children,
-        )
-    results = [(o.get("final_snapshot") or {}).get("main") for o in outcomes]
-    return {"results": results, "children": children}
+    # Parked until every child ended: no coroutine waits for them (ChildRuns.children_wait_outcome).
+    return ParkStep(CHILDREN, detail={"children": [task.result() for task in tasks]})
 
 
 class EchoTransport:

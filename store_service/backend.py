@@ -344,6 +344,14 @@ class StoreBackend(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def nudge_due(self, stream_id: str, due_at_us: int) -> bool:
+        """If the stream is PARKED, make its due time at most `due_at_us`; whether it is PARKED.
+
+        Atomic with appends: a concurrent append that changes the label or the due time is applied
+        wholly before or after it.
+        """
+
+    @abc.abstractmethod
     def subscribe(self, stream_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
         """Yield the events after `after_seq`, then each new one as its append commits.
 

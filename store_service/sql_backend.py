@@ -107,6 +107,10 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         """The error callers should see for a driver error (a KeelError when it is understood)."""
 
     @abc.abstractmethod
+    async def nudge_due(self, stream_id: str, due_at_us: int) -> bool:
+        """If the stream is PARKED, make its due time at most `due_at_us` (one statement)."""
+
+    @abc.abstractmethod
     def _status_filter(self, statuses: list[int]) -> tuple[str, list[Any]]:
         """A WHERE condition (with `?` placeholders) keeping streams whose status is in `statuses`."""
 

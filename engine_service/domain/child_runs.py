@@ -43,6 +43,8 @@ from keel_core.errors import KeelError, invalid_argument
 
 SPAWN_KIND = "child_run_spawn_v1"
 AWAIT_KIND = "child_run_await_v1"
+# The wait kind of a step parked until child runs it spawned have ended (keel.fan_out).
+CHILDREN = "children"
 SPAWN_NAMESPACE = "machine.child_run.spawn"
 AWAIT_NAMESPACE = "machine.child_run.await"
 CLOSE_CANCEL = "cancel"

@@ -39,6 +39,8 @@ from keel_core.errors import not_found
 
 # The error of an attempt stopped because a sibling branch failed the run (never retried).
 BRANCH_CANCELED = "branch_canceled"
+# The error of a run (and of its attempts still open) that passed its execution_timeout.
+RUN_TIMEOUT = "run_timeout"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class CompleteRun:
     error: ErrorRecord | None = None
     reason: str = ""
     cancel: tuple[OpenAttempt, ...] = ()
+    # What the canceled attempts record (None: `branch_canceled`, a sibling failed the run).
+    cancel_error: ErrorRecord | None = None
 
 
 Action = AlreadyTerminal | RunSteps | CompleteRun | SettleWaits | ParkRun
@@ -128,6 +132,9 @@ def next_action(
         return failed
     if len(history.completed_steps) == len(plan.steps):
         return CompleteRun(COMPLETED, history.last_checkpoint)
+    deadline = run_deadline_us(history, run_config)
+    if now_us is not None and deadline and now_us >= deadline:
+        return _timed_out(history, plan, run_config)
     if now_us is not None:
         due = tuple(
             w
@@ -142,15 +149,50 @@ def next_action(
         ready = ready[: max(0, plan.max_parallel - len(set(running) | set(history.waiting)))]
     if now_us is None:
         return RunSteps(tuple(ready))
-    return _run_or_park(history, tuple(ready), running, now_us)
+    return _run_or_park(history, tuple(ready), running, now_us, deadline)
 
 
-def _run_or_park(history: RunHistory, ready: tuple[RunStep, ...], running: Set[str], now_us: int) -> Action:
-    """Run what is ready; park when nothing runs and nothing can start within PARK_AFTER_US."""
+def run_deadline_us(history: RunHistory, run_config: RunConfig) -> int:
+    """When the run times out: its recorded start plus `execution_timeout` (0: never)."""
+    started = history.started
+    if not run_config.execution_timeout_ms or started is None or not started.at_us:
+        return 0
+    return started.at_us + run_config.execution_timeout_ms * 1000
+
+
+def _timed_out(history: RunHistory, plan: Plan, run_config: RunConfig) -> CompleteRun:
+    """The run's `failed` completion at its deadline; every open attempt is recorded as timed out."""
+    seconds = run_config.execution_timeout_ms / 1000
+    error = ErrorRecord(
+        RUN_TIMEOUT,
+        "timeout",
+        False,
+        f"the run did not finish within its execution_timeout of {seconds:g}s",
+        {"execution_timeout_ms": run_config.execution_timeout_ms},
+    )
+    return CompleteRun(
+        FAILED,
+        history.last_checkpoint,
+        error=error,
+        reason=f"{RUN_TIMEOUT}: {error.message}",
+        cancel=tuple(history.open_attempts[s] for s in plan.step_ids if s in history.open_attempts),
+        cancel_error=error,
+    )
+
+
+def _run_or_park(
+    history: RunHistory, ready: tuple[RunStep, ...], running: Set[str], now_us: int, deadline: int
+) -> Action:
+    """Run what is ready; park when nothing runs and nothing can start within PARK_AFTER_US.
+
+    The run's deadline is one more due time: a running driver wakes for it, a parked run is due then.
+    """
     timers = [w.wait.until_us for w in history.waiting.values() if w.wait.until_us]
+    if deadline:
+        timers.append(deadline)
     wake_at = min(timers, default=0)
     if running or not (history.waiting or ready):
-        return RunSteps(ready, wake_at)
+        return RunSteps(ready, wake_at if running or ready else 0)
     starts = [max(now_us, step.due_at_us or now_us + step.delay_ms * 1000) for step in ready]
     earliest = min([*timers, *starts], default=0)
     if earliest and earliest - now_us < PARK_AFTER_US:

@@ -66,6 +66,9 @@ class RunConfig:
     execution_mode: str = LIVE
     retry_policy: RetryPolicy = RetryPolicy()
     replay_of_run_id: str = ""
+    # The run's deadline from its start, in ms (0: none); left out of the manifest JSON when 0,
+    # so that manifests written before it existed keep their ids.
+    execution_timeout_ms: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The config as manifest JSON."""
@@ -75,6 +78,8 @@ class RunConfig:
         }
         if self.replay_of_run_id:
             out["replay_of_run_id"] = self.replay_of_run_id
+        if self.execution_timeout_ms:
+            out["execution_timeout_ms"] = self.execution_timeout_ms
         return out
 
     @staticmethod
@@ -84,6 +89,7 @@ class RunConfig:
             execution_mode=str(data["execution_mode"]),
             retry_policy=RetryPolicy.from_json(data["retry_policy"]),
             replay_of_run_id=str(data.get("replay_of_run_id", "")),
+            execution_timeout_ms=int(data.get("execution_timeout_ms", 0)),
         )
 
 
@@ -95,6 +101,7 @@ def make_run_config(
     max_backoff_ms: int | None = None,
     multiplier: float = 0.0,
     replay_of_run_id: str = "",
+    execution_timeout_ms: int = 0,
 ) -> RunConfig:
     """A validated RunConfig with defaults for unset (zero) fields; bad values are `invalid_argument`."""
     if execution_mode not in EXECUTION_MODES:
@@ -115,6 +122,8 @@ def make_run_config(
         raise invalid_argument(
             "invalid_argument", "retry_policy.multiplier must be >= 1 (0 means the default of 2)"
         )
+    if execution_timeout_ms < 0:
+        raise invalid_argument("invalid_argument", "run_config.execution_timeout must not be negative")
     if execution_mode == REPLAY:
         if not replay_of_run_id:
             raise invalid_argument(
@@ -131,7 +140,12 @@ def make_run_config(
         max_backoff_ms=maximum,
         multiplier=multiplier or DEFAULT_MULTIPLIER,
     )
-    return RunConfig(execution_mode=execution_mode, retry_policy=policy, replay_of_run_id=replay_of_run_id)
+    return RunConfig(
+        execution_mode=execution_mode,
+        retry_policy=policy,
+        replay_of_run_id=replay_of_run_id,
+        execution_timeout_ms=execution_timeout_ms,
+    )
 
 
 def parse_run_id(text: str, *, field: str = "run_id") -> str:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from engine_service.domain import (
     CANCELED,
+    COMPLETED,
     Plan,
     RunHistory,
     RunManifest,
@@ -48,9 +49,20 @@ from engine_service.domain.child_runs import (
     parse_spawn_request,
     request_invalid,
 )
+from engine_service.domain.events import ErrorRecord
 from engine_service.domain.facts import check_fact_key
+from engine_service.domain.history import WaitingAttempt
+from engine_service.domain.labels import PARENT_ATTRIBUTE
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
-from engine_service.domain.streams import children_stream_id, run_status_of_label, run_stream_id
+from engine_service.domain.streams import (
+    RUN_LIVE_LABELS,
+    RUN_STREAM_PREFIX,
+    children_stream_id,
+    run_id_of_stream,
+    run_status_of_label,
+    run_stream_id,
+)
+from engine_service.domain.waits import WaitOutcome
 from engine_service.failpoints import AFTER_CHILD_COMPLETED, BEFORE_CHILD_STARTED, Failpoints
 from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.reader import RunReader
@@ -293,6 +305,60 @@ class ChildRuns:
         snapshot = await self.reader.final_snapshot(terminal.final_snapshot_id)
         self.failpoints.hit(AFTER_CHILD_COMPLETED)
         return ChildOutcome(child_id, terminal.status, terminal.final_snapshot_id, snapshot)
+
+    async def children_wait_outcome(self, run_id: str, waiting: WaitingAttempt) -> WaitOutcome | None:
+        """The `children` wait's resolver (keel.fan_out): None while a child it names is unfinished;
+        once all ended, the step's output (each child's `main` output and status) or its failure.
+
+        One indexed listing of the run's unfinished children answers "not yet"; only at the end is
+        each child read. A child whose spawn was recorded but never started is started here.
+        """
+        ids = [str(child) for child in waiting.wait.detail.get("children", [])]
+        if set(ids) & await self._unfinished_children(run_id):
+            return None
+        children: list[dict[str, Any]] = []
+        results: list[Any] = []
+        for child_id in ids:
+            head, _ = await self.store.head(run_stream_id(child_id))
+            if head == 0:
+                await self._start_never_started(ChildAwaitRequest(child_id, parent_run_id=run_id))
+                return None  # its end wakes this run again
+            _, history = await self.reader.read_history(child_id)
+            if history.terminal is None:
+                return None  # it ended after the listing, or is not labelled yet: asked again later
+            snapshot = await self.reader.final_snapshot(history.terminal.final_snapshot_id)
+            children.append({"child_run_id": child_id, "status": history.terminal.status})
+            results.append((snapshot or {}).get("main") if isinstance(snapshot, dict) else None)
+        unfinished = [child for child in children if child["status"] != COMPLETED]
+        if unfinished:
+            first = unfinished[0]
+            return WaitOutcome(
+                error=ErrorRecord(
+                    "child_run_failed",
+                    ErrorCategory.FAILED_PRECONDITION.value,
+                    False,
+                    f"keel.fan_out: {len(unfinished)} of {len(children)} child runs did not complete "
+                    f"(first: {first['child_run_id']} {first['status']})",
+                    {"children": children},
+                )
+            )
+        return WaitOutcome(output={"results": results, "children": children})
+
+    async def _unfinished_children(self, run_id: str) -> set[str]:
+        """The run's children that are still running or parked (from the store's attribute index)."""
+        found: set[str] = set()
+        token = ""
+        while True:
+            page, token = await self.store.list_streams(
+                prefix=RUN_STREAM_PREFIX,
+                statuses=RUN_LIVE_LABELS,
+                page_size=1000,
+                page_token=token,
+                attributes={PARENT_ATTRIBUTE: run_id},
+            )
+            found.update(run_id_of_stream(stream.stream_id) for stream in page)
+            if not token:
+                return found
 
     async def _start_never_started(self, request: ChildAwaitRequest) -> None:
         """A child whose spawn was recorded but which never started: start it now."""

@@ -308,6 +308,8 @@ class RunDriver:
         finally:
             poked.cancel()
         self._poked.clear()
+        # A settled step may be what another step waits for (its children, say): ask again.
+        self._check_waits = True
         for step_id, task in list(self._steps.items()):
             if task.done():
                 del self._steps[step_id]
@@ -344,9 +346,12 @@ class RunDriver:
             return
         self.record([RunParked(due_at_us)], label=RUN_PARKED_LABEL, due_at_us=due_at_us, linger=False)
         await self.flush()
-        if self.poked_since_check:
+        if self.poked_since_check or await self._a_wait_is_over():
+            # A wake-up came while it parked, or what ends a wait happened before the park landed
+            # (its wake-up found the run still active): go on at once instead.
             self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=False)
             await self.flush()
+            self._check_waits = True
             return
         if self.on_parked is not None:
             self.on_parked(self.run_id, due_at_us)
@@ -356,6 +361,14 @@ class RunDriver:
     def poked_since_check(self) -> bool:
         """A poke came after the waits were last offered to their resolvers (when there are any)."""
         return self._check_waits and bool(self.env.wait_resolvers)
+
+    async def _a_wait_is_over(self) -> bool:
+        """Whether a resolver says one of the run's waits is over (asked, not recorded)."""
+        for waiting in self.history.waiting.values():
+            resolver = self.env.wait_resolvers.get(waiting.wait.kind)
+            if resolver is not None and await resolver(self.run_id, waiting) is not None:
+                return True
+        return False
 
     async def _resolve_waits(self, running: frozenset[str]) -> bool:
         """Offer each waiting attempt to its kind's resolver (once, and again after a poke); True
@@ -474,7 +487,7 @@ class RunDriver:
         if self.env.failpoints.is_armed(BEFORE_RUN_COMPLETED):
             await self.flush()
             self.env.failpoints.hit(BEFORE_RUN_COMPLETED)
-        why = branch_canceled(action.reason)
+        why = action.cancel_error or branch_canceled(action.reason)
         canceled = [StepAttemptFailed(open_.step_id, open_.attempt, why) for open_ in action.cancel]
         terminal = RunCompleted(
             action.status, action.final_snapshot_id, action.reason, action.error, has_ledger=self.has_ledger

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from engine_service.domain import Plan, RunCompleted, RunHistory, RunManifest, StoredEvent
+from engine_service.domain.decision import RUN_TIMEOUT
 from engine_service.runtime.driver import RunDriver, RunParkedOut
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
@@ -50,6 +51,10 @@ class Drivers:
         self.on_parked: Callable[[str, int], None] | None = None
         # Told the run id when a driver parked its run while a wake-up came (the kernel wakes it).
         self.on_poked_after_park: Callable[[str], None] | None = None
+        # Told the parent run id when a child run's driver ended it (the parent may wait for it).
+        self.on_terminal: Callable[[str], None] | None = None
+        # Told the run id when a driver ended its run failed with `run_timeout` (its children close).
+        self.on_timed_out: Callable[[str], None] | None = None
 
     def new(
         self,
@@ -103,6 +108,12 @@ class Drivers:
                 self._reader.remember_final_snapshot(final_id, final)
             if driver.events is not None and driver.history.is_terminal:
                 self._reader.remember_finished(run_id, driver.events)
+            started = driver.history.started
+            if self.on_terminal is not None and started is not None and started.parent_run_id:
+                self.on_terminal(started.parent_run_id)
+            why = task.result().error
+            if self.on_timed_out is not None and why is not None and why.code == RUN_TIMEOUT:
+                self.on_timed_out(run_id)
         if task.cancelled():
             log.info("run %s parked", run_id)
         elif isinstance(error := task.exception(), RunParkedOut):

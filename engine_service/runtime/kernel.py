@@ -44,7 +44,7 @@ from engine_service.domain import (
     next_action,
     resolve_plan,
 )
-from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
+from engine_service.domain.child_runs import AWAIT_NAMESPACE, CHILDREN, SPAWN_NAMESPACE
 from engine_service.domain.manifest import RunStart, run_start
 from engine_service.domain.signals import Signal
 from engine_service.domain.streams import RUN_PARKED_LABEL, run_status_of_label, run_stream_id
@@ -146,6 +146,12 @@ class Engine:
         self.waker = Waker(env.store, self.wake_run, self.leases.others.seen_live_for)
         self.runs.on_parked = lambda _run_id, due_at_us: self.waker.nudge(due_at_us)
         self.runs.on_poked_after_park = self.wake_soon
+        # A child run that ended wakes its parent (a keel.fan_out step parked on its children).
+        self.runs.on_terminal = self._wake_parent
+        self.terminalizer.on_terminal = self._wake_parent
+        self._parent_wakes: set[asyncio.Task[None]] = set()
+        self.runs.on_timed_out = self._close_children_of
+        self._closings: set[asyncio.Task[None]] = set()
         self.awaits = RunAwaits(env.store, self.registry, self.reader, self.leases, self.resume_run)
         self.children = ChildRuns(
             env.store,
@@ -156,6 +162,8 @@ class Engine:
             kernel=self,
             awaits=self.awaits,
         )
+        # keel.fan_out parks on its children: this tells when they all ended (and how).
+        env.wait_resolvers.setdefault(CHILDREN, self.children.children_wait_outcome)
         own = TransportRegistry()
         transport = ChildRunTransport(self.children)
         own.register(SPAWN_NAMESPACE, transport)
@@ -354,6 +362,19 @@ class Engine:
         except KeelError as error:
             log.info("run %s not woken: %s", run_id, error.message)
 
+    def _close_children_of(self, run_id: str) -> None:
+        """A run timed out: cancel its children whose policy is `cancel`, as a cancel would."""
+        task = asyncio.create_task(
+            self.terminalizer.close_children(run_id), name=f"close children of {run_id}"
+        )
+        self._closings.add(task)
+        task.add_done_callback(self._closed_children)
+
+    def _closed_children(self, task: asyncio.Task[None]) -> None:
+        self._closings.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("closing the children of a run that timed out failed: %s", error)
+
     async def wake_run(self, run_id: str) -> bool:
         """Apply a wake-up to a run: its due time came, or something may have ended one of its waits.
 
@@ -369,6 +390,22 @@ class Engine:
             return True
         async with self._resuming.hold(run_id):
             return await self._resume_run(run_id, None, wake=True)
+
+    def _wake_parent(self, parent_run_id: str) -> None:
+        """A child of `parent_run_id` ended: wake the parent (here, or through the store's index)."""
+        if not parent_run_id or self.registry.closing:
+            return
+        task = asyncio.create_task(self._wake_parent_now(parent_run_id), name=f"wake parent {parent_run_id}")
+        self._parent_wakes.add(task)
+        task.add_done_callback(self._parent_wakes.discard)
+
+    async def _wake_parent_now(self, parent_run_id: str) -> None:
+        try:
+            if not await self.wake_run(parent_run_id):
+                # Held by another engine: a parked parent becomes due now for whichever engine may take it.
+                await self.env.store.nudge_due(run_stream_id(parent_run_id), now_us())
+        except KeelError as error:
+            log.info("could not wake parent run %s: %s", parent_run_id, error.message)
 
     async def resume_run(self, run_id: str, *, created_at_us: int | None = None) -> bool:
         """Drive a run nobody drives; False when it is terminal, parked, driven here, or leased by

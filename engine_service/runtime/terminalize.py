@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, corrupt_event_error, encode_event
@@ -75,6 +76,8 @@ class Terminalizer:
         self.reader = reader
         # The engine's task board: a terminalized run's open remote attempts are ended (run_ended).
         self.tasks: TaskBoard | None = None
+        # Told the parent run id when a child run was terminalized here (the parent may wait for it).
+        self.on_terminal: Callable[[str], None] | None = None
 
     async def terminalize(self, run_id: str, status: str, reason: str = "") -> TerminalizeResult:
         """Move the run to `status` (TRANSITIONED once, NOOP when terminal); cancel children by policy."""
@@ -118,6 +121,9 @@ class Terminalizer:
                 await self._record_divergence(run_id, status, error)
             if self.tasks is not None and history.open_attempts:
                 await self.tasks.close_open_tasks(run_id, list(history.open_attempts.values()))
+            started = history.started
+            if self.on_terminal is not None and started is not None and started.parent_run_id:
+                self.on_terminal(started.parent_run_id)
             return TerminalizeResult(True, status)
         raise _contended(f"run {run_id} kept changing while it was being terminalized")
 
@@ -140,6 +146,10 @@ class Terminalizer:
             ) from error
         log.error("run %s: %s (recorded in its failure ledger)", run_id, message)
         raise _terminal_append_failed(message, run_id) from error
+
+    async def close_children(self, run_id: str) -> None:
+        """Cancel the run's unfinished children whose policy is `cancel` (a run that timed out)."""
+        await self._close_children(run_id)
 
     async def _close_children(self, run_id: str) -> None:
         """Cancel the parent's unfinished children whose policy is `cancel` (recursively).

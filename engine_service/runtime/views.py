@@ -31,7 +31,7 @@ from engine_service.domain import (
     corrupt_event_error,
     fold,
 )
-from engine_service.domain.events import SignalAwaited, event_type_and_json
+from engine_service.domain.events import ParkStep, SignalAwaited, StepWaiting, event_type_and_json
 from engine_service.domain.labels import (
     LINEAGE_ATTRIBUTE,
     PARENT_ATTRIBUTE,
@@ -58,6 +58,7 @@ RUNNING = "running"
 MAX_RERUNS_SHOWN = 100
 PENDING = "pending"
 RETRYING = "retrying"
+WAITING = "waiting"
 _ABANDONED = ErrorRecord("attempt_abandoned", "engine", True, "the engine stopped during this attempt")
 
 
@@ -72,6 +73,7 @@ class AttemptView:
     error: ErrorRecord | None = None
     task_queue: str = ""  # a remote attempt: its queue
     worker_id: str = ""  # and the worker that ran it (known once it ended)
+    wait: ParkStep | None = None  # what it waits for, while it waits
 
 
 @dataclass(frozen=True)
@@ -240,11 +242,17 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 waiting = waited.waiting_for_signal if waited is not None else None
                 if waited is not None and waiting is not None and waiting.fact_key == event.fact_key:
                     waited.waiting_for_signal = None
+            case StepWaiting():
+                step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
+                attempt = _attempt(step, event.attempt, when)
+                attempt.status, attempt.wait = WAITING, event.wait
+                step.status = WAITING
             case StepAttemptFailed():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
                 step.waiting_for_signal = None
                 attempt = _attempt(step, event.attempt, when)
                 attempt.status, attempt.finished_at, attempt.error = FAILED, when, event.error
+                attempt.wait = None
                 attempt.worker_id = event.worker_id
                 step.status, step.last_error = RETRYING, event.error
             case StepCompleted():
@@ -252,6 +260,7 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 step.waiting_for_signal = None
                 attempt = _attempt(step, event.attempt, when)
                 attempt.status, attempt.finished_at, attempt.worker_id = COMPLETED, when, event.worker_id
+                attempt.wait = None
                 step.status = COMPLETED
                 step.reused_from_run_id = event.reused_from_run_id
             case RunCompleted():
@@ -263,7 +272,7 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                     step.waiting_for_signal = None
                 if event.status in (FAILED, CANCELED):
                     for step in steps.values():
-                        if step.status in (RETRYING, RUNNING):
+                        if step.status in (RETRYING, RUNNING, WAITING):
                             step.status = FAILED
     view.steps = list(steps.values())
     return view

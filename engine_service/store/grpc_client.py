@@ -454,6 +454,16 @@ class StoreClient:
         page = await self._retrying("ListDue", once, patience)
         return [DueStream(d.stream_id, d.due_at_us, d.head_seq) for d in page.due], page.next_due_at_us
 
+    async def nudge_due(self, stream_id: str, due_at_us: int, *, patience: float | None = None) -> bool:
+        """If the stream is parked, make its due time at most `due_at_us`; whether it is parked."""
+        request = store_pb2.NudgeDueRequest(stream_id=stream_id, due_at_us=due_at_us)
+
+        async def once(stub: _Stub, seconds: float) -> store_pb2.NudgeDueResponse:
+            response: store_pb2.NudgeDueResponse = await stub.NudgeDue(request, timeout=seconds)
+            return response
+
+        return (await self._retrying(f"NudgeDue({stream_id})", once, patience)).parked
+
     async def get_artifact(self, artifact_id: str, *, patience: float | None = None) -> bytes:
         """An artifact's bytes (NOT_FOUND `artifact_not_found` when missing)."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from engine_service.domain.canonical import artifact_id_for_bytes
-from engine_service.domain.streams import STATUS_LABELS
+from engine_service.domain.streams import LABEL_PARKED, STATUS_LABELS
 from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found, unavailable
 
@@ -211,6 +211,15 @@ class InMemoryEventLog:
         )
         due = [DueStream(sid, at, head) for at, sid, head in entries if at <= before_us][:limit]
         return due, entries[len(due)][0] if len(entries) > len(due) else 0
+
+    async def nudge_due(self, stream_id: str, due_at_us: int, *, patience: float | None = None) -> bool:
+        """If the stream is parked, make its due time at most `due_at_us`; whether it is parked."""
+        self._open("NudgeDue")
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.label != LABEL_PARKED:
+            return False
+        stream.due_at_us = min(stream.due_at_us or due_at_us, due_at_us)
+        return True
 
     async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:
         """Delete the stream's events below `before_seq` (at most head + 1); returns how many went."""

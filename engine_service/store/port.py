@@ -22,7 +22,8 @@ Semantics every implementation keeps (those of the StoreService, keel.store.v1):
   `get_artifact` of an unknown id raises `artifact_not_found` (NOT_FOUND).
 - `trim` deletes a stream's events below `before_seq`; head and label stay.
 - the due-time index: an append may set (`due_at_us` > 0) or clear (0) the stream's due time with
-  the same append, and only if it lands; `list_due` finds the streams due by a time, earliest first.
+  the same append, and only if it lands; `list_due` finds the streams due by a time, earliest first;
+  `nudge_due` moves a *parked* stream's due time earlier (a wake-up from elsewhere).
 - `delete_streams` deletes whole streams in one transaction; `list_artifacts`/`delete_artifacts`
   serve an artifact collection: an artifact whose bytes were stored again after the cut-off stays.
 
@@ -153,6 +154,10 @@ class EventLog(Protocol):
         """A page of streams whose id starts with `prefix`, whose label is in `statuses` (all when
         empty), that carry every one of `attributes` and were created in [`created_after`,
         `created_before`), newest first, and the next page token ("" after the last page)."""
+        ...
+
+    async def nudge_due(self, stream_id: str, due_at_us: int, *, patience: float | None = None) -> bool:
+        """If the stream is parked, make its due time at most `due_at_us`; whether it is parked."""
         ...
 
     async def trim(self, stream_id: str, before_seq: int, *, patience: float | None = None) -> int:

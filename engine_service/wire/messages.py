@@ -49,6 +49,7 @@ from engine_service.runtime.views import (
     PENDING,
     RETRYING,
     RUNNING,
+    WAITING,
     AttemptView,
     RunFilter,
     RunSummary,
@@ -103,6 +104,7 @@ STEP_STATUS = {
     RETRYING: engine_pb2.STEP_STATUS_RETRYING,
     COMPLETED: engine_pb2.STEP_STATUS_COMPLETED,
     FAILED: engine_pb2.STEP_STATUS_FAILED,
+    WAITING: engine_pb2.STEP_STATUS_WAITING,
 }
 
 
@@ -185,6 +187,9 @@ def run_config_from(message: engine_pb2.RunConfig) -> RunConfig:
         max_backoff_ms=_ms(policy.max_backoff, "max_backoff") if policy.HasField("max_backoff") else None,
         multiplier=policy.multiplier,
         replay_of_run_id=message.replay_of_run_id,
+        execution_timeout_ms=_ms(message.execution_timeout, "execution_timeout")
+        if message.HasField("execution_timeout")
+        else 0,
     )
 
 
@@ -287,7 +292,7 @@ def error_detail(error: ErrorRecord | None) -> engine_pb2.ErrorDetail | None:
 
 
 def _attempt(attempt: AttemptView) -> engine_pb2.StepAttempt:
-    return engine_pb2.StepAttempt(
+    message = engine_pb2.StepAttempt(
         attempt=attempt.attempt,
         status=STEP_STATUS[attempt.status],
         started_at=timestamp(attempt.started_at),
@@ -296,6 +301,13 @@ def _attempt(attempt: AttemptView) -> engine_pb2.StepAttempt:
         task_queue=attempt.task_queue,
         worker_id=attempt.worker_id,
     )
+    if attempt.wait is not None:
+        message.wait.kind = attempt.wait.kind
+        if attempt.wait.until_us:
+            message.wait.until.FromMicroseconds(attempt.wait.until_us)
+        if attempt.wait.detail:
+            message.wait.detail.CopyFrom(to_struct(attempt.wait.detail))
+    return message
 
 
 def _step(step: StepView) -> engine_pb2.StepState:

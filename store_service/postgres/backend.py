@@ -102,6 +102,14 @@ _SET_DUE = (
     "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = excluded.due_at_us"
 )
 _CLEAR_DUE = "DELETE FROM stream_due WHERE stream_id = ANY($1::text[])"
+# Only a PARKED stream's due time moves (status 5); the row lock of the upsert orders it with appends.
+_NUDGE_DUE = (
+    "WITH s AS (SELECT stream_id FROM streams WHERE stream_id = $1 AND status = 5), "
+    "n AS (INSERT INTO stream_due (stream_id, due_at_us) SELECT stream_id, $2 FROM s "
+    "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = LEAST(stream_due.due_at_us, excluded.due_at_us) "
+    "RETURNING 1) "
+    "SELECT EXISTS (SELECT 1 FROM s)"
+)
 # One statement, one snapshot: the head and the events always agree.
 _READ = (
     "SELECT h.head_seq, e.seq, e.type, e.payload, e.recorded_at_us "
@@ -476,6 +484,11 @@ class PostgresStoreBackend(SqlStoreBackend):
                 await conn.execute(_DELETE_STREAM_EVENTS, ids)
                 await conn.execute(_CLEAR_DUE, ids)
                 return int(await conn.fetchval(_DELETE_STREAM_ROWS, ids))
+
+    async def nudge_due(self, stream_id: str, due_at_us: int) -> bool:
+        """One statement (safe to repeat on a fresh connection: moving it earlier again is a no-op)."""
+        rows = await self._query(_NUDGE_DUE, stream_id, due_at_us)
+        return bool(rows[0][0])
 
     # -- artifacts ---------------------------------------------------------------------------
 

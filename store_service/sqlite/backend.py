@@ -248,6 +248,10 @@ class SqliteStoreBackend(SqlStoreBackend):
             return 0
         return await self._write(partial(SqliteWriter.delete_streams, stream_ids=list(stream_ids)))
 
+    async def nudge_due(self, stream_id: str, due_at_us: int) -> bool:
+        """Move a PARKED stream's due time earlier on the writer (serialized with appends)."""
+        return await self._write(partial(SqliteWriter.nudge_due, stream_id=stream_id, due_at_us=due_at_us))
+
     # -- artifacts ---------------------------------------------------------------------------
 
     async def delete_artifacts(self, artifact_ids: Sequence[str], stored_before_us: int) -> list[str]:

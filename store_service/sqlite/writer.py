@@ -17,7 +17,14 @@ from typing import Any, Literal
 
 from keel_core.clock import now_us
 from store_service.artifact_chunks import split_chunks
-from store_service.backend import AppendResult, NewArtifact, TrimResult, sequence_conflict, trim_past_head
+from store_service.backend import (
+    AppendResult,
+    NewArtifact,
+    StreamStatus,
+    TrimResult,
+    sequence_conflict,
+    trim_past_head,
+)
 from store_service.group_commit import AppendJob, AppendOutcome
 
 log = logging.getLogger(__name__)
@@ -266,6 +273,26 @@ class SqliteWriter:
             self._rollback()
             raise
         return outcomes
+
+    # -- due-time nudges ----------------------------------------------------------------------
+
+    def nudge_due(self, stream_id: str, due_at_us: int) -> bool:
+        """If the stream is PARKED, make its due time at most `due_at_us`; whether it is PARKED."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.conn.execute("SELECT status FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
+            parked = row is not None and int(row[0]) == int(StreamStatus.PARKED)
+            if parked:
+                self.conn.execute(
+                    "INSERT INTO stream_due (stream_id, due_at_us) VALUES (?, ?) "
+                    "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = min(due_at_us, excluded.due_at_us)",
+                    (stream_id, due_at_us),
+                )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return parked
 
     # -- trims -------------------------------------------------------------------------------
 

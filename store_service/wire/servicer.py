@@ -276,6 +276,17 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             next_due_at_us=page.next_due_at_us,
         )
 
+    @translated
+    async def NudgeDue(
+        self, request: store_pb2.NudgeDueRequest, context: Context
+    ) -> store_pb2.NudgeDueResponse:
+        """Move a PARKED stream's due time earlier; whether it is PARKED."""
+        parked = await self._backend.nudge_due(
+            limits.check_stream_id(request.stream_id),
+            limits.check_due_at("due_at_us", request.due_at_us, zero=False),
+        )
+        return store_pb2.NudgeDueResponse(parked=parked)
+
     @translated_stream
     async def SubscribeEvents(
         self, request: store_pb2.SubscribeEventsRequest, context: Context

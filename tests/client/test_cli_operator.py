@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import subprocess
+import time
+from datetime import UTC
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -260,3 +262,21 @@ def test_run_wait_shows_the_steps_a_cancel_cut_as_canceled(engine_address: str, 
         f"run {run_id}: canceled",
     ]
     assert not any("failed" in line or "running" in line for line in rest)
+
+
+def test_get_shows_a_waiting_step_with_its_timer(engine_address: str) -> None:
+    nap = pipeline("cli-wait", step("nap", "keel.sleep", {"seconds": 300}))
+    with KeelClient(engine_address) as keel:
+        run_id = keel.start_run(nap).run_id
+        deadline = time.monotonic() + 60  # bounds the wait; no timing claim
+        while keel.get_run(run_id).steps[0].status is not StepStatus.WAITING:
+            assert time.monotonic() < deadline, "the step never waited"
+            time.sleep(0.05)
+        [attempt] = keel.get_run(run_id).steps[0].attempts
+        assert attempt.wait is not None and attempt.wait.kind == "timer" and attempt.wait.until is not None
+        until = attempt.wait.until.astimezone(UTC)
+        shown = run_keel("get", run_id, engine=engine_address)
+        keel.terminalize(run_id, "TERMINAL_TARGET_CANCELED", reason="seen")
+    assert shown.code == 0, shown.stderr
+    [row] = [line for line in shown.stdout.splitlines() if line.strip().startswith("nap ")]
+    assert f"waiting (timer until {until:%H:%M:%S}Z)" in row

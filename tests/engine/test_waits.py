@@ -20,9 +20,10 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.domain.waits import PARK_AFTER_US
+from keel_core.json_values import from_struct, from_value, to_value
 from tests.engine.conftest import Cluster
 from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
-from tests.engine.test_engine_rpcs import pipeline, step
+from tests.engine.test_engine_rpcs import expect_error, pipeline, step
 from tests.engine.test_terminalize import terminalize
 
 WAIT = 60.0
@@ -133,6 +134,136 @@ async def test_a_failed_attempt_retries_after_its_backoff_counted_from_the_recor
     assert retry["at_us"] >= failed["at_us"] + 1_200_000
     [parked] = only(events, "RunParked")
     assert parked["due_at_us"] == failed["at_us"] + 1_200_000
+
+
+# -- what GetRun shows --------------------------------------------------------------------------
+
+
+async def until_parked(cluster: Cluster, run_id: str) -> None:
+    """Wait until the run is parked (its stream labelled so)."""
+
+    async def parked() -> bool:
+        head = await cluster.store_stub.HeadSeq(store_pb2.HeadSeqRequest(stream_id=f"run:{run_id}"))
+        return head.status == store_pb2.STREAM_STATUS_PARKED
+
+    await eventually(parked, "the run parked", within=WAIT, poll=0.05)
+
+
+async def test_get_run_shows_a_waiting_step_and_its_timer(cluster: Cluster) -> None:
+    run_id = (await cluster.stub.StartRun(sleep_run(300))).run_id
+    await until_parked(cluster, run_id)
+    run = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))).run
+    assert run.status == engine_pb2.RUN_STATUS_RUNNING
+    nap = next(s for s in run.steps if s.step_id == "nap")
+    assert nap.status == engine_pb2.STEP_STATUS_WAITING
+    [attempt] = nap.attempts
+    assert attempt.status == engine_pb2.STEP_STATUS_WAITING and attempt.wait.kind == "timer"
+    [waiting] = only(await run_events(cluster.store_stub, run_id), "StepWaiting")
+    assert attempt.wait.until.ToMicroseconds() == waiting["wait"]["until_us"]
+    await cluster.stub.Terminalize(terminalize(run_id, reason="done looking"))
+    run = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))).run
+    nap = next(s for s in run.steps if s.step_id == "nap")
+    assert nap.status == engine_pb2.STEP_STATUS_FAILED  # a cancel cut the wait
+
+
+# -- run deadlines -------------------------------------------------------------------------------
+
+
+def with_deadline(request: engine_pb2.StartRunRequest, seconds: float) -> engine_pb2.StartRunRequest:
+    """The request with `run_config.execution_timeout` set."""
+    request.run_config.execution_timeout.FromMicroseconds(int(seconds * 1e6))
+    return request
+
+
+def check_timed_out_once(
+    run: engine_pb2.Run, events: list[tuple[str, dict[str, Any]]], seconds: float
+) -> None:
+    """Failed `run_timeout`, one terminal event, decided at or after the recorded start + `seconds`."""
+    assert run.status == engine_pb2.RUN_STATUS_FAILED and run.error.code == "run_timeout", run.reason
+    assert run.reason.startswith("run_timeout")
+    [started] = only(events, "RunStarted")
+    [completed] = only(events, "RunCompleted")
+    assert completed["at_us"] >= started["at_us"] + int(seconds * 1e6)
+    assert completed["error"]["code"] == "run_timeout"
+
+
+async def test_a_run_deadline_reached_during_a_step_cancels_its_op_and_fails_the_run(
+    cluster: Cluster,
+) -> None:
+    steps = pipeline(step("busy", "keel.sleep_in_process", {"seconds": 300}))
+    request = with_deadline(engine_pb2.StartRunRequest(pipeline=steps, wait=True), 0.5)
+    run = (await cluster.stub.StartRun(request, timeout=WAIT)).run
+    events = await run_events(cluster.store_stub, run.run_id)
+    check_timed_out_once(run, events, 0.5)
+    [failed] = only(events, "StepAttemptFailed")
+    assert failed["step_id"] == "busy" and failed["error"]["code"] == "run_timeout"
+
+
+async def test_a_run_deadline_reached_while_parked_on_a_timer_fails_the_run_once(cluster: Cluster) -> None:
+    request = with_deadline(sleep_run(300), 1.5)
+    run_id = (await cluster.stub.StartRun(request)).run_id
+    await until_parked(cluster, run_id)
+    [parked] = only(await run_events(cluster.store_stub, run_id), "RunParked")
+    [started] = only(await run_events(cluster.store_stub, run_id), "RunStarted")
+    assert parked["due_at_us"] == started["at_us"] + 1_500_000  # the deadline, before the timer
+    awaited = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=WAIT)
+    assert awaited.done
+    events = await run_events(cluster.store_stub, run_id)
+    check_timed_out_once(awaited.run, events, 1.5)
+    due = await cluster.store_stub.ListDue(store_pb2.ListDueRequest(before_us=2**62, prefix="run:"))
+    assert list(due.due) == []
+
+
+async def test_a_run_that_times_out_cancels_its_children_whose_policy_is_cancel(cluster: Cluster) -> None:
+    config = {"op_id": "keel.sleep", "op_config": {"seconds": 300}, "count": 2}
+    request = engine_pb2.StartRunRequest(
+        op=engine_pb2.SingleOp(op_id="keel.fan_out", op_config=to_value(config)), wait=True
+    )
+    run = (await cluster.stub.StartRun(with_deadline(request, 1.5), timeout=WAIT)).run
+    check_timed_out_once(run, await run_events(cluster.store_stub, run.run_id), 1.5)
+
+    async def children_canceled() -> bool:
+        got = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run.run_id))).run
+        return [c.status for c in got.children] == [engine_pb2.RUN_STATUS_CANCELED] * 2
+
+    await eventually(children_canceled, "the children were canceled", within=WAIT, poll=0.1)
+
+
+async def test_a_negative_execution_timeout_is_invalid_and_writes_nothing(cluster: Cluster) -> None:
+    request = sleep_run(1)
+    request.run_config.execution_timeout.seconds = -1
+    await expect_error(cluster.stub.StartRun(request), grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument")
+    page = await cluster.store_stub.ListStreams(store_pb2.ListStreamsRequest(page_size=10))
+    assert list(page.streams) == []
+
+
+# -- keel.fan_out parks on its children ---------------------------------------------------------
+
+
+async def test_fan_out_parks_on_its_children_and_completes_when_they_all_ended(cluster: Cluster) -> None:
+    config = {"op_id": "keel.sleep", "op_config": {"seconds": 1.5}, "count": 3}
+    request = engine_pb2.StartRunRequest(
+        op=engine_pb2.SingleOp(op_id="keel.fan_out", op_config=to_value(config))
+    )
+    run_id = (await cluster.stub.StartRun(request)).run_id
+    await until_parked(cluster, run_id)
+    run = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))).run
+    [main] = run.steps
+    assert main.status == engine_pb2.STEP_STATUS_WAITING
+    wait = main.attempts[-1].wait
+    children = [str(uuid.uuid5(uuid.UUID(run_id), f"main.child.{i}")) for i in range(3)]
+    assert wait.kind == "children" and from_struct(wait.detail)["children"] == children
+    assert cluster.engine.engine is not None
+    assert run_id not in cluster.engine.engine.drivers  # no coroutine waits for the children
+    awaited = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=WAIT)
+    assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
+    output = from_value(awaited.run.final_snapshot)["main"]
+    assert output["results"] == [{"slept": 1.5}] * 3
+    assert [c["child_run_id"] for c in output["children"]] == children
+    events = await run_events(cluster.store_stub, run_id)
+    assert not [f for f in only(events, "FactRecorded") if ".await." in f["fact_key"]]
+    [completed] = only(events, "StepCompleted")
+    assert completed["attempt"] == 0
 
 
 # -- across engine restarts (real processes, SIGKILL) --------------------------------------------

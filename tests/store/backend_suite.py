@@ -417,6 +417,25 @@ class StoreBackendSuite(abc.ABC):
         assert [s.stream_id for s in active.streams] == ["q"]
         assert [s.stream_id for s in parked.streams] == ["p"]
 
+    async def test_a_nudge_moves_only_a_parked_streams_due_time_and_only_earlier(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append(
+            "p", Expected.no_stream(), events("a"), status=StreamStatus.PARKED, due_at_us=500
+        )
+        await backend.append("q", Expected.no_stream(), events("a"), status=StreamStatus.PARKED)
+        await backend.append("r", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        assert await backend.nudge_due("p", 100)
+        assert await backend.nudge_due("p", 300)  # later than its due time: it stays at 100
+        assert await backend.nudge_due("q", 200)  # parked without a due time: it gets one
+        assert not await backend.nudge_due("r", 50)  # not parked: left alone
+        assert not await backend.nudge_due("unknown", 50)
+        page = await backend.list_due(1000)
+        assert [(d.stream_id, d.due_at_us) for d in page.due] == [("p", 100), ("q", 200)]
+        await backend.append("p", Expected.exact(1), events("b"), status=StreamStatus.ACTIVE, due_at_us=0)
+        assert not await backend.nudge_due("p", 10)
+        assert [d.stream_id for d in (await backend.list_due(1000)).due] == ["q"]
+
     async def test_due_times_of_many_appends_in_one_group_all_land(self, backend: StoreBackend) -> None:
         await asyncio.gather(
             *(

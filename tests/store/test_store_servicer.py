@@ -316,6 +316,18 @@ BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "invalid_due_at",
     ),
     (
+        "nudge without a time",
+        lambda stub: stub.NudgeDue(pb.NudgeDueRequest(stream_id="s", due_at_us=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_due_at",
+    ),
+    (
+        "nudge without a stream",
+        lambda stub: stub.NudgeDue(pb.NudgeDueRequest(stream_id="", due_at_us=5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_stream_id",
+    ),
+    (
         "list due limit too big",
         lambda stub: stub.ListDue(pb.ListDueRequest(before_us=1, limit=1001)),
         grpc.StatusCode.INVALID_ARGUMENT,

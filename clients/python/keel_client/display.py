@@ -20,6 +20,7 @@ from keel_client.models import (
     RunSummary,
     StepState,
     StepStatus,
+    StepWait,
 )
 
 
@@ -101,7 +102,21 @@ def step_label(run: Run, step: StepState) -> str:
             f" until {waiting.timeout_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z" if waiting.timeout_at else ""
         )
         return f"waiting for signal {waiting.name}{until}"
+    last = step.last_attempt
+    if step.status is StepStatus.WAITING and last is not None and last.wait is not None:
+        return wait_label(last.wait)
     return step.status.value
+
+
+def wait_label(wait: StepWait) -> str:
+    """What a waiting step waits for, for people: `waiting (timer until 12:00:03Z)`."""
+    what = wait.kind
+    name = wait.detail.get("name")
+    if isinstance(name, str) and name:
+        what += f" {name}"
+    if wait.until is not None:
+        what += f" until {wait.until.astimezone(UTC):%H:%M:%S}Z"
+    return f"waiting ({what})"
 
 
 def child_label(run: Run, child: ChildRun) -> str:

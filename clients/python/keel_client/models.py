@@ -38,6 +38,7 @@ class StepStatus(enum.StrEnum):
     RETRYING = "retrying"
     COMPLETED = "completed"
     FAILED = "failed"
+    WAITING = "waiting"
 
 
 class ExecutionMode(enum.StrEnum):
@@ -139,6 +140,16 @@ class ErrorDetail:
 
 
 @dataclass(frozen=True)
+class StepWait:
+    """What a waiting attempt waits for: its kind (`timer`, `children`, `signal`, ...), when it ends
+    by itself (None: only something else ends it) and kind-specific facts."""
+
+    kind: str
+    until: datetime | None
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class StepAttempt:
     """One attempt of one step."""
 
@@ -150,6 +161,7 @@ class StepAttempt:
     # A remote attempt (its step has a task queue): the queue, and the worker that ran it.
     task_queue: str = ""
     worker_id: str = ""
+    wait: StepWait | None = None  # set while the attempt waits (status WAITING)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from keel_client.models import (
     StepAttempt,
     StepState,
     StepStatus,
+    StepWait,
     TerminalizeOutcome,
     TerminalizeResult,
     TerminalTarget,
@@ -68,6 +69,7 @@ _STEP_STATUS = {
     engine_pb2.STEP_STATUS_RETRYING: StepStatus.RETRYING,
     engine_pb2.STEP_STATUS_COMPLETED: StepStatus.COMPLETED,
     engine_pb2.STEP_STATUS_FAILED: StepStatus.FAILED,
+    engine_pb2.STEP_STATUS_WAITING: StepStatus.WAITING,
 }
 _EXECUTION_MODE = {
     ExecutionMode.LIVE: engine_pb2.EXECUTION_MODE_LIVE,
@@ -360,6 +362,13 @@ def await_run_request(run_id: str, timeout: float | None) -> engine_pb2.AwaitRun
 # ---- responses -----------------------------------------------------------------------------------
 
 
+def _wait(attempt: engine_pb2.StepAttempt) -> StepWait | None:
+    if not attempt.HasField("wait"):
+        return None
+    detail = from_struct(attempt.wait.detail) if attempt.wait.HasField("detail") else {}
+    return StepWait(attempt.wait.kind, _time(attempt.wait, "until"), dict(detail))
+
+
 def _time(message: Any, field_name: str) -> datetime | None:
     if not message.HasField(field_name):
         return None
@@ -443,6 +452,7 @@ def _step(message: engine_pb2.StepState) -> StepState:
                 error=error_detail(attempt, "error"),
                 task_queue=attempt.task_queue,
                 worker_id=attempt.worker_id,
+                wait=_wait(attempt),
             )
             for attempt in message.attempts
         ),

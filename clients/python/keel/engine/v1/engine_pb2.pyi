@@ -82,6 +82,10 @@ class _StepStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepStatus
     """The step completed; its output is in the checkpoint."""
     STEP_STATUS_FAILED: _StepStatus.ValueType  # 5
     """The step failed for good."""
+    STEP_STATUS_WAITING: _StepStatus.ValueType  # 6
+    """An attempt is parked: it waits for a timer, a signal or child runs, and holds no
+    coroutine (StepAttempt.wait says what for).
+    """
 
 class StepStatus(_StepStatus, metaclass=_StepStatusEnumTypeWrapper):
     """A step's status within a run."""
@@ -98,6 +102,10 @@ STEP_STATUS_COMPLETED: StepStatus.ValueType  # 4
 """The step completed; its output is in the checkpoint."""
 STEP_STATUS_FAILED: StepStatus.ValueType  # 5
 """The step failed for good."""
+STEP_STATUS_WAITING: StepStatus.ValueType  # 6
+"""An attempt is parked: it waits for a timer, a signal or child runs, and holds no
+coroutine (StepAttempt.wait says what for).
+"""
 Global___StepStatus: _TypeAlias = StepStatus  # noqa: Y015
 
 class _ExecutionMode:
@@ -463,6 +471,7 @@ class RunConfig(_message.Message):
     EXECUTION_MODE_FIELD_NUMBER: _builtins.int
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     REPLAY_OF_RUN_ID_FIELD_NUMBER: _builtins.int
+    EXECUTION_TIMEOUT_FIELD_NUMBER: _builtins.int
     execution_mode: Global___ExecutionMode.ValueType
     """LIVE (the default) or REPLAY."""
     replay_of_run_id: _builtins.str
@@ -471,16 +480,25 @@ class RunConfig(_message.Message):
     def retry_policy(self) -> Global___RetryPolicy:
         """How failed attempts are retried."""
 
+    @_builtins.property
+    def execution_timeout(self) -> _duration_pb2.Duration:
+        """The run's deadline, counted from its start: a run still running then is terminalized
+        failed with reason `run_timeout` (its running ops cancelled, its children whose policy is
+        `cancel` canceled), once, by whichever engine holds it. Unset or 0: no deadline. Negative
+        is INVALID_ARGUMENT, reason `invalid_argument`.
+        """
+
     def __init__(
         self,
         *,
         execution_mode: Global___ExecutionMode.ValueType = ...,
         retry_policy: Global___RetryPolicy | None = ...,
         replay_of_run_id: _builtins.str = ...,
+        execution_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "retry_policy", b"retry_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_mode", b"execution_mode", "replay_of_run_id", b"replay_of_run_id", "retry_policy", b"retry_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_mode", b"execution_mode", "execution_timeout", b"execution_timeout", "replay_of_run_id", b"replay_of_run_id", "retry_policy", b"retry_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1147,6 +1165,7 @@ class StepAttempt(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     TASK_QUEUE_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """The attempt number, from 0."""
     status: Global___StepStatus.ValueType
@@ -1169,6 +1188,10 @@ class StepAttempt(_message.Message):
     def error(self) -> Global___ErrorDetail:
         """Its error, if it failed."""
 
+    @_builtins.property
+    def wait(self) -> Global___StepWait:
+        """What it waits for, while it waits (status WAITING); unset otherwise."""
+
     def __init__(
         self,
         *,
@@ -1179,14 +1202,53 @@ class StepAttempt(_message.Message):
         error: Global___ErrorDetail | None = ...,
         task_queue: _builtins.str = ...,
         worker_id: _builtins.str = ...,
+        wait: Global___StepWait | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "started_at", b"started_at", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at", "status", b"status", "task_queue", b"task_queue", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at", "status", b"status", "task_queue", b"task_queue", "wait", b"wait", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StepAttempt: _TypeAlias = StepAttempt  # noqa: Y015
+
+@_typing.final
+class StepWait(_message.Message):
+    """What a waiting step attempt waits for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """The kind of wait: `timer` (keel.sleep, a retry's backoff), `children` (keel.fan_out), and
+    others such as `signal`.
+    """
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """When the wait ends by itself (a timer's fire time, a wait's timeout); unset when only
+        something else can end it.
+        """
+
+    @_builtins.property
+    def detail(self) -> _struct_pb2.Struct:
+        """Kind-specific facts, for example a signal's name or the children waited for."""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        detail: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "kind", b"kind", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepWait: _TypeAlias = StepWait  # noqa: Y015
 
 @_typing.final
 class StepState(_message.Message):

@@ -1137,3 +1137,51 @@ class DeleteArtifactsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteArtifactsResponse: _TypeAlias = DeleteArtifactsResponse  # noqa: Y015
+
+@_typing.final
+class NudgeDueRequest(_message.Message):
+    """Request of NudgeDue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    DUE_AT_US_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The stream (1 to 200 characters)."""
+    due_at_us: _builtins.int
+    """The due time to move it to, if that is sooner (microseconds since the Unix epoch)."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        due_at_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_at_us", b"due_at_us", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NudgeDueRequest: _TypeAlias = NudgeDueRequest  # noqa: Y015
+
+@_typing.final
+class NudgeDueResponse(_message.Message):
+    """Response of NudgeDue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARKED_FIELD_NUMBER: _builtins.int
+    parked: _builtins.bool
+    """Whether the stream is PARKED (its due time is now at most `due_at_us`)."""
+    def __init__(
+        self,
+        *,
+        parked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parked", b"parked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NudgeDueResponse: _TypeAlias = NudgeDueResponse  # noqa: Y015

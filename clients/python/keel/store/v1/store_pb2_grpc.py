@@ -106,6 +106,11 @@ class StoreServiceStub:
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsRequest.SerializeToString,
                 response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsResponse.FromString,
                 _registered_method=True)
+        self.NudgeDue = channel.unary_unary(
+                '/keel.store.v1.StoreService/NudgeDue',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.NudgeDueRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.NudgeDueResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -243,6 +248,17 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NudgeDue(self, request, context):
+        """Moves a PARKED stream's due time earlier: to `due_at_us` unless it is due
+        sooner already. A stream that is not PARKED is left alone (its subject is
+        being driven, or is over): what wakes a parked run for something that
+        happened elsewhere (a child run ended) without writing to its stream.
+        `due_at_us` must be more than 0 (INVALID_ARGUMENT, reason `invalid_due_at`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -310,6 +326,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.DeleteArtifacts,
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsRequest.FromString,
                     response_serializer=keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsResponse.SerializeToString,
+            ),
+            'NudgeDue': grpc.unary_unary_rpc_method_handler(
+                    servicer.NudgeDue,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.NudgeDueRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.NudgeDueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -670,6 +691,33 @@ class StoreService:
             '/keel.store.v1.StoreService/DeleteArtifacts',
             keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsRequest.SerializeToString,
             keel_dot_store_dot_v1_dot_store__pb2.DeleteArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NudgeDue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.store.v1.StoreService/NudgeDue',
+            keel_dot_store_dot_v1_dot_store__pb2.NudgeDueRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.NudgeDueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -112,6 +112,13 @@ class StoreServiceStub:
     (an artifact put again since is kept), in one transaction. Unknown ids are
     skipped. Same permission as DeleteStreams.
     """
+    NudgeDue: _grpc.UnaryUnaryMultiCallable[_store_pb2.NudgeDueRequest, _store_pb2.NudgeDueResponse]
+    """Moves a PARKED stream's due time earlier: to `due_at_us` unless it is due
+    sooner already. A stream that is not PARKED is left alone (its subject is
+    being driven, or is over): what wakes a parked run for something that
+    happened elsewhere (a child run ended) without writing to its stream.
+    `due_at_us` must be more than 0 (INVALID_ARGUMENT, reason `invalid_due_at`).
+    """
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -196,6 +203,13 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """Deletes the given artifacts that were last stored before `stored_before`
     (an artifact put again since is kept), in one transaction. Unknown ids are
     skipped. Same permission as DeleteStreams.
+    """
+    NudgeDue: _aio.UnaryUnaryMultiCallable[_store_pb2.NudgeDueRequest, _store_pb2.NudgeDueResponse]  # type: ignore[assignment]
+    """Moves a PARKED stream's due time earlier: to `due_at_us` unless it is due
+    sooner already. A stream that is not PARKED is left alone (its subject is
+    being driven, or is over): what wakes a parked run for something that
+    happened elsewhere (a child run ended) without writing to its stream.
+    `due_at_us` must be more than 0 (INVALID_ARGUMENT, reason `invalid_due_at`).
     """
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -356,6 +370,19 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes the given artifacts that were last stored before `stored_before`
         (an artifact put again since is kept), in one transaction. Unknown ids are
         skipped. Same permission as DeleteStreams.
+        """
+
+    @_abc_1.abstractmethod
+    def NudgeDue(
+        self,
+        request: _store_pb2.NudgeDueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.NudgeDueResponse, _abc.Awaitable[_store_pb2.NudgeDueResponse]]:
+        """Moves a PARKED stream's due time earlier: to `due_at_us` unless it is due
+        sooner already. A stream that is not PARKED is left alone (its subject is
+        being driven, or is over): what wakes a parked run for something that
+        happened elsewhere (a child run ended) without writing to its stream.
+        `due_at_us` must be more than 0 (INVALID_ARGUMENT, reason `invalid_due_at`).
         """
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
