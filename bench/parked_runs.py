@@ -16,9 +16,10 @@ step (`at_us`, when the engine decided it) minus its StepWaiting's recorded fire
 parked run, idle CPU near 0, wake-up p99 < 100 ms). Runs all start within a short span, so they
 fall due in a burst of about that span: the delay includes waiting behind the burst.
 
-Where the cost goes: the engine's own store-call counters are not exported, so the wake-up path is
-described by the store calls it makes per run (printed from the store's streams: appends per run
-stream, lease streams written).
+Where the cost goes: the store runs with `--metrics-listen`, and its per-method RPC counters
+(`keel_rpc_started`) are read before the runs start, once they are all parked, after the idle
+window and once they all completed: the store calls per run of parking, of waiting (the Waker's
+ListDue polls) and of waking and finishing, by method.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +64,24 @@ def cpu_seconds(pid: int) -> float:
     """The process's user + system CPU time in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def store_calls(metrics_url: str) -> Counter[str]:
+    """The store's RPCs so far, by method (its keel_rpc_started counters)."""
+    calls: Counter[str] = Counter()
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("keel_rpc_started_total{") and "StoreService" in line:
+                labels, value = line.rsplit(" ", 1)
+                method = labels.split('method="', 1)[1].split('"', 1)[0]
+                calls[method] += int(float(value))
+    return calls
+
+
+def per_run(before: Counter[str], after: Counter[str], runs: int) -> str:
+    """Store calls between two readings, per run, by method (most first)."""
+    diff = after - before
+    return ", ".join(f"{method} {count / runs:.2f}" for method, count in diff.most_common()) or "none"
 
 
 def sleep_pipeline(seconds: float) -> engine_pb2.Pipeline:
@@ -130,9 +151,13 @@ async def main() -> None:
         try:
             quiet = ["--listen", "127.0.0.1:0", "--log-level", "warning"]
             store_process, store_address = await spawn(
-                [str(BIN / "store-service"), *quiet, "--data-dir", data], "store-service listening on"
+                [str(BIN / "store-service"), *quiet, "--data-dir", data, "--metrics-listen", "127.0.0.1:0"],
+                "store-service listening on",
             )
             processes.append(store_process)
+            assert store_process.stdout is not None
+            metrics_line = (await store_process.stdout.readline()).decode().strip()
+            metrics_url = metrics_line.removeprefix("store-service metrics on").strip()
             engine, engine_address = await spawn(
                 [str(BIN / "engine-service"), *quiet, "--store", store_address], "engine-service listening on"
             )
@@ -147,6 +172,7 @@ async def main() -> None:
             await asyncio.sleep(2)
             baseline = rss_kib(engine.pid)
 
+            calls_start = store_calls(metrics_url)
             began = time.monotonic()
             run_ids = await start_all(stub, args.runs, args.seconds)
             start_span = time.monotonic() - began
@@ -155,12 +181,14 @@ async def main() -> None:
                     raise RuntimeError("the runs did not all park before their timers fired")
                 await asyncio.sleep(0.5)
             parked_at = time.monotonic()
+            calls_parked = store_calls(metrics_url)
             rss_parked = rss_kib(engine.pid)
             cpu_before = cpu_seconds(engine.pid)
             window = min(args.window, max(1.0, args.seconds - (parked_at - began) - 2))
             await asyncio.sleep(window)
             cpu_idle = (cpu_seconds(engine.pid) - cpu_before) / window
             rss_after_window = rss_kib(engine.pid)
+            calls_waited = store_calls(metrics_url)
 
             fire_cpu = cpu_seconds(engine.pid)
             while await count(store, store_pb2.STREAM_STATUS_COMPLETED) < args.runs + args.warmup:
@@ -168,6 +196,7 @@ async def main() -> None:
                     raise RuntimeError("the runs did not all complete")
                 await asyncio.sleep(0.5)
             fire_cpu = cpu_seconds(engine.pid) - fire_cpu
+            calls_done = store_calls(metrics_url)
             limit = asyncio.Semaphore(64)
 
             async def one(run_id: str) -> float:
@@ -183,7 +212,7 @@ async def main() -> None:
                     process.send_signal(signal.SIGTERM)
             for process in processes:
                 await process.wait()
-    per_run = (rss_parked - baseline) * 1024 / args.runs
+    rss_per_run = (rss_parked - baseline) * 1024 / args.runs
     p50 = statistics.median(delays)
     p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
     print(f"parked_runs: {args.runs} runs parked on {args.seconds:g}s timers (started in {start_span:.1f}s)")
@@ -191,7 +220,7 @@ async def main() -> None:
         f"  engine RSS: {baseline / 1024:.1f} MiB warm, {rss_parked / 1024:.1f} MiB with {args.runs} parked, "
         f"{rss_after_window / 1024:.1f} MiB after {window:.0f}s"
     )
-    print(f"  RSS growth per parked run: {per_run:.0f} bytes = {per_run / 2048:.2f} x the 2 KiB aim")
+    print(f"  RSS growth per parked run: {rss_per_run:.0f} bytes = {rss_per_run / 2048:.2f} x the 2 KiB aim")
     print(f"  engine CPU while they wait: {cpu_idle * 100:.2f}% of a core ({window:.0f}s window)")
     print(
         f"  engine CPU to wake and finish them: {fire_cpu:.1f}s "
@@ -201,6 +230,12 @@ async def main() -> None:
         f"  delay from fire time to the step's completion: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
         f"max {delays[-1]:.1f} ms (p99 = {p99 / 100:.2f} x the 100 ms aim)"
     )
+    print("  store calls per run (the bench's own ListStreams polls included):")
+    print(f"    start and park: {per_run(calls_start, calls_parked, args.runs)}")
+    waited = calls_waited - calls_parked
+    idle = ", ".join(f"{method} {count}" for method, count in waited.most_common())
+    print(f"    while parked ({window:.0f}s, all runs together): {idle}")
+    print(f"    wake and finish: {per_run(calls_waited, calls_done, args.runs)}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ for that step). Each failpoint fires at most once per process, which is enough: 
   RunCompleted its own append instead of travelling with the last StepCompleted).
 - `after_child_spawn_recorded`: a parent's spawn fact (`machine.child_run.spawn`) is durable;
 - `before_child_started`: a spawn stored the child's manifest and has not appended its RunStarted;
-- `after_child_completed`: an await saw its child terminal, before the parent records the answer;
+- `after_child_completed`: an await saw its child terminal, before the parent records the answer
+  (for a step parked on its children, `keel.fan_out`: they all ended, before the step settles);
 - `after_child_await_recorded`: a parent's await fact (`machine.child_run.await`) is durable.
 - `retention_after_run_deleted`: retention deleted one run of a tree (root first), before the next.
+- `after_run_parked`: a run's RunParked is durable (the driver has not ended yet).
 
 `pause_before_transport_call` does not kill: it stops the process (SIGSTOP; a test sends SIGCONT)
 once its StepAttemptStarted is durable, before the last lease check and the transport call.
@@ -37,6 +39,7 @@ AFTER_CHILD_SPAWN_RECORDED = "after_child_spawn_recorded"
 BEFORE_CHILD_STARTED = "before_child_started"
 AFTER_CHILD_COMPLETED = "after_child_completed"
 AFTER_CHILD_AWAIT_RECORDED = "after_child_await_recorded"
+AFTER_RUN_PARKED = "after_run_parked"
 PAUSE_BEFORE_TRANSPORT_CALL = "pause_before_transport_call"
 RETENTION_AFTER_RUN_DELETED = "retention_after_run_deleted"
 # Pausing failpoints stop the process instead of killing it, once per process.
@@ -51,6 +54,7 @@ NAMES = (
     BEFORE_CHILD_STARTED,
     AFTER_CHILD_COMPLETED,
     AFTER_CHILD_AWAIT_RECORDED,
+    AFTER_RUN_PARKED,
     PAUSE_BEFORE_TRANSPORT_CALL,
     RETENTION_AFTER_RUN_DELETED,
 )

@@ -34,7 +34,7 @@ from engine_service.domain.events import COMPLETED, FAILED, ErrorRecord, RunComp
 from engine_service.domain.history import OpenAttempt, RunHistory, StepFailure, WaitingAttempt
 from engine_service.domain.plan import Plan, invalid_plan
 from engine_service.domain.run_config import RunConfig
-from engine_service.domain.waits import PARK_AFTER_US
+from engine_service.domain.waits import PARK_AFTER_US, RECHECK_AFTER_US
 from keel_core.errors import not_found
 
 # The error of an attempt stopped because a sibling branch failed the run (never retried).
@@ -194,7 +194,9 @@ def _run_or_park(
     if running or not (history.waiting or ready):
         return RunSteps(ready, wake_at if running or ready else 0)
     starts = [max(now_us, step.due_at_us or now_us + step.delay_ms * 1000) for step in ready]
-    earliest = min([*timers, *starts], default=0)
+    # A wait only a resolver ends is looked at again after RECHECK_AFTER_US (a lost wake-up).
+    rechecks = [now_us + RECHECK_AFTER_US for w in history.waiting.values() if not w.wait.until_us]
+    earliest = min([*timers, *starts, *rechecks], default=0)
     if earliest and earliest - now_us < PARK_AFTER_US:
         return RunSteps(ready, wake_at)
     return ParkRun(earliest)

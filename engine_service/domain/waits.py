@@ -29,6 +29,10 @@ from engine_service.domain.events import ErrorRecord, FactRecorded, ParkStep
 # A wait due sooner than this is waited for in the running driver (a timer, no coroutine per step);
 # a later one parks the run.
 PARK_AFTER_US = 1_000_000
+# A run parked on a wait that only a resolver ends (children, say) is due again after this anyway:
+# a wake-up lost to a crash (the engine that saw a child end died before it nudged the parent) is
+# then found within it, at the cost of one look per parked run per interval.
+RECHECK_AFTER_US = 300_000_000
 
 # Wait kinds Keel writes (a resolver may be registered for others).
 TIMER = "timer"
@@ -54,4 +58,13 @@ def due_outcome(wait: ParkStep) -> WaitOutcome:
     return WaitOutcome(wait.output, wait.error)
 
 
-__all__ = ["PARK_AFTER_US", "TASK", "TASK_RECHECK_US", "TIMER", "ParkStep", "WaitOutcome", "due_outcome"]
+__all__ = [
+    "PARK_AFTER_US",
+    "RECHECK_AFTER_US",
+    "TASK",
+    "TASK_RECHECK_US",
+    "TIMER",
+    "ParkStep",
+    "WaitOutcome",
+    "due_outcome",
+]

@@ -67,6 +67,7 @@ from engine_service.domain import (
     with_step_output,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
+from engine_service.domain.child_runs import CHILDREN
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.decision import ParkRun, SettleWaits
 from engine_service.domain.events import ErrorRecord, ParkStep, RunParked, RunResumed, StepWaiting, stamped
@@ -83,7 +84,9 @@ from engine_service.domain.streams import (
 from engine_service.domain.tasks import TaskState
 from engine_service.domain.waits import TASK, TASK_RECHECK_US, WaitOutcome, due_outcome
 from engine_service.failpoints import (
+    AFTER_CHILD_COMPLETED,
     AFTER_OP_RETURNED,
+    AFTER_RUN_PARKED,
     AFTER_STEP_ATTEMPT_STARTED,
     BEFORE_RUN_COMPLETED,
 )
@@ -346,6 +349,7 @@ class RunDriver:
             return
         self.record([RunParked(due_at_us)], label=RUN_PARKED_LABEL, due_at_us=due_at_us, linger=False)
         await self.flush()
+        self.env.failpoints.hit(AFTER_RUN_PARKED)
         if self.poked_since_check or await self._a_wait_is_over():
             # A wake-up came while it parked, or what ends a wait happened before the park landed
             # (its wake-up found the run still active): go on at once instead.
@@ -383,6 +387,8 @@ class RunDriver:
                 continue
             outcome = await resolver(self.run_id, waiting)
             if outcome is not None and self.history.waiting.get(waiting.step_id) == waiting:
+                if waiting.wait.kind == CHILDREN:
+                    self.env.failpoints.hit(AFTER_CHILD_COMPLETED)
                 await self._settle_wait(waiting, outcome)
                 settled = True
         return settled

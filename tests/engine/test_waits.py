@@ -318,6 +318,41 @@ async def test_a_sleep_interrupted_by_a_sigkill_fires_once_at_its_first_recorded
 
 
 @pytest.mark.slow
+async def test_a_fan_out_parent_killed_right_after_it_parked_completes_on_the_next_engine(
+    tmp_path: Path,
+) -> None:
+    store = await start_store_process(tmp_path / "store")
+    doomed = await start_engine_process(store.address, failpoints="after_run_parked")
+    survivor: ServiceProcess | None = None
+    run_id = str(uuid.uuid4())
+    # Children that sleep in their op never park: the one run that parks is the parent.
+    config = {"op_id": "keel.sleep_in_process", "op_config": {"seconds": 1.5}, "count": 2}
+    request = engine_pb2.StartRunRequest(
+        run_id=run_id, op=engine_pb2.SingleOp(op_id="keel.fan_out", op_config=to_value(config))
+    )
+    store_channel = grpc.aio.insecure_channel(store.address)
+    store_stub = store_pb2_grpc.StoreServiceStub(store_channel)
+    try:
+        channel = grpc.aio.insecure_channel(doomed.address)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the engine may die before it answers
+            await engine_pb2_grpc.EngineServiceStub(channel).StartRun(request, timeout=30)
+        await channel.close(grace=None)
+        assert await asyncio.wait_for(doomed.process.wait(), 30) == -9, "the failpoint did not fire"
+        survivor = await start_engine_process(store.address)
+        [awaited] = await _await_on(survivor, [run_id])
+        assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
+        assert from_value(awaited.run.final_snapshot)["main"]["results"] == [{"slept": 1.5}] * 2
+        events = await run_events(store_stub, run_id)
+        assert len(only(events, "StepWaiting")) == 1 and len(only(events, "StepCompleted")) == 1
+    finally:
+        await store_channel.close(grace=None)
+        if survivor is not None:
+            await survivor.kill()
+        await doomed.kill()
+        await store.kill()
+
+
+@pytest.mark.slow
 async def test_several_parked_runs_fire_after_every_engine_was_restarted(tmp_path: Path) -> None:
     store = await start_store_process(tmp_path / "store")
     first = await start_engine_process(store.address)
