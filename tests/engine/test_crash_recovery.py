@@ -165,7 +165,11 @@ async def test_sigterm_parks_running_runs_and_the_next_engine_finishes_them(stor
         steps=[
             engine_pb2.Step(step_id="first", op_id="keel.echo"),
             engine_pb2.Step(
-                step_id="nap", op_id="keel.sleep", op_config=to_value({"seconds": 30}), depends_on=["first"]
+                # An op that stays running (a durable keel.sleep would be waiting, not running).
+                step_id="nap",
+                op_id="keel.sleep_in_process",
+                op_config=to_value({"seconds": 30}),
+                depends_on=["first"],
             ),
         ],
     )
