@@ -5,6 +5,7 @@ Python worker process runs; a Node worker SIGKILLed in the middle of a task leav
 fact to the worker that takes the next attempt, which is served it without executing it again (the
 workers' transport writes every real execution to a ledger file that the test reads); and a Node
 worker paused (SIGSTOP) past its lease and then resumed finds its task stale and changes nothing;
+a Node worker whose engine is SIGKILLed mid-task and restarted finishes the task through it;
 and a Node worker reaches an engine serving TLS with its bearer token (and says so when its token
 is refused).
 
@@ -31,6 +32,7 @@ from engine_service import EngineConfig, start_engine
 from keel_core.security import TlsFiles
 from store_service.server import StoreConfig, start_store
 from tests.client.test_node_client import NODE_CLIENT, _node_or_skip
+from tests.engine.processes import start_engine_process, start_store_process
 from tests.test_security import TOKEN, TestCa
 
 HERE = Path(__file__).resolve().parent
@@ -306,6 +308,49 @@ async def test_node_worker_over_tls_with_the_engines_token(
             process.send_signal(signal.SIGTERM)
             await process.communicate()
         assert good.returncode == 0
+
+
+async def test_node_worker_rides_out_its_engine_killed_and_restarted_mid_task(tmp_path: Path) -> None:
+    node = _node_or_skip()
+    store = await start_store_process(tmp_path / "store")
+    engines = [await start_engine_process(store.address, engine_id="first", lease_ttl=1.0)]
+    queue, ledger = f"node-{uuid.uuid4().hex[:8]}", tmp_path / "ledger"
+    worker = await asyncio.create_subprocess_exec(
+        node, str(NODE_WORKER), engines[0].address, queue, "rider", str(ledger), "--pause-after-first",
+        cwd=NODE_CLIENT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        assert (await worker.stdout.readline()).startswith(b"WORKER ")
+        step = {"step_id": "work", "op_id": "node.ledgered", "task_queue": queue}
+        pipeline = {"pipeline_id": "node-worker-engine-killed", "steps": [step]}
+        async with AsyncKeelClient(engines[0].address) as client:
+            started = await client.start_run(pipeline)
+        assert (await worker.stdout.readline()).split() == [b"PAUSING", started.run_id.encode(), b"0"]
+        # The engine the worker talks to (and that drives the run) dies with the task half done,
+        # and comes back on the same address; the worker goes on through UNAVAILABLE.
+        await engines[0].kill()
+        restart = ("--listen", engines[0].address)
+        engines.append(await start_engine_process(store.address, engine_id="second", extra_args=restart))
+        worker.send_signal(signal.SIGCONT)
+        async with AsyncKeelClient(engines[1].address) as client:
+            awaited = await client.await_run(started.run_id, max_wait=120)
+        run = awaited.run
+        assert run is not None and run.status.name == "COMPLETED", run
+        assert ledger.read_text().splitlines() == [
+            f"first:{started.run_id} rider 0",
+            f"second:{started.run_id} rider 0",
+        ]
+        assert [(a.worker_id, a.status.name) for a in attempts_of(run, "work")] == [("rider", "COMPLETED")]
+        assert run.final_snapshot["work"]["by"] == "rider"
+    finally:
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGTERM)
+        await worker.wait()
+        for engine in engines:
+            await engine.kill()
+        await store.kill()
 
 
 def test_node_worker_example_runs_against_the_engine(engine_address: str) -> None:
