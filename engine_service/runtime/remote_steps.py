@@ -2,7 +2,7 @@
 
 The driver calls `run_remote_attempt` once the attempt's StepAttemptStarted is durable (or when it
 adopted an orphaned remote attempt after a crash). It waits for the task's outcome in the driver for
-up to WAIT_IN_DRIVER_SECONDS (a short task costs no more than that); then the attempt *waits*
+up to WAIT_IN_DRIVER_SECONDS (a task done by then costs no park and wake-up); then the attempt *waits*
 (StepWaiting of kind `task`, engine_service.domain.waits), holding no coroutine, and the run parks
 when nothing else of it runs. Whoever ends the task wakes the run (the engine that took the
 worker's outcome, or any engine's TaskWaker when a deadline passed: `Engine.wake_run`), and the
@@ -29,7 +29,7 @@ from engine_service.domain.tasks import (
     TaskState,
     fact_events,
 )
-from engine_service.domain.waits import PARK_AFTER_US, WaitOutcome
+from engine_service.domain.waits import WaitOutcome
 from engine_service.runtime.environment import RunEnvironment, WaitResolver
 from engine_service.runtime.run_io import RunFacts
 from engine_service.runtime.task_board import TaskBoard
@@ -39,8 +39,10 @@ from keel_core.json_rules import check_json
 
 log = logging.getLogger(__name__)
 
-# How long the driver waits for a task's outcome itself before the attempt waits parked.
-WAIT_IN_DRIVER_SECONDS = PARK_AFTER_US / 1e6
+# How long the driver waits for a task's outcome itself before the attempt waits parked: longer
+# than a timer's PARK_AFTER_US, since a loaded queue's tasks often take a few seconds and parking
+# then waking a run costs more store round trips than the wait's coroutine and subscription.
+WAIT_IN_DRIVER_SECONDS = 5.0
 
 
 class RemoteRun(Protocol):
