@@ -251,7 +251,8 @@ def _ready_steps(
             due_at = 0
             if now_us is not None and failure.at_us:
                 due_at = failure.at_us + delay * 1000
-                delay = max(0, (due_at - now_us) // 1000)
+                # Rounded up: a retry never starts before its due time (floor could start it 1 ms early).
+                delay = max(0, -((now_us - due_at) // 1000))
             fresh.append(RunStep(step_id, retry, failure.base_snapshot_id, delay, due_at))
         else:
             attempt = history.last_attempt.get(step_id, -1) + 1
