@@ -637,6 +637,11 @@ class RunDriver:
         except asyncio.CancelledError:
             raise
         except Exception as error:
+            if self._refused is not None and isinstance(error, KeelError) and error.code == "lease_lost":
+                # Not the step's failure: this engine may no longer write to the run, and a failure
+                # decided now could still be appended with an answer held meanwhile. The driver
+                # stops; whoever holds the lease next resumes the attempt.
+                raise
             if isinstance(error, KeelError) and error.code == "invalid_json":
                 error = io_error(
                     "op_output_invalid",

@@ -143,20 +143,7 @@ class RunFacts:
             await self._run.flush()
             self._run.env.failpoints.hit(PAUSE_BEFORE_TRANSPORT_CALL, attempt.step_id)
             request = copy.deepcopy(request)
-            if self._run.lease is not None:
-                # Last, right before the call: a side effect only while this engine holds the run.
-                await self._run.confirm_lease()
-            calling = asyncio.ensure_future(
-                self._run.env.transports.call(
-                    namespace,
-                    request,
-                    fact_key,
-                    self._run.run_id,
-                    step_id=attempt.step_id,
-                    attempt=attempt.attempt,
-                    fencing=attempt.fencing,
-                )
-            )
+            calling = asyncio.ensure_future(self._call_transport(attempt, namespace, request, fact_key))
             response, cut_off = await self._outlast_lost_lease(calling, _cut, "a call was in flight")
             try:
                 check_json(response, "answer")
@@ -179,6 +166,21 @@ class RunFacts:
         if cut_off:
             raise asyncio.CancelledError  # the driver was stopped meanwhile: the answer is kept
         return response
+
+    async def _call_transport(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
+        """Confirm the lease, then enter the transport at once: nothing runs in between."""
+        if self._run.lease is not None:
+            # Last, right before the call: a side effect only while this engine holds the run.
+            await self._run.confirm_lease()
+        return await self._run.env.transports.call(
+            namespace,
+            request,
+            fact_key,
+            self._run.run_id,
+            step_id=attempt.step_id,
+            attempt=attempt.attempt,
+            fencing=attempt.fencing,
+        )
 
     async def record_answer(self, attempt: AttemptOf, namespace: str, fact_key: str, response: Any) -> None:
         """Decide FactRecorded for `response` now (before any await) and return once it is durable."""
@@ -203,10 +205,11 @@ class RunFacts:
     async def _outlast_lost_lease(
         self, work: asyncio.Future[T], give_up: Callable[[asyncio.Future[T]], Awaitable[None]], doing: str
     ) -> tuple[T, bool]:
-        """Wait for `work` through the first cancel that comes because the run's lease was lost.
+        """Wait for `work` through the first cancel that comes while the run's lease is lost or untrusted.
 
-        A lost lease is not a takeover: the answer of a call already made is worth keeping, and the
-        run stream's compare-and-swap decides whether it may still be recorded. Any other cancel (a
+        Such a cancel (the lease could not be recorded or renewed, its trust ran out) is not a
+        takeover: the answer of a call already made is worth keeping, and the run stream's
+        compare-and-swap decides whether it may still be recorded. Any other cancel (a
         second one, a terminal cancel, a drain) hands `work` to `give_up` and is raised. Answers
         `work`'s result and whether a cancel is owed to the caller.
         """
@@ -215,7 +218,7 @@ class RunFacts:
             try:
                 await asyncio.shield(work)
             except asyncio.CancelledError:
-                if cut_off or self._run.lease is None or not self._run.lease.lost:
+                if cut_off or self._run.lease is None or self._run.lease.is_valid():
                     await give_up(work)
                     raise
                 cut_off = True

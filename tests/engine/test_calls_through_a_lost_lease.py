@@ -1,0 +1,139 @@
+"""A transport call in flight when the run's driver is stopped (engine_service.runtime.run_io).
+
+A stop because this engine can no longer vouch for the run's lease (lost, or its trust ran out) is
+not a takeover: the call goes on and its answer is recorded, so the run never calls it again. Any
+other stop (an operator's cancel, a drain) while the lease holds cuts the call. Driven through
+RunFacts with a stand-in for the driver, to stop it at the exact moment that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from engine_service.domain import FactRecorded, KernelEvent, RunHistory, RunManifest
+from engine_service.domain.ops import OpRegistry
+from engine_service.domain.transports import TransportRegistry
+from engine_service.failpoints import Failpoints
+from engine_service.runtime.environment import RunEnvironment
+from engine_service.runtime.heartbeat import Heartbeat
+from engine_service.runtime.leases import Lease
+from engine_service.runtime.run_io import AttemptOf, RunFacts
+from engine_service.store.memory import InMemoryEventLog
+
+
+class HeldCall:
+    """A transport whose call stays in flight until the test releases it."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+        self.answered = 0
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        self.calls += 1
+        self.entered.set()
+        await self.release.wait()
+        self.answered += 1
+        return {"echo": request}
+
+
+class Driver:
+    """What RunFacts needs of a run's driver: records decided events, flushes at once."""
+
+    def __init__(self, transport: HeldCall) -> None:
+        transports = TransportRegistry()
+        transports.register("held", transport)
+        self.run_id = "run-1"
+        self.env = RunEnvironment(InMemoryEventLog(), OpRegistry(), transports, Failpoints())
+        self.manifest = cast(RunManifest, SimpleNamespace(run_config=SimpleNamespace(execution_mode="")))
+        self.lease: Lease | None = Lease(self.run_id, 10.0, cast(Heartbeat, None))
+        self.history = RunHistory()
+        self.recorded: list[KernelEvent] = []
+
+    def record(
+        self,
+        events: Sequence[KernelEvent],
+        *,
+        label: str | None = None,
+        artifacts: Sequence[tuple[str, bytes]] = (),
+        linger: bool = True,
+    ) -> None:
+        self.recorded.extend(events)
+
+    async def flush(self) -> None:
+        return None
+
+    async def confirm_lease(self) -> None:
+        assert self.lease is not None and self.lease.is_valid()
+
+
+async def call_in_flight() -> tuple[HeldCall, Driver, asyncio.Task[Any]]:
+    transport = HeldCall()
+    driver = Driver(transport)
+    facts = RunFacts(driver)
+    op = asyncio.ensure_future(facts.fact(AttemptOf("step", 0, 3), "held", {"n": 1}, "the-call"))
+    await transport.entered.wait()
+    return transport, driver, op
+
+
+def untrusted(lease: Lease | None) -> None:
+    """Make an implicit lease's trust run out (as a pause or a slow store would), without losing it."""
+    assert lease is not None
+    lease._born -= 60.0
+    assert not lease.is_valid() and not lease.lost
+
+
+async def test_a_call_in_flight_when_the_lease_trust_ran_out_answers_and_is_recorded() -> None:
+    transport, driver, op = await call_in_flight()
+    untrusted(driver.lease)
+    op.cancel()  # the driver is stopped: this engine may no longer vouch for the run
+    await asyncio.sleep(0)
+    transport.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await op
+    assert (transport.calls, transport.answered) == (1, 1)
+    assert driver.recorded == [FactRecorded("step", 0, "the-call", "held", {"echo": {"n": 1}})]
+
+
+async def test_a_call_in_flight_when_the_lease_was_lost_answers_and_is_recorded() -> None:
+    transport, driver, op = await call_in_flight()
+    assert driver.lease is not None
+    driver.lease.lost = True
+    op.cancel()
+    await asyncio.sleep(0)
+    transport.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await op
+    assert (transport.calls, transport.answered) == (1, 1)
+    assert [event.fact_key for event in driver.recorded if isinstance(event, FactRecorded)] == ["the-call"]
+
+
+async def test_a_cancel_while_the_lease_holds_cuts_the_call_and_records_nothing() -> None:
+    transport, driver, op = await call_in_flight()
+    op.cancel()  # an operator's cancel, a drain: the lease is fine
+    with pytest.raises(asyncio.CancelledError):
+        await op
+    transport.release.set()
+    await asyncio.sleep(0)
+    assert (transport.calls, transport.answered) == (1, 0)
+    assert driver.recorded == []
+
+
+async def test_a_second_cancel_cuts_a_call_kept_through_the_first() -> None:
+    transport, driver, op = await call_in_flight()
+    untrusted(driver.lease)
+    op.cancel()
+    await asyncio.sleep(0)
+    op.cancel()  # then a drain gives up on it
+    with pytest.raises(asyncio.CancelledError):
+        await op
+    transport.release.set()
+    await asyncio.sleep(0)
+    assert (transport.calls, transport.answered) == (1, 0)
+    assert driver.recorded == []
