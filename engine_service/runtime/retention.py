@@ -217,6 +217,8 @@ class Retention:
                     )
             except KeelError as error:
                 log.warning("retention pass failed: %s", error.message)
+            except Exception:  # never let the loop die: the next pass tries again
+                log.exception("retention pass failed")
             await asyncio.sleep(interval)
 
     # -- trees ---------------------------------------------------------------------------------

@@ -86,7 +86,10 @@ async def test_a_deletion_killed_after_the_root_leaves_whole_children_and_the_ne
 ) -> None:
     store_channel = grpc.aio.insecure_channel(store.address)
     store_stub: StoreServiceAsyncStub = store_pb2_grpc.StoreServiceStub(store_channel)
-    doomed = await start_engine_process(store.address, failpoints="retention_after_run_deleted")
+    # A lease that outlives this loaded machine's pauses: the run is driven by this engine alone.
+    doomed = await start_engine_process(
+        store.address, failpoints="retention_after_run_deleted", lease_ttl=10.0
+    )
     engines = [doomed]
     try:
         async with grpc.aio.insecure_channel(doomed.address) as channel:
@@ -97,9 +100,11 @@ async def test_a_deletion_killed_after_the_root_leaves_whole_children_and_the_ne
                     op=engine_pb2.SingleOp(op_id="keel.fan_out", op_config=config), wait=True
                 )
             )
-            assert started.run.status == engine_pb2.RUN_STATUS_COMPLETED
             root = started.run_id
-            children = sorted(c.child_run_id for c in started.run.children)
+            # AwaitRun blocks until the run is terminal, whichever engine ends up driving it.
+            done = await stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=root))
+            assert done.done and done.run.status == engine_pb2.RUN_STATUS_COMPLETED
+            children = sorted(c.child_run_id for c in done.run.children)
             artifacts = await tree_artifacts(store_stub, [root, *children])
             assert artifacts and artifacts <= await stored_artifacts(store_stub)
             with pytest.raises(grpc.aio.AioRpcError):
