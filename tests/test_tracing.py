@@ -103,7 +103,7 @@ async def test_a_run_resumed_by_another_engine_continues_the_clients_trace(
 ) -> None:
     store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
     address = f"127.0.0.1:{store.port}"
-    first = await start_test_engine(address, lease_ttl=1.0)
+    first = await start_test_engine(address)
     trace_id, _, metadata = client_context()
     name = f"tracing-{uuid.uuid4()}"
     door = gate(name)
@@ -118,7 +118,7 @@ async def test_a_run_resumed_by_another_engine_continues_the_clients_trace(
         await door.wait_for(1)
         assert (await run_started_trace(address, run_id))["traceparent"].split("-")[1] == trace_id
         await first.drain(0.5)  # parks the run and hands its lease over
-        second = await start_test_engine(address, lease_ttl=1.0)
+        second = await start_test_engine(address)
         await door.wait_for(2)  # the second engine took the run over and runs the step again
         door.opened.set()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
@@ -131,14 +131,18 @@ async def test_a_run_resumed_by_another_engine_continues_the_clients_trace(
         await store.drain(0.5)
     finished = spans.get_finished_spans()
     runs = [s for s in named(finished, "keel.run") if s.attributes and s.attributes["keel.run_id"] == run_id]
-    assert len(runs) == 2  # one per engine that drove it
+    # One per time an engine drove it: the first engine's, then the second engine's (more only if a
+    # lease lapsed on a loaded machine and the run was taken over again).
+    assert len(runs) >= 2
     assert {hex_trace(s) for s in runs} == {trace_id}
     [rpc] = named(finished, "keel.engine.v1.EngineService/StartRun")
     assert rpc.context is not None
     assert {s.parent.span_id for s in runs if s.parent} == {rpc.context.span_id}
-    resumed = [s for s in runs if s.attributes and s.attributes["keel.resumed"]]
-    assert len(resumed) == 1 and resumed[0].attributes is not None
-    assert resumed[0].attributes["keel.status"] == "completed"
+    first_drive = min(runs, key=lambda s: s.start_time or 0)
+    assert first_drive.attributes is not None and first_drive.attributes["keel.resumed"] is False
+    last_drive = max(runs, key=lambda s: s.end_time or 0)
+    assert last_drive.attributes is not None and last_drive.attributes["keel.resumed"] is True
+    assert last_drive.attributes["keel.status"] == "completed"
 
 
 async def test_without_tracing_nothing_is_recorded_but_the_clients_context_is_kept(tmp_path: Path) -> None:
