@@ -352,10 +352,12 @@ class RunDriver:
         self.env.failpoints.hit(AFTER_RUN_PARKED)
         if self.poked_since_check or await self._a_wait_is_over():
             # A wake-up came while it parked, or what ends a wait happened before the park landed
-            # (its wake-up found the run still active): go on at once instead.
+            # (its wake-up found the run still active): go on at once instead. Marked as poked
+            # first: should this append fail (the lease lost), the run stays parked with its wait
+            # over, and the driver's end applies the wake-up (runtime.driving).
+            self._check_waits = True
             self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=False)
             await self.flush()
-            self._check_waits = True
             return
         if self.on_parked is not None:
             self.on_parked(self.run_id, due_at_us)

@@ -49,7 +49,7 @@ class Drivers:
         self._checkpoint_linger = checkpoint_linger
         # Told (run id, due time) when a driver parks its run (the engine's Waker).
         self.on_parked: Callable[[str, int], None] | None = None
-        # Told the run id when a driver parked its run while a wake-up came (the kernel wakes it).
+        # Told the run id when a driver ended (parked, stopped) with a wake-up it did not apply.
         self.on_poked_after_park: Callable[[str], None] | None = None
         # Told the parent run id when a child run's driver ended it (the parent may wait for it).
         self.on_terminal: Callable[[str], None] | None = None
@@ -114,12 +114,16 @@ class Drivers:
             why = task.result().error
             if self.on_timed_out is not None and why is not None and why.code == RUN_TIMEOUT:
                 self.on_timed_out(run_id)
+        ended_unfinished = task.cancelled() or task.exception() is not None
+        if ended_unfinished and driver.poked_since_check and self.on_poked_after_park is not None:
+            # A wake-up came that this driver did not apply (it parked, lost its lease, was
+            # stopped): apply it now, here or through the store's index, or it waits for the
+            # run's re-check.
+            self.on_poked_after_park(run_id)
         if task.cancelled():
             log.info("run %s parked", run_id)
         elif isinstance(error := task.exception(), RunParkedOut):
             log.info("run %s parked (due at %s µs): nothing drives it until then", run_id, error.due_at_us)
-            if driver.poked_since_check and self.on_poked_after_park is not None:
-                self.on_poked_after_park(run_id)  # a wake-up came as it parked: apply it now
         elif error is not None:
             if isinstance(error, KeelError) and error.code in _HANDED_OVER:
                 # Routine: the run resumes wherever its lease goes next (perhaps here again).

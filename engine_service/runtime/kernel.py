@@ -75,6 +75,8 @@ from keel_core.errors import ErrorCategory, KeelError, not_found
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 10.0
+# How long a wake-up is tried again while the store does not answer (then the run's re-check finds it).
+WAKE_PATIENCE = 60.0
 
 
 def default_engine_id() -> str:
@@ -149,7 +151,6 @@ class Engine:
         # A child run that ended wakes its parent (a keel.fan_out step parked on its children).
         self.runs.on_terminal = self._wake_parent
         self.terminalizer.on_terminal = self._wake_parent
-        self._parent_wakes: set[asyncio.Task[None]] = set()
         self.runs.on_timed_out = self._close_children_of
         self._closings: set[asyncio.Task[None]] = set()
         self.awaits = RunAwaits(env.store, self.registry, self.reader, self.leases, self.resume_run)
@@ -351,16 +352,33 @@ class Engine:
         return StartOutcome(run_id, manifest_id, False)
 
     def wake_soon(self, run_id: str) -> None:
-        """`wake_run` in the background (its failure is logged: a later wake-up or scan applies it)."""
-        waking = asyncio.ensure_future(self._wake_quietly(run_id))
+        """Apply a wake-up in the background, surely (`_wake_surely`)."""
+        if self.registry.closing:
+            return
+        waking = asyncio.ensure_future(self._wake_surely(run_id))
         self._wakes.add(waking)
         waking.add_done_callback(self._wakes.discard)
 
-    async def _wake_quietly(self, run_id: str) -> None:
-        try:
-            await self.wake_run(run_id)
-        except KeelError as error:
-            log.info("run %s not woken: %s", run_id, error.message)
+    async def _wake_surely(self, run_id: str) -> None:
+        """Apply a wake-up here, or make the run due now in the store's index for whichever engine's
+        Waker may take it (another engine holds it). A store that does not answer is tried again,
+        with backoff, for WAKE_PATIENCE: a wake-up dropped here would leave a parked run waiting for
+        its re-check (RECHECK_AFTER_US) although what it waits for is over."""
+        delay = 0.05
+        deadline = asyncio.get_running_loop().time() + WAKE_PATIENCE
+        while not self.registry.closing:
+            try:
+                if not await self.wake_run(run_id):
+                    # Held elsewhere (or ended): a parked run becomes due now; anything else is left alone.
+                    await self.env.store.nudge_due(run_stream_id(run_id), now_us())
+                return
+            except KeelError as error:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    log.warning("run %s not woken: %s (its re-check will find it)", run_id, error.message)
+                    return
+                log.info("run %s not woken yet: %s (trying again)", run_id, error.message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def _close_children_of(self, run_id: str) -> None:
         """A run timed out: cancel its children whose policy is `cancel`, as a cancel would."""
@@ -393,19 +411,8 @@ class Engine:
 
     def _wake_parent(self, parent_run_id: str) -> None:
         """A child of `parent_run_id` ended: wake the parent (here, or through the store's index)."""
-        if not parent_run_id or self.registry.closing:
-            return
-        task = asyncio.create_task(self._wake_parent_now(parent_run_id), name=f"wake parent {parent_run_id}")
-        self._parent_wakes.add(task)
-        task.add_done_callback(self._parent_wakes.discard)
-
-    async def _wake_parent_now(self, parent_run_id: str) -> None:
-        try:
-            if not await self.wake_run(parent_run_id):
-                # Held by another engine: a parked parent becomes due now for whichever engine may take it.
-                await self.env.store.nudge_due(run_stream_id(parent_run_id), now_us())
-        except KeelError as error:
-            log.info("could not wake parent run %s: %s", parent_run_id, error.message)
+        if parent_run_id:
+            self.wake_soon(parent_run_id)
 
     async def resume_run(self, run_id: str, *, created_at_us: int | None = None) -> bool:
         """Drive a run nobody drives; False when it is terminal, parked, driven here, or leased by
@@ -491,6 +498,8 @@ class Engine:
     async def stop(self) -> None:
         """Park every run this engine drives: cancel the drivers; the runs resume on the next start."""
         self.registry.closing = True
+        for waking in list(self._wakes):
+            waking.cancel()
         await self.waker.stop()
         await self.task_waker.stop()
         self.leases.begin_closing()  # a parked run's lease is released: another engine takes it at once
