@@ -284,13 +284,16 @@ class StoreBackend(abc.ABC):
         artifacts: Sequence[NewArtifact] = (),
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
+        nudges: Mapping[str, int] | None = None,
     ) -> AppendResult:
         """Append `events` atomically if the head admits `expected`; set `status`; store `artifacts`;
         set the stream's `attributes` (a key it has already gets the new value); set the stream's
-        due time to `due_at_us` (None keeps it, 0 clears it) in the due-time index.
+        due time to `due_at_us` (None keeps it, 0 clears it) in the due-time index; in the same
+        transaction, make each PARKED stream of `nudges` (stream id -> due time) due by its time,
+        as `nudge_due` does.
 
         Raises `sequence_conflict` (CONFLICT, details {"actual_seq": head}) on a head mismatch,
-        and writes nothing in that case: no event, label, artifact, attribute or due time.
+        and writes nothing in that case: no event, label, artifact, attribute, due time or nudge.
         """
 
     @abc.abstractmethod

@@ -31,6 +31,7 @@ class AppendJob:
         "events",
         "expected",
         "future",
+        "nudges",
         "size",
         "status",
         "stream_id",
@@ -46,8 +47,11 @@ class AppendJob:
         future: asyncio.Future[AppendResult],
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
+        nudges: Mapping[str, int] | None = None,
     ) -> None:
         self.stream_id = stream_id
+        # Other streams made due with the append if they are PARKED (stream id -> due time).
+        self.nudges: Mapping[str, int] = nudges or {}
         # None keeps the stream's due time, 0 clears it, more sets it (with the events).
         self.due_at_us = due_at_us
         self.expected = expected

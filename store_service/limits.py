@@ -230,6 +230,24 @@ def check_due_at(name: str, value: int, *, zero: bool) -> int:
     return value
 
 
+MAX_NUDGES = 16
+
+
+def check_nudges(nudges: list[tuple[str, int]]) -> dict[str, int]:
+    """An append's nudges (stream id, due time), at most 16: each stream id valid, each due time
+    more than 0; one per stream (the soonest)."""
+    if len(nudges) > MAX_NUDGES:
+        raise invalid_argument(
+            "invalid_nudges", f"nudges: at most {MAX_NUDGES} streams per append (got {len(nudges)})"
+        )
+    chosen: dict[str, int] = {}
+    for stream_id, due_at_us in nudges:
+        check_stream_id(stream_id)
+        due = check_due_at("nudges.due_at_us", due_at_us, zero=False)
+        chosen[stream_id] = min(due, chosen.get(stream_id, due))
+    return chosen
+
+
 def due_limit(limit: int) -> int:
     """ListDue's limit: 0 means the default of 100; 1..1000 as given."""
     if not 0 <= limit <= MAX_PAGE_SIZE:

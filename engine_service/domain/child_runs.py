@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_service.domain.canonical import canonical_json_bytes, parse_json_bytes
+from engine_service.domain.events import RunStarted
 from engine_service.domain.manifest import BuildProvenance, RunManifest
 from engine_service.domain.plan import single_op_pipeline
 from engine_service.domain.run_config import RunConfig, make_run_config, parse_run_id
-from engine_service.domain.streams import CANCELED, CHILD_LINKED
+from engine_service.domain.streams import CANCELED, CHILD_LINKED, run_stream_id
 from engine_service.domain.tasks import NO_TIMEOUTS, StepTimeouts
 from keel_core.errors import KeelError, invalid_argument
 
@@ -175,6 +176,14 @@ class ChildLink:
     def close_reason(self) -> str:
         """Why a child its parent's cancel closes ends canceled."""
         return f"parent run {self.parent_run_id} was canceled"
+
+
+def parent_nudge(started: RunStarted | None, at_us: int) -> dict[str, int] | None:
+    """What a child run's terminal append nudges (store `AppendEventsRequest.nudges`): its parent's
+    run stream, due at `at_us` if parked, so the child's end and its parent's wake-up are durable
+    together. None for a run without a parent."""
+    parent = started.parent_run_id if started is not None else ""
+    return {run_stream_id(parent): at_us} if parent else None
 
 
 def child_run_id(parent_run_id: str, fact_key: str) -> str:

@@ -67,7 +67,7 @@ from engine_service.domain import (
     with_step_output,
 )
 from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
-from engine_service.domain.child_runs import CHILDREN
+from engine_service.domain.child_runs import CHILDREN, parent_nudge
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.decision import ParkRun, SettleWaits
 from engine_service.domain.events import ErrorRecord, ParkStep, RunParked, RunResumed, StepWaiting, stamped
@@ -85,6 +85,7 @@ from engine_service.domain.tasks import TaskState
 from engine_service.domain.waits import TASK, TASK_RECHECK_US, WaitOutcome, due_outcome
 from engine_service.failpoints import (
     AFTER_CHILD_COMPLETED,
+    AFTER_CHILD_RUN_ENDED,
     AFTER_OP_RETURNED,
     AFTER_RUN_PARKED,
     AFTER_STEP_ATTEMPT_STARTED,
@@ -246,6 +247,8 @@ class RunDriver:
                 match action:
                     case AlreadyTerminal():
                         await self.flush()
+                        if self.history.started is not None and self.history.started.parent_run_id:
+                            self.env.failpoints.hit(AFTER_CHILD_RUN_ENDED)
                         # Steps still here have settled (the terminal event says so): they end their flush.
                         await asyncio.gather(*self._steps.values(), return_exceptions=True)
                         return action.terminal
@@ -590,6 +593,7 @@ class RunDriver:
                     patience=patience,
                     attributes=attributes or None,
                     due_at_us=due_at_us,
+                    nudges=parent_nudge(self.history.started, now_us()) if self.history.is_terminal else None,
                 )
             except BaseException as error:
                 # Nothing after a failed append may be appended: it would leave a gap in the run.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from engine_service.domain import CANCELED, COMPLETED, FAILED, RunCompleted, corrupt_event_error, encode_event
 from engine_service.domain.canonical import canonical_json_bytes
-from engine_service.domain.child_runs import ChildLink
+from engine_service.domain.child_runs import ChildLink, parent_nudge
 from engine_service.domain.manifest import run_start
 from engine_service.domain.streams import FAILURE_LEDGER_ENTRY, ledger_stream_id, run_label, run_stream_id
 from engine_service.runtime.reader import RUN_LEDGER_SUBJECT, RunReader
@@ -114,6 +114,7 @@ class Terminalizer:
                     status=run_label(status),
                     # A parked run leaves the due-time index with its terminal event.
                     due_at_us=0 if history.parked is not None else None,
+                    nudges=parent_nudge(history.started, terminal.at_us),
                 )
             except KeelError as error:
                 if error.code == "sequence_conflict":

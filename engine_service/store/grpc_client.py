@@ -290,9 +290,11 @@ class StoreClient:
         expected_any: bool = False,
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
+        nudges: Mapping[str, int] | None = None,
     ) -> AppendResult:
         """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts,
-        the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it).
+        the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it); in the
+        same transaction, each parked stream of `nudges` (stream id -> due time) becomes due by then.
 
         `expected_any` appends at whatever the head is (side streams such as a run's failure ledger).
         """
@@ -305,6 +307,7 @@ class StoreClient:
             status=STATUS_LABELS[status] if status else store_pb2.STREAM_STATUS_UNSPECIFIED,  # type: ignore[arg-type]
             artifacts=[store_pb2.InlineArtifact(kind=kind, data=data) for kind, data in artifacts],
             attributes=attributes or {},
+            nudges=[store_pb2.DueNudge(stream_id=sid, due_at_us=at) for sid, at in (nudges or {}).items()],
         )
         if due_at_us is not None:
             request.due_at_us = due_at_us

@@ -86,6 +86,7 @@ class InMemoryEventLog:
         expected_any: bool = False,
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
+        nudges: Mapping[str, int] | None = None,
     ) -> AppendResult:
         """Append atomically after `expected_seq` (None: no stream yet; `expected_any`: anywhere)."""
         self._open("AppendEvents")
@@ -112,6 +113,10 @@ class InMemoryEventLog:
         stream.attributes.update(attributes or {})
         if due_at_us is not None:
             stream.due_at_us = due_at_us
+        for nudged_id, at in (nudges or {}).items():
+            nudged = self._streams.get(nudged_id)
+            if nudged is not None and nudged.label == LABEL_PARKED:
+                nudged.due_at_us = min(nudged.due_at_us or at, at)
         wake = self._appended.pop(stream_id, None)
         if wake is not None:
             wake.set()

@@ -113,9 +113,11 @@ class EventLog(Protocol):
         expected_any: bool = False,
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
+        nudges: Mapping[str, int] | None = None,
     ) -> AppendResult:
         """Append (type, payload) events atomically after `expected_seq`, with (kind, bytes) artifacts,
-        the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it)."""
+        the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it); in the
+        same transaction, each parked stream of `nudges` (stream id -> due time) becomes due by then."""
         ...
 
     async def list_due(

@@ -110,6 +110,13 @@ _NUDGE_DUE = (
     "RETURNING 1) "
     "SELECT EXISTS (SELECT 1 FROM s)"
 )
+# An append's nudges: the PARKED ones among these streams become due by their time (one row each).
+_NUDGE_MANY = (
+    "INSERT INTO stream_due (stream_id, due_at_us) "
+    "SELECT s.stream_id, u.due_at_us FROM unnest($1::text[], $2::int8[]) AS u(stream_id, due_at_us) "
+    "JOIN streams s ON s.stream_id = u.stream_id AND s.status = 5 "
+    "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = LEAST(stream_due.due_at_us, excluded.due_at_us)"
+)
 # One statement, one snapshot: the head and the events always agree.
 _READ = (
     "SELECT h.head_seq, e.seq, e.type, e.payload, e.recorded_at_us "
@@ -415,11 +422,11 @@ class PostgresStoreBackend(SqlStoreBackend):
     ) -> list[Record]:
         """Call append_group (renewing the stored time of the group's artifacts first, in the same
         statement); if the group sets attributes or due times, set those of the appends that committed
-        in the same transaction (more round trips, only for such groups)."""
+        in the same transaction, and their nudges (more round trips, only for such groups)."""
         call, arguments = _APPEND_GROUP, _group_arguments(group, self.channel)
         if any(job.artifacts for job in group):
             call, arguments = _APPEND_GROUP_RENEWING, [*arguments, self.renew_after_us]
-        if not any(job.attributes or job.due_at_us is not None for job in group):
+        if not any(job.attributes or job.due_at_us is not None or job.nudges for job in group):
             return await _fetch_on(conn, call, arguments)
         async with conn.transaction():
             rows = await _fetch_on(conn, call, arguments)
@@ -430,6 +437,13 @@ class PostgresStoreBackend(SqlStoreBackend):
             if due:
                 await _fetch_on(conn, _CLEAR_DUE, [[sid for sid, at in due.items() if at <= 0]])
                 await _fetch_on(conn, _SET_DUE, [list(due), list(due.values())])
+            nudges: dict[str, int] = {}  # one row per stream for ON CONFLICT: the soonest time
+            for job, row in zip(group, rows, strict=True):
+                if not bool(row[2]):
+                    for sid, at in job.nudges.items():
+                        nudges[sid] = min(at, nudges.get(sid, at))
+            if nudges:
+                await _fetch_on(conn, _NUDGE_MANY, [list(nudges), list(nudges.values())])
             # Later appends of the group win for a key; one row per (stream, key) for ON CONFLICT.
             chosen: dict[tuple[str, str], str] = {}
             for job, row in zip(group, rows, strict=True):

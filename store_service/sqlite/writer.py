@@ -107,6 +107,12 @@ _SET_DUE = (
     "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = excluded.due_at_us"
 )
 _CLEAR_DUE = "DELETE FROM stream_due WHERE stream_id = ?"
+# A nudge moves a PARKED stream's due time earlier (after this group's own appends set labels).
+_NUDGE = (
+    "INSERT INTO stream_due (stream_id, due_at_us) "
+    f"SELECT stream_id, ? FROM streams WHERE stream_id = ? AND status = {int(StreamStatus.PARKED)} "
+    "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = min(due_at_us, excluded.due_at_us)"
+)
 _INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES (?, ?, ?)"
 _INSERT_ARTIFACT = (
     "INSERT INTO artifacts (artifact_id, kind, size, blob_id, created_at_us) VALUES (?, ?, ?, ?, ?)"
@@ -221,6 +227,7 @@ class SqliteWriter:
             artifact_rows: list[tuple[str, str, int, str, int]] = []
             attribute_rows: list[tuple[str, str, str]] = []
             due: dict[str, int] = {}  # stream id -> its new due time (0: cleared); later appends win
+            nudges: dict[str, int] = {}  # other streams made due if PARKED (the soonest time)
             outcomes: list[AppendOutcome] = []
             for request in group:
                 sid = request.stream_id
@@ -245,6 +252,8 @@ class SqliteWriter:
                 attribute_rows.extend((key, value, sid) for key, value in request.attributes.items())
                 if request.due_at_us is not None:
                     due[sid] = request.due_at_us
+                for nudged, at in request.nudges.items():
+                    nudges[nudged] = min(at, nudges.get(nudged, at))
                 for artifact, artifact_id in zip(request.artifacts, request.artifact_ids, strict=True):
                     if artifact_id not in stored:
                         stored.add(artifact_id)
@@ -260,6 +269,8 @@ class SqliteWriter:
             if due:
                 conn.executemany(_SET_DUE, [(sid, at) for sid, at in due.items() if at > 0])
                 conn.executemany(_CLEAR_DUE, [(sid,) for sid, at in due.items() if at <= 0])
+            if nudges:
+                conn.executemany(_NUDGE, [(at, sid) for sid, at in nudges.items()])
             if artifact_rows:
                 conn.executemany(_INSERT_CHUNK, blob_rows)
                 conn.executemany(_INSERT_ARTIFACT, artifact_rows)

@@ -134,6 +134,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             if request.HasField("due_at_us")
             else None
         )
+        nudges = limits.check_nudges([(n.stream_id, n.due_at_us) for n in request.nudges])
         result = await self._backend.append(
             stream_id,
             expected,
@@ -142,6 +143,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             artifacts=artifacts,
             attributes=attributes,
             due_at_us=due_at_us,
+            nudges=nudges,
         )
         metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
         if result.artifact_ids:

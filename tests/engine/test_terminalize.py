@@ -376,6 +376,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         artifacts: Sequence[NewArtifact] = (),
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
+        nudges: Mapping[str, int] | None = None,
     ) -> AppendResult:
         """Refuse, or append as SQLite does."""
         refused = sorted({e.type for e in events} & self.rejected)
@@ -395,6 +396,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
             artifacts=artifacts,
             attributes=attributes,
             due_at_us=due_at_us,
+            nudges=nudges,
         )
 
 

@@ -352,6 +352,43 @@ async def test_a_fan_out_parent_killed_right_after_it_parked_completes_on_the_ne
         await store.kill()
 
 
+async def test_a_parent_whose_childs_engine_died_right_after_the_child_ended_is_woken_at_once(
+    tmp_path: Path,
+) -> None:
+    """The child's terminal append makes its parked parent due in the same transaction: the engine
+    dying before it wakes the parent loses nothing (without it, the parent waits its 5-minute
+    re-check, far beyond this test's patience)."""
+    store = await start_store_process(tmp_path / "store")
+    doomed = await start_engine_process(store.address, failpoints="after_child_run_ended")
+    survivor: ServiceProcess | None = None
+    run_id = str(uuid.uuid4())
+    # Its child sleeps in its op past PARK_AFTER_US: the parent parks before the child ends.
+    config = {"op_id": "keel.sleep_in_process", "op_config": {"seconds": 3}, "count": 1}
+    request = engine_pb2.StartRunRequest(
+        run_id=run_id, op=engine_pb2.SingleOp(op_id="keel.fan_out", op_config=to_value(config))
+    )
+    store_channel = grpc.aio.insecure_channel(store.address)
+    store_stub = store_pb2_grpc.StoreServiceStub(store_channel)
+    try:
+        channel = grpc.aio.insecure_channel(doomed.address)
+        await engine_pb2_grpc.EngineServiceStub(channel).StartRun(request, timeout=30)
+        await channel.close(grace=None)
+        assert await asyncio.wait_for(doomed.process.wait(), 60) == -9, "the failpoint did not fire"
+        events = await run_events(store_stub, run_id)
+        assert [name for name, _ in events][-1] == "RunParked"  # the child ended, the parent is parked
+        survivor = await start_engine_process(store.address)
+        [awaited] = await _await_on(survivor, [run_id])
+        assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
+        events = await run_events(store_stub, run_id)
+        assert len(only(events, "StepWaiting")) == 1 and len(only(events, "StepCompleted")) == 1
+    finally:
+        await store_channel.close(grace=None)
+        if survivor is not None:
+            await survivor.kill()
+        await doomed.kill()
+        await store.kill()
+
+
 @pytest.mark.slow
 async def test_several_parked_runs_fire_after_every_engine_was_restarted(tmp_path: Path) -> None:
     store = await start_store_process(tmp_path / "store")

@@ -436,6 +436,38 @@ class StoreBackendSuite(abc.ABC):
         assert not await backend.nudge_due("p", 10)
         assert [d.stream_id for d in (await backend.list_due(1000)).due] == ["q"]
 
+    async def test_an_appends_nudges_move_parked_streams_due_only_if_it_commits(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("parent", Expected.no_stream(), events("a"), status=StreamStatus.PARKED)
+        parked = StreamStatus.PARKED
+        await backend.append("late", Expected.no_stream(), events("a"), status=parked, due_at_us=50)
+        await backend.append("busy", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        await backend.append("child", Expected.no_stream(), events("a"))
+        # A conflicting append nudges nothing.
+        with pytest.raises(KeelError):
+            await backend.append("child", Expected.exact(5), events("b"), nudges={"parent": 10})
+        assert [d.stream_id for d in (await backend.list_due(1000)).due] == ["late"]
+        nudges = {"parent": 100, "late": 300, "busy": 20, "unknown": 20}
+        await backend.append("child", Expected.exact(1), events("b"), nudges=nudges)
+        page = await backend.list_due(1000)
+        # Parked streams only, and only earlier; the active and the unknown ones are left alone.
+        assert [(d.stream_id, d.due_at_us) for d in page.due] == [("late", 50), ("parent", 100)]
+        assert (await backend.head("parent")).head_seq == 1  # nothing appended to a nudged stream
+
+    async def test_nudges_of_many_appends_in_one_group_all_land_at_the_soonest_time(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("parent", Expected.no_stream(), events("a"), status=StreamStatus.PARKED)
+        await asyncio.gather(
+            *(
+                backend.append(f"child{i}", Expected.no_stream(), events("a"), nudges={"parent": 1000 - i})
+                for i in range(20)
+            )
+        )
+        page = await backend.list_due(2000)
+        assert [(d.stream_id, d.due_at_us) for d in page.due] == [("parent", 981)]
+
     async def test_due_times_of_many_appends_in_one_group_all_land(self, backend: StoreBackend) -> None:
         await asyncio.gather(
             *(

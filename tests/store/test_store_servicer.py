@@ -328,6 +328,24 @@ BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "invalid_stream_id",
     ),
     (
+        "append nudging a stream without a time",
+        _append(nudges=[pb.DueNudge(stream_id="parent", due_at_us=0)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_due_at",
+    ),
+    (
+        "append nudging a stream without an id",
+        _append(nudges=[pb.DueNudge(stream_id="", due_at_us=5)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_stream_id",
+    ),
+    (
+        "append nudging too many streams",
+        _append(nudges=[pb.DueNudge(stream_id=f"p{i}", due_at_us=5) for i in range(17)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_nudges",
+    ),
+    (
         "list due limit too big",
         lambda stub: stub.ListDue(pb.ListDueRequest(before_us=1, limit=1001)),
         grpc.StatusCode.INVALID_ARGUMENT,

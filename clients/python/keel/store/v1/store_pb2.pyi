@@ -217,6 +217,7 @@ class AppendEventsRequest(_message.Message):
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     DUE_AT_US_FIELD_NUMBER: _builtins.int
+    NUDGES_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """The stream to append to (1 to 200 characters)."""
     expected_kind: Global___ExpectedKind.ValueType
@@ -249,6 +250,17 @@ class AppendEventsRequest(_message.Message):
         `invalid_attributes`.
         """
 
+    @_builtins.property
+    def nudges(self) -> _containers.RepeatedCompositeFieldContainer[Global___DueNudge]:
+        """Other streams made due, in the same transaction and only if the append
+        commits: each one that is PARKED gets a due time of at most its
+        `due_at_us` (as NudgeDue does); any other is left alone. What makes a
+        wake-up as durable as the event that causes it (a child run's end wakes its
+        parked parent, even if the writer dies right after). At most 16, each with
+        a valid stream id and a due time more than 0; otherwise INVALID_ARGUMENT,
+        reason `invalid_stream_id` or `invalid_due_at`.
+        """
+
     def __init__(
         self,
         *,
@@ -260,16 +272,43 @@ class AppendEventsRequest(_message.Message):
         artifacts: _abc.Iterable[Global___InlineArtifact] | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         due_at_us: _builtins.int | None = ...,
+        nudges: _abc.Iterable[Global___DueNudge] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "due_at_us", b"due_at_us"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "artifacts", b"artifacts", "attributes", b"attributes", "due_at_us", b"due_at_us", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "artifacts", b"artifacts", "attributes", b"attributes", "due_at_us", b"due_at_us", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "nudges", b"nudges", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__due_at_us: _TypeAlias = _typing.Literal["due_at_us"]  # noqa: Y015
     _WhichOneofArgType__due_at_us: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__due_at_us) -> _WhichOneofReturnType__due_at_us | None: ...
 
 Global___AppendEventsRequest: _TypeAlias = AppendEventsRequest  # noqa: Y015
+
+@_typing.final
+class DueNudge(_message.Message):
+    """A PARKED stream to make due by `due_at_us` (AppendEventsRequest.nudges)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    DUE_AT_US_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The stream (1 to 200 characters)."""
+    due_at_us: _builtins.int
+    """The due time to move it to, if that is sooner (microseconds since the Unix epoch)."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        due_at_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_at_us", b"due_at_us", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DueNudge: _TypeAlias = DueNudge  # noqa: Y015
 
 @_typing.final
 class AppendEventsResponse(_message.Message):
