@@ -111,6 +111,8 @@ class StartOutcome:
     run_id: str
     manifest_id: str
     created: bool
+    # This call's driver ended the run (it waited, the run is terminal and its events are held).
+    ended_here: bool = False
 
 
 class Engine:
@@ -260,7 +262,8 @@ class Engine:
                 await self.await_run(chosen, _left(deadline))  # parked: its wake-up ends it
         if deferred:
             await self._ensure_started(driver, task)
-        return StartOutcome(chosen, start.manifest_id, True)
+        ended = wait and task.done() and not task.cancelled() and task.exception() is None
+        return StartOutcome(chosen, start.manifest_id, True, ended_here=ended)
 
     async def start_prepared(self, run_id: str, manifest: RunManifest, plan: Plan, start: RunStart) -> bool:
         """Append a first batch decided elsewhere (a rerun's) and drive the run; False if the run exists."""

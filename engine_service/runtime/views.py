@@ -31,6 +31,7 @@ from engine_service.domain import (
     corrupt_event_error,
     fold,
 )
+from engine_service.domain.child_runs import ChildLink
 from engine_service.domain.events import ParkStep, SignalAwaited, StepWaiting, event_type_and_json
 from engine_service.domain.labels import (
     LINEAGE_ATTRIBUTE,
@@ -320,11 +321,19 @@ class RunViews:
         self.store = store
         self.reader = reader
 
-    async def run_view(self, run_id: str) -> RunView:
-        """The run as GetRun shows it (children, failure ledger, final snapshot when terminal)."""
+    async def run_view(self, run_id: str, *, just_ended: bool = False) -> RunView:
+        """The run as GetRun shows it (children, failure ledger, final snapshot when terminal).
+
+        `just_ended`: the caller saw this engine end the run (StartRun with `wait`); the view is
+        then the run as of its terminal event, which no deletion or rerun can precede (both need a
+        terminal run), so neither the deletion check nor the reruns listing is read.
+        """
         # The children stream is read beside the run's (any client may link a child to any run).
         finished = self.reader.finished(run_id)
-        if finished is not None:
+        if finished is not None and just_ended:
+            links = await self.reader.links(run_id)
+            events, history = list(finished), fold(e.event for e in finished)
+        elif finished is not None:
             # Held here since this engine finished it; another engine's retention may have deleted it.
             (head, _), links = await asyncio.gather(
                 self.store.head(run_stream_id(run_id)), self.reader.links(run_id)
@@ -343,25 +352,38 @@ class RunViews:
         manifest = await self.reader.manifest(history.started.manifest_id) if history.started else None
         view = build_run_view(run_id, events, manifest)
         view.failure_ledger = [LedgerView(e.step_id, e.reason, e.recorded_at) for e in ledger]
-        heads = await asyncio.gather(*(self.store.head(run_stream_id(link.child_run_id)) for link in links))
         view.children = [
-            ChildView(
-                link.child_run_id,
-                link.fact_key,
-                link.op_id,
-                run_status(label) if head else PENDING,
-                link.parent_close_policy,
-            )
-            for link, (head, label) in zip(links, heads, strict=True)
+            ChildView(link.child_run_id, link.fact_key, link.op_id, status, link.parent_close_policy)
+            for link, status in zip(links, await self._child_statuses(links), strict=True)
         ]
         if view.final_snapshot_id:
             view.final_snapshot = await self.reader.final_snapshot(view.final_snapshot_id)
             set_step_outputs(view, view.final_snapshot)
         elif history.last_checkpoint:
             set_step_outputs(view, await self.reader.final_snapshot(history.last_checkpoint))
-        if view.status != RUNNING:  # only a terminal run can be rerun
+        if view.status != RUNNING and not (
+            just_ended and finished is not None
+        ):  # only a terminal run can be rerun
             view.reruns = await self.reruns_of(run_id)
         return view
+
+    async def _child_statuses(self, links: Sequence[ChildLink]) -> list[str]:
+        """Each linked child's status: held when this engine finished it (a terminal status never
+        changes, and a child is deleted only after its parent), else its stream's label."""
+        statuses: list[str | None] = [self._held_status(link.child_run_id) for link in links]
+        unknown = [i for i, status in enumerate(statuses) if status is None]
+        heads = await asyncio.gather(
+            *(self.store.head(run_stream_id(links[i].child_run_id)) for i in unknown)
+        )
+        for i, (head, label) in zip(unknown, heads, strict=True):
+            statuses[i] = run_status(label) if head else PENDING
+        return [status or PENDING for status in statuses]
+
+    def _held_status(self, run_id: str) -> str | None:
+        """The terminal status of a run this engine finished and still holds (None: not held)."""
+        finished = self.reader.finished(run_id)
+        last = finished[-1].event if finished else None
+        return last.status if isinstance(last, RunCompleted) else None
 
     async def reruns_of(self, run_id: str) -> list[str]:
         """The reruns of a run, oldest first (the first MAX_RERUNS_SHOWN), from the store's index."""

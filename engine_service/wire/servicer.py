@@ -49,8 +49,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    async def _run(self, run_id: str) -> engine_pb2.Run:
-        return messages.run_message(await self.engine.views.run_view(run_id))
+    async def _run(self, run_id: str, *, just_ended: bool = False) -> engine_pb2.Run:
+        return messages.run_message(await self.engine.views.run_view(run_id, just_ended=just_ended))
 
     @translated
     async def StartRun(
@@ -74,7 +74,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             run_id=outcome.run_id,
             manifest_id=outcome.manifest_id,
             created=outcome.created,
-            run=await self._run(outcome.run_id),
+            run=await self._run(outcome.run_id, just_ended=outcome.ended_here),
         )
 
     @translated

@@ -254,6 +254,29 @@ async def test_a_parent_spawns_and_awaits_its_child(kernel: Engine) -> None:
     assert child_view.parent_run_id == outcome.run_id
 
 
+async def test_the_answer_of_a_waited_start_reads_only_the_children_stream(kernel: Engine) -> None:
+    # The run ended here: nothing can have deleted or rerun it before its terminal event, and a
+    # child this engine finished has a status that never changes.
+    spec = {"op": "mem.echo", "input": {"y": 2}}
+    outcome = await kernel.start_run(manifest("mem.parent", spec), None, wait=True, wait_seconds=WAIT)
+    assert outcome.ended_here
+    log = kernel.env.store
+    assert isinstance(log, InMemoryEventLog)
+    before = log.calls.copy()
+    answered = await kernel.views.run_view(outcome.run_id, just_ended=True)
+    assert log.calls - before == {"ReadEvents": 1}  # the children stream: any client may link one
+    read_back = await kernel.views.run_view(outcome.run_id)
+    assert answered == read_back
+    [child] = answered.children
+    assert (child.fact_key, child.status) == ("child", COMPLETED)
+
+
+async def test_an_unwaited_start_has_not_ended_here(kernel: Engine) -> None:
+    outcome = await kernel.start_run(manifest("mem.echo", 7), None)
+    assert not outcome.ended_here
+    assert await kernel.await_run(outcome.run_id, WAIT)
+
+
 async def test_canceling_a_parent_cancels_its_running_child(kernel: Engine) -> None:
     gate("child")
     spec = {"op": "mem.gated", "input": "child"}
