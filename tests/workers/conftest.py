@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -59,9 +60,15 @@ class Workers:
         self.ledger = tmp_path / "ledger.txt"
         self.started: list[WorkerProcess] = []
 
-    async def start(self, engine: str, queue: str, worker_id: str) -> WorkerProcess:
-        """A worker of `queue` polling `engine`, once it is about to poll."""
+    async def start(
+        self, engine: str, queue: str, worker_id: str, *, shutdown_grace: float | None = None
+    ) -> WorkerProcess:
+        """A worker of `queue` polling `engine`, once it is about to poll (`shutdown_grace`: its
+        grace on SIGTERM, else worker_process.py's)."""
         log = self.tmp_path / f"{worker_id}.log"
+        env = dict(os.environ)
+        if shutdown_grace is not None:
+            env["KEEL_TEST_SHUTDOWN_GRACE"] = str(shutdown_grace)
         with open(log, "ab") as err:  # noqa: ASYNC230
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -71,6 +78,7 @@ class Workers:
                 str(self.ledger),
                 worker_id,
                 cwd=REPO,
+                env=env,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
             )

@@ -3,17 +3,23 @@
 Its ops append to LEDGER (a file the test reads) so that the test counts executions itself:
 `start <run> <step> <attempt>` when an op starts, `pay <fact key>` when the pay transport really
 runs (a recorded fact is served without it), `done <run> <step> <attempt>` when an op returns.
-It prints `worker ready` once it polls, and logs to stderr (where `is stale` shows a refused claim).
+It prints `worker ready` once it polls, and logs to stderr (where `is stale` shows a refused claim,
+and `waiting up to` a shutdown that began). KEEL_TEST_SHUTDOWN_GRACE sets its shutdown grace (5 s);
+SIGUSR1 opens the gate the `gated` op waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
 from typing import Any
 
 from keel_client.worker import CallInfo, TaskContext, Worker, op
+
+GATE = asyncio.Event()  # the `gated` op's gate: SIGUSR1 opens it
 
 
 def _ledger(line: str) -> None:
@@ -52,6 +58,15 @@ async def inc(ctx: TaskContext, op_config: Any, input: Any) -> Any:
     return {"n": n + 1}
 
 
+@op("gated")
+async def gated(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """Returns once the process gets SIGUSR1 (the test opens the gate)."""
+    _ledger(f"start {ctx.run_id} {ctx.step_id} {ctx.attempt}")
+    await GATE.wait()
+    _ledger(f"done {ctx.run_id} {ctx.step_id} {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
 @op("hang")
 async def hang(ctx: TaskContext, op_config: Any, input: Any) -> Any:
     """Never returns."""
@@ -60,15 +75,16 @@ async def hang(ctx: TaskContext, op_config: Any, input: Any) -> Any:
 
 
 async def main(engine: str, queue: str, worker_id: str | None) -> None:
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, GATE.set)
     worker = Worker(
         engine,
         queue,
-        ops=[slow_pay, inc, hang],
+        ops=[slow_pay, inc, gated, hang],
         transports={"pay": _pay},
         concurrency=8,
         worker_id=worker_id,
         heartbeat_every=0.2,
-        shutdown_grace=5.0,
+        shutdown_grace=float(os.environ.get("KEEL_TEST_SHUTDOWN_GRACE", "5")),
     )
     print("worker ready", flush=True)
     await worker.serve(handle_signals=True)

@@ -1,0 +1,156 @@
+"""What a worker author is promised beyond the happy path: a graceful SIGTERM (finish, or hand back),
+and a context too large to travel inline, fetched through WorkerService.GetArtifact."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from keel.store.v1 import store_pb2, store_pb2_grpc
+from keel_client import AsyncKeelClient
+from keel_client.worker import TaskContext, Worker, op
+
+from engine_service.domain.streams import task_stream_id
+from engine_service.domain.tasks import TaskScheduled, decode_task_event
+from engine_service.runtime.task_board import MAX_INLINE_CONTEXT_BYTES
+from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
+from tests.workers.conftest import Stack, Workers, finished, ledger_lines
+
+WITHIN = 60.0  # bounds each wait; no timing claim
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    """A store-service subprocess on SQLite."""
+    process = await start_store_process(tmp_path / "store")
+    try:
+        yield process
+    finally:
+        await process.kill()
+
+
+def _one_remote_step(step_id: str, op_id: str, queue: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "pipeline_id": "lifecycle",
+        "steps": [{"step_id": step_id, "op_id": op_id, "task_queue": queue, **fields}],
+    }
+
+
+async def test_sigterm_lets_the_running_task_finish_takes_no_new_one_and_exits(
+    store: ServiceProcess, workers: Workers
+) -> None:
+    engine = await start_engine_process(store.address)
+    try:
+        worker = await workers.start(engine.address, "term-q", "worker-a", shutdown_grace=WITHIN * 2)
+        async with AsyncKeelClient(engine.address) as client:
+            pipeline = _one_remote_step(
+                "g",
+                "gated",
+                "term-q",
+            )
+            first = await client.start_run(pipeline)
+            await eventually(
+                lambda: ledger_lines(workers.ledger, "start"),
+                "worker A took the task",
+                within=WITHIN,
+                poll=0.02,
+            )
+            worker.signal(signal.SIGTERM)
+            await eventually(
+                lambda: "waiting up to" in worker.log_text(),
+                "worker A stopped polling and waits for its task",
+                within=WITHIN,
+                poll=0.02,
+            )
+            second = await client.start_run(pipeline)  # nobody polls the queue now
+            worker.signal(signal.SIGUSR1)  # opens the gate: the task completes
+            assert await asyncio.wait_for(worker.process.wait(), WITHIN) == 0
+            run = await finished(client, first.run_id)
+            assert run.status.name == "COMPLETED", run
+            assert run.final_snapshot["g"] == {"attempt": 0}
+            assert [a.worker_id for a in run.steps[0].attempts] == ["worker-a"]
+            waiting = await client.get_run(second.run_id)
+            assert waiting.status.name == "RUNNING"
+            queues = {q.task_queue: q for q in await client.list_queues()}
+            assert queues["term-q"].backlog == 1 and queues["term-q"].running == 0
+            assert len(ledger_lines(workers.ledger, "start")) == 1  # the second task was never taken
+            (await workers.start(engine.address, "term-q", "worker-b")).signal(signal.SIGUSR1)
+            later = await finished(client, second.run_id)
+            assert later.status.name == "COMPLETED", later
+            assert [a.worker_id for a in later.steps[0].attempts] == ["worker-b"]
+    finally:
+        await engine.kill()
+
+
+async def test_sigterm_hands_a_task_still_running_after_the_grace_back_for_the_next_worker(
+    store: ServiceProcess, workers: Workers
+) -> None:
+    engine = await start_engine_process(store.address)
+    try:
+        worker = await workers.start(engine.address, "back-q", "worker-a", shutdown_grace=0.5)
+        async with AsyncKeelClient(engine.address) as client:
+            # The claim would outlive the test: only the hand-back can end attempt 0.
+            pipeline = _one_remote_step(
+                "pay", "slow_pay", "back-q", op_config={"hang_attempts": [0]}, heartbeat_timeout="600s"
+            )
+            started = await client.start_run(pipeline, input={"amount": 3})
+            await eventually(
+                lambda: ledger_lines(workers.ledger, "paid"), "worker A paid", within=WITHIN, poll=0.02
+            )
+            worker.signal(signal.SIGTERM)
+            assert await asyncio.wait_for(worker.process.wait(), WITHIN) == 0
+            await workers.start(engine.address, "back-q", "worker-b")
+            run = await finished(client, started.run_id)
+            assert run.status.name == "COMPLETED", run
+            attempts = run.steps[0].attempts
+            assert [a.worker_id for a in attempts] == ["worker-a", "worker-b"]
+            assert attempts[0].error is not None and attempts[0].error.code == "worker_shutdown"
+            # Worker B was served the payment worker A recorded.
+            assert ledger_lines(workers.ledger, "pay") == [f"pay pay:{started.run_id}:pay"]
+            assert run.final_snapshot["pay"] == {"receipt": {"paid": 3}, "attempt": 1, "seen": []}
+    finally:
+        await engine.kill()
+
+
+@op("measure")
+async def measure(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """The sizes of the blobs the steps before this one echoed, and the context's keys."""
+    return {"sizes": [len(ctx.context[s]["input"]["blob"]) for s in ("a", "b")], "keys": sorted(ctx.context)}
+
+
+async def test_a_context_too_large_to_inline_reaches_the_worker_through_get_artifact(stack: Stack) -> None:
+    # The context a step starts from holds the outputs of the steps it depends on: two echoes of an
+    # input under the input's own size limit (1 MiB) make it larger than a task carries inline.
+    blob = "x" * (MAX_INLINE_CONTEXT_BYTES // 2 + 1)
+    pipeline = {
+        "pipeline_id": "big-context",
+        "steps": [
+            {"step_id": "a", "op_id": "keel.echo"},
+            {"step_id": "b", "op_id": "keel.echo"},
+            {"step_id": "m", "op_id": "measure", "task_queue": "big", "depends_on": ["a", "b"]},
+        ],
+    }
+    worker = Worker(stack.engine, "big", ops=[measure], concurrency=1)
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with AsyncKeelClient(stack.engine) as client:
+            started = await client.start_run(pipeline, input={"blob": blob})
+            run = await finished(client, started.run_id)
+            assert run.status.name == "COMPLETED", run
+            assert run.final_snapshot["m"] == {"sizes": [len(blob), len(blob)], "keys": ["a", "b"]}
+        # The task carried the context as an artifact, not inline.
+        async with grpc.aio.insecure_channel(stack.store) as channel:
+            read = await store_pb2_grpc.StoreServiceStub(channel).ReadEvents(
+                store_pb2.ReadEventsRequest(stream_id=task_stream_id(started.run_id, "m", 0))
+            )
+        scheduled = decode_task_event(read.events[0].type, read.events[0].payload)
+        assert isinstance(scheduled, TaskScheduled)
+        assert scheduled.context_artifact_id.startswith("sha256:")
+    finally:
+        worker.stop()
+        await serving
