@@ -15,8 +15,9 @@ Ops (all version "1"):
   0..n-1 (counted from the step's attempt number, so it survives restarts) and then returns
   `{"attempt": attempt}`. With `"retryable": false` the first failure is final.
 - `keel.wait_signal`: `op_config {"name": n, "timeout_seconds"?: s}` waits for a signal `n` sent to
-  the run (SignalRun, StartRun.signals) and returns its payload. The signal is consumed under the
-  fact key `<step>.signal`, so a rerun returns the same payload. With no signal after `s` seconds
+  the run (SignalRun, StartRun.signals) and returns its payload. The attempt *parks* on a `signal`
+  wait (engine_service.domain.waits): no coroutine waits; the signal is consumed under the fact
+  key `<step>.signal`, so a resumed run returns the same payload. With no signal after `s` seconds
   the attempt fails `signal_timeout` (retryable: the run's retry policy decides).
 - `keel.io_call`: `op_config {"namespace", "request", "fact_key"}` (or `{"calls": [...]}` of those)
   calls the transport through the step's `io` handle and returns `{"response": ...}` (or
@@ -130,7 +131,8 @@ async def wait_signal(ctx: StepContext, op_config: Any, input: Any) -> Any:
     name = config.get("name")
     if not isinstance(name, str) or not name:
         raise OpError("op_config_invalid", "keel.wait_signal: op_config.name (the signal's name) is required")
-    return await ctx.wait_signal(
+    # Parked until a signal comes (RunSignalWaits.resolve) or the timeout: no coroutine waits.
+    return await ctx.park_for_signal(
         name, fact_key=f"{ctx.step_id}.signal", timeout=config.get("timeout_seconds")
     )
 

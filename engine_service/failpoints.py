@@ -18,6 +18,8 @@ for that step). Each failpoint fires at most once per process, which is enough: 
 - `after_run_parked`: a run's RunParked is durable (the driver has not ended yet).
 - `after_child_run_ended`: a child run's terminal event is durable, before its engine wakes the
   parent (the append's nudge of the parent's due time is all that wakes it then).
+- `after_signal_sent`: SignalRun's inbox append is durable, before its engine wakes the run (the
+  append's nudge of a parked run's due time is all that wakes it then).
 
 `pause_before_transport_call` does not kill: it stops the process (SIGSTOP; a test sends SIGCONT)
 once its StepAttemptStarted is durable, before the last lease check and the transport call.
@@ -43,6 +45,7 @@ AFTER_CHILD_COMPLETED = "after_child_completed"
 AFTER_CHILD_AWAIT_RECORDED = "after_child_await_recorded"
 AFTER_RUN_PARKED = "after_run_parked"
 AFTER_CHILD_RUN_ENDED = "after_child_run_ended"
+AFTER_SIGNAL_SENT = "after_signal_sent"
 PAUSE_BEFORE_TRANSPORT_CALL = "pause_before_transport_call"
 RETENTION_AFTER_RUN_DELETED = "retention_after_run_deleted"
 # Pausing failpoints stop the process instead of killing it, once per process.
@@ -58,6 +61,7 @@ NAMES = (
     AFTER_CHILD_COMPLETED,
     AFTER_CHILD_AWAIT_RECORDED,
     AFTER_RUN_PARKED,
+    AFTER_SIGNAL_SENT,
     AFTER_CHILD_RUN_ENDED,
     PAUSE_BEFORE_TRANSPORT_CALL,
     RETENTION_AFTER_RUN_DELETED,

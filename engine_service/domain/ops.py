@@ -47,6 +47,10 @@ class SignalHandle(Protocol):
         """The payload of the signal `name`, consumed under `fact_key`, waiting at most `seconds`."""
         ...
 
+    async def park(self, name: str, fact_key: str, seconds: float | None) -> Any:
+        """A `signal` wait (a ParkStep the op returns), or the payload consumed under `fact_key` already."""
+        ...
+
 
 @dataclass(frozen=True)
 class StepContext:
@@ -77,6 +81,23 @@ class StepContext:
         if self.signals is None:
             raise OpError("signals_unavailable", "this step context serves no signals")
         return await self.signals.wait(name, fact_key, timeout)
+
+    async def park_for_signal(
+        self,
+        name: str,
+        *,
+        fact_key: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - a recorded deadline, not asyncio's
+    ) -> Any:
+        """What an op returns to wait for a signal `name` without holding a coroutine (keel.wait_signal).
+
+        A `signal` wait (a ParkStep): the attempt parks, and ends with the payload of the signal
+        it consumes under `fact_key` (or fails `signal_timeout`, retryable, after `timeout`
+        seconds). When the run holds that fact already (a rerun, a replay), its payload.
+        """
+        if self.signals is None:
+            raise OpError("signals_unavailable", "this step context serves no signals")
+        return await self.signals.park(name, fact_key, timeout)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ wait of the run consumed. Consuming is recorded in the *run* stream as a fact
 the wait's fact key, durable before the op sees the payload: a resumed run finds the fact and gets
 the same payload, and the signal it names is never consumed again. Everything here is pure.
 
+`keel.wait_signal` parks its attempt on a `signal` wait (`signal_park`): `StepWaiting` records the
+name, the fact key and the deadline (`until_us`, the wait's timeout); `signal_wait_outcome` is
+what its resolver decides from the run's history and inbox.
+
     SignalSent  {v, signal_id, name, payload, at_us?}
 """
 
@@ -24,9 +28,16 @@ from typing import Any
 
 from engine_service.domain import streams
 from engine_service.domain.canonical import canonical_json_bytes
-from engine_service.domain.events import EVENT_FORMAT_VERSION, FactRecorded, SignalAwaited
-from engine_service.domain.history import RunHistory
+from engine_service.domain.events import (
+    EVENT_FORMAT_VERSION,
+    ErrorRecord,
+    FactRecorded,
+    ParkStep,
+    SignalAwaited,
+)
+from engine_service.domain.history import RunHistory, WaitingAttempt
 from engine_service.domain.secrets import looks_like_secret
+from engine_service.domain.waits import SIGNAL, WaitOutcome
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument
 from keel_core.json_rules import check_json
 
@@ -208,3 +219,50 @@ def wait_deadline_us(history: RunHistory, wait: SignalAwaited) -> int:
     if failure is not None and failure.attempt >= earlier.attempt:
         return wait.deadline_us
     return earlier.deadline_us
+
+
+def signal_park(
+    history: RunHistory,
+    step_id: str,
+    attempt: int,
+    name: str,
+    fact_key: str,
+    seconds: float | None,
+    timeout_error: ErrorRecord,
+    now_us: int,
+) -> ParkStep:
+    """The `signal` wait of `keel.wait_signal`: until its deadline (none: 0), failing with
+    `timeout_error` then. An older wait of this fact key that its engine died inside (a
+    `SignalAwaited` of a stream written before waits parked) keeps its deadline."""
+    deadline = now_us + int(seconds * 1_000_000) if seconds is not None else 0
+    wait = SignalAwaited(step_id, attempt, fact_key, name, deadline, at_us=now_us)
+    deadline = wait_deadline_us(history, wait)
+    detail: dict[str, Any] = {"name": name, "fact_key": fact_key}
+    if seconds is not None:
+        detail["timeout_seconds"] = seconds
+    return ParkStep(SIGNAL, until_us=deadline, error=timeout_error if deadline else None, detail=detail)
+
+
+def signal_wait_outcome(
+    history: RunHistory, inbox: Iterable[Signal], waiting: WaitingAttempt
+) -> WaitOutcome | None:
+    """How a `signal` wait ends now: the payload of the signal consumed under its fact key (its fact
+    first, when this consumes it), or None while no signal for it is in the inbox.
+
+    The caller records the outcome's fact with no await after this: the consumed set is read from
+    `history` here, so two waits of one run never take the same signal.
+    """
+    name = str(waiting.wait.detail.get("name", ""))
+    fact_key = str(waiting.wait.detail.get("fact_key", ""))
+    recorded = history.facts.get(fact_key)
+    if recorded is not None and recorded.namespace != SIGNAL_NAMESPACE:
+        message = f"wait_signal: fact key {fact_key!r} holds the answer of a {recorded.namespace!r} call"
+        category = ErrorCategory.FAILED_PRECONDITION.value
+        return WaitOutcome(error=ErrorRecord("fact_key_conflict", category, False, message))
+    if recorded is not None:
+        return WaitOutcome(output=payload_of(recorded))
+    signal = next_signal(inbox, consumed_signal_ids(history.facts.values()), name)
+    if signal is None:
+        return None
+    fact = FactRecorded(waiting.step_id, waiting.attempt, fact_key, SIGNAL_NAMESPACE, signal.consumed_json())
+    return WaitOutcome(output=signal.payload, facts=(fact,))

@@ -36,6 +36,9 @@ RECHECK_AFTER_US = 300_000_000
 
 # Wait kinds Keel writes (a resolver may be registered for others).
 TIMER = "timer"
+# A signal wait (keel.wait_signal); detail: {"name", "fact_key", "timeout_seconds"?}. Its due time,
+# when set, is its timeout; its resolver consumes a signal from the run's inbox.
+SIGNAL = "signal"
 TASK = "task"  # a remote step's task (engine_service.domain.tasks); detail: {"task": its stream id}
 # A task wait's due time is a re-check, not a timeout (the task's own deadlines end it): should the
 # wake-up of its outcome be lost (the engine that took it died first), the run looks again by then.
@@ -61,6 +64,7 @@ def due_outcome(wait: ParkStep) -> WaitOutcome:
 __all__ = [
     "PARK_AFTER_US",
     "RECHECK_AFTER_US",
+    "SIGNAL",
     "TASK",
     "TASK_RECHECK_US",
     "TIMER",

@@ -82,7 +82,7 @@ from engine_service.domain.streams import (
     run_stream_id,
 )
 from engine_service.domain.tasks import TaskState
-from engine_service.domain.waits import TASK, TASK_RECHECK_US, WaitOutcome, due_outcome
+from engine_service.domain.waits import SIGNAL, TASK, TASK_RECHECK_US, WaitOutcome, due_outcome
 from engine_service.failpoints import (
     AFTER_CHILD_COMPLETED,
     AFTER_CHILD_RUN_ENDED,
@@ -91,7 +91,7 @@ from engine_service.failpoints import (
     AFTER_STEP_ATTEMPT_STARTED,
     BEFORE_RUN_COMPLETED,
 )
-from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
+from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment, WaitResolver
 from engine_service.runtime.leases import Lease
 from engine_service.runtime.remote_steps import RemoteWaiting, run_remote_attempt
 from engine_service.runtime.run_io import AttemptOf, RunFacts, RunIo, io_error
@@ -368,13 +368,20 @@ class RunDriver:
 
     @property
     def poked_since_check(self) -> bool:
-        """A poke came after the waits were last offered to their resolvers (when there are any)."""
-        return self._check_waits and bool(self.env.wait_resolvers)
+        """A poke came after the waits were last offered to their resolvers."""
+        return self._check_waits
+
+    def _resolver(self, kind: str) -> WaitResolver | None:
+        """What may end a wait of `kind` early: the engine's resolver for it, or, for a signal, this
+        run's own (it decides from the history this driver holds: runtime.signal_waits)."""
+        if kind == SIGNAL:
+            return self.signal_waits.resolve
+        return self.env.wait_resolvers.get(kind)
 
     async def _a_wait_is_over(self) -> bool:
         """Whether a resolver says one of the run's waits is over (asked, not recorded)."""
         for waiting in self.history.waiting.values():
-            resolver = self.env.wait_resolvers.get(waiting.wait.kind)
+            resolver = self._resolver(waiting.wait.kind)
             if resolver is not None and await resolver(self.run_id, waiting) is not None:
                 return True
         return False
@@ -382,12 +389,12 @@ class RunDriver:
     async def _resolve_waits(self, running: frozenset[str]) -> bool:
         """Offer each waiting attempt to its kind's resolver (once, and again after a poke); True
         when one settled."""
-        if not self._check_waits or not self.env.wait_resolvers:
+        if not self._check_waits:
             return False
         self._check_waits = False
         settled = False
         for waiting in list(self.history.waiting.values()):
-            resolver = self.env.wait_resolvers.get(waiting.wait.kind)
+            resolver = self._resolver(waiting.wait.kind)
             if resolver is None or waiting.step_id in running:
                 continue
             outcome = await resolver(self.run_id, waiting)
@@ -400,14 +407,21 @@ class RunDriver:
 
     async def _settle_due(self, waiting: WaitingAttempt) -> None:
         """A wait's due time came. A remote task's is a re-check (its own deadlines end it): its
-        resolver says whether it ended, else the attempt waits on, due for the next re-check."""
-        if waiting.wait.kind != TASK:
+        resolver says whether it ended, else the attempt waits on, due for the next re-check. A
+        signal's is its timeout: a signal in the inbox by then is still consumed (its wake-up may
+        be on its way), else the attempt fails `signal_timeout`."""
+        if waiting.wait.kind not in (TASK, SIGNAL):
             await self._settle_wait(waiting, due_outcome(waiting.wait))
             return
-        resolver = self.env.wait_resolvers.get(TASK)
+        resolver = self._resolver(waiting.wait.kind)
         outcome = None if resolver is None else await resolver(self.run_id, waiting)
-        if outcome is not None:
+        if outcome is not None and self.history.waiting.get(waiting.step_id) == waiting:
             await self._settle_wait(waiting, outcome)
+            return
+        if self.history.waiting.get(waiting.step_id) != waiting:
+            return  # settled meanwhile (a poke's resolver)
+        if waiting.wait.kind == SIGNAL:
+            await self._settle_wait(waiting, due_outcome(waiting.wait))
             return
         again = replace(waiting.wait, until_us=now_us() + TASK_RECHECK_US)
         self.record([StepWaiting(waiting.step_id, waiting.attempt, again)])

@@ -50,6 +50,7 @@ from engine_service.domain.signals import Signal
 from engine_service.domain.streams import RUN_PARKED_LABEL, run_status_of_label, run_stream_id
 from engine_service.domain.transports import TransportRegistry
 from engine_service.domain.waits import TASK
+from engine_service.failpoints import AFTER_SIGNAL_SENT
 from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
 from engine_service.runtime.driver import RunDriver, RunParkedOut
@@ -132,6 +133,8 @@ class Engine:
         if env.signals is None:
             env.signals = Signals(SignalInbox(env.store), SignalWakeups(env.store))
         self.signals = env.signals
+        # Signals sent through any engine poke this engine's drivers of their runs.
+        self.signals.wakeups.on_woken = self._poke_driven
         self.reader = RunReader(env.store)
         self.terminalizer = Terminalizer(env.store, self.registry, self.reader)
         self.env = env
@@ -279,11 +282,28 @@ class Engine:
             head, _ = await self.env.store.head(run_stream_id(run_id))
             if head:
                 await self._existing_start(run_id, manifest_id)  # run_already_exists: nothing sent
-        await self.signals.inbox.send(run_id, signals, run_exists=False)
+        sent = await self.signals.inbox.send(run_id, signals, run_exists=False)
+        if any(one.created for one in sent):
+            self.wake_soon(run_id)  # it may exist already, parked on one of them
 
     async def signal_run(self, run_id: str, signal: Signal) -> SentSignal:
-        """Put `signal` in the run's inbox (once per signal id) and wake the engine waiting for it."""
-        return (await self.signals.inbox.send(run_id, [signal]))[0]
+        """Put `signal` in the run's inbox (once per signal id) and wake the run: its driver here is
+        poked, a parked run is taken up, a run held elsewhere is nudged due (`wake_soon`). A repeat
+        wakes nothing: the first one did (and its inbox append made a parked run due, durably)."""
+        sent = (await self.signals.inbox.send(run_id, [signal]))[0]
+        self.env.failpoints.hit(AFTER_SIGNAL_SENT)
+        if sent.created:
+            self.wake_soon(run_id)
+        return sent
+
+    def _poke_driven(self, run_id: str | None) -> None:
+        """A signal was sent to `run_id` (None: to any run): poke its driver here, if it has one, so
+        that its signal waits ask their resolver again. A run driven elsewhere is poked there."""
+        pokes = list(self.registry.pokes.values()) if run_id is None else []
+        if run_id is not None and run_id in self.registry.pokes:
+            pokes.append(self.registry.pokes[run_id])
+        for poke in pokes:
+            poke()
 
     async def _check_replayed_run_exists(self, manifest: RunManifest) -> None:
         replayed = manifest.run_config.replay_of_run_id

@@ -12,6 +12,12 @@ fails the attempt with `signal_timeout` (retryable: the retry policy decides).
 
 A rerun after a crash keeps the deadline its orphaned attempt recorded (it waits what is left).
 In replay mode the replayed run's fact is served.
+
+`keel.wait_signal` does not wait here: `park` answers a `signal` wait (a ParkStep) that the driver
+records as StepWaiting, and `resolve` is that wait's resolver (engine_service.runtime.parking):
+it reads the inbox once this engine's wake-up subscription is in place (so a signal sent after the
+read is followed by a wake-up it hears) and decides the consumption from the run's history as the
+driver holds it, with no await between the decision and the driver recording its fact.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 from engine_service.domain.events import SignalAwaited
 from engine_service.domain.facts import check_fact_key
+from engine_service.domain.history import WaitingAttempt
 from engine_service.domain.ops import OpError
 from engine_service.domain.run_config import REPLAY
 from engine_service.domain.signals import (
@@ -33,9 +40,13 @@ from engine_service.domain.signals import (
     consumed_signal_ids,
     next_signal,
     payload_of,
+    signal_park,
+    signal_wait_outcome,
     wait_deadline_us,
 )
+from engine_service.domain.waits import WaitOutcome
 from engine_service.runtime.run_io import AttemptOf, RunFacts, RunWriter, io_error
+from engine_service.runtime.step_errors import op_error_record
 from keel_core.clock import now_us
 
 
@@ -82,6 +93,32 @@ class RunSignalWaits:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), left)
 
+    async def park(self, attempt: AttemptOf, name: str, fact_key: str, seconds_asked: Any) -> Any:
+        """The attempt's `signal` wait (a ParkStep), or the payload its fact holds already (a rerun,
+        or a replay)."""
+        check_signal_name(name, "wait_signal name")
+        check_fact_key(fact_key, f"wait_signal({name!r})")
+        seconds = check_wait_timeout(seconds_asked, "wait_signal timeout")
+        recorded = self._recorded(fact_key)
+        if recorded is not None or self._run.manifest.run_config.execution_mode == REPLAY:
+            answer = await self._facts.fact(attempt, SIGNAL_NAMESPACE, {"name": name}, fact_key)
+            return answer.get("payload") if isinstance(answer, dict) else None
+        if self._run.env.signals is None:
+            raise io_error("signals_unavailable", "this engine serves no signals")
+        timeout = op_error_record(self._timed_out(attempt, name, seconds))
+        step_id, number, history = attempt.step_id, attempt.attempt, self._run.history
+        return signal_park(history, step_id, number, name, fact_key, seconds, timeout, now_us())
+
+    async def resolve(self, run_id: str, waiting: WaitingAttempt) -> WaitOutcome | None:
+        """The `signal` wait's resolver: its outcome once a signal for it is in the inbox, else None."""
+        signals = self._run.env.signals
+        if signals is None:
+            return None
+        await signals.wakeups.ready()
+        inbox = await signals.inbox.read(run_id)
+        # No await from here until the driver records the outcome's fact (see signal_wait_outcome).
+        return signal_wait_outcome(self._run.history, inbox, waiting)
+
     @staticmethod
     def _left(deadline_us: int) -> float | None:
         return (deadline_us - now_us()) / 1_000_000 if deadline_us else None
@@ -126,3 +163,7 @@ class AttemptSignals:
     async def wait(self, name: str, fact_key: str, seconds: float | None) -> Any:
         """Wait for the signal `name` (see RunSignalWaits.wait)."""
         return await self._waits.wait(self._attempt, name, fact_key, seconds)
+
+    async def park(self, name: str, fact_key: str, seconds: float | None) -> Any:
+        """A `signal` wait to park the attempt on, or the payload consumed already (RunSignalWaits.park)."""
+        return await self._waits.park(self._attempt, name, fact_key, seconds)

@@ -2,10 +2,14 @@
 
 `SignalInbox.send` appends signals to a run's inbox stream with the stream's compare-and-swap at
 the head it read, leaving out the signal ids already there: two senders of one signal id append
-it once. Then it appends one `SignalWoken{run_id}` to the engine-wide `signal-wakeups` stream.
+it once. The inbox append also nudges the run stream (store `AppendEventsRequest.nudges`): a run
+parked then is due now, in the same transaction, so the signal and the parked run's wake-up are
+durable together (the Waker of whichever engine may take the run finds it). Then it appends one
+`SignalWoken{run_id}` to the engine-wide `signal-wakeups` stream.
 
 `SignalWakeups` is one subscription per engine to `signal-wakeups`: a wait registers for its run
-and is woken when a SignalWoken names it, then re-reads the run's inbox. A wait registers and
+and is woken when a SignalWoken names it, then re-reads the run's inbox; `on_woken` is told the run
+too (the kernel pokes its driver here, whose parked-form waits ask their resolver again). A wait registers and
 waits until the subscription is in place *before* it reads the inbox, so a signal sent after that
 read is always followed by a wake-up it hears. A lost subscription (the store away), or a gap
 in the sequence numbers it delivers (events trimmed before this engine read them), wakes every
@@ -22,7 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from engine_service.domain.canonical import canonical_json_bytes
@@ -136,7 +140,10 @@ class SignalInbox:
                 raise inbox_full(run_id, len(inbox))
             try:
                 await self.store.append(
-                    stream_id, [encode_signal(s) for s in new], expected_seq=head if head else None
+                    stream_id,
+                    [encode_signal(s) for s in new],
+                    expected_seq=head if head else None,
+                    nudges={run_stream_id(run_id): now_us()},  # a parked run: due now, durably
                 )
             except KeelError as error:
                 if error.code == "sequence_conflict":
@@ -160,6 +167,8 @@ class SignalWakeups:
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
         self._trims: set[asyncio.Task[None]] = set()
+        # Told each run a signal was sent to (None: any run, the subscription was lost or skipped).
+        self.on_woken: Callable[[str | None], None] | None = None
 
     @contextlib.contextmanager
     def watching(self, run_id: str) -> Iterator[asyncio.Event]:
@@ -233,8 +242,12 @@ class SignalWakeups:
             return
         for woken in self._waiters.get(str(run_id), ()):
             woken.set()
+        if self.on_woken is not None and isinstance(run_id, str):
+            self.on_woken(run_id)
 
     def _wake_everyone(self) -> None:
         for waiters in self._waiters.values():
             for woken in waiters:
                 woken.set()
+        if self.on_woken is not None:
+            self.on_woken(None)

@@ -50,6 +50,7 @@ from engine_service.domain.streams import (
     run_status_of_label,
     run_stream_id,
 )
+from engine_service.domain.waits import SIGNAL
 from engine_service.runtime.reader import RunReader, stored_events
 from engine_service.store.port import EventLog
 from keel_core.errors import KeelError, not_found
@@ -248,6 +249,8 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                 attempt = _attempt(step, event.attempt, when)
                 attempt.status, attempt.wait = WAITING, event.wait
                 step.status = WAITING
+                if event.wait.kind == SIGNAL:  # keel.wait_signal, parked: what SignalAwaited told
+                    step.waiting_for_signal = _signal_wait_of(event.wait, when)
             case StepAttemptFailed():
                 step = steps.setdefault(event.step_id, StepView(event.step_id, "", ""))
                 step.waiting_for_signal = None
@@ -277,6 +280,13 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
                             step.status = FAILED
     view.steps = list(steps.values())
     return view
+
+
+def _signal_wait_of(wait: ParkStep, since: datetime | None) -> SignalWaitView:
+    """What a parked `signal` wait waits for (StepWaiting's detail, and its deadline)."""
+    detail = wait.detail
+    timeout_at = _from_us(wait.until_us) if wait.until_us else None
+    return SignalWaitView(str(detail.get("name", "")), str(detail.get("fact_key", "")), since, timeout_at)
 
 
 def set_step_outputs(view: RunView, checkpoint: Any) -> None:

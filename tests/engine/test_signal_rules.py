@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine_service.domain import FactRecorded, StepAttemptFailed, StepAttemptStarted, fold
-from engine_service.domain.events import ErrorRecord, SignalAwaited, decode_event, encode_event
+from engine_service.domain.events import (
+    ErrorRecord,
+    SignalAwaited,
+    StepWaiting,
+    decode_event,
+    encode_event,
+)
 from engine_service.domain.signals import (
     SIGNAL_NAMESPACE,
     Signal,
@@ -23,6 +29,8 @@ from engine_service.domain.signals import (
     decode_signal,
     encode_signal,
     next_signal,
+    signal_park,
+    signal_wait_outcome,
     start_signal_id,
     wait_deadline_us,
 )
@@ -145,3 +153,56 @@ def test_start_signal_ids_follow_place_and_content() -> None:
     assert start_signal_id(0, "go", {"a": 1}) != start_signal_id(1, "go", {"a": 1})
     assert start_signal_id(0, "go", {"a": 1}) != start_signal_id(0, "go", {"a": 2})
     check_signal_id(start_signal_id(3, "go", None))
+
+
+TIMEOUT = ErrorRecord("signal_timeout", "failed_precondition", True, "no signal")
+
+
+@given(sent=st.lists(NAMES, max_size=20), waits=st.lists(NAMES, min_size=1, max_size=8))
+def test_parked_waits_resolved_one_after_another_never_take_the_same_signal(
+    sent: list[str], waits: list[str]
+) -> None:
+    inbox = [Signal(f"s{i}", name, i, inbox_seq=i + 1) for i, name in enumerate(sent)]
+    started = [StepAttemptStarted(f"w{i}", 0, "base") for i in range(len(waits))]
+    history = fold(started)
+    for i, name in enumerate(waits):
+        wait = signal_park(history, f"w{i}", 0, name, f"w{i}.signal", None, TIMEOUT, 1_000)
+        assert wait.kind == "signal" and wait.until_us == 0 and wait.error is None
+        history = history.extend([StepWaiting(f"w{i}", 0, wait)])
+    for i, name in enumerate(waits):
+        outcome = signal_wait_outcome(history, inbox, history.waiting[f"w{i}"])
+        expected = next_signal(inbox, consumed_signal_ids(history.facts.values()), name)
+        if expected is None:
+            assert outcome is None
+            continue
+        assert outcome is not None and outcome.output == expected.payload
+        [fact] = outcome.facts
+        assert (fact.fact_key, fact.namespace, fact.response) == (
+            f"w{i}.signal",
+            SIGNAL_NAMESPACE,
+            expected.consumed_json(),
+        )
+        history = history.extend(outcome.facts)  # what the driver records, with no await between
+        again = signal_wait_outcome(history, inbox, history.waiting[f"w{i}"])
+        assert again is not None and again.output == expected.payload and again.facts == ()
+    ids = [f.response["signal_id"] for f in history.facts.values()]
+    assert len(ids) == len(set(ids))
+
+
+def test_a_parked_wait_records_its_deadline_and_keeps_an_orphans() -> None:
+    history = fold([StepAttemptStarted("w", 0, "base")])
+    wait = signal_park(history, "w", 0, "go", "w.signal", 2.5, TIMEOUT, 1_000_000)
+    assert wait.until_us == 3_500_000 and wait.error == TIMEOUT
+    assert wait.detail == {"name": "go", "fact_key": "w.signal", "timeout_seconds": 2.5}
+    # An attempt that waited in its coroutine (a stream written before waits parked) and died.
+    history = history.extend([SignalAwaited("w", 0, "w.signal", "go", 2_000_000)])
+    history = history.extend([StepAttemptStarted("w", 1, "base")])
+    assert signal_park(history, "w", 1, "go", "w.signal", 2.5, TIMEOUT, 9_000_000).until_us == 2_000_000
+
+
+def test_a_parked_wait_whose_key_holds_another_call_fails() -> None:
+    history = fold([StepAttemptStarted("w", 0, "base"), FactRecorded("w", 0, "w.signal", "keel.echo", {})])
+    wait = signal_park(history, "w", 0, "go", "w.signal", None, TIMEOUT, 1)
+    history = history.extend([StepWaiting("w", 0, wait)])
+    outcome = signal_wait_outcome(history, [Signal("x", "go", 1, 1)], history.waiting["w"])
+    assert outcome is not None and outcome.error is not None and outcome.error.code == "fact_key_conflict"

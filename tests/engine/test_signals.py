@@ -148,17 +148,20 @@ async def test_signals_of_one_name_are_consumed_in_the_order_sent_and_others_wai
     started = await cluster.stub.StartRun(
         engine_pb2.StartRunRequest(
             pipeline=pipeline(
-                wait_step("a", "x"), wait_step("b", "x", depends_on=("a",)), wait_step("c", "y")
+                wait_step("a", "x"),
+                wait_step("b", "x", depends_on=("a",)),
+                wait_step("c", "y"),
+                wait_step("d", "end"),  # keeps the run going until every "x" was sent
             )
         )
     )
-    for n, name in enumerate(["y", "x", "x", "x"]):
+    for n, name in enumerate(["y", "x", "x", "x", "end"]):
         await signal(cluster, started.run_id, name, n)
     run = await finished(cluster, started.run_id)
-    assert (output(run, "a"), output(run, "b"), output(run, "c")) == (1, 2, 0)
+    assert (output(run, "a"), output(run, "b"), output(run, "c"), output(run, "d")) == (1, 2, 0, 4)
     inbox = await run_events(cluster, started.run_id, "signals:")
-    assert len(inbox) == 4  # the last "x" stays unconsumed
-    assert len(await consumed(cluster, started.run_id)) == 3
+    assert len(inbox) == 5  # the last "x" stays unconsumed
+    assert sorted(c["inbox_seq"] for c in await consumed(cluster, started.run_id)) == [1, 2, 3, 5]
 
 
 async def test_a_wait_times_out_as_configured_and_the_retry_policy_decides(cluster: Cluster) -> None:
@@ -170,8 +173,17 @@ async def test_a_wait_times_out_as_configured_and_the_retry_policy_decides(clust
     assert run.status == engine_pb2.RUN_STATUS_FAILED
     assert run.error.code == "signal_timeout" and run.error.retryable
     events = await run_events(cluster, started.run_id)
-    awaited = next(data for kind, data in events if kind == "SignalAwaited")
-    assert awaited["deadline_us"] - awaited["at_us"] == 200_000
+    # The attempt parked on a signal wait whose deadline is 0.2 s after the op returned it.
+    attempt_at = next(data["at_us"] for kind, data in events if kind == "StepAttemptStarted")
+    waiting = next(data for kind, data in events if kind == "StepWaiting")
+    wait = waiting["wait"]
+    assert wait["kind"] == "signal"
+    assert wait["detail"] == {"name": "never", "fact_key": "w.signal", "timeout_seconds": 0.2}
+    assert attempt_at <= wait["until_us"] - 200_000 <= waiting["at_us"]
+    assert wait["error"]["code"] == "signal_timeout" and wait["error"]["retryable"]
+    failed_at = next(data["at_us"] for kind, data in events if kind == "StepAttemptFailed")
+    assert failed_at >= wait["until_us"]  # never before its deadline
+    assert not any(kind == "SignalAwaited" for kind, _ in events)
 
 
 async def test_a_timed_out_wait_is_retried_with_a_fresh_deadline_and_gets_a_later_signal(
