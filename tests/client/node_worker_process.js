@@ -24,6 +24,14 @@ const ops = [
     handler: async (input, ctx) => ({ n: input.n * 2, saw: Object.keys(ctx.context).sort(), by: ctx.workerId }),
   },
   {
+    // The length of each context entry's echoed input blob (a context too large to travel inline
+    // reaches the worker as an artifact, read through WorkerService.GetArtifact).
+    id: 'node.measure',
+    handler: async (input, ctx) => ({
+      sizes: Object.keys(ctx.context).sort().map((key) => ctx.context[key].input.blob.length),
+    }),
+  },
+  {
     id: 'node.ledgered',
     handler: async (input, ctx) => {
       const first = await ctx.io.call('ledger', { what: 'first' }, `first:${ctx.runId}`);

@@ -5,7 +5,9 @@ Python worker process runs; a Node worker SIGKILLed in the middle of a task leav
 fact to the worker that takes the next attempt, which is served it without executing it again (the
 workers' transport writes every real execution to a ledger file that the test reads); and a Node
 worker paused (SIGSTOP) past its lease and then resumed finds its task stale and changes nothing;
-a Node worker whose engine is SIGKILLed mid-task and restarted finishes the task through it;
+a Node worker given SIGTERM with a task still running past its grace hands it back (`worker_shutdown`)
+and exits, and the next worker is served its fact; a Node worker reads a context too large to travel
+inline through GetArtifact; a Node worker whose engine is SIGKILLed mid-task and restarted finishes the task through it;
 and a Node worker reaches an engine serving TLS with its bearer token (and says so when its token
 is refused).
 
@@ -29,6 +31,7 @@ import pytest
 from keel_client import AsyncKeelClient, KeelClient, TlsConfig
 
 from engine_service import EngineConfig, start_engine
+from engine_service.runtime.task_board import MAX_INLINE_CONTEXT_BYTES
 from keel_core.security import TlsFiles
 from store_service.server import StoreConfig, start_store
 from tests.client.test_node_client import NODE_CLIENT, _node_or_skip
@@ -191,6 +194,67 @@ def test_node_worker_killed_mid_task_leaves_its_facts_to_the_next_attempt(
     dead, retried = attempts_of(run, "work")
     assert (dead.worker_id, dead.error.code if dead.error else None) == ("doomed", "task_lease_expired")
     assert (retried.worker_id, retried.status.name) == ("survivor", "COMPLETED")
+
+
+def test_node_worker_sigterm_hands_a_task_still_running_after_the_grace_back_to_the_next_worker(
+    engine_address: str, processes: Processes, tmp_path: Path
+) -> None:
+    queue = f"node-{uuid.uuid4().hex[:8]}"
+    ledger = tmp_path / "ledger"
+    leaving = node_worker(processes, engine_address, queue, "leaving", ledger, "--hang-after-first")
+    pipeline = {
+        "pipeline_id": "node-worker-sigterm",
+        # The claim would outlive the test: only the hand-back can end attempt 0.
+        "steps": [
+            {"step_id": "work", "op_id": "node.ledgered", "task_queue": queue, "heartbeat_timeout": "600s"}
+        ],
+    }
+    with KeelClient(engine_address) as client:
+        started = client.start_run(pipeline)
+        assert leaving.stdout is not None
+        assert leaving.stdout.readline().split() == ["HUNG", started.run_id, "0"]
+        leaving.send_signal(signal.SIGTERM)  # its grace (shutdownGraceMs) is 2 s; the task hangs
+        out, _ = leaving.communicate(timeout=60)
+        assert leaving.returncode == 0 and "STOPPED" in out
+        node_worker(processes, engine_address, queue, "next", ledger)
+        run = client.await_run(started.run_id, max_wait=120).run
+    assert run is not None
+    assert run.status.name == "COMPLETED", run.error
+    # The first call ran once, on the worker that left; the next worker was served it.
+    assert ledger.read_text().splitlines() == [
+        f"first:{started.run_id} leaving 0",
+        f"second:{started.run_id} next 1",
+    ]
+    handed_back, retried = attempts_of(run, "work")
+    assert (handed_back.worker_id, handed_back.error.code if handed_back.error else None) == (
+        "leaving",
+        "worker_shutdown",
+    )
+    assert (retried.worker_id, retried.status.name) == ("next", "COMPLETED")
+
+
+def test_node_worker_reads_a_context_too_large_to_inline_through_get_artifact(
+    engine_address: str, processes: Processes, tmp_path: Path
+) -> None:
+    queue = f"node-{uuid.uuid4().hex[:8]}"
+    node_worker(processes, engine_address, queue, "measurer", tmp_path / "ledger")
+    # Two echoes of an input under the input's own limit (1 MiB) make a context larger than a task
+    # carries inline: the worker must fetch it with GetArtifact.
+    blob = "x" * (MAX_INLINE_CONTEXT_BYTES // 2 + 1)
+    pipeline = {
+        "pipeline_id": "node-big-context",
+        "steps": [
+            {"step_id": "a", "op_id": "keel.echo"},
+            {"step_id": "b", "op_id": "keel.echo"},
+            {"step_id": "m", "op_id": "node.measure", "task_queue": queue, "depends_on": ["a", "b"]},
+        ],
+    }
+    with KeelClient(engine_address) as client:
+        started = client.start_run(pipeline, input={"blob": blob})
+        run = client.await_run(started.run_id, max_wait=120).run
+    assert run is not None
+    assert run.status.name == "COMPLETED", run.error
+    assert run.final_snapshot["m"] == {"sizes": [len(blob), len(blob)]}
 
 
 def test_node_worker_paused_past_its_lease_finds_its_task_stale_and_changes_nothing(
