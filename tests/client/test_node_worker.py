@@ -7,9 +7,9 @@ workers' transport writes every real execution to a ledger file that the test re
 worker paused (SIGSTOP) past its lease and then resumed finds its task stale and changes nothing;
 a Node worker given SIGTERM with a task still running past its grace hands it back (`worker_shutdown`)
 and exits, and the next worker is served its fact; a Node worker reads a context too large to travel
-inline through GetArtifact; a Node worker whose engine is SIGKILLed mid-task and restarted finishes the task through it;
-and a Node worker reaches an engine serving TLS with its bearer token (and says so when its token
-is refused).
+inline through GetArtifact; a Node worker whose engine is SIGKILLed mid-task and restarted finishes
+the task through it; and a Node worker reaches an engine serving TLS with its bearer token (and says
+so when its token is refused).
 
 Needs `node` and `npm ci` in clients/node, as tests/client/test_node_client.py does (skipped loudly
 without them on a developer machine, failed in CI).
