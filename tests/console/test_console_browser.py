@@ -349,6 +349,21 @@ def test_run_page_shows_retries_waits_and_children(browser: Any, console_url: st
     )
 
 
+def test_pages_load_without_errors_in_the_browser_console(
+    browser: Any, console_url: str, keel: KeelClient
+) -> None:
+    done = keel.start_run(pipeline(unique("clean"), {"step_id": "a", "op_id": "keel.echo"}), wait=True)
+    browser.get_log("browser")  # reading the log empties it: only what these pages log is left
+    browser.get(f"{console_url}/runs")
+    one(browser, "#runs-body tr[data-run-id]")
+    browser.get(f"{console_url}/runs/{done.run_id}")
+    ended(browser)
+    browser.get(f"{console_url}/queues")
+    wait_for(browser, lambda: "updated" in one(browser, "#updated").text, "the queues read")
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+
+
 def test_unknown_run_page_says_so(browser: Any, console_url: str) -> None:
     browser.get(f"{console_url}/runs/6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b")
     wait_for(browser, lambda: css(browser, "#run-error"), "an error")
