@@ -32,6 +32,18 @@ const ops = [
     }),
   },
   {
+    // Prints `WAITING <run>`, then waits until its task is aborted (a cancel of the run reaches it on
+    // its next heartbeat) and writes `aborted <run> cancelRequested=<bool>` to the ledger.
+    id: 'node.until_aborted',
+    handler: async (input, ctx) => {
+      const aborted = new Promise((resolve) => ctx.signal.addEventListener('abort', resolve, { once: true }));
+      console.log(`WAITING ${ctx.runId}`);
+      await aborted;
+      fs.appendFileSync(ledgerFile, `aborted ${ctx.runId} cancelRequested=${ctx.cancelRequested}\n`);
+      return null;
+    },
+  },
+  {
     id: 'node.ledgered',
     handler: async (input, ctx) => {
       const first = await ctx.io.call('ledger', { what: 'first' }, `first:${ctx.runId}`);

@@ -7,9 +7,9 @@ workers' transport writes every real execution to a ledger file that the test re
 worker paused (SIGSTOP) past its lease and then resumed finds its task stale and changes nothing;
 a Node worker given SIGTERM with a task still running past its grace hands it back (`worker_shutdown`)
 and exits, and the next worker is served its fact; a Node worker reads a context too large to travel
-inline through GetArtifact; a Node worker whose engine is SIGKILLed mid-task and restarted finishes
-the task through it; and a Node worker reaches an engine serving TLS with its bearer token (and says
-so when its token is refused).
+inline through GetArtifact; a cancel of the run aborts a Node worker's handler; a Node worker whose
+engine is SIGKILLed mid-task and restarted finishes the task through it; and a Node worker reaches
+an engine serving TLS with its bearer token (and says so when its token is refused).
 
 Needs `node` and `npm ci` in clients/node, as tests/client/test_node_client.py does (skipped loudly
 without them on a developer machine, failed in CI).
@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -231,6 +232,32 @@ def test_node_worker_sigterm_hands_a_task_still_running_after_the_grace_back_to_
         "worker_shutdown",
     )
     assert (retried.worker_id, retried.status.name) == ("next", "COMPLETED")
+
+
+def test_a_cancel_of_the_run_aborts_the_node_workers_handler(
+    engine_address: str, processes: Processes, tmp_path: Path
+) -> None:
+    queue = f"node-{uuid.uuid4().hex[:8]}"
+    ledger = tmp_path / "ledger"
+    # It heartbeats every third of a second: the cancel reaches it on the next heartbeat.
+    worker = node_worker(processes, engine_address, queue, "canceled", ledger)
+    pipeline = {
+        "pipeline_id": "node-worker-cancel",
+        "steps": [
+            {"step_id": "w", "op_id": "node.until_aborted", "task_queue": queue, "heartbeat_timeout": "1s"}
+        ],
+    }
+    with KeelClient(engine_address) as client:
+        started = client.start_run(pipeline)
+        assert worker.stdout is not None
+        assert worker.stdout.readline().split() == ["WAITING", started.run_id]
+        client.cancel(started.run_id)
+        deadline = time.monotonic() + 60  # bounds the wait; no timing claim
+        while not ledger.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run = client.get_run(started.run_id)
+    assert run.status.name == "CANCELED"
+    assert ledger.read_text().splitlines() == [f"aborted {started.run_id} cancelRequested=true"]
 
 
 def test_node_worker_reads_a_context_too_large_to_inline_through_get_artifact(

@@ -1,5 +1,6 @@
 """What a worker author is promised beyond the happy path: a graceful SIGTERM (finish, or hand back),
-and a context too large to travel inline, fetched through WorkerService.GetArtifact."""
+a context too large to travel inline, fetched through WorkerService.GetArtifact, and a cancel of the
+run reaching the worker as `cancel_requested` on its next heartbeat."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from keel.store.v1 import store_pb2, store_pb2_grpc
+from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 from keel_client import AsyncKeelClient
 from keel_client.worker import TaskContext, Worker, op
 
 from engine_service.domain.streams import task_stream_id
 from engine_service.domain.tasks import TaskScheduled, decode_task_event
 from engine_service.runtime.task_board import MAX_INLINE_CONTEXT_BYTES
+from keel_core.status import from_rpc_error
 from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
 from tests.workers.conftest import Stack, Workers, finished, ledger_lines
 
@@ -151,6 +155,67 @@ async def test_a_context_too_large_to_inline_reaches_the_worker_through_get_arti
         scheduled = decode_task_event(read.events[0].type, read.events[0].payload)
         assert isinstance(scheduled, TaskScheduled)
         assert scheduled.context_artifact_id.startswith("sha256:")
+    finally:
+        worker.stop()
+        await serving
+
+
+async def test_a_cancel_reaches_the_claim_as_cancel_requested_and_its_completion_is_stale(
+    stack: Stack,
+) -> None:
+    async with AsyncKeelClient(stack.engine) as client:
+        started = await client.start_run(
+            _one_remote_step("s", "manual", "cancel-q", heartbeat_timeout="600s")
+        )
+        async with grpc.aio.insecure_channel(stack.engine) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            poll = worker_pb2.PollTaskRequest(task_queue="cancel-q", worker_id="by-hand")
+            poll.wait.FromSeconds(int(WITHIN))
+            task = (await stub.PollTask(poll)).task
+            beat = worker_pb2.HeartbeatTaskRequest(task_token=task.task_token)
+            assert not (await stub.HeartbeatTask(beat)).cancel_requested
+            await client.cancel(started.run_id, reason="operator")
+            assert (await stub.HeartbeatTask(beat)).cancel_requested
+            canceled = await client.get_run(started.run_id)
+            done = worker_pb2.CompleteTaskRequest(
+                task_token=task.task_token, output=struct_pb2.Value(number_value=1)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.CompleteTask(done)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert from_rpc_error(refused.value).code == "task_stale"
+            after = await client.get_run(started.run_id)
+            assert after.status.name == "CANCELED" and after.head_seq == canceled.head_seq
+
+
+STARTED: asyncio.Event | None = None
+CANCELLED: asyncio.Event | None = None
+
+
+@op("until_cancelled")
+async def until_cancelled(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """Waits until its task is cancelled, and says so."""
+    assert STARTED is not None and CANCELLED is not None
+    STARTED.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        CANCELLED.set()
+
+
+async def test_a_cancel_of_the_run_cancels_the_python_workers_op(stack: Stack) -> None:
+    global STARTED, CANCELLED
+    STARTED, CANCELLED = asyncio.Event(), asyncio.Event()
+    worker = Worker(stack.engine, "stop-q", ops=[until_cancelled], concurrency=1, heartbeat_every=0.1)
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with AsyncKeelClient(stack.engine) as client:
+            started = await client.start_run(_one_remote_step("s", "until_cancelled", "stop-q"))
+            await asyncio.wait_for(STARTED.wait(), WITHIN)
+            await client.cancel(started.run_id)
+            await asyncio.wait_for(CANCELLED.wait(), WITHIN)
+            run = await finished(client, started.run_id)
+            assert run.status.name == "CANCELED"
     finally:
         worker.stop()
         await serving
