@@ -26,6 +26,7 @@ import engine_service.builtin_ops
 import engine_service.metrics as engine_metrics
 from engine_service.console import EngineConsole, engine_target, start_console
 from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
+from engine_service.domain.tasks import DEFAULT_TASK_HEARTBEAT_MS
 from engine_service.domain.transports import DEFAULT_TRANSPORTS, TransportRegistry
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
@@ -95,6 +96,8 @@ class EngineConfig:
     engine_id: str | None = None
     # Seconds a run lease lives without renewal: how long a dead engine's runs wait for a taker.
     lease_ttl: float = DEFAULT_LEASE_TTL
+    # The heartbeat timeout of remote steps that set none (0: their claims never expire).
+    task_heartbeat_timeout: float = DEFAULT_TASK_HEARTBEAT_MS / 1000
     # HOST:PORT of the web console served by this process (engine_service.console); None: none.
     console_listen: str | None = None
     # Delete terminal run trees whose root ended this many seconds ago (None: keep every run).
@@ -233,6 +236,7 @@ def _engine(config: EngineConfig, store: StoreClient) -> Engine:
         checkpoint_linger=config.checkpoint_linger,
         engine_id=config.engine_id,
         lease_ttl=config.lease_ttl,
+        task_heartbeat_timeout=config.task_heartbeat_timeout,
         on_takeover=engine_metrics.LEASE_TAKEOVERS.inc,
     )
 
@@ -313,6 +317,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "older than ttl/3, whatever their number): a dead engine's runs are "
         "taken over by another within about 1.4 x this; a drained engine hands its runs over at "
         "once [KEEL_ENGINE_LEASE_TTL] (default 10)",
+    )
+    parser.add_argument(
+        "--task-heartbeat-timeout",
+        type=float,
+        default=float(env("KEEL_ENGINE_TASK_HEARTBEAT_TIMEOUT", str(DEFAULT_TASK_HEARTBEAT_MS / 1000))),
+        metavar="SECONDS",
+        help="the heartbeat timeout of remote steps that set none: a worker silent this long loses its "
+        "task, which is retried (task_lease_expired); Keel's workers heartbeat at least every 10 s; 0: "
+        "no timeout, a dead worker's task waits for its start_to_close_timeout or for ever "
+        "[KEEL_ENGINE_TASK_HEARTBEAT_TIMEOUT] (default 60)",
     )
     parser.add_argument(
         "--auth-token",
@@ -401,6 +415,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parse_server_args(parser, argv)
     if not args.lease_ttl > 0:
         parser.error(f"argument --lease-ttl: must be a positive number of seconds, not {args.lease_ttl}")
+    if not args.task_heartbeat_timeout >= 0:
+        parser.error(
+            "argument --task-heartbeat-timeout: must be 0 (none) or a positive number of seconds, "
+            f"not {args.task_heartbeat_timeout}"
+        )
     return args
 
 
@@ -473,6 +492,7 @@ def _config(args: argparse.Namespace, flags: ServerFlags) -> EngineConfig:
         metrics_listen=flags.metrics_listen,
         engine_id=args.engine_id,
         lease_ttl=args.lease_ttl,
+        task_heartbeat_timeout=args.task_heartbeat_timeout,
         console_listen=args.console,
         retention=args.retention,
         retention_interval=args.retention_interval,

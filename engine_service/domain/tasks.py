@@ -504,6 +504,10 @@ class Deadline:
     release: bool = False
 
 
+def _heartbeat_text(limits: StepTimeouts) -> str:
+    return f"{limits.heartbeat_ms} ms" if limits.heartbeat_ms else "the engine's heartbeat timeout"
+
+
 def next_deadline(state: TaskState) -> Deadline | None:
     """The earliest deadline of a task without an outcome (None: it can wait for ever)."""
     scheduled = state.scheduled
@@ -528,7 +532,7 @@ def next_deadline(state: TaskState) -> Deadline | None:
                 state.lease_deadline_us,
                 expiry_error(
                     TASK_LEASE_EXPIRED,
-                    f"worker {state.worker_id!r} sent no heartbeat within {limits.heartbeat_ms} ms",
+                    f"worker {state.worker_id!r} sent no heartbeat within {_heartbeat_text(limits)}",
                 ),
                 release=not state.heard,
             )
@@ -546,8 +550,20 @@ def next_deadline(state: TaskState) -> Deadline | None:
     return min(found, key=lambda d: d.at_us) if found else None
 
 
-def lease_deadline_after(state: TaskState, now_us: int) -> int:
-    """The lease deadline a claim or heartbeat at `now_us` gets (0: the step has no heartbeat timeout)."""
+# A remote step without a heartbeat timeout of its own gets this one (an engine flag changes it):
+# a worker that dies holding a task frees it for a retry within a minute, not never. Keel's workers
+# heartbeat every running task at least every 10 s.
+DEFAULT_TASK_HEARTBEAT_MS = 60_000
+
+
+def heartbeat_ms_of(timeouts: StepTimeouts, default_ms: int) -> int:
+    """The heartbeat timeout a claim of the step gets: the step's own, else the engine's default
+    (0: none, the claim never expires while its worker is silent)."""
+    return timeouts.heartbeat_ms or default_ms
+
+
+def lease_deadline_after(state: TaskState, now_us: int, default_heartbeat_ms: int) -> int:
+    """The lease deadline a claim or heartbeat at `now_us` gets (0: no heartbeat timeout at all)."""
     assert state.scheduled is not None
-    heartbeat_ms = state.scheduled.timeouts.heartbeat_ms
+    heartbeat_ms = heartbeat_ms_of(state.scheduled.timeouts, default_heartbeat_ms)
     return now_us + heartbeat_ms * 1000 if heartbeat_ms else 0

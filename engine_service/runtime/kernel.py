@@ -48,6 +48,7 @@ from engine_service.domain.child_runs import AWAIT_NAMESPACE, CHILDREN, SPAWN_NA
 from engine_service.domain.manifest import RunStart, run_start
 from engine_service.domain.signals import Signal
 from engine_service.domain.streams import RUN_PARKED_LABEL, run_status_of_label, run_stream_id
+from engine_service.domain.tasks import DEFAULT_TASK_HEARTBEAT_MS
 from engine_service.domain.transports import TransportRegistry
 from engine_service.domain.waits import TASK
 from engine_service.failpoints import AFTER_SIGNAL_SENT
@@ -127,6 +128,7 @@ class Engine:
         checkpoint_linger: float = 0.2,
         engine_id: str | None = None,
         lease_ttl: float = DEFAULT_LEASE_TTL,
+        task_heartbeat_timeout: float = DEFAULT_TASK_HEARTBEAT_MS / 1000,
         on_takeover: Callable[[], None] | None = None,
     ) -> None:
         self.registry = RunRegistry()
@@ -177,7 +179,11 @@ class Engine:
         # The child namespaces are this engine's: the registry is copied, never the shared default.
         env.transports = env.transports.merged(own)
         # Remote steps: the board the drivers schedule tasks on, and WorkerService's side of it.
-        self.tasks = TaskService(env.tasks, patience=env.store.patience)
+        self.tasks = TaskService(
+            env.tasks,
+            patience=env.store.patience,
+            default_heartbeat_ms=round(task_heartbeat_timeout * 1000),
+        )
         self.terminalizer.tasks = env.tasks
         # Remote attempts that wait parked: their resolver, their deadlines, and their wake-ups.
         env.wait_resolvers[TASK] = task_wait_resolver(env.tasks)

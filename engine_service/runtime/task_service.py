@@ -37,6 +37,7 @@ from engine_service.domain.streams import (
 )
 from engine_service.domain.tasks import (
     CLAIMED,
+    DEFAULT_TASK_HEARTBEAT_MS,
     PENDING,
     QUEUE_ATTRIBUTE,
     RUN_ENDED,
@@ -56,6 +57,7 @@ from engine_service.domain.tasks import (
     check_queue_name,
     encode_task_event,
     fold_task,
+    heartbeat_ms_of,
     lease_deadline_after,
     op_key,
     same_completion,
@@ -96,6 +98,7 @@ class ClaimedTask:
     body: dict[str, Any]
     lease_deadline_us: int
     worker_id: str
+    heartbeat_ms: int  # the claim's heartbeat timeout (the step's, else the engine's default; 0: none)
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,16 @@ class QueueView:
 class TaskService:
     """WorkerService's logic: every method validates its whole request before it writes."""
 
-    def __init__(self, board: TaskBoard, *, patience: float = 10.0) -> None:
+    def __init__(
+        self,
+        board: TaskBoard,
+        *,
+        patience: float = 10.0,
+        default_heartbeat_ms: int = DEFAULT_TASK_HEARTBEAT_MS,
+    ) -> None:
         self.board = board
+        # The heartbeat timeout of remote steps that set none (0: such claims never expire).
+        self.default_heartbeat_ms = default_heartbeat_ms
         self.store = board.store
         self.patience = patience
         self.dispatchers = QueueDispatchers(board.store, self._claim_for, patience=patience)
@@ -181,7 +192,7 @@ class TaskService:
         if released_at and poller.since_us <= released_at:
             return CLAIM_NOT_FOR  # a poll of a worker that claimed it and went quiet: a stale poll
         now = now_us()
-        lease_deadline = lease_deadline_after(state, now)
+        lease_deadline = lease_deadline_after(state, now, self.default_heartbeat_ms)
         try:
             await self.store.append(
                 hint.stream_id,
@@ -198,7 +209,8 @@ class TaskService:
             raise
         token = TaskToken(scheduled.run_id, scheduled.step_id, scheduled.attempt, state.head_seq + 1)
         body = await self._body_for_worker(state)
-        claimed = ClaimedTask(token, scheduled, body, lease_deadline, poller.worker_id)
+        heartbeat_ms = heartbeat_ms_of(scheduled.timeouts, self.default_heartbeat_ms)
+        claimed = ClaimedTask(token, scheduled, body, lease_deadline, poller.worker_id, heartbeat_ms)
         if poller.result.done():  # it gave up while the claim was written
             self._release_later(claimed)
             return CLAIM_GONE
@@ -348,7 +360,7 @@ class TaskService:
             if run_status_of_label(run_label) is not None:
                 await self._close_for_ended_run(token.stream_id, state)
                 return True, 0
-            deadline = lease_deadline_after(state, now_us())
+            deadline = lease_deadline_after(state, now_us(), self.default_heartbeat_ms)
             if not deadline:
                 return False, 0
             if await self._write(token, state, TaskHeartbeat(token.claim, deadline, now_us())):

@@ -73,7 +73,7 @@ def task_message(claimed: ClaimedTask) -> worker_pb2.Task:
         ],
         task_queue=scheduled.task_queue,
         start_to_close_timeout=_duration_ms(scheduled.timeouts.start_to_close_ms),
-        heartbeat_timeout=_duration_ms(scheduled.timeouts.heartbeat_ms),
+        heartbeat_timeout=_duration_ms(claimed.heartbeat_ms),
         lease_deadline=_stamp_us(claimed.lease_deadline_us),
         fencing=claimed.token.claim,
         scheduled_at=_stamp_us(scheduled.at_us),

@@ -79,6 +79,43 @@ async def test_worker_killed_mid_task_another_worker_takes_attempt_plus_one_with
         await engine.kill()
 
 
+async def test_a_worker_killed_mid_task_on_a_step_without_timeouts_frees_it_after_the_engines_default(
+    store: ServiceProcess, workers: Workers
+) -> None:
+    """No step timeout at all: the engine's default heartbeat timeout (here 1 s, by its flag; 60 s by
+    default) ends the dead worker's claim, and the attempt is retried, rather than waiting for ever."""
+    engine = await start_engine_process(store.address, extra_args=("--task-heartbeat-timeout", "1"))
+    try:
+        first = await workers.start(engine.address, "pay-q", "worker-a")
+        async with AsyncKeelClient(engine.address) as client:
+            step = {
+                "step_id": "pay",
+                "op_id": "slow_pay",
+                "task_queue": "pay-q",
+                "op_config": {"hang_attempts": [0]},
+            }
+            started = await client.start_run(remote_pipeline(step), input={"amount": 3})
+            run_id = started.run_id
+            await eventually(
+                lambda: ledger_lines(workers.ledger, "paid"),
+                "worker A recorded its payment",
+                within=WITHIN,
+                poll=0.05,
+            )
+            await first.stop()  # SIGKILL mid-task: it will never heartbeat again
+            second = await workers.start(engine.address, "pay-q", "worker-b")
+            run = await finished(client, run_id)
+            assert run.status.name == "COMPLETED", run
+            attempts = run.steps[0].attempts
+            assert [a.attempt for a in attempts] == [0, 1]
+            assert attempts[0].error is not None and attempts[0].error.code == "task_lease_expired"
+            assert "the engine's heartbeat timeout" in attempts[0].error.message
+            assert attempts[1].worker_id == second.worker_id
+            assert ledger_lines(workers.ledger, "pay") == [f"pay pay:{run_id}:pay"]  # paid once
+    finally:
+        await engine.kill()
+
+
 async def test_worker_paused_past_its_lease_then_completing_is_stale_and_changes_nothing(
     store: ServiceProcess, workers: Workers
 ) -> None:
