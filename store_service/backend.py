@@ -107,6 +107,8 @@ class AppendResult:
     first_seq: int
     head_seq: int
     artifact_ids: tuple[str, ...] = ()
+    # The heads of the append's `report_heads` streams, in its order, read in its transaction.
+    reported_heads: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,12 +287,14 @@ class StoreBackend(abc.ABC):
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
+        report_heads: Sequence[str] = (),
     ) -> AppendResult:
         """Append `events` atomically if the head admits `expected`; set `status`; store `artifacts`;
         set the stream's `attributes` (a key it has already gets the new value); set the stream's
         due time to `due_at_us` (None keeps it, 0 clears it) in the due-time index; in the same
         transaction, make each PARKED stream of `nudges` (stream id -> due time) due by its time,
-        as `nudge_due` does.
+        as `nudge_due` does, and read the heads of the `report_heads` streams (after the events,
+        so a stream appended to in the same group shows them) into `AppendResult.reported_heads`.
 
         Raises `sequence_conflict` (CONFLICT, details {"actual_seq": head}) on a head mismatch,
         and writes nothing in that case: no event, label, artifact, attribute, due time or nudge.

@@ -32,6 +32,7 @@ class AppendJob:
         "expected",
         "future",
         "nudges",
+        "report_heads",
         "size",
         "status",
         "stream_id",
@@ -48,8 +49,11 @@ class AppendJob:
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
+        report_heads: Sequence[str] = (),
     ) -> None:
         self.stream_id = stream_id
+        # Streams whose heads the caller's result reports, read in the group's transaction.
+        self.report_heads = report_heads
         # Other streams made due with the append if they are PARKED (stream id -> due time).
         self.nudges: Mapping[str, int] = nudges or {}
         # None keeps the stream's due time, 0 clears it, more sets it (with the events).

@@ -248,6 +248,19 @@ def check_nudges(nudges: list[tuple[str, int]]) -> dict[str, int]:
     return chosen
 
 
+MAX_REPORTED_HEADS = 16
+
+
+def check_report_heads(stream_ids: list[str]) -> tuple[str, ...]:
+    """The streams whose heads an append reports: at most 16, each stream id valid."""
+    if len(stream_ids) > MAX_REPORTED_HEADS:
+        raise invalid_argument(
+            "invalid_report_heads",
+            f"report_heads: at most {MAX_REPORTED_HEADS} streams per append (got {len(stream_ids)})",
+        )
+    return tuple(check_stream_id(stream_id) for stream_id in stream_ids)
+
+
 def due_limit(limit: int) -> int:
     """ListDue's limit: 0 means the default of 100; 1..1000 as given."""
     if not 0 <= limit <= MAX_PAGE_SIZE:

@@ -208,12 +208,24 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
+        report_heads: Sequence[str] = (),
     ) -> AppendResult:
         """Queue the append for its writer's next group commit and wait for its own outcome."""
         if not events:
             raise empty_batch()
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        job = AppendJob(stream_id, expected, events, status, artifacts, future, attributes, due_at_us, nudges)
+        job = AppendJob(
+            stream_id,
+            expected,
+            events,
+            status,
+            artifacts,
+            future,
+            attributes,
+            due_at_us,
+            nudges,
+            report_heads,
+        )
         self._enqueue(self._queue_for(stream_id), job)
         return await future
 

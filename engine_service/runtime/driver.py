@@ -78,6 +78,7 @@ from engine_service.domain.streams import (
     RUN_ACTIVE_LABEL,
     RUN_COMPLETED,
     RUN_PARKED_LABEL,
+    children_stream_id,
     run_label,
     run_stream_id,
 )
@@ -167,6 +168,8 @@ class RunDriver:
         self._lock = asyncio.Lock()
         self._lingering: asyncio.Task[None] | None = None
         self._flush_error: BaseException | None = None
+        # The head of the run's children stream as its terminal append committed (None: unknown).
+        self.children_head_at_end: int | None = None
         # Set once the lease was refused: from then on only a batch holding an answer is appended
         # (kept apart from _flush_error, after which nothing may be appended at all).
         self._refused: KeelError | None = None
@@ -597,8 +600,9 @@ class RunDriver:
             patience = FOREVER
             if self.durable_seq == 0 and self._first_append_patience is not None:
                 patience = self._first_append_patience  # nothing acknowledged yet: fail rather than hang
+            terminal = self.history.is_terminal
             try:
-                await self.env.store.append(
+                appended = await self.env.store.append(
                     self.stream_id,
                     [encode_event(event) for event in batch],
                     expected_seq=self.durable_seq if self.durable_seq else None,
@@ -607,7 +611,9 @@ class RunDriver:
                     patience=patience,
                     attributes=attributes or None,
                     due_at_us=due_at_us,
-                    nudges=parent_nudge(self.history.started, now_us()) if self.history.is_terminal else None,
+                    nudges=parent_nudge(self.history.started, now_us()) if terminal else None,
+                    # Whether a child was linked before the run ended: its answer needs no read then.
+                    report_heads=(children_stream_id(self.run_id),) if terminal else (),
                 )
             except BaseException as error:
                 # Nothing after a failed append may be appended: it would leave a gap in the run.
@@ -616,6 +622,8 @@ class RunDriver:
                 )
                 raise
             self.durable_seq += len(batch)
+            if terminal and appended.reported_heads:
+                self.children_head_at_end = appended.reported_heads[0]
 
     async def confirm_lease(self) -> None:
         """Raise `lease_lost` unless the run's lease is held and valid (the driver then stops for good)."""

@@ -107,7 +107,8 @@ class Drivers:
             if final is not None:
                 self._reader.remember_final_snapshot(final_id, final)
             if driver.events is not None and driver.history.is_terminal:
-                self._reader.remember_finished(run_id, driver.events)
+                childless = driver.children_head_at_end == 0
+                self._reader.remember_finished(run_id, driver.events, childless=childless)
             started = driver.history.started
             if self.on_terminal is not None and started is not None and started.parent_run_id:
                 self.on_terminal(started.parent_run_id)

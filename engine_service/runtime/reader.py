@@ -89,6 +89,8 @@ class RunReader:
         # Every event of runs this engine started and finished: a terminal run's stream never
         # changes again, so its view needs no read of it.
         self._finished_runs: RecentArtifacts[tuple[StoredEvent, ...]] = RecentArtifacts(1000)
+        # Those of them whose terminal append found no child linked (their children stream empty).
+        self._childless_at_end: RecentArtifacts[bool] = RecentArtifacts(1000)
 
     async def read_history(
         self, run_id: str, *, corrupt_ok: bool = False
@@ -114,10 +116,20 @@ class RunReader:
     def forget(self, run_id: str) -> None:
         """Drop what is held of a run (it was deleted)."""
         self._finished_runs.drop(run_id)
+        self._childless_at_end.drop(run_id)
 
-    def remember_finished(self, run_id: str, events: Sequence[StoredEvent]) -> None:
-        """Keep the events of a run this engine started and finished."""
+    def remember_finished(
+        self, run_id: str, events: Sequence[StoredEvent], *, childless: bool = False
+    ) -> None:
+        """Keep the events of a run this engine started and finished (`childless`: its terminal
+        append found its children stream empty)."""
         self._finished_runs.put(run_id, tuple(events))
+        if childless:
+            self._childless_at_end.put(run_id, True)
+
+    def childless_at_end(self, run_id: str) -> bool:
+        """Whether this engine saw the run end with no child linked to it."""
+        return self._childless_at_end.get(run_id) is not None
 
     async def run_status(self, run_id: str) -> str | None:
         """The run's terminal status, as its stream's label says (None: not terminal, or no run)."""

@@ -291,10 +291,12 @@ class StoreClient:
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
+        report_heads: Sequence[str] = (),
     ) -> AppendResult:
         """Append atomically after `expected_seq` (None: the stream must be empty), with inline artifacts,
         the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it); in the
-        same transaction, each parked stream of `nudges` (stream id -> due time) becomes due by then.
+        same transaction, each parked stream of `nudges` (stream id -> due time) becomes due by then,
+        and the heads of the `report_heads` streams are read (`AppendResult.reported_heads`).
 
         `expected_any` appends at whatever the head is (side streams such as a run's failure ledger).
         """
@@ -308,6 +310,7 @@ class StoreClient:
             artifacts=[store_pb2.InlineArtifact(kind=kind, data=data) for kind, data in artifacts],
             attributes=attributes or {},
             nudges=[store_pb2.DueNudge(stream_id=sid, due_at_us=at) for sid, at in (nudges or {}).items()],
+            report_heads=report_heads,
         )
         if due_at_us is not None:
             request.due_at_us = due_at_us
@@ -340,7 +343,10 @@ class StoreClient:
                     "artifact_id_mismatch", f"the store named an artifact {stored}, expected otherwise"
                 )
         self._appended(stream_id, events)
-        return AppendResult(response.first_seq, response.head_seq, ids)
+        reported = (
+            tuple(response.reported_heads) if len(response.reported_heads) == len(report_heads) else None
+        )
+        return AppendResult(response.first_seq, response.head_seq, ids, reported)
 
     def _appended(self, stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
         if self._on_appended is None:

@@ -87,6 +87,7 @@ class InMemoryEventLog:
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
+        report_heads: Sequence[str] = (),
     ) -> AppendResult:
         """Append atomically after `expected_seq` (None: no stream yet; `expected_any`: anywhere)."""
         self._open("AppendEvents")
@@ -120,7 +121,8 @@ class InMemoryEventLog:
         wake = self._appended.pop(stream_id, None)
         if wake is not None:
             wake.set()
-        return AppendResult(first, stream.head, ids)
+        reported = tuple(self._streams[sid].head if sid in self._streams else 0 for sid in report_heads)
+        return AppendResult(first, stream.head, ids, reported)
 
     def _store_artifact(self, data: bytes) -> str:
         artifact_id = artifact_id_for_bytes(data)

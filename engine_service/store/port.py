@@ -60,6 +60,9 @@ class AppendResult:
     first_seq: int
     head_seq: int
     artifact_ids: tuple[str, ...]
+    # The heads of the append's `report_heads` streams, read in its transaction (None: not known,
+    # as when a retried append found its first try committed).
+    reported_heads: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,12 @@ class EventLog(Protocol):
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
+        report_heads: Sequence[str] = (),
     ) -> AppendResult:
         """Append (type, payload) events atomically after `expected_seq`, with (kind, bytes) artifacts,
         the stream's `attributes` and its due time (`due_at_us`: None keeps it, 0 clears it); in the
-        same transaction, each parked stream of `nudges` (stream id -> due time) becomes due by then."""
+        same transaction, each parked stream of `nudges` (stream id -> due time) becomes due by then,
+        and the heads of the `report_heads` streams are read (`AppendResult.reported_heads`)."""
         ...
 
     async def list_due(

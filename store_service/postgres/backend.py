@@ -30,7 +30,7 @@ import functools
 import logging
 import uuid
 import zlib
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from typing import Any, Literal, cast
 
 import asyncpg
@@ -117,6 +117,8 @@ _NUDGE_MANY = (
     "JOIN streams s ON s.stream_id = u.stream_id AND s.status = 5 "
     "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = LEAST(stream_due.due_at_us, excluded.due_at_us)"
 )
+# The heads an append group reports (AppendJob.report_heads): the streams that have any.
+_HEADS_OF = "SELECT stream_id, head_seq FROM streams WHERE stream_id = ANY($1::text[])"
 # One statement, one snapshot: the head and the events always agree.
 _READ = (
     "SELECT h.head_seq, e.seq, e.type, e.payload, e.recorded_at_us "
@@ -398,14 +400,14 @@ class PostgresStoreBackend(SqlStoreBackend):
         for attempt in range(CAS_RETRIES):
             try:
                 async with self.pool.acquire(timeout=self._connect_timeout_s) as conn:
-                    rows = await self._append_on(conn, group)
+                    rows, heads = await self._append_on(conn, group)
             except LOST_RACE as error:
                 # Another replica committed (or locked) events or a new stream row of one of these
                 # streams after our head read, and the whole transaction was rolled back. A retry
                 # reads the new heads: the loser now gets its sequence_conflict, the rest commit.
                 log.info("append group lost a race to another writer (attempt %d): %s", attempt + 1, error)
                 continue
-            return [self._outcome(job, row) for job, row in zip(group, rows, strict=True)]
+            return [self._outcome(job, row, heads) for job, row in zip(group, rows, strict=True)]
         if len(group) == 1:
             return [_contended(group[0])]
         # Still losing as a group: each append on its own, each with its own outcome.
@@ -419,17 +421,27 @@ class PostgresStoreBackend(SqlStoreBackend):
 
     async def _append_on(
         self, conn: asyncpg.pool.PoolConnectionProxy[Record], group: list[AppendJob]
-    ) -> list[Record]:
+    ) -> tuple[list[Record], dict[str, int]]:
         """Call append_group (renewing the stored time of the group's artifacts first, in the same
         statement); if the group sets attributes or due times, set those of the appends that committed
-        in the same transaction, and their nudges (more round trips, only for such groups)."""
+        in the same transaction, and their nudges, and read the heads its appends report (more round
+        trips, only for such groups). Returns append_group's rows and the reported heads."""
         call, arguments = _APPEND_GROUP, _group_arguments(group, self.channel)
         if any(job.artifacts for job in group):
             call, arguments = _APPEND_GROUP_RENEWING, [*arguments, self.renew_after_us]
-        if not any(job.attributes or job.due_at_us is not None or job.nudges for job in group):
-            return await _fetch_on(conn, call, arguments)
+        if not any(
+            job.attributes or job.due_at_us is not None or job.nudges or job.report_heads for job in group
+        ):
+            return await _fetch_on(conn, call, arguments), {}
         async with conn.transaction():
             rows = await _fetch_on(conn, call, arguments)
+            reported = {
+                sid for job, row in zip(group, rows, strict=True) if not row[2] for sid in job.report_heads
+            }
+            heads: dict[str, int] = {}
+            if reported:
+                found = await _fetch_on(conn, _HEADS_OF, [sorted(reported)])
+                heads = {str(row[0]): int(row[1]) for row in found}
             due: dict[str, int] = {}  # later appends of the group win
             for job, row in zip(group, rows, strict=True):
                 if not bool(row[2]) and job.due_at_us is not None:
@@ -455,14 +467,15 @@ class PostgresStoreBackend(SqlStoreBackend):
                     _SET_ATTRIBUTES,
                     [[k[0] for k in chosen], [k[1] for k in chosen], list(chosen.values())],
                 )
-        return rows
+        return rows, heads
 
     @staticmethod
-    def _outcome(job: AppendJob, row: Record) -> AppendOutcome:
+    def _outcome(job: AppendJob, row: Record, heads: Mapping[str, int]) -> AppendOutcome:
         first, head, conflict = int(row[0]), int(row[1]), bool(row[2])
         if conflict:
             return sequence_conflict(job.stream_id, job.expected, head)
-        return AppendResult(first, head, job.artifact_ids)
+        reported = tuple(heads.get(sid, 0) for sid in job.report_heads)
+        return AppendResult(first, head, job.artifact_ids, reported)
 
     # -- events ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ however many appends it holds. Every method here is blocking and must only run o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sqlite3
@@ -279,6 +280,7 @@ class SqliteWriter:
                 conn.executemany(
                     _TOUCH_ARTIFACT, [(now, a, now - self.renew_after_us) for a in sorted(renewed)]
                 )
+            self._report_heads(group, outcomes)
             conn.execute("COMMIT")  # the one fsync of the group (synchronous=FULL)
         except BaseException:
             self._rollback()
@@ -374,6 +376,18 @@ class SqliteWriter:
             self._rollback()
             raise
         return gone
+
+    def _report_heads(self, group: Sequence[AppendJob], outcomes: list[AppendOutcome]) -> None:
+        """Give each committed append that asks for them the heads of its `report_heads` streams,
+        read after the group's writes under the write lock (so no other writer comes between)."""
+        wanted = {sid for job in group for sid in job.report_heads}
+        if not wanted:
+            return
+        heads = self._heads(wanted)
+        for index, (job, outcome) in enumerate(zip(group, outcomes, strict=True)):
+            if job.report_heads and isinstance(outcome, AppendResult):
+                reported = tuple(heads[sid][0] if sid in heads else 0 for sid in job.report_heads)
+                outcomes[index] = dataclasses.replace(outcome, reported_heads=reported)
 
     def _heads(self, stream_ids: set[str]) -> dict[str, tuple[int, int]]:
         """(head_seq, status) of those of `stream_ids` that exist."""

@@ -135,6 +135,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             else None
         )
         nudges = limits.check_nudges([(n.stream_id, n.due_at_us) for n in request.nudges])
+        report_heads = limits.check_report_heads(list(request.report_heads)) if request.report_heads else ()
         result = await self._backend.append(
             stream_id,
             expected,
@@ -144,11 +145,15 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             attributes=attributes,
             due_at_us=due_at_us,
             nudges=nudges,
+            report_heads=report_heads,
         )
         metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
-        if result.artifact_ids:
+        if result.artifact_ids or result.reported_heads:
             return store_pb2.AppendEventsResponse(
-                first_seq=result.first_seq, head_seq=result.head_seq, artifact_ids=result.artifact_ids
+                first_seq=result.first_seq,
+                head_seq=result.head_seq,
+                artifact_ids=result.artifact_ids,
+                reported_heads=result.reported_heads,
             )
         return store_pb2.AppendEventsResponse(first_seq=result.first_seq, head_seq=result.head_seq)
 

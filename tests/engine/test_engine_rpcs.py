@@ -571,15 +571,16 @@ async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluste
         if count != before.get(method, 0) and method != "ListStreams"
     }
     # Write-behind: everything in one append. Without it: RunStarted, then one per step, the last
-    # one carrying RunCompleted. Either way one ReadEvents answers with the run: its children
-    # stream's (the engine holds every event of a run it started and finished, and a terminal
-    # stream never changes; a run without a failure ledger says so in RunCompleted, so the ledger
-    # is not read). A run this short never writes its lease (engine_service.runtime.leases: a new run's is
-    # implicit). The answer is the run as of its terminal event, which no deletion and no rerun can
-    # precede (both need a terminal run): no HeadSeq checks that it still exists, and its reruns
-    # are not listed (GetRun does both).
+    # one carrying RunCompleted. Nothing else answers with the run: the engine holds every event of
+    # a run it started and finished (a terminal stream never changes), the append of RunCompleted
+    # reported its children stream's head (0: no child was linked before the run ended), and a run
+    # without a failure ledger says so in RunCompleted, so the ledger is not read. A run this
+    # short never writes its lease (engine_service.runtime.leases: a new run's is implicit). The
+    # answer is the run as of its terminal event, which no deletion and no rerun can precede (both
+    # need a terminal run): no HeadSeq checks that it still exists, and its reruns are not listed
+    # (GetRun does both).
     appends = 1 if cluster.checkpoint_linger > 0 else 4
-    assert spent == {"AppendEvents": appends, "ReadEvents": 1}
+    assert spent == {"AppendEvents": appends}
     events = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"run:{run.run_id}"))
     assert [e.type for e in events.events] == [
         "RunStarted",

@@ -271,6 +271,18 @@ async def test_the_answer_of_a_waited_start_reads_only_the_children_stream(kerne
     assert (child.fact_key, child.status) == ("child", COMPLETED)
 
 
+async def test_the_answer_of_a_waited_start_without_children_reads_nothing(kernel: Engine) -> None:
+    # Its terminal append reported an empty children stream: no link came before its end.
+    outcome = await kernel.start_run(manifest("mem.echo", {"x": 1}), None, wait=True, wait_seconds=WAIT)
+    log = kernel.env.store
+    assert isinstance(log, InMemoryEventLog)
+    before = log.calls.copy()
+    answered = await kernel.views.run_view(outcome.run_id, just_ended=True)
+    assert log.calls == before
+    assert answered == await kernel.views.run_view(outcome.run_id)
+    assert answered.status == COMPLETED and answered.children == []
+
+
 async def test_an_unwaited_start_has_not_ended_here(kernel: Engine) -> None:
     outcome = await kernel.start_run(manifest("mem.echo", 7), None)
     assert not outcome.ended_here

@@ -377,6 +377,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         attributes: Mapping[str, str] | None = None,
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
+        report_heads: Sequence[str] = (),
     ) -> AppendResult:
         """Refuse, or append as SQLite does."""
         refused = sorted({e.type for e in events} & self.rejected)
@@ -397,6 +398,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
             attributes=attributes,
             due_at_us=due_at_us,
             nudges=nudges,
+            report_heads=report_heads,
         )
 
 

@@ -21,6 +21,7 @@ from keel_core.errors import ErrorCategory, KeelError
 from store_service import limits
 from store_service.backend import (
     READ_PAGE_BYTES,
+    AppendResult,
     Expected,
     NewArtifact,
     NewEvent,
@@ -454,6 +455,42 @@ class StoreBackendSuite(abc.ABC):
         # Parked streams only, and only earlier; the active and the unknown ones are left alone.
         assert [(d.stream_id, d.due_at_us) for d in page.due] == [("late", 50), ("parent", 100)]
         assert (await backend.head("parent")).head_seq == 1  # nothing appended to a nudged stream
+
+    async def test_an_append_reports_the_heads_it_asks_for_only_if_it_commits(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("children", Expected.no_stream(), events("a", "b"))
+        await backend.append("run", Expected.no_stream(), events("a"))
+        with pytest.raises(KeelError) as conflict:
+            await backend.append("run", Expected.exact(5), events("b"), report_heads=("children",))
+        assert conflict.value.code == "sequence_conflict"
+        result = await backend.append(
+            "run", Expected.exact(1), events("b"), report_heads=("children", "none", "run")
+        )
+        # In request order; a stream without events is 0; the append's own stream shows its events.
+        assert result.reported_heads == (2, 0, 2)
+        assert (await backend.append("run", Expected.exact(2), events("c"))).reported_heads == ()
+
+    async def test_heads_reported_in_one_group_are_each_appends_own_and_a_conflict_spoils_none(
+        self, backend: StoreBackend
+    ) -> None:
+        # Many runs ending at once, each asking for its children stream's head: one group commit.
+        for i in range(0, 20, 2):
+            await backend.append(f"children{i}", Expected.no_stream(), events(*["x"] * (i + 1)))
+        await backend.append("run7", Expected.no_stream(), events("a"))  # its own append below conflicts
+        outcomes = await asyncio.gather(
+            *(
+                backend.append(f"run{i}", Expected.no_stream(), events("a"), report_heads=(f"children{i}",))
+                for i in range(20)
+            ),
+            return_exceptions=True,
+        )
+        for i, outcome in enumerate(outcomes):
+            if i == 7:
+                assert isinstance(outcome, KeelError) and outcome.code == "sequence_conflict"
+            else:
+                assert isinstance(outcome, AppendResult), outcome
+                assert outcome.reported_heads == ((i + 1 if i % 2 == 0 else 0),)
 
     async def test_nudges_of_many_appends_in_one_group_all_land_at_the_soonest_time(
         self, backend: StoreBackend

@@ -69,6 +69,13 @@ async def test_append_read_head_round_trip(stub: StoreServiceAsyncStub) -> None:
     assert (missing.head_seq, missing.status) == (0, pb.STREAM_STATUS_UNSPECIFIED)
 
 
+async def test_an_append_answers_with_the_heads_it_asks_for(stub: StoreServiceAsyncStub) -> None:
+    await stub.AppendEvents(append_request("kids"))
+    answer = await stub.AppendEvents(append_request("run", report_heads=["kids", "nobody"]))
+    assert list(answer.reported_heads) == [1, 0]
+    assert list((await stub.AppendEvents(append_request("other"))).reported_heads) == []
+
+
 async def test_any_expectation_appends_at_head(stub: StoreServiceAsyncStub) -> None:
     await stub.AppendEvents(append_request("s", pb.EXPECTED_KIND_ANY))
     again = await stub.AppendEvents(append_request("s", pb.EXPECTED_KIND_ANY))
@@ -332,6 +339,18 @@ BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
         _append(nudges=[pb.DueNudge(stream_id="parent", due_at_us=0)]),
         grpc.StatusCode.INVALID_ARGUMENT,
         "invalid_due_at",
+    ),
+    (
+        "append reporting the head of a stream without an id",
+        _append(report_heads=[""]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_stream_id",
+    ),
+    (
+        "append reporting too many heads",
+        _append(report_heads=[f"p{i}" for i in range(17)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_report_heads",
     ),
     (
         "append nudging a stream without an id",

@@ -218,6 +218,7 @@ class AppendEventsRequest(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     DUE_AT_US_FIELD_NUMBER: _builtins.int
     NUDGES_FIELD_NUMBER: _builtins.int
+    REPORT_HEADS_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """The stream to append to (1 to 200 characters)."""
     expected_kind: Global___ExpectedKind.ValueType
@@ -261,6 +262,18 @@ class AppendEventsRequest(_message.Message):
         reason `invalid_stream_id` or `invalid_due_at`.
         """
 
+    @_builtins.property
+    def report_heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other streams whose heads the response reports (`reported_heads`, in this
+        order), read in the append's transaction after its events: what a run's
+        last append asks of its children stream, so that the engine answering
+        with the run knows whether any child was linked to it before it ended
+        without reading again. Only if the append commits. At most 16, each a
+        valid stream id; otherwise INVALID_ARGUMENT, reason `invalid_stream_id` or
+        `invalid_report_heads`. (PostgreSQL reads them at READ COMMITTED, after the
+        group's append statement.)
+        """
+
     def __init__(
         self,
         *,
@@ -273,10 +286,11 @@ class AppendEventsRequest(_message.Message):
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         due_at_us: _builtins.int | None = ...,
         nudges: _abc.Iterable[Global___DueNudge] | None = ...,
+        report_heads: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "due_at_us", b"due_at_us"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "artifacts", b"artifacts", "attributes", b"attributes", "due_at_us", b"due_at_us", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "nudges", b"nudges", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "artifacts", b"artifacts", "attributes", b"attributes", "due_at_us", b"due_at_us", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "nudges", b"nudges", "report_heads", b"report_heads", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__due_at_us: _TypeAlias = _typing.Literal["due_at_us"]  # noqa: Y015
     _WhichOneofArgType__due_at_us: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us"]  # noqa: Y015
@@ -319,6 +333,7 @@ class AppendEventsResponse(_message.Message):
     FIRST_SEQ_FIELD_NUMBER: _builtins.int
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     ARTIFACT_IDS_FIELD_NUMBER: _builtins.int
+    REPORTED_HEADS_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     """The sequence number of the first appended event."""
     head_seq: _builtins.int
@@ -327,16 +342,23 @@ class AppendEventsResponse(_message.Message):
     def artifact_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The ids of `artifacts`, in request order."""
 
+    @_builtins.property
+    def reported_heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The heads of the request's `report_heads` streams, in request order (0: no
+        events).
+        """
+
     def __init__(
         self,
         *,
         first_seq: _builtins.int = ...,
         head_seq: _builtins.int = ...,
         artifact_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reported_heads: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "first_seq", b"first_seq", "head_seq", b"head_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "first_seq", b"first_seq", "head_seq", b"head_seq", "reported_heads", b"reported_heads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
