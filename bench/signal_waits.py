@@ -1,16 +1,20 @@
-"""Runs waiting for signals: the engine's memory and CPU while N runs wait, and the delay from a
-signal's acknowledgement to the completion of the step that waited for it.
+"""Runs parked on signals: the engine's memory and CPU while N runs wait for a signal, and the
+delay from a signal's acknowledgement to the completion of the step that waited for it.
 
 Run: `.venv/bin/python bench/signal_waits.py [--runs N] [--idle-seconds T] [--concurrency C]`
 
 A `store-service` (SQLite) and an `engine-service` run as subprocesses; this process is the
-client. First the engine's resident memory (VmRSS) is read with no run; then N runs of
-`keel.wait_signal` start, and once GetRun shows every one waiting, RSS is read again and the
-engine's CPU time (utime + stime from /proc) is measured over T idle seconds. Then one signal per
-run is sent, C at a time; for each, the delay is from SignalRun's answer (this process's clock) to
-the step's completion as the engine recorded it (the attempt's `finished_at`, the same machine's
-clock). The same-run reference: the latency of a one-step `keel.echo` run started with
-`wait=true`, the engine's shortest round trip through the store.
+client. First K warm-up runs of `keel.echo` complete (so the engine's imports, caches and
+allocator are warm) and the engine's resident memory (VmRSS) is read: the baseline. Then N runs of
+`keel.wait_signal` start (32 at a time); each parks its attempt on a `signal` wait (StepWaiting,
+then RunParked: no driver, no coroutine). Once the store lists all N with the `parked` label, RSS is
+read again and the engine's CPU time (utime + stime from /proc) is measured over T idle seconds.
+Then one signal per run is sent, C at a time; for each, the delay is from SignalRun's answer (this
+process's clock) to the step's completion as the engine decided it (the attempt's `finished_at`,
+its StepCompleted's `at_us`, the same machine's clock). Each wake-up takes the parked run up
+(RunResumed), consumes the signal (its FactRecorded), completes the step and the run. The
+reference: the latency of a one-step `keel.echo` run started with `wait=true`, the engine's
+shortest round trip through the store.
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from engine_runs import spawn
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
+from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.json_values import to_value
+
+if TYPE_CHECKING:
+    from keel.store.v1.store_pb2_grpc import StoreServiceAsyncStub
 
 BIN = Path(sys.executable).parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -49,6 +58,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+async def parked_count(store: StoreServiceAsyncStub) -> int:
+    """How many run streams carry the store's `parked` label."""
+    total, token = 0, ""
+    while True:
+        page = await store.ListStreams(
+            store_pb2.ListStreamsRequest(
+                prefix="run:",
+                statuses=[store_pb2.STREAM_STATUS_PARKED],
+                page_size=1000,
+                page_token=token,
+            )
+        )
+        total += len(page.streams)
+        token = page.next_page_token
+        if not token:
+            return total
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """The value at `fraction` of the sorted values (nearest rank)."""
     ordered = sorted(values)
@@ -65,10 +92,12 @@ async def main() -> None:
         "--idle-seconds", type=float, default=10.0, help="CPU window while they wait (default 10)"
     )
     parser.add_argument("--concurrency", type=int, default=16, help="signals in flight (default 16)")
+    parser.add_argument("--warmup", type=int, default=200, help="warm-up keel.echo runs first (default 200)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as data:
         processes: list[asyncio.subprocess.Process] = []
         channel: grpc.aio.Channel | None = None
+        store_channel: grpc.aio.Channel | None = None
         try:
             store_args = [str(BIN / "store-service"), "--listen", "127.0.0.1:0", "--data-dir", data]
             store_process, store_address = await spawn(
@@ -82,12 +111,15 @@ async def main() -> None:
             processes.append(engine_process)
             channel = grpc.aio.insecure_channel(engine_address)
             stub = engine_pb2_grpc.EngineServiceStub(channel)
+            store_channel = grpc.aio.insecure_channel(store_address)
+            store = store_pb2_grpc.StoreServiceStub(store_channel)
             echo = engine_pb2.StartRunRequest(op=engine_pb2.SingleOp(op_id="keel.echo"), wait=True)
             echo_ms = []
-            for _ in range(200):
+            for _ in range(max(args.warmup, 1)):
                 began = time.perf_counter()
                 await stub.StartRun(echo, timeout=60)
                 echo_ms.append((time.perf_counter() - began) * 1000)
+            await asyncio.sleep(2.0)
             pid = engine_process.pid
             rss_before = rss_kib(pid)
 
@@ -97,16 +129,14 @@ async def main() -> None:
             async def start() -> str:
                 async with limit:
                     started = await stub.StartRun(engine_pb2.StartRunRequest(op=wait), timeout=60)
-                    while True:
-                        run = (
-                            await stub.GetRun(engine_pb2.GetRunRequest(run_id=started.run_id), timeout=60)
-                        ).run
-                        if run.steps[0].HasField("waiting_for_signal"):
-                            return started.run_id
-                        await asyncio.sleep(0.05)
+                    return str(started.run_id)
 
             began = time.monotonic()
             run_ids = await asyncio.gather(*(start() for _ in range(args.runs)))
+            while await parked_count(store) < args.runs:
+                if time.monotonic() - began > 600:
+                    raise RuntimeError("the runs did not all park")
+                await asyncio.sleep(0.5)
             parked_in = time.monotonic() - began
             await asyncio.sleep(2.0)  # let upkeep that follows a start (lease records) settle
             rss_waiting = rss_kib(pid)
@@ -133,8 +163,9 @@ async def main() -> None:
             await asyncio.gather(*(wake(run_id) for run_id in run_ids))
             woken_in = time.monotonic() - began
         finally:
-            if channel is not None:
-                await channel.close(None)
+            for open_channel in (channel, store_channel):
+                if open_channel is not None:
+                    await open_channel.close(None)
             for process in processes:
                 if process.returncode is None:
                     process.send_signal(signal.SIGTERM)
@@ -142,19 +173,21 @@ async def main() -> None:
                 await process.wait()
     echo_p50 = statistics.median(echo_ms)
     p50, p99 = percentile(delays_ms, 0.5), percentile(delays_ms, 0.99)
-    per_run = (rss_waiting - rss_before) / args.runs
-    print(f"signal_waits: {args.runs} runs waiting for a signal on one engine (SQLite store)")
+    per_run = (rss_waiting - rss_before) * 1024 / args.runs
+    print(f"signal_waits: {args.runs} runs parked on signals on one engine (SQLite store)")
     print(
-        f"  all waiting after {parked_in:.1f}s; engine RSS {rss_before / 1024:.1f} MiB idle -> "
-        f"{rss_waiting / 1024:.1f} MiB waiting = {per_run:.1f} KiB per waiting run"
+        f"  all parked after {parked_in:.1f}s; engine RSS {rss_before / 1024:.1f} MiB warm -> "
+        f"{rss_waiting / 1024:.1f} MiB with them parked = {per_run:.0f} bytes per parked run "
+        f"({per_run / 2048:.2f} x the 2 KiB aim)"
     )
-    print(f"  engine CPU while they wait: {idle_cpu * 100:.1f}% of one core over {args.idle_seconds:g}s")
+    print(f"  engine CPU while they wait: {idle_cpu * 100:.2f}% of one core over {args.idle_seconds:g}s")
     print(
-        f"  signal acknowledged -> step completed: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-        f"({args.runs} signals, {args.concurrency} in flight, {woken_in:.1f}s in all)"
+        f"  signal acknowledged -> step completed: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+        f"max {max(delays_ms):.1f} ms ({args.runs} signals, {args.concurrency} in flight, "
+        f"{woken_in:.1f}s in all)"
     )
     print(
-        f"  same run: keel.echo run with wait=true p50 {echo_p50:.1f} ms; "
+        f"  reference: keel.echo run with wait=true p50 {echo_p50:.1f} ms; "
         f"wake-up p50 / echo p50 = {p50 / echo_p50:.2f}"
     )
 

@@ -132,6 +132,10 @@ class Lease:
         """Seconds since the implicit lease was taken."""
         return time.monotonic() - self._born
 
+    def implicit_until(self) -> float:
+        """When (monotonic) the implicit lease ends for everyone (another engine may take it then)."""
+        return self._born + self._ttl
+
     def implicit_left(self) -> float:
         """Seconds an implicit lease is still trusted."""
         return self._born + self._ttl - self._margin - time.monotonic()
@@ -175,8 +179,9 @@ class Leases:
         self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
         self._to_release: dict[str, Lease] = {}
-        # Runs this engine created whose implicit lease it stopped using (no event names it).
-        self._implicit_here: set[str] = set()
+        # Runs this engine created whose implicit lease it stopped using (no event names it), with
+        # when (monotonic) that lease ends: till then a parked run's wake-up here takes it at once.
+        self._implicit_here: dict[str, float] = {}
         # What this engine knows of other engines' leases (and of its own, as the store says).
         self.others = LeaseHolders(store, engine_id, ttl)
         # Upkeep: the loop, its heartbeat under way, and the runs whose lease is being recorded.
@@ -190,7 +195,12 @@ class Leases:
 
     def forget_seen(self, keep: set[str]) -> None:
         """Drop what was seen of runs no longer active (scans call this with the active ones)."""
-        self._implicit_here &= keep
+        # A run no longer active (parked, say) is remembered while its implicit lease could hold:
+        # forgetting it sooner would make this engine wait for its own lease to expire.
+        clock = time.monotonic()
+        self._implicit_here = {
+            run_id: until for run_id, until in self._implicit_here.items() if run_id in keep or until > clock
+        }
         self.others.forget(keep)
 
     async def leased_elsewhere(self, runs: Mapping[str, int | None]) -> set[str]:
@@ -338,7 +348,7 @@ class Leases:
             return None
         lease = self._hold(run_id, result.head_seq, session)
         self.others.seen_live.pop(run_id, None)
-        self._implicit_here.discard(run_id)
+        self._implicit_here.pop(run_id, None)
         previous = last.engine_id if last is not None else ""
         if previous != self.engine_id and not (last is None and taken_from_self):
             log.info(
@@ -360,7 +370,7 @@ class Leases:
         lease = self.held.pop(run_id, None)
         if lease is None or lease.lost or not run_exists or lease.session:
             return
-        self._implicit_here.add(run_id)  # no event says it is ours: remember it
+        self._implicit_here[run_id] = lease.implicit_until()  # no event says it is ours: remember it
         if self._closing:
             self._to_release[run_id] = lease  # shutting down: hand it over at once instead
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,26 @@ from google.protobuf import duration_pb2
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
+import engine_service.builtin_ops
+from engine_service.domain import (
+    COMPLETED,
+    DEFAULT_REGISTRY,
+    BuildProvenance,
+    FactRecorded,
+    RunManifest,
+    TransportRegistry,
+    make_run_config,
+    single_op_pipeline,
+)
+from engine_service.domain.events import RunParked, RunResumed
+from engine_service.domain.signals import Signal, encode_signal
+from engine_service.domain.streams import run_stream_id, signals_stream_id
 from engine_service.domain.waits import PARK_AFTER_US
+from engine_service.failpoints import Failpoints
+from engine_service.runtime.environment import RunEnvironment
+from engine_service.runtime.kernel import Engine
+from engine_service.store import AppendResult, InMemoryEventLog
+from keel_core.clock import now_us
 from keel_core.json_values import from_struct, to_value
 from tests.engine.conftest import Cluster, gate, start_test_engine
 from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
@@ -29,6 +50,7 @@ if TYPE_CHECKING:
     from keel.engine.v1.engine_pb2_grpc import EngineServiceAsyncStub
 
 WAIT = 60.0
+_ = engine_service.builtin_ops  # keel.wait_signal
 
 
 def of_type(events: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str, Any]]:
@@ -78,6 +100,22 @@ async def test_a_run_waiting_for_a_signal_is_parked_and_completes_once_when_it_c
     assert [e["attempt"] for e in of_type(events, "StepCompleted") if e["step_id"] == "approve"] == [0]
     assert of_type(events, "RunParked") and of_type(events, "RunResumed")
     assert not of_type(events, "SignalAwaited")  # StepWaiting's detail says what it waits for
+
+
+async def test_a_run_parked_here_is_woken_here_at_once_even_after_a_recovery_scan(cluster: Cluster) -> None:
+    started = await cluster.stub.StartRun(engine_pb2.StartRunRequest(pipeline=pipeline(wait_step("w", "go"))))
+    run_id = started.run_id
+    await until_parked(cluster, run_id)
+    engine = cluster.engine.engine
+    assert engine is not None
+    # A scan lists active runs only; the parked run's implicit lease is still this engine's, and a
+    # wake-up here takes it up now (not once that lease expired, a ttl after the run started).
+    await engine.recovery.recover()
+    assert await engine.wake_run(run_id)
+    await signal(cluster, run_id, "go", "now", "n")
+    run = await finished(cluster, run_id)
+    assert output(run, "w") == "now"
+    assert [c["signal_id"] for c in await consumed(cluster, run_id)] == ["n"]
 
 
 async def test_two_parked_branches_waiting_for_one_name_never_take_the_same_signal(cluster: Cluster) -> None:
@@ -259,3 +297,52 @@ async def test_signals_reach_parked_runs_once_through_engine_deaths_and_restarts
         for engine in engines:
             await engine.kill()
         await store.kill()
+
+
+class SignalBeforeParkLog(InMemoryEventLog):
+    """An event log that puts a signal in the run's inbox just before the run's RunParked lands, as
+    another engine serving SignalRun would, but without any wake-up (neither the SignalWoken its
+    subscription hears nor its wake_soon): what is left is the driver's look after parking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run_id = ""
+        self.armed = True
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        if stream_id == run_stream_id(self.run_id) and self.armed and "RunParked" in [t for t, _ in events]:
+            self.armed = False
+            sent = encode_signal(Signal("late", "go", "just in time", at_us=now_us()))
+            await super().append(signals_stream_id(self.run_id), [sent], expected_seq=None)
+        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+
+
+async def test_a_signal_that_comes_while_the_driver_decides_to_park_is_consumed_at_once() -> None:
+    log = SignalBeforeParkLog()
+    env = RunEnvironment(log, DEFAULT_REGISTRY, TransportRegistry(), Failpoints.parse(""))
+    kernel = Engine(env, BuildProvenance("test", "3", "none"), checkpoint_linger=0.0, engine_id="mem")
+    pipeline = single_op_pipeline("keel.wait_signal", "1", {"name": "go"})
+    manifest = RunManifest(
+        pipeline, None, {}, make_run_config(max_attempts=1), BuildProvenance("t", "3", "n")
+    )
+    try:
+        log.run_id = str(uuid.uuid4())
+        await kernel.start_run(manifest, log.run_id)
+        # Parked until its re-check (5 minutes) unless the driver looks at its waits once parked.
+        deadline = time.monotonic() + WAIT
+        while not await kernel.await_run(log.run_id, 1.0):
+            assert time.monotonic() < deadline
+        view = await kernel.views.run_view(log.run_id)
+        assert view.status == COMPLETED and not log.armed
+        events = [stored.event for stored in (await kernel.reader.read_history(log.run_id))[0]]
+        facts = [e for e in events if isinstance(e, FactRecorded)]
+        assert [f.response["signal_id"] for f in facts] == ["late"]
+        # It parked, saw the signal, and went on at once.
+        assert [type(e).__name__ for e in events if isinstance(e, RunParked | RunResumed)] == [
+            "RunParked",
+            "RunResumed",
+        ]
+    finally:
+        await kernel.stop()
