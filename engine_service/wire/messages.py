@@ -270,13 +270,19 @@ def start_signals_from(request: engine_pb2.StartRunRequest) -> list[Signal]:
     return out
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)  # a naive time is UTC, as Timestamp.FromDatetime reads it
+
+
 def timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A protobuf Timestamp, or None."""
+    """A protobuf Timestamp, or None (what Timestamp.FromDatetime gives, in exact integer arithmetic
+    and without its per-call calendar work: a run's answer holds a few per step)."""
     if when is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(when)
-    return stamp
+    since = when - (_NAIVE_EPOCH if when.tzinfo is None else _EPOCH)
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def error_detail(error: ErrorRecord | None) -> engine_pb2.ErrorDetail | None:

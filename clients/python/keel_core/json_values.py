@@ -21,7 +21,7 @@ def to_value(data: Any, path: str = "value") -> struct_pb2.Value:
     """A JSON-ready Python value as a google.protobuf.Value."""
     check_json(data, path)
     value = struct_pb2.Value()
-    json_format.ParseDict(data, value)
+    _fill(value, data)
     return value
 
 
@@ -31,6 +31,29 @@ def to_struct(data: dict[str, Any], path: str = "value") -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     json_format.ParseDict(data, struct)
     return struct
+
+
+def _fill(value: struct_pb2.Value, data: Any) -> None:
+    # What json_format.ParseDict makes of a value check_json passed, without its generic (and, on
+    # every run an engine answers with, costly) message walk: JSON types only, string keys.
+    if isinstance(data, str):
+        value.string_value = data
+    elif isinstance(data, bool):
+        value.bool_value = data
+    elif isinstance(data, int | float):
+        value.number_value = data
+    elif data is None:
+        value.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(data, dict):
+        fields = value.struct_value.fields
+        value.struct_value.SetInParent()  # an empty object is still an object
+        for key, item in data.items():
+            _fill(fields[key], item)
+    else:
+        values = value.list_value.values
+        value.list_value.SetInParent()
+        for item in data:
+            _fill(values.add(), item)
 
 
 def from_value(value: struct_pb2.Value, *, default: Any = None, path: str = "value") -> Any:
