@@ -31,6 +31,7 @@ from engine_service.domain.streams import (
     RETENTION_STREAM_PREFIX,
     RUN_STREAM_PREFIX,
     TERMINAL_RUN_LABELS,
+    WORKER_STREAM_PREFIX,
     retention_stream_id,
     run_id_of_stream,
     run_owned_family_prefixes,
@@ -176,9 +177,36 @@ class Retention:
             done = await self._delete_tree(order)
             if done is not None:
                 deleted.add(done)
+        deleted.streams += await self.forget_idle_workers(cutoff_us)
         if sweep or deleted.runs:
             deleted.artifacts += await self.collect_artifacts()
         return deleted
+
+    async def forget_idle_workers(self, cutoff_us: int) -> int:
+        """Delete the `worker:` records (a worker's last poll, for ListQueues) not renewed since
+        `cutoff_us`: each worker process has its own, so they would pile up with every restart. A
+        live worker renews its record every few seconds (and one deleted under it is written again
+        within seconds of its next poll)."""
+        idle: list[str] = []
+        token = ""
+        while True:
+            page, token = await self.store.list_streams(
+                prefix=WORKER_STREAM_PREFIX, page_size=LIST_PAGE, page_token=token
+            )
+            idle += [
+                summary.stream_id
+                for summary in page
+                if summary.updated_at is not None and summary.updated_at.timestamp() * 1e6 < cutoff_us
+            ]
+            if not token:
+                break
+        removed = 0
+        for start in range(0, len(idle), MAX_DELETE):
+            removed += await self.store.delete_streams(idle[start : start + MAX_DELETE])
+        if removed:
+            log.info("retention: forgot %d idle worker(s)", removed)
+            self.hooks.streams_deleted(removed)
+        return removed
 
     async def finish_interrupted(self) -> Deleted:
         """Finish every tree deletion a `retention:` record names (its engine stopped in the middle)."""

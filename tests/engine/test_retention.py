@@ -16,6 +16,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
+from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 
 import engine_service.metrics as engine_metrics
 from engine_service.domain.retention import artifact_ids_in
@@ -267,3 +268,28 @@ async def test_a_run_deleted_by_another_engine_is_gone_from_the_engine_that_fini
     )
     listed = await cluster.stub.ListRuns(engine_pb2.ListRunsRequest())
     assert started.run_id not in {r.run_id for r in listed.runs}
+
+
+async def test_a_pass_forgets_workers_idle_longer_than_the_retention(cluster: Cluster) -> None:
+    assert cluster.engine.engine is not None
+    retention = cluster.engine.engine.retention
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.engine.port}") as channel:
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        for worker_id in ("gone-1", "gone-2"):
+            poll = worker_pb2.PollTaskRequest(
+                task_queue="retention-q", worker_id=worker_id, ops=[worker_pb2.OpRef(op_id="x")]
+            )
+            poll.wait.FromMilliseconds(10)
+            await workers.PollTask(poll)
+        assert await streams(cluster) == ["worker:gone-1", "worker:gone-2"]
+
+        kept = await retention.pass_once(3600.0)
+        assert kept.streams == 0 and await streams(cluster) == ["worker:gone-1", "worker:gone-2"]
+        streams_before = engine_metrics.RETENTION_STREAMS_DELETED._value.get()
+
+        forgotten = await retention.pass_once(0.0)
+
+        assert forgotten.streams == 2 and await streams(cluster) == []
+        assert engine_metrics.RETENTION_STREAMS_DELETED._value.get() - streams_before == 2
+        listed = await workers.ListQueues(worker_pb2.ListQueuesRequest())
+        assert [q.task_queue for q in listed.queues] == []
