@@ -1,6 +1,7 @@
 """What a worker author is promised beyond the happy path: a graceful SIGTERM (finish, or hand back),
-a context too large to travel inline, fetched through WorkerService.GetArtifact, and a cancel of the
-run reaching the worker as `cancel_requested` on its next heartbeat."""
+a context too large to travel inline, fetched through WorkerService.GetArtifact, a cancel of the run
+reaching the worker as `cancel_requested` on its next heartbeat, and RecordFact of a key the run
+holds answering the recorded response."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from keel_client.worker import TaskContext, Worker, op
 from engine_service.domain.streams import task_stream_id
 from engine_service.domain.tasks import TaskScheduled, decode_task_event
 from engine_service.runtime.task_board import MAX_INLINE_CONTEXT_BYTES
+from keel_core.json_values import from_value, to_value
 from keel_core.status import from_rpc_error
 from tests.engine.processes import ServiceProcess, eventually, start_engine_process, start_store_process
 from tests.workers.conftest import Stack, Workers, finished, ledger_lines
@@ -219,3 +221,51 @@ async def test_a_cancel_of_the_run_cancels_the_python_workers_op(stack: Stack) -
     finally:
         worker.stop()
         await serving
+
+
+async def test_record_fact_of_a_key_the_run_holds_answers_the_recorded_response(stack: Stack) -> None:
+    pipeline = {
+        "pipeline_id": "facts-per-run",
+        "steps": [
+            # An in-process op records the fact `shared` first: facts are keyed per run.
+            {
+                "step_id": "a",
+                "op_id": "keel.io_call",
+                "op_config": {"namespace": "keel.echo", "request": {"from": "a"}, "fact_key": "shared"},
+            },
+            {"step_id": "r", "op_id": "manual", "task_queue": "facts-q", "depends_on": ["a"]},
+        ],
+    }
+    async with AsyncKeelClient(stack.engine) as client:
+        started = await client.start_run(pipeline)
+        async with grpc.aio.insecure_channel(stack.engine) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            poll = worker_pb2.PollTaskRequest(task_queue="facts-q", worker_id="by-hand")
+            poll.wait.FromSeconds(int(WITHIN))
+            task = (await stub.PollTask(poll)).task
+            assert {f.fact_key: from_value(f.response) for f in task.facts} == {
+                "shared": {"echo": {"from": "a"}}
+            }
+
+            def record(key: str, response: Any) -> Any:
+                return stub.RecordFact(
+                    worker_pb2.RecordFactRequest(
+                        task_token=task.task_token, namespace="n", fact_key=key, response=to_value(response)
+                    )
+                )
+
+            first = await record("mine", {"n": 1})
+            assert from_value(first.response) == {"n": 1} and not first.already_recorded
+            again = await record("mine", {"n": 2})
+            assert from_value(again.response) == {"n": 1} and again.already_recorded
+            shared = await record("shared", {"from": "r"})
+            assert from_value(shared.response) == {"echo": {"from": "a"}} and shared.already_recorded
+            await stub.CompleteTask(
+                worker_pb2.CompleteTaskRequest(task_token=task.task_token, output=to_value({"done": True}))
+            )
+        run = await finished(client, started.run_id)
+        assert run.status.name == "COMPLETED", run
+        recorded = [
+            e.data["fact_key"] async for e in client.watch_run(started.run_id) if e.type == "FactRecorded"
+        ]
+        assert sorted(recorded) == ["mine", "shared"]  # each key once in the run's stream
