@@ -72,6 +72,20 @@ async def test_fan_out_with_count_gives_child_i_input_i(cluster: Cluster) -> Non
     assert [r["input"] for r in results] == [0, 1]
 
 
+async def test_fan_out_reads_back_no_child_this_engine_finished(cluster: Cluster) -> None:
+    # The children ended here and are held: their end decides the parent's output without a
+    # HeadSeq and a ReadEvents per child (a terminal child never changes, nor goes before its parent).
+    assert cluster.engine.engine is not None
+    calls = cluster.engine.engine.env.store.calls
+    before = dict(calls)
+    run = (await cluster.stub.StartRun(fan_out({"op_id": "keel.echo", "count": 5}))).run
+    assert run.status == engine_pb2.RUN_STATUS_COMPLETED, run.reason
+    assert [r["input"] for r in from_value(run.final_snapshot)["main"]["results"]] == [0, 1, 2, 3, 4]
+    assert [c.status for c in run.children] == [engine_pb2.RUN_STATUS_COMPLETED] * 5
+    assert calls["ReadEvents"] - before.get("ReadEvents", 0) < 5
+    assert calls["HeadSeq"] - before.get("HeadSeq", 0) < 5
+
+
 async def test_fan_out_of_a_failing_child_fails_the_parent_with_child_run_failed(cluster: Cluster) -> None:
     config = {"op_id": "keel.fail_n_times", "op_config": {"n": 1, "retryable": False}, "count": 1}
     run = (await cluster.stub.StartRun(fan_out(config))).run
