@@ -508,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_server(args, _config, serve)
     except KeyboardInterrupt:
         pass
-    except (ImportError, ValueError, OSError) as error:
+    except (ImportError, ValueError, OSError, tracing.TracingUnavailable) as error:
         print(f"engine-service: {error}", file=sys.stderr)
         return 2
     except KeelError as error:  # e.g. store_unauthenticated: the store refused our credentials

@@ -40,6 +40,10 @@ TRACE_KEYS = ("traceparent", "tracestate")
 _provider: TracerProvider | None = None
 
 
+class TracingUnavailable(RuntimeError):
+    """Spans were asked for (`--otlp-endpoint`) but the `tracing` extra is not installed."""
+
+
 def install(
     service_name: str, otlp_endpoint: str | None = None, *, exporter: SpanExporter | None = None
 ) -> TracerProvider:
@@ -47,7 +51,7 @@ def install(
     or to `exporter` (each span as it ends: tests pass an in-memory one)."""
     global _provider
     if not AVAILABLE:
-        raise RuntimeError("tracing needs the `tracing` extra: pip install 'keel[tracing]'")
+        raise TracingUnavailable("tracing needs the `tracing` extra: pip install 'keel[tracing]'")
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor

@@ -1,9 +1,12 @@
 """Spans exported over OTLP/gRPC by real service processes started with --otlp-endpoint, to a
-collector served in this process (the OTLP TraceService, answering Export)."""
+collector served in this process (the OTLP TraceService, answering Export); and, without the
+`tracing` extra, --otlp-endpoint refused in one line."""
 
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,34 @@ async def test_both_services_export_their_spans_in_the_clients_trace(tmp_path: P
         ("keel-engine", "keel.step"),
         ("keel-store", "keel.store.v1.StoreService/AppendEvents"),
     } <= ours
+
+
+WITHOUT_TRACING = (
+    "import sys; sys.modules['opentelemetry'] = None  # as if the `tracing` extra were not installed\n"
+    "from {module} import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.parametrize(
+    ("module", "flags", "status"),
+    [
+        ("engine_service.server", ["--store", "127.0.0.1:1"], 2),
+        ("store_service.server", ["--data-dir", "{tmp}"], 1),
+    ],
+)
+def test_otlp_endpoint_without_the_tracing_extra_is_one_line_naming_it(
+    module: str, flags: list[str], status: int, tmp_path: Path
+) -> None:
+    args = [flag.format(tmp=tmp_path) for flag in flags]
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRACING.format(module=module), "--listen", "127.0.0.1:0", *args,
+         "--otlp-endpoint", "http://127.0.0.1:4317"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'keel[tracing]'" in lines[0], done.stderr
