@@ -284,13 +284,15 @@ class Engine:
         self, run_id: str, manifest_id: str, signals: Sequence[Signal], *, chosen_here: bool
     ) -> None:
         """StartRun's signals into the run's inbox; a run that exists must have this manifest first."""
+        existed = False
         if not chosen_here:
             head, _ = await self.env.store.head(run_stream_id(run_id))
             if head:
                 await self._existing_start(run_id, manifest_id)  # run_already_exists: nothing sent
+                existed = True
         sent = await self.signals.inbox.send(run_id, signals, run_exists=False)
-        if any(one.created for one in sent):
-            self.wake_soon(run_id)  # it may exist already, parked on one of them
+        if existed and any(one.created for one in sent):
+            self.wake_soon(run_id)  # it may be parked on one of them (a new run reads its inbox)
 
     async def signal_run(self, run_id: str, signal: Signal) -> SentSignal:
         """Put `signal` in the run's inbox (once per signal id) and wake the run: its driver here is

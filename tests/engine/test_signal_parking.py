@@ -77,8 +77,12 @@ async def test_a_run_waiting_for_a_signal_is_parked_and_completes_once_when_it_c
     )
     run_id = started.run_id
     await until_parked(cluster, run_id)
-    assert cluster.engine.engine is not None
-    assert run_id not in cluster.engine.engine.drivers  # no coroutine holds it
+    engine = cluster.engine.engine
+    assert engine is not None
+    # Its driver ends once RunParked landed and a last look found no signal: no coroutine holds it.
+    await eventually(lambda: run_id not in engine.drivers, "the driver ended", within=WAIT, poll=0.01)
+    head = await cluster.store_stub.HeadSeq(store_pb2.HeadSeqRequest(stream_id=f"run:{run_id}"))
+    assert head.status == store_pb2.STREAM_STATUS_PARKED
     run = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))).run
     assert run.status == engine_pb2.RUN_STATUS_RUNNING
     step = run.steps[0]
@@ -108,6 +112,7 @@ async def test_a_run_parked_here_is_woken_here_at_once_even_after_a_recovery_sca
     await until_parked(cluster, run_id)
     engine = cluster.engine.engine
     assert engine is not None
+    await eventually(lambda: run_id not in engine.drivers, "the driver ended", within=WAIT, poll=0.01)
     # A scan lists active runs only; the parked run's implicit lease is still this engine's, and a
     # wake-up here takes it up now (not once that lease expired, a ttl after the run started).
     await engine.recovery.recover()
@@ -174,8 +179,8 @@ async def test_a_signal_served_by_another_engine_wakes_a_wait_driven_here_throug
 async def test_a_parked_wait_times_out_and_the_retry_policy_waits_again_with_a_fresh_deadline(
     cluster: Cluster,
 ) -> None:
-    seconds = 1.5
-    assert seconds * 1e6 > PARK_AFTER_US  # long enough to park
+    seconds = 3.0
+    assert seconds * 1e6 > 2 * PARK_AFTER_US  # long enough to park, even on a slow machine
     twice = engine_pb2.RunConfig(
         retry_policy=engine_pb2.RetryPolicy(max_attempts=2, initial_backoff=duration_pb2.Duration(nanos=1000))
     )
@@ -203,7 +208,8 @@ async def test_a_parked_wait_times_out_and_the_retry_policy_waits_again_with_a_f
 
 
 async def test_a_run_deadline_reached_while_parked_on_a_signal_fails_the_run_once(cluster: Cluster) -> None:
-    config = engine_pb2.RunConfig(execution_timeout=duration_pb2.Duration(seconds=2))
+    # Far enough for the run to park (it parks when its deadline is PARK_AFTER_US away or more).
+    config = engine_pb2.RunConfig(execution_timeout=duration_pb2.Duration(seconds=5))
     started = await cluster.stub.StartRun(
         engine_pb2.StartRunRequest(pipeline=pipeline(wait_step("w", "never")), run_config=config)
     )
@@ -212,7 +218,7 @@ async def test_a_run_deadline_reached_while_parked_on_a_signal_fails_the_run_onc
     assert run.status == engine_pb2.RUN_STATUS_FAILED and run.error.code == "run_timeout"
     events = await run_events(cluster, started.run_id)
     [begun] = of_type(events, "RunStarted")
-    deadline = begun["at_us"] + 2_000_000
+    deadline = begun["at_us"] + 5_000_000
     assert of_type(events, "RunParked")[0]["due_at_us"] == deadline  # parked until the deadline
     [failure] = of_type(events, "StepAttemptFailed")
     assert failure["error"]["code"] == "run_timeout" and failure["at_us"] >= deadline

@@ -191,7 +191,8 @@ async def test_a_timed_out_wait_is_retried_with_a_fresh_deadline_and_gets_a_late
 ) -> None:
     twice = engine_pb2.RunConfig(retry_policy=engine_pb2.RetryPolicy(max_attempts=2))
     started = await cluster.stub.StartRun(
-        engine_pb2.StartRunRequest(pipeline=pipeline(wait_step("w", "late", timeout=0.2)), run_config=twice)
+        # Long enough for each attempt to park (and for GetRun to see the second one waiting).
+        engine_pb2.StartRunRequest(pipeline=pipeline(wait_step("w", "late", timeout=3.0)), run_config=twice)
     )
     run_id = started.run_id
 
@@ -199,7 +200,7 @@ async def test_a_timed_out_wait_is_retried_with_a_fresh_deadline_and_gets_a_late
         run = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))).run
         return len(run.steps[0].attempts) == 2 and run.steps[0].HasField("waiting_for_signal")
 
-    twice_config = twice  # the second attempt waits 0.2 s again: the signal may still miss it
+    twice_config = twice  # the second attempt waits 3 s again: a stalled machine may still miss it
     await eventually(retrying, "the second attempt waits", within=30, poll=0.01)
     await signal(cluster, run_id, "late", "ok")
     run = await finished(cluster, run_id)
