@@ -139,7 +139,7 @@ async def test_two_parked_branches_waiting_for_one_name_never_take_the_same_sign
 async def test_a_signal_served_by_another_engine_wakes_a_wait_driven_here_through_the_subscription(
     cluster: Cluster,
 ) -> None:
-    door = f"held-{cluster.checkpoint_linger}-{id(cluster)}"
+    door = f"held-{uuid.uuid4()}"
     hold = engine_pb2.Step(step_id="hold", op_id="test.gated", op_config=to_value({"gate": door}))
     started = await cluster.stub.StartRun(
         engine_pb2.StartRunRequest(pipeline=pipeline(hold, wait_step("w", "go")))
