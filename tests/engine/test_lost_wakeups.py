@@ -112,6 +112,10 @@ async def test_a_parent_woken_while_the_store_does_not_answer_completes_once_it_
         log.parent = str(uuid.uuid4())
         started = await kernel.start_run(fan_out_manifest(), log.parent)
         await asyncio.wait_for(parked(log, started.run_id), WAIT)
+        for _ in range(int(WAIT / 0.01)):  # the driver ends right after RunParked lands
+            if started.run_id not in kernel.drivers:
+                break
+            await asyncio.sleep(0.01)
         assert started.run_id not in kernel.drivers
         # The child's end wakes the parent: its first looks at the parent's stream fail.
         log.failing_heads = 3

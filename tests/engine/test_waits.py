@@ -75,7 +75,9 @@ async def test_a_long_sleep_parks_the_run_and_fires_once_at_its_recorded_time(cl
     listed = await cluster.stub.ListRuns(engine_pb2.ListRunsRequest(statuses=[engine_pb2.RUN_STATUS_RUNNING]))
     assert [r.run_id for r in listed.runs] == [run_id]  # a parked run is still a running run
     assert cluster.engine.engine is not None
-    assert run_id not in cluster.engine.engine.drivers  # no coroutine holds it
+    # no coroutine holds it (the driver ends right after RunParked lands and one last look)
+    drivers = cluster.engine.engine.drivers
+    await eventually(lambda: run_id not in drivers, "the driver ended", within=WAIT, poll=0.02)
     awaited = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=WAIT)
     assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED
     events = await run_events(cluster.store_stub, run_id)
@@ -254,7 +256,9 @@ async def test_fan_out_parks_on_its_children_and_completes_when_they_all_ended(c
     children = [str(uuid.uuid5(uuid.UUID(run_id), f"main.child.{i}")) for i in range(3)]
     assert wait.kind == "children" and from_struct(wait.detail)["children"] == children
     assert cluster.engine.engine is not None
-    assert run_id not in cluster.engine.engine.drivers  # no coroutine waits for the children
+    # no coroutine waits for the children (the driver ends right after RunParked lands and one last look)
+    drivers = cluster.engine.engine.drivers
+    await eventually(lambda: run_id not in drivers, "the driver ended", within=WAIT, poll=0.02)
     awaited = await cluster.stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=WAIT)
     assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
     output = from_value(awaited.run.final_snapshot)["main"]
