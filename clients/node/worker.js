@@ -511,7 +511,7 @@ class Worker {
     const request = {
       task_queue: this.taskQueue,
       worker_id: this.workerId,
-      ops: [...this.ops.values()].map((op) => ({ op_id: op.id, op_version: op.version })),
+      ops: [...this.ops.values()].map((op) => ({ op_id: op.id, op_version: op.version, description: op.description })),
       wait: toDuration(this.pollWaitMs),
     };
     const deadline = new Date(Date.now() + this.pollWaitMs + POLL_DEADLINE_MARGIN_MS);

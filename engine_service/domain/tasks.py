@@ -53,6 +53,7 @@ RUN_ENDED = "run_ended"
 QUEUE_ATTRIBUTE = "queue"
 STATE_ATTRIBUTE = "state"
 OP_ATTRIBUTE = "op"
+OP_DESCRIPTIONS_ATTRIBUTE = "op_descriptions"  # on a worker: what its ops do (encode_op_descriptions)
 PENDING = "pending"
 CLAIMED = "claimed"
 
@@ -71,6 +72,34 @@ def check_queue_name(name: str, what: str = "task_queue") -> str:
 def op_key(op_id: str, op_version: str) -> str:
     """How a task's op is indexed: `op_id@version`."""
     return f"{op_id}@{op_version}"
+
+
+MAX_OP_DESCRIPTIONS_CHARS = 1000  # one stream attribute (the store takes 1024 characters)
+
+
+def encode_op_descriptions(descriptions: Mapping[str, str]) -> str:
+    """A worker's op descriptions (by `op_key`) as one attribute value: JSON in printable ASCII, the
+    ops that do not fit in MAX_OP_DESCRIPTIONS_CHARS left out; "" when there is none."""
+    kept: dict[str, str] = {}
+    for key, description in descriptions.items():
+        if not description:
+            continue
+        candidate = {**kept, key: " ".join(description.split())[:200]}
+        if len(json.dumps(candidate, ensure_ascii=True)) > MAX_OP_DESCRIPTIONS_CHARS:
+            break
+        kept = candidate
+    return json.dumps(kept, ensure_ascii=True, separators=(",", ":")) if kept else ""
+
+
+def decode_op_descriptions(text: str) -> dict[str, str]:
+    """The descriptions `encode_op_descriptions` wrote ({} for anything else)."""
+    try:
+        decoded = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    if not isinstance(decoded, dict):
+        return {}
+    return {k: v for k, v in decoded.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 @dataclass(frozen=True)

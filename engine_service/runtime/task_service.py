@@ -19,7 +19,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +38,7 @@ from engine_service.domain.streams import (
 from engine_service.domain.tasks import (
     CLAIMED,
     DEFAULT_TASK_HEARTBEAT_MS,
+    OP_DESCRIPTIONS_ATTRIBUTE,
     PENDING,
     QUEUE_ATTRIBUTE,
     RUN_ENDED,
@@ -55,6 +56,8 @@ from engine_service.domain.tasks import (
     TaskToken,
     check_claim,
     check_queue_name,
+    decode_op_descriptions,
+    encode_op_descriptions,
     encode_task_event,
     fold_task,
     heartbeat_ms_of,
@@ -109,6 +112,7 @@ class WorkerSeen:
     task_queue: str
     last_seen: datetime | None
     ops: tuple[tuple[str, str], ...]
+    descriptions: Mapping[str, str] = field(default_factory=dict)  # by op_key: what its ops do
 
 
 @dataclass
@@ -150,15 +154,21 @@ class TaskService:
     # --- PollTask --------------------------------------------------------------------------------
 
     async def poll(
-        self, queue: str, worker_id: str, ops: Sequence[tuple[str, str]], wait_seconds: float
+        self,
+        queue: str,
+        worker_id: str,
+        ops: Sequence[tuple[str, str]],
+        wait_seconds: float,
+        descriptions: Mapping[str, str] | None = None,
     ) -> ClaimedTask | None:
-        """Claim a task of `queue` for `worker_id` (one of `ops`; none: any), waiting up to `wait_seconds`."""
+        """Claim a task of `queue` for `worker_id` (one of `ops`; none: any), waiting up to `wait_seconds`;
+        `descriptions` (by `op_key`) are what the worker says its ops do, for ListOps."""
         check_queue_name(queue)
         check_name(worker_id, "worker_id")
         for op_id, _ in ops:
             check_name(op_id, "ops[].op_id")
         wanted = frozenset(op_key(op_id, version or "1") for op_id, version in ops)
-        await self._record_worker(queue, worker_id, ops)
+        await self._record_worker(queue, worker_id, ops, descriptions or {})
         poller = Poller(worker_id, wanted, asyncio.get_running_loop().create_future())
         self.dispatchers.of(queue).add(poller)
         try:
@@ -271,13 +281,19 @@ class TaskService:
         with contextlib.suppress(KeelError):
             await self.board.end(stream_id, state, TaskExpired(error, now_us()))
 
-    async def _record_worker(self, queue: str, worker_id: str, ops: Sequence[tuple[str, str]]) -> None:
+    async def _record_worker(
+        self, queue: str, worker_id: str, ops: Sequence[tuple[str, str]], descriptions: Mapping[str, str]
+    ) -> None:
         key = (queue, worker_id)
         now = time.monotonic()
         if now - self._recorded_workers.get(key, -1e9) < WORKER_RECORD_SECONDS:
             return
         self._recorded_workers[key] = now
         declared = ",".join(f"{op_id}@{version or '1'}" for op_id, version in ops)
+        attributes = {QUEUE_ATTRIBUTE: queue, "ops": declared[:1000]}
+        described = encode_op_descriptions(descriptions)
+        if described:
+            attributes[OP_DESCRIPTIONS_ATTRIBUTE] = described
         try:
             result = await self.store.append(
                 worker_stream_id(worker_id),
@@ -285,7 +301,7 @@ class TaskService:
                 expected_seq=None,
                 expected_any=True,
                 status=TASK_OPEN_LABEL,
-                attributes={QUEUE_ATTRIBUTE: queue, "ops": declared[:1000]},
+                attributes=attributes,
                 patience=self.patience,
             )
             if result.head_seq > 100:  # only the last poll matters: keep the stream short
@@ -508,6 +524,7 @@ class TaskService:
                     summary.attributes.get(QUEUE_ATTRIBUTE, ""),
                     summary.updated_at,
                     ops,
+                    decode_op_descriptions(summary.attributes.get(OP_DESCRIPTIONS_ATTRIBUTE, "")),
                 )
             )
         return sorted(found, key=lambda w: (w.task_queue, w.worker_id))

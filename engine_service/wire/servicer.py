@@ -17,6 +17,7 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from engine_service.domain import parse_run_id
 from engine_service.domain.events import FAILED
 from engine_service.domain.labels import check_labels
+from engine_service.domain.tasks import op_key
 from engine_service.runtime.kernel import Engine
 from engine_service.wire import messages
 from keel_core import tracing
@@ -166,13 +167,17 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self, request: engine_pb2.ListOpsRequest, context: Context
     ) -> engine_pb2.ListOpsResponse:
         """The ops this engine can run, then the ops workers polling a queue declared (with the queue)."""
-        remote = {
-            (op_id, version, seen.task_queue)
-            for seen in await self.engine.tasks.workers_seen()
-            for op_id, version in seen.ops
-        }
+        remote: dict[tuple[str, str, str], str] = {}
+        for seen in await self.engine.tasks.workers_seen():
+            for op_id, version in seen.ops:
+                described = seen.descriptions.get(op_key(op_id, version), "")
+                remote[(op_id, version, seen.task_queue)] = (
+                    remote.get((op_id, version, seen.task_queue)) or described
+                )
         local = [(d.op_id, d.op_version, "", d.description) for d in self.engine.env.ops.all()]
-        listed = sorted([*local, *((op_id, version, queue, "") for op_id, version, queue in remote)])
+        listed = sorted(
+            [*local, *((op_id, version, queue, d) for (op_id, version, queue), d in remote.items())]
+        )
         return engine_pb2.ListOpsResponse(
             ops=[
                 engine_pb2.OpInfo(op_id=op_id, op_version=version, task_queue=queue, description=description)

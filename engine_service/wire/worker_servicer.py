@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from engine_service.domain import ErrorRecord
-from engine_service.domain.tasks import TaskToken
+from engine_service.domain.tasks import TaskToken, op_key
 from engine_service.runtime.task_service import ClaimedTask, TaskService, check_name
 from engine_service.wire.messages import seconds_from, timestamp
 from keel_core.errors import invalid_argument
@@ -102,7 +102,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if remaining is not None:
             wait = max(0.0, min(wait, remaining - DEADLINE_MARGIN_SECONDS))
         ops = [(op.op_id, op.op_version) for op in request.ops]
-        claimed = await self.tasks.poll(request.task_queue, request.worker_id, ops, wait)
+        descriptions = {op_key(op.op_id, op.op_version or "1"): op.description for op in request.ops}
+        claimed = await self.tasks.poll(request.task_queue, request.worker_id, ops, wait, descriptions)
         if claimed is None:
             return worker_pb2.PollTaskResponse()
         return worker_pb2.PollTaskResponse(task=task_message(claimed))
@@ -186,7 +187,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         worker_pb2.WorkerInfo(
                             worker_id=w.worker_id,
                             last_seen=timestamp(w.last_seen),
-                            ops=[worker_pb2.OpRef(op_id=o, op_version=v) for o, v in w.ops],
+                            ops=[
+                                worker_pb2.OpRef(
+                                    op_id=o, op_version=v, description=w.descriptions.get(op_key(o, v), "")
+                                )
+                                for o, v in w.ops
+                            ],
                         )
                         for w in q.workers
                     ],

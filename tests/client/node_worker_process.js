@@ -21,6 +21,7 @@ const toStderr = { info: (m) => console.error(m), warn: (m) => console.error(m),
 const ops = [
   {
     id: 'node.enrich',
+    description: 'Doubles n',
     handler: async (input, ctx) => ({ n: input.n * 2, saw: Object.keys(ctx.context).sort(), by: ctx.workerId }),
   },
   {

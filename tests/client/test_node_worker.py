@@ -138,6 +138,8 @@ def test_pipeline_mixing_in_process_node_worker_and_python_worker_steps(
     with KeelClient(engine_address) as client:
         started = client.start_run(pipeline, input={"n": 21}, context={"origin": "pytest"})
         run = client.await_run(started.run_id, max_wait=120).run
+        declared = {(op.op_id, op.task_queue, op.description) for op in client.list_ops() if op.task_queue}
+    assert ("node.enrich", node_queue, "Doubles n") in declared  # as the Node worker declared it
     assert run is not None
     assert run.status.name == "COMPLETED", run.error
     assert run.final_snapshot == {

@@ -82,6 +82,11 @@ async def test_pipeline_mixing_in_process_and_worker_steps_completes(stack: Stac
             ops = await asyncio.to_thread(run_keel, "ops", "--json", engine=engine)
             declared = {(op["op_id"], op["task_queue"]) for op in json.loads(ops.stdout) if op["task_queue"]}
             assert declared == {("charge", "q1"), ("double", "q1")}
+            described = {op["op_id"]: op["description"] for op in json.loads(ops.stdout) if op["task_queue"]}
+            assert described == {  # the @op docstrings' first lines, as the worker declared them
+                "charge": "Charges through a transport (a fact).",
+                "double": "Doubles the input's n, seeing the context.",
+            }
         # Metrics: both tasks' schedule-to-start and outcomes were counted.
         assert (
             REGISTRY.get_sample_value("keel_engine_task_schedule_to_start_seconds_count", {"queue": "q1"})

@@ -20,7 +20,12 @@ from keel_client import AsyncKeelClient
 from keel_client.worker import TaskContext, Worker, op
 
 from engine_service.domain.streams import task_stream_id
-from engine_service.domain.tasks import TaskScheduled, decode_task_event
+from engine_service.domain.tasks import (
+    TaskScheduled,
+    decode_op_descriptions,
+    decode_task_event,
+    encode_op_descriptions,
+)
 from engine_service.runtime.task_board import MAX_INLINE_CONTEXT_BYTES
 from keel_core.json_values import from_value, to_value
 from keel_core.status import from_rpc_error
@@ -269,3 +274,14 @@ async def test_record_fact_of_a_key_the_run_holds_answers_the_recorded_response(
             e.data["fact_key"] async for e in client.watch_run(started.run_id) if e.type == "FactRecorded"
         ]
         assert sorted(recorded) == ["mine", "shared"]  # each key once in the run's stream
+
+
+def test_op_descriptions_fit_one_attribute_and_read_back() -> None:
+    few = {"charge@1": "Charges  the\norder once", "refund@1": ""}
+    assert decode_op_descriptions(encode_op_descriptions(few)) == {"charge@1": "Charges the order once"}
+    many = {f"op{n}@1": f"café {n} " + "x" * 300 for n in range(50)}
+    encoded = encode_op_descriptions(many)
+    assert len(encoded) <= 1000 and encoded.isascii() and encoded.isprintable()
+    kept = decode_op_descriptions(encoded)
+    assert 1 < len(kept) < len(many) and all(many[key].startswith(value) for key, value in kept.items())
+    assert encode_op_descriptions({}) == "" and decode_op_descriptions("not json") == {}

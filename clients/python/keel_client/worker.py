@@ -312,7 +312,10 @@ class Worker:
         request = worker_pb2.PollTaskRequest(
             task_queue=self.task_queue,
             worker_id=self.worker_id,
-            ops=[worker_pb2.OpRef(op_id=o.op_id, op_version=o.version) for o in self.ops.values()],
+            ops=[
+                worker_pb2.OpRef(op_id=o.op_id, op_version=o.version, description=o.description)
+                for o in self.ops.values()
+            ],
         )
         request.wait.FromMilliseconds(int(self.poll_wait * 1000))
         try:

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from keel.engine.v1 import engine_pb2 as keel_dot_engine_dot_v1_dot_engine__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkeel/worker/v1/worker.proto\x12\x0ekeel.worker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bkeel/engine/v1/engine.proto\"*\n\x05OpRef\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x12\n\nop_version\x18\x02 \x01(\t\"U\n\x04\x46\x61\x63t\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08\x66\x61\x63t_key\x18\x02 \x01(\t\x12(\n\x08response\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\xb8\x04\n\x04Task\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\r\n\x05op_id\x18\x05 \x01(\t\x12\x12\n\nop_version\x18\x06 \x01(\t\x12)\n\top_config\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05input\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x07\x63ontext\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1b\n\x13\x63ontext_artifact_id\x18\n \x01(\t\x12#\n\x05\x66\x61\x63ts\x18\x0b \x03(\x0b\x32\x14.keel.worker.v1.Fact\x12\x12\n\ntask_queue\x18\x0c \x01(\t\x12\x39\n\x16start_to_close_timeout\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0elease_deadline\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x66\x65ncing\x18\x10 \x01(\x03\x12\x30\n\x0cscheduled_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06replay\x18\x12 \x01(\x08\"\x85\x01\n\x0fPollTaskRequest\x12\x12\n\ntask_queue\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\"\n\x03ops\x18\x03 \x03(\x0b\x32\x15.keel.worker.v1.OpRef\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x10PollTaskResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.keel.worker.v1.Task\"S\n\x14HeartbeatTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\'\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"e\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12\x32\n\x0elease_deadline\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\x11RecordFactRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08\x66\x61\x63t_key\x18\x03 \x01(\t\x12(\n\x08response\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"X\n\x12RecordFactResponse\x12(\n\x08response\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x61lready_recorded\x18\x02 \x01(\x08\"Q\n\x13\x43ompleteTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\x16\n\x14\x43ompleteTaskResponse\"Q\n\x0f\x46\x61ilTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.keel.engine.v1.ErrorDetail\"\x12\n\x10\x46\x61ilTaskResponse\"=\n\x12GetArtifactRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"#\n\x13GetArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x13\n\x11ListQueuesRequest\"r\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\tlast_seen\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x03ops\x18\x03 \x03(\x0b\x32\x15.keel.worker.v1.OpRef\"n\n\tQueueInfo\x12\x12\n\ntask_queue\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63klog\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.keel.worker.v1.WorkerInfo\"?\n\x12ListQueuesResponse\x12)\n\x06queues\x18\x01 \x03(\x0b\x32\x19.keel.worker.v1.QueueInfo2\xea\x04\n\rWorkerService\x12M\n\x08PollTask\x12\x1f.keel.worker.v1.PollTaskRequest\x1a .keel.worker.v1.PollTaskResponse\x12\\\n\rHeartbeatTask\x12$.keel.worker.v1.HeartbeatTaskRequest\x1a%.keel.worker.v1.HeartbeatTaskResponse\x12S\n\nRecordFact\x12!.keel.worker.v1.RecordFactRequest\x1a\".keel.worker.v1.RecordFactResponse\x12Y\n\x0c\x43ompleteTask\x12#.keel.worker.v1.CompleteTaskRequest\x1a$.keel.worker.v1.CompleteTaskResponse\x12M\n\x08\x46\x61ilTask\x12\x1f.keel.worker.v1.FailTaskRequest\x1a .keel.worker.v1.FailTaskResponse\x12X\n\x0bGetArtifact\x12\".keel.worker.v1.GetArtifactRequest\x1a#.keel.worker.v1.GetArtifactResponse0\x01\x12S\n\nListQueues\x12!.keel.worker.v1.ListQueuesRequest\x1a\".keel.worker.v1.ListQueuesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkeel/worker/v1/worker.proto\x12\x0ekeel.worker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bkeel/engine/v1/engine.proto\"?\n\x05OpRef\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x12\n\nop_version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"U\n\x04\x46\x61\x63t\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08\x66\x61\x63t_key\x18\x02 \x01(\t\x12(\n\x08response\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\xb8\x04\n\x04Task\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\r\n\x05op_id\x18\x05 \x01(\t\x12\x12\n\nop_version\x18\x06 \x01(\t\x12)\n\top_config\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05input\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x07\x63ontext\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1b\n\x13\x63ontext_artifact_id\x18\n \x01(\t\x12#\n\x05\x66\x61\x63ts\x18\x0b \x03(\x0b\x32\x14.keel.worker.v1.Fact\x12\x12\n\ntask_queue\x18\x0c \x01(\t\x12\x39\n\x16start_to_close_timeout\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0elease_deadline\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x66\x65ncing\x18\x10 \x01(\x03\x12\x30\n\x0cscheduled_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06replay\x18\x12 \x01(\x08\"\x85\x01\n\x0fPollTaskRequest\x12\x12\n\ntask_queue\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\"\n\x03ops\x18\x03 \x03(\x0b\x32\x15.keel.worker.v1.OpRef\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x10PollTaskResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.keel.worker.v1.Task\"S\n\x14HeartbeatTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\'\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"e\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12\x32\n\x0elease_deadline\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\x11RecordFactRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08\x66\x61\x63t_key\x18\x03 \x01(\t\x12(\n\x08response\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"X\n\x12RecordFactResponse\x12(\n\x08response\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x61lready_recorded\x18\x02 \x01(\x08\"Q\n\x13\x43ompleteTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\x16\n\x14\x43ompleteTaskResponse\"Q\n\x0f\x46\x61ilTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.keel.engine.v1.ErrorDetail\"\x12\n\x10\x46\x61ilTaskResponse\"=\n\x12GetArtifactRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"#\n\x13GetArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x13\n\x11ListQueuesRequest\"r\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\tlast_seen\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x03ops\x18\x03 \x03(\x0b\x32\x15.keel.worker.v1.OpRef\"n\n\tQueueInfo\x12\x12\n\ntask_queue\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63klog\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.keel.worker.v1.WorkerInfo\"?\n\x12ListQueuesResponse\x12)\n\x06queues\x18\x01 \x03(\x0b\x32\x19.keel.worker.v1.QueueInfo2\xea\x04\n\rWorkerService\x12M\n\x08PollTask\x12\x1f.keel.worker.v1.PollTaskRequest\x1a .keel.worker.v1.PollTaskResponse\x12\\\n\rHeartbeatTask\x12$.keel.worker.v1.HeartbeatTaskRequest\x1a%.keel.worker.v1.HeartbeatTaskResponse\x12S\n\nRecordFact\x12!.keel.worker.v1.RecordFactRequest\x1a\".keel.worker.v1.RecordFactResponse\x12Y\n\x0c\x43ompleteTask\x12#.keel.worker.v1.CompleteTaskRequest\x1a$.keel.worker.v1.CompleteTaskResponse\x12M\n\x08\x46\x61ilTask\x12\x1f.keel.worker.v1.FailTaskRequest\x1a .keel.worker.v1.FailTaskResponse\x12X\n\x0bGetArtifact\x12\".keel.worker.v1.GetArtifactRequest\x1a#.keel.worker.v1.GetArtifactResponse0\x01\x12S\n\nListQueues\x12!.keel.worker.v1.ListQueuesRequest\x1a\".keel.worker.v1.ListQueuesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,43 +36,43 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keel.worker.v1.worker_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPREF']._serialized_start=171
-  _globals['_OPREF']._serialized_end=213
-  _globals['_FACT']._serialized_start=215
-  _globals['_FACT']._serialized_end=300
-  _globals['_TASK']._serialized_start=303
-  _globals['_TASK']._serialized_end=871
-  _globals['_POLLTASKREQUEST']._serialized_start=874
-  _globals['_POLLTASKREQUEST']._serialized_end=1007
-  _globals['_POLLTASKRESPONSE']._serialized_start=1009
-  _globals['_POLLTASKRESPONSE']._serialized_end=1063
-  _globals['_HEARTBEATTASKREQUEST']._serialized_start=1065
-  _globals['_HEARTBEATTASKREQUEST']._serialized_end=1148
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=1150
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=1251
-  _globals['_RECORDFACTREQUEST']._serialized_start=1253
-  _globals['_RECORDFACTREQUEST']._serialized_end=1371
-  _globals['_RECORDFACTRESPONSE']._serialized_start=1373
-  _globals['_RECORDFACTRESPONSE']._serialized_end=1461
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1463
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1544
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1546
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1568
-  _globals['_FAILTASKREQUEST']._serialized_start=1570
-  _globals['_FAILTASKREQUEST']._serialized_end=1651
-  _globals['_FAILTASKRESPONSE']._serialized_start=1653
-  _globals['_FAILTASKRESPONSE']._serialized_end=1671
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1673
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1734
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=1736
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=1771
-  _globals['_LISTQUEUESREQUEST']._serialized_start=1773
-  _globals['_LISTQUEUESREQUEST']._serialized_end=1792
-  _globals['_WORKERINFO']._serialized_start=1794
-  _globals['_WORKERINFO']._serialized_end=1908
-  _globals['_QUEUEINFO']._serialized_start=1910
-  _globals['_QUEUEINFO']._serialized_end=2020
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=2022
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=2085
-  _globals['_WORKERSERVICE']._serialized_start=2088
-  _globals['_WORKERSERVICE']._serialized_end=2706
+  _globals['_OPREF']._serialized_end=234
+  _globals['_FACT']._serialized_start=236
+  _globals['_FACT']._serialized_end=321
+  _globals['_TASK']._serialized_start=324
+  _globals['_TASK']._serialized_end=892
+  _globals['_POLLTASKREQUEST']._serialized_start=895
+  _globals['_POLLTASKREQUEST']._serialized_end=1028
+  _globals['_POLLTASKRESPONSE']._serialized_start=1030
+  _globals['_POLLTASKRESPONSE']._serialized_end=1084
+  _globals['_HEARTBEATTASKREQUEST']._serialized_start=1086
+  _globals['_HEARTBEATTASKREQUEST']._serialized_end=1169
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=1171
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=1272
+  _globals['_RECORDFACTREQUEST']._serialized_start=1274
+  _globals['_RECORDFACTREQUEST']._serialized_end=1392
+  _globals['_RECORDFACTRESPONSE']._serialized_start=1394
+  _globals['_RECORDFACTRESPONSE']._serialized_end=1482
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1484
+  _globals['_COMPLETETASKREQUEST']._serialized_end=1565
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=1567
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=1589
+  _globals['_FAILTASKREQUEST']._serialized_start=1591
+  _globals['_FAILTASKREQUEST']._serialized_end=1672
+  _globals['_FAILTASKRESPONSE']._serialized_start=1674
+  _globals['_FAILTASKRESPONSE']._serialized_end=1692
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1694
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1755
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=1757
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=1792
+  _globals['_LISTQUEUESREQUEST']._serialized_start=1794
+  _globals['_LISTQUEUESREQUEST']._serialized_end=1813
+  _globals['_WORKERINFO']._serialized_start=1815
+  _globals['_WORKERINFO']._serialized_end=1929
+  _globals['_QUEUEINFO']._serialized_start=1931
+  _globals['_QUEUEINFO']._serialized_end=2041
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=2043
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=2106
+  _globals['_WORKERSERVICE']._serialized_start=2109
+  _globals['_WORKERSERVICE']._serialized_end=2727
 # @@protoc_insertion_point(module_scope)

@@ -30,19 +30,25 @@ class OpRef(_message.Message):
 
     OP_ID_FIELD_NUMBER: _builtins.int
     OP_VERSION_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     op_id: _builtins.str
     """The op's id."""
     op_version: _builtins.str
     """The op's version (empty means "1")."""
+    description: _builtins.str
+    """What the op does, in one line (shown by ListOps and `keel ops`; a
+    worker's first 1000 characters of descriptions are kept).
+    """
     def __init__(
         self,
         *,
         op_id: _builtins.str = ...,
         op_version: _builtins.str = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["op_id", b"op_id", "op_version", b"op_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "op_id", b"op_id", "op_version", b"op_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
