@@ -79,6 +79,17 @@ def translate(error: sqlite3.Error) -> KeelError:
     return KeelError("store_failed", f"the store's database failed: {error}", category=ErrorCategory.INTERNAL)
 
 
+# A page and its stream's head in one statement (one snapshot): the head row, joined to the page of
+# events up to that head (in the subquery, so that its ORDER BY ... LIMIT walks the primary key).
+_HEAD_OF = "coalesce((SELECT head_seq FROM streams WHERE stream_id = ?1), 0)"
+_READ = (
+    "SELECT h.head_seq, e.seq, e.type, e.payload, e.recorded_at_us "
+    f"FROM (SELECT {_HEAD_OF} AS head_seq) AS h "
+    "LEFT JOIN (SELECT seq, type, payload, recorded_at_us FROM events "
+    f"WHERE stream_id = ?1 AND seq >= ?2 AND seq <= {_HEAD_OF} ORDER BY seq LIMIT ?3) AS e ON 1"
+)
+
+
 class SqliteStoreBackend(SqlStoreBackend):
     """The store on one SQLite file in WAL mode, with group commit and in-process wake-ups."""
 
@@ -211,19 +222,20 @@ class SqliteStoreBackend(SqlStoreBackend):
         It starts at the first event at or after `from_seq` that a trim kept.
         """
         start = max(1, from_seq)
-        head = (await self.head(stream_id)).head_seq
-        if head < start:
-            return EventPage((), 0, head)
-        # Up to the head read above, so the page never runs ahead of the head it reports.
-        rows = await self._rows(
-            "SELECT seq, type, payload, recorded_at_us FROM events "
-            "WHERE stream_id = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
-            stream_id,
-            start,
-            head,
-            limit,
+        if limit <= 0:
+            return page_of((), (await self.head(stream_id)).head_seq)
+        # One statement, one snapshot (and one trip to a reader thread): the head and the events
+        # up to it, so the page never runs ahead of the head it reports. No event: one row of head.
+        rows = await self._rows(_READ, stream_id, start, limit)
+        head = int(rows[0][0])
+        events = sorted(  # the join keeps the subquery's order in practice; SQL does not promise it
+            (
+                StoredEvent(stream_id, int(r[1]), str(r[2]), bytes(r[3]), int(r[4]))
+                for r in rows
+                if r[1] is not None
+            ),
+            key=lambda event: event.seq,
         )
-        events = [StoredEvent(stream_id, int(r[0]), str(r[1]), bytes(r[2]), int(r[3])) for r in rows]
         return page_of(events, head)
 
     async def trim(self, stream_id: str, before_seq: int) -> TrimResult:
