@@ -192,6 +192,8 @@ class RunDriver:
         # Waits are offered to their kind's resolver at the start and after each poke (wake_run).
         self._check_waits = True
         self._poked = asyncio.Event()
+        # A wake-up (poke) came that the waits were not offered to their resolvers for since.
+        self.unapplied_wake = False
         # Watchers of the tasks of this run's waiting remote attempts (they poke it on an outcome).
         self._watchers: set[asyncio.Task[None]] = set()
         # Told the due time of a run this driver parked (the engine's Waker); set by the kernel.
@@ -301,6 +303,7 @@ class RunDriver:
     def poke(self) -> None:
         """Something may have ended a wait (engine_service.runtime.parking): decide again soon."""
         self._check_waits = True
+        self.unapplied_wake = True
         self._poked.set()
 
     async def _until_a_step_settles(self, wake_at_us: int = 0) -> None:
@@ -361,7 +364,7 @@ class RunDriver:
             # (its wake-up found the run still active): go on at once instead. Marked as poked
             # first: should this append fail (the lease lost), the run stays parked with its wait
             # over, and the driver's end applies the wake-up (runtime.driving).
-            self._check_waits = True
+            self._check_waits = self.unapplied_wake = True
             self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=False)
             await self.flush()
             return
@@ -394,7 +397,7 @@ class RunDriver:
         when one settled."""
         if not self._check_waits:
             return False
-        self._check_waits = False
+        self._check_waits = self.unapplied_wake = False
         settled = False
         for waiting in list(self.history.waiting.values()):
             resolver = self._resolver(waiting.wait.kind)

@@ -19,11 +19,27 @@ from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.reader import RunReader
 from engine_service.runtime.registry import RunRegistry
-from keel_core.errors import KeelError
+from keel_core.errors import ErrorCategory, KeelError
 
 log = logging.getLogger(__name__)
 
 # A driver stopping with these is a routine hand-over (logged at INFO), by what happened.
+# A driver that ended so hands an unapplied wake-up on (any other failure is left to the scans:
+# waking it at once would re-drive a run that fails the same way in a tight loop).
+_PASSING = (ErrorCategory.UNAVAILABLE, ErrorCategory.DEADLINE_EXCEEDED)
+
+
+def _hands_on(task: asyncio.Task[RunCompleted]) -> bool:
+    """The driver ended unfinished in a way after which its run may be woken at once: it parked,
+    was stopped, handed the run over, or its store did not answer."""
+    if task.cancelled():
+        return True
+    error = task.exception()
+    if isinstance(error, RunParkedOut):
+        return True
+    return isinstance(error, KeelError) and (error.code in _HANDED_OVER or error.category in _PASSING)
+
+
 _HANDED_OVER = {
     "lease_lost": "this engine may no longer write to it (its lease was lost or not trusted)",
     "sequence_conflict": "another engine appended to the run first (it took the run over)",
@@ -115,11 +131,10 @@ class Drivers:
             why = task.result().error
             if self.on_timed_out is not None and why is not None and why.code == RUN_TIMEOUT:
                 self.on_timed_out(run_id)
-        ended_unfinished = task.cancelled() or task.exception() is not None
-        if ended_unfinished and driver.poked_since_check and self.on_poked_after_park is not None:
-            # A wake-up came that this driver did not apply (it parked, lost its lease, was
-            # stopped): apply it now, here or through the store's index, or it waits for the
-            # run's re-check.
+        if driver.unapplied_wake and _hands_on(task) and self.on_poked_after_park is not None:
+            # A wake-up came that this driver did not apply (it parked, lost its lease, its store
+            # failed, it was stopped): apply it now, here or through the store's index, or it
+            # waits for the run's re-check.
             self.on_poked_after_park(run_id)
         if task.cancelled():
             log.info("run %s parked", run_id)

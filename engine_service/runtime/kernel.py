@@ -404,6 +404,9 @@ class Engine:
                     await self.env.store.nudge_due(run_stream_id(run_id), now_us())
                 return
             except KeelError as error:
+                if error.category not in (ErrorCategory.UNAVAILABLE, ErrorCategory.DEADLINE_EXCEEDED):
+                    log.info("run %s not woken: %s", run_id, error.message)  # it will not go away
+                    return
                 if asyncio.get_running_loop().time() + delay > deadline:
                     log.warning("run %s not woken: %s (its re-check will find it)", run_id, error.message)
                     return

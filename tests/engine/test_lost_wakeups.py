@@ -30,7 +30,7 @@ from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
 from engine_service.store import AppendResult, InMemoryEventLog
-from keel_core.errors import unavailable
+from keel_core.errors import invalid_argument, unavailable
 
 _ = engine_service.builtin_ops  # keel.fan_out
 WAIT = 30.0
@@ -153,5 +153,49 @@ async def test_a_parent_whose_driver_failed_as_it_saw_its_children_end_is_woken_
         started = await kernel.start_run(fan_out_manifest(), log.parent)
         assert await asyncio.wait_for(ended(kernel, started.run_id), WAIT) == COMPLETED
         assert not log.fail_resume  # the failing append was tried
+    finally:
+        await kernel.stop()
+
+
+CALLS: dict[str, int] = {}
+
+
+@op("wakeups.effect", description="Counts its calls")
+async def effect(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Counts its calls in CALLS[input]."""
+    CALLS[input] = CALLS.get(input, 0) + 1
+    return {"done": True}
+
+
+class RefusingLog(InMemoryEventLog):
+    """An event log that refuses every StepCompleted (a failure that will not go away)."""
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        if any(name == "StepCompleted" for name, _ in events):
+            raise invalid_argument("event_too_large", "the test's store refuses this event")
+        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+
+
+async def test_a_driver_that_fails_for_good_is_not_driven_again_at_once() -> None:
+    """A failure that is neither a hand-over nor a store outage hands no wake-up on: the run is left
+    to the scans (a wake-up at once would re-drive it in a tight loop, calling its op each time)."""
+    log = RefusingLog()
+    env = RunEnvironment(log, DEFAULT_REGISTRY, TransportRegistry(), Failpoints.parse(""))
+    kernel = Engine(env, BUILD, checkpoint_linger=0.0, engine_id="mem-refused")
+    key = str(uuid.uuid4())
+    try:
+        pipeline = single_op_pipeline("wakeups.effect", "1", None)
+        manifest = RunManifest(pipeline, key, {}, make_run_config(max_attempts=1), BUILD)
+        started = await kernel.start_run(manifest, None)
+        for _ in range(int(WAIT / 0.01)):
+            if CALLS.get(key) and started.run_id not in kernel.drivers:
+                break
+            await asyncio.sleep(0.01)
+        # The driver ended (its StepCompleted refused) and nothing was set to wake the run again.
+        assert started.run_id not in kernel.drivers
+        assert not kernel._wakes
+        assert CALLS[key] == 1
     finally:
         await kernel.stop()
