@@ -102,19 +102,27 @@ _SET_DUE = (
     "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = excluded.due_at_us"
 )
 _CLEAR_DUE = "DELETE FROM stream_due WHERE stream_id = ANY($1::text[])"
-# Only a PARKED stream's due time moves (status 5); the row lock of the upsert orders it with appends.
+# Only a PARKED stream's due time moves (status 5). The stream's row is share-locked first: a
+# concurrent append to it (a RunResumed clearing its due time) is waited for and its status read
+# again, so a nudge never leaves a due time on a stream that is no longer parked.
 _NUDGE_DUE = (
-    "WITH s AS (SELECT stream_id FROM streams WHERE stream_id = $1 AND status = 5), "
+    "WITH s AS (SELECT stream_id FROM streams WHERE stream_id = $1 AND status = 5 FOR SHARE), "
     "n AS (INSERT INTO stream_due (stream_id, due_at_us) SELECT stream_id, $2 FROM s "
     "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = LEAST(stream_due.due_at_us, excluded.due_at_us) "
     "RETURNING 1) "
     "SELECT EXISTS (SELECT 1 FROM s)"
 )
-# An append's nudges: the PARKED ones among these streams become due by their time (one row each).
+# An append's nudges, in its group's transaction: the PARKED ones among these streams become due by
+# their time. A stream some other transaction is appending to right now is skipped (SKIP LOCKED):
+# waiting for it could deadlock with a group that nudges this group's streams, and that append is
+# the stream's own writer (a RunResumed: it is no longer parked; a RunParked: its driver looks at
+# its waits once more after it lands, and the nudging engine wakes it too).
 _NUDGE_MANY = (
-    "INSERT INTO stream_due (stream_id, due_at_us) "
-    "SELECT s.stream_id, u.due_at_us FROM unnest($1::text[], $2::int8[]) AS u(stream_id, due_at_us) "
-    "JOIN streams s ON s.stream_id = u.stream_id AND s.status = 5 "
+    "WITH parked AS (SELECT s.stream_id, u.due_at_us "
+    "FROM unnest($1::text[], $2::int8[]) AS u(stream_id, due_at_us) "
+    "JOIN streams s ON s.stream_id = u.stream_id WHERE s.status = 5 "
+    "ORDER BY s.stream_id FOR SHARE OF s SKIP LOCKED) "
+    "INSERT INTO stream_due (stream_id, due_at_us) SELECT stream_id, due_at_us FROM parked "
     "ON CONFLICT (stream_id) DO UPDATE SET due_at_us = LEAST(stream_due.due_at_us, excluded.due_at_us)"
 )
 # The heads an append group reports (AppendJob.report_heads): the streams that have any.

@@ -14,7 +14,7 @@ import shutil
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -268,6 +268,48 @@ async def test_unique_key_decides_a_race_the_head_read_did_not_see(
             assert caught.value.code == "sequence_conflict"
             assert caught.value.details["actual_seq"] == 2
             assert [e.type for e in await read_all(backend, "s")] == ["first", "theirs"]
+
+
+async def _resume_held_open(other: asyncpg.Connection[asyncpg.Record], schema: str, seq: int) -> Any:
+    """Another replica's RunResumed (event `seq`) of parked stream `p`, uncommitted: status active,
+    due time gone."""
+    transaction = other.transaction()
+    await transaction.start()
+    await other.execute(
+        f"INSERT INTO {schema}.events VALUES ('p', {seq}, 'RunResumed', '\\x00', 1);"
+        f"UPDATE {schema}.streams SET head_seq = {seq}, status = {int(StreamStatus.ACTIVE)} "
+        "WHERE stream_id = 'p';"
+        f"DELETE FROM {schema}.stream_due WHERE stream_id = 'p'"
+    )
+    return transaction
+
+
+async def test_a_nudge_racing_a_resume_of_its_stream_leaves_no_due_time(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """PostgreSQL-specific (READ COMMITTED): a nudge that read `p` as parked while another replica
+    resumes it must not put a due time back on the now active stream (every Waker would keep
+    waking it): NudgeDue waits for the resume and reads the status again; an append's nudges skip a
+    stream another transaction is writing (it is that stream's own writer)."""
+    async with opened(postgres_dsn, pg_schema) as backend, admin(postgres_dsn) as other:
+        parked = StreamStatus.PARKED
+        await backend.append("p", Expected.no_stream(), events("RunParked"), status=parked, due_at_us=10**15)
+        await backend.append("child", Expected.no_stream(), events("RunStarted"))
+        resuming = await _resume_held_open(other, pg_schema, 2)
+        nudging = asyncio.create_task(backend.nudge_due("p", 123))
+        await eventually(
+            lambda: blocked_on_a_lock(postgres_dsn, pg_schema), "the nudge waiting on the resume"
+        )
+        await resuming.commit()
+        assert not await nudging  # not parked any more, once the resume committed
+        assert not (await backend.list_due(10**16)).due
+        await backend.append("p", Expected.exact(2), events("RunParked"), status=parked, due_at_us=10**15)
+        resuming = await _resume_held_open(other, pg_schema, 4)
+        # The child's terminal append nudges `p` while it is being resumed: skipped, nothing waits.
+        await backend.append("child", Expected.exact(1), events("RunCompleted"), nudges={"p": 123})
+        await resuming.commit()
+        assert not (await backend.list_due(10**16)).due
+        assert (await backend.head("p")).status is StreamStatus.ACTIVE
 
 
 # -- subscriptions across replicas -------------------------------------------------------------

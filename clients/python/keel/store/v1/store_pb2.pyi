@@ -257,9 +257,11 @@ class AppendEventsRequest(_message.Message):
         commits: each one that is PARKED gets a due time of at most its
         `due_at_us` (as NudgeDue does); any other is left alone. What makes a
         wake-up as durable as the event that causes it (a child run's end wakes its
-        parked parent, even if the writer dies right after). At most 16, each with
-        a valid stream id and a due time more than 0; otherwise INVALID_ARGUMENT,
-        reason `invalid_stream_id` or `invalid_due_at`.
+        parked parent, even if the writer dies right after). A stream another
+        writer is appending to at that moment may be skipped (PostgreSQL): that
+        writer is its own. At most 16 (else INVALID_ARGUMENT, reason
+        `invalid_nudges`), each with a valid stream id (`invalid_stream_id`) and a
+        due time more than 0 (`invalid_due_at`).
         """
 
     @_builtins.property
