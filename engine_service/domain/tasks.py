@@ -161,6 +161,9 @@ class TaskClaimed:
     worker_id: str
     at_us: int
     lease_deadline_us: int = 0  # 0: the claim does not expire
+    # The claim's heartbeat timeout, decided once by the claiming engine (the step's, else that
+    # engine's default): whichever engine serves a heartbeat renews the lease by it. 0: none.
+    heartbeat_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,8 @@ def encode_task_event(event: TaskEvent) -> tuple[str, bytes]:
             data |= {"worker_id": event.worker_id, "at_us": event.at_us}
             if event.lease_deadline_us:
                 data["lease_deadline_us"] = event.lease_deadline_us
+            if event.heartbeat_ms:
+                data["heartbeat_ms"] = event.heartbeat_ms
         case TaskHeartbeat():
             data |= {"claim": event.claim, "lease_deadline_us": event.lease_deadline_us, "at_us": event.at_us}
         case TaskReleased():
@@ -325,7 +330,9 @@ def _from_json(type_name: str, d: dict[str, Any]) -> TaskEvent | None:
                 str(d.get("context_artifact_id", "")),
             )
         case streams.TASK_CLAIMED:
-            return TaskClaimed(str(d["worker_id"]), at, int(d.get("lease_deadline_us") or 0))
+            return TaskClaimed(
+                str(d["worker_id"]), at, int(d.get("lease_deadline_us") or 0), int(d.get("heartbeat_ms") or 0)
+            )
         case streams.TASK_HEARTBEAT:
             return TaskHeartbeat(int(d["claim"]), int(d["lease_deadline_us"]), at)
         case streams.TASK_RELEASED:
@@ -356,6 +363,7 @@ class TaskState:
     worker_id: str = ""
     claimed_at_us: int = 0
     lease_deadline_us: int = 0  # 0: no expiry
+    claim_heartbeat_ms: int = 0  # the claim's heartbeat timeout as its TaskClaimed recorded it
     heard: bool = False  # the claim's worker heartbeated or recorded a fact
     # worker id -> when a claim of it ran out unheard: its polls from before then are stale
     released_workers: Mapping[str, int] = field(default_factory=dict)
@@ -388,6 +396,7 @@ def _apply(state: TaskState, event: TaskEvent | None) -> TaskState:
                 worker_id=event.worker_id,
                 claimed_at_us=event.at_us,
                 lease_deadline_us=event.lease_deadline_us,
+                claim_heartbeat_ms=event.heartbeat_ms,
                 heard=False,
             )
         case TaskHeartbeat() if event.claim == state.claim:
@@ -533,8 +542,10 @@ class Deadline:
     release: bool = False
 
 
-def _heartbeat_text(limits: StepTimeouts) -> str:
-    return f"{limits.heartbeat_ms} ms" if limits.heartbeat_ms else "the engine's heartbeat timeout"
+def _heartbeat_text(state: TaskState, limits: StepTimeouts) -> str:
+    if limits.heartbeat_ms:
+        return f"{limits.heartbeat_ms} ms"
+    return f"{state.claim_heartbeat_ms} ms (the engine's default heartbeat timeout)"
 
 
 def next_deadline(state: TaskState) -> Deadline | None:
@@ -561,7 +572,7 @@ def next_deadline(state: TaskState) -> Deadline | None:
                 state.lease_deadline_us,
                 expiry_error(
                     TASK_LEASE_EXPIRED,
-                    f"worker {state.worker_id!r} sent no heartbeat within {_heartbeat_text(limits)}",
+                    f"worker {state.worker_id!r} sent no heartbeat within {_heartbeat_text(state, limits)}",
                 ),
                 release=not state.heard,
             )
@@ -591,8 +602,10 @@ def heartbeat_ms_of(timeouts: StepTimeouts, default_ms: int) -> int:
     return timeouts.heartbeat_ms or default_ms
 
 
-def lease_deadline_after(state: TaskState, now_us: int, default_heartbeat_ms: int) -> int:
-    """The lease deadline a claim or heartbeat at `now_us` gets (0: no heartbeat timeout at all)."""
+def lease_deadline_after(state: TaskState, now_us: int) -> int:
+    """The lease deadline a heartbeat at `now_us` gives the current claim (0: it has no heartbeat
+    timeout): by the timeout its TaskClaimed recorded, whichever engine serves the heartbeat; for a
+    claim an older engine made (none recorded), by the step's own."""
     assert state.scheduled is not None
-    heartbeat_ms = heartbeat_ms_of(state.scheduled.timeouts, default_heartbeat_ms)
+    heartbeat_ms = state.claim_heartbeat_ms or state.scheduled.timeouts.heartbeat_ms
     return now_us + heartbeat_ms * 1000 if heartbeat_ms else 0

@@ -202,16 +202,18 @@ class TaskService:
         if released_at and poller.since_us <= released_at:
             return CLAIM_NOT_FOR  # a poll of a worker that claimed it and went quiet: a stale poll
         now = now_us()
-        lease_deadline = lease_deadline_after(state, now, self.default_heartbeat_ms)
+        heartbeat_ms = heartbeat_ms_of(scheduled.timeouts, self.default_heartbeat_ms)
+        lease_deadline = now + heartbeat_ms * 1000 if heartbeat_ms else 0
+        claim = TaskClaimed(poller.worker_id, now, lease_deadline, heartbeat_ms)
         try:
             await self.store.append(
                 hint.stream_id,
-                [encode_task_event(TaskClaimed(poller.worker_id, now, lease_deadline))],
+                [encode_task_event(claim)],
                 expected_seq=state.head_seq,
                 status=TASK_OPEN_LABEL,
                 attributes=task_attributes(scheduled, CLAIMED),
                 patience=self.patience,
-                due_at_us=due_of(state.extend([TaskClaimed(poller.worker_id, now, lease_deadline)])),
+                due_at_us=due_of(state.extend([claim])),
             )
         except KeelError as error:
             if error.code == "sequence_conflict":
@@ -219,12 +221,11 @@ class TaskService:
             raise
         token = TaskToken(scheduled.run_id, scheduled.step_id, scheduled.attempt, state.head_seq + 1)
         body = await self._body_for_worker(state)
-        heartbeat_ms = heartbeat_ms_of(scheduled.timeouts, self.default_heartbeat_ms)
         claimed = ClaimedTask(token, scheduled, body, lease_deadline, poller.worker_id, heartbeat_ms)
         if poller.result.done():  # it gave up while the claim was written
             self._release_later(claimed)
             return CLAIM_GONE
-        self._remember(hint.stream_id, state.extend([TaskClaimed(poller.worker_id, now, lease_deadline)]))
+        self._remember(hint.stream_id, state.extend([claim]))
         poller.result.set_result(claimed)
         for observe in self.on_claimed:
             observe(scheduled, max(0.0, (now - scheduled.at_us) / 1e6))
@@ -376,7 +377,7 @@ class TaskService:
             if run_status_of_label(run_label) is not None:
                 await self._close_for_ended_run(token.stream_id, state)
                 return True, 0
-            deadline = lease_deadline_after(state, now_us(), self.default_heartbeat_ms)
+            deadline = lease_deadline_after(state, now_us())
             if not deadline:
                 return False, 0
             if await self._write(token, state, TaskHeartbeat(token.claim, deadline, now_us())):

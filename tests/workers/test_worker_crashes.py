@@ -109,7 +109,7 @@ async def test_a_worker_killed_mid_task_on_a_step_without_timeouts_frees_it_afte
             attempts = run.steps[0].attempts
             assert [a.attempt for a in attempts] == [0, 1]
             assert attempts[0].error is not None and attempts[0].error.code == "task_lease_expired"
-            assert "the engine's heartbeat timeout" in attempts[0].error.message
+            assert "1000 ms (the engine's default heartbeat timeout)" in attempts[0].error.message
             assert attempts[1].worker_id == second.worker_id
             assert ledger_lines(workers.ledger, "pay") == [f"pay pay:{run_id}:pay"]  # paid once
     finally:
