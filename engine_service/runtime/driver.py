@@ -798,19 +798,36 @@ class RunDriver:
         finally:
             watcher.cancel()
 
+    async def _watch_once(self, driver_task: asyncio.Task[Any], after_seq: int) -> int:
+        """Watch the run's stream after `after_seq`: the first event's seq, or 0 once a foreign
+        RunCompleted cancelled the op (or the subscription ended)."""
+        subscription = self.env.store.subscribe(self.stream_id, after_seq=after_seq)
+        async with contextlib.aclosing(subscription):
+            async for event in subscription:
+                # This driver appends no RunCompleted while its op runs: this one is someone else's.
+                if event.type == RUN_COMPLETED:
+                    log.info("run %s was terminalized elsewhere: cancelling its running op", self.run_id)
+                    driver_task.cancel()
+                    return 0
+                return event.seq
+        return 0
+
     async def _cancel_on_foreign_terminal(self, driver_task: asyncio.Task[Any] | None) -> None:
         # Only ops still running after a moment watch the stream: short ones cost a timer, not a stream.
-        await asyncio.sleep(self.checkpoint_linger or VISIBLE_WITHIN)
+        pause = self.checkpoint_linger or VISIBLE_WITHIN
+        await asyncio.sleep(pause)
         if driver_task is None:
             return
+        seen = 0
         try:
-            subscription = self.env.store.subscribe(self.stream_id, after_seq=self.durable_seq)
-            async with contextlib.aclosing(subscription):
-                async for event in subscription:
-                    # This driver appends no RunCompleted while its op runs: this one is someone else's.
-                    if event.type == RUN_COMPLETED:
-                        log.info("run %s was terminalized elsewhere: cancelling its running op", self.run_id)
-                        driver_task.cancel()
-                        return
+            # An op that records answers appends again and again: each append is fenced by the
+            # stream's sequence (a foreign end stops the op there), so the watch pauses at the
+            # first event it sees rather than stream every fact back, and looks again after the
+            # pause, from past what it saw and what this driver wrote.
+            while True:
+                seen = await self._watch_once(driver_task, max(seen, self.durable_seq))
+                if seen == 0:
+                    return
+                await asyncio.sleep(pause)
         except KeelError as error:  # best effort: the op's next append is fenced off anyway
             log.debug("run %s: watching for a foreign terminal event failed: %s", self.run_id, error.message)

@@ -123,6 +123,16 @@ async def gated(ctx: StepContext, op_config: Any, input: Any) -> Any:
     return {"input": input}
 
 
+@op(
+    "test.calls_then_gated", registry=TEST_OPS, description="Records op_config.calls answers, then test.gated"
+)
+async def calls_then_gated(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Records `calls` keel.echo answers one after another, then waits at its gate as test.gated does."""
+    for i in range(int(op_config["calls"])):
+        await ctx.io.call("keel.echo", {"i": i}, f"call-{i}")
+    return await gated(ctx, op_config, input)
+
+
 @op("test.tick_once", registry=TEST_OPS, description="Makes one recorded call to the counting clock")
 async def tick_once(ctx: StepContext, op_config: Any, input: Any) -> Any:
     """Reads the clock fact once; returns the input doubled and the tick."""

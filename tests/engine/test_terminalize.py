@@ -123,6 +123,31 @@ async def test_concurrent_terminalizes_transition_the_run_exactly_once(cluster: 
     assert (await event_types(cluster.store_stub, run_id)).count("RunCompleted") == 1
 
 
+async def test_a_foreign_end_cancels_an_op_that_recorded_answers_then_idles(cluster: Cluster) -> None:
+    # The watch for a foreign end pauses at the op's own appends (each is fenced by the sequence)
+    # and looks again: an op that went quiet after its answers is still cancelled where it runs.
+    name = f"after-calls-{uuid.uuid4()}"
+    door = gate(name)
+    config = {"gate": name, "calls": 30}
+    request = engine_pb2.StartRunRequest(
+        op=engine_pb2.SingleOp(op_id="test.calls_then_gated", op_config=to_value(config))
+    )
+    run_id = (await cluster.stub.StartRun(request)).run_id
+    await door.wait_for(1)
+    other = await start_test_engine(cluster.store_address, recover_on_start=False)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{other.port}")
+    try:
+        answer = await engine_pb2_grpc.EngineServiceStub(channel).Terminalize(terminalize(run_id))
+        assert answer.outcome == engine_pb2.TERMINALIZE_OUTCOME_TRANSITIONED
+        await door.left.wait()
+        assert door.cancelled == [run_id]
+    finally:
+        await channel.close(grace=None)
+        await other.drain(0.5)
+    types = await event_types(cluster.store_stub, run_id)
+    assert types.count("FactRecorded") == 30 and types[-1] == "RunCompleted"
+
+
 async def test_cancel_through_another_engine_cancels_the_op_where_it_runs(cluster: Cluster) -> None:
     name = f"elsewhere-{uuid.uuid4()}"
     door = gate(name)
