@@ -545,7 +545,7 @@ class Deadline:
 def _heartbeat_text(state: TaskState, limits: StepTimeouts) -> str:
     if limits.heartbeat_ms:
         return f"{limits.heartbeat_ms} ms"
-    return f"{state.claim_heartbeat_ms} ms (the engine's default heartbeat timeout)"
+    return f"{claim_heartbeat_ms(state)} ms (the engine's default heartbeat timeout)"
 
 
 def next_deadline(state: TaskState) -> Deadline | None:
@@ -607,5 +607,17 @@ def lease_deadline_after(state: TaskState, now_us: int) -> int:
     timeout): by the timeout its TaskClaimed recorded, whichever engine serves the heartbeat; for a
     claim an older engine made (none recorded), by the step's own."""
     assert state.scheduled is not None
-    heartbeat_ms = state.claim_heartbeat_ms or state.scheduled.timeouts.heartbeat_ms
+    heartbeat_ms = claim_heartbeat_ms(state)
     return now_us + heartbeat_ms * 1000 if heartbeat_ms else 0
+
+
+def claim_heartbeat_ms(state: TaskState) -> int:
+    """The current claim's heartbeat timeout: as its TaskClaimed recorded it; for a claim an older
+    engine made (none recorded), the step's own, else the span its lease was given (an older engine's
+    default); 0: the claim never expires."""
+    assert state.scheduled is not None
+    if state.claim_heartbeat_ms or state.scheduled.timeouts.heartbeat_ms:
+        return state.claim_heartbeat_ms or state.scheduled.timeouts.heartbeat_ms
+    if state.claim and state.lease_deadline_us > state.claimed_at_us:
+        return (state.lease_deadline_us - state.claimed_at_us) // 1000
+    return 0

@@ -15,6 +15,13 @@ from engine_service.domain import (
     make_run_config,
     single_op_pipeline,
 )
+from engine_service.domain.tasks import (
+    NO_TIMEOUTS,
+    TaskClaimed,
+    TaskScheduled,
+    fold_task,
+    lease_deadline_after,
+)
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
@@ -47,3 +54,15 @@ async def test_a_heartbeat_through_another_engine_renews_the_claim_by_the_claims
     finally:
         await claiming.stop()
         await other.stop()
+
+
+def test_a_claim_an_older_engine_made_is_renewed_by_the_span_its_lease_was_given() -> None:
+    """An older engine recorded no heartbeat timeout in TaskClaimed, only the lease deadline its own
+    default gave: a heartbeat renews by that span, so a live worker keeps its task through an upgrade."""
+    scheduled = TaskScheduled("r", "s", 0, "q", "op", "1", NO_TIMEOUTS, fencing=3, at_us=1_000)
+    older_claim = TaskClaimed("w1", at_us=2_000_000, lease_deadline_us=62_000_000)  # no heartbeat_ms
+    state = fold_task([scheduled, older_claim])
+    assert state.claim_heartbeat_ms == 0
+    assert lease_deadline_after(state, 10_000_000) == 70_000_000
+    unexpiring = fold_task([scheduled, TaskClaimed("w1", at_us=2_000_000)])
+    assert lease_deadline_after(unexpiring, 10_000_000) == 0
