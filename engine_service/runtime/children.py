@@ -68,7 +68,7 @@ from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.reader import RunReader
 from engine_service.runtime.registry import RunRegistry
 from engine_service.runtime.terminalize import Terminalizer
-from engine_service.store.port import EventLog
+from engine_service.store.port import EventLog, StreamSummary
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, not_found
 
@@ -306,14 +306,25 @@ class ChildRuns:
         self.failpoints.hit(AFTER_CHILD_COMPLETED)
         return ChildOutcome(child_id, terminal.status, terminal.final_snapshot_id, snapshot)
 
-    def _held_history(self, child_id: str) -> RunHistory | None:
-        """The history of a child this engine finished and still holds (None: read it).
+    def _held_history(
+        self, child_id: str, stored: StreamSummary | None, parent_created_us: int
+    ) -> RunHistory | None:
+        """The history of a child this engine finished and still holds, when it is the stored
+        child's (None: read it).
 
-        A terminal stream never changes, and a child is deleted only after its parent, which is
-        running here: the held events are the stored ones, with no round trip per child.
+        A terminal stream never changes; but a parent's tree deleted by another engine and started
+        again under the same run id has children of the same ids. Held events are trusted only when
+        the child the store lists has their head and they started after the parent's stream was
+        created (a child of an earlier incarnation started before it): otherwise they are read.
         """
         held = self.reader.finished(child_id)
-        return None if held is None else fold(event.event for event in held)
+        if held is None or stored is None:
+            return None
+        history = fold(event.event for event in held)
+        started = history.started
+        if started is None or stored.head_seq != history.head_seq or started.at_us < parent_created_us:
+            return None
+        return history
 
     async def children_wait_outcome(self, run_id: str, waiting: WaitingAttempt) -> WaitOutcome | None:
         """The `children` wait's resolver (keel.fan_out): None while a child it names is unfinished;
@@ -327,8 +338,10 @@ class ChildRuns:
             return None
         children: list[dict[str, Any]] = []
         results: list[Any] = []
+        listed = await self._children_listed(run_id)
+        parent_created_us = await self.reader.created_at_us(run_id) or 0
         for child_id in ids:
-            history = self._held_history(child_id)
+            history = self._held_history(child_id, listed.get(child_id), parent_created_us)
             if history is None:
                 head, _ = await self.store.head(run_stream_id(child_id))
                 if head == 0:
@@ -354,6 +367,21 @@ class ChildRuns:
                 )
             )
         return WaitOutcome(output={"results": results, "children": children})
+
+    async def _children_listed(self, run_id: str) -> dict[str, StreamSummary]:
+        """Every child stream of the run, whatever its label (one indexed listing per 1,000)."""
+        found: dict[str, StreamSummary] = {}
+        token = ""
+        while True:
+            page, token = await self.store.list_streams(
+                prefix=RUN_STREAM_PREFIX,
+                page_size=1000,
+                page_token=token,
+                attributes={PARENT_ATTRIBUTE: run_id},
+            )
+            found.update((run_id_of_stream(stream.stream_id), stream) for stream in page)
+            if not token:
+                return found
 
     async def _unfinished_children(self, run_id: str) -> set[str]:
         """The run's children that are still running or parked (from the store's attribute index)."""
