@@ -32,7 +32,13 @@ from engine_service.domain import (
     fold,
 )
 from engine_service.domain.child_runs import ChildLink
-from engine_service.domain.events import ParkStep, SignalAwaited, StepWaiting, event_type_and_json
+from engine_service.domain.events import (
+    ParkStep,
+    SignalAwaited,
+    StepWaiting,
+    decode_event,
+    event_type_and_json,
+)
 from engine_service.domain.labels import (
     LINEAGE_ATTRIBUTE,
     PARENT_ATTRIBUTE,
@@ -345,14 +351,21 @@ class RunViews:
             links = [] if self.reader.childless_at_end(run_id) else await self.reader.links(run_id)
             events, history = list(finished), fold(e.event for e in finished)
         elif finished is not None:
-            # Held here since this engine finished it; another engine's retention may have deleted it.
-            (head, _), links = await asyncio.gather(
-                self.store.head(run_stream_id(run_id)), self.reader.links(run_id)
+            # Held here since this engine finished it; another engine's retention may have deleted
+            # it, and a client may have started the run id again since: the stored run is then
+            # read (its first event, RunStarted, is another's).
+            first, links = await asyncio.gather(
+                self.store.read(run_stream_id(run_id), limit=1), self.reader.links(run_id)
             )
-            if head == 0:
+            if not first:
                 self.reader.forget(run_id)
                 raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-            events, history = list(finished), fold(e.event for e in finished)
+            history = fold(e.event for e in finished)
+            if decode_event(first[0].type, first[0].payload) != history.started:
+                self.reader.forget(run_id)
+                events, history = await self.reader.read_history(run_id)
+            else:
+                events = list(finished)
         else:
             (events, history), links = await asyncio.gather(
                 self.reader.read_history(run_id), self.reader.links(run_id)

@@ -51,3 +51,5 @@ async def test_a_fan_out_of_a_run_id_started_again_is_answered_with_its_own_chil
     waiting = next(iter(next(w for w in waits if w).values()))
     outcome = await first_engine.children.children_wait_outcome(run_id, waiting)
     assert outcome is not None and [r["double"] for r in outcome.output["results"]] == [20, 40]
+    shown = await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))
+    assert doubles(shown.run) == [20, 40]
