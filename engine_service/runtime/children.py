@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -368,13 +369,15 @@ class ChildRuns:
             )
         return WaitOutcome(output={"results": results, "children": children})
 
-    async def _children_listed(self, run_id: str) -> dict[str, StreamSummary]:
-        """Every child stream of the run, whatever its label (one indexed listing per 1,000)."""
+    async def _children_listed(self, run_id: str, statuses: Sequence[str] = ()) -> dict[str, StreamSummary]:
+        """The run's child streams whose label is in `statuses` (all when empty), from the store's
+        attribute index (one listing per 1,000)."""
         found: dict[str, StreamSummary] = {}
         token = ""
         while True:
             page, token = await self.store.list_streams(
                 prefix=RUN_STREAM_PREFIX,
+                statuses=statuses,
                 page_size=1000,
                 page_token=token,
                 attributes={PARENT_ATTRIBUTE: run_id},
@@ -384,20 +387,8 @@ class ChildRuns:
                 return found
 
     async def _unfinished_children(self, run_id: str) -> set[str]:
-        """The run's children that are still running or parked (from the store's attribute index)."""
-        found: set[str] = set()
-        token = ""
-        while True:
-            page, token = await self.store.list_streams(
-                prefix=RUN_STREAM_PREFIX,
-                statuses=RUN_LIVE_LABELS,
-                page_size=1000,
-                page_token=token,
-                attributes={PARENT_ATTRIBUTE: run_id},
-            )
-            found.update(run_id_of_stream(stream.stream_id) for stream in page)
-            if not token:
-                return found
+        """The run's children that are still running or parked."""
+        return set(await self._children_listed(run_id, RUN_LIVE_LABELS))
 
     async def _start_never_started(self, request: ChildAwaitRequest) -> None:
         """A child whose spawn was recorded but which never started: start it now."""
