@@ -59,13 +59,9 @@ class RunSignalWaits:
 
     async def wait(self, attempt: AttemptOf, name: str, fact_key: str, seconds_asked: Any) -> Any:
         """The payload of the signal `name` this wait consumes (or consumed before a crash)."""
-        check_signal_name(name, "wait_signal name")
-        check_fact_key(fact_key, f"wait_signal({name!r})")
-        seconds = check_wait_timeout(seconds_asked, "wait_signal timeout")
-        recorded = self._recorded(fact_key)
-        if recorded is not None or self._run.manifest.run_config.execution_mode == REPLAY:
-            answer = await self._facts.fact(attempt, SIGNAL_NAMESPACE, {"name": name}, fact_key)
-            return answer.get("payload") if isinstance(answer, dict) else None
+        seconds = _checked(name, fact_key, seconds_asked)
+        if self._served(fact_key):
+            return await self._served_payload(attempt, name, fact_key)
         signals = self._run.env.signals
         if signals is None:
             raise io_error("signals_unavailable", "this engine serves no signals")
@@ -96,13 +92,9 @@ class RunSignalWaits:
     async def park(self, attempt: AttemptOf, name: str, fact_key: str, seconds_asked: Any) -> Any:
         """The attempt's `signal` wait (a ParkStep), or the payload its fact holds already (a rerun,
         or a replay)."""
-        check_signal_name(name, "wait_signal name")
-        check_fact_key(fact_key, f"wait_signal({name!r})")
-        seconds = check_wait_timeout(seconds_asked, "wait_signal timeout")
-        recorded = self._recorded(fact_key)
-        if recorded is not None or self._run.manifest.run_config.execution_mode == REPLAY:
-            answer = await self._facts.fact(attempt, SIGNAL_NAMESPACE, {"name": name}, fact_key)
-            return answer.get("payload") if isinstance(answer, dict) else None
+        seconds = _checked(name, fact_key, seconds_asked)
+        if self._served(fact_key):
+            return await self._served_payload(attempt, name, fact_key)
         if self._run.env.signals is None:
             raise io_error("signals_unavailable", "this engine serves no signals")
         timeout = op_error_record(self._timed_out(attempt, name, seconds))
@@ -131,6 +123,14 @@ class RunSignalWaits:
             retryable=True,
             name=name,
         )
+
+    def _served(self, fact_key: str) -> bool:
+        """The wait is served from its fact: recorded already (a rerun), or the run replays."""
+        return self._recorded(fact_key) is not None or self._run.manifest.run_config.execution_mode == REPLAY
+
+    async def _served_payload(self, attempt: AttemptOf, name: str, fact_key: str) -> Any:
+        answer = await self._facts.fact(attempt, SIGNAL_NAMESPACE, {"name": name}, fact_key)
+        return answer.get("payload") if isinstance(answer, dict) else None
 
     def _recorded(self, fact_key: str) -> Any:
         recorded = self._run.history.facts.get(fact_key)
@@ -167,3 +167,10 @@ class AttemptSignals:
     async def park(self, name: str, fact_key: str, seconds: float | None) -> Any:
         """A `signal` wait to park the attempt on, or the payload consumed already (RunSignalWaits.park)."""
         return await self._waits.park(self._attempt, name, fact_key, seconds)
+
+
+def _checked(name: str, fact_key: str, seconds_asked: Any) -> float | None:
+    """A wait's name, fact key and timeout checked (its timeout in seconds; None: none)."""
+    check_signal_name(name, "wait_signal name")
+    check_fact_key(fact_key, f"wait_signal({name!r})")
+    return check_wait_timeout(seconds_asked, "wait_signal timeout")
