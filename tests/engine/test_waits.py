@@ -321,16 +321,20 @@ async def test_a_sleep_interrupted_by_a_sigkill_fires_once_at_its_first_recorded
         await store.kill()
 
 
-@pytest.mark.slow
-async def test_a_fan_out_parent_killed_right_after_it_parked_completes_on_the_next_engine(
-    tmp_path: Path,
-) -> None:
+Events = list[tuple[str, dict[str, Any]]]
+
+
+async def _fan_out_through_a_failpoint(
+    tmp_path: Path, failpoint: str, children: int, seconds: float, *, died_within: float
+) -> tuple[Events, engine_pb2.AwaitRunResponse, Events]:
+    """A keel.fan_out of `children` runs of keel.sleep_in_process(`seconds`) (their op sleeps: they
+    never park) started on an engine SIGKILLed at `failpoint`, then awaited on a fresh engine: the
+    run's events when the engine died, the await's answer, and its events at the end."""
     store = await start_store_process(tmp_path / "store")
-    doomed = await start_engine_process(store.address, failpoints="after_run_parked")
+    doomed = await start_engine_process(store.address, failpoints=failpoint)
     survivor: ServiceProcess | None = None
     run_id = str(uuid.uuid4())
-    # Children that sleep in their op never park: the one run that parks is the parent.
-    config = {"op_id": "keel.sleep_in_process", "op_config": {"seconds": 1.5}, "count": 2}
+    config = {"op_id": "keel.sleep_in_process", "op_config": {"seconds": seconds}, "count": children}
     request = engine_pb2.StartRunRequest(
         run_id=run_id, op=engine_pb2.SingleOp(op_id="keel.fan_out", op_config=to_value(config))
     )
@@ -341,19 +345,30 @@ async def test_a_fan_out_parent_killed_right_after_it_parked_completes_on_the_ne
         with contextlib.suppress(grpc.aio.AioRpcError):  # the engine may die before it answers
             await engine_pb2_grpc.EngineServiceStub(channel).StartRun(request, timeout=30)
         await channel.close(grace=None)
-        assert await asyncio.wait_for(doomed.process.wait(), 30) == -9, "the failpoint did not fire"
+        assert await asyncio.wait_for(doomed.process.wait(), died_within) == -9, "the failpoint did not fire"
+        at_the_kill = await run_events(store_stub, run_id)
         survivor = await start_engine_process(store.address)
         [awaited] = await _await_on(survivor, [run_id])
-        assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
-        assert from_value(awaited.run.final_snapshot)["main"]["results"] == [{"slept": 1.5}] * 2
-        events = await run_events(store_stub, run_id)
-        assert len(only(events, "StepWaiting")) == 1 and len(only(events, "StepCompleted")) == 1
+        return at_the_kill, awaited, await run_events(store_stub, run_id)
     finally:
         await store_channel.close(grace=None)
         if survivor is not None:
             await survivor.kill()
         await doomed.kill()
         await store.kill()
+
+
+@pytest.mark.slow
+async def test_a_fan_out_parent_killed_right_after_it_parked_completes_on_the_next_engine(
+    tmp_path: Path,
+) -> None:
+    # Children that sleep in their op never park: the one run that parks is the parent.
+    _, awaited, events = await _fan_out_through_a_failpoint(
+        tmp_path, "after_run_parked", 2, 1.5, died_within=30
+    )
+    assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
+    assert from_value(awaited.run.final_snapshot)["main"]["results"] == [{"slept": 1.5}] * 2
+    assert len(only(events, "StepWaiting")) == 1 and len(only(events, "StepCompleted")) == 1
 
 
 async def test_a_parent_whose_childs_engine_died_right_after_the_child_ended_is_woken_at_once(
@@ -362,35 +377,13 @@ async def test_a_parent_whose_childs_engine_died_right_after_the_child_ended_is_
     """The child's terminal append makes its parked parent due in the same transaction: the engine
     dying before it wakes the parent loses nothing (without it, the parent waits its 5-minute
     re-check, far beyond this test's patience)."""
-    store = await start_store_process(tmp_path / "store")
-    doomed = await start_engine_process(store.address, failpoints="after_child_run_ended")
-    survivor: ServiceProcess | None = None
-    run_id = str(uuid.uuid4())
     # Its child sleeps in its op past PARK_AFTER_US: the parent parks before the child ends.
-    config = {"op_id": "keel.sleep_in_process", "op_config": {"seconds": 3}, "count": 1}
-    request = engine_pb2.StartRunRequest(
-        run_id=run_id, op=engine_pb2.SingleOp(op_id="keel.fan_out", op_config=to_value(config))
+    at_the_kill, awaited, events = await _fan_out_through_a_failpoint(
+        tmp_path, "after_child_run_ended", 1, 3, died_within=60
     )
-    store_channel = grpc.aio.insecure_channel(store.address)
-    store_stub = store_pb2_grpc.StoreServiceStub(store_channel)
-    try:
-        channel = grpc.aio.insecure_channel(doomed.address)
-        await engine_pb2_grpc.EngineServiceStub(channel).StartRun(request, timeout=30)
-        await channel.close(grace=None)
-        assert await asyncio.wait_for(doomed.process.wait(), 60) == -9, "the failpoint did not fire"
-        events = await run_events(store_stub, run_id)
-        assert [name for name, _ in events][-1] == "RunParked"  # the child ended, the parent is parked
-        survivor = await start_engine_process(store.address)
-        [awaited] = await _await_on(survivor, [run_id])
-        assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
-        events = await run_events(store_stub, run_id)
-        assert len(only(events, "StepWaiting")) == 1 and len(only(events, "StepCompleted")) == 1
-    finally:
-        await store_channel.close(grace=None)
-        if survivor is not None:
-            await survivor.kill()
-        await doomed.kill()
-        await store.kill()
+    assert [name for name, _ in at_the_kill][-1] == "RunParked"  # the child ended, the parent is parked
+    assert awaited.done and awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
+    assert len(only(events, "StepWaiting")) == 1 and len(only(events, "StepCompleted")) == 1
 
 
 @pytest.mark.slow
