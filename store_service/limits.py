@@ -100,6 +100,19 @@ def check_batch_size(count: int) -> None:
         )
 
 
+MAX_BATCH_APPENDS = 256
+
+
+def check_batch_appends(count: int) -> None:
+    """An AppendEventsBatch carries 1 to 256 appends."""
+    if not 1 <= count <= MAX_BATCH_APPENDS:
+        raise invalid_argument(
+            "invalid_batch",
+            f"AppendEventsBatch takes 1 to {MAX_BATCH_APPENDS} appends (got {count}); "
+            "send more as several calls",
+        )
+
+
 def bad_event(index: int, type_name: str, payload_size: int) -> KeelError:
     """The error for the event at `index` whose type or payload is out of limits."""
     if not type_name or len(type_name) > MAX_EVENT_TYPE_CHARS or _has_control_chars(type_name):

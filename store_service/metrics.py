@@ -12,12 +12,12 @@ from keel_core.metrics import REGISTRY
 
 APPENDS = Counter(
     "keel_store_appends",
-    "AppendEvents calls that committed (one atomic batch each).",
+    "Appends that committed (an AppendEvents call, or one append of an AppendEventsBatch).",
     registry=REGISTRY,
 )
 EVENTS_APPENDED = Counter(
     "keel_store_events_appended",
-    "Events committed by AppendEvents.",
+    "Events committed by appends.",
     registry=REGISTRY,
 )
 ARTIFACT_BYTES_IN = Counter(

@@ -11,6 +11,13 @@ SIGSTOPped: its connection still looks healthy) costs a heartbeat with 0.5 s of 
 half of it when there are two, and the retry goes to the next replica. A replica that failed a try
 is avoided for SUSPECT_SECONDS while another one is not.
 
+Appends travel together. While an `AppendEventsBatch` is on its way to a replica, the appends made
+meanwhile (by any of the engine's runs) wait and go as the next one: one RPC for what one flush of
+all the runs in flight has to say, each append with its own expected head and its own outcome.
+An append made when the way is free goes at the next turn of the event loop, with whatever was
+made in the same turn; alone, it goes as a plain `AppendEvents`. A store that does not know
+`AppendEventsBatch` (older than the engine) is sent plain appends from then on.
+
 An append whose answer was lost may have committed. Its retry then meets `sequence_conflict`; the
 client re-reads the stream after `expected_seq` and, when it finds exactly the events it sent,
 treats the append as done instead of failing or appending twice.
@@ -25,6 +32,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
@@ -44,7 +52,7 @@ from keel_core import tracing
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES, host_port
-from keel_core.status import from_rpc_error
+from keel_core.status import error_from_parts, from_rpc_error
 
 if TYPE_CHECKING:
     from keel.store.v1.store_pb2_grpc import StoreServiceAsyncStub as _Stub
@@ -58,6 +66,11 @@ _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 # A store that takes no deletes (no token, no --allow-deletes) says so with this reason.
 DELETES_NOT_ALLOWED = "deletes_not_allowed"
+# An AppendEventsBatch carries at most this many appends (the store's cap) and about this many bytes.
+MAX_BATCH_APPENDS = 256
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+# Batches on their way to one replica at a time: appends made meanwhile wait for it and go together.
+BATCHES_IN_FLIGHT = 1
 # How long a replica that failed a try is passed over while another one is not.
 SUSPECT_SECONDS = 5.0
 # The longest one try may wait on a replica while another one is still untried (see _try_timeout).
@@ -118,6 +131,173 @@ def _stream_event(event: store_pb2.RecordedEvent) -> StreamEvent:
 AppendObserver = Callable[[str, Sequence[tuple[str, bytes]]], None]
 
 
+def _deadline_passed() -> grpc.aio.AioRpcError:
+    """The error of an append whose try ran out of time before its batch could leave."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        "the append waited for a batch past its deadline",
+        "",
+    )
+
+
+def _failed(failure: store_pb2.AppendFailure) -> Exception:
+    """What one append of a batch raises for its failure: as a failed AppendEvents call would.
+
+    UNAVAILABLE and DEADLINE_EXCEEDED come as an RPC error, which the caller's retry loop retries
+    (elsewhere, if there are other replicas); anything else is the append's own KeelError.
+    """
+    code = _STATUS_CODES.get(failure.code, grpc.StatusCode.UNKNOWN)
+    if code in _RETRY_CODES:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), failure.message, "")
+    return error_from_parts(code, failure.reason, failure.message, failure.metadata)
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """An append waiting for its batch: the request, when its try gives up, and its answer."""
+
+    request: store_pb2.AppendEventsRequest
+    size: int
+    deadline: float
+    answer: asyncio.Future[store_pb2.AppendEventsResponse]
+
+
+class _AppendBatcher:
+    """The appends bound for one replica, sent as AppendEventsBatch calls (see the module docstring).
+
+    Each append keeps the semantics of its own AppendEvents try: its answer, or the error that call
+    would raise (an RPC error for the whole batch, its own KeelError for its own failure).
+    """
+
+    def __init__(self, stub: _Stub, calls: collections.Counter[str]) -> None:
+        self._stub = stub
+        self._calls = calls
+        self._waiting: list[_Waiting] = []
+        self._in_flight = 0
+        self._flush_due = False
+        self._sending: set[asyncio.Task[None]] = set()  # referenced until done
+        self.batching = True  # False once the store has said it does not know AppendEventsBatch
+
+    async def append(
+        self, request: store_pb2.AppendEventsRequest, seconds: float
+    ) -> store_pb2.AppendEventsResponse:
+        """Send the append with the next batch; its answer, or what its own AppendEvents would raise."""
+        size = request.ByteSize()
+        if not self.batching or size > MAX_BATCH_BYTES:
+            response: store_pb2.AppendEventsResponse = await self._stub.AppendEvents(request, timeout=seconds)
+            return response
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(request, size, time.monotonic() + seconds, loop.create_future())
+        self._waiting.append(waiting)
+        if not self._flush_due and self._in_flight < BATCHES_IN_FLIGHT:
+            self._flush_due = True
+            loop.call_soon(self._flush)
+        return await waiting.answer
+
+    def _flush(self) -> None:
+        """Send what waits, in batches, while fewer than BATCHES_IN_FLIGHT are on their way."""
+        self._flush_due = False
+        while self._waiting and self._in_flight < BATCHES_IN_FLIGHT:
+            batch = self._take()
+            if not batch:
+                continue  # every taken append had given up
+            self._in_flight += 1
+            task = asyncio.create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    def _take(self) -> list[_Waiting]:
+        """The next batch: the oldest appends still waiting for an answer, up to the caps."""
+        now = time.monotonic()
+        batch: list[_Waiting] = []
+        size = 0
+        taken = 0
+        for waiting in self._waiting:
+            if len(batch) == MAX_BATCH_APPENDS or (batch and size + waiting.size > MAX_BATCH_BYTES):
+                break
+            taken += 1
+            if waiting.answer.done():
+                continue  # its caller gave up (cancelled)
+            if waiting.deadline <= now:
+                waiting.answer.set_exception(_deadline_passed())
+                continue
+            batch.append(waiting)
+            size += waiting.size
+        del self._waiting[:taken]
+        return batch
+
+    async def _send(self, batch: list[_Waiting]) -> None:
+        try:
+            seconds = max(min(waiting.deadline for waiting in batch) - time.monotonic(), 0.001)
+            if len(batch) == 1:
+                await self._send_alone(batch[0], seconds)
+            else:
+                await self._send_together(batch, seconds)
+        finally:
+            self._in_flight -= 1
+            if self._waiting and not self._flush_due:
+                self._flush_due = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _send_alone(self, waiting: _Waiting, seconds: float) -> None:
+        try:
+            response = await self._stub.AppendEvents(waiting.request, timeout=seconds)
+        except Exception as error:  # the caller's try raises it
+            _settle(waiting, error)
+        except BaseException as error:
+            _settle(waiting, error)
+            raise
+        else:
+            _settle(waiting, response)
+
+    async def _send_together(self, batch: list[_Waiting], seconds: float) -> None:
+        self._calls["AppendEventsBatch"] += 1
+        request = store_pb2.AppendEventsBatchRequest(appends=[waiting.request for waiting in batch])
+        try:
+            response = await self._stub.AppendEventsBatch(request, timeout=seconds)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                for waiting in batch:
+                    _settle(waiting, error)
+                return
+            log.warning(
+                "the store does not know AppendEventsBatch (older than this engine): appending one by one"
+            )
+            self.batching = False
+            await asyncio.gather(*(self._send_alone(waiting, seconds) for waiting in batch))
+            return
+        except BaseException as error:
+            for waiting in batch:
+                _settle(waiting, error)
+            raise
+        if len(response.outcomes) != len(batch):
+            wrong = KeelError(
+                "internal", f"the store answered {len(response.outcomes)} outcomes for {len(batch)} appends"
+            )
+            for waiting in batch:
+                _settle(waiting, wrong)
+            return
+        for waiting, outcome in zip(batch, response.outcomes, strict=True):
+            if outcome.HasField("appended"):
+                _settle(waiting, outcome.appended)
+            else:
+                _settle(waiting, _failed(outcome.failure))
+
+
+def _settle(waiting: _Waiting, outcome: store_pb2.AppendEventsResponse | BaseException) -> None:
+    if waiting.answer.done():
+        return  # its caller gave up (cancelled) while it was on its way
+    if isinstance(outcome, BaseException):
+        waiting.answer.set_exception(outcome)
+    else:
+        waiting.answer.set_result(outcome)
+
+
 class StoreClient:
     """The EventLog over gRPC: typed, retrying calls to the StoreService (TLS and a client certificate
     when given).
@@ -174,6 +354,7 @@ class StoreClient:
                 for t in targets
             ]
         self._stubs: list[_Stub] = [store_pb2_grpc.StoreServiceStub(channel) for channel in self._channels]
+        self._batchers = {id(stub): _AppendBatcher(stub, self.calls) for stub in self._stubs}
         self._turn = 0  # the replica the next call starts with (calls take turns)
         self._suspect_until = [0.0] * len(self._stubs)  # monotonic time until which a replica is avoided
 
@@ -319,8 +500,7 @@ class StoreClient:
         async def once(stub: _Stub, seconds: float) -> store_pb2.AppendEventsResponse:
             nonlocal attempts
             attempts += 1
-            response: store_pb2.AppendEventsResponse = await stub.AppendEvents(request, timeout=seconds)
-            return response
+            return await self._batchers[id(stub)].append(request, seconds)
 
         try:
             response = await self._retrying(f"AppendEvents({stream_id})", once, patience)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, unavailable
 from keel_core.servicer_errors import translated, translated_stream
+from keel_core.status import bounded_message, error_metadata, grpc_code
 from store_service import limits, metrics
 from store_service.backend import (
     Expected,
@@ -29,6 +31,7 @@ from store_service.backend import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = store_pb2.DESCRIPTOR.services_by_name["StoreService"].full_name
 _EXACT = store_pb2.EXPECTED_KIND_EXACT
@@ -92,6 +95,26 @@ def _new_artifacts(request: store_pb2.AppendEventsRequest, max_artifact_bytes: i
     return artifacts
 
 
+def _outcome(settled: store_pb2.AppendEventsResponse | BaseException) -> store_pb2.AppendOutcome:
+    """One append's outcome in a batch: its answer, or the status AppendEvents would have failed with."""
+    if isinstance(settled, store_pb2.AppendEventsResponse):
+        return store_pb2.AppendOutcome(appended=settled)
+    if not isinstance(settled, Exception):
+        raise settled  # cancelled (the call was): nothing to answer
+    error = settled
+    if not isinstance(error, KeelError):
+        log.error("an append of a batch failed", exc_info=error)
+        error = KeelError("internal", f"AppendEventsBatch failed: {type(error).__name__}: {error}")
+    return store_pb2.AppendOutcome(
+        failure=store_pb2.AppendFailure(
+            code=grpc_code(error).value[0],
+            reason=error.code,
+            message=bounded_message(error),
+            metadata=error_metadata(error),
+        )
+    )
+
+
 class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     """The StoreService RPCs over one backend.
 
@@ -123,6 +146,22 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         self, request: store_pb2.AppendEventsRequest, context: Context
     ) -> store_pb2.AppendEventsResponse:
         """Validate, append through the backend (group-committed there), report the new head."""
+        return await self._append(request)
+
+    @translated
+    async def AppendEventsBatch(
+        self, request: store_pb2.AppendEventsBatchRequest, context: Context
+    ) -> store_pb2.AppendEventsBatchResponse:
+        """Each append as AppendEvents would take it, queued together for one group commit; each
+        its own outcome."""
+        limits.check_batch_appends(len(request.appends))
+        # The appends enqueue in request order within one turn of the loop, before the writer runs.
+        settled = await asyncio.gather(
+            *(self._append(append) for append in request.appends), return_exceptions=True
+        )
+        return store_pb2.AppendEventsBatchResponse(outcomes=[_outcome(each) for each in settled])
+
+    async def _append(self, request: store_pb2.AppendEventsRequest) -> store_pb2.AppendEventsResponse:
         stream_id = limits.check_stream_id(request.stream_id)
         expected = _expected(request)
         events = _new_events(request)

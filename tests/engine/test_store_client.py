@@ -8,13 +8,18 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.store import grpc_client
 from engine_service.store.grpc_client import StoreClient, channel_target
 from keel_core.errors import KeelError
 from store_service.server import StoreConfig, StoreServingHandle, start_store
+from store_service.sqlite import SqliteStoreBackend
+from store_service.wire.servicer import StoreServicer
 from tests.engine.processes import start_store_process
 
 # Long enough for the store to commit and answer even on a loaded machine.
@@ -128,6 +133,92 @@ async def test_append_whose_answer_was_lost_is_recognised_not_repeated(
         await client.close()
         await direct.close()
         await proxy.close()
+
+
+async def test_appends_made_together_go_as_one_batch_each_with_its_own_outcome(
+    store: StoreServingHandle,
+) -> None:
+    client = StoreClient(f"127.0.0.1:{store.port}")
+    try:
+        await client.append("run:taken", [("A", b"1")], expected_seq=None)
+        before = client.calls.copy()
+        streams = [f"run:{i}" for i in range(20)]
+        outcomes = await asyncio.gather(
+            *(client.append(stream, [("E", stream.encode())], expected_seq=None) for stream in streams),
+            client.append("run:taken", [("B", b"2")], expected_seq=None),  # its head is 1: a conflict
+            return_exceptions=True,
+        )
+        # Made in one turn of the loop: one AppendEventsBatch carried all 21.
+        assert client.calls - before == {"AppendEvents": 21, "AppendEventsBatch": 1}
+        *answers, conflict = outcomes
+        assert isinstance(conflict, KeelError) and conflict.code == "sequence_conflict"
+        assert conflict.details["actual_seq"] == "1"
+        assert [(a.first_seq, a.head_seq) for a in answers if not isinstance(a, BaseException)] == [
+            (1, 1)
+        ] * 20
+        for stream in streams:
+            assert [(e.seq, e.payload) for e in await client.read(stream)] == [(1, stream.encode())]
+        assert [e.type for e in await client.read("run:taken")] == ["A"]
+    finally:
+        await client.close()
+
+
+async def test_a_batch_whose_answer_was_lost_is_recognised_append_by_append(
+    store: StoreServingHandle,
+) -> None:
+    proxy = ResponseEatingProxy(store.port)
+    await proxy.start()
+    client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)
+    direct = StoreClient(f"127.0.0.1:{store.port}")
+    try:
+        await client.append("run:warm", [("A", b"1")], expected_seq=None)  # the connection is up
+        proxy.armed = True
+        streams = [f"run:{i}" for i in range(5)]
+        results = await asyncio.gather(
+            *(client.append(stream, [("E", b"1"), ("F", b"2")], expected_seq=None) for stream in streams)
+        )
+        assert proxy.eaten == 1 and client.calls["AppendEventsBatch"] >= 1
+        assert [(r.first_seq, r.head_seq) for r in results] == [(1, 2)] * 5
+        for stream in streams:  # each committed once: the retry met its own events
+            assert [(e.seq, e.type) for e in await direct.read(stream)] == [(1, "E"), (2, "F")]
+    finally:
+        await client.close()
+        await direct.close()
+        await proxy.close()
+
+
+class _OlderStore(StoreServicer):
+    """A store from before AppendEventsBatch: it answers the call UNIMPLEMENTED, as gRPC does."""
+
+    async def AppendEventsBatch(
+        self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> store_pb2.AppendEventsBatchResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        raise AssertionError("abort returned")
+
+
+async def test_a_store_without_batches_is_sent_appends_one_by_one(tmp_path: Path) -> None:
+    backend = SqliteStoreBackend.in_directory(tmp_path / "older")
+    await backend.open()
+    server = grpc.aio.server()
+    store_pb2_grpc.add_StoreServiceServicer_to_server(_OlderStore(backend), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = StoreClient(f"127.0.0.1:{port}")
+    try:
+        streams = [f"run:{i}" for i in range(6)]
+        for round_ in (1, 2):  # the first is refused as a batch and re-sent; the second is never batched
+            results = await asyncio.gather(
+                *(client.append(s, [("E", b"x")], expected_seq=(round_ - 1) or None) for s in streams)
+            )
+            assert [r.head_seq for r in results] == [round_] * 6
+        assert client.calls["AppendEventsBatch"] == 1
+        for stream in streams:
+            assert [e.seq for e in await client.read(stream)] == [1, 2]
+    finally:
+        await client.close()
+        await server.stop(None)
+        await backend.close()
 
 
 async def test_conflict_with_someone_elses_events_is_still_a_conflict(store: StoreServingHandle) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -13,9 +15,10 @@ import pytest
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.status import from_rpc_error
-from store_service.server import StoreServingHandle
+from store_service.server import StoreConfig, StoreServingHandle, start_store
 from store_service.sqlite import SqliteStoreBackend
 from tests.store.conftest import error_info
+from tests.store.postgres_schemas import fresh_schema
 
 if TYPE_CHECKING:
     from keel.store.v1.store_pb2_grpc import StoreServiceAsyncStub
@@ -95,6 +98,70 @@ async def test_conflict_is_aborted_with_actual_seq_in_error_info(stub: StoreServ
     assert from_rpc_error(caught.value).details["actual_seq"] == "2"
     head = await stub.HeadSeq(pb.HeadSeqRequest(stream_id="s"))
     assert head.head_seq == 2
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def either_stub(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreServiceAsyncStub]:
+    """A stub of a real StoreService on SQLite, then on PostgreSQL (a schema of its own)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "sqlite":
+            config = StoreConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data")
+        else:
+            dsn = request.getfixturevalue("postgres_dsn")
+            schema = await stack.enter_async_context(fresh_schema(dsn))
+            config = StoreConfig(listen="127.0.0.1:0", backend="postgres", dsn=dsn, pg_schema=schema)
+        handle = await start_store(config)
+        stack.push_async_callback(handle.drain, 1.0)
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}"))
+        yield store_pb2_grpc.StoreServiceStub(channel)
+
+
+async def test_a_batch_gives_each_append_its_own_outcome(either_stub: StoreServiceAsyncStub) -> None:
+    stub = either_stub
+    await stub.AppendEvents(append_request("taken", events=[ev("A"), ev("B")]))
+    answer = await stub.AppendEventsBatch(
+        pb.AppendEventsBatchRequest(
+            appends=[
+                append_request(
+                    "fresh", events=[ev("A", b"1"), ev("B", b"2")], status=pb.STREAM_STATUS_ACTIVE
+                ),
+                append_request("taken", pb.EXPECTED_KIND_EXACT, 1),  # its head is 2
+                append_request("bad\nid"),
+                append_request("fresh", pb.EXPECTED_KIND_EXACT, 2, events=[ev("C")]),  # after the first
+                append_request(
+                    "kin", artifacts=[pb.InlineArtifact(kind="blob", data=b"bytes")], report_heads=["fresh"]
+                ),
+            ]
+        )
+    )
+    outcomes = list(answer.outcomes)
+    assert [o.WhichOneof("outcome") for o in outcomes] == [
+        "appended",
+        "failure",
+        "failure",
+        "appended",
+        "appended",
+    ]
+    assert (outcomes[0].appended.first_seq, outcomes[0].appended.head_seq) == (1, 2)
+    conflict = outcomes[1].failure
+    assert (conflict.code, conflict.reason) == (grpc.StatusCode.ABORTED.value[0], "sequence_conflict")
+    assert conflict.metadata["actual_seq"] == "2" and conflict.metadata["category"] == "conflict"
+    assert "head is 2" in conflict.message
+    refused = outcomes[2].failure
+    assert (refused.code, refused.reason) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], "invalid_stream_id")
+    assert (outcomes[3].appended.first_seq, outcomes[3].appended.head_seq) == (3, 3)
+    assert list(outcomes[4].appended.artifact_ids) == [sha(b"bytes")]
+    assert list(outcomes[4].appended.reported_heads) == [3]
+    # The failures wrote nothing; the others committed whole.
+    fresh = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="fresh"))
+    assert [(e.seq, e.type, e.payload) for e in fresh.events] == [
+        (1, "A", b"1"),
+        (2, "B", b"2"),
+        (3, "C", b"{}"),
+    ]
+    assert (await stub.HeadSeq(pb.HeadSeqRequest(stream_id="taken"))).head_seq == 2
+    listed = await stub.ListStreams(pb.ListStreamsRequest())
+    assert sorted(s.stream_id for s in listed.streams) == ["fresh", "kin", "taken"]
 
 
 async def test_trim_stream_drops_old_events_and_keeps_the_head(stub: StoreServiceAsyncStub) -> None:
@@ -295,6 +362,20 @@ BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
     ),
     ("unknown expected kind", _append(kind=99), grpc.StatusCode.INVALID_ARGUMENT, "invalid_expected"),
     ("empty batch", _append(events=[]), grpc.StatusCode.INVALID_ARGUMENT, "invalid_batch"),
+    (
+        "AppendEventsBatch of no appends",
+        lambda stub: stub.AppendEventsBatch(pb.AppendEventsBatchRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_batch",
+    ),
+    (
+        "AppendEventsBatch of 257 appends",
+        lambda stub: stub.AppendEventsBatch(
+            pb.AppendEventsBatchRequest(appends=[append_request(f"s{i}") for i in range(257)])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_batch",
+    ),
     (
         "oversized batch",
         _append(events=[ev("E")] * 1001),

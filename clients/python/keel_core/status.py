@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -43,16 +44,36 @@ def to_rpc_status(error: KeelError) -> status_pb2.Status:
     Metadata carries `category`, `retryable`, and each detail (strings as they are, other
     values as JSON), so a client in any language can branch on the reason and read the facts.
     """
+    info = error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=error_metadata(error))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(code=grpc_code(error).value[0], message=bounded_message(error), details=[detail])
+
+
+def error_metadata(error: KeelError) -> dict[str, str]:
+    """The ErrorInfo metadata of an error: `category`, `retryable`, and each detail (strings as they
+    are, other values as JSON)."""
     metadata = {"category": error.category.value, "retryable": "true" if error.retryable else "false"}
     for key, value in error.details.items():
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         metadata[key] = _bounded(text, MAX_DETAIL_CHARS)
-    info = error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    code = grpc_code(error)
-    message = _bounded(error.message, MAX_MESSAGE_CHARS)
-    return status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return metadata
+
+
+def bounded_message(error: KeelError) -> str:
+    """The error's message as a status carries it (long ones truncated)."""
+    return _bounded(error.message, MAX_MESSAGE_CHARS)
+
+
+def error_from_parts(
+    code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str]
+) -> KeelError:
+    """A KeelError from a status's parts: its code, its ErrorInfo's reason and metadata, its message."""
+    meta = dict(metadata)
+    retryable = meta.pop("retryable", "false") == "true"
+    meta.pop("category", None)
+    category = _CATEGORIES.get(code, ErrorCategory.INTERNAL)
+    return KeelError(reason, message, category=category, retryable=retryable, details=meta)
 
 
 # The status travels in trailing metadata, which gRPC caps (8 KiB by default on many clients); a
@@ -82,12 +103,18 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> KeelError:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                meta = dict(info.metadata)
-                retryable = meta.pop("retryable", "false") == "true"
-                meta.pop("category", None)
-                return KeelError(info.reason, message, category=category, retryable=retryable, details=meta)
+                return error_from_parts(code, info.reason, message, info.metadata)
     retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     return KeelError(code.name.lower(), message, category=category, retryable=retryable)
 
 
-__all__ = ["ERROR_DOMAIN", "abort_with", "from_rpc_error", "grpc_code", "to_rpc_status"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "abort_with",
+    "bounded_message",
+    "error_from_parts",
+    "error_metadata",
+    "from_rpc_error",
+    "grpc_code",
+    "to_rpc_status",
+]

@@ -46,6 +46,11 @@ class StoreServiceStub:
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsRequest.SerializeToString,
                 response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsResponse.FromString,
                 _registered_method=True)
+        self.AppendEventsBatch = channel.unary_unary(
+                '/keel.store.v1.StoreService/AppendEventsBatch',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchResponse.FromString,
+                _registered_method=True)
         self.ReadEvents = channel.unary_unary(
                 '/keel.store.v1.StoreService/ReadEvents',
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.ReadEventsRequest.SerializeToString,
@@ -129,6 +134,21 @@ class StoreServiceServicer:
         head + 1. A mismatch fails with ABORTED, reason `sequence_conflict`, and
         the actual head in the ErrorInfo metadata key `actual_seq`. The call
         returns only once the batch is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendEventsBatch(self, request, context):
+        """Appends to many streams in one call: what an engine sends for all the
+        runs it is recording at once. Each append is checked and committed on its
+        own terms, exactly as AppendEvents would (its own expected head, its own
+        validation), and has its own outcome, in request order: a conflict or a
+        bad append fails that one alone, never the others. The appends are
+        queued together, so they commit in one group (on SQLite one transaction
+        and one fsync; on PostgreSQL one per writer they fall to). The call
+        returns once every outcome is known; each successful append is durable by
+        then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,6 +287,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsRequest.FromString,
                     response_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsResponse.SerializeToString,
             ),
+            'AppendEventsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendEventsBatch,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchResponse.SerializeToString,
+            ),
             'ReadEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadEvents,
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ReadEventsRequest.FromString,
@@ -367,6 +392,33 @@ class StoreService:
             '/keel.store.v1.StoreService/AppendEvents',
             keel_dot_store_dot_v1_dot_store__pb2.AppendEventsRequest.SerializeToString,
             keel_dot_store_dot_v1_dot_store__pb2.AppendEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendEventsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.store.v1.StoreService/AppendEventsBatch',
+            keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,17 @@ class StoreServiceStub:
     the actual head in the ErrorInfo metadata key `actual_seq`. The call
     returns only once the batch is durable.
     """
+    AppendEventsBatch: _grpc.UnaryUnaryMultiCallable[_store_pb2.AppendEventsBatchRequest, _store_pb2.AppendEventsBatchResponse]
+    """Appends to many streams in one call: what an engine sends for all the
+    runs it is recording at once. Each append is checked and committed on its
+    own terms, exactly as AppendEvents would (its own expected head, its own
+    validation), and has its own outcome, in request order: a conflict or a
+    bad append fails that one alone, never the others. The appends are
+    queued together, so they commit in one group (on SQLite one transaction
+    and one fsync; on PostgreSQL one per writer they fall to). The call
+    returns once every outcome is known; each successful append is durable by
+    then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
+    """
     ReadEvents: _grpc.UnaryUnaryMultiCallable[_store_pb2.ReadEventsRequest, _store_pb2.ReadEventsResponse]
     """Reads events of one stream forward from a sequence number, one page at a
     time.
@@ -138,6 +149,17 @@ class StoreServiceAsyncStub(StoreServiceStub):
     head + 1. A mismatch fails with ABORTED, reason `sequence_conflict`, and
     the actual head in the ErrorInfo metadata key `actual_seq`. The call
     returns only once the batch is durable.
+    """
+    AppendEventsBatch: _aio.UnaryUnaryMultiCallable[_store_pb2.AppendEventsBatchRequest, _store_pb2.AppendEventsBatchResponse]  # type: ignore[assignment]
+    """Appends to many streams in one call: what an engine sends for all the
+    runs it is recording at once. Each append is checked and committed on its
+    own terms, exactly as AppendEvents would (its own expected head, its own
+    validation), and has its own outcome, in request order: a conflict or a
+    bad append fails that one alone, never the others. The appends are
+    queued together, so they commit in one group (on SQLite one transaction
+    and one fsync; on PostgreSQL one per writer they fall to). The call
+    returns once every outcome is known; each successful append is durable by
+    then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
     """
     ReadEvents: _aio.UnaryUnaryMultiCallable[_store_pb2.ReadEventsRequest, _store_pb2.ReadEventsResponse]  # type: ignore[assignment]
     """Reads events of one stream forward from a sequence number, one page at a
@@ -233,6 +255,23 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         head + 1. A mismatch fails with ABORTED, reason `sequence_conflict`, and
         the actual head in the ErrorInfo metadata key `actual_seq`. The call
         returns only once the batch is durable.
+        """
+
+    @_abc_1.abstractmethod
+    def AppendEventsBatch(
+        self,
+        request: _store_pb2.AppendEventsBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.AppendEventsBatchResponse, _abc.Awaitable[_store_pb2.AppendEventsBatchResponse]]:
+        """Appends to many streams in one call: what an engine sends for all the
+        runs it is recording at once. Each append is checked and committed on its
+        own terms, exactly as AppendEvents would (its own expected head, its own
+        validation), and has its own outcome, in request order: a conflict or a
+        bad append fails that one alone, never the others. The appends are
+        queued together, so they commit in one group (on SQLite one transaction
+        and one fsync; on PostgreSQL one per writer they fall to). The call
+        returns once every outcome is known; each successful append is durable by
+        then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
         """
 
     @_abc_1.abstractmethod
