@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 
-SHOWN = re.compile(r"(\d\.\d\dx|ms per call|CPU per|RESULT|events/s|calls/s)")
+SHOWN = re.compile(r"(\d\.\d\dx|ms per call|CPU per|RPCs per|RESULT|events/s|calls/s)")
 
 
 def main() -> None:

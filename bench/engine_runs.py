@@ -40,13 +40,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
+import re
 import secrets
 import signal
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,12 +98,45 @@ async def spawn(args: list[str], banner: str) -> tuple[asyncio.subprocess.Proces
     process = await asyncio.create_subprocess_exec(
         *args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
     )
+    return process, await announced(process, banner)
+
+
+async def announced(process: asyncio.subprocess.Process, banner: str) -> str:
+    """What the service's next line on stdout says after `banner` (an address, a URL)."""
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
     if not line.startswith(banner):
         process.kill()
-        raise RuntimeError(f"{args[0]} did not start: {line!r}")
-    return process, line.removeprefix(banner).strip()
+        raise RuntimeError(f"the service did not say {banner!r}: {line!r}")
+    return line.removeprefix(banner).strip()
+
+
+# A store's RPC counter line on /metrics: its method and count.
+_STORE_RPC = re.compile(
+    r'^keel_rpc_started_total\{method="(\w+)",service="keel\.store\.v1\.StoreService"\} (\S+)$'
+)
+
+
+async def store_rpcs(metrics_urls: list[str]) -> collections.Counter[str]:
+    """StoreService RPCs received so far, by method, summed over the stores (from their /metrics)."""
+
+    def scrape(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    counts: collections.Counter[str] = collections.Counter()
+    for url in metrics_urls:
+        for line in (await asyncio.to_thread(scrape, url)).splitlines():
+            if match := _STORE_RPC.match(line):
+                counts[match.group(1)] += int(float(match.group(2)))
+    return counts
+
+
+def rpcs_per(spent: collections.Counter[str], units: int) -> str:
+    """`N.NN (Method a.aa, ...)`: store RPCs per unit of work, the busiest methods named."""
+    total = sum(spent.values()) / units
+    methods = ", ".join(f"{method} {count / units:.2f}" for method, count in spent.most_common(4))
+    return f"{total:.2f} ({methods})"
 
 
 async def measure(
@@ -278,8 +314,10 @@ async def main() -> None:
             store_args += ["--data-dir", data]
         processes: list[asyncio.subprocess.Process] = []
         try:
+            store_args += ["--metrics-listen", "127.0.0.1:0"]
             stores = [await spawn(store_args, "store-service listening on") for _ in range(args.stores)]
             processes += [process for process, _ in stores]
+            metrics_urls = [await announced(process, "store-service metrics on") for process, _ in stores]
             store_addresses = ",".join(address for _, address in stores)
             engines = [
                 await spawn(
@@ -314,8 +352,10 @@ async def main() -> None:
                 if pipelines:
                     serial_rate, serial_lat = await measure(stubs, sequential_runs, 1)
                     cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    rpcs_before = await store_rpcs(metrics_urls)
                     rate, lat = await measure(stubs, args.runs, args.concurrency)
                     cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    run_rpcs = await store_rpcs(metrics_urls) - rpcs_before
                     echo = await echo_rate(echo_address, args.concurrency, seconds=3.0)
                 if sequential_calls:
                     call_ms = await per_call_ms(stubs[0], args.calls)
@@ -323,10 +363,12 @@ async def main() -> None:
                     stub = stubs[0]
                     await measure_fan_out(stub, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
                     fan_cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    fan_rpcs_before = await store_rpcs(metrics_urls)
                     fan_rate, fan_lat = await measure_fan_out(
                         stub, args.parents, args.fan_out_concurrency, FAN_OUT
                     )
                     fan_cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    parent_rpcs = await store_rpcs(metrics_urls) - fan_rpcs_before
             finally:
                 for channel in channels:
                     await channel.close(None)
@@ -339,6 +381,7 @@ async def main() -> None:
                 await drop_schema(args.dsn, schema)
     if pipelines:
         report_pipelines(args, serial_rate, serial_lat, sequential_runs, rate, lat, cpu_before, cpu_after)
+        print(f"  store RPCs per run ({args.concurrency} in flight): {rpcs_per(run_rpcs, args.runs)}")
         print(f"pipeline runs/s vs echo calls/s: {rate / echo:.2f}x  ({rate:.1f} vs {echo:.1f}, same run)")
     if sequential_calls:
         print(
@@ -358,6 +401,7 @@ async def main() -> None:
             f"p99 {percentile(fan_lat, 0.99):6.1f} ms  ({args.parents} parents)"
         )
         print(f"  CPU per parent: engine {engine_ms:.1f} ms, store {store_ms:.1f} ms")
+        print(f"  store RPCs per parent: {rpcs_per(parent_rpcs, args.parents)}")
         print(
             f"  target (issue 4): >= {3 * DBOS_FAN_OUT:.1f} parents/s, 3x the {DBOS_FAN_OUT}/s once noted "
             "for DBOS (a constant; bench/peers/compare.py measures DBOS in the same run, and found it faster)"
