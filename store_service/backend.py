@@ -34,6 +34,11 @@ class StreamStatus(enum.IntEnum):
     PARKED = 5
 
 
+# The labels that say a stream's subject finished: a stream takes its `ended_at_us` when its label
+# becomes one of these, keeps it while the label stays one, and loses it when the label leaves them.
+TERMINAL_STATUSES = (StreamStatus.COMPLETED, StreamStatus.FAILED, StreamStatus.CANCELED)
+
+
 class ExpectedKind(enum.Enum):
     """How an append checks the stream's head."""
 
@@ -206,6 +211,9 @@ class StreamInfo:
     created_at_us: int
     updated_at_us: int
     attributes: Mapping[str, str] = field(default_factory=dict)
+    # When the label became terminal (TERMINAL_STATUSES); 0 while it is not. Unlike updated_at_us,
+    # later appends to a finished stream leave it alone, so a finished stream's duration is fixed.
+    ended_at_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,10 +341,16 @@ class StoreBackend(abc.ABC):
         attributes: Mapping[str, str] | None = None,
         created_after_us: int = 0,
         created_before_us: int = 0,
+        min_duration_us: int | None = None,
+        max_duration_us: int | None = None,
     ) -> StreamPage:
         """Streams whose label is in `statuses` (all when empty), id starts with `prefix`, that have
-        every one of `attributes` with exactly its value, and that were created in
-        [`created_after_us`, `created_before_us`) (0: unbounded); each with its attributes.
+        every one of `attributes` with exactly its value, that were created in
+        [`created_after_us`, `created_before_us`) (0: unbounded), and whose duration is in
+        [`min_duration_us`, `max_duration_us`] (None: unbounded); each with its attributes.
+
+        A stream's duration runs from its creation to its `ended_at_us` once its label is terminal,
+        and to now before that.
 
         Newest (most recently created) first; an attribute filter is answered from an index, never
         by reading every stream. Raises `invalid_page_token` for a token this backend did not issue.
@@ -447,6 +461,7 @@ def empty_batch() -> KeelError:
 __all__ = [
     "ARTIFACT_CHUNK_BYTES",
     "ARTIFACT_ID_PATTERN",
+    "TERMINAL_STATUSES",
     "AppendResult",
     "ArtifactDownload",
     "ArtifactInfo",

@@ -233,6 +233,21 @@ def page_size(size: int) -> int:
     return size or DEFAULT_PAGE_SIZE
 
 
+def check_duration_range(min_us: int | None, max_us: int | None) -> tuple[int | None, int | None]:
+    """ListStreams' duration filters in µs (None: unbounded): neither negative, min at most max."""
+    for name, value in (("min_duration_us", min_us), ("max_duration_us", max_us)):
+        if value is not None and value < 0:
+            raise invalid_argument(
+                "invalid_duration", f"{name} must be 0 or more microseconds (got {value})", field=name
+            )
+    if min_us is not None and max_us is not None and min_us > max_us:
+        raise invalid_argument(
+            "invalid_duration",
+            f"min_duration_us ({min_us}) is more than max_duration_us ({max_us}): no stream could match",
+        )
+    return min_us, max_us
+
+
 def check_due_at(name: str, value: int, *, zero: bool) -> int:
     """A due time in µs since the epoch: more than 0 (or 0 too, when `zero` means "clear")."""
     if value < 0 or (value == 0 and not zero):

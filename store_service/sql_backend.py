@@ -20,6 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
+from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from store_service.backend import (
     ARTIFACT_ID_PATTERN,
@@ -63,6 +64,21 @@ RENEW_AFTER_US = 60_000_000
 SUBSCRIBE_PAGE = 1000
 
 
+def _duration_filters(
+    now: int, min_duration_us: int | None, max_duration_us: int | None
+) -> list[tuple[str, list[Any]]]:
+    """WHERE conditions keeping streams whose duration (creation to end, or to `now` while the
+    stream has not ended) is in [`min_duration_us`, `max_duration_us`] (None: unbounded)."""
+    # ended_at_us is 0 exactly while the label is not terminal (see the dialects' appends).
+    duration = "(CASE WHEN s.ended_at_us > 0 THEN s.ended_at_us ELSE ? END) - s.created_at_us"
+    conditions: list[tuple[str, list[Any]]] = []
+    if min_duration_us is not None:
+        conditions.append((f"{duration} >= ?", [now, min_duration_us]))
+    if max_duration_us is not None:
+        conditions.append((f"{duration} <= ?", [now, max_duration_us]))
+    return conditions
+
+
 def store_closed() -> KeelError:
     """The error of a call to a backend that is not open, or closed or closing."""
     return unavailable("store_unavailable", "the store is closed or shutting down; retry elsewhere or later")
@@ -83,6 +99,8 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         self._closing = False
         # Bytes stored again renew the artifact's stored time if older than this (store_service.backend).
         self.renew_after_us = RENEW_AFTER_US
+        # "Now" for the duration of a stream not yet ended (ListStreams' duration filters); tests set it.
+        self.now_us = now_us
 
     # -- dialect hooks -----------------------------------------------------------------------
 
@@ -246,11 +264,14 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         attributes: Mapping[str, str] | None = None,
         created_after_us: int = 0,
         created_before_us: int = 0,
+        min_duration_us: int | None = None,
+        max_duration_us: int | None = None,
     ) -> StreamPage:
         """Newest first by creation order; the token carries the last row's creation order.
 
         With attributes the walk is driven by the first one's (key, value, sid) index, so a
         page costs the rows it returns (plus those the other filters drop), never a full scan.
+        The duration filters are such other filters: no index can hold a duration that grows.
         """
         before = decode_page_token(self.TOKEN_PREFIX, page_token) if page_token else FIRST_PAGE_POSITION
         wanted = sorted((attributes or {}).items())
@@ -272,11 +293,14 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
             conditions.append(("s.created_at_us >= ?", [created_after_us]))
         if created_before_us:
             conditions.append(("s.created_at_us < ?", [created_before_us]))
+        if min_duration_us is not None or max_duration_us is not None:
+            conditions.extend(_duration_filters(self.now_us(), min_duration_us, max_duration_us))
         for sql, values in conditions:
             where.append(sql)
             params.extend(values)
         rows = await self._rows(
-            "SELECT s.sid, s.stream_id, s.head_seq, s.status, s.created_at_us, s.updated_at_us "
+            "SELECT s.sid, s.stream_id, s.head_seq, s.status, s.created_at_us, s.updated_at_us, "
+            "s.ended_at_us "
             f"FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} DESC LIMIT ?",
             *params,
             page_size + 1,
@@ -286,7 +310,13 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         found = await self._attributes_of([int(r[0]) for r in rows])
         streams = tuple(
             StreamInfo(
-                str(r[1]), int(r[2]), StreamStatus(int(r[3])), int(r[4]), int(r[5]), found.get(int(r[0]), {})
+                str(r[1]),
+                int(r[2]),
+                StreamStatus(int(r[3])),
+                int(r[4]),
+                int(r[5]),
+                found.get(int(r[0]), {}),
+                int(r[6]),
             )
             for r in rows
         )

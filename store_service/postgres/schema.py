@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from keel_core.errors import ErrorCategory, KeelError
+from store_service.backend import TERMINAL_STATUSES
 
 # At most 40 characters: the schema also names the NOTIFY channel ("keel_store_events.<schema>"),
 # and PostgreSQL refuses channel names longer than 63 bytes.
@@ -87,7 +88,9 @@ ALTER TABLE artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 # stale head's sequence numbers may have been trimmed away): the head update is itself a
 # compare-and-swap on the streams row, and a row that moved under the group raises the same
 # unique violation, so the group is retried against the new head.
-_APPEND_GROUP_BODY = """ append_group(
+_TERMINAL = ", ".join(str(int(status)) for status in TERMINAL_STATUSES)
+_APPEND_GROUP_BODY = (
+    """ append_group(
     p_stream_ids text[],
     p_kinds smallint[],        -- 0 exact, 1 no stream, 2 any
     p_expected bigint[],
@@ -142,16 +145,27 @@ BEGIN
             out_head := head + c;
             firsts[i] := out_first;
             IF known THEN
+                -- ended_at_us: the append's time when the label becomes terminal, kept while it
+                -- stays terminal (later appends do not move a finished stream's end), else 0.
                 UPDATE streams
-                   SET head_seq = out_head, status = coalesce(p_statuses[i], status), updated_at_us = now_us
+                   SET head_seq = out_head, status = coalesce(p_statuses[i], status), updated_at_us = now_us,
+                       ended_at_us = CASE
+                           WHEN coalesce(p_statuses[i], status) NOT IN ("""
+    + _TERMINAL
+    + """) THEN 0
+                           WHEN ended_at_us > 0 THEN ended_at_us
+                           ELSE now_us END
                  WHERE stream_id = p_stream_ids[i] AND head_seq = head;
                 IF NOT FOUND THEN
                     RAISE unique_violation USING MESSAGE = format(
                         'stream %s moved past head %s under this append group', p_stream_ids[i], head);
                 END IF;
             ELSE
-                INSERT INTO streams (stream_id, head_seq, status, created_at_us, updated_at_us)
-                    VALUES (p_stream_ids[i], out_head, coalesce(p_statuses[i], 0), now_us, now_us);
+                INSERT INTO streams (stream_id, head_seq, status, created_at_us, updated_at_us, ended_at_us)
+                    VALUES (p_stream_ids[i], out_head, coalesce(p_statuses[i], 0), now_us, now_us,
+                            CASE WHEN p_statuses[i] IN ("""
+    + _TERMINAL
+    + """) THEN now_us ELSE 0 END);
             END IF;
             PERFORM pg_notify(p_channel, p_stream_ids[i]);
         END IF;
@@ -182,8 +196,9 @@ BEGIN
 END
 $fn$;
 """
+)
 _APPEND_GROUP = "CREATE FUNCTION" + _APPEND_GROUP_BODY
-_APPEND_GROUP_HEAD_CAS = "CREATE OR REPLACE FUNCTION" + _APPEND_GROUP_BODY
+_APPEND_GROUP_REPLACED = "CREATE OR REPLACE FUNCTION" + _APPEND_GROUP_BODY
 
 # A stream's attributes, set with an append (in the append's transaction, see the backend). The
 # second index answers a listing by attribute newest first without reading other streams.
@@ -207,12 +222,21 @@ CREATE TABLE stream_due (
 CREATE INDEX stream_due_by_time ON stream_due (due_at_us, stream_id);
 """
 
+# When a stream's label became terminal (0 while it is not), set by append_group; a stream already
+# finished takes its last append's time, the best record of its end an older schema has.
+_ENDED_AT = f"""
+ALTER TABLE streams ADD COLUMN ended_at_us bigint NOT NULL DEFAULT 0;
+UPDATE streams SET ended_at_us = updated_at_us WHERE status IN ({_TERMINAL});
+{_APPEND_GROUP_REPLACED}
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "streams, events and artifacts", _TABLES),
     Migration(2, "append_group: one round trip per group commit", _APPEND_GROUP),
-    Migration(3, "append_group: compare-and-swap the head row too (TrimStream)", _APPEND_GROUP_HEAD_CAS),
+    Migration(3, "append_group: compare-and-swap the head row too (TrimStream)", _APPEND_GROUP_REPLACED),
     Migration(4, "stream_attributes: per-stream attributes set with an append", _ATTRIBUTES),
     Migration(5, "stream_due: the due-time index of parked streams", _DUE),
+    Migration(6, "streams.ended_at_us: when the label became terminal", _ENDED_AT),
 )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from keel_core.clock import now_us
 from store_service.artifact_chunks import split_chunks
 from store_service.backend import (
+    TERMINAL_STATUSES,
     AppendResult,
     NewArtifact,
     StreamStatus,
@@ -40,7 +41,8 @@ CREATE TABLE IF NOT EXISTS streams (
     head_seq INTEGER NOT NULL,
     status INTEGER NOT NULL DEFAULT 0,
     created_at_us INTEGER NOT NULL,
-    updated_at_us INTEGER NOT NULL
+    updated_at_us INTEGER NOT NULL,
+    ended_at_us INTEGER NOT NULL DEFAULT 0  -- when the label became terminal; 0 while it is not
 );
 CREATE INDEX IF NOT EXISTS streams_by_status ON streams (status, sid);
 -- A stream's attributes, set with an append. IF NOT EXISTS: files made before attributes existed
@@ -86,16 +88,28 @@ CREATE TABLE IF NOT EXISTS artifact_chunks (
 );
 """
 
+_TERMINAL = ", ".join(str(int(status)) for status in TERMINAL_STATUSES)
+# Files made before streams had an end time gain the column; a stream already finished takes its
+# last append's time, the best record of its end such a file has.
+_ADD_ENDED_AT = (
+    "ALTER TABLE streams ADD COLUMN ended_at_us INTEGER NOT NULL DEFAULT 0",
+    f"UPDATE streams SET ended_at_us = updated_at_us WHERE status IN ({_TERMINAL})",
+)
+
 _INSERT_EVENTS = "INSERT INTO events (stream_id, seq, type, payload, recorded_at_us) VALUES "
 _EVENT_ROW = "(?, ?, ?, ?, ?)"
-# created_at_us is only written for a new stream: DO UPDATE leaves it alone.
-_UPSERT_STREAMS = "INSERT INTO streams (stream_id, head_seq, status, created_at_us, updated_at_us) VALUES "
-_STREAM_ROW = "(?, ?, ?, ?, ?)"
+# created_at_us is only written for a new stream: DO UPDATE leaves it alone. A row's ended_at_us is
+# the append's time if its label is terminal, else 0; a stream that had already ended keeps its own.
+_UPSERT_STREAMS = (
+    "INSERT INTO streams (stream_id, head_seq, status, created_at_us, updated_at_us, ended_at_us) VALUES "
+)
+_STREAM_ROW = "(?, ?, ?, ?, ?, ?)"
 _ON_STREAM_CONFLICT = (
     " ON CONFLICT (stream_id) DO UPDATE SET head_seq = excluded.head_seq, status = excluded.status, "
-    "updated_at_us = excluded.updated_at_us"
+    "updated_at_us = excluded.updated_at_us, ended_at_us = CASE WHEN excluded.ended_at_us = 0 THEN 0 "
+    "WHEN streams.ended_at_us > 0 THEN streams.ended_at_us ELSE excluded.ended_at_us END"
 )
-# Rows per multi-row INSERT: 200 rows x 5 values stays far below SQLite's variable limit, and
+# Rows per multi-row INSERT: 200 rows x at most 6 values stays far below SQLite's variable limit, and
 # at most 200 distinct statement texts keeps them all in the connection's statement cache.
 ROWS_PER_STATEMENT = 200
 # The sid comes from the streams row the same transaction just upserted.
@@ -178,8 +192,23 @@ class SqliteWriter:
         # Big artifact uploads grow the WAL; cut it back after checkpoints instead of keeping it.
         self.conn.execute("PRAGMA journal_size_limit=67108864")
         self.conn.executescript(SCHEMA)
+        self._add_ended_at()
         # Uploads interrupted by a crash left chunks that no artifact points at.
         self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id NOT IN (SELECT blob_id FROM artifacts)")
+
+    def _add_ended_at(self) -> None:
+        """Give a file made before streams had an end time its ended_at_us column, in one transaction."""
+        columns = {str(row[1]) for row in self.conn.execute("PRAGMA table_info(streams)")}
+        if "ended_at_us" in columns:
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _ADD_ENDED_AT:
+                self.conn.execute(statement)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed by SQLite on the last close)."""
@@ -223,7 +252,7 @@ class SqliteWriter:
             stored = self._stored_artifacts(group)
             renewed: set[str] = set()
             event_rows: list[tuple[str, int, str, bytes, int]] = []
-            stream_rows: dict[str, tuple[str, int, int, int, int]] = {}
+            stream_rows: dict[str, tuple[str, int, int, int, int, int]] = {}
             blob_rows: list[ChunkRow] = []
             artifact_rows: list[tuple[str, str, int, str, int]] = []
             attribute_rows: list[tuple[str, str, str]] = []
@@ -249,7 +278,8 @@ class SqliteWriter:
                     status = stream_rows[sid][2]
                 else:
                     status = known[sid][1] if sid in known else 0
-                stream_rows[sid] = (sid, new_head, status, now, now)
+                ended = now if status in TERMINAL_STATUSES else 0
+                stream_rows[sid] = (sid, new_head, status, now, now, ended)
                 attribute_rows.extend((key, value, sid) for key, value in request.attributes.items())
                 if request.due_at_us is not None:
                     due[sid] = request.due_at_us

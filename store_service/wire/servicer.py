@@ -281,7 +281,12 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def ListStreams(
         self, request: store_pb2.ListStreamsRequest, context: Context
     ) -> store_pb2.ListStreamsResponse:
-        """A page of streams, newest first, filtered by label, prefix, attributes and creation time."""
+        """A page of streams, newest first, filtered by label, prefix, attributes, creation time and
+        duration."""
+        min_duration_us, max_duration_us = limits.check_duration_range(
+            request.min_duration_us if request.HasField("min_duration_us") else None,
+            request.max_duration_us if request.HasField("max_duration_us") else None,
+        )
         page = await self._backend.list_streams(
             statuses=limits.check_status_filter(list(request.statuses)),
             prefix=limits.check_prefix(request.prefix),
@@ -290,6 +295,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             attributes=limits.check_attributes(dict(request.attributes)),
             created_after_us=_micros(request.created_after) if request.HasField("created_after") else 0,
             created_before_us=_micros(request.created_before) if request.HasField("created_before") else 0,
+            min_duration_us=min_duration_us,
+            max_duration_us=max_duration_us,
         )
         return store_pb2.ListStreamsResponse(
             streams=[
@@ -300,6 +307,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                     created_at=_timestamp(s.created_at_us),
                     updated_at=_timestamp(s.updated_at_us),
                     attributes=s.attributes,
+                    ended_at=_timestamp(s.ended_at_us) if s.ended_at_us else None,
                 )
                 for s in page.streams
             ],

@@ -27,6 +27,7 @@ from store_service.backend import (
     NewEvent,
     StoreBackend,
     StoredEvent,
+    StreamInfo,
     StreamStatus,
 )
 from store_service.sql_backend import SqlStoreBackend
@@ -580,6 +581,84 @@ class StoreBackendSuite(abc.ABC):
         before = await backend.list_streams(created_before_us=cut)
         assert [s.stream_id for s in after.streams] == ["late"]
         assert [s.stream_id for s in before.streams] == ["early"]
+
+    async def test_a_finished_streams_end_is_its_first_terminal_label_and_later_appends_keep_it(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("s", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        await backend.append("s", Expected.exact(1), events("b"), status=StreamStatus.COMPLETED)
+
+        async def listed() -> StreamInfo:
+            return (await backend.list_streams(prefix="s")).streams[0]
+
+        ended = await listed()
+        assert ended.ended_at_us == ended.updated_at_us > 0
+        await backend.append("s", Expected.exact(2), events("c"))  # the label stays COMPLETED
+        await backend.append("s", Expected.exact(3), events("d"), status=StreamStatus.FAILED)
+        later = await listed()
+        assert later.updated_at_us > ended.ended_at_us
+        assert later.ended_at_us == ended.ended_at_us
+        await backend.append("s", Expected.exact(4), events("e"), status=StreamStatus.ACTIVE)
+        assert (await listed()).ended_at_us == 0  # reopened: not ended any more
+
+    async def test_a_stream_created_finished_ends_when_it_is_created(self, backend: StoreBackend) -> None:
+        await backend.append("s", Expected.no_stream(), events("a", "b"), status=StreamStatus.CANCELED)
+        await backend.append("t", Expected.no_stream(), events("a"), status=StreamStatus.PARKED)
+        listed = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        assert listed["s"].ended_at_us == listed["s"].created_at_us
+        assert listed["t"].ended_at_us == 0
+
+    async def test_list_streams_by_duration_stops_a_finished_streams_at_its_end(
+        self, backend: StoreBackend
+    ) -> None:
+        await backend.append("done", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        await backend.append("done", Expected.exact(1), events("b"), status=StreamStatus.COMPLETED)
+        await backend.append("live", Expected.no_stream(), events("a"), status=StreamStatus.ACTIVE)
+        found = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        done, live = found["done"], found["live"]
+        took = done.ended_at_us - done.created_at_us
+        assert isinstance(backend, SqlStoreBackend)
+
+        async def ids(now: int, low: int | None, high: int | None) -> list[str]:
+            backend.now_us = lambda: now
+            page = await backend.list_streams(min_duration_us=low, max_duration_us=high)
+            return [s.stream_id for s in page.streams]
+
+        hour = 3_600_000_000
+        # An hour after "live" started it has run an hour; "done" still took what it took.
+        later = live.created_at_us + hour
+        assert await ids(later, took, took) == ["done"]
+        assert await ids(later, hour, hour) == ["live"]
+        assert await ids(later, hour + 1, None) == []
+        assert await ids(later, None, hour - 1) == ["done"]
+        assert await ids(later, 0, None) == ["live", "done"]
+        # A day on, nothing about "done" moved, not even after another append to it.
+        await backend.append("done", Expected.exact(2), events("c"))
+        assert await ids(later + 24 * hour, None, took) == ["done"]
+        assert await ids(later + 24 * hour, 25 * hour, None) == ["live"]
+
+    async def test_duration_filters_combine_with_the_others_and_page(self, backend: StoreBackend) -> None:
+        for i in range(7):
+            status = StreamStatus.FAILED if i % 2 else StreamStatus.ACTIVE
+            await backend.append(
+                f"d{i}", Expected.no_stream(), events("a"), status=status, attributes={"k": "v"}
+            )
+        assert isinstance(backend, SqlStoreBackend)
+        newest = (await backend.list_streams()).streams[0]
+        backend.now_us = lambda: newest.created_at_us + 3_600_000_000  # the live ones ran at least an hour
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = await backend.list_streams(
+                attributes={"k": "v"}, min_duration_us=3_600_000_000, page_size=2, page_token=token
+            )
+            seen.extend(s.stream_id for s in page.streams)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == ["d6", "d4", "d2", "d0"]
+        quick = await backend.list_streams(statuses=[StreamStatus.FAILED], max_duration_us=0, prefix="d")
+        assert [s.stream_id for s in quick.streams] == ["d5", "d3", "d1"]
 
     # -- trimming --------------------------------------------------------------------------
 

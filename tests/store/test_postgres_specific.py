@@ -172,6 +172,26 @@ async def test_schema_of_an_older_store_gains_stream_attributes(postgres_dsn: st
     assert [row[0] for row in versions] == [m.version for m in MIGRATIONS]
 
 
+async def test_schema_of_an_older_store_gains_the_end_time_of_finished_streams(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """PostgreSQL-specific: migration 6 gives a schema of versions 1-5 its ended_at_us column; a
+    stream that had already finished takes its last append's time, and appends keep it from then on."""
+    async with admin(postgres_dsn) as conn:
+        await migrate(conn, pg_schema, tuple(m for m in MIGRATIONS if m.version < 6))
+        await conn.execute(
+            f"INSERT INTO {pg_schema}.streams (stream_id, head_seq, status, created_at_us, updated_at_us) "
+            "VALUES ('done', 1, 2, 10, 70), ('live', 1, 1, 20, 30)"
+        )
+    async with opened(postgres_dsn, pg_schema) as backend:
+        listed = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        assert (listed["done"].ended_at_us, listed["live"].ended_at_us) == (70, 0)
+        assert [s.stream_id for s in (await backend.list_streams(max_duration_us=60)).streams] == ["done"]
+        await backend.append("done", Expected.exact(1), events("late"))
+        listed = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        assert listed["done"].ended_at_us == 70
+
+
 async def test_schema_migrated_by_a_newer_store_is_refused(postgres_dsn: str, pg_schema: str) -> None:
     """PostgreSQL-specific: an old replica must not run against a schema a newer one changed."""
     async with opened(postgres_dsn, pg_schema):

@@ -108,6 +108,27 @@ async def test_file_of_an_older_store_gains_stream_attributes(tmp_path: object) 
         await backend.close()
 
 
+async def test_file_of_an_older_store_gains_the_end_time_of_finished_streams(tmp_path: object) -> None:
+    """SQLite-specific: a file written before streams had an end time gains the column; a stream
+    that had already finished takes its last append's time, and appends keep it from then on."""
+    path = os.path.join(str(tmp_path), DATABASE_FILE)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(OLD_SCHEMA)
+        conn.execute("INSERT INTO streams VALUES (2, 'done', 1, 2, 10, 70)")
+        conn.commit()
+    backend = SqliteStoreBackend(path)
+    await backend.open()
+    try:
+        listed = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        assert (listed["done"].ended_at_us, listed["old"].ended_at_us) == (70, 0)
+        assert [s.stream_id for s in (await backend.list_streams(max_duration_us=60)).streams] == ["done"]
+        await backend.append("done", Expected.exact(1), events("late"))
+        listed = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        assert listed["done"].ended_at_us == 70
+    finally:
+        await backend.close()
+
+
 def test_unknown_durability_is_refused(tmp_path: object) -> None:
     """A typo in the durability setting fails loudly instead of silently picking one."""
     with pytest.raises(ValueError, match="durability"):

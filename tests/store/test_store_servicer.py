@@ -211,6 +211,21 @@ async def test_list_streams_filters_and_pages(stub: StoreServiceAsyncStub) -> No
     assert [s.stream_id for s in rest.streams] == ["run-0"] and rest.next_page_token == ""
 
 
+async def test_list_streams_by_duration_and_the_end_of_finished_streams(stub: StoreServiceAsyncStub) -> None:
+    await stub.AppendEvents(append_request("done", status=pb.STREAM_STATUS_COMPLETED))
+    await stub.AppendEvents(append_request("live", status=pb.STREAM_STATUS_ACTIVE))
+    listed = {s.stream_id: s for s in (await stub.ListStreams(pb.ListStreamsRequest())).streams}
+    assert listed["done"].ended_at == listed["done"].created_at
+    assert not listed["live"].HasField("ended_at")
+    # "done" ended as it was created (duration 0); "live" has run for as long as it has so far.
+    instant = await stub.ListStreams(pb.ListStreamsRequest(max_duration_us=0))
+    assert [s.stream_id for s in instant.streams] == ["done"]
+    long = await stub.ListStreams(pb.ListStreamsRequest(min_duration_us=10**15))
+    assert list(long.streams) == []
+    every = await stub.ListStreams(pb.ListStreamsRequest(min_duration_us=0, max_duration_us=10**15))
+    assert [s.stream_id for s in every.streams] == ["live", "done"]
+
+
 async def test_due_times_travel_with_appends_and_list_due_finds_them(stub: StoreServiceAsyncStub) -> None:
     await stub.AppendEvents(append_request("run:a", due_at_us=200, status=pb.STREAM_STATUS_PARKED))
     await stub.AppendEvents(append_request("run:b", due_at_us=100))
@@ -498,6 +513,24 @@ BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
         lambda stub: stub.ListStreams(pb.ListStreamsRequest(page_size=1001)),
         grpc.StatusCode.INVALID_ARGUMENT,
         "invalid_page_size",
+    ),
+    (
+        "negative min duration",
+        lambda stub: stub.ListStreams(pb.ListStreamsRequest(min_duration_us=-1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_duration",
+    ),
+    (
+        "negative max duration",
+        lambda stub: stub.ListStreams(pb.ListStreamsRequest(max_duration_us=-1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_duration",
+    ),
+    (
+        "min duration past max",
+        lambda stub: stub.ListStreams(pb.ListStreamsRequest(min_duration_us=2, max_duration_us=1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_duration",
     ),
     (
         "foreign page token",

@@ -710,12 +710,25 @@ class ListStreamsRequest(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    MIN_DURATION_US_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_US_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
     """Only streams whose id starts with this prefix."""
     page_size: _builtins.int
     """The most streams to return (0 means the default of 100; at most 1000)."""
     page_token: _builtins.str
     """The `next_page_token` of a previous response, to continue from there."""
+    min_duration_us: _builtins.int
+    """Only streams whose duration is at least this many microseconds. A
+    stream's duration runs from its first event to `StreamInfo.ended_at` once
+    its label is COMPLETED, FAILED or CANCELED, and to now before that.
+    Negative, or more than `max_duration_us`: INVALID_ARGUMENT
+    `invalid_duration`.
+    """
+    max_duration_us: _builtins.int
+    """Only streams whose duration (see `min_duration_us`) is at most this many
+    microseconds. Negative: INVALID_ARGUMENT `invalid_duration`.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___StreamStatus.ValueType]:
         """Only streams whose label is one of these; empty means every stream."""
@@ -744,12 +757,21 @@ class ListStreamsRequest(_message.Message):
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
+        min_duration_us: _builtins.int | None = ...,
+        max_duration_us: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_duration_us", b"_max_duration_us", "_min_duration_us", b"_min_duration_us", "created_after", b"created_after", "created_before", b"created_before", "max_duration_us", b"max_duration_us", "min_duration_us", b"min_duration_us"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "created_after", b"created_after", "created_before", b"created_before", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_duration_us", b"_max_duration_us", "_min_duration_us", b"_min_duration_us", "attributes", b"attributes", "created_after", b"created_after", "created_before", b"created_before", "max_duration_us", b"max_duration_us", "min_duration_us", b"min_duration_us", "page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_duration_us: _TypeAlias = _typing.Literal["max_duration_us"]  # noqa: Y015
+    _WhichOneofArgType__max_duration_us: _TypeAlias = _typing.Literal["_max_duration_us", b"_max_duration_us"]  # noqa: Y015
+    _WhichOneofReturnType__min_duration_us: _TypeAlias = _typing.Literal["min_duration_us"]  # noqa: Y015
+    _WhichOneofArgType__min_duration_us: _TypeAlias = _typing.Literal["_min_duration_us", b"_min_duration_us"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_duration_us) -> _WhichOneofReturnType__max_duration_us | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_duration_us) -> _WhichOneofReturnType__min_duration_us | None: ...
 
 Global___ListStreamsRequest: _TypeAlias = ListStreamsRequest  # noqa: Y015
 
@@ -785,6 +807,7 @@ class StreamInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """The stream's id."""
     head_seq: _builtins.int
@@ -803,6 +826,12 @@ class StreamInfo(_message.Message):
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Its attributes (see AppendEventsRequest.attributes)."""
 
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """When its label became COMPLETED, FAILED or CANCELED; unset while it is
+        none of them. Later appends that keep such a label do not move it.
+        """
+
     def __init__(
         self,
         *,
@@ -812,10 +841,11 @@ class StreamInfo(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "created_at", b"created_at", "head_seq", b"head_seq", "status", b"status", "stream_id", b"stream_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "created_at", b"created_at", "ended_at", b"ended_at", "head_seq", b"head_seq", "status", b"status", "stream_id", b"stream_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -172,8 +172,8 @@ class StoreServiceServicer:
 
     def ListStreams(self, request, context):
         """Lists streams, optionally only those whose status label is one of the
-        given statuses, whose attributes match and that were created in a time
-        range, newest first, one page at a time.
+        given statuses, whose attributes match, that were created in a time range
+        and whose duration is in a range, newest first, one page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

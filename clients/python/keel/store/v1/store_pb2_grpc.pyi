@@ -68,8 +68,8 @@ class StoreServiceStub:
     """
     ListStreams: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListStreamsRequest, _store_pb2.ListStreamsResponse]
     """Lists streams, optionally only those whose status label is one of the
-    given statuses, whose attributes match and that were created in a time
-    range, newest first, one page at a time.
+    given statuses, whose attributes match, that were created in a time range
+    and whose duration is in a range, newest first, one page at a time.
     """
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_store_pb2.SubscribeEventsRequest, _store_pb2.SubscribeEventsResponse]
     """Streams the events that exist after `after_seq` and then every event
@@ -171,8 +171,8 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """
     ListStreams: _aio.UnaryUnaryMultiCallable[_store_pb2.ListStreamsRequest, _store_pb2.ListStreamsResponse]  # type: ignore[assignment]
     """Lists streams, optionally only those whose status label is one of the
-    given statuses, whose attributes match and that were created in a time
-    range, newest first, one page at a time.
+    given statuses, whose attributes match, that were created in a time range
+    and whose duration is in a range, newest first, one page at a time.
     """
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_store_pb2.SubscribeEventsRequest, _store_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
     """Streams the events that exist after `after_seq` and then every event
@@ -301,8 +301,8 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.ListStreamsResponse, _abc.Awaitable[_store_pb2.ListStreamsResponse]]:
         """Lists streams, optionally only those whose status label is one of the
-        given statuses, whose attributes match and that were created in a time
-        range, newest first, one page at a time.
+        given statuses, whose attributes match, that were created in a time range
+        and whose duration is in a range, newest first, one page at a time.
         """
 
     @_abc_1.abstractmethod
