@@ -188,8 +188,11 @@ LABEL_FAILED = "failed"
 LABEL_CANCELED = "canceled"
 LABEL_PARKED = "parked"
 STATUS_LABELS = (LABEL_ACTIVE, LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED, LABEL_PARKED)
+# The labels that end a stream: the store keeps when a stream's label became one of them (its end,
+# StreamSummary.ended_at) while the label stays one, and the stream's duration stops there.
+ENDED_LABELS = (LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED)
 # The labels of terminal run streams (every terminal status's label).
-TERMINAL_RUN_LABELS = (LABEL_COMPLETED, LABEL_FAILED, LABEL_CANCELED)
+TERMINAL_RUN_LABELS = ENDED_LABELS
 
 # run:<run id>: active until its RunCompleted, then labelled with the run's terminal status; parked
 # while nothing drives it until a due time or a wake-up (RunParked .. RunResumed, see

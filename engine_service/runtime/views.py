@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine_service.domain import (
@@ -160,6 +160,9 @@ class RunFilter:
     started_before: datetime | None = None
     lineage: str = ""  # "", TOP_LEVEL or CHILD (engine_service.domain.labels)
     parent_run_id: str = ""
+    # How long a run has lasted: to its end once terminal, until now while running.
+    min_duration: timedelta | None = None
+    max_duration: timedelta | None = None
 
     def attributes(self) -> dict[str, str]:
         """The store attribute filter this stands for (matched through the store's index)."""
@@ -434,6 +437,8 @@ class RunViews:
             attributes=where.attributes(),
             created_after=where.started_after,
             created_before=where.started_before,
+            min_duration=where.min_duration,
+            max_duration=where.max_duration,
         )
         runs = [
             RunSummary(

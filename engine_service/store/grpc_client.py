@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -598,6 +598,8 @@ class StoreClient:
         attributes: Mapping[str, str] | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        min_duration: timedelta | None = None,
+        max_duration: timedelta | None = None,
     ) -> tuple[list[StreamSummary], str]:
         """A page of streams, newest first, and the next page token."""
         request = store_pb2.ListStreamsRequest(
@@ -611,6 +613,10 @@ class StoreClient:
             request.created_after.FromDatetime(created_after)
         if created_before is not None:
             request.created_before.FromDatetime(created_before)
+        if min_duration is not None:
+            request.min_duration_us = min_duration // timedelta(microseconds=1)
+        if max_duration is not None:
+            request.max_duration_us = max_duration // timedelta(microseconds=1)
 
         async def once(stub: _Stub, seconds: float) -> store_pb2.ListStreamsResponse:
             response: store_pb2.ListStreamsResponse = await stub.ListStreams(request, timeout=seconds)
@@ -625,6 +631,7 @@ class StoreClient:
                 _when(s.created_at),
                 _when(s.updated_at),
                 dict(s.attributes),
+                _when(s.ended_at) if s.HasField("ended_at") else None,
             )
             for s in page.streams
         ]

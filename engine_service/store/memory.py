@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from engine_service.domain.canonical import artifact_id_for_bytes
-from engine_service.domain.streams import LABEL_PARKED, STATUS_LABELS
+from engine_service.domain.streams import ENDED_LABELS, LABEL_PARKED, STATUS_LABELS
 from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found, unavailable
 
@@ -32,6 +32,11 @@ class _Stream:
     label: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
     due_at_us: int = 0  # the due-time index entry (0: none)
+    ended_at: datetime | None = None  # when the label became one of ENDED_LABELS (None: not ended)
+
+    def duration(self, now: datetime) -> timedelta:
+        """From creation to the end, or to `now` while the stream has not ended."""
+        return (self.ended_at or now) - self.created_at
 
 
 def _kept(
@@ -41,6 +46,19 @@ def _kept(
     if any(stream.attributes.get(key) != value for key, value in attributes.items()):
         return False
     return (after is None or stream.created_at >= after) and (before is None or stream.created_at < before)
+
+
+def _lasted(duration: timedelta, least: timedelta | None, most: timedelta | None) -> bool:
+    """Whether a listing with these duration filters keeps a stream that has lasted `duration`."""
+    return (least is None or duration >= least) and (most is None or duration <= most)
+
+
+def _check_durations(least: timedelta | None, most: timedelta | None) -> None:
+    """The StoreService's INVALID_ARGUMENT `invalid_duration` for a negative or empty range."""
+    if any(bound is not None and bound < timedelta(0) for bound in (least, most)):
+        raise invalid_argument("invalid_duration", "duration filters must be 0 or more")
+    if least is not None and most is not None and least > most:
+        raise invalid_argument("invalid_duration", f"min duration {least} is more than max duration {most}")
 
 
 def sequence_conflict(stream_id: str, expected_seq: int | None, head: int) -> KeelError:
@@ -68,6 +86,8 @@ class InMemoryEventLog:
         # Set (and replaced) by every append to the stream: what subscribers wait on.
         self._appended: dict[str, asyncio.Event] = {}
         self._closed = False
+        # "Now" for the duration of a stream not ended yet (listings by duration); tests set it.
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def _open(self, method: str) -> None:
         self.calls[method] += 1
@@ -111,6 +131,10 @@ class InMemoryEventLog:
         stream.head += len(events)
         stream.updated_at = now
         stream.label = status or stream.label
+        if stream.label not in ENDED_LABELS:
+            stream.ended_at = None
+        elif stream.ended_at is None:
+            stream.ended_at = now
         stream.attributes.update(attributes or {})
         if due_at_us is not None:
             stream.due_at_us = due_at_us
@@ -171,9 +195,13 @@ class InMemoryEventLog:
         attributes: Mapping[str, str] | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        min_duration: timedelta | None = None,
+        max_duration: timedelta | None = None,
     ) -> tuple[list[StreamSummary], str]:
         """A page of streams, newest first; the token names the last stream listed."""
         self._open("ListStreams")
+        _check_durations(min_duration, max_duration)
+        now = self.now()
         try:
             before = int(page_token) if page_token else None
         except ValueError:
@@ -188,6 +216,7 @@ class InMemoryEventLog:
                 and (not statuses or stream.label in statuses)
                 and (before is None or stream.order < before)
                 and _kept(stream, attributes or {}, created_after, created_before)
+                and _lasted(stream.duration(now), min_duration, max_duration)
             ),
             reverse=True,
         )
@@ -201,6 +230,7 @@ class InMemoryEventLog:
                 stream.created_at,
                 stream.updated_at,
                 dict(stream.attributes),
+                stream.ended_at,
             )
             for _, stream_id, stream in page
         ]

@@ -16,8 +16,11 @@ Semantics every implementation keeps (those of the StoreService, keel.store.v1):
   returns the head sequence and label ("" when the stream has none; 0 for a stream with no events).
 - `subscribe` yields the events after `after_seq`, then each new one as its append commits.
 - `list_streams` pages streams with an id prefix and a label, newest first; it also keeps only the
-  streams that carry every given attribute with exactly its value, and those created in
-  [`created_after`, `created_before`); each listed stream comes with its attributes.
+  streams that carry every given attribute with exactly its value, those created in
+  [`created_after`, `created_before`), and those whose duration is in [`min_duration`,
+  `max_duration`]: from creation to `ended_at` (when the label became one of ENDED_LABELS; later
+  appends keep it) or to now while the stream has not ended. Each listed stream comes with its
+  attributes.
 - artifacts are content-addressed: `put_artifact` of the same bytes twice stores them once,
   `get_artifact` of an unknown id raises `artifact_not_found` (NOT_FOUND).
 - `trim` deletes a stream's events below `before_seq`; head and label stay.
@@ -37,7 +40,7 @@ import collections
 import math
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 FOREVER = math.inf
@@ -94,6 +97,7 @@ class StreamSummary:
     created_at: datetime | None
     updated_at: datetime | None
     attributes: dict[str, str] = field(default_factory=dict)
+    ended_at: datetime | None = None  # when its label became one of ENDED_LABELS (None: it has not)
 
 
 class EventLog(Protocol):
@@ -157,10 +161,13 @@ class EventLog(Protocol):
         attributes: Mapping[str, str] | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        min_duration: timedelta | None = None,
+        max_duration: timedelta | None = None,
     ) -> tuple[list[StreamSummary], str]:
         """A page of streams whose id starts with `prefix`, whose label is in `statuses` (all when
-        empty), that carry every one of `attributes` and were created in [`created_after`,
-        `created_before`), newest first, and the next page token ("" after the last page)."""
+        empty), that carry every one of `attributes`, were created in [`created_after`,
+        `created_before`) and whose duration is in [`min_duration`, `max_duration`], newest first,
+        and the next page token ("" after the last page)."""
         ...
 
     async def nudge_due(self, stream_id: str, due_at_us: int, *, patience: float | None = None) -> bool:

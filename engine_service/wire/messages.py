@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -129,21 +129,22 @@ def _size_checked(data: Any, field: str, limit: int = MAX_INPUT_BYTES) -> Any:
 MAX_DURATION_SECONDS = 315_576_000_000
 
 
-def seconds_from(duration: duration_pb2.Duration, field: str) -> float:
-    """A non-negative google.protobuf.Duration in seconds; INVALID_ARGUMENT `invalid_argument` otherwise."""
+def seconds_from(duration: duration_pb2.Duration, field: str, reason: str = "invalid_argument") -> float:
+    """A non-negative google.protobuf.Duration in seconds; INVALID_ARGUMENT `reason` otherwise."""
     if duration.seconds < 0 or duration.nanos < 0:
-        raise _invalid_duration(field, "must not be negative")
+        raise _invalid_duration(field, "must not be negative", reason)
     if duration.seconds > MAX_DURATION_SECONDS or duration.nanos > 999_999_999:
         raise _invalid_duration(
             field,
             f"is beyond google.protobuf.Duration's range (seconds at most {MAX_DURATION_SECONDS}, "
             "nanos at most 999999999)",
+            reason,
         )
     return duration.seconds + duration.nanos / 1e9
 
 
-def _invalid_duration(field: str, why: str) -> KeelError:
-    return invalid_argument("invalid_argument", f"{field} {why}", field=field)
+def _invalid_duration(field: str, why: str, reason: str = "invalid_argument") -> KeelError:
+    return invalid_argument(reason, f"{field} {why}", field=field)
 
 
 def _ms(duration: duration_pb2.Duration, field: str) -> int:
@@ -408,9 +409,30 @@ _LINEAGES = {
 }
 
 
+def _duration_bounds(request: engine_pb2.ListRunsRequest) -> tuple[timedelta | None, timedelta | None]:
+    """ListRuns' min_duration and max_duration (None: unset); INVALID_ARGUMENT `invalid_duration`
+    for a negative or out-of-range one, or a min above the max."""
+    bounds: list[timedelta | None] = []
+    for name in ("min_duration", "max_duration"):
+        if not request.HasField(name):
+            bounds.append(None)
+            continue
+        duration = getattr(request, name)
+        seconds_from(duration, name, "invalid_duration")
+        bounds.append(duration.ToTimedelta())
+    least, most = bounds
+    if least is not None and most is not None and least > most:
+        raise invalid_argument(
+            "invalid_duration",
+            f"min_duration ({least}) is more than max_duration ({most}): no run could match",
+        )
+    return least, most
+
+
 def run_filter(request: engine_pb2.ListRunsRequest) -> RunFilter:
-    """The ListRuns filters besides statuses; INVALID_ARGUMENT for bad labels, an unknown lineage or a
-    parent run id that is not a UUID."""
+    """The ListRuns filters besides statuses; INVALID_ARGUMENT for bad labels, an unknown lineage, a
+    parent run id that is not a UUID or a bad duration range."""
+    min_duration, max_duration = _duration_bounds(request)
     if request.lineage not in _LINEAGES:
         raise invalid_argument(
             "invalid_argument",
@@ -425,6 +447,8 @@ def run_filter(request: engine_pb2.ListRunsRequest) -> RunFilter:
         parent_run_id=parse_run_id(request.parent_run_id, field="parent_run_id")
         if request.parent_run_id
         else "",
+        min_duration=min_duration,
+        max_duration=max_duration,
     )
 
 

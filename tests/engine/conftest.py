@@ -24,6 +24,7 @@ from engine_service import (
     op,
     start_engine,
 )
+from store_service.backend import StoreBackend
 from store_service.server import StoreConfig, start_store
 
 if TYPE_CHECKING:
@@ -172,6 +173,8 @@ class Cluster:
     checkpoint_linger: float
     stub: EngineServiceAsyncStub
     store_stub: StoreServiceAsyncStub
+    # The store's backend, for a test that sets its clock (SqlStoreBackend.now_us).
+    store_backend: StoreBackend | None = None
 
 
 @pytest.fixture(params=[0.2, 0.0], ids=["write-behind", "append-per-step"])
@@ -198,6 +201,7 @@ async def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
             request.param,
             engine_pb2_grpc.EngineServiceStub(engine_channel),
             store_pb2_grpc.StoreServiceStub(store_channel),
+            store.backend,
         )
     finally:
         await engine_channel.close(grace=None)

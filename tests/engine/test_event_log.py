@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,30 @@ async def test_attributes_land_with_the_append_and_filter_listings(log: EventLog
     earlier, _ = await log.list_streams(prefix="a:", created_before=cut)
     assert "a:2" in [s.stream_id for s in later]
     assert "a:2" not in [s.stream_id for s in earlier]
+
+
+async def test_a_streams_end_is_kept_by_later_appends_and_bounds_its_duration(log: EventLog) -> None:
+    await log.append("e:done", [("A", b"")], expected_seq=None, status=LABEL_COMPLETED)
+    await log.append("e:live", [("A", b"")], expected_seq=None, status=LABEL_ACTIVE)
+    await log.append("e:done", [("B", b"")], expected_seq=1)  # the label stays completed
+    found = {s.stream_id: s for s in (await log.list_streams(prefix="e:"))[0]}
+    done, live = found["e:done"], found["e:live"]
+    assert done.ended_at is not None and done.ended_at == done.created_at  # created finished
+    assert done.updated_at is not None and done.updated_at > done.ended_at
+    assert live.ended_at is None
+    # "e:done" lasted nothing at all, whenever it is asked; nothing here has lasted a day yet.
+    instant, _ = await log.list_streams(prefix="e:", max_duration=timedelta(0))
+    assert "e:done" in [s.stream_id for s in instant]
+    day = timedelta(days=1)
+    assert (await log.list_streams(prefix="e:", min_duration=day))[0] == []
+    every, _ = await log.list_streams(prefix="e:", min_duration=timedelta(0), max_duration=day)
+    assert [s.stream_id for s in every] == ["e:live", "e:done"]
+    for least, most in ((timedelta(seconds=-1), None), (day, timedelta(0))):
+        with pytest.raises(KeelError) as caught:
+            await log.list_streams(prefix="e:", min_duration=least, max_duration=most)
+        assert caught.value.code == "invalid_duration"
+    await log.append("e:done", [("C", b"")], expected_seq=2, status=LABEL_ACTIVE)
+    assert (await log.list_streams(prefix="e:done"))[0][0].ended_at is None  # reopened
 
 
 async def test_subscribe_replays_then_wakes_on_each_append(log: EventLog) -> None:

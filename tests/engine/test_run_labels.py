@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from keel.engine.v1 import engine_pb2
 from keel.store.v1 import store_pb2
@@ -13,8 +14,11 @@ from keel.store.v1 import store_pb2
 from engine_service.domain.labels import check_labels
 from keel_core.errors import KeelError
 from keel_core.json_values import to_value
+from store_service.sql_backend import SqlStoreBackend
 from tests.engine.conftest import Cluster
 from tests.engine.test_engine_rpcs import all_streams, expect_error
+from tests.engine.test_signals import pipeline as signal_pipeline
+from tests.engine.test_signals import wait_step
 
 
 def echo(labels: dict[str, str], *, wait: bool = True) -> engine_pb2.StartRunRequest:
@@ -78,6 +82,53 @@ async def test_list_runs_by_start_time(cluster: Cluster) -> None:
     assert await listed(cluster, started_after=cut) == [late]
     assert await listed(cluster, started_before=cut) == [early]
     assert await listed(cluster, started_before=cut, labels={"k": "v"}) == [early]
+
+
+async def test_list_runs_by_duration_counts_a_finished_run_to_its_end_and_a_running_one_to_now(
+    cluster: Cluster,
+) -> None:
+    done = (await cluster.stub.StartRun(echo({"k": "d"}))).run_id
+    waiting = engine_pb2.StartRunRequest(
+        pipeline=signal_pipeline(wait_step("w", "never-sent")), labels={"k": "d"}
+    )
+    live = (await cluster.stub.StartRun(waiting)).run_id
+    runs = {r.run_id: r for r in (await cluster.stub.ListRuns(engine_pb2.ListRunsRequest())).runs}
+    assert runs[done].status == engine_pb2.RUN_STATUS_COMPLETED
+    assert runs[live].status == engine_pb2.RUN_STATUS_RUNNING
+    started = runs[live].created_at
+    backend = cluster.store_backend
+    assert isinstance(backend, SqlStoreBackend)
+    # The store's clock an hour after the waiting run started: it has run an hour; the echo run
+    # (which took far less) ended, and its duration stopped there.
+    backend.now_us = lambda: started.seconds * 1_000_000 + started.nanos // 1000 + 3_600_000_000
+    hour, minute = Duration(seconds=3600), Duration(seconds=60)
+    assert await listed(cluster, min_duration=hour) == [live]
+    assert await listed(cluster, max_duration=Duration(seconds=3599)) == [done]
+    assert await listed(cluster, min_duration=Duration(), max_duration=hour, labels={"k": "d"}) == [
+        live,
+        done,
+    ]
+    assert await listed(cluster, max_duration=minute, statuses=[engine_pb2.RUN_STATUS_RUNNING]) == []
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        {"min_duration": Duration(seconds=-1)},
+        {"max_duration": Duration(nanos=-1)},
+        {"max_duration": Duration(nanos=1_000_000_000)},
+        {"min_duration": Duration(seconds=61), "max_duration": Duration(seconds=60)},
+    ],
+    ids=["negative-min", "negative-max", "nanos-out-of-range", "min-above-max"],
+)
+async def test_bad_duration_filters_are_invalid_duration(
+    cluster: Cluster, bounds: dict[str, Duration]
+) -> None:
+    await expect_error(
+        cluster.stub.ListRuns(engine_pb2.ListRunsRequest(**bounds)),  # type: ignore[arg-type]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_duration",
+    )
 
 
 async def test_list_runs_top_level_or_children(cluster: Cluster) -> None:

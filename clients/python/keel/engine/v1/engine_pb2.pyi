@@ -1618,6 +1618,8 @@ class ListRunsRequest(_message.Message):
     STARTED_AFTER_FIELD_NUMBER: _builtins.int
     STARTED_BEFORE_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
+    MIN_DURATION_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
     PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The most runs to return (0 means the default of 50; at most 1000)."""
@@ -1651,6 +1653,20 @@ class ListRunsRequest(_message.Message):
     def started_before(self) -> _timestamp_pb2.Timestamp:
         """Only runs started before this time."""
 
+    @_builtins.property
+    def min_duration(self) -> _duration_pb2.Duration:
+        """Only runs that have lasted at least this long: a terminal run from its
+        start to its end, a running one from its start until now. Negative, out
+        of google.protobuf.Duration's range, or more than `max_duration`:
+        INVALID_ARGUMENT `invalid_duration`.
+        """
+
+    @_builtins.property
+    def max_duration(self) -> _duration_pb2.Duration:
+        """Only runs that have lasted at most this long (see `min_duration`).
+        Negative or out of range: INVALID_ARGUMENT `invalid_duration`.
+        """
+
     def __init__(
         self,
         *,
@@ -1662,11 +1678,13 @@ class ListRunsRequest(_message.Message):
         started_after: _timestamp_pb2.Timestamp | None = ...,
         started_before: _timestamp_pb2.Timestamp | None = ...,
         lineage: Global___RunLineage.ValueType = ...,
+        min_duration: _duration_pb2.Duration | None = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
         parent_run_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration", "min_duration", b"min_duration", "started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "lineage", b"lineage", "page_size", b"page_size", "page_token", b"page_token", "parent_run_id", b"parent_run_id", "pipeline_id", b"pipeline_id", "started_after", b"started_after", "started_before", b"started_before", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "lineage", b"lineage", "max_duration", b"max_duration", "min_duration", b"min_duration", "page_size", b"page_size", "page_token", b"page_token", "parent_run_id", b"parent_run_id", "pipeline_id", b"pipeline_id", "started_after", b"started_after", "started_before", b"started_before", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
