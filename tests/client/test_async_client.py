@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -110,3 +111,20 @@ async def test_labels_on_start_and_every_list_filter(keel: AsyncKeelClient) -> N
     with pytest.raises(InvalidArgumentError) as caught:
         await keel.start_run(op="keel.echo", labels={"team": "not ok"})
     assert caught.value.code == "invalid_labels"
+
+
+async def test_list_runs_by_duration_reaches_the_engine(keel: AsyncKeelClient) -> None:
+    team = f"py-{uuid.uuid4().hex[:12]}"
+    echoed = await keel.start_run(op="keel.echo", labels={"team": team}, wait=True)
+
+    async def ids(**filters: Any) -> list[str]:
+        return [s.run_id async for s in keel.iter_runs(labels={"team": team}, **filters)]
+
+    # The echo run ended long before a day had passed, and its duration stopped there.
+    day = timedelta(days=1)
+    assert await ids(min_duration=timedelta(0), max_duration=day) == [echoed.run_id]
+    assert await ids(min_duration=day) == []
+    for least, most in ((timedelta(seconds=-1), None), (day, timedelta(0))):
+        with pytest.raises(InvalidArgumentError) as caught:
+            await keel.list_runs(min_duration=least, max_duration=most)
+        assert caught.value.code == "invalid_duration"

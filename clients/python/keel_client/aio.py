@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -337,10 +337,15 @@ class AsyncKeelClient:
         started_before: datetime | None = None,
         top_level: bool | None = None,
         parent_run_id: str = "",
+        min_duration: timedelta | None = None,
+        max_duration: timedelta | None = None,
     ) -> RunPage:
         """One page of runs, newest first, optionally only those with the given statuses, of
         `pipeline_id`, carrying every one of `labels`, started in [started_after, started_before),
-        top-level (`top_level=True`) or children (`top_level=False`), and spawned by `parent_run_id`.
+        top-level (`top_level=True`) or children (`top_level=False`), spawned by `parent_run_id`,
+        and that lasted from `min_duration` to `max_duration` (both included; a terminal run from
+        its start to its end, a running one until now). A negative duration, or a min above the
+        max, fails with KeelError `invalid_duration`.
 
         Example::
 
@@ -349,7 +354,14 @@ class AsyncKeelClient:
                 print(summary.run_id, summary.status, summary.pipeline_id, summary.labels)
         """
         where = RunFilter(
-            pipeline_id, dict(labels or {}), started_after, started_before, top_level, parent_run_id
+            pipeline_id,
+            dict(labels or {}),
+            started_after,
+            started_before,
+            top_level,
+            parent_run_id,
+            min_duration,
+            max_duration,
         )
         request = wire.list_runs_request(statuses, page_size, page_token, where)
         return wire.run_page(await self._unary(self._stub.ListRuns, request, deadline or self._deadline))
@@ -366,6 +378,8 @@ class AsyncKeelClient:
         started_before: datetime | None = None,
         top_level: bool | None = None,
         parent_run_id: str = "",
+        min_duration: timedelta | None = None,
+        max_duration: timedelta | None = None,
     ) -> AsyncIterator[RunSummary]:
         """Every run (or the first `limit`), newest first, fetching pages as needed; the filters
         are those of `list_runs`.
@@ -389,6 +403,8 @@ class AsyncKeelClient:
                 started_before=started_before,
                 top_level=top_level,
                 parent_run_id=parent_run_id,
+                min_duration=min_duration,
+                max_duration=max_duration,
             )
             for summary in page.runs:
                 if limit is not None and seen >= limit:

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -298,8 +298,9 @@ class RunSummary:
 @dataclass(frozen=True)
 class RunFilter:
     """What ListRuns keeps besides statuses: a pipeline id, labels (every one must match), a start
-    time range [started_after, started_before), top-level runs (True) or children (False), and the
-    children of one run (`parent_run_id`)."""
+    time range [started_after, started_before), top-level runs (True) or children (False), the
+    children of one run (`parent_run_id`), and a duration range [min_duration, max_duration] (a
+    terminal run's from its start to its end, a running one's until now)."""
 
     pipeline_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -307,6 +308,8 @@ class RunFilter:
     started_before: datetime | None = None
     top_level: bool | None = None
     parent_run_id: str = ""
+    min_duration: timedelta | None = None
+    max_duration: timedelta | None = None
 
 
 @dataclass(frozen=True)

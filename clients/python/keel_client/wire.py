@@ -341,6 +341,10 @@ def _apply_filter(request: engine_pb2.ListRunsRequest, where: RunFilter) -> None
     if where.top_level is not None:
         request.lineage = _LINEAGE[where.top_level]
     request.parent_run_id = where.parent_run_id
+    if where.min_duration is not None:
+        request.min_duration.FromTimedelta(where.min_duration)
+    if where.max_duration is not None:
+        request.max_duration.FromTimedelta(where.max_duration)
 
 
 def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
