@@ -66,6 +66,10 @@ def test_labels_are_shown_and_ls_filters_by_them(engine_address: str, good_file:
     assert ids("--started-after", "2999-01-01T00:00:00") == set()
     assert ids("--top-level") == {prod, dev}
     assert ids("--children") == set()
+    # Both runs ended within moments of their start, and their durations stopped there.
+    assert ids("--min-duration", "0s", "--max-duration", "1d") == {prod, dev}
+    assert ids("--min-duration", "1d") == set()
+    assert ids("--max-duration", "1.5h", "--status", "running") == set()
 
     table = run_keel("ls", "--label", f"team={team}", "--label", "env=prod", engine=engine_address)
     header, row = table.stdout.splitlines()
@@ -82,6 +86,8 @@ def test_labels_are_shown_and_ls_filters_by_them(engine_address: str, good_file:
         (["--label", "no-equals"], "KEY=VALUE"),
         (["--since", "yesterday-ish"], "ISO 8601"),
         (["--top-level", "--children"], "not allowed with"),
+        (["--min-duration", "soon"], "not a duration (90s, 30m, 1.5h, 2d)"),
+        (["--max-duration=-5m"], "not a duration"),
     ],
 )
 def test_bad_ls_flags_are_refused_before_any_call(
@@ -90,6 +96,12 @@ def test_bad_ls_flags_are_refused_before_any_call(
     result = run_keel("ls", *flags, engine=engine_address)
     assert result.code == 2
     assert fragment in result.stderr
+
+
+def test_ls_with_a_min_duration_longer_than_its_max_is_refused(engine_address: str) -> None:
+    result = run_keel("ls", "--min-duration", "1h", "--max-duration", "5m", engine=engine_address)
+    assert result.code == 1
+    assert_one_line_error(result.stderr, "--min-duration must not be longer than --max-duration")
 
 
 def test_a_label_the_engine_refuses_is_one_line(engine_address: str, good_file: Path) -> None:

@@ -1,11 +1,12 @@
-"""How the CLI shows runs, steps, events and ops to a person: aligned tables and short lines, no colour."""
+"""How the CLI shows runs, steps, events and ops to a person: aligned tables and short lines, no colour;
+and how it reads the durations a person types."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keel_client.models import (
@@ -42,6 +43,20 @@ def when(moment: datetime | None) -> str:
     if moment is None:
         return "-"
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_EXAMPLES = "90s, 30m, 1.5h, 2d"
+
+
+def duration_of(text: str) -> timedelta | None:
+    """A duration as a person types it (a number and a unit: 90s, 30m, 1.5h, 2d), or None if `text`
+    is not one (the CLI's and the console's time filters take both durations and ages)."""
+    found = _DURATION.fullmatch(text.strip())
+    if found is None:
+        return None
+    return timedelta(seconds=float(found.group(1)) * _UNIT_SECONDS[found.group(2)])
 
 
 def seconds(value: float | None) -> str:

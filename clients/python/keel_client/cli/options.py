@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from keel_client.aio import AsyncKeelClient
 from keel_client.channel import DEFAULT_DEADLINE, TlsConfig
+from keel_client.display import DURATION_EXAMPLES, duration_of
 from keel_client.models import E, parse_enum, proto_name, to_json_data
 from keel_client.sync import KeelClient
 
@@ -97,15 +97,11 @@ def label_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--label", action="append", type=label_pair, metavar="KEY=VALUE", help=help_text)
 
 
-_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def moment_argument(text: str) -> datetime:
     """An argparse `type` reading a time: ISO 8601 (naive is UTC) or an age like `30m` (that long ago)."""
-    age = _AGE.fullmatch(text.strip())
-    if age:
-        return datetime.now(UTC) - timedelta(seconds=float(age.group(1)) * _UNIT_SECONDS[age.group(2)])
+    age = duration_of(text)
+    if age is not None:
+        return datetime.now(UTC) - age
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -113,6 +109,14 @@ def moment_argument(text: str) -> datetime:
             f"{text!r} is neither an ISO 8601 time (2026-12-04T18:00:00Z) nor an age (90s, 30m, 1h, 2d)"
         ) from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def duration_argument(text: str) -> timedelta:
+    """An argparse `type` reading a duration such as 90s, 30m, 1.5h or 2d."""
+    duration = duration_of(text)
+    if duration is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration ({DURATION_EXAMPLES})")
+    return duration
 
 
 def tls_config(args: argparse.Namespace) -> TlsConfig | None:

@@ -9,6 +9,7 @@ from keel_client.cli.options import (
     CliError,
     answer,
     client,
+    duration_argument,
     enum_argument,
     label_argument,
     moment_argument,
@@ -25,7 +26,7 @@ def run_id_argument(parser: argparse.ArgumentParser) -> None:
 
 def ls_arguments(parser: argparse.ArgumentParser) -> None:
     """`keel ls [--status S]... [--pipeline ID] [--label K=V]... [--since T] [--until T]
-    [--top-level | --children] [--parent RUN_ID] [--limit N]`."""
+    [--min-duration D] [--max-duration D] [--top-level | --children] [--parent RUN_ID] [--limit N]`."""
     statuses = (RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
     parser.add_argument(
         "--status",
@@ -49,6 +50,18 @@ def ls_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="TIME",
             help=f"only runs {what} TIME: ISO 8601 (UTC unless it has an offset) or an age such as "
             "90s, 30m, 1h, 2d (that long ago)",
+        )
+    for flag, dest, what in (
+        ("--min-duration", "min_duration", "at least"),
+        ("--max-duration", "max_duration", "at most"),
+    ):
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=duration_argument,
+            metavar="DURATION",
+            help=f"only runs that lasted {what} DURATION, such as 90s, 30m, 1.5h, 2d (a finished run "
+            "from its start to its end, a running one until now)",
         )
     lineage = parser.add_mutually_exclusive_group()
     lineage.add_argument(
@@ -78,6 +91,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     """`keel ls`: a table of runs."""
     if args.limit < 1:
         raise CliError("--limit must be at least 1")
+    if (
+        args.min_duration is not None
+        and args.max_duration is not None
+        and args.min_duration > args.max_duration
+    ):
+        raise CliError("--min-duration must not be longer than --max-duration")
     with client(args) as keel:
         runs = list(
             keel.iter_runs(
@@ -90,6 +109,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 started_before=args.until,
                 top_level=args.top_level,
                 parent_run_id=args.parent,
+                min_duration=args.min_duration,
+                max_duration=args.max_duration,
             )
         )
     return answer(args, runs, lambda: "\n".join(summary_lines(runs)) if runs else "no runs")
