@@ -61,6 +61,8 @@ def test_bad_filters_are_400_with_the_reason(console_url: str) -> None:
         ("label=novalue", "label"),
         ("lineage=cousins", "lineage"),
         ("page_size=0", "page_size"),
+        ("min_duration=forever", "min_duration"),
+        ("min_duration=2h&max_duration=1h", "min_duration"),
     ):
         status, payload = http(f"{console_url}/api/runs?{query}")
         assert status == 400, query

@@ -174,6 +174,36 @@ def test_filters_keep_only_matching_runs(browser: Any, console_url: str, keel: K
     assert "since" in one(browser, "#runs-error").text
 
 
+def test_duration_filters_keep_runs_by_how_long_they_lasted(
+    browser: Any, console_url: str, keel: KeelClient, tmp_path: Path
+) -> None:
+    name = unique("durations")
+    done = keel.start_run(pipeline(name, {"step_id": "a", "op_id": "keel.echo"}), wait=True).run_id
+    live = keel.start_run(pipeline(name, gated("wait", tmp_path / "gate"))).run_id
+    try:
+        browser.get(f"{console_url}/runs?pipeline={name}")
+        wait_for(browser, lambda: set(shown_run_ids(browser)) == {done, live}, "both runs")
+        # Typed into the form: nothing here has lasted a day.
+        one(browser, '#filters input[name="min_duration"]').send_keys("1d")
+        one(browser, "#apply").click()
+        wait_for(browser, lambda: css(browser, "#runs-body tr.empty"), "an empty table")
+        assert "min_duration=1d" in browser.current_url
+        # A running run's duration grows until now: the page's live refresh brings it in once it
+        # has lasted a second (the finished run's duration stopped at its end).
+        browser.get(f"{console_url}/runs?pipeline={name}&min_duration=1s")
+        wait_for(browser, lambda: live in shown_run_ids(browser), "the running run, once it lasted 1s")
+        browser.get(f"{console_url}/runs?pipeline={name}&max_duration=1d&status=completed")
+        wait_for(browser, lambda: shown_run_ids(browser) == [done], "the finished run")
+        assert one(browser, '#filters input[name="max_duration"]').get_attribute("value") == "1d"
+        # A range that holds nothing is explained, not ignored.
+        browser.get(f"{console_url}/runs?min_duration=2h&max_duration=1h")
+        wait_for(browser, lambda: css(browser, "#runs-error:not([hidden])"), "the filter's error")
+        assert "min_duration" in one(browser, "#runs-error").text
+    finally:
+        (tmp_path / "gate").touch()
+        keel.await_run(live, max_wait=WAIT_SECONDS)
+
+
 def test_runs_page_pages_through_runs(browser: Any, console_url: str, keel: KeelClient) -> None:
     name = unique("pages")
     started = [

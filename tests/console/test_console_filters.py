@@ -24,6 +24,8 @@ def test_every_filter_is_read() -> None:
             "before": ["2026-12-05T08:30:00"],
             "lineage": ["children"],
             "parent": ["6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b"],
+            "min_duration": ["90s"],
+            "max_duration": ["1.5h"],
             "page_size": ["10"],
             "page_token": ["abc"],
         },
@@ -36,6 +38,7 @@ def test_every_filter_is_read() -> None:
     assert query.started_before == datetime(2026, 12, 5, 8, 30, tzinfo=UTC)
     assert query.top_level is False
     assert query.parent_run_id == "6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b"
+    assert (query.min_duration, query.max_duration) == (timedelta(seconds=90), timedelta(minutes=90))
     assert (query.page_size, query.page_token) == (10, "abc")
 
 
@@ -43,6 +46,7 @@ def test_no_filter_means_every_run_on_a_default_page() -> None:
     query = run_query({}, NOW)
     assert query.statuses == () and query.labels == {} and query.top_level is None
     assert query.started_after is None and query.started_before is None
+    assert query.min_duration is None and query.max_duration is None
     assert (query.page_size, query.page_token) == (DEFAULT_PAGE_SIZE, None)
     assert run_query({"lineage": ["top"]}, NOW).top_level is True
 
@@ -57,6 +61,9 @@ def test_no_filter_means_every_run_on_a_default_page() -> None:
         ({"since": ["tomorrow"]}, "since"),
         ({"before": ["12/05/2026"]}, "before"),
         ({"lineage": ["siblings"]}, "lineage"),
+        ({"min_duration": ["a while"]}, "min_duration"),
+        ({"max_duration": ["2026-12-05T08:30:00"]}, "max_duration"),
+        ({"min_duration": ["2h"], "max_duration": ["1h"]}, "min_duration"),
         ({"page_size": ["201"]}, "page_size"),
         ({"page_size": ["-1"]}, "page_size"),
     ],

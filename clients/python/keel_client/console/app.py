@@ -136,6 +136,8 @@ class ConsoleApi:
             started_before=query.started_before,
             top_level=query.top_level,
             parent_run_id=query.parent_run_id,
+            min_duration=query.min_duration,
+            max_duration=query.max_duration,
         )
         return JSONResponse(to_json_data(page))
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from keel_client.display import DURATION_EXAMPLES, duration_of
 from keel_client.models import RunStatus, parse_enum
 
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 200
 LISTABLE = (RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
-_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _LINEAGES = {"": None, "all": None, "top": True, "children": False}
 
 
@@ -32,15 +30,17 @@ class RunQuery:
     started_before: datetime | None = None
     top_level: bool | None = None
     parent_run_id: str = ""
+    min_duration: timedelta | None = None
+    max_duration: timedelta | None = None
     page_size: int = DEFAULT_PAGE_SIZE
     page_token: str | None = None
 
 
 def moment(text: str, name: str, now: datetime) -> datetime:
     """A time given as ISO 8601 (naive means UTC) or as an age like `30m` (that long before `now`)."""
-    age = _AGE.fullmatch(text.strip())
-    if age:
-        return now - timedelta(seconds=float(age.group(1)) * _UNIT_SECONDS[age.group(2)])
+    age = duration_of(text)
+    if age is not None:
+        return now - age
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -49,6 +49,14 @@ def moment(text: str, name: str, now: datetime) -> datetime:
             "nor an age (90s, 30m, 1h, 2d)"
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def duration(text: str, name: str) -> timedelta:
+    """A duration such as 90s, 30m, 1.5h or 2d."""
+    found = duration_of(text)
+    if found is None:
+        raise FilterError(f"{name}: {text!r} is not a duration ({DURATION_EXAMPLES})")
+    return found
 
 
 def labels_of(texts: Sequence[str]) -> dict[str, str]:
@@ -103,6 +111,11 @@ def run_query(params: Mapping[str, Sequence[str]], now: datetime) -> RunQuery:
     if lineage not in _LINEAGES:
         raise FilterError(f"lineage: {lineage!r} is not one of all, top, children")
     since, before = one("since"), one("before")
+    shortest, longest = one("min_duration"), one("max_duration")
+    min_duration = duration(shortest, "min_duration") if shortest else None
+    max_duration = duration(longest, "max_duration") if longest else None
+    if min_duration is not None and max_duration is not None and min_duration > max_duration:
+        raise FilterError(f"min_duration: {shortest} is longer than max_duration {longest}")
     return RunQuery(
         statuses=statuses_of(params.get("status", ())),
         pipeline_id=one("pipeline"),
@@ -111,6 +124,8 @@ def run_query(params: Mapping[str, Sequence[str]], now: datetime) -> RunQuery:
         started_before=moment(before, "before", now) if before else None,
         top_level=_LINEAGES[lineage],
         parent_run_id=one("parent"),
+        min_duration=min_duration,
+        max_duration=max_duration,
         page_size=page_size_of(one("page_size")),
         page_token=one("page_token") or None,
     )

@@ -7,6 +7,8 @@ const TEXT_FILTERS = [
   ["label", "labels", "team=billing, env=prod"],
   ["since", "started after", "1h or 2026-12-04T18:00Z"],
   ["before", "started before", "10m or 2026-12-05T09:00Z"],
+  ["min_duration", "lasted at least", "90s, 5m, 1.5h"],
+  ["max_duration", "lasted at most", "1h, 2d"],
   ["parent", "parent run", "run id: its children"],
 ];
 
