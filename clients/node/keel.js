@@ -498,7 +498,10 @@ class KeelClient {
   /**
    * One page of runs, newest first: optionally only those with one of `statuses`, of `pipelineId`,
    * carrying every one of `labels`, started in [startedAfter, startedBefore) (Dates or ISO strings),
-   * top-level (`topLevel: true`) or children (`topLevel: false`), and spawned by `parentRunId`.
+   * top-level (`topLevel: true`) or children (`topLevel: false`), spawned by `parentRunId`, and that
+   * lasted from `minDuration` to `maxDuration`, both included (milliseconds or a duration like
+   * '1.5s'; a terminal run from its start to its end, a running one until now). A min above the max
+   * is rejected by the engine with `invalid_duration`.
    */
   async listRuns({
     statuses = [],
@@ -510,6 +513,8 @@ class KeelClient {
     startedBefore,
     topLevel,
     parentRunId = '',
+    minDuration,
+    maxDuration,
   } = {}) {
     const request = {
       statuses: statuses.map((status) => wireEnum(status, 'RUN_STATUS_')),
@@ -522,6 +527,8 @@ class KeelClient {
     if (startedAfter != null) request.started_after = toTimestamp(startedAfter);
     if (startedBefore != null) request.started_before = toTimestamp(startedBefore);
     if (topLevel != null) request.lineage = LINEAGE[Boolean(topLevel)];
+    if (minDuration != null) request.min_duration = toDuration(minDuration, 'minDuration');
+    if (maxDuration != null) request.max_duration = toDuration(maxDuration, 'maxDuration');
     const response = await this._unary('ListRuns', request);
     return {
       runs: (response.runs || []).map((run) => ({

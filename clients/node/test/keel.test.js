@@ -77,6 +77,13 @@ test('starts a run, watches its events to the end, and awaits its result', { ski
     assert.deepEqual(found.runs.map((summary) => [summary.runId, summary.pipelineId, summary.labels]), [[labelled.runId, 'keel.echo', { team }]]);
     assert.deepEqual((await keel.listRuns({ labels: { team }, topLevel: false })).runs, []);
     assert.deepEqual((await keel.listRuns({ labels: { team }, startedBefore: new Date(0) })).runs, []);
+    // Durations: the echo run ended long before a day had passed, and its duration stopped there.
+    const day = 24 * 3600 * 1000;
+    const lasted = await keel.listRuns({ labels: { team }, minDuration: 0, maxDuration: `${day / 1000}s` });
+    assert.deepEqual(lasted.runs.map((summary) => summary.runId), [labelled.runId]);
+    assert.deepEqual((await keel.listRuns({ labels: { team }, minDuration: day })).runs, []);
+    await assert.rejects(keel.listRuns({ minDuration: day, maxDuration: 0 }), (error) => error.code === 'invalid_duration');
+    await assert.rejects(keel.listRuns({ minDuration: -1 }), TypeError);
     const noop = await keel.terminalize(runId, 'terminal_target_canceled');
     assert.deepEqual(noop, { outcome: 'noop', status: 'completed' });
   } finally {
