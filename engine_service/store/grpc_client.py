@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
+import functools
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
@@ -131,15 +133,16 @@ def _stream_event(event: store_pb2.RecordedEvent) -> StreamEvent:
 AppendObserver = Callable[[str, Sequence[tuple[str, bytes]]], None]
 
 
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
+
+
 def _deadline_passed() -> grpc.aio.AioRpcError:
-    """The error of an append whose try ran out of time before its batch could leave."""
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        "the append waited for a batch past its deadline",
-        "",
-    )
+    """The error of an append whose try ran out of time before its batch answered."""
+    return _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the append waited for its batch past its deadline")
 
 
 def _failed(failure: store_pb2.AppendFailure) -> Exception:
@@ -150,28 +153,41 @@ def _failed(failure: store_pb2.AppendFailure) -> Exception:
     """
     code = _STATUS_CODES.get(failure.code, grpc.StatusCode.UNKNOWN)
     if code in _RETRY_CODES:
-        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), failure.message, "")
+        return _rpc_error(code, failure.message)
     return error_from_parts(code, failure.reason, failure.message, failure.metadata)
 
 
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+def _each_its_own(error: BaseException) -> Callable[[], BaseException]:
+    """A maker of copies of a batch's error: an exception object is raised by one caller only."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        code, details = error.code(), error.details() or ""
+        return lambda: _rpc_error(code, details)
+    if isinstance(error, asyncio.CancelledError):
+        return lambda: _rpc_error(grpc.StatusCode.UNAVAILABLE, "the append's batch was cancelled on its way")
+    return lambda: _rpc_error(grpc.StatusCode.UNAVAILABLE, f"the append's batch failed on its way: {error!r}")
 
 
 @dataclass(slots=True)
 class _Waiting:
-    """An append waiting for its batch: the request, when its try gives up, and its answer."""
+    """An append waiting for its batch: the request, when its try gives up, its answer, and the
+    caller's context (a lone append is sent in it, so its RPC joins the caller's trace)."""
 
     request: store_pb2.AppendEventsRequest
     size: int
     deadline: float
     answer: asyncio.Future[store_pb2.AppendEventsResponse]
+    context: contextvars.Context
 
 
 class _AppendBatcher:
     """The appends bound for one replica, sent as AppendEventsBatch calls (see the module docstring).
 
     Each append keeps the semantics of its own AppendEvents try: its answer, or the error that call
-    would raise (an RPC error for the whole batch, its own KeelError for its own failure).
+    would raise (an RPC error for the whole batch, its own KeelError for its own failure), within
+    its own try's time: a caller stops waiting when its try's deadline passes, whether its append
+    is still queued or on its way in a batch (a stalled replica then costs it no more than a plain
+    call would, and its retry goes to the next replica). A batch is sent with the latest deadline of
+    its appends, so no append is failed before its own time.
     """
 
     def __init__(self, stub: _Stub, calls: collections.Counter[str]) -> None:
@@ -181,39 +197,89 @@ class _AppendBatcher:
         self._in_flight = 0
         self._flush_due = False
         self._sending: set[asyncio.Task[None]] = set()  # referenced until done
+        self._closed = False
         self.batching = True  # False once the store has said it does not know AppendEventsBatch
 
     async def append(
         self, request: store_pb2.AppendEventsRequest, seconds: float
     ) -> store_pb2.AppendEventsResponse:
         """Send the append with the next batch; its answer, or what its own AppendEvents would raise."""
+        if self._closed:
+            raise _closed()
         size = request.ByteSize()
-        if not self.batching or size > MAX_BATCH_BYTES:
+        if (not self.batching and not self._waiting) or size > MAX_BATCH_BYTES:
             response: store_pb2.AppendEventsResponse = await self._stub.AppendEvents(request, timeout=seconds)
             return response
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(request, size, time.monotonic() + seconds, loop.create_future())
+        waiting = _Waiting(
+            request, size, time.monotonic() + seconds, loop.create_future(), contextvars.copy_context()
+        )
         self._waiting.append(waiting)
         if not self._flush_due and self._in_flight < BATCHES_IN_FLIGHT:
             self._flush_due = True
-            loop.call_soon(self._flush)
-        return await waiting.answer
+            loop.call_soon(self._flush, context=_NO_CONTEXT)
+        try:
+            async with asyncio.timeout(seconds):
+                return await waiting.answer
+        except TimeoutError:
+            if waiting.answer.cancelled():  # our own timeout, not an answer that was a TimeoutError
+                raise _deadline_passed() from None
+            raise
+
+    def close(self) -> None:
+        """Fail the appends still queued (their batch will not leave) and any made from now on."""
+        self._closed = True
+        waiting, self._waiting = self._waiting, []
+        for each in waiting:
+            _settle(each, _closed())
 
     def _flush(self) -> None:
         """Send what waits, in batches, while fewer than BATCHES_IN_FLIGHT are on their way."""
         self._flush_due = False
+        if not self.batching:  # the store knows no batches: what waits goes one by one, in order
+            waiting, self._waiting = self._waiting, []
+            for each in waiting:
+                if not each.answer.done():
+                    self._start(self._send_alone(each), each.context, [each])
+            return
         while self._waiting and self._in_flight < BATCHES_IN_FLIGHT:
             batch = self._take()
             if not batch:
                 continue  # every taken append had given up
             self._in_flight += 1
-            task = asyncio.create_task(self._send(batch))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            if len(batch) == 1:  # alone: a plain AppendEvents in its caller's context
+                self._start(self._send_alone(batch[0]), batch[0].context, batch, counted=True)
+            else:  # made by many runs: the RPC belongs to none of them
+                self._start(self._send_together(batch), contextvars.Context(), batch, counted=True)
+
+    def _start(
+        self,
+        sending: Coroutine[Any, Any, None],
+        context: contextvars.Context,
+        batch: list[_Waiting],
+        *,
+        counted: bool = False,
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(sending, context=context)
+        self._sending.add(task)
+        task.add_done_callback(functools.partial(self._sent, batch, counted))
+
+    def _sent(self, batch: list[_Waiting], counted: bool, task: asyncio.Task[None]) -> None:
+        """A send is over however it ended (even cancelled before it began): no append is left hanging."""
+        self._sending.discard(task)
+        ended: BaseException | None = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if ended is not None:
+            error = _each_its_own(ended)
+            for waiting in batch:
+                _settle(waiting, error())
+        if counted:
+            self._in_flight -= 1
+        if self._waiting and not self._flush_due and not self._closed:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush, context=_NO_CONTEXT)
 
     def _take(self) -> list[_Waiting]:
         """The next batch: the oldest appends still waiting for an answer, up to the caps."""
-        now = time.monotonic()
         batch: list[_Waiting] = []
         size = 0
         taken = 0
@@ -222,65 +288,52 @@ class _AppendBatcher:
                 break
             taken += 1
             if waiting.answer.done():
-                continue  # its caller gave up (cancelled)
-            if waiting.deadline <= now:
-                waiting.answer.set_exception(_deadline_passed())
-                continue
+                continue  # its caller gave up (its try's time ran out, or it was cancelled)
             batch.append(waiting)
             size += waiting.size
         del self._waiting[:taken]
         return batch
 
-    async def _send(self, batch: list[_Waiting]) -> None:
-        try:
-            seconds = max(min(waiting.deadline for waiting in batch) - time.monotonic(), 0.001)
-            if len(batch) == 1:
-                await self._send_alone(batch[0], seconds)
-            else:
-                await self._send_together(batch, seconds)
-        finally:
-            self._in_flight -= 1
-            if self._waiting and not self._flush_due:
-                self._flush_due = True
-                asyncio.get_running_loop().call_soon(self._flush)
-
-    async def _send_alone(self, waiting: _Waiting, seconds: float) -> None:
+    async def _send_alone(self, waiting: _Waiting) -> None:
+        seconds = max(waiting.deadline - time.monotonic(), 0.001)
         try:
             response = await self._stub.AppendEvents(waiting.request, timeout=seconds)
         except Exception as error:  # the caller's try raises it
             _settle(waiting, error)
-        except BaseException as error:
-            _settle(waiting, error)
-            raise
         else:
             _settle(waiting, response)
 
-    async def _send_together(self, batch: list[_Waiting], seconds: float) -> None:
+    async def _send_together(self, batch: list[_Waiting]) -> None:
+        # The latest of the appends' deadlines: each caller stops waiting at its own.
+        seconds = max(max(waiting.deadline for waiting in batch) - time.monotonic(), 0.001)
         self._calls["AppendEventsBatch"] += 1
         request = store_pb2.AppendEventsBatchRequest(appends=[waiting.request for waiting in batch])
         try:
             response = await self._stub.AppendEventsBatch(request, timeout=seconds)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                each = _each_its_own(error)
                 for waiting in batch:
-                    _settle(waiting, error)
+                    _settle(waiting, each())
                 return
-            log.warning(
-                "the store does not know AppendEventsBatch (older than this engine): appending one by one"
-            )
-            self.batching = False
-            await asyncio.gather(*(self._send_alone(waiting, seconds) for waiting in batch))
+            if self.batching:
+                log.warning(
+                    "the store does not know AppendEventsBatch (older than this engine): appending one by one"
+                )
+                self.batching = False
+            for waiting in batch:  # in the order they were made, each within its own try's time
+                if not waiting.answer.done():
+                    self._start(self._send_alone(waiting), waiting.context, [waiting])
             return
-        except BaseException as error:
-            for waiting in batch:
-                _settle(waiting, error)
-            raise
         if len(response.outcomes) != len(batch):
-            wrong = KeelError(
-                "internal", f"the store answered {len(response.outcomes)} outcomes for {len(batch)} appends"
-            )
             for waiting in batch:
-                _settle(waiting, wrong)
+                _settle(
+                    waiting,
+                    KeelError(
+                        "internal",
+                        f"the store answered {len(response.outcomes)} outcomes for {len(batch)} appends",
+                    ),
+                )
             return
         for waiting, outcome in zip(batch, response.outcomes, strict=True):
             if outcome.HasField("appended"):
@@ -289,9 +342,18 @@ class _AppendBatcher:
                 _settle(waiting, _failed(outcome.failure))
 
 
+# Callbacks and batches made by many runs' appends run in a context of their own, not the one of
+# whichever caller happened to schedule them.
+_NO_CONTEXT = contextvars.Context()
+
+
+def _closed() -> KeelError:
+    return unavailable("store_client_closed", "the engine's store client was closed (the engine is stopping)")
+
+
 def _settle(waiting: _Waiting, outcome: store_pb2.AppendEventsResponse | BaseException) -> None:
     if waiting.answer.done():
-        return  # its caller gave up (cancelled) while it was on its way
+        return  # its caller gave up (its try's time ran out, or it was cancelled) while it was on its way
     if isinstance(outcome, BaseException):
         waiting.answer.set_exception(outcome)
     else:
@@ -354,12 +416,14 @@ class StoreClient:
                 for t in targets
             ]
         self._stubs: list[_Stub] = [store_pb2_grpc.StoreServiceStub(channel) for channel in self._channels]
-        self._batchers = {id(stub): _AppendBatcher(stub, self.calls) for stub in self._stubs}
+        self._batchers = {id(stub): _AppendBatcher(stub, self.calls) for stub in self._stubs}  # by stub
         self._turn = 0  # the replica the next call starts with (calls take turns)
         self._suspect_until = [0.0] * len(self._stubs)  # monotonic time until which a replica is avoided
 
     async def close(self) -> None:
-        """Close the channels."""
+        """Close the channels; appends still waiting for a batch fail `store_client_closed`."""
+        for batcher in self._batchers.values():
+            batcher.close()
         for channel in self._channels:
             await channel.close(grace=None)
 

@@ -17,6 +17,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 from engine_service.store import grpc_client
 from engine_service.store.grpc_client import StoreClient, channel_target
 from keel_core.errors import KeelError
+from keel_core.serving import SERVER_OPTIONS
 from store_service.server import StoreConfig, StoreServingHandle, start_store
 from store_service.sqlite import SqliteStoreBackend
 from store_service.wire.servicer import StoreServicer
@@ -301,3 +302,116 @@ async def test_a_caller_that_waits_for_ever_is_not_held_by_a_stalled_replica(
         stalled.process.send_signal(signal.SIGCONT)
         await client.close()
         await stalled.kill()
+
+
+class _HeldStore(StoreServicer):
+    """A store whose AppendEventsBatch calls wait for `release`, then commit even if their caller is
+    gone (as a real store's group commit does once the appends are queued)."""
+
+    def __init__(self, backend: SqliteStoreBackend) -> None:
+        super().__init__(backend)
+        self.batch_arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def AppendEventsBatch(
+        self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> store_pb2.AppendEventsBatchResponse:
+        self.batch_arrived.set()
+        return await asyncio.shield(self._after_release(request, context))
+
+    async def _after_release(
+        self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> store_pb2.AppendEventsBatchResponse:
+        await self.release.wait()
+        return await super().AppendEventsBatch(request, context)
+
+
+@pytest.fixture
+async def held_store(tmp_path: Path) -> AsyncIterator[tuple[_HeldStore, int]]:
+    """An in-process store whose batches wait to be released."""
+    backend = SqliteStoreBackend.in_directory(tmp_path / "held")
+    await backend.open()
+    servicer = _HeldStore(backend)
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # the store's: a held call's pings are welcome
+    store_pb2_grpc.add_StoreServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield servicer, port
+    servicer.release.set()
+    await server.stop(None)
+    await backend.close()
+
+
+async def test_an_append_in_a_batch_is_failed_at_its_own_time_not_its_neighbours(
+    held_store: tuple[_HeldStore, int],
+) -> None:
+    # A batch used to be sent with the earliest deadline of its appends: when a short-patience
+    # append's time ran out, every append of the batch failed DEADLINE_EXCEEDED and was retried,
+    # while the store committed the batch anyway: a ledger entry (expected_any) was written twice.
+    servicer, port = held_store
+    client = StoreClient(f"127.0.0.1:{port}")
+    try:
+        hasty = asyncio.ensure_future(
+            client.append("run:hasty", [("A", b"1")], expected_seq=None, patience=0.3)
+        )
+        patient = asyncio.ensure_future(
+            client.append(
+                "ledger:x", [("Failed", b"once")], expected_seq=None, expected_any=True, patience=600
+            )
+        )
+        await servicer.batch_arrived.wait()  # both went in one batch, held by the store
+        with pytest.raises(KeelError) as caught:
+            await hasty  # its own patience ran out while the batch was held: it alone gives up
+        assert caught.value.code == "store_unavailable"
+        assert not patient.done()
+        servicer.release.set()
+        result = await asyncio.wait_for(patient, 60)  # a hang detector, not a timing threshold
+        assert (result.first_seq, result.head_seq) == (1, 1)
+        assert [e.payload for e in await client.read("ledger:x")] == [b"once"]
+        assert client.calls["AppendEventsBatch"] == 1
+    finally:
+        await client.close()
+
+
+async def test_an_append_waiting_behind_a_held_batch_gives_up_within_its_patience(
+    held_store: tuple[_HeldStore, int],
+) -> None:
+    # Appends made while a batch is on its way wait for it to come back before they leave. A
+    # store that holds the batch (stalled, overloaded) must not hold them past their own patience:
+    # a heartbeat with half a second of patience used to wait for the batch's whole RPC timeout.
+    servicer, port = held_store
+    client = StoreClient(f"127.0.0.1:{port}", rpc_timeout=600.0)
+    try:
+        held = [
+            asyncio.ensure_future(client.append(f"run:{i}", [("A", b"1")], expected_seq=None, patience=600))
+            for i in range(2)
+        ]
+        await servicer.batch_arrived.wait()
+        late = client.append("engine:x", [("Beat", b"1")], expected_seq=None, patience=0.5)
+        with pytest.raises(KeelError) as caught:
+            await asyncio.wait_for(late, 60)  # a hang detector, not a timing threshold
+        assert caught.value.code == "store_unavailable"
+        assert not any(append.done() for append in held)  # it did not wait for the batch to come back
+        servicer.release.set()
+        assert [r.head_seq for r in await asyncio.gather(*held)] == [1, 1]
+    finally:
+        await client.close()
+
+
+async def test_appends_queued_when_the_client_closes_fail_rather_than_hang(
+    held_store: tuple[_HeldStore, int],
+) -> None:
+    servicer, port = held_store
+    client = StoreClient(f"127.0.0.1:{port}")
+    held = [
+        asyncio.ensure_future(client.append(f"run:{i}", [("A", b"1")], expected_seq=None, patience=600))
+        for i in range(2)
+    ]
+    await servicer.batch_arrived.wait()
+    queued = asyncio.ensure_future(client.append("run:q", [("A", b"1")], expected_seq=None, patience=600))
+    await asyncio.sleep(0)  # it is queued behind the held batch
+    await client.close()
+    outcomes = await asyncio.wait_for(asyncio.gather(*held, queued, return_exceptions=True), 60)
+    assert all(isinstance(outcome, KeelError) for outcome in outcomes), outcomes
+    queued_error = outcomes[-1]
+    assert isinstance(queued_error, KeelError) and queued_error.code == "store_client_closed"
