@@ -36,7 +36,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
@@ -160,11 +160,16 @@ def _failed(failure: store_pb2.AppendFailure) -> Exception:
 def _each_its_own(error: BaseException) -> Callable[[], BaseException]:
     """A maker of copies of a batch's error: an exception object is raised by one caller only."""
     if isinstance(error, grpc.aio.AioRpcError):
+        # Its metadata too: the trailing metadata carries the ErrorInfo (the refusal's reason).
         code, details = error.code(), error.details() or ""
-        return lambda: _rpc_error(code, details)
+        initial = error.initial_metadata()
+        trailing = cast(grpc.aio.Metadata, error.trailing_metadata())  # an aio call's is aio Metadata
+        debug = error.debug_error_string() or ""
+        return lambda: grpc.aio.AioRpcError(code, initial, trailing, details, debug)
     if isinstance(error, asyncio.CancelledError):
         return lambda: _rpc_error(grpc.StatusCode.UNAVAILABLE, "the append's batch was cancelled on its way")
-    return lambda: _rpc_error(grpc.StatusCode.UNAVAILABLE, f"the append's batch failed on its way: {error!r}")
+    # Not the store's answer but a fault in this client: retrying would meet it again.
+    return lambda: KeelError("internal", f"the append's batch failed in the engine's store client: {error!r}")
 
 
 @dataclass(slots=True)
@@ -217,13 +222,15 @@ class _AppendBatcher:
         self._waiting.append(waiting)
         if not self._flush_due and self._in_flight < BATCHES_IN_FLIGHT:
             self._flush_due = True
-            loop.call_soon(self._flush, context=_NO_CONTEXT)
+            loop.call_soon(self._flush, context=contextvars.Context())
         try:
             async with asyncio.timeout(seconds):
                 return await waiting.answer
         except TimeoutError:
             if waiting.answer.cancelled():  # our own timeout, not an answer that was a TimeoutError
                 raise _deadline_passed() from None
+            if waiting.answer.done():  # answered in the very turn the time ran out: the answer counts
+                return waiting.answer.result()
             raise
 
     def close(self) -> None:
@@ -276,7 +283,7 @@ class _AppendBatcher:
             self._in_flight -= 1
         if self._waiting and not self._flush_due and not self._closed:
             self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush, context=_NO_CONTEXT)
+            asyncio.get_running_loop().call_soon(self._flush, context=contextvars.Context())
 
     def _take(self) -> list[_Waiting]:
         """The next batch: the oldest appends still waiting for an answer, up to the caps."""
@@ -340,11 +347,6 @@ class _AppendBatcher:
                 _settle(waiting, outcome.appended)
             else:
                 _settle(waiting, _failed(outcome.failure))
-
-
-# Callbacks and batches made by many runs' appends run in a context of their own, not the one of
-# whichever caller happened to schedule them.
-_NO_CONTEXT = contextvars.Context()
 
 
 def _closed() -> KeelError:

@@ -65,3 +65,16 @@ async def test_each_append_is_sent_in_its_own_callers_context_and_a_batch_in_non
     stub.release.set()
     await asyncio.gather(held, *together)
     assert stub.seen[2:] == [("AppendEvents", "c"), ("AppendEventsBatch", "none")]
+
+
+async def test_an_answer_that_comes_in_the_turn_the_time_runs_out_is_the_answer() -> None:
+    # The answer is settled in the same loop turn as the try's timeout fires: the append used to
+    # raise a bare TimeoutError (neither its answer nor an RPC error its caller retries).
+    stub = RecordingStub()
+    batcher = _AppendBatcher(stub, collections.Counter())  # type: ignore[arg-type]
+    answer = store_pb2.AppendEventsResponse(first_seq=7, head_seq=7)
+    # With no time at all, the timeout fires on the loop's next turn; the answer comes just before.
+    append = asyncio.ensure_future(batcher.append(store_pb2.AppendEventsRequest(stream_id="run:a"), 0))
+    asyncio.get_running_loop().call_soon(lambda: batcher._waiting[0].answer.set_result(answer))
+    assert await append == answer
+    assert stub.seen == []  # answered before it was sent

@@ -16,8 +16,9 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from engine_service.store import grpc_client
 from engine_service.store.grpc_client import StoreClient, channel_target
-from keel_core.errors import KeelError
+from keel_core.errors import ErrorCategory, KeelError
 from keel_core.serving import SERVER_OPTIONS
+from keel_core.status import abort_with
 from store_service.server import StoreConfig, StoreServingHandle, start_store
 from store_service.sqlite import SqliteStoreBackend
 from store_service.wire.servicer import StoreServicer
@@ -415,3 +416,44 @@ async def test_appends_queued_when_the_client_closes_fail_rather_than_hang(
     assert all(isinstance(outcome, KeelError) for outcome in outcomes), outcomes
     queued_error = outcomes[-1]
     assert isinstance(queued_error, KeelError) and queued_error.code == "store_client_closed"
+
+
+class _RefusingStore(StoreServicer):
+    """A store that refuses every batch as a whole, with its reason in ErrorInfo."""
+
+    async def AppendEventsBatch(
+        self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> store_pb2.AppendEventsBatchResponse:
+        refusal = KeelError(
+            "store_read_only",
+            "this store is read-only for maintenance",
+            category=ErrorCategory.FAILED_PRECONDITION,
+        )
+        await abort_with(context, refusal)
+        raise AssertionError("abort_with returned")  # pragma: no cover - abort always raises
+
+
+async def test_a_batch_refused_as_a_whole_gives_each_append_the_refusals_reason(tmp_path: Path) -> None:
+    # Each append of a refused batch is given its own copy of the error; the copies used to drop
+    # the trailing metadata, so the ErrorInfo reason became `internal`.
+    backend = SqliteStoreBackend.in_directory(tmp_path / "refusing")
+    await backend.open()
+    server = grpc.aio.server()
+    store_pb2_grpc.add_StoreServiceServicer_to_server(_RefusingStore(backend), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = StoreClient(f"127.0.0.1:{port}")
+    try:
+        outcomes = await asyncio.gather(
+            *(client.append(f"run:{i}", [("A", b"1")], expected_seq=None) for i in range(3)),
+            return_exceptions=True,
+        )
+        assert client.calls["AppendEventsBatch"] >= 1  # at least two of them went together
+        for outcome in outcomes:
+            assert isinstance(outcome, KeelError), outcome
+            assert (outcome.code, outcome.category) == ("store_read_only", ErrorCategory.FAILED_PRECONDITION)
+            assert "read-only for maintenance" in outcome.message
+    finally:
+        await client.close()
+        await server.stop(None)
+        await backend.close()
