@@ -191,7 +191,9 @@ class RunDriver:
         self._pending_due: int | None = None
         # Waits are offered to their kind's resolver at the start and after each poke (wake_run).
         self._check_waits = True
-        self._poked = asyncio.Event()
+        # A poke came since the driver last waited; the wait that a poke ends, while one is on.
+        self._poked = False
+        self._poke_waiter: asyncio.Future[None] | None = None
         # A wake-up (poke) came that the waits were not offered to their resolvers for since.
         self.unapplied_wake = False
         # Watchers of the tasks of this run's waiting remote attempts (they poke it on an outcome).
@@ -304,7 +306,9 @@ class RunDriver:
         """Something may have ended a wait (engine_service.runtime.parking): decide again soon."""
         self._check_waits = True
         self.unapplied_wake = True
-        self._poked.set()
+        self._poked = True
+        if self._poke_waiter is not None and not self._poke_waiter.done():
+            self._poke_waiter.set_result(None)
 
     async def _until_a_step_settles(self, wake_at_us: int = 0) -> None:
         """Wait until a running step ended, a wait falls due (`wake_at_us`) or the driver is poked;
@@ -312,14 +316,18 @@ class RunDriver:
         if not self._steps and not wake_at_us:
             raise RuntimeError(f"run {self.run_id}: the decision left nothing to run or wait for")
         timeout = max(0.0, (wake_at_us - now_us()) / 1e6) if wake_at_us else None
-        poked = asyncio.ensure_future(self._poked.wait())
-        try:
-            await asyncio.wait(
-                {*self._steps.values(), poked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            poked.cancel()
-        self._poked.clear()
+        if not self._poked:  # a future, not a task: this wait is made once or more per step
+            self._poke_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait(
+                    {*self._steps.values(), self._poke_waiter},
+                    timeout=timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                self._poke_waiter.cancel()
+                self._poke_waiter = None
+        self._poked = False
         # A settled step may be what another step waits for (its children, say): ask again.
         self._check_waits = True
         for step_id, task in list(self._steps.items()):
@@ -789,14 +797,25 @@ class RunDriver:
 
     async def _call_op(self, definition: OpDefinition, ctx: StepContext, op_config: Any) -> Any:
         """Run the op; a run terminalized elsewhere meanwhile (another engine) cancels it."""
-        # The whole run stops (every branch), as when Terminalize cancels it here.
-        watcher = asyncio.create_task(self._cancel_on_foreign_terminal(self._drive_task))
+        # The whole run stops (every branch), as when Terminalize cancels it here. Only ops still
+        # running after a moment watch the stream: a short one costs a timer, not a task and a stream.
+        driver_task = self._drive_task
+        watchers: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+
+        def watch() -> None:
+            if driver_task is not None:
+                watchers.append(loop.create_task(self._cancel_on_foreign_terminal(driver_task)))
+
+        timer = loop.call_later(self.checkpoint_linger or VISIBLE_WITHIN, watch)
         try:
             return await definition.function(
                 ctx, copy.deepcopy(op_config), copy.deepcopy(self.manifest.input)
             )
         finally:
-            watcher.cancel()
+            timer.cancel()
+            for watcher in watchers:
+                watcher.cancel()
 
     async def _watch_once(self, driver_task: asyncio.Task[Any], after_seq: int) -> int:
         """Watch the run's stream after `after_seq`: the first event's seq, or 0 once a foreign
@@ -812,12 +831,8 @@ class RunDriver:
                 return event.seq
         return 0
 
-    async def _cancel_on_foreign_terminal(self, driver_task: asyncio.Task[Any] | None) -> None:
-        # Only ops still running after a moment watch the stream: short ones cost a timer, not a stream.
+    async def _cancel_on_foreign_terminal(self, driver_task: asyncio.Task[Any]) -> None:
         pause = self.checkpoint_linger or VISIBLE_WITHIN
-        await asyncio.sleep(pause)
-        if driver_task is None:
-            return
         seen = 0
         try:
             # An op that records answers appends again and again: each append is fenced by the
