@@ -282,6 +282,7 @@ def test_a_retry_first_seen_after_it_began_still_shows_the_failed_attempt_once()
 
 def test_run_lines_show_steps_children_and_snapshot() -> None:
     text = "\n".join(run_lines(DONE))
+    assert "pipeline   demo" in text.splitlines()  # its pipeline id, under the name `keel ls` uses
     assert "status     completed" in text
     assert "completed  2026-11-24 04:00:00.900Z (900ms)" in text
     assert "invoice-1" in text and '"a": 1' in text

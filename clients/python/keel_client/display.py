@@ -197,7 +197,7 @@ def run_lines(run: Run, now: datetime | None = None) -> list[str]:
     """The whole run for `keel get`: header fields, steps, children, failure ledger, final snapshot."""
     lines = [
         f"run        {run.run_id}",
-        f"op         {run.op_id}",
+        f"pipeline   {run.op_id}",  # a lone op's id for a single-op run
         f"status     {run.status.value}",
         f"manifest   {run.manifest_id}",
         f"created    {when(run.created_at)}",
