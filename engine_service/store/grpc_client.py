@@ -276,7 +276,8 @@ class _AppendBatcher:
         self._sending.discard(task)
         ended: BaseException | None = asyncio.CancelledError() if task.cancelled() else task.exception()
         if ended is not None:
-            error = _each_its_own(ended)
+            # Closed under it (the channel refuses new calls): what its caller would get queued.
+            error = _closed if self._closed else _each_its_own(ended)
             for waiting in batch:
                 _settle(waiting, error())
         if counted:
@@ -305,8 +306,8 @@ class _AppendBatcher:
         seconds = max(waiting.deadline - time.monotonic(), 0.001)
         try:
             response = await self._stub.AppendEvents(waiting.request, timeout=seconds)
-        except Exception as error:  # the caller's try raises it
-            _settle(waiting, error)
+        except Exception as error:  # the caller's try raises it (once closed: closed, as if queued)
+            _settle(waiting, _closed() if self._closed else error)
         else:
             _settle(waiting, response)
 

@@ -457,3 +457,25 @@ async def test_a_batch_refused_as_a_whole_gives_each_append_the_refusals_reason(
         await client.close()
         await server.stop(None)
         await backend.close()
+
+
+@pytest.mark.parametrize("appends", [1, 3])
+async def test_appends_whose_send_meets_a_closed_channel_fail_as_closed(appends: int) -> None:
+    # The client closes after a flush made its send but before the send began: the channel then
+    # refuses the call with a UsageError, which used to reach the caller bare (a lone append) or
+    # as an internal error (a batch); it is the same as an append queued when the client closed.
+    client = StoreClient("127.0.0.1:1", patience=600)
+    batcher = next(iter(client._batchers.values()))
+    flush = batcher._flush
+    closing: list[asyncio.Future[None]] = []
+
+    def flush_then_close() -> None:
+        closing.append(asyncio.ensure_future(client.close()))  # its first step runs before the send's
+        flush()
+
+    batcher._flush = flush_then_close  # type: ignore[method-assign]
+    made = [client.append(f"run:{i}", [("A", b"1")], expected_seq=None) for i in range(appends)]
+    outcomes = await asyncio.wait_for(asyncio.gather(*made, return_exceptions=True), 60)
+    await asyncio.gather(*closing)
+    for outcome in outcomes:
+        assert isinstance(outcome, KeelError) and outcome.code == "store_client_closed", outcome
