@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -331,15 +330,16 @@ class ChildRuns:
         """The `children` wait's resolver (keel.fan_out): None while a child it names is unfinished;
         once all ended, the step's output (each child's `main` output and status) or its failure.
 
-        One indexed listing of the run's unfinished children answers "not yet"; only at the end is
-        each child read. A child whose spawn was recorded but never started is started here.
+        One indexed listing of the run's children answers "not yet" (a child it names is running or
+        parked) and, at the end, tells which held child histories are current; only at the end is a
+        child not held here read. A child whose spawn was recorded but never started is started here.
         """
         ids = [str(child) for child in waiting.wait.detail.get("children", [])]
-        if set(ids) & await self._unfinished_children(run_id):
+        listed = await self._children_listed(run_id)
+        if any(child in listed and listed[child].status in RUN_LIVE_LABELS for child in ids):
             return None
         children: list[dict[str, Any]] = []
         results: list[Any] = []
-        listed = await self._children_listed(run_id)
         parent_created_us = await self.reader.created_at_us(run_id) or 0
         for child_id in ids:
             history = self._held_history(child_id, listed.get(child_id), parent_created_us)
@@ -369,15 +369,13 @@ class ChildRuns:
             )
         return WaitOutcome(output={"results": results, "children": children})
 
-    async def _children_listed(self, run_id: str, statuses: Sequence[str] = ()) -> dict[str, StreamSummary]:
-        """The run's child streams whose label is in `statuses` (all when empty), from the store's
-        attribute index (one listing per 1,000)."""
+    async def _children_listed(self, run_id: str) -> dict[str, StreamSummary]:
+        """The run's child streams, from the store's attribute index (one listing per 1,000)."""
         found: dict[str, StreamSummary] = {}
         token = ""
         while True:
             page, token = await self.store.list_streams(
                 prefix=RUN_STREAM_PREFIX,
-                statuses=statuses,
                 page_size=1000,
                 page_token=token,
                 attributes={PARENT_ATTRIBUTE: run_id},
@@ -385,10 +383,6 @@ class ChildRuns:
             found.update((run_id_of_stream(stream.stream_id), stream) for stream in page)
             if not token:
                 return found
-
-    async def _unfinished_children(self, run_id: str) -> set[str]:
-        """The run's children that are still running or parked."""
-        return set(await self._children_listed(run_id, RUN_LIVE_LABELS))
 
     async def _start_never_started(self, request: ChildAwaitRequest) -> None:
         """A child whose spawn was recorded but which never started: start it now."""

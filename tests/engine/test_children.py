@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import pytest
 from keel.engine.v1 import engine_pb2
 from keel.store.v1 import store_pb2
 
-from engine_service.domain.child_runs import ChildSpawnRequest
+from engine_service.domain.child_runs import CHILDREN, ChildSpawnRequest
+from engine_service.domain.labels import PARENT_ATTRIBUTE
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from keel_core.json_values import from_value, to_value
 from tests.engine.conftest import CLOCK, Cluster
@@ -84,6 +87,37 @@ async def test_fan_out_reads_back_no_child_this_engine_finished(cluster: Cluster
     assert [c.status for c in run.children] == [engine_pb2.RUN_STATUS_COMPLETED] * 5
     assert calls["ReadEvents"] - before.get("ReadEvents", 0) < 5
     assert calls["HeadSeq"] - before.get("HeadSeq", 0) < 5
+
+
+async def test_fan_out_lists_its_children_once_for_its_check_and_its_end(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wait's "not yet" check and the end's reading used to list the children twice in a row.
+    # However many times the wait is checked (children may still run at first), each check lists
+    # the children once.
+    assert cluster.engine.engine is not None
+    env = cluster.engine.engine.env
+    listings: list[Mapping[str, str]] = []
+    checks = 0
+    list_streams, resolve = env.store.list_streams, env.wait_resolvers[CHILDREN]
+
+    async def listing(**arguments: Any) -> Any:
+        if PARENT_ATTRIBUTE in (arguments.get("attributes") or {}):
+            listings.append(arguments["attributes"])
+        return await list_streams(**arguments)
+
+    async def checking(run_id: str, waiting: Any) -> Any:
+        nonlocal checks
+        checks += 1
+        return await resolve(run_id, waiting)
+
+    monkeypatch.setattr(env.store, "list_streams", listing)
+    monkeypatch.setitem(env.wait_resolvers, CHILDREN, checking)
+    run = (await cluster.stub.StartRun(fan_out({"op_id": "keel.echo", "count": 3}))).run
+    assert run.status == engine_pb2.RUN_STATUS_COMPLETED, run.reason
+    assert [r["input"] for r in from_value(run.final_snapshot)["main"]["results"]] == [0, 1, 2]
+    assert checks >= 1
+    assert listings == [{PARENT_ATTRIBUTE: run.run_id}] * checks
 
 
 async def test_fan_out_of_a_failing_child_fails_the_parent_with_child_run_failed(cluster: Cluster) -> None:
