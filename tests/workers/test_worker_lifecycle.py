@@ -6,10 +6,12 @@ holds answering the recorded response."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -17,7 +19,7 @@ from google.protobuf import struct_pb2
 from keel.store.v1 import store_pb2, store_pb2_grpc
 from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 from keel_client import AsyncKeelClient
-from keel_client.worker import TaskContext, Worker, op
+from keel_client.worker import CallInfo, OpFailure, TaskContext, TaskIo, Worker, _worker_op, op
 
 from engine_service.domain.streams import task_stream_id
 from engine_service.domain.tasks import (
@@ -285,3 +287,142 @@ def test_op_descriptions_fit_one_attribute_and_read_back() -> None:
     kept = decode_op_descriptions(encoded)
     assert 1 < len(kept) < len(many) and all(many[key].startswith(value) for key, value in kept.items())
     assert encode_op_descriptions({}) == "" and decode_op_descriptions("not json") == {}
+
+
+RELEASE = threading.Event()
+TOLD = threading.Event()
+paid_keys: list[str] = []
+
+
+async def _pay(request: Any, call: CallInfo) -> Any:
+    paid_keys.append(call.fact_key)
+    return {"paid": request["amount"]}
+
+
+@op("blocking_pay")
+def blocking_pay(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """A plain op that blocks its thread (a synchronous SDK, say), then pays through ctx.io."""
+    RELEASE.wait(WITHIN)  # a hang detector, not a timing claim
+    receipt = ctx.io.call_blocking("payments", {"amount": input["n"]}, fact_key=f"pay:{ctx.run_id}")
+    return {"receipt": receipt, "in_a_thread": threading.current_thread() is not threading.main_thread()}
+
+
+LINGER = threading.Event()
+AFTER_STOP: list[str] = []
+
+
+@op("blocking_until_told")
+def blocking_until_told(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """A plain op that works until the worker tells it to stop, then tries to pay, then lingers."""
+    RELEASE.set()  # started
+    if ctx.cancelled.wait(WITHIN):
+        TOLD.set()
+    try:
+        ctx.io.call_blocking("payments", {"amount": 1}, fact_key=f"late:{ctx.run_id}")
+    except OpFailure as refused:
+        AFTER_STOP.append(refused.code)
+    LINGER.wait(WITHIN)  # a stopped op that runs on must not hold the worker's slot
+    return {"stopped": True}
+
+
+@op("quick")
+def quick(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+    """A plain op that answers at once."""
+    return {"quick": True}
+
+
+async def test_a_plain_op_that_blocks_keeps_its_claim_and_pays_once(stack: Stack) -> None:
+    # A blocking op used to run on the worker's event loop and stop its heartbeats: past the step's
+    # heartbeat timeout the claim lapsed and another attempt ran the op (and its payment) again.
+    # A plain `def` op runs in a thread; the heartbeats go on while it blocks.
+    RELEASE.clear()
+    paid_keys.clear()
+    worker = Worker(stack.engine, "block-q", ops=[blocking_pay], transports={"payments": _pay}, concurrency=2)
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with AsyncKeelClient(stack.engine) as client:
+            pipeline = _one_remote_step("s", "blocking_pay", "block-q", heartbeat_timeout="3s")
+            started = await client.start_run(pipeline, input={"n": 7})
+            # Six beats, one every second: blocked twice as long as the heartbeat timeout allows.
+            await eventually(
+                lambda: worker.heartbeats >= 6, "six heartbeats while the op blocks", within=WITHIN, poll=0.05
+            )
+            RELEASE.set()
+            run = await finished(client, started.run_id)
+            assert run.status.name == "COMPLETED", run
+            assert run.final_snapshot["s"] == {"receipt": {"paid": 7}, "in_a_thread": True}
+            assert [a.attempt for a in run.steps[0].attempts] == [0]
+            assert paid_keys == [f"pay:{started.run_id}"]
+    finally:
+        RELEASE.set()
+        worker.stop()
+        await serving
+
+
+async def test_a_plain_op_is_told_when_its_run_is_canceled_and_calls_nothing_after(stack: Stack) -> None:
+    RELEASE.clear()
+    TOLD.clear()
+    LINGER.clear()
+    AFTER_STOP.clear()
+    paid_keys.clear()
+    worker = Worker(
+        stack.engine,
+        "told-q",
+        ops=[blocking_until_told, quick],
+        transports={"payments": _pay},
+        concurrency=1,
+        heartbeat_every=0.1,
+    )
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with AsyncKeelClient(stack.engine) as client:
+            started = await client.start_run(_one_remote_step("s", "blocking_until_told", "told-q"))
+            await asyncio.to_thread(RELEASE.wait, WITHIN)
+            await client.cancel(started.run_id)
+            assert await asyncio.to_thread(TOLD.wait, WITHIN)
+            run = await finished(client, started.run_id)
+            assert run.status.name == "CANCELED"
+            await eventually(lambda: AFTER_STOP, "the stopped op's call refused", within=WITHIN, poll=0.05)
+            assert AFTER_STOP == ["task_stopped"]
+            assert paid_keys == []  # its thread runs on, but calls nothing
+            # The stopped op still runs in its thread; the worker's one slot is free for the next.
+            second = await client.start_run(_one_remote_step("q", "quick", "told-q"))
+            run = await finished(client, second.run_id)
+            assert run.status.name == "COMPLETED" and run.final_snapshot["q"] == {"quick": True}
+    finally:
+        LINGER.set()
+        worker.stop()
+        await serving
+
+
+def test_an_async_op_behind_a_sync_wrapper_is_not_run_in_a_thread() -> None:
+    def logged(function: Any) -> Any:
+        @functools.wraps(function)
+        def wrapper(*args: Any) -> Any:
+            return function(*args)
+
+        return wrapper
+
+    @op("wrapped")
+    @logged
+    async def wrapped(ctx: TaskContext, op_config: Any, input: Any) -> Any:
+        return {}
+
+    class Callable_:
+        async def __call__(self, ctx: TaskContext, op_config: Any, input: Any) -> Any:
+            return {}
+
+    assert not _worker_op(wrapped).blocking
+    assert not _worker_op(op("called")(Callable_())).blocking
+    assert _worker_op(blocking_pay).blocking
+
+
+def test_io_call_blocking_on_the_event_loop_is_refused_not_a_deadlock() -> None:
+    async def main() -> None:
+        running = cast(Any, object())
+        io = TaskIo(running, {}, asyncio.get_running_loop(), threading.Event())
+        with pytest.raises(OpFailure) as refused:
+            io.call_blocking("payments", {}, fact_key="k")
+        assert refused.value.code == "blocking_call_on_event_loop"
+
+    asyncio.run(main())

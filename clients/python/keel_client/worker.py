@@ -11,7 +11,9 @@
     Worker("127.0.0.1:7070", "payments", ops=[charge], transports={"payments": call_payments}).run()
 
 An op has the shape of an in-process op: `async (ctx, op_config, input) -> JSON`, where `ctx` holds
-`run_id`, `step_id`, `attempt`, `input`, `context` (what the step sees) and `io`. I/O goes through
+`run_id`, `step_id`, `attempt`, `input`, `context` (what the step sees), `io` and `cancelled`. An op
+may also be a plain `def`: it runs in a thread of the worker's own, so blocking it does not stop the
+heartbeats; it calls `ctx.io.call_blocking` and watches `ctx.cancelled`. I/O goes through
 `ctx.io.call(namespace, request, fact_key)`: an answer already recorded in the run is returned
 without calling; otherwise the worker's transport for `namespace` is called and its answer recorded
 (RecordFact) before the op sees it, so a retried attempt (on this worker or another) never repeats it.
@@ -27,13 +29,18 @@ another worker or a timeout decided it. See docs/workers.md.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import copy
+import functools
+import inspect
 import json
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -53,8 +60,12 @@ from keel_core.json_values import from_value, to_value
 
 log = logging.getLogger("keel_client.worker")
 
-OpFunction = Callable[["TaskContext", Any, Any], Awaitable[Any]]
+# An op: `async def` (runs on the worker's event loop), or a plain function (runs in a thread of the
+# worker's own, so a blocking op does not stop the heartbeats that keep its claim).
+OpFunction = Callable[["TaskContext", Any, Any], Awaitable[Any]] | Callable[["TaskContext", Any, Any], Any]
 DEFAULT_POLL_WAIT = 20.0
+# How often a plain op's io.call_blocking looks whether its op was stopped while it waits.
+BLOCKING_CALL_LOOK = 0.5
 # Unary calls other than PollTask give up after this long (and are retried while UNAVAILABLE).
 CALL_DEADLINE = 30.0
 
@@ -83,13 +94,27 @@ class WorkerOp:
     description: str
     function: OpFunction
 
+    @property
+    def blocking(self) -> bool:
+        """A plain function, run in a thread (an `async def` op runs on the event loop)."""
+        function = inspect.unwrap(self.function)
+        return not (
+            inspect.iscoroutinefunction(function)
+            or inspect.iscoroutinefunction(type(function).__call__)  # an object with `async __call__`
+        )
+
 
 def op(op_id: str, *, version: str = "1", description: str = "") -> Callable[[OpFunction], OpFunction]:
-    """Declare an async function `(ctx, op_config, input) -> JSON` as the op `op_id` at `version`."""
+    """Declare a function `(ctx, op_config, input) -> JSON` as the op `op_id` at `version`.
+
+    An `async def` op runs on the worker's event loop and must not block it; a plain `def` op runs
+    in a thread of its own, uses `ctx.io.call_blocking`, and looks at `ctx.cancelled` to stop early
+    when its run is canceled or its claim is lost.
+    """
 
     def declare(function: OpFunction) -> OpFunction:
         summary = description or next(iter((function.__doc__ or "").strip().splitlines()), "")
-        function.__keel_op__ = WorkerOp(op_id, version, summary, function)  # type: ignore[attr-defined]
+        function.__keel_op__ = WorkerOp(op_id, version, summary, function)  # type: ignore[union-attr]
         return function
 
     return declare
@@ -118,9 +143,52 @@ class OpFailure(Exception):
 class TaskIo:
     """`ctx.io`: calls become facts of the run, recorded before the op sees their answer."""
 
-    def __init__(self, running: _RunningTask, transports: Mapping[str, Transport]) -> None:
+    def __init__(
+        self,
+        running: _RunningTask,
+        transports: Mapping[str, Transport],
+        loop: asyncio.AbstractEventLoop,
+        stopped: threading.Event,
+    ) -> None:
         self._task = running
         self._transports = transports
+        self._loop = loop
+        self._stopped = stopped  # the op's ctx.cancelled
+
+    def call_blocking(self, namespace: str, request: Any, fact_key: str) -> Any:
+        """`call` from a plain (`def`) op's thread: waits for the answer, recorded first."""
+        with contextlib.suppress(RuntimeError):  # no running loop in this thread: as it should be
+            if asyncio.get_running_loop() is self._loop:
+                raise OpFailure(
+                    "blocking_call_on_event_loop",
+                    f"io.call_blocking({namespace!r}) was called on the worker's event loop, which it "
+                    "would block for ever: an async op awaits ctx.io.call(...) instead",
+                    retryable=False,
+                )
+        self._refuse_if_stopped(namespace)
+        try:
+            answer = asyncio.run_coroutine_threadsafe(self.call(namespace, request, fact_key), self._loop)
+        except RuntimeError:  # the loop is closed: the worker is gone
+            raise self._stopped_error(namespace) from None
+        while True:  # never for ever: the worker may stop (its loop with it) while this waits
+            try:
+                return answer.result(timeout=BLOCKING_CALL_LOOK)
+            except concurrent.futures.TimeoutError:
+                if self._stopped.is_set() or self._loop.is_closed() or not self._loop.is_running():
+                    answer.cancel()
+                    raise self._stopped_error(namespace) from None
+
+    def _refuse_if_stopped(self, namespace: str) -> None:
+        if self._stopped.is_set():
+            raise self._stopped_error(namespace)
+
+    def _stopped_error(self, namespace: str) -> OpFailure:
+        return OpFailure(
+            "task_stopped",
+            f"io.call({namespace!r}) after the worker stopped this op (its run was canceled, its claim "
+            "was lost or the worker shut down): nothing was called",
+            retryable=True,
+        )
 
     async def call(self, namespace: str, request: Any, fact_key: str) -> Any:
         """The recorded answer for `fact_key`; else the transport's, recorded first (RecordFact)."""
@@ -142,6 +210,9 @@ class TaskIo:
             )
         task = self._task.task
         info = CallInfo(namespace, fact_key, task.run_id, task.step_id, task.attempt, task.fencing)
+        # A plain op's thread outlives its stop: once stopped, it calls nothing more (another
+        # attempt may be running the same call).
+        self._refuse_if_stopped(namespace)
         answer = await transport(copy.deepcopy(request), info)
         recorded = await self._task.record(namespace, fact_key, answer)
         facts[fact_key] = recorded
@@ -160,6 +231,9 @@ class TaskContext:
     io: TaskIo
     task_queue: str
     worker_id: str
+    # Set when the worker stops the op (its run was canceled, its claim lost, the worker shut
+    # down): a plain (`def`) op cannot be interrupted in its thread, so it looks at this to stop.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -179,6 +253,38 @@ class _RunningTask:
         )
         answer = await self.worker._call("RecordFact", request)
         return from_value(answer.response)
+
+
+async def _in_a_thread(call: Callable[[], Any], name: str) -> Any:
+    """`call()` in a daemon thread of its own (a stopped op that runs on holds no worker slot and
+    does not keep the process alive); an awaitable it returns (a sync wrapper of an async op) is
+    awaited here, on the loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():
+            return  # the op was stopped meanwhile: its late answer goes nowhere
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error if isinstance(error, Exception) else RuntimeError(repr(error)))
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = context.run(call)
+        except BaseException as raised:  # reaches the op's attempt as its failure
+            error = raised
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is gone
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    result = await done
+    if inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 class _Stale(Exception):
@@ -223,6 +329,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self.completed = 0  # tasks this worker completed (for tests and logs)
+        self.heartbeats = 0  # HeartbeatTask calls answered (for tests and logs)
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -351,24 +458,26 @@ class Worker:
     async def _execute(self, task: worker_pb2.Task) -> None:
         running = _RunningTask(task, self, {f.fact_key: from_value(f.response) for f in task.facts})
         worker_op = self.ops.get((task.op_id, task.op_version))
-        op_task: asyncio.Task[Any] | None = None
+        op_task: asyncio.Future[Any] | None = None
         try:
             if worker_op is None:
                 raise OpFailure(
                     "unknown_op", f"worker {self.worker_id} has no op {task.op_id}@{task.op_version}"
                 )
             context = await self._context_of(task)
+            stopped = threading.Event()
             ctx = TaskContext(
                 task.run_id,
                 task.step_id,
                 task.attempt,
                 from_value(task.input),
                 context,
-                TaskIo(running, self.transports),
+                TaskIo(running, self.transports, asyncio.get_running_loop(), stopped),
                 task.task_queue,
                 self.worker_id,
+                stopped,
             )
-            op_task = asyncio.ensure_future(worker_op.function(ctx, from_value(task.op_config), ctx.input))
+            op_task = self._start_op(worker_op, ctx, from_value(task.op_config))
             await self._run_with_heartbeats(running, op_task)
             output = op_task.result()
             await self._call(
@@ -393,7 +502,19 @@ class Worker:
             if op_task is not None and not op_task.done():
                 op_task.cancel()
 
-    async def _run_with_heartbeats(self, running: _RunningTask, op_task: asyncio.Task[Any]) -> None:
+    def _start_op(self, worker_op: WorkerOp, ctx: TaskContext, op_config: Any) -> asyncio.Future[Any]:
+        """The op running: on the event loop, or (a plain function) in one of the worker's threads."""
+        running: asyncio.Future[Any]
+        if worker_op.blocking:
+            call = functools.partial(worker_op.function, ctx, op_config, ctx.input)
+            running = asyncio.ensure_future(_in_a_thread(call, f"keel-op {ctx.run_id}/{ctx.step_id}"))
+        else:
+            running = asyncio.ensure_future(worker_op.function(ctx, op_config, ctx.input))
+        # Cancelling the task does not stop a thread: the op is told (ctx.cancelled), and stops itself.
+        running.add_done_callback(lambda done: ctx.cancelled.set() if done.cancelled() else None)
+        return running
+
+    async def _run_with_heartbeats(self, running: _RunningTask, op_task: asyncio.Future[Any]) -> None:
         """Wait for the op, heartbeating; a cancel of the run or a stale claim cancels it."""
         task = running.task
         every = self.heartbeat_every
@@ -410,6 +531,7 @@ class Worker:
             except _Stale:
                 op_task.cancel()
                 raise
+            self.heartbeats += 1
             if beat.cancel_requested:
                 op_task.cancel()
                 raise _Stale("the run asked the task to stop")
