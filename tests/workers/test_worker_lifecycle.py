@@ -19,7 +19,7 @@ from google.protobuf import struct_pb2
 from keel.store.v1 import store_pb2, store_pb2_grpc
 from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 from keel_client import AsyncKeelClient
-from keel_client.worker import CallInfo, OpFailure, TaskContext, TaskIo, Worker, _worker_op, op
+from keel_client.worker import CallInfo, OpFailure, TaskContext, TaskIo, Worker, _in_a_thread, _worker_op, op
 
 from engine_service.domain.streams import task_stream_id
 from engine_service.domain.tasks import (
@@ -395,26 +395,36 @@ async def test_a_plain_op_is_told_when_its_run_is_canceled_and_calls_nothing_aft
         await serving
 
 
-def test_an_async_op_behind_a_sync_wrapper_is_not_run_in_a_thread() -> None:
+def test_which_ops_run_in_a_thread_and_what_a_thread_op_hands_back() -> None:
     def logged(function: Any) -> Any:
         @functools.wraps(function)
         def wrapper(*args: Any) -> Any:
-            return function(*args)
+            return function(*args)  # a sync wrapper: the coroutine it returns is awaited on the loop
 
         return wrapper
 
-    @op("wrapped")
     @logged
     async def wrapped(ctx: TaskContext, op_config: Any, input: Any) -> Any:
-        return {}
+        return {"wrapped": True}
 
-    class Callable_:
+    class Called:
         async def __call__(self, ctx: TaskContext, op_config: Any, input: Any) -> Any:
             return {}
 
-    assert not _worker_op(wrapped).blocking
-    assert not _worker_op(op("called")(Callable_())).blocking
+    def stops() -> Any:
+        raise StopIteration  # a future cannot hold it: it hung the op for ever
+
+    assert _worker_op(op("wrapped")(wrapped)).blocking  # what is called is sync
+    assert not _worker_op(op("called")(Called())).blocking
+    assert not _worker_op(op("partial")(functools.partial(wrapped.__wrapped__))).blocking
     assert _worker_op(blocking_pay).blocking
+
+    async def main() -> None:
+        assert await _in_a_thread(lambda: wrapped(None, None, None), "t") == {"wrapped": True}
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(_in_a_thread(stops, "t"), WITHIN)  # a hang detector
+
+    asyncio.run(main())
 
 
 def test_io_call_blocking_on_the_event_loop_is_refused_not_a_deadlock() -> None:

@@ -97,7 +97,7 @@ class WorkerOp:
     @property
     def blocking(self) -> bool:
         """A plain function, run in a thread (an `async def` op runs on the event loop)."""
-        function = inspect.unwrap(self.function)
+        function = self.function  # as called: a sync adapter of an async function is sync
         return not (
             inspect.iscoroutinefunction(function)
             or inspect.iscoroutinefunction(type(function).__call__)  # an object with `async __call__`
@@ -175,7 +175,8 @@ class TaskIo:
                 return answer.result(timeout=BLOCKING_CALL_LOOK)
             except concurrent.futures.TimeoutError:
                 if self._stopped.is_set() or self._loop.is_closed() or not self._loop.is_running():
-                    answer.cancel()
+                    if not self._loop.is_closed():
+                        answer.cancel()
                     raise self._stopped_error(namespace) from None
 
     def _refuse_if_stopped(self, namespace: str) -> None:
@@ -268,8 +269,12 @@ async def _in_a_thread(call: Callable[[], Any], name: str) -> Any:
             return  # the op was stopped meanwhile: its late answer goes nowhere
         if error is None:
             done.set_result(result)
-        else:
-            done.set_exception(error if isinstance(error, Exception) else RuntimeError(repr(error)))
+        elif isinstance(error, Exception) and not isinstance(error, StopIteration):
+            done.set_exception(error)
+        else:  # what a future cannot hold (StopIteration, KeyboardInterrupt...): as a coroutine would
+            failure = RuntimeError(f"the op raised {error!r}")
+            failure.__cause__ = error
+            done.set_exception(failure)
 
     def run() -> None:
         result, error = None, None
@@ -528,7 +533,7 @@ class Worker:
                 beat = await self._call(
                     "HeartbeatTask", worker_pb2.HeartbeatTaskRequest(task_token=task.task_token)
                 )
-            except _Stale:
+            except BaseException:  # stale, or no engine to beat to: stop the op before failing its task
                 op_task.cancel()
                 raise
             self.heartbeats += 1
