@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -23,6 +23,8 @@ from store_service.server import StoreConfig, StoreServingHandle, start_store
 from store_service.sqlite import SqliteStoreBackend
 from store_service.wire.servicer import StoreServicer
 from tests.engine.processes import start_store_process
+
+ServicerT = TypeVar("ServicerT", bound=StoreServicer)
 
 # Long enough for the store to commit and answer even on a loaded machine.
 EAT_SECONDS = 1.5
@@ -199,28 +201,40 @@ class _OlderStore(StoreServicer):
         raise AssertionError("abort returned")
 
 
-async def test_a_store_without_batches_is_sent_appends_one_by_one(tmp_path: Path) -> None:
-    backend = SqliteStoreBackend.in_directory(tmp_path / "older")
+@contextlib.asynccontextmanager
+async def serving(
+    servicer_type: Callable[[SqliteStoreBackend], ServicerT], directory: Path
+) -> AsyncIterator[tuple[ServicerT, int]]:
+    """An in-process store of a servicer of the test's own on a SQLite backend: it and its port."""
+    backend = SqliteStoreBackend.in_directory(directory)
     await backend.open()
-    server = grpc.aio.server()
-    store_pb2_grpc.add_StoreServiceServicer_to_server(_OlderStore(backend), server)
+    servicer = servicer_type(backend)
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # the store's: a held call's pings are welcome
+    store_pb2_grpc.add_StoreServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = StoreClient(f"127.0.0.1:{port}")
     try:
-        streams = [f"run:{i}" for i in range(6)]
-        for round_ in (1, 2):  # the first is refused as a batch and re-sent; the second is never batched
-            results = await asyncio.gather(
-                *(client.append(s, [("E", b"x")], expected_seq=(round_ - 1) or None) for s in streams)
-            )
-            assert [r.head_seq for r in results] == [round_] * 6
-        assert client.calls["AppendEventsBatch"] == 1
-        for stream in streams:
-            assert [e.seq for e in await client.read(stream)] == [1, 2]
+        yield servicer, port
     finally:
-        await client.close()
         await server.stop(None)
         await backend.close()
+
+
+async def test_a_store_without_batches_is_sent_appends_one_by_one(tmp_path: Path) -> None:
+    async with serving(_OlderStore, tmp_path / "older") as (_, port):
+        client = StoreClient(f"127.0.0.1:{port}")
+        try:
+            streams = [f"run:{i}" for i in range(6)]
+            for round_ in (1, 2):  # the first is refused as a batch and re-sent; the second is never batched
+                results = await asyncio.gather(
+                    *(client.append(s, [("E", b"x")], expected_seq=(round_ - 1) or None) for s in streams)
+                )
+                assert [r.head_seq for r in results] == [round_] * 6
+            assert client.calls["AppendEventsBatch"] == 1
+            for stream in streams:
+                assert [e.seq for e in await client.read(stream)] == [1, 2]
+        finally:
+            await client.close()
 
 
 async def test_conflict_with_someone_elses_events_is_still_a_conflict(store: StoreServingHandle) -> None:
@@ -330,17 +344,9 @@ class _HeldStore(StoreServicer):
 @pytest.fixture
 async def held_store(tmp_path: Path) -> AsyncIterator[tuple[_HeldStore, int]]:
     """An in-process store whose batches wait to be released."""
-    backend = SqliteStoreBackend.in_directory(tmp_path / "held")
-    await backend.open()
-    servicer = _HeldStore(backend)
-    server = grpc.aio.server(options=SERVER_OPTIONS)  # the store's: a held call's pings are welcome
-    store_pb2_grpc.add_StoreServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield servicer, port
-    servicer.release.set()
-    await server.stop(None)
-    await backend.close()
+    async with serving(_HeldStore, tmp_path / "held") as (servicer, port):
+        yield servicer, port
+        servicer.release.set()
 
 
 async def test_an_append_in_a_batch_is_failed_at_its_own_time_not_its_neighbours(
@@ -436,27 +442,23 @@ class _RefusingStore(StoreServicer):
 async def test_a_batch_refused_as_a_whole_gives_each_append_the_refusals_reason(tmp_path: Path) -> None:
     # Each append of a refused batch is given its own copy of the error; the copies used to drop
     # the trailing metadata, so the ErrorInfo reason became `internal`.
-    backend = SqliteStoreBackend.in_directory(tmp_path / "refusing")
-    await backend.open()
-    server = grpc.aio.server()
-    store_pb2_grpc.add_StoreServiceServicer_to_server(_RefusingStore(backend), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    client = StoreClient(f"127.0.0.1:{port}")
-    try:
-        outcomes = await asyncio.gather(
-            *(client.append(f"run:{i}", [("A", b"1")], expected_seq=None) for i in range(3)),
-            return_exceptions=True,
-        )
-        assert client.calls["AppendEventsBatch"] >= 1  # at least two of them went together
-        for outcome in outcomes:
-            assert isinstance(outcome, KeelError), outcome
-            assert (outcome.code, outcome.category) == ("store_read_only", ErrorCategory.FAILED_PRECONDITION)
-            assert "read-only for maintenance" in outcome.message
-    finally:
-        await client.close()
-        await server.stop(None)
-        await backend.close()
+    async with serving(_RefusingStore, tmp_path / "refusing") as (_, port):
+        client = StoreClient(f"127.0.0.1:{port}")
+        try:
+            outcomes = await asyncio.gather(
+                *(client.append(f"run:{i}", [("A", b"1")], expected_seq=None) for i in range(3)),
+                return_exceptions=True,
+            )
+            assert client.calls["AppendEventsBatch"] >= 1  # at least two of them went together
+            for outcome in outcomes:
+                assert isinstance(outcome, KeelError), outcome
+                assert (outcome.code, outcome.category) == (
+                    "store_read_only",
+                    ErrorCategory.FAILED_PRECONDITION,
+                )
+                assert "read-only for maintenance" in outcome.message
+        finally:
+            await client.close()
 
 
 @pytest.mark.parametrize("appends", [1, 3])

@@ -174,7 +174,7 @@ class TaskIo:
             try:
                 return answer.result(timeout=BLOCKING_CALL_LOOK)
             except concurrent.futures.TimeoutError:
-                if self._stopped.is_set() or self._loop.is_closed() or not self._loop.is_running():
+                if self._stopped.is_set() or not self._loop.is_running():  # a closed loop runs no more
                     if not self._loop.is_closed():
                         answer.cancel()
                     raise self._stopped_error(namespace) from None
