@@ -231,6 +231,7 @@ def _since(started: float) -> float:
 def _metered(definition: OpDefinition) -> OpFunction:
     op_id = definition.op_id
     function = definition.function
+    seconds: dict[str, Any] = {}  # outcome -> its series, looked up once (a series shows once used)
 
     async def metered(ctx: StepContext, op_config: Any, input: Any) -> Any:
         with log_context(run_id=ctx.run_id, step_id=ctx.step_id, attempt=ctx.attempt, op_id=op_id):
@@ -249,7 +250,9 @@ def _metered(definition: OpDefinition) -> OpFunction:
                 log.warning("step attempt failed after %.3fs (op %s): %s", _since(started), op_id, error)
                 raise
             finally:
-                STEP_SECONDS.labels(op_id, outcome).observe(_since(started))
+                if outcome not in seconds:
+                    seconds[outcome] = STEP_SECONDS.labels(op_id, outcome)
+                seconds[outcome].observe(_since(started))
             log.info("step attempt completed in %.3fs (op %s)", _since(started), op_id)
             return output
 

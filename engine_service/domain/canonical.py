@@ -8,11 +8,15 @@ from typing import Any
 from keel_core.content import content_id
 from keel_core.errors import invalid_argument
 
+# One encoder for every call: json.dumps with options builds a new one each time (a third of the
+# cost of encoding an event).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
 
 def canonical_json_bytes(data: Any) -> bytes:
     """`data` as canonical JSON bytes (the form manifests and snapshots are hashed in)."""
     try:
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _CANONICAL.encode(data)
         # A lone surrogate (os.fsdecode of a non-UTF-8 name, say) is a str but no UTF-8: refused
         # here too (UnicodeEncodeError is a ValueError), not left to fail a caller as a retryable bug.
         return text.encode("utf-8")
@@ -22,6 +26,16 @@ def canonical_json_bytes(data: Any) -> bytes:
 
 # The content id the store gives these bytes (`sha256:<hex>`), defined once in keel_core.content.
 artifact_id_for_bytes = content_id
+
+
+def json_copy(value: Any) -> Any:
+    """A copy of a JSON value (dicts, lists, scalars) that shares nothing mutable with it: deepcopy's
+    result for such values, at a third of its cost."""
+    if isinstance(value, dict):
+        return {key: json_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_copy(item) for item in value]
+    return value
 
 
 def parse_json_bytes(data: bytes) -> Any:

@@ -14,7 +14,7 @@ or fails such a run) still ends the run.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from engine_service.domain.events import (
     CorruptEvent,
@@ -105,7 +105,6 @@ class _Folder:
     """Mutable accumulator behind `extend`; it copies the history's maps once per call."""
 
     def __init__(self, base: RunHistory) -> None:
-        self.base = base
         self.head = base.head_seq
         self.started = base.started
         self.completed = dict(base.completed_steps)
@@ -128,8 +127,7 @@ class _Folder:
                 continue
             if self.corrupt is None or isinstance(event, RunCompleted):
                 self.apply(event)
-        return replace(
-            self.base,
+        return RunHistory(  # every field: a constructor is several times faster than replace()
             head_seq=self.head,
             started=self.started,
             completed_steps=self.completed,

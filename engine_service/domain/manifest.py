@@ -11,6 +11,7 @@ Layout::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,11 @@ class RunManifest:
         }
 
     def canonical_bytes(self) -> bytes:
-        """The manifest's canonical JSON bytes."""
+        """The manifest's canonical JSON bytes (encoded once: a manifest is never changed)."""
+        return self._canonical_bytes
+
+    @functools.cached_property
+    def _canonical_bytes(self) -> bytes:
         return canonical_json_bytes(self.to_json())
 
     def manifest_id(self) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -66,7 +65,7 @@ from engine_service.domain import (
     step_context,
     with_step_output,
 )
-from engine_service.domain.canonical import artifact_id_for_bytes, parse_json_bytes
+from engine_service.domain.canonical import artifact_id_for_bytes, json_copy, parse_json_bytes
 from engine_service.domain.child_runs import CHILDREN, parent_nudge
 from engine_service.domain.context import SNAPSHOT_ARTIFACT_KIND
 from engine_service.domain.decision import ParkRun, SettleWaits
@@ -268,6 +267,10 @@ class RunDriver:
                             await self._settle_due(waiting)
                     case ParkRun():
                         await self._park(action.due_at_us)
+                    case RunSteps() if self._runs_inline(action):
+                        await self._traced_step(action.steps[0])
+                        self._poked = False  # the loop decides again now, offering the waits first
+                        self._check_waits = True
                     case RunSteps():
                         for step in action.steps:
                             self._start_step(step)
@@ -283,6 +286,16 @@ class RunDriver:
                 self._lingering.cancel()
             for watcher in list(self._watchers):
                 watcher.cancel()
+
+    def _runs_inline(self, action: RunSteps) -> bool:
+        """Whether the attempt runs in the driver's own task: a lone local step, nothing else running
+        or waiting and no due time, so that only its end can change what is decided next (a poke
+        meanwhile has no wait to offer). A sequential pipeline's steps then cost no task, no wait and
+        no wake-up each; a cancel of the driver (a park, a terminalize) reaches the op directly."""
+        if len(action.steps) != 1 or self._steps or action.wake_at_us or self.history.waiting:
+            return False
+        step = action.steps[0]
+        return not step.delay_ms and not step.adopt and not self.plan.step(step.step_id).task_queue
 
     def _start_step(self, action: RunStep) -> None:
         self._steps[action.step_id] = asyncio.create_task(
@@ -810,7 +823,9 @@ class RunDriver:
         timer = loop.call_later(self.checkpoint_linger or VISIBLE_WITHIN, watch)
         try:
             return await definition.function(
-                ctx, copy.deepcopy(op_config), copy.deepcopy(self.manifest.input)
+                ctx,
+                json_copy(op_config),
+                json_copy(self.manifest.input),  # both are JSON
             )
         finally:
             timer.cancel()

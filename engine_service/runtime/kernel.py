@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from engine_service.domain import (
     BuildProvenance,
+    PipelineSpec,
     Plan,
     RunCompleted,
     RunHistory,
@@ -59,7 +60,7 @@ from engine_service.runtime.driving import Drivers
 from engine_service.runtime.environment import RunEnvironment, Signals
 from engine_service.runtime.leases import Lease, Leases
 from engine_service.runtime.parking import Waker
-from engine_service.runtime.reader import RecentArtifacts, RunReader
+from engine_service.runtime.reader import RunReader
 from engine_service.runtime.recovery import Recovery
 from engine_service.runtime.registry import KeyedLocks, RunRegistry
 from engine_service.runtime.remote_steps import task_wait_resolver
@@ -73,6 +74,7 @@ from engine_service.runtime.views import RunViews
 from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, not_found
+from keel_core.recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +197,10 @@ class Engine:
         self.reruns = Reruns(env.store, self.reader, self)
         self.retention = Retention(env.store, self.reader, env.failpoints)
         # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
-        self._unreadable_runs: RecentArtifacts[KeelError] = RecentArtifacts(1000)
+        self._unreadable_runs: Recent[str, KeelError] = Recent(1000)
+        # Plans resolved lately, by their pipeline (one parsed pipeline is shared by the runs that
+        # name it: engine_service.wire.messages): the engine's ops never change while it lives.
+        self._plans: Recent[int, tuple[PipelineSpec, Plan]] = Recent(256)
         # One resumption of a run at a time here, and one start of a run id at a time.
         self._resuming = KeyedLocks()
         self._starts = KeyedLocks()
@@ -207,7 +212,13 @@ class Engine:
 
     def plan_for(self, manifest: RunManifest) -> Plan:
         """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
-        return resolve_plan(manifest.pipeline, self.env.ops)
+        pipeline = manifest.pipeline
+        known = self._plans.get(id(pipeline))
+        if known is not None and known[0] is pipeline:  # the entry holds it: its id is not reused
+            return known[1]
+        plan = resolve_plan(pipeline, self.env.ops)
+        self._plans.put(id(pipeline), (pipeline, plan))
+        return plan
 
     async def start_run(
         self,

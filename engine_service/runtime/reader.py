@@ -6,12 +6,11 @@ run's stream never changes again, so what was read or written once is kept in sm
 
 from __future__ import annotations
 
-import collections
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from engine_service.domain import (
     RunHistory,
@@ -32,36 +31,10 @@ from engine_service.domain.streams import (
 )
 from engine_service.store.port import EventLog, StreamEvent
 from keel_core.errors import ErrorCategory, KeelError, not_found
+from keel_core.recent import Recent
 
-V = TypeVar("V")
 # The subject of a ledger entry about the run as a whole (not one of its steps).
 RUN_LEDGER_SUBJECT = "_run"
-
-
-class RecentArtifacts(Generic[V]):
-    """A small LRU of decoded content-addressed artifacts (an id always names the same content)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: collections.OrderedDict[str, V] = collections.OrderedDict()
-        self._capacity = capacity
-
-    def get(self, artifact_id: str) -> V | None:
-        """The item, if held."""
-        item = self._items.get(artifact_id)
-        if item is not None:
-            self._items.move_to_end(artifact_id)
-        return item
-
-    def drop(self, artifact_id: str) -> None:
-        """Forget the item, if held."""
-        self._items.pop(artifact_id, None)
-
-    def put(self, artifact_id: str, item: V) -> None:
-        """Hold the item, dropping the least recently used beyond capacity."""
-        self._items[artifact_id] = item
-        self._items.move_to_end(artifact_id)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -84,13 +57,13 @@ class RunReader:
     def __init__(self, store: EventLog) -> None:
         self.store = store
         # Content-addressed, so never stale: final snapshots of runs it finished, manifests it used.
-        self._final_snapshots: RecentArtifacts[Any] = RecentArtifacts(1000)
-        self._manifests: RecentArtifacts[RunManifest] = RecentArtifacts(1000)
+        self._final_snapshots: Recent[str, Any] = Recent(1000)
+        self._manifests: Recent[str, RunManifest] = Recent(1000)
         # Every event of runs this engine started and finished: a terminal run's stream never
         # changes again, so its view needs no read of it.
-        self._finished_runs: RecentArtifacts[tuple[StoredEvent, ...]] = RecentArtifacts(1000)
+        self._finished_runs: Recent[str, tuple[StoredEvent, ...]] = Recent(1000)
         # Those of them whose terminal append found no child linked (their children stream empty).
-        self._childless_at_end: RecentArtifacts[bool] = RecentArtifacts(1000)
+        self._childless_at_end: Recent[str, bool] = Recent(1000)
 
     async def read_history(
         self, run_id: str, *, corrupt_ok: bool = False

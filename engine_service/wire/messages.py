@@ -58,6 +58,7 @@ from engine_service.runtime.views import (
 )
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import from_value, to_struct, to_value
+from keel_core.recent import Recent
 
 MAX_INPUT_BYTES = 1024 * 1024
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -116,13 +117,14 @@ def _json(value: Any, field: str, *, default: Any = None) -> Any:
 def _size_checked(data: Any, field: str, limit: int = MAX_INPUT_BYTES) -> Any:
     size = len(canonical_json_bytes(data))
     if size > limit:
-        raise invalid_argument(
-            "input_too_large",
-            f"{field} is {size} bytes of JSON; the limit is {limit}",
-            size=size,
-            limit=limit,
-        )
+        raise _too_large(field, size, limit)
     return data
+
+
+def _too_large(field: str, size: int, limit: int) -> KeelError:
+    return invalid_argument(
+        "input_too_large", f"{field} is {size} bytes of JSON; the limit is {limit}", size=size, limit=limit
+    )
 
 
 # google.protobuf.Duration's documented range: about 10,000 years, nanos within one second.
@@ -194,26 +196,21 @@ def run_config_from(message: engine_pb2.RunConfig) -> RunConfig:
     )
 
 
+# Clients start the same pipelines again and again: each one parsed and checked is kept by its
+# bytes (a PipelineSpec is immutable; ops get copies of its op configs). One that fails is not kept.
+_PIPELINES: Recent[bytes, PipelineSpec] = Recent(256)
+
+
 def pipeline_from(request: engine_pb2.StartRunRequest) -> PipelineSpec:
     """The pipeline a StartRun asks for (a single op becomes a one-step pipeline)."""
     target = request.WhichOneof("target")
     if target == "pipeline":
-        pipeline = request.pipeline
-        steps = tuple(
-            StepSpec(
-                step_id=step.step_id,
-                op_id=step.op_id,
-                op_version=step.op_version or "1",
-                op_config=_json(step.op_config, f"steps[{index}].op_config"),
-                depends_on=tuple(step.depends_on),
-                task_queue=step.task_queue,
-                timeouts=step_timeouts(step, f"steps[{index}]"),
-            )
-            for index, step in enumerate(pipeline.steps)
-        )
-        return PipelineSpec(
-            pipeline.pipeline_id, pipeline.pipeline_version or "1", steps, max_parallel=pipeline.max_parallel
-        )
+        key = request.pipeline.SerializeToString(deterministic=True)
+        pipeline = _PIPELINES.get(key)
+        if pipeline is None:
+            pipeline = _pipeline(request.pipeline)
+            _PIPELINES.put(key, pipeline)
+        return pipeline
     if target == "op":
         if not request.op.op_id:
             raise invalid_argument("invalid_plan", "op.op_id is required")
@@ -227,20 +224,43 @@ def pipeline_from(request: engine_pb2.StartRunRequest) -> PipelineSpec:
     raise invalid_argument("invalid_argument", "StartRun needs a target: `pipeline` or `op`")
 
 
+def _pipeline(pipeline: engine_pb2.Pipeline) -> PipelineSpec:
+    steps = tuple(
+        StepSpec(
+            step_id=step.step_id,
+            op_id=step.op_id,
+            op_version=step.op_version or "1",
+            op_config=_json(step.op_config, f"steps[{index}].op_config"),
+            depends_on=tuple(step.depends_on),
+            task_queue=step.task_queue,
+            timeouts=step_timeouts(step, f"steps[{index}]"),
+        )
+        for index, step in enumerate(pipeline.steps)
+    )
+    return PipelineSpec(
+        pipeline.pipeline_id, pipeline.pipeline_version or "1", steps, max_parallel=pipeline.max_parallel
+    )
+
+
 def manifest_from(request: engine_pb2.StartRunRequest, build: BuildProvenance) -> RunManifest:
     """The manifest of a StartRun, fully validated (nothing is written before this succeeds)."""
     pipeline = pipeline_from(request)
-    data = _size_checked(_json(request.input, "input"), "input")
+    data = _json(request.input, "input")
     context = _json(request.initial_context, "initial_context", default={})
     if not isinstance(context, dict):
         raise invalid_argument(
             "invalid_argument", f"initial_context must be a JSON object, got {type(context).__name__}"
         )
-    _size_checked(context, "initial_context")
     manifest = RunManifest(pipeline, data, context, run_config_from(request.run_config), build)
-    _size_checked(
-        manifest.to_json(), "the run's manifest (pipeline, op configs, input and context)", MAX_MANIFEST_BYTES
-    )
+    # Encoded once (the manifest keeps its bytes); input and context hold no more than the whole.
+    size = len(manifest.canonical_bytes())
+    if size > MAX_INPUT_BYTES:
+        _size_checked(data, "input")
+        _size_checked(context, "initial_context")
+    if size > MAX_MANIFEST_BYTES:
+        raise _too_large(
+            "the run's manifest (pipeline, op configs, input and context)", size, MAX_MANIFEST_BYTES
+        )
     return manifest
 
 
