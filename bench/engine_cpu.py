@@ -20,6 +20,7 @@ import statistics
 import time
 
 from engine_runs import pipeline
+from keel.engine.v1 import engine_pb2
 
 import engine_service.builtin_ops  # noqa: F401  (registers the keel.* ops)
 from engine_service.domain import BuildProvenance, TransportRegistry
@@ -30,7 +31,6 @@ from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
 from engine_service.store import InMemoryEventLog
 from engine_service.wire import messages
-from keel.engine.v1 import engine_pb2
 from keel_core.json_values import to_value
 
 BUILD = BuildProvenance("bench", "3", "none")
@@ -81,9 +81,8 @@ def main() -> None:
     figures = [asyncio.run(one_round(args.runs, args.concurrency)) for _ in range(args.rounds)]
     spread = ", ".join(f"{f * 1000:.3f}" for f in figures)
     print(f"engine_cpu: 3-step pipeline in process, {args.concurrency} in flight, pid {os.getpid()}")
-    print(
-        f"engine CPU per run (in process, no gRPC): {statistics.median(figures) * 1000:.3f} ms  (rounds: {spread})"
-    )
+    median = statistics.median(figures) * 1000
+    print(f"engine CPU per run (in process, no gRPC): {median:.3f} ms  (rounds: {spread})")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from keel.engine.v1 import engine_pb2
 
 from engine_service.domain import (
@@ -337,7 +337,9 @@ def _attempt(attempt: AttemptView) -> engine_pb2.StepAttempt:
     return message
 
 
-def _step(step: StepView) -> engine_pb2.StepState:
+def _step(
+    step: StepView, snapshot: dict[str, Any], snapshot_value: struct_pb2.Value | None
+) -> engine_pb2.StepState:
     out = engine_pb2.StepState(
         step_id=step.step_id,
         op_id=step.op_id,
@@ -348,7 +350,15 @@ def _step(step: StepView) -> engine_pb2.StepState:
         reused_from_run_id=step.reused_from_run_id,
         depends_on=step.depends_on,
     )
-    if step.has_output:
+    if (
+        step.has_output
+        and snapshot_value is not None
+        and step.step_id in snapshot
+        and snapshot[step.step_id] is step.output
+    ):
+        # The output is the final snapshot's entry, converted already: copied, not walked again.
+        out.output.CopyFrom(snapshot_value.struct_value.fields[step.step_id])
+    elif step.has_output:
         out.output.CopyFrom(to_value(step.output))
     waiting = step.waiting_for_signal
     if waiting is not None:
@@ -365,6 +375,8 @@ def _step(step: StepView) -> engine_pb2.StepState:
 
 def run_message(view: RunView) -> engine_pb2.Run:
     """A Run message from a RunView."""
+    snapshot = view.final_snapshot if view.final_snapshot_id and isinstance(view.final_snapshot, dict) else {}
+    snapshot_value = to_value(view.final_snapshot) if view.final_snapshot_id else None
     run = engine_pb2.Run(
         run_id=view.run_id,
         op_id=view.op_id,
@@ -375,7 +387,7 @@ def run_message(view: RunView) -> engine_pb2.Run:
         created_at=timestamp(view.created_at),
         updated_at=timestamp(view.updated_at),
         completed_at=timestamp(view.completed_at),
-        steps=[_step(s) for s in view.steps],
+        steps=[_step(s, snapshot, snapshot_value) for s in view.steps],
         final_snapshot_id=view.final_snapshot_id,
         reason=view.reason,
         error=error_detail(view.error),
@@ -401,8 +413,8 @@ def run_message(view: RunView) -> engine_pb2.Run:
             for e in view.failure_ledger
         ],
     )
-    if view.final_snapshot_id:
-        run.final_snapshot.CopyFrom(to_value(view.final_snapshot))
+    if snapshot_value is not None:
+        run.final_snapshot.CopyFrom(snapshot_value)
     if view.has_input:
         run.input.CopyFrom(to_value(view.input))
     return run
