@@ -8,7 +8,8 @@ Run: `.venv/bin/python bench/engine_runs.py [--scenario all|pipeline|fan-out|cal
 Scale-out (issue 5): `--backend postgres` runs M store replicas (`--stores`, default 1) on one
 fresh PostgreSQL schema (dropped afterwards) and N engines (`--engines`, default 1), each engine
 given every store address; the client spreads its runs round-robin over the engines (worker i
-always calls engine i mod N). CPU per run then sums all engines and all stores.
+always calls engine i mod N; a fan-out parent's children run on its engine). CPU per run then sums
+all engines and all stores. `--engines N` works on the SQLite store too (one store, N engines).
 
 A `store-service` (SQLite, full durability by default) and an `engine-service` run as
 subprocesses; this process is the client. Each run is one `StartRun(wait=true)` call (one client
@@ -169,14 +170,15 @@ async def measure(
 
 
 async def measure_fan_out(
-    stub: EngineServiceAsyncStub, parents: int, concurrency: int, children: int
+    stubs: list[EngineServiceAsyncStub], parents: int, concurrency: int, children: int
 ) -> tuple[float, list[float]]:
-    """Complete `parents` fan-out parents with `concurrency` in flight; returns (parents/s, latencies ms)."""
+    """Complete `parents` fan-out parents with `concurrency` in flight over the engines (a parent's
+    children run on its engine); returns (parents/s, latencies ms)."""
     config = to_value({"op_id": "keel.echo", "count": children})
     latencies: list[float] = []
     next_index = 0
 
-    async def worker() -> None:
+    async def worker(stub: EngineServiceAsyncStub) -> None:
         nonlocal next_index
         while next_index < parents:
             next_index += 1
@@ -195,7 +197,7 @@ async def measure_fan_out(
                 raise RuntimeError(f"parent {response.run_id} lists {len(response.run.children)} children")
 
     began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
     return parents / (time.perf_counter() - began), latencies
 
 
@@ -360,12 +362,11 @@ async def main() -> None:
                 if sequential_calls:
                     call_ms = await per_call_ms(stubs[0], args.calls)
                 if fan_outs:
-                    stub = stubs[0]
-                    await measure_fan_out(stub, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
+                    await measure_fan_out(stubs, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
                     fan_cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
                     fan_rpcs_before = await store_rpcs(metrics_urls)
                     fan_rate, fan_lat = await measure_fan_out(
-                        stub, args.parents, args.fan_out_concurrency, FAN_OUT
+                        stubs, args.parents, args.fan_out_concurrency, FAN_OUT
                     )
                     fan_cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
                     parent_rpcs = await store_rpcs(metrics_urls) - fan_rpcs_before

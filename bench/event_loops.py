@@ -199,13 +199,13 @@ async def engine_rounds(
             stubs[loop] = engine_pb2_grpc.EngineServiceStub(channel)
         for loop in LOOPS:  # warm-up
             await measure([stubs[loop]], 50, 8)
-            await measure_fan_out(stubs[loop], 4, 4, FAN_OUT)
+            await measure_fan_out([stubs[loop]], 4, 4, FAN_OUT)
         for round_no in range(rounds):
             for loop in round_order(round_no):
                 pids, stub = clusters[loop][0], stubs[loop]
                 await timed(pipelines, loop, pids, counted(measure([stub], runs, 32), runs))
                 await timed(
-                    fan_outs, loop, pids, counted(measure_fan_out(stub, parents, 8, FAN_OUT), parents)
+                    fan_outs, loop, pids, counted(measure_fan_out([stub], parents, 8, FAN_OUT), parents)
                 )
             print(f"  engine round {round_no + 1}/{rounds} done (load {load_average()})", flush=True)
     return [pipelines, fan_outs]

@@ -7,7 +7,9 @@ Each round runs, one after the other, Keel's `bench/engine_runs.py` and `bench/p
 same scenario (the 3-step pipeline with 32 in flight, then the fan-out parent of 10 children with 8 in
 flight), both on SQLite in WAL mode with full sync. It prints every measurement and, per scenario,
 the ratio of the medians over the rounds:
-`pipeline keel/dbos: 6.1x (keel 352.0/s p99 120 ms, dbos 57.3/s p99 1900 ms; medians of 3 rounds)`.
+`pipeline keel/dbos: 6.1x (keel, 1 engine(s), 352.0/s p99 120 ms, dbos 57.3/s p99 1900 ms; medians of 3
+rounds)`. `--engines N` runs N Keel engines on the one SQLite store (an engine is one process and
+uses one core; the client spreads its runs over them); DBOS runs as one process either way.
 The order within a round alternates, so neither side always runs on a warmer machine.
 """
 
@@ -47,7 +49,15 @@ def commands(args: argparse.Namespace, scenario: str) -> dict[str, list[str]]:
     """The Keel and DBOS command lines for one scenario."""
     amount = ["--runs", str(args.runs)] if scenario == "pipeline" else ["--parents", str(args.parents)]
     return {
-        "keel": [sys.executable, str(HERE.parent / "engine_runs.py"), "--scenario", scenario, *amount],
+        "keel": [
+            sys.executable,
+            str(HERE.parent / "engine_runs.py"),
+            "--scenario",
+            scenario,
+            *amount,
+            "--engines",
+            str(args.engines),
+        ],
         "dbos": [args.dbos_python, str(HERE / "dbos_runs.py"), "--scenario", scenario, *amount],
     }
 
@@ -62,6 +72,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1000, help="pipeline runs per measurement")
     parser.add_argument("--parents", type=int, default=80, help="fan-out parents per measurement")
     parser.add_argument("--scenario", choices=["all", "pipeline", "fan-out"], default="all")
+    parser.add_argument(
+        "--engines",
+        type=int,
+        default=1,
+        help="Keel engines sharing the one SQLite store (the client spreads its runs over them)",
+    )
     args = parser.parse_args()
     scenarios = ["pipeline", "fan-out"] if args.scenario == "all" else [args.scenario]
     for scenario in scenarios:
@@ -78,7 +94,8 @@ def main() -> None:
         keel_p99 = statistics.median(m.p99_ms for m in figures["keel"])
         dbos_p99 = statistics.median(m.p99_ms for m in figures["dbos"])
         print(
-            f"{scenario} keel/dbos: {keel / dbos:.2f}x (keel {keel:.1f}/s p99 {keel_p99:.0f} ms, "
+            f"{scenario} keel/dbos: {keel / dbos:.2f}x (keel, {args.engines} engine(s), {keel:.1f}/s p99 "
+            f"{keel_p99:.0f} ms, "
             f"dbos {dbos:.1f}/s p99 {dbos_p99:.0f} ms; medians of {args.rounds} rounds)"
         )
 

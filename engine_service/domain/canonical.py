@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -29,13 +30,16 @@ artifact_id_for_bytes = content_id
 
 
 def json_copy(value: Any) -> Any:
-    """A copy of a JSON value (dicts, lists, scalars) that shares nothing mutable with it: deepcopy's
-    result for such values, at a third of its cost."""
+    """A copy of `value` that shares nothing mutable with it: deepcopy's result, at a third of its
+    cost for JSON (dicts, lists, scalars); anything else (a tuple an op put in a request) is
+    deep-copied."""
     if isinstance(value, dict):
         return {key: json_copy(item) for key, item in value.items()}
     if isinstance(value, list):
         return [json_copy(item) for item in value]
-    return value
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return copy.deepcopy(value)
 
 
 def parse_json_bytes(data: bytes) -> Any:

@@ -268,9 +268,7 @@ class RunDriver:
                     case ParkRun():
                         await self._park(action.due_at_us)
                     case RunSteps() if self._runs_inline(action):
-                        await self._traced_step(action.steps[0])
-                        self._poked = False  # the loop decides again now, offering the waits first
-                        self._check_waits = True
+                        await self._inline_step(action.steps[0])
                     case RunSteps():
                         for step in action.steps:
                             self._start_step(step)
@@ -296,6 +294,26 @@ class RunDriver:
             return False
         step = action.steps[0]
         return not step.delay_ms and not step.adopt and not self.plan.step(step.step_id).task_queue
+
+    async def _inline_step(self, action: RunStep) -> None:
+        """Run the attempt in the driver's task, ending as a step task's end would end the driver.
+
+        A cancel of the driver stops it even when the op swallowed it; an op that raised
+        CancelledError of its own leaves its attempt open (it is run again, as an orphan), as a step
+        task that ended cancelled did. Then the loop gets a turn, as it did between step tasks.
+        """
+        driver = asyncio.current_task()
+        assert driver is not None
+        try:
+            await self._traced_step(action)
+        except asyncio.CancelledError:
+            if driver.cancelling():
+                raise
+        if driver.cancelling():
+            raise asyncio.CancelledError
+        self._poked = False  # the loop decides again now, offering the waits first
+        self._check_waits = True
+        await asyncio.sleep(0)
 
     def _start_step(self, action: RunStep) -> None:
         self._steps[action.step_id] = asyncio.create_task(
@@ -392,6 +410,11 @@ class RunDriver:
         if self.on_parked is not None:
             self.on_parked(self.run_id, due_at_us)
         raise RunParkedOut(self.run_id, due_at_us)
+
+    def lease_in_doubt(self) -> bool:
+        """Whether this engine can no longer vouch for the run's lease: lost, its trust ran out, or
+        refused here once (the driver is stopping for that, though the lease may be trusted again)."""
+        return self.lease is not None and (self._refused is not None or not self.lease.is_valid())
 
     @property
     def poked_since_check(self) -> bool:
@@ -650,8 +673,14 @@ class RunDriver:
                 self.children_head_at_end = appended.reported_heads[0]
 
     async def confirm_lease(self) -> None:
-        """Raise `lease_lost` unless the run's lease is held and valid (the driver then stops for good)."""
+        """Raise `lease_lost` unless the run's lease is held and valid (the driver then stops for good).
+
+        Once refused, always refused: a branch still running while the driver stops must start no
+        new call, even should the lease be trusted again meanwhile (its record landed late, say).
+        """
         assert self.lease is not None
+        if self._refused is not None:
+            raise self._refused
         try:
             await self.lease.confirm()
         except KeelError as error:

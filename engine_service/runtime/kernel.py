@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 from engine_service.domain import (
     BuildProvenance,
-    PipelineSpec,
     Plan,
     RunCompleted,
     RunHistory,
@@ -198,9 +197,6 @@ class Engine:
         self.retention = Retention(env.store, self.reader, env.failpoints)
         # Runs found to hold a corrupt event (it never goes away): scans stop taking their lease.
         self._unreadable_runs: Recent[str, KeelError] = Recent(1000)
-        # Plans resolved lately, by their pipeline (one parsed pipeline is shared by the runs that
-        # name it: engine_service.wire.messages): the engine's ops never change while it lives.
-        self._plans: Recent[int, tuple[PipelineSpec, Plan]] = Recent(256)
         # One resumption of a run at a time here, and one start of a run id at a time.
         self._resuming = KeyedLocks()
         self._starts = KeyedLocks()
@@ -212,13 +208,7 @@ class Engine:
 
     def plan_for(self, manifest: RunManifest) -> Plan:
         """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
-        pipeline = manifest.pipeline
-        known = self._plans.get(id(pipeline))
-        if known is not None and known[0] is pipeline:  # the entry holds it: its id is not reused
-            return known[1]
-        plan = resolve_plan(pipeline, self.env.ops)
-        self._plans.put(id(pipeline), (pipeline, plan))
-        return plan
+        return resolve_plan(manifest.pipeline, self.env.ops)
 
     async def start_run(
         self,

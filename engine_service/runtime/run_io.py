@@ -96,6 +96,10 @@ class RunWriter(Protocol):
         """Raise `lease_lost` unless the run's lease is held and valid."""
         ...
 
+    def lease_in_doubt(self) -> bool:
+        """Whether this engine can no longer vouch for the run's lease (lost, untrusted or refused)."""
+        ...
+
 
 class RunFacts:
     """The facts of one run being driven: calls in flight, the replayed run's facts."""
@@ -218,7 +222,7 @@ class RunFacts:
             try:
                 await asyncio.shield(work)
             except asyncio.CancelledError:
-                if cut_off or self._run.lease is None or self._run.lease.is_valid():
+                if cut_off or not self._run.lease_in_doubt():
                     await give_up(work)
                     raise
                 cut_off = True

@@ -197,14 +197,18 @@ def run_config_from(message: engine_pb2.RunConfig) -> RunConfig:
 
 
 # Clients start the same pipelines again and again: each one parsed and checked is kept by its
-# bytes (a PipelineSpec is immutable; ops get copies of its op configs). One that fails is not kept.
+# bytes (a PipelineSpec is immutable; ops get copies of its op configs). One that fails is not kept,
+# nor one larger than PIPELINE_CACHED_BYTES (at most 256 of those are held: a few MiB in all).
 _PIPELINES: Recent[bytes, PipelineSpec] = Recent(256)
+PIPELINE_CACHED_BYTES = 16 * 1024
 
 
 def pipeline_from(request: engine_pb2.StartRunRequest) -> PipelineSpec:
     """The pipeline a StartRun asks for (a single op becomes a one-step pipeline)."""
     target = request.WhichOneof("target")
     if target == "pipeline":
+        if request.pipeline.ByteSize() > PIPELINE_CACHED_BYTES:
+            return _pipeline(request.pipeline)
         key = request.pipeline.SerializeToString(deterministic=True)
         pipeline = _PIPELINES.get(key)
         if pipeline is None:

@@ -9,21 +9,34 @@ RunFacts with a stand-in for the driver, to stop it at the exact moment that mat
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
-from engine_service.domain import FactRecorded, KernelEvent, RunHistory, RunManifest
-from engine_service.domain.ops import OpRegistry
+import engine_service.builtin_ops  # noqa: F401  (registers keel.echo)
+from engine_service.domain import (
+    BuildProvenance,
+    FactRecorded,
+    KernelEvent,
+    RunHistory,
+    RunManifest,
+    make_run_config,
+    resolve_plan,
+    single_op_pipeline,
+)
+from engine_service.domain.ops import DEFAULT_REGISTRY, OpRegistry
 from engine_service.domain.transports import TransportRegistry
 from engine_service.failpoints import Failpoints
+from engine_service.runtime.driver import RunDriver
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.heartbeat import Heartbeat
 from engine_service.runtime.leases import Lease
 from engine_service.runtime.run_io import AttemptOf, RunFacts
 from engine_service.store.memory import InMemoryEventLog
+from keel_core.errors import KeelError
 
 
 class HeldCall:
@@ -55,6 +68,7 @@ class Driver:
         self.lease: Lease | None = Lease(self.run_id, 10.0, cast(Heartbeat, None))
         self.history = RunHistory()
         self.recorded: list[KernelEvent] = []
+        self.refused = False  # another branch's confirm was refused: the driver is stopping
 
     def record(
         self,
@@ -71,6 +85,9 @@ class Driver:
 
     async def confirm_lease(self) -> None:
         assert self.lease is not None and self.lease.is_valid()
+
+    def lease_in_doubt(self) -> bool:
+        return self.lease is not None and (self.refused or not self.lease.is_valid())
 
 
 async def call_in_flight() -> tuple[HeldCall, Driver, asyncio.Task[Any]]:
@@ -112,6 +129,46 @@ async def test_a_call_in_flight_when_the_lease_was_lost_answers_and_is_recorded(
         await op
     assert (transport.calls, transport.answered) == (1, 1)
     assert [event.fact_key for event in driver.recorded if isinstance(event, FactRecorded)] == ["the-call"]
+
+
+async def test_a_call_in_flight_when_another_branch_was_refused_is_recorded_though_trusted_again() -> None:
+    # A branch's confirm was refused (the trust had run out), then the lease's record landed and it
+    # is trusted again: the stop that follows is still this engine letting go of the run, not a
+    # takeover, so the call made meanwhile is recorded rather than dropped (and made again later).
+    transport, driver, op = await call_in_flight()
+    driver.refused = True
+    assert driver.lease is not None and driver.lease.is_valid()
+    op.cancel()
+    await asyncio.sleep(0)
+    transport.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await op
+    assert (transport.calls, transport.answered) == (1, 1)
+    assert [event.fact_key for event in driver.recorded if isinstance(event, FactRecorded)] == ["the-call"]
+
+
+async def test_a_driver_refused_once_starts_no_call_though_its_lease_is_trusted_again() -> None:
+    lease = Lease("run-1", 10.0, cast(Heartbeat, None))
+    env = RunEnvironment(InMemoryEventLog(), OpRegistry(), TransportRegistry(), Failpoints())
+    manifest = RunManifest(
+        single_op_pipeline("keel.echo", "1", None),
+        None,
+        {},
+        make_run_config(),
+        BuildProvenance("t", "3", "x"),
+    )
+    plan = resolve_plan(manifest.pipeline, DEFAULT_REGISTRY)
+    driver = RunDriver(env, "run-1", manifest, plan, RunHistory(), lease=lease)
+    untrusted(lease)
+    with pytest.raises(KeelError) as refused:
+        await driver.confirm_lease()
+    assert refused.value.code == "lease_lost"
+    lease._born = time.monotonic()  # trusted again (its record landed late, say)
+    assert lease.is_valid()
+    with pytest.raises(KeelError) as again:
+        await driver.confirm_lease()
+    assert again.value.code == "lease_lost"
+    assert driver.lease_in_doubt()
 
 
 async def test_a_cancel_while_the_lease_holds_cuts_the_call_and_records_nothing() -> None:

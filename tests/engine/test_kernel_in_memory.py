@@ -29,6 +29,7 @@ from engine_service.domain import (
     single_op_pipeline,
 )
 from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
+from engine_service.domain.plan import PipelineSpec, StepSpec
 from engine_service.domain.streams import RUN_COMPLETED, RUN_STARTED, run_stream_id
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
@@ -115,6 +116,35 @@ async def counted(ctx: StepContext, op_config: Any, input: Any) -> Any:
     """Counts its runs in SEEN[input]."""
     SEEN[input] = SEEN.get(input, 0) + 1
     return input
+
+
+@op("mem.swallows_cancel", registry=OPS)
+async def swallows_cancel(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Waits at its gate; a cancel it catches and returns from (a sloppy op)."""
+    ENTERED[input].set()
+    try:
+        await GATES[input].wait()
+    except asyncio.CancelledError:
+        return {"cleaned_up": True}
+    return {"gate": input}
+
+
+@op("mem.cancelled_inside", registry=OPS)
+async def cancelled_inside(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Attempt 0 awaits an inner task something else cancels (CancelledError, nobody cancelled the
+    step); later attempts return."""
+    if ctx.attempt == 0:
+        inner = asyncio.ensure_future(asyncio.sleep(3600))
+        asyncio.get_running_loop().call_soon(inner.cancel)
+        await inner
+    return {"attempt": ctx.attempt}
+
+
+def two_steps(first_op: str, second_op: str) -> PipelineSpec:
+    """`first` then `second`: sequential, so each runs in the driver's own task."""
+    return PipelineSpec(
+        "two", "1", (StepSpec("first", first_op), StepSpec("second", second_op, depends_on=("first",)))
+    )
 
 
 RUN_ID = "0b0e7f4e-3c51-4d5e-8f2a-7d6c5b4a3921"
@@ -225,6 +255,31 @@ async def test_cancel_stops_the_running_op_once_and_a_repeat_is_a_noop(kernel: E
     assert outcome.run_id not in kernel.drivers
     view = await kernel.views.run_view(outcome.run_id)
     assert view.status == CANCELED and view.reason == "the test says so"
+
+
+async def test_a_cancel_the_op_swallows_still_stops_a_sequential_run(kernel: Engine) -> None:
+    # The step runs in the driver's own task: the cancel reaches the op, which returns; the driver
+    # stops all the same, and the next step never runs.
+    gate("swallow")
+    pipeline = two_steps("mem.swallows_cancel", "mem.counted")
+    run = RunManifest(pipeline, "swallow", {}, make_run_config(max_attempts=1), BUILD)
+    outcome = await kernel.start_run(run, None)
+    await asyncio.wait_for(ENTERED["swallow"].wait(), WAIT)
+    result = await kernel.terminalizer.terminalize(outcome.run_id, CANCELED, "stop")
+    assert (result.transitioned, result.status) == (True, CANCELED)
+    assert outcome.run_id not in kernel.drivers
+    assert "swallow" not in SEEN  # mem.counted (the second step) never ran
+
+
+async def test_an_op_cancelled_from_inside_is_tried_again_and_the_run_goes_on(kernel: Engine) -> None:
+    # CancelledError that no cancel of the driver caused leaves the attempt open: it is run again.
+    pipeline = two_steps("mem.cancelled_inside", "mem.echo")
+    run = RunManifest(pipeline, "x", {}, make_run_config(max_attempts=1), BUILD)
+    outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == COMPLETED
+    assert [attempt.attempt for attempt in view.steps[0].attempts] == [0, 1]
+    assert view.steps[0].output == {"attempt": 1}
 
 
 async def test_a_parked_run_is_resumed_by_another_engine_on_the_same_log(kernel: Engine) -> None:

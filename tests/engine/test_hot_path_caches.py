@@ -1,0 +1,50 @@
+"""What the engine keeps or skips on a run's hot path (issue 13) changes nothing a caller sees."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from keel.engine.v1 import engine_pb2
+
+from engine_service.domain import BuildProvenance
+from engine_service.domain.canonical import canonical_json_bytes, json_copy
+from engine_service.wire import messages
+from keel_core.errors import KeelError
+from keel_core.json_values import to_value
+
+BUILD = BuildProvenance("test", "3", "none")
+
+
+def request(op_config: object, input: object = None) -> engine_pb2.StartRunRequest:
+    step = engine_pb2.Step(step_id="a", op_id="keel.echo", op_config=to_value(op_config))
+    return engine_pb2.StartRunRequest(
+        pipeline=engine_pb2.Pipeline(pipeline_id="p", steps=[step]), input=to_value(input)
+    )
+
+
+def test_json_copy_shares_nothing_mutable_with_what_it_copies() -> None:
+    value = {"a": [1, {"b": "c"}], "d": None, "e": 1.5, "f": True, "rows": ({"n": 1},)}
+    copied = json_copy(value)
+    assert copied == copy.deepcopy(value)
+    copied["a"][1]["b"] = "changed"
+    copied["rows"][0]["n"] = 2  # a tuple an op put in a request is copied too
+    assert value == {"a": [1, {"b": "c"}], "d": None, "e": 1.5, "f": True, "rows": ({"n": 1},)}
+
+
+def test_a_small_pipeline_is_parsed_once_and_a_large_one_every_time() -> None:
+    small = request({"k": 1})
+    assert messages.pipeline_from(small) is messages.pipeline_from(request({"k": 1}))
+    large = request({"blob": "x" * (messages.PIPELINE_CACHED_BYTES + 1)})
+    first, second = messages.pipeline_from(large), messages.pipeline_from(large)
+    assert first == second and first is not second  # not kept: it is parsed again
+
+
+def test_the_manifest_is_encoded_once_and_an_oversized_input_is_still_refused_by_name() -> None:
+    manifest = messages.manifest_from(request({"k": 1}, {"n": 1}), BUILD)
+    assert manifest.canonical_bytes() is manifest.canonical_bytes()
+    assert manifest.canonical_bytes() == canonical_json_bytes(manifest.to_json())
+    with pytest.raises(KeelError) as refused:
+        messages.manifest_from(request({"k": 1}, "x" * messages.MAX_INPUT_BYTES), BUILD)
+    assert refused.value.code == "input_too_large"
+    assert refused.value.message.startswith("input is ")
