@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -96,7 +97,7 @@ from engine_service.runtime.leases import Lease
 from engine_service.runtime.remote_steps import RemoteWaiting, run_remote_attempt
 from engine_service.runtime.run_io import AttemptOf, RunFacts, RunIo, io_error
 from engine_service.runtime.signal_waits import AttemptSignals, RunSignalWaits
-from engine_service.runtime.step_errors import branch_canceled, op_error_record, step_timeout
+from engine_service.runtime.step_errors import branch_canceled, op_cancelled, op_error_record, step_timeout
 from engine_service.store.port import FOREVER
 from keel_core import tracing
 from keel_core.clock import now_us
@@ -113,6 +114,19 @@ MAX_BATCH_ARTIFACTS = 16
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
+
+
+# Driver tasks this engine stopped (park, drain, terminalize, a lease lost, a foreign terminal
+# event). Known by name, not by the task's cancel count: on Python 3.11 and 3.12 an op's TaskGroup
+# whose child failed leaves the task running it (the driver's, for an inline step) counted as
+# cancelling for good.
+_STOPPED: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def stop_driving(task: asyncio.Task[Any]) -> None:
+    """Cancel a driver's task as a stop: the run's op is cancelled and the driver ends."""
+    _STOPPED.add(task)
+    task.cancel()
 
 
 class RunParkedOut(Exception):
@@ -298,22 +312,31 @@ class RunDriver:
     async def _inline_step(self, action: RunStep) -> None:
         """Run the attempt in the driver's task, ending as a step task's end would end the driver.
 
-        A cancel of the driver stops it even when the op swallowed it; an op that raised
-        CancelledError of its own leaves its attempt open (it is run again, as an orphan), as a step
-        task that ended cancelled did. Then the loop gets a turn, as it did between step tasks.
+        A stop of the driver ends it even when the op swallowed the cancel; an op that raised
+        CancelledError of its own (nobody stopped the run) fails its attempt, retryably. Then the
+        loop gets a turn, as it did between step tasks.
         """
         driver = asyncio.current_task()
         assert driver is not None
         try:
             await self._traced_step(action)
         except asyncio.CancelledError:
-            if driver.cancelling():
+            if driver in _STOPPED:
                 raise
-        if driver.cancelling():
+            self._cancelled_itself(action.step_id)
+        if driver in _STOPPED:
             raise asyncio.CancelledError
         self._poked = False  # the loop decides again now, offering the waits first
         self._check_waits = True
         await asyncio.sleep(0)
+
+    def _cancelled_itself(self, step_id: str) -> None:
+        """The step's op raised CancelledError with no stop behind it: its open attempt fails
+        (retryably), so the retry policy bounds how often it runs again."""
+        log.warning("run %s: step %s's op raised CancelledError of its own", self.run_id, step_id)
+        open_ = self.history.open_attempts.get(step_id)
+        if open_ is not None and step_id not in self.history.completed_steps:
+            self.record([StepAttemptFailed(step_id, open_.attempt, op_cancelled(step_id))])
 
     def _start_step(self, action: RunStep) -> None:
         self._steps[action.step_id] = asyncio.create_task(
@@ -364,7 +387,9 @@ class RunDriver:
         for step_id, task in list(self._steps.items()):
             if task.done():
                 del self._steps[step_id]
-                if not task.cancelled() and (error := task.exception()) is not None:
+                if task.cancelled():  # the driver cancels its step tasks only once they are gone
+                    self._cancelled_itself(step_id)
+                elif (error := task.exception()) is not None:
                     raise error
 
     async def _stop_branches(self) -> None:
@@ -870,7 +895,7 @@ class RunDriver:
                 # This driver appends no RunCompleted while its op runs: this one is someone else's.
                 if event.type == RUN_COMPLETED:
                     log.info("run %s was terminalized elsewhere: cancelling its running op", self.run_id)
-                    driver_task.cancel()
+                    stop_driving(driver_task)
                     return 0
                 return event.seq
         return 0

@@ -54,7 +54,7 @@ from engine_service.domain.waits import TASK
 from engine_service.failpoints import AFTER_SIGNAL_SENT
 from engine_service.runtime.awaiting import RunAwaits
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
-from engine_service.runtime.driver import RunDriver, RunParkedOut
+from engine_service.runtime.driver import RunDriver, RunParkedOut, stop_driving
 from engine_service.runtime.driving import Drivers
 from engine_service.runtime.environment import RunEnvironment, Signals
 from engine_service.runtime.leases import Lease, Leases
@@ -541,7 +541,7 @@ class Engine:
         while self.registry.drivers:
             tasks = list(self.registry.drivers.values())
             for task in tasks:
-                task.cancel()
+                stop_driving(task)
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from engine_service.domain import RunCompleted
+from engine_service.runtime.driver import stop_driving
 
 
 class KeyedLocks:
@@ -72,14 +73,14 @@ class RunRegistry:
         """Cancel this engine's driver of the run, if any, without waiting (it parks)."""
         task = self.drivers.get(run_id)
         if task is not None:
-            task.cancel()
+            stop_driving(task)
 
     async def stop_driver(self, run_id: str) -> None:
         """Cancel this engine's driver of the run (its op is cancelled) and wait until it stopped."""
         task = self.drivers.get(run_id)
         if task is None:
             return
-        task.cancel()
+        stop_driving(task)
         with contextlib.suppress(BaseException):
             await task
 

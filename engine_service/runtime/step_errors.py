@@ -37,3 +37,15 @@ def step_timeout(step_id: str, limit_ms: int) -> KeelError:
         category=ErrorCategory.DEADLINE_EXCEEDED,
         retryable=True,
     )
+
+
+def op_cancelled(step_id: str) -> ErrorRecord:
+    """How an attempt whose op raised CancelledError of its own is recorded (retryable: the retry
+    policy bounds how often it runs again). Nobody stopped the run: an inner task was cancelled."""
+    return ErrorRecord(
+        "op_cancelled",
+        "op",
+        True,
+        f"step {step_id!r}: the op raised CancelledError without the run being stopped "
+        "(an inner task or future was cancelled)",
+    )

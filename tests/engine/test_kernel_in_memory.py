@@ -140,6 +140,32 @@ async def cancelled_inside(ctx: StepContext, op_config: Any, input: Any) -> Any:
     return {"attempt": ctx.attempt}
 
 
+@op("mem.always_cancelled_inside", registry=OPS)
+async def always_cancelled_inside(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Every attempt awaits an inner task something else cancels."""
+    inner = asyncio.ensure_future(asyncio.sleep(3600))
+    asyncio.get_running_loop().call_soon(inner.cancel)
+    return await inner
+
+
+@op("mem.task_group_fallback", registry=OPS)
+async def task_group_fallback(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """A TaskGroup whose child fails once its body is done; the op returns a fallback. (On Python 3.11
+    and 3.12 this leaves the task that ran the op counted as cancelling.)"""
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise OpError("child_failed", "no luck", retryable=False)
+
+    fallback = False
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fails())
+    except* OpError:
+        fallback = True
+    return {"fallback": fallback}
+
+
 def two_steps(first_op: str, second_op: str) -> PipelineSpec:
     """`first` then `second`: sequential, so each runs in the driver's own task."""
     return PipelineSpec(
@@ -271,15 +297,44 @@ async def test_a_cancel_the_op_swallows_still_stops_a_sequential_run(kernel: Eng
     assert "swallow" not in SEEN  # mem.counted (the second step) never ran
 
 
-async def test_an_op_cancelled_from_inside_is_tried_again_and_the_run_goes_on(kernel: Engine) -> None:
-    # CancelledError that no cancel of the driver caused leaves the attempt open: it is run again.
+async def test_an_op_cancelled_from_inside_fails_its_attempt_and_is_tried_again(kernel: Engine) -> None:
+    # CancelledError that no stop of the run caused fails the attempt, retryably: it runs again.
     pipeline = two_steps("mem.cancelled_inside", "mem.echo")
-    run = RunManifest(pipeline, "x", {}, make_run_config(max_attempts=1), BUILD)
+    run = RunManifest(pipeline, "x", {}, FAST_RETRY, BUILD)
     outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
     view = await kernel.views.run_view(outcome.run_id)
     assert view.status == COMPLETED
-    assert [attempt.attempt for attempt in view.steps[0].attempts] == [0, 1]
+    first = view.steps[0].attempts
+    assert [attempt.attempt for attempt in first] == [0, 1]
+    assert first[0].error is not None and first[0].error.code == "op_cancelled"
     assert view.steps[0].output == {"attempt": 1}
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["inline", "branch-task"])
+async def test_an_op_that_always_cancels_itself_uses_up_its_attempts(kernel: Engine, parallel: bool) -> None:
+    # Bounded by the retry policy, in the driver's task and in a branch's own task alike (it used to
+    # be run again at once, for ever).
+    steps = [StepSpec("self", "mem.always_cancelled_inside")]
+    if parallel:
+        steps.append(StepSpec("other", "mem.echo"))
+    run = RunManifest(PipelineSpec("p", "1", tuple(steps)), "x", {}, FAST_RETRY, BUILD)
+    outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == FAILED
+    assert view.error is not None and view.error.code == "op_cancelled"
+    assert len(view.steps[0].attempts) == 3  # FAST_RETRY: max_attempts 3
+
+
+async def test_an_ops_task_group_failure_it_handled_does_not_stop_the_run(kernel: Engine) -> None:
+    # The op runs in the driver's own task: the cancel count a TaskGroup leaves there on Python
+    # 3.11 and 3.12 is not taken for a stop of the run.
+    pipeline = two_steps("mem.task_group_fallback", "mem.echo")
+    run = RunManifest(pipeline, "x", {}, make_run_config(max_attempts=1), BUILD)
+    outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
+    assert outcome.ended_here
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == COMPLETED
+    assert view.steps[0].output == {"fallback": True}
 
 
 async def test_a_parked_run_is_resumed_by_another_engine_on_the_same_log(kernel: Engine) -> None:
