@@ -335,7 +335,11 @@ class RunDriver:
         (retryably), so the retry policy bounds how often it runs again."""
         log.warning("run %s: step %s's op raised CancelledError of its own", self.run_id, step_id)
         open_ = self.history.open_attempts.get(step_id)
-        if open_ is not None and step_id not in self.history.completed_steps:
+        if (
+            open_ is not None
+            and step_id not in self.history.completed_steps
+            and step_id not in self.history.waiting
+        ):
             self.record([StepAttemptFailed(step_id, open_.attempt, op_cancelled(step_id))])
 
     def _start_step(self, action: RunStep) -> None:
