@@ -358,7 +358,9 @@ async def main() -> None:
                     rate, lat = await measure(stubs, args.runs, args.concurrency)
                     cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
                     run_rpcs = await store_rpcs(metrics_urls) - rpcs_before
+                    echo_cpu = cpu_seconds(echo_process.pid)
                     echo = await echo_rate(echo_address, args.concurrency, seconds=3.0)
+                    echo_cpu = (cpu_seconds(echo_process.pid) - echo_cpu) / (echo * 3.0)
                 if sequential_calls:
                     call_ms = await per_call_ms(stubs[0], args.calls)
                 if fan_outs:
@@ -384,6 +386,7 @@ async def main() -> None:
         report_pipelines(args, serial_rate, serial_lat, sequential_runs, rate, lat, cpu_before, cpu_after)
         print(f"  store RPCs per run ({args.concurrency} in flight): {rpcs_per(run_rpcs, args.runs)}")
         print(f"pipeline runs/s vs echo calls/s: {rate / echo:.2f}x  ({rate:.1f} vs {echo:.1f}, same run)")
+        print(f"  echo server CPU per call: {echo_cpu * 1000:.2f} ms (a bare served unary call)")
     if sequential_calls:
         print(
             f"engine_runs: one step making {args.calls} sequential recorded io.calls (keel.echo transport): "

@@ -124,7 +124,8 @@ _STOPPED: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 def stop_driving(task: asyncio.Task[Any]) -> None:
-    """Cancel a driver's task as a stop: the run's op is cancelled and the driver ends."""
+    """Cancel a driver's task as a stop: the run's op is cancelled and the driver ends. Every stop
+    goes through here: a plain cancel of a driver's task is taken for its op cancelling itself."""
     _STOPPED.add(task)
     task.cancel()
 
@@ -198,6 +199,7 @@ class RunDriver:
         self.facts = RunFacts(self)
         self.signal_waits = RunSignalWaits(self, self.facts)
         self._steps: dict[str, asyncio.Task[None]] = {}  # step id -> the task running its attempt
+        self._step_actions: dict[str, RunStep] = {}  # step id -> the attempt its task runs
         self._flushes: set[asyncio.Future[None]] = set()
         self._drive_task: asyncio.Task[Any] | None = None
         # The run stream's due time the next append sets (None: leave it; 0: clear it).
@@ -323,26 +325,31 @@ class RunDriver:
         except asyncio.CancelledError:
             if driver in _STOPPED:
                 raise
-            self._cancelled_itself(action.step_id)
+            self._cancelled_itself(action)
         if driver in _STOPPED:
             raise asyncio.CancelledError
         self._poked = False  # the loop decides again now, offering the waits first
         self._check_waits = True
         await asyncio.sleep(0)
 
-    def _cancelled_itself(self, step_id: str) -> None:
-        """The step's op raised CancelledError with no stop behind it: its open attempt fails
-        (retryably), so the retry policy bounds how often it runs again."""
+    def _cancelled_itself(self, action: RunStep) -> None:
+        """The attempt's op raised CancelledError with no stop behind it: the attempt fails
+        (retryably), so the retry policy bounds how often it runs again. Only the attempt that ran,
+        while it is open and not waiting; a remote step's is left open (its task may run on)."""
+        step_id = action.step_id
         log.warning("run %s: step %s's op raised CancelledError of its own", self.run_id, step_id)
         open_ = self.history.open_attempts.get(step_id)
         if (
             open_ is not None
+            and open_.attempt == action.attempt
             and step_id not in self.history.completed_steps
             and step_id not in self.history.waiting
+            and not self.plan.step(step_id).task_queue
         ):
-            self.record([StepAttemptFailed(step_id, open_.attempt, op_cancelled(step_id))])
+            self.record([StepAttemptFailed(step_id, action.attempt, op_cancelled(step_id))])
 
     def _start_step(self, action: RunStep) -> None:
+        self._step_actions[action.step_id] = action
         self._steps[action.step_id] = asyncio.create_task(
             self._traced_step(action), name=f"run {self.run_id} step {action.step_id}"
         )
@@ -391,8 +398,9 @@ class RunDriver:
         for step_id, task in list(self._steps.items()):
             if task.done():
                 del self._steps[step_id]
+                action = self._step_actions.pop(step_id)
                 if task.cancelled():  # the driver cancels its step tasks only once they are gone
-                    self._cancelled_itself(step_id)
+                    self._cancelled_itself(action)
                 elif (error := task.exception()) is not None:
                     raise error
 
@@ -400,6 +408,7 @@ class RunDriver:
         """Cancel every running step and wait until each stopped (nothing of theirs is decided after)."""
         tasks = list(self._steps.values())
         self._steps.clear()
+        self._step_actions.clear()
         for task in tasks:
             task.cancel()
         if tasks:
@@ -780,6 +789,12 @@ class RunDriver:
             if not timer.expired():
                 raise
             raise step_timeout(step.step_id, limit_ms) from None
+        except asyncio.CancelledError:
+            # The timeout's cancel, let through as CancelledError when an op's TaskGroup left the
+            # task counted as cancelling (Python 3.11, 3.12): still the step's timeout, unless a stop.
+            if timer.expired() and asyncio.current_task() not in _STOPPED:
+                raise step_timeout(step.step_id, limit_ms) from None
+            raise
 
     async def _run_remote(self, action: RunStep, step: StepSpec, seen: dict[str, Any], fencing: int) -> None:
         """A remote attempt: its task is created once the attempt is durable, and its outcome copied here."""
