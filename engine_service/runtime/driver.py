@@ -673,7 +673,7 @@ class RunDriver:
                 raise self._refused
             if self.lease is not None and not answer:
                 await self.confirm_lease()
-            elif self.lease is not None and (self._refused is not None or not self.lease.is_valid()):
+            elif self.lease_in_doubt():
                 log.info(
                     "run %s: lease no longer trusted; recording the answer it holds if nobody wrote since",
                     self.run_id,

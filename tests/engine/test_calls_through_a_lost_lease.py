@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -106,9 +106,30 @@ def untrusted(lease: Lease | None) -> None:
     assert not lease.is_valid() and not lease.lost
 
 
-async def test_a_call_in_flight_when_the_lease_trust_ran_out_answers_and_is_recorded() -> None:
+def lost(driver: Driver) -> None:
+    """The lease was lost (handed over, or its record refused)."""
+    assert driver.lease is not None
+    driver.lease.lost = True
+
+
+def refused_though_trusted(driver: Driver) -> None:
+    """A branch's confirm was refused (the trust had run out), then the lease's record landed and it
+    is trusted again: the stop that follows is still this engine letting go of the run, not a
+    takeover, so a call made meanwhile must be recorded rather than dropped (and made again later)."""
+    driver.refused = True
+    assert driver.lease is not None and driver.lease.is_valid()
+
+
+@pytest.mark.parametrize(
+    "doubt",
+    [lambda driver: untrusted(driver.lease), lost, refused_though_trusted],
+    ids=["trust-ran-out", "lease-lost", "refused-though-trusted-again"],
+)
+async def test_a_call_in_flight_when_the_lease_is_in_doubt_answers_and_is_recorded(
+    doubt: Callable[[Driver], None],
+) -> None:
     transport, driver, op = await call_in_flight()
-    untrusted(driver.lease)
+    doubt(driver)
     op.cancel()  # the driver is stopped: this engine may no longer vouch for the run
     await asyncio.sleep(0)
     transport.release.set()
@@ -116,35 +137,6 @@ async def test_a_call_in_flight_when_the_lease_trust_ran_out_answers_and_is_reco
         await op
     assert (transport.calls, transport.answered) == (1, 1)
     assert driver.recorded == [FactRecorded("step", 0, "the-call", "held", {"echo": {"n": 1}})]
-
-
-async def test_a_call_in_flight_when_the_lease_was_lost_answers_and_is_recorded() -> None:
-    transport, driver, op = await call_in_flight()
-    assert driver.lease is not None
-    driver.lease.lost = True
-    op.cancel()
-    await asyncio.sleep(0)
-    transport.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await op
-    assert (transport.calls, transport.answered) == (1, 1)
-    assert [event.fact_key for event in driver.recorded if isinstance(event, FactRecorded)] == ["the-call"]
-
-
-async def test_a_call_in_flight_when_another_branch_was_refused_is_recorded_though_trusted_again() -> None:
-    # A branch's confirm was refused (the trust had run out), then the lease's record landed and it
-    # is trusted again: the stop that follows is still this engine letting go of the run, not a
-    # takeover, so the call made meanwhile is recorded rather than dropped (and made again later).
-    transport, driver, op = await call_in_flight()
-    driver.refused = True
-    assert driver.lease is not None and driver.lease.is_valid()
-    op.cancel()
-    await asyncio.sleep(0)
-    transport.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await op
-    assert (transport.calls, transport.answered) == (1, 1)
-    assert [event.fact_key for event in driver.recorded if isinstance(event, FactRecorded)] == ["the-call"]
 
 
 async def test_a_driver_refused_once_starts_no_call_though_its_lease_is_trusted_again() -> None:
