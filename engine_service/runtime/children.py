@@ -253,15 +253,17 @@ class ChildRuns:
             while batch := _next_batch(self._unlinked[parent_run_id]):
                 try:
                     at_us = now_us()
-                    await self.store.append(
+                    encoded = [waiting.link.encode(at_us) for waiting in batch]
+                    appended = await self.store.append(
                         children_stream_id(parent_run_id),
-                        [waiting.link.encode(at_us) for waiting in batch],
+                        encoded,
                         expected_seq=None,
                         expected_any=True,
                         artifacts=list(
                             dict.fromkeys((MANIFEST_ARTIFACT_KIND, w.manifest_bytes) for w in batch)
                         ),
                     )
+                    self.reader.note_links(parent_run_id, appended.first_seq, encoded)
                     parent_status = await self.reader.run_status(parent_run_id)
                 except BaseException as error:  # each spawn of the batch fails with it
                     for waiting in batch:

@@ -201,6 +201,8 @@ class RunDriver:
         self._steps: dict[str, asyncio.Task[None]] = {}  # step id -> the task running its attempt
         self._step_actions: dict[str, RunStep] = {}  # step id -> the attempt its task runs
         self._flushes: set[asyncio.Future[None]] = set()
+        # The append that has not yet taken the lock (nor so its events): a flush meanwhile joins it.
+        self._gathering: asyncio.Future[None] | None = None
         self._drive_task: asyncio.Task[Any] | None = None
         # The run stream's due time the next append sets (None: leave it; 0: clear it).
         self._pending_due: int | None = None
@@ -644,14 +646,28 @@ class RunDriver:
         The append runs on its own: a caller cancelled meanwhile (a branch stopped because another
         failed the run) leaves it to finish, so the run's one writer never loses track of its head.
         Only parking the whole driver cancels an append in flight (`_cancel_flushes`).
+
+        Callers wait together: one that finds an append not yet under way joins it (it takes what
+        is pending when it starts), and one with nothing new to append waits for the appends in
+        flight, not for the lock, which would wake its waiters one turn of the loop apart. So the
+        concurrent I/O calls of one step (keel.fan_out's spawns) go on at the same time, and their
+        links make one append.
         """
-        flushing = asyncio.ensure_future(self._flush())
-        self._flushes.add(flushing)
-        flushing.add_done_callback(self._flushed)
-        await asyncio.shield(flushing)
+        if not self._pending and self._flush_error is None:
+            for in_flight in list(self._flushes):
+                await asyncio.shield(in_flight)
+            return
+        gathering = self._gathering
+        if gathering is None or gathering.done():  # done: cancelled before it took the lock
+            gathering = self._gathering = asyncio.ensure_future(self._flush())
+            self._flushes.add(gathering)
+            gathering.add_done_callback(self._flushed)
+        await asyncio.shield(gathering)
 
     def _flushed(self, flushing: asyncio.Future[None]) -> None:
         self._flushes.discard(flushing)
+        if self._gathering is flushing:
+            self._gathering = None
         if not flushing.cancelled():
             flushing.exception()  # kept as _flush_error: the driver raises it at its next decision
 
@@ -664,6 +680,7 @@ class RunDriver:
 
     async def _flush(self) -> None:
         async with self._lock:
+            self._gathering = None  # what is recorded from now on goes with the next append
             if self._flush_error is not None:
                 raise self._flush_error
             if not self._pending:

@@ -343,6 +343,7 @@ class Engine:
         lease = self.leases.start_new(run_id) if fresh else None
         driver = self.runs.new(run_id, manifest, plan, RunHistory(), lease=lease, events=())
         driver.remember_snapshot(start.snapshot_id, dict(manifest.initial_context))
+        self.reader.start_linking(run_id)
         try:
             await driver.begin(
                 start.started,

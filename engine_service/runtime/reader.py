@@ -35,6 +35,8 @@ from keel_core.recent import Recent
 
 # The subject of a ledger entry about the run as a whole (not one of its steps).
 RUN_LEDGER_SUBJECT = "_run"
+# Links held per run (RunReader.note_links): a fan-out's, not a large one's.
+MAX_HELD_LINKS = 256
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,11 @@ class RunReader:
         # Every event of runs this engine started and finished: a terminal run's stream never
         # changes again, so its view needs no read of it.
         self._finished_runs: Recent[str, tuple[StoredEvent, ...]] = Recent(1000)
-        # Those of them whose terminal append found no child linked (their children stream empty).
-        self._childless_at_end: Recent[str, bool] = Recent(1000)
+        # Their children as of their terminal append, when known without a read: none linked (the
+        # append found the children stream empty), or every link one this engine appended.
+        self._links_at_end: Recent[str, list[ChildLink]] = Recent(1000)
+        # The links this engine appended to runs' children streams, by seq (see `links_appended`).
+        self._appended_links: Recent[str, dict[int, tuple[str, bytes]]] = Recent(1000)
 
     async def read_history(
         self, run_id: str, *, corrupt_ok: bool = False
@@ -89,20 +94,51 @@ class RunReader:
     def forget(self, run_id: str) -> None:
         """Drop what is held of a run (it was deleted)."""
         self._finished_runs.drop(run_id)
-        self._childless_at_end.drop(run_id)
+        self._links_at_end.drop(run_id)
+        self._appended_links.drop(run_id)
 
     def remember_finished(
-        self, run_id: str, events: Sequence[StoredEvent], *, childless: bool = False
+        self, run_id: str, events: Sequence[StoredEvent], *, links: list[ChildLink] | None = None
     ) -> None:
-        """Keep the events of a run this engine started and finished (`childless`: its terminal
-        append found its children stream empty)."""
+        """Keep the events of a run this engine started and finished, and its children as of its
+        terminal append when they are known (`links_appended`)."""
         self._finished_runs.put(run_id, tuple(events))
-        if childless:
-            self._childless_at_end.put(run_id, True)
+        if links is not None:
+            self._links_at_end.put(run_id, links)
 
-    def childless_at_end(self, run_id: str) -> bool:
-        """Whether this engine saw the run end with no child linked to it."""
-        return self._childless_at_end.get(run_id) is not None
+    def links_at_end(self, run_id: str) -> list[ChildLink] | None:
+        """The children of a run this engine saw end, when known without a read (None: read them)."""
+        return self._links_at_end.get(run_id)
+
+    def note_links(self, parent_run_id: str, first_seq: int, links: Sequence[tuple[str, bytes]]) -> None:
+        """Hold links (ChildLinked events) this engine just appended at `first_seq` and on."""
+        held = self._appended_links.get(parent_run_id)
+        if held is None:
+            held = {}
+            self._appended_links.put(parent_run_id, held)
+        if len(held) + len(links) > MAX_HELD_LINKS:
+            # Past the bound, none: the next note starts past seq 1, so its run's links are read.
+            self._appended_links.drop(parent_run_id)
+            return
+        held.update(enumerate(links, first_seq))
+
+    def start_linking(self, run_id: str) -> None:
+        """A run of this id starts here: links held from an earlier run of the id are not its."""
+        self._appended_links.drop(run_id)
+
+    def links_appended(self, run_id: str, children_head: int | None) -> list[ChildLink] | None:
+        """The run's children when its children stream, `children_head` events long, holds only
+        links this engine appended (so their content is known); None otherwise. The run's held
+        links are let go: it ended."""
+        held = self._appended_links.get(run_id)
+        self._appended_links.drop(run_id)
+        if children_head == 0:
+            return []
+        if held is None or children_head is None or len(held) != children_head:
+            return None
+        if min(held) != 1 or max(held) != children_head:  # distinct seqs: exactly 1..head
+            return None
+        return child_links(held[seq] for seq in range(1, children_head + 1))
 
     async def run_status(self, run_id: str) -> str | None:
         """The run's terminal status, as its stream's label says (None: not terminal, or no run)."""

@@ -346,12 +346,14 @@ class RunViews:
         `just_ended`: the caller saw this engine end the run (StartRun with `wait`); the view is
         then the run as of its terminal event, which no deletion or rerun can precede (both need a
         terminal run), so neither the deletion check nor the reruns listing is read, nor the
-        children stream when the terminal append found it empty.
+        children stream when the terminal append found it empty or holding only links this engine
+        appended.
         """
         # The children stream is read beside the run's (any client may link a child to any run).
         finished = self.reader.finished(run_id)
         if finished is not None and just_ended:
-            links = [] if self.reader.childless_at_end(run_id) else await self.reader.links(run_id)
+            held_links = self.reader.links_at_end(run_id)
+            links = held_links if held_links is not None else await self.reader.links(run_id)
             events, history = list(finished), fold(e.event for e in finished)
         elif finished is not None:
             # Held here since this engine finished it; another engine's retention may have deleted

@@ -8,6 +8,7 @@ and with an append per step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -28,9 +29,15 @@ from engine_service.domain import (
     op,
     single_op_pipeline,
 )
-from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
+from engine_service.domain.child_runs import (
+    AWAIT_KIND,
+    AWAIT_NAMESPACE,
+    SPAWN_KIND,
+    SPAWN_NAMESPACE,
+    ChildLink,
+)
 from engine_service.domain.plan import PipelineSpec, StepSpec
-from engine_service.domain.streams import RUN_COMPLETED, RUN_STARTED, run_stream_id
+from engine_service.domain.streams import RUN_COMPLETED, RUN_STARTED, children_stream_id, run_stream_id
 from engine_service.domain.tasks import StepTimeouts
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
@@ -383,9 +390,12 @@ async def test_a_parent_spawns_and_awaits_its_child(kernel: Engine) -> None:
     assert child_view.parent_run_id == outcome.run_id
 
 
-async def test_the_answer_of_a_waited_start_reads_only_the_children_stream(kernel: Engine) -> None:
-    # The run ended here: nothing can have deleted or rerun it before its terminal event, and a
-    # child this engine finished has a status that never changes.
+async def test_the_answer_of_a_waited_start_reads_nothing_when_this_engine_linked_every_child(
+    kernel: Engine,
+) -> None:
+    # The run ended here: nothing can have deleted or rerun it before its terminal event, a child
+    # this engine finished has a status that never changes, and its terminal append reported a
+    # children stream holding only the link this engine appended.
     spec = {"op": "mem.echo", "input": {"y": 2}}
     outcome = await kernel.start_run(manifest("mem.parent", spec), None, wait=True, wait_seconds=WAIT)
     assert outcome.ended_here
@@ -393,11 +403,82 @@ async def test_the_answer_of_a_waited_start_reads_only_the_children_stream(kerne
     assert isinstance(log, InMemoryEventLog)
     before = log.calls.copy()
     answered = await kernel.views.run_view(outcome.run_id, just_ended=True)
-    assert log.calls - before == {"ReadEvents": 1}  # the children stream: any client may link one
+    assert log.calls == before
     read_back = await kernel.views.run_view(outcome.run_id)
     assert answered == read_back
     [child] = answered.children
     assert (child.fact_key, child.status) == ("child", COMPLETED)
+
+
+async def test_the_answer_of_a_waited_start_reads_the_children_another_client_linked(kernel: Engine) -> None:
+    # Any client may link a child to any run (another engine's SpawnChild): a link this engine did
+    # not append makes the answer read the children stream.
+    gate("foreign")
+    started = asyncio.ensure_future(
+        kernel.start_run(manifest("mem.gated", "foreign"), None, wait=True, wait_seconds=WAIT)
+    )
+    await asyncio.wait_for(ENTERED["foreign"].wait(), WAIT)
+    [run_id] = kernel.drivers
+    foreign = ChildLink(run_id, "elsewhere", "5d0f3c1e-2b4a-4c6d-8e9f-0a1b2c3d4e5f", "m", "mem.echo")
+    await kernel.env.store.append(
+        children_stream_id(run_id), [foreign.encode(1)], expected_seq=None, expected_any=True
+    )
+    GATES["foreign"].set()
+    outcome = await started
+    log = kernel.env.store
+    assert isinstance(log, InMemoryEventLog)
+    before = log.calls.copy()
+    answered = await kernel.views.run_view(outcome.run_id, just_ended=True)
+    # The children stream, and the label of the one child this engine does not hold.
+    assert log.calls - before == {"ReadEvents": 1, "HeadSeq": 1}
+    assert [child.fact_key for child in answered.children] == ["elsewhere"]
+    assert answered == await kernel.views.run_view(outcome.run_id)
+
+
+class SlowAppendLog(InMemoryEventLog):
+    """A log whose appends take a few turns of the event loop (as a store's round trip does), and
+    which counts the appends to each stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appends: collections.Counter[str] = collections.Counter()
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        self.appends[stream_id] += 1
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+
+
+@op("mem.spawn_many", registry=OPS)
+async def spawn_many(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Spawns `input` children of mem.echo at once (as keel.fan_out does), awaiting none."""
+
+    async def one(index: int) -> str:
+        spawn = {"kind": SPAWN_KIND, "op_id": "mem.echo", "input": index}
+        return str((await ctx.io.call(SPAWN_NAMESPACE, spawn, f"child.{index}"))["child_run_id"])
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(index)) for index in range(input)]
+    return [task.result() for task in tasks]
+
+
+@pytest.mark.parametrize("linger", [0.2, 0.0], ids=["write-behind", "append-per-step"])
+async def test_the_concurrent_spawns_of_a_step_link_their_children_in_one_append(linger: float) -> None:
+    # Each spawn first makes the attempt's events durable: the ten wait for one append together and
+    # go on together, so their links make one append (they used to go on one turn of the loop apart,
+    # and the links took two appends and two reads of the parent's status).
+    log = SlowAppendLog()
+    running = engine(log, linger)
+    try:
+        outcome = await running.start_run(manifest("mem.spawn_many", 10), None, wait=True, wait_seconds=WAIT)
+        view = await running.views.run_view(outcome.run_id)
+        assert view.status == COMPLETED and len(view.children) == 10
+        assert log.appends[children_stream_id(outcome.run_id)] == 1
+    finally:
+        await running.stop()
 
 
 async def test_the_answer_of_a_waited_start_without_children_reads_nothing(kernel: Engine) -> None:
