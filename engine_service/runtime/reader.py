@@ -105,6 +105,8 @@ class RunReader:
         self._finished_runs.put(run_id, tuple(events))
         if links is not None:
             self._links_at_end.put(run_id, links)
+        else:  # an earlier run of this id (deleted elsewhere since) may have left its own
+            self._links_at_end.drop(run_id)
 
     def links_at_end(self, run_id: str) -> list[ChildLink] | None:
         """The children of a run this engine saw end, when known without a read (None: read them)."""
@@ -114,10 +116,12 @@ class RunReader:
         """Hold links (ChildLinked events) this engine just appended at `first_seq` and on."""
         held = self._appended_links.get(parent_run_id)
         if held is None:
+            if first_seq != 1:  # links before these are not this engine's: never all known
+                return
             held = {}
             self._appended_links.put(parent_run_id, held)
         if len(held) + len(links) > MAX_HELD_LINKS:
-            # Past the bound, none: the next note starts past seq 1, so its run's links are read.
+            # Past the bound, none: later notes start past seq 1 and are not held, the links are read.
             self._appended_links.drop(parent_run_id)
             return
         held.update(enumerate(links, first_seq))
@@ -125,6 +129,7 @@ class RunReader:
     def start_linking(self, run_id: str) -> None:
         """A run of this id starts here: links held from an earlier run of the id are not its."""
         self._appended_links.drop(run_id)
+        self._links_at_end.drop(run_id)
 
     def links_appended(self, run_id: str, children_head: int | None) -> list[ChildLink] | None:
         """The run's children when its children stream, `children_head` events long, holds only

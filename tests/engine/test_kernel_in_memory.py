@@ -435,6 +435,36 @@ async def test_the_answer_of_a_waited_start_reads_the_children_another_client_li
     assert answered == await kernel.views.run_view(outcome.run_id)
 
 
+async def test_a_run_id_started_again_here_after_a_delete_elsewhere_answers_its_own_children() -> None:
+    # Engine A finished run R with a child it linked; engine B deleted R; R is started again on A
+    # and another client links a child to it: A's answer lists that child, not the deleted run's.
+    run_id = "3f2b9a40-5c1d-4e7f-9a8b-1c2d3e4f5a6b"
+    log = InMemoryEventLog()
+    first_engine, other = engine(log, 0.2, "mem-a"), engine(log, 0.2, "mem-b")
+    try:
+        spec = {"op": "mem.echo", "input": {"y": 2}}
+        await first_engine.start_run(manifest("mem.parent", spec), run_id, wait=True, wait_seconds=WAIT)
+        answered = await first_engine.views.run_view(run_id, just_ended=True)
+        assert [child.fact_key for child in answered.children] == ["child"]
+        await other.retention.delete_run(run_id)
+        gate("again")
+        started = asyncio.ensure_future(
+            first_engine.start_run(manifest("mem.gated", "again"), run_id, wait=True, wait_seconds=WAIT)
+        )
+        await asyncio.wait_for(ENTERED["again"].wait(), WAIT)
+        foreign = ChildLink(run_id, "elsewhere", "5d0f3c1e-2b4a-4c6d-8e9f-0a1b2c3d4e5f", "m", "mem.echo")
+        linked = [foreign.encode(1)]
+        await log.append(children_stream_id(run_id), linked, expected_seq=None, expected_any=True)
+        GATES["again"].set()
+        assert (await started).ended_here
+        answered = await first_engine.views.run_view(run_id, just_ended=True)
+        assert [child.fact_key for child in answered.children] == ["elsewhere"]
+        assert answered == await first_engine.views.run_view(run_id)
+    finally:
+        await first_engine.stop()
+        await other.stop()
+
+
 class SlowAppendLog(InMemoryEventLog):
     """A log whose appends take a few turns of the event loop (as a store's round trip does), and
     which counts the appends to each stream."""
