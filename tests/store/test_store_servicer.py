@@ -604,6 +604,24 @@ async def test_bad_input_is_rejected_with_reason_and_writes_nothing(
         assert not has.exists
 
 
+@pytest.mark.parametrize(
+    ("events", "named"),
+    [
+        ([ev("Ok"), ev("Ok"), ev("Bad\x01"), ev("Big", b"x" * (MiB + 1))], "events[2].type"),
+        ([ev("Ok"), ev("Big", b"x" * (MiB + 1)), ev("")], "events[1].payload"),
+        ([ev("Ok"), ev("Ok", b"x" * (MiB + 1))], "events[1].payload"),
+    ],
+    ids=["bad type first", "big payload first", "a known type with a big payload"],
+)
+async def test_a_refused_event_is_named_by_its_index_among_valid_ones(
+    stub: StoreServiceAsyncStub, events: list[store_pb2.EventData], named: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AppendEvents(append_request("s", events=events))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(named)
+
+
 async def test_read_events_pages_a_stream_larger_than_one_message(stub: StoreServiceAsyncStub) -> None:
     """20 events of 1 MiB exceed the 16 MiB message limit: ReadEvents pages instead of failing."""
     payload = b"x" * (1024 * 1024)
