@@ -4,7 +4,8 @@ The driving engine calls `schedule` once the attempt's StepAttemptStarted is dur
 stream is created with an append that expects no stream, so a crash can never issue one attempt
 twice (a second `schedule`, by a driver that adopted the attempt after a crash, finds the task and
 waits for it). A hint naming the task goes to the queue's stream (`queue:<name>`), where every
-engine's pollers are subscribed; the truth stays the task stream and its index attributes.
+engine's pollers are subscribed; the truth stays the task stream and its index attributes. The
+hint stream keeps only its recent hints (a follower reads it from its head on).
 
 `outcome` waits for the task's outcome without polling (a subscription to the task stream), and
 ends the task itself when a deadline passes (schedule-to-start, start-to-close, the claim's
@@ -67,6 +68,9 @@ MAX_INLINE_BODY_BYTES = 256 * 1024
 # A context larger than this is not put in the Task message: the worker reads it with GetArtifact.
 MAX_INLINE_CONTEXT_BYTES = 1024 * 1024
 BODY_ARTIFACT_KIND = "task-body"
+# A queue's hint stream keeps about its last KEEP_HINTS hints: trimmed every TRIM_HINTS_EVERY.
+TRIM_HINTS_EVERY = 1000
+KEEP_HINTS = 1000
 CONTEXT_ARTIFACT_KIND = "task-context"
 
 
@@ -199,12 +203,18 @@ class TaskBoard:
         writing.add_done_callback(self._hints.discard)
 
     async def _write_hint(self, queue: str, stream_id: str, payload: bytes) -> None:
+        hints = queue_stream_id(queue)
         try:
-            await self.store.append(
-                queue_stream_id(queue), [(TASK_ENQUEUED, payload)], expected_seq=None, expected_any=True
+            appended = await self.store.append(
+                hints, [(TASK_ENQUEUED, payload)], expected_seq=None, expected_any=True
             )
+            # The writer of every TRIM_HINTS_EVERY-th hint trims the stream to its last KEEP_HINTS:
+            # followers read it from their head on, and one that lagged that far lists the queue.
+            head = appended.head_seq
+            if head % TRIM_HINTS_EVERY == 0 and head > KEEP_HINTS:
+                await self.store.trim(hints, head - KEEP_HINTS)
         except Exception as error:  # a hint only: pollers list the queue's index too
-            log.warning("queue hint for %s not written: %s", stream_id, error)
+            log.warning("queue hint for %s not written or trimmed: %s", stream_id, error)
 
     async def end(self, stream_id: str, state: TaskState, event: TaskEvent) -> TaskState:
         """Append an outcome at the head `state` was read at (`sequence_conflict` if someone wrote since)."""

@@ -176,8 +176,13 @@ class QueueDispatcher:
             try:
                 head, _ = await self.store.head(stream_id)
                 subscription = self.store.subscribe(stream_id, after_seq=head)
+                seen = head
                 async with contextlib.aclosing(subscription):
                     async for event in subscription:
+                        if event.seq != seen + 1:  # trimmed before this engine read them: list
+                            self._listed_at = -1e9
+                            self._wake.set()
+                        seen = event.seq
                         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                             data = parse_json_bytes(event.payload)
                             self.hint(Hint(str(data["task"]), str(data["op"]), data.get("again") is True))
