@@ -68,7 +68,7 @@ MAX_INLINE_BODY_BYTES = 256 * 1024
 # A context larger than this is not put in the Task message: the worker reads it with GetArtifact.
 MAX_INLINE_CONTEXT_BYTES = 1024 * 1024
 BODY_ARTIFACT_KIND = "task-body"
-# A queue's hint stream keeps about its last KEEP_HINTS hints: trimmed every TRIM_HINTS_EVERY.
+# A queue's hint stream keeps its last KEEP_HINTS to KEEP_HINTS + TRIM_HINTS_EVERY hints.
 TRIM_HINTS_EVERY = 1000
 KEEP_HINTS = 1000
 CONTEXT_ARTIFACT_KIND = "task-context"
@@ -208,13 +208,17 @@ class TaskBoard:
             appended = await self.store.append(
                 hints, [(TASK_ENQUEUED, payload)], expected_seq=None, expected_any=True
             )
-            # The writer of every TRIM_HINTS_EVERY-th hint trims the stream to its last KEEP_HINTS:
-            # followers read it from their head on, and one that lagged that far lists the queue.
-            head = appended.head_seq
-            if head % TRIM_HINTS_EVERY == 0 and head > KEEP_HINTS:
-                await self.store.trim(hints, head - KEEP_HINTS)
         except Exception as error:  # a hint only: pollers list the queue's index too
-            log.warning("queue hint for %s not written or trimmed: %s", stream_id, error)
+            log.warning("queue hint for %s not written: %s", stream_id, error)
+            return
+        # The writer of every TRIM_HINTS_EVERY-th hint trims the stream to its last KEEP_HINTS:
+        # followers read it from their head on, and one that lagged that far lists the queue.
+        head = appended.head_seq
+        if head % TRIM_HINTS_EVERY == 0 and head > KEEP_HINTS:
+            try:
+                await self.store.trim(hints, head - KEEP_HINTS)
+            except Exception as error:  # the next trim takes these too
+                log.info("queue %s: hints not trimmed below %d: %s", queue, head - KEEP_HINTS, error)
 
     async def end(self, stream_id: str, state: TaskState, event: TaskEvent) -> TaskState:
         """Append an outcome at the head `state` was read at (`sequence_conflict` if someone wrote since)."""

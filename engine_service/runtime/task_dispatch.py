@@ -31,6 +31,7 @@ from keel_core.clock import now_us
 log = logging.getLogger(__name__)
 
 LIST_SECONDS = 5.0
+RELIST_SECONDS = 1.0  # after a failed listing or a lost subscription
 _PAGE = 100
 _RECENT = 4096
 
@@ -163,12 +164,19 @@ class QueueDispatcher:
                 patience=self.patience,
             )
         except Exception as error:
-            log.info("queue %s: listing pending tasks failed: %s", self.queue, error)
+            log.info("queue %s: listing pending tasks failed (%s); again in 1 s", self.queue, error)
+            # Whatever asked for the listing (a follower that missed hints, say) still needs it.
+            asyncio.get_running_loop().call_later(RELIST_SECONDS, self._list_again)
             return
         known = {hint.stream_id for hint in self.hints}
         for summary in reversed(listed):  # oldest first
             if summary.stream_id not in known:
                 self.hints.append(Hint(summary.stream_id, summary.attributes.get(OP_ATTRIBUTE, "")))
+
+    def _list_again(self) -> None:
+        """List the queue's index before the next claim."""
+        self._listed_at = -1e9
+        self._wake.set()
 
     async def _follow(self) -> None:
         stream_id = queue_stream_id(self.queue)
@@ -180,8 +188,7 @@ class QueueDispatcher:
                 async with contextlib.aclosing(subscription):
                     async for event in subscription:
                         if event.seq != seen + 1:  # trimmed before this engine read them: list
-                            self._listed_at = -1e9
-                            self._wake.set()
+                            self._list_again()
                         seen = event.seq
                         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                             data = parse_json_bytes(event.payload)
@@ -190,8 +197,8 @@ class QueueDispatcher:
                 raise
             except Exception as error:  # the store away: listing still finds the tasks when it is back
                 log.info("queue %s: following hints failed (%s); again in 1 s", self.queue, error)
-                self._listed_at = -1e9
-                await asyncio.sleep(1.0)
+                self._list_again()
+                await asyncio.sleep(RELIST_SECONDS)
 
     async def close(self) -> None:
         """Stop dispatching and following."""

@@ -1,19 +1,28 @@
-"""A queue's hint stream stays short, and a follower that lagged past a trim lists the queue."""
+"""A queue's hint stream stays short, and tasks whose hints were trimmed unread still reach pollers."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from engine_service.domain.canonical import canonical_json_bytes
-from engine_service.domain.streams import TASK_ENQUEUED, queue_stream_id
-from engine_service.domain.tasks import StepTimeouts, TaskScheduled
+from engine_service.domain.streams import TASK_ENQUEUED, TASK_OPEN_LABEL, TASK_STREAM_PREFIX, queue_stream_id
+from engine_service.domain.tasks import (
+    OP_ATTRIBUTE,
+    PENDING,
+    QUEUE_ATTRIBUTE,
+    STATE_ATTRIBUTE,
+    StepTimeouts,
+    TaskScheduled,
+)
 from engine_service.runtime import task_board
 from engine_service.runtime.task_board import Hint, TaskBoard
 from engine_service.runtime.task_dispatch import CLAIM_GONE, Poller, QueueDispatcher
-from engine_service.store import InMemoryEventLog
+from engine_service.store import InMemoryEventLog, StreamSummary
+from keel_core.errors import unavailable
 from tests.engine.processes import eventually
 
 WAIT = 10.0
@@ -48,13 +57,27 @@ async def test_every_trim_hints_every_th_hint_trims_the_queue_stream_to_its_last
     assert all(event.type == TASK_ENQUEUED for event in events)
 
 
-async def test_a_follower_that_lagged_past_a_trim_lists_the_queue_again() -> None:
-    log = InMemoryEventLog()
-    claimed: list[str] = []
+class FlakyListing(InMemoryEventLog):
+    """A log whose next `failing` listings fail as a store away would."""
+
+    failing = 0
+
+    async def list_streams(self, **kw: Any) -> tuple[list[StreamSummary], str]:
+        if self.failing:
+            self.failing -= 1
+            self.calls["ListStreams"] += 1
+            raise unavailable("store_unavailable", "the store is away")
+        return await super().list_streams(**kw)
+
+
+@pytest.mark.parametrize("failed_listings", [0, 1], ids=["listed", "listed after a failed listing"])
+async def test_tasks_whose_hints_were_trimmed_unread_reach_a_waiting_poller(failed_listings: int) -> None:
+    log = FlakyListing()
+    claimed: set[str] = set()
 
     async def claim(hint: Hint, poller: Poller) -> str:
-        claimed.append(hint.stream_id)
-        return CLAIM_GONE
+        claimed.add(hint.stream_id)
+        return CLAIM_GONE  # the poller stays free for the next
 
     dispatcher = QueueDispatcher(log, "q", claim, patience=1.0)
     poller = Poller("worker", frozenset(), asyncio.get_running_loop().create_future())
@@ -63,14 +86,26 @@ async def test_a_follower_that_lagged_past_a_trim_lists_the_queue_again() -> Non
         await until(lambda: log.calls["ListStreams"] == 1 and log.calls["SubscribeEvents"] == 1, "following")
         for _ in range(3):
             await asyncio.sleep(0)  # the follower waits for the queue's next hint
-        stream = queue_stream_id("q")
-        # Three hints land and the first two are trimmed before the follower reads any of them.
+        # Three tasks are created elsewhere; their hints land, and the first two are trimmed before
+        # the follower reads any of them.
+        hints = queue_stream_id("q")
         for index in range(1, 4):
-            payload = canonical_json_bytes({"v": 1, "task": f"task-{index}", "op": "op@1", "again": False})
-            await log.append(stream, [(TASK_ENQUEUED, payload)], expected_seq=None, expected_any=True)
-        await log.trim(stream, 3)
-        await until(lambda: log.calls["ListStreams"] == 2, "listed again")  # the index has what it missed
-        await until(lambda: claimed == ["task-3"], "the hint it read claimed")
+            task = f"{TASK_STREAM_PREFIX}{index}"
+            await log.append(
+                task,
+                [("TaskScheduled", b"{}")],
+                expected_seq=None,
+                status=TASK_OPEN_LABEL,
+                attributes={QUEUE_ATTRIBUTE: "q", STATE_ATTRIBUTE: PENDING, OP_ATTRIBUTE: "op@1"},
+            )
+            payload = canonical_json_bytes({"v": 1, "task": task, "op": "op@1", "again": False})
+            await log.append(hints, [(TASK_ENQUEUED, payload)], expected_seq=None, expected_any=True)
+        log.failing = failed_listings
+        await log.trim(hints, 3)
+        # The queue's index has what the follower missed.
+        tasks = {f"{TASK_STREAM_PREFIX}{index}" for index in (1, 2, 3)}
+        await until(lambda: claimed == tasks, "every task claimed for the poller")
+        assert log.calls["ListStreams"] == 2 + failed_listings
     finally:
         poller.result.cancel()
         await dispatcher.close()
