@@ -68,10 +68,10 @@ MAX_INLINE_BODY_BYTES = 256 * 1024
 # A context larger than this is not put in the Task message: the worker reads it with GetArtifact.
 MAX_INLINE_CONTEXT_BYTES = 1024 * 1024
 BODY_ARTIFACT_KIND = "task-body"
+CONTEXT_ARTIFACT_KIND = "task-context"
 # A queue's hint stream keeps its last KEEP_HINTS to KEEP_HINTS + TRIM_HINTS_EVERY hints.
 TRIM_HINTS_EVERY = 1000
 KEEP_HINTS = 1000
-CONTEXT_ARTIFACT_KIND = "task-context"
 
 
 def outcome_label(event: TaskEvent) -> str:

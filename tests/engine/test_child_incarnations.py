@@ -13,6 +13,7 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 
 from engine_service.domain.history import fold
 from engine_service.domain.streams import run_stream_id
+from engine_service.runtime.kernel import Engine
 from keel_core.json_values import from_value, to_value
 from tests.engine.conftest import Cluster, start_test_engine
 from tests.engine.test_retention import cluster  # noqa: F401 (a store that accepts deletes)
@@ -27,6 +28,16 @@ def fan_out(run_id: str, inputs: list[int]) -> engine_pb2.StartRunRequest:
 
 def doubles(run: engine_pb2.Run) -> list[int]:
     return [r["double"] for r in from_value(run.final_snapshot)["main"]["results"]]
+
+
+async def resolved_doubles(engine: Engine, run_id: str) -> list[int]:
+    """What `engine`'s resolver answers for the run's children wait (its first), as doubles."""
+    events, _ = await engine.reader.read_history(run_id)
+    waits = [fold(e.event for e in events[:n]).waiting for n in range(1, len(events) + 1)]
+    waiting = next(iter(next(w for w in waits if w).values()))
+    outcome = await engine.children.children_wait_outcome(run_id, waiting)
+    assert outcome is not None and outcome.output is not None
+    return [r["double"] for r in outcome.output["results"]]
 
 
 async def test_a_fan_out_of_a_run_id_started_again_is_answered_with_its_own_children(
@@ -49,11 +60,7 @@ async def test_a_fan_out_of_a_run_id_started_again_is_answered_with_its_own_chil
         await other.drain(0.5)
     # What the first engine's resolver answers for the second run's wait (as when it takes up a
     # parked parent whose children ended elsewhere): the second run's children, read from the store.
-    events, _ = await first_engine.reader.read_history(run_id)
-    waits = [fold(e.event for e in events[:n]).waiting for n in range(1, len(events) + 1)]
-    waiting = next(iter(next(w for w in waits if w).values()))
-    outcome = await first_engine.children.children_wait_outcome(run_id, waiting)
-    assert outcome is not None and [r["double"] for r in outcome.output["results"]] == [20, 40]
+    assert await resolved_doubles(first_engine, run_id) == [20, 40]
     shown = await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))
     assert doubles(shown.run) == [20, 40]
 
@@ -97,8 +104,4 @@ async def test_a_start_whose_first_append_lands_after_a_delete_is_answered_with_
     finally:
         await channel.close(grace=None)
         await other.drain(0.5)
-    events, _ = await first_engine.reader.read_history(run_id)
-    waits = [fold(e.event for e in events[:n]).waiting for n in range(1, len(events) + 1)]
-    waiting = next(iter(next(w for w in waits if w).values()))
-    outcome = await first_engine.children.children_wait_outcome(run_id, waiting)
-    assert outcome is not None and [r["double"] for r in outcome.output["results"]] == [20, 40]
+    assert await resolved_doubles(first_engine, run_id) == [20, 40]

@@ -41,7 +41,7 @@ from engine_service.domain.streams import RUN_COMPLETED, RUN_STARTED, children_s
 from engine_service.domain.tasks import StepTimeouts
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
-from engine_service.runtime.kernel import Engine
+from engine_service.runtime.kernel import Engine, StartOutcome
 from engine_service.runtime.views import RUNNING
 from engine_service.store import AppendResult, InMemoryEventLog, StreamEvent
 from keel_core.errors import KeelError
@@ -410,21 +410,28 @@ async def test_the_answer_of_a_waited_start_reads_nothing_when_this_engine_linke
     assert (child.fact_key, child.status) == ("child", COMPLETED)
 
 
-async def test_the_answer_of_a_waited_start_reads_the_children_another_client_linked(kernel: Engine) -> None:
-    # Any client may link a child to any run (another engine's SpawnChild): a link this engine did
-    # not append makes the answer read the children stream.
-    gate("foreign")
+async def end_with_a_child_linked_elsewhere(
+    kernel: Engine, name: str, run_id: str | None = None
+) -> StartOutcome:
+    """Start a waited `mem.gated` run (gate `name`), link a child `elsewhere` to it while it waits,
+    as another client may (another engine's SpawnChild), and return the start once the run ended."""
+    gate(name)
     started = asyncio.ensure_future(
-        kernel.start_run(manifest("mem.gated", "foreign"), None, wait=True, wait_seconds=WAIT)
+        kernel.start_run(manifest("mem.gated", name), run_id, wait=True, wait_seconds=WAIT)
     )
-    await asyncio.wait_for(ENTERED["foreign"].wait(), WAIT)
-    [run_id] = kernel.drivers
-    foreign = ChildLink(run_id, "elsewhere", "5d0f3c1e-2b4a-4c6d-8e9f-0a1b2c3d4e5f", "m", "mem.echo")
+    await asyncio.wait_for(ENTERED[name].wait(), WAIT)
+    [running] = kernel.drivers
+    link = ChildLink(running, "elsewhere", "5d0f3c1e-2b4a-4c6d-8e9f-0a1b2c3d4e5f", "m", "mem.echo")
     await kernel.env.store.append(
-        children_stream_id(run_id), [foreign.encode(1)], expected_seq=None, expected_any=True
+        children_stream_id(running), [link.encode(1)], expected_seq=None, expected_any=True
     )
-    GATES["foreign"].set()
-    outcome = await started
+    GATES[name].set()
+    return await started
+
+
+async def test_the_answer_of_a_waited_start_reads_the_children_another_client_linked(kernel: Engine) -> None:
+    # A link this engine did not append makes the answer read the children stream.
+    outcome = await end_with_a_child_linked_elsewhere(kernel, "foreign")
     log = kernel.env.store
     assert isinstance(log, InMemoryEventLog)
     before = log.calls.copy()
@@ -447,16 +454,7 @@ async def test_a_run_id_started_again_here_after_a_delete_elsewhere_answers_its_
         answered = await first_engine.views.run_view(run_id, just_ended=True)
         assert [child.fact_key for child in answered.children] == ["child"]
         await other.retention.delete_run(run_id)
-        gate("again")
-        started = asyncio.ensure_future(
-            first_engine.start_run(manifest("mem.gated", "again"), run_id, wait=True, wait_seconds=WAIT)
-        )
-        await asyncio.wait_for(ENTERED["again"].wait(), WAIT)
-        foreign = ChildLink(run_id, "elsewhere", "5d0f3c1e-2b4a-4c6d-8e9f-0a1b2c3d4e5f", "m", "mem.echo")
-        linked = [foreign.encode(1)]
-        await log.append(children_stream_id(run_id), linked, expected_seq=None, expected_any=True)
-        GATES["again"].set()
-        assert (await started).ended_here
+        assert (await end_with_a_child_linked_elsewhere(first_engine, "again", run_id)).ended_here
         answered = await first_engine.views.run_view(run_id, just_ended=True)
         assert [child.fact_key for child in answered.children] == ["elsewhere"]
         assert answered == await first_engine.views.run_view(run_id)
