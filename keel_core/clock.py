@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def now_us() -> int:
@@ -10,4 +14,9 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-__all__ = ["now_us"]
+def us_of(when: datetime) -> int:
+    """An aware datetime as microseconds since the Unix epoch, exactly (no float in between)."""
+    return (when - _EPOCH) // _MICROSECOND
+
+
+__all__ = ["now_us", "us_of"]

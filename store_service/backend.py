@@ -114,6 +114,8 @@ class AppendResult:
     artifact_ids: tuple[str, ...] = ()
     # The heads of the append's `report_heads` streams, in its order, read in its transaction.
     reported_heads: tuple[int, ...] = ()
+    # The time its events were recorded with (µs since the epoch, the store's clock; 0: not known).
+    recorded_at_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -217,6 +217,10 @@ class RunDriver:
         self._watchers: set[asyncio.Task[None]] = set()
         # Told the due time of a run this driver parked (the engine's Waker); set by the kernel.
         self.on_parked: Any = None
+        # When this driver's append created the run stream, by the store's clock (None: it did not,
+        # or the store did not say); told to `on_created` once set, if that is set by then.
+        self.created_at_us: int | None = None
+        self.on_created: Callable[[str, int], None] | None = None
 
     def remember_snapshot(self, snapshot_id: str, context: dict[str, Any]) -> None:
         """Cache a snapshot this engine wrote, so it need not be read back."""
@@ -724,6 +728,10 @@ class RunDriver:
                 )
                 raise
             self.durable_seq += len(batch)
+            if appended.first_seq == 1 and appended.recorded_at_us:
+                self.created_at_us = appended.recorded_at_us
+                if self.on_created is not None:
+                    self.on_created(self.run_id, appended.recorded_at_us)
             if terminal and appended.reported_heads:
                 self.children_head_at_end = appended.reported_heads[0]
 

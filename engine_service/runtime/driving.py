@@ -105,14 +105,20 @@ class Drivers:
         task = asyncio.create_task(driver.drive(), name=f"run {driver.run_id}")
         self._registry.drivers[driver.run_id] = task
         self._registry.pokes[driver.run_id] = driver.poke
+        # Its stream's creation time is held while it is the run's driver here (until `_done`).
+        driver.on_created = self._reader.note_created
+        if driver.created_at_us is not None:  # created by a start's append before it was spawned
+            self._reader.note_created(driver.run_id, driver.created_at_us)
         task.add_done_callback(lambda done: self._done(driver, done))
         return task
 
     def _done(self, driver: RunDriver, task: asyncio.Task[RunCompleted]) -> None:
         run_id = driver.run_id
+        driver.on_created = None  # an append of its still in flight may land later: not held then
         if self._registry.drivers.get(run_id) is task:
             del self._registry.drivers[run_id]
             self._registry.pokes.pop(run_id, None)
+            self._reader.stopped_driving(run_id)
             self._leases.drop(run_id, run_exists=driver.durable_seq > 0)
         if not task.cancelled():
             # A cancelled parent's spawns are still needed to close its children.

@@ -30,6 +30,7 @@ from engine_service.domain.streams import (
     run_stream_id,
 )
 from engine_service.store.port import EventLog, StreamEvent
+from keel_core.clock import us_of
 from keel_core.errors import ErrorCategory, KeelError, not_found
 from keel_core.recent import Recent
 
@@ -69,6 +70,9 @@ class RunReader:
         self._links_at_end: Recent[str, list[ChildLink]] = Recent(1000)
         # The links this engine appended to runs' children streams, by seq (see `links_appended`).
         self._appended_links: Recent[str, dict[int, tuple[str, bytes]]] = Recent(1000)
+        # When run streams were created, by the store's clock, held while the driver here that
+        # created each one drives it (`note_created`): the stream is that run's for as long.
+        self._created_us: Recent[str, int] = Recent(1000)
 
     async def read_history(
         self, run_id: str, *, corrupt_ok: bool = False
@@ -94,6 +98,7 @@ class RunReader:
     def forget(self, run_id: str) -> None:
         """Drop what is held of a run (it was deleted)."""
         self._finished_runs.drop(run_id)
+        self._created_us.drop(run_id)
         self._links_at_end.drop(run_id)
         self._appended_links.drop(run_id)
 
@@ -130,6 +135,22 @@ class RunReader:
         """A run of this id starts here: links held from an earlier run of the id are not its."""
         self._appended_links.drop(run_id)
         self._links_at_end.drop(run_id)
+        self._created_us.drop(run_id)
+
+    def note_created(self, run_id: str, at_us: int) -> None:
+        """A driver here created the run's stream at `at_us` (its first append's commit time).
+
+        Held only while that driver is the run's driver here (`Drivers.spawn` to `Drivers._done`), so
+        only it reads the time: a resumption or a wake-up of the run here finds it busy. Once it ended,
+        another engine may delete the run and start its id again, and the stream is read. Should that
+        happen while the driver still lives (a cancel from another engine, a lost lease), what the
+        driver decides from the time is fenced like all it writes: by its lease and its stream head.
+        """
+        self._created_us.put(run_id, at_us)
+
+    def stopped_driving(self, run_id: str) -> None:
+        """The run's driver here ended: its stream's creation time is let go."""
+        self._created_us.drop(run_id)
 
     def links_appended(self, run_id: str, children_head: int | None) -> list[ChildLink] | None:
         """The run's children when its children stream, `children_head` events long, holds only
@@ -192,10 +213,14 @@ class RunReader:
         return event.manifest_id if isinstance(event, RunStarted) else None
 
     async def created_at_us(self, run_id: str) -> int | None:
-        """When the run stream was created (its first event's commit time, by the store's clock)."""
+        """When the run stream was created (its first event's commit time, by the store's clock):
+        held while a driver here that created it drives it, else read."""
+        held = self._created_us.get(run_id)
+        if held is not None:
+            return held
         first = await self.store.read(run_stream_id(run_id), limit=1)
         when = first[0].recorded_at if first else None
-        return int(when.timestamp() * 1_000_000) if when else None
+        return us_of(when) if when else None
 
     async def links(self, parent_run_id: str) -> list[ChildLink]:
         """The parent's children, as its children stream links them (by fact key)."""

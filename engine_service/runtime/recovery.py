@@ -21,6 +21,7 @@ from engine_service.domain.streams import RUN_ACTIVE_LABEL, RUN_STREAM_PREFIX, r
 from engine_service.runtime.leases import Leases
 from engine_service.runtime.registry import RunRegistry
 from engine_service.store.port import EventLog
+from keel_core.clock import us_of
 from keel_core.errors import KeelError
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,7 @@ class Recovery:
             page_token=token,
             patience=float("inf"),
         )
-        listed = {
-            run_id_of_stream(s.stream_id): int(s.created_at.timestamp() * 1_000_000) if s.created_at else None
-            for s in page
-        }
+        listed = {run_id_of_stream(s.stream_id): us_of(s.created_at) if s.created_at else None for s in page}
         return listed, token
 
     async def _candidates(

@@ -51,6 +51,7 @@ from engine_service.domain.streams import (
 )
 from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
 from keel_core import tracing
+from keel_core.clock import us_of
 from keel_core.errors import ErrorCategory, KeelError, unavailable
 from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES, host_port
@@ -122,7 +123,8 @@ def _when(ts: object) -> datetime | None:
     nanos = getattr(ts, "nanos", 0)
     if not seconds and not nanos:
         return None
-    return datetime.fromtimestamp(seconds + nanos / 1e9, tz=UTC)
+    # Exact to the microsecond (a float of seconds would round some away).
+    return datetime.fromtimestamp(seconds, tz=UTC) + timedelta(microseconds=nanos // 1000)
 
 
 def _stream_event(event: store_pb2.RecordedEvent) -> StreamEvent:
@@ -582,7 +584,9 @@ class StoreClient:
             log.info("append to %s had committed before its answer was lost", stream_id)
             ids = tuple(artifact_id_for_bytes(data) for _, data in artifacts)
             self._appended(stream_id, events)
-            return AppendResult(base + 1, base + len(events), ids)
+            when = found[0].recorded_at
+            recorded = us_of(when) if when else None
+            return AppendResult(base + 1, base + len(events), ids, recorded_at_us=recorded)
         ids = tuple(response.artifact_ids)
         for (_, data), stored in zip(artifacts, ids, strict=True):
             if artifact_id_for_bytes(data) != stored:
@@ -593,7 +597,8 @@ class StoreClient:
         reported = (
             tuple(response.reported_heads) if len(response.reported_heads) == len(report_heads) else None
         )
-        return AppendResult(response.first_seq, response.head_seq, ids, reported)
+        recorded = response.recorded_at_us or None  # 0: a store older than the field
+        return AppendResult(response.first_seq, response.head_seq, ids, reported, recorded)
 
     def _appended(self, stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
         if self._on_appended is None:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from engine_service.domain.canonical import artifact_id_for_bytes
 from engine_service.domain.streams import ENDED_LABELS, LABEL_PARKED, STATUS_LABELS
 from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
+from keel_core.clock import us_of
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found, unavailable
 
 
@@ -146,7 +147,7 @@ class InMemoryEventLog:
         if wake is not None:
             wake.set()
         reported = tuple(self._streams[sid].head if sid in self._streams else 0 for sid in report_heads)
-        return AppendResult(first, stream.head, ids, reported)
+        return AppendResult(first, stream.head, ids, reported, us_of(now))
 
     def _store_artifact(self, data: bytes) -> str:
         artifact_id = artifact_id_for_bytes(data)

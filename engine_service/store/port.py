@@ -66,6 +66,9 @@ class AppendResult:
     # The heads of the append's `report_heads` streams, read in its transaction (None: not known,
     # as when a retried append found its first try committed).
     reported_heads: tuple[int, ...] | None = None
+    # The time the store recorded the events with, by its clock (µs since the epoch; None: not
+    # known, as from a store older than the field). A stream's first append: its creation time.
+    recorded_at_us: int | None = None
 
 
 @dataclass(frozen=True)

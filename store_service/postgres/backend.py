@@ -67,8 +67,10 @@ MAX_GROUP_BYTES = 8 * 1024 * 1024
 CAS_RETRIES = 4
 _KIND_CODES = {ExpectedKind.EXACT: 0, ExpectedKind.NO_STREAM: 1, ExpectedKind.ANY: 2}
 
+# The fourth column is the time append_group recorded the events with (the same expression, the
+# same statement: statement_timestamp() is when the statement arrived).
 _APPEND_GROUP = (
-    "SELECT out_first, out_head, out_conflict FROM append_group("
+    "SELECT out_first, out_head, out_conflict, {now} FROM append_group("
     "$1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int2[], $6::int4[], $7::text[], $8::bytea[], "
     "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], $15::text)"
 )
@@ -81,7 +83,7 @@ _APPEND_GROUP = (
 _APPEND_GROUP_RENEWING = (
     "WITH renewed AS (UPDATE artifacts SET created_at_us = {now} WHERE artifact_id = ANY($10::text[]) "
     "AND created_at_us < {now} - $16::int8 RETURNING 1), ready AS (SELECT count(*) AS n FROM renewed) "
-    "SELECT g.out_first, g.out_head, g.out_conflict FROM ready CROSS JOIN LATERAL append_group("
+    "SELECT g.out_first, g.out_head, g.out_conflict, {now} FROM ready CROSS JOIN LATERAL append_group("
     "$1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int2[], $6::int4[], $7::text[], $8::bytea[], "
     "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], "
     "CASE WHEN ready.n >= 0 THEN $15::text END) AS g"
@@ -145,6 +147,7 @@ _TRIM = (
 )
 _INSERT_CHUNK = "INSERT INTO artifact_chunks (blob_id, idx, data) VALUES ($1, $2, $3)"
 _NOW_US = "(extract(epoch FROM statement_timestamp()) * 1000000)::int8"
+_APPEND_GROUP = _APPEND_GROUP.format(now=_NOW_US)
 _APPEND_GROUP_RENEWING = _APPEND_GROUP_RENEWING.format(now=_NOW_US)
 # A put of bytes already stored renews them before it publishes (see _APPEND_GROUP_RENEWING).
 _STALE = f"created_at_us < {_NOW_US} - $2"
@@ -483,7 +486,7 @@ class PostgresStoreBackend(SqlStoreBackend):
         if conflict:
             return sequence_conflict(job.stream_id, job.expected, head)
         reported = tuple(heads.get(sid, 0) for sid in job.report_heads)
-        return AppendResult(first, head, job.artifact_ids, reported)
+        return AppendResult(first, head, job.artifact_ids, reported, int(row[3]))
 
     # -- events ------------------------------------------------------------------------------
 

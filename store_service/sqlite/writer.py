@@ -291,7 +291,7 @@ class SqliteWriter:
                         _stage_inline(artifact, artifact_id, now, blob_rows, artifact_rows)
                     else:
                         renewed.add(artifact_id)
-                outcomes.append(AppendResult(first, new_head, request.artifact_ids))
+                outcomes.append(AppendResult(first, new_head, request.artifact_ids, recorded_at_us=now))
             # A few statements for the whole group, whatever its size.
             _insert_rows(conn, _INSERT_EVENTS, _EVENT_ROW, event_rows)
             _insert_rows(conn, _UPSERT_STREAMS, _STREAM_ROW, list(stream_rows.values()), _ON_STREAM_CONFLICT)

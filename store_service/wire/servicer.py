@@ -193,8 +193,11 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                 head_seq=result.head_seq,
                 artifact_ids=result.artifact_ids,
                 reported_heads=result.reported_heads,
+                recorded_at_us=result.recorded_at_us,
             )
-        return store_pb2.AppendEventsResponse(first_seq=result.first_seq, head_seq=result.head_seq)
+        return store_pb2.AppendEventsResponse(
+            first_seq=result.first_seq, head_seq=result.head_seq, recorded_at_us=result.recorded_at_us
+        )
 
     @translated
     async def ReadEvents(

@@ -36,15 +36,24 @@ from engine_service.domain.child_runs import (
     SPAWN_NAMESPACE,
     ChildLink,
 )
+from engine_service.domain.events import ParkStep
 from engine_service.domain.plan import PipelineSpec, StepSpec
-from engine_service.domain.streams import RUN_COMPLETED, RUN_STARTED, children_stream_id, run_stream_id
+from engine_service.domain.streams import (
+    RUN_COMPLETED,
+    RUN_STARTED,
+    RUN_STREAM_PREFIX,
+    children_stream_id,
+    run_id_of_stream,
+    run_stream_id,
+)
 from engine_service.domain.tasks import StepTimeouts
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine, StartOutcome
 from engine_service.runtime.views import RUNNING
 from engine_service.store import AppendResult, InMemoryEventLog, StreamEvent
-from keel_core.errors import KeelError
+from keel_core.clock import us_of
+from keel_core.errors import KeelError, unavailable
 
 WAIT = 30.0
 OPS = OpRegistry()
@@ -427,6 +436,85 @@ async def end_with_a_child_linked_elsewhere(
     )
     GATES[name].set()
     return await started
+
+
+async def test_a_run_streams_creation_time_is_held_only_while_the_driver_that_created_it_drives_it(
+    kernel: Engine,
+) -> None:
+    # keel.fan_out's resolver asks when the parent's stream was created. While the driver whose
+    # append created it drives the run, nobody can delete and start the id again: the answer is that
+    # append's commit time, read from nothing. Once the driver ended, the stream is read.
+    gate("created")
+    outcome = await kernel.start_run(manifest("mem.gated", "created"), None)  # durable before it returns
+    await asyncio.wait_for(ENTERED["created"].wait(), WAIT)
+    log = kernel.env.store
+    assert isinstance(log, InMemoryEventLog)
+    [first] = await log.read(run_stream_id(outcome.run_id), limit=1)
+    assert first.recorded_at is not None
+    before = log.calls.copy()
+    assert await kernel.reader.created_at_us(outcome.run_id) == us_of(first.recorded_at)
+    assert log.calls == before
+    driving = kernel.drivers[outcome.run_id]
+    GATES["created"].set()
+    await driving  # its end is settled first (Drivers._done was added to the task before this wait)
+    before = log.calls.copy()
+    assert await kernel.reader.created_at_us(outcome.run_id) == us_of(first.recorded_at)
+    assert log.calls - before == {"ReadEvents": 1}
+
+
+@op("mem.park_on_probe", registry=OPS)
+async def park_on_probe(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Parks its attempt on a `probe` wait (a test registers the kind's resolver)."""
+    return ParkStep("probe")
+
+
+async def test_a_first_append_landing_after_its_driver_ended_leaves_no_creation_time_held() -> None:
+    # A waited start's RunStarted travels in its driver's first batch. The driver ends on an error
+    # (its wait's resolver finds the store away) while that append is still on its way; the append
+    # then lands with nobody driving the run here. Its time must not be held: a lease check or a
+    # fan-out's end here would trust it after another engine deleted the run and started it again.
+    log = InMemoryEventLog()
+    running = engine(log, 0.2)
+    on_its_way, release, landed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    slowed: list[str] = []
+    real_append = log.append
+
+    async def slow_first_append(stream_id: str, events: Any, **kw: Any) -> AppendResult:
+        if not stream_id.startswith(RUN_STREAM_PREFIX) or on_its_way.is_set():
+            return await real_append(stream_id, events, **kw)
+        on_its_way.set()
+        slowed.append(stream_id)
+        await release.wait()
+        try:
+            return await real_append(stream_id, events, **kw)
+        finally:
+            landed.set()
+
+    async def store_away(run_id: str, waiting: Any) -> Any:
+        await on_its_way.wait()
+        raise unavailable("store_unavailable", "the resolver's read found the store away")
+
+    log.append = slow_first_append  # type: ignore[method-assign]
+    running.env.wait_resolvers["probe"] = store_away
+    try:
+        starting = asyncio.ensure_future(
+            running.start_run(manifest("mem.park_on_probe"), None, wait=True, wait_seconds=WAIT)
+        )
+        with pytest.raises(KeelError, match="store away"):
+            await starting
+        assert not running.drivers  # the driver ended, its first append still on its way
+        [stream_id] = slowed
+        run_id = run_id_of_stream(stream_id)
+        release.set()
+        await asyncio.wait_for(landed.wait(), WAIT)
+        [first] = await log.read(run_stream_id(run_id), limit=1)
+        assert first.recorded_at is not None
+        before = log.calls.copy()
+        assert await running.reader.created_at_us(run_id) == us_of(first.recorded_at)
+        assert log.calls - before == {"ReadEvents": 1}  # read: not held
+    finally:
+        release.set()
+        await running.stop()
 
 
 async def test_the_answer_of_a_waited_start_reads_the_children_another_client_linked(kernel: Engine) -> None:

@@ -100,6 +100,27 @@ class StoreBackendSuite(abc.ABC):
         ]
         assert all(e.recorded_at_us > 0 for e in stored)
 
+    async def test_an_append_answers_the_time_its_events_were_recorded_with(
+        self, backend: StoreBackend
+    ) -> None:
+        # Appends of one group, plain, with an artifact and with attributes (each takes its own way
+        # through a backend), then a later one: each answers exactly its own events' recorded time,
+        # and a stream's first append its creation time.
+        names = ("plain", "art", "attr")
+        first = await asyncio.gather(
+            backend.append("plain", Expected.no_stream(), events("a", "b")),
+            backend.append("art", Expected.no_stream(), events("a"), artifacts=[NewArtifact("note", b"x")]),
+            backend.append("attr", Expected.no_stream(), events("a"), attributes={"k": "v"}),
+        )
+        later = await backend.append("plain", Expected.exact(2), events("c"))
+        for stream_id, result in zip(names, first, strict=True):
+            stored = await read_all(backend, stream_id)
+            assert result.recorded_at_us > 0
+            assert {e.recorded_at_us for e in stored if e.seq <= result.head_seq} == {result.recorded_at_us}
+        assert (await read_all(backend, "plain"))[2].recorded_at_us == later.recorded_at_us
+        listed = {s.stream_id: s.created_at_us for s in (await backend.list_streams(page_size=10)).streams}
+        assert listed == {sid: result.recorded_at_us for sid, result in zip(names, first, strict=True)}
+
     async def test_exact_expected_appends_after_matching_head(self, backend: StoreBackend) -> None:
         await backend.append("s", Expected.exact(0), events("a"))
         result = await backend.append("s", Expected.exact(1), events("b", "c"))

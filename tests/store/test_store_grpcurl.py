@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from keel_core.clock import us_of
 from tests.store.store_process import StoreProcess
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -64,7 +66,14 @@ def test_grpcurl_lists_describes_checks_health_and_appends(store: StoreProcess) 
     }
     appended = grpcurl(store, APPEND, data=request)
     assert appended.returncode == 0, appended.stderr
-    assert json.loads(appended.stdout) == {"first_seq": "1", "head_seq": "1"}
+    answer = json.loads(appended.stdout)
+    recorded_at_us = int(answer.pop("recorded_at_us"))  # int64 is a string in JSON
+    assert answer == {"first_seq": "1", "head_seq": "1"}
+    read = grpcurl(store, "keel.store.v1.StoreService/ReadEvents", data={"stream_id": "demo"})
+    assert read.returncode == 0, read.stderr
+    [event] = json.loads(read.stdout)["events"]
+    recorded_at = datetime.fromisoformat(event["recorded_at"].replace("Z", "+00:00"))
+    assert us_of(recorded_at) == recorded_at_us  # the time the event was recorded with, in µs
 
     conflict = grpcurl(store, APPEND, data=request)
     assert conflict.returncode != 0

@@ -65,6 +65,9 @@ async def test_append_read_head_round_trip(stub: StoreServiceAsyncStub) -> None:
     assert page.events[0].stream_id == "run-1"
     assert page.events[0].recorded_at.seconds > 1_700_000_000
     everything = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="run-1"))
+    # Each append answers the time its events were recorded with, to the microsecond.
+    recorded = [e.recorded_at.seconds * 1_000_000 + e.recorded_at.nanos // 1000 for e in everything.events]
+    assert recorded == [first.recorded_at_us, first.recorded_at_us, second.recorded_at_us]
     assert [e.type for e in everything.events] == ["A", "B", "C"] and everything.next_seq == 0
     head = await stub.HeadSeq(pb.HeadSeqRequest(stream_id="run-1"))
     assert (head.head_seq, head.status) == (3, pb.STREAM_STATUS_ACTIVE)
@@ -76,6 +79,8 @@ async def test_an_append_answers_with_the_heads_it_asks_for(stub: StoreServiceAs
     await stub.AppendEvents(append_request("kids"))
     answer = await stub.AppendEvents(append_request("run", report_heads=["kids", "nobody"]))
     assert list(answer.reported_heads) == [1, 0]
+    [event] = (await stub.ReadEvents(pb.ReadEventsRequest(stream_id="run"))).events
+    assert answer.recorded_at_us == event.recorded_at.seconds * 1_000_000 + event.recorded_at.nanos // 1000
     assert list((await stub.AppendEvents(append_request("other"))).reported_heads) == []
 
 

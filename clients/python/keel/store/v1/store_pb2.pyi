@@ -336,10 +336,16 @@ class AppendEventsResponse(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     ARTIFACT_IDS_FIELD_NUMBER: _builtins.int
     REPORTED_HEADS_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_US_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     """The sequence number of the first appended event."""
     head_seq: _builtins.int
     """The stream's new head: the sequence number of the last appended event."""
+    recorded_at_us: _builtins.int
+    """The time the store recorded the appended events with (each one's
+    `recorded_at`, by the store's clock), in microseconds since the Unix epoch.
+    An append that creates a stream answers with the stream's creation time.
+    """
     @_builtins.property
     def artifact_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The ids of `artifacts`, in request order."""
@@ -357,10 +363,11 @@ class AppendEventsResponse(_message.Message):
         head_seq: _builtins.int = ...,
         artifact_ids: _abc.Iterable[_builtins.str] | None = ...,
         reported_heads: _abc.Iterable[_builtins.int] | None = ...,
+        recorded_at_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "first_seq", b"first_seq", "head_seq", b"head_seq", "reported_heads", b"reported_heads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "first_seq", b"first_seq", "head_seq", b"head_seq", "recorded_at_us", b"recorded_at_us", "reported_heads", b"reported_heads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
