@@ -164,7 +164,12 @@ class QueueDispatcher:
                 patience=self.patience,
             )
         except Exception as error:
-            log.info("queue %s: listing pending tasks failed (%s); again in 1 s", self.queue, error)
+            log.info(
+                "queue %s: listing pending tasks failed (%s); again in %g s",
+                self.queue,
+                error,
+                RELIST_SECONDS,
+            )
             # Whatever asked for the listing (a follower that missed hints, say) still needs it.
             asyncio.get_running_loop().call_later(RELIST_SECONDS, self._list_again)
             return
@@ -196,7 +201,9 @@ class QueueDispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the store away: listing still finds the tasks when it is back
-                log.info("queue %s: following hints failed (%s); again in 1 s", self.queue, error)
+                log.info(
+                    "queue %s: following hints failed (%s); again in %g s", self.queue, error, RELIST_SECONDS
+                )
                 self._list_again()
                 await asyncio.sleep(RELIST_SECONDS)
 
