@@ -7,7 +7,9 @@ waits for it). A hint naming the task goes to the queue's stream (`queue:<name>`
 engine's pollers are subscribed; the truth stays the task stream and its index attributes. The
 hint stream keeps only its recent hints (a follower reads it from its head on).
 
-`outcome` waits for the task's outcome without polling (a subscription to the task stream), and
+`outcome` waits for the task's outcome without polling: the events this engine appends to the
+task stream are handed over in the process (`EventLog.local`), and the stream is followed in the
+store too (a subscription) when the outcome may come through another engine. It also
 ends the task itself when a deadline passes (schedule-to-start, start-to-close, the claim's
 lease): TaskExpired, appended with a compare-and-swap at the head it read, so a worker's
 outcome that landed first wins.
@@ -59,9 +61,15 @@ from engine_service.domain.tasks import (
 from engine_service.store.port import FOREVER, EventLog, StreamEvent
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
+from keel_core.recent import Recent
 
 log = logging.getLogger(__name__)
 
+# How long `TaskBoard.outcome` waits for a task's outcome on this engine's own appends alone before
+# following its stream in the store too; and for how long after a task this engine waited for was
+# claimed through another engine (workers served by several engines) it follows the store at once.
+FOLLOW_STORE_AFTER = 0.2
+CLAIMED_ELSEWHERE_MEMORY_US = 600 * 1_000_000
 # A task's body (op config, input, context, facts) travels inline in TaskScheduled up to this size;
 # a larger one is an artifact stored with the same append.
 MAX_INLINE_BODY_BYTES = 256 * 1024
@@ -120,8 +128,12 @@ class Hint:
 class TaskBoard:
     """Task streams as the engine writes and reads them; `on_hint` tells this engine's pollers at once."""
 
-    def __init__(self, store: EventLog) -> None:
+    def __init__(self, store: EventLog, *, follow_store_after: float = FOLLOW_STORE_AFTER) -> None:
         self.store = store
+        # How long `outcome` waits on this engine's own appends alone before following the store too.
+        self.follow_store_after = follow_store_after
+        self._claimed_elsewhere_us = 0  # when a task ended with another engine's claim (0: never)
+        self._claims_here: Recent[str, int] = Recent(10_000)  # task stream -> claim seq appended here
         # This engine's pollers; True when one of them takes the task at once (no store hint needed).
         self.on_hint: Callable[[str, Hint], bool] | None = None
         self._hints: set[asyncio.Future[None]] = set()
@@ -276,10 +288,27 @@ class TaskBoard:
         """Wait until the task has an outcome, ending it when a deadline passes first.
 
         `within`: give up after this many seconds and return the state as it is then (no outcome).
+
+        Events this engine appends to the stream (the claim, the outcome of a worker it serves) are
+        handed over at once (`EventLog.local`); the stream is followed in the store as well only
+        after `follow_store_after` seconds without an outcome, or at once while tasks are known to
+        be claimed through other engines (`follows_store_at_once`): a task ended through this
+        engine, the common case, costs no subscription.
         """
         stop_at = None if within is None else time.monotonic() + within
         arrivals: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
-        reader = asyncio.create_task(self._follow(stream_id, state.head_seq, arrivals))
+        unwatch = self.store.local.watch(stream_id, arrivals.put_nowait)
+        reader: asyncio.Task[None] | None = None
+
+        def follow_store() -> None:
+            nonlocal reader
+            reader = asyncio.create_task(self._follow(stream_id, state.head_seq, arrivals))
+
+        timer = None
+        if self.follows_store_at_once():
+            follow_store()
+        else:
+            timer = asyncio.get_running_loop().call_later(self.follow_store_after, follow_store)
         try:
             while state.outcome is None:
                 if stop_at is not None and time.monotonic() >= stop_at:
@@ -294,13 +323,36 @@ class TaskBoard:
                     raise arrived
                 if arrived.seq == state.head_seq + 1:
                     state = state.extend([decode_task_event(arrived.type, arrived.payload)])
-                elif arrived.seq > state.head_seq + 1:  # resubscribed past a gap: read it
+                elif arrived.seq > state.head_seq + 1:  # a gap (resubscribed, or written elsewhere): read
                     state = await self.read(stream_id, patience=FOREVER)
+            self._note_claimant(stream_id, state)
             return state
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            unwatch()
+            if timer is not None:
+                timer.cancel()
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
+
+    def follows_store_at_once(self) -> bool:
+        """Whether a task's outcome is followed in the store at once: another engine claimed a task
+        this engine waited for, less than CLAIMED_ELSEWHERE_MEMORY_US ago."""
+        return (
+            bool(self._claimed_elsewhere_us)
+            and now_us() - self._claimed_elsewhere_us < CLAIMED_ELSEWHERE_MEMORY_US
+        )
+
+    def claimed_here(self, stream_id: str, claim_seq: int) -> None:
+        """This engine appended the task's claim at `claim_seq` (before its worker was told of it)."""
+        self._claims_here.put(stream_id, claim_seq)
+
+    def _note_claimant(self, stream_id: str, state: TaskState) -> None:
+        """Remember when a task this engine waited for ended under another engine's claim."""
+        if state.claim and self._claims_here.get(stream_id) != state.claim:
+            self._claimed_elsewhere_us = now_us()
+        self._claims_here.drop(stream_id)
 
     async def _next_arrival(
         self,
@@ -327,7 +379,8 @@ class TaskBoard:
         except KeelError as error:
             if error.code != "sequence_conflict":
                 raise
-            return await arrivals.get()  # what landed first (a heartbeat, the outcome) arrives next
+            # What landed first (a heartbeat, the outcome) may be another engine's, not followed yet.
+            return await self.read(stream_id, patience=FOREVER)
 
     async def _follow(
         self, stream_id: str, after_seq: int, arrivals: asyncio.Queue[StreamEvent | BaseException]

@@ -219,6 +219,7 @@ class TaskService:
             if error.code == "sequence_conflict":
                 return CLAIM_GONE  # another engine's worker won it
             raise
+        self.board.claimed_here(hint.stream_id, state.head_seq + 1)
         token = TaskToken(scheduled.run_id, scheduled.step_id, scheduled.attempt, state.head_seq + 1)
         body = await self._body_for_worker(state)
         claimed = ClaimedTask(token, scheduled, body, lease_deadline, poller.worker_id, heartbeat_ms)

@@ -49,7 +49,14 @@ from engine_service.domain.streams import (
     LABEL_FAILED,
     LABEL_PARKED,
 )
-from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
+from engine_service.store.port import (
+    AppendResult,
+    ArtifactSummary,
+    DueStream,
+    LocalAppends,
+    StreamEvent,
+    StreamSummary,
+)
 from keel_core import tracing
 from keel_core.clock import us_of
 from keel_core.errors import ErrorCategory, KeelError, unavailable
@@ -390,6 +397,7 @@ class StoreClient:
         self._on_appended = on_appended
         # Store RPCs attempted, by method: how tests and operators count round trips per run.
         self.calls: collections.Counter[str] = collections.Counter()
+        self.local = LocalAppends()
         options = [
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -584,6 +592,7 @@ class StoreClient:
             log.info("append to %s had committed before its answer was lost", stream_id)
             ids = tuple(artifact_id_for_bytes(data) for _, data in artifacts)
             self._appended(stream_id, events)
+            self.local.published(stream_id, base + 1, events)
             when = found[0].recorded_at
             recorded = us_of(when) if when else None
             return AppendResult(base + 1, base + len(events), ids, recorded_at_us=recorded)
@@ -597,6 +606,7 @@ class StoreClient:
         reported = (
             tuple(response.reported_heads) if len(response.reported_heads) == len(report_heads) else None
         )
+        self.local.published(stream_id, response.first_seq, events)
         recorded = response.recorded_at_us or None  # 0: a store older than the field
         return AppendResult(response.first_seq, response.head_seq, ids, reported, recorded)
 

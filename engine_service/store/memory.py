@@ -16,7 +16,14 @@ from datetime import UTC, datetime, timedelta
 
 from engine_service.domain.canonical import artifact_id_for_bytes
 from engine_service.domain.streams import ENDED_LABELS, LABEL_PARKED, STATUS_LABELS
-from engine_service.store.port import AppendResult, ArtifactSummary, DueStream, StreamEvent, StreamSummary
+from engine_service.store.port import (
+    AppendResult,
+    ArtifactSummary,
+    DueStream,
+    LocalAppends,
+    StreamEvent,
+    StreamSummary,
+)
 from keel_core.clock import us_of
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found, unavailable
 
@@ -80,6 +87,7 @@ class InMemoryEventLog:
     def __init__(self) -> None:
         self.patience = 0.0  # always reachable: nothing to wait for
         self.calls: collections.Counter[str] = collections.Counter()
+        self.local = LocalAppends()
         self._streams: dict[str, _Stream] = {}
         self._artifacts: dict[str, bytes] = {}
         self._stored_at: dict[str, datetime] = {}  # when each artifact's bytes were last stored
@@ -147,6 +155,7 @@ class InMemoryEventLog:
         if wake is not None:
             wake.set()
         reported = tuple(self._streams[sid].head if sid in self._streams else 0 for sid in report_heads)
+        self.local.published(stream_id, first, events)
         return AppendResult(first, stream.head, ids, reported, us_of(now))
 
     def _store_artifact(self, data: bytes) -> str:

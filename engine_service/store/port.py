@@ -37,13 +37,15 @@ store; an implementation that is always reachable ignores it.
 from __future__ import annotations
 
 import collections
+import logging
 import math
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
 FOREVER = math.inf
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,47 @@ class StreamEvent:
     type: str
     payload: bytes
     recorded_at: datetime | None
+
+
+class LocalAppends:
+    """Events this process appended, handed at once to whoever here watches their stream: what an
+    engine wrote itself need not come back to it through a store subscription.
+
+    Published once the append is known to have committed, in the order the answers arrive (a watcher
+    tells a gap or a repeat by the sequence numbers). An append by anyone else is not seen here.
+    """
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, list[Callable[[StreamEvent], None]]] = {}
+
+    def watch(self, stream_id: str, deliver: Callable[[StreamEvent], None]) -> Callable[[], None]:
+        """Hand every event appended here to `stream_id` from now on to `deliver`; returns the undo."""
+        self._watchers.setdefault(stream_id, []).append(deliver)
+
+        def unwatch() -> None:
+            watching = self._watchers.get(stream_id, [])
+            if deliver in watching:
+                watching.remove(deliver)
+            if not watching:
+                self._watchers.pop(stream_id, None)
+
+        return unwatch
+
+    def published(self, stream_id: str, first_seq: int, events: Sequence[tuple[str, bytes]]) -> None:
+        """`events` were appended to `stream_id` from `first_seq` on (a dictionary look when unwatched)."""
+        watching = self._watchers.get(stream_id)
+        if not watching:
+            return
+        stored = [
+            StreamEvent(seq, name, bytes(payload), None)
+            for seq, (name, payload) in enumerate(events, first_seq)
+        ]
+        for deliver in list(watching):
+            for event in stored:
+                try:
+                    deliver(event)
+                except Exception:  # a watcher's bug must not turn a committed append into a failure
+                    log.exception("a watcher of %s failed", stream_id)
 
 
 @dataclass(frozen=True)
@@ -110,6 +153,8 @@ class EventLog(Protocol):
     patience: float
     # Calls made, by StoreService method name: how tests and operators count round trips.
     calls: collections.Counter[str]
+    # This process's committed appends, for watchers here (see LocalAppends).
+    local: LocalAppends
 
     async def append(
         self,
