@@ -591,8 +591,7 @@ class StoreClient:
                 raise
             log.info("append to %s had committed before its answer was lost", stream_id)
             ids = tuple(artifact_id_for_bytes(data) for _, data in artifacts)
-            self._appended(stream_id, events)
-            self.local.published(stream_id, base + 1, events)
+            self._appended(stream_id, base + 1, events)
             when = found[0].recorded_at
             recorded = us_of(when) if when else None
             return AppendResult(base + 1, base + len(events), ids, recorded_at_us=recorded)
@@ -602,15 +601,16 @@ class StoreClient:
                 raise KeelError(
                     "artifact_id_mismatch", f"the store named an artifact {stored}, expected otherwise"
                 )
-        self._appended(stream_id, events)
+        self._appended(stream_id, response.first_seq, events)
         reported = (
             tuple(response.reported_heads) if len(response.reported_heads) == len(report_heads) else None
         )
-        self.local.published(stream_id, response.first_seq, events)
         recorded = response.recorded_at_us or None  # 0: a store older than the field
         return AppendResult(response.first_seq, response.head_seq, ids, reported, recorded)
 
-    def _appended(self, stream_id: str, events: Sequence[tuple[str, bytes]]) -> None:
+    def _appended(self, stream_id: str, first_seq: int, events: Sequence[tuple[str, bytes]]) -> None:
+        """An append committed: its events go to this process's watchers, and to the observer."""
+        self.local.published(stream_id, first_seq, events)
         if self._on_appended is None:
             return
         try:
