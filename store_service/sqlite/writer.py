@@ -2,7 +2,9 @@
 
 `SqliteStoreBackend` (store_service.sqlite.backend) hands it whole groups of appends; each group
 is one call on the writer thread (one event-loop round trip), one transaction and one fsync,
-however many appends it holds. Every method here is blocking and must only run on the writer thread.
+however many appends it holds. Every method here is blocking and runs on the writer thread, except
+a lone caller's single append, which the backend commits on the event loop's thread (see
+`SqliteStoreBackend._commit_group`); the backend's one write loop never runs two calls at once.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from store_service.group_commit import AppendJob, AppendOutcome
 log = logging.getLogger(__name__)
 
 Durability = Literal["full", "normal"]
+# How long a write waits for another connection's write lock (a backup, the sqlite3 shell).
+BUSY_TIMEOUT_MS = 5000
 ChunkRow = tuple[str, int, bytes]
 
 SCHEMA = """
@@ -175,20 +179,24 @@ def _insert_rows(
 
 
 class SqliteWriter:
-    """The write side of the SQLite store; construct and use it on the writer thread only."""
+    """The write side of the SQLite store: one call at a time, on the writer thread or the loop's."""
 
     def __init__(self, path: Path, durability: Durability, renew_after_us: int = 60_000_000) -> None:
         self.renew_after_us = renew_after_us
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (the sqlite3 module's implicit
         # transactions start lazily and DEFERRED, which is wrong for a read-then-write).
-        self.conn = sqlite3.connect(path, isolation_level=None, cached_statements=512)
+        # check_same_thread=False: a lone caller's append is committed on the event loop's thread
+        # (the backend's write loop makes one call at a time, whichever thread it is on).
+        self.conn = sqlite3.connect(
+            path, isolation_level=None, cached_statements=512, check_same_thread=False
+        )
         # WAL: readers see the last commit without blocking the writer, and a commit is one
         # sequential append to the log (plus one fsync under synchronous=FULL).
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         # We are the only writer in this process; the timeout covers another process (a backup,
         # the sqlite3 shell) holding the write lock briefly instead of failing at once.
-        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # Big artifact uploads grow the WAL; cut it back after checkpoints instead of keeping it.
         self.conn.execute("PRAGMA journal_size_limit=67108864")
         self.conn.executescript(SCHEMA)
@@ -235,6 +243,20 @@ class SqliteWriter:
                 log.warning("unique key caught a concurrent writer on %r", request.stream_id)
                 return [sequence_conflict(request.stream_id, request.expected, self._head(request.stream_id))]
             return [self.commit_appends([request])[0] for request in group]
+
+    def commit_appends_at_once(self, group: Sequence[AppendJob]) -> list[AppendOutcome] | None:
+        """`commit_appends`, or None at once (nothing written) if another connection holds the
+        write lock: for a commit on the event loop's thread, which must not wait BUSY_TIMEOUT_MS."""
+        self.conn.execute("PRAGMA busy_timeout=0")
+        try:
+            return self.commit_appends(group)
+        except sqlite3.OperationalError as error:
+            # Rolled back, if it began. (An OperationalError not raised by SQLite has no code.)
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                return None
+            raise
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _head(self, stream_id: str) -> int:
         row = self.conn.execute("SELECT head_seq FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()

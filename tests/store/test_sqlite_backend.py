@@ -7,13 +7,16 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import threading
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import SimpleNamespace
 
 import pytest
 
 from keel_core.errors import ErrorCategory
-from store_service.backend import Expected, StoreBackend
+from store_service.backend import Expected, NewEvent, StoreBackend
+from store_service.group_commit import AppendJob, AppendOutcome
 from store_service.sqlite import DATABASE_FILE, SqliteStoreBackend, translate
 from tests.store.backend_suite import StoreBackendSuite, chunks_of, events
 
@@ -220,5 +223,156 @@ async def test_put_cancelled_while_its_publish_commits_keeps_the_artifact_whole(
         artifact_id = "sha256:" + hashlib.sha256(data).hexdigest()
         got = await backend.get_artifact(artifact_id)
         assert b"".join([chunk async for chunk in got.chunks]) == data
+    finally:
+        await backend.close()
+
+
+class CommitThreads:
+    """Records the thread each group of appends is committed on (SqliteWriter.commit_appends), and
+    makes the backend's choice of thread independent of the machine's speed: every turn of the loop
+    counts as idle, and a commit takes no time on the backend's clock unless `slow` says otherwise."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from store_service.sqlite import backend as sqlite_backend
+        from store_service.sqlite import writer as sqlite_writer
+
+        self.threads: list[int] = []
+        self.lock_waits_ms: list[int] = []  # how long each would wait for another's write lock
+        self.loop_thread = threading.get_ident()  # made by the test, on the event loop's thread
+        self.slow: Callable[[bool], bool] = lambda on_loop: False  # whether a commit took long
+        self._now = 0.0
+        self._jump = 0.0
+        real = sqlite_writer.SqliteWriter.commit_appends
+
+        def recording(writer: sqlite_writer.SqliteWriter, group: Sequence[AppendJob]) -> list[AppendOutcome]:
+            self.threads.append(threading.get_ident())
+            self.lock_waits_ms.append(int(writer.conn.execute("PRAGMA busy_timeout").fetchone()[0]))
+            outcomes = real(writer, group)
+            if self.slow(self.threads[-1] == self.loop_thread):
+                self._jump = 1.0  # the backend reads its clock next when the commit has returned
+            return outcomes
+
+        monkeypatch.setattr(sqlite_writer.SqliteWriter, "commit_appends", recording)
+        monkeypatch.setattr(sqlite_backend, "BUSY_TURN_S", 3600.0)
+        monkeypatch.setattr(sqlite_backend, "time", SimpleNamespace(perf_counter=self._perf_counter))
+
+    def _perf_counter(self) -> float:
+        self._now += self._jump
+        self._jump = 0.0
+        return self._now
+
+    def on_loop(self) -> list[bool]:
+        """For each commit so far, whether it ran on the event loop's thread."""
+        return [thread == self.loop_thread for thread in self.threads]
+
+
+async def test_a_lone_callers_appends_skip_the_writer_thread(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite-specific: one caller appending to its own stream (an exact head), one append after
+    another, has its commits made on the event loop's thread once INLINE_AFTER_SINGLES have gone
+    through the writer thread. Callers taking turns on two streams, appends at any head (a stream
+    others share), a big append, and two appends at once are committed on the writer thread."""
+    from store_service.sqlite.backend import INLINE_AFTER_SINGLES, INLINE_MAX_BYTES
+
+    commits = CommitThreads(monkeypatch)
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+    try:
+        for seq in range(INLINE_AFTER_SINGLES + 3):
+            await backend.append("calls", Expected.exact(seq), events(f"fact-{seq}"))
+        assert commits.on_loop() == [False] * INLINE_AFTER_SINGLES + [True] * 3
+        head = INLINE_AFTER_SINGLES + 3
+
+        del commits.threads[:]
+        for seq in range(2 * INLINE_AFTER_SINGLES + 2):  # two callers taking turns
+            stream = "left" if seq % 2 == 0 else "right"
+            await backend.append(stream, Expected.exact(seq // 2), events("turn"))
+        for _ in range(INLINE_AFTER_SINGLES + 2):
+            await backend.append("hints", Expected.any(), events("hint"))
+        for _ in range(INLINE_AFTER_SINGLES + 2):
+            big = [NewEvent("big", b"x" * (INLINE_MAX_BYTES + 1))]
+            await backend.append("calls", Expected.exact(head), big)
+            head += 1
+        await asyncio.gather(
+            backend.append("calls", Expected.exact(head), events("one")),
+            backend.append("other", Expected.no_stream(), events("two")),
+        )
+        assert not any(commits.on_loop())
+
+        page = await backend.read("calls", 1, 100)
+        facts = [f"fact-{seq}" for seq in range(INLINE_AFTER_SINGLES + 3)]
+        assert [e.type for e in page.events] == [*facts, *["big"] * (INLINE_AFTER_SINGLES + 2), "one"]
+    finally:
+        await backend.close()
+
+
+async def test_a_lone_callers_append_waits_for_a_held_write_lock_on_the_writer_thread(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite-specific: another connection holding the write lock (a backup, the sqlite3 shell) makes a
+    lone caller's append wait on the writer thread, never on the event loop's: the try on the loop
+    does not wait for the lock, and the append commits once the lock is released."""
+    from store_service.sqlite.backend import INLINE_AFTER_SINGLES
+    from store_service.sqlite.writer import BUSY_TIMEOUT_MS
+
+    commits = CommitThreads(monkeypatch)
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+    other = sqlite3.connect(backend.path, isolation_level=None, check_same_thread=False)
+    try:
+        for seq in range(INLINE_AFTER_SINGLES + 1):
+            await backend.append("calls", Expected.exact(seq), events(f"fact-{seq}"))
+        other.execute("BEGIN IMMEDIATE")
+        append = asyncio.create_task(
+            backend.append("calls", Expected.exact(INLINE_AFTER_SINGLES + 1), events("behind-the-lock"))
+        )
+        for _ in range(5):  # the loop keeps turning while the append waits for the lock
+            await asyncio.sleep(0.02)
+        assert not append.done()
+        other.execute("ROLLBACK")
+        result = await asyncio.wait_for(append, 30)
+        assert result.head_seq == INLINE_AFTER_SINGLES + 2
+        # Committed on the loop once its turn came; then tried there without waiting for the lock,
+        # and waited for it on the writer thread.
+        assert commits.on_loop() == [False] * INLINE_AFTER_SINGLES + [True, True, False]
+        assert commits.lock_waits_ms[-3:] == [0, 0, BUSY_TIMEOUT_MS]
+    finally:
+        other.close()
+        await backend.close()
+
+
+async def test_slow_commits_keep_a_lone_callers_appends_on_the_writer_thread(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite-specific: a commit slower than INLINE_MAX_S would stop the loop for everyone. After one
+    on the loop's thread (a WAL checkpoint, say), the next INLINE_AFTER_SINGLES - 1 go to the writer
+    thread; while every commit is slow (a slow disk), none is made on the loop's thread."""
+    from store_service.sqlite.backend import INLINE_AFTER_SINGLES
+
+    commits = CommitThreads(monkeypatch)
+    first_on_loop = [True]
+
+    def slow_first_on_loop(on_loop: bool) -> bool:
+        slow = on_loop and bool(first_on_loop)
+        if on_loop:
+            first_on_loop.clear()
+        return slow
+
+    commits.slow = slow_first_on_loop
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+    try:
+        for seq in range(2 * INLINE_AFTER_SINGLES + 2):
+            await backend.append("calls", Expected.exact(seq), events(f"fact-{seq}"))
+        on_loop = [False] * INLINE_AFTER_SINGLES + [True]  # the slow one
+        on_loop += [False] * (INLINE_AFTER_SINGLES - 1) + [True, True]
+        assert commits.on_loop() == on_loop
+
+        commits.slow = lambda on_loop: True
+        del commits.threads[:]
+        for seq in range(2 * INLINE_AFTER_SINGLES + 2, 5 * INLINE_AFTER_SINGLES + 2):
+            await backend.append("calls", Expected.exact(seq), events(f"fact-{seq}"))
+        assert commits.on_loop() == [True] + [False] * (3 * INLINE_AFTER_SINGLES - 1)
     finally:
         await backend.close()
