@@ -208,11 +208,11 @@ class SqliteStoreBackend(SqlStoreBackend):
 
         Every commit costs an fsync and (but a lone caller's) two thread hand-offs whatever its
         size. With few callers it is better to commit at once and overlap the commit with their
-        round trips. But when
-        the event loop is saturated (one turn of it took over BUSY_TURN_S: many requests were
-        being parsed), CPU per append is what bounds throughput, and bigger groups cut it: the
-        writer then waits one quantum at a time while more appends keep arriving, up to
-        GATHER_QUANTA quanta (4 ms). The same idea as PostgreSQL's commit_delay/commit_siblings.
+        round trips. But when the event loop is saturated (one turn of it took over BUSY_TURN_S:
+        many requests were being parsed), CPU per append is what bounds throughput, and bigger
+        groups cut it: the writer then waits one quantum at a time while more appends keep
+        arriving, up to GATHER_QUANTA quanta (4 ms). The same idea as PostgreSQL's
+        commit_delay/commit_siblings.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -238,16 +238,16 @@ class SqliteStoreBackend(SqlStoreBackend):
         INLINE_MAX_S, nothing is likely to arrive during the next one, so it runs here, holding the
         loop for it (at most INLINE_MAX_BYTES of events and artifacts). Several callers, even each
         alone in its group, keep the thread, where their requests are read while a commit waits for
-        its fsync; so do slow commits (a slow disk; a WAL checkpoint, which an inline commit slower
-        than INLINE_MAX_S also sends back to the thread for INLINE_AFTER_SINGLES groups). An append
+        its fsync; so do slow commits (a slow disk; a WAL checkpoint: an inline commit slower than
+        INLINE_MAX_S sends the next INLINE_AFTER_SINGLES - 1 groups back to the thread). An append
         that finds the write lock held by another connection (a backup, the sqlite3 shell) does not
         wait for it here, which would stop the loop, but on the thread.
         """
         writer = self._writer
         assert writer is not None
-        job = group[0] if len(group) == 1 else None
-        lone = job is not None and job.expected.kind is ExpectedKind.EXACT and job.size <= INLINE_MAX_BYTES
-        stream_id = job.stream_id if job is not None and lone else None
+        job = group[0]
+        lone = len(group) == 1 and job.expected.kind is ExpectedKind.EXACT and job.size <= INLINE_MAX_BYTES
+        stream_id = job.stream_id if lone else None
         streak = self._singles + 1 if stream_id is not None and stream_id == self._single_stream else 0
         self._singles, self._single_stream = streak, stream_id
         started = time.perf_counter()
@@ -256,11 +256,10 @@ class SqliteStoreBackend(SqlStoreBackend):
                 outcomes = writer.commit_appends_at_once(group)
             finally:
                 self._last_commit_s = time.perf_counter() - started
-            if self._last_commit_s > INLINE_MAX_S:
-                self._singles = 0
+            if outcomes is None or self._last_commit_s > INLINE_MAX_S:
+                self._singles = 0  # the write lock held by another connection, or a slow commit
             if outcomes is not None:
                 return outcomes
-            self._singles = 0  # another connection holds the write lock: wait for it on the thread
             started = time.perf_counter()
         try:
             return await self._on_writer_thread(partial(writer.commit_appends, group))
