@@ -116,6 +116,9 @@ class AppendResult:
     reported_heads: tuple[int, ...] = ()
     # The time its events were recorded with (µs since the epoch, the store's clock; 0: not known).
     recorded_at_us: int = 0
+    # The append was a repeat of one committed before under the same `append_key`: nothing was
+    # written now, and this is the first one's answer.
+    repeated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +301,7 @@ class StoreBackend(abc.ABC):
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
         report_heads: Sequence[str] = (),
+        append_key: str | None = None,
     ) -> AppendResult:
         """Append `events` atomically if the head admits `expected`; set `status`; store `artifacts`;
         set the stream's `attributes` (a key it has already gets the new value); set the stream's
@@ -308,6 +312,11 @@ class StoreBackend(abc.ABC):
 
         Raises `sequence_conflict` (CONFLICT, details {"actual_seq": head}) on a head mismatch,
         and writes nothing in that case: no event, label, artifact, attribute, due time or nudge.
+
+        An `append_key` makes the append idempotent: if the stream still holds an append committed
+        under the same key (its first event is kept with it), this one writes nothing and answers as
+        that one did (`repeated`, its sequences and recorded time; heads are reported as they are
+        now), whatever `expected` says. The key is checked before the head.
         """
 
     @abc.abstractmethod

@@ -24,6 +24,7 @@ class AppendJob:
     """One caller's append waiting for its writer; its future gets the caller's own outcome."""
 
     __slots__ = (
+        "append_key",
         "artifact_ids",
         "artifacts",
         "attributes",
@@ -50,8 +51,11 @@ class AppendJob:
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
         report_heads: Sequence[str] = (),
+        append_key: str | None = None,
     ) -> None:
         self.stream_id = stream_id
+        # Names the append: a repeat under the same key on the same stream answers as the first.
+        self.append_key = append_key
         # Streams whose heads the caller's result reports, read in the group's transaction.
         self.report_heads = report_heads
         # Other streams made due with the append if they are PARKED (stream id -> due time).

@@ -48,6 +48,26 @@ def check_stream_id(stream_id: str) -> str:
     return stream_id
 
 
+MAX_APPEND_KEY_CHARS = 128
+
+
+def check_append_key(key: str) -> str | None:
+    """An append key is 1 to 128 printable ASCII characters; empty is none (None)."""
+    if not key:
+        return None
+    if len(key) > MAX_APPEND_KEY_CHARS:
+        found = f"got {len(key)} characters"
+    elif not (key.isascii() and key.isprintable()):
+        found = "got a character that is not printable ASCII"
+    else:
+        return key
+    raise invalid_argument(
+        "invalid_append_key",
+        f"append_key must be 1 to {MAX_APPEND_KEY_CHARS} printable ASCII characters, "
+        f"such as a UUID ({found})",
+    )
+
+
 MAX_ATTRIBUTES = 128
 MAX_ATTRIBUTE_KEY_CHARS = 512
 MAX_ATTRIBUTE_VALUE_CHARS = 1024

@@ -209,8 +209,8 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
                 continue
             for job, outcome in zip(taken, outcomes, strict=True):
                 resolve(job.future, outcome)
-                if not isinstance(outcome, BaseException):
-                    # Local subscribers learn of the commit at once.
+                if not isinstance(outcome, BaseException) and not outcome.repeated:
+                    # Local subscribers learn of the commit at once (a repeat committed nothing).
                     self._wakeups.notify(job.stream_id)
 
     # -- events ------------------------------------------------------------------------------
@@ -227,6 +227,7 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
         report_heads: Sequence[str] = (),
+        append_key: str | None = None,
     ) -> AppendResult:
         """Queue the append for its writer's next group commit and wait for its own outcome."""
         if not events:
@@ -243,6 +244,7 @@ class SqlStoreBackend(StoreBackend, abc.ABC):
             due_at_us,
             nudges,
             report_heads,
+            append_key,
         )
         self._enqueue(self._queue_for(stream_id), job)
         return await future

@@ -13,7 +13,8 @@ or fails such a run) still ends the run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from engine_service.domain.events import (
@@ -64,6 +65,62 @@ class WaitingAttempt:
     since_us: int = 0
 
 
+class Facts(Mapping[str, FactRecorded]):
+    """A run's recorded facts by key: the first one recorded under each key, in recording order.
+
+    Facts are only ever added, so the histories of one run share one dict and one list of keys:
+    each sees the first `count` of them. Extending the newest history adds to both in place, where
+    copying them would make a step's N-th recorded call cost O(N); extending an older one (after
+    another was extended from it) copies what it sees first, so no history sees another's facts.
+    Iterating one history while a later one is made from it is safe: a list's iterator, bounded
+    by `count`, does not mind the list growing.
+    """
+
+    __slots__ = ("_count", "_entries", "_keys")
+
+    def __init__(
+        self,
+        entries: dict[str, tuple[int, FactRecorded]] | None = None,
+        keys: list[str] | None = None,
+        count: int = 0,
+    ) -> None:
+        self._entries = {} if entries is None else entries  # key -> (its place, the fact)
+        self._keys = [] if keys is None else keys  # the keys in recording order
+        self._count = count
+
+    def __getitem__(self, key: str) -> FactRecorded:
+        place, fact = self._entries[key]
+        if place >= self._count:  # added by a later history
+            raise KeyError(key)
+        return fact
+
+    def __contains__(self, key: object) -> bool:
+        entry = self._entries.get(key) if isinstance(key, str) else None
+        return entry is not None and entry[0] < self._count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.islice(self._keys, self._count)
+
+    def __repr__(self) -> str:
+        return f"Facts({dict(self)!r})"
+
+    def adding(self, facts: Iterable[FactRecorded]) -> Facts:
+        """These facts and `facts`, each added unless its key has one already."""
+        entries, keys, count = self._entries, self._keys, self._count
+        if len(keys) != count:  # a later history added to them: take what this one sees
+            keys = keys[:count]
+            entries = {key: entries[key] for key in keys}
+        for fact in facts:
+            if fact.fact_key not in entries:
+                entries[fact.fact_key] = (count, fact)
+                keys.append(fact.fact_key)
+                count += 1
+        return Facts(entries, keys, count)
+
+
 @dataclass(frozen=True)
 class RunHistory:
     """The state of a run as its events tell it."""
@@ -76,7 +133,7 @@ class RunHistory:
     last_failure: Mapping[str, StepFailure] = field(default_factory=dict)
     # step id -> its open attempt: parallel branches each have one; after a crash all are orphans
     open_attempts: Mapping[str, OpenAttempt] = field(default_factory=dict)
-    facts: Mapping[str, FactRecorded] = field(default_factory=dict)
+    facts: Facts = field(default_factory=Facts)
     # step id -> its open attempt that waits (a subset of open_attempts)
     waiting: Mapping[str, WaitingAttempt] = field(default_factory=dict)
     parked: RunParked | None = None  # the run is parked (RunParked not followed by RunResumed)
@@ -102,7 +159,8 @@ def fold(events: Iterable[KernelEvent]) -> RunHistory:
 
 
 class _Folder:
-    """Mutable accumulator behind `extend`; it copies the history's maps once per call."""
+    """Mutable accumulator behind `extend`; it copies the history's maps once per call (the facts,
+    which only grow, are added to the base's at the end instead)."""
 
     def __init__(self, base: RunHistory) -> None:
         self.head = base.head_seq
@@ -112,7 +170,8 @@ class _Folder:
         self.last_attempt = dict(base.last_attempt)
         self.last_failure = dict(base.last_failure)
         self.open = dict(base.open_attempts)
-        self.facts = dict(base.facts)
+        self.facts = base.facts
+        self.new_facts: list[FactRecorded] = []
         self.waiting = dict(base.waiting)
         self.parked = base.parked
         self.signal_waits = dict(base.signal_waits)
@@ -135,7 +194,7 @@ class _Folder:
             last_attempt=self.last_attempt,
             last_failure=self.last_failure,
             open_attempts=self.open,
-            facts=self.facts,
+            facts=self.facts.adding(self.new_facts) if self.new_facts else self.facts,
             waiting=self.waiting,
             parked=self.parked,
             signal_waits=self.signal_waits,
@@ -157,7 +216,7 @@ class _Folder:
                     event.attempt, self.last_attempt.get(event.step_id, -1)
                 )
             case FactRecorded():
-                self.facts.setdefault(event.fact_key, event)
+                self.new_facts.append(event)
             case SignalAwaited():
                 self.signal_waits[event.fact_key] = event
             case StepAttemptFailed():

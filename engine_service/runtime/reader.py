@@ -243,7 +243,9 @@ class RunReader:
         seen: set[bytes] = set()
         for event in await self.store.read(ledger_stream_id(run_id)):
             if event.payload in seen:
-                continue  # the same entry twice: a retried append whose first answer was lost
+                # The same entry twice: a retried append whose first answer was lost, kept by a store
+                # older than append keys (or written before them).
+                continue
             seen.add(event.payload)
             data = json.loads(event.payload.decode("utf-8")) if event.payload else {}
             at_us = data.get("at_us")

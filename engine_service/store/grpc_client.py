@@ -20,7 +20,10 @@ made in the same turn; alone, it goes as a plain `AppendEvents`. A store that do
 
 An append whose answer was lost may have committed. Its retry then meets `sequence_conflict`; the
 client re-reads the stream after `expected_seq` and, when it finds exactly the events it sent,
-treats the append as done instead of failing or appending twice.
+treats the append as done instead of failing or appending twice. An append at any head has no
+expected head to meet: it carries an `append_key` (a fresh UUID, the same on every try), and the
+store answers a try whose key it has committed already with that commit, writing nothing. That
+also covers a first try still queued in a stalled store when the client gave up on it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import ipaddress
 import logging
 import socket
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -572,6 +576,9 @@ class StoreClient:
         )
         if due_at_us is not None:
             request.due_at_us = due_at_us
+        if expected_any:
+            # Every try carries it: one that finds an earlier try committed answers with that one.
+            request.append_key = uuid.uuid4().hex
         attempts = 0
 
         async def once(stub: _Stub, seconds: float) -> store_pb2.AppendEventsResponse:
@@ -582,7 +589,7 @@ class StoreClient:
         try:
             response = await self._retrying(f"AppendEvents({stream_id})", once, patience)
         except KeelError as error:
-            if error.code != "sequence_conflict" or attempts < 2:
+            if error.code != "sequence_conflict" or attempts < 2 or expected_any:
                 raise
             # An earlier try may have committed with its answer lost: recognise our own events.
             base = expected_seq or 0
@@ -595,6 +602,8 @@ class StoreClient:
             when = found[0].recorded_at
             recorded = us_of(when) if when else None
             return AppendResult(base + 1, base + len(events), ids, recorded_at_us=recorded)
+        if response.repeated:
+            log.info("append to %s had committed before its answer was lost (its key repeated)", stream_id)
         ids = tuple(response.artifact_ids)
         for (_, data), stored in zip(artifacts, ids, strict=True):
             if artifact_id_for_bytes(data) != stored:

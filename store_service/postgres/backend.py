@@ -68,11 +68,13 @@ CAS_RETRIES = 4
 _KIND_CODES = {ExpectedKind.EXACT: 0, ExpectedKind.NO_STREAM: 1, ExpectedKind.ANY: 2}
 
 # The fourth column is the time append_group recorded the events with (the same expression, the
-# same statement: statement_timestamp() is when the statement arrived).
+# same statement: statement_timestamp() is when the statement arrived); the fifth, for a repeat of
+# an append committed before under the same key, that one's time (0 otherwise).
 _APPEND_GROUP = (
-    "SELECT out_first, out_head, out_conflict, {now} FROM append_group("
+    "SELECT out_first, out_head, out_conflict, {now}, out_repeat_at FROM append_group("
     "$1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int2[], $6::int4[], $7::text[], $8::bytea[], "
-    "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], $15::text)"
+    "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], $15::text, $16::text[], "
+    "$17::int4[])"
 )
 # A group carrying artifacts first renews the stored time of those already stored (an artifact
 # collection deletes only what was not stored again since it looked: store_service.backend), at
@@ -82,11 +84,12 @@ _APPEND_GROUP = (
 # it renewed.
 _APPEND_GROUP_RENEWING = (
     "WITH renewed AS (UPDATE artifacts SET created_at_us = {now} WHERE artifact_id = ANY($10::text[]) "
-    "AND created_at_us < {now} - $16::int8 RETURNING 1), ready AS (SELECT count(*) AS n FROM renewed) "
-    "SELECT g.out_first, g.out_head, g.out_conflict, {now} FROM ready CROSS JOIN LATERAL append_group("
+    "AND created_at_us < {now} - $18::int8 RETURNING 1), ready AS (SELECT count(*) AS n FROM renewed) "
+    "SELECT g.out_first, g.out_head, g.out_conflict, {now}, g.out_repeat_at "
+    "FROM ready CROSS JOIN LATERAL append_group("
     "$1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int2[], $6::int4[], $7::text[], $8::bytea[], "
     "$9::int4[], $10::text[], $11::text[], $12::int8[], $13::int4[], $14::bytea[], "
-    "CASE WHEN ready.n >= 0 THEN $15::text END) AS g"
+    "CASE WHEN ready.n >= 0 THEN $15::text END, $16::text[], $17::int4[]) AS g"
 )
 # Attributes of the appends of a group that committed, keyed by the streams rows just written.
 _SET_ATTRIBUTES = (
@@ -213,7 +216,16 @@ def _group_arguments(group: Sequence[AppendJob], channel: str) -> list[Any]:
     payloads: list[bytes] = []
     owners, art_ids, art_kinds, art_sizes, art_chunks = [], [], [], [], []
     chunk_data: list[bytes] = []
+    keys: list[str | None] = []
+    same: list[int] = []  # per append: the last earlier one with its stream and key (1-based), or 0
+    last_keyed: dict[tuple[str, str], int] = {}
     for number, job in enumerate(group, start=1):
+        keys.append(job.append_key)
+        if job.append_key is None:
+            same.append(0)
+        else:
+            same.append(last_keyed.get((job.stream_id, job.append_key), 0))
+            last_keyed[job.stream_id, job.append_key] = number
         stream_ids.append(job.stream_id)
         kinds.append(_KIND_CODES[job.expected.kind])
         expected.append(job.expected.seq)
@@ -246,6 +258,8 @@ def _group_arguments(group: Sequence[AppendJob], channel: str) -> list[Any]:
         art_chunks,
         chunk_data,
         channel,
+        keys,
+        same,
     ]
 
 
@@ -453,25 +467,25 @@ class PostgresStoreBackend(SqlStoreBackend):
             if reported:
                 found = await _fetch_on(conn, _HEADS_OF, [sorted(reported)])
                 heads = {str(row[0]): int(row[1]) for row in found}
+            # What wrote its events now: not a conflict, nor a repeat (its first try set all this).
+            written = [job for job, row in zip(group, rows, strict=True) if not row[2] and not row[4]]
             due: dict[str, int] = {}  # later appends of the group win
-            for job, row in zip(group, rows, strict=True):
-                if not bool(row[2]) and job.due_at_us is not None:
+            for job in written:
+                if job.due_at_us is not None:
                     due[job.stream_id] = job.due_at_us
             if due:
                 await _fetch_on(conn, _CLEAR_DUE, [[sid for sid, at in due.items() if at <= 0]])
                 await _fetch_on(conn, _SET_DUE, [list(due), list(due.values())])
             nudges: dict[str, int] = {}  # one row per stream for ON CONFLICT: the soonest time
-            for job, row in zip(group, rows, strict=True):
-                if not bool(row[2]):
-                    for sid, at in job.nudges.items():
-                        nudges[sid] = min(at, nudges.get(sid, at))
+            for job in written:
+                for sid, at in job.nudges.items():
+                    nudges[sid] = min(at, nudges.get(sid, at))
             if nudges:
                 await _fetch_on(conn, _NUDGE_MANY, [list(nudges), list(nudges.values())])
             # Later appends of the group win for a key; one row per (stream, key) for ON CONFLICT.
             chosen: dict[tuple[str, str], str] = {}
-            for job, row in zip(group, rows, strict=True):
-                if not bool(row[2]):
-                    chosen.update(((job.stream_id, key), value) for key, value in job.attributes.items())
+            for job in written:
+                chosen.update(((job.stream_id, key), value) for key, value in job.attributes.items())
             if chosen:
                 await _fetch_on(
                     conn,
@@ -482,10 +496,12 @@ class PostgresStoreBackend(SqlStoreBackend):
 
     @staticmethod
     def _outcome(job: AppendJob, row: Record, heads: Mapping[str, int]) -> AppendOutcome:
-        first, head, conflict = int(row[0]), int(row[1]), bool(row[2])
+        first, head, conflict, repeat_at = int(row[0]), int(row[1]), bool(row[2]), int(row[4])
         if conflict:
             return sequence_conflict(job.stream_id, job.expected, head)
         reported = tuple(heads.get(sid, 0) for sid in job.report_heads)
+        if repeat_at:
+            return AppendResult(first, head, job.artifact_ids, reported, repeat_at, repeated=True)
         return AppendResult(first, head, job.artifact_ids, reported, int(row[3]))
 
     # -- events ------------------------------------------------------------------------------

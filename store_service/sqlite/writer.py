@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS events (
     type TEXT NOT NULL,
     payload BLOB NOT NULL,
     recorded_at_us INTEGER NOT NULL,
+    append_key TEXT,  -- on an append's first event, if the append was sent with a key
     PRIMARY KEY (stream_id, seq)
 );
 -- An artifact points at a blob of chunks; uploads stage chunks under a fresh blob id and the
@@ -100,8 +101,18 @@ _ADD_ENDED_AT = (
     f"UPDATE streams SET ended_at_us = updated_at_us WHERE status IN ({_TERMINAL})",
 )
 
-_INSERT_EVENTS = "INSERT INTO events (stream_id, seq, type, payload, recorded_at_us) VALUES "
-_EVENT_ROW = "(?, ?, ?, ?, ?)"
+# Files made before appends had keys gain the column and its index (a partial one: only keyed
+# appends are in it, so unkeyed appends do not pay for it). The index is made here, not in SCHEMA,
+# because an older file has no column to index until the ALTER.
+_ADD_APPEND_KEY = "ALTER TABLE events ADD COLUMN append_key TEXT"
+_APPEND_KEY_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS events_by_append_key ON events (stream_id, append_key) "
+    "WHERE append_key IS NOT NULL"
+)
+_REPEATED = "SELECT seq, recorded_at_us FROM events WHERE stream_id = ? AND append_key = ?"
+
+_INSERT_EVENTS = "INSERT INTO events (stream_id, seq, type, payload, recorded_at_us, append_key) VALUES "
+_EVENT_ROW = "(?, ?, ?, ?, ?, ?)"
 # created_at_us is only written for a new stream: DO UPDATE leaves it alone. A row's ended_at_us is
 # the append's time if its label is terminal, else 0; a stream that had already ended keeps its own.
 _UPSERT_STREAMS = (
@@ -139,6 +150,12 @@ _INSERT_ARTIFACT = (
 # Bytes stored again renew the artifact's stored time (created_at_us), which an artifact collection
 # checks before it deletes (store_service.backend); the writer's renew_after_us says how often.
 _TOUCH_ARTIFACT = "UPDATE artifacts SET created_at_us = ? WHERE artifact_id = ? AND created_at_us < ?"
+
+
+def _repeat(request: AppendJob, first_seq: int, recorded_at_us: int) -> AppendResult:
+    """The answer to an append whose key names one committed before: that one's, writing nothing."""
+    head = first_seq + len(request.events) - 1
+    return AppendResult(first_seq, head, request.artifact_ids, recorded_at_us=recorded_at_us, repeated=True)
 
 
 def chunk_rows(blob_id: str, data: bytes, first_index: int = 0) -> list[ChunkRow]:
@@ -201,6 +218,7 @@ class SqliteWriter:
         self.conn.execute("PRAGMA journal_size_limit=67108864")
         self.conn.executescript(SCHEMA)
         self._add_ended_at()
+        self._add_append_key()
         # Uploads interrupted by a crash left chunks that no artifact points at.
         self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id NOT IN (SELECT blob_id FROM artifacts)")
 
@@ -217,6 +235,13 @@ class SqliteWriter:
         except BaseException:
             self._rollback()
             raise
+
+    def _add_append_key(self) -> None:
+        """Give a file made before appends had keys its append_key column; index it."""
+        columns = {str(row[1]) for row in self.conn.execute("PRAGMA table_info(events)")}
+        if "append_key" not in columns:
+            self.conn.execute(_ADD_APPEND_KEY)
+        self.conn.execute(_APPEND_KEY_INDEX)
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed by SQLite on the last close)."""
@@ -272,8 +297,11 @@ class SqliteWriter:
             known = self._heads({request.stream_id for request in group})
             heads = {sid: head for sid, (head, _) in known.items()}
             stored = self._stored_artifacts(group)
+            # (stream id, key) -> (first seq, recorded at) of each keyed append committed already,
+            # before this group or earlier in it.
+            keyed = self._keyed_appends(group)
             renewed: set[str] = set()
-            event_rows: list[tuple[str, int, str, bytes, int]] = []
+            event_rows: list[tuple[str, int, str, bytes, int, str | None]] = []
             stream_rows: dict[str, tuple[str, int, int, int, int, int]] = {}
             blob_rows: list[ChunkRow] = []
             artifact_rows: list[tuple[str, str, int, str, int]] = []
@@ -283,6 +311,10 @@ class SqliteWriter:
             outcomes: list[AppendOutcome] = []
             for request in group:
                 sid = request.stream_id
+                append_key = request.append_key
+                if append_key is not None and (sid, append_key) in keyed:
+                    outcomes.append(_repeat(request, *keyed[sid, append_key]))
+                    continue
                 head = heads.get(sid, 0)
                 # Checked against the head *as updated by earlier requests of this group*, so
                 # each caller wins or loses exactly as if the appends had been serialized.
@@ -290,9 +322,13 @@ class SqliteWriter:
                     outcomes.append(sequence_conflict(sid, request.expected, head))
                     continue
                 first = head + 1
+                # The key goes with the first event: it is kept as long as that event is.
                 event_rows.extend(
-                    (sid, first + i, e.type, e.payload, now) for i, e in enumerate(request.events)
+                    (sid, first + i, e.type, e.payload, now, None if i else append_key)
+                    for i, e in enumerate(request.events)
                 )
+                if append_key is not None:
+                    keyed[sid, append_key] = (first, now)
                 heads[sid] = new_head = head + len(request.events)
                 if request.status is not None:
                     status = int(request.status)
@@ -449,6 +485,17 @@ class SqliteWriter:
             f"SELECT stream_id, head_seq, status FROM streams WHERE stream_id IN ({marks})", ids
         )
         return {str(row[0]): (int(row[1]), int(row[2])) for row in rows}
+
+    def _keyed_appends(self, group: Sequence[AppendJob]) -> dict[tuple[str, str], tuple[int, int]]:
+        """(stream id, key) -> (first seq, recorded at) of the appends committed under the keys
+        that the group's appends carry (none are looked up for a group without keys)."""
+        found: dict[tuple[str, str], tuple[int, int]] = {}
+        for request in group:
+            if request.append_key is not None:
+                row = self.conn.execute(_REPEATED, (request.stream_id, request.append_key)).fetchone()
+                if row is not None:
+                    found[request.stream_id, request.append_key] = (int(row[0]), int(row[1]))
+        return found
 
     def _stored_artifacts(self, group: Sequence[AppendJob]) -> set[str]:
         ids = list({artifact_id for request in group for artifact_id in request.artifact_ids})

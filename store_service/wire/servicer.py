@@ -175,6 +175,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         )
         nudges = limits.check_nudges([(n.stream_id, n.due_at_us) for n in request.nudges])
         report_heads = limits.check_report_heads(list(request.report_heads)) if request.report_heads else ()
+        append_key = limits.check_append_key(request.append_key)
         result = await self._backend.append(
             stream_id,
             expected,
@@ -185,15 +186,18 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             due_at_us=due_at_us,
             nudges=nudges,
             report_heads=report_heads,
+            append_key=append_key,
         )
-        metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
-        if result.artifact_ids or result.reported_heads:
+        if not result.repeated:  # a repeat appended nothing
+            metrics.appended(len(events), sum(len(artifact.data) for artifact in artifacts))
+        if result.artifact_ids or result.reported_heads or result.repeated:
             return store_pb2.AppendEventsResponse(
                 first_seq=result.first_seq,
                 head_seq=result.head_seq,
                 artifact_ids=result.artifact_ids,
                 reported_heads=result.reported_heads,
                 recorded_at_us=result.recorded_at_us,
+                repeated=result.repeated,
             )
         return store_pb2.AppendEventsResponse(
             first_seq=result.first_seq, head_seq=result.head_seq, recorded_at_us=result.recorded_at_us

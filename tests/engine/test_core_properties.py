@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from typing import Any
 
@@ -235,6 +236,60 @@ def test_fold_of_a_prefix_extended_by_the_rest_equals_the_fold_of_the_whole(
     events = _simulate(plan, max_attempts, outcomes, picks).events
     cut = min(cut, len(events))
     assert fold(events[:cut]).extend(events[cut:]) == fold(events)
+
+
+def _first_recorded(events: list[KernelEvent]) -> dict[str, Any]:
+    """The facts a history must show: the first response under each key, in recording order."""
+    facts: dict[str, Any] = {}
+    for event in events:
+        if isinstance(event, FactRecorded):
+            facts.setdefault(event.fact_key, event.response)
+    return facts
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    keys=st.lists(st.sampled_from("abcdefg"), max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=5),
+    forks=st.lists(st.sampled_from("aefgh"), min_size=1, max_size=4),
+)
+def test_each_history_sees_the_first_fact_per_key_of_its_own_events_however_cut_or_forked(
+    keys: list[str], cuts: list[int], forks: list[str]
+) -> None:
+    # Histories of one run share their facts' storage: extending one (even one that was extended
+    # before, as a fork) must never show another's facts, nor hide its own.
+    events: list[KernelEvent] = [RunStarted("p", "m", "s0")]
+    events += [FactRecorded("s", 0, key, "ns", n) for n, key in enumerate(keys)]
+    marks = sorted({min(cut, len(events)) for cut in cuts} | {0, len(events)})
+    histories = [fold([])]
+    for start, end in itertools.pairwise(marks):
+        histories.append(histories[-1].extend(events[start:end]))
+    fork_events = [FactRecorded("t", 0, key, "ns", -1) for key in forks]
+    forked = [history.extend(fork_events) for history in histories]
+    for mark, history, fork in zip(marks, histories, forked, strict=True):
+        own = _first_recorded(events[:mark])
+        assert {key: fact.response for key, fact in history.facts.items()} == own
+        assert list(history.facts) == list(own) and len(history.facts) == len(own)
+        for key in forks:  # a fork's facts stay its own
+            assert (key in history.facts) == (key in own)
+            assert (
+                history.facts.get(key) is None if key not in own else history.facts[key].response == own[key]
+            )
+        with_fork = _first_recorded([*events[:mark], *fork_events])
+        assert {key: fact.response for key, fact in fork.facts.items()} == with_fork
+    assert histories[-1] == fold(events)
+
+
+def test_a_historys_facts_can_be_walked_while_later_histories_are_made_from_it() -> None:
+    history = fold(
+        [RunStarted("p", "m", "s0"), FactRecorded("s", 0, "a", "ns", 1), FactRecorded("s", 0, "b", "ns", 2)]
+    )
+    latest, walked = history, []
+    for key in history.facts:  # the newest history's storage grows meanwhile
+        walked.append(key)
+        latest = latest.extend([FactRecorded("s", 0, f"later-{key}", "ns", 3)])
+    assert walked == ["a", "b"]
+    assert list(latest.facts) == ["a", "b", "later-a", "later-b"]
 
 
 @settings(max_examples=200, deadline=None)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,8 +22,10 @@ from keel_core.serving import SERVER_OPTIONS
 from keel_core.status import abort_with
 from store_service.server import StoreConfig, StoreServingHandle, start_store
 from store_service.sqlite import SqliteStoreBackend
+from store_service.sqlite import writer as sqlite_writer
+from store_service.sqlite.backend import DATABASE_FILE
 from store_service.wire.servicer import StoreServicer
-from tests.engine.processes import start_store_process
+from tests.engine.processes import eventually, start_store_process
 
 ServicerT = TypeVar("ServicerT", bound=StoreServicer)
 
@@ -100,6 +103,23 @@ async def store(tmp_path: Path) -> AsyncIterator[StoreServingHandle]:
     await handle.drain(0.5)
 
 
+@contextlib.asynccontextmanager
+async def through_an_eating_proxy(
+    store: StoreServingHandle,
+) -> AsyncIterator[tuple[ResponseEatingProxy, StoreClient, StoreClient]]:
+    """A proxy in front of `store`, a client whose calls go through it, and one that goes direct."""
+    proxy = ResponseEatingProxy(store.port)
+    await proxy.start()
+    client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)
+    direct = StoreClient(f"127.0.0.1:{store.port}")
+    try:
+        yield proxy, client, direct
+    finally:
+        await client.close()
+        await direct.close()
+        await proxy.close()
+
+
 def test_channel_target_balances_ip_addresses_and_resolves_names() -> None:
     assert channel_target("127.0.0.1:7071") == "ipv4:127.0.0.1:7071"
     assert channel_target("127.0.0.1:1,127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
@@ -113,11 +133,7 @@ async def test_append_whose_answer_was_lost_is_recognised_not_repeated(
     store: StoreServingHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="engine_service.store.grpc_client")
-    proxy = ResponseEatingProxy(store.port)
-    await proxy.start()
-    client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)
-    direct = StoreClient(f"127.0.0.1:{store.port}")
-    try:
+    async with through_an_eating_proxy(store) as (proxy, client, direct):
         await client.append("run:x", [("A", b"1")], expected_seq=None)
         proxy.armed = True
         result = await client.append(
@@ -133,10 +149,53 @@ async def test_append_whose_answer_was_lost_is_recognised_not_repeated(
             (2, "B", b"2"),
             (3, "C", b"3"),
         ]
+
+
+async def test_an_append_at_any_head_whose_answer_was_lost_is_not_repeated(
+    store: StoreServingHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No expected head to meet: the retry carries the first try's append key, and the store answers
+    # it with the first try's commit. (Before append keys this stream held B, C, B, C.)
+    caplog.set_level(logging.INFO, logger="engine_service.store.grpc_client")
+    async with through_an_eating_proxy(store) as (proxy, client, direct):
+        await client.append("ledger:x", [("A", b"1")], expected_seq=None, expected_any=True)
+        proxy.armed = True
+        result = await client.append(
+            "ledger:x", [("B", b"2"), ("C", b"3")], expected_seq=None, expected_any=True
+        )
+        assert proxy.eaten == 1
+        assert client.calls["AppendEvents"] == 3  # the first append, the lost one, its retry
+        assert "(its key repeated)" in caplog.text  # the store answered the retry with the first try
+        assert (result.first_seq, result.head_seq) == (2, 3)
+        assert [(e.seq, e.type) for e in await direct.read("ledger:x")] == [(1, "A"), (2, "B"), (3, "C")]
+
+
+async def test_an_append_at_any_head_still_queued_when_its_caller_gave_up_is_not_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another connection holds the SQLite write lock (a backup, the sqlite3 shell): the first try
+    # waits in the store's writer past its deadline, the client retries, and then the lock goes.
+    # The first try commits after all (its caller gone); the retry must not commit again.
+    monkeypatch.setattr(sqlite_writer, "BUSY_TIMEOUT_MS", 600_000)  # the writer outwaits the test
+    handle = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    client = StoreClient(f"127.0.0.1:{handle.port}", rpc_timeout=2.0)
+    holder = sqlite3.connect(tmp_path / "store" / DATABASE_FILE, isolation_level=None)
+    try:
+        await client.append("hints:q", [("Hint", b"0")], expected_seq=None, expected_any=True)
+        holder.execute("BEGIN IMMEDIATE")
+        append = asyncio.create_task(
+            client.append("hints:q", [("Hint", b"1")], expected_seq=None, expected_any=True, patience=600)
+        )
+        # The first append, the held one, and its retry (bounded only as a hang detector).
+        await eventually(lambda: client.calls["AppendEvents"] >= 3, "a retry", within=300, poll=0.05)
+        holder.execute("ROLLBACK")
+        result = await asyncio.wait_for(append, 120)  # a hang detector, not a timing threshold
+        assert (result.first_seq, result.head_seq) == (2, 2)
+        assert [(e.seq, e.payload) for e in await client.read("hints:q")] == [(1, b"0"), (2, b"1")]
     finally:
+        holder.close()
         await client.close()
-        await direct.close()
-        await proxy.close()
+        await handle.drain(0.5)
 
 
 async def test_appends_made_together_go_as_one_batch_each_with_its_own_outcome(
@@ -170,11 +229,7 @@ async def test_appends_made_together_go_as_one_batch_each_with_its_own_outcome(
 async def test_a_batch_whose_answer_was_lost_is_recognised_append_by_append(
     store: StoreServingHandle,
 ) -> None:
-    proxy = ResponseEatingProxy(store.port)
-    await proxy.start()
-    client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)
-    direct = StoreClient(f"127.0.0.1:{store.port}")
-    try:
+    async with through_an_eating_proxy(store) as (proxy, client, direct):
         await client.append("run:warm", [("A", b"1")], expected_seq=None)  # the connection is up
         proxy.armed = True
         streams = [f"run:{i}" for i in range(5)]
@@ -185,10 +240,6 @@ async def test_a_batch_whose_answer_was_lost_is_recognised_append_by_append(
         assert [(r.first_seq, r.head_seq) for r in results] == [(1, 2)] * 5
         for stream in streams:  # each committed once: the retry met its own events
             assert [(e.seq, e.type) for e in await direct.read(stream)] == [(1, "E"), (2, "F")]
-    finally:
-        await client.close()
-        await direct.close()
-        await proxy.close()
 
 
 class _OlderStore(StoreServicer):
@@ -238,11 +289,7 @@ async def test_a_store_without_batches_is_sent_appends_one_by_one(tmp_path: Path
 
 
 async def test_conflict_with_someone_elses_events_is_still_a_conflict(store: StoreServingHandle) -> None:
-    proxy = ResponseEatingProxy(store.port)
-    await proxy.start()
-    client = StoreClient(f"127.0.0.1:{proxy.port}", rpc_timeout=5.0)
-    direct = StoreClient(f"127.0.0.1:{store.port}")
-    try:
+    async with through_an_eating_proxy(store) as (_proxy, client, direct):
         await direct.append("run:y", [("A", b"1")], expected_seq=None)
         with pytest.raises(KeelError) as caught:
             await client.append("run:y", [("B", b"2")], expected_seq=None)
@@ -251,10 +298,6 @@ async def test_conflict_with_someone_elses_events_is_still_a_conflict(store: Sto
         with pytest.raises(KeelError) as caught:
             await client.append("run:y", [("B", b"2")], expected_seq=1)
         assert caught.value.code == "sequence_conflict"
-    finally:
-        await client.close()
-        await direct.close()
-        await proxy.close()
 
 
 async def test_several_store_addresses_are_balanced_and_a_dead_one_is_skipped(

@@ -403,6 +403,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         due_at_us: int | None = None,
         nudges: Mapping[str, int] | None = None,
         report_heads: Sequence[str] = (),
+        append_key: str | None = None,
     ) -> AppendResult:
         """Refuse, or append as SQLite does."""
         refused = sorted({e.type for e in events} & self.rejected)
@@ -424,6 +425,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
             due_at_us=due_at_us,
             nudges=nudges,
             report_heads=report_heads,
+            append_key=append_key,
         )
 
 

@@ -155,6 +155,135 @@ class StoreBackendSuite(abc.ABC):
         second = await backend.append("s", Expected.any(), events("c"))
         assert (first.first_seq, second.first_seq, second.head_seq) == (1, 3, 3)
 
+    # -- append keys: a retry whose first try committed writes nothing ------------------------
+
+    async def test_a_repeated_append_key_writes_nothing_and_answers_as_the_first(
+        self, backend: StoreBackend
+    ) -> None:
+        first = await backend.append("s", Expected.any(), events("a", "b"), append_key="k1")
+        await backend.append("s", Expected.any(), events("other"))
+        again = await backend.append("s", Expected.any(), events("a", "b"), append_key="k1")
+        assert (again.first_seq, again.head_seq, again.recorded_at_us) == (1, 2, first.recorded_at_us)
+        assert again.repeated and not first.repeated
+        fresh = await backend.append("s", Expected.any(), events("c"), append_key="k2")
+        assert (fresh.first_seq, fresh.repeated) == (4, False)
+        assert [e.type for e in await read_all(backend, "s")] == ["a", "b", "other", "c"]
+
+    async def test_a_repeat_answers_whatever_its_expected_head_says(self, backend: StoreBackend) -> None:
+        # An exact or new-stream append whose answer was lost meets a moved head on its retry: the
+        # key is checked first, so the retry gets its own answer rather than sequence_conflict.
+        await backend.append("s", Expected.no_stream(), events("a"), append_key="created")
+        await backend.append("s", Expected.exact(1), events("b"), append_key="second")
+        await backend.append("s", Expected.exact(2), events("c"))
+        created = await backend.append("s", Expected.no_stream(), events("a"), append_key="created")
+        second = await backend.append("s", Expected.exact(1), events("b"), append_key="second")
+        assert [(r.first_seq, r.repeated) for r in (created, second)] == [(1, True), (2, True)]
+        with pytest.raises(KeelError) as caught:
+            await backend.append("s", Expected.exact(1), events("d"), append_key="third")
+        assert caught.value.code == "sequence_conflict"
+        assert [e.type for e in await read_all(backend, "s")] == ["a", "b", "c"]
+
+    async def test_an_append_key_names_one_append_on_one_stream(self, backend: StoreBackend) -> None:
+        one = await backend.append("one", Expected.any(), events("a"), append_key="k")
+        two = await backend.append("two", Expected.any(), events("a"), append_key="k")
+        assert (one.repeated, two.repeated) == (False, False)
+        assert [len(await read_all(backend, sid)) for sid in ("one", "two")] == [1, 1]
+
+    async def test_tries_of_one_keyed_append_in_one_group_commit_once(self, backend: StoreBackend) -> None:
+        # A retry that reaches the store while its first try still waits for the same group.
+        tries = await asyncio.gather(
+            *(backend.append("s", Expected.any(), events("once"), append_key="k") for _ in range(5)),
+            backend.append("s", Expected.any(), events("unkeyed")),
+        )
+        assert {(r.first_seq, r.head_seq) for r in tries[:5]} == {(tries[0].first_seq, tries[0].head_seq)}
+        assert sum(not r.repeated for r in tries[:5]) == 1
+        assert sorted(e.type for e in await read_all(backend, "s")) == ["once", "unkeyed"]
+
+    async def test_a_repeat_sets_no_label_attribute_due_time_or_nudge(self, backend: StoreBackend) -> None:
+        parked = StreamStatus.PARKED
+        await backend.append("other", Expected.no_stream(), events("a"), status=parked)
+        await backend.append(
+            "s", Expected.any(), events("a"), append_key="k", attributes={"k": "first"}, due_at_us=500
+        )
+        await backend.append(
+            "s",
+            Expected.exact(1),
+            events("b"),
+            status=StreamStatus.COMPLETED,
+            attributes={"k": "later"},
+            due_at_us=0,
+        )
+        again = await backend.append(
+            "s",
+            Expected.any(),
+            events("a"),
+            append_key="k",
+            status=StreamStatus.ACTIVE,
+            attributes={"k": "repeat", "x": "1"},
+            due_at_us=700,
+            nudges={"other": 50},
+        )
+        assert again.repeated
+        listed = {s.stream_id: s for s in (await backend.list_streams()).streams}
+        assert listed["s"].status is StreamStatus.COMPLETED
+        assert dict(listed["s"].attributes) == {"k": "later"}
+        assert (await backend.list_due(10_000)).due == ()
+
+    async def test_repeats_in_a_group_with_artifacts_leave_every_artifact_whole(
+        self, backend: StoreBackend
+    ) -> None:
+        # A repeat's artifacts are not stored again, and the appends around it in the group (each
+        # with artifacts of its own, several chunks long) still store theirs byte for byte.
+        big, small, other = os.urandom(3 * 1024 * 1024 + 17), b"small", os.urandom(1024 * 1024 + 3)
+        await backend.append(
+            "s", Expected.any(), events("a"), append_key="k", artifacts=[NewArtifact("x", big)]
+        )
+        results = await asyncio.gather(
+            backend.append(
+                "s", Expected.any(), events("a"), append_key="k", artifacts=[NewArtifact("x", big)]
+            ),
+            backend.append(
+                "s", Expected.any(), events("b"), append_key="k2", artifacts=[NewArtifact("x", small)]
+            ),
+            backend.append(
+                "s", Expected.any(), events("b"), append_key="k2", artifacts=[NewArtifact("x", small)]
+            ),
+            backend.append("t", Expected.any(), events("c"), artifacts=[NewArtifact("y", other)]),
+        )
+        assert [(r.first_seq, r.repeated) for r in results] == [(1, True), (2, False), (2, True), (1, False)]
+        for data in (big, small, other):
+            assert await download(backend, sha(data)) == data
+        assert [e.type for e in await read_all(backend, "s")] == ["a", "b"]
+
+    async def test_a_repeat_reports_the_heads_as_they_are_now(self, backend: StoreBackend) -> None:
+        await backend.append("children", Expected.any(), events("c1"))
+        first = await backend.append(
+            "s", Expected.any(), events("a"), append_key="k", report_heads=["children"]
+        )
+        await backend.append("children", Expected.any(), events("c2"))
+        again = await backend.append(
+            "s", Expected.any(), events("a"), append_key="k", report_heads=["children"]
+        )
+        assert (first.reported_heads, again.reported_heads, again.repeated) == ((1,), (2,), True)
+
+    async def test_an_append_key_is_kept_with_its_first_event(self, request: pytest.FixtureRequest) -> None:
+        backend = self.create_backend(request)
+        await backend.open()
+        try:
+            await backend.append("s", Expected.any(), events("a", "b"), append_key="k")
+        finally:
+            await backend.close()
+        reopened = self.create_backend(request)
+        await reopened.open()
+        try:
+            assert (await reopened.append("s", Expected.any(), events("a", "b"), append_key="k")).repeated
+            # Trimmed away with its first event (a trim keeps the head): the key is forgotten.
+            await reopened.trim("s", 2)
+            late = await reopened.append("s", Expected.any(), events("a", "b"), append_key="k")
+            assert (late.first_seq, late.repeated) == (3, False)
+        finally:
+            await reopened.close()
+
     async def test_empty_batch_is_rejected(self, backend: StoreBackend) -> None:
         with pytest.raises(KeelError) as caught:
             await backend.append("s", Expected.any(), [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import shutil
 import tracemalloc
@@ -192,6 +193,28 @@ async def test_schema_of_an_older_store_gains_the_end_time_of_finished_streams(
         assert listed["done"].ended_at_us == 70
 
 
+async def test_schema_of_an_older_store_gains_append_keys_and_keeps_its_append_group(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """PostgreSQL-specific: migration 7 gives a schema of versions 1-6 append keys; the previous
+    append_group (15 arguments, what a replica not yet upgraded calls) still appends, without a key."""
+    async with admin(postgres_dsn) as conn:
+        await migrate(conn, pg_schema, tuple(m for m in MIGRATIONS if m.version < 7))
+    async with opened(postgres_dsn, pg_schema) as backend:
+        await backend.append("s", Expected.no_stream(), events("a"), append_key="k")
+        async with admin(postgres_dsn) as conn:
+            await conn.execute(f"SET search_path TO {pg_schema}")
+            row = await conn.fetchrow(
+                "SELECT out_first, out_head, out_conflict FROM append_group("
+                "ARRAY['s'], ARRAY[2]::int2[], ARRAY[0]::int8[], ARRAY[1], ARRAY[NULL]::int2[], ARRAY[1], "
+                "ARRAY['old'], ARRAY['\\x00'::bytea], '{}'::int4[], '{}'::text[], '{}'::text[], "
+                "'{}'::int8[], '{}'::int4[], '{}'::bytea[], 'unheard')"
+            )
+        assert row is not None and tuple(row) == (2, 2, False)
+        assert (await backend.append("s", Expected.any(), events("a"), append_key="k")).repeated
+        assert [e.type for e in await read_all(backend, "s")] == ["a", "old"]
+
+
 async def test_schema_migrated_by_a_newer_store_is_refused(postgres_dsn: str, pg_schema: str) -> None:
     """PostgreSQL-specific: an old replica must not run against a schema a newer one changed."""
     async with opened(postgres_dsn, pg_schema):
@@ -259,6 +282,44 @@ async def test_retrying_racers_across_replicas_neither_lose_duplicate_nor_reorde
     types = [e.type for e in stored]
     for i in range(racers):
         assert [t for t in types if t.startswith(f"r{i}/")] == [f"r{i}/{n}" for n in range(each)]
+
+
+async def test_tries_of_one_keyed_append_on_two_replicas_commit_once(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """PostgreSQL-specific: another replica's uncommitted try of the same keyed append is invisible
+    to our key lookup; the unique keys make us wait for it, lose the race, and then find its key."""
+    async with opened(postgres_dsn, pg_schema) as backend, admin(postgres_dsn) as other:
+        await backend.append("s", Expected.no_stream(), events("first"))
+        other_replica = other.transaction()
+        await other_replica.start()
+        await other.execute(
+            f"INSERT INTO {pg_schema}.events VALUES ('s', 2, 'hint', '\\x00', 7, 'k');"
+            f"UPDATE {pg_schema}.streams SET head_seq = 2 WHERE stream_id = 's'"
+        )
+        ours = asyncio.create_task(backend.append("s", Expected.any(), events("hint"), append_key="k"))
+        await eventually(lambda: blocked_on_a_lock(postgres_dsn, pg_schema), "our insert waiting on theirs")
+        await other_replica.commit()
+        result = await ours
+        assert (result.first_seq, result.head_seq, result.recorded_at_us, result.repeated) == (2, 2, 7, True)
+        assert [e.type for e in await read_all(backend, "s")] == ["first", "hint"]
+
+
+async def test_tries_of_one_keyed_append_in_one_group_are_told_apart_without_a_retry(
+    postgres_dsn: str, pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL-specific: append_group learns from its caller which earlier append of the group
+    carries the same stream and key, so a repeat in the group never reaches the unique index (which
+    would roll the group back and retry it)."""
+    caplog.set_level(logging.INFO, logger="store_service.postgres.backend")
+    async with opened(postgres_dsn, pg_schema) as backend:
+        tries = await asyncio.gather(
+            *(backend.append("s", Expected.any(), events("hint"), append_key=f"k{i % 3}") for i in range(9))
+        )
+        assert sorted((r.first_seq, r.repeated) for r in tries) == sorted(
+            [(1, False), (2, False), (3, False)] + [(seq, True) for seq in (1, 2, 3) for _ in range(2)]
+        )
+        assert "lost a race" not in caplog.text
 
 
 @pytest.mark.parametrize("expected", [Expected.exact(1), Expected.any()])

@@ -18,7 +18,7 @@ from keel_core.errors import ErrorCategory
 from store_service.backend import Expected, NewEvent, StoreBackend
 from store_service.group_commit import AppendJob, AppendOutcome
 from store_service.sqlite import DATABASE_FILE, SqliteStoreBackend, translate
-from tests.store.backend_suite import StoreBackendSuite, chunks_of, events
+from tests.store.backend_suite import StoreBackendSuite, chunks_of, events, read_all
 
 
 class SqliteTables:
@@ -130,6 +130,28 @@ async def test_file_of_an_older_store_gains_the_end_time_of_finished_streams(tmp
         assert listed["done"].ended_at_us == 70
     finally:
         await backend.close()
+
+
+async def test_file_of_an_older_store_gains_append_keys(tmp_path: object) -> None:
+    """SQLite-specific: a file written before appends had keys gains the column and its unique
+    index; its events keep no key, and keyed appends repeat from then on."""
+    path = os.path.join(str(tmp_path), DATABASE_FILE)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(OLD_SCHEMA)
+    backend = SqliteStoreBackend(path)
+    await backend.open()
+    try:
+        await backend.append("old", Expected.any(), events("b"), append_key="k")
+        again = await backend.append("old", Expected.any(), events("b"), append_key="k")
+        assert (again.first_seq, again.repeated) == (2, True)
+        assert [e.type for e in await read_all(backend, "old")] == ["a", "b"]
+    finally:
+        await backend.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        indexes = [row[1] for row in conn.execute("PRAGMA index_list(events)") if row[2]]
+        assert "events_by_append_key" in indexes
+        with pytest.raises(sqlite3.IntegrityError):  # the index, not only the store's lookup
+            conn.execute("INSERT INTO events VALUES ('old', 9, 'x', x'00', 1, 'k')")
 
 
 def test_unknown_durability_is_refused(tmp_path: object) -> None:

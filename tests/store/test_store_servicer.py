@@ -340,6 +340,29 @@ async def test_hundred_mib_artifact_round_trips_over_grpc(stub: StoreServiceAsyn
     assert messages == 100
 
 
+async def test_an_append_repeated_under_its_key_answers_as_the_first_alone_or_in_a_batch(
+    stub: StoreServiceAsyncStub,
+) -> None:
+    key = "0f1e2d3c-any-printable-ascii"
+    first = await stub.AppendEvents(append_request("hints", pb.EXPECTED_KIND_ANY, append_key=key))
+    again = await stub.AppendEvents(append_request("hints", pb.EXPECTED_KIND_ANY, append_key=key))
+    batch = await stub.AppendEventsBatch(
+        pb.AppendEventsBatchRequest(
+            appends=[
+                append_request("hints", pb.EXPECTED_KIND_ANY, append_key=key),
+                append_request("hints", pb.EXPECTED_KIND_ANY, append_key="another"),
+            ]
+        )
+    )
+    repeat_in_batch, fresh = (outcome.appended for outcome in batch.outcomes)
+    assert (first.first_seq, first.repeated) == (1, False)
+    for repeat in (again, repeat_in_batch):
+        assert (repeat.first_seq, repeat.head_seq, repeat.repeated) == (1, 1, True)
+        assert repeat.recorded_at_us == first.recorded_at_us
+    assert (fresh.first_seq, fresh.repeated) == (2, False)
+    assert (await stub.HeadSeq(pb.HeadSeqRequest(stream_id="hints"))).head_seq == 2
+
+
 # -- bad input: status code, ErrorInfo reason, and nothing written ------------------------------
 
 Call = Callable[["StoreServiceAsyncStub"], Awaitable[Any]]
@@ -381,6 +404,18 @@ BAD_INPUT: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "invalid_expected",
     ),
     ("unknown expected kind", _append(kind=99), grpc.StatusCode.INVALID_ARGUMENT, "invalid_expected"),
+    (
+        "oversized append key",
+        _append(append_key="k" * 129),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_append_key",
+    ),
+    (
+        "append key not printable ASCII",
+        _append(append_key="k\u00e9y"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_append_key",
+    ),
     ("empty batch", _append(events=[]), grpc.StatusCode.INVALID_ARGUMENT, "invalid_batch"),
     (
         "AppendEventsBatch of no appends",

@@ -219,6 +219,7 @@ class AppendEventsRequest(_message.Message):
     DUE_AT_US_FIELD_NUMBER: _builtins.int
     NUDGES_FIELD_NUMBER: _builtins.int
     REPORT_HEADS_FIELD_NUMBER: _builtins.int
+    APPEND_KEY_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """The stream to append to (1 to 200 characters)."""
     expected_kind: Global___ExpectedKind.ValueType
@@ -232,6 +233,17 @@ class AppendEventsRequest(_message.Message):
     transaction as the events, and only if the append commits: absent keeps
     the stream's due time, 0 clears it, more than 0 sets it (ListDue finds the
     stream from then on). Negative is INVALID_ARGUMENT, reason `invalid_due_at`.
+    """
+    append_key: _builtins.str
+    """Makes the append idempotent (1 to 128 printable ASCII characters; empty:
+    none): if the stream still holds an append committed under this key (the
+    key is kept with that append's first event), this one writes nothing and
+    answers as that one did, with `repeated` set, whatever `expected_kind`
+    says. What makes a retry safe when the first try's answer was lost, or the
+    first try was still queued when the client gave up on it. The key is the
+    client's to choose (a UUID); a key names one append on one stream, and is
+    not compared with the events. Otherwise INVALID_ARGUMENT, reason
+    `invalid_append_key`.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventData]:
@@ -289,10 +301,11 @@ class AppendEventsRequest(_message.Message):
         due_at_us: _builtins.int | None = ...,
         nudges: _abc.Iterable[Global___DueNudge] | None = ...,
         report_heads: _abc.Iterable[_builtins.str] | None = ...,
+        append_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "due_at_us", b"due_at_us"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "artifacts", b"artifacts", "attributes", b"attributes", "due_at_us", b"due_at_us", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "nudges", b"nudges", "report_heads", b"report_heads", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us", "append_key", b"append_key", "artifacts", b"artifacts", "attributes", b"attributes", "due_at_us", b"due_at_us", "events", b"events", "expected_kind", b"expected_kind", "expected_seq", b"expected_seq", "nudges", b"nudges", "report_heads", b"report_heads", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__due_at_us: _TypeAlias = _typing.Literal["due_at_us"]  # noqa: Y015
     _WhichOneofArgType__due_at_us: _TypeAlias = _typing.Literal["_due_at_us", b"_due_at_us"]  # noqa: Y015
@@ -337,6 +350,7 @@ class AppendEventsResponse(_message.Message):
     ARTIFACT_IDS_FIELD_NUMBER: _builtins.int
     REPORTED_HEADS_FIELD_NUMBER: _builtins.int
     RECORDED_AT_US_FIELD_NUMBER: _builtins.int
+    REPEATED_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     """The sequence number of the first appended event."""
     head_seq: _builtins.int
@@ -345,6 +359,11 @@ class AppendEventsResponse(_message.Message):
     """The time the store recorded the appended events with (each one's
     `recorded_at`, by the store's clock), in microseconds since the Unix epoch.
     An append that creates a stream answers with the stream's creation time.
+    """
+    repeated: _builtins.bool
+    """The append repeated one committed before under the same `append_key`:
+    nothing was written, and this is that one's answer (`reported_heads` are
+    read now).
     """
     @_builtins.property
     def artifact_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -364,10 +383,11 @@ class AppendEventsResponse(_message.Message):
         artifact_ids: _abc.Iterable[_builtins.str] | None = ...,
         reported_heads: _abc.Iterable[_builtins.int] | None = ...,
         recorded_at_us: _builtins.int = ...,
+        repeated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "first_seq", b"first_seq", "head_seq", b"head_seq", "recorded_at_us", b"recorded_at_us", "reported_heads", b"reported_heads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "first_seq", b"first_seq", "head_seq", b"head_seq", "recorded_at_us", b"recorded_at_us", "repeated", b"repeated", "reported_heads", b"reported_heads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
