@@ -15,6 +15,15 @@ its StepCompleted's `at_us`, the same machine's clock). Each wake-up takes the p
 (RunResumed), consumes the signal (its FactRecorded), completes the step and the run. The
 reference: the latency of a one-step `keel.echo` run started with `wait=true`, the engine's
 shortest round trip through the store.
+
+Each run gets an input of its own, so each parked run starts from a snapshot of its own.
+
+Under load (`--load L`, default 0: none): the first half of the runs is woken on an otherwise idle
+engine, the second half while L callers keep 3-step pipelines running on the same engine
+(`StartRun(wait=true)` one after another, each with an input of its own, as
+`bench/engine_runs.py` does), and the two halves' delays are printed on lines of their own, with
+the load's rate: a ratio measured in one run. `--concurrency` bounds the SignalRun calls in flight;
+the wake-ups they cause may overlap.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from engine_runs import spawn
+from engine_runs import pipeline, spawn
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
@@ -93,7 +102,12 @@ async def main() -> None:
     )
     parser.add_argument("--concurrency", type=int, default=16, help="signals in flight (default 16)")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up keel.echo runs first (default 200)")
+    parser.add_argument(
+        "--load", type=int, default=0, help="pipelines in flight while the second half wakes (default 0)"
+    )
     args = parser.parse_args()
+    if args.load and args.runs < 2:
+        parser.error("--load needs --runs 2 or more: half are woken idle, half under load")
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as data:
         processes: list[asyncio.subprocess.Process] = []
         channel: grpc.aio.Channel | None = None
@@ -126,13 +140,14 @@ async def main() -> None:
             wait = engine_pb2.SingleOp(op_id="keel.wait_signal", op_config=to_value({"name": "go"}))
             limit = asyncio.Semaphore(32)
 
-            async def start() -> str:
+            async def start(index: int) -> str:
                 async with limit:
-                    started = await stub.StartRun(engine_pb2.StartRunRequest(op=wait), timeout=60)
+                    request = engine_pb2.StartRunRequest(op=wait, input=to_value({"i": index}))
+                    started = await stub.StartRun(request, timeout=60)
                     return str(started.run_id)
 
             began = time.monotonic()
-            run_ids = await asyncio.gather(*(start() for _ in range(args.runs)))
+            run_ids = await asyncio.gather(*(start(index) for index in range(args.runs)))
             while await parked_count(store) < args.runs:
                 if time.monotonic() - began > 600:
                     raise RuntimeError("the runs did not all park")
@@ -144,10 +159,9 @@ async def main() -> None:
             await asyncio.sleep(args.idle_seconds)
             idle_cpu = (cpu_seconds(pid) - cpu_before) / args.idle_seconds
 
-            delays_ms: list[float] = []
             sending = asyncio.Semaphore(args.concurrency)
 
-            async def wake(run_id: str) -> None:
+            async def wake(run_id: str, delays_ms: list[float]) -> None:
                 async with sending:
                     await stub.SignalRun(
                         engine_pb2.SignalRunRequest(run_id=run_id, name="go", payload=to_value(1)), timeout=60
@@ -159,9 +173,43 @@ async def main() -> None:
                 finished = awaited.run.steps[0].attempts[-1].finished_at.ToNanoseconds() / 1e9
                 delays_ms.append((finished - acknowledged) * 1000)
 
-            began = time.monotonic()
-            await asyncio.gather(*(wake(run_id) for run_id in run_ids))
-            woken_in = time.monotonic() - began
+            async def wake_all(ids: list[str], callers: int) -> tuple[list[float], float, float]:
+                """Signal `ids` while `callers` keep pipelines running: the delays, the seconds it
+                took, and the load's runs/s meanwhile."""
+                delays_ms: list[float] = []
+                stop = asyncio.Event()
+                completed = 0
+
+                async def load(caller: int) -> None:
+                    nonlocal completed
+                    shape = pipeline()
+                    while not stop.is_set():
+                        data = to_value({"n": caller * 1_000_000 + completed})
+                        request = engine_pb2.StartRunRequest(pipeline=shape, input=data, wait=True)
+                        await stub.StartRun(request, timeout=60)
+                        completed += 1
+
+                loaders = [asyncio.create_task(load(caller)) for caller in range(callers)]
+                try:
+                    if loaders:
+                        await asyncio.sleep(1.0)  # the load runs at its pace before the first signal
+                    began, completed = time.monotonic(), 0
+                    await asyncio.gather(*(wake(run_id, delays_ms) for run_id in ids))
+                    seconds = time.monotonic() - began
+                    rate = completed / seconds
+                finally:
+                    stop.set()
+                    ended = await asyncio.gather(*loaders, return_exceptions=True)
+                failed = [error for error in ended if isinstance(error, BaseException)]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} load callers failed: {failed[0]!r}")
+                return delays_ms, seconds, rate
+
+            half = len(run_ids) // 2 if args.load else len(run_ids)
+            idle, woken_in, _ = await wake_all(run_ids[:half], 0)
+            busy, busy_in, load_rate = (
+                await wake_all(run_ids[half:], args.load) if args.load else ([], 0.0, 0.0)
+            )
         finally:
             for open_channel in (channel, store_channel):
                 if open_channel is not None:
@@ -172,7 +220,7 @@ async def main() -> None:
             for process in processes:
                 await process.wait()
     echo_p50 = statistics.median(echo_ms)
-    p50, p99 = percentile(delays_ms, 0.5), percentile(delays_ms, 0.99)
+    p50, p99 = percentile(idle, 0.5), percentile(idle, 0.99)
     per_run = (rss_waiting - rss_before) * 1024 / args.runs
     print(f"signal_waits: {args.runs} runs parked on signals on one engine (SQLite store)")
     print(
@@ -183,13 +231,23 @@ async def main() -> None:
     print(f"  engine CPU while they wait: {idle_cpu * 100:.2f}% of one core over {args.idle_seconds:g}s")
     print(
         f"  signal acknowledged -> step completed: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-        f"max {max(delays_ms):.1f} ms ({args.runs} signals, {args.concurrency} in flight, "
+        f"max {max(idle):.1f} ms ({len(idle)} signals, {args.concurrency} in flight, "
         f"{woken_in:.1f}s in all)"
     )
     print(
         f"  reference: keel.echo run with wait=true p50 {echo_p50:.1f} ms; "
         f"wake-up p50 / echo p50 = {p50 / echo_p50:.2f}"
     )
+    if busy:
+        busy_p50, busy_p99 = percentile(busy, 0.5), percentile(busy, 0.99)
+        print(
+            f"  under load ({args.load} pipelines in flight, {load_rate:.1f} runs/s meanwhile): "
+            f"p50 {busy_p50:.1f} ms, p99 {busy_p99:.1f} ms, max {max(busy):.1f} ms "
+            f"({len(busy)} signals, {args.concurrency} in flight, {busy_in:.1f}s in all)"
+        )
+        print(f"  wake-up p99 under load / idle: {busy_p99 / p99:.2f}x (same run)")
+    loaded = f" busy_p50_ms={busy_p50:.1f} busy_p99_ms={busy_p99:.1f}" if busy else ""
+    print(f"RESULT scenario=signal_waits p50_ms={p50:.1f} p99_ms={p99:.1f}{loaded}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from engine_service.store.port import (
 from keel_core import tracing
 from keel_core.clock import us_of
 from keel_core.errors import ErrorCategory, KeelError, unavailable
+from keel_core.recent import Recent
 from keel_core.security import ClientTls, bearer_token_interceptors
 from keel_core.serving import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES, host_port
 from keel_core.status import error_from_parts, from_rpc_error
@@ -76,6 +77,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # PutArtifact sends the bytes in messages of at most this size.
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
+# Small artifacts this client stored or read lately are kept: an id names the same bytes for ever,
+# so a run woken or resumed here reads the snapshot its engine wrote without a round trip. At most
+# this many, each at most this big (32 MiB in all).
+ARTIFACT_CACHE_ENTRIES = 1024
+ARTIFACT_CACHE_MAX_BYTES = 32 * 1024
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 # A store that takes no deletes (no token, no --allow-deletes) says so with this reason.
@@ -402,6 +408,7 @@ class StoreClient:
         # Store RPCs attempted, by method: how tests and operators count round trips per run.
         self.calls: collections.Counter[str] = collections.Counter()
         self.local = LocalAppends()
+        self._artifacts: Recent[str, bytes] = Recent(ARTIFACT_CACHE_ENTRIES)  # id -> bytes
         options = [
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -610,6 +617,7 @@ class StoreClient:
                 raise KeelError(
                     "artifact_id_mismatch", f"the store named an artifact {stored}, expected otherwise"
                 )
+            self._keep_artifact(stored, data)
         self._appended(stream_id, response.first_seq, events)
         reported = (
             tuple(response.reported_heads) if len(response.reported_heads) == len(report_heads) else None
@@ -751,8 +759,16 @@ class StoreClient:
 
         return (await self._retrying(f"NudgeDue({stream_id})", once, patience)).parked
 
+    def _keep_artifact(self, artifact_id: str, data: bytes) -> None:
+        if len(data) <= ARTIFACT_CACHE_MAX_BYTES:
+            self._artifacts.put(artifact_id, bytes(data))  # the caller's, if mutable, stays theirs
+
     async def get_artifact(self, artifact_id: str, *, patience: float | None = None) -> bytes:
-        """An artifact's bytes (NOT_FOUND `artifact_not_found` when missing)."""
+        """An artifact's bytes (NOT_FOUND `artifact_not_found` when missing); a small one this
+        client stored or read lately is answered without asking the store."""
+        kept = self._artifacts.get(artifact_id)
+        if kept is not None:
+            return kept
 
         async def once(stub: _Stub, seconds: float) -> bytes:
             chunks = []
@@ -764,6 +780,7 @@ class StoreClient:
         data = await self._retrying(f"GetArtifact({artifact_id})", once, patience)
         if artifact_id_for_bytes(data) != artifact_id:
             raise KeelError("artifact_corrupt", f"artifact {artifact_id} came back with different bytes")
+        self._keep_artifact(artifact_id, data)
         return data
 
     async def delete_streams(self, stream_ids: Sequence[str], *, patience: float | None = None) -> int:
@@ -805,12 +822,19 @@ class StoreClient:
         """Delete those artifacts not stored again since `stored_before`; returns the ids deleted."""
         request = store_pb2.DeleteArtifactsRequest(artifact_ids=list(artifact_ids))
         request.stored_before.FromDatetime(stored_before)
+        self._forget_artifacts(request.artifact_ids)  # deleted or not, read them from the store
 
         async def once(stub: _Stub, seconds: float) -> store_pb2.DeleteArtifactsResponse:
             response: store_pb2.DeleteArtifactsResponse = await stub.DeleteArtifacts(request, timeout=seconds)
             return response
 
-        return list((await self._retrying("DeleteArtifacts", once, patience)).deleted_ids)
+        deleted = list((await self._retrying("DeleteArtifacts", once, patience)).deleted_ids)
+        self._forget_artifacts(request.artifact_ids)  # again: a read in flight may have kept one
+        return deleted
+
+    def _forget_artifacts(self, artifact_ids: Sequence[str]) -> None:
+        for artifact_id in artifact_ids:
+            self._artifacts.drop(artifact_id)
 
     async def put_artifact(self, kind: str, data: bytes, *, patience: float | None = None) -> str:
         """Store `data` under its content id (a repeat stores nothing new); returns the id."""
@@ -828,6 +852,7 @@ class StoreClient:
             raise KeelError(
                 "artifact_id_mismatch", f"the store named an artifact {artifact_id}, expected otherwise"
             )
+        self._keep_artifact(artifact_id, data)
         return artifact_id
 
     async def has_artifact(self, artifact_id: str, *, patience: float | None = None) -> bool:

@@ -39,6 +39,7 @@ from engine_service.failpoints import Failpoints
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine
 from engine_service.store import AppendResult, InMemoryEventLog
+from engine_service.store.grpc_client import StoreClient
 from keel_core.clock import now_us
 from keel_core.json_values import from_struct, to_value
 from tests.engine.conftest import Cluster, gate, start_test_engine
@@ -106,13 +107,31 @@ async def test_a_run_waiting_for_a_signal_is_parked_and_completes_once_when_it_c
     assert not of_type(events, "SignalAwaited")  # StepWaiting's detail says what it waits for
 
 
-async def test_a_run_parked_here_is_woken_here_at_once_even_after_a_recovery_scan(cluster: Cluster) -> None:
+async def parked_here(cluster: Cluster) -> tuple[str, Engine]:
+    """A run of one step waiting for signal `go` on the cluster's engine, parked, its driver ended."""
     started = await cluster.stub.StartRun(engine_pb2.StartRunRequest(pipeline=pipeline(wait_step("w", "go"))))
     run_id = started.run_id
     await until_parked(cluster, run_id)
     engine = cluster.engine.engine
     assert engine is not None
     await eventually(lambda: run_id not in engine.drivers, "the driver ended", within=WAIT, poll=0.01)
+    return run_id, engine
+
+
+async def test_a_run_woken_here_does_not_read_back_the_snapshot_it_parked_with(cluster: Cluster) -> None:
+    # The engine stored the run's start snapshot itself: its store client still holds the bytes.
+    run_id, engine = await parked_here(cluster)
+    store = engine.env.store
+    assert isinstance(store, StoreClient)
+    before = store.calls["GetArtifact"]
+    await signal(cluster, run_id, "go", "now", "n")
+    run = await finished(cluster, run_id)
+    assert run.status == engine_pb2.RUN_STATUS_COMPLETED and output(run, "w") == "now"
+    assert store.calls["GetArtifact"] == before
+
+
+async def test_a_run_parked_here_is_woken_here_at_once_even_after_a_recovery_scan(cluster: Cluster) -> None:
+    run_id, engine = await parked_here(cluster)
     # A scan lists active runs only; the parked run's implicit lease is still this engine's, and a
     # wake-up here takes it up now (not once that lease expired, a ttl after the run started).
     await engine.recovery.recover()

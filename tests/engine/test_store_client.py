@@ -8,6 +8,7 @@ import logging
 import signal
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -195,6 +196,42 @@ async def test_an_append_at_any_head_still_queued_when_its_caller_gave_up_is_not
     finally:
         holder.close()
         await client.close()
+        await handle.drain(0.5)
+
+
+async def test_small_artifacts_stored_or_read_here_are_read_back_without_asking_the_store(
+    tmp_path: Path,
+) -> None:
+    handle = await start_store(
+        StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store"), allow_deletes=True)
+    )
+    client = StoreClient(f"127.0.0.1:{handle.port}")
+    other = StoreClient(f"127.0.0.1:{handle.port}")
+    small, big = b'{"n": 1}', b"x" * (grpc_client.ARTIFACT_CACHE_MAX_BYTES + 1)
+    try:
+        stored = await client.append(
+            "run:a", [("E", b"1")], expected_seq=None, artifacts=[("s", small), ("s", big)]
+        )
+        put = await client.put_artifact("s", b"put")
+        before = client.calls.copy()
+        assert await client.get_artifact(stored.artifact_ids[0]) == small
+        assert await client.get_artifact(put) == b"put"
+        assert client.calls - before == {}
+        assert await client.get_artifact(stored.artifact_ids[1]) == big  # too big to keep: read
+        assert client.calls - before == {"GetArtifact": 1}
+        # Another client reads it once, then keeps it.
+        assert await other.get_artifact(stored.artifact_ids[0]) == small
+        assert await other.get_artifact(stored.artifact_ids[0]) == small
+        assert other.calls["GetArtifact"] == 1
+        # Deleting through a client forgets it there: the store's answer counts.
+        deleted = await client.delete_artifacts([put], datetime.now(UTC) + timedelta(seconds=60))
+        assert deleted == [put]
+        with pytest.raises(KeelError) as caught:
+            await client.get_artifact(put)
+        assert caught.value.code == "artifact_not_found"
+    finally:
+        await client.close()
+        await other.close()
         await handle.drain(0.5)
 
 
