@@ -410,7 +410,9 @@ class ChildRuns:
             if link is not None:
                 await self._start_linked(link, manifest, await self.reader.run_status(link.parent_run_id))
             else:
-                await self.kernel.start_run(manifest, request.child_run_id, manifest_stored=True)
+                # Inline again: the manifest may have been read from a cache (this engine's, its store
+                # client's) after a collection deleted it from the store.
+                await self.kernel.start_run(manifest, request.child_run_id)
         except KeelError as error:
             if error.code == "run_already_exists":
                 raise KeelError(
