@@ -482,10 +482,14 @@ class Engine:
             return False
         resumed = False
         try:
-            _, history = await self._history_to_resume(run_id)
+            # Only a resumed run can have a failure ledger (a diverged Terminalize leaves it
+            # undriven); its head is read beside the history, not after it.
+            (_, history), has_ledger = await asyncio.gather(
+                self._history_to_resume(run_id), self.reader.has_ledger(run_id)
+            )
             if await self.children.closed_with_parent(run_id, history):
                 return False
-            resumed = await self._resume_from(run_id, history, lease)
+            resumed = await self._resume_from(run_id, history, lease, has_ledger)
         finally:
             if not resumed and run_id not in self.registry.drivers:
                 self.leases.drop(run_id)
@@ -500,14 +504,12 @@ class Engine:
                 self._unreadable_runs.put(run_id, error)
             raise
 
-    async def _resume_from(self, run_id: str, history: RunHistory, lease: Lease) -> bool:
+    async def _resume_from(self, run_id: str, history: RunHistory, lease: Lease, has_ledger: bool) -> bool:
         if history.is_terminal or history.started is None:
             return False
         manifest = await self.reader.manifest(history.started.manifest_id)
         plan = self.plan_for(manifest)
         next_action(history, plan, manifest.run_config)  # rule 3: refuse a run whose op id changed
-        # Only a resumed run can have a failure ledger (a diverged Terminalize leaves it undriven).
-        has_ledger = await self.reader.has_ledger(run_id)
         if self.registry.busy(run_id):
             return False
         # A former holder's late write is fenced off by this claim (an append at the head read).
