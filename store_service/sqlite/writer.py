@@ -224,8 +224,7 @@ class SqliteWriter:
 
     def _add_ended_at(self) -> None:
         """Give a file made before streams had an end time its ended_at_us column, in one transaction."""
-        columns = {str(row[1]) for row in self.conn.execute("PRAGMA table_info(streams)")}
-        if "ended_at_us" in columns:
+        if self._has_column("streams", "ended_at_us"):
             return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -238,10 +237,12 @@ class SqliteWriter:
 
     def _add_append_key(self) -> None:
         """Give a file made before appends had keys its append_key column; index it."""
-        columns = {str(row[1]) for row in self.conn.execute("PRAGMA table_info(events)")}
-        if "append_key" not in columns:
+        if not self._has_column("events", "append_key"):
             self.conn.execute(_ADD_APPEND_KEY)
         self.conn.execute(_APPEND_KEY_INDEX)
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(str(row[1]) == column for row in self.conn.execute(f"PRAGMA table_info({table})"))
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed by SQLite on the last close)."""

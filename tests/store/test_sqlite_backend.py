@@ -93,12 +93,18 @@ INSERT INTO events VALUES ('old', 1, 'a', x'61', 10);
 """
 
 
+def older_store_file(directory: object, more_sql: str = "") -> str:
+    """A store file as an older store left it (OLD_SCHEMA, then `more_sql`), in `directory`."""
+    path = os.path.join(str(directory), DATABASE_FILE)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(OLD_SCHEMA + more_sql)
+    return path
+
+
 async def test_file_of_an_older_store_gains_stream_attributes(tmp_path: object) -> None:
     """SQLite-specific: a file written before attributes existed opens, keeps its streams, and
     takes attributes from then on."""
-    path = os.path.join(str(tmp_path), DATABASE_FILE)
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(OLD_SCHEMA)
+    path = older_store_file(tmp_path)
     backend = SqliteStoreBackend(path)
     await backend.open()
     try:
@@ -114,11 +120,7 @@ async def test_file_of_an_older_store_gains_stream_attributes(tmp_path: object) 
 async def test_file_of_an_older_store_gains_the_end_time_of_finished_streams(tmp_path: object) -> None:
     """SQLite-specific: a file written before streams had an end time gains the column; a stream
     that had already finished takes its last append's time, and appends keep it from then on."""
-    path = os.path.join(str(tmp_path), DATABASE_FILE)
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(OLD_SCHEMA)
-        conn.execute("INSERT INTO streams VALUES (2, 'done', 1, 2, 10, 70)")
-        conn.commit()
+    path = older_store_file(tmp_path, "INSERT INTO streams VALUES (2, 'done', 1, 2, 10, 70);")
     backend = SqliteStoreBackend(path)
     await backend.open()
     try:
@@ -135,9 +137,7 @@ async def test_file_of_an_older_store_gains_the_end_time_of_finished_streams(tmp
 async def test_file_of_an_older_store_gains_append_keys(tmp_path: object) -> None:
     """SQLite-specific: a file written before appends had keys gains the column and its unique
     index; its events keep no key, and keyed appends repeat from then on."""
-    path = os.path.join(str(tmp_path), DATABASE_FILE)
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(OLD_SCHEMA)
+    path = older_store_file(tmp_path)
     backend = SqliteStoreBackend(path)
     await backend.open()
     try:
