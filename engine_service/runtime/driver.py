@@ -22,8 +22,9 @@ stops the driver (a later batch must never land after a gap). Failpoints keep th
 arming `after_step_attempt_started` or `before_run_completed` flushes before they fire. Events of
 one batch share the store's commit time, so each carries `at_us`, the time the driver decided it;
 views time steps by that. A timer flushes pending events within the linger even while an op runs,
-so a long op shows as running; a resumed driver appends its first StepAttemptStarted before the op
-runs (a claim: an engine still driving the run elsewhere fences one of the two off before any work).
+so a long op shows as running; a resumed driver appends its first StepAttemptStarted (or a woken
+one its RunResumed) before any op runs (a claim: an engine still driving the run elsewhere fences
+one of the two off before any work).
 
 Leases. A driver holds its run's lease (engine_service.runtime.leases) and confirms it is still valid
 before every append and right before every transport call; once lost, the driver appends nothing
@@ -83,7 +84,7 @@ from engine_service.domain.streams import (
     run_stream_id,
 )
 from engine_service.domain.tasks import TaskState
-from engine_service.domain.waits import SIGNAL, TASK, TASK_RECHECK_US, WaitOutcome, due_outcome
+from engine_service.domain.waits import SIGNAL, TASK, TASK_RECHECK_US, TIMER, WaitOutcome, due_outcome
 from engine_service.failpoints import (
     AFTER_CHILD_COMPLETED,
     AFTER_CHILD_RUN_ENDED,
@@ -114,6 +115,9 @@ MAX_BATCH_ARTIFACTS = 16
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
+# Waits whose end is decided without a write anywhere (a timer's due time; a signal's resolver
+# reads the run's inbox): a run woken from them defers its claim to its next append.
+_PURE_WAITS = frozenset({TIMER, SIGNAL})
 
 
 # Driver tasks this engine stopped (park, drain, terminalize, a lease lost, a foreign terminal
@@ -422,12 +426,21 @@ class RunDriver:
 
     async def _resume_parked(self) -> None:
         """A parked run taken up again: RunResumed (label active, due time cleared) is this driver's
-        claim, appended at the head it read before anything else."""
+        claim, appended at the head it read before anything else is written for the run.
+
+        When the run waits only for signals and timers, whose resolvers read and write nothing, the
+        claim travels with the wait's outcome (the consumed signal, the completed step) instead of
+        going alone first: one append fewer per wake-up. Nothing is done for the run meanwhile that
+        another engine could see; an op runs only once the claim is durable (`run_step`), and the
+        linger timer appends it within the linger should nothing else follow.
+        """
         if self.history.parked is None:
             return
-        self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=False)
-        await self.flush()
-        self._claim_first = False
+        pure = all(waiting.wait.kind in _PURE_WAITS for waiting in self.history.waiting.values())
+        self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=pure)
+        if not pure:
+            await self.flush()
+            self._claim_first = False
 
     async def _park(self, due_at_us: int) -> None:
         """Park the run: RunParked, its label and its due-time index entry in one append; then end.
@@ -692,7 +705,8 @@ class RunDriver:
             answer = any(isinstance(event, FactRecorded) for event in self._pending)
             if not answer and self._refused is not None:
                 raise self._refused
-            if self.lease is not None and not answer:
+            # A claim (a resumed driver's first append) needs the lease, whatever travels with it.
+            if self.lease is not None and (not answer or self._claim_first):
                 await self.confirm_lease()
             elif self.lease_in_doubt():
                 log.info(
@@ -728,6 +742,7 @@ class RunDriver:
                 )
                 raise
             self.durable_seq += len(batch)
+            self._claim_first = False  # the run is this driver's: its first append landed
             if appended.first_seq == 1 and appended.recorded_at_us:
                 self.created_at_us = appended.recorded_at_us
                 if self.on_created is not None:

@@ -119,7 +119,14 @@ class Drivers:
             del self._registry.drivers[run_id]
             self._registry.pokes.pop(run_id, None)
             self._reader.stopped_driving(run_id)
-            self._leases.drop(run_id, run_exists=driver.durable_seq > 0)
+            parked = not task.cancelled() and isinstance(task.exception(), RunParkedOut)
+            started = driver.history.started
+            self._leases.drop(
+                run_id,
+                run_exists=driver.durable_seq > 0,
+                ended=driver.history.is_terminal and driver.durable_seq == driver.history.head_seq,
+                parked_start_us=started.at_us if parked and started is not None else None,
+            )
         if not task.cancelled():
             # A cancelled parent's spawns are still needed to close its children.
             self._registry.forget_spawns(run_id)

@@ -302,7 +302,7 @@ class Engine:
         sent = (await self.signals.inbox.send(run_id, [signal]))[0]
         self.env.failpoints.hit(AFTER_SIGNAL_SENT)
         if sent.created:
-            self.wake_soon(run_id)
+            self.wake_soon(run_id, seen_live=True)  # the inbox found it existing, not ended
         return sent
 
     def _poke_driven(self, run_id: str | None) -> None:
@@ -384,15 +384,16 @@ class Engine:
             )
         return StartOutcome(run_id, manifest_id, False)
 
-    def wake_soon(self, run_id: str) -> None:
-        """Apply a wake-up in the background, surely (`_wake_surely`)."""
+    def wake_soon(self, run_id: str, *, seen_live: bool = False) -> None:
+        """Apply a wake-up in the background, surely (`_wake_surely`). `seen_live`: the caller has
+        just seen the run exist and not ended (its head need not be read again)."""
         if self.registry.closing:
             return
-        waking = asyncio.ensure_future(self._wake_surely(run_id))
+        waking = asyncio.ensure_future(self._wake_surely(run_id, seen_live))
         self._wakes.add(waking)
         waking.add_done_callback(self._wakes.discard)
 
-    async def _wake_surely(self, run_id: str) -> None:
+    async def _wake_surely(self, run_id: str, seen_live: bool = False) -> None:
         """Apply a wake-up here, or make the run due now in the store's index for whichever engine's
         Waker may take it (another engine holds it). A store that does not answer is tried again,
         with backoff, for WAKE_PATIENCE: a wake-up dropped here would leave a parked run waiting for
@@ -401,7 +402,7 @@ class Engine:
         deadline = asyncio.get_running_loop().time() + WAKE_PATIENCE
         while not self.registry.closing:
             try:
-                if not await self.wake_run(run_id):
+                if not await self.wake_run(run_id, seen_live=seen_live):
                     # Held elsewhere (or ended): a parked run becomes due now; anything else is left alone.
                     await self.env.store.nudge_due(run_stream_id(run_id), now_us())
                 return
@@ -413,6 +414,7 @@ class Engine:
                     log.warning("run %s not woken: %s (its re-check will find it)", run_id, error.message)
                     return
                 log.info("run %s not woken yet: %s (trying again)", run_id, error.message)
+            seen_live = False  # seen before the first try only: the run may have ended since
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -429,21 +431,23 @@ class Engine:
         if not task.cancelled() and (error := task.exception()) is not None:
             log.warning("closing the children of a run that timed out failed: %s", error)
 
-    async def wake_run(self, run_id: str) -> bool:
+    async def wake_run(self, run_id: str, *, seen_live: bool = False) -> bool:
         """Apply a wake-up to a run: its due time came, or something may have ended one of its waits.
 
         A run driven here has its driver poked (it offers its waits to their resolvers again); a
         parked one is taken up (its lease, then a driver whose first append, RunResumed, is a
         compare-and-swap at the head it read: however many engines and callers try, it is applied
         once). False when another engine holds the run (it applies the wake-up) or it is terminal.
-        Safe to call any number of times, from anywhere in the engine.
+        Safe to call any number of times, from anywhere in the engine. `seen_live`: the caller has
+        just seen the run exist and not ended, so its head is not read first (a run that ended since
+        costs a lease written in vain, no more: its history says it ended).
         """
         poke = self.registry.pokes.get(run_id)
         if poke is not None:
             poke()
             return True
         async with self._resuming.hold(run_id):
-            return await self._resume_run(run_id, None, wake=True)
+            return await self._resume_run(run_id, None, wake=True, seen_live=seen_live)
 
     def _wake_parent(self, parent_run_id: str) -> None:
         """A child of `parent_run_id` ended: wake the parent (here, or through the store's index)."""
@@ -465,28 +469,57 @@ class Engine:
     async def _resume_scanned(self, run_id: str, created_at_us: int | None) -> bool:
         return await self.resume_run(run_id, created_at_us=created_at_us)
 
-    async def _resume_run(self, run_id: str, created_at_us: int | None, *, wake: bool = False) -> bool:
+    async def _resume_run(
+        self, run_id: str, created_at_us: int | None, *, wake: bool = False, seen_live: bool = False
+    ) -> bool:
         if self.registry.busy(run_id):
             return False
-        # No lease for a run that does not exist or has ended (a cheap look before writing one).
-        head, label = await self.env.store.head(run_stream_id(run_id))
-        if head == 0:
-            raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-        if run_status_of_label(label) is not None or (label == RUN_PARKED_LABEL and not wake):
-            return False
+        if not seen_live:
+            # No lease for a run that does not exist or has ended (a cheap look before writing one).
+            head, label = await self.env.store.head(run_stream_id(run_id))
+            if head == 0:
+                raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
+            if run_status_of_label(label) is not None or (label == RUN_PARKED_LABEL and not wake):
+                return False
         unreadable = self._unreadable_runs.get(run_id)
         if unreadable is not None:
             raise unreadable
+        known_start = self.leases.known_start(run_id)
+        if known_start is not None:
+            # A run parked here: its history first, then, when it is the same run (its id was not
+            # deleted and started again since), its lease from what this engine knows, unread.
+            history, has_ledger = await self._history_and_ledger(run_id)
+            if history.is_terminal:
+                self.leases.forget_known(run_id)
+                return False
+            if history.started is not None and history.started.at_us == known_start:
+                lease = await self.leases.take_known(run_id)
+                if lease is not None:
+                    return await self._resume_leased(run_id, history, lease, has_ledger)
+            self.leases.forget_known(run_id)
         lease = await self.leases.acquire(run_id, created_at_us, lambda: self.reader.created_at_us(run_id))
         if lease is None:
             return False
+        try:
+            history, has_ledger = await self._history_and_ledger(run_id)
+        except BaseException:
+            if run_id not in self.registry.drivers:
+                self.leases.drop(run_id)
+            raise
+        return await self._resume_leased(run_id, history, lease, has_ledger)
+
+    async def _history_and_ledger(self, run_id: str) -> tuple[RunHistory, bool]:
+        """The run's history, and whether it has a failure ledger (read side by side: only a resumed
+        run can have one, when a diverged Terminalize left it undriven)."""
+        (_, history), has_ledger = await asyncio.gather(
+            self._history_to_resume(run_id), self.reader.has_ledger(run_id)
+        )
+        return history, has_ledger
+
+    async def _resume_leased(self, run_id: str, history: RunHistory, lease: Lease, has_ledger: bool) -> bool:
+        """Drive the run whose lease this engine took, from `history`; its lease dropped if not."""
         resumed = False
         try:
-            # Only a resumed run can have a failure ledger (a diverged Terminalize leaves it
-            # undriven); its head is read beside the history, not after it.
-            (_, history), has_ledger = await asyncio.gather(
-                self._history_to_resume(run_id), self.reader.has_ledger(run_id)
-            )
             if await self.children.closed_with_parent(run_id, history):
                 return False
             resumed = await self._resume_from(run_id, history, lease, has_ledger)

@@ -26,6 +26,10 @@ What an engine does:
   names no longer holds: stopped, ended, or expired and then fenced off by this engine (once per
   session, not per run). Then append `LeaseAcquired` after it (a conflict: another engine got
   there first). A lease of this engine's own current session is taken again without any write.
+  A run this engine parked is taken up again without that read (`Leases.take_known`), once its
+  history shows it is the same run (not one started again under its id): a lease recorded in the
+  session that still holds, or an implicit one younger than ttl/3, is held again without any
+  write; a run it created and never recorded a lease for is taken with "the stream must be new".
 - upkeep: the heartbeat, and recording implicit leases that turned ttl/3 old, neither waiting for
   the other. A heartbeat the store refuses because another engine fenced the session off ends
   that session: every lease recorded in it is lost at once (the drivers are cancelled; nothing
@@ -70,6 +74,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from engine_service.domain.leasing import (
     MARGIN_FRACTION,
@@ -90,12 +95,15 @@ from engine_service.runtime.holders import LeaseHolders
 from engine_service.store.port import EventLog
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
+from keel_core.recent import Recent
 
 log = logging.getLogger(__name__)
 
 RELEASE_PATIENCE = 2.0
 # How many lease streams a scan reads at once.
 READ_CONCURRENCY = 16
+# Runs whose lease stream an engine remembers after their driver here ended (a parked run, say).
+KNOWN_LEASES = 10_000
 
 
 def lease_lost(run_id: str, why: str) -> KeelError:
@@ -112,14 +120,15 @@ def lease_lost(run_id: str, why: str) -> KeelError:
 class Lease:
     """This engine's lease on one run: implicit (nothing in the store yet) or recorded in a session."""
 
-    def __init__(self, run_id: str, ttl: float, heartbeat: Heartbeat) -> None:
+    def __init__(self, run_id: str, ttl: float, heartbeat: Heartbeat, *, born: float | None = None) -> None:
         self.run_id = run_id
         self.seq = 0  # its LeaseAcquired in the lease stream (0: implicit)
         self.session = 0  # the session that recorded it (0: implicit)
         self.lost = False
         self.lost_why = ""  # what happened, once lost
         self._heartbeat = heartbeat
-        self._born = time.monotonic()  # implicit: taken just before RunStarted was sent
+        # Implicit: taken just before RunStarted was sent (`born`: when it first was, if held again).
+        self._born = time.monotonic() if born is None else born
         self._ttl = ttl
         self._margin = ttl * MARGIN_FRACTION
 
@@ -157,6 +166,18 @@ class Lease:
             raise lease_lost(self.run_id, why)
 
 
+@dataclass(frozen=True)
+class KnownLease:
+    """What an engine knows of the lease of a run it parked: the run (its RunStarted's `at_us`), and
+    the lease: recorded at `seq` in `session`, or (session 0) implicit until `implicit_until`
+    (monotonic)."""
+
+    started_at_us: int
+    seq: int
+    session: int
+    implicit_until: float
+
+
 class Leases:
     """The leases one engine holds: taking, recording, losing and handing them over."""
 
@@ -182,6 +203,8 @@ class Leases:
         # Runs this engine created whose implicit lease it stopped using (no event names it), with
         # when (monotonic) that lease ends: till then a parked run's wake-up here takes it at once.
         self._implicit_here: dict[str, float] = {}
+        # Runs parked here whose lease this engine knows without reading their lease stream.
+        self._known: Recent[str, KnownLease] = Recent(KNOWN_LEASES)
         # What this engine knows of other engines' leases (and of its own, as the store says).
         self.others = LeaseHolders(store, engine_id, ttl)
         # Upkeep: the loop, its heartbeat under way, and the runs whose lease is being recorded.
@@ -324,6 +347,53 @@ class Leases:
                 return None
         return await self._take(run_id, head, last, why, taken_from_self=taken_from_self)
 
+    def known_start(self, run_id: str) -> int | None:
+        """The `at_us` of the RunStarted of the run parked here whose lease this engine knows (None:
+        it knows none). The caller compares it with the run's history before `take_known`: a run id
+        may have been deleted and started again since, elsewhere, and that run's lease is unknown."""
+        known = self._known.get(run_id)
+        return None if known is None else known.started_at_us
+
+    def forget_known(self, run_id: str) -> None:
+        """What this engine knew of the run's lease no longer applies (the run is another one, or
+        ended): its implicit lease here is forgotten too, so that the lease stream is judged as read."""
+        self._known.drop(run_id)
+        self._implicit_here.pop(run_id, None)
+
+    async def take_known(self, run_id: str) -> Lease | None:
+        """The lease of a run parked here, from what this engine knows of it (the history read names
+        the same run: `known_start`); None: read the lease stream (`acquire`).
+
+        - Its lease recorded here, in the session that still holds (nobody may take a lease before
+          its session is over): held again, without a write.
+        - Created here and younger than ttl/3 (nobody records a lease of it before that age): its
+          implicit lease is held again as it was, without a write.
+        - Created here and never recorded: taken with "the lease stream must be new" as the
+          compare-and-swap, which holds exactly when nobody took it since; a conflict (somebody
+          did) is left to the reading path.
+        """
+        known = self._known.get(run_id)
+        if known is None or self._closing or self.heartbeat.fenced:
+            return None
+        self._known.drop(run_id)
+        if known.session:
+            if known.session != self.heartbeat.session:
+                return None
+            with contextlib.suppress(KeelError):  # fenced off, say: the reading path judges it
+                if await self.heartbeat.ensure() == known.session and not self._closing:
+                    self.others.seen_live.pop(run_id, None)
+                    return self._hold(run_id, known.seq, known.session)
+            return None
+        born = known.implicit_until - self.ttl
+        if time.monotonic() - born < self.ttl / 3:
+            lease = Lease(run_id, self.ttl, self.heartbeat, born=born)
+            self._implicit_here.pop(run_id, None)
+            self.others.seen_live.pop(run_id, None)
+            self.held[run_id] = lease
+            self._ensure_upkeep()
+            return lease
+        return await self._take(run_id, 0, None, "its implicit lease ended", taken_from_self=True)
+
     async def _take(
         self, run_id: str, head: int, last: LeaseEvent | None, why: str, *, taken_from_self: bool
     ) -> Lease | None:
@@ -361,14 +431,26 @@ class Leases:
                 self._on_takeover()
         return lease
 
-    def drop(self, run_id: str, *, run_exists: bool = True) -> None:
+    def drop(
+        self, run_id: str, *, run_exists: bool = True, ended: bool = False, parked_start_us: int | None = None
+    ) -> None:
         """This engine stopped driving the run (its driver ended): stop keeping its lease here.
 
         An implicit lease expires on its own, or is released at once while closing; a recorded one
-        stays this session's (the scan takes the run up again) until the session ends.
+        stays this session's (the scan takes the run up again) until the session ends. Nothing is
+        remembered of a run that `ended`: its id may be deleted and started again elsewhere.
+        `parked_start_us`: the driver ended with the run parked, started at that time (its
+        RunStarted's `at_us`): what its lease is is kept for its wake-up (`take_known`).
         """
+        self._known.drop(run_id)
         lease = self.held.pop(run_id, None)
-        if lease is None or lease.lost or not run_exists or lease.session:
+        if lease is None or lease.lost or not run_exists or ended:
+            return
+        if parked_start_us is not None and not self._closing:
+            self._known.put(
+                run_id, KnownLease(parked_start_us, lease.seq, lease.session, lease.implicit_until())
+            )
+        if lease.session:
             return
         self._implicit_here[run_id] = lease.implicit_until()  # no event says it is ours: remember it
         if self._closing:
