@@ -9,12 +9,13 @@ allocator are warm) and the engine's resident memory (VmRSS) is read: the baseli
 `keel.wait_signal` start (32 at a time); each parks its attempt on a `signal` wait (StepWaiting,
 then RunParked: no driver, no coroutine). Once the store lists all N with the `parked` label, RSS is
 read again and the engine's CPU time (utime + stime from /proc) is measured over T idle seconds.
-Then one signal per run is sent, C at a time; for each, the delay is from SignalRun's answer (this
-process's clock) to the step's completion as the engine decided it (the attempt's `finished_at`,
-its StepCompleted's `at_us`, the same machine's clock). Each wake-up takes the parked run up
-(RunResumed), consumes the signal (its FactRecorded), completes the step and the run. The
-reference: the latency of a one-step `keel.echo` run started with `wait=true`, the engine's
-shortest round trip through the store.
+Then one signal per run is sent, C at a time. SignalRun's own round trip is printed (this process's
+call: the signal put in the inbox, the answer back), and for each signal the delay from SignalRun's
+answer (this process's clock) to the step's completion as the engine decided it (the attempt's
+`finished_at`, its StepCompleted's `at_us`, the same machine's clock). Each wake-up takes the parked
+run up (RunResumed), consumes the signal (its FactRecorded), completes the step and the run. The
+reference: the latency of a one-step `keel.echo` run started with `wait=true`, the engine's shortest
+round trip through the store.
 
 Each run gets an input of its own, so each parked run starts from a snapshot of its own.
 
@@ -161,12 +162,17 @@ async def main() -> None:
 
             sending = asyncio.Semaphore(args.concurrency)
 
-            async def wake(run_id: str, delays_ms: list[float]) -> None:
+            answers_ms: list[float] = []  # SignalRun's own round trip, the idle half's
+
+            async def wake(run_id: str, delays_ms: list[float], answers: list[float] | None = None) -> None:
                 async with sending:
+                    sent = time.perf_counter()
                     await stub.SignalRun(
                         engine_pb2.SignalRunRequest(run_id=run_id, name="go", payload=to_value(1)), timeout=60
                     )
                     acknowledged = time.time()
+                    if answers is not None:
+                        answers.append((time.perf_counter() - sent) * 1000)
                 awaited = await stub.AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=120)
                 if awaited.run.status != engine_pb2.RUN_STATUS_COMPLETED:
                     raise RuntimeError(f"run {run_id} ended {awaited.run.status}")
@@ -194,7 +200,8 @@ async def main() -> None:
                     if loaders:
                         await asyncio.sleep(1.0)  # the load runs at its pace before the first signal
                     began, completed = time.monotonic(), 0
-                    await asyncio.gather(*(wake(run_id, delays_ms) for run_id in ids))
+                    answers = answers_ms if not callers else None
+                    await asyncio.gather(*(wake(run_id, delays_ms, answers) for run_id in ids))
                     seconds = time.monotonic() - began
                     rate = completed / seconds
                 finally:
@@ -234,6 +241,11 @@ async def main() -> None:
         f"max {max(idle):.1f} ms ({len(idle)} signals, {args.concurrency} in flight, "
         f"{woken_in:.1f}s in all)"
     )
+    answer_p50, answer_p99 = percentile(answers_ms, 0.5), percentile(answers_ms, 0.99)
+    print(
+        f"  SignalRun's own round trip (the signal put in the inbox): "
+        f"p50 {answer_p50:.1f} ms, p99 {answer_p99:.1f} ms"
+    )
     print(
         f"  reference: keel.echo run with wait=true p50 {echo_p50:.1f} ms; "
         f"wake-up p50 / echo p50 = {p50 / echo_p50:.2f}"
@@ -247,7 +259,10 @@ async def main() -> None:
         )
         print(f"  wake-up p99 under load / idle: {busy_p99 / p99:.2f}x (same run)")
     loaded = f" busy_p50_ms={busy_p50:.1f} busy_p99_ms={busy_p99:.1f}" if busy else ""
-    print(f"RESULT scenario=signal_waits p50_ms={p50:.1f} p99_ms={p99:.1f}{loaded}")
+    print(
+        f"RESULT scenario=signal_waits p50_ms={p50:.1f} p99_ms={p99:.1f}{loaded} "
+        f"signal_run_p50_ms={answer_p50:.1f} signal_run_p99_ms={answer_p99:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ class Drivers:
                 run_exists=driver.durable_seq > 0,
                 ended=driver.history.is_terminal and driver.durable_seq == driver.history.head_seq,
                 parked_start_us=started.at_us if parked and started is not None else None,
+                created_at_us=driver.created_at_us,
             )
         if not task.cancelled():
             # A cancelled parent's spawns are still needed to close its children.

@@ -439,8 +439,8 @@ class Engine:
         compare-and-swap at the head it read: however many engines and callers try, it is applied
         once). False when another engine holds the run (it applies the wake-up) or it is terminal.
         Safe to call any number of times, from anywhere in the engine. `seen_live`: the caller has
-        just seen the run exist and not ended, so its head is not read first (a run that ended since
-        costs a lease written in vain, no more: its history says it ended).
+        just seen the run exist and not ended, so the head of a run parked here is not read first
+        (its history, read before its lease is taken, says whether it ended since).
         """
         poke = self.registry.pokes.get(run_id)
         if poke is not None:
@@ -474,8 +474,10 @@ class Engine:
     ) -> bool:
         if self.registry.busy(run_id):
             return False
-        if not seen_live:
-            # No lease for a run that does not exist or has ended (a cheap look before writing one).
+        known_start = self.leases.known_start(run_id)
+        if not seen_live or known_start is None:
+            # No lease for a run that does not exist or has ended (a cheap look before writing one;
+            # a run parked here has its history read before any lease is written).
             head, label = await self.env.store.head(run_stream_id(run_id))
             if head == 0:
                 raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
@@ -484,7 +486,6 @@ class Engine:
         unreadable = self._unreadable_runs.get(run_id)
         if unreadable is not None:
             raise unreadable
-        known_start = self.leases.known_start(run_id)
         if known_start is not None:
             # A run parked here: its history first, then, when it is the same run (its id was not
             # deleted and started again since), its lease from what this engine knows, unread.

@@ -129,6 +129,8 @@ class Lease:
         self._heartbeat = heartbeat
         # Implicit: taken just before RunStarted was sent (`born`: when it first was, if held again).
         self._born = time.monotonic() if born is None else born
+        # The run stream's creation time (the store's clock), when known: which run of the id it is.
+        self.created_at_us: int | None = None
         self._ttl = ttl
         self._margin = ttl * MARGIN_FRACTION
 
@@ -170,12 +172,22 @@ class Lease:
 class KnownLease:
     """What an engine knows of the lease of a run it parked: the run (its RunStarted's `at_us`), and
     the lease: recorded at `seq` in `session`, or (session 0) implicit until `implicit_until`
-    (monotonic)."""
+    (monotonic), of the run stream created at `created_at_us` (None: not known)."""
 
     started_at_us: int
     seq: int
     session: int
     implicit_until: float
+    created_at_us: int | None
+
+
+@dataclass(frozen=True)
+class ImplicitHere:
+    """The implicit lease of a run this engine created and no longer drives: until when it holds
+    (monotonic), and the creation time of the run stream it is of (None: not known)."""
+
+    until: float
+    created_at_us: int | None
 
 
 class Leases:
@@ -201,8 +213,9 @@ class Leases:
         self._closing = False
         self._to_release: dict[str, Lease] = {}
         # Runs this engine created whose implicit lease it stopped using (no event names it), with
-        # when (monotonic) that lease ends: till then a parked run's wake-up here takes it at once.
-        self._implicit_here: dict[str, float] = {}
+        # when (monotonic) that lease ends: till then a wake-up here takes it at once, once the run
+        # is known to be the one created here (by its stream's creation time).
+        self._implicit_here: dict[str, ImplicitHere] = {}
         # Runs parked here whose lease this engine knows without reading their lease stream.
         self._known: Recent[str, KnownLease] = Recent(KNOWN_LEASES)
         # What this engine knows of other engines' leases (and of its own, as the store says).
@@ -222,9 +235,17 @@ class Leases:
         # forgetting it sooner would make this engine wait for its own lease to expire.
         clock = time.monotonic()
         self._implicit_here = {
-            run_id: until for run_id, until in self._implicit_here.items() if run_id in keep or until > clock
+            run_id: mine
+            for run_id, mine in self._implicit_here.items()
+            if run_id in keep or mine.until > clock
         }
         self.others.forget(keep)
+
+    def _implicit_ours(self, run_id: str, created_at_us: int | None) -> bool:
+        """Whether the implicit lease this engine remembers of `run_id` is of the run whose stream was
+        created at `created_at_us` (not of an earlier run of the id, deleted since)."""
+        mine = self._implicit_here.get(run_id)
+        return mine is not None and mine.created_at_us is not None and mine.created_at_us == created_at_us
 
     async def leased_elsewhere(self, runs: Mapping[str, int | None]) -> set[str]:
         """Those of `runs` (run id -> creation time, µs) whose lease holds now and is not this engine's.
@@ -242,7 +263,7 @@ class Leases:
             if (
                 created_at_us is not None
                 and created_at_us + young > now
-                and run_id not in self._implicit_here
+                and not self._implicit_ours(run_id, created_at_us)
             ):
                 live.add(run_id)  # too young to have recorded its lease: its creator's implicit one holds
             else:
@@ -253,7 +274,8 @@ class Leases:
             async with limit:
                 _, last = await self.others.last_event(run_id)
             if last is None:
-                return run_id not in self._implicit_here and self.others.implicit_holds(run_id, created_at_us)
+                ours = self._implicit_ours(run_id, created_at_us)
+                return not ours and self.others.implicit_holds(run_id, created_at_us)
             if last.holder is not None:
                 self.others.holders[run_id] = last.holder  # judged below, with the other holders
                 return False
@@ -296,6 +318,7 @@ class Leases:
         """
         if self.heartbeat.fenced:
             raise engine_fenced(self.engine_id)
+        self.forget_known(run_id)  # of an earlier run of the id, if any
         lease = Lease(run_id, self.ttl, self.heartbeat)
         self.held[run_id] = lease
         self._ensure_upkeep()
@@ -321,7 +344,11 @@ class Leases:
         if self._closing or self.heartbeat.fenced:
             return None
         head, last = await self.others.last_event(run_id)
-        taken_from_self = run_id in self._implicit_here
+        taken_from_self = False
+        if last is None and run_id in self._implicit_here:
+            if created_at_us is None:
+                created_at_us = await born()
+            taken_from_self = self._implicit_ours(run_id, created_at_us)
         why = "its implicit lease expired"
         if last is not None and last.holder is not None:
             holder = last.holder
@@ -387,6 +414,7 @@ class Leases:
         born = known.implicit_until - self.ttl
         if time.monotonic() - born < self.ttl / 3:
             lease = Lease(run_id, self.ttl, self.heartbeat, born=born)
+            lease.created_at_us = known.created_at_us
             self._implicit_here.pop(run_id, None)
             self.others.seen_live.pop(run_id, None)
             self.held[run_id] = lease
@@ -432,7 +460,13 @@ class Leases:
         return lease
 
     def drop(
-        self, run_id: str, *, run_exists: bool = True, ended: bool = False, parked_start_us: int | None = None
+        self,
+        run_id: str,
+        *,
+        run_exists: bool = True,
+        ended: bool = False,
+        parked_start_us: int | None = None,
+        created_at_us: int | None = None,
     ) -> None:
         """This engine stopped driving the run (its driver ended): stop keeping its lease here.
 
@@ -441,18 +475,22 @@ class Leases:
         remembered of a run that `ended`: its id may be deleted and started again elsewhere.
         `parked_start_us`: the driver ended with the run parked, started at that time (its
         RunStarted's `at_us`): what its lease is is kept for its wake-up (`take_known`).
+        `created_at_us`: the run stream's creation time, when the driver knows it.
         """
         self._known.drop(run_id)
+        self._implicit_here.pop(run_id, None)
         lease = self.held.pop(run_id, None)
         if lease is None or lease.lost or not run_exists or ended:
             return
+        created_at_us = created_at_us or lease.created_at_us
         if parked_start_us is not None and not self._closing:
-            self._known.put(
-                run_id, KnownLease(parked_start_us, lease.seq, lease.session, lease.implicit_until())
-            )
+            until = lease.implicit_until()
+            known = KnownLease(parked_start_us, lease.seq, lease.session, until, created_at_us)
+            self._known.put(run_id, known)
         if lease.session:
             return
-        self._implicit_here[run_id] = lease.implicit_until()  # no event says it is ours: remember it
+        # No event says it is ours: remember it, and of which run of the id it is.
+        self._implicit_here[run_id] = ImplicitHere(lease.implicit_until(), created_at_us)
         if self._closing:
             self._to_release[run_id] = lease  # shutting down: hand it over at once instead
 

@@ -109,11 +109,14 @@ class SignalInbox:
         signals of a run it is about to start). A run that has ended refuses the signals it does
         not hold yet (`run_terminal`); a repeat of a signal it holds is answered as it was.
         """
-        head, label = await self.store.head(run_stream_id(run_id))
+        # The run's head and its inbox are read side by side (one round trip, not two).
+        (head, label), inbox = await asyncio.gather(
+            self.store.head(run_stream_id(run_id)), self._read(run_id)
+        )
         if head == 0 and run_exists:
             raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
         ended = run_status_of_label(label) if head else None
-        sent = await self._append_new(run_id, signals, ended)
+        sent = await self._append_new(run_id, signals, ended, inbox)
         if ended is None:
             wake = canonical_json_bytes({"run_id": run_id})
             await self.store.append(
@@ -122,11 +125,11 @@ class SignalInbox:
         return sent
 
     async def _append_new(
-        self, run_id: str, signals: Sequence[Signal], ended: str | None
+        self, run_id: str, signals: Sequence[Signal], ended: str | None, read: tuple[int, list[Signal]]
     ) -> list[SentSignal]:
         stream_id = signals_stream_id(run_id)
         while True:
-            head, inbox = await self._read(run_id)
+            head, inbox = read
             held = {signal.signal_id: signal for signal in inbox}
             new: list[Signal] = []
             for signal in signals:
@@ -147,7 +150,8 @@ class SignalInbox:
                 )
             except KeelError as error:
                 if error.code == "sequence_conflict":
-                    continue  # another sender appended: look again for our ids
+                    read = await self._read(run_id)  # another sender appended: look again for our ids
+                    continue
                 raise
             seqs = {s.signal_id: head + i for i, s in enumerate(new, 1)}
             return [

@@ -29,7 +29,6 @@ import engine_service.builtin_ops
 from engine_service import EngineServingHandle
 from engine_service.domain import (
     CANCELED,
-    COMPLETED,
     DEFAULT_REGISTRY,
     BuildProvenance,
     FactRecorded,
@@ -59,8 +58,9 @@ _ = engine_service.builtin_ops  # keel.wait_signal
 WAIT = 60.0  # a bound on waiting for something that must happen, never a timing claim
 # Long enough that a run parked at once is still young (under ttl/3) when its signal comes.
 LONG_TTL = 600.0
-# Short enough that a run's implicit lease ends within the test, long enough for a heartbeat.
-SHORT_TTL = 3.0
+# Short enough that a run's implicit lease ends within the test, long enough that an engine's
+# heartbeat (every ttl/4) keeps its session trusted through a loaded machine's stalls.
+SHORT_TTL = 6.0
 
 
 class StoreCalls:
@@ -110,8 +110,10 @@ class Cluster:
         await eventually(there, f"run {run_id} in status {status} after {after_seq}", within=WAIT, poll=0.01)
         return head
 
-    async def engine(self, name: str, ttl: float) -> tuple[Engine, EngineServiceAsyncStub, StoreCalls]:
-        handle = await start_test_engine(self.store_address, engine_id=name, lease_ttl=ttl)
+    async def engine(
+        self, name: str, ttl: float, **settings: Any
+    ) -> tuple[Engine, EngineServiceAsyncStub, StoreCalls]:
+        handle = await start_test_engine(self.store_address, engine_id=name, lease_ttl=ttl, **settings)
         self.engines.append(handle)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
         self.channels.append(channel)
@@ -164,7 +166,8 @@ async def finished(stub: EngineServiceAsyncStub, run_id: str) -> engine_pb2.Run:
 
 
 async def test_a_signal_takes_up_a_run_parked_here_with_no_head_or_lease_call(cluster: Cluster) -> None:
-    engine, stub, calls = await cluster.engine("one", LONG_TTL)
+    # A linger longer than the test: the claim can only travel with what follows, never alone.
+    engine, stub, calls = await cluster.engine("one", LONG_TTL, checkpoint_linger=WAIT)
     await engine.waker.stop()  # the signal's own wake-up is counted, not the Waker's look at its nudge
     run_id = await park(engine, stub, wait_step("w", "go"))
     calls.on = True
@@ -221,6 +224,9 @@ async def test_a_run_another_engine_took_meanwhile_is_left_to_it(cluster: Cluste
     await parked(other, run_id)
     calls.on = True
     await send(creator_stub, run_id, "first")
+    await eventually(
+        lambda: calls.naming(lease_stream_id(run_id)), "the creator's try", within=WAIT, poll=0.01
+    )
     await send(creator_stub, run_id, "second")
     run = await finished(other_stub, run_id)
     calls.on = False
@@ -272,7 +278,9 @@ class LapseAtInboxRead(InMemoryEventLog):
 async def test_a_claim_travelling_with_a_consumed_signal_needs_a_valid_lease() -> None:
     log = LapseAtInboxRead()
     env = RunEnvironment(log, DEFAULT_REGISTRY, TransportRegistry(), Failpoints.parse(""))
-    engine = Engine(env, BuildProvenance("test", "3", "none"), lease_ttl=LONG_TTL, engine_id="mem")
+    # A linger longer than the test: the claim travels with the signal's fact, not alone before it.
+    build = BuildProvenance("test", "3", "none")
+    engine = Engine(env, build, lease_ttl=LONG_TTL, engine_id="mem", checkpoint_linger=WAIT)
     log.engine = engine
     try:
         log.run_id = str(uuid.uuid4())
@@ -287,6 +295,8 @@ async def test_a_claim_travelling_with_a_consumed_signal_needs_a_valid_lease() -
         events = [decode_event(e.type, e.payload) for e in await log.read(run_stream_id(log.run_id))]
         assert [e.response["signal_id"] for e in events if isinstance(e, FactRecorded)] == ["s"]
         assert log.claims and all(log.claims)
+        # Its implicit lease lapsed, so it was taken again with a write.
+        assert [e.type for e in await log.read(lease_stream_id(log.run_id))] == ["LeaseAcquired"]
     finally:
         await engine.stop()
 
@@ -302,7 +312,13 @@ def signal_manifest() -> RunManifest:
     )
 
 
-@pytest.mark.parametrize("first", ["parked", "ended"])
+def sleeping_manifest() -> RunManifest:
+    """A run of one step sleeping in its op for a minute (driven all along)."""
+    sleepy = single_op_pipeline("keel.sleep_in_process", "1", {"seconds": 60})
+    return replace(signal_manifest(), pipeline=sleepy)
+
+
+@pytest.mark.parametrize("first", ["parked", "ended", "canceled here", "canceled elsewhere"])
 async def test_a_run_started_again_under_the_id_of_a_run_driven_here_is_not_taken_as_that_one(
     first: str,
 ) -> None:
@@ -320,26 +336,29 @@ async def test_a_run_started_again_under_the_id_of_a_run_driven_here_is_not_take
             await parked(here, run_id)
             assert here.leases.known_start(run_id) is not None
             await there.terminalizer.terminalize(run_id, CANCELED, "test")
-        else:
+        elif first == "ended":
             echo = single_op_pipeline("keel.echo", "1", None)
             await here.start_run(replace(signal_manifest(), pipeline=echo), run_id)
             assert await here.await_run(run_id, WAIT)
-        # The run (canceled elsewhere, or ended) is deleted, and its id started again on the other
-        # engine, whose implicit lease on that new run holds.
+        else:
+            await here.start_run(sleeping_manifest(), run_id)
+            assert run_id in here.drivers
+            canceling = here if first == "canceled here" else there
+            await canceling.terminalizer.terminalize(run_id, CANCELED, "test")
+            await eventually(
+                lambda: run_id not in here.drivers, "its driver here ended", within=WAIT, poll=0.01
+            )
+        # The run (ended here or elsewhere) is deleted, and its id started again on the other
+        # engine, which drives it (its implicit lease holds).
         await there.retention.delete_run(run_id)
-        await there.start_run(signal_manifest(), run_id)
-        await parked(there, run_id)
-        # A wake-up here: the history, read first, names another run than the one parked here, so
-        # the lease stream is read, and the other engine's lease is left alone.
+        await there.start_run(sleeping_manifest(), run_id)
+        assert run_id in there.drivers
+        # Neither a wake-up here nor a recovery scan here takes the new run for the one driven here.
         assert not await here.wake_run(run_id)
-        assert run_id not in here.leases.held and here.leases.known_start(run_id) is None
+        assert await here.recovery.recover() == 0
+        assert run_id not in here.drivers and run_id not in here.leases.held
         assert await log.read(lease_stream_id(run_id)) == []
-        events = [e.type for e in await log.read(run_stream_id(run_id))]
-        assert "RunResumed" not in events
-        # Its own engine takes it up.
-        await there.signal_run(run_id, Signal("s", "go", "payload"))
-        assert await there.await_run(run_id, WAIT)
-        assert (await there.views.run_view(run_id)).status == COMPLETED
+        assert "RunResumed" not in [e.type for e in await log.read(run_stream_id(run_id))]
     finally:
         await here.stop()
         await there.stop()
