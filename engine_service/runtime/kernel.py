@@ -359,6 +359,7 @@ class Engine:
                 raise
             return None
         assert lease is not None  # the run is new: this start took its lease
+        self.leases.forget_known(run_id)  # what is known of an earlier run of the id, if any
         self.reader.remember_manifest(start.manifest_id, manifest)
         return driver, self.runs.spawn(driver)
 

@@ -318,7 +318,6 @@ class Leases:
         """
         if self.heartbeat.fenced:
             raise engine_fenced(self.engine_id)
-        self.forget_known(run_id)  # of an earlier run of the id, if any
         lease = Lease(run_id, self.ttl, self.heartbeat)
         self.held[run_id] = lease
         self._ensure_upkeep()

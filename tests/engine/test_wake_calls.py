@@ -58,6 +58,7 @@ _ = engine_service.builtin_ops  # keel.wait_signal
 WAIT = 60.0  # a bound on waiting for something that must happen, never a timing claim
 # Long enough that a run parked at once is still young (under ttl/3) when its signal comes.
 LONG_TTL = 600.0
+SLEEP = engine_pb2.Step(step_id="s", op_id="keel.sleep_in_process", op_config=to_value({"seconds": 60}))
 # Short enough that a run's implicit lease ends within the test, long enough that an engine's
 # heartbeat (every ttl/4) keeps its session trusted through a loaded machine's stalls.
 SHORT_TTL = 6.0
@@ -243,6 +244,41 @@ async def test_a_run_another_engine_took_meanwhile_is_left_to_it(cluster: Cluste
     assert len(lease_calls) > 1 and all(method != "append" for method, _ in lease_calls[1:])
     leases = await other.env.store.read(lease_stream_id(run_id))
     assert [(e.type, json.loads(e.payload)["engine_id"]) for e in leases] == [("LeaseAcquired", "other")]
+
+
+async def test_a_retried_start_of_a_run_parked_here_keeps_what_the_engine_knows_of_it(
+    cluster: Cluster,
+) -> None:
+    engine, stub, calls = await cluster.engine("one", LONG_TTL)
+    await engine.waker.stop()
+    request = engine_pb2.StartRunRequest(run_id=str(uuid.uuid4()), pipeline=pipeline(wait_step("w", "go")))
+    run_id = (await stub.StartRun(request)).run_id
+    await parked(engine, run_id)
+    # A client retrying its start (the run exists: nothing new is started), then one that starts it
+    # again with a signal: the run is still taken up here at once, its lease unread (not once this
+    # engine's own implicit lease expired, a ttl after the run started).
+    assert (await stub.StartRun(request)).run_id == run_id
+    calls.on = True
+    signalled = engine_pb2.StartRunRequest()
+    signalled.CopyFrom(request)
+    signalled.signals.add(name="go", payload=to_value("again"), signal_id="s")
+    await stub.StartRun(signalled)
+    await cluster.settled(run_id, store_pb2.STREAM_STATUS_COMPLETED)
+    calls.on = False
+    assert calls.naming(lease_stream_id(run_id)) == []
+
+
+async def test_a_run_whose_driver_stopped_here_is_taken_up_here_at_once(cluster: Cluster) -> None:
+    engine, stub, _ = await cluster.engine("one", LONG_TTL)
+    request = engine_pb2.StartRunRequest(pipeline=engine_pb2.Pipeline(pipeline_id="sleepy", steps=[SLEEP]))
+    run_id = (await stub.StartRun(request)).run_id
+    await eventually(lambda: run_id in engine.drivers, "it is driven here", within=WAIT, poll=0.01)
+    await cluster.settled(run_id, store_pb2.STREAM_STATUS_ACTIVE)
+    await engine.stop_driver(run_id)
+    # Its implicit lease is this engine's: the run stream's creation time, read from the store,
+    # names the run this engine created (it is not taken for another engine's, held for a ttl).
+    assert await engine.resume_run(run_id)
+    assert run_id in engine.drivers
 
 
 class LapseAtInboxRead(InMemoryEventLog):
