@@ -428,19 +428,18 @@ class RunDriver:
         """A parked run taken up again: RunResumed (label active, due time cleared) is this driver's
         claim, appended at the head it read before anything else is written for the run.
 
-        When the run waits only for signals and timers, whose resolvers read and write nothing, the
-        claim travels with the wait's outcome (the consumed signal, the completed step) instead of
-        going alone first: one append fewer per wake-up. Nothing is done for the run meanwhile that
-        another engine could see; an op runs only once the claim is durable (`run_step`), and the
-        linger timer appends it within the linger should nothing else follow.
+        When the run waits only for signals and timers, whose resolvers write nothing (a signal's
+        reads the run's inbox), the claim travels with the wait's outcome (the consumed signal, the
+        completed step) instead of going alone first: one append fewer per wake-up. Nothing is done
+        for the run meanwhile that another engine could see; an op runs only once the claim is
+        durable (`run_step`), and the linger timer appends it should nothing else follow.
         """
         if self.history.parked is None:
             return
         pure = all(waiting.wait.kind in _PURE_WAITS for waiting in self.history.waiting.values())
         self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=pure)
         if not pure:
-            await self.flush()
-            self._claim_first = False
+            await self.flush()  # the claim lands alone first (`_flush` notes it landed)
 
     async def _park(self, due_at_us: int) -> None:
         """Park the run: RunParked, its label and its due-time index entry in one append; then end.

@@ -125,7 +125,8 @@ class Drivers:
                 run_id,
                 run_exists=driver.durable_seq > 0,
                 ended=driver.history.is_terminal and driver.durable_seq == driver.history.head_seq,
-                parked_start_us=started.at_us if parked and started is not None else None,
+                # A RunStarted without its time (an older event) cannot name its run: not remembered.
+                parked_start_us=started.at_us if parked and started is not None and started.at_us else None,
                 created_at_us=driver.created_at_us,
             )
         if not task.cancelled():

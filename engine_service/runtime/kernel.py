@@ -14,7 +14,10 @@ engine chose the run id, lets it travel in the driver's first batch with the ste
 Several engines may share a store: a run is driven only by the engine holding its lease
 (engine_service.runtime.leases). A new run's lease is implicit in its RunStarted (written only if
 the run lives longer than ttl/3); resuming one (an await, a retried start, recovery) takes the
-lease first and only then reads the history. Every engine scans for active runs whose holder
+lease first and only then reads the history, except a run this engine parked, whose history is
+read first and whose lease is then taken from what the engine remembers (`Leases.take_known`:
+held again, or taken with "the lease stream must be new", so no former holder's write can have
+been missed). Every engine scans for active runs whose holder
 stopped or whose heartbeat expired (engine_service.runtime.recovery) and takes them over; a
 drained engine hands its runs over at once after parking them.
 """
@@ -460,7 +463,10 @@ class Engine:
         another engine (a parked run is taken up by `wake_run` only).
 
         The lease comes first, then the history (read after it, so no write of a former holder is
-        missed); the driver's first append claims the run stream at that history's head. One
+        missed); the driver's first append claims the run stream at that history's head. A run this
+        engine parked is the exception: its history comes first and names the run, then its lease
+        is taken from what the engine remembers (`Leases.take_known`), which no other engine can
+        have held meanwhile; a Terminalize in between fails the claim's compare-and-swap. One
         resumption of a run at a time here: a second one (a scan and an await at once) would find
         the lease "ours" and write it again, fencing off the first one's driver mid-op.
         """

@@ -168,7 +168,7 @@ class Lease:
             raise lease_lost(self.run_id, why)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownLease:
     """What an engine knows of the lease of a run it parked: the run (its RunStarted's `at_us`), and
     the lease: recorded at `seq` in `session`, or (session 0) implicit until `implicit_until`
@@ -181,7 +181,7 @@ class KnownLease:
     created_at_us: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImplicitHere:
     """The implicit lease of a run this engine created and no longer drives: until when it holds
     (monotonic), and the creation time of the run stream it is of (None: not known)."""

@@ -12,8 +12,9 @@ one query for all of them, never a scan of runs), sleeps until the earliest due 
 named (or until told of an earlier one by a driver of its own that parked, or at most
 `POLL_SECONDS`), and wakes each due run through the kernel's `wake_run`. That takes the run's lease
 (a run parked by another live engine is left to that engine, and tried again once its lease could
-have expired) and resumes it; the resumed driver appends `RunResumed` (label `active`, due time
-cleared) at the head it read, so however many engines try, the run stream's sequence
+have expired) and resumes it; the resumed driver's first append, at the head it read, holds
+`RunResumed` (label `active`, due time cleared; with what the wake-up decided, when the run waits
+only for signals and timers), so however many engines try, the run stream's sequence
 compare-and-swap lets one wake-up through, once.
 
 Other wake-ups (a signal, a remote task's outcome) use the same path: whatever ends a wait calls
@@ -138,7 +139,9 @@ class Waker:
             woken = False
         finally:
             self._waking.discard(run_id)
-        # Woken: its RunResumed cleared the due time (a short pause covers the append in flight).
+        # Woken: its RunResumed clears the due time (a short pause covers the append on its way; it
+        # may wait for the checkpoint linger, 0.2 s by default: with a linger over this pause, a
+        # look meanwhile pokes the driver here, which asks its waits' resolvers once more).
         # Not: another live engine holds it (and wakes it), or waking failed: look again later.
         retry = RETRY_SECONDS / 4 if woken else (self._seen_live_for(run_id) or RETRY_SECONDS)
         self._deferred[run_id] = time.monotonic() + min(retry, RETRY_SECONDS * 5)

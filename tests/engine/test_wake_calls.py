@@ -166,7 +166,9 @@ async def finished(stub: EngineServiceAsyncStub, run_id: str) -> engine_pb2.Run:
     return reply.run
 
 
-async def test_a_signal_takes_up_a_run_parked_here_with_no_head_or_lease_call(cluster: Cluster) -> None:
+async def test_a_signal_takes_up_a_run_parked_here_with_no_second_head_read_or_lease_call(
+    cluster: Cluster,
+) -> None:
     # A linger longer than the test: the claim can only travel with what follows, never alone.
     engine, stub, calls = await cluster.engine("one", LONG_TTL, checkpoint_linger=WAIT)
     await engine.waker.stop()  # the signal's own wake-up is counted, not the Waker's look at its nudge
@@ -182,6 +184,26 @@ async def test_a_signal_takes_up_a_run_parked_here_with_no_head_or_lease_call(cl
     # The claim went with the wait's outcome: one append, RunResumed first.
     (_, kinds) = calls.naming(run_stream_id(run_id))[2]
     assert kinds[0] == "RunResumed" and "FactRecorded" in kinds and "StepCompleted" in kinds
+
+
+async def test_a_timer_takes_up_a_run_parked_here_and_claims_it_before_the_next_op(cluster: Cluster) -> None:
+    engine, stub, calls = await cluster.engine("one", LONG_TTL, checkpoint_linger=WAIT)
+    # Due in 3 s: parked (a wait due within 1 s of its decision would be waited for in memory).
+    nap = engine_pb2.Step(step_id="nap", op_id="keel.sleep", op_config=to_value({"seconds": 3}))
+    after = engine_pb2.Step(step_id="after", op_id="keel.echo", depends_on=["nap"])
+    calls.on = True
+    run_id = await park(engine, stub, nap, after)
+    calls.calls.clear()
+    await cluster.settled(run_id, store_pb2.STREAM_STATUS_COMPLETED)
+    calls.on = False
+    # The Waker's look at its head, its history, then the claim with the timer's end and the next
+    # step's attempt, appended before that step's op ran; then the run's end. No lease call.
+    run_calls = calls.naming(run_stream_id(run_id))
+    assert [method for method, _ in run_calls] == ["head", "read", "append", "append"]
+    claim = run_calls[2][1]
+    assert claim[0] == "RunResumed" and "StepCompleted" in claim and claim[-1] == "StepAttemptStarted"
+    assert "RunCompleted" in run_calls[3][1]
+    assert calls.naming(lease_stream_id(run_id)) == []
 
 
 async def test_a_run_created_here_is_taken_with_one_lease_append_and_then_with_none(cluster: Cluster) -> None:
