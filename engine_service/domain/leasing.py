@@ -7,7 +7,9 @@ judgement of them is here, as a function of the records and the time (wall micro
   (`judge_holder`, from the engine's liveness record);
 - a run without any lease event is its creator's for one ttl after its creation
   (`implicit_holds_until`);
-- a lease written before sessions existed holds until its own expiry (`legacy_holds_until`).
+- a lease written before sessions existed holds until its own expiry (`legacy_holds_until`);
+- what an engine remembers of the lease of a run it parked, and how a wake-up takes it from that
+  (`KnownLease`, `known_lease_way`).
 """
 
 from __future__ import annotations
@@ -188,3 +190,47 @@ def legacy_holds_until(last: LeaseEvent, engine_id: str, now_us: int) -> int:
     if last.released or last.engine_id == engine_id or last.legacy_until_us <= now_us:
         return 0
     return last.legacy_until_us
+
+
+@dataclass(frozen=True, slots=True)
+class KnownLease:
+    """What an engine knows of the lease of a run it parked: the run (its RunStarted's `at_us`), and
+    the lease: recorded at `seq` in `session`, or (session 0) implicit until `implicit_until`
+    (monotonic seconds), of the run stream created at `created_at_us` (None: not known)."""
+
+    started_at_us: int
+    seq: int
+    session: int
+    implicit_until: float
+    created_at_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImplicitHere:
+    """The implicit lease of a run an engine created and no longer drives: until when it holds
+    (monotonic seconds), and the creation time of the run stream it is of (None: not known)."""
+
+    until: float
+    created_at_us: int | None
+
+
+class KnownWay(enum.Enum):
+    """How a wake-up takes the lease of a run its engine parked, from what the engine knows."""
+
+    HOLD_RECORDED = "hold_recorded"  # recorded in the session that still holds: no write
+    HOLD_IMPLICIT = "hold_implicit"  # implicit, younger than ttl/3: held again as it was
+    TAKE_NEW = "take_new"  # never recorded: appended with "the lease stream must be new"
+    READ = "read"  # recorded in another session: the lease stream is read
+
+
+def known_lease_way(known: KnownLease, session: int, now: float, ttl: float) -> KnownWay:
+    """How to take `known` at `now` (monotonic seconds) for an engine in `session` with lease `ttl`.
+
+    Nobody records a lease of a run younger than ttl/3 (its creator does so at that age), and
+    nobody takes a lease recorded in a session before that session is over (its engine checks
+    that its session still holds before it holds the lease again).
+    """
+    if known.session:
+        return KnownWay.HOLD_RECORDED if known.session == session else KnownWay.READ
+    born = known.implicit_until - ttl
+    return KnownWay.HOLD_IMPLICIT if now - born < ttl / 3 else KnownWay.TAKE_NEW

@@ -74,12 +74,15 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 from engine_service.domain.leasing import (
     MARGIN_FRACTION,
     Holder,
+    ImplicitHere,
+    KnownLease,
+    KnownWay,
     LeaseEvent,
+    known_lease_way,
     lease_acquired_payload,
     lease_released_payload,
 )
@@ -166,28 +169,6 @@ class Lease:
         if not self.is_valid():
             why = "this engine's heartbeat lapsed" if self.session else "its implicit lease's trust ran out"
             raise lease_lost(self.run_id, why)
-
-
-@dataclass(frozen=True, slots=True)
-class KnownLease:
-    """What an engine knows of the lease of a run it parked: the run (its RunStarted's `at_us`), and
-    the lease: recorded at `seq` in `session`, or (session 0) implicit until `implicit_until`
-    (monotonic), of the run stream created at `created_at_us` (None: not known)."""
-
-    started_at_us: int
-    seq: int
-    session: int
-    implicit_until: float
-    created_at_us: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class ImplicitHere:
-    """The implicit lease of a run this engine created and no longer drives: until when it holds
-    (monotonic), and the creation time of the run stream it is of (None: not known)."""
-
-    until: float
-    created_at_us: int | None
 
 
 class Leases:
@@ -402,24 +383,24 @@ class Leases:
         if known is None or self._closing or self.heartbeat.fenced:
             return None
         self._known.drop(run_id)
-        if known.session:
-            if known.session != self.heartbeat.session:
-                return None
+        way = known_lease_way(known, self.heartbeat.session, time.monotonic(), self.ttl)
+        if way is KnownWay.HOLD_RECORDED:
             with contextlib.suppress(KeelError):  # fenced off, say: the reading path judges it
                 if await self.heartbeat.ensure() == known.session and not self._closing:
                     self.others.seen_live.pop(run_id, None)
                     return self._hold(run_id, known.seq, known.session)
             return None
-        born = known.implicit_until - self.ttl
-        if time.monotonic() - born < self.ttl / 3:
-            lease = Lease(run_id, self.ttl, self.heartbeat, born=born)
+        if way is KnownWay.HOLD_IMPLICIT:
+            lease = Lease(run_id, self.ttl, self.heartbeat, born=known.implicit_until - self.ttl)
             lease.created_at_us = known.created_at_us
             self._implicit_here.pop(run_id, None)
             self.others.seen_live.pop(run_id, None)
             self.held[run_id] = lease
             self._ensure_upkeep()
             return lease
-        return await self._take(run_id, 0, None, "its implicit lease ended", taken_from_self=True)
+        if way is KnownWay.TAKE_NEW:
+            return await self._take(run_id, 0, None, "its implicit lease ended", taken_from_self=True)
+        return None
 
     async def _take(
         self, run_id: str, head: int, last: LeaseEvent | None, why: str, *, taken_from_self: bool

@@ -6,9 +6,12 @@ from engine_service.domain.leasing import (
     EngineRecord,
     Holder,
     Holding,
+    KnownLease,
+    KnownWay,
     LeaseEvent,
     implicit_holds_until,
     judge_holder,
+    known_lease_way,
     lease_acquired_payload,
     lease_released_payload,
     legacy_holds_until,
@@ -76,3 +79,22 @@ def test_implicit_and_legacy_leases_hold_for_their_own_time() -> None:
     assert legacy_holds_until(legacy, "engine-a", NOW) == NOW + 3
     assert legacy_holds_until(legacy, "engine-b", NOW) == 0  # its own
     assert legacy_holds_until(legacy, "engine-a", NOW + 3) == 0  # expired
+
+
+TTL = 9.0
+
+
+def test_a_lease_recorded_in_the_current_session_is_held_again_and_one_of_another_is_read() -> None:
+    recorded = KnownLease(NOW, seq=4, session=3, implicit_until=100.0, created_at_us=NOW)
+    assert known_lease_way(recorded, 3, now=1_000.0, ttl=TTL) is KnownWay.HOLD_RECORDED
+    assert known_lease_way(recorded, 4, now=1_000.0, ttl=TTL) is KnownWay.READ
+    assert known_lease_way(recorded, 0, now=1_000.0, ttl=TTL) is KnownWay.READ
+
+
+def test_an_implicit_lease_is_held_again_until_ttl_over_3_then_taken_with_a_new_stream() -> None:
+    # Born at 100 - TTL = 91: held again as it was while younger than TTL / 3 = 3 s.
+    implicit = KnownLease(NOW, seq=0, session=0, implicit_until=100.0, created_at_us=NOW)
+    assert known_lease_way(implicit, 3, now=91.0, ttl=TTL) is KnownWay.HOLD_IMPLICIT
+    assert known_lease_way(implicit, 3, now=93.9, ttl=TTL) is KnownWay.HOLD_IMPLICIT
+    assert known_lease_way(implicit, 3, now=94.0, ttl=TTL) is KnownWay.TAKE_NEW
+    assert known_lease_way(implicit, 3, now=500.0, ttl=TTL) is KnownWay.TAKE_NEW
