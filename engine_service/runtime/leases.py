@@ -299,8 +299,11 @@ class Leases:
         """
         if self.heartbeat.fenced:
             raise engine_fenced(self.engine_id)
-        lease = Lease(run_id, self.ttl, self.heartbeat)
-        self.held[run_id] = lease
+        return self._hold_implicit(Lease(run_id, self.ttl, self.heartbeat))
+
+    def _hold_implicit(self, lease: Lease) -> Lease:
+        """Hold an implicit lease (its upkeep records it once ttl/3 old)."""
+        self.held[lease.run_id] = lease
         self._ensure_upkeep()
         return lease
 
@@ -395,9 +398,7 @@ class Leases:
             lease.created_at_us = known.created_at_us
             self._implicit_here.pop(run_id, None)
             self.others.seen_live.pop(run_id, None)
-            self.held[run_id] = lease
-            self._ensure_upkeep()
-            return lease
+            return self._hold_implicit(lease)
         if way is KnownWay.TAKE_NEW:
             return await self._take(run_id, 0, None, "its implicit lease ended", taken_from_self=True)
         return None
@@ -457,8 +458,7 @@ class Leases:
         RunStarted's `at_us`): what its lease is is kept for its wake-up (`take_known`).
         `created_at_us`: the run stream's creation time, when the driver knows it.
         """
-        self._known.drop(run_id)
-        self._implicit_here.pop(run_id, None)
+        self.forget_known(run_id)  # what is remembered below is of this driver's run
         lease = self.held.pop(run_id, None)
         if lease is None or lease.lost or not run_exists or ended:
             return
