@@ -55,13 +55,15 @@ def start_request(scenario: str, index: int) -> engine_pb2.StartRunRequest:
 PIPELINE = pipeline()
 
 
-async def one_round(runs: int, concurrency: int, scenario: str = "pipeline") -> float:
+async def one_round(
+    runs: int, concurrency: int, scenario: str = "pipeline", checkpoint_linger: float = 0.2
+) -> float:
     """CPU seconds per run of `runs` runs (pipelines, or fan-out parents), `concurrency` in flight,
-    on a fresh engine."""
+    on a fresh engine (with the service's default linger unless told)."""
     env = RunEnvironment(
         InMemoryEventLog(), metered_ops(DEFAULT_REGISTRY), TransportRegistry(), Failpoints.parse("")
     )
-    engine = Engine(env, BUILD, engine_id="bench")
+    engine = Engine(env, BUILD, engine_id="bench", checkpoint_linger=checkpoint_linger)
     next_index = 0
 
     async def worker() -> None:

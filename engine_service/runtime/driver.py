@@ -184,7 +184,8 @@ class RunDriver:
         # The run stream's index entries, set by the first append (the one holding RunStarted).
         self._pending_attributes: dict[str, str] = {}
         self._lock = asyncio.Lock()
-        self._lingering: asyncio.Task[None] | None = None
+        # The linger timer: once it fires, what is pending is appended (no task until it does).
+        self._lingering: asyncio.TimerHandle | None = None
         self._flush_error: BaseException | None = None
         # The head of the run's children stream as its terminal append committed (None: unknown).
         self.children_head_at_end: int | None = None
@@ -200,8 +201,11 @@ class RunDriver:
         # Every event of the run so far, when this driver started it (None for a resumed run, whose
         # earlier events it never held): a finished run's view then needs no read of its stream.
         self.events: list[StoredEvent] | None = None if events is None else list(events)
-        self.facts = RunFacts(self)
-        self.signal_waits = RunSignalWaits(self, self.facts)
+        # They reach the driver through a weak proxy: a finished run's objects are then freed as soon
+        # as the last reference goes, not left to the cycle collector (a cost that grew with the load).
+        this = weakref.proxy(self)
+        self.facts = RunFacts(this)
+        self.signal_waits = RunSignalWaits(this, self.facts)
         self._steps: dict[str, asyncio.Task[None]] = {}  # step id -> the task running its attempt
         self._step_actions: dict[str, RunStep] = {}  # step id -> the attempt its task runs
         self._flushes: set[asyncio.Future[None]] = set()
@@ -219,6 +223,12 @@ class RunDriver:
         self.unapplied_wake = False
         # Watchers of the tasks of this run's waiting remote attempts (they poke it on an outcome).
         self._watchers: set[asyncio.Task[None]] = set()
+        # The ops running now (token -> when each began, by the loop's clock), and how the driver
+        # watches for a foreign terminal event while one runs long (_op_began).
+        self._ops_running: dict[object, float] = {}
+        self._op_watch_after = checkpoint_linger or VISIBLE_WITHIN
+        self._op_timer: asyncio.TimerHandle | None = None
+        self._op_watch: asyncio.Task[None] | None = None
         # Told the due time of a run this driver parked (the engine's Waker); set by the kernel.
         self.on_parked: Any = None
         # When this driver's append created the run stream, by the store's clock (None: it did not,
@@ -308,6 +318,11 @@ class RunDriver:
         finally:
             if self._lingering is not None:
                 self._lingering.cancel()
+            if self._op_timer is not None:
+                self._op_timer.cancel()
+                self._op_timer = None
+            if self._op_watch is not None:
+                self._op_watch.cancel()
             for watcher in list(self._watchers):
                 watcher.cancel()
 
@@ -608,7 +623,8 @@ class RunDriver:
         if linger and self._lingering is None:
             # A timer, not the next event, bounds how long a decision stays invisible: an op may
             # run for hours after its StepAttemptStarted was decided.
-            self._lingering = asyncio.create_task(self._flush_after_linger())
+            delay = self.checkpoint_linger or VISIBLE_WITHIN
+            self._lingering = asyncio.get_running_loop().call_later(delay, self._linger_over)
 
     async def _complete(self, action: CompleteRun) -> None:
         """Decide RunCompleted (flushing first when `before_run_completed` is armed).
@@ -643,14 +659,19 @@ class RunDriver:
     def _pending_artifact_bytes(self) -> int:
         return sum(len(data) for _, data in self._pending_artifacts)
 
-    async def _flush_after_linger(self) -> None:
-        await asyncio.sleep(self.checkpoint_linger or VISIBLE_WITHIN)
+    def _linger_over(self) -> None:
+        """The linger timer fired: what is pending goes out (a flush nobody awaits; a failure is
+        raised by the driver at its next decision)."""
         self._lingering = None
-        try:
-            await self.flush()
-        except Exception as error:  # the driver raises it at its next decision
-            if self._flush_error is None and self._refused is None:
-                self._flush_error = error
+        if self._pending or self._flush_error is not None:
+            self._start_flush().add_done_callback(self._lingered_flush_done)
+
+    def _lingered_flush_done(self, flushing: asyncio.Future[None]) -> None:
+        if flushing.cancelled():
+            return
+        error = flushing.exception()
+        if error is not None and self._flush_error is None and self._refused is None:
+            self._flush_error = error
 
     async def flush(self) -> None:
         """Make every pending event durable (one append), retrying until the store takes it.
@@ -673,12 +694,16 @@ class RunDriver:
             for in_flight in list(self._flushes):
                 await asyncio.shield(in_flight)
             return
+        await asyncio.shield(self._start_flush())
+
+    def _start_flush(self) -> asyncio.Future[None]:
+        """The append that will take what is pending: the one not yet under way, else a new one."""
         gathering = self._gathering
         if gathering is None or gathering.done():  # done: cancelled before it took the lock
             gathering = self._gathering = asyncio.ensure_future(self._flush())
             self._flushes.add(gathering)
             gathering.add_done_callback(self._flushed)
-        await asyncio.shield(gathering)
+        return gathering
 
     def _flushed(self, flushing: asyncio.Future[None]) -> None:
         self._flushes.discard(flushing)
@@ -922,17 +947,7 @@ class RunDriver:
 
     async def _call_op(self, definition: OpDefinition, ctx: StepContext, op_config: Any) -> Any:
         """Run the op; a run terminalized elsewhere meanwhile (another engine) cancels it."""
-        # The whole run stops (every branch), as when Terminalize cancels it here. Only ops still
-        # running after a moment watch the stream: a short one costs a timer, not a task and a stream.
-        driver_task = self._drive_task
-        watchers: list[asyncio.Task[None]] = []
-        loop = asyncio.get_running_loop()
-
-        def watch() -> None:
-            if driver_task is not None:
-                watchers.append(loop.create_task(self._cancel_on_foreign_terminal(driver_task)))
-
-        timer = loop.call_later(self.checkpoint_linger or VISIBLE_WITHIN, watch)
+        token = self._op_began()
         try:
             return await definition.function(
                 ctx,
@@ -940,9 +955,43 @@ class RunDriver:
                 json_copy(self.manifest.input),  # both are JSON
             )
         finally:
-            timer.cancel()
-            for watcher in watchers:
-                watcher.cancel()
+            self._op_ended(token)
+
+    # The whole run stops (every branch) when another engine ends it while an op runs, as when
+    # Terminalize cancels it here. Only while an op has run for a moment does the driver watch the
+    # stream, with one watch for all its ops; short ops cost a timer per run, not a task each.
+
+    def _op_began(self) -> object:
+        loop = asyncio.get_running_loop()
+        token = object()
+        self._ops_running[token] = loop.time()
+        if self._op_timer is None and not self._watching_ops():
+            self._op_timer = loop.call_later(self._op_watch_after, self._watch_long_ops)
+        return token
+
+    def _op_ended(self, token: object) -> None:
+        del self._ops_running[token]
+        if not self._ops_running and self._op_watch is not None:
+            self._op_watch.cancel()
+            self._op_watch = None
+
+    def _watching_ops(self) -> bool:
+        """Whether the watch is on (one that ended, its store away say, is not: a later op's
+        timer starts another)."""
+        return self._op_watch is not None and not self._op_watch.done()
+
+    def _watch_long_ops(self) -> None:
+        """The op timer fired: watch the stream once the oldest op still running has run for the
+        moment, or look again when it will have."""
+        self._op_timer = None
+        if not self._ops_running or self._drive_task is None or self._watching_ops():
+            return
+        loop = asyncio.get_running_loop()
+        oldest = next(iter(self._ops_running.values()))  # in the order they began
+        if loop.time() < oldest + self._op_watch_after:
+            self._op_timer = loop.call_at(oldest + self._op_watch_after, self._watch_long_ops)
+            return
+        self._op_watch = loop.create_task(self._cancel_on_foreign_terminal(self._drive_task))
 
     async def _watch_once(self, driver_task: asyncio.Task[Any], after_seq: int) -> int:
         """Watch the run's stream after `after_seq`: the first event's seq, or 0 once a foreign

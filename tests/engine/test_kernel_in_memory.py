@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
@@ -48,6 +50,7 @@ from engine_service.domain.streams import (
 )
 from engine_service.domain.tasks import StepTimeouts
 from engine_service.failpoints import Failpoints
+from engine_service.runtime.driver import RunDriver
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine, StartOutcome
 from engine_service.runtime.views import RUNNING
@@ -262,6 +265,30 @@ async def test_a_waited_run_completes_with_its_output(kernel: Engine) -> None:
         "StepCompleted",
         RUN_COMPLETED,
     ]
+
+
+async def test_a_finished_runs_driver_is_freed_without_the_cycle_collector(
+    kernel: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing of a run's driver holds it in a cycle (its facts and signal waits reach it weakly,
+    # its timers are cancelled): it goes with its last reference, not at some later collection that
+    # would first have carried it, its history and its snapshots into an older generation.
+    drivers: list[weakref.ref[RunDriver]] = []
+    born = RunDriver.__init__
+
+    def noted(self: RunDriver, *args: Any, **kwargs: Any) -> None:
+        born(self, *args, **kwargs)
+        drivers.append(weakref.ref(self))
+
+    monkeypatch.setattr(RunDriver, "__init__", noted)
+    gc.disable()
+    try:
+        outcome = await kernel.start_run(manifest("mem.echo", {"x": 1}), None, wait=True, wait_seconds=WAIT)
+        await asyncio.sleep(0)  # the driver task's done callbacks run
+        assert len(drivers) == 1 and drivers[0]() is None
+    finally:
+        gc.enable()
+    assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
 
 
 async def test_an_unwaited_start_is_durable_before_it_returns_and_awaits_to_the_end(kernel: Engine) -> None:

@@ -173,6 +173,40 @@ async def test_cancel_through_another_engine_cancels_the_op_where_it_runs(cluste
     assert types[-1] == "RunCompleted" and "StepCompleted" not in types
 
 
+@pytest.mark.parametrize("shape", ["two branches", "after a short step"])
+async def test_a_foreign_end_cancels_every_op_running_long(cluster: Cluster, shape: str) -> None:
+    # One watch serves all of a driver's ops: two parallel branches waiting at their gates both
+    # stop; so does an op that began after a short step's op had armed the watch's timer.
+    name = f"long-ops-{uuid.uuid4()}"
+    door = gate(name)
+    config = to_value({"gate": name})
+    if shape == "two branches":
+        steps = [engine_pb2.Step(step_id=s, op_id="test.gated", op_config=config) for s in ("a", "b")]
+    else:
+        steps = [
+            engine_pb2.Step(step_id="a", op_id="keel.echo"),
+            engine_pb2.Step(step_id="b", op_id="test.gated", op_config=config, depends_on=["a"]),
+        ]
+    request = engine_pb2.StartRunRequest(pipeline=engine_pb2.Pipeline(pipeline_id="long", steps=steps))
+    run_id = (await cluster.stub.StartRun(request)).run_id
+    gated_ops = 2 if shape == "two branches" else 1
+    await door.wait_for(gated_ops)
+    other = await start_test_engine(cluster.store_address, recover_on_start=False)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{other.port}")
+    try:
+        answer = await engine_pb2_grpc.EngineServiceStub(channel).Terminalize(terminalize(run_id))
+        assert answer.outcome == engine_pb2.TERMINALIZE_OUTCOME_TRANSITIONED
+        while len(door.cancelled) < gated_ops:
+            door.left.clear()
+            await door.left.wait()
+        assert door.cancelled == [run_id] * gated_ops
+    finally:
+        await channel.close(grace=None)
+        await other.drain(0.5)
+    types = await event_types(cluster.store_stub, run_id)
+    assert types[-1] == "RunCompleted" and types.count("RunCompleted") == 1
+
+
 async def test_terminalize_of_a_finished_run_is_noop_with_its_status(cluster: Cluster) -> None:
     run_id = (
         await cluster.stub.StartRun(
