@@ -94,6 +94,8 @@ class Failpoints:
 
     def is_armed(self, name: str, step_id: str = "") -> bool:
         """True when `name` would fire for `step_id`."""
+        if not self.armed:  # the service's case: asked several times per run
+            return False
         return any(armed == name and (not step or step == step_id) for armed, step in self.armed)
 
     def hit(self, name: str, step_id: str = "") -> None:

@@ -8,27 +8,36 @@ Both services log through `configure_logging`, so their lines have one shape:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 _CONTEXT: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("keel_log_context", default={})  # noqa: B039
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
-@contextlib.contextmanager
-def log_context(**fields: Any) -> Iterator[None]:
+def log_context(**fields: Any) -> LogContext:
     """Add fields (run_id, step_id, attempt, ...) to every record logged in this block."""
-    token = _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in fields.items() if v is not None}})
-    try:
-        yield
-    finally:
-        _CONTEXT.reset(token)
+    return LogContext(fields)
+
+
+class LogContext:
+    """`log_context`'s block: a class rather than a generator, since every step attempt enters one."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+
+    def __enter__(self) -> None:
+        fields = self._fields
+        self._token = _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in fields.items() if v is not None}})
+
+    def __exit__(self, *_: object) -> None:
+        _CONTEXT.reset(self._token)
 
 
 def bind_log_fields(**fields: Any) -> None:

@@ -106,19 +106,29 @@ def current_carrier() -> dict[str, str]:
     return {key: value for key, value in carrier.items() if key in TRACE_KEYS}
 
 
-@contextlib.contextmanager
 def span(
     name: str,
     *,
     parent: Mapping[str, str] | None = None,
     attributes: Mapping[str, str | int | bool] | None = None,
     kind: str = "internal",
-) -> Iterator[Any]:
+) -> contextlib.AbstractContextManager[Any]:
     """A span around the block, under `parent` (a W3C carrier) or the current span; an exception
     leaving the block marks it failed."""
     if _provider is None:  # nothing records: no span objects at all on the hot path
-        yield None
-        return
+        return _NO_SPAN
+    return _recorded_span(name, parent, attributes, kind)
+
+
+# What `span` gives when nothing records: a context manager that does nothing, shared (it holds no
+# state), so a span costs no generator per run and step.
+_NO_SPAN = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _recorded_span(
+    name: str, parent: Mapping[str, str] | None, attributes: Mapping[str, str | int | bool] | None, kind: str
+) -> Iterator[Any]:
     context = propagate.extract(dict(parent)) if parent else None
     span_kind = SpanKind.SERVER if kind == "server" else SpanKind.INTERNAL
     with _tracer().start_as_current_span(

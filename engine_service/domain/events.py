@@ -32,12 +32,13 @@ back to the commit time for streams written before it existed (0 = absent).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from engine_service.domain import streams
 from engine_service.domain.canonical import canonical_json_bytes
+from engine_service.domain.frozen import with_changes
 from engine_service.domain.streams import CANCELED as CANCELED
 from engine_service.domain.streams import COMPLETED as COMPLETED
 from engine_service.domain.streams import FAILED as FAILED
@@ -543,4 +544,4 @@ def stamped(event: KernelEvent, at_us: int) -> KernelEvent:
     """The event with `at_us` set, unless it has one (or has no such field)."""
     if isinstance(event, FactRecorded | UnknownEvent | CorruptEvent) or event.at_us:
         return event
-    return replace(event, at_us=at_us)
+    return with_changes(event, at_us=at_us)  # replace()'s result; every decided event is stamped

@@ -33,6 +33,7 @@ from engine_service.domain.events import (
     StepCompleted,
     StepWaiting,
 )
+from engine_service.domain.frozen import build
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ class _Folder:
                 continue
             if self.corrupt is None or isinstance(event, RunCompleted):
                 self.apply(event)
-        return RunHistory(  # every field: a constructor is several times faster than replace()
+        return build(  # every field, without the frozen __init__: a history is built per decision
+            RunHistory,
             head_seq=self.head,
             started=self.started,
             completed_steps=self.completed,

@@ -325,6 +325,9 @@ class RunDriver:
                 self._op_watch.cancel()
             for watcher in list(self._watchers):
                 watcher.cancel()
+            # The task's exception (RunParkedOut, say) holds these frames, and so this driver:
+            # without this, task and driver would be a cycle left to the collector.
+            self._drive_task = None
 
     def _runs_inline(self, action: RunSteps) -> bool:
         """Whether the attempt runs in the driver's own task: a lone local step, nothing else running

@@ -139,7 +139,7 @@ class Drivers:
                 self._reader.remember_final_snapshot(final_id, final)
             if driver.events is not None and driver.history.is_terminal:
                 links = self._reader.links_appended(run_id, driver.children_head_at_end)
-                self._reader.remember_finished(run_id, driver.events, links=links)
+                self._reader.remember_finished(run_id, driver.events, driver.history, links=links)
             started = driver.history.started
             if self.on_terminal is not None and started is not None and started.parent_run_id:
                 self.on_terminal(started.parent_run_id)

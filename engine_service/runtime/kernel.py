@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from engine_service.domain import (
     BuildProvenance,
+    PipelineSpec,
     Plan,
     RunCompleted,
     RunHistory,
@@ -83,6 +84,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE_TTL = 10.0
 # How long a wake-up is tried again while the store does not answer (then the run's re-check finds it).
 WAKE_PATIENCE = 60.0
+# Pipelines whose resolved plan an engine keeps (Engine.plan_for).
+PLANS_HELD = 256
 
 
 def default_engine_id() -> str:
@@ -146,6 +149,9 @@ class Engine:
         self.env = env
         self.build = build
         self.checkpoint_linger = checkpoint_linger
+        # The plans of the pipelines run lately, by the pipeline object: the runs of one pipeline
+        # share it (wire.messages keeps a parsed pipeline by its bytes), so it is resolved once.
+        self._plans: Recent[int, tuple[PipelineSpec, Plan]] = Recent(PLANS_HELD)
         self.engine_id = engine_id or default_engine_id()
         self.leases = Leases(
             env.store,
@@ -211,7 +217,13 @@ class Engine:
 
     def plan_for(self, manifest: RunManifest) -> Plan:
         """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
-        return resolve_plan(manifest.pipeline, self.env.ops)
+        pipeline = manifest.pipeline
+        held = self._plans.get(id(pipeline))
+        if held is not None and held[0] is pipeline:  # the entry holds it: its id names no other
+            return held[1]
+        plan = resolve_plan(pipeline, self.env.ops)
+        self._plans.put(id(pipeline), (pipeline, plan))
+        return plan
 
     async def start_run(
         self,

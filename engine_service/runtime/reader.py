@@ -62,9 +62,9 @@ class RunReader:
         # Content-addressed, so never stale: final snapshots of runs it finished, manifests it used.
         self._final_snapshots: Recent[str, Any] = Recent(1000)
         self._manifests: Recent[str, RunManifest] = Recent(1000)
-        # Every event of runs this engine started and finished: a terminal run's stream never
-        # changes again, so its view needs no read of it.
-        self._finished_runs: Recent[str, tuple[StoredEvent, ...]] = Recent(1000)
+        # Every event of runs this engine started and finished, with their fold: a terminal run's
+        # stream never changes again, so its view needs no read of it (nor a fold).
+        self._finished_runs: Recent[str, tuple[tuple[StoredEvent, ...], RunHistory]] = Recent(1000)
         # Their children as of their terminal append, when known without a read: none linked (the
         # append found the children stream empty), or every link one this engine appended.
         self._links_at_end: Recent[str, list[ChildLink]] = Recent(1000)
@@ -93,6 +93,11 @@ class RunReader:
 
     def finished(self, run_id: str) -> tuple[StoredEvent, ...] | None:
         """Every event of a run this engine started and finished, if it still holds them."""
+        held = self._finished_runs.get(run_id)
+        return None if held is None else held[0]
+
+    def finished_run(self, run_id: str) -> tuple[tuple[StoredEvent, ...], RunHistory] | None:
+        """`finished`'s events with their fold, if still held."""
         return self._finished_runs.get(run_id)
 
     def forget(self, run_id: str) -> None:
@@ -103,11 +108,16 @@ class RunReader:
         self._appended_links.drop(run_id)
 
     def remember_finished(
-        self, run_id: str, events: Sequence[StoredEvent], *, links: list[ChildLink] | None = None
+        self,
+        run_id: str,
+        events: Sequence[StoredEvent],
+        history: RunHistory,
+        *,
+        links: list[ChildLink] | None = None,
     ) -> None:
-        """Keep the events of a run this engine started and finished, and its children as of its
-        terminal append when they are known (`links_appended`)."""
-        self._finished_runs.put(run_id, tuple(events))
+        """Keep the events of a run this engine started and finished with their fold (`history`),
+        and its children as of its terminal append when they are known (`links_appended`)."""
+        self._finished_runs.put(run_id, (tuple(events), history))
         if links is not None:
             self._links_at_end.put(run_id, links)
         else:  # an earlier run of this id (deleted elsewhere since) may have left its own

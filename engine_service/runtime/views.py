@@ -29,7 +29,6 @@ from engine_service.domain import (
     StepCompleted,
     StoredEvent,
     corrupt_event_error,
-    fold,
 )
 from engine_service.domain.child_runs import ChildLink
 from engine_service.domain.events import (
@@ -350,12 +349,12 @@ class RunViews:
         appended.
         """
         # The children stream is read beside the run's (any client may link a child to any run).
-        finished = self.reader.finished(run_id)
-        if finished is not None and just_ended:
+        held = self.reader.finished_run(run_id)
+        if held is not None and just_ended:
             held_links = self.reader.links_at_end(run_id)
             links = held_links if held_links is not None else await self.reader.links(run_id)
-            events, history = list(finished), fold(e.event for e in finished)
-        elif finished is not None:
+            events, history = list(held[0]), held[1]
+        elif held is not None:
             # Held here since this engine finished it; another engine's retention may have deleted
             # it, and a client may have started the run id again since: the stored run is then
             # read (its first event, RunStarted, is another's).
@@ -365,12 +364,10 @@ class RunViews:
             if not first:
                 self.reader.forget(run_id)
                 raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-            history = fold(e.event for e in finished)
+            events, history = list(held[0]), held[1]
             if decode_event(first[0].type, first[0].payload) != history.started:
                 self.reader.forget(run_id)
                 events, history = await self.reader.read_history(run_id)
-            else:
-                events = list(finished)
         else:
             (events, history), links = await asyncio.gather(
                 self.reader.read_history(run_id), self.reader.links(run_id)
@@ -391,7 +388,7 @@ class RunViews:
         elif history.last_checkpoint:
             set_step_outputs(view, await self.reader.final_snapshot(history.last_checkpoint))
         if view.status != RUNNING and not (
-            just_ended and finished is not None
+            just_ended and held is not None
         ):  # only a terminal run can be rerun
             view.reruns = await self.reruns_of(run_id)
         return view

@@ -49,13 +49,14 @@ from engine_service.domain.streams import (
     run_stream_id,
 )
 from engine_service.domain.tasks import StepTimeouts
+from engine_service.domain.waits import TIMER
 from engine_service.failpoints import Failpoints
 from engine_service.runtime.driver import RunDriver
 from engine_service.runtime.environment import RunEnvironment
 from engine_service.runtime.kernel import Engine, StartOutcome
 from engine_service.runtime.views import RUNNING
 from engine_service.store import AppendResult, InMemoryEventLog, StreamEvent
-from keel_core.clock import us_of
+from keel_core.clock import now_us, us_of
 from keel_core.errors import KeelError, unavailable
 
 WAIT = 30.0
@@ -267,12 +268,20 @@ async def test_a_waited_run_completes_with_its_output(kernel: Engine) -> None:
     ]
 
 
-async def test_a_finished_runs_driver_is_freed_without_the_cycle_collector(
-    kernel: Engine, monkeypatch: pytest.MonkeyPatch
+@op("mem.sleep_long", registry=OPS)
+async def sleep_long(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Parks its attempt on a durable timer an hour away."""
+    return ParkStep(TIMER, until_us=now_us() + 3_600_000_000)
+
+
+@pytest.mark.parametrize("ending", ["completed", "parked"])
+async def test_a_drivers_objects_are_freed_without_the_cycle_collector(
+    kernel: Engine, monkeypatch: pytest.MonkeyPatch, ending: str
 ) -> None:
     # Nothing of a run's driver holds it in a cycle (its facts and signal waits reach it weakly,
-    # its timers are cancelled): it goes with its last reference, not at some later collection that
-    # would first have carried it, its history and its snapshots into an older generation.
+    # its timers are cancelled, its task forgotten): it goes with its last reference, not at some
+    # later collection that would first have carried it, its history and its snapshots into an
+    # older generation. A parked run's task ends with an exception whose frames hold the driver.
     drivers: list[weakref.ref[RunDriver]] = []
     born = RunDriver.__init__
 
@@ -283,12 +292,17 @@ async def test_a_finished_runs_driver_is_freed_without_the_cycle_collector(
     monkeypatch.setattr(RunDriver, "__init__", noted)
     gc.disable()
     try:
-        outcome = await kernel.start_run(manifest("mem.echo", {"x": 1}), None, wait=True, wait_seconds=WAIT)
+        if ending == "completed":
+            outcome = await kernel.start_run(manifest("mem.echo", 1), None, wait=True, wait_seconds=WAIT)
+        else:
+            outcome = await kernel.start_run(manifest("mem.sleep_long"), None)
+            await asyncio.wait({kernel.drivers[outcome.run_id]})
         await asyncio.sleep(0)  # the driver task's done callbacks run
         assert len(drivers) == 1 and drivers[0]() is None
     finally:
         gc.enable()
-    assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == (COMPLETED if ending == "completed" else RUNNING)
 
 
 async def test_an_unwaited_start_is_durable_before_it_returns_and_awaits_to_the_end(kernel: Engine) -> None:
