@@ -51,7 +51,7 @@ from engine_service.domain.child_runs import (
 )
 from engine_service.domain.events import ErrorRecord
 from engine_service.domain.facts import check_fact_key
-from engine_service.domain.history import WaitingAttempt, fold
+from engine_service.domain.history import WaitingAttempt
 from engine_service.domain.labels import PARENT_ATTRIBUTE
 from engine_service.domain.manifest import MANIFEST_ARTIFACT_KIND
 from engine_service.domain.streams import (
@@ -319,10 +319,10 @@ class ChildRuns:
         the child the store lists has their head and they started after the parent's stream was
         created (a child of an earlier incarnation started before it): otherwise they are read.
         """
-        held = self.reader.finished(child_id)
+        held = self.reader.finished_run(child_id)
         if held is None or stored is None:
             return None
-        history = fold(event.event for event in held)
+        history = held[1]
         started = history.started
         if started is None or stored.head_seq != history.head_seq or started.at_us < parent_created_us:
             return None

@@ -33,6 +33,7 @@ import socket
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -84,8 +85,6 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE_TTL = 10.0
 # How long a wake-up is tried again while the store does not answer (then the run's re-check finds it).
 WAKE_PATIENCE = 60.0
-# Pipelines whose resolved plan an engine keeps (Engine.plan_for).
-PLANS_HELD = 256
 
 
 def default_engine_id() -> str:
@@ -149,9 +148,11 @@ class Engine:
         self.env = env
         self.build = build
         self.checkpoint_linger = checkpoint_linger
-        # The plans of the pipelines run lately, by the pipeline object: the runs of one pipeline
-        # share it (wire.messages keeps a parsed pipeline by its bytes), so it is resolved once.
-        self._plans: Recent[int, tuple[PipelineSpec, Plan]] = Recent(PLANS_HELD)
+        # The plans of pipelines resolved here, by the pipeline object and for as long as it lives:
+        # the runs of one pipeline share it (wire.messages keeps a parsed pipeline by its bytes),
+        # so it is resolved once, and no plan outlives its pipeline (a large pipeline is parsed
+        # anew for each run, and its plan may be large).
+        self._plans: dict[int, tuple[weakref.ref[PipelineSpec], Plan]] = {}
         self.engine_id = engine_id or default_engine_id()
         self.leases = Leases(
             env.store,
@@ -218,12 +219,19 @@ class Engine:
     def plan_for(self, manifest: RunManifest) -> Plan:
         """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
         pipeline = manifest.pipeline
-        held = self._plans.get(id(pipeline))
-        if held is not None and held[0] is pipeline:  # the entry holds it: its id names no other
+        key = id(pipeline)
+        held = self._plans.get(key)
+        if held is not None and held[0]() is pipeline:
             return held[1]
         plan = resolve_plan(pipeline, self.env.ops)
-        self._plans.put(id(pipeline), (pipeline, plan))
+        self._plans[key] = (weakref.ref(pipeline), plan)
+        weakref.finalize(pipeline, self._forget_plan, key)
         return plan
+
+    def _forget_plan(self, key: int) -> None:
+        held = self._plans.get(key)
+        if held is not None and held[0]() is None:  # not a later pipeline's that took the id
+            del self._plans[key]
 
     async def start_run(
         self,

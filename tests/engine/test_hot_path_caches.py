@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 
 import pytest
 from keel.engine.v1 import engine_pb2
@@ -88,3 +89,20 @@ def test_a_pipelines_plan_is_resolved_once_and_an_invalid_one_every_time(
             engine.plan_for(bad)
         assert refused.value.code == "invalid_plan"
     assert len(resolved) == 4
+
+
+def test_no_plan_outlives_its_pipeline() -> None:
+    # A pipeline over the parser's cache limit is parsed anew for every run: its plan (which may be
+    # large: a long chain's ancestors) goes with it, not with a cache of the engine's.
+    engine = Engine(
+        RunEnvironment(InMemoryEventLog(), DEFAULT_REGISTRY, TransportRegistry(), Failpoints.parse("")),
+        BUILD,
+    )
+    large = request({"blob": "x" * (messages.PIPELINE_CACHED_BYTES + 1)})
+    plans = []
+    for _ in range(3):
+        manifest = messages.manifest_from(large, BUILD)
+        plans.append(weakref.ref(engine.plan_for(manifest)))
+        assert engine.plan_for(manifest) is plans[-1]()  # kept while its pipeline lives
+        del manifest
+    assert [plan() for plan in plans] == [None, None, None]
