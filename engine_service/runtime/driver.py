@@ -919,6 +919,15 @@ class RunDriver:
         No await between reading the latest checkpoint and recording: a sibling completing in
         between would otherwise be left out of the checkpoint.
         """
+        try:
+            # The context holds the output one level down, and goes on the wire as one value (an
+            # answer's final snapshot, a remote step's context): it must keep the JSON rule there,
+            # so an output may nest one level less than a value may.
+            check_json({action.step_id: output}, "context")
+        except KeelError as refused:
+            why = f"step {action.step_id!r}'s output cannot be kept in the run's context: {refused.message}"
+            await self._fail(action, io_error("op_output_invalid", why), worker_id=worker_id)
+            return
         while True:
             latest_id = self.history.last_checkpoint
             latest = await self.snapshot(latest_id)

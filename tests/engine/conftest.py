@@ -141,6 +141,15 @@ async def tick_once(ctx: StepContext, op_config: Any, input: Any) -> Any:
     return {"double": input * 2 if isinstance(input, int) else input, "tick": answer["tick"]}
 
 
+@op("test.nested_output", registry=TEST_OPS, description="Returns JSON nested op_config.depth levels deep")
+async def nested_output(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """[[...[1]...]], `depth` arrays deep."""
+    value: Any = 1
+    for _ in range(int(op_config["depth"])):
+        value = [value]
+    return value
+
+
 @op("test.deep_output", registry=TEST_OPS, description="Returns JSON nested 40 levels deep")
 async def deep_output(ctx: StepContext, op_config: Any, input: Any) -> Any:
     """[[...[1]...]], deeper than Keel's JSON values may nest."""

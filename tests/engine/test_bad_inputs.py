@@ -278,6 +278,29 @@ async def test_an_op_output_nested_too_deeply_fails_the_attempt_and_getrun_still
     assert got.run.status == engine_pb2.RUN_STATUS_FAILED
 
 
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH])
+async def test_an_output_the_context_cannot_hold_fails_the_step_and_the_run_still_answers(
+    cluster: Cluster, depth: int
+) -> None:
+    # The run's context holds a step's output one level down and goes out as one value (the final
+    # snapshot of every answer): an output as deep as a value may be fails its step, where the run
+    # used to complete with an answer that could not be sent (invalid_json on StartRun and GetRun).
+    config = to_value({"depth": depth})
+    request = engine_pb2.StartRunRequest(
+        op=engine_pb2.SingleOp(op_id="test.nested_output", op_config=config), wait=True
+    )
+    run = (await cluster.stub.StartRun(request)).run
+    got = (await cluster.stub.GetRun(engine_pb2.GetRunRequest(run_id=run.run_id))).run
+    if depth < MAX_JSON_DEPTH:
+        assert run.status == got.status == engine_pb2.RUN_STATUS_COMPLETED
+        assert run.steps[0].output == got.steps[0].output == _nested_list(depth)
+    else:
+        assert run.status == got.status == engine_pb2.RUN_STATUS_FAILED
+        assert run.error.code == "op_output_invalid"
+        assert "cannot be kept in the run's context" in run.error.message
+        assert f"nests deeper than {MAX_JSON_DEPTH} levels" in run.error.message
+
+
 async def test_a_transport_answer_that_breaks_the_json_rule_fails_the_attempt(cluster: Cluster) -> None:
     answer_too_big = {"namespace": "test.big_int", "request": None, "fact_key": "n"}
     run = (

@@ -36,6 +36,9 @@ class EngineServiceStub:
     numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
     Values nest at most 30 levels of arrays and objects. A value that breaks
     these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
+    A step's output is kept one level down in the run's context (the final
+    snapshot), so it nests at most 29: a deeper one fails the step attempt with
+    `op_output_invalid`, not retried.
 
     Request bytes that do not decode as the RPC's request message fail
     INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
@@ -149,6 +152,9 @@ class EngineServiceAsyncStub(EngineServiceStub):
     numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
     Values nest at most 30 levels of arrays and objects. A value that breaks
     these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
+    A step's output is kept one level down in the run's context (the final
+    snapshot), so it nests at most 29: a deeper one fails the step attempt with
+    `op_output_invalid`, not retried.
 
     Request bytes that do not decode as the RPC's request message fail
     INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
@@ -258,6 +264,9 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
     Values nest at most 30 levels of arrays and objects. A value that breaks
     these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
+    A step's output is kept one level down in the run's context (the final
+    snapshot), so it nests at most 29: a deeper one fails the step attempt with
+    `op_output_invalid`, not retried.
 
     Request bytes that do not decode as the RPC's request message fail
     INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
