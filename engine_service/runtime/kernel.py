@@ -33,13 +33,11 @@ import socket
 import sys
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine_service.domain import (
     BuildProvenance,
-    PipelineSpec,
     Plan,
     RunCompleted,
     RunHistory,
@@ -148,11 +146,6 @@ class Engine:
         self.env = env
         self.build = build
         self.checkpoint_linger = checkpoint_linger
-        # The plans of pipelines resolved here, by the pipeline object and for as long as it lives:
-        # the runs of one pipeline share it (wire.messages keeps a parsed pipeline by its bytes),
-        # so it is resolved once, and no plan outlives its pipeline (a large pipeline is parsed
-        # anew for each run, and its plan may be large).
-        self._plans: dict[int, tuple[weakref.ref[PipelineSpec], Plan]] = {}
         self.engine_id = engine_id or default_engine_id()
         self.leases = Leases(
             env.store,
@@ -218,20 +211,7 @@ class Engine:
 
     def plan_for(self, manifest: RunManifest) -> Plan:
         """The manifest's pipeline resolved against this engine's ops (`invalid_plan` if it cannot be)."""
-        pipeline = manifest.pipeline
-        key = id(pipeline)
-        held = self._plans.get(key)
-        if held is not None and held[0]() is pipeline:
-            return held[1]
-        plan = resolve_plan(pipeline, self.env.ops)
-        self._plans[key] = (weakref.ref(pipeline), plan)
-        weakref.finalize(pipeline, self._forget_plan, key)
-        return plan
-
-    def _forget_plan(self, key: int) -> None:
-        held = self._plans.get(key)
-        if held is not None and held[0]() is None:  # not a later pipeline's that took the id
-            del self._plans[key]
+        return resolve_plan(manifest.pipeline, self.env.ops)
 
     async def start_run(
         self,

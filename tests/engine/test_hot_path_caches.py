@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import weakref
 
 import pytest
 from keel.engine.v1 import engine_pb2
 
-import engine_service.builtin_ops  # noqa: F401  (registers keel.echo)
-from engine_service.domain import BuildProvenance, PipelineSpec, Plan, TransportRegistry
+from engine_service.domain import BuildProvenance
 from engine_service.domain.canonical import canonical_json_bytes, json_copy
-from engine_service.domain.ops import DEFAULT_REGISTRY
-from engine_service.domain.plan import OpCatalog, resolve_plan
-from engine_service.failpoints import Failpoints
-from engine_service.runtime import kernel
-from engine_service.runtime.environment import RunEnvironment
-from engine_service.runtime.kernel import Engine
-from engine_service.store import InMemoryEventLog
 from engine_service.wire import messages
 from keel_core.errors import KeelError
 from keel_core.json_values import to_value
@@ -58,51 +48,3 @@ def test_the_manifest_is_encoded_once_and_an_oversized_input_is_still_refused_by
         messages.manifest_from(request({"k": 1}, "x" * messages.MAX_INPUT_BYTES), BUILD)
     assert refused.value.code == "input_too_large"
     assert refused.value.message.startswith("input is ")
-
-
-def test_a_pipelines_plan_is_resolved_once_and_an_invalid_one_every_time(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    engine = Engine(
-        RunEnvironment(InMemoryEventLog(), DEFAULT_REGISTRY, TransportRegistry(), Failpoints.parse("")),
-        BUILD,
-    )
-    resolved: list[object] = []
-
-    def counted(pipeline: PipelineSpec, catalog: OpCatalog) -> Plan:
-        resolved.append(pipeline)
-        return resolve_plan(pipeline, catalog)
-
-    monkeypatch.setattr(kernel, "resolve_plan", counted)
-    first = messages.manifest_from(request({"k": 1}), BUILD)
-    again = messages.manifest_from(request({"k": 1}), BUILD)  # the same pipeline object (parsed once)
-    assert engine.plan_for(first) is engine.plan_for(again) and len(resolved) == 1
-    # An equal pipeline that is another object is resolved again: the plan is kept by identity.
-    other = dataclasses.replace(first, pipeline=dataclasses.replace(first.pipeline))
-    assert engine.plan_for(other) == engine.plan_for(first) and len(resolved) == 2
-    unknown = engine_pb2.Step(step_id="a", op_id="no.such.op")
-    bad = messages.manifest_from(
-        engine_pb2.StartRunRequest(pipeline=engine_pb2.Pipeline(pipeline_id="p", steps=[unknown])), BUILD
-    )
-    for _ in range(2):
-        with pytest.raises(KeelError) as refused:
-            engine.plan_for(bad)
-        assert refused.value.code == "invalid_plan"
-    assert len(resolved) == 4
-
-
-def test_no_plan_outlives_its_pipeline() -> None:
-    # A pipeline over the parser's cache limit is parsed anew for every run: its plan (which may be
-    # large: a long chain's ancestors) goes with it, not with a cache of the engine's.
-    engine = Engine(
-        RunEnvironment(InMemoryEventLog(), DEFAULT_REGISTRY, TransportRegistry(), Failpoints.parse("")),
-        BUILD,
-    )
-    large = request({"blob": "x" * (messages.PIPELINE_CACHED_BYTES + 1)})
-    plans = []
-    for _ in range(3):
-        manifest = messages.manifest_from(large, BUILD)
-        plans.append(weakref.ref(engine.plan_for(manifest)))
-        assert engine.plan_for(manifest) is plans[-1]()  # kept while its pipeline lives
-        del manifest
-    assert [plan() for plan in plans] == [None, None, None]
