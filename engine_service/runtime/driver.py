@@ -103,7 +103,7 @@ from engine_service.store.port import FOREVER
 from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
-from keel_core.json_rules import check_json
+from keel_core.json_rules import MAX_JSON_DEPTH, check_json
 from keel_core.logs import bind_log_fields
 
 log = logging.getLogger(__name__)
@@ -925,7 +925,10 @@ class RunDriver:
             # so an output may nest one level less than a value may.
             check_json({action.step_id: output}, "context")
         except KeelError as refused:
-            why = f"step {action.step_id!r}'s output cannot be kept in the run's context: {refused.message}"
+            why = (
+                f"step {action.step_id!r}'s output cannot be kept in the run's context, which holds it one "
+                f"level down (an output nests at most {MAX_JSON_DEPTH - 1} levels): {refused.message}"
+            )
             await self._fail(action, io_error("op_output_invalid", why), worker_id=worker_id)
             return
         while True:

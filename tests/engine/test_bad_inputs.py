@@ -298,6 +298,8 @@ async def test_an_output_the_context_cannot_hold_fails_the_step_and_the_run_stil
         assert run.status == got.status == engine_pb2.RUN_STATUS_FAILED
         assert run.error.code == "op_output_invalid"
         assert "cannot be kept in the run's context" in run.error.message
+        assert f"an output nests at most {MAX_JSON_DEPTH - 1} levels" in run.error.message
+        assert not run.error.retryable and len(run.steps[0].attempts) == 1
         assert f"nests deeper than {MAX_JSON_DEPTH} levels" in run.error.message
 
 
