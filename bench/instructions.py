@@ -10,7 +10,10 @@ one run costs the engine, start-up and warm-up left out. CPU time on these share
 by 10-30% between rounds of the same code; this count moves by about 0.5%, so a change of 1-2%
 shows in one pair of runs (`bench/ab.py --before DIR --rounds 1 -- bench/instructions.py`). It
 counts instructions, not cache misses: a change that frees memory sooner (fewer objects left to
-the cycle collector) saves more time than it shows here.
+the cycle collector) saves more time than it shows here. Each child first runs 20 runs at 4 in
+flight (imports, caches): the same in both, so they cancel out of the difference. The fan-out's
+in-memory log lists a parent's children by scanning every stream it holds (as bench/engine_cpu.py
+says): its count includes a cost a real store does not have, and is for A/Bs.
 
 Under valgrind everything runs about fifty times slower, so the engine's timers would fire where
 at full speed they never do (a run's 0.2 s linger outlasts it). The rounds here run with a 60 s

@@ -29,8 +29,8 @@ class ContentDigest:
 
 
 def content_id(data: bytes) -> str:
-    """The content id of `data`: `sha256:<hex>`, as the store names artifacts (ContentDigest's, in
-    one call: both services name every artifact they keep, several per run)."""
+    """The content id of `data`: `sha256:<hex>`, as the store names artifacts. The id `ContentDigest`
+    gives, hashed in one call: both services name several artifacts per run."""
     return CONTENT_ID_SCHEME + hashlib.sha256(data).hexdigest()
 
 

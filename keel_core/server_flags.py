@@ -30,10 +30,11 @@ from keel_core.serving import (
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Net allocations between two collections of the youngest generation (700 by default before Python 3.13). A
-# served call allocates a few hundred objects that live for its length, so at 700 the collector ran
-# several times per run and carried the calls in flight into older generations, to be scanned again
-# there (bench/engine_runs.py, pipeline: 4% of the engine's CPU, 1.3% at 10,000; docs/performance.md).
+# Net allocations between two collections of the youngest generation (700 by default through Python
+# 3.13; 3.14's incremental collector reads the thresholds differently). A served call allocates a few
+# hundred objects that live for its length, so at 700 the collector ran several times per run and
+# carried the calls in flight into older generations, to be scanned again there (with the cycles of
+# finished runs, 5-7% of the engine's CPU under bench/engine_runs.py; about 1% now: docs/performance.md).
 YOUNG_COLLECTION_THRESHOLD = 10_000
 C = TypeVar("C")
 

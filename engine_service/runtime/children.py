@@ -322,7 +322,7 @@ class ChildRuns:
         held = self.reader.finished_run(child_id)
         if held is None or stored is None:
             return None
-        history = held[1]
+        _, history = held
         started = history.started
         if started is None or stored.head_seq != history.head_seq or started.at_us < parent_created_us:
             return None

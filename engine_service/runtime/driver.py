@@ -203,6 +203,8 @@ class RunDriver:
         self.events: list[StoredEvent] | None = None if events is None else list(events)
         # They reach the driver through a weak proxy: a finished run's objects are then freed as soon
         # as the last reference goes, not left to the cycle collector (a cost that grew with the load).
+        # Ops reach them only while their attempt runs, which holds the driver; a task an op leaves
+        # behind that calls on them after the driver is gone gets ReferenceError.
         this = weakref.proxy(self)
         self.facts = RunFacts(this)
         self.signal_waits = RunSignalWaits(this, self.facts)
@@ -991,8 +993,8 @@ class RunDriver:
             self._op_watch = None
 
     def _watching_ops(self) -> bool:
-        """Whether the watch is on (one that ended, its store away say, is not: a later op's
-        timer starts another)."""
+        """Whether the watch is on. One that has ended (its subscription failed, say) does not
+        count: the next op's timer starts another."""
         return self._op_watch is not None and not self._op_watch.done()
 
     def _watch_long_ops(self) -> None:

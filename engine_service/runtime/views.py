@@ -353,7 +353,8 @@ class RunViews:
         if held is not None and just_ended:
             held_links = self.reader.links_at_end(run_id)
             links = held_links if held_links is not None else await self.reader.links(run_id)
-            events, history = list(held[0]), held[1]
+            held_events, history = held
+            events = list(held_events)
         elif held is not None:
             # Held here since this engine finished it; another engine's retention may have deleted
             # it, and a client may have started the run id again since: the stored run is then
@@ -364,7 +365,8 @@ class RunViews:
             if not first:
                 self.reader.forget(run_id)
                 raise not_found("run_not_found", f"run {run_id} does not exist", run_id=run_id)
-            events, history = list(held[0]), held[1]
+            held_events, history = held
+            events = list(held_events)
             if decode_event(first[0].type, first[0].payload) != history.started:
                 self.reader.forget(run_id)
                 events, history = await self.reader.read_history(run_id)
