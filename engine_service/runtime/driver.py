@@ -820,8 +820,8 @@ class RunDriver:
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
             output = await self._timed_op(definition, ctx, step)
-            # What is stored must go back out on the wire (a parked step's output too).
-            check_json(output.to_json() if isinstance(output, ParkStep) else output, "output")
+            if isinstance(output, ParkStep):  # what is stored must go back out on the wire
+                check_json(output.to_json(), "output")  # (a completed output: in _complete_step)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -922,16 +922,12 @@ class RunDriver:
         between would otherwise be left out of the checkpoint.
         """
         try:
-            # The context holds the output one level down, and goes on the wire as one value (an
-            # answer's final snapshot, a remote step's context): it must keep the JSON rule there,
-            # so an output may nest one level less than a value may.
+            # What is stored must go back out on the wire, and the context holds the output one level
+            # down and goes out as one value (an answer's final snapshot, a remote step's context):
+            # the output must keep the JSON rule there, nesting one level less than a value may.
             check_json({action.step_id: output}, "context")
         except KeelError as refused:
-            why = (
-                f"step {action.step_id!r}'s output cannot be kept in the run's context, which holds it one "
-                f"level down (an output nests at most {MAX_JSON_DEPTH - 1} levels): {refused.message}"
-            )
-            await self._fail(action, io_error("op_output_invalid", why), worker_id=worker_id)
+            await self._fail(action, self._output_refused(action, output, refused), worker_id=worker_id)
             return
         while True:
             latest_id = self.history.last_checkpoint
@@ -961,6 +957,20 @@ class RunDriver:
             artifacts=[(SNAPSHOT_ARTIFACT_KIND, snapshot_bytes)],
         )
         await self._settled(action.step_id)
+
+    def _output_refused(self, action: RunStep, output: Any, refused: KeelError) -> KeelError:
+        """Why an output the context cannot hold fails its step: not JSON, or one level too deep."""
+        try:
+            check_json(output, "output")  # the walk that names what is not JSON, on this path only
+        except KeelError as error:
+            op_id = self.plan.step(action.step_id).op_id
+            why = f"op {op_id!r} returned a value that is not JSON: {error.message}"
+            return io_error("op_output_invalid", why)
+        why = (
+            f"step {action.step_id!r}'s output cannot be kept in the run's context, which holds it one "
+            f"level down (an output nests at most {MAX_JSON_DEPTH - 1} levels): {refused.message}"
+        )
+        return io_error("op_output_invalid", why)
 
     async def _call_op(self, definition: OpDefinition, ctx: StepContext, op_config: Any) -> Any:
         """Run the op; a run terminalized elsewhere meanwhile (another engine) cancels it."""
