@@ -143,6 +143,11 @@ class RunParkedOut(Exception):
         self.due_at_us = due_at_us
 
 
+def _not_json(op_id: str, refused: KeelError) -> KeelError:
+    """What an op's output that is not JSON (`refused` by check_json) fails its attempt with."""
+    return io_error("op_output_invalid", f"op {op_id!r} returned a value that is not JSON: {refused.message}")
+
+
 class RunDriver:
     """Drives one run from its history to a terminal event. One per run per engine.
 
@@ -831,10 +836,7 @@ class RunDriver:
                 # stops; whoever holds the lease next resumes the attempt.
                 raise
             if isinstance(error, KeelError) and error.code == "invalid_json":
-                error = io_error(
-                    "op_output_invalid",
-                    f"op {step.op_id!r} returned a value that is not JSON: {error.message}",
-                )
+                error = _not_json(step.op_id, error)
             await self._fail(action, error)
             return
         self.env.failpoints.hit(AFTER_OP_RETURNED, action.step_id)
@@ -963,9 +965,7 @@ class RunDriver:
         try:
             check_json(output, "output")  # the walk that names what is not JSON, on this path only
         except KeelError as error:
-            op_id = self.plan.step(action.step_id).op_id
-            why = f"op {op_id!r} returned a value that is not JSON: {error.message}"
-            return io_error("op_output_invalid", why)
+            return _not_json(self.plan.step(action.step_id).op_id, error)
         why = (
             f"step {action.step_id!r}'s output cannot be kept in the run's context, which holds it one "
             f"level down (an output nests at most {MAX_JSON_DEPTH - 1} levels): {refused.message}"

@@ -91,13 +91,8 @@ class RunReader:
             raise corrupt_event_error(run_stream_id(run_id), history.corrupt_seq, history.corrupt)
         return events, history
 
-    def finished(self, run_id: str) -> tuple[StoredEvent, ...] | None:
-        """Every event of a run this engine started and finished, if it still holds them."""
-        held = self._finished_runs.get(run_id)
-        return None if held is None else held[0]
-
     def finished_run(self, run_id: str) -> tuple[tuple[StoredEvent, ...], RunHistory] | None:
-        """`finished`'s events with their fold, if still held."""
+        """Every event of a run this engine started and finished, with their fold, if still held."""
         return self._finished_runs.get(run_id)
 
     def forget(self, run_id: str) -> None:

@@ -409,9 +409,9 @@ class RunViews:
 
     def _held_status(self, run_id: str) -> str | None:
         """The terminal status of a run this engine finished and still holds (None: not held)."""
-        finished = self.reader.finished(run_id)
-        last = finished[-1].event if finished else None
-        return last.status if isinstance(last, RunCompleted) else None
+        held = self.reader.finished_run(run_id)
+        terminal = held[1].terminal if held is not None else None
+        return terminal.status if terminal is not None else None
 
     async def reruns_of(self, run_id: str) -> list[str]:
         """The reruns of a run, oldest first (the first MAX_RERUNS_SHOWN), from the store's index."""
