@@ -38,8 +38,9 @@ What an engine does:
   its runs up again (without a write) once a heartbeat lands. A heartbeat that is only slow
   loses no lease; a driver that must write before it lands stops, and is resumed the same way.
 - release: a graceful shutdown parks the drivers, appends `LeaseReleased` for each run still on
-  its implicit lease (nothing else names that holder), then one `EngineStopped`, which hands every
-  recorded lease over at once.
+  its implicit lease (nothing else names that holder: a run it drove, and a run parked here
+  earlier whose implicit lease still holds), then one `EngineStopped`, which hands every recorded
+  lease over at once.
 
 Fencing. A holder trusts a recorded lease until `ttl - margin` after it *sent* its session's last
 heartbeat that landed (an implicit lease: after it sent RunStarted), and checks that before every
@@ -192,7 +193,6 @@ class Leases:
         self.held: dict[str, Lease] = {}
         self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
-        self._to_release: dict[str, Lease] = {}
         # Runs this engine created whose implicit lease it stopped using (no event names it), with
         # when (monotonic) that lease ends: till then a wake-up here takes it at once, once the run
         # is known to be the one created here (by its stream's creation time).
@@ -469,10 +469,9 @@ class Leases:
             self._known.put(run_id, known)
         if lease.session:
             return
-        # No event says it is ours: remember it, and of which run of the id it is.
+        # No event says it is ours: remember it, and of which run of the id it is (released at once
+        # when this engine closes).
         self._implicit_here[run_id] = ImplicitHere(lease.implicit_until(), created_at_us)
-        if self._closing:
-            self._to_release[run_id] = lease  # shutting down: hand it over at once instead
 
     def _forget(self, lease: Lease) -> None:
         lease.lost = True
@@ -570,23 +569,27 @@ class Leases:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        leases, self._to_release = list(self._to_release.values()), {}
-        await asyncio.gather(*(self._release(lease) for lease in leases))
+        # Every implicit lease still holding, of a run driven until now or parked here earlier:
+        # nothing but a release names this engine as its holder, and another engine would wait for
+        # it to expire (up to a ttl) before it took the run up.
+        clock = time.monotonic()
+        holding = [run_id for run_id, mine in self._implicit_here.items() if mine.until > clock]
+        await asyncio.gather(*(self._release(run_id) for run_id in holding))
         await self.heartbeat.stop()
 
     def begin_closing(self) -> None:
         """From now on a stopped driver's lease is released (not left to expire) and none is taken."""
         self._closing = True
 
-    async def _release(self, lease: Lease) -> None:
+    async def _release(self, run_id: str) -> None:
         payload = lease_released_payload(self.engine_id)
         try:
             await self.store.append(
-                lease_stream_id(lease.run_id),
+                lease_stream_id(run_id),
                 [(LEASE_RELEASED, payload)],
                 expected_seq=None,  # an implicit lease: nothing was written yet
                 status=LEASE_RELEASED_LABEL,
                 patience=RELEASE_PATIENCE,
             )
         except KeelError as error:  # recorded meanwhile (EngineStopped frees it), or the store is gone
-            log.info("run %s: lease not released (%s); it expires instead", lease.run_id, error.message)
+            log.info("run %s: lease not released (%s); it expires instead", run_id, error.message)
