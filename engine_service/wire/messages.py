@@ -57,7 +57,7 @@ from engine_service.runtime.views import (
     StepView,
 )
 from keel_core.errors import KeelError, invalid_argument
-from keel_core.json_values import from_value, to_struct, to_value
+from keel_core.json_values import from_value, set_value, to_struct
 from keel_core.recent import Recent
 
 MAX_INPUT_BYTES = 1024 * 1024
@@ -304,56 +304,76 @@ def timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
     and without its per-call calendar work: a run's answer holds a few per step)."""
     if when is None:
         return None
-    since = when - (_NAIVE_EPOCH if when.tzinfo is None else _EPOCH)
-    return timestamp_pb2.Timestamp(
-        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
-    )
+    out = timestamp_pb2.Timestamp()
+    _set_time(out, when)
+    return out
+
+
+def _set_time(field: timestamp_pb2.Timestamp, when: datetime | None) -> None:
+    """`field` (a message's Timestamp field) set to `when` in place; left unset for None."""
+    if when is not None:
+        since = when - (_NAIVE_EPOCH if when.tzinfo is None else _EPOCH)
+        field.seconds = since.days * 86_400 + since.seconds
+        field.nanos = since.microseconds * 1000
 
 
 def error_detail(error: ErrorRecord | None) -> engine_pb2.ErrorDetail | None:
     """An ErrorDetail message, or None."""
     if error is None:
         return None
-    out = engine_pb2.ErrorDetail(
-        code=error.code, category=error.category, retryable=error.retryable, message=error.message
-    )
-    if error.details:
-        out.details.CopyFrom(to_value(error.details))
+    out = engine_pb2.ErrorDetail()
+    _set_error(out, error)
     return out
 
 
-def _attempt(attempt: AttemptView) -> engine_pb2.StepAttempt:
-    message = engine_pb2.StepAttempt(
-        attempt=attempt.attempt,
-        status=STEP_STATUS[attempt.status],
-        started_at=timestamp(attempt.started_at),
-        finished_at=timestamp(attempt.finished_at),
-        error=error_detail(attempt.error),
-        task_queue=attempt.task_queue,
-        worker_id=attempt.worker_id,
-    )
+def _set_error(field: engine_pb2.ErrorDetail, error: ErrorRecord | None) -> None:
+    """`field` (a message's ErrorDetail field) set to `error` in place; left unset for None."""
+    if error is None:
+        return
+    field.code = error.code
+    field.category = error.category
+    field.retryable = error.retryable
+    field.message = error.message
+    if error.details:
+        set_value(field.details, error.details)
+
+
+# A run's answer is built in place, field by field: a message given to a constructor or to
+# `repeated.append` is copied, and an answer's attempts would be copied twice (into their step,
+# and the step into the run).
+
+
+def _fill_attempt(message: engine_pb2.StepAttempt, attempt: AttemptView) -> None:
+    message.attempt = attempt.attempt
+    message.status = STEP_STATUS[attempt.status]
+    _set_time(message.started_at, attempt.started_at)
+    _set_time(message.finished_at, attempt.finished_at)
+    _set_error(message.error, attempt.error)
+    message.task_queue = attempt.task_queue
+    message.worker_id = attempt.worker_id
     if attempt.wait is not None:
         message.wait.kind = attempt.wait.kind
         if attempt.wait.until_us:
             message.wait.until.FromMicroseconds(attempt.wait.until_us)
         if attempt.wait.detail:
             message.wait.detail.CopyFrom(to_struct(attempt.wait.detail))
-    return message
 
 
-def _step(
-    step: StepView, snapshot: dict[str, Any], snapshot_value: struct_pb2.Value | None
-) -> engine_pb2.StepState:
-    out = engine_pb2.StepState(
-        step_id=step.step_id,
-        op_id=step.op_id,
-        op_version=step.op_version,
-        status=STEP_STATUS[step.status],
-        attempts=[_attempt(a) for a in step.attempts],
-        last_error=error_detail(step.last_error),
-        reused_from_run_id=step.reused_from_run_id,
-        depends_on=step.depends_on,
-    )
+def _fill_step(
+    out: engine_pb2.StepState,
+    step: StepView,
+    snapshot: dict[str, Any],
+    snapshot_value: struct_pb2.Value | None,
+) -> None:
+    out.step_id = step.step_id
+    out.op_id = step.op_id
+    out.op_version = step.op_version
+    out.status = STEP_STATUS[step.status]
+    for attempt in step.attempts:
+        _fill_attempt(out.attempts.add(), attempt)
+    _set_error(out.last_error, step.last_error)
+    out.reused_from_run_id = step.reused_from_run_id
+    out.depends_on.extend(step.depends_on)
     if (
         step.has_output
         and snapshot_value is not None
@@ -363,24 +383,17 @@ def _step(
         # The output is the final snapshot's entry, converted already: copied, not walked again.
         out.output.CopyFrom(snapshot_value.struct_value.fields[step.step_id])
     elif step.has_output:
-        out.output.CopyFrom(to_value(step.output))
+        set_value(out.output, step.output)
     waiting = step.waiting_for_signal
     if waiting is not None:
-        out.waiting_for_signal.CopyFrom(
-            engine_pb2.SignalWait(
-                name=waiting.name,
-                fact_key=waiting.fact_key,
-                since=timestamp(waiting.since),
-                timeout_at=timestamp(waiting.timeout_at),
-            )
-        )
-    return out
+        out.waiting_for_signal.name = waiting.name
+        out.waiting_for_signal.fact_key = waiting.fact_key
+        _set_time(out.waiting_for_signal.since, waiting.since)
+        _set_time(out.waiting_for_signal.timeout_at, waiting.timeout_at)
 
 
 def run_message(view: RunView) -> engine_pb2.Run:
     """A Run message from a RunView."""
-    snapshot = view.final_snapshot if view.final_snapshot_id and isinstance(view.final_snapshot, dict) else {}
-    snapshot_value = to_value(view.final_snapshot) if view.final_snapshot_id else None
     run = engine_pb2.Run(
         run_id=view.run_id,
         op_id=view.op_id,
@@ -388,39 +401,40 @@ def run_message(view: RunView) -> engine_pb2.Run:
         status=RUN_STATUS[view.status],
         parent_run_id=view.parent_run_id,
         parent_fact_key=view.parent_fact_key,
-        created_at=timestamp(view.created_at),
-        updated_at=timestamp(view.updated_at),
-        completed_at=timestamp(view.completed_at),
-        steps=[_step(s, snapshot, snapshot_value) for s in view.steps],
         final_snapshot_id=view.final_snapshot_id,
         reason=view.reason,
-        error=error_detail(view.error),
         head_seq=view.head_seq,
         labels=view.labels,
         rerun_of_run_id=view.rerun_of_run_id,
         rerun_from_step_id=view.rerun_from_step_id,
         reruns=view.reruns,
-        children=[
-            engine_pb2.ChildRun(
-                child_run_id=c.child_run_id,
-                fact_key=c.fact_key,
-                op_id=c.op_id,
-                status=RUN_STATUS[c.status],
-                parent_close_policy=CLOSE_POLICY_ENUM[c.parent_close_policy],
-            )
-            for c in view.children
-        ],
-        failure_ledger=[
-            engine_pb2.FailureLedgerEntry(
-                step_id=e.step_id, reason=e.reason, recorded_at=timestamp(e.recorded_at)
-            )
-            for e in view.failure_ledger
-        ],
     )
-    if snapshot_value is not None:
-        run.final_snapshot.CopyFrom(snapshot_value)
+    _set_time(run.created_at, view.created_at)
+    _set_time(run.updated_at, view.updated_at)
+    _set_time(run.completed_at, view.completed_at)
+    _set_error(run.error, view.error)
+    snapshot_value = None
+    if view.final_snapshot_id:
+        snapshot_value = run.final_snapshot
+        set_value(snapshot_value, view.final_snapshot)
+    snapshot = (
+        view.final_snapshot if snapshot_value is not None and isinstance(view.final_snapshot, dict) else {}
+    )
+    for step in view.steps:
+        _fill_step(run.steps.add(), step, snapshot, snapshot_value)
+    for c in view.children:
+        run.children.add(
+            child_run_id=c.child_run_id,
+            fact_key=c.fact_key,
+            op_id=c.op_id,
+            status=RUN_STATUS[c.status],
+            parent_close_policy=CLOSE_POLICY_ENUM[c.parent_close_policy],
+        )
+    for e in view.failure_ledger:
+        entry = run.failure_ledger.add(step_id=e.step_id, reason=e.reason)
+        _set_time(entry.recorded_at, e.recorded_at)
     if view.has_input:
-        run.input.CopyFrom(to_value(view.input))
+        set_value(run.input, view.input)
     return run
 
 

@@ -14,15 +14,21 @@ from google.protobuf import json_format, struct_pb2
 
 from keel_core.json_rules import MAX_EXACT_INT, check_json
 
-__all__ = ["MAX_EXACT_INT", "from_struct", "from_value", "to_struct", "to_value"]
+__all__ = ["MAX_EXACT_INT", "from_struct", "from_value", "set_value", "to_struct", "to_value"]
 
 
 def to_value(data: Any, path: str = "value") -> struct_pb2.Value:
     """A JSON-ready Python value as a google.protobuf.Value."""
-    check_json(data, path)
     value = struct_pb2.Value()
-    _fill(value, data)
+    set_value(value, data, path)
     return value
+
+
+def set_value(value: struct_pb2.Value, data: Any, path: str = "value") -> None:
+    """`value` (a message's Value field, say, filled in place rather than copied) set to `data`,
+    which is checked as `to_value` checks it; an empty `value` is expected."""
+    check_json(data, path)
+    _fill(value, data)
 
 
 def to_struct(data: dict[str, Any], path: str = "value") -> struct_pb2.Struct:
