@@ -42,6 +42,14 @@ class BuildProvenance:
             "dependency_set_hash": self.dependency_set_hash,
         }
 
+    def canonical_bytes(self) -> bytes:
+        """Provenance as canonical JSON bytes (encoded once: one engine's build is in every manifest)."""
+        return self._canonical_bytes
+
+    @functools.cached_property
+    def _canonical_bytes(self) -> bytes:
+        return canonical_json_bytes(self.to_json())
+
 
 @dataclass(frozen=True)
 class RunManifest:
@@ -83,7 +91,27 @@ class RunManifest:
 
     @functools.cached_property
     def _canonical_bytes(self) -> bytes:
-        return canonical_json_bytes(self.to_json())
+        # canonical_json_bytes(self.to_json()), with the pipeline's part encoded once per pipeline
+        # (one pipeline object serves every run started with it: engine_service.wire.messages) and
+        # put in its place: the keys around it, in canonical order, are encoded in two objects
+        # whose braces are dropped at the seam. input_params' keys sort as
+        # initial_context < input < pipeline; the manifest's as build < input_params < op_id.
+        params = canonical_json_bytes({"initial_context": self.initial_context, "input": self.input})
+        rest = canonical_json_bytes(
+            {"op_id": self.op_id, "op_version": self.op_version, "run_config": self.run_config.to_json()}
+        )
+        return b"".join(
+            (
+                b'{"build":',
+                self.build.canonical_bytes(),
+                b',"input_params":',
+                params[:-1],
+                b',"pipeline":',
+                self.pipeline.canonical_bytes(),
+                b"},",
+                rest[1:],
+            )
+        )
 
     def manifest_id(self) -> str:
         """The manifest's artifact id, computed locally."""

@@ -10,10 +10,12 @@ step concerned.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from engine_service.domain.canonical import canonical_json_bytes
 from engine_service.domain.tasks import NO_TIMEOUTS, StepTimeouts, check_queue_name
 from keel_core.errors import KeelError, invalid_argument
 
@@ -91,6 +93,14 @@ class PipelineSpec:
         if self.max_parallel:
             data["max_parallel"] = self.max_parallel
         return data
+
+    def canonical_bytes(self) -> bytes:
+        """The pipeline as canonical JSON bytes (encoded once: a pipeline is never changed)."""
+        return self._canonical_bytes
+
+    @functools.cached_property
+    def _canonical_bytes(self) -> bytes:
+        return canonical_json_bytes(self.to_json())
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> PipelineSpec:

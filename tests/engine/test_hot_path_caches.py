@@ -7,13 +7,22 @@ import copy
 import pytest
 from keel.engine.v1 import engine_pb2
 
-from engine_service.domain import BuildProvenance
+from engine_service.domain import (
+    BuildProvenance,
+    PipelineSpec,
+    RunConfig,
+    RunManifest,
+    StepSpec,
+    make_run_config,
+)
 from engine_service.domain.canonical import canonical_json_bytes, json_copy
+from engine_service.domain.run_config import REPLAY
 from engine_service.wire import messages
 from keel_core.errors import KeelError
 from keel_core.json_values import to_value
 
 BUILD = BuildProvenance("test", "3", "none")
+REPLAYED = "0b9f7c1e-6a52-4a57-9f3e-1d2c3b4a5f60"
 
 
 def request(op_config: object, input: object = None) -> engine_pb2.StartRunRequest:
@@ -48,3 +57,29 @@ def test_the_manifest_is_encoded_once_and_an_oversized_input_is_still_refused_by
         messages.manifest_from(request({"k": 1}, "x" * messages.MAX_INPUT_BYTES), BUILD)
     assert refused.value.code == "input_too_large"
     assert refused.value.message.startswith("input is ")
+
+
+@pytest.mark.parametrize(
+    ("data", "context", "config"),
+    [
+        (None, {}, make_run_config()),
+        ({"n": 1, "é": ["ü", {"b": None}]}, {"seed": {"x": 1.5}}, make_run_config(max_attempts=3)),
+        ('a\u2028string with "quotes" and }', {"input": 1, "pipeline": 2}, make_run_config()),
+        ([1, 2, {"pipeline": 0}], {}, make_run_config(execution_mode=REPLAY, replay_of_run_id=REPLAYED)),
+    ],
+    ids=["none", "unicode", "tricky-keys", "replay"],
+)
+def test_a_manifest_put_together_around_its_pipelines_bytes_is_its_canonical_json(
+    data: object, context: dict[str, object], config: RunConfig
+) -> None:
+    # The pipeline's canonical bytes are kept with the (shared) pipeline and the manifest's are put
+    # together around them: byte for byte what encoding the whole would give, whatever the values.
+    steps = (
+        StepSpec("a", "keel.echo", op_config={"k": [1, "ü"]}),
+        StepSpec("b", "keel.transform", depends_on=("a",), task_queue="q"),
+    )
+    for pipeline in (PipelineSpec("p", "2", steps), PipelineSpec("p", "1", steps[:1], max_parallel=2)):
+        manifest = RunManifest(pipeline, data, context, config, BUILD)
+        assert manifest.canonical_bytes() == canonical_json_bytes(manifest.to_json())
+        assert RunManifest.from_bytes(manifest.canonical_bytes()) == manifest
+    assert pipeline.canonical_bytes() is pipeline.canonical_bytes()
