@@ -574,13 +574,19 @@ class StoreClient:
             stream_id=stream_id,
             expected_kind=store_pb2.EXPECTED_KIND_ANY if expected_any else kind,
             expected_seq=expected_seq or 0,
-            events=[store_pb2.EventData(type=name, payload=payload) for name, payload in events],
             status=STATUS_LABELS[status] if status else store_pb2.STREAM_STATUS_UNSPECIFIED,  # type: ignore[arg-type]
-            artifacts=[store_pb2.InlineArtifact(kind=kind, data=data) for kind, data in artifacts],
             attributes=attributes or {},
-            nudges=[store_pb2.DueNudge(stream_id=sid, due_at_us=at) for sid, at in (nudges or {}).items()],
             report_heads=report_heads,
         )
+        # Added in place: a message given to the constructor is built and then copied in.
+        add_event = request.events.add
+        for name, payload in events:
+            add_event(type=name, payload=payload)
+        add_artifact = request.artifacts.add
+        for artifact_kind, data in artifacts:
+            add_artifact(kind=artifact_kind, data=data)
+        for nudged, at in (nudges or {}).items():
+            request.nudges.add(stream_id=nudged, due_at_us=at)
         if due_at_us is not None:
             request.due_at_us = due_at_us
         if expected_any:
