@@ -4,7 +4,10 @@ Values come in from clients (google.protobuf.Value fields, keel_core.json_values
 the engine (op outputs, transport answers); all are checked here, so that whatever is stored can be
 sent back. The rule: JSON types only (string object keys), strings that are Unicode text (no lone
 surrogate: they cannot be encoded as UTF-8), finite numbers, integers within 2**53 (protobuf
-carries numbers as doubles), and at most MAX_JSON_DEPTH levels of arrays and objects.
+carries numbers as doubles), and at most MAX_JSON_DEPTH levels of arrays and objects, counted from
+what goes on the wire as one value: a value recorded inside an event (an io answer in FactRecorded,
+one level down) is checked where it comes in with `within`, so that it may nest that many levels
+less and the event can still be shown.
 
 This module imports neither grpc nor protobuf: the engine's domain uses it.
 """
@@ -15,7 +18,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from keel_core.errors import invalid_argument
+from keel_core.errors import KeelError, invalid_argument
 
 MAX_EXACT_INT = 2**53
 # Protobuf decoders (C++, Java, Python's upb) refuse messages nested past 100 levels, and each
@@ -24,12 +27,21 @@ MAX_EXACT_INT = 2**53
 MAX_JSON_DEPTH = 30
 
 
-def check_json(data: Any, path: str = "value") -> None:
-    """Raise INVALID_ARGUMENT `invalid_json` naming the first place where `data` breaks the rule."""
+def check_json(data: Any, path: str = "value", *, within: int = 0) -> None:
+    """Raise INVALID_ARGUMENT `invalid_json` naming the first place where `data` breaks the rule.
+
+    `within`: how many levels of arrays and objects `data` will sit inside once recorded (the event
+    that holds it, say): it may nest MAX_JSON_DEPTH - within levels, and a refusal says so.
+    """
     # Checked on hot paths (every op output, answer and shown event): the walk that names the
     # place builds a path string per node, so it runs only once the plain walk has found a fault.
-    if not _is_valid(data, 0):
-        _check(data, path, 0)
+    if not _is_valid(data, within):
+        _check(data, path, within, within)
+
+
+def nests_too_deeply(refused: KeelError) -> bool:
+    """Whether check_json refused a value for its nesting (the first fault it met), not for what it holds."""
+    return "max_depth" in refused.details
 
 
 def _is_text(value: str) -> bool:
@@ -76,7 +88,7 @@ def _is_valid(data: Any, depth: int) -> bool:
     return True
 
 
-def _check(data: Any, path: str, depth: int) -> None:
+def _check(data: Any, path: str, depth: int, within: int) -> None:
     if isinstance(data, str):
         if not _is_text(data):
             raise _invalid(path, "string is not Unicode text (a lone surrogate: not encodable as UTF-8)")
@@ -91,20 +103,29 @@ def _check(data: Any, path: str, depth: int) -> None:
             raise _invalid(path, f"{data} is not a JSON number (NaN and Infinity are not JSON)")
     elif isinstance(data, dict | list):
         if depth >= MAX_JSON_DEPTH:
-            raise _invalid(path, f"nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
+            raise _too_deep(path, within)
         if isinstance(data, dict):
             for key, item in data.items():
                 if not isinstance(key, str):
                     raise _invalid(path, f"object key {key!r} is not a string")
                 if not _is_text(key):
                     raise _invalid(path, f"object key {key!r} is not Unicode text (a lone surrogate)")
-                _check(item, f"{path}.{key}", depth + 1)
+                _check(item, f"{path}.{key}", depth + 1, within)
         else:
             for index, item in enumerate(data):
-                _check(item, f"{path}[{index}]", depth + 1)
+                _check(item, f"{path}[{index}]", depth + 1, within)
     else:
         raise _invalid(path, f"{type(data).__name__} is not JSON")
 
 
-def _invalid(path: str, why: str) -> Exception:
+def _invalid(path: str, why: str) -> KeelError:
     return invalid_argument("invalid_json", f"{path}: {why}", path=path)
+
+
+def _too_deep(path: str, within: int) -> KeelError:
+    limit = MAX_JSON_DEPTH - within
+    why = f"nests deeper than {limit} levels of arrays and objects"
+    if within:
+        levels = "one level" if within == 1 else f"{within} levels"
+        why += f" (it is recorded {levels} down in a value that may nest {MAX_JSON_DEPTH})"
+    return invalid_argument("invalid_json", f"{path}: {why}", path=path, max_depth=limit)

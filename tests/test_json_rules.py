@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from keel_core.errors import KeelError
-from keel_core.json_rules import MAX_EXACT_INT, MAX_JSON_DEPTH, check_json
+from keel_core.json_rules import MAX_EXACT_INT, MAX_JSON_DEPTH, check_json, nests_too_deeply
 
 
 def nested(levels: int) -> Any:
@@ -47,3 +47,21 @@ def test_a_fault_is_named_by_its_path(value: Any, path: str, why: str) -> None:
     assert caught.value.code == "invalid_json"
     assert caught.value.message.startswith(f"{path}: ")
     assert why in caught.value.message
+
+
+@pytest.mark.parametrize("within", [0, 1, 2, 3])
+def test_a_value_recorded_within_others_nests_that_many_levels_less(within: int) -> None:
+    limit = MAX_JSON_DEPTH - within
+    check_json(nested(limit), "answer", within=within)
+    with pytest.raises(KeelError) as caught:
+        check_json(nested(limit + 1), "answer", within=within)
+    assert caught.value.code == "invalid_json"
+    assert f"nests deeper than {limit} levels of arrays and objects" in caught.value.message
+    assert ("down in a value that may nest" in caught.value.message) == (within > 0)
+    assert nests_too_deeply(caught.value) and caught.value.details["max_depth"] == limit
+
+
+def test_a_value_that_is_not_json_is_not_taken_for_one_too_deep() -> None:
+    with pytest.raises(KeelError) as caught:
+        check_json({"a": [math.nan]}, "answer", within=2)
+    assert not nests_too_deeply(caught.value)

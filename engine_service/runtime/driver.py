@@ -103,7 +103,7 @@ from engine_service.store.port import FOREVER
 from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import KeelError
-from keel_core.json_rules import MAX_JSON_DEPTH, check_json
+from keel_core.json_rules import MAX_JSON_DEPTH, check_json, nests_too_deeply
 from keel_core.logs import bind_log_fields
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,18 @@ class RunParkedOut(Exception):
 def _not_json(op_id: str, refused: KeelError) -> KeelError:
     """What an op's output that is not JSON (`refused` by check_json) fails its attempt with."""
     return io_error("op_output_invalid", f"op {op_id!r} returned a value that is not JSON: {refused.message}")
+
+
+def _wait_refused(op_id: str, refused: KeelError) -> KeelError:
+    """What a parked step's wait that StepWaiting cannot hold (`refused` by check_json) fails with."""
+    if not nests_too_deeply(refused):
+        return _not_json(op_id, refused)
+    why = (
+        f"op {op_id!r} parked its step with a wait that nests too deeply to be recorded: StepWaiting "
+        "holds the wait one level down and the wait its output (or error details) one more, so a parked "
+        f"step's output nests at most {MAX_JSON_DEPTH - 2} levels: {refused.message}"
+    )
+    return io_error("op_output_invalid", why)
 
 
 class RunDriver:
@@ -825,8 +837,6 @@ class RunDriver:
         definition = self.env.ops.get(step.op_id, step.op_version)
         try:
             output = await self._timed_op(definition, ctx, step)
-            if isinstance(output, ParkStep):  # what is stored must go back out on the wire
-                check_json(output.to_json(), "output")  # (a completed output: in _complete_step)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -839,6 +849,13 @@ class RunDriver:
                 error = _not_json(step.op_id, error)
             await self._fail(action, error)
             return
+        if isinstance(output, ParkStep):  # (a completed output is checked in _complete_step)
+            try:
+                # What is stored must go back out on the wire: StepWaiting holds the wait one level down.
+                check_json(output.to_json(), "wait", within=1)
+            except KeelError as refused:
+                await self._fail(action, _wait_refused(step.op_id, refused))
+                return
         self.env.failpoints.hit(AFTER_OP_RETURNED, action.step_id)
         if isinstance(output, ParkStep):
             # The attempt waits, holding no coroutine: the decision settles or parks it.
@@ -927,9 +944,9 @@ class RunDriver:
             # What is stored must go back out on the wire, and the context holds the output one level
             # down and goes out as one value (an answer's final snapshot, a remote step's context):
             # the output must keep the JSON rule there, nesting one level less than a value may.
-            check_json({action.step_id: output}, "context")
+            check_json(output, "output", within=1)
         except KeelError as refused:
-            await self._fail(action, self._output_refused(action, output, refused), worker_id=worker_id)
+            await self._fail(action, self._output_refused(action, refused), worker_id=worker_id)
             return
         while True:
             latest_id = self.history.last_checkpoint
@@ -960,12 +977,10 @@ class RunDriver:
         )
         await self._settled(action.step_id)
 
-    def _output_refused(self, action: RunStep, output: Any, refused: KeelError) -> KeelError:
-        """Why an output the context cannot hold fails its step: not JSON, or one level too deep."""
-        try:
-            check_json(output, "output")  # the walk that names what is not JSON, on this path only
-        except KeelError as error:
-            return _not_json(self.plan.step(action.step_id).op_id, error)
+    def _output_refused(self, action: RunStep, refused: KeelError) -> KeelError:
+        """Why an output the context cannot hold fails its step: not JSON, or too deep for the context."""
+        if not nests_too_deeply(refused):
+            return _not_json(self.plan.step(action.step_id).op_id, refused)
         why = (
             f"step {action.step_id!r}'s output cannot be kept in the run's context, which holds it one "
             f"level down (an output nests at most {MAX_JSON_DEPTH - 1} levels): {refused.message}"

@@ -46,7 +46,7 @@ from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironmen
 from engine_service.runtime.leases import Lease
 from engine_service.store.port import FOREVER
 from keel_core.errors import ErrorCategory, KeelError
-from keel_core.json_rules import check_json
+from keel_core.json_rules import MAX_JSON_DEPTH, check_json, nests_too_deeply
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,6 +57,26 @@ MAX_FACT_BYTES = 1024 * 1024 - 64 * 1024  # room for the FactRecorded envelope
 def io_error(code: str, message: str) -> KeelError:
     """What an op's call or output that cannot be recorded fails with (not retryable)."""
     return KeelError(code, message, category=ErrorCategory.FAILED_PRECONDITION, retryable=False)
+
+
+def _answer_refused(namespace: str, refused: KeelError) -> KeelError:
+    """Why a transport's answer fails its attempt: not JSON, or too deep for FactRecorded to hold."""
+    if not nests_too_deeply(refused):
+        why = f"the {namespace!r} transport answered with a value that is not JSON"
+    elif namespace == AWAIT_NAMESPACE:
+        # The answer holds the child's final context (final_snapshot), which holds its output.
+        why = (
+            "the awaited child run's output (or its initial context) nests too deeply for its parent to "
+            "record it: FactRecorded holds the await's answer one level down, the answer holds the "
+            "child's final context one level down and the context its output one more, so an awaited "
+            f"child's output nests at most {MAX_JSON_DEPTH - 3} levels"
+        )
+    else:
+        why = (
+            f"the {namespace!r} transport answered with a value that nests too deeply to be recorded: "
+            f"FactRecorded holds an answer one level down, so it nests at most {MAX_JSON_DEPTH - 1} levels"
+        )
+    return io_error("transport_response_invalid", f"{why}: {refused.message}")
 
 
 @dataclass(frozen=True)
@@ -150,13 +170,10 @@ class RunFacts:
             calling = asyncio.ensure_future(self._call_transport(attempt, namespace, request, fact_key))
             response, cut_off = await self._outlast_lost_lease(calling, _cut, "a call was in flight")
             try:
-                check_json(response, "answer")
+                check_json(response, "answer", within=1)  # FactRecorded holds it one level down
                 size = len(canonical_json_bytes(response))
             except KeelError as error:
-                raise io_error(
-                    "transport_response_invalid",
-                    f"the {namespace!r} transport answered with a value that is not JSON: {error.message}",
-                ) from None
+                raise _answer_refused(namespace, error) from None
             if size > MAX_FACT_BYTES:
                 raise io_error(
                     "transport_response_too_large",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from engine_service.domain import BRANCH_CANCELED, ErrorRecord, canonical_json_bytes
+from engine_service.domain import BRANCH_CANCELED, ErrorRecord
 from keel_core.errors import ErrorCategory, KeelError
+from keel_core.json_rules import check_json
 
 
 def op_error_record(error: BaseException) -> ErrorRecord:
@@ -11,9 +12,10 @@ def op_error_record(error: BaseException) -> ErrorRecord:
     if isinstance(error, KeelError):
         details = dict(error.details)
         try:
-            canonical_json_bytes(details)
+            # Recorded two levels down ({"error": {"details": ...}}), and shown: the JSON rule there.
+            check_json(details, "error.details", within=2)
         except KeelError:
-            details = {key: repr(value) for key, value in details.items()}
+            details = {str(key): repr(value) for key, value in details.items()}
         return ErrorRecord(error.code, error.category.value, error.retryable, error.message, details)
     return ErrorRecord("op_failed", "op", True, f"{type(error).__name__}: {error}")
 

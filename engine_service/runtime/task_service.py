@@ -392,7 +392,7 @@ class TaskService:
         """(the recorded answer, whether it was recorded before) for RecordFact."""
         check_name(namespace, "namespace")
         check_fact_key(fact_key, "RecordFact")
-        check_json(response, "response")
+        check_json(response, "response", within=1)  # FactRecorded holds it one level down
         size = len(canonical_json_bytes(response))
         if size > MAX_FACT_BYTES:
             raise invalid_argument(
@@ -435,7 +435,7 @@ class TaskService:
 
     async def complete(self, token: TaskToken, output: Any) -> None:
         """CompleteTask: the claim's output ends the task (the same again answers OK)."""
-        check_json(output, "output")
+        check_json(output, "output", within=1)  # the run's context holds it one level down
         size = len(canonical_json_bytes(output))
         if size > MAX_OUTPUT_BYTES:
             raise invalid_argument(
@@ -454,7 +454,7 @@ class TaskService:
             error = ErrorRecord(
                 error.code, error.category, error.retryable, error.message[:MAX_ERROR_MESSAGE_CHARS]
             )
-        check_json(error.details, "error.details")
+        check_json(error.details, "error.details", within=2)  # the events hold {"error": {"details": ...}}
         await self._end(token, TaskFailed(token.claim, error, now_us()), None)
 
     async def _end(self, token: TaskToken, event: TaskCompleted | TaskFailed, output: Any) -> None:

@@ -24,6 +24,9 @@ from engine_service import (
     op,
     start_engine,
 )
+from engine_service.domain.child_runs import AWAIT_KIND, AWAIT_NAMESPACE, SPAWN_KIND, SPAWN_NAMESPACE
+from engine_service.domain.waits import TIMER, ParkStep
+from keel_core.clock import now_us
 from store_service.backend import StoreBackend
 from store_service.server import StoreConfig, start_store
 
@@ -148,6 +151,55 @@ async def nested_output(ctx: StepContext, op_config: Any, input: Any) -> Any:
     for _ in range(int(op_config["depth"])):
         value = [value]
     return value
+
+
+def nested(levels: int) -> Any:
+    """[[...[1]...]], `levels` arrays deep."""
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+class NestedAnswer:
+    """A transport answering JSON nested request["depth"] arrays deep."""
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        """[[...[1]...]], `depth` arrays deep."""
+        return nested(int(request["depth"]))
+
+
+TEST_TRANSPORTS.register("test.nested", NestedAnswer())
+
+
+@op("test.nested_answer", registry=TEST_OPS, description="Calls test.nested for op_config.depth levels")
+async def nested_answer(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Records an answer `depth` arrays deep; returns only that it came (its own output stays small)."""
+    await ctx.io.call("test.nested", {"depth": op_config["depth"]}, "nested")
+    return {"answered": True}
+
+
+@op("test.park_nested", registry=TEST_OPS, description="Parks on a timer due now, with a nested output")
+async def park_nested(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """A wait due at once whose output is `depth` arrays deep."""
+    return ParkStep(TIMER, until_us=now_us(), output=nested(int(op_config["depth"])))
+
+
+@op("test.fail_nested", registry=TEST_OPS, description="Fails with details nested op_config.depth levels")
+async def fail_nested(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Fails for good with details {"value": ...}: `depth` levels of arrays and objects in all."""
+    raise OpError("nested_details", "fails with nested details", value=nested(int(op_config["depth"]) - 1))
+
+
+@op("test.await_nested_child", registry=TEST_OPS, description="Awaits a child whose output nests deep")
+async def await_nested_child(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Spawns a test.nested_output child of op_config.depth and awaits it; returns its status only."""
+    spawn = {"kind": SPAWN_KIND, "op_id": "test.nested_output", "op_config": {"depth": op_config["depth"]}}
+    spawned = await ctx.io.call(SPAWN_NAMESPACE, spawn, "child")
+    awaited = await ctx.io.call(
+        AWAIT_NAMESPACE, {"kind": AWAIT_KIND, "child_run_id": spawned["child_run_id"]}, "awaited"
+    )
+    return {"child_status": awaited["status"]}
 
 
 @op("test.deep_output", registry=TEST_OPS, description="Returns JSON nested 40 levels deep")

@@ -300,7 +300,7 @@ async def test_an_output_the_context_cannot_hold_fails_the_step_and_the_run_stil
         assert "cannot be kept in the run's context" in run.error.message
         assert f"an output nests at most {MAX_JSON_DEPTH - 1} levels" in run.error.message
         assert not run.error.retryable and len(run.steps[0].attempts) == 1
-        assert f"nests deeper than {MAX_JSON_DEPTH} levels" in run.error.message
+        assert f"nests deeper than {MAX_JSON_DEPTH - 1} levels" in run.error.message
 
 
 async def test_a_transport_answer_that_breaks_the_json_rule_fails_the_attempt(cluster: Cluster) -> None:

@@ -9,13 +9,15 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-from keel.engine.v1 import engine_pb2
+from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
 from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 from keel_client import AsyncKeelClient
 from keel_client.worker import TaskContext, Worker, op
 
 from engine_service.domain.tasks import TaskToken
+from keel_core.json_rules import MAX_JSON_DEPTH
+from keel_core.json_values import to_value
 from keel_core.status import from_rpc_error
 from tests.workers.conftest import Stack, finished
 
@@ -107,11 +109,12 @@ async def claimed(
         yield stub, polled.task, store_pb2_grpc.StoreServiceStub(store)
 
 
-async def _refused(call: Awaitable[Any], status: grpc.StatusCode, reason: str) -> None:
+async def _refused(call: Awaitable[Any], status: grpc.StatusCode, reason: str) -> str:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     assert caught.value.code() == status, caught.value
     assert from_rpc_error(caught.value).code == reason, caught.value
+    return caught.value.details() or ""
 
 
 async def _task_head(store: Any, task: worker_pb2.Task) -> int:
@@ -221,3 +224,65 @@ async def test_bad_input_to_every_worker_rpc_is_refused_with_a_reason_and_writes
     queues = await stub.ListQueues(worker_pb2.ListQueuesRequest())
     listed = [(q.task_queue, q.backlog, q.running, [w.worker_id for w in q.workers]) for q in queues.queues]
     assert listed == [("manual-q", 0, 0, ["by-hand"]), ("nobody-polls-this", 0, 0, ["w"])]
+
+
+# --- values the run records some levels down nest that many levels less (keel_core.json_rules) ----
+
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+async def _watched_to_the_end(engine: str, run_id: str) -> engine_pb2.Run:
+    """Every event of the run through WatchRun (which ends after RunCompleted), then GetRun's run."""
+    async with grpc.aio.insecure_channel(engine) as channel:
+        stub = engine_pb2_grpc.EngineServiceStub(channel)
+        events = [m.event async for m in stub.WatchRun(engine_pb2.WatchRunRequest(run_id=run_id))]
+        assert events[-1].type == "RunCompleted"
+        return (await stub.GetRun(engine_pb2.GetRunRequest(run_id=run_id))).run
+
+
+async def test_a_workers_answer_and_output_nest_one_level_less_as_the_run_holds_them(
+    stack: Stack, claimed: tuple[Any, worker_pb2.Task, Any]
+) -> None:
+    # The run's FactRecorded holds an answer one level down, its context an output.
+    stub, task, store = claimed
+    token, head = task.task_token, await _task_head(store, task)
+    deepest, too_deep = to_value(_nested(MAX_JSON_DEPTH - 1)), to_value(_nested(MAX_JSON_DEPTH))
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    fact = worker_pb2.RecordFactRequest(task_token=token, namespace="n", fact_key="k", response=too_deep)
+    message = await _refused(stub.RecordFact(fact), invalid, "invalid_json")
+    assert message.startswith("response") and f"nests deeper than {MAX_JSON_DEPTH - 1} levels" in message
+    done = worker_pb2.CompleteTaskRequest(task_token=token, output=too_deep)
+    message = await _refused(stub.CompleteTask(done), invalid, "invalid_json")
+    assert message.startswith("output") and f"nests deeper than {MAX_JSON_DEPTH - 1} levels" in message
+    assert await _task_head(store, task) == head  # nothing was written
+    fact.response.CopyFrom(deepest)
+    await stub.RecordFact(fact)
+    done.output.CopyFrom(deepest)
+    await stub.CompleteTask(done)
+    run = await _watched_to_the_end(stack.engine, TaskToken.decode(token).run_id)
+    assert run.status == engine_pb2.RUN_STATUS_COMPLETED
+    assert run.steps[0].output == deepest
+
+
+async def test_a_workers_error_details_nest_two_levels_less_as_the_failure_events_hold_them(
+    stack: Stack, claimed: tuple[Any, worker_pb2.Task, Any]
+) -> None:
+    # StepAttemptFailed and RunCompleted hold them at {"error": {"details": ...}}.
+    stub, task, store = claimed
+    head = await _task_head(store, task)
+    too_deep = engine_pb2.ErrorDetail(code="boom", details=to_value({"v": _nested(MAX_JSON_DEPTH - 2)}))
+    failed = worker_pb2.FailTaskRequest(task_token=task.task_token, error=too_deep)
+    message = await _refused(stub.FailTask(failed), grpc.StatusCode.INVALID_ARGUMENT, "invalid_json")
+    assert message.startswith("error.details") and f"deeper than {MAX_JSON_DEPTH - 2} levels" in message
+    assert await _task_head(store, task) == head  # nothing was written
+    deepest = to_value({"v": _nested(MAX_JSON_DEPTH - 3)})
+    failed.error.details.CopyFrom(deepest)
+    await stub.FailTask(failed)
+    run = await _watched_to_the_end(stack.engine, TaskToken.decode(task.task_token).run_id)
+    assert run.status == engine_pb2.RUN_STATUS_FAILED
+    assert run.error.code == "boom" and run.error.details == deepest

@@ -525,7 +525,9 @@ class ErrorDetail(_message.Message):
     """What happened, for a person."""
     @_builtins.property
     def details(self) -> _struct_pb2.Value:
-        """Extra facts (any JSON)."""
+        """Extra facts (any JSON; recorded two levels down in the run's events, so
+        they nest at most 28 levels of arrays and objects).
+        """
 
     def __init__(
         self,
@@ -667,7 +669,11 @@ class SignalInput(_message.Message):
     """
     @_builtins.property
     def payload(self) -> _struct_pb2.Value:
-        """The payload (any JSON, at most 256 KiB); what the wait returns."""
+        """The payload (any JSON, at most 256 KiB); what the wait returns. It nests
+        at most 28 levels of arrays and objects (the wait's FactRecorded holds it
+        two levels down); a deeper one fails INVALID_ARGUMENT, reason
+        `invalid_json`, and nothing is written.
+        """
 
     def __init__(
         self,

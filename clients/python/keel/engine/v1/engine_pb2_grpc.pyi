@@ -36,9 +36,22 @@ class EngineServiceStub:
     numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
     Values nest at most 30 levels of arrays and objects. A value that breaks
     these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
-    A step's output is kept one level down in the run's context (the final
-    snapshot), so it nests at most 29: a deeper one fails the step attempt with
-    `op_output_invalid`, not retried.
+    A value the engine records inside something larger nests that many levels
+    less, so that the run's events (WatchRun) and answers can always be sent:
+    - a step's output is kept one level down in the run's context (the final
+      snapshot), so it nests at most 29; a parked step's output (StepWaiting
+      holds it two levels down) at most 28. A deeper one fails the step attempt
+      with `op_output_invalid`, not retried;
+    - an I/O call's answer is recorded one level down (FactRecorded), so it
+      nests at most 29; an awaited child run's answer holds the child's output
+      two levels further down, so a child's output nests at most 27 to be
+      awaited in a run. A deeper answer fails the step attempt with
+      `transport_response_invalid`, not retried;
+    - an error's `details` are recorded two levels down (StepAttemptFailed,
+      RunCompleted), so they nest at most 28; an op's deeper details are
+      recorded as text;
+    - a signal's payload is recorded two levels down when a wait consumes it,
+      so it nests at most 28 (see SignalInput.payload).
 
     Request bytes that do not decode as the RPC's request message fail
     INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
@@ -152,9 +165,22 @@ class EngineServiceAsyncStub(EngineServiceStub):
     numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
     Values nest at most 30 levels of arrays and objects. A value that breaks
     these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
-    A step's output is kept one level down in the run's context (the final
-    snapshot), so it nests at most 29: a deeper one fails the step attempt with
-    `op_output_invalid`, not retried.
+    A value the engine records inside something larger nests that many levels
+    less, so that the run's events (WatchRun) and answers can always be sent:
+    - a step's output is kept one level down in the run's context (the final
+      snapshot), so it nests at most 29; a parked step's output (StepWaiting
+      holds it two levels down) at most 28. A deeper one fails the step attempt
+      with `op_output_invalid`, not retried;
+    - an I/O call's answer is recorded one level down (FactRecorded), so it
+      nests at most 29; an awaited child run's answer holds the child's output
+      two levels further down, so a child's output nests at most 27 to be
+      awaited in a run. A deeper answer fails the step attempt with
+      `transport_response_invalid`, not retried;
+    - an error's `details` are recorded two levels down (StepAttemptFailed,
+      RunCompleted), so they nest at most 28; an op's deeper details are
+      recorded as text;
+    - a signal's payload is recorded two levels down when a wait consumes it,
+      so it nests at most 28 (see SignalInput.payload).
 
     Request bytes that do not decode as the RPC's request message fail
     INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an
@@ -264,9 +290,22 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     numbers: integers are exact up to 2^53, and NaN or Infinity are refused.
     Values nest at most 30 levels of arrays and objects. A value that breaks
     these rules fails INVALID_ARGUMENT, reason `invalid_json`, naming where.
-    A step's output is kept one level down in the run's context (the final
-    snapshot), so it nests at most 29: a deeper one fails the step attempt with
-    `op_output_invalid`, not retried.
+    A value the engine records inside something larger nests that many levels
+    less, so that the run's events (WatchRun) and answers can always be sent:
+    - a step's output is kept one level down in the run's context (the final
+      snapshot), so it nests at most 29; a parked step's output (StepWaiting
+      holds it two levels down) at most 28. A deeper one fails the step attempt
+      with `op_output_invalid`, not retried;
+    - an I/O call's answer is recorded one level down (FactRecorded), so it
+      nests at most 29; an awaited child run's answer holds the child's output
+      two levels further down, so a child's output nests at most 27 to be
+      awaited in a run. A deeper answer fails the step attempt with
+      `transport_response_invalid`, not retried;
+    - an error's `details` are recorded two levels down (StepAttemptFailed,
+      RunCompleted), so they nest at most 28; an op's deeper details are
+      recorded as text;
+    - a signal's payload is recorded two levels down when a wait consumes it,
+      so it nests at most 28 (see SignalInput.payload).
 
     Request bytes that do not decode as the RPC's request message fail
     INVALID_ARGUMENT, reason `malformed_request`. A run whose stream holds an

@@ -340,7 +340,10 @@ class RecordFactRequest(_message.Message):
     """The call's fact key (1 to 512 characters, nothing shaped like a secret)."""
     @_builtins.property
     def response(self) -> _struct_pb2.Value:
-        """The call's answer (any JSON, at most 1 MiB)."""
+        """The call's answer (any JSON, at most 1 MiB). It nests at most 29 levels
+        of arrays and objects (the run's FactRecorded holds it one level down); a
+        deeper one fails INVALID_ARGUMENT, reason `invalid_json`.
+        """
 
     def __init__(
         self,
@@ -399,7 +402,8 @@ class CompleteTaskRequest(_message.Message):
     @_builtins.property
     def output(self) -> _struct_pb2.Value:
         """The step's output (any JSON, at most 4 MiB); it is stored in the run's
-        context under the step id.
+        context under the step id, so it nests at most 29 levels of arrays and
+        objects (deeper: INVALID_ARGUMENT, reason `invalid_json`).
         """
 
     def __init__(
@@ -446,7 +450,9 @@ class FailTaskRequest(_message.Message):
     @_builtins.property
     def error(self) -> _engine_pb2.ErrorDetail:
         """What went wrong (`code` required; `retryable` decides whether the step
-        is tried again).
+        is tried again). Its `details` nest at most 28 levels of arrays and
+        objects (the run's StepAttemptFailed holds them two levels down; deeper:
+        INVALID_ARGUMENT, reason `invalid_json`).
         """
 
     def __init__(
