@@ -44,7 +44,7 @@ def nests_too_deeply(refused: KeelError) -> bool:
     return "max_depth" in refused.details
 
 
-def _is_text(value: str) -> bool:
+def is_text(value: str) -> bool:
     """Whether `value` can be encoded as UTF-8 (no lone surrogate, as os.fsdecode can make)."""
     if value.isascii():
         return True
@@ -58,7 +58,7 @@ def _is_text(value: str) -> bool:
 def _is_valid(data: Any, depth: int) -> bool:
     """Whether `data` keeps the rule; the same tests as `_check`, without naming anything."""
     if isinstance(data, str):
-        return _is_text(data)
+        return is_text(data)
     if isinstance(data, bool) or data is None:
         return True
     if isinstance(data, int):
@@ -71,14 +71,14 @@ def _is_valid(data: Any, depth: int) -> bool:
     items: Iterable[Any] = data
     if isinstance(data, dict):
         for key in data:
-            if not isinstance(key, str) or not _is_text(key):
+            if not isinstance(key, str) or not is_text(key):
                 return False
         items = data.values()
     for item in items:
         # Strings and small values are most of any document: settled here without a call.
         kind = type(item)
         if kind is str:
-            if not _is_text(item):
+            if not is_text(item):
                 return False
             continue
         if item is None or kind is bool:
@@ -90,7 +90,7 @@ def _is_valid(data: Any, depth: int) -> bool:
 
 def _check(data: Any, path: str, depth: int, within: int) -> None:
     if isinstance(data, str):
-        if not _is_text(data):
+        if not is_text(data):
             raise _invalid(path, "string is not Unicode text (a lone surrogate: not encodable as UTF-8)")
         return
     if isinstance(data, bool) or data is None:
@@ -108,7 +108,7 @@ def _check(data: Any, path: str, depth: int, within: int) -> None:
             for key, item in data.items():
                 if not isinstance(key, str):
                     raise _invalid(path, f"object key {key!r} is not a string")
-                if not _is_text(key):
+                if not is_text(key):
                     raise _invalid(path, f"object key {key!r} is not Unicode text (a lone surrogate)")
                 _check(item, f"{path}.{key}", depth + 1, within)
         else:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
+import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
 from engine_service.wire.messages import timestamp
+from keel_core.errors import KeelError
+from keel_core.json_rules import MAX_JSON_DEPTH, check_json
 from keel_core.json_values import from_value, to_value
 
 JSON = st.recursive(
@@ -39,6 +42,46 @@ def test_to_value_makes_what_parse_dict_makes(data: Any) -> None:
     assert made == expected
     assert made.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
     assert from_value(made) == from_value(expected)
+
+
+def nested(depth: int, leaf: Any = 1) -> Any:
+    """`leaf` inside `depth` levels of alternating objects and arrays."""
+    for level in range(depth):
+        leaf = {"k": leaf} if level % 2 else [leaf]
+    return leaf
+
+
+BROKEN = [
+    float("nan"),
+    {"a": [1, float("inf")]},
+    2**53 + 1,
+    {"a": {"b": -(2**60)}},
+    "lone \udc80 surrogate",
+    {"k\ud800": 1},
+    {1: "int key"},
+    {"a": (1, 2)},
+    [b"bytes"],
+    {"a": {"set": {1}}},
+    nested(MAX_JSON_DEPTH + 1),
+    {"deep": nested(MAX_JSON_DEPTH)},
+]
+
+
+@pytest.mark.parametrize("data", BROKEN, ids=range(len(BROKEN)))
+def test_to_value_refuses_what_check_json_refuses_with_the_same_error(data: Any) -> None:
+    # to_value checks as it builds, in one walk: it must refuse exactly what json_rules refuses.
+    with pytest.raises(KeelError) as expected:
+        check_json(data, "input")
+    with pytest.raises(KeelError) as refused:
+        to_value(data, "input")
+    assert (refused.value.code, refused.value.message) == (expected.value.code, expected.value.message)
+    assert refused.value.details == expected.value.details
+
+
+def test_to_value_keeps_a_value_at_the_deepest_nesting_allowed() -> None:
+    deepest = {"a": "text", "b": nested(MAX_JSON_DEPTH - 1, "leaf")}
+    check_json(deepest)
+    assert from_value(to_value(deepest)) == deepest
 
 
 def test_empty_objects_and_lists_stay_objects_and_lists() -> None:

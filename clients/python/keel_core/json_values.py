@@ -8,11 +8,12 @@ bounded nesting); one that does not is INVALID_ARGUMENT `invalid_json` naming wh
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from keel_core.json_rules import MAX_EXACT_INT, check_json
+from keel_core.json_rules import MAX_EXACT_INT, MAX_JSON_DEPTH, check_json, is_text
 
 __all__ = ["MAX_EXACT_INT", "from_struct", "from_value", "set_value", "to_struct", "to_value"]
 
@@ -27,8 +28,10 @@ def to_value(data: Any, path: str = "value") -> struct_pb2.Value:
 def set_value(value: struct_pb2.Value, data: Any, path: str = "value") -> None:
     """`value` (a message's Value field, say, filled in place rather than copied) set to `data`,
     which is checked as `to_value` checks it; an empty `value` is expected."""
-    check_json(data, path)
-    _fill(value, data)
+    if not _filled(value, data, 0):
+        value.Clear()
+        check_json(data, path)  # the walk that names the fault
+        raise AssertionError(f"{path}: json_values refused a value json_rules keeps")
 
 
 def to_struct(data: dict[str, Any], path: str = "value") -> struct_pb2.Struct:
@@ -39,27 +42,48 @@ def to_struct(data: dict[str, Any], path: str = "value") -> struct_pb2.Struct:
     return struct
 
 
-def _fill(value: struct_pb2.Value, data: Any) -> None:
-    # What json_format.ParseDict makes of a value check_json passed, without its generic (and, on
-    # every run an engine answers with, costly) message walk: JSON types only, string keys.
+def _filled(value: struct_pb2.Value, data: Any, depth: int) -> bool:
+    # The check and the build in one walk (a run's answer walks its final snapshot and input): the
+    # tests of keel_core.json_rules' own walk, in its order, each value set as json_format.ParseDict
+    # would set it, without its generic message walk. False (with `value` half set) where the rule
+    # is broken; check_json then names the place.
     if isinstance(data, str):
+        if not is_text(data):
+            return False
         value.string_value = data
     elif isinstance(data, bool):
         value.bool_value = data
-    elif isinstance(data, int | float):
-        value.number_value = data
     elif data is None:
         value.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(data, int):
+        if abs(data) > MAX_EXACT_INT:
+            return False
+        value.number_value = data
+    elif isinstance(data, float):
+        if not math.isfinite(data):
+            return False
+        value.number_value = data
+    elif not isinstance(data, dict | list) or depth >= MAX_JSON_DEPTH:
+        return False
     elif isinstance(data, dict):
         fields = value.struct_value.fields
         value.struct_value.SetInParent()  # an empty object is still an object
         for key, item in data.items():
-            _fill(fields[key], item)
+            if not isinstance(key, str) or not is_text(key):
+                return False
+            if type(item) is str:  # most of any document: set here without a call
+                if not is_text(item):
+                    return False
+                fields[key].string_value = item
+            elif not _filled(fields[key], item, depth + 1):
+                return False
     else:
         values = value.list_value.values
         value.list_value.SetInParent()
         for item in data:
-            _fill(values.add(), item)
+            if not _filled(values.add(), item, depth + 1):
+                return False
+    return True
 
 
 def from_value(value: struct_pb2.Value, *, default: Any = None, path: str = "value") -> Any:
