@@ -16,6 +16,7 @@ import pytest
 from engine_service.domain import (
     COMPLETED,
     DEFAULT_REGISTRY,
+    FAILED,
     BuildProvenance,
     RunManifest,
     TransportRegistry,
@@ -38,12 +39,21 @@ from engine_service.runtime.task_board import TaskBoard
 from engine_service.store import InMemoryEventLog, StreamEvent
 from engine_service.store.port import LocalAppends
 from keel_core.clock import now_us
+from keel_core.json_rules import MAX_JSON_DEPTH
 from store_service.server import StoreConfig, start_store
 from tests.engine.conftest import start_test_engine
 
 BUILD = BuildProvenance("test", "3", "none")
 WAIT = 30.0
 NEVER = 3600.0  # a store follow this late never starts within a test
+
+
+def nested_output(depth: int) -> Any:
+    """An object nesting `depth` levels."""
+    value: Any = 1
+    for _ in range(depth):
+        value = {"k": value}
+    return value
 
 
 def remote_run() -> RunManifest:
@@ -156,3 +166,35 @@ async def test_a_deadline_missed_while_another_engine_ended_the_task_reads_the_o
     log.local = here
     ended = await asyncio.wait_for(board.outcome(stream_id, state), WAIT)
     assert ended.outcome == done
+
+
+@pytest.mark.parametrize(
+    ("output", "why"),
+    [({"n": 2**60}, "beyond 2**53"), (nested_output(MAX_JSON_DEPTH), "cannot be kept in the run's context")],
+    ids=["inexact-integer", "too-deep"],
+)
+async def test_an_output_a_store_client_wrote_past_complete_tasks_checks_fails_its_step_for_good(
+    output: Any, why: str
+) -> None:
+    # A TaskCompleted appended straight to the task stream (not through CompleteTask, which would
+    # refuse it) reaches the run, which checks the output where it records it: the step fails,
+    # not retried, and the run can still be read and answered.
+    env = RunEnvironment(InMemoryEventLog(), DEFAULT_REGISTRY, TransportRegistry(), Failpoints.parse(""))
+    running = Engine(env, BUILD, engine_id="a")
+    try:
+        run_id = str(uuid.uuid4())
+        await running.start_run(remote_run(), run_id)
+        claimed = await asyncio.wait_for(running.tasks.poll("q", "w1", [], WAIT), WAIT)
+        assert claimed is not None
+        stream_id = claimed.token.stream_id
+        head, _ = await env.store.head(stream_id)
+        done = TaskCompleted(claimed.token.claim, output, now_us())
+        await env.store.append(stream_id, [encode_task_event(done)], expected_seq=head)
+        assert await running.await_run(run_id, WAIT)
+        _, history = await running.reader.read_history(run_id)
+        assert history.terminal is not None and history.terminal.status == FAILED
+        error = history.terminal.error
+        assert error is not None and error.code == "op_output_invalid" and not error.retryable
+        assert why in error.message
+    finally:
+        await running.stop()
