@@ -3,11 +3,12 @@
 Run: `.venv/bin/python bench/ab.py --before DIR [--rounds 3] -- bench/engine_runs.py --scenario pipeline`
 
 `DIR` holds the "before" sources (for example `git archive <commit> | tar -x -C DIR`). Each round
-runs the benchmark twice, once with `PYTHONPATH=DIR` (the services and the benchmark import the
-"before" code: the editable install's finder comes after PYTHONPATH) and once without (this
-worktree's code), alternating which goes first. The benchmark script itself is always this
-worktree's, so both sides print the same figures. It prints every line the benchmark prints that
-holds a `x` ratio, `ms per call`, `CPU per` or `RESULT`, tagged with its side and round.
+runs the benchmark twice, once with `PYTHONPATH=DIR:DIR/clients/python` (the services and the
+benchmark import the "before" code, the client package's included: the editable install's finder
+comes after PYTHONPATH) and once without (this worktree's code), alternating which goes first. The
+benchmark script itself is always this worktree's, so both sides print the same figures. It prints
+every line the benchmark prints that holds a `x` ratio, `ms per call`, `CPU per` or `RESULT`, tagged
+with its side and round.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def main() -> None:
         for side in sides:
             env = dict(os.environ)
             if side == "before":
-                env["PYTHONPATH"] = os.path.abspath(args.before)
+                # The client package's directory too: keel_core is one package in two directories
+                # (the services' part and the client's, json_values among it).
+                before = os.path.abspath(args.before)
+                env["PYTHONPATH"] = os.pathsep.join([before, os.path.join(before, "clients", "python")])
             else:
                 env.pop("PYTHONPATH", None)
             done = subprocess.run(
