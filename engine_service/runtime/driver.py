@@ -154,8 +154,8 @@ def _wait_refused(op_id: str, refused: KeelError) -> KeelError:
         return _not_json(op_id, refused)
     why = (
         f"op {op_id!r} parked its step with a wait that nests too deeply to be recorded: StepWaiting "
-        "holds the wait one level down and the wait its output (or error details) one more, so a parked "
-        f"step's output nests at most {MAX_JSON_DEPTH - 2} levels: {refused.message}"
+        "holds the wait one level down and the wait its output one more (its error's details two more), "
+        f"so a parked step's output nests at most {MAX_JSON_DEPTH - 2} levels: {refused.message}"
     )
     return io_error("op_output_invalid", why)
 

@@ -39,8 +39,8 @@ What an engine does:
   loses no lease; a driver that must write before it lands stops, and is resumed the same way.
 - release: a graceful shutdown parks the drivers, appends `LeaseReleased` for each run still on
   its implicit lease (nothing else names that holder: a run it drove, and a run parked here
-  earlier whose implicit lease still holds), then one `EngineStopped`, which hands every recorded
-  lease over at once.
+  earlier whose implicit lease still holds, once the store shows it is still that run and has not
+  ended), then one `EngineStopped`, which hands every recorded lease over at once.
 
 Fencing. A holder trusts a recorded lease until `ttl - margin` after it *sent* its session's last
 heartbeat that landed (an implicit lease: after it sent RunStarted), and checks that before every
@@ -93,11 +93,13 @@ from engine_service.domain.streams import (
     LEASE_RELEASED,
     LEASE_RELEASED_LABEL,
     lease_stream_id,
+    run_status_of_label,
+    run_stream_id,
 )
 from engine_service.runtime.heartbeat import Heartbeat, engine_fenced
 from engine_service.runtime.holders import LeaseHolders
 from engine_service.store.port import EventLog
-from keel_core.clock import now_us
+from keel_core.clock import now_us, us_of
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.recent import Recent
 
@@ -193,6 +195,7 @@ class Leases:
         self.held: dict[str, Lease] = {}
         self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
+        self._to_release: set[str] = set()  # runs whose driver stopped while closing
         # Runs this engine created whose implicit lease it stopped using (no event names it), with
         # when (monotonic) that lease ends: till then a wake-up here takes it at once, once the run
         # is known to be the one created here (by its stream's creation time).
@@ -469,9 +472,10 @@ class Leases:
             self._known.put(run_id, known)
         if lease.session:
             return
-        # No event says it is ours: remember it, and of which run of the id it is (released at once
-        # when this engine closes).
+        # No event says it is ours: remember it, and of which run of the id it is.
         self._implicit_here[run_id] = ImplicitHere(lease.implicit_until(), created_at_us)
+        if self._closing:
+            self._to_release.add(run_id)  # shutting down: hand it over at once instead
 
     def _forget(self, lease: Lease) -> None:
         lease.lost = True
@@ -569,17 +573,48 @@ class Leases:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        # Every implicit lease still holding, of a run driven until now or parked here earlier:
-        # nothing but a release names this engine as its holder, and another engine would wait for
-        # it to expire (up to a ttl) before it took the run up.
+        # Every implicit lease still holding: nothing but a release names this engine as its holder,
+        # and another engine would wait for it to expire (up to a ttl) before taking the run up.
+        driven, self._to_release = self._to_release, set()
         clock = time.monotonic()
-        holding = [run_id for run_id, mine in self._implicit_here.items() if mine.until > clock]
-        await asyncio.gather(*(self._release(run_id) for run_id in holding))
+        parked = [
+            (run_id, mine)
+            for run_id, mine in self._implicit_here.items()
+            if run_id not in driven and mine.until > clock
+        ]
+        self._implicit_here = {}  # released or left to expire: none is this engine's to take again
+        reads = asyncio.Semaphore(READ_CONCURRENCY)
+        await asyncio.gather(
+            *(self._release(run_id) for run_id in driven),
+            *(self._release_parked(run_id, mine, reads) for run_id, mine in parked),
+        )
         await self.heartbeat.stop()
 
     def begin_closing(self) -> None:
         """From now on a stopped driver's lease is released (not left to expire) and none is taken."""
         self._closing = True
+
+    async def _release_parked(self, run_id: str, mine: ImplicitHere, reads: asyncio.Semaphore) -> None:
+        """Release the implicit lease of a run parked here before this engine began closing, once the
+        store shows it is that run (its stream's creation time) and not ended. Meanwhile it may have
+        been terminalized elsewhere (Terminalize takes no lease), deleted, even started again under
+        its id by another engine, whose implicit lease a release would then hand over."""
+        if mine.created_at_us is None:
+            return  # which run of the id it was is not known: it expires instead
+        stream_id = run_stream_id(run_id)
+        async with reads:
+            try:
+                first, (_, label) = await asyncio.gather(
+                    self.store.read(stream_id, limit=1, patience=RELEASE_PATIENCE),
+                    self.store.head(stream_id, patience=RELEASE_PATIENCE),
+                )
+            except KeelError as error:
+                log.info("run %s: lease not released (%s); it expires instead", run_id, error.message)
+                return
+        when = first[0].recorded_at if first else None
+        if when is None or us_of(when) != mine.created_at_us or run_status_of_label(label) is not None:
+            return
+        await self._release(run_id)
 
     async def _release(self, run_id: str) -> None:
         payload = lease_released_payload(self.engine_id)

@@ -71,9 +71,8 @@ async def store_process(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
 class TwoEngines:
     """Two engines (a and b) on one store, with their stubs, logs and the shared gate."""
 
-    def __init__(self, store: ServiceProcess, tmp_path: Path, ttl: float = TTL) -> None:
+    def __init__(self, store: ServiceProcess, tmp_path: Path) -> None:
         self.store_address = store.address
-        self.ttl = ttl
         self.tmp_path = tmp_path
         self.io_log = str(tmp_path / "io.log")
         self.gate = str(tmp_path / "gate")
@@ -90,7 +89,7 @@ class TwoEngines:
             self.store_address,
             io_log=self.io_log,
             engine_id=f"engine-{name}",
-            lease_ttl=self.ttl,
+            lease_ttl=TTL,
             gate=self.gate,
             log_path=str(self.tmp_path / f"engine-{name}.log"),
         )
@@ -263,35 +262,6 @@ async def test_a_drained_engine_releases_its_runs_and_the_other_takes_them_at_on
         kinds = [kind for kind, _ in await cluster.engine_events("a")]
         assert kinds[-1] == "EngineStopped" and kinds.count("EngineStopped") == 1, kinds
     await finish_and_check(cluster, cluster.stubs["b"], [r for runs in started.values() for r in runs])
-
-
-async def test_a_drained_engine_releases_the_runs_parked_on_it_and_the_other_wakes_them_at_once(
-    store_process: ServiceProcess, tmp_path: Path
-) -> None:
-    # A ttl no test outlasts: the run's implicit lease, which nothing in the store names, holds
-    # until a's release hands it over (without it, b would wait that long to wake the run).
-    cluster = TwoEngines(store_process, tmp_path, ttl=3600.0)
-    try:
-        await cluster.start("a")
-        await cluster.start("b")
-        waiting = engine_pb2.SingleOp(op_id="keel.wait_signal", op_config=to_value({"name": "go"}))
-        run_id = (await cluster.stubs["a"].StartRun(engine_pb2.StartRunRequest(op=waiting))).run_id
-
-        async def parked() -> bool:
-            return "RunParked" in [e.type for e in await cluster.run_events(run_id)]
-
-        await eventually(parked, "the run parked on a", within=WAIT, poll=0.05)
-        assert await cluster.engines["a"].terminate() == 0
-        assert await cluster.lease_events(run_id) == [("LeaseReleased", "engine-a")]
-
-        signal_request = engine_pb2.SignalRunRequest(run_id=run_id, name="go", payload=to_value({"ok": 1}))
-        await cluster.stubs["b"].SignalRun(signal_request)
-        awaited = await cluster.stubs["b"].AwaitRun(engine_pb2.AwaitRunRequest(run_id=run_id), timeout=WAIT)
-        assert awaited.run.status == engine_pb2.RUN_STATUS_COMPLETED, awaited.run.reason
-        handed = [("LeaseReleased", "engine-a"), ("LeaseAcquired", "engine-b")]
-        assert await cluster.lease_events(run_id) == handed
-    finally:
-        await cluster.close()
 
 
 @pytest.mark.parametrize("recorded", [False, True], ids=["as-it-comes", "recorded-lease"])

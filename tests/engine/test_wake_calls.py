@@ -125,7 +125,9 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    store = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store")))
+    store = await start_store(
+        StoreConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "store"), allow_deletes=True)
+    )
     cluster = Cluster(f"127.0.0.1:{store.port}")
     try:
         yield cluster
@@ -301,6 +303,51 @@ async def test_a_run_whose_driver_stopped_here_is_taken_up_here_at_once(cluster:
     # names the run this engine created (it is not taken for another engine's, held for a ttl).
     assert await engine.resume_run(run_id)
     assert run_id in engine.drivers
+
+
+async def lease_events(cluster: Cluster, run_id: str) -> list[tuple[str, str]]:
+    """(event type, engine id) of each event of the run's lease stream."""
+    page = await cluster.store.ReadEvents(store_pb2.ReadEventsRequest(stream_id=lease_stream_id(run_id)))
+    return [(e.type, json.loads(e.payload)["engine_id"]) for e in page.events]
+
+
+async def test_a_drained_engine_releases_the_runs_parked_on_it_and_another_wakes_them_at_once(
+    cluster: Cluster,
+) -> None:
+    # A ttl no test outlasts: the implicit lease of a run parked on a, which nothing in the store
+    # names, would hold that long unless a's drain hands it over.
+    a, a_stub, _ = await cluster.engine("a", LONG_TTL)
+    _, b_stub, _ = await cluster.engine("b", LONG_TTL)
+    run_id = await park(a, a_stub, wait_step("w", "go"))
+    await cluster.engines[0].drain(0.5)
+    assert await lease_events(cluster, run_id) == [("LeaseReleased", "a")]
+    await send(b_stub, run_id, "go")
+    assert (await finished(b_stub, run_id)).status == engine_pb2.RUN_STATUS_COMPLETED
+    assert await lease_events(cluster, run_id) == [("LeaseReleased", "a"), ("LeaseAcquired", "b")]
+
+
+@pytest.mark.parametrize("started_again", [False, True], ids=["canceled", "deleted-and-started-again"])
+async def test_a_drained_engine_leaves_the_lease_of_a_run_parked_on_it_that_ended_elsewhere(
+    cluster: Cluster, started_again: bool
+) -> None:
+    # Terminalize through b takes no lease, and a is not told. A release by a would leave a stray
+    # lease stream behind, or hand over the lease of the run b started again under the same id.
+    a, a_stub, _ = await cluster.engine("a", LONG_TTL)
+    b, b_stub, _ = await cluster.engine("b", LONG_TTL)
+    run_id = await park(a, a_stub, wait_step("w", "go"))
+    cancel = engine_pb2.TerminalizeRequest(run_id=run_id, target=engine_pb2.TERMINAL_TARGET_CANCELED)
+    await b_stub.Terminalize(cancel)
+    if started_again:
+        await b_stub.DeleteRun(engine_pb2.DeleteRunRequest(run_id=run_id))
+        again = engine_pb2.StartRunRequest(pipeline=pipeline(wait_step("w", "go")), run_id=run_id)
+        await b_stub.StartRun(again)
+        await parked(b, run_id)
+    await cluster.engines[0].drain(0.5)
+    assert await lease_events(cluster, run_id) == []
+    if started_again:  # b's run takes its signal at once: its implicit lease is still b's
+        await send(b_stub, run_id, "go")
+        assert (await finished(b_stub, run_id)).status == engine_pb2.RUN_STATUS_COMPLETED
+        assert await lease_events(cluster, run_id) == []
 
 
 class LapseAtInboxRead(InMemoryEventLog):
