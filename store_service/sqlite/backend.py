@@ -32,7 +32,6 @@ import logging
 import sqlite3
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterable, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -53,7 +52,7 @@ from store_service.backend import (
 )
 from store_service.group_commit import AppendJob, AppendOutcome, WriteQueue, resolve
 from store_service.sql_backend import Row, SqlStoreBackend, store_closed
-from store_service.sqlite.writer import ChunkRow, Durability, SqliteWriter
+from store_service.sqlite.writer import ChunkRow, Durability, SqliteWriter, new_blob_id
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +331,7 @@ class SqliteStoreBackend(SqlStoreBackend):
 
     async def put_artifact(self, kind: str, chunks: AsyncIterable[bytes]) -> ArtifactPut:
         """Stage the bytes in chunk rows while hashing, then publish (or drop) in one transaction."""
-        blob_id = uuid.uuid4().hex
+        blob_id = new_blob_id()
         upload = ChunkedUpload()
         staged = False
         rows: list[ChunkRow] = []

@@ -9,13 +9,14 @@ import os
 import sqlite3
 import threading
 import tracemalloc
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import SimpleNamespace
 
 import pytest
 
 from keel_core.errors import ErrorCategory
-from store_service.backend import Expected, NewEvent, StoreBackend
+from store_service.backend import Expected, NewArtifact, NewEvent, StoreBackend
 from store_service.group_commit import AppendJob, AppendOutcome
 from store_service.sqlite import DATABASE_FILE, SqliteStoreBackend, translate
 from tests.store.backend_suite import StoreBackendSuite, chunks_of, events, read_all
@@ -61,6 +62,26 @@ async def test_database_is_in_wal_mode_with_full_sync(tmp_path: object) -> None:
     with sqlite3.connect(backend.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert backend.path.name == DATABASE_FILE
+
+
+async def test_new_artifacts_chunks_are_keyed_in_the_order_they_were_stored(tmp_path: object) -> None:
+    """SQLite-specific: blob ids sort by when they were made (UUIDv7's layout), so new chunk rows go
+    to the end of artifact_chunks' key order (a random id put each on a page of its own)."""
+    backend = SqliteStoreBackend.in_directory(str(tmp_path))
+    await backend.open()
+    try:
+        for i in range(20):  # inline, on the writer thread or the loop's
+            await backend.append(
+                f"s{i}", Expected.any(), events("a"), artifacts=[NewArtifact("k", b"%d" % i)]
+            )
+        await backend.put_artifact("k", chunks_of(b"uploaded", 3))
+    finally:
+        await backend.close()
+    with sqlite3.connect(backend.path) as conn:
+        blob_ids = [str(row[0]) for row in conn.execute("SELECT blob_id FROM artifacts ORDER BY rowid")]
+    assert len(set(blob_ids)) == len(blob_ids) == 21
+    assert blob_ids == sorted(blob_ids)
+    assert {uuid.UUID(blob_id).version for blob_id in blob_ids} == {7}
 
 
 async def test_interrupted_upload_leaves_no_chunks_after_reopen(tmp_path: object) -> None:
