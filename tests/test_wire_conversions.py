@@ -78,6 +78,36 @@ def test_to_value_refuses_what_check_json_refuses_with_the_same_error(data: Any)
     assert refused.value.details == expected.value.details
 
 
+# Values that may break the rule anywhere: bad leaves and keys mixed in with good ones, nested.
+ANYTHING = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats()
+    | st.text(max_size=3)
+    | st.sampled_from(["\udc80", b"bytes", (1,), {1}]),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(max_size=3) | st.integers(0, 2), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(ANYTHING)
+def test_to_value_keeps_and_refuses_what_check_json_does(data: Any) -> None:
+    try:
+        check_json(data, "v")
+    except KeelError as expected:
+        with pytest.raises(KeelError) as refused:
+            to_value(data, "v")
+        assert refused.value.message == expected.message
+    else:
+        expected = struct_pb2.Value()
+        json_format.ParseDict(data, expected)
+        assert to_value(data, "v") == expected
+
+
 def test_to_value_keeps_a_value_at_the_deepest_nesting_allowed() -> None:
     deepest = {"a": "text", "b": nested(MAX_JSON_DEPTH - 1, "leaf")}
     check_json(deepest)

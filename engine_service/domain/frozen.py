@@ -5,8 +5,9 @@ A frozen dataclass's `__init__` sets each field through `object.__setattr__` (it
 history (14 fields) is built after every decision, and every decided event is copied once to be
 stamped with its time. These two helpers fill the instance's `__dict__` directly, which is what
 `__init__` ends up with. They are for the engine's own plain frozen dataclasses only: no `__slots__`,
-no `__post_init__`, no `InitVar` (tests/engine/test_frozen.py holds them to what `__init__` and
-`replace` make).
+no `__post_init__`, no `InitVar`, and no `functools.cached_property` (`with_changes` would copy what
+was cached of the original; RunManifest, PipelineSpec and BuildProvenance cache their canonical
+bytes). tests/engine/test_frozen.py holds them to what `__init__` and `replace` make.
 """
 
 from __future__ import annotations
