@@ -101,11 +101,12 @@ def test_to_value_keeps_and_refuses_what_check_json_does(data: Any) -> None:
     except KeelError as expected:
         with pytest.raises(KeelError) as refused:
             to_value(data, "v")
-        assert refused.value.message == expected.message
+        got = refused.value
+        assert (got.code, got.message, got.details) == (expected.code, expected.message, expected.details)
     else:
-        expected = struct_pb2.Value()
-        json_format.ParseDict(data, expected)
-        assert to_value(data, "v") == expected
+        parsed = struct_pb2.Value()
+        json_format.ParseDict(data, parsed)
+        assert to_value(data, "v") == parsed
 
 
 def test_to_value_keeps_a_value_at_the_deepest_nesting_allowed() -> None:

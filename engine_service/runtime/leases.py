@@ -39,8 +39,8 @@ What an engine does:
   loses no lease; a driver that must write before it lands stops, and is resumed the same way.
 - release: a graceful shutdown parks the drivers, appends `LeaseReleased` for each run still on
   its implicit lease (nothing else names that holder: a run it drove, and a run parked here
-  earlier whose implicit lease still holds, once the store shows it is still that run and has not
-  ended), then one `EngineStopped`, which hands every recorded lease over at once.
+  earlier whose implicit lease still holds), once the store shows it is still the run created here
+  and has not ended, then one `EngineStopped`, which hands every recorded lease over at once.
 
 Fencing. A holder trusts a recorded lease until `ttl - margin` after it *sent* its session's last
 heartbeat that landed (an implicit lease: after it sent RunStarted), and checks that before every
@@ -195,7 +195,6 @@ class Leases:
         self.held: dict[str, Lease] = {}
         self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
-        self._to_release: set[str] = set()  # runs whose driver stopped while closing
         # Runs this engine created whose implicit lease it stopped using (no event names it), with
         # when (monotonic) that lease ends: till then a wake-up here takes it at once, once the run
         # is known to be the one created here (by its stream's creation time).
@@ -472,10 +471,8 @@ class Leases:
             self._known.put(run_id, known)
         if lease.session:
             return
-        # No event says it is ours: remember it, and of which run of the id it is.
+        # No event says it is ours: remember it, and of which run of the id it is (released at close).
         self._implicit_here[run_id] = ImplicitHere(lease.implicit_until(), created_at_us)
-        if self._closing:
-            self._to_release.add(run_id)  # shutting down: hand it over at once instead
 
     def _forget(self, lease: Lease) -> None:
         lease.lost = True
@@ -575,46 +572,47 @@ class Leases:
                     await task
         # Every implicit lease still holding: nothing but a release names this engine as its holder,
         # and another engine would wait for it to expire (up to a ttl) before taking the run up.
-        driven, self._to_release = self._to_release, set()
         clock = time.monotonic()
-        parked = [
-            (run_id, mine)
-            for run_id, mine in self._implicit_here.items()
-            if run_id not in driven and mine.until > clock
-        ]
+        holding = [(run_id, mine) for run_id, mine in self._implicit_here.items() if mine.until > clock]
         self._implicit_here = {}  # released or left to expire: none is this engine's to take again
         reads = asyncio.Semaphore(READ_CONCURRENCY)
-        await asyncio.gather(
-            *(self._release(run_id) for run_id in driven),
-            *(self._release_parked(run_id, mine, reads) for run_id, mine in parked),
-        )
+        releases = [asyncio.ensure_future(self._release_checked(r, mine, reads)) for r, mine in holding]
+        try:
+            if releases:  # a store away must not hold the shutdown for reads per run: the rest expire
+                _, late = await asyncio.wait(releases, timeout=2 * RELEASE_PATIENCE)
+                if late:
+                    log.info("%d run(s)' implicit leases not released in time; they expire", len(late))
+        finally:
+            for release in releases:
+                release.cancel()
         await self.heartbeat.stop()
 
     def begin_closing(self) -> None:
         """From now on a stopped driver's lease is released (not left to expire) and none is taken."""
         self._closing = True
 
-    async def _release_parked(self, run_id: str, mine: ImplicitHere, reads: asyncio.Semaphore) -> None:
-        """Release the implicit lease of a run parked here before this engine began closing, once the
-        store shows it is that run (its stream's creation time) and not ended. Meanwhile it may have
-        been terminalized elsewhere (Terminalize takes no lease), deleted, even started again under
-        its id by another engine, whose implicit lease a release would then hand over."""
+    async def _release_checked(self, run_id: str, mine: ImplicitHere, reads: asyncio.Semaphore) -> None:
+        """Release the implicit lease of a run created here, once the store shows it is that run (its
+        stream's creation time) and not ended. A run parked here may meanwhile have been terminalized
+        elsewhere (Terminalize takes no lease), deleted, even started again under its id by another
+        engine, whose implicit lease a release would hand over; a driver stopped while closing may
+        have been stopped by a foreign end. (A deletion and a new start between the reads and the
+        release would still be released: the release's compare-and-swap is on the lease stream.)"""
         if mine.created_at_us is None:
             return  # which run of the id it was is not known: it expires instead
         stream_id = run_stream_id(run_id)
-        async with reads:
-            try:
+        try:
+            async with reads:
                 first, (_, label) = await asyncio.gather(
                     self.store.read(stream_id, limit=1, patience=RELEASE_PATIENCE),
                     self.store.head(stream_id, patience=RELEASE_PATIENCE),
                 )
-            except KeelError as error:
-                log.info("run %s: lease not released (%s); it expires instead", run_id, error.message)
+            when = first[0].recorded_at if first else None
+            if when is None or us_of(when) != mine.created_at_us or run_status_of_label(label) is not None:
                 return
-        when = first[0].recorded_at if first else None
-        if when is None or us_of(when) != mine.created_at_us or run_status_of_label(label) is not None:
-            return
-        await self._release(run_id)
+            await self._release(run_id)
+        except Exception as error:  # the store is away, say: the lease expires instead
+            log.info("run %s: lease not released (%r); it expires instead", run_id, error)
 
     async def _release(self, run_id: str) -> None:
         payload = lease_released_payload(self.engine_id)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -162,16 +163,25 @@ def _repeat(request: AppendJob, first_seq: int, recorded_at_us: int) -> AppendRe
 
 
 # A blob id is UUIDv7's layout in hex: 48 bits of Unix milliseconds, then a counter that starts at
-# a random value in each process (74 bits: unique across processes, increasing within one). New
-# blobs' chunk rows thus go to the end of artifact_chunks' key order, where random ids (uuid4) put
-# each on a page of its own: a group's commit then writes a few pages for its artifacts' chunks,
-# not one or more per artifact (a quarter of SQLite's CPU per pipeline run, measured). The order
-# only matters for speed; uniqueness is what the key needs.
+# a random value in each process (74 bits, as random as a uuid4's 122 are across processes;
+# increasing within one). New blobs' chunk rows thus go to the end of artifact_chunks' key order,
+# where random ids (uuid4) put each on a page of its own: a group's commit then writes a few pages
+# for its artifacts' chunks, not one or more per artifact (bench/store_cpu.py). The order only
+# matters for speed (a clock stepped back costs that, not uniqueness); the key needs uniqueness.
 _BLOB_COUNTER = itertools.count(secrets.randbits(74))  # next() is one call: safe across threads
 
 
+def _reseed_blob_counter() -> None:
+    global _BLOB_COUNTER
+    _BLOB_COUNTER = itertools.count(secrets.randbits(74))  # a forked child must not repeat its parent
+
+
+os.register_at_fork(after_in_child=_reseed_blob_counter)
+
+
 def new_blob_id() -> str:
-    """An id for a new artifact's chunks, later than the ones this process made before."""
+    """An id for a new artifact's chunks, sorting after the ones this process made before it (while
+    the wall clock does not step back)."""
     ms = time.time_ns() // 1_000_000 & (2**48 - 1)
     count = next(_BLOB_COUNTER) & (2**74 - 1)
     value = ms << 80 | 7 << 76 | (count >> 62) << 64 | 0b10 << 62 | (count & (2**62 - 1))
@@ -553,8 +563,12 @@ class SqliteWriter:
             exists = self.conn.execute(
                 "SELECT 1 FROM artifacts WHERE artifact_id = ?", (artifact_id,)
             ).fetchone()
-            if exists:
-                self.conn.execute("DELETE FROM artifact_chunks WHERE blob_id = ?", (blob_id,))
+            if exists:  # the staged chunks go, unless (an id made twice) an artifact points at them
+                self.conn.execute(
+                    "DELETE FROM artifact_chunks WHERE blob_id = ? AND NOT EXISTS "
+                    "(SELECT 1 FROM artifacts WHERE blob_id = ?)",
+                    (blob_id, blob_id),
+                )
                 now = now_us()
                 self.conn.execute(_TOUCH_ARTIFACT, (now, artifact_id, now - self.renew_after_us))
             else:

@@ -1,4 +1,5 @@
-"""What waking a parked run asks of the store, counted by the stream each call names.
+"""What waking a parked run asks of the store, counted by the stream each call names; and what a
+drained engine hands over of the runs parked on it.
 
 A run parked by this engine is taken up again without reading what the engine knows: its head (the
 signal's inbox append has just seen it), and its lease stream, once the run's history (read first)
@@ -311,15 +312,32 @@ async def lease_events(cluster: Cluster, run_id: str) -> list[tuple[str, str]]:
     return [(e.type, json.loads(e.payload)["engine_id"]) for e in page.events]
 
 
+@pytest.mark.parametrize("woken_here", [False, True], ids=["parked", "woken-here-and-parked-again"])
 async def test_a_drained_engine_releases_the_runs_parked_on_it_and_another_wakes_them_at_once(
-    cluster: Cluster,
+    cluster: Cluster, woken_here: bool
 ) -> None:
     # A ttl no test outlasts: the implicit lease of a run parked on a, which nothing in the store
-    # names, would hold that long unless a's drain hands it over.
+    # names, would hold that long unless a's drain hands it over. Woken on a (its implicit lease
+    # held again, as a knew it) and parked again, the run is still a's to release.
     a, a_stub, _ = await cluster.engine("a", LONG_TTL)
     _, b_stub, _ = await cluster.engine("b", LONG_TTL)
-    run_id = await park(a, a_stub, wait_step("w", "go"))
+    steps = [wait_step("first", "early"), wait_step("w", "go")] if woken_here else [wait_step("w", "go")]
+    run_id = await park(a, a_stub, *steps)
+    if woken_here:
+        await send(a_stub, run_id, "early")
+
+        async def first_done() -> bool:
+            page = await cluster.store.ReadEvents(
+                store_pb2.ReadEventsRequest(stream_id=run_stream_id(run_id))
+            )
+            done = [json.loads(e.payload)["step_id"] for e in page.events if e.type == "StepCompleted"]
+            return done == ["first"]
+
+        await eventually(first_done, "the first wait settled on a", within=WAIT, poll=0.01)
+        await parked(a, run_id)
     await cluster.engines[0].drain(0.5)
+    assert await lease_events(cluster, run_id) == [("LeaseReleased", "a")]
+    await cluster.engines[0].drain(0.5)  # a second close has nothing left to release
     assert await lease_events(cluster, run_id) == [("LeaseReleased", "a")]
     await send(b_stub, run_id, "go")
     assert (await finished(b_stub, run_id)).status == engine_pb2.RUN_STATUS_COMPLETED
