@@ -581,7 +581,7 @@ class Engine:
             waking.cancel()
         await self.waker.stop()
         await self.task_waker.stop()
-        self.leases.begin_closing()  # a parked run's lease is released: another engine takes it at once
+        self.leases.begin_closing()  # no lease is taken now; close() releases the implicit ones held here
         while self.registry.drivers:
             tasks = list(self.registry.drivers.values())
             for task in tasks:

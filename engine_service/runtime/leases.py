@@ -453,7 +453,7 @@ class Leases:
     ) -> None:
         """This engine stopped driving the run (its driver ended): stop keeping its lease here.
 
-        An implicit lease expires on its own, or is released at once while closing; a recorded one
+        An implicit lease expires on its own, or is released at `close()` (once checked); a recorded one
         stays this session's (the scan takes the run up again) until the session ends. Nothing is
         remembered of a run that `ended`: its id may be deleted and started again elsewhere.
         `parked_start_us`: the driver ended with the run parked, started at that time (its
@@ -585,10 +585,11 @@ class Leases:
         finally:
             for release in releases:
                 release.cancel()
-        await self.heartbeat.stop()
+            await asyncio.gather(*releases, return_exceptions=True)  # none outlives close()
+            await self.heartbeat.stop()
 
     def begin_closing(self) -> None:
-        """From now on a stopped driver's lease is released (not left to expire) and none is taken."""
+        """From now on no lease is taken; a stopped driver's implicit one is released at `close()`."""
         self._closing = True
 
     async def _release_checked(self, run_id: str, mine: ImplicitHere, reads: asyncio.Semaphore) -> None:
@@ -599,7 +600,8 @@ class Leases:
         have been stopped by a foreign end. (A deletion and a new start between the reads and the
         release would still be released: the release's compare-and-swap is on the lease stream.)"""
         if mine.created_at_us is None:
-            return  # which run of the id it was is not known: it expires instead
+            log.info("run %s: lease not released (which run of the id is not known); it expires", run_id)
+            return
         stream_id = run_stream_id(run_id)
         try:
             async with reads:
@@ -611,8 +613,10 @@ class Leases:
             if when is None or us_of(when) != mine.created_at_us or run_status_of_label(label) is not None:
                 return
             await self._release(run_id)
-        except Exception as error:  # the store is away, say: the lease expires instead
-            log.info("run %s: lease not released (%r); it expires instead", run_id, error)
+        except KeelError as error:  # the store is away, say
+            log.info("run %s: lease not released (%s); it expires instead", run_id, error.message)
+        except Exception:  # a bug must not stop the shutdown's other releases or its EngineStopped
+            log.exception("run %s: lease not released; it expires instead", run_id)
 
     async def _release(self, run_id: str) -> None:
         payload = lease_released_payload(self.engine_id)
