@@ -17,7 +17,6 @@ import os
 import secrets
 import sqlite3
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -162,12 +161,13 @@ def _repeat(request: AppendJob, first_seq: int, recorded_at_us: int) -> AppendRe
     return AppendResult(first_seq, head, request.artifact_ids, recorded_at_us=recorded_at_us, repeated=True)
 
 
-# A blob id is UUIDv7's layout in hex: 48 bits of Unix milliseconds, then a counter that starts at
-# a random value in each process (74 bits, as random as a uuid4's 122 are across processes;
-# increasing within one). New blobs' chunk rows thus go to the end of artifact_chunks' key order,
-# where random ids (uuid4) put each on a page of its own: a group's commit then writes a few pages
-# for its artifacts' chunks, not one or more per artifact (bench/store_cpu.py). The order only
-# matters for speed (a clock stepped back costs that, not uniqueness); the key needs uniqueness.
+# A blob id is UUIDv7's layout in hex: 48 bits of Unix milliseconds, then a 74-bit counter that
+# starts at a random value in each process (two processes' ids meet only within one millisecond
+# and with counters a random start put on the same value; within a process they increase). New
+# blobs' chunk rows thus go to the end of artifact_chunks' key order, where random ids (uuid4) put
+# each on a page of its own: a group's commit then writes a few pages for its artifacts' chunks,
+# not one or more per artifact (bench/store_cpu.py). The order only matters for speed (a clock
+# stepped back costs that, not uniqueness); the key needs uniqueness.
 _BLOB_COUNTER = itertools.count(secrets.randbits(74))  # next() is one call: safe across threads
 
 
@@ -185,7 +185,7 @@ def new_blob_id() -> str:
     ms = time.time_ns() // 1_000_000 & (2**48 - 1)
     count = next(_BLOB_COUNTER) & (2**74 - 1)
     value = ms << 80 | 7 << 76 | (count >> 62) << 64 | 0b10 << 62 | (count & (2**62 - 1))
-    return uuid.UUID(int=value).hex
+    return f"{value:032x}"  # uuid.UUID(int=value).hex, without making the UUID
 
 
 def chunk_rows(blob_id: str, data: bytes, first_index: int = 0) -> list[ChunkRow]:
