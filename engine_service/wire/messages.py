@@ -317,15 +317,6 @@ def _set_time(field: timestamp_pb2.Timestamp, when: datetime | None) -> None:
         field.nanos = since.microseconds * 1000
 
 
-def error_detail(error: ErrorRecord | None) -> engine_pb2.ErrorDetail | None:
-    """An ErrorDetail message, or None."""
-    if error is None:
-        return None
-    out = engine_pb2.ErrorDetail()
-    _set_error(out, error)
-    return out
-
-
 def _set_error(field: engine_pb2.ErrorDetail, error: ErrorRecord | None) -> None:
     """`field` (a message's ErrorDetail field) set to `error` in place; left unset for None."""
     if error is None:
