@@ -130,6 +130,9 @@ async def store_rpcs(metrics_urls: list[str]) -> collections.Counter[str]:
         for line in (await asyncio.to_thread(scrape, url)).splitlines():
             if match := _STORE_RPC.match(line):
                 counts[match.group(1)] += int(float(match.group(2)))
+            elif line.startswith("keel_store_append_stream_messages_total "):
+                # A batch on the open AppendEventsStream: a round trip, as an AppendEventsBatch call is.
+                counts["AppendEventsStream msgs"] += int(float(line.split()[1]))
     return counts
 
 
@@ -240,14 +243,24 @@ async def one_run_seconds(stub: EngineServiceAsyncStub, calls: int) -> float:
     return elapsed
 
 
-async def per_call_ms(stub: EngineServiceAsyncStub, calls: int) -> float:
-    """Milliseconds each sequential recorded call adds to a run (median of 3 pairs)."""
-    overheads = []
+async def per_call_ms(
+    stub: EngineServiceAsyncStub, calls: int, engine_pids: list[int], store_pids: list[int]
+) -> tuple[float, float, float]:
+    """Milliseconds each sequential recorded call adds to a run, and the engine's and the store's
+    CPU milliseconds per call (medians of 3 pairs)."""
+    overheads, engine_cpu, store_cpu = [], [], []
     for _ in range(3):
+        cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
         with_calls = await one_run_seconds(stub, calls)
+        cpu_between = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
         without = await one_run_seconds(stub, 0)
+        cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
         overheads.append((with_calls - without) * 1000 / calls)
-    return statistics.median(overheads)
+        # The run without calls is short: its CPU stands in for the with-calls run's fixed part.
+        fixed = (cpu_after[0] - cpu_between[0], cpu_after[1] - cpu_between[1])
+        engine_cpu.append((cpu_between[0] - cpu_before[0] - fixed[0]) * 1000 / calls)
+        store_cpu.append((cpu_between[1] - cpu_before[1] - fixed[1]) * 1000 / calls)
+    return statistics.median(overheads), statistics.median(engine_cpu), statistics.median(store_cpu)
 
 
 def cpu_seconds(*pids: int) -> float:
@@ -362,7 +375,9 @@ async def main() -> None:
                     echo = await echo_rate(echo_address, args.concurrency, seconds=3.0)
                     echo_cpu = (cpu_seconds(echo_process.pid) - echo_cpu) / (echo * 3.0)
                 if sequential_calls:
-                    call_ms = await per_call_ms(stubs[0], args.calls)
+                    call_ms, call_engine_ms, call_store_ms = await per_call_ms(
+                        stubs[0], args.calls, engine_pids[:1], store_pids
+                    )
                 if fan_outs:
                     await measure_fan_out(stubs, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
                     fan_cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
@@ -392,6 +407,7 @@ async def main() -> None:
             f"engine_runs: one step making {args.calls} sequential recorded io.calls (keel.echo transport): "
             f"{call_ms:.2f} ms per call (issue 13 aim <= 1.5 ms)"
         )
+        print(f"  CPU per call: engine {call_engine_ms:.2f} ms, store {call_store_ms:.2f} ms")
     if fan_outs:
         engine_ms = (fan_cpu_after[0] - fan_cpu_before[0]) * 1000 / args.parents
         store_ms = (fan_cpu_after[1] - fan_cpu_before[1]) * 1000 / args.parents

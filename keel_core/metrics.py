@@ -31,12 +31,14 @@ RPC_HANDLED = Counter(
     ["service", "method", "code"],
     registry=REGISTRY,
 )
+# Seconds, for the time an RPC (or a request of a long-lived call) takes to be handled.
+RPC_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 RPC_SECONDS = Histogram(
     "keel_rpc_duration_seconds",
     "Time to handle an RPC, by service and method.",
     ["service", "method"],
     registry=REGISTRY,
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+    buckets=RPC_SECONDS_BUCKETS,
 )
 
 

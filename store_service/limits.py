@@ -124,12 +124,12 @@ MAX_BATCH_APPENDS = 256
 
 
 def check_batch_appends(count: int) -> None:
-    """An AppendEventsBatch carries 1 to 256 appends."""
+    """An AppendEventsBatch call, or an AppendEventsStream request, carries 1 to 256 appends."""
     if not 1 <= count <= MAX_BATCH_APPENDS:
         raise invalid_argument(
             "invalid_batch",
-            f"AppendEventsBatch takes 1 to {MAX_BATCH_APPENDS} appends (got {count}); "
-            "send more as several calls",
+            f"a batch (AppendEventsBatch, or a request of AppendEventsStream) takes 1 to {MAX_BATCH_APPENDS} "
+            f"appends (got {count}); send more as several batches",
         )
 
 

@@ -6,13 +6,14 @@ once they were stored or sent.
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
-from keel_core.metrics import REGISTRY
+from keel_core.metrics import REGISTRY, RPC_SECONDS_BUCKETS
 
 APPENDS = Counter(
     "keel_store_appends",
-    "Appends that committed (an AppendEvents call, or one append of an AppendEventsBatch).",
+    "Appends that committed (an AppendEvents call, or one append of an AppendEventsBatch or of an "
+    "AppendEventsStream request).",
     registry=REGISTRY,
 )
 EVENTS_APPENDED = Counter(
@@ -31,6 +32,20 @@ ARTIFACT_BYTES_OUT = Counter(
     "keel_store_artifact_bytes_out",
     "Artifact bytes sent by GetArtifact.",
     registry=REGISTRY,
+)
+
+APPEND_STREAM_MESSAGES = Counter(
+    "keel_store_append_stream_messages",
+    "AppendEventsStream requests answered or refused: each is one batch's round trip, as an "
+    "AppendEventsBatch call is (the call itself counts once, in keel_rpc_started).",
+    registry=REGISTRY,
+)
+APPEND_STREAM_REQUEST_SECONDS = Histogram(
+    "keel_store_append_stream_request_seconds",
+    "Time to answer one AppendEventsStream request, from its arrival to its outcomes (its appends "
+    "durable); keel_rpc_duration_seconds times the whole long-lived call.",
+    registry=REGISTRY,
+    buckets=RPC_SECONDS_BUCKETS,
 )
 
 STREAMS_DELETED = Counter(
@@ -58,6 +73,8 @@ def appended(events: int, inline_artifact_bytes: int) -> None:
 
 __all__ = [
     "APPENDS",
+    "APPEND_STREAM_MESSAGES",
+    "APPEND_STREAM_REQUEST_SECONDS",
     "ARTIFACTS_DELETED",
     "ARTIFACT_BYTES_IN",
     "ARTIFACT_BYTES_OUT",

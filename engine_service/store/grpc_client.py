@@ -11,12 +11,15 @@ SIGSTOPped: its connection still looks healthy) costs a heartbeat with 0.5 s of 
 half of it when there are two, and the retry goes to the next replica. A replica that failed a try
 is avoided for SUSPECT_SECONDS while another one is not.
 
-Appends travel together. While an `AppendEventsBatch` is on its way to a replica, the appends made
-meanwhile (by any of the engine's runs) wait and go as the next one: one RPC for what one flush of
-all the runs in flight has to say, each append with its own expected head and its own outcome.
-An append made when the way is free goes at the next turn of the event loop, with whatever was
-made in the same turn; alone, it goes as a plain `AppendEvents`. A store that does not know
-`AppendEventsBatch` (older than the engine) is sent plain appends from then on.
+Appends travel together. While a batch of appends is on its way to a replica, the appends made
+meanwhile (by any of the engine's runs) wait and go as the next one: one round trip for what one
+flush of all the runs in flight has to say, each append with its own expected head and its own
+outcome. An append made when the way is free goes at the next turn of the event loop, with whatever
+was made in the same turn. The batches go as requests on one long-lived `AppendEventsStream` call
+per replica, which costs a fraction of a call each; with tracing on, an append that goes alone is
+sent as a plain `AppendEvents` in its caller's context instead, so its span joins the run's trace.
+A store that does not know `AppendEventsStream` (older than the engine) is sent `AppendEventsBatch`
+calls from then on, and one that does not know those either plain appends.
 
 An append whose answer was lost may have committed. Its retry then meets `sequence_conflict`; the
 client re-reads the stream after `expected_seq` and, when it finds exactly the events it sent,
@@ -204,7 +207,8 @@ class _Waiting:
 
 
 class _AppendBatcher:
-    """The appends bound for one replica, sent as AppendEventsBatch calls (see the module docstring).
+    """The appends bound for one replica, sent in batches on its AppendEventsStream (see the module
+    docstring).
 
     Each append keeps the semantics of its own AppendEvents try: its answer, or the error that call
     would raise (an RPC error for the whole batch, its own KeelError for its own failure), within
@@ -223,6 +227,15 @@ class _AppendBatcher:
         self._sending: set[asyncio.Task[None]] = set()  # referenced until done
         self._closed = False
         self.batching = True  # False once the store has said it does not know AppendEventsBatch
+        self.streaming = True  # False once the store has said it does not know AppendEventsStream
+        # The open AppendEventsStream call the batches go over, one at a time (None: open one).
+        self._exchanging = False
+        self._stream: (
+            grpc.aio.StreamStreamCall[
+                store_pb2.AppendEventsStreamRequest, store_pb2.AppendEventsStreamResponse
+            ]
+            | None
+        ) = None
 
     async def append(
         self, request: store_pb2.AppendEventsRequest, seconds: float
@@ -255,6 +268,7 @@ class _AppendBatcher:
     def close(self) -> None:
         """Fail the appends still queued (their batch will not leave) and any made from now on."""
         self._closed = True
+        self._drop_stream()
         waiting, self._waiting = self._waiting, []
         for each in waiting:
             _settle(each, _closed())
@@ -273,7 +287,8 @@ class _AppendBatcher:
             if not batch:
                 continue  # every taken append had given up
             self._in_flight += 1
-            if len(batch) == 1:  # alone: a plain AppendEvents in its caller's context
+            if len(batch) == 1 and (not self.streaming or tracing.enabled()):
+                # Alone: a plain AppendEvents in its caller's context (its span joins the run's trace).
                 self._start(self._send_alone(batch[0]), batch[0].context, batch, counted=True)
             else:  # made by many runs: the RPC belongs to none of them
                 self._start(self._send_together(batch), contextvars.Context(), batch, counted=True)
@@ -332,11 +347,9 @@ class _AppendBatcher:
 
     async def _send_together(self, batch: list[_Waiting]) -> None:
         # The latest of the appends' deadlines: each caller stops waiting at its own.
-        seconds = max(max(waiting.deadline for waiting in batch) - time.monotonic(), 0.001)
-        self._calls["AppendEventsBatch"] += 1
-        request = store_pb2.AppendEventsBatchRequest(appends=[waiting.request for waiting in batch])
+        deadline = max(waiting.deadline for waiting in batch)
         try:
-            response = await self._stub.AppendEventsBatch(request, timeout=seconds)
+            outcomes = await self._exchange([waiting.request for waiting in batch], deadline)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                 each = _each_its_own(error)
@@ -352,21 +365,121 @@ class _AppendBatcher:
                 if not waiting.answer.done():
                     self._start(self._send_alone(waiting), waiting.context, [waiting])
             return
-        if len(response.outcomes) != len(batch):
+        if len(outcomes) != len(batch):
+            self._drop_stream()  # answers that do not fit their requests: the call is not trusted again
             for waiting in batch:
                 _settle(
                     waiting,
                     KeelError(
                         "internal",
-                        f"the store answered {len(response.outcomes)} outcomes for {len(batch)} appends",
+                        f"the store answered {len(outcomes)} outcomes for {len(batch)} appends",
                     ),
                 )
             return
-        for waiting, outcome in zip(batch, response.outcomes, strict=True):
+        for waiting, outcome in zip(batch, outcomes, strict=True):
             if outcome.HasField("appended"):
                 _settle(waiting, outcome.appended)
             else:
                 _settle(waiting, _failed(outcome.failure))
+
+    async def _exchange(
+        self, appends: list[store_pb2.AppendEventsRequest], deadline: float
+    ) -> Sequence[store_pb2.AppendOutcome]:
+        """The batch's outcomes, by `deadline` (monotonic): over the open AppendEventsStream, or from
+        an AppendEventsBatch call to a store that does not know the stream."""
+        if self.streaming:
+            try:
+                request = store_pb2.AppendEventsStreamRequest(appends=appends)
+                return await self._over_stream(request, max(deadline - time.monotonic(), 0.001))
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.warning(
+                    "the store does not know AppendEventsStream (older than this engine): "
+                    "sending each batch as its own call"
+                )
+                self.streaming = False
+        self._calls["AppendEventsBatch"] += 1
+        response: store_pb2.AppendEventsBatchResponse = await self._stub.AppendEventsBatch(
+            store_pb2.AppendEventsBatchRequest(appends=appends),
+            timeout=max(deadline - time.monotonic(), 0.001),
+        )
+        return response.outcomes
+
+    async def _over_stream(
+        self, request: store_pb2.AppendEventsStreamRequest, seconds: float
+    ) -> Sequence[store_pb2.AppendOutcome]:
+        """One request and its answer on the open stream (opened first if there is none).
+
+        The stream has no deadline of its own: the batch's is kept here, and a stream whose answer
+        did not come in time (or that failed in any way) is cancelled and left for a new one, so
+        its state is never in doubt. What the batch then raises is what its own call would have:
+        DEADLINE_EXCEEDED, or the status the store ended the stream with.
+        """
+        # One request at a time on a call (BATCHES_IN_FLIGHT): an answer is its request's because
+        # the store answers in order and nothing else was asked since.
+        assert not self._exchanging, "two batches on one append stream at once"
+        call = self._stream
+        if call is None or call.done():
+            # No request iterator: this client writes and reads the call itself (the stubs' types
+            # know only the iterator form).
+            call = self._stream = self._stub.AppendEventsStream()  # type: ignore[call-arg]
+        self._calls["AppendEventsStream"] += 1
+        self._exchanging = True
+        writing = True
+        try:
+            async with asyncio.timeout(seconds):
+                await call.write(request)
+                writing = False
+                response = await call.read()
+        except BaseException as error:
+            self._drop_stream()
+            if isinstance(error, TimeoutError):
+                raise _rpc_error(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "the store did not answer in time"
+                ) from None
+            if isinstance(error, asyncio.InvalidStateError):  # written to a call that had ended
+                raise _rpc_error(
+                    grpc.StatusCode.UNAVAILABLE, f"the append stream had ended: {error}"
+                ) from None
+            if isinstance(error, grpc.aio.AioRpcError) and _broken_stream(error, writing):
+                raise _rpc_error(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the append stream broke ({error.code().name}: {error.details()})",
+                ) from None
+            raise
+        finally:
+            self._exchanging = False
+        if not isinstance(response, store_pb2.AppendEventsStreamResponse):  # EOF: it ended, status OK
+            self._drop_stream()
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "the store ended the append stream unasked")
+        return response.outcomes
+
+    def _drop_stream(self) -> None:
+        """Cancel the open append stream, if any: the next batch opens a new one."""
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+
+def _broken_stream(error: grpc.aio.AioRpcError, writing: bool) -> bool:
+    """Whether an append stream's error is gRPC's own word that the call broke, not the store's.
+
+    Both are worth a retry (elsewhere if there is another replica), the request having been
+    appended or not, which the retry finds out (see the module docstring): a request written to a
+    stream whose store just died fails INTERNAL "Internal error from Core" (a unary call would
+    fail UNAVAILABLE), and a call the other end cancelled (a server stopped past its grace, a
+    proxy's idle timeout) fails CANCELLED (this client's own cancels raise CancelledError). The
+    store's own statuses carry ErrorInfo; an UNKNOWN or INTERNAL read without it (a fault outside
+    the store's handler) stays final, as on a unary call.
+    """
+    trailing = cast(grpc.aio.Metadata, error.trailing_metadata())  # an aio call's is aio Metadata
+    if "grpc-status-details-bin" in (trailing or ()):
+        return False
+    code = error.code()
+    return code == grpc.StatusCode.CANCELLED or (
+        writing and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    )
 
 
 def _closed() -> KeelError:

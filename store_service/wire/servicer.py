@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -136,10 +137,15 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         # engines) delete; one without a token deletes only when started with --allow-deletes.
         self._allow_deletes = allow_deletes
         self._shutting_down = asyncio.Event()
+        # AppendEventsStream calls waiting for their next request (their tasks).
+        self._idle_append_streams: set[asyncio.Task[Any]] = set()
 
     def end_subscriptions(self) -> None:
-        """Make every open SubscribeEvents end with UNAVAILABLE (the server is draining)."""
+        """Make every open SubscribeEvents, and every AppendEventsStream between requests, end with
+        UNAVAILABLE (the server is draining)."""
         self._shutting_down.set()
+        for task in list(self._idle_append_streams):
+            task.cancel()
 
     @translated
     async def AppendEvents(
@@ -154,12 +160,48 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     ) -> store_pb2.AppendEventsBatchResponse:
         """Each append as AppendEvents would take it, queued together for one group commit; each
         its own outcome."""
-        limits.check_batch_appends(len(request.appends))
+        return store_pb2.AppendEventsBatchResponse(outcomes=await self.append_batch(request.appends))
+
+    @translated_stream
+    async def AppendEventsStream(
+        self, requests: AsyncIterator[store_pb2.AppendEventsStreamRequest], context: Context
+    ) -> AsyncIterator[store_pb2.AppendEventsStreamResponse]:
+        """Each request as AppendEventsBatch takes it, answered in turn; a request it would refuse
+        as a whole ends the call with that status. Ends an idle call when the store shuts down."""
+        # Waiting for the next request, the call's task is listed, and a shutdown cancels it there
+        # (a task per read, raced against the shutdown, cost each request as much again).
+        task = asyncio.current_task()
+        assert task is not None
+        incoming = aiter(requests)
+        while not self._shutting_down.is_set():
+            self._idle_append_streams.add(task)
+            try:
+                request = await anext(incoming)
+            except StopAsyncIteration:
+                return  # the client is done
+            except asyncio.CancelledError:
+                if not self._shutting_down.is_set():
+                    raise  # the client cancelled, or the server is stopping
+                task.uncancel()  # the shutdown's: ended below, UNAVAILABLE
+                break
+            finally:
+                self._idle_append_streams.discard(task)
+            metrics.APPEND_STREAM_MESSAGES.inc()
+            arrived = time.perf_counter()
+            outcomes = await self.append_batch(request.appends)
+            metrics.APPEND_STREAM_REQUEST_SECONDS.observe(time.perf_counter() - arrived)
+            yield store_pb2.AppendEventsStreamResponse(outcomes=outcomes)
+        raise unavailable("store_shutting_down", "the store is shutting down; open the append stream again")
+
+    async def append_batch(
+        self, appends: Sequence[store_pb2.AppendEventsRequest]
+    ) -> list[store_pb2.AppendOutcome]:
+        """The outcomes of a batch's appends (AppendEventsBatch, or a request of AppendEventsStream),
+        queued together for one group commit, in request order; raises for a batch refused whole."""
+        limits.check_batch_appends(len(appends))
         # The appends enqueue in request order within one turn of the loop, before the writer runs.
-        settled = await asyncio.gather(
-            *(self._append(append) for append in request.appends), return_exceptions=True
-        )
-        return store_pb2.AppendEventsBatchResponse(outcomes=[_outcome(each) for each in settled])
+        settled = await asyncio.gather(*(self._append(append) for append in appends), return_exceptions=True)
+        return [_outcome(each) for each in settled]
 
     async def _append(self, request: store_pb2.AppendEventsRequest) -> store_pb2.AppendEventsResponse:
         stream_id = limits.check_stream_id(request.stream_id)

@@ -579,8 +579,9 @@ async def test_waited_run_of_three_steps_costs_one_append_or_one_per_step(cluste
     # answer is the run as of its terminal event, which no deletion and no rerun can precede (both
     # need a terminal run): no HeadSeq checks that it still exists, and its reruns are not listed
     # (GetRun does both).
+    # Each append travels as one request on the engine's open AppendEventsStream.
     appends = 1 if cluster.checkpoint_linger > 0 else 4
-    assert spent == {"AppendEvents": appends}
+    assert spent == {"AppendEvents": appends, "AppendEventsStream": appends}
     events = await cluster.store_stub.ReadEvents(store_pb2.ReadEventsRequest(stream_id=f"run:{run.run_id}"))
     assert [e.type for e in events.events] == [
         "RunStarted",

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +20,6 @@ from engine_service.store import grpc_client
 from engine_service.store.grpc_client import StoreClient, channel_target
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.serving import SERVER_OPTIONS
-from keel_core.status import abort_with
 from store_service.server import StoreConfig, StoreServingHandle, start_store
 from store_service.sqlite import SqliteStoreBackend
 from store_service.sqlite import writer as sqlite_writer
@@ -248,8 +247,8 @@ async def test_appends_made_together_go_as_one_batch_each_with_its_own_outcome(
             client.append("run:taken", [("B", b"2")], expected_seq=None),  # its head is 1: a conflict
             return_exceptions=True,
         )
-        # Made in one turn of the loop: one AppendEventsBatch carried all 21.
-        assert client.calls - before == {"AppendEvents": 21, "AppendEventsBatch": 1}
+        # Made in one turn of the loop: one batch carried all 21, on the client's AppendEventsStream.
+        assert client.calls - before == {"AppendEvents": 21, "AppendEventsStream": 1}
         *answers, conflict = outcomes
         assert isinstance(conflict, KeelError) and conflict.code == "sequence_conflict"
         assert conflict.details["actual_seq"] == "1"
@@ -273,14 +272,26 @@ async def test_a_batch_whose_answer_was_lost_is_recognised_append_by_append(
         results = await asyncio.gather(
             *(client.append(stream, [("E", b"1"), ("F", b"2")], expected_seq=None) for stream in streams)
         )
-        assert proxy.eaten == 1 and client.calls["AppendEventsBatch"] >= 1
+        assert proxy.eaten == 1 and client.calls["AppendEventsStream"] >= 1
         assert [(r.first_seq, r.head_seq) for r in results] == [(1, 2)] * 5
         for stream in streams:  # each committed once: the retry met its own events
             assert [(e.seq, e.type) for e in await direct.read(stream)] == [(1, "E"), (2, "F")]
 
 
-class _OlderStore(StoreServicer):
-    """A store from before AppendEventsBatch: it answers the call UNIMPLEMENTED, as gRPC does."""
+class _StoreBeforeStreams(StoreServicer):
+    """A store from before AppendEventsStream: it answers the call UNIMPLEMENTED, as gRPC does."""
+
+    async def AppendEventsStream(
+        self,
+        requests: AsyncIterator[store_pb2.AppendEventsStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[store_pb2.AppendEventsStreamResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        yield store_pb2.AppendEventsStreamResponse()  # never: an async generator, as the servicer's
+
+
+class _OlderStore(_StoreBeforeStreams):
+    """A store from before AppendEventsBatch (and the stream): it answers the call UNIMPLEMENTED."""
 
     async def AppendEventsBatch(
         self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -308,6 +319,34 @@ async def serving(
         await backend.close()
 
 
+async def test_a_store_without_the_append_stream_is_sent_each_batch_as_its_own_call(tmp_path: Path) -> None:
+    async with serving(_StoreBeforeStreams, tmp_path / "older") as (_, port):
+        client = StoreClient(f"127.0.0.1:{port}")
+        try:
+            await client.append("run:taken", [("A", b"1")], expected_seq=None)  # refused as a stream, re-sent
+            for round_ in (1, 2):
+                before = client.calls.copy()
+                streams = [f"run:{round_}-{i}" for i in range(6)]
+                outcomes = await asyncio.gather(
+                    *(client.append(s, [("E", s.encode())], expected_seq=None) for s in streams),
+                    client.append("run:taken", [("B", b"2")], expected_seq=None),  # a conflict, its own
+                    return_exceptions=True,
+                )
+                *answers, conflict = outcomes
+                assert [(a.first_seq, a.head_seq) for a in answers if not isinstance(a, BaseException)] == [
+                    (1, 1)
+                ] * 6
+                assert isinstance(conflict, KeelError) and conflict.code == "sequence_conflict"
+                assert client.calls - before == {"AppendEvents": 7, "AppendEventsBatch": 1}
+            assert client.calls["AppendEventsStream"] == 1  # asked once, then never again
+            for round_ in (1, 2):
+                for i in range(6):
+                    stream = f"run:{round_}-{i}"
+                    assert [e.payload for e in await client.read(stream)] == [stream.encode()]
+        finally:
+            await client.close()
+
+
 async def test_a_store_without_batches_is_sent_appends_one_by_one(tmp_path: Path) -> None:
     async with serving(_OlderStore, tmp_path / "older") as (_, port):
         client = StoreClient(f"127.0.0.1:{port}")
@@ -319,6 +358,7 @@ async def test_a_store_without_batches_is_sent_appends_one_by_one(tmp_path: Path
                 )
                 assert [r.head_seq for r in results] == [round_] * 6
             assert client.calls["AppendEventsBatch"] == 1
+            assert client.calls["AppendEventsStream"] == 1
             for stream in streams:
                 assert [e.seq for e in await client.read(stream)] == [1, 2]
         finally:
@@ -348,6 +388,31 @@ async def test_several_store_addresses_are_balanced_and_a_dead_one_is_skipped(
         assert [e.seq for e in await client.read("run:z")] == [1, 2, 3, 4, 5]
     finally:
         await client.close()
+
+
+async def test_an_append_written_to_a_stream_whose_store_just_died_is_retried_not_failed(
+    tmp_path: Path,
+) -> None:
+    # Written at once to the open append stream of a store just killed, a request fails in one of
+    # three ways depending on how far gRPC has got with the broken connection: UNAVAILABLE, a write
+    # to a call already over, or INTERNAL "Internal error from Core". The last used to fail the
+    # append for good (not a retry code): a step's recorded answer was lost and its call made again.
+    store = await start_store_process(tmp_path / "data")
+    client = StoreClient(store.address)
+    try:
+        await client.append("run:x", [("E", b"0")], expected_seq=None)  # the stream is open
+        for seq in range(1, 11):
+            await store.kill()
+            append = asyncio.ensure_future(
+                client.append("run:x", [("E", str(seq).encode())], expected_seq=seq)
+            )
+            store = await start_store_process(tmp_path / "data", port=store.port)
+            result = await asyncio.wait_for(append, 60)  # a hang detector, not a timing threshold
+            assert (result.first_seq, result.head_seq) == (seq + 1, seq + 1)
+        assert [e.payload for e in await client.read("run:x")] == [str(seq).encode() for seq in range(11)]
+    finally:
+        await client.close()
+        await store.kill()
 
 
 async def test_a_stalled_replica_is_skipped_within_the_callers_patience(
@@ -400,25 +465,25 @@ async def test_a_caller_that_waits_for_ever_is_not_held_by_a_stalled_replica(
 
 
 class _HeldStore(StoreServicer):
-    """A store whose AppendEventsBatch calls wait for `release`, then commit even if their caller is
-    gone (as a real store's group commit does once the appends are queued)."""
+    """A store whose batches wait for `release`, then commit even if their caller is gone (as a
+    real store's group commit does once the appends are queued)."""
 
     def __init__(self, backend: SqliteStoreBackend) -> None:
         super().__init__(backend)
         self.batch_arrived = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def AppendEventsBatch(
-        self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> store_pb2.AppendEventsBatchResponse:
+    async def append_batch(
+        self, appends: Sequence[store_pb2.AppendEventsRequest]
+    ) -> list[store_pb2.AppendOutcome]:
         self.batch_arrived.set()
-        return await asyncio.shield(self._after_release(request, context))
+        return await asyncio.shield(self._after_release(appends))
 
     async def _after_release(
-        self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> store_pb2.AppendEventsBatchResponse:
+        self, appends: Sequence[store_pb2.AppendEventsRequest]
+    ) -> list[store_pb2.AppendOutcome]:
         await self.release.wait()
-        return await super().AppendEventsBatch(request, context)
+        return await super().append_batch(appends)
 
 
 @pytest.fixture
@@ -455,7 +520,7 @@ async def test_an_append_in_a_batch_is_failed_at_its_own_time_not_its_neighbours
         result = await asyncio.wait_for(patient, 60)  # a hang detector, not a timing threshold
         assert (result.first_seq, result.head_seq) == (1, 1)
         assert [e.payload for e in await client.read("ledger:x")] == [b"once"]
-        assert client.calls["AppendEventsBatch"] == 1
+        assert client.calls["AppendEventsStream"] == 1
     finally:
         await client.close()
 
@@ -507,16 +572,14 @@ async def test_appends_queued_when_the_client_closes_fail_rather_than_hang(
 class _RefusingStore(StoreServicer):
     """A store that refuses every batch as a whole, with its reason in ErrorInfo."""
 
-    async def AppendEventsBatch(
-        self, request: store_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> store_pb2.AppendEventsBatchResponse:
-        refusal = KeelError(
+    async def append_batch(
+        self, appends: Sequence[store_pb2.AppendEventsRequest]
+    ) -> list[store_pb2.AppendOutcome]:
+        raise KeelError(
             "store_read_only",
             "this store is read-only for maintenance",
             category=ErrorCategory.FAILED_PRECONDITION,
         )
-        await abort_with(context, refusal)
-        raise AssertionError("abort_with returned")  # pragma: no cover - abort always raises
 
 
 async def test_a_batch_refused_as_a_whole_gives_each_append_the_refusals_reason(tmp_path: Path) -> None:
@@ -529,7 +592,7 @@ async def test_a_batch_refused_as_a_whole_gives_each_append_the_refusals_reason(
                 *(client.append(f"run:{i}", [("A", b"1")], expected_seq=None) for i in range(3)),
                 return_exceptions=True,
             )
-            assert client.calls["AppendEventsBatch"] >= 1  # at least two of them went together
+            assert client.calls["AppendEventsStream"] >= 1  # refused on the stream, which it ended
             for outcome in outcomes:
                 assert isinstance(outcome, KeelError), outcome
                 assert (outcome.code, outcome.category) == (

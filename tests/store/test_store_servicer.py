@@ -17,6 +17,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 from keel_core.status import from_rpc_error
 from store_service.server import StoreConfig, StoreServingHandle, start_store
 from store_service.sqlite import SqliteStoreBackend
+from tests.engine.processes import eventually
 from tests.store.conftest import error_info
 from tests.store.postgres_schemas import fresh_schema
 
@@ -167,6 +168,104 @@ async def test_a_batch_gives_each_append_its_own_outcome(either_stub: StoreServi
     assert (await stub.HeadSeq(pb.HeadSeqRequest(stream_id="taken"))).head_seq == 2
     listed = await stub.ListStreams(pb.ListStreamsRequest())
     assert sorted(s.stream_id for s in listed.streams) == ["fresh", "kin", "taken"]
+
+
+def open_append_stream(stub: StoreServiceAsyncStub) -> Any:
+    """An AppendEventsStream call that the test writes and reads itself (no request iterator)."""
+    return stub.AppendEventsStream()  # type: ignore[call-arg]  # the stubs' types know only iterators
+
+
+async def test_an_append_stream_answers_each_batch_in_turn_with_its_own_outcomes(
+    either_stub: StoreServiceAsyncStub,
+) -> None:
+    stub = either_stub
+    await stub.AppendEvents(append_request("taken", events=[ev("A"), ev("B")]))
+    call = open_append_stream(stub)
+    await call.write(
+        pb.AppendEventsStreamRequest(
+            appends=[
+                append_request("fresh", events=[ev("A", b"1")]),
+                append_request("taken", pb.EXPECTED_KIND_EXACT, 1),  # its head is 2: a conflict
+                append_request("bad\nid"),
+            ]
+        )
+    )
+    first = await call.read()
+    assert isinstance(first, pb.AppendEventsStreamResponse)
+    assert [o.WhichOneof("outcome") for o in first.outcomes] == ["appended", "failure", "failure"]
+    assert (first.outcomes[0].appended.first_seq, first.outcomes[0].appended.head_seq) == (1, 1)
+    assert (first.outcomes[1].failure.reason, first.outcomes[1].failure.metadata["actual_seq"]) == (
+        "sequence_conflict",
+        "2",
+    )
+    assert first.outcomes[2].failure.reason == "invalid_stream_id"
+    # The next request on the same call sees what the one before committed.
+    await call.write(
+        pb.AppendEventsStreamRequest(
+            appends=[
+                append_request("fresh", pb.EXPECTED_KIND_EXACT, 1, events=[ev("B", b"2")]),
+                append_request("taken", pb.EXPECTED_KIND_EXACT, 2, events=[ev("C")]),
+            ]
+        )
+    )
+    second = await call.read()
+    assert isinstance(second, pb.AppendEventsStreamResponse)
+    assert [(o.appended.first_seq, o.appended.head_seq) for o in second.outcomes] == [(2, 2), (3, 3)]
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]  # the client is done: it ends OK
+    assert await call.code() == grpc.StatusCode.OK
+    fresh = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="fresh"))
+    assert [(e.seq, e.type, e.payload) for e in fresh.events] == [(1, "A", b"1"), (2, "B", b"2")]
+    taken = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="taken"))
+    assert [e.type for e in taken.events] == ["A", "B", "C"]
+
+
+async def test_a_request_refused_as_a_whole_ends_the_append_stream_and_writes_nothing(
+    stub: StoreServiceAsyncStub,
+) -> None:
+    call = open_append_stream(stub)
+    await call.write(pb.AppendEventsStreamRequest(appends=[append_request("before")]))
+    answered = await call.read()
+    assert isinstance(answered, pb.AppendEventsStreamResponse)
+    assert answered.outcomes[0].WhichOneof("outcome") == "appended"
+    await call.write(pb.AppendEventsStreamRequest(appends=[append_request(f"s{i}") for i in range(257)]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info.reason == "invalid_batch" and "256" in (caught.value.details() or "")
+    listed = await stub.ListStreams(pb.ListStreamsRequest())
+    assert [s.stream_id for s in listed.streams] == ["before"]
+
+
+async def test_an_append_stream_its_client_cancels_between_requests_leaves_nothing_behind(
+    store: StoreServingHandle, stub: StoreServiceAsyncStub
+) -> None:
+    assert store.servicer is not None
+    call = open_append_stream(stub)
+    await call.write(pb.AppendEventsStreamRequest(appends=[append_request("s")]))
+    assert isinstance(await call.read(), pb.AppendEventsStreamResponse)
+    listed = store.servicer._idle_append_streams
+    assert len(listed) == 1  # waiting for the next request
+    call.cancel()
+
+    await eventually(lambda: not listed, "the cancelled stream's task no longer listed", within=60, poll=0.01)
+
+
+async def test_drain_ends_an_idle_append_stream_with_unavailable(tmp_path: Any) -> None:
+    handle = await start_store(StoreConfig(listen="127.0.0.1:0", data_dir=tmp_path))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        stub = store_pb2_grpc.StoreServiceStub(channel)
+        call = open_append_stream(stub)
+        await call.write(pb.AppendEventsStreamRequest(appends=[append_request("s")]))
+        assert isinstance(await call.read(), pb.AppendEventsStreamResponse)
+        # Left open, the call would hold the drain for its grace, then be cancelled: CANCELLED.
+        await handle.drain(grace=60.0)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        # The store's own ending, not the server's cancel of a call still running at the end of grace.
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "store_shutting_down"
 
 
 async def test_trim_stream_drops_old_events_and_keeps_the_head(stub: StoreServiceAsyncStub) -> None:

@@ -444,6 +444,56 @@ class AppendEventsBatchResponse(_message.Message):
 Global___AppendEventsBatchResponse: _TypeAlias = AppendEventsBatchResponse  # noqa: Y015
 
 @_typing.final
+class AppendEventsStreamRequest(_message.Message):
+    """One request of AppendEventsStream: a batch, as AppendEventsBatchRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPENDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def appends(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppendEventsRequest]:
+        """The appends, each as AppendEvents takes it (1 to 256). Appends to the same
+        stream are applied in request order, and after those of earlier requests.
+        """
+
+    def __init__(
+        self,
+        *,
+        appends: _abc.Iterable[Global___AppendEventsRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appends", b"appends"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendEventsStreamRequest: _TypeAlias = AppendEventsStreamRequest  # noqa: Y015
+
+@_typing.final
+class AppendEventsStreamResponse(_message.Message):
+    """The answer to one AppendEventsStream request, as AppendEventsBatchResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppendOutcome]:
+        """One outcome per append, in request order."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___AppendOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendEventsStreamResponse: _TypeAlias = AppendEventsStreamResponse  # noqa: Y015
+
+@_typing.final
 class AppendOutcome(_message.Message):
     """How one append of a batch ended."""
 

@@ -51,6 +51,11 @@ class StoreServiceStub:
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchRequest.SerializeToString,
                 response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchResponse.FromString,
                 _registered_method=True)
+        self.AppendEventsStream = channel.stream_stream(
+                '/keel.store.v1.StoreService/AppendEventsStream',
+                request_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsStreamRequest.SerializeToString,
+                response_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsStreamResponse.FromString,
+                _registered_method=True)
         self.ReadEvents = channel.unary_unary(
                 '/keel.store.v1.StoreService/ReadEvents',
                 request_serializer=keel_dot_store_dot_v1_dot_store__pb2.ReadEventsRequest.SerializeToString,
@@ -149,6 +154,26 @@ class StoreServiceServicer:
         and one fsync; on PostgreSQL one per writer they fall to). The call
         returns once every outcome is known; each successful append is durable by
         then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendEventsStream(self, request_iterator, context):
+        """AppendEventsBatch, message after message on one long-lived call: what an
+        engine keeps open to each store, because a message on an open call costs
+        both sides a fraction of a new call. Each request is taken exactly as
+        AppendEventsBatch takes it and answered by one response, in request order;
+        the store reads the next request once it has answered the one before.
+        Each response is a batch's outcomes (a conflict or a bad append fails that
+        append alone, and its successful appends are durable by then). A request
+        that AppendEventsBatch would refuse as a whole (1 to 256 appends, else
+        INVALID_ARGUMENT, reason `invalid_batch`) ends the call with that status;
+        the requests before it were answered. A store that is shutting down ends
+        an idle call UNAVAILABLE, reason `store_shutting_down`: open a new one
+        (a request it had not answered was not appended, or its append is found
+        by the retry, as after any lost answer). There is no deadline per
+        message: a client that stops waiting for an answer cancels the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -292,6 +317,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchRequest.FromString,
                     response_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchResponse.SerializeToString,
             ),
+            'AppendEventsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AppendEventsStream,
+                    request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsStreamRequest.FromString,
+                    response_serializer=keel_dot_store_dot_v1_dot_store__pb2.AppendEventsStreamResponse.SerializeToString,
+            ),
             'ReadEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadEvents,
                     request_deserializer=keel_dot_store_dot_v1_dot_store__pb2.ReadEventsRequest.FromString,
@@ -419,6 +449,33 @@ class StoreService:
             '/keel.store.v1.StoreService/AppendEventsBatch',
             keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchRequest.SerializeToString,
             keel_dot_store_dot_v1_dot_store__pb2.AppendEventsBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendEventsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/keel.store.v1.StoreService/AppendEventsStream',
+            keel_dot_store_dot_v1_dot_store__pb2.AppendEventsStreamRequest.SerializeToString,
+            keel_dot_store_dot_v1_dot_store__pb2.AppendEventsStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

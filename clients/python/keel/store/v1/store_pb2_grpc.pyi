@@ -58,6 +58,22 @@ class StoreServiceStub:
     returns once every outcome is known; each successful append is durable by
     then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
     """
+    AppendEventsStream: _grpc.StreamStreamMultiCallable[_store_pb2.AppendEventsStreamRequest, _store_pb2.AppendEventsStreamResponse]
+    """AppendEventsBatch, message after message on one long-lived call: what an
+    engine keeps open to each store, because a message on an open call costs
+    both sides a fraction of a new call. Each request is taken exactly as
+    AppendEventsBatch takes it and answered by one response, in request order;
+    the store reads the next request once it has answered the one before.
+    Each response is a batch's outcomes (a conflict or a bad append fails that
+    append alone, and its successful appends are durable by then). A request
+    that AppendEventsBatch would refuse as a whole (1 to 256 appends, else
+    INVALID_ARGUMENT, reason `invalid_batch`) ends the call with that status;
+    the requests before it were answered. A store that is shutting down ends
+    an idle call UNAVAILABLE, reason `store_shutting_down`: open a new one
+    (a request it had not answered was not appended, or its append is found
+    by the retry, as after any lost answer). There is no deadline per
+    message: a client that stops waiting for an answer cancels the call.
+    """
     ReadEvents: _grpc.UnaryUnaryMultiCallable[_store_pb2.ReadEventsRequest, _store_pb2.ReadEventsResponse]
     """Reads events of one stream forward from a sequence number, one page at a
     time.
@@ -160,6 +176,22 @@ class StoreServiceAsyncStub(StoreServiceStub):
     and one fsync; on PostgreSQL one per writer they fall to). The call
     returns once every outcome is known; each successful append is durable by
     then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
+    """
+    AppendEventsStream: _aio.StreamStreamMultiCallable[_store_pb2.AppendEventsStreamRequest, _store_pb2.AppendEventsStreamResponse]  # type: ignore[assignment]
+    """AppendEventsBatch, message after message on one long-lived call: what an
+    engine keeps open to each store, because a message on an open call costs
+    both sides a fraction of a new call. Each request is taken exactly as
+    AppendEventsBatch takes it and answered by one response, in request order;
+    the store reads the next request once it has answered the one before.
+    Each response is a batch's outcomes (a conflict or a bad append fails that
+    append alone, and its successful appends are durable by then). A request
+    that AppendEventsBatch would refuse as a whole (1 to 256 appends, else
+    INVALID_ARGUMENT, reason `invalid_batch`) ends the call with that status;
+    the requests before it were answered. A store that is shutting down ends
+    an idle call UNAVAILABLE, reason `store_shutting_down`: open a new one
+    (a request it had not answered was not appended, or its append is found
+    by the retry, as after any lost answer). There is no deadline per
+    message: a client that stops waiting for an answer cancels the call.
     """
     ReadEvents: _aio.UnaryUnaryMultiCallable[_store_pb2.ReadEventsRequest, _store_pb2.ReadEventsResponse]  # type: ignore[assignment]
     """Reads events of one stream forward from a sequence number, one page at a
@@ -272,6 +304,28 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         and one fsync; on PostgreSQL one per writer they fall to). The call
         returns once every outcome is known; each successful append is durable by
         then. 1 to 256 appends (else INVALID_ARGUMENT, reason `invalid_batch`).
+        """
+
+    @_abc_1.abstractmethod
+    def AppendEventsStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_store_pb2.AppendEventsStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_store_pb2.AppendEventsStreamResponse], _abc.AsyncIterator[_store_pb2.AppendEventsStreamResponse]]:
+        """AppendEventsBatch, message after message on one long-lived call: what an
+        engine keeps open to each store, because a message on an open call costs
+        both sides a fraction of a new call. Each request is taken exactly as
+        AppendEventsBatch takes it and answered by one response, in request order;
+        the store reads the next request once it has answered the one before.
+        Each response is a batch's outcomes (a conflict or a bad append fails that
+        append alone, and its successful appends are durable by then). A request
+        that AppendEventsBatch would refuse as a whole (1 to 256 appends, else
+        INVALID_ARGUMENT, reason `invalid_batch`) ends the call with that status;
+        the requests before it were answered. A store that is shutting down ends
+        an idle call UNAVAILABLE, reason `store_shutting_down`: open a new one
+        (a request it had not answered was not appended, or its append is found
+        by the retry, as after any lost answer). There is no deadline per
+        message: a client that stops waiting for an answer cancels the call.
         """
 
     @_abc_1.abstractmethod
