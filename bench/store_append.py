@@ -10,7 +10,9 @@ prints calls/s for each pattern and the store/echo ratios, next to the targets o
 commits with the store's settings: one process committing one transaction per 100-event batch,
 serially (`SqliteWriter`'s connection: WAL, the same `synchronous`, the store's schema; each batch
 reads its stream's head, inserts its events in one statement and updates the head, as the store
-does). That baseline runs in this process, alternated with the store in every round.
+does). That baseline runs in this process, alternated with the store in every round. The batches
+are also sent as requests on one long-lived `AppendEventsStream` call per client, as an engine sends
+its appends; that line is printed beside the target's, which is the `AppendEvents` calls'.
 The machine may be shared: compare the ratios within one run, not absolute figures across runs.
 """
 
@@ -31,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
@@ -42,6 +45,7 @@ from store_service.sqlite.writer import SqliteWriter
 pb = store_pb2
 ECHO_METHOD = "/keel.bench.Echo/Echo"
 APPEND_METHOD = "/keel.store.v1.StoreService/AppendEvents"
+STREAM_METHOD = "/keel.store.v1.StoreService/AppendEventsStream"
 MiB = 1024 * 1024
 PAYLOAD = b'{"step": "fetch", "attempt": 1, "result": {"ok": true, "rows": 42}}'
 
@@ -185,6 +189,58 @@ async def batch_rate(channel: grpc.aio.Channel, tasks: int, seconds: float, batc
     return await run_for(seconds, tasks, one)
 
 
+async def stream_batch_rate(
+    channel: grpc.aio.Channel, tasks: int, seconds: float, batch: int, tag: str
+) -> float:
+    """Events/s of `batch`-event appends by `tasks` clients, each on its own stream with exact CAS,
+    each client's appends sent as requests on its own AppendEventsStream call (as an engine does).
+
+    As in `batch_rate`, the identical events are encoded once: a request is the AppendEventsRequest
+    (per-call header + encoded events) as field 1 of an AppendEventsStreamRequest.
+    """
+    body = pb.AppendEventsRequest(events=[pb.EventData(type="StepCompleted", payload=PAYLOAD)] * batch)
+    encoded_events = body.SerializeToString()
+    heads = [0] * tasks
+    calls: dict[int, Any] = {}
+
+    async def one(index: int) -> int:
+        call = calls.get(index)
+        if call is None:
+            call = calls[index] = channel.stream_stream(
+                STREAM_METHOD,
+                request_serializer=None,
+                response_deserializer=pb.AppendEventsStreamResponse.FromString,
+            )()  # type: ignore[call-arg]  # written and read here: no request iterator
+        header = pb.AppendEventsRequest(
+            stream_id=f"{tag}-{index}", expected_kind=pb.EXPECTED_KIND_EXACT, expected_seq=heads[index]
+        )
+        append = header.SerializeToString() + encoded_events
+        await call.write(b"\x0a" + _varint(len(append)) + append)
+        answer = await call.read()
+        assert isinstance(answer, pb.AppendEventsStreamResponse), answer
+        outcome = answer.outcomes[0]
+        if not outcome.HasField("appended"):
+            raise RuntimeError(f"append refused: {outcome.failure.reason}: {outcome.failure.message}")
+        heads[index] = outcome.appended.head_seq
+        return batch
+
+    try:
+        return await run_for(seconds, tasks, one)
+    finally:
+        for call in calls.values():
+            call.cancel()
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 async def racing_rate(
     stub: store_pb2_grpc.StoreServiceAsyncStub, tasks: int, seconds: float, stream_id: str
 ) -> tuple[float, float]:
@@ -309,6 +365,8 @@ async def measure(
             for tasks in (1, 16):
                 rate = await batch_rate(store, tasks, seconds, 100, f"batch{tasks}-r{round_no}")
                 record(f"append 100-event batches, {tasks} client(s)", "events/s", rate)
+            streamed = await stream_batch_rate(store, 16, seconds, 100, f"streamed-r{round_no}")
+            record("append 100-event batches, 16 client(s), on AppendEventsStream", "events/s", streamed)
             plain = sqlite3_batch_rate(baseline[0], baseline[1], seconds, 100)
             record("sqlite3 alone, 100-event transactions, serially", "events/s", plain)
         put_rate, get_rate = await artifact_rates(stub, artifact_mib)
@@ -344,6 +402,11 @@ def report(figures: list[Figure], ratios: list[float], durability: str, rounds: 
     print(
         f"  100-event batches vs sqlite3 alone >= 0.8x: {batch / plain:.2f}x  "
         f"({batch:,.0f} vs {plain:,.0f} events/s)  {verdict}"
+    )
+    streamed = by_name["append 100-event batches, 16 client(s), on AppendEventsStream"]
+    print(
+        f"  (the same batches on AppendEventsStream, as engines send them: {streamed / plain:.2f}x, "
+        f"{streamed:,.0f} events/s)"
     )
 
 
