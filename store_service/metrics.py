@@ -36,7 +36,7 @@ ARTIFACT_BYTES_OUT = Counter(
 
 APPEND_STREAM_MESSAGES = Counter(
     "keel_store_append_stream_messages",
-    "AppendEventsStream requests answered or refused: each is one batch's round trip, as an "
+    "AppendEventsStream requests received: each is one batch's round trip, as an "
     "AppendEventsBatch call is (the call itself counts once, in keel_rpc_started).",
     registry=REGISTRY,
 )

@@ -94,6 +94,9 @@ MAX_BATCH_APPENDS = 256
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 # Batches on their way to one replica at a time: appends made meanwhile wait for it and go together.
 BATCHES_IN_FLIGHT = 1
+# Append streams to one replica that may break in a row, no answer between, before it is sent each
+# batch as its own call instead.
+BROKEN_STREAMS_TO_GIVE_UP = 5
 # How long a replica that failed a try is passed over while another one is not.
 SUSPECT_SECONDS = 5.0
 # The longest one try may wait on a replica while another one is still untried (see _try_timeout).
@@ -228,8 +231,9 @@ class _AppendBatcher:
         self._closed = False
         self.batching = True  # False once the store has said it does not know AppendEventsBatch
         self.streaming = True  # False once the store has said it does not know AppendEventsStream
+        self._exchanging = False  # a batch is on the stream
+        self._broken_in_a_row = 0  # streams that broke since the last answer on one
         # The open AppendEventsStream call the batches go over, one at a time (None: open one).
-        self._exchanging = False
         self._stream: (
             grpc.aio.StreamStreamCall[
                 store_pb2.AppendEventsStreamRequest, store_pb2.AppendEventsStreamResponse
@@ -433,27 +437,45 @@ class _AppendBatcher:
                 writing = False
                 response = await call.read()
         except BaseException as error:
+            ended = call.done()
             self._drop_stream()
             if isinstance(error, TimeoutError):
                 raise _rpc_error(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the store did not answer in time"
                 ) from None
             if isinstance(error, asyncio.InvalidStateError):  # written to a call that had ended
-                raise _rpc_error(
-                    grpc.StatusCode.UNAVAILABLE, f"the append stream had ended: {error}"
-                ) from None
+                # Its own status says why: an older store's UNIMPLEMENTED (through interceptors, a
+                # write can meet the call ended before the first read), else a broken call.
+                if ended and await call.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise _rpc_error(grpc.StatusCode.UNIMPLEMENTED, await call.details()) from None
+                raise self._broke(f"the append stream had ended: {error}") from None
             if isinstance(error, grpc.aio.AioRpcError) and _broken_stream(error, writing):
-                raise _rpc_error(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the append stream broke ({error.code().name}: {error.details()})",
+                raise self._broke(
+                    f"the append stream broke ({error.code().name}: {error.details()})"
                 ) from None
             raise
         finally:
             self._exchanging = False
         if not isinstance(response, store_pb2.AppendEventsStreamResponse):  # EOF: it ended, status OK
             self._drop_stream()
-            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "the store ended the append stream unasked")
+            raise self._broke("the store ended the append stream unasked")
+        self._broken_in_a_row = 0
         return response.outcomes
+
+    def _broke(self, why: str) -> grpc.aio.AioRpcError:
+        """The UNAVAILABLE a batch on a broken stream fails with, which its callers retry. A replica
+        whose streams keep breaking with no answer between (a proxy on the way that does not carry
+        bidirectional calls, say) is sent each batch as its own call from then on."""
+        self._broken_in_a_row += 1
+        if self._broken_in_a_row >= BROKEN_STREAMS_TO_GIVE_UP and self.streaming:
+            log.warning(
+                "the append stream to a store broke %d times in a row with no answer (%s): "
+                "sending each batch as its own call from now on",
+                self._broken_in_a_row,
+                why,
+            )
+            self.streaming = False
+        return _rpc_error(grpc.StatusCode.UNAVAILABLE, why)
 
     def _drop_stream(self) -> None:
         """Cancel the open append stream, if any: the next batch opens a new one."""
@@ -462,24 +484,31 @@ class _AppendBatcher:
             self._stream = None
 
 
+# The status gRPC gives a stream call when a message could not be sent (the connection broke).
+_CORE_INTERNAL = "Internal error from Core"
+
+
 def _broken_stream(error: grpc.aio.AioRpcError, writing: bool) -> bool:
     """Whether an append stream's error is gRPC's own word that the call broke, not the store's.
 
-    Both are worth a retry (elsewhere if there is another replica), the request having been
-    appended or not, which the retry finds out (see the module docstring): a request written to a
-    stream whose store just died fails INTERNAL "Internal error from Core" (a unary call would
-    fail UNAVAILABLE), and a call the other end cancelled (a server stopped past its grace, a
+    Those are worth a retry (elsewhere if there is another replica), the request having been
+    appended or not, which the retry finds out (see the module docstring): a request sent on a
+    stream whose store just died fails INTERNAL "Internal error from Core" (a unary call would fail
+    UNAVAILABLE), on the write, or on the read when interceptors (a token, tracing) send the write
+    from a task of theirs; and a call the other end cancelled (a server stopped past its grace, a
     proxy's idle timeout) fails CANCELLED (this client's own cancels raise CancelledError). The
-    store's own statuses carry ErrorInfo; an UNKNOWN or INTERNAL read without it (a fault outside
-    the store's handler) stays final, as on a unary call.
+    store's own statuses carry ErrorInfo; any other UNKNOWN or INTERNAL read without it (a fault
+    outside the store's handler) stays final, as on a unary call.
     """
     trailing = cast(grpc.aio.Metadata, error.trailing_metadata())  # an aio call's is aio Metadata
     if "grpc-status-details-bin" in (trailing or ()):
         return False
     code = error.code()
-    return code == grpc.StatusCode.CANCELLED or (
-        writing and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-    )
+    if code == grpc.StatusCode.CANCELLED:
+        return True
+    if code == grpc.StatusCode.INTERNAL and error.details() == _CORE_INTERNAL:
+        return True
+    return writing and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 
 def _closed() -> KeelError:

@@ -90,23 +90,40 @@ async def test_an_answer_that_comes_in_the_turn_the_time_runs_out_is_the_answer(
 
 
 class FakeStreamCall:
-    """An AppendEventsStream call: its write fails with `write_error`, or its read answers each request
-    with one outcome per append, marked with `mark` (as head_seq), once `release` is set."""
+    """An AppendEventsStream call: its write fails with `write_error` (its read with `read_error`),
+    or its read answers each request with one outcome per append, marked with `mark` (as head_seq),
+    once `release` is set. `ended` is the status of a call already over when it is written to."""
 
-    def __init__(self, mark: int, write_error: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        mark: int,
+        write_error: BaseException | None = None,
+        read_error: BaseException | None = None,
+        ended: grpc.StatusCode | None = None,
+        answers_first: int = 0,
+    ) -> None:
         self.mark = mark
+        self.answers_first = answers_first  # requests answered before `read_error` applies
         self.write_error = write_error
+        self.read_error = read_error
+        self.ended = ended
         self.written: list[store_pb2.AppendEventsStreamRequest] = []
         self.release = asyncio.Event()
         self.release.set()
         self.was_cancelled = asyncio.Event()
 
     def done(self) -> bool:
-        return self.was_cancelled.is_set()
+        return self.was_cancelled.is_set() or self.ended is not None
 
     def cancel(self) -> bool:
         self.was_cancelled.set()
         return True
+
+    async def code(self) -> grpc.StatusCode:
+        return self.ended or grpc.StatusCode.CANCELLED
+
+    async def details(self) -> str:
+        return "Method not found!" if self.ended == grpc.StatusCode.UNIMPLEMENTED else ""
 
     async def write(self, request: store_pb2.AppendEventsStreamRequest) -> None:
         if self.write_error is not None:
@@ -114,6 +131,8 @@ class FakeStreamCall:
         self.written.append(request)
 
     async def read(self) -> store_pb2.AppendEventsStreamResponse:
+        if self.read_error is not None and len(self.written) > self.answers_first:
+            raise self.read_error
         await self.release.wait()
         answer = store_pb2.AppendEventsResponse(first_seq=self.mark, head_seq=self.mark)
         appended = store_pb2.AppendOutcome(appended=answer)
@@ -121,11 +140,25 @@ class FakeStreamCall:
 
 
 class StreamStub:
-    """Opens the given calls in turn."""
+    """Opens the given calls in turn; answers AppendEventsBatch calls with head_seq 99, and
+    AppendEvents calls with 98."""
 
     def __init__(self, *calls: FakeStreamCall) -> None:
         self.calls = list(calls)
         self.opened = 0
+        self.batch_calls = 0
+        self.unary_calls = 0
+
+    async def AppendEvents(self, request: store_pb2.AppendEventsRequest, **_: float) -> Any:
+        self.unary_calls += 1
+        return store_pb2.AppendEventsResponse(first_seq=98, head_seq=98)
+
+    async def AppendEventsBatch(self, request: store_pb2.AppendEventsBatchRequest, **_: float) -> Any:
+        self.batch_calls += 1
+        answer = store_pb2.AppendEventsResponse(first_seq=99, head_seq=99)
+        return store_pb2.AppendEventsBatchResponse(
+            outcomes=[store_pb2.AppendOutcome(appended=answer) for _ in request.appends]
+        )
 
     def AppendEventsStream(self) -> FakeStreamCall:
         call = self.calls[self.opened]
@@ -155,18 +188,21 @@ def append_request(stream_id: str) -> store_pb2.AppendEventsRequest:
     "broken",
     [
         # Written to a stream whose store had just died, before gRPC knew the call was over.
-        rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core"),
+        FakeStreamCall(1, write_error=rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core")),
+        # The same through interceptors (a token, tracing): their task sends the write, and the
+        # error comes out of the read.
+        FakeStreamCall(1, read_error=rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core")),
         # Written to a call already over.
-        asyncio.InvalidStateError("RPC already finished"),
+        FakeStreamCall(1, write_error=asyncio.InvalidStateError("RPC already finished")),
         # Cancelled by the other end (a server stopped past its grace, a proxy's idle timeout).
-        rpc_error(grpc.StatusCode.CANCELLED, "Cancelled"),
+        FakeStreamCall(1, read_error=rpc_error(grpc.StatusCode.CANCELLED, "Cancelled")),
     ],
-    ids=["internal-from-core", "call-over", "cancelled-by-peer"],
+    ids=["internal-from-core", "internal-from-core-on-read", "call-over", "cancelled-by-peer"],
 )
 async def test_a_batch_whose_stream_broke_fails_unavailable_and_the_next_opens_a_new_one(
-    broken: BaseException,
+    broken: FakeStreamCall,
 ) -> None:
-    broken_call, fresh_call = FakeStreamCall(1, write_error=broken), FakeStreamCall(2)
+    broken_call, fresh_call = broken, FakeStreamCall(2)
     stub = StreamStub(broken_call, fresh_call)
     batcher = _AppendBatcher(stub, collections.Counter())  # type: ignore[arg-type]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -176,6 +212,67 @@ async def test_a_batch_whose_stream_broke_fails_unavailable_and_the_next_opens_a
     assert broken_call.was_cancelled.is_set()
     answer = await batcher.append(append_request("run:a"), 60)
     assert answer.head_seq == 2 and stub.opened == 2
+
+
+async def test_an_internal_error_read_without_the_stores_word_stays_final() -> None:
+    # Not a broken connection (that one has gRPC's own words): a fault outside the store's handler,
+    # final as it would be on a unary call.
+    fault = rpc_error(grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2")
+    stub = StreamStub(FakeStreamCall(1, read_error=fault))
+    batcher = _AppendBatcher(stub, collections.Counter())  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await batcher.append(append_request("run:a"), 60)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+
+
+async def test_streams_that_keep_breaking_give_way_to_a_call_per_batch() -> None:
+    # A proxy on the way that cuts every bidirectional call, say: a unary call still gets through.
+    cut = [FakeStreamCall(i, read_error=rpc_error(grpc.StatusCode.CANCELLED, "Cancelled")) for i in range(5)]
+    stub = StreamStub(*cut)
+    batcher = _AppendBatcher(stub, collections.Counter())  # type: ignore[arg-type]
+    for _ in cut:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await batcher.append(append_request("run:a"), 60)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    # A lone append now goes as its own AppendEvents, a batch as an AppendEventsBatch call.
+    answer = await batcher.append(append_request("run:a"), 60)
+    assert (answer.head_seq, stub.unary_calls, stub.opened) == (98, 1, 5)
+    together = await asyncio.gather(*(batcher.append(append_request(f"run:{i}"), 60) for i in "bc"))
+    assert [each.head_seq for each in together] == [99, 99] and stub.batch_calls == 1
+
+
+async def test_an_answer_between_broken_streams_starts_the_count_again() -> None:
+    def cut(mark: int, answers_first: int = 0) -> FakeStreamCall:
+        cancelled = rpc_error(grpc.StatusCode.CANCELLED, "Cancelled")
+        return FakeStreamCall(mark, read_error=cancelled, answers_first=answers_first)
+
+    # Four cut; one that answers once and is cut at its next request (the fifth break, but one
+    # after an answer: the first of a new count); three more cut; then one that answers.
+    stub = StreamStub(
+        *(cut(i) for i in range(4)), cut(50, 1), *(cut(i) for i in range(3)), FakeStreamCall(60)
+    )
+    batcher = _AppendBatcher(stub, collections.Counter())  # type: ignore[arg-type]
+    heads = []
+    for _ in range(10):
+        try:
+            heads.append((await batcher.append(append_request("run:a"), 60)).head_seq)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert heads == [50, 60] and batcher.streaming and stub.opened == 9
+
+
+async def test_a_write_to_a_call_an_older_store_ended_unimplemented_falls_back_to_batch_calls() -> None:
+    stub = StreamStub(
+        FakeStreamCall(
+            1,
+            write_error=asyncio.InvalidStateError("RPC already finished"),
+            ended=grpc.StatusCode.UNIMPLEMENTED,
+        )
+    )
+    batcher = _AppendBatcher(stub, collections.Counter())  # type: ignore[arg-type]
+    answer = await batcher.append(append_request("run:a"), 60)
+    assert (answer.head_seq, stub.batch_calls) == (99, 1)
+    assert not batcher.streaming
 
 
 async def test_the_stores_own_status_on_the_stream_stays_the_appends_own() -> None:

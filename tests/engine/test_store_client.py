@@ -390,15 +390,19 @@ async def test_several_store_addresses_are_balanced_and_a_dead_one_is_skipped(
         await client.close()
 
 
+@pytest.mark.parametrize("token", [None, "s3cret-token"], ids=["plain", "with-a-token"])
 async def test_an_append_written_to_a_stream_whose_store_just_died_is_retried_not_failed(
-    tmp_path: Path,
+    tmp_path: Path, token: str | None
 ) -> None:
     # Written at once to the open append stream of a store just killed, a request fails in one of
     # three ways depending on how far gRPC has got with the broken connection: UNAVAILABLE, a write
     # to a call already over, or INTERNAL "Internal error from Core". The last used to fail the
     # append for good (not a retry code): a step's recorded answer was lost and its call made again.
-    store = await start_store_process(tmp_path / "data")
-    client = StoreClient(store.address)
+    # With a token, the channel's interceptors send the write from a task of theirs, and the
+    # INTERNAL comes out of the read.
+    store_args = ("--auth-token", token) if token else ()
+    store = await start_store_process(tmp_path / "data", extra_args=store_args)
+    client = StoreClient(store.address, auth_token=token)
     try:
         await client.append("run:x", [("E", b"0")], expected_seq=None)  # the stream is open
         for seq in range(1, 11):
@@ -406,7 +410,7 @@ async def test_an_append_written_to_a_stream_whose_store_just_died_is_retried_no
             append = asyncio.ensure_future(
                 client.append("run:x", [("E", str(seq).encode())], expected_seq=seq)
             )
-            store = await start_store_process(tmp_path / "data", port=store.port)
+            store = await start_store_process(tmp_path / "data", port=store.port, extra_args=store_args)
             result = await asyncio.wait_for(append, 60)  # a hang detector, not a timing threshold
             assert (result.first_seq, result.head_seq) == (seq + 1, seq + 1)
         assert [e.payload for e in await client.read("run:x")] == [str(seq).encode() for seq in range(11)]
