@@ -341,7 +341,7 @@ class _AppendBatcher:
         return batch
 
     async def _send_alone(self, waiting: _Waiting) -> None:
-        seconds = max(waiting.deadline - time.monotonic(), 0.001)
+        seconds = _seconds_left(waiting.deadline)
         try:
             response = await self._stub.AppendEvents(waiting.request, timeout=seconds)
         except Exception as error:  # the caller's try raises it (once closed: closed, as if queued)
@@ -394,7 +394,7 @@ class _AppendBatcher:
         if self.streaming:
             try:
                 request = store_pb2.AppendEventsStreamRequest(appends=appends)
-                return await self._over_stream(request, max(deadline - time.monotonic(), 0.001))
+                return await self._over_stream(request, _seconds_left(deadline))
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
@@ -406,7 +406,7 @@ class _AppendBatcher:
         self._calls["AppendEventsBatch"] += 1
         response: store_pb2.AppendEventsBatchResponse = await self._stub.AppendEventsBatch(
             store_pb2.AppendEventsBatchRequest(appends=appends),
-            timeout=max(deadline - time.monotonic(), 0.001),
+            timeout=_seconds_left(deadline),
         )
         return response.outcomes
 
@@ -509,6 +509,11 @@ def _broken_stream(error: grpc.aio.AioRpcError, writing: bool) -> bool:
     if code == grpc.StatusCode.INTERNAL and error.details() == _CORE_INTERNAL:
         return True
     return writing and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+def _seconds_left(deadline: float) -> float:
+    """Seconds until `deadline` (monotonic), at least a millisecond: a timeout to give a try."""
+    return max(deadline - time.monotonic(), 0.001)
 
 
 def _closed() -> KeelError:
@@ -622,7 +627,7 @@ class StoreClient:
         timeout on a stalled replica while its lease runs out. The last replica of a round gets all
         that is left, so a slow but sole store is waited for as before.
         """
-        left = max(deadline - time.monotonic(), 0.001)
+        left = _seconds_left(deadline)
         share = left / max(untried, 1)
         if untried > 1:
             share = min(share, FAILOVER_SECONDS)
