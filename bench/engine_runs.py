@@ -130,7 +130,7 @@ async def store_rpcs(metrics_urls: list[str]) -> collections.Counter[str]:
         for line in (await asyncio.to_thread(scrape, url)).splitlines():
             if match := _STORE_RPC.match(line):
                 counts[match.group(1)] += int(float(match.group(2)))
-            elif line.startswith("keel_store_append_stream_messages_total "):
+            elif line.startswith("keel_store_append_stream_request_seconds_count "):
                 # A batch on the open AppendEventsStream: a round trip, as an AppendEventsBatch call is.
                 counts["AppendEventsStream msgs"] += int(float(line.split()[1]))
     return counts

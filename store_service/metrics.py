@@ -34,16 +34,11 @@ ARTIFACT_BYTES_OUT = Counter(
     registry=REGISTRY,
 )
 
-APPEND_STREAM_MESSAGES = Counter(
-    "keel_store_append_stream_messages",
-    "AppendEventsStream requests received: each is one batch's round trip, as an "
-    "AppendEventsBatch call is (the call itself counts once, in keel_rpc_started).",
-    registry=REGISTRY,
-)
 APPEND_STREAM_REQUEST_SECONDS = Histogram(
     "keel_store_append_stream_request_seconds",
     "Time to answer one AppendEventsStream request, from its arrival to its outcomes (its appends "
-    "durable); keel_rpc_duration_seconds times the whole long-lived call.",
+    "durable) or its refusal; its count is the requests received, each one batch's round trip as an "
+    "AppendEventsBatch call is (keel_rpc_duration_seconds times the whole long-lived call).",
     registry=REGISTRY,
     buckets=RPC_SECONDS_BUCKETS,
 )
@@ -73,7 +68,6 @@ def appended(events: int, inline_artifact_bytes: int) -> None:
 
 __all__ = [
     "APPENDS",
-    "APPEND_STREAM_MESSAGES",
     "APPEND_STREAM_REQUEST_SECONDS",
     "ARTIFACTS_DELETED",
     "ARTIFACT_BYTES_IN",

@@ -186,10 +186,11 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                 break
             finally:
                 self._idle_append_streams.discard(task)
-            metrics.APPEND_STREAM_MESSAGES.inc()
             arrived = time.perf_counter()
-            outcomes = await self.append_batch(request.appends)
-            metrics.APPEND_STREAM_REQUEST_SECONDS.observe(time.perf_counter() - arrived)
+            try:
+                outcomes = await self.append_batch(request.appends)
+            finally:  # each request received is counted, answered or not
+                metrics.APPEND_STREAM_REQUEST_SECONDS.observe(time.perf_counter() - arrived)
             yield store_pb2.AppendEventsStreamResponse(outcomes=outcomes)
         raise unavailable("store_shutting_down", "the store is shutting down; open the append stream again")
 
