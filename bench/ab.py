@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 
-SHOWN = re.compile(r"(\d\.\d\dx|ms per call|CPU per|RPCs per|RESULT|events/s|calls/s)")
+SHOWN = re.compile(r"(\d\.\d\dx|ms per call|CPU per|threads busy|RPCs per|RESULT|events/s|calls/s)")
 
 
 def main() -> None:

@@ -35,6 +35,11 @@ Sequential recorded calls (issue 13, `--scenario calls`): one run whose single s
 (1000) `io.call`s one after another to the in-process `keel.echo` transport, each recorded (durable
 before the op sees it); per-call overhead = (that run's time - a run of the same step with no call)
 / calls.
+
+CPU per run (and per parent) is printed for each service in all and for its main thread (the
+event loop, where its Python runs), with how much of the measured time each main thread was on a
+CPU: the engine's, busy nearly all the time under 32 pipelines in flight, is the pipeline's ceiling
+(docs/performance.md, "The engine's main thread is the ceiling").
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -265,11 +271,64 @@ async def per_call_ms(
 
 def cpu_seconds(*pids: int) -> float:
     """User + system CPU time the processes have used so far (Linux /proc)."""
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(_stat_seconds(Path(f"/proc/{pid}/stat")) for pid in pids)
+
+
+def main_thread_seconds(*pids: int) -> float:
+    """User + system CPU time the processes' main threads (their event loops) have used so far.
+
+    A service's Python runs on its main thread, one core at most (gRPC's poller, the store's writer
+    and gRPC's own threads run beside it): when that thread is busy all the time, its CPU per run
+    sets the rate, whatever the other core has left.
+    """
+    return sum(_stat_seconds(Path(f"/proc/{pid}/task/{pid}/stat")) for pid in pids)
+
+
+def _stat_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds the engines and the stores used (each in all, and on their main threads)."""
+
+    engine: float
+    store: float
+    engine_main: float
+    store_main: float
+
+    @classmethod
+    def now(cls, engine_pids: list[int], store_pids: list[int]) -> CpuUse:
+        """What they have used so far."""
+        return cls(
+            cpu_seconds(*engine_pids),
+            cpu_seconds(*store_pids),
+            main_thread_seconds(*engine_pids),
+            main_thread_seconds(*store_pids),
+        )
+
+    def since(self, before: CpuUse) -> CpuUse:
+        """What they used between `before` and this."""
+        return CpuUse(
+            self.engine - before.engine,
+            self.store - before.store,
+            self.engine_main - before.engine_main,
+            self.store_main - before.store_main,
+        )
+
+    def lines(self, unit: str, units: int, seconds: float, engines: int, stores: int) -> list[str]:
+        """CPU per `unit` of each service, and how busy their main threads were over `seconds`."""
+        per = 1000 / units
+        engine_busy = self.engine_main / (seconds * engines)
+        store_busy = self.store_main / (seconds * stores)
+        ceiling = units / self.engine_main * engines
+        return [
+            f"  CPU per {unit}: engine {self.engine * per:.2f} ms (main thread {self.engine_main * per:.2f}),"
+            f" store {self.store * per:.2f} ms (main thread {self.store_main * per:.2f})",
+            f"  main threads busy: engine {engine_busy:.0%}, store {store_busy:.0%} of the time "
+            f"(the engine's, busy all the time, would do {ceiling:,.0f} {unit}s/s)",
+        ]
 
 
 async def drop_schema(dsn: str, schema: str) -> None:
@@ -366,10 +425,10 @@ async def main() -> None:
                 sequential_runs = max(50, args.runs // 5)
                 if pipelines:
                     serial_rate, serial_lat = await measure(stubs, sequential_runs, 1)
-                    cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    cpu_before = CpuUse.now(engine_pids, store_pids)
                     rpcs_before = await store_rpcs(metrics_urls)
                     rate, lat = await measure(stubs, args.runs, args.concurrency)
-                    cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    run_cpu = CpuUse.now(engine_pids, store_pids).since(cpu_before)
                     run_rpcs = await store_rpcs(metrics_urls) - rpcs_before
                     echo_cpu = cpu_seconds(echo_process.pid)
                     echo = await echo_rate(echo_address, args.concurrency, seconds=3.0)
@@ -380,12 +439,12 @@ async def main() -> None:
                     )
                 if fan_outs:
                     await measure_fan_out(stubs, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
-                    fan_cpu_before = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    fan_cpu_before = CpuUse.now(engine_pids, store_pids)
                     fan_rpcs_before = await store_rpcs(metrics_urls)
                     fan_rate, fan_lat = await measure_fan_out(
                         stubs, args.parents, args.fan_out_concurrency, FAN_OUT
                     )
-                    fan_cpu_after = (cpu_seconds(*engine_pids), cpu_seconds(*store_pids))
+                    fan_cpu = CpuUse.now(engine_pids, store_pids).since(fan_cpu_before)
                     parent_rpcs = await store_rpcs(metrics_urls) - fan_rpcs_before
             finally:
                 for channel in channels:
@@ -398,7 +457,7 @@ async def main() -> None:
             if args.backend == "postgres":
                 await drop_schema(args.dsn, schema)
     if pipelines:
-        report_pipelines(args, serial_rate, serial_lat, sequential_runs, rate, lat, cpu_before, cpu_after)
+        report_pipelines(args, serial_rate, serial_lat, sequential_runs, rate, lat, run_cpu)
         print(f"  store RPCs per run ({args.concurrency} in flight): {rpcs_per(run_rpcs, args.runs)}")
         print(f"pipeline runs/s vs echo calls/s: {rate / echo:.2f}x  ({rate:.1f} vs {echo:.1f}, same run)")
         print(f"  echo server CPU per call: {echo_cpu * 1000:.2f} ms (a bare served unary call)")
@@ -409,8 +468,6 @@ async def main() -> None:
         )
         print(f"  CPU per call: engine {call_engine_ms:.2f} ms, store {call_store_ms:.2f} ms")
     if fan_outs:
-        engine_ms = (fan_cpu_after[0] - fan_cpu_before[0]) * 1000 / args.parents
-        store_ms = (fan_cpu_after[1] - fan_cpu_before[1]) * 1000 / args.parents
         print(
             f"engine_runs: fan-out parents of {FAN_OUT} keel.echo children, store durability "
             f"{args.durability}, checkpoint linger {args.checkpoint_linger}s, {os.cpu_count()} CPUs"
@@ -420,7 +477,8 @@ async def main() -> None:
             f"({fan_rate * FAN_OUT:6.1f} children/s)  p50 {statistics.median(fan_lat):6.1f} ms  "
             f"p99 {percentile(fan_lat, 0.99):6.1f} ms  ({args.parents} parents)"
         )
-        print(f"  CPU per parent: engine {engine_ms:.1f} ms, store {store_ms:.1f} ms")
+        for line in fan_cpu.lines("parent", args.parents, args.parents / fan_rate, args.engines, args.stores):
+            print(line)
         print(f"  store RPCs per parent: {rpcs_per(parent_rpcs, args.parents)}")
         print(
             f"  target (issue 4): >= {3 * DBOS_FAN_OUT:.1f} parents/s, 3x the {DBOS_FAN_OUT}/s once noted "
@@ -439,8 +497,7 @@ def report_pipelines(
     sequential_runs: int,
     rate: float,
     lat: list[float],
-    cpu_before: tuple[float, float],
-    cpu_after: tuple[float, float],
+    cpu: CpuUse,
 ) -> None:
     """Print the 3-step pipeline figures."""
     print(
@@ -456,9 +513,8 @@ def report_pipelines(
         f"  {args.concurrency:2d} in flight  : {rate:7.1f} runs/s  p50 {statistics.median(lat):6.1f} ms  "
         f"p99 {percentile(lat, 0.99):6.1f} ms  ({args.runs} runs)"
     )
-    engine_ms = (cpu_after[0] - cpu_before[0]) * 1000 / args.runs
-    store_ms = (cpu_after[1] - cpu_before[1]) * 1000 / args.runs
-    print(f"  CPU per run (32 in flight): engine {engine_ms:.2f} ms, store {store_ms:.2f} ms")
+    for line in cpu.lines("run", args.runs, args.runs / rate, args.engines, args.stores):
+        print(line)
     print(f"  targets (issue 3): >= 300 runs/s with 32 in flight ({rate / 300:.2f}x), p99 < 250 ms")
     print(
         f"RESULT scenario=pipeline rate={rate:.1f} p50_ms={statistics.median(lat):.1f} "

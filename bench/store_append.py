@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from engine_runs import main_thread_seconds
 from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS
@@ -109,6 +110,15 @@ async def run_for(seconds: float, tasks: int, one_call: Callable[[int], Awaitabl
     stop_at = started + seconds
     await asyncio.gather(*(loop(i) for i in range(tasks)))
     return sum(counts) / (time.perf_counter() - started)
+
+
+@contextmanager
+def main_thread_busy(pid: int) -> Iterator[list[float]]:
+    """Percent of the time the process's main thread was on a CPU while the block ran (set on exit)."""
+    busy: list[float] = []
+    began, used = time.perf_counter(), main_thread_seconds(pid)
+    yield busy
+    busy.append(100 * (main_thread_seconds(pid) - used) / (time.perf_counter() - began))
 
 
 async def echo_rate(channel: grpc.aio.Channel, tasks: int, seconds: float) -> float:
@@ -334,10 +344,13 @@ async def measure(
     rounds: int,
     artifact_mib: int,
     baseline: tuple[Path, str],
+    pids: tuple[int, int],
 ) -> tuple[list[Figure], list[float]]:
     """Every pattern; echo and store alternate within each round so both see the same machine.
 
     Returns the figures (medians over rounds) and the per-round 64-client store/echo ratios.
+    `pids`: the echo server's and the store's, whose main threads (the event loops, where a
+    request's Python runs) are watched at 64 clients: the one busy all the time sets the rate.
     """
     options = [("grpc.max_receive_message_length", 16 * MiB)]
     samples: dict[tuple[str, str], list[float]] = {}
@@ -353,12 +366,16 @@ async def measure(
         stub = store_pb2_grpc.StoreServiceStub(store)
         for round_no in range(rounds):
             for tasks in (1, 64):
-                echoed = await echo_rate(echo, tasks, seconds)
+                with main_thread_busy(pids[0]) as echo_busy:
+                    echoed = await echo_rate(echo, tasks, seconds)
                 record(f"echo, {tasks} client(s)", "calls/s", echoed)
-                appended = await append_rate(stub, tasks, seconds, 1, f"single{tasks}-r{round_no}")
+                with main_thread_busy(pids[1]) as store_busy:
+                    appended = await append_rate(stub, tasks, seconds, 1, f"single{tasks}-r{round_no}")
                 record(f"append 1 event, {tasks} client(s), distinct streams", "appends/s", appended)
                 if tasks == 64:
                     ratios.append(appended / echoed)
+                    record("echo server's main thread busy, 64 clients", "%", echo_busy[0])
+                    record("store's main thread busy, 64 clients", "%", store_busy[0])
             won, tried = await racing_rate(stub, 64, seconds, f"race-r{round_no}")
             record("append 1 event, 64 clients racing on one stream (won)", "appends/s", won)
             record("append 1 event, 64 clients racing on one stream (attempts)", "calls/s", tried)
@@ -391,6 +408,14 @@ def report(figures: list[Figure], ratios: list[float], durability: str, rounds: 
         echo = by_name[f"echo, {tasks} client(s)"]
         print(f"  {tasks:>2} client(s): {store / echo:.2f}x")
     print(f"  64 clients, each round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+    echo_busy = by_name["echo server's main thread busy, 64 clients"]
+    store_busy = by_name["store's main thread busy, 64 clients"]
+    echo_ms = echo_busy * 10 / by_name["echo, 64 client(s)"]
+    store_ms = store_busy * 10 / by_name["append 1 event, 64 client(s), distinct streams"]
+    print(
+        f"  main threads at 64 clients: echo server busy {echo_busy:.0f}% ({echo_ms:.3f} ms per call), "
+        f"store busy {store_busy:.0f}% ({store_ms:.3f} ms per append)"
+    )
     ratio = by_name["append 1 event, 64 client(s), distinct streams"] / by_name["echo, 64 client(s)"]
     batch = max(
         by_name["append 100-event batches, 1 client(s)"], by_name["append 100-event batches, 16 client(s)"]
@@ -446,12 +471,13 @@ def main() -> None:
         echo_script = str(Path(__file__).with_name("echo_server.py"))
         echo_cmd = [sys.executable, echo_script, "--listen", "127.0.0.1:0", "--event-loop", args.event_loop]
         with (
-            server_process(store_cmd, r"^store-service listening on (\S+)$") as (_, store_address),
-            server_process(echo_cmd, r"^echo listening on (\S+)$") as (_, echo_address),
+            server_process(store_cmd, r"^store-service listening on (\S+)$") as (store, store_address),
+            server_process(echo_cmd, r"^echo listening on (\S+)$") as (echo, echo_address),
         ):
             baseline = (Path(data_dir), args.durability)
+            pids = (echo.pid, store.pid)
             figures, ratios = asyncio.run(
-                measure(store_address, echo_address, seconds, rounds, artifact_mib, baseline)
+                measure(store_address, echo_address, seconds, rounds, artifact_mib, baseline, pids)
             )
     report(figures, ratios, args.durability, rounds)
 
