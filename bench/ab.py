@@ -7,8 +7,8 @@ runs the benchmark twice, once with `PYTHONPATH=DIR:DIR/clients/python` (the ser
 benchmark import the "before" code, the client package's included: the editable install's finder
 comes after PYTHONPATH) and once without (this worktree's code), alternating which goes first. The
 benchmark script itself is always this worktree's, so both sides print the same figures. It prints
-every line the benchmark prints that holds a `x` ratio, `ms per call`, `CPU per` or `RESULT`, tagged
-with its side and round.
+every line the benchmark prints that holds a `x` ratio, `ms per call`, `CPU per`, `threads busy`,
+`RPCs per`, `events/s`, `calls/s` or `RESULT`, tagged with its side and round.
 """
 
 from __future__ import annotations

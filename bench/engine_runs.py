@@ -37,8 +37,9 @@ before the op sees it); per-call overhead = (that run's time - a run of the same
 / calls.
 
 CPU per run (and per parent) is printed for each service in all and for its main thread (the
-event loop, where its Python runs), with how much of the measured time each main thread was on a
-CPU: the engine's, busy nearly all the time under 32 pipelines in flight, is the pipeline's ceiling
+event loop, where its requests are handled), with how much of the measured time each main thread
+was on a CPU, and the rate at which the engine's would be busy all the time: an upper bound. On a
+fast machine the engine's main thread was busy nearly all the time under 32 pipelines in flight
 (docs/performance.md, "The engine's main thread is the ceiling").
 """
 
@@ -275,16 +276,19 @@ def cpu_seconds(*pids: int) -> float:
 
 
 def main_thread_seconds(*pids: int) -> float:
-    """User + system CPU time the processes' main threads (their event loops) have used so far.
+    """CPU time the processes' main threads (their event loops) have used so far, to the nanosecond.
 
-    A service's Python runs on its main thread, one core at most (gRPC's poller, the store's writer
-    and gRPC's own threads run beside it): when that thread is busy all the time, its CPU per run
-    sets the rate, whatever the other core has left.
+    A service's requests are handled on its main thread, one core at most (gRPC's poller and own
+    threads run beside it, and the store's SQLite writer): when that thread is busy all the time,
+    its CPU per run bounds the rate, whatever the other core has left. The scheduler's own count
+    (`schedstat`, time on a CPU), not `stat`'s 10 ms ticks: a window of a second would be only
+    100 ticks.
     """
-    return sum(_stat_seconds(Path(f"/proc/{pid}/task/{pid}/stat")) for pid in pids)
+    return sum(int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) for pid in pids) / 1e9
 
 
 def _stat_seconds(stat: Path) -> float:
+    """User + system time from a /proc `stat` file."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -318,16 +322,17 @@ class CpuUse:
         )
 
     def lines(self, unit: str, units: int, seconds: float, engines: int, stores: int) -> list[str]:
-        """CPU per `unit` of each service, and how busy their main threads were over `seconds`."""
+        """CPU per `unit` of each service, and how busy their main threads were over `seconds`
+        (with several engines or stores, the mean of theirs)."""
         per = 1000 / units
         engine_busy = self.engine_main / (seconds * engines)
         store_busy = self.store_main / (seconds * stores)
-        ceiling = units / self.engine_main * engines
+        ceiling = f"{units / self.engine_main * engines:,.0f}" if self.engine_main > 0 else "?"
         return [
             f"  CPU per {unit}: engine {self.engine * per:.2f} ms (main thread {self.engine_main * per:.2f}),"
             f" store {self.store * per:.2f} ms (main thread {self.store_main * per:.2f})",
             f"  main threads busy: engine {engine_busy:.0%}, store {store_busy:.0%} of the time "
-            f"(the engine's, busy all the time, would do {ceiling:,.0f} {unit}s/s)",
+            f"(the engine's, busy all the time, would allow at most {ceiling} {unit}s/s)",
         ]
 
 
@@ -425,8 +430,8 @@ async def main() -> None:
                 sequential_runs = max(50, args.runs // 5)
                 if pipelines:
                     serial_rate, serial_lat = await measure(stubs, sequential_runs, 1)
-                    cpu_before = CpuUse.now(engine_pids, store_pids)
                     rpcs_before = await store_rpcs(metrics_urls)
+                    cpu_before = CpuUse.now(engine_pids, store_pids)
                     rate, lat = await measure(stubs, args.runs, args.concurrency)
                     run_cpu = CpuUse.now(engine_pids, store_pids).since(cpu_before)
                     run_rpcs = await store_rpcs(metrics_urls) - rpcs_before
@@ -439,8 +444,8 @@ async def main() -> None:
                     )
                 if fan_outs:
                     await measure_fan_out(stubs, 8, args.fan_out_concurrency, FAN_OUT)  # warm-up
-                    fan_cpu_before = CpuUse.now(engine_pids, store_pids)
                     fan_rpcs_before = await store_rpcs(metrics_urls)
+                    fan_cpu_before = CpuUse.now(engine_pids, store_pids)
                     fan_rate, fan_lat = await measure_fan_out(
                         stubs, args.parents, args.fan_out_concurrency, FAN_OUT
                     )

@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +114,33 @@ async def run_for(seconds: float, tasks: int, one_call: Callable[[int], Awaitabl
 
 @contextmanager
 def main_thread_busy(pid: int) -> Iterator[list[float]]:
-    """Percent of the time the process's main thread was on a CPU while the block ran (set on exit)."""
+    """The share of the time (0 to 1) the process's main thread was on a CPU while the block ran,
+    in the list given, on exit. The block is a `run_for` measurement: its warm-up is inside, at the
+    same load as the rest."""
     busy: list[float] = []
     began, used = time.perf_counter(), main_thread_seconds(pid)
     yield busy
-    busy.append(100 * (main_thread_seconds(pid) - used) / (time.perf_counter() - began))
+    busy.append((main_thread_seconds(pid) - used) / (time.perf_counter() - began))
+
+
+@dataclass
+class MainThreads:
+    """How busy the echo server's and the store's main threads were at 64 clients, each round,
+    with the CPU they spent per call and per append (busy share / rate)."""
+
+    echo: list[tuple[float, float]] = field(default_factory=list)  # (busy share, ms per call)
+    store: list[tuple[float, float]] = field(default_factory=list)  # (busy share, ms per append)
+
+    def line(self) -> str:
+        """The medians over the rounds."""
+        (echo_busy, echo_ms), (store_busy, store_ms) = (
+            (statistics.median(b for b, _ in rounds), statistics.median(ms for _, ms in rounds))
+            for rounds in (self.echo, self.store)
+        )
+        return (
+            f"  main threads at 64 clients: echo server busy {echo_busy:.0%} ({echo_ms:.3f} ms per call), "
+            f"store busy {store_busy:.0%} ({store_ms:.3f} ms per append)"
+        )
 
 
 async def echo_rate(channel: grpc.aio.Channel, tasks: int, seconds: float) -> float:
@@ -345,12 +367,12 @@ async def measure(
     artifact_mib: int,
     baseline: tuple[Path, str],
     pids: tuple[int, int],
-) -> tuple[list[Figure], list[float]]:
+) -> tuple[list[Figure], list[float], MainThreads]:
     """Every pattern; echo and store alternate within each round so both see the same machine.
 
-    Returns the figures (medians over rounds) and the per-round 64-client store/echo ratios.
-    `pids`: the echo server's and the store's, whose main threads (the event loops, where a
-    request's Python runs) are watched at 64 clients: the one busy all the time sets the rate.
+    Returns the figures (medians over rounds), the per-round 64-client store/echo ratios, and how
+    busy the main threads of `pids` (the echo server's and the store's: their event loops, where
+    requests are handled) were at 64 clients: one busy all the time bounds its server's rate.
     """
     options = [("grpc.max_receive_message_length", 16 * MiB)]
     samples: dict[tuple[str, str], list[float]] = {}
@@ -359,6 +381,7 @@ async def measure(
         samples.setdefault((name, unit), []).append(value)
 
     ratios: list[float] = []
+    main_threads = MainThreads()
     async with (
         grpc.aio.insecure_channel(echo_address, options=options) as echo,
         grpc.aio.insecure_channel(store_address, options=options) as store,
@@ -374,8 +397,8 @@ async def measure(
                 record(f"append 1 event, {tasks} client(s), distinct streams", "appends/s", appended)
                 if tasks == 64:
                     ratios.append(appended / echoed)
-                    record("echo server's main thread busy, 64 clients", "%", echo_busy[0])
-                    record("store's main thread busy, 64 clients", "%", store_busy[0])
+                    main_threads.echo.append((echo_busy[0], echo_busy[0] * 1000 / echoed))
+                    main_threads.store.append((store_busy[0], store_busy[0] * 1000 / appended))
             won, tried = await racing_rate(stub, 64, seconds, f"race-r{round_no}")
             record("append 1 event, 64 clients racing on one stream (won)", "appends/s", won)
             record("append 1 event, 64 clients racing on one stream (attempts)", "calls/s", tried)
@@ -390,10 +413,12 @@ async def measure(
     figures = [Figure(name, statistics.median(values), unit) for (name, unit), values in samples.items()]
     figures.append(Figure(f"artifact put ({artifact_mib} MiB)", put_rate, "MB/s"))
     figures.append(Figure(f"artifact get ({artifact_mib} MiB)", get_rate, "MB/s"))
-    return figures, ratios
+    return figures, ratios, main_threads
 
 
-def report(figures: list[Figure], ratios: list[float], durability: str, rounds: int) -> None:
+def report(
+    figures: list[Figure], ratios: list[float], main_threads: MainThreads, durability: str, rounds: int
+) -> None:
     """Print the figures, the store/echo ratios and the targets."""
     by_name = {f.name: f.per_second for f in figures}
     print(
@@ -408,14 +433,7 @@ def report(figures: list[Figure], ratios: list[float], durability: str, rounds: 
         echo = by_name[f"echo, {tasks} client(s)"]
         print(f"  {tasks:>2} client(s): {store / echo:.2f}x")
     print(f"  64 clients, each round: {', '.join(f'{r:.2f}x' for r in ratios)}")
-    echo_busy = by_name["echo server's main thread busy, 64 clients"]
-    store_busy = by_name["store's main thread busy, 64 clients"]
-    echo_ms = echo_busy * 10 / by_name["echo, 64 client(s)"]
-    store_ms = store_busy * 10 / by_name["append 1 event, 64 client(s), distinct streams"]
-    print(
-        f"  main threads at 64 clients: echo server busy {echo_busy:.0f}% ({echo_ms:.3f} ms per call), "
-        f"store busy {store_busy:.0f}% ({store_ms:.3f} ms per append)"
-    )
+    print(main_threads.line())
     ratio = by_name["append 1 event, 64 client(s), distinct streams"] / by_name["echo, 64 client(s)"]
     batch = max(
         by_name["append 100-event batches, 1 client(s)"], by_name["append 100-event batches, 16 client(s)"]
@@ -476,10 +494,10 @@ def main() -> None:
         ):
             baseline = (Path(data_dir), args.durability)
             pids = (echo.pid, store.pid)
-            figures, ratios = asyncio.run(
+            figures, ratios, main_threads = asyncio.run(
                 measure(store_address, echo_address, seconds, rounds, artifact_mib, baseline, pids)
             )
-    report(figures, ratios, args.durability, rounds)
+    report(figures, ratios, main_threads, args.durability, rounds)
 
 
 if __name__ == "__main__":
