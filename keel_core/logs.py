@@ -9,6 +9,7 @@ Both services log through `configure_logging`, so their lines have one shape:
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import sys
@@ -49,14 +50,19 @@ def bind_log_fields(**fields: Any) -> None:
     _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in fields.items() if v is not None}})
 
 
+@functools.lru_cache(maxsize=1)
+def _second(epoch_seconds: int) -> str:
+    """The UTC time of `epoch_seconds` in ISO 8601, to the second (the lines of one second share it)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_seconds))
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line: time, level, logger, message, context fields and extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as a JSON object on one line."""
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{_second(int(record.created))}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -71,7 +77,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", *, json_lines: bool = True) -> None:
-    """Send the root logger's records to stderr, as JSON lines unless `json_lines` is False."""
+    """Send the root logger's records to stderr, as JSON lines unless `json_lines` is False.
+
+    Records leave out what no line shows: the caller's file and line (a look up the stack per
+    record), the thread and the process (as the logging HOWTO's "Optimization" section says).
+    """
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     plain = logging.Formatter("%(levelname)s %(name)s: %(message)s")
     handler.setFormatter(JsonFormatter() if json_lines else plain)

@@ -93,3 +93,17 @@ def test_log_context_nests_and_unwinds_and_exceptions_stay_on_one_line() -> None
     assert outer["run_id"] == "r1" and "step_id" not in outer and outer["status"] == "ok"
     assert "run_id" not in outside
     assert failed["level"] == "error" and "ValueError: boom" in failed["exc"]
+
+
+def test_a_lines_time_is_its_records_utc_time_to_the_millisecond() -> None:
+    formatter = JsonFormatter()
+    stamps = []
+    for created in (0.0, 86_400.5, 86_400.25, 0.999):  # the second's text is kept between lines
+        record = logging.makeLogRecord({"msg": "m", "created": created, "msecs": (created % 1) * 1000})
+        stamps.append(json.loads(formatter.format(record))["ts"])
+    assert stamps == [
+        "1970-01-01T00:00:00.000Z",
+        "1970-01-02T00:00:00.500Z",
+        "1970-01-02T00:00:00.250Z",
+        "1970-01-01T00:00:00.999Z",
+    ]
