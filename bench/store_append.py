@@ -112,15 +112,13 @@ async def run_for(seconds: float, tasks: int, one_call: Callable[[int], Awaitabl
     return sum(counts) / (time.perf_counter() - started)
 
 
-@contextmanager
-def main_thread_busy(pid: int) -> Iterator[list[float]]:
-    """The share of the time (0 to 1) the process's main thread was on a CPU while the block ran,
-    in the list given, on exit. The block is a `run_for` measurement: its warm-up is inside, at the
-    same load as the rest."""
-    busy: list[float] = []
+async def with_main_thread_busy(pid: int, rate_of: Awaitable[float]) -> tuple[float, float]:
+    """The rate `rate_of` measures, and the share of its time (0 to 1) the process's main thread was
+    on a CPU. `rate_of` is a `run_for` measurement not yet started: its warm-up is inside, at the same
+    load as the rest."""
     began, used = time.perf_counter(), main_thread_seconds(pid)
-    yield busy
-    busy.append((main_thread_seconds(pid) - used) / (time.perf_counter() - began))
+    rate = await rate_of
+    return rate, (main_thread_seconds(pid) - used) / (time.perf_counter() - began)
 
 
 @dataclass
@@ -389,16 +387,16 @@ async def measure(
         stub = store_pb2_grpc.StoreServiceStub(store)
         for round_no in range(rounds):
             for tasks in (1, 64):
-                with main_thread_busy(pids[0]) as echo_busy:
-                    echoed = await echo_rate(echo, tasks, seconds)
+                echoed, echo_busy = await with_main_thread_busy(pids[0], echo_rate(echo, tasks, seconds))
                 record(f"echo, {tasks} client(s)", "calls/s", echoed)
-                with main_thread_busy(pids[1]) as store_busy:
-                    appended = await append_rate(stub, tasks, seconds, 1, f"single{tasks}-r{round_no}")
+                appended, store_busy = await with_main_thread_busy(
+                    pids[1], append_rate(stub, tasks, seconds, 1, f"single{tasks}-r{round_no}")
+                )
                 record(f"append 1 event, {tasks} client(s), distinct streams", "appends/s", appended)
                 if tasks == 64:
                     ratios.append(appended / echoed)
-                    main_threads.echo.append((echo_busy[0], echo_busy[0] * 1000 / echoed))
-                    main_threads.store.append((store_busy[0], store_busy[0] * 1000 / appended))
+                    main_threads.echo.append((echo_busy, echo_busy * 1000 / echoed))
+                    main_threads.store.append((store_busy, store_busy * 1000 / appended))
             won, tried = await racing_rate(stub, 64, seconds, f"race-r{round_no}")
             record("append 1 event, 64 clients racing on one stream (won)", "appends/s", won)
             record("append 1 event, 64 clients racing on one stream (attempts)", "calls/s", tried)
