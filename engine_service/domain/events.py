@@ -425,10 +425,18 @@ def _type_and_json(event: KernelEvent) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"a corrupt {event.type} event cannot be written ({event.why})")
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# One decoder for every event: `json.loads` given `parse_constant` builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def decode_event(type_name: str, payload: bytes) -> KernelEvent:
     """An event read back from its type name and payload bytes (a `CorruptEvent` when it does not decode)."""
     try:
-        data = json.loads(payload.decode("utf-8"), parse_constant=_not_json) if payload else {}
+        data = _DECODER.decode(payload.decode("utf-8")) if payload else {}
         if not isinstance(data, dict):
             raise TypeError(f"the payload is a JSON {type(data).__name__}, not an object")
         return event_from_json(type_name, data)
@@ -437,10 +445,6 @@ def decode_event(type_name: str, payload: bytes) -> KernelEvent:
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
         why = f"missing field {error}" if isinstance(error, KeyError) else str(error)
         return CorruptEvent(type_name, why or type(error).__name__)
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
 
 
 def corrupt_event_error(stream_id: str, seq: int, event: CorruptEvent) -> KeelError:

@@ -30,6 +30,7 @@ from tests.engine.conftest import Cluster, gate
 JUNK = [
     ("RunStarted", b"\xff\xfe not utf-8"),
     ("RunStarted", b"not json"),
+    ("RunStarted", b'\xef\xbb\xbf{"v": 1}'),  # a byte-order mark before the object
     ("StepCompleted", b"[1, 2]"),
     ("StepAttemptStarted", b'{"v": 1, "step_id": "main"}'),
     ("StepAttemptFailed", b'{"v": 1, "step_id": "main", "attempt": "one", "error": {}}'),
