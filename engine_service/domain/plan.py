@@ -102,6 +102,23 @@ class PipelineSpec:
     def _canonical_bytes(self) -> bytes:
         return canonical_json_bytes(self.to_json())
 
+    def ordered_steps(self) -> tuple[StepSpec, ...]:
+        """`topological_order(steps)`, ordered once (a pipeline object serves every run started
+        with it: engine_service.wire.messages); a cycle is `invalid_plan` at every call."""
+        return self._ordered_steps
+
+    @functools.cached_property
+    def _ordered_steps(self) -> tuple[StepSpec, ...]:
+        return topological_order(self.steps)
+
+    def ancestors(self) -> Mapping[str, frozenset[str]]:
+        """`ancestors_of(ordered_steps())`, found once; not to be changed (plans share it)."""
+        return self._ancestors
+
+    @functools.cached_property
+    def _ancestors(self) -> Mapping[str, frozenset[str]]:
+        return ancestors_of(self.ordered_steps())
+
     @staticmethod
     def from_json(data: dict[str, Any]) -> PipelineSpec:
         """A pipeline read back from manifest JSON."""
@@ -193,8 +210,7 @@ def resolve_plan(pipeline: PipelineSpec, catalog: OpCatalog) -> Plan:
                 "which this engine does not have (see ListOps)",
                 step.step_id,
             )
-    ordered = topological_order(pipeline.steps)
-    return Plan(pipeline.pipeline_id, ordered, pipeline.max_parallel, ancestors_of(ordered))
+    return Plan(pipeline.pipeline_id, pipeline.ordered_steps(), pipeline.max_parallel, pipeline.ancestors())
 
 
 def _check_execution(step: StepSpec) -> None:

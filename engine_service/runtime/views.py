@@ -46,7 +46,6 @@ from engine_service.domain.labels import (
     label_filter,
     labels_of,
 )
-from engine_service.domain.plan import topological_order
 from engine_service.domain.streams import (
     RUN_LIVE_LABELS,
     RUN_STREAM_PREFIX,
@@ -212,7 +211,7 @@ def build_run_view(run_id: str, events: Sequence[StoredEvent], manifest: RunMani
     steps: dict[str, StepView] = {}
     if manifest is not None:
         view.input, view.has_input = manifest.input, True
-        for spec in topological_order(manifest.pipeline.steps):
+        for spec in manifest.pipeline.ordered_steps():
             steps[spec.step_id] = StepView(
                 spec.step_id,
                 spec.op_id,

@@ -479,11 +479,35 @@ def test_backoff_is_zero_first_then_grows_and_is_capped(
     ],
 )
 def test_bad_pipelines_are_invalid_plan_naming_the_step(steps: tuple[StepSpec, ...], culprit: str) -> None:
-    with pytest.raises(KeelError) as caught:
-        resolve_plan(PipelineSpec("p", "1", steps), _catalog("noop"))
-    assert caught.value.code == "invalid_plan"
-    assert caught.value.details["step_id"] == culprit
-    assert culprit in caught.value.message
+    pipeline = PipelineSpec("p", "1", steps)
+    for _ in range(2):  # and again: a pipeline object keeps its order once found, never a refusal
+        with pytest.raises(KeelError) as caught:
+            resolve_plan(pipeline, _catalog("noop"))
+        assert caught.value.code == "invalid_plan"
+        assert caught.value.details["step_id"] == culprit
+        assert culprit in caught.value.message
+
+
+def test_a_pipeline_resolved_again_is_checked_again_against_the_ops() -> None:
+    steps = (
+        StepSpec("c", "noop", depends_on=("a",)),
+        StepSpec("b", "noop"),
+        StepSpec("a", "noop"),
+        StepSpec("d", "noop", depends_on=("b", "c")),
+    )
+    pipeline = PipelineSpec("p", "1", steps)
+    first, again = (resolve_plan(pipeline, _catalog("noop")) for _ in range(2))
+    assert again == first
+    assert [s.step_id for s in again.steps] == ["b", "a", "c", "d"]
+    assert again.ancestors == {
+        "b": frozenset(),
+        "a": frozenset(),
+        "c": frozenset({"a"}),
+        "d": frozenset({"a", "b", "c"}),
+    }
+    with pytest.raises(KeelError) as caught:  # its order is kept; the ops it names are asked each time
+        resolve_plan(pipeline, _catalog("other"))
+    assert caught.value.code == "invalid_plan" and caught.value.details["step_id"] == "c"
 
 
 def test_topological_order_breaks_ties_by_declaration_order() -> None:
