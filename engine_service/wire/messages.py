@@ -173,6 +173,12 @@ def step_timeouts(
 
 def run_config_from(message: engine_pb2.RunConfig) -> RunConfig:
     """A validated RunConfig from its message, with defaults for unset fields."""
+    if not message.ByteSize():  # most runs ask for the defaults: made once (a RunConfig is immutable)
+        return _DEFAULT_RUN_CONFIG
+    return _run_config(message)
+
+
+def _run_config(message: engine_pb2.RunConfig) -> RunConfig:
     mode = {
         engine_pb2.EXECUTION_MODE_UNSPECIFIED: LIVE,
         engine_pb2.EXECUTION_MODE_LIVE: LIVE,
@@ -195,6 +201,8 @@ def run_config_from(message: engine_pb2.RunConfig) -> RunConfig:
         else 0,
     )
 
+
+_DEFAULT_RUN_CONFIG = _run_config(engine_pb2.RunConfig())
 
 # Clients start the same pipelines again and again: each one parsed and checked is kept by its
 # bytes (a PipelineSpec is immutable; ops get copies of its op configs). One that fails is not kept,

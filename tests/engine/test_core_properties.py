@@ -488,14 +488,17 @@ def test_bad_pipelines_are_invalid_plan_naming_the_step(steps: tuple[StepSpec, .
         assert culprit in caught.value.message
 
 
+# Declared out of order, with ties: run in the order b, a, c, d.
+TIED_STEPS = (
+    StepSpec("c", "noop", depends_on=("a",)),
+    StepSpec("b", "noop"),
+    StepSpec("a", "noop"),
+    StepSpec("d", "noop", depends_on=("b", "c")),
+)
+
+
 def test_a_pipeline_resolved_again_is_checked_again_against_the_ops() -> None:
-    steps = (
-        StepSpec("c", "noop", depends_on=("a",)),
-        StepSpec("b", "noop"),
-        StepSpec("a", "noop"),
-        StepSpec("d", "noop", depends_on=("b", "c")),
-    )
-    pipeline = PipelineSpec("p", "1", steps)
+    pipeline = PipelineSpec("p", "1", TIED_STEPS)
     first, again = (resolve_plan(pipeline, _catalog("noop")) for _ in range(2))
     assert again == first
     assert [s.step_id for s in again.steps] == ["b", "a", "c", "d"]
@@ -511,13 +514,7 @@ def test_a_pipeline_resolved_again_is_checked_again_against_the_ops() -> None:
 
 
 def test_topological_order_breaks_ties_by_declaration_order() -> None:
-    steps = (
-        StepSpec("c", "noop", depends_on=("a",)),
-        StepSpec("b", "noop"),
-        StepSpec("a", "noop"),
-        StepSpec("d", "noop", depends_on=("b", "c")),
-    )
-    assert [s.step_id for s in topological_order(steps)] == ["b", "a", "c", "d"]
+    assert [s.step_id for s in topological_order(TIED_STEPS)] == ["b", "a", "c", "d"]
 
 
 @settings(max_examples=100, deadline=None)

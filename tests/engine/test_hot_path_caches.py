@@ -49,6 +49,19 @@ def test_a_small_pipeline_is_parsed_once_and_a_large_one_every_time() -> None:
     assert first == second and first is not second  # not kept: it is parsed again
 
 
+def test_a_request_without_a_run_config_gets_the_defaults_made_once_and_one_with_fields_its_own() -> None:
+    unset = messages.run_config_from(engine_pb2.RunConfig())
+    assert unset == make_run_config() and unset is messages.run_config_from(engine_pb2.RunConfig())
+    asked = engine_pb2.RunConfig(retry_policy=engine_pb2.RetryPolicy(max_attempts=3))
+    assert messages.run_config_from(asked) == make_run_config(max_attempts=3)
+    # A retry policy set but empty makes a message with a field: read as the defaults, past the shortcut.
+    empty_policy = engine_pb2.RunConfig(retry_policy=engine_pb2.RetryPolicy())
+    assert messages.run_config_from(empty_policy) == make_run_config()
+    with pytest.raises(KeelError) as refused:
+        messages.run_config_from(engine_pb2.RunConfig(execution_mode=99))  # type: ignore[arg-type]
+    assert refused.value.code == "invalid_argument"
+
+
 def test_the_manifest_is_encoded_once_and_an_oversized_input_is_still_refused_by_name() -> None:
     manifest = messages.manifest_from(request({"k": 1}, {"n": 1}), BUILD)
     assert manifest.canonical_bytes() is manifest.canonical_bytes()
