@@ -436,7 +436,10 @@ _DECODER = json.JSONDecoder(parse_constant=_not_json)
 def decode_event(type_name: str, payload: bytes) -> KernelEvent:
     """An event read back from its type name and payload bytes (a `CorruptEvent` when it does not decode)."""
     try:
-        data = _DECODER.decode(payload.decode("utf-8")) if payload else {}
+        text = payload.decode("utf-8")
+        if text.startswith("\ufeff"):  # json.loads says so; its decoder alone would not
+            raise ValueError("the payload starts with a byte-order mark")
+        data = _DECODER.decode(text) if text else {}
         if not isinstance(data, dict):
             raise TypeError(f"the payload is a JSON {type(data).__name__}, not an object")
         return event_from_json(type_name, data)

@@ -7,7 +7,8 @@ stamped with its time. These two helpers fill the instance's `__dict__` directly
 `__init__` ends up with. They are for the engine's own plain frozen dataclasses only: no `__slots__`,
 no `__post_init__`, no `InitVar`, and no `functools.cached_property` (`with_changes` would copy what
 was cached of the original; RunManifest, PipelineSpec and BuildProvenance cache their canonical
-bytes). tests/engine/test_frozen.py holds them to what `__init__` and `replace` make.
+bytes, and PipelineSpec its steps' order and ancestors). tests/engine/test_frozen.py holds them to
+what `__init__` and `replace` make.
 """
 
 from __future__ import annotations

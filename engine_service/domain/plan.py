@@ -112,7 +112,8 @@ class PipelineSpec:
         return topological_order(self.steps)
 
     def ancestors(self) -> Mapping[str, frozenset[str]]:
-        """`ancestors_of(ordered_steps())`, found once; not to be changed (plans share it)."""
+        """`ancestors_of(ordered_steps())`, found once: every plan of the pipeline shares it, and
+        only reads it (a dict, not a read-only proxy: a pipeline stays copyable)."""
         return self._ancestors
 
     @functools.cached_property

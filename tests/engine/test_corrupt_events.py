@@ -30,7 +30,6 @@ from tests.engine.conftest import Cluster, gate
 JUNK = [
     ("RunStarted", b"\xff\xfe not utf-8"),
     ("RunStarted", b"not json"),
-    ("RunStarted", b'\xef\xbb\xbf{"v": 1}'),  # a byte-order mark before the object
     ("StepCompleted", b"[1, 2]"),
     ("StepAttemptStarted", b'{"v": 1, "step_id": "main"}'),
     ("StepAttemptFailed", b'{"v": 1, "step_id": "main", "attempt": "one", "error": {}}'),
@@ -51,6 +50,11 @@ JUNK = [
 def test_junk_decodes_as_a_corrupt_event_saying_why(type_name: str, payload: bytes) -> None:
     event = decode_event(type_name, payload)
     assert isinstance(event, CorruptEvent) and event.type == type_name and event.why
+
+
+def test_a_payload_after_a_byte_order_mark_is_a_corrupt_event_saying_so() -> None:
+    event = decode_event("RunStarted", b'\xef\xbb\xbf{"v": 1}')
+    assert isinstance(event, CorruptEvent) and "byte-order mark" in event.why
 
 
 def test_the_fold_stops_at_a_corrupt_event_but_a_later_terminal_one_ends_the_run() -> None:

@@ -52,8 +52,8 @@ def test_a_small_pipeline_is_parsed_once_and_a_large_one_every_time() -> None:
 def test_a_request_without_a_run_config_gets_the_defaults_made_once_and_one_with_fields_its_own() -> None:
     unset = messages.run_config_from(engine_pb2.RunConfig())
     assert unset == make_run_config() and unset is messages.run_config_from(engine_pb2.RunConfig())
-    asked = engine_pb2.RunConfig(retry_policy=engine_pb2.RetryPolicy(max_attempts=3))
-    assert messages.run_config_from(asked) == make_run_config(max_attempts=3)
+    asked = engine_pb2.RunConfig(retry_policy=engine_pb2.RetryPolicy(max_attempts=5))
+    assert messages.run_config_from(asked) == make_run_config(max_attempts=5) != unset
     # A retry policy set but empty makes a message with a field: read as the defaults, past the shortcut.
     empty_policy = engine_pb2.RunConfig(retry_policy=engine_pb2.RetryPolicy())
     assert messages.run_config_from(empty_policy) == make_run_config()
