@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from engine_service.domain import RunCompleted
@@ -24,20 +24,46 @@ class KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        """Hold the lock of `key` for the block."""
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+    def hold(self, key: str) -> _Hold:
+        """Hold the lock of `key` for the block: `async with locks.hold(key): ...`. A class rather
+        than an `asynccontextmanager` (4.4 -> 1.5 µs uncontended): every start holds two."""
+        return _Hold(self, key)
+
+    async def _acquire(self, key: str) -> None:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await lock.acquire()
+        except BaseException:  # cancelled while waiting: the lock was not taken
+            self._leave(key)
+            raise
+
+    def _release(self, key: str) -> None:
+        self._locks[key][0].release()
+        self._leave(key)
+
+    def _leave(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users == 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+
+class _Hold:
+    """One `KeyedLocks.hold(key)` block."""
+
+    __slots__ = ("_key", "_locks")
+
+    def __init__(self, locks: KeyedLocks, key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        await self._locks._acquire(self._key)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._locks._release(self._key)
 
 
 class RunRegistry:
