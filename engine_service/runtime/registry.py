@@ -26,7 +26,7 @@ class KeyedLocks:
 
     def hold(self, key: str) -> _Hold:
         """Hold the lock of `key` for the block: `async with locks.hold(key): ...`. A class rather
-        than an `asynccontextmanager` (4.4 -> 1.5 µs uncontended): every start holds two."""
+        than an `asynccontextmanager` (4.4 -> 1.7 µs uncontended): every start holds two."""
         return _Hold(self, key)
 
     async def _acquire(self, key: str) -> None:
