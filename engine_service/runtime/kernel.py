@@ -55,7 +55,7 @@ from engine_service.domain.tasks import DEFAULT_TASK_HEARTBEAT_MS
 from engine_service.domain.transports import TransportRegistry
 from engine_service.domain.waits import TASK
 from engine_service.failpoints import AFTER_SIGNAL_SENT
-from engine_service.runtime.awaiting import RunAwaits
+from engine_service.runtime.awaiting import RunAwaits, until_done
 from engine_service.runtime.children import ChildRuns, ChildRunTransport
 from engine_service.runtime.driver import RunDriver, RunParkedOut, stop_driving
 from engine_service.runtime.driving import Drivers
@@ -270,7 +270,7 @@ class Engine:
         driver, task = begun
         if wait:
             deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
-            await asyncio.wait({task}, timeout=wait_seconds)
+            await until_done(task, wait_seconds)
             if task.done() and not task.cancelled() and isinstance(task.exception(), RunParkedOut):
                 await self.await_run(chosen, _left(deadline))  # parked: its wake-up ends it
         if deferred:

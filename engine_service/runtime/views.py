@@ -379,10 +379,11 @@ class RunViews:
         manifest = await self.reader.manifest(history.started.manifest_id) if history.started else None
         view = build_run_view(run_id, events, manifest)
         view.failure_ledger = [LedgerView(e.step_id, e.reason, e.recorded_at) for e in ledger]
-        view.children = [
-            ChildView(link.child_run_id, link.fact_key, link.op_id, status, link.parent_close_policy)
-            for link, status in zip(links, await self._child_statuses(links), strict=True)
-        ]
+        if links:  # most runs have no child: no statuses to gather
+            view.children = [
+                ChildView(link.child_run_id, link.fact_key, link.op_id, status, link.parent_close_policy)
+                for link, status in zip(links, await self._child_statuses(links), strict=True)
+            ]
         if view.final_snapshot_id:
             view.final_snapshot = await self.reader.final_snapshot(view.final_snapshot_id)
             set_step_outputs(view, view.final_snapshot)

@@ -108,6 +108,7 @@ class FakeStreamCall:
         self.read_error = read_error
         self.ended = ended
         self.written: list[store_pb2.AppendEventsStreamRequest] = []
+        self.wrote = asyncio.Event()  # a request was written
         self.release = asyncio.Event()
         self.release.set()
         self.was_cancelled = asyncio.Event()
@@ -129,6 +130,7 @@ class FakeStreamCall:
         if self.write_error is not None:
             raise self.write_error
         self.written.append(request)
+        self.wrote.set()
 
     async def read(self) -> store_pb2.AppendEventsStreamResponse:
         if self.read_error is not None and len(self.written) > self.answers_first:
@@ -302,3 +304,25 @@ async def test_an_answer_that_came_too_late_is_never_taken_for_the_next_batchs()
     answer = await batcher.append(append_request("run:b"), 60)
     assert answer.head_seq == 2  # the new call's answer, to its own request
     assert [len(request.appends) for request in fresh.written] == [1] and stub.opened == 2
+
+
+async def test_an_append_whose_time_runs_out_in_the_queue_fails_and_is_never_sent() -> None:
+    call = FakeStreamCall(1)
+    call.release.clear()  # the store holds the first batch's answer: the next appends queue
+    stub = StreamStub(call)
+    batcher = _AppendBatcher(stub, collections.Counter())  # type: ignore[arg-type]
+    first = asyncio.ensure_future(batcher.append(append_request("run:a"), 60))
+    await asyncio.wait_for(call.wrote.wait(), 60)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await batcher.append(append_request("run:late"), 0.01)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    cancelled = asyncio.ensure_future(batcher.append(append_request("run:gone"), 60))
+    kept = asyncio.ensure_future(batcher.append(append_request("run:b"), 60))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # its caller stopped waiting while it was queued
+    call.release.set()
+    assert (await first).head_seq == 1 and (await kept).head_seq == 1
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    sent = [[append.stream_id for append in request.appends] for request in call.written]
+    assert sent == [["run:a"], ["run:b"]]  # neither the late append nor the cancelled one left
