@@ -314,7 +314,8 @@ async def test_an_append_whose_time_runs_out_in_the_queue_fails_and_is_never_sen
     first = asyncio.ensure_future(batcher.append(append_request("run:a"), 60))
     await asyncio.wait_for(call.wrote.wait(), 60)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await batcher.append(append_request("run:late"), 0.01)
+        # (wait_for: should the try's timer not fire, the test fails rather than hangs)
+        await asyncio.wait_for(batcher.append(append_request("run:late"), 0.01), 60)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     cancelled = asyncio.ensure_future(batcher.append(append_request("run:gone"), 60))
     kept = asyncio.ensure_future(batcher.append(append_request("run:b"), 60))

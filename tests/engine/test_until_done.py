@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from engine_service.runtime.awaiting import until_done
+
+
+class Watched(asyncio.Future[Any]):
+    """A future that counts the done callbacks added to it and not removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks = 0
+
+    def add_done_callback(self, fn: Callable[[Watched], object], **kwargs: Any) -> None:
+        self.callbacks += 1
+        super().add_done_callback(fn, **kwargs)
+
+    def remove_done_callback(self, fn: Callable[[Watched], object]) -> int:
+        removed = super().remove_done_callback(fn)
+        self.callbacks -= removed
+        return removed
 
 
 async def test_a_task_that_ends_in_time_is_done_and_its_result_is_its_own() -> None:
@@ -43,6 +62,20 @@ async def test_a_caller_cancelled_while_waiting_leaves_the_task_running() -> Non
     assert not task.done()
     release.set()
     assert await task is True
+
+
+async def test_a_wait_that_ends_without_the_task_leaves_no_callback_on_it() -> None:
+    task = Watched()
+    assert not await until_done(task, 0.01)  # its time ran out
+    waiting = asyncio.ensure_future(until_done(task))
+    await asyncio.sleep(0)
+    assert task.callbacks == 1
+    waiting.cancel()  # its caller stopped waiting
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert task.callbacks == 0
+    task.set_result(None)
+    assert await until_done(task, 60)
 
 
 async def test_a_task_already_done_answers_at_once() -> None:
