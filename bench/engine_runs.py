@@ -101,18 +101,18 @@ def pipeline() -> engine_pb2.Pipeline:
     )
 
 
-async def spawn(args: list[str], banner: str) -> tuple[asyncio.subprocess.Process, str]:
-    """Start a service and read the address it announces."""
+async def spawn(args: list[str], banner: str, patience: float = 30) -> tuple[asyncio.subprocess.Process, str]:
+    """Start a service and read the address it announces (within `patience` seconds)."""
     process = await asyncio.create_subprocess_exec(
         *args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
     )
-    return process, await announced(process, banner)
+    return process, await announced(process, banner, patience)
 
 
-async def announced(process: asyncio.subprocess.Process, banner: str) -> str:
+async def announced(process: asyncio.subprocess.Process, banner: str, patience: float = 30) -> str:
     """What the service's next line on stdout says after `banner` (an address, a URL)."""
     assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
+    line = (await asyncio.wait_for(process.stdout.readline(), patience)).decode().strip()
     if not line.startswith(banner):
         process.kill()
         raise RuntimeError(f"the service did not say {banner!r}: {line!r}")

@@ -31,26 +31,14 @@ import tempfile
 from pathlib import Path
 
 import grpc
-from engine_runs import BIN, ECHO_METHOD, REPO, measure, pipeline
+from engine_runs import BIN, ECHO_METHOD, REPO, measure, pipeline, spawn
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 
 from keel_core.json_values import to_value
 
 TOTALS = re.compile(r"^totals: (\d+)$", re.MULTILINE)
 CONCURRENCY = 32
-
-
-async def spawn(args: list[str], banner: str) -> tuple[asyncio.subprocess.Process, str]:
-    """Start a process and read the address it announces (a process under valgrind starts slowly)."""
-    process = await asyncio.create_subprocess_exec(
-        *args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 600)).decode().strip()
-    if not line.startswith(banner):
-        process.kill()
-        raise RuntimeError(f"the process did not say {banner!r}: {line!r}")
-    return process, line.removeprefix(banner).strip()
+STARTUP = 600  # seconds a process under valgrind is given to start
 
 
 def callgrind(out: Path) -> list[str]:
@@ -83,7 +71,7 @@ async def engine_per_run(work: Path, runs: int) -> float:
     engine_args = [str(BIN / "engine-service"), "--listen", "127.0.0.1:0", "--store", store_address]
     engine_args += ["--log-level", "warning", "--checkpoint-linger", "60"]
     try:
-        engine, address = await spawn(callgrind(out) + engine_args, "engine-service listening on")
+        engine, address = await spawn(callgrind(out) + engine_args, "engine-service listening on", STARTUP)
     except BaseException:
         await stop(store)
         raise
@@ -102,7 +90,7 @@ async def engine_per_run(work: Path, runs: int) -> float:
 async def echo_per_call(work: Path, calls: int) -> float:
     out = work / "echo.callgrind"
     command = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--listen", "127.0.0.1:0"]
-    echo, address = await spawn(callgrind(out) + command, "echo listening on")
+    echo, address = await spawn(callgrind(out) + command, "echo listening on", STARTUP)
     request = engine_pb2.StartRunRequest(pipeline=pipeline(), input=to_value({"n": 1}), wait=True)
     each = calls // CONCURRENCY
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -553,6 +554,44 @@ def test_canonical_json_ignores_key_order(data: dict[str, Any]) -> None:
     reordered = dict(reversed(list(data.items())))
     assert canonical_json_bytes(data) == canonical_json_bytes(reordered)
     assert b" " not in canonical_json_bytes({"a": [1, 2], "b": {"c": None}})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_canonical_json_is_what_json_dumps_makes_with_the_canonical_options(data: Any) -> None:
+    # The encoder is made once (not at every call, as JSONEncoder.encode makes it); its bytes are
+    # the same, bare strings, floats and every unicode character included.
+    expected = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert canonical_json_bytes(data) == expected.encode("utf-8")
+
+
+def test_a_value_refused_midway_leaves_nothing_behind_for_the_next() -> None:
+    # The encoder made once keeps the containers it is inside to refuse cycles; a value refused
+    # midway would leave its containers there, and the same containers encoded next would be taken
+    # for a cycle.
+    shared: dict[str, Any] = {"rows": [1, 2]}
+    value: dict[str, Any] = {"a": shared, "b": [shared, {"c": float("nan")}]}
+    with pytest.raises(KeelError) as refused:
+        canonical_json_bytes(value)
+    assert refused.value.code == "invalid_json"
+    value["b"].pop()
+    assert canonical_json_bytes(value) == b'{"a":{"rows":[1,2]},"b":[{"rows":[1,2]}]}'
+    cycle: list[Any] = [1]
+    cycle.append(cycle)
+    with pytest.raises(KeelError, match="Circular reference"):
+        canonical_json_bytes({"x": cycle})
+    cycle.pop()
+    assert canonical_json_bytes({"x": cycle}) == b'{"x":[1]}'
 
 
 def test_event_readers_accept_unknown_fields_and_types() -> None:
