@@ -102,11 +102,18 @@ def pipeline() -> engine_pb2.Pipeline:
 
 
 async def spawn(args: list[str], banner: str, patience: float = 30) -> tuple[asyncio.subprocess.Process, str]:
-    """Start a service and read the address it announces (within `patience` seconds)."""
+    """Start a service and read the address it announces (within `patience` seconds); one that does
+    not announce it is killed."""
     process = await asyncio.create_subprocess_exec(
         *args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
     )
-    return process, await announced(process, banner, patience)
+    try:
+        return process, await announced(process, banner, patience)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        raise
 
 
 async def announced(process: asyncio.subprocess.Process, banner: str, patience: float = 30) -> str:

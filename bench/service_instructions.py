@@ -9,11 +9,12 @@ system calls. It runs an `engine-service` under `valgrind --tool=callgrind` (all
 `store-service` and this client at full speed, completes 100 runs to warm it, zeroes the counters
 (`callgrind_control -z`), completes `--runs` runs with 32 in flight, and reads the counters back
 (`callgrind_control -d`). Then the same for `bench/echo_server.py` answering `--calls` calls of the
-pipeline's StartRunRequest bytes, 32 in flight. It prints both figures and their ratio.
+pipeline's StartRunRequest bytes, 32 in flight (after 320 calls to warm it). It prints both
+figures and their ratio.
 
 Under valgrind the engine runs about fifty times slower, while the store and the client do not:
-runs then share more of each batch of appends than at full speed, so the count per run is a
-little lower than the engine's at full speed, and it moves by about 2% between runs of the same
+runs then share more of each batch of appends than at full speed, so the count per run is likely
+a little lower than at full speed, and it moves by about 2% between runs of the same
 code with how the batches fall. The engine runs with a 60 s checkpoint linger for the reason
 `bench/instructions.py` gives (a 0.2 s linger would fire inside runs that last fifty times longer).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import shutil
 import signal
@@ -58,8 +60,11 @@ def counted(out: Path) -> int:
 
 
 async def stop(*processes: asyncio.subprocess.Process) -> None:
+    """SIGTERM each process still running, then wait for all of them."""
     for process in processes:
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                process.send_signal(signal.SIGTERM)
     for process in processes:
         await process.wait()
 
@@ -118,7 +123,8 @@ async def main_async(runs: int, calls: int) -> None:
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as work:
         per_run = await engine_per_run(Path(work), runs)
         per_call = await echo_per_call(Path(work), calls)
-    print(f"service instructions: {runs} pipeline runs and {calls} echo calls, {CONCURRENCY} in flight")
+    counted = calls // CONCURRENCY * CONCURRENCY
+    print(f"service instructions: {runs} pipeline runs and {counted} echo calls, {CONCURRENCY} in flight")
     print(f"engine instructions per pipeline run (callgrind, served, all threads): {per_run:,.0f}")
     print(f"echo server instructions per call: {per_call:,.0f}")
     print(f"engine per run vs echo per call: {per_run / per_call:.2f}x")
@@ -133,6 +139,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=320, help="pipeline runs counted (320)")
     parser.add_argument("--calls", type=int, default=640, help="echo calls counted (640)")
     args = parser.parse_args()
+    if args.runs < 1 or args.calls < CONCURRENCY:
+        parser.error(f"--runs must be at least 1 and --calls at least {CONCURRENCY}")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("service_instructions: valgrind is not installed (apt-get install valgrind)")
     asyncio.run(main_async(args.runs, args.calls))

@@ -22,9 +22,9 @@ def _c_encoder() -> Callable[[Any, int], Sequence[str]] | None:
     `JSONEncoder.encode` makes one at every call, with a dict to find cycles in and a closure for
     floats (a quarter to a third of what encoding a small event costs); this one is made once. Its
     cycle dict is empty again after every call that succeeds; one that fails may leave entries
-    behind, so the encoder is then made anew. It runs on the event loop's thread only, and encodes
-    plain JSON values without calling back into Python (`default` only raises), so no two calls
-    interleave.
+    behind, so the encoder is then made anew. It runs on the event loop's thread only, and on plain
+    JSON values (dicts, lists, strings, numbers) it calls back into no Python but `default`, which
+    only raises: no two calls interleave.
     """
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:
@@ -60,7 +60,10 @@ def _canonical_text(data: Any) -> str:
 
 
 def canonical_json_bytes(data: Any) -> bytes:
-    """`data` as canonical JSON bytes (the form manifests and snapshots are hashed in)."""
+    """`data` as canonical JSON bytes (the form manifests and snapshots are hashed in).
+
+    For the event loop's thread only: the encoder behind it is shared (`_c_encoder`).
+    """
     try:
         # A lone surrogate (os.fsdecode of a non-UTF-8 name, say) is a str but no UTF-8: refused
         # here too (UnicodeEncodeError is a ValueError), not left to fail a caller as a retryable bug.
