@@ -14,6 +14,7 @@ import binascii
 import enum
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from keel_core.content import CONTENT_ID_PATTERN
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, not_found
@@ -78,9 +79,12 @@ class Expected:
         return head == self.seq
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event to append: a type name and an opaque payload."""
+class NewEvent(NamedTuple):
+    """An event to append: a type name and an opaque payload.
+
+    A backend takes any `(type, payload)` pair for an event and reads it by position: the servicer
+    hands it plain pairs, made for every event of every append at less than half a NewEvent's cost.
+    """
 
     type: str
     payload: bytes
@@ -293,7 +297,7 @@ class StoreBackend(abc.ABC):
         self,
         stream_id: str,
         expected: Expected,
-        events: Sequence[NewEvent],
+        events: Sequence[tuple[str, bytes]],
         *,
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from keel_core.content import content_id
-from store_service.backend import AppendResult, Expected, NewArtifact, NewEvent, StreamStatus
+from store_service.backend import AppendResult, Expected, NewArtifact, StreamStatus
 
 T = TypeVar("T")
 WriteTask = Callable[[], Awaitable[None]]
@@ -43,7 +43,7 @@ class AppendJob:
         self,
         stream_id: str,
         expected: Expected,
-        events: Sequence[NewEvent],
+        events: Sequence[tuple[str, bytes]],
         status: StreamStatus | None,
         artifacts: Sequence[NewArtifact],
         future: asyncio.Future[AppendResult],
@@ -68,7 +68,7 @@ class AppendJob:
         self.artifacts = artifacts
         self.attributes: Mapping[str, str] = attributes or {}
         self.artifact_ids = tuple(content_id(a.data) for a in artifacts)
-        self.size = sum(len(e.payload) for e in events) + sum(len(a.data) for a in artifacts)
+        self.size = sum(len(payload) for _, payload in events) + sum(len(a.data) for a in artifacts)
         self.future = future
 
 

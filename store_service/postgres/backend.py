@@ -232,8 +232,9 @@ def _group_arguments(group: Sequence[AppendJob], channel: str) -> list[Any]:
         counts.append(len(job.events))
         statuses.append(None if job.status is None else int(job.status))
         owners_of_events.extend([number] * len(job.events))
-        types.extend(event.type for event in job.events)
-        payloads.extend(event.payload for event in job.events)
+        for type_name, payload in job.events:
+            types.append(type_name)
+            payloads.append(payload)
         for artifact, artifact_id in zip(job.artifacts, job.artifact_ids, strict=True):
             chunks = split_chunks(artifact.data)
             owners.append(number)

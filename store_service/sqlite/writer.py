@@ -114,8 +114,13 @@ _APPEND_KEY_INDEX = (
 )
 _REPEATED = "SELECT seq, recorded_at_us FROM events WHERE stream_id = ? AND append_key = ?"
 
+# An append's first event carries its key, if it has one; every other event's key is NULL, written
+# into the statement: the sqlite3 module binds None, and bytes, through its adapter lookup, which
+# costs more than the rest of the row's binding together. For the same reason, payloads are bound
+# as bytearrays (stored as the same BLOB): the copy costs less than that lookup.
 _INSERT_EVENTS = "INSERT INTO events (stream_id, seq, type, payload, recorded_at_us, append_key) VALUES "
-_EVENT_ROW = "(?, ?, ?, ?, ?, ?)"
+_EVENT_ROW = "(?, ?, ?, ?, ?, NULL)"
+_KEYED_EVENT_ROW = "(?, ?, ?, ?, ?, ?)"
 # created_at_us is only written for a new stream: DO UPDATE leaves it alone. A row's ended_at_us is
 # the append's time if its label is terminal, else 0; a stream that had already ended keeps its own.
 _UPSERT_STREAMS = (
@@ -128,8 +133,10 @@ _ON_STREAM_CONFLICT = (
     "WHEN streams.ended_at_us > 0 THEN streams.ended_at_us ELSE excluded.ended_at_us END"
 )
 # Rows per multi-row INSERT: 200 rows x at most 6 values stays far below SQLite's variable limit, and
-# at most 200 distinct statement texts keeps them all in the connection's statement cache.
+# at most 200 distinct texts for each of the three statements keeps them all in the connection's
+# statement cache (STATEMENT_CACHE).
 ROWS_PER_STATEMENT = 200
+STATEMENT_CACHE = 1024
 # The sid comes from the streams row the same transaction just upserted.
 _SET_ATTRIBUTE = (
     "INSERT INTO stream_attributes (sid, key, value) SELECT sid, ?, ? FROM streams WHERE stream_id = ? "
@@ -222,7 +229,7 @@ def _insert_rows(
     """
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         part = rows[start : start + ROWS_PER_STATEMENT]
-        conn.execute(_multi_row_sql(head, row, len(part), tail), [value for r in part for value in r])
+        conn.execute(_multi_row_sql(head, row, len(part), tail), list(itertools.chain.from_iterable(part)))
 
 
 class SqliteWriter:
@@ -235,7 +242,7 @@ class SqliteWriter:
         # check_same_thread=False: a lone caller's append is committed on the event loop's thread
         # (the backend's write loop makes one call at a time, whichever thread it is on).
         self.conn = sqlite3.connect(
-            path, isolation_level=None, cached_statements=512, check_same_thread=False
+            path, isolation_level=None, cached_statements=STATEMENT_CACHE, check_same_thread=False
         )
         # WAL: readers see the last commit without blocking the writer, and a commit is one
         # sequential append to the log (plus one fsync under synchronous=FULL).
@@ -332,7 +339,8 @@ class SqliteWriter:
             # before this group or earlier in it.
             keyed = self._keyed_appends(group)
             renewed: set[str] = set()
-            event_rows: list[tuple[str, int, str, bytes, int, str | None]] = []
+            event_rows: list[tuple[str, int, str, bytearray, int]] = []
+            keyed_rows: list[tuple[str, int, str, bytearray, int, str]] = []
             stream_rows: dict[str, tuple[str, int, int, int, int, int]] = {}
             blob_rows: list[ChunkRow] = []
             artifact_rows: list[tuple[str, str, int, str, int]] = []
@@ -353,12 +361,20 @@ class SqliteWriter:
                     outcomes.append(sequence_conflict(sid, request.expected, head))
                     continue
                 first = head + 1
-                # The key goes with the first event: it is kept as long as that event is.
-                event_rows.extend(
-                    (sid, first + i, e.type, e.payload, now, None if i else append_key)
-                    for i, e in enumerate(request.events)
-                )
-                if append_key is not None:
+                events = request.events
+                if append_key is None:
+                    event_rows.extend(
+                        (sid, seq, type_name, bytearray(payload), now)
+                        for seq, (type_name, payload) in enumerate(events, first)
+                    )
+                else:
+                    # The key goes with the first event: it is kept as long as that event is.
+                    type_name, payload = events[0]
+                    keyed_rows.append((sid, first, type_name, bytearray(payload), now, append_key))
+                    event_rows.extend(
+                        (sid, seq, type_name, bytearray(payload), now)
+                        for seq, (type_name, payload) in enumerate(events[1:], first + 1)
+                    )
                     keyed[sid, append_key] = (first, now)
                 heads[sid] = new_head = head + len(request.events)
                 if request.status is not None:
@@ -383,6 +399,8 @@ class SqliteWriter:
                 outcomes.append(AppendResult(first, new_head, request.artifact_ids, recorded_at_us=now))
             # A few statements for the whole group, whatever its size.
             _insert_rows(conn, _INSERT_EVENTS, _EVENT_ROW, event_rows)
+            if keyed_rows:
+                _insert_rows(conn, _INSERT_EVENTS, _KEYED_EVENT_ROW, keyed_rows)
             _insert_rows(conn, _UPSERT_STREAMS, _STREAM_ROW, list(stream_rows.values()), _ON_STREAM_CONFLICT)
             if attribute_rows:
                 conn.executemany(_SET_ATTRIBUTE, attribute_rows)

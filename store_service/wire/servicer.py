@@ -26,7 +26,6 @@ from store_service import limits, metrics
 from store_service.backend import (
     Expected,
     NewArtifact,
-    NewEvent,
     StoreBackend,
     StoredEvent,
 )
@@ -76,14 +75,17 @@ def _expected(request: store_pb2.AppendEventsRequest) -> Expected:
     )
 
 
-def _new_events(request: store_pb2.AppendEventsRequest) -> list[NewEvent]:
-    limits.check_batch_size(len(request.events))
-    events = [NewEvent(e.type, e.payload) for e in request.events]
-    valid = limits.event_is_valid
-    for index, event in enumerate(events):
-        if not valid(event.type, len(event.payload)):
-            raise limits.bad_event(index, event.type, len(event.payload))
-    return events
+def _new_events(request: store_pb2.AppendEventsRequest) -> list[tuple[str, bytes]]:
+    """An append's events as (type, payload) pairs, within the limits."""
+    events = request.events
+    limits.check_batch_size(len(events))
+    types = [e.type for e in events]
+    payloads = [e.payload for e in events]
+    if not limits.events_plainly_valid(types, payloads):
+        for index, (type_name, payload) in enumerate(zip(types, payloads, strict=True)):
+            if not limits.event_is_valid(type_name, len(payload)):
+                raise limits.bad_event(index, type_name, len(payload))
+    return list(zip(types, payloads, strict=True))
 
 
 def _new_artifacts(request: store_pb2.AppendEventsRequest, max_artifact_bytes: int) -> list[NewArtifact]:

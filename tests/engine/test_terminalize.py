@@ -32,7 +32,7 @@ from engine_service.domain.streams import children_stream_id
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.json_values import to_value
 from keel_core.serving import ServingHandle, start_server
-from store_service.backend import AppendResult, Expected, NewArtifact, NewEvent, StreamStatus
+from store_service.backend import AppendResult, Expected, NewArtifact, StreamStatus
 from store_service.sqlite import SqliteStoreBackend
 from store_service.wire import StoreServicer, register
 from tests.engine.conftest import Cluster, gate, start_test_engine
@@ -429,7 +429,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         self,
         stream_id: str,
         expected: Expected,
-        events: Sequence[NewEvent],
+        events: Sequence[tuple[str, bytes]],
         *,
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),
@@ -440,7 +440,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         append_key: str | None = None,
     ) -> AppendResult:
         """Refuse, or append as SQLite does."""
-        refused = sorted({e.type for e in events} & self.rejected)
+        refused = sorted({type_name for type_name, _ in events} & self.rejected)
         if stream_id in self.rejected_streams:
             refused.append(f"any append to {stream_id}")
         if refused:

@@ -11,12 +11,13 @@ import threading
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from keel_core.errors import ErrorCategory
-from store_service.backend import Expected, NewArtifact, NewEvent, StoreBackend
+from store_service.backend import AppendResult, Expected, NewArtifact, NewEvent, StoreBackend
 from store_service.group_commit import AppendJob, AppendOutcome
 from store_service.sqlite import DATABASE_FILE, SqliteStoreBackend, translate
 from tests.store.backend_suite import StoreBackendSuite, chunks_of, events, read_all
@@ -173,6 +174,53 @@ async def test_file_of_an_older_store_gains_append_keys(tmp_path: object) -> Non
         assert "events_by_append_key" in indexes
         with pytest.raises(sqlite3.IntegrityError):  # the index, not only the store's lookup
             conn.execute("INSERT INTO events VALUES ('old', 9, 'x', x'00', 1, 'k')")
+
+
+async def test_a_group_stores_every_payload_as_a_blob_and_each_key_on_its_first_event(tmp_path: Path) -> None:
+    """SQLite-specific: the writer binds payloads as bytearrays and writes an unkeyed event's NULL
+    key into its statement. One group of keyed and unkeyed appends, of one event and of several,
+    empty payloads among them, stores every payload as the BLOB it was sent as and each key on its
+    append's first event only."""
+    from store_service.sqlite.writer import SqliteWriter
+
+    loop = asyncio.get_running_loop()
+    appends = [
+        ("a", [NewEvent("a1", b"\x00\xff"), NewEvent("a2", b""), NewEvent("a3", b"{}")], "ka"),
+        ("b", [NewEvent("b1", b"")], None),
+        ("c", [NewEvent("c1", b"1"), NewEvent("c2", b"2")], None),
+        ("d", [NewEvent("d1", b"")], "kd"),
+        ("a", [NewEvent("a4", b"4")], "ka4"),
+    ]
+    jobs = [
+        AppendJob(sid, Expected.any(), events, None, (), loop.create_future(), append_key=key)
+        for sid, events, key in appends
+    ]
+    writer = SqliteWriter(tmp_path / "writer.sqlite3", "full")
+    try:
+        outcomes = writer.commit_appends(jobs)
+        rows = writer.conn.execute(
+            "SELECT stream_id, seq, type, typeof(payload), payload, append_key FROM events "
+            "ORDER BY stream_id, seq"
+        ).fetchall()
+    finally:
+        writer.close()
+    assert [(o.first_seq, o.head_seq) for o in outcomes if isinstance(o, AppendResult)] == [
+        (1, 3),
+        (1, 1),
+        (1, 2),
+        (1, 1),
+        (4, 4),
+    ]
+    assert rows == [
+        ("a", 1, "a1", "blob", b"\x00\xff", "ka"),
+        ("a", 2, "a2", "blob", b"", None),
+        ("a", 3, "a3", "blob", b"{}", None),
+        ("a", 4, "a4", "blob", b"4", "ka4"),
+        ("b", 1, "b1", "blob", b"", None),
+        ("c", 1, "c1", "blob", b"1", None),
+        ("c", 2, "c2", "blob", b"2", None),
+        ("d", 1, "d1", "blob", b"", "kd"),
+    ]
 
 
 def test_unknown_durability_is_refused(tmp_path: object) -> None:

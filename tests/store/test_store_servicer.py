@@ -749,8 +749,16 @@ async def test_bad_input_is_rejected_with_reason_and_writes_nothing(
         ([ev("Ok"), ev("Ok"), ev("Bad\x01"), ev("Big", b"x" * (MiB + 1))], "events[2].type"),
         ([ev("Ok"), ev("Big", b"x" * (MiB + 1)), ev("")], "events[1].payload"),
         ([ev("Ok"), ev("Ok", b"x" * (MiB + 1))], "events[1].payload"),
+        ([ev("Ok")] * 9 + [ev("Tab\tin the last")], "events[9].type"),
+        ([ev("Step\u00a0Done")] * 3 + [ev("")], "events[3].type"),
     ],
-    ids=["bad type first", "big payload first", "a known type with a big payload"],
+    ids=[
+        "bad type first",
+        "big payload first",
+        "a known type with a big payload",
+        "a control character in the last of ten",
+        "an empty type after allowed unprintable ones",
+    ],
 )
 async def test_a_refused_event_is_named_by_its_index_among_valid_ones(
     stub: StoreServiceAsyncStub, events: list[store_pb2.EventData], named: str
@@ -759,6 +767,15 @@ async def test_a_refused_event_is_named_by_its_index_among_valid_ones(
         await stub.AppendEvents(append_request("s", events=events))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (caught.value.details() or "").startswith(named)
+
+
+async def test_event_types_allowed_but_not_printable_are_stored_as_sent(stub: StoreServiceAsyncStub) -> None:
+    """A non-ASCII space or a line separator is not printable but not a control character either:
+    such types, among plain ones, are appended and read back as they were sent."""
+    types = ["Ok", "Step\u00a0Done", "T" * 128, "Line\u2028Break", "Ok"]
+    await stub.AppendEvents(append_request("s", events=[ev(t, t.encode()) for t in types]))
+    read = await stub.ReadEvents(pb.ReadEventsRequest(stream_id="s", from_seq=1))
+    assert [(e.type, e.payload) for e in read.events] == [(t, t.encode()) for t in types]
 
 
 async def test_read_events_pages_a_stream_larger_than_one_message(stub: StoreServiceAsyncStub) -> None:
