@@ -92,6 +92,22 @@ class MetricsInterceptor(WrappingInterceptor):
         return None if handler is None else _timed_handler(handler, method)
 
 
+class _HandledCounts(dict[str, Any]):
+    """A method's `keel_rpc_handled` children by status code, each looked up on its first call."""
+
+    def __init__(self, service: str, method: str) -> None:
+        super().__init__()
+        self._labels = (service, method)
+
+    def __missing__(self, code: str) -> Any:
+        child = self[code] = RPC_HANDLED.labels(*self._labels, code)
+        return child
+
+    def count(self, code: str) -> None:
+        """Count one call that ended with `code`."""
+        self[code].inc()
+
+
 def _timed_handler(handler: grpc.RpcMethodHandler[Any, Any], full_method: str) -> Any:
     service, method = _split(full_method)
     if service.startswith("grpc."):  # health and reflection are not the service's work
@@ -111,9 +127,11 @@ def _timed_handler(handler: grpc.RpcMethodHandler[Any, Any], full_method: str) -
 
 
 def _timed_unary(behavior: Any, service: str, method: str) -> Callable[[Any, Any], Awaitable[Any]]:
-    # The labelled children are looked up once: `labels()` takes a lock and builds a key per call.
+    # The labelled children are looked up once (the handled counts once per code): `labels()` takes
+    # a lock and builds a key per call.
     started_count = RPC_STARTED.labels(service, method)
     seconds = RPC_SECONDS.labels(service, method)
+    handled = _HandledCounts(service, method)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started_count.inc()
@@ -126,7 +144,7 @@ def _timed_unary(behavior: Any, service: str, method: str) -> Callable[[Any, Any
             raise
         finally:
             seconds.observe(time.perf_counter() - started)
-            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
+            handled.count(_code_of(context, error))
 
     return wrapper
 
@@ -134,6 +152,7 @@ def _timed_unary(behavior: Any, service: str, method: str) -> Callable[[Any, Any
 def _timed_stream(behavior: Any, service: str, method: str) -> Callable[[Any, Any], AsyncIterator[Any]]:
     started_count = RPC_STARTED.labels(service, method)
     seconds = RPC_SECONDS.labels(service, method)
+    handled = _HandledCounts(service, method)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started_count.inc()
@@ -147,6 +166,6 @@ def _timed_stream(behavior: Any, service: str, method: str) -> Callable[[Any, An
             raise
         finally:
             seconds.observe(time.perf_counter() - started)
-            RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
+            handled.count(_code_of(context, error))
 
     return wrapper
