@@ -92,14 +92,14 @@ class MetricsInterceptor(WrappingInterceptor):
         return None if handler is None else _timed_handler(handler, method)
 
 
-class _HandledCounts(dict[str, Any]):
+class _HandledCounts(dict[str, Counter]):
     """A method's `keel_rpc_handled` children by status code, each looked up on its first call."""
 
     def __init__(self, service: str, method: str) -> None:
         super().__init__()
         self._labels = (service, method)
 
-    def __missing__(self, code: str) -> Any:
+    def __missing__(self, code: str) -> Counter:
         child = self[code] = RPC_HANDLED.labels(*self._labels, code)
         return child
 

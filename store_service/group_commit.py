@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from keel_core.content import content_id
-from store_service.backend import AppendResult, Expected, NewArtifact, StreamStatus
+from store_service.backend import AppendResult, EventPair, Expected, NewArtifact, StreamStatus
 
 T = TypeVar("T")
 WriteTask = Callable[[], Awaitable[None]]
@@ -43,7 +43,7 @@ class AppendJob:
         self,
         stream_id: str,
         expected: Expected,
-        events: Sequence[tuple[str, bytes]],
+        events: Sequence[EventPair],
         status: StreamStatus | None,
         artifacts: Sequence[NewArtifact],
         future: asyncio.Future[AppendResult],

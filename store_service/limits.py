@@ -8,8 +8,6 @@ is checked as its chunks stream in, and the backend discards whatever it had sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument
 from store_service.backend import ARTIFACT_ID_PATTERN, StreamStatus
 
@@ -151,26 +149,10 @@ def bad_event(index: int, type_name: str, payload_size: int) -> KeelError:
 
 
 def event_is_valid(type_name: str, payload_size: int) -> bool:
-    """Whether an event's type and payload size are within limits."""
+    """Whether an event's type and payload size are within limits (the per-event fast path)."""
     if not 0 < len(type_name) <= MAX_EVENT_TYPE_CHARS or payload_size > MAX_EVENT_PAYLOAD_BYTES:
         return False
     return not _has_control_chars(type_name)
-
-
-def events_plainly_valid(types: Sequence[str], payloads: Sequence[bytes]) -> bool:
-    """True if every one of an append's events (one at least) is within limits, checked in a few
-    C calls for the whole append; False if one may not be, for `event_is_valid` to tell which.
-
-    Printable text has no control characters, so the joined types being printable clears them all
-    at once; the rare type that is not printable but allowed (a non-ASCII space) returns False.
-    """
-    type_sizes = list(map(len, types))
-    return (
-        min(type_sizes) > 0
-        and max(type_sizes) <= MAX_EVENT_TYPE_CHARS
-        and max(map(len, payloads)) <= MAX_EVENT_PAYLOAD_BYTES
-        and "".join(types).isprintable()
-    )
 
 
 def check_status_label(value: int) -> StreamStatus | None:

@@ -116,8 +116,10 @@ _REPEATED = "SELECT seq, recorded_at_us FROM events WHERE stream_id = ? AND appe
 
 # An append's first event carries its key, if it has one; every other event's key is NULL, written
 # into the statement: the sqlite3 module binds None, and bytes, through its adapter lookup, which
-# costs more than the rest of the row's binding together. For the same reason, payloads are bound
-# as bytearrays (stored as the same BLOB): the copy costs less than that lookup.
+# costs more than the rest of the row's binding together. For the same reason a payload of up to
+# COPIED_PAYLOAD_BYTES is bound as a bytearray copy (stored as the same BLOB): below that size the
+# copy costs less than the lookup, and a group's copies hold little memory.
+COPIED_PAYLOAD_BYTES = 4096
 _INSERT_EVENTS = "INSERT INTO events (stream_id, seq, type, payload, recorded_at_us, append_key) VALUES "
 _EVENT_ROW = "(?, ?, ?, ?, ?, NULL)"
 _KEYED_EVENT_ROW = "(?, ?, ?, ?, ?, ?)"
@@ -133,10 +135,9 @@ _ON_STREAM_CONFLICT = (
     "WHEN streams.ended_at_us > 0 THEN streams.ended_at_us ELSE excluded.ended_at_us END"
 )
 # Rows per multi-row INSERT: 200 rows x at most 6 values stays far below SQLite's variable limit, and
-# at most 200 distinct texts for each of the three statements keeps them all in the connection's
-# statement cache (STATEMENT_CACHE).
+# each multi-row statement has at most 200 distinct texts; the connection's statement cache keeps
+# the 512 used last.
 ROWS_PER_STATEMENT = 200
-STATEMENT_CACHE = 1024
 # The sid comes from the streams row the same transaction just upserted.
 _SET_ATTRIBUTE = (
     "INSERT INTO stream_attributes (sid, key, value) SELECT sid, ?, ? FROM streams WHERE stream_id = ? "
@@ -242,7 +243,7 @@ class SqliteWriter:
         # check_same_thread=False: a lone caller's append is committed on the event loop's thread
         # (the backend's write loop makes one call at a time, whichever thread it is on).
         self.conn = sqlite3.connect(
-            path, isolation_level=None, cached_statements=STATEMENT_CACHE, check_same_thread=False
+            path, isolation_level=None, cached_statements=512, check_same_thread=False
         )
         # WAL: readers see the last commit without blocking the writer, and a commit is one
         # sequential append to the log (plus one fsync under synchronous=FULL).
@@ -339,8 +340,8 @@ class SqliteWriter:
             # before this group or earlier in it.
             keyed = self._keyed_appends(group)
             renewed: set[str] = set()
-            event_rows: list[tuple[str, int, str, bytearray, int]] = []
-            keyed_rows: list[tuple[str, int, str, bytearray, int, str]] = []
+            event_rows: list[tuple[str, int, str, bytes | bytearray, int]] = []
+            keyed_rows: list[tuple[str, int, str, bytes | bytearray, int, str]] = []
             stream_rows: dict[str, tuple[str, int, int, int, int, int]] = {}
             blob_rows: list[ChunkRow] = []
             artifact_rows: list[tuple[str, str, int, str, int]] = []
@@ -362,21 +363,27 @@ class SqliteWriter:
                     continue
                 first = head + 1
                 events = request.events
-                if append_key is None:
-                    event_rows.extend(
-                        (sid, seq, type_name, bytearray(payload), now)
-                        for seq, (type_name, payload) in enumerate(events, first)
-                    )
-                else:
+                unkeyed, unkeyed_first = events, first
+                if append_key is not None:
                     # The key goes with the first event: it is kept as long as that event is.
                     type_name, payload = events[0]
-                    keyed_rows.append((sid, first, type_name, bytearray(payload), now, append_key))
-                    event_rows.extend(
-                        (sid, seq, type_name, bytearray(payload), now)
-                        for seq, (type_name, payload) in enumerate(events[1:], first + 1)
+                    small = len(payload) <= COPIED_PAYLOAD_BYTES
+                    keyed_rows.append(
+                        (sid, first, type_name, bytearray(payload) if small else payload, now, append_key)
                     )
                     keyed[sid, append_key] = (first, now)
-                heads[sid] = new_head = head + len(request.events)
+                    unkeyed, unkeyed_first = events[1:], first + 1
+                event_rows.extend(
+                    (
+                        sid,
+                        seq,
+                        type_name,
+                        bytearray(payload) if len(payload) <= COPIED_PAYLOAD_BYTES else payload,
+                        now,
+                    )
+                    for seq, (type_name, payload) in enumerate(unkeyed, unkeyed_first)
+                )
+                heads[sid] = new_head = head + len(events)
                 if request.status is not None:
                     status = int(request.status)
                 elif sid in stream_rows:
@@ -399,8 +406,7 @@ class SqliteWriter:
                 outcomes.append(AppendResult(first, new_head, request.artifact_ids, recorded_at_us=now))
             # A few statements for the whole group, whatever its size.
             _insert_rows(conn, _INSERT_EVENTS, _EVENT_ROW, event_rows)
-            if keyed_rows:
-                _insert_rows(conn, _INSERT_EVENTS, _KEYED_EVENT_ROW, keyed_rows)
+            _insert_rows(conn, _INSERT_EVENTS, _KEYED_EVENT_ROW, keyed_rows)
             _insert_rows(conn, _UPSERT_STREAMS, _STREAM_ROW, list(stream_rows.values()), _ON_STREAM_CONFLICT)
             if attribute_rows:
                 conn.executemany(_SET_ATTRIBUTE, attribute_rows)

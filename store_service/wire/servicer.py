@@ -24,6 +24,7 @@ from keel_core.servicer_errors import translated, translated_stream
 from keel_core.status import bounded_message, error_metadata, grpc_code
 from store_service import limits, metrics
 from store_service.backend import (
+    EventPair,
     Expected,
     NewArtifact,
     StoreBackend,
@@ -75,17 +76,16 @@ def _expected(request: store_pb2.AppendEventsRequest) -> Expected:
     )
 
 
-def _new_events(request: store_pb2.AppendEventsRequest) -> list[tuple[str, bytes]]:
+def _new_events(request: store_pb2.AppendEventsRequest) -> list[EventPair]:
     """An append's events as (type, payload) pairs, within the limits."""
     events = request.events
     limits.check_batch_size(len(events))
-    types = [e.type for e in events]
-    payloads = [e.payload for e in events]
-    if not limits.events_plainly_valid(types, payloads):
-        for index, (type_name, payload) in enumerate(zip(types, payloads, strict=True)):
-            if not limits.event_is_valid(type_name, len(payload)):
-                raise limits.bad_event(index, type_name, len(payload))
-    return list(zip(types, payloads, strict=True))
+    pairs = [(e.type, e.payload) for e in events]
+    valid = limits.event_is_valid
+    for index, (type_name, payload) in enumerate(pairs):
+        if not valid(type_name, len(payload)):
+            raise limits.bad_event(index, type_name, len(payload))
+    return pairs
 
 
 def _new_artifacts(request: store_pb2.AppendEventsRequest, max_artifact_bytes: int) -> list[NewArtifact]:

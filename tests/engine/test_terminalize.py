@@ -32,7 +32,7 @@ from engine_service.domain.streams import children_stream_id
 from keel_core.errors import ErrorCategory, KeelError
 from keel_core.json_values import to_value
 from keel_core.serving import ServingHandle, start_server
-from store_service.backend import AppendResult, Expected, NewArtifact, StreamStatus
+from store_service.backend import AppendResult, EventPair, Expected, NewArtifact, StreamStatus
 from store_service.sqlite import SqliteStoreBackend
 from store_service.wire import StoreServicer, register
 from tests.engine.conftest import Cluster, gate, start_test_engine
@@ -429,7 +429,7 @@ class AppendRejectingBackend(SqliteStoreBackend):
         self,
         stream_id: str,
         expected: Expected,
-        events: Sequence[tuple[str, bytes]],
+        events: Sequence[EventPair],
         *,
         status: StreamStatus | None = None,
         artifacts: Sequence[NewArtifact] = (),

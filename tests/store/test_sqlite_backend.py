@@ -20,6 +20,7 @@ from keel_core.errors import ErrorCategory
 from store_service.backend import AppendResult, Expected, NewArtifact, NewEvent, StoreBackend
 from store_service.group_commit import AppendJob, AppendOutcome
 from store_service.sqlite import DATABASE_FILE, SqliteStoreBackend, translate
+from store_service.sqlite.writer import COPIED_PAYLOAD_BYTES, ROWS_PER_STATEMENT, SqliteWriter
 from tests.store.backend_suite import StoreBackendSuite, chunks_of, events, read_all
 
 
@@ -177,17 +178,16 @@ async def test_file_of_an_older_store_gains_append_keys(tmp_path: object) -> Non
 
 
 async def test_a_group_stores_every_payload_as_a_blob_and_each_key_on_its_first_event(tmp_path: Path) -> None:
-    """SQLite-specific: the writer binds payloads as bytearrays and writes an unkeyed event's NULL
-    key into its statement. One group of keyed and unkeyed appends, of one event and of several,
-    empty payloads among them, stores every payload as the BLOB it was sent as and each key on its
-    append's first event only."""
-    from store_service.sqlite.writer import SqliteWriter
+    """SQLite-specific: the writer binds small payloads as bytearrays and writes an unkeyed event's
+    NULL key into its statement. One group of keyed and unkeyed appends, of one event and of
+    several, with empty payloads and one over COPIED_PAYLOAD_BYTES, stores every payload as the BLOB
+    it was sent as and each key on its append's first event only."""
 
     loop = asyncio.get_running_loop()
     appends = [
         ("a", [NewEvent("a1", b"\x00\xff"), NewEvent("a2", b""), NewEvent("a3", b"{}")], "ka"),
         ("b", [NewEvent("b1", b"")], None),
-        ("c", [NewEvent("c1", b"1"), NewEvent("c2", b"2")], None),
+        ("c", [NewEvent("c1", b"1"), NewEvent("c2", b"\x02" * (COPIED_PAYLOAD_BYTES + 1))], None),
         ("d", [NewEvent("d1", b"")], "kd"),
         ("a", [NewEvent("a4", b"4")], "ka4"),
     ]
@@ -218,9 +218,47 @@ async def test_a_group_stores_every_payload_as_a_blob_and_each_key_on_its_first_
         ("a", 4, "a4", "blob", b"4", "ka4"),
         ("b", 1, "b1", "blob", b"", None),
         ("c", 1, "c1", "blob", b"1", None),
-        ("c", 2, "c2", "blob", b"2", None),
+        ("c", 2, "c2", "blob", b"\x02" * (COPIED_PAYLOAD_BYTES + 1), None),
         ("d", 1, "d1", "blob", b"", "kd"),
     ]
+
+
+async def test_a_group_past_a_statements_rows_keeps_every_key_on_its_first_event(tmp_path: Path) -> None:
+    """SQLite-specific: 250 keyed appends and a 450-event unkeyed one in one group take more than
+    one statement of each row shape (ROWS_PER_STATEMENT); every event is stored once, each key on
+    its append's first event, and a repeat of a key answers as the first."""
+    assert ROWS_PER_STATEMENT < 250 < 450
+    loop = asyncio.get_running_loop()
+    jobs = [
+        AppendJob(
+            f"k{i}",
+            Expected.any(),
+            [NewEvent("a", b"1"), NewEvent("b", b"2")],
+            None,
+            (),
+            loop.create_future(),
+            append_key=f"key{i}",
+        )
+        for i in range(250)
+    ]
+    jobs.append(AppendJob("long", Expected.any(), events(*["e"] * 450), None, (), loop.create_future()))
+    jobs.append(
+        AppendJob("k7", Expected.any(), events("again"), None, (), loop.create_future(), append_key="key7")
+    )
+    writer = SqliteWriter(tmp_path / "writer.sqlite3", "full")
+    try:
+        outcomes = writer.commit_appends(jobs)
+        keyed = writer.conn.execute(
+            "SELECT stream_id, seq, append_key FROM events WHERE append_key IS NOT NULL ORDER BY stream_id"
+        ).fetchall()
+        counted = writer.conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        writer.close()
+    assert sorted(keyed) == sorted((f"k{i}", 1, f"key{i}") for i in range(250))
+    assert counted == 250 * 2 + 450
+    repeat = outcomes[-1]
+    assert isinstance(repeat, AppendResult)
+    assert (repeat.first_seq, repeat.repeated) == (1, True)
 
 
 def test_unknown_durability_is_refused(tmp_path: object) -> None:
