@@ -117,8 +117,9 @@ _REPEATED = "SELECT seq, recorded_at_us FROM events WHERE stream_id = ? AND appe
 # An append's first event carries its key, if it has one; every other event's key is NULL, written
 # into the statement: the sqlite3 module binds None, and bytes, through its adapter lookup, which
 # costs more than the rest of the row's binding together. For the same reason a payload of up to
-# COPIED_PAYLOAD_BYTES is bound as a bytearray copy (stored as the same BLOB): below that size the
-# copy costs less than the lookup, and a group's copies hold little memory.
+# COPIED_PAYLOAD_BYTES is bound as a bytearray copy (stored as the same BLOB): up to that size the
+# copy costs less than the lookup (about as much at 4 KiB, more at 16 KiB), and a group's copies
+# hold little memory.
 COPIED_PAYLOAD_BYTES = 4096
 _INSERT_EVENTS = "INSERT INTO events (stream_id, seq, type, payload, recorded_at_us, append_key) VALUES "
 _EVENT_ROW = "(?, ?, ?, ?, ?, NULL)"
