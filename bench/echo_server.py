@@ -23,13 +23,21 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> 
     return request
 
 
+def echo_method_handler() -> grpc.RpcMethodHandler[Any, Any]:
+    """The bare echo method's handler (raw bytes in and out)."""
+    return grpc.unary_unary_rpc_method_handler(_echo)
+
+
+def echo_handlers(handler: grpc.RpcMethodHandler[Any, Any]) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    """`handler` served as METHOD, for `add_generic_rpc_handlers`."""
+    service, method = METHOD.strip("/").split("/")
+    return [grpc.method_handlers_generic_handler(service, {method: handler})]
+
+
 async def serve(listen: str) -> None:
     """Serve the echo method until SIGTERM/SIGINT."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    handler = grpc.unary_unary_rpc_method_handler(_echo)
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("keel.bench.Echo", {"Echo": handler})]
-    )
+    server.add_generic_rpc_handlers(echo_handlers(echo_method_handler()))
     port = server.add_insecure_port(listen)
     await server.start()
     host = listen.rpartition(":")[0]

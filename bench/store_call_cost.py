@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from echo_server import METHOD, echo_handlers, echo_method_handler
 from keel.store.v1 import store_pb2_grpc
-from store_append import ECHO_METHOD, append_rate, echo_rate, server_process, with_main_thread_busy
+from store_append import append_rate, echo_rate, server_process, with_main_thread_busy
 
 from keel_core.metrics import MetricsInterceptor
 from keel_core.serving import (
@@ -60,23 +61,14 @@ class AnsweringAtOnce(SqliteStoreBackend):
         return AppendResult(expected.seq + 1, expected.seq + len(events), recorded_at_us=1)
 
 
-async def _echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-    return request
-
-
-def _echo_handlers(handler: Any) -> Iterable[grpc.GenericRpcHandler[Any, Any]]:
-    service, method = ECHO_METHOD.strip("/").split("/")
-    return [grpc.method_handlers_generic_handler(service, {method: handler})]
-
-
 async def serve(kind: str, data_dir: str) -> None:
     """Serve one of the scratch servers until killed; print `<kind> listening on HOST:PORT`."""
-    plain = grpc.unary_unary_rpc_method_handler(_echo)
+    plain = echo_method_handler()
     if kind == "echo-wrapped":
         server = grpc.aio.server(options=SERVER_OPTIONS)
         # As start_server's interceptors would wrap it: metrics outermost.
-        guarded = MalformedRequestInterceptor().wrap(plain, ECHO_METHOD)
-        server.add_generic_rpc_handlers(_echo_handlers(MetricsInterceptor().wrap(guarded, ECHO_METHOD)))
+        guarded = MalformedRequestInterceptor().wrap(plain, METHOD)
+        server.add_generic_rpc_handlers(echo_handlers(MetricsInterceptor().wrap(guarded, METHOD)))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
     else:
@@ -89,7 +81,7 @@ async def serve(kind: str, data_dir: str) -> None:
         else:
 
             def registrations(server: grpc.aio.Server) -> Iterable[str]:
-                server.add_generic_rpc_handlers(_echo_handlers(plain))
+                server.add_generic_rpc_handlers(echo_handlers(plain))
                 return []
 
         # The handle is kept: the server lives as long as it does.

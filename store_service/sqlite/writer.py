@@ -363,18 +363,7 @@ class SqliteWriter:
                     outcomes.append(sequence_conflict(sid, request.expected, head))
                     continue
                 first = head + 1
-                events = request.events
-                unkeyed, unkeyed_first = events, first
-                if append_key is not None:
-                    # The key goes with the first event: it is kept as long as that event is.
-                    type_name, payload = events[0]
-                    small = len(payload) <= COPIED_PAYLOAD_BYTES
-                    keyed_rows.append(
-                        (sid, first, type_name, bytearray(payload) if small else payload, now, append_key)
-                    )
-                    keyed[sid, append_key] = (first, now)
-                    unkeyed, unkeyed_first = events[1:], first + 1
-                event_rows.extend(
+                rows = [
                     (
                         sid,
                         seq,
@@ -382,9 +371,15 @@ class SqliteWriter:
                         bytearray(payload) if len(payload) <= COPIED_PAYLOAD_BYTES else payload,
                         now,
                     )
-                    for seq, (type_name, payload) in enumerate(unkeyed, unkeyed_first)
-                )
-                heads[sid] = new_head = head + len(events)
+                    for seq, (type_name, payload) in enumerate(request.events, first)
+                ]
+                if append_key is not None:
+                    # The key goes with the first event: it is kept as long as that event is.
+                    keyed_rows.append((*rows[0], append_key))
+                    keyed[sid, append_key] = (first, now)
+                    del rows[0]
+                event_rows += rows
+                heads[sid] = new_head = head + len(request.events)
                 if request.status is not None:
                     status = int(request.status)
                 elif sid in stream_rows:
