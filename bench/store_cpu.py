@@ -1,7 +1,7 @@
 """The store's own CPU per pipeline run, without gRPC or an engine (issue 13).
 
 Run: `.venv/bin/python bench/store_cpu.py [--runs N] [--per-batch B] [--callers C] [--rounds R]
-[--durability full|normal]`
+[--durability full|normal] [--random-run-ids]`
 
 What `bench/engine_runs.py`'s 3-step pipeline asks of the store per run, as the engine sends it:
 one append creating the run stream with its eight events (RunStarted, three attempts started and
@@ -12,6 +12,10 @@ process. It prints the process's CPU time per run (user + system, every thread),
 SQLite writer's thread (`commit_appends`: building rows, inserting, committing) and the appends
 per group commit, the median of R rounds. gRPC's part is left out; the store's Python and SQLite
 work is what is measured. `bench/ab.py` alternates it between two source trees.
+
+The run streams are named by run ids as the engine and the clients pick them, UUIDv7 (in creation
+order: keel_core.ids); `--random-run-ids` names them by uuid4s instead, as before 2026-12-07, to
+measure what the order saves.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 from keel.store.v1 import store_pb2
 
+from keel_core.ids import new_run_id
 from store_service.sqlite import SqliteStoreBackend
 from store_service.sqlite import writer as sqlite_writer
 from store_service.wire import StoreServicer
@@ -34,10 +39,15 @@ from store_service.wire import StoreServicer
 EVENT_TYPES = ["RunStarted"] + ["StepAttemptStarted", "StepCompleted"] * 3 + ["RunCompleted"]
 
 
-def run_append(index: int) -> store_pb2.AppendEventsRequest:
+def random_run_id() -> str:
+    """A uuid4, as Keel picked run ids until 2026-12-07 (and a caller still may)."""
+    return str(uuid.uuid4())
+
+
+def run_append(index: int, run_id: Callable[[], str] = new_run_id) -> store_pb2.AppendEventsRequest:
     """One pipeline run's append: a new run stream, its events, artifacts and attribute."""
     request = store_pb2.AppendEventsRequest(
-        stream_id=f"run:{uuid.uuid4()}",
+        stream_id=f"run:{run_id()}",
         expected_kind=store_pb2.EXPECTED_KIND_NO_STREAM,
         status=store_pb2.STREAM_STATUS_COMPLETED,
     )
@@ -74,7 +84,12 @@ class WriterClock:
 
 
 async def one_round(
-    runs: int, per_batch: int, callers: int, durability: str, clock: WriterClock
+    runs: int,
+    per_batch: int,
+    callers: int,
+    durability: str,
+    clock: WriterClock,
+    run_id: Callable[[], str] = new_run_id,
 ) -> tuple[float, float, float]:
     """(process CPU seconds per run, writer CPU seconds per run, appends per group) of one round."""
     with tempfile.TemporaryDirectory() as data_dir:
@@ -83,7 +98,7 @@ async def one_round(
         servicer = StoreServicer(backend)
         batches = [
             store_pb2.AppendEventsBatchRequest(
-                appends=[run_append(b * per_batch + i) for i in range(per_batch)]
+                appends=[run_append(b * per_batch + i, run_id) for i in range(per_batch)]
             )
             for b in range(runs // per_batch)
         ]
@@ -124,21 +139,29 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=4, help="batches in flight")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--durability", choices=["full", "normal"], default="full")
+    parser.add_argument(
+        "--random-run-ids",
+        action="store_true",
+        help="uuid4 run ids, as Keel picked them before 2026-12-07 (default: UUIDv7, as it picks them now)",
+    )
     args = parser.parse_args()
+    run_id = random_run_id if args.random_run_ids else new_run_id
     clock = WriterClock()
     sqlite_writer.SqliteWriter.commit_appends = clock.wrap(  # type: ignore[method-assign]
         sqlite_writer.SqliteWriter.commit_appends
     )
     figures = [
-        asyncio.run(one_round(args.runs, args.per_batch, args.callers, args.durability, clock))
+        asyncio.run(one_round(args.runs, args.per_batch, args.callers, args.durability, clock, run_id))
         for _ in range(args.rounds)
     ]
     process = statistics.median(f[0] for f in figures) * 1e6
     writer = statistics.median(f[1] for f in figures) * 1e6
     group = statistics.median(f[2] for f in figures)
     spread = ", ".join(f"{f[0] * 1e6:.0f}" for f in figures)
+    ids = "uuid4" if args.random_run_ids else "UUIDv7"
     print(
-        f"store_cpu: pipeline runs' appends in process, {args.per_batch} per batch, {args.callers} in flight"
+        f"store_cpu: pipeline runs' appends in process, {args.per_batch} per batch, "
+        f"{args.callers} in flight, {ids} run ids"
     )
     print(f"store CPU per run (in process, no gRPC): {process:.1f} us  (rounds: {spread})")
     print(f"  of which the SQLite writer's commit_appends: {writer:.1f} us; {group:.1f} appends per group")

@@ -6,7 +6,7 @@
 // names. Failures are KeelError, whose `code` is the google.rpc.ErrorInfo reason.
 
 const path = require('node:path');
-const { randomUUID } = require('node:crypto');
+const { randomBytes, randomUUID } = require('node:crypto');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
@@ -15,6 +15,20 @@ const ENGINE_PROTO = 'keel/engine/v1/engine.proto';
 const WORKER_PROTO = 'keel/worker/v1/worker.proto';
 const DEFAULT_ENGINE = '127.0.0.1:7070';
 const DEFAULT_DEADLINE_MS = 30000;
+
+/**
+ * A new run id: a UUIDv7 (RFC 9562), 48 bits of Unix milliseconds then 74 random bits, as the Python
+ * client and the engine pick them (keel_core.ids): runs keyed by ids that follow their creation time
+ * land together in the store's indexes, where random ids put each new run on a page of its own.
+ */
+function newRunId() {
+  const bytes = randomBytes(16);
+  bytes.writeUIntBE(Date.now(), 0, 6);
+  bytes[6] = 0x70 | (bytes[6] & 0x0f); // version 7
+  bytes[8] = 0x80 | (bytes[8] & 0x3f); // variant 0b10
+  const hex = bytes.toString('hex');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
 
 // gRPC's own retry of UNAVAILABLE; safe for every method because startRun always sends a run id
 // (picked here when the caller gives none) and the other RPCs are idempotent.
@@ -440,7 +454,7 @@ class KeelClient {
    * a run that exists already gets each of them once.
    */
   async startRun({ pipeline, op, opVersion = '', opConfig, input, context, runId, wait = false, deadlineMs, labels, signals, runConfig, ...remote } = {}) {
-    const request = { run_id: runId || randomUUID(), wait, labels: { ...(labels || {}) } };
+    const request = { run_id: runId || newRunId(), wait, labels: { ...(labels || {}) } };
     if (runConfig) request.run_config = toRunConfig(runConfig);
     request.signals = (signals || []).map((signal) => ({
       name: signal.name,
@@ -580,13 +594,13 @@ class KeelClient {
 
   /**
    * Starts a new run of a terminal run that executes `fromStepId` and the steps depending on it again
-   * and reuses every other step the run completed. `runIdNew` (default: a new UUID) makes it idempotent.
+   * and reuses every other step the run completed. `runIdNew` (default: a new UUIDv7, `newRunId`) makes it idempotent.
    */
   async rerunRun(runId, fromStepId, { runIdNew } = {}) {
     const response = await this._unary('RerunRun', {
       run_id: runId,
       from_step_id: fromStepId,
-      run_id_new: runIdNew || randomUUID(),
+      run_id_new: runIdNew || newRunId(),
     });
     return { runId: response.run_id, created: Boolean(response.created), run: toRun(response.run) };
   }
@@ -684,4 +698,4 @@ class KeelClient {
   }
 }
 
-module.exports = { KeelClient, KeelError, TERMINAL, fromValue, toValue, toDuration, keelError, loadEngineService, loadWorkerService };
+module.exports = { KeelClient, KeelError, TERMINAL, newRunId, fromValue, toValue, toDuration, keelError, loadEngineService, loadWorkerService };

@@ -76,6 +76,7 @@ from engine_service.runtime.views import RunViews
 from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError, not_found
+from keel_core.ids import new_run_id
 from keel_core.recent import Recent
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class Engine:
             # The span starting it (an RPC's, or the step spawning a child), else the caller's context.
             trace_context=tracing.current_carrier() or trace_context,
         )
-        chosen = run_id or str(uuid.uuid4())
+        chosen = run_id or new_run_id()
         if signals:
             await self._send_start_signals(chosen, start.manifest_id, signals, chosen_here=run_id is None)
         deferred = wait and run_id is None and self.checkpoint_linger > 0

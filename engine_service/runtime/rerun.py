@@ -12,7 +12,6 @@ rerun with the same `run_id_new` finds its run and answers it; links appended tw
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -26,6 +25,7 @@ from engine_service.store.port import EventLog
 from keel_core import tracing
 from keel_core.clock import now_us
 from keel_core.errors import ErrorCategory, KeelError
+from keel_core.ids import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Reruns:
             # The RerunRun span when this engine records spans, else the caller's trace context.
             trace_context=tracing.current_carrier() or trace_context,
         )
-        new_id = run_id_new or str(uuid.uuid4())
+        new_id = run_id_new or new_run_id()
         if prepared.reused_children:
             links = [
                 link

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -96,6 +97,7 @@ def test_start_run_request_picks_a_fresh_run_id_only_when_none_is_given() -> Non
     assert request("given").run_id == "given"
     picked = {request(None).run_id for _ in range(3)}
     assert len(picked) == 3
+    assert {uuid.UUID(run_id).version for run_id in picked} == {7}  # keel_core.ids: in creation order
 
 
 def test_start_run_request_refuses_both_or_neither_target() -> None:

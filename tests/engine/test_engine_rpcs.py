@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2
 
 from engine_service import EngineConfig, start_engine
+from engine_service.domain.run_config import parse_run_id
 from keel_core.json_values import from_value, to_value
 from keel_core.status import from_rpc_error
 from tests.engine.conftest import ATTEMPT_TIMES, CLOCK, Cluster, gate
@@ -89,6 +91,26 @@ async def test_single_op_run_is_a_one_step_pipeline_named_main(cluster: Cluster)
     assert run.op_id == "keel.echo"
     assert [s.step_id for s in run.steps] == ["main"]
     assert from_value(run.final_snapshot) == {"main": {"input": 3, "config": None}}
+
+
+async def test_runs_started_and_rerun_without_an_id_get_uuid7s_in_creation_order(cluster: Cluster) -> None:
+    def after_the_millisecond_of(run_id: str) -> None:
+        # Ids made in one millisecond differ in random bits only: order is promised across them.
+        while time.time_ns() // 1_000_000 <= uuid.UUID(run_id).int >> 80:
+            pass  # at most a millisecond
+
+    start = engine_pb2.StartRunRequest(
+        op=engine_pb2.SingleOp(op_id="keel.echo"), input=to_value(1), wait=True
+    )
+    first = await cluster.stub.StartRun(start)
+    after_the_millisecond_of(first.run_id)
+    second = await cluster.stub.StartRun(start)
+    after_the_millisecond_of(second.run_id)
+    rerun = await cluster.stub.RerunRun(engine_pb2.RerunRunRequest(run_id=first.run_id, from_step_id="main"))
+    ids = [first.run_id, second.run_id, rerun.run_id]
+    assert [uuid.UUID(run_id).version for run_id in ids] == [7, 7, 7]
+    assert [parse_run_id(run_id) for run_id in ids] == ids  # canonical: any client may send them back
+    assert first.run_id < second.run_id < rerun.run_id  # as text, as the store's indexes sort them
 
 
 async def test_start_with_client_run_id_is_idempotent_for_the_same_manifest(cluster: Cluster) -> None:

@@ -5,7 +5,7 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const { randomUUID } = require('node:crypto');
-const { KeelClient, KeelError, fromValue, toValue } = require('../keel');
+const { KeelClient, KeelError, fromValue, newRunId, toValue } = require('../keel');
 
 const ENGINE = process.env.KEEL_ENGINE;
 const skip = ENGINE ? false : 'KEEL_ENGINE is not set: start `keel up` and export KEEL_ENGINE=HOST:PORT';
@@ -17,6 +17,25 @@ const PIPELINE = {
     { step_id: 'second', op_id: 'keel.transform', op_config: { fields: { from_first: '$context.first.config.n' } }, depends_on: ['first'] },
   ],
 };
+
+const UUID_V7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+test('run ids picked here are UUIDv7s: the time they were made, then random bits', () => {
+  const before = Date.now();
+  const ids = Array.from({ length: 1000 }, () => newRunId());
+  const after = Date.now();
+  for (const id of ids) {
+    assert.match(id, UUID_V7);
+    const madeAt = parseInt(id.slice(0, 8) + id.slice(9, 13), 16);
+    assert.ok(before <= madeAt && madeAt <= after, `${id} was made at ${madeAt}, not in [${before}, ${after}]`);
+  }
+  assert.equal(new Set(ids).size, ids.length);
+  // An id made in a later millisecond sorts after, as text.
+  const first = newRunId();
+  const firstMs = parseInt(first.slice(0, 8) + first.slice(9, 13), 16);
+  while (Date.now() <= firstMs) { /* the next millisecond */ }
+  assert.ok(newRunId() > first);
+});
 
 test('JSON values survive the round trip through google.protobuf.Value', () => {
   const value = { a: 1, b: [true, null, 'x', 2.5], c: { d: {} } };
@@ -72,6 +91,7 @@ test('starts a run, watches its events to the end, and awaits its result', { ski
     // Labels on start, shown by getRun and matched by listRuns (with the other filters).
     const team = `node-${randomUUID()}`;
     const labelled = await keel.startRun({ op: 'keel.echo', labels: { team }, wait: true });
+    assert.match(labelled.runId, UUID_V7); // picked by the client
     assert.deepEqual((await keel.getRun(labelled.runId)).labels, { team });
     const found = await keel.listRuns({ labels: { team }, pipelineId: 'keel.echo', topLevel: true, startedAfter: new Date(0) });
     assert.deepEqual(found.runs.map((summary) => [summary.runId, summary.pipelineId, summary.labels]), [[labelled.runId, 'keel.echo', { team }]]);

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,6 +37,7 @@ from keel_client.models import (
     TerminalizeResult,
     TerminalTarget,
 )
+from keel_core.ids import new_run_id
 
 
 class AsyncKeelClient:
@@ -111,11 +111,12 @@ class AsyncKeelClient:
     ) -> StartedRun:
         """Start a run of a pipeline (a dict shaped like the proto Pipeline) or of a single `op`.
 
-        Without `run_id` the client picks a uuid4, so that a retried start cannot create two runs;
-        with one, starting again with the same pipeline and input returns the existing run
-        (`created` False) and a different one raises RunAlreadyExists. With `wait` the call returns
-        once the run is terminal (no deadline unless `deadline` is given). `labels` (Kubernetes label
-        rules) are recorded with the start; `list_runs(labels=...)` finds the run by them.
+        Without `run_id` the client picks one (a UUIDv7, `keel_core.ids`), so that a retried start
+        cannot create two runs; with one, starting again with the same pipeline and input returns the
+        existing run (`created` False) and a different one raises RunAlreadyExists. With `wait` the
+        call returns once the run is terminal (no deadline unless `deadline` is given). `labels`
+        (Kubernetes label rules) are recorded with the start; `list_runs(labels=...)` finds the run
+        by them.
         `signals` (`Signal`s or dicts {name, payload, signal_id?}) are in the run's inbox before it
         starts; for a run that exists already they are delivered to it, each once.
 
@@ -281,7 +282,7 @@ class AsyncKeelClient:
         """Start a new run of a terminal run that executes `from_step_id` and the steps depending on it
         again and reuses every other step the run completed (outputs, facts, children).
 
-        Without `run_id_new` the client picks a uuid4, so that a retried call cannot create two
+        Without `run_id_new` the client picks one (a UUIDv7), so that a retried call cannot create two
         reruns; rerunning again with the same id and request returns the same run (`created` False).
 
         Example::
@@ -290,7 +291,7 @@ class AsyncKeelClient:
             print(rerun.run_id, (await keel.await_run(rerun.run_id)).status)
         """
         request = engine_pb2.RerunRunRequest(
-            run_id=run_id, from_step_id=from_step_id, run_id_new=run_id_new or str(uuid.uuid4())
+            run_id=run_id, from_step_id=from_step_id, run_id_new=run_id_new or new_run_id()
         )
         return wire.rerun_result(await self._unary(self._stub.RerunRun, request, deadline or self._deadline))
 

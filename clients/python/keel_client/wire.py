@@ -51,6 +51,7 @@ from keel_client.models import (
     parse_enum,
 )
 from keel_core.errors import KeelError
+from keel_core.ids import new_run_id
 from keel_core.json_values import from_struct, from_value, to_value
 
 _RUN_STATUS = {
@@ -210,7 +211,7 @@ def start_run_request(
     """A StartRunRequest; a run id is picked here if the caller gives none: a retried start is idempotent."""
     if (pipeline is None) == (op is None):
         raise invalid_request("start_run needs exactly one of `pipeline` or `op`")
-    request = engine_pb2.StartRunRequest(run_id=run_id or str(uuid.uuid4()), wait=wait, labels=labels or {})
+    request = engine_pb2.StartRunRequest(run_id=run_id or new_run_id(), wait=wait, labels=labels or {})
     if pipeline is not None:
         request.pipeline.CopyFrom(pipeline_message(pipeline))
     else:
