@@ -44,6 +44,8 @@ async def test_async_client_reruns_and_refuses_a_running_run(engine_address: str
         old = (await keel.start_run(PIPELINE, wait=True)).run
         assert old is not None
         rerun = await keel.rerun_run(old.run_id, "first")
+        # Both ids picked by the client, as UUIDv7s (keel_core.ids).
+        assert [uuid.UUID(run_id).version for run_id in (old.run_id, rerun.run_id)] == [7, 7]
         run = (await keel.await_run(rerun.run_id)).run
         assert run is not None
         assert run.status is RunStatus.COMPLETED

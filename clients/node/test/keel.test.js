@@ -30,6 +30,10 @@ test('run ids picked here are UUIDv7s: the time they were made, then random bits
     assert.ok(before <= madeAt && madeAt <= after, `${id} was made at ${madeAt}, not in [${before}, ${after}]`);
   }
   assert.equal(new Set(ids).size, ids.length);
+  // The 74 bits after the time and version are random: each takes both values across the ids.
+  const randomBits = (id) => BigInt(`0x${id.slice(15, 18)}`) << 62n | (BigInt(`0x${id.slice(19, 23)}${id.slice(24)}`) & ((1n << 62n) - 1n));
+  const varied = ids.reduce((all, id) => all | (randomBits(id) ^ randomBits(ids[0])), 0n);
+  assert.equal(varied, (1n << 74n) - 1n);
   // An id made in a later millisecond sorts after, as text.
   const first = newRunId();
   const firstMs = parseInt(first.slice(0, 8) + first.slice(9, 13), 16);
@@ -188,6 +192,10 @@ test('reruns a run from a step: the steps before it are reused, the run names it
       assert.equal(error.category, 'not_found');
       return true;
     });
+    // Without runIdNew the client picks one, as it does a run id.
+    const picked = await keel.rerunRun(old.runId, 'second');
+    assert.match(picked.runId, UUID_V7);
+    assert.equal(picked.created, true);
   } finally {
     keel.close();
   }

@@ -5,7 +5,7 @@ also cover a connection that fails before a call leaves the client, and they sta
 deadline. Every EngineService method is listed, which is only sound because each one is idempotent
 *as this client calls it*:
 
-- StartRun: the client always sends a run id (a uuid4 it picks when the caller gives none), and a
+- StartRun: the client always sends a run id (a UUIDv7 it picks when the caller gives none), and a
   start with an existing run id and the same manifest returns that run instead of a second one;
 - ResumeRun, SpawnChild (child id = uuid5(parent, fact key)), AwaitChild, GetRun, ListRuns,
   AwaitRun, ListOps: repeating them changes nothing;
