@@ -40,6 +40,9 @@ class Recovery:
         self.leases = leases
         self.registry = registry
         self._resume = resume
+        # Set once the scan at start has ended, however it ended: from then on only the periodic
+        # scans (every ttl/3) may look at a run, so a caller can tell their reads from its own.
+        self.first_scan_done = asyncio.Event()
 
     async def recover(self) -> int:
         """Resume every active run nobody holds; returns how many this engine took on."""
@@ -108,4 +111,5 @@ class Recovery:
                 first = False
             except KeelError as error:
                 log.warning("scanning for runs to take over failed: %s", error.message)
+            self.first_scan_done.set()
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
