@@ -4,9 +4,9 @@ A run's id keys its stream, so it is a key in the store's indexes (SQLite's and 
 B-trees on the stream id, the events' (stream id, seq) key). A random uuid4 lands every new run on
 a page of its own in each of them, and a commit writes all those pages; ids that start with their
 creation time put the runs in flight on the last few pages. The same layout also lists and reads
-in creation order wherever ids are sorted. The other 74 bits are random (from `os.urandom`, as
-uuid4's are), so ids made in one millisecond, by one process or many, do not collide and cannot be
-guessed from each other.
+in creation order wherever ids are sorted. Of the 80 bits after the time, 6 are the version and
+the variant and 74 are random (from `os.urandom`, as uuid4's are), so ids made in one millisecond,
+by one process or many, do not collide and cannot be guessed from each other.
 """
 
 from __future__ import annotations
