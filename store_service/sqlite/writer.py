@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from keel_core.clock import now_us
+from keel_core.ids import uuid7_int
 from store_service.artifact_chunks import split_chunks
 from store_service.backend import (
     TERMINAL_STATUSES,
@@ -191,9 +192,7 @@ os.register_at_fork(after_in_child=_reseed_blob_counter)
 def new_blob_id() -> str:
     """An id for a new artifact's chunks, sorting after the ones this process made before it (while
     the wall clock does not step back)."""
-    ms = time.time_ns() // 1_000_000 & (2**48 - 1)
-    count = next(_BLOB_COUNTER) & (2**74 - 1)
-    value = ms << 80 | 7 << 76 | (count >> 62) << 64 | 0b10 << 62 | (count & (2**62 - 1))
+    value = uuid7_int(time.time_ns() // 1_000_000, next(_BLOB_COUNTER))
     return f"{value:032x}"  # uuid.UUID(int=value).hex, without making the UUID
 
 

@@ -20,15 +20,21 @@ _VARIANT = 0b10 << 62
 _RAND_B_BITS = (1 << 62) - 1
 
 
+def uuid7_int(ms: int, low: int) -> int:
+    """A UUIDv7 as an integer: Unix milliseconds `ms`, then the 74 low bits of `low` around the
+    version and the variant (random bits, or a counter's; the store's blob ids use one)."""
+    return (
+        (ms & _MS_BITS) << 80
+        | _VERSION
+        | (low >> 62 & 0xFFF) << 64  # rand_a
+        | _VARIANT
+        | low & _RAND_B_BITS  # rand_b
+    )
+
+
 def new_run_id() -> str:
     """A new run id: a UUIDv7 in its canonical 36-character form."""
     random = int.from_bytes(os.urandom(10), "big")  # 80 bits, of which 74 are used
-    value = (
-        (time.time_ns() // 1_000_000 & _MS_BITS) << 80
-        | _VERSION
-        | (random >> 62 & 0xFFF) << 64  # rand_a
-        | _VARIANT
-        | random & _RAND_B_BITS  # rand_b
-    )
+    value = uuid7_int(time.time_ns() // 1_000_000, random)
     text = f"{value:032x}"  # str(uuid.UUID(int=value)), without making the UUID
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
