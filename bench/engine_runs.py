@@ -439,8 +439,11 @@ async def main() -> None:
                     serial_rate, serial_lat = await measure(stubs, sequential_runs, 1)
                     rpcs_before = await store_rpcs(metrics_urls)
                     cpu_before = CpuUse.now(engine_pids, store_pids)
+                    client_before = time.process_time()
                     rate, lat = await measure(stubs, args.runs, args.concurrency)
                     run_cpu = CpuUse.now(engine_pids, store_pids).since(cpu_before)
+                    client_ms = (time.process_time() - client_before) * 1000 / args.runs
+                    print(f"  client CPU per run: {client_ms:.2f} ms")
                     run_rpcs = await store_rpcs(metrics_urls) - rpcs_before
                     echo_cpu = cpu_seconds(echo_process.pid)
                     echo = await echo_rate(echo_address, args.concurrency, seconds=3.0)

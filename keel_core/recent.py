@@ -30,7 +30,9 @@ class Recent(Generic[K, V]):
 
     def put(self, key: K, item: V) -> None:
         """Hold the item, dropping the least recently used beyond capacity."""
-        self._items[key] = item
-        self._items.move_to_end(key)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+        items = self._items
+        if key in items:
+            items.move_to_end(key)
+        items[key] = item  # a new key goes to the end
+        while len(items) > self._capacity:
+            items.popitem(last=False)

@@ -38,6 +38,35 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
+class _GenericHandlersOnly:
+    """What a generated `add_<Service>Servicer_to_server` is given instead of the server: it passes
+    the service's generic handler on and drops the same methods' registered-method handlers."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Dropped: the generic handler serves these methods."""
+
+
+def add_servicer(
+    add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server
+) -> None:
+    """Add a servicer through its generated `add_to_server`, its methods served by one generic
+    handler rather than registered one by one.
+
+    grpc.aio's server keeps a request for the next call of each registered method open (a task
+    each), and at every call it waits for the first of them: `asyncio.wait` over them all, each
+    given a callback and then rid of it. With the engine's 25 methods that is about 6 µs per call
+    more than with 3. Generic methods share one request; the handler is then found by the method's
+    name in a dict, where a registered method is matched by gRPC's core.
+    """
+    add_to_server(servicer, _GenericHandlersOnly(server))
+
+
 class MalformedRequestInterceptor(WrappingInterceptor):
     """Undecodable request bytes -> INVALID_ARGUMENT `malformed_request` (keel_core.request_decoding).
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -115,6 +116,9 @@ MAX_BATCH_ARTIFACTS = 16
 # Without write-behind (linger 0) attempts settle with their own append; one still running after
 # this long is appended on its own, so that a long op shows as running.
 VISIBLE_WITHIN = 0.2
+# A driver running steps in its own task gives the loop a turn once it has held it this long
+# (seconds): a pipeline of quick steps runs several to a turn, a long one still lets the rest in.
+INLINE_TURN = 0.001
 # Waits whose end is decided without a write anywhere (a timer's due time; a signal's resolver
 # reads the run's inbox): a run woken from them defers its claim to its next append.
 _PURE_WAITS = frozenset({TIMER, SIGNAL})
@@ -231,6 +235,7 @@ class RunDriver:
         # The append that has not yet taken the lock (nor so its events): a flush meanwhile joins it.
         self._gathering: asyncio.Future[None] | None = None
         self._drive_task: asyncio.Task[Any] | None = None
+        self._turn_at = 0.0  # time.monotonic() of the loop's last turn while driving (INLINE_TURN)
         # The run stream's due time the next append sets (None: leave it; 0: clear it).
         self._pending_due: int | None = None
         # Waits are offered to their kind's resolver at the start and after each poke (wake_run).
@@ -294,6 +299,7 @@ class RunDriver:
         """
         bind_log_fields(run_id=self.run_id)  # drive() runs as its own task: names the run in its lines
         self._drive_task = asyncio.current_task()
+        self._turn_at = time.monotonic()  # a task's first step starts at a turn of the loop
         try:
             await self._resume_parked()
             while True:
@@ -310,8 +316,8 @@ class RunDriver:
                         await self.flush()
                         if self.history.started is not None and self.history.started.parent_run_id:
                             self.env.failpoints.hit(AFTER_CHILD_RUN_ENDED)
-                        # Steps still here have settled (the terminal event says so): they end their flush.
-                        await asyncio.gather(*self._steps.values(), return_exceptions=True)
+                        if self._steps:  # settled (the terminal event says so): they end their flush
+                            await asyncio.gather(*self._steps.values(), return_exceptions=True)
                         return action.terminal
                     case CompleteRun() if self._steps:
                         await self._stop_branches()  # a branch failed the run: the others stop first
@@ -363,7 +369,9 @@ class RunDriver:
 
         A stop of the driver ends it even when the op swallowed the cancel; an op that raised
         CancelledError of its own (nobody stopped the run) fails its attempt, retryably. Then the
-        loop gets a turn, as it did between step tasks.
+        loop gets a turn once the driver has held it for INLINE_TURN since its last one, rather than
+        after every step: what a turn lets in (a poke, a stop, other runs' work) waits at most about
+        that long, and a pipeline of quick steps takes no extra turn of the loop per step.
         """
         driver = asyncio.current_task()
         assert driver is not None
@@ -377,7 +385,9 @@ class RunDriver:
             raise asyncio.CancelledError
         self._poked = False  # the loop decides again now, offering the waits first
         self._check_waits = True
-        await asyncio.sleep(0)
+        if time.monotonic() - self._turn_at >= INLINE_TURN:
+            await asyncio.sleep(0)
+            self._turn_at = time.monotonic()
 
     def _cancelled_itself(self, action: RunStep) -> None:
         """The attempt's op raised CancelledError with no stop behind it: the attempt fails
@@ -704,7 +714,9 @@ class RunDriver:
 
         The append runs on its own: a caller cancelled meanwhile (a branch stopped because another
         failed the run) leaves it to finish, so the run's one writer never loses track of its head.
-        Only parking the whole driver cancels an append in flight (`_cancel_flushes`).
+        Only parking the whole driver cancels an append in flight (`_cancel_flushes`). The driver's
+        own flush, with no step running and no other append under way, runs in the driver's task:
+        nothing but a stop of the driver can cancel it then.
 
         Callers wait together: one that finds an append not yet under way joins it (it takes what
         is pending when it starts), and one with nothing new to append waits for the appends in
@@ -716,7 +728,26 @@ class RunDriver:
             for in_flight in list(self._flushes):
                 await asyncio.shield(in_flight)
             return
-        await asyncio.shield(self._start_flush())
+        if self._flushes or self._steps or asyncio.current_task() is not self._drive_task:
+            await asyncio.shield(self._start_flush())
+            return
+        # A task and a shield less per flush; a stop of the driver cancels its appends in flight
+        # whichever way they run (`_drive`).
+        here: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flushes.add(here)  # a flush meanwhile with nothing new to append waits for this one
+        try:
+            await self._flush()
+        except asyncio.CancelledError:
+            here.cancel()
+            raise
+        except BaseException as error:
+            here.set_exception(error)
+            here.exception()  # kept as _flush_error: nobody need retrieve it here
+            raise
+        else:
+            here.set_result(None)
+        finally:
+            self._flushes.discard(here)
 
     def _start_flush(self) -> asyncio.Future[None]:
         """The append that will take what is pending: the one not yet under way, else a new one."""

@@ -393,21 +393,29 @@ def _fill_step(
 
 def run_message(view: RunView) -> engine_pb2.Run:
     """A Run message from a RunView."""
-    run = engine_pb2.Run(
-        run_id=view.run_id,
-        op_id=view.op_id,
-        manifest_id=view.manifest_id,
-        status=RUN_STATUS[view.status],
-        parent_run_id=view.parent_run_id,
-        parent_fact_key=view.parent_fact_key,
-        final_snapshot_id=view.final_snapshot_id,
-        reason=view.reason,
-        head_seq=view.head_seq,
-        labels=view.labels,
-        rerun_of_run_id=view.rerun_of_run_id,
-        rerun_from_step_id=view.rerun_from_step_id,
-        reruns=view.reruns,
-    )
+    run = engine_pb2.Run()
+    fill_run(run, view)
+    return run
+
+
+def fill_run(run: engine_pb2.Run, view: RunView) -> None:
+    """`run` (an answer's Run field, say, filled in place rather than copied in) set from a RunView;
+    an empty `run` is expected."""
+    run.run_id = view.run_id
+    run.op_id = view.op_id
+    run.manifest_id = view.manifest_id
+    run.status = RUN_STATUS[view.status]
+    run.parent_run_id = view.parent_run_id
+    run.parent_fact_key = view.parent_fact_key
+    run.final_snapshot_id = view.final_snapshot_id
+    run.reason = view.reason
+    run.head_seq = view.head_seq
+    if view.labels:
+        run.labels.update(view.labels)
+    run.rerun_of_run_id = view.rerun_of_run_id
+    run.rerun_from_step_id = view.rerun_from_step_id
+    if view.reruns:
+        run.reruns.extend(view.reruns)
     _set_time(run.created_at, view.created_at)
     _set_time(run.updated_at, view.updated_at)
     _set_time(run.completed_at, view.completed_at)
@@ -434,7 +442,6 @@ def run_message(view: RunView) -> engine_pb2.Run:
         _set_time(entry.recorded_at, e.recorded_at)
     if view.has_input:
         set_value(run.input, view.input)
-    return run
 
 
 def run_summary(summary: RunSummary) -> engine_pb2.RunSummary:

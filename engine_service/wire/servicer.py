@@ -24,6 +24,7 @@ from keel_core import tracing
 from keel_core.errors import KeelError, invalid_argument
 from keel_core.json_values import to_value
 from keel_core.servicer_errors import translated
+from keel_core.serving import add_servicer
 from keel_core.status import abort_with
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             signals=signals,
             trace_context=tracing.carrier_of(context.invocation_metadata()),
         )
-        return engine_pb2.StartRunResponse(
-            run_id=outcome.run_id,
-            manifest_id=outcome.manifest_id,
-            created=outcome.created,
-            run=await self._run(outcome.run_id, just_ended=outcome.ended_here),
+        response = engine_pb2.StartRunResponse(
+            run_id=outcome.run_id, manifest_id=outcome.manifest_id, created=outcome.created
         )
+        view = await self.engine.views.run_view(outcome.run_id, just_ended=outcome.ended_here)
+        messages.fill_run(response.run, view)  # in place: a Run given to the constructor is copied
+        return response
 
     @translated
     async def ResumeRun(
@@ -248,5 +249,5 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
 def register(server: grpc.aio.Server, servicer: EngineServicer) -> list[str]:
     """Add the EngineService to `server`; returns its full name for health and reflection."""
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    add_servicer(engine_pb2_grpc.add_EngineServiceServicer_to_server, servicer, server)
     return [engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name]

@@ -20,6 +20,7 @@ from engine_service.wire.messages import seconds_from, timestamp
 from keel_core.errors import invalid_argument
 from keel_core.json_values import from_value, to_value
 from keel_core.servicer_errors import translated, translated_stream
+from keel_core.serving import add_servicer
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -204,5 +205,5 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 def register_workers(server: grpc.aio.Server, servicer: WorkerServicer) -> list[str]:
     """Add the WorkerService to `server`; returns its full name for health and reflection."""
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    add_servicer(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, server)
     return [worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name]

@@ -21,6 +21,7 @@ from keel.store.v1 import store_pb2, store_pb2_grpc
 
 from keel_core.errors import ErrorCategory, KeelError, invalid_argument, unavailable
 from keel_core.servicer_errors import translated, translated_stream
+from keel_core.serving import add_servicer
 from keel_core.status import bounded_message, error_metadata, grpc_code
 from store_service import limits, metrics
 from store_service.backend import (
@@ -498,5 +499,5 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
 def register(server: grpc.aio.Server, servicer: StoreServicer) -> list[str]:
     """Add the servicer to a server; returns the service names for health and reflection."""
-    store_pb2_grpc.add_StoreServiceServicer_to_server(servicer, server)
+    add_servicer(store_pb2_grpc.add_StoreServiceServicer_to_server, servicer, server)
     return [SERVICE_NAME]
