@@ -11,6 +11,8 @@ import asyncio
 import collections
 import contextlib
 import gc
+import itertools
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -760,3 +762,94 @@ async def test_an_await_while_a_chosen_id_start_lands_does_not_drive_the_run_a_s
         assert SEEN == {"start": 1}
     finally:
         await kernel.stop()
+
+
+class GatedFirstAppendLog(InMemoryEventLog):
+    """A log whose first append to a run waits until `opened` is set (it sets `entered` first);
+    with `failing`, that append then fails as an unreachable store's would."""
+
+    def __init__(self, *, failing: bool = False) -> None:
+        super().__init__()
+        self.entered, self.opened = asyncio.Event(), asyncio.Event()
+        self._failing = failing
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        if expected_seq is None and stream_id.startswith(RUN_STREAM_PREFIX):
+            self.entered.set()
+            await self.opened.wait()
+            if self._failing:
+                raise unavailable("store_unavailable", "the test's store is down")
+        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["lands", "fails"])
+async def test_a_start_out_of_time_waits_for_the_first_batch_the_driver_is_appending_itself(
+    failing: bool,
+) -> None:
+    # With no time left to wait, a waited start must still not name its run before the run exists.
+    # Its first batch (RunStarted to RunCompleted) is then on its way in the driver's own task, not
+    # in a flush task of its own: the start's flush, with nothing left to append, waits for that
+    # append all the same, and fails as it does.
+    log = GatedFirstAppendLog(failing=failing)
+    kernel = engine(log, 0.2)
+    try:
+        start = asyncio.ensure_future(
+            kernel.start_run(manifest("mem.echo", 1), None, wait=True, wait_seconds=0)
+        )
+        await asyncio.wait_for(log.entered.wait(), WAIT)
+        for _ in range(10):  # turns of the loop in which a start not waiting for the append would end
+            await asyncio.sleep(0)
+        assert not start.done()
+        log.opened.set()
+        if failing:
+            with pytest.raises(KeelError) as raised:
+                await asyncio.wait_for(start, WAIT)
+            assert raised.value.code == "store_unavailable"
+        else:
+            outcome = await asyncio.wait_for(start, WAIT)
+            assert await types_of(kernel, outcome.run_id) == [
+                RUN_STARTED,
+                "StepAttemptStarted",
+                "StepCompleted",
+                RUN_COMPLETED,
+            ]
+    finally:
+        await kernel.stop()
+
+
+# Turns a counting task has had (COUNTED[0]), as each `mem.holds_the_loop` step saw them.
+COUNTED = [0]
+LOOP_TURNS: list[int] = []
+
+
+@op("mem.holds_the_loop", registry=OPS)
+async def holds_the_loop(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Notes the counting task's turns so far, then holds the loop 2 ms without awaiting."""
+    LOOP_TURNS.append(COUNTED[0])
+    time.sleep(0.002)  # noqa: ASYNC251  (the point: longer than the driver's INLINE_TURN, not awaiting)
+    return None
+
+
+async def test_a_pipeline_of_steps_that_never_await_still_gives_the_loop_turns(kernel: Engine) -> None:
+    # Its steps run in the driver's task one after the other; once the driver has held the loop
+    # for INLINE_TURN it gives the loop a turn before the next step, so other work is not starved.
+    async def count() -> None:
+        while True:
+            COUNTED[0] += 1
+            await asyncio.sleep(0)
+
+    steps = tuple(
+        StepSpec(f"s{i}", "mem.holds_the_loop", depends_on=(f"s{i - 1}",) if i else ()) for i in range(5)
+    )
+    run = RunManifest(PipelineSpec("held", "1", steps), None, {}, FAST_RETRY, BUILD)
+    LOOP_TURNS.clear()
+    counter = asyncio.ensure_future(count())
+    try:
+        outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
+    finally:
+        counter.cancel()
+    assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
+    assert len(LOOP_TURNS) == 5
+    assert all(later > earlier for earlier, later in itertools.pairwise(LOOP_TURNS))
