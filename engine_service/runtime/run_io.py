@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from engine_service.domain import (
     canonical_json_bytes,
     fold,
 )
+from engine_service.domain.canonical import json_copy
 from engine_service.domain.child_runs import AWAIT_NAMESPACE, SPAWN_NAMESPACE
 from engine_service.domain.events import decode_event
 from engine_service.domain.facts import check_fact_key
@@ -141,13 +141,13 @@ class RunFacts:
                 # Held but maybe not durable (its append failed): durable first, or fail as it did.
                 await self._keep_answer()
                 self._unsure.discard(fact_key)
-            return copy.deepcopy(recorded.response)
+            return json_copy(recorded.response)
         inflight = self._inflight.get(fact_key)
         if inflight is None:
             inflight = asyncio.ensure_future(self._fetch_fact(attempt, namespace, request, fact_key))
             self._inflight[fact_key] = inflight
             inflight.add_done_callback(lambda _: self._inflight.pop(fact_key, None))
-        return copy.deepcopy(await inflight)  # cancelling the op cancels the call
+        return json_copy(await inflight)  # cancelling the op cancels the call
 
     async def _fetch_fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         config = self._run.manifest.run_config
@@ -166,7 +166,7 @@ class RunFacts:
                 raise io_error("unknown_namespace", f"no transport is registered for namespace {namespace!r}")
             await self._run.flush()
             self._run.env.failpoints.hit(PAUSE_BEFORE_TRANSPORT_CALL, attempt.step_id)
-            request = copy.deepcopy(request)
+            request = json_copy(request)  # (deep-copies what is not JSON: a tuple, say)
             calling = asyncio.ensure_future(self._call_transport(attempt, namespace, request, fact_key))
             response, cut_off = await self._outlast_lost_lease(calling, _cut, "a call was in flight")
             try:
