@@ -55,14 +55,13 @@ class _GenericHandlersOnly:
 def add_servicer(
     add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server
 ) -> None:
-    """Add a servicer through its generated `add_to_server`, its methods served by one generic
-    handler rather than registered one by one.
+    """Add a servicer through its generated `add_to_server`, served by its one generic handler.
 
-    grpc.aio's server keeps a request for the next call of each registered method open (a task
-    each), and at every call it waits for the first of them: `asyncio.wait` over them all, each
-    given a callback and then rid of it. With the engine's 25 methods that is about 6 µs per call
-    more than with 3. Generic methods share one request; the handler is then found by the method's
-    name in a dict, where a registered method is matched by gRPC's core.
+    Its methods are not registered one by one: grpc.aio's server keeps a request for the next call
+    of each registered method open (a task each), and at every call it waits for the first of them,
+    `asyncio.wait` over them all, each given a callback and then rid of it (25 in the engine: about
+    6 µs per call more than with 3). Generic methods share one request; a call's handler is then
+    found by its method's name in a dict, where a registered method is matched by gRPC's core.
     """
     add_to_server(servicer, _GenericHandlersOnly(server))
 

@@ -1,4 +1,9 @@
-"""keel_core.serving.add_servicer: a service's methods served by its one generic handler."""
+"""keel_core.serving.add_servicer: a service's methods served by its one generic handler.
+
+The services on real servers answer every method so (tests/test_malformed_requests.py calls each
+of the engine's and the store's; tests/workers the WorkerService's); here, what the generated code
+is let to register.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Any
 import grpc
 from keel.engine.v1 import engine_pb2, engine_pb2_grpc
 from keel.store.v1 import store_pb2, store_pb2_grpc
+from keel.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from keel_core.serving import add_servicer
 
@@ -39,6 +45,11 @@ def test_every_method_is_served_by_the_generic_handler_and_none_is_registered_on
             engine_pb2_grpc.add_EngineServiceServicer_to_server,
             engine_pb2_grpc.EngineServiceServicer(),  # type: ignore[abstract]
             engine_pb2.DESCRIPTOR.services_by_name["EngineService"],
+        ),
+        (
+            worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+            worker_pb2_grpc.WorkerServiceServicer(),  # type: ignore[abstract]
+            worker_pb2.DESCRIPTOR.services_by_name["WorkerService"],
         ),
         (
             store_pb2_grpc.add_StoreServiceServicer_to_server,

@@ -78,11 +78,11 @@ artifact_id_for_bytes = content_id
 
 def json_copy(value: Any) -> Any:
     """A copy of `value` that shares nothing mutable with it: deepcopy's result, at a third of its
-    cost for JSON (dicts, lists, scalars); anything else (a tuple an op put in a request) is
-    deep-copied."""
-    if isinstance(value, dict):
+    cost for JSON (dicts, lists, scalars); anything else (a tuple an op put in a request, a dict
+    subclass) is deep-copied."""
+    if type(value) is dict:
         return {key: json_copy(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if type(value) is list:
         return [json_copy(item) for item in value]
     if value is None or isinstance(value, str | int | float):
         return value

@@ -236,6 +236,7 @@ class RunDriver:
         self._gathering: asyncio.Future[None] | None = None
         self._drive_task: asyncio.Task[Any] | None = None
         self._turn_at = 0.0  # time.monotonic() of the loop's last turn while driving (INLINE_TURN)
+        self._stepping = False  # an inline step is running in the driver's task
         # The run stream's due time the next append sets (None: leave it; 0: clear it).
         self._pending_due: int | None = None
         # Waits are offered to their kind's resolver at the start and after each poke (wake_run).
@@ -375,18 +376,29 @@ class RunDriver:
         """
         driver = asyncio.current_task()
         assert driver is not None
+        cancels = driver.cancelling()
+        self._stepping = True
         try:
             await self._traced_step(action)
         except asyncio.CancelledError:
             if driver in _STOPPED:
                 raise
             self._cancelled_itself(action)
+        finally:
+            self._stepping = False
         if driver in _STOPPED:
             raise asyncio.CancelledError
         self._poked = False  # the loop decides again now, offering the waits first
         self._check_waits = True
-        if time.monotonic() - self._turn_at >= INLINE_TURN:
-            await asyncio.sleep(0)
+        # A cancel that came during the step and is no stop (the op's own, left pending) is taken
+        # here, at the turn, as the op's: it must not land in the next step's op.
+        if driver.cancelling() > cancels or time.monotonic() - self._turn_at >= INLINE_TURN:
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                if driver in _STOPPED:
+                    raise
+                self._cancelled_itself(action)
             self._turn_at = time.monotonic()
 
     def _cancelled_itself(self, action: RunStep) -> None:
@@ -600,7 +612,9 @@ class RunDriver:
         if not self._pending or self._flush_error is not None or self._lock.locked():
             return
         try:
-            await asyncio.wait_for(self.flush(), PARK_FLUSH_SECONDS)
+            # Shielded as ever: from Python 3.12 wait_for runs what it is given in this task, and a
+            # flush here is the driver's own, but the append past its time is left to land.
+            await asyncio.wait_for(asyncio.shield(self._start_flush()), PARK_FLUSH_SECONDS)
         except (Exception, asyncio.CancelledError):  # best effort: resume reruns whatever is lost
             log.warning("run %s parked with %d decided event(s) not flushed", self.run_id, len(self._pending))
 
@@ -715,8 +729,9 @@ class RunDriver:
         The append runs on its own: a caller cancelled meanwhile (a branch stopped because another
         failed the run) leaves it to finish, so the run's one writer never loses track of its head.
         Only parking the whole driver cancels an append in flight (`_cancel_flushes`). The driver's
-        own flush, with no step running and no other append under way, runs in the driver's task:
-        nothing but a stop of the driver can cancel it then.
+        own flush between steps (the run's end, a park), with no step running and no other append
+        under way, runs in the driver's task: a cancel that reaches it there ends the driver, which
+        would have cancelled that append anyway.
 
         Callers wait together: one that finds an append not yet under way joins it (it takes what
         is pending when it starts), and one with nothing new to append waits for the appends in
@@ -728,11 +743,11 @@ class RunDriver:
             for in_flight in list(self._flushes):
                 await asyncio.shield(in_flight)
             return
-        if self._flushes or self._steps or asyncio.current_task() is not self._drive_task:
+        if self._flushes or self._steps or self._stepping or asyncio.current_task() is not self._drive_task:
             await asyncio.shield(self._start_flush())
             return
-        # A task and a shield less per flush; a stop of the driver cancels its appends in flight
-        # whichever way they run (`_drive`).
+        # A task and a shield less per flush. Between steps, any cancel of the driver's task ends
+        # the driver (`_drive`), which cancels its appends in flight whichever way they run.
         here: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flushes.add(here)  # a flush meanwhile with nothing new to append waits for this one
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ class RunFacts:
                 raise io_error("unknown_namespace", f"no transport is registered for namespace {namespace!r}")
             await self._run.flush()
             self._run.env.failpoints.hit(PAUSE_BEFORE_TRANSPORT_CALL, attempt.step_id)
-            request = json_copy(request)  # (deep-copies what is not JSON: a tuple, say)
+            request = copy.deepcopy(request)  # any Python value the op passed (an answer is JSON)
             calling = asyncio.ensure_future(self._call_transport(attempt, namespace, request, fact_key))
             response, cut_off = await self._outlast_lost_lease(calling, _cut, "a call was in flight")
             try:

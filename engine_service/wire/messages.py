@@ -399,8 +399,7 @@ def run_message(view: RunView) -> engine_pb2.Run:
 
 
 def fill_run(run: engine_pb2.Run, view: RunView) -> None:
-    """`run` (an answer's Run field, say, filled in place rather than copied in) set from a RunView;
-    an empty `run` is expected."""
+    """`run` set from a RunView: an answer's empty Run field, filled in place rather than copied in."""
     run.run_id = view.run_id
     run.op_id = view.op_id
     run.manifest_id = view.manifest_id

@@ -51,8 +51,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    async def _run(self, run_id: str, *, just_ended: bool = False) -> engine_pb2.Run:
-        return messages.run_message(await self.engine.views.run_view(run_id, just_ended=just_ended))
+    async def _run(self, run_id: str) -> engine_pb2.Run:
+        return messages.run_message(await self.engine.views.run_view(run_id))
+
+    async def _fill_run(self, run: engine_pb2.Run, run_id: str, *, just_ended: bool = False) -> None:
+        """An answer's Run field, filled in place (a Run given to a constructor is copied)."""
+        messages.fill_run(run, await self.engine.views.run_view(run_id, just_ended=just_ended))
 
     @translated
     async def StartRun(
@@ -75,8 +79,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         response = engine_pb2.StartRunResponse(
             run_id=outcome.run_id, manifest_id=outcome.manifest_id, created=outcome.created
         )
-        view = await self.engine.views.run_view(outcome.run_id, just_ended=outcome.ended_here)
-        messages.fill_run(response.run, view)  # in place: a Run given to the constructor is copied
+        await self._fill_run(response.run, outcome.run_id, just_ended=outcome.ended_here)
         return response
 
     @translated

@@ -772,11 +772,13 @@ class GatedFirstAppendLog(InMemoryEventLog):
         super().__init__()
         self.entered, self.opened = asyncio.Event(), asyncio.Event()
         self._failing = failing
+        self.appending: asyncio.Task[Any] | None = None  # the task that made that append
 
     async def append(
         self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
     ) -> AppendResult:
         if expected_seq is None and stream_id.startswith(RUN_STREAM_PREFIX):
+            self.appending = asyncio.current_task()
             self.entered.set()
             await self.opened.wait()
             if self._failing:
@@ -799,6 +801,8 @@ async def test_a_start_out_of_time_waits_for_the_first_batch_the_driver_is_appen
             kernel.start_run(manifest("mem.echo", 1), None, wait=True, wait_seconds=0)
         )
         await asyncio.wait_for(log.entered.wait(), WAIT)
+        [driver] = kernel.drivers.values()
+        assert log.appending is driver  # the driver's own append, in its task
         for _ in range(10):  # turns of the loop in which a start not waiting for the append would end
             await asyncio.sleep(0)
         assert not start.done()
@@ -853,3 +857,78 @@ async def test_a_pipeline_of_steps_that_never_await_still_gives_the_loop_turns(k
     assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
     assert len(LOOP_TURNS) == 5
     assert all(later > earlier for earlier, later in itertools.pairwise(LOOP_TURNS))
+
+
+@op("mem.cancels_itself", registry=OPS)
+async def cancels_itself(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Cancels the task running it and returns: a cancel left pending, which no stop sent."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    return input
+
+
+@op("mem.yields", registry=OPS)
+async def yields(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Gives the loop a turn (where a cancel left pending would land), then returns its attempt."""
+    await asyncio.sleep(0)
+    return {"attempt": ctx.attempt}
+
+
+async def test_a_cancel_an_op_left_pending_is_its_own_and_does_not_reach_the_next_step(
+    kernel: Engine,
+) -> None:
+    # Both steps run in the driver's task. The first op's cancel is taken at the end of its step,
+    # as that op's (whose attempt has completed): the second op runs once and completes.
+    pipeline = two_steps("mem.cancels_itself", "mem.yields")
+    run = RunManifest(pipeline, "x", {}, make_run_config(max_attempts=1), BUILD)
+    outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
+    view = await kernel.views.run_view(outcome.run_id)
+    assert view.status == COMPLETED
+    assert [[attempt.status for attempt in step.attempts] for step in view.steps] == [
+        [COMPLETED],
+        [COMPLETED],
+    ]
+
+
+class GatedSecondAppendLog(InMemoryEventLog):
+    """A log whose second append to a run waits until `opened` is set (it sets `entered` first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.opened = asyncio.Event(), asyncio.Event()
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        if expected_seq is not None and stream_id.startswith(RUN_STREAM_PREFIX) and not self.entered.is_set():
+            self.entered.set()
+            await self.opened.wait()
+        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+
+
+async def test_a_cancel_that_is_no_stop_during_a_steps_own_append_leaves_that_append_to_land() -> None:
+    # With an append per step, the step's append (its completion and the run's) goes while the step
+    # still runs. A plain cancel of the driver's task meanwhile (no stop: an op's stray cancel) is
+    # taken as the op's, and the append in flight lands: the run completes.
+    log = GatedSecondAppendLog()
+    kernel = engine(log, 0.0)
+    try:
+        start = asyncio.ensure_future(
+            kernel.start_run(manifest("mem.echo", 1), None, wait=True, wait_seconds=WAIT)
+        )
+        await asyncio.wait_for(log.entered.wait(), WAIT)
+        [driver] = kernel.drivers.values()
+        driver.cancel()
+        await asyncio.sleep(0)
+        log.opened.set()
+        outcome = await asyncio.wait_for(start, WAIT)
+        assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
+        assert await types_of(kernel, outcome.run_id) == [
+            RUN_STARTED,
+            "StepAttemptStarted",
+            "StepCompleted",
+            RUN_COMPLETED,
+        ]
+    finally:
+        await kernel.stop()
