@@ -205,6 +205,8 @@ def two_steps(first_op: str, second_op: str) -> PipelineSpec:
 
 
 RUN_ID = "0b0e7f4e-3c51-4d5e-8f2a-7d6c5b4a3921"
+# The stream of a one-step run that completed at its first attempt.
+ONE_STEP_RUN = [RUN_STARTED, "StepAttemptStarted", "StepCompleted", RUN_COMPLETED]
 
 
 class SlowStartLog(InMemoryEventLog):
@@ -764,20 +766,22 @@ async def test_an_await_while_a_chosen_id_start_lands_does_not_drive_the_run_a_s
         await kernel.stop()
 
 
-class GatedFirstAppendLog(InMemoryEventLog):
-    """A log whose first append to a run waits until `opened` is set (it sets `entered` first);
-    with `failing`, that append then fails as an unreachable store's would."""
+class GatedAppendLog(InMemoryEventLog):
+    """A log whose first append to a run (`first`), or else the first after it, waits until
+    `opened` is set (it notes the task making it and sets `entered` first); with `failing`, that
+    append then fails as an unreachable store's would."""
 
-    def __init__(self, *, failing: bool = False) -> None:
+    def __init__(self, *, first: bool = True, failing: bool = False) -> None:
         super().__init__()
         self.entered, self.opened = asyncio.Event(), asyncio.Event()
-        self._failing = failing
+        self._first, self._failing = first, failing
         self.appending: asyncio.Task[Any] | None = None  # the task that made that append
 
     async def append(
         self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
     ) -> AppendResult:
-        if expected_seq is None and stream_id.startswith(RUN_STREAM_PREFIX):
+        gated = (expected_seq is None) == self._first and stream_id.startswith(RUN_STREAM_PREFIX)
+        if gated and not self.entered.is_set():
             self.appending = asyncio.current_task()
             self.entered.set()
             await self.opened.wait()
@@ -794,7 +798,7 @@ async def test_a_start_out_of_time_waits_for_the_first_batch_the_driver_is_appen
     # Its first batch (RunStarted to RunCompleted) is then on its way in the driver's own task, not
     # in a flush task of its own: the start's flush, with nothing left to append, waits for that
     # append all the same, and fails as it does.
-    log = GatedFirstAppendLog(failing=failing)
+    log = GatedAppendLog(failing=failing)
     kernel = engine(log, 0.2)
     try:
         start = asyncio.ensure_future(
@@ -813,12 +817,7 @@ async def test_a_start_out_of_time_waits_for_the_first_batch_the_driver_is_appen
             assert raised.value.code == "store_unavailable"
         else:
             outcome = await asyncio.wait_for(start, WAIT)
-            assert await types_of(kernel, outcome.run_id) == [
-                RUN_STARTED,
-                "StepAttemptStarted",
-                "StepCompleted",
-                RUN_COMPLETED,
-            ]
+            assert await types_of(kernel, outcome.run_id) == ONE_STEP_RUN
     finally:
         await kernel.stop()
 
@@ -891,27 +890,11 @@ async def test_a_cancel_an_op_left_pending_is_its_own_and_does_not_reach_the_nex
     ]
 
 
-class GatedSecondAppendLog(InMemoryEventLog):
-    """A log whose second append to a run waits until `opened` is set (it sets `entered` first)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered, self.opened = asyncio.Event(), asyncio.Event()
-
-    async def append(
-        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
-    ) -> AppendResult:
-        if expected_seq is not None and stream_id.startswith(RUN_STREAM_PREFIX) and not self.entered.is_set():
-            self.entered.set()
-            await self.opened.wait()
-        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
-
-
 async def test_a_cancel_that_is_no_stop_during_a_steps_own_append_leaves_that_append_to_land() -> None:
     # With an append per step, the step's append (its completion and the run's) goes while the step
     # still runs. A plain cancel of the driver's task meanwhile (no stop: an op's stray cancel) is
     # taken as the op's, and the append in flight lands: the run completes.
-    log = GatedSecondAppendLog()
+    log = GatedAppendLog(first=False)  # the step's, after RunStarted's
     kernel = engine(log, 0.0)
     try:
         start = asyncio.ensure_future(
@@ -924,11 +907,6 @@ async def test_a_cancel_that_is_no_stop_during_a_steps_own_append_leaves_that_ap
         log.opened.set()
         outcome = await asyncio.wait_for(start, WAIT)
         assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
-        assert await types_of(kernel, outcome.run_id) == [
-            RUN_STARTED,
-            "StepAttemptStarted",
-            "StepCompleted",
-            RUN_COMPLETED,
-        ]
+        assert await types_of(kernel, outcome.run_id) == ONE_STEP_RUN
     finally:
         await kernel.stop()
