@@ -236,7 +236,6 @@ class RunDriver:
         self._gathering: asyncio.Future[None] | None = None
         self._drive_task: asyncio.Task[Any] | None = None
         self._turn_at = 0.0  # time.monotonic() of the loop's last turn while driving (INLINE_TURN)
-        self._stepping = False  # an inline step is running in the driver's task
         # The run stream's due time the next append sets (None: leave it; 0: clear it).
         self._pending_due: int | None = None
         # Waits are offered to their kind's resolver at the start and after each poke (wake_run).
@@ -314,7 +313,7 @@ class RunDriver:
                 action = next_action(self.history, self.plan, self.manifest.run_config, running, now_us())
                 match action:
                     case AlreadyTerminal():
-                        await self.flush()
+                        await self._flush_between_steps()
                         if self.history.started is not None and self.history.started.parent_run_id:
                             self.env.failpoints.hit(AFTER_CHILD_RUN_ENDED)
                         if self._steps:  # settled (the terminal event says so): they end their flush
@@ -377,15 +376,12 @@ class RunDriver:
         driver = asyncio.current_task()
         assert driver is not None
         cancels = driver.cancelling()
-        self._stepping = True
         try:
             await self._traced_step(action)
         except asyncio.CancelledError:
             if driver in _STOPPED:
                 raise
             self._cancelled_itself(action)
-        finally:
-            self._stepping = False
         if driver in _STOPPED:
             raise asyncio.CancelledError
         self._poked = False  # the loop decides again now, offering the waits first
@@ -511,7 +507,7 @@ class RunDriver:
         if self.poked_since_check:
             return
         self.record([RunParked(due_at_us)], label=RUN_PARKED_LABEL, due_at_us=due_at_us, linger=False)
-        await self.flush()
+        await self._flush_between_steps()
         self.env.failpoints.hit(AFTER_RUN_PARKED)
         if self.poked_since_check or await self._a_wait_is_over():
             # A wake-up came while it parked, or what ends a wait happened before the park landed
@@ -520,7 +516,7 @@ class RunDriver:
             # over, and the driver's end applies the wake-up (runtime.driving).
             self._check_waits = self.unapplied_wake = True
             self.record([RunResumed("woken")], label=RUN_ACTIVE_LABEL, due_at_us=0, linger=False)
-            await self.flush()
+            await self._flush_between_steps()
             return
         if self.on_parked is not None:
             self.on_parked(self.run_id, due_at_us)
@@ -612,9 +608,7 @@ class RunDriver:
         if not self._pending or self._flush_error is not None or self._lock.locked():
             return
         try:
-            # Shielded as ever: from Python 3.12 wait_for runs what it is given in this task, and a
-            # flush here is the driver's own, but the append past its time is left to land.
-            await asyncio.wait_for(asyncio.shield(self._start_flush()), PARK_FLUSH_SECONDS)
+            await asyncio.wait_for(self.flush(), PARK_FLUSH_SECONDS)
         except (Exception, asyncio.CancelledError):  # best effort: resume reruns whatever is lost
             log.warning("run %s parked with %d decided event(s) not flushed", self.run_id, len(self._pending))
 
@@ -728,10 +722,8 @@ class RunDriver:
 
         The append runs on its own: a caller cancelled meanwhile (a branch stopped because another
         failed the run) leaves it to finish, so the run's one writer never loses track of its head.
-        Only parking the whole driver cancels an append in flight (`_cancel_flushes`). The driver's
-        own flush between steps (the run's end, a park), with no step running and no other append
-        under way, runs in the driver's task: a cancel that reaches it there ends the driver, which
-        would have cancelled that append anyway.
+        Only parking the whole driver cancels an append in flight (`_cancel_flushes`); the driver's
+        own flushes between steps need no shield (`_flush_between_steps`).
 
         Callers wait together: one that finds an append not yet under way joins it (it takes what
         is pending when it starts), and one with nothing new to append waits for the appends in
@@ -743,11 +735,19 @@ class RunDriver:
             for in_flight in list(self._flushes):
                 await asyncio.shield(in_flight)
             return
-        if self._flushes or self._steps or self._stepping or asyncio.current_task() is not self._drive_task:
-            await asyncio.shield(self._start_flush())
+        await asyncio.shield(self._start_flush())
+
+    async def _flush_between_steps(self) -> None:
+        """`flush` from the driver's own loop (the run's end, a park): with no step running and no
+        other append under way, the append runs in the driver's task, a task and a shield less.
+
+        There, any cancel of the driver's task ends the driver (`_drive`), which cancels its
+        appends in flight however they run; a flush during a step stays shielded, so that a cancel
+        the op caused is the op's and the append lands.
+        """
+        if not self._pending or self._flush_error is not None or self._flushes or self._steps:
+            await self.flush()
             return
-        # A task and a shield less per flush. Between steps, any cancel of the driver's task ends
-        # the driver (`_drive`), which cancels its appends in flight whichever way they run.
         here: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flushes.add(here)  # a flush meanwhile with nothing new to append waits for this one
         try:

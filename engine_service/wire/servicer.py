@@ -51,9 +51,6 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    async def _run(self, run_id: str) -> engine_pb2.Run:
-        return messages.run_message(await self.engine.views.run_view(run_id))
-
     async def _fill_run(self, run: engine_pb2.Run, run_id: str, *, just_ended: bool = False) -> None:
         """An answer's Run field, filled in place (a Run given to a constructor is copied)."""
         messages.fill_run(run, await self.engine.views.run_view(run_id, just_ended=just_ended))
@@ -89,12 +86,16 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         """Drive a run nobody here drives."""
         run_id = parse_run_id(request.run_id)
         resumed = await self.engine.resume_run(run_id)
-        return engine_pb2.ResumeRunResponse(run=await self._run(run_id), resumed=resumed)
+        response = engine_pb2.ResumeRunResponse(resumed=resumed)
+        await self._fill_run(response.run, run_id)
+        return response
 
     @translated
     async def GetRun(self, request: engine_pb2.GetRunRequest, context: Context) -> engine_pb2.GetRunResponse:
         """The run as it stands."""
-        return engine_pb2.GetRunResponse(run=await self._run(parse_run_id(request.run_id)))
+        response = engine_pb2.GetRunResponse()
+        await self._fill_run(response.run, parse_run_id(request.run_id))
+        return response
 
     @translated
     async def ListRuns(
@@ -123,7 +124,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             asked = messages.seconds_from(request.timeout, "timeout")
             timeout = asked if timeout is None else min(asked, timeout)
         done = await self.engine.await_run(run_id, timeout)
-        return engine_pb2.AwaitRunResponse(run=await self._run(run_id), done=done)
+        response = engine_pb2.AwaitRunResponse(done=done)
+        await self._fill_run(response.run, run_id)
+        return response
 
     async def WatchRun(
         self, request: engine_pb2.WatchRunRequest, context: Context
@@ -156,7 +159,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         new_id, created = await self.engine.reruns.rerun(
             run_id, request.from_step_id, run_id_new, tracing.carrier_of(context.invocation_metadata())
         )
-        return engine_pb2.RerunRunResponse(run_id=new_id, created=created, run=await self._run(new_id))
+        response = engine_pb2.RerunRunResponse(run_id=new_id, created=created)
+        await self._fill_run(response.run, new_id)
+        return response
 
     @translated
     async def DeleteRun(
