@@ -147,6 +147,12 @@ class RunParkedOut(Exception):
         self.due_at_us = due_at_us
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a done future's exception as seen (one that nobody may be left to retrieve)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _not_json(op_id: str, refused: KeelError) -> KeelError:
     """What an op's output that is not JSON (`refused` by check_json) fails its attempt with."""
     return io_error("op_output_invalid", f"op {op_id!r} returned a value that is not JSON: {refused.message}")
@@ -736,6 +742,16 @@ class RunDriver:
                 await asyncio.shield(in_flight)
             return
         await asyncio.shield(self._start_flush())
+
+    def flushing(self) -> asyncio.Future[None]:
+        """`flush` as a future, for a caller that waits for it shielded and never cancels it: the
+        append that takes what is pending itself (no task to wait for it), or, with nothing pending,
+        a task waiting for the appends in flight."""
+        if not self._pending and self._flush_error is None:
+            waiting = asyncio.ensure_future(self.flush())
+            waiting.add_done_callback(_retrieved)  # its caller may have stopped waiting for it
+            return waiting
+        return self._start_flush()
 
     async def _flush_between_steps(self) -> None:
         """`flush` from the driver's own loop (the run's end, a park): with no step running and no

@@ -394,6 +394,10 @@ class Engine:
         just seen the run exist and not ended (its head need not be read again)."""
         if self.registry.closing:
             return
+        poke = self.registry.pokes.get(run_id)
+        if poke is not None:  # driven here: what `wake_run` would do first, now and without a task
+            poke()
+            return
         waking = asyncio.ensure_future(self._wake_surely(run_id, seen_live))
         self._wakes.add(waking)
         waking.add_done_callback(self._wakes.discard)

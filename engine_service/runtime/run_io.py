@@ -113,6 +113,10 @@ class RunWriter(Protocol):
         """Make every decided event durable."""
         ...
 
+    def flushing(self) -> asyncio.Future[None]:
+        """`flush` as a future (the append itself, when one takes what is pending): never cancelled."""
+        ...
+
     async def confirm_lease(self) -> None:
         """Raise `lease_lost` unless the run's lease is held and valid."""
         ...
@@ -144,11 +148,28 @@ class RunFacts:
                 self._unsure.discard(fact_key)
             return json_copy(recorded.response)
         inflight = self._inflight.get(fact_key)
-        if inflight is None:
-            inflight = asyncio.ensure_future(self._fetch_fact(attempt, namespace, request, fact_key))
-            self._inflight[fact_key] = inflight
-            inflight.add_done_callback(lambda _: self._inflight.pop(fact_key, None))
-        return json_copy(await inflight)  # cancelling the op cancels the call
+        if inflight is not None:
+            # The same call in flight (another branch's, say): its outcome, which a cancel here
+            # stops waiting for without cancelling it for the caller making it.
+            return json_copy(await asyncio.shield(inflight))
+        # Made in the op's own task (cancelling the op cancels the call); a concurrent call with
+        # this key waits for its outcome.
+        outcome = asyncio.get_running_loop().create_future()
+        self._inflight[fact_key] = outcome
+        try:
+            response = await self._fetch_fact(attempt, namespace, request, fact_key)
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except BaseException as error:
+            outcome.set_exception(error)
+            outcome.exception()  # the caller raises it; nobody else need retrieve it
+            raise
+        else:
+            outcome.set_result(response)
+        finally:
+            del self._inflight[fact_key]
+        return json_copy(response)
 
     async def _fetch_fact(self, attempt: AttemptOf, namespace: str, request: Any, fact_key: str) -> Any:
         config = self._run.manifest.run_config
@@ -219,7 +240,7 @@ class RunFacts:
         because the lease was lost waits for the append; any other (a drain, a foreign terminal
         event) waits at most PARK_FLUSH_SECONDS, like the flush of a parked run.
         """
-        recording = asyncio.ensure_future(self._run.flush())
+        recording = self._run.flushing()
         _, cut_off = await self._outlast_lost_lease(recording, _give_up_answer, "recording an answer")
         if cut_off:
             raise asyncio.CancelledError
@@ -272,10 +293,14 @@ class RunIo:
 
 
 async def _give_up_answer(recording: asyncio.Future[None]) -> None:
-    """Leave an answer's append PARK_FLUSH_SECONDS to land, then cancel it."""
+    """Wait at most PARK_FLUSH_SECONDS more for an answer's append, then stop waiting for it.
+
+    The append is left to run on: it is the run's, and may hold other events too (a branch stopped
+    because another failed the run, whose RunCompleted comes after it). A driver that stops
+    cancels its appends itself.
+    """
     with contextlib.suppress(BaseException):
         await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
-    recording.cancel()
 
 
 async def _cut(calling: asyncio.Future[Any]) -> None:

@@ -83,6 +83,11 @@ class Driver:
     async def flush(self) -> None:
         return None
 
+    def flushing(self) -> asyncio.Future[None]:
+        flushed = asyncio.get_running_loop().create_future()
+        flushed.set_result(None)
+        return flushed
+
     async def confirm_lease(self) -> None:
         assert self.lease is not None and self.lease.is_valid()
 

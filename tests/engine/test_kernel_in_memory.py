@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from engine_service.builtin_ops import EchoTransport
 from engine_service.domain import (
     CANCELED,
     COMPLETED,
@@ -908,5 +909,123 @@ async def test_a_cancel_that_is_no_stop_during_a_steps_own_append_leaves_that_ap
         outcome = await asyncio.wait_for(start, WAIT)
         assert (await kernel.views.run_view(outcome.run_id)).status == COMPLETED
         assert await types_of(kernel, outcome.run_id) == ONE_STEP_RUN
+    finally:
+        await kernel.stop()
+
+
+class AnswerGatedLog(InMemoryEventLog):
+    """A log whose first append holding a FactRecorded waits until `opened` is set (`entered` set
+    first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.opened = asyncio.Event(), asyncio.Event()
+
+    async def append(
+        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
+    ) -> AppendResult:
+        if any(name == "FactRecorded" for name, _ in events) and not self.entered.is_set():
+            self.entered.set()
+            await self.opened.wait()
+        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
+
+
+@op("mem.calls_echo", registry=OPS)
+async def calls_echo(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Returns what `keel.echo` answers to its input (a recorded call); a stop sets ENTERED["stopped"]."""
+    try:
+        return await ctx.io.call("keel.echo", input, "echo")
+    except asyncio.CancelledError:
+        ENTERED["stopped"].set()
+        raise
+
+
+@op("mem.fails_when_answered", registry=OPS)
+async def fails_when_answered(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Fails for good once the other branch's answer is on its way to the store (ENTERED["answered"])."""
+    await ENTERED["answered"].wait()
+    raise OpError("broken", "this branch fails the run", retryable=False)
+
+
+async def test_a_branch_stopped_while_its_answer_is_appended_leaves_that_append_to_land() -> None:
+    # With write-behind (with an append per step, the failing branch's own append would queue
+    # behind the held one), one branch's recorded answer is on its way to the store when the other
+    # branch fails the run.
+    # The answering branch is stopped: it waits a while for its answer's append, then stops
+    # waiting. The append itself goes on (the run's one writer never loses track of its head): it
+    # lands once the store answers, and the run's failure is appended after it.
+    log = AnswerGatedLog()
+    env = RunEnvironment(log, OPS, TransportRegistry(), Failpoints.parse(""))
+    env.transports.register("keel.echo", EchoTransport())
+    kernel = Engine(env, BUILD, checkpoint_linger=0.2, engine_id="mem-a")
+    ENTERED["answered"], ENTERED["stopped"] = log.entered, asyncio.Event()
+    pipeline = PipelineSpec(
+        "branches", "1", (StepSpec("calls", "mem.calls_echo"), StepSpec("fails", "mem.fails_when_answered"))
+    )
+    run = RunManifest(pipeline, {"n": 1}, {}, make_run_config(max_attempts=1), BUILD)
+    try:
+        start = asyncio.ensure_future(kernel.start_run(run, None, wait=True, wait_seconds=WAIT))
+        await asyncio.wait_for(ENTERED["stopped"].wait(), WAIT)  # the answer's append still held
+        assert not log.opened.is_set()
+        log.opened.set()
+        outcome = await asyncio.wait_for(start, WAIT)
+        view = await kernel.views.run_view(outcome.run_id)
+        assert view.status == FAILED and view.error is not None and view.error.code == "broken"
+        types = await types_of(kernel, outcome.run_id)
+        assert types.count("FactRecorded") == 1 and types[-1] == RUN_COMPLETED
+    finally:
+        await kernel.stop()
+
+
+class HeldTransport:
+    """Counts its calls; each waits until `release` is set (`entered` set first), then answers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
+        self.calls += 1
+        self.entered.set()
+        await self.release.wait()
+        return {"call": self.calls}
+
+
+@op("mem.one_key_twice", registry=OPS)
+async def one_key_twice(ctx: StepContext, op_config: Any, input: Any) -> Any:
+    """Makes the `held` call under one key twice at once; with input "cancel", cancels the second."""
+    transport: HeldTransport = SEEN["held"]
+    first = asyncio.ensure_future(ctx.io.call("held", {}, "shared"))
+    await transport.entered.wait()  # the first is in flight: the second finds it
+    second = asyncio.ensure_future(ctx.io.call("held", {}, "shared"))
+    await asyncio.sleep(0)
+    if input == "cancel":
+        second.cancel()
+    await asyncio.sleep(0)
+    transport.release.set()
+    answers = await asyncio.gather(first, second, return_exceptions=True)
+    return [answer if isinstance(answer, dict) else type(answer).__name__ for answer in answers]
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["both-wait", "second-cancelled"])
+async def test_two_calls_with_one_key_at_once_make_one_call_and_a_cancelled_one_leaves_the_other(
+    cancel: bool,
+) -> None:
+    # Two concurrent calls with one key make one transport call and share its recorded answer. A
+    # cancel of the second one stops its wait only: the first one still gets the answer.
+    transport = HeldTransport()
+    SEEN["held"] = transport
+    env = RunEnvironment(InMemoryEventLog(), OPS, TransportRegistry(), Failpoints.parse(""))
+    env.transports.register("held", transport)
+    kernel = Engine(env, BUILD, checkpoint_linger=0.2, engine_id="mem-a")
+    try:
+        run = manifest("mem.one_key_twice", "cancel" if cancel else "wait")
+        outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
+        view = await kernel.views.run_view(outcome.run_id)
+        assert view.status == COMPLETED
+        second = "CancelledError" if cancel else {"call": 1}
+        assert view.final_snapshot == {"main": [{"call": 1}, second]}
+        assert transport.calls == 1
+        assert (await types_of(kernel, outcome.run_id)).count("FactRecorded") == 1
     finally:
         await kernel.stop()
