@@ -114,7 +114,8 @@ class RunWriter(Protocol):
         ...
 
     def flushing(self) -> asyncio.Future[None]:
-        """`flush` as a future (the append itself, when one takes what is pending): never cancelled."""
+        """`flush` as a future (the append itself, when one takes what is pending), for a caller
+        that never cancels it (a driver that stops cancels its appends itself)."""
         ...
 
     async def confirm_lease(self) -> None:
@@ -149,21 +150,27 @@ class RunFacts:
             return json_copy(recorded.response)
         inflight = self._inflight.get(fact_key)
         if inflight is not None:
-            # The same call in flight (another branch's, say): its outcome, which a cancel here
-            # stops waiting for without cancelling it for the caller making it.
-            return json_copy(await asyncio.shield(inflight))
+            # The same call in flight (another branch's, say): its outcome. A cancel here stops
+            # this wait only (the call is its caller's), but for the first one while the lease is
+            # in doubt: as the call's own caller does, this one waits for the answer to be kept.
+            response, cut_off = await self._outlast_lost_lease(
+                inflight, _leave, "the same call was in flight"
+            )
+            if cut_off:
+                raise asyncio.CancelledError
+            return json_copy(response)
         # Made in the op's own task (cancelling the op cancels the call); a concurrent call with
         # this key waits for its outcome.
         outcome = asyncio.get_running_loop().create_future()
         self._inflight[fact_key] = outcome
         try:
             response = await self._fetch_fact(attempt, namespace, request, fact_key)
-        except asyncio.CancelledError:
-            outcome.cancel()
-            raise
-        except BaseException as error:
+        except Exception as error:
             outcome.set_exception(error)
             outcome.exception()  # the caller raises it; nobody else need retrieve it
+            raise
+        except BaseException:  # cancelled (or the coroutine closed): the calls waiting for it stop too
+            outcome.cancel()
             raise
         else:
             outcome.set_result(response)
@@ -301,6 +308,10 @@ async def _give_up_answer(recording: asyncio.Future[None]) -> None:
     """
     with contextlib.suppress(BaseException):
         await asyncio.wait_for(asyncio.shield(recording), PARK_FLUSH_SECONDS)
+
+
+async def _leave(inflight: asyncio.Future[Any]) -> None:
+    """Stop waiting for a call made by another caller, leaving it to that caller."""
 
 
 async def _cut(calling: asyncio.Future[Any]) -> None:

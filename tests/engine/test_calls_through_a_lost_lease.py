@@ -191,3 +191,37 @@ async def test_a_second_cancel_cuts_a_call_kept_through_the_first() -> None:
     await asyncio.sleep(0)
     assert (transport.calls, transport.answered) == (1, 0)
     assert driver.recorded == []
+
+
+async def two_callers_of_one_key() -> tuple[HeldCall, Driver, asyncio.Task[Any], asyncio.Task[Any]]:
+    """One call in flight and a second caller of its key waiting for it."""
+    transport = HeldCall()
+    driver = Driver(transport)
+    facts = RunFacts(driver)
+    first = asyncio.ensure_future(facts.fact(AttemptOf("step", 0, 3), "held", {"n": 1}, "the-call"))
+    await transport.entered.wait()
+    second = asyncio.ensure_future(facts.fact(AttemptOf("step", 0, 3), "held", {"n": 1}, "the-call"))
+    await asyncio.sleep(0)  # the second caller finds the call in flight and waits for it
+    return transport, driver, first, second
+
+
+@pytest.mark.parametrize("lease_in_doubt", [True, False], ids=["lease-in-doubt", "lease-holds"])
+async def test_a_second_caller_of_a_key_in_flight_stopped_leaves_the_call_to_the_first(
+    lease_in_doubt: bool,
+) -> None:
+    # The call belongs to its first caller. A second caller of the key that is stopped while the
+    # lease holds stops waiting at once; while the lease is in doubt it waits, as the first caller
+    # would, until the answer is kept. Either way the first caller gets the answer, recorded once.
+    transport, driver, first, second = await two_callers_of_one_key()
+    if lease_in_doubt:
+        untrusted(driver.lease)
+    second.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert second.done() is not lease_in_doubt
+    transport.release.set()
+    assert await first == {"echo": {"n": 1}}
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert (transport.calls, transport.answered) == (1, 1)
+    assert driver.recorded == [FactRecorded("step", 0, "the-call", "held", {"echo": {"n": 1}})]
