@@ -95,6 +95,7 @@ from engine_service.failpoints import (
     BEFORE_RUN_COMPLETED,
 )
 from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment, WaitResolver
+from engine_service.runtime.futures import retrieved, run_telling
 from engine_service.runtime.leases import Lease
 from engine_service.runtime.remote_steps import RemoteWaiting, run_remote_attempt
 from engine_service.runtime.run_io import AttemptOf, RunFacts, RunIo, io_error
@@ -145,12 +146,6 @@ class RunParkedOut(Exception):
         super().__init__(f"run {run_id} parked until {due_at_us or 'a wake-up'}")
         self.run_id = run_id
         self.due_at_us = due_at_us
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """Mark a done future's exception as seen (one that nobody may be left to retrieve)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _not_json(op_id: str, refused: KeelError) -> KeelError:
@@ -749,7 +744,7 @@ class RunDriver:
         a task waiting for the appends in flight."""
         if not self._pending and self._flush_error is None:
             waiting = asyncio.ensure_future(self.flush())
-            waiting.add_done_callback(_retrieved)  # its caller may have stopped waiting for it
+            waiting.add_done_callback(retrieved)  # its caller may have stopped waiting for it
             return waiting
         return self._start_flush()
 
@@ -767,16 +762,7 @@ class RunDriver:
         here: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flushes.add(here)  # a flush meanwhile with nothing new to append waits for this one
         try:
-            await self._flush()
-        except asyncio.CancelledError:
-            here.cancel()
-            raise
-        except BaseException as error:
-            here.set_exception(error)
-            here.exception()  # kept as _flush_error: nobody need retrieve it here
-            raise
-        else:
-            here.set_result(None)
+            await run_telling(here, self._flush())  # a failure is kept as _flush_error too
         finally:
             self._flushes.discard(here)
 

@@ -44,6 +44,7 @@ from engine_service.failpoints import (
     PAUSE_BEFORE_TRANSPORT_CALL,
 )
 from engine_service.runtime.environment import PARK_FLUSH_SECONDS, RunEnvironment
+from engine_service.runtime.futures import run_telling
 from engine_service.runtime.leases import Lease
 from engine_service.store.port import FOREVER
 from keel_core.errors import ErrorCategory, KeelError
@@ -161,19 +162,10 @@ class RunFacts:
             return json_copy(response)
         # Made in the op's own task (cancelling the op cancels the call); a concurrent call with
         # this key waits for its outcome.
-        outcome = asyncio.get_running_loop().create_future()
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[fact_key] = outcome
         try:
-            response = await self._fetch_fact(attempt, namespace, request, fact_key)
-        except Exception as error:
-            outcome.set_exception(error)
-            outcome.exception()  # the caller raises it; nobody else need retrieve it
-            raise
-        except BaseException:  # cancelled (or the coroutine closed): the calls waiting for it stop too
-            outcome.cancel()
-            raise
-        else:
-            outcome.set_result(response)
+            response = await run_telling(outcome, self._fetch_fact(attempt, namespace, request, fact_key))
         finally:
             del self._inflight[fact_key]
         return json_copy(response)
