@@ -60,7 +60,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -242,14 +242,18 @@ async def echo_rate(address: str, concurrency: int, seconds: float) -> float:
         return count / (time.perf_counter() - began)
 
 
-async def one_run_seconds(stub: EngineServiceAsyncStub, calls: int) -> float:
-    """Seconds for one run whose single step makes `calls` recorded echo calls one after another."""
-    config = {
+def io_calls_config(calls: int) -> dict[str, Any]:
+    """`keel.io_call`'s op_config for a step making `calls` recorded echo calls one after another."""
+    return {
         "calls": [
             {"namespace": "keel.echo", "request": {"i": i}, "fact_key": f"call-{i}"} for i in range(calls)
         ]
     }
-    op = engine_pb2.SingleOp(op_id="keel.io_call", op_config=to_value(config))
+
+
+async def one_run_seconds(stub: EngineServiceAsyncStub, calls: int) -> float:
+    """Seconds for one run whose single step makes `calls` recorded echo calls one after another."""
+    op = engine_pb2.SingleOp(op_id="keel.io_call", op_config=to_value(io_calls_config(calls)))
     began = time.perf_counter()
     response = await stub.StartRun(engine_pb2.StartRunRequest(op=op, wait=True), timeout=600)
     elapsed = time.perf_counter() - began

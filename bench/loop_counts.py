@@ -24,6 +24,7 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 from engine_cpu import BUILD, one_round
+from engine_runs import io_calls_config
 
 import engine_service.builtin_ops  # noqa: F401  (registers the keel.* ops)
 from engine_service.domain import RunManifest, make_run_config, single_op_pipeline
@@ -94,12 +95,8 @@ async def calls_run(calls: int) -> None:
     """One run whose single step makes `calls` sequential recorded `keel.echo` calls."""
     env = RunEnvironment(InMemoryEventLog(), DEFAULT_REGISTRY, DEFAULT_TRANSPORTS, Failpoints.parse(""))
     engine = Engine(env, BUILD, engine_id="bench", checkpoint_linger=0.2)
-    config = {
-        "calls": [
-            {"namespace": "keel.echo", "request": {"i": i}, "fact_key": f"call-{i}"} for i in range(calls)
-        ]
-    }
-    run = RunManifest(single_op_pipeline("keel.io_call", "1", config), None, {}, make_run_config(), BUILD)
+    pipeline = single_op_pipeline("keel.io_call", "1", io_calls_config(calls))
+    run = RunManifest(pipeline, None, {}, make_run_config(), BUILD)
     try:
         await engine.start_run(run, None, wait=True)
     finally:

@@ -61,6 +61,7 @@ from engine_service.runtime.views import RUNNING
 from engine_service.store import AppendResult, InMemoryEventLog, StreamEvent
 from keel_core.clock import now_us, us_of
 from keel_core.errors import KeelError, unavailable
+from tests.engine.test_calls_through_a_lost_lease import HeldCall
 
 WAIT = 30.0
 OPS = OpRegistry()
@@ -768,20 +769,24 @@ async def test_an_await_while_a_chosen_id_start_lands_does_not_drive_the_run_a_s
 
 
 class GatedAppendLog(InMemoryEventLog):
-    """A log whose first append to a run (`first`), or else the first after it, waits until
-    `opened` is set (it notes the task making it and sets `entered` first); with `failing`, that
-    append then fails as an unreachable store's would."""
+    """A log whose first append to a run (`first`), or else the first after it, or (`holding`) the
+    first holding an event of that type, waits until `opened` is set (it notes the task making it
+    and sets `entered` first); with `failing`, that append then fails as an unreachable store's
+    would."""
 
-    def __init__(self, *, first: bool = True, failing: bool = False) -> None:
+    def __init__(self, *, first: bool = True, failing: bool = False, holding: str = "") -> None:
         super().__init__()
         self.entered, self.opened = asyncio.Event(), asyncio.Event()
-        self._first, self._failing = first, failing
+        self._first, self._failing, self._holding = first, failing, holding
         self.appending: asyncio.Task[Any] | None = None  # the task that made that append
 
     async def append(
         self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
     ) -> AppendResult:
-        gated = (expected_seq is None) == self._first and stream_id.startswith(RUN_STREAM_PREFIX)
+        if self._holding:
+            gated = any(name == self._holding for name, _ in events)
+        else:
+            gated = (expected_seq is None) == self._first and stream_id.startswith(RUN_STREAM_PREFIX)
         if gated and not self.entered.is_set():
             self.appending = asyncio.current_task()
             self.entered.set()
@@ -913,23 +918,6 @@ async def test_a_cancel_that_is_no_stop_during_a_steps_own_append_leaves_that_ap
         await kernel.stop()
 
 
-class AnswerGatedLog(InMemoryEventLog):
-    """A log whose first append holding a FactRecorded waits until `opened` is set (`entered` set
-    first)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered, self.opened = asyncio.Event(), asyncio.Event()
-
-    async def append(
-        self, stream_id: str, events: Sequence[tuple[str, bytes]], *, expected_seq: int | None, **kw: Any
-    ) -> AppendResult:
-        if any(name == "FactRecorded" for name, _ in events) and not self.entered.is_set():
-            self.entered.set()
-            await self.opened.wait()
-        return await super().append(stream_id, events, expected_seq=expected_seq, **kw)
-
-
 @op("mem.calls_echo", registry=OPS)
 async def calls_echo(ctx: StepContext, op_config: Any, input: Any) -> Any:
     """Returns what `keel.echo` answers to its input (a recorded call); a stop sets ENTERED["stopped"]."""
@@ -954,7 +942,7 @@ async def test_a_branch_stopped_while_its_answer_is_appended_leaves_that_append_
     # The answering branch is stopped: it waits a while for its answer's append, then stops
     # waiting. The append itself goes on (the run's one writer never loses track of its head): it
     # lands once the store answers, and the run's failure is appended after it.
-    log = AnswerGatedLog()
+    log = GatedAppendLog(holding="FactRecorded")  # the answer's append
     env = RunEnvironment(log, OPS, TransportRegistry(), Failpoints.parse(""))
     env.transports.register("keel.echo", EchoTransport())
     kernel = Engine(env, BUILD, checkpoint_linger=0.2, engine_id="mem-a")
@@ -977,24 +965,10 @@ async def test_a_branch_stopped_while_its_answer_is_appended_leaves_that_append_
         await kernel.stop()
 
 
-class HeldTransport:
-    """Counts its calls; each waits until `release` is set (`entered` set first), then answers."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.entered, self.release = asyncio.Event(), asyncio.Event()
-
-    async def call(self, namespace: str, request: Any, fact_key: str, run_id: str) -> Any:
-        self.calls += 1
-        self.entered.set()
-        await self.release.wait()
-        return {"call": self.calls}
-
-
 @op("mem.one_key_twice", registry=OPS)
 async def one_key_twice(ctx: StepContext, op_config: Any, input: Any) -> Any:
     """Makes the `held` call under one key twice at once; with input "cancel", cancels the second."""
-    transport: HeldTransport = SEEN["held"]
+    transport: HeldCall = SEEN["held"]
     first = asyncio.ensure_future(ctx.io.call("held", {}, "shared"))
     await transport.entered.wait()  # the first is in flight: the second finds it
     second = asyncio.ensure_future(ctx.io.call("held", {}, "shared"))
@@ -1013,7 +987,7 @@ async def test_two_calls_with_one_key_at_once_make_one_call_and_a_cancelled_one_
 ) -> None:
     # Two concurrent calls with one key make one transport call and share its recorded answer. A
     # cancel of the second one stops its wait only: the first one still gets the answer.
-    transport = HeldTransport()
+    transport = HeldCall()
     SEEN["held"] = transport
     env = RunEnvironment(InMemoryEventLog(), OPS, TransportRegistry(), Failpoints.parse(""))
     env.transports.register("held", transport)
@@ -1023,9 +997,9 @@ async def test_two_calls_with_one_key_at_once_make_one_call_and_a_cancelled_one_
         outcome = await kernel.start_run(run, None, wait=True, wait_seconds=WAIT)
         view = await kernel.views.run_view(outcome.run_id)
         assert view.status == COMPLETED
-        second = "CancelledError" if cancel else {"call": 1}
-        assert view.final_snapshot == {"main": [{"call": 1}, second]}
-        assert transport.calls == 1
+        second = "CancelledError" if cancel else {"echo": {}}
+        assert view.final_snapshot == {"main": [{"echo": {}}, second]}
+        assert (transport.calls, transport.answered) == (1, 1)
         assert (await types_of(kernel, outcome.run_id)).count("FactRecorded") == 1
     finally:
         await kernel.stop()
